@@ -1,0 +1,131 @@
+"""One training loss for every schedule: E_{σ, y, n}[ λ(σ) ‖D(y + σn; σ) − y‖² ]  (EDM eq. 2, Table 1).
+
+The loss is three named pieces: the training density of σ, the weight λ(σ) and the squared
+error. In each schedule's row λ(σ)·c_out(σ)² = 1, so the network's own target has unit weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .schedules import VP, FlowMatching, Schedule
+
+__all__ = ["Loss", "LOSS_KINDS", "loss_weight", "squared_error"]
+
+
+# λ(σ): one pure function per kind.
+def _weight_inv_sigma2(sigma: Tensor, sigma_data: float) -> Tensor:
+    """VP and VE: λ = 1/σ²."""
+    return 1 / sigma**2
+
+
+def _weight_edm(sigma: Tensor, sigma_data: float) -> Tensor:
+    """EDM: λ = (σ² + σ_d²)/(σ σ_d)²."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def _weight_fm(sigma: Tensor, sigma_data: float) -> Tensor:
+    """Flow matching: λ = (1 + σ)²/σ², the weight of the velocity target n − y."""
+    return (1 + sigma) ** 2 / sigma**2
+
+
+_WEIGHTS: MappingProxyType[str, Callable[[Tensor, float], Tensor]] = MappingProxyType(
+    {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm}
+)
+LOSS_KINDS = tuple(sorted(_WEIGHTS))
+
+
+def loss_weight(sigma: Tensor, kind: str = "edm", sigma_data: float = 0.5) -> Tensor:
+    """λ(σ) of `kind` (Table 1 of DESIGN.md)."""
+    try:
+        return _WEIGHTS[kind](sigma, sigma_data)
+    except KeyError:
+        raise ValueError(f"unknown loss kind {kind!r}; valid kinds are {list(LOSS_KINDS)}") from None
+
+
+def squared_error(denoised: Tensor, y: Tensor) -> Tensor:
+    """Per-example ‖D − y‖², summed over all but the batch dimension: shape [B]."""
+    return (denoised - y).pow(2).flatten(1).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The training loss: σ ~ p(σ) of `kind`, λ(σ) of `kind`, per-example λ‖D(y + σn; σ) − y‖².
+
+    kind (default: the schedule's name) picks the row of the table:
+      vp:  t ~ U(ε_t, 1), σ = σ_VP(t)        ve: ln σ ~ U(ln σ_min, ln σ_max)
+      edm: ln σ ~ N(P_mean, P_std²)          fm: t ~ U(ε_t, 1 − ε_t) or logit-normal, σ = t/(1 − t)
+    The VP row uses the schedule's β's when the schedule is VP; the VE row uses its σ range.
+    """
+
+    schedule: Schedule
+    kind: str | None = None
+    sigma_data: float = 0.5
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    epsilon_t: float = 1e-5
+    t_dist: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.resolved_kind not in _WEIGHTS:
+            raise ValueError(f"unknown loss kind {self.resolved_kind!r}; valid kinds are {list(LOSS_KINDS)}")
+        if self.t_dist not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown t_dist {self.t_dist!r}; valid values are ['uniform', 'logit_normal']")
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or self.schedule.name
+
+    def sample_sigma(
+        self, batch: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+    ) -> Tensor:
+        """Draw σ [batch] from the training distribution of `kind`."""
+        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        kind = self.resolved_kind
+        if kind == "vp":
+            vp = self.schedule if isinstance(self.schedule, VP) else VP()
+            return vp.sigma(self.epsilon_t + u * (vp.t_end - self.epsilon_t))
+        if kind == "ve":
+            lo, hi = torch.log(torch.tensor([self.schedule.sigma_min, self.schedule.sigma_max], dtype=dtype))
+            return torch.exp(lo + u * (hi - lo)).to(device)
+        z = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+        if kind == "edm":
+            return torch.exp(self.P_mean + self.P_std * z)
+        # fm
+        if self.t_dist == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * z).clamp(self.epsilon_t, 1 - self.epsilon_t)
+        else:
+            t = self.epsilon_t + u * (1 - 2 * self.epsilon_t)
+        return FlowMatching().sigma(t)
+
+    def weight(self, sigma: Tensor) -> Tensor:
+        """λ(σ)."""
+        return loss_weight(sigma, self.resolved_kind, self.sigma_data)
+
+    def __call__(
+        self,
+        denoiser: Callable[..., Tensor],
+        y: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Per-example loss λ(σ)‖D(y + σn; σ) − y‖², shape [B]; σ and n are drawn unless given."""
+        if sigma is None:
+            sigma = self.sample_sigma(y.shape[0], generator=generator, device=y.device, dtype=y.dtype)
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        x_hat = y + sigma.reshape((-1,) + (1,) * (y.ndim - 1)) * noise
+        kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+        denoised = denoiser(x_hat, sigma, class_labels, **kwargs)
+        return self.weight(sigma) * squared_error(denoised, y)
