@@ -9,6 +9,16 @@ from torch import Tensor, nn
 __all__ = ["IdealDenoiser"]
 
 
+def _softmax(logits: Tensor) -> Tensor:
+    """Row-wise softmax exp(l − max l) / Σ exp(l − max l).
+
+    Written out because torch.softmax on small CPU tensors can stall for milliseconds in
+    OpenMP barriers when the cores are busy; these element-wise ops do not.
+    """
+    w = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    return w / w.sum(dim=1, keepdim=True)
+
+
 class IdealDenoiser(nn.Module):
     """Exact E[y | x̂ = y + σn] for y uniform over the rows of `data` [K, ...].
 
@@ -36,10 +46,9 @@ class IdealDenoiser(nn.Module):
         x = x_hat.reshape(x_hat.shape[0], -1).to(self.data.dtype)
         score = x @ self.data.T - self.half_sq_norm  # [B, K]
         sigma2 = sigma.to(score.dtype).reshape(-1, 1) ** 2
-        logits = score / sigma2.clamp_min(torch.finfo(score.dtype).tiny)
         # σ = 0: the posterior is a point mass on the nearest data point.
-        nearest = torch.nn.functional.one_hot(score.argmax(dim=1), score.shape[1]).to(score.dtype)
-        logits = torch.where(sigma2 > 0, logits, torch.log(nearest))
+        nearest = torch.where(score == score.amax(dim=1, keepdim=True), 0.0, -torch.inf)
+        logits = torch.where(sigma2 > 0, score / sigma2.clamp_min(torch.finfo(score.dtype).tiny), nearest)
         if class_labels is not None:
             logits = logits + self._class_mask(class_labels, x.shape[0])
         return logits
@@ -66,6 +75,5 @@ class IdealDenoiser(nn.Module):
         for start in range(0, x_hat.shape[0], self.chunk_size):
             part = slice(start, start + self.chunk_size)
             labels = None if class_labels is None else class_labels[part]
-            w = torch.softmax(self.log_weights(x_hat[part], sigma[part], labels), dim=1)
-            out.append(w @ self.data)
+            out.append(_softmax(self.log_weights(x_hat[part], sigma[part], labels)) @ self.data)
         return torch.cat(out).reshape(x_hat.shape).to(x_hat.dtype)

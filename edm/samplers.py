@@ -207,8 +207,12 @@ def check_t_steps(t_steps: Tensor, schedule: Schedule) -> None:
         raise ValueError(f"t_steps must strictly decrease, got {t_steps.tolist()}")
     if float(t_steps[-1]) != 0.0:
         raise ValueError(f"t_steps must end with t_N = 0, got t_N = {float(t_steps[-1])}")
-    if not torch.isfinite(schedule.sigma(t_steps[:-1])).all():
-        raise ValueError(f"σ(t) is not finite on t_steps {t_steps.tolist()}: times are outside the {schedule.name} schedule's range")
+    sigma, s = schedule.sigma(t_steps[:-1]), schedule.scale(t_steps)
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all() and torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError(
+            f"σ(t) or s(t) is not finite and positive on t_steps {t_steps.tolist()}: "
+            f"times are outside the {schedule.name} schedule's range"
+        )
 
 
 def _check_inputs(noise: Tensor, class_labels: Tensor | None) -> None:

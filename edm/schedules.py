@@ -256,7 +256,7 @@ def _fractions(num_steps: int, dtype: torch.dtype, device) -> Tensor:
 def uniform_t(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
     """Uniform in t from t_max to t_min (EDM Table 1, VP: t_i = 1 + i/(N−1)(ε_s − 1))."""
     f = _fractions(num_steps, dtype, device)
-    return sched.t_max + f * (sched.t_min - sched.t_max)
+    return (1 - f) * sched.t_max + f * sched.t_min
 
 
 def geometric_sigma(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
@@ -270,14 +270,14 @@ def karras_sigma(sched: Schedule, num_steps: int, *, rho: float = 7.0, dtype=tor
     """σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (EDM eq. 5)."""
     f = _fractions(num_steps, dtype, device)
     lo, hi = sched.sigma_min ** (1 / rho), sched.sigma_max ** (1 / rho)
-    return sched.sigma_inv((hi + f * (lo - hi)) ** rho)
+    return sched.sigma_inv(((1 - f) * hi + f * lo) ** rho)
 
 
 def log_snr_uniform(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
     """Uniform in log-SNR λ = −2 ln σ (DPM-Solver); SNR = 1/σ² for every schedule, so this is geometric in σ."""
     f = _fractions(num_steps, dtype, device)
     lam_max, lam_min = -2 * math.log(sched.sigma_min), -2 * math.log(sched.sigma_max)
-    lam = lam_min + f * (lam_max - lam_min)
+    lam = (1 - f) * lam_min + f * lam_max
     return sched.sigma_inv(torch.exp(-0.5 * lam))
 
 

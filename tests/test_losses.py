@@ -1,0 +1,120 @@
+"""The training loss: σ densities, weights, the unit-weight network target, gradients."""
+
+import math
+
+import pytest
+import torch
+
+import edm
+from edm.losses import squared_error
+
+F64 = torch.float64
+KINDS = ["vp", "ve", "edm", "fm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ideal_denoiser_of_one_point_gives_zero_loss(kind):
+    y = torch.randn(1, 3, 4, 4, dtype=F64)
+    loss = edm.Loss(edm.schedules.get(kind))
+    batch = y.expand(64, -1, -1, -1)
+    value = loss(edm.IdealDenoiser(y), batch, generator=torch.Generator().manual_seed(0))
+    assert value.shape == (64,)
+    assert value.abs().max() < 1e-18
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, channels=2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.emb = torch.nn.Linear(1, channels)
+
+    def forward(self, x, c_noise, class_labels=None):
+        return self.conv(x) + self.emb(c_noise[:, None].to(x.dtype))[:, :, None, None]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_is_unit_weight_error_of_the_network_target(kind):
+    """λ‖D − y‖² = ‖F(c_in x̂; c_noise) − (y − c_skip x̂)/c_out‖², since λ c_out² = 1."""
+    torch.manual_seed(0)
+    net = TinyNet().double()
+    den = edm.Precond(net, kind=kind)
+    y = torch.randn(6, 2, 5, 5, dtype=F64)
+    n = torch.randn_like(y)
+    sigma = torch.tensor([0.003, 0.05, 0.4, 1.0, 9.0, 70.0], dtype=F64)
+    value = edm.Loss(edm.schedules.get(kind))(den, y, sigma=sigma, noise=n)
+    x_hat = y + sigma.view(-1, 1, 1, 1) * n
+    c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in den.coefficients(sigma))
+    target = (y - c_skip * x_hat) / c_out
+    expected = (net(c_in * x_hat, c_noise.flatten()) - target).pow(2).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(value, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_squared_error_sums_over_pixels():
+    a, b = torch.zeros(2, 3, 2, 2), torch.ones(2, 3, 2, 2)
+    assert squared_error(a, b).tolist() == [12.0, 12.0]
+
+
+def test_gradients_flow_to_the_network():
+    torch.manual_seed(0)
+    net = TinyNet()
+    den = edm.Precond(net, kind="edm")
+    y = torch.randn(8, 2, 6, 6)
+    edm.Loss(edm.schedules.get("edm"))(den, y).mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def _sigmas(kind, count=40000, **kw):
+    loss = edm.Loss(edm.schedules.get(kind), **kw)
+    return loss.sample_sigma(count, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+
+def _assert_uniform(u, lo, hi, count):
+    """Mean and variance of U(lo, hi) within 5 standard errors."""
+    assert u.min() >= lo and u.max() <= hi
+    mean, var = (lo + hi) / 2, (hi - lo) ** 2 / 12
+    assert abs(u.mean().item() - mean) < 5 * math.sqrt(var / count)
+    assert abs(u.var().item() - var) < 5 * var * math.sqrt(0.8 / count)  # Var of s² for a uniform: 0.8 σ⁴/n
+
+
+def test_edm_sigma_is_log_normal():
+    log_sigma = _sigmas("edm").log()
+    se = 1.2 / math.sqrt(len(log_sigma))
+    assert abs(log_sigma.mean().item() + 1.2) < 5 * se
+    assert abs(log_sigma.std().item() - 1.2) < 5 * 1.2 / math.sqrt(2 * len(log_sigma))
+
+
+def test_ve_sigma_is_log_uniform():
+    _assert_uniform(_sigmas("ve").log(), math.log(0.02), math.log(100.0), 40000)
+
+
+def test_vp_t_is_uniform():
+    _assert_uniform(edm.schedules.VP().sigma_inv(_sigmas("vp")), 1e-5, 1.0, 40000)
+
+
+def test_fm_t_is_uniform_or_logit_normal():
+    _assert_uniform(edm.schedules.FlowMatching().sigma_inv(_sigmas("fm")), 0.0, 1.0, 40000)
+    t = edm.schedules.FlowMatching().sigma_inv(_sigmas("fm", t_dist="logit_normal", logit_mean=0.5))
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 0.5) < 5 / math.sqrt(40000)
+    assert abs(logit.std().item() - 1.0) < 5 / math.sqrt(2 * 40000)
+
+
+def test_loss_kind_can_differ_from_schedule_and_bad_kind_fails():
+    loss = edm.Loss(edm.schedules.get("vp"), kind="edm")
+    assert loss.resolved_kind == "edm"
+    with pytest.raises(ValueError, match="unknown loss kind 'l1'"):
+        edm.Loss(edm.schedules.get("vp"), kind="l1")
+    with pytest.raises(ValueError, match="unknown t_dist"):
+        edm.Loss(edm.schedules.get("fm"), t_dist="beta")
+
+
+def test_generator_makes_the_loss_reproducible():
+    torch.manual_seed(0)
+    den = edm.Precond(TinyNet(), kind="edm")
+    y = torch.randn(4, 2, 4, 4)
+    loss = edm.Loss(edm.schedules.get("edm"))
+    a = loss(den, y, generator=torch.Generator().manual_seed(5))
+    b = loss(den, y, generator=torch.Generator().manual_seed(5))
+    c = loss(den, y, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)

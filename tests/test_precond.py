@@ -1,0 +1,113 @@
+"""Preconditioning: the coefficient table of DESIGN.md and the wrapper's wiring."""
+
+import math
+
+import pytest
+import torch
+
+import edm
+from edm.losses import loss_weight
+
+F64 = torch.float64
+SIGMAS = [0.002, 0.1, 0.5, 1.0, 7.3, 80.0]
+
+
+def _table(kind: str, s: float, sd: float = 0.5):
+    """(c_skip, c_out, c_in, c_noise) from DESIGN.md, scalar math."""
+    if kind == "vp":
+        bd, bm = 19.9, 0.1
+        t = (math.sqrt(bm**2 + 2 * bd * math.log(s**2 + 1)) - bm) / bd
+        return 1.0, -s, 1 / math.sqrt(s**2 + 1), 999 * t
+    if kind == "ve":
+        return 1.0, s, 1.0, math.log(s / 2)
+    if kind == "edm":
+        return sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2), 1 / math.sqrt(s**2 + sd**2), 0.25 * math.log(s)
+    return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), s / (1 + s)
+
+
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+def test_coefficients_match_table(kind):
+    den = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.5)
+    sigma = torch.tensor(SIGMAS, dtype=F64)
+    got = den.coefficients(sigma)
+    for j, name in enumerate(("c_skip", "c_out", "c_in", "c_noise")):
+        expected = torch.tensor([_table(kind, s)[j] for s in SIGMAS], dtype=F64)
+        torch.testing.assert_close(got[j], expected, rtol=1e-10, atol=1e-14, msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+def test_weight_times_c_out_squared_is_one(kind):
+    sigma = torch.logspace(-3, 2, 50, dtype=F64)
+    c_out = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.3).coefficients(sigma).c_out
+    torch.testing.assert_close(loss_weight(sigma, kind, sigma_data=0.3) * c_out**2, torch.ones_like(sigma))
+
+
+class _Recorder(torch.nn.Module):
+    """F(x, c_noise) = x·a + c_noise; remembers what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.7, dtype=F64))
+
+    def forward(self, x, c_noise, class_labels=None):
+        self.seen = (x, c_noise, class_labels)
+        return x * self.a + c_noise.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+def test_wrapper_computes_d_from_f(kind):
+    net = _Recorder()
+    den = edm.Precond(net, kind=kind)
+    x = torch.randn(3, 2, 4, 4, dtype=F64)
+    sigma = torch.tensor([0.05, 1.0, 20.0], dtype=F64)
+    labels = torch.eye(3, dtype=F64)
+    out = den(x, sigma, labels)
+    c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in den.coefficients(sigma))
+    expected = c_skip * x + c_out * (c_in * x * 0.7 + c_noise)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(net.seen[0], c_in * x)
+    torch.testing.assert_close(net.seen[1], c_noise.flatten())
+    assert net.seen[2] is labels
+
+
+@pytest.mark.parametrize("kind, target", [("vp", "n"), ("fm", "n - y")])
+def test_network_targets(kind, target):
+    """With vp the network predicts n, with fm the velocity n − y: feeding the true target gives D = y."""
+    y, n = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    sigma = torch.tensor([0.01, 0.3, 2.0, 50.0], dtype=F64)
+    oracle = (lambda x, c, class_labels=None: n) if target == "n" else (lambda x, c, class_labels=None: n - y)
+    den = edm.Precond(oracle, kind=kind)
+    torch.testing.assert_close(den(y + sigma[:, None] * n, sigma), y)
+
+
+def test_scalar_sigma_broadcasts_and_bad_shapes_fail():
+    den = edm.Precond(lambda x, c, class_labels=None: x, kind="edm")
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(den(x, 0.5), den(x, torch.full((5,), 0.5)))
+    with pytest.raises(ValueError, match=r"sigma must have shape \[batch\]"):
+        den(x, torch.ones(4))
+    bad = edm.Precond(lambda x, c, class_labels=None: x[:, :2], kind="edm")
+    with pytest.raises(ValueError, match="network output shape"):
+        bad(x, 0.5)
+
+
+def test_unknown_kind_lists_valid():
+    with pytest.raises(ValueError, match=r"unknown precond kind 'iddpm'.*\['edm', 'fm', 've', 'vp'\]"):
+        edm.Precond(torch.nn.Identity(), kind="iddpm")
+
+
+def test_network_dtype_is_cast_back_in_one_place():
+    net = torch.nn.Conv2d(2, 2, 1).to(torch.bfloat16)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = net
+
+        def forward(self, x, c, class_labels=None):
+            assert x.dtype == torch.bfloat16 and c.dtype == torch.bfloat16
+            return self.conv(x)
+
+    den = edm.Precond(Wrap(), kind="edm")
+    out = den(torch.randn(2, 2, 4, 4), torch.tensor([0.5, 2.0]))
+    assert out.dtype == torch.float32

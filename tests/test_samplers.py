@@ -1,0 +1,210 @@
+"""Samplers checked against the math, with the exact (ideal) denoiser of a small data set.
+
+The probability-flow ODE is one ODE in x̂ = x/s whatever the schedule: dx̂/dσ = (x̂ − D(x̂; σ))/σ.
+The reference below integrates it with classical RK4 in u = ln σ, independently of edm.samplers.
+"""
+
+import math
+
+import pytest
+import torch
+
+import edm
+from edm.schedules import EDM
+
+F64 = torch.float64
+SCHEDULES = ["vp", "ve", "edm", "fm"]
+SIGMA_MAX, SIGMA_END = 80.0, 0.5  # order tests stop where trajectories are still smooth (before they collapse onto points)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(8, 3, generator=g, dtype=F64)
+    noise = torch.randn(8, 3, generator=g, dtype=F64)
+    return edm.IdealDenoiser(data), data, noise
+
+
+def rk4_reference(den, x_hat, sigma_from, sigma_to, steps=200):
+    """x̂(σ_to) from x̂(σ_from) by RK4 on dx̂/du = x̂ − D(x̂; e^u), u = ln σ."""
+    f = lambda x, u: x - den(x, torch.exp(u).expand(x.shape[0]))  # noqa: E731
+    us = torch.linspace(math.log(sigma_from), math.log(sigma_to), steps + 1, dtype=F64)
+    for a, b in zip(us[:-1], us[1:]):
+        h = b - a
+        k1 = f(x_hat, a)
+        k2 = f(x_hat + h / 2 * k1, a + h / 2)
+        k3 = f(x_hat + h / 2 * k2, a + h / 2)
+        k4 = f(x_hat + h * k3, b)
+        x_hat = x_hat + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x_hat
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    den, _, noise = problem
+    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
+
+
+def grid_for(sched, num_steps, sigma_min=SIGMA_END, sigma_max=SIGMA_MAX):
+    """The same ρ = 7 σ grid expressed in each schedule's own time t, ending with t = 0."""
+    sigma = edm.schedules.karras_sigma(EDM(sigma_min=sigma_min, sigma_max=sigma_max), num_steps)
+    return torch.cat([sched.sigma_inv(sigma), torch.zeros(1, dtype=F64)])
+
+
+def error_at_last_nonzero_time(problem, reference, name, solver, num_steps, **options):
+    den, _, noise = problem
+    sched = edm.schedules.get(name)
+    t = grid_for(sched, num_steps)
+    _, traj = edm.sample(den, noise, sched, t_steps=t, solver=solver, return_trajectory=True, **options)
+    x_hat = traj[-2] / sched.scale(t[-2])
+    return (x_hat - reference).norm().item() / reference.norm().item()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("solver, tol", [("euler", 0.03), ("heun", 4e-4), ("dpmpp_2m", 4e-4), ("stochastic", 4e-4)])
+def test_ode_solvers_converge_to_reference(problem, reference, name, solver, tol):
+    assert error_at_last_nonzero_time(problem, reference, name, solver, 512) < tol
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("solver, band", [("euler", (0.85, 1.25)), ("heun", (1.8, 2.4)), ("dpmpp_2m", (1.8, 2.5))])
+def test_order_of_convergence(problem, reference, name, solver, band):
+    """Slope of log(error) against log(steps) as steps double: ≈ 1 for Euler, ≈ 2 for Heun and DPM-Solver++(2M)."""
+    steps = [16, 32, 64, 128]
+    errors = [error_at_last_nonzero_time(problem, reference, name, solver, n) for n in steps]
+    x = torch.tensor(steps, dtype=F64).log()
+    y = torch.tensor(errors, dtype=F64).log()
+    slope = -((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert band[0] < slope.item() < band[1], (errors, slope.item())
+
+
+def test_all_schedules_reach_the_same_endpoint(problem):
+    """VP, VE, EDM and FM started from the same noise at the same σ_max solve one ODE in x̂."""
+    den, data, noise = problem
+    sigma_min = 1e-3
+    ends, mids = {}, {}
+    for name in SCHEDULES:
+        sched = edm.schedules.get(name)
+        t = grid_for(sched, 512, sigma_min=sigma_min)
+        x, traj = edm.sample(den, noise, sched, t_steps=t, solver="heun", return_trajectory=True)
+        ends[name] = x
+        mids[name] = traj[256] / sched.scale(t[256])  # x̂ at the same σ on every grid
+        denoised = edm.sample(den, noise, sched, t_steps=t, solver="heun", final_denoise=True)
+        nearest = data[torch.cdist(denoised, data).argmin(dim=1)]
+        torch.testing.assert_close(denoised, nearest, rtol=0, atol=1e-9)
+        ends[name + "+denoise"] = denoised
+    for name in SCHEDULES[1:]:
+        torch.testing.assert_close(mids[name], mids["edm"], rtol=0, atol=3e-3)
+        torch.testing.assert_close(ends[name + "+denoise"], ends["vp+denoise"], rtol=0, atol=1e-9)
+    # EDM and FM (σ linear in t near 0) land exactly; VP and VE keep a residual of order σ_min.
+    for name in SCHEDULES:
+        residual = (ends[name] - ends["edm+denoise"]).abs().max().item()
+        assert residual < (1e-9 if name in ("edm", "fm") else 10 * sigma_min), (name, residual)
+
+
+@pytest.fixture(scope="module")
+def gaussian_data():
+    g = torch.Generator().manual_seed(3)
+    chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]], dtype=F64)
+    return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("solver, options", [("euler_maruyama", {}), ("stochastic", {"churn": 30.0})])
+def test_sde_samples_match_data_statistics(gaussian_data, name, solver, options):
+    count = 3000
+    den = edm.IdealDenoiser(gaussian_data)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(count, 2, generator=g, dtype=F64)
+    small_sigma_min = {"vp": {"epsilon_s": 1e-5}, "ve": {"sigma_min": 1e-3}, "edm": {"sigma_min": 1e-3}, "fm": {"sigma_min": 1e-3}}
+    sched = edm.schedules.get(name, **small_sigma_min[name])  # σ_min ≈ 1e-3, so D(x̂; σ_min) picks one point
+    steps = 256 if solver == "euler_maruyama" else 64
+    # The ρ = 7 grid for every schedule: uniform-t grids end with a σ ratio of ~60 (VP) whose step error biases the result.
+    x = edm.sample(
+        den, noise, sched, num_steps=steps, solver=solver, generator=g, final_denoise=True, discretization="karras", **options
+    )
+    mean, cov = gaussian_data.mean(0), torch.cov(gaussian_data.T, correction=0)
+    se_mean = (cov.diagonal() / count).sqrt()
+    assert ((x.mean(0) - mean).abs() < 5 * se_mean).all(), (x.mean(0), mean)
+    sample_cov = torch.cov(x.T, correction=0)
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / count).sqrt()
+    assert ((sample_cov - cov).abs() < 5 * se_cov).all(), (sample_cov, cov)
+    # Every sample is one of the data points, and the points are hit about uniformly.
+    dist, idx = torch.cdist(x, gaussian_data).min(dim=1)
+    assert (dist < 1e-3).double().mean() > 0.99, dist.max()
+    counts = torch.bincount(idx, minlength=64).to(F64)
+    chi2 = ((counts - count / 64) ** 2 / (count / 64)).sum().item()
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63)
+
+
+def test_stochastic_without_churn_is_heun(problem):
+    den, _, noise = problem
+    a = edm.sample(den, noise, "edm", num_steps=12, solver="heun")
+    b = edm.sample(den, noise, "edm", num_steps=12, solver="stochastic", churn=0.0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("solver", ["stochastic", "euler_maruyama"])
+def test_per_image_generators_make_batches_splittable(problem, solver):
+    den, _, _ = problem
+    seeds = range(6)
+    noise = torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(s), dtype=F64) for s in seeds])
+    gens = lambda ids: [torch.Generator().manual_seed(100 + s) for s in ids]  # noqa: E731
+    opts = {"churn": 20.0} if solver == "stochastic" else {}
+    whole = edm.sample(den, noise, "edm", num_steps=10, solver=solver, generator=gens(seeds), **opts)
+    parts = [
+        edm.sample(den, noise[ids], "edm", num_steps=10, solver=solver, generator=gens(ids), **opts)
+        for ids in ([0, 1], [2, 3, 4, 5])
+    ]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    other = edm.sample(den, noise, "edm", num_steps=10, solver=solver, generator=gens(range(6, 12)), **opts)
+    assert not torch.equal(other, whole)
+
+
+def test_trajectory_start_dtype_and_gradients(problem):
+    den, _, noise = problem
+    sched = edm.schedules.get("vp")
+    x, traj = edm.sample(den, noise, sched, num_steps=5, solver="euler", return_trajectory=True)
+    t0 = sched.time_steps(5)[0]
+    assert traj.shape == (6, *noise.shape)
+    torch.testing.assert_close(traj[0], sched.scale(t0) * sched.sigma(t0) * noise)
+    assert torch.equal(traj[-1], x)
+    assert edm.sample(den, noise.float(), sched, num_steps=3).dtype == torch.float32
+    z = noise.clone().requires_grad_(True)
+    edm.sample(den, z, "edm", num_steps=4).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_class_labels_reach_the_denoiser():
+    data = torch.tensor([[-5.0, 0.0], [-4.0, 1.0], [5.0, 0.0], [4.0, 1.0]], dtype=F64)
+    den = edm.IdealDenoiser(data, labels=torch.tensor([0, 0, 1, 1]))
+    noise = torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    labels = torch.tensor([0, 1] * 10)
+    x = edm.sample(den, noise, "edm", num_steps=32, class_labels=labels)
+    assert ((x[:, 0] < 0) == (labels == 0)).all()
+
+
+def test_progress_bar_runs(problem, capsys):
+    den, _, noise = problem
+    edm.sample(den, noise, "edm", num_steps=3, progress=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_clear_errors(problem):
+    den, _, noise = problem
+    with pytest.raises(ValueError, match=r"unknown solver 'rk45'.*\['dpmpp_2m', 'euler', 'euler_maruyama', 'heun', 'stochastic'\]"):
+        edm.sample(den, noise, "edm", solver="rk45")
+    with pytest.raises(ValueError, match="strictly decrease"):
+        edm.sample(den, noise, "edm", t_steps=[1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="end with t_N = 0"):
+        edm.sample(den, noise, "edm", t_steps=[2.0, 1.0])
+    with pytest.raises(ValueError, match="outside the fm schedule's range"):
+        edm.sample(den, noise, "fm", t_steps=[1.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="class_labels has batch 3, noise has batch 8"):
+        edm.sample(den, noise, "edm", class_labels=torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        edm.sample(den, noise * float("nan"), "edm")
+    with pytest.raises(ValueError, match=r"solver 'heun' does not take option\(s\) \['churn'\]"):
+        edm.sample(den, noise, "edm", solver="heun", churn=1.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        edm.sample(den, noise, "cosine")

@@ -1,0 +1,149 @@
+"""Schedules: σ(t), s(t), derivatives and inverses against the closed forms of DESIGN.md, in float64."""
+
+import math
+
+import pytest
+import torch
+
+import edm
+from edm.schedules import DISCRETIZATIONS, EDM, VE, VP, FlowMatching
+
+F64 = torch.float64
+
+
+def _reference(name: str):
+    """σ(t) and s(t) written out independently from the DESIGN.md table, with scalar math."""
+    bd, bm = 19.9, 0.1
+    table = {
+        "vp": (lambda t: math.sqrt(math.exp(0.5 * bd * t * t + bm * t) - 1),
+               lambda t: 1 / math.sqrt(1 + (math.exp(0.5 * bd * t * t + bm * t) - 1))),
+        "ve": (lambda t: math.sqrt(t), lambda t: 1.0),
+        "edm": (lambda t: t, lambda t: 1.0),
+        "fm": (lambda t: t / (1 - t), lambda t: 1 - t),
+    }
+    return table[name]
+
+
+TIMES = {
+    "vp": [1e-3, 0.01, 0.2, 0.5, 0.9, 1.0],
+    "ve": [4e-4, 0.01, 1.0, 37.0, 1e4],
+    "edm": [0.002, 0.1, 1.0, 13.0, 80.0],
+    "fm": [0.002, 0.1, 0.5, 0.9, 0.98],
+}
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+def test_sigma_and_scale_match_formulas(name):
+    sched = edm.schedules.get(name)
+    sigma_ref, scale_ref = _reference(name)
+    t = torch.tensor(TIMES[name], dtype=F64)
+    expected_sigma = torch.tensor([sigma_ref(v) for v in TIMES[name]], dtype=F64)
+    expected_scale = torch.tensor([scale_ref(v) for v in TIMES[name]], dtype=F64)
+    torch.testing.assert_close(sched.sigma(t), expected_sigma, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sched.scale(t), expected_scale, rtol=1e-12, atol=0)
+    assert sched.sigma(t).dtype == F64
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+def test_derivatives_match_autograd(name):
+    sched = edm.schedules.get(name)
+    t = torch.tensor(TIMES[name], dtype=F64, requires_grad=True)
+    # `+ 0 * t` keeps constant functions (s = 1, σ' = 1) in the graph so their gradient is 0.
+    (dsigma,) = torch.autograd.grad((sched.sigma(t) + 0 * t).sum(), t)
+    (dscale,) = torch.autograd.grad((sched.scale(t) + 0 * t).sum(), t)
+    torch.testing.assert_close(sched.sigma_deriv(t.detach()), dsigma, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(sched.scale_deriv(t.detach()), dscale, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+def test_sigma_inv_round_trips(name):
+    sched = edm.schedules.get(name)
+    t = torch.tensor(TIMES[name], dtype=F64)
+    torch.testing.assert_close(sched.sigma_inv(sched.sigma(t)), t, rtol=1e-10, atol=1e-13)
+    sigma = torch.tensor([0.002, 0.05, 1.0, 10.0, 80.0], dtype=F64)
+    torch.testing.assert_close(sched.sigma(sched.sigma_inv(sigma)), sigma, rtol=1e-10, atol=0)
+
+
+def test_vp_sigma_inv_formula():
+    sigma = torch.tensor([0.01, 0.5, 3.0, 150.0], dtype=F64)
+    bd, bm = 19.9, 0.1
+    expected = [(math.sqrt(bm**2 + 2 * bd * math.log(s**2 + 1)) - bm) / bd for s in sigma.tolist()]
+    torch.testing.assert_close(VP().sigma_inv(sigma), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=0)
+
+
+def test_float_input_gives_float64_and_tensors_keep_dtype():
+    assert VP().sigma(0.5).dtype == F64
+    assert EDM().sigma(torch.tensor([1.0], dtype=torch.float32)).dtype == torch.float32
+
+
+def test_default_ranges():
+    assert VP().t_max == 1.0 and VP().t_min == pytest.approx(1e-3, rel=1e-12)
+    assert VE().t_min == pytest.approx(0.02**2) and VE().t_max == pytest.approx(100.0**2)
+    assert EDM().t_min == pytest.approx(0.002) and EDM().t_max == pytest.approx(80.0)
+    assert FlowMatching().t_max == pytest.approx(80 / 81)
+
+
+# ------------------------------------------------------------------ time steps
+
+
+def test_default_time_steps_follow_edm_table_1():
+    N = 7
+    i = torch.arange(N, dtype=F64)
+    # VP: uniform in t from 1 to ε_s.
+    vp = VP().time_steps(N)
+    torch.testing.assert_close(vp[:-1], 1 + i / (N - 1) * (1e-3 - 1), rtol=1e-12, atol=0)
+    # VE: geometric in σ from σ_max to σ_min, t = σ².
+    ve = VE().time_steps(N)
+    torch.testing.assert_close(ve[:-1], 100.0**2 * (0.02**2 / 100.0**2) ** (i / (N - 1)), rtol=1e-12, atol=0)
+    # EDM: ρ = 7.
+    edm_t = EDM().time_steps(N)
+    expected = (80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(edm_t[:-1], expected, rtol=1e-12, atol=0)
+    # Flow matching: uniform in t.
+    fm = FlowMatching().time_steps(N)
+    assert torch.allclose(fm[:-2] - fm[1:-1], fm[0] - fm[1], rtol=1e-12)
+    for grid in (vp, ve, edm_t, fm):
+        assert grid.shape == (N + 1,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("disc", sorted(DISCRETIZATIONS))
+def test_every_discretization_with_every_schedule(name, disc):
+    sched = edm.schedules.get(name)
+    t = sched.time_steps(10, disc)
+    assert t.shape == (11,) and t[-1] == 0 and (t[1:] < t[:-1]).all()
+    sigma = sched.sigma(t[:-1])
+    torch.testing.assert_close(sigma[0], torch.tensor(sched.sigma_max, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(sigma[-1], torch.tensor(sched.sigma_min, dtype=F64), rtol=1e-9, atol=0)
+
+
+def test_discretizations_have_their_shape_in_sigma():
+    sched = EDM()
+    sigma = sched.sigma(sched.time_steps(9, "geometric")[:-1])
+    ratios = sigma[1:] / sigma[:-1]
+    torch.testing.assert_close(ratios, ratios[0].expand_as(ratios))
+    # log-SNR uniform: SNR = 1/σ², so it is geometric in σ too.
+    torch.testing.assert_close(sched.time_steps(9, "log_snr"), sched.time_steps(9, "geometric"))
+    rho3 = sched.sigma(sched.time_steps(9, "karras", rho=3.0)[:-1]) ** (1 / 3)
+    torch.testing.assert_close(rho3[1:] - rho3[:-1], (rho3[1] - rho3[0]).expand(8))
+
+
+def test_time_steps_dtype_and_single_step():
+    t = EDM().time_steps(1, dtype=torch.float32)
+    assert t.dtype == torch.float32 and t.tolist() == [80.0, 0.0]
+
+
+def test_bad_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown schedule 'vpp'.*\['edm', 'fm', 've', 'vp'\]"):
+        edm.schedules.get("vpp")
+    with pytest.raises(ValueError, match="unknown discretization 'cosine'.*karras"):
+        EDM().time_steps(4, "cosine")
+    with pytest.raises(ValueError, match="num_steps"):
+        EDM().time_steps(0)
+    with pytest.raises(ValueError, match="bad option for schedule 've'"):
+        edm.schedules.get("ve", rho=3)
+
+
+def test_get_passes_options():
+    assert edm.schedules.get("ve", sigma_max=50.0).sigma_max == 50.0
+    assert edm.schedules.get("vp", beta_d=10.0).beta_d == 10.0
