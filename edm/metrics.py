@@ -1,0 +1,407 @@
+"""Sample-quality metrics: Fréchet distance (FID with Inception-v3 pool features), precision/recall.
+
+FID = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)  (Heusel et al. 2017) between Gaussians fitted to
+features of two image sets. Any feature extractor works (a callable: images in [−1, 1]
+[N, C, H, W] -> features [N, d]); the standard one is the TensorFlow Inception-v3
+(inception-2015-12-05) as ported by pytorch-fid, built here from torchvision's Inception3 with
+pytorch-fid's FID patches, so that `pt_inception-2015-12-05-6726825d.pth` loads strictly.
+Precision/recall: Kynkäänniemi et al. 2019, k-NN balls around each feature (k = 3).
+
+Nothing is downloaded: the weights are a local file (see `load_inception`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "frechet_distance",
+    "FeatureStats",
+    "feature_statistics",
+    "precision_recall",
+    "FIDInceptionV3",
+    "NVlabsDetector",
+    "load_inception",
+    "INCEPTION_HELP",
+    "image_batches",
+    "count_images",
+    "save_statistics",
+    "load_statistics",
+    "reference_statistics",
+    "statistics_cache_path",
+]
+
+logger = logging.getLogger(__name__)
+
+Extractor = Callable[[Tensor], Tensor]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+INCEPTION_HELP = """\
+FID needs the Inception-v3 weights as a local file (nothing is downloaded). Either of:
+  * pytorch-fid's state dict pt_inception-2015-12-05-6726825d.pth (recommended), from
+    https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+  * NVlabs' detector inception-2015-12-05.pkl (as used by NVlabs/edm fid.py; loading it needs
+    NVlabs' dnnlib/torch_utils on PYTHONPATH), from
+    https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl
+    or the TorchScript inception-2015-12-05.pt of stylegan2-ada-pytorch.
+On a machine with internet: `curl -LO <url>` (or `wget <url>`), copy the file here and pass its path."""
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def _sqrtm_psd(a: Tensor) -> Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix by eigendecomposition."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½, the Fréchet distance of two Gaussians.
+
+    tr(Σ₁Σ₂)^½ is computed as tr(Σ₁^½ Σ₂ Σ₁^½)^½ (same eigenvalues, symmetric PSD), in float64.
+    """
+    mu1, mu2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64).reshape(-1) for m in (mu1, mu2))
+    s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"statistics do not match: mu {list(mu1.shape)} vs {list(mu2.shape)}, sigma {list(s1.shape)} vs {list(s2.shape)}")
+    s1, s2 = 0.5 * (s1 + s1.T), 0.5 * (s2 + s2.T)
+    root1 = _sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
+
+
+class FeatureStats:
+    """Running mean and covariance of feature vectors (float64 sums, unbiased covariance)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def update(self, features: Tensor) -> None:
+        f = features.detach().to(torch.float64).flatten(1).cpu()
+        if self.total is None:
+            self.total = torch.zeros(f.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.count += f.shape[0]
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, Σ) with Σ = (Σ fᵢfᵢᵀ − N μμᵀ)/(N − 1)."""
+        if self.count < 2 or self.total is None or self.outer is None:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+def feature_statistics(
+    extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu", max_images: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(μ, Σ, N) of extractor(images) over image batches in [−1, 1] (at most max_images images)."""
+    stats = FeatureStats()
+    with torch.no_grad():
+        for images in batches:
+            if max_images is not None:
+                images = images[: max_images - stats.count]
+            if images.shape[0] == 0:
+                break
+            stats.update(extractor(images.to(device)))
+            if max_images is not None and stats.count >= max_images:
+                break
+    mu, sigma = stats.mean_cov()
+    return mu, sigma, stats.count
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _kth_radii(features: Tensor, k: int, batch_size: int) -> Tensor:
+    """Distance of each feature to its k-th nearest neighbour in the same set (itself excluded)."""
+    if features.shape[0] <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors, got {features.shape[0]}")
+    radii = [torch.cdist(part, features).kthvalue(k + 1, dim=1).values for part in features.split(batch_size)]
+    return torch.cat(radii)
+
+
+def _coverage(manifold: Tensor, radii: Tensor, probes: Tensor, batch_size: int) -> float:
+    """Fraction of probes inside at least one ball B(manifold_j, radii_j)."""
+    inside = [(torch.cdist(part, manifold) <= radii[None, :]).any(dim=1) for part in probes.split(batch_size)]
+    return float(torch.cat(inside).to(torch.float64).mean())
+
+
+def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): precision = share of fake features inside the
+    real k-NN manifold, recall = share of real features inside the fake k-NN manifold."""
+    real, fake = real.to(torch.float64).flatten(1), fake.to(torch.float64).flatten(1)
+    precision = _coverage(real, _kth_radii(real, k, batch_size), fake, batch_size)
+    recall = _coverage(fake, _kth_radii(fake, k, batch_size), real, batch_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- Inception-v3 for FID
+
+
+def _fid_blocks():
+    """pytorch-fid's patches of torchvision's Inception blocks to match the TensorFlow graph."""
+    from torchvision.models import inception as tv
+
+    def pool_avg(x: Tensor) -> Tensor:
+        """TensorFlow's average pool ignores the zero padding."""
+        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+    class FIDInceptionA(tv.InceptionA):
+        def forward(self, x: Tensor) -> Tensor:
+            b5 = self.branch5x5_2(self.branch5x5_1(x))
+            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))], 1)
+
+    class FIDInceptionC(tv.InceptionC):
+        def forward(self, x: Tensor) -> Tensor:
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            bd = self.branch7x7dbl_1(x)
+            for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+                bd = layer(bd)
+            return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(pool_avg(x))], 1)
+
+    class FIDInceptionE(tv.InceptionE):
+        """Mixed_7b pools by average without padding, Mixed_7c by max (as the TensorFlow graph does)."""
+
+        def __init__(self, in_channels: int, max_pool: bool) -> None:
+            super().__init__(in_channels)
+            self.max_pool = max_pool
+
+        def forward(self, x: Tensor) -> Tensor:
+            b3 = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else pool_avg(x)
+            return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+    return tv.Inception3, FIDInceptionA, FIDInceptionC, FIDInceptionE
+
+
+class FIDInceptionV3(nn.Module):
+    """The FID Inception-v3: images in [−1, 1] [N, C, H, W] -> 2048 pool3 features [N, 2048].
+
+    Grayscale inputs are repeated to 3 channels, then resized to 299×299 bilinearly
+    (align_corners=False), as pytorch-fid does. `self.net` is torchvision's Inception3
+    (1008 classes, no aux head) with the FID blocks, so its state_dict keys are those of
+    pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        Inception3, FIDInceptionA, FIDInceptionC, FIDInceptionE = _fid_blocks()
+        net = Inception3(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
+        net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        net.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        net.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.net = net.eval().requires_grad_(False)
+
+    def load_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load pytorch-fid's state dict (strict: every key must match; tensors are assigned, so a
+        model built on the meta device skips its random initialisation)."""
+        self.net.load_state_dict(state_dict, strict=True, assign=True)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        n = self.net
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
+                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
+                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class NVlabsDetector(nn.Module):
+    """NVlabs' Inception detector (TorchScript .pt or .pkl): takes uint8 images, returns 2048 features.
+
+    Images in [−1, 1] become k = ⌊127.5 x + 128⌋ clipped to 0..255 (exact for x = k/127.5 − 1).
+    """
+
+    def __init__(self, detector: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> Tensor:
+        k = (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        if k.shape[1] == 1:
+            k = k.repeat(1, 3, 1, 1)
+        return self.detector(k, return_features=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip with a constants.pkl entry (torch.save files have data.pkl only)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def load_inception(path: str | Path | None, device: torch.device | str = "cpu") -> nn.Module:
+    """The FID feature extractor from a local weights file: pytorch-fid .pth, NVlabs .pkl or TorchScript .pt.
+
+    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). Loading a .pkl
+    runs pickled code: use only files you trust.
+    """
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
+    path = Path(path)
+    if path.suffix == ".pkl":
+        try:
+            with open(path, "rb") as f:
+                detector = pickle.load(f)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"{path} is an NVlabs pickle that needs NVlabs' code ({err.name}) importable: add a clone of "
+                "https://github.com/NVlabs/edm to PYTHONPATH, or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+            ) from err
+        return NVlabsDetector(detector).to(device).eval()
+    if _is_torchscript(path):
+        return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read Inception weights {path}: {err}\n{INCEPTION_HELP}") from err
+    with torch.device("meta"):
+        model = FIDInceptionV3()
+    try:
+        model.load_weights(state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not pytorch-fid's Inception state dict: {err}\n{INCEPTION_HELP}") from err
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    """uint8 images [N, H, W, C] from an .npz with key 'images' (edm) or 'arr_0' (guided-diffusion)."""
+    with np.load(path) as data:
+        key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+        if key is None:
+            raise ValueError(f"{path} has no 'images' or 'arr_0' array (keys: {list(data.keys())})")
+        images = data[key]
+    if images.ndim != 4:
+        raise ValueError(f"{path}:{key} must be [N, H, W, C] (or [N, C, H, W]), got shape {list(images.shape)}")
+    return images if images.shape[-1] in (1, 3) else images.transpose(0, 2, 3, 1)
+
+
+def count_images(source: str | Path) -> int:
+    """Number of images in a folder (png/jpg/... recursively) or an .npz."""
+    path = Path(source)
+    if path.suffix == ".npz":
+        return len(_npz_images(path))
+    return len(_image_files(path))
+
+
+def _uint8_to_unit(batch: np.ndarray) -> Tensor:
+    """uint8 [B, H, W, C] -> float [B, C, H, W] in [−1, 1] by k/127.5 − 1."""
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+
+
+def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:
+    """Batches [B, C, H, W] in [−1, 1] of the images in a folder (sorted paths, recursive) or an .npz file."""
+    from PIL import Image
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
+    if path.suffix == ".npz":
+        images = _npz_images(path)[:max_images]
+        for start in range(0, len(images), batch_size):
+            yield _uint8_to_unit(images[start : start + batch_size])
+        return
+    files = _image_files(path)[:max_images]
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(path)!r}")
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for file in files[start : start + batch_size]:
+            with Image.open(file) as img:
+                a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+            arrays.append(a[:, :, None] if a.ndim == 2 else a)
+        yield _uint8_to_unit(np.stack(arrays))
+
+
+# ----------------------------------------------------------------------------- cached statistics
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
+    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, num_images=np.int64(num_images))
+
+
+def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) from an .npz with keys mu and sigma (NVlabs' fid-refs and pytorch-fid's --save-stats files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
+        return data["mu"], data["sigma"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "data"
+
+
+def statistics_cache_path(cache_dir: str | Path, dataset_key: str, extractor_key: str) -> Path:
+    """cache_dir/<dataset>--<extractor>.npz: one file per (data set, feature extractor) pair."""
+    return Path(cache_dir) / f"{_slug(dataset_key)}--{_slug(extractor_key)}.npz"
+
+
+def reference_statistics(
+    batches: Callable[[], Iterable[Tensor]],
+    extractor: Extractor,
+    *,
+    cache_dir: str | Path | None,
+    dataset_key: str,
+    extractor_key: str,
+    device: torch.device | str = "cpu",
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) of a data set's features, read from the cache when present, else computed and cached.
+
+    `batches()` yields the data set's images in [−1, 1]; it is only called on a cache miss.
+    """
+    key = dataset_key if max_images is None else f"{dataset_key}-n{max_images}"
+    path = statistics_cache_path(cache_dir, key, extractor_key) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        logger.info("reference statistics from cache %s", path)
+        return load_statistics(path)
+    mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images)
+    if path is not None:
+        save_statistics(path, mu, sigma, n)
+        logger.info("cached reference statistics of %d images at %s", n, path)
+    return mu, sigma

@@ -1,0 +1,313 @@
+"""Fréchet distance, feature statistics, precision/recall and the FID Inception-v3 architecture."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edm import metrics
+from edm.metrics import (
+    FeatureStats,
+    FIDInceptionV3,
+    feature_statistics,
+    frechet_distance,
+    image_batches,
+    load_inception,
+    precision_recall,
+    reference_statistics,
+)
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_the_closed_form():
+    """Commuting covariances: tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) = Σᵢ (√aᵢ − √bᵢ)²."""
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(5, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
+    a, b = torch.rand(5, generator=g, dtype=F64) + 0.1, torch.rand(5, generator=g, dtype=F64) + 0.1
+    expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_frechet_distance_of_rotated_gaussians_is_rotation_invariant():
+    """FD(Σ₁, Σ₂) = FD(RΣ₁Rᵀ, RΣ₂Rᵀ): a non-commuting case with a known answer."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(4, generator=g, dtype=F64) + 0.1, torch.rand(4, generator=g, dtype=F64) + 0.1
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    r, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    s1, s2 = q @ torch.diag(a) @ q.T, q @ r @ torch.diag(b) @ r.T @ q.T  # s1, s2 do not commute
+    expected = frechet_distance(torch.zeros(4), torch.diag(a), torch.zeros(4), r @ torch.diag(b) @ r.T)
+    assert not torch.allclose(s1 @ s2, s2 @ s1)
+    assert frechet_distance(np.zeros(4), s1.numpy(), np.zeros(4), s2.numpy()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(50, 6, generator=g, dtype=F64), torch.randn(50, 6, generator=g, dtype=F64) * 1.5 + 0.2
+    mu1, s1, mu2, s2 = x.mean(0).numpy(), np.cov(x.numpy().T), y.mean(0).numpy(), np.cov(y.numpy().T)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_feature_stats_is_the_sample_mean_and_covariance_whatever_the_batching():
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(37, 5, generator=g, dtype=F64) @ torch.randn(5, 5, generator=g, dtype=F64)
+    stats = FeatureStats()
+    for part in f.split(8):
+        stats.update(part)
+    mu, sigma = stats.mean_cov()
+    np.testing.assert_allclose(mu, f.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f.numpy().T), rtol=1e-10)
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStats().mean_cov()
+
+
+# ----------------------------------------------------------------------------- FID code path on a tiny extractor
+
+
+class TinyExtractor(torch.nn.Module):
+    """A fixed random conv + global pooling: images [N, 3, H, W] -> 8 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(8, 3, 3, 3, generator=g)
+
+    def forward(self, x):
+        return torch.tanh(torch.nn.functional.conv2d(x, self.weight)).mean(dim=(2, 3))
+
+
+def random_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 8, 8, generator=g) * 2 - 1) * 0.5
+
+
+def fid_between(a, b, extractor):
+    mu1, s1, _ = feature_statistics(extractor, a.split(16))
+    mu2, s2, _ = feature_statistics(extractor, b.split(16))
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    ext = TinyExtractor()
+    images = random_images(100, 0)
+    fids = [fid_between(images, images + shift, ext) for shift in (0.0, 0.1, 0.3, 0.6)]
+    assert abs(fids[0]) < 1e-8
+    assert all(b > a for a, b in zip(fids, fids[1:])), fids
+    assert fid_between(images, random_images(100, 1), ext) < fids[-1]  # another sample of the same law is close
+
+
+def test_feature_statistics_stops_at_max_images():
+    ext = TinyExtractor()
+    images = random_images(40, 0)
+    mu, sigma, n = feature_statistics(ext, images.split(16), max_images=20)
+    mu20, sigma20, _ = feature_statistics(ext, [images[:20]])
+    assert n == 20
+    np.testing.assert_allclose(mu, mu20, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def brute_force_precision(real, fake, k):
+    """Kynkäänniemi et al. 2019 written out with numpy loops."""
+    real, fake = real.numpy(), fake.numpy()
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    radii = np.sort(d_rr, axis=1)[:, k]  # column 0 is the point itself
+    d_fr = np.linalg.norm(fake[:, None] - real[None], axis=-1)
+    return float(np.mean([(d_fr[i] <= radii).any() for i in range(len(fake))]))
+
+
+def test_precision_recall_matches_a_brute_force_count():
+    g = torch.Generator().manual_seed(5)
+    real = torch.randn(60, 4, generator=g, dtype=F64)
+    fake = torch.randn(50, 4, generator=g, dtype=F64) * 0.6 + 0.8
+    p, r = precision_recall(real, fake, k=3, batch_size=7)
+    assert p == pytest.approx(brute_force_precision(real, fake, 3))
+    assert r == pytest.approx(brute_force_precision(fake, real, 3))
+    assert 0 < p < 1 and 0 < r < 1
+
+
+def test_precision_recall_of_identical_and_disjoint_sets():
+    real = torch.randn(30, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # A fake set collapsed onto a few real points is precise but has poor recall.
+    p, r = precision_recall(real, real[:4].repeat(5, 1))
+    assert p == 1.0 and r < 0.5
+
+
+# ----------------------------------------------------------------------------- Inception-v3
+
+
+def inception_key_shapes():
+    """The state-dict layout of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (Szegedy et al. 2016, TF graph)."""
+    shapes = {}
+
+    def conv(name, cin, cout, kh, kw=None):
+        shapes[f"{name}.conv.weight"] = (cout, cin, kh, kw or kh)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.bn.{p}"] = (cout,)
+
+    def block_a(n, cin, pool):
+        conv(f"{n}.branch1x1", cin, 64, 1), conv(f"{n}.branch5x5_1", cin, 48, 1), conv(f"{n}.branch5x5_2", 48, 64, 5)
+        conv(f"{n}.branch3x3dbl_1", cin, 64, 1), conv(f"{n}.branch3x3dbl_2", 64, 96, 3)
+        conv(f"{n}.branch3x3dbl_3", 96, 96, 3), conv(f"{n}.branch_pool", cin, pool, 1)
+
+    def block_c(n, c7):
+        conv(f"{n}.branch1x1", 768, 192, 1), conv(f"{n}.branch7x7_1", 768, c7, 1)
+        conv(f"{n}.branch7x7_2", c7, c7, 1, 7), conv(f"{n}.branch7x7_3", c7, 192, 7, 1)
+        conv(f"{n}.branch7x7dbl_1", 768, c7, 1), conv(f"{n}.branch7x7dbl_2", c7, c7, 7, 1)
+        conv(f"{n}.branch7x7dbl_3", c7, c7, 1, 7), conv(f"{n}.branch7x7dbl_4", c7, c7, 7, 1)
+        conv(f"{n}.branch7x7dbl_5", c7, 192, 1, 7), conv(f"{n}.branch_pool", 768, 192, 1)
+
+    def block_e(n, cin):
+        conv(f"{n}.branch1x1", cin, 320, 1), conv(f"{n}.branch3x3_1", cin, 384, 1)
+        conv(f"{n}.branch3x3_2a", 384, 384, 1, 3), conv(f"{n}.branch3x3_2b", 384, 384, 3, 1)
+        conv(f"{n}.branch3x3dbl_1", cin, 448, 1), conv(f"{n}.branch3x3dbl_2", 448, 384, 3)
+        conv(f"{n}.branch3x3dbl_3a", 384, 384, 1, 3), conv(f"{n}.branch3x3dbl_3b", 384, 384, 3, 1)
+        conv(f"{n}.branch_pool", cin, 192, 1)
+
+    conv("Conv2d_1a_3x3", 3, 32, 3), conv("Conv2d_2a_3x3", 32, 32, 3), conv("Conv2d_2b_3x3", 32, 64, 3)
+    conv("Conv2d_3b_1x1", 64, 80, 1), conv("Conv2d_4a_3x3", 80, 192, 3)
+    block_a("Mixed_5b", 192, 32), block_a("Mixed_5c", 256, 64), block_a("Mixed_5d", 288, 64)
+    conv("Mixed_6a.branch3x3", 288, 384, 3), conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+    conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3), conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    for n, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        block_c(n, c7)
+    conv("Mixed_7a.branch3x3_1", 768, 192, 1), conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+    conv("Mixed_7a.branch7x7x3_1", 768, 192, 1), conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    block_e("Mixed_7b", 1280), block_e("Mixed_7c", 2048)
+    shapes["fc.weight"], shapes["fc.bias"] = (1008, 2048), (1008,)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random state dict with pytorch-fid's key names and shapes, saved like the real .pth."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in inception_key_shapes().items():
+        if key.endswith("conv.weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=g) * math.sqrt(2 / fan_in)
+        elif key.endswith(("running_var", "bn.weight")):
+            state[key] = 1 + 0.1 * torch.rand(shape, generator=g)
+        else:
+            state[key] = 0.01 * torch.randn(shape, generator=g)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_fid_inception_loads_pytorch_fid_keys_strictly_and_gives_pool_features(inception_weights):
+    path, state = inception_weights
+    model = load_inception(path)  # strict load: a missing or extra key, or a wrong shape, fails
+    assert isinstance(model, FIDInceptionV3)
+    torch.testing.assert_close(model.net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        features = model(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert (features >= 0).all()  # pool3 averages ReLU outputs
+    assert (features[0] - features[1]).abs().max() > 1e-3 * features.abs().max()  # features depend on the image
+
+
+def test_fid_inception_matches_pytorch_fid(inception_weights):
+    """With pytorch-fid installed: its InceptionV3 (inputs in [0, 1]) and ours (inputs in [−1, 1]) agree."""
+    pf = pytest.importorskip("pytorch_fid.inception")
+    path, state = inception_weights
+    ours = load_inception(path)
+    original = pf.load_state_dict_from_url
+    pf.load_state_dict_from_url = lambda *args, **kwargs: state
+    try:
+        theirs = pf.InceptionV3([3]).eval()
+    finally:
+        pf.load_state_dict_from_url = original
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(2 * x - 1), theirs(x)[0].flatten(1))
+
+
+def test_missing_inception_weights_say_which_file_and_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_inception(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    message = str(err.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in message and "inception-2015-12-05.pkl" in message
+    assert "https://github.com/mseitzer/pytorch-fid/releases" in message
+
+
+def test_wrong_state_dict_is_rejected_with_a_clear_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not pytorch-fid's Inception"):
+        load_inception(path)
+
+
+def test_torchscript_detector_gets_uint8_images(tmp_path):
+    """NVlabs' detectors (TorchScript .pt / .pkl) take uint8 images and return_features=True."""
+
+    class Detector(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert x.dtype == torch.uint8
+            return x.to(torch.float32).flatten(1)[:, :4] if return_features else x.float()
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(Detector()), str(path))
+    model = load_inception(path)
+    k = torch.tensor([0, 1, 127, 255], dtype=torch.float32).reshape(1, 1, 2, 2)
+    out = model(k / 127.5 - 1)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 127.0, 255.0]]))
+
+
+# ----------------------------------------------------------------------------- image sources and cached statistics
+
+
+def test_image_batches_read_png_folders_and_npz_alike(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    images = g.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{i:06d}.png")
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    from_png = torch.cat(list(image_batches(tmp_path, batch_size=2)))
+    from_npz = torch.cat(list(image_batches(tmp_path / "images.npz", batch_size=3)))
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(from_png, expected)
+    torch.testing.assert_close(from_npz, expected)
+    assert metrics.count_images(tmp_path) == 5
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list(image_batches(tmp_path / "missing"))
+
+
+def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path):
+    ext = TinyExtractor()
+    images = random_images(30, 0)
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return images.split(8)
+
+    kw = dict(cache_dir=tmp_path, dataset_key="toy/set", extractor_key="tiny")
+    mu, sigma = reference_statistics(batches, ext, **kw)
+    mu2, sigma2 = reference_statistics(batches, ext, **kw)
+    assert len(calls) == 1  # the second call read the cache
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+    assert metrics.statistics_cache_path(tmp_path, "toy/set", "tiny").is_file()
+    reference_statistics(batches, ext, cache_dir=tmp_path, dataset_key="toy/set", extractor_key="other")
+    assert len(calls) == 2  # another extractor is another entry
