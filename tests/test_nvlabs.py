@@ -1,0 +1,630 @@
+"""NVlabs/edm snapshots: safe unpickling, reference parameter names, equal outputs.
+
+The default run needs no reference code: it writes synthetic snapshots with the exact
+structure of NVlabs ones (persistence records + plain-pickled tensors) from our own
+networks. With `--nvlabs-repo PATH` (an NVlabs/edm checkout), real reference networks are
+built, pickled as the training loop does, loaded with `load_nvlabs` and compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import math
+import os
+import pickle
+import runpy
+import subprocess
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edm
+from edm import networks
+from edm.checkpoint import CheckpointError, load_denoiser
+from edm.nvlabs import NVlabsError, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------------------
+# Architectures under test: reference constructor kwargs (small sizes, real structure).
+
+SONG = dict(
+    img_resolution=16, in_channels=3, out_channels=3, augment_dim=9, model_channels=16, channel_mult=[1, 2, 2],
+    channel_mult_emb=4, num_blocks=2, attn_resolutions=[8], dropout=0.13, label_dropout=0.0,
+)
+ARCHS = {
+    "ddpmpp": SONG | dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                          decoder_type="standard", resample_filter=[1, 1]),
+    "ncsnpp": SONG | dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                          decoder_type="standard", resample_filter=[1, 3, 3, 1]),
+    "ncsnpp_skip": SONG | dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="skip",
+                               decoder_type="skip", resample_filter=[1, 3, 3, 1]),
+    # ADM attention has out_channels // 64 heads, so 64 channels keep it on at every level.
+    "adm": dict(img_resolution=8, in_channels=3, out_channels=3, augment_dim=0, model_channels=64,
+                channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8, 4],
+                dropout=0.1, label_dropout=0.0),
+}
+MODEL_CLASS = {"ddpmpp": "SongUNet", "ncsnpp": "SongUNet", "ncsnpp_skip": "SongUNet", "adm": "DhariwalUNet"}
+PRECOND_CLASS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
+PRESET = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "ncsnpp_skip": "ncsnpp", "adm": "adm"}
+SIGMAS = {"edm": [0.002, 0.3, 2.0, 80.0], "vp": [0.01, 0.4, 5.0, 150.0], "ve": [0.02, 0.7, 9.0, 100.0]}
+# Non-default precond constants, so reading the wrong (default) value changes the output.
+PRECOND_KW = {"edm": dict(sigma_data=0.6), "vp": dict(beta_d=18.5, beta_min=0.2, M=1000), "ve": dict()}
+
+
+def our_denoiser(arch: str, label_dim: int, kind: str, seed: int = 0) -> edm.Precond:
+    """Our Precond for an architecture with every parameter random (no zero-initialized layers)."""
+    torch.manual_seed(seed)
+    net = networks.build(PRESET[arch], label_dim=label_dim, **ARCHS[arch])
+    den = edm.Precond(net, kind=kind, **PRECOND_KW[kind])
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return den.eval()
+
+
+def inputs(arch: str, label_dim: int, kind: str, batch: int = 4) -> dict:
+    gen = torch.Generator().manual_seed(7)
+    res, ch = ARCHS[arch]["img_resolution"], ARCHS[arch]["in_channels"]
+    sigma = torch.tensor(SIGMAS[kind])
+    out = dict(x=torch.randn(batch, ch, res, res, generator=gen) * sigma.view(-1, 1, 1, 1).clamp(min=1), sigma=sigma)
+    out["labels"] = torch.eye(label_dim)[torch.randint(label_dim, (batch,), generator=gen)] if label_dim else None
+    aug = ARCHS[arch]["augment_dim"]
+    out["augment"] = torch.randn(batch, aug, generator=gen) if aug else None
+    return out
+
+
+def run(den, x, sigma, labels, augment):
+    with torch.no_grad():
+        return den(x, sigma, labels, augment_labels=augment) if augment is not None else den(x, sigma, labels)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic snapshot writer: the byte structure of an NVlabs pickle, made without its code.
+
+
+class GlobalRef:
+    """A global `module.name` that the writer emits as STACK_GLOBAL without importing it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args):
+        raise AssertionError("a GlobalRef is only written, never called")
+
+
+RECONSTRUCT = GlobalRef("torch_utils.persistence", "_reconstruct_persistent_obj")
+
+
+class Persistent:
+    """Pickles as torch_utils.persistence._reconstruct_persistent_obj(meta), as persistent_class.__reduce__ does."""
+
+    def __init__(self, class_name: str, state: dict, module_src: str) -> None:
+        self.meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
+
+    def __reduce__(self):
+        return RECONSTRUCT, (self.meta,)
+
+
+class TorchContainer:
+    """Pickles as a stock torch.nn.ModuleDict: NEWOBJ + BUILD(__dict__)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+
+class SnapshotPickler(pickle._Pickler):
+    """Pure-Python pickler writing GlobalRef as a `module.name` global and TorchContainer as ModuleDict."""
+
+    def save_global_ref(self, obj: GlobalRef) -> None:
+        self.save(obj.module)
+        self.save(obj.name)
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+    def save_container(self, obj: TorchContainer) -> None:
+        self.save(torch.nn.ModuleDict)
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(obj.state)
+        self.write(pickle.BUILD)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[GlobalRef] = save_global_ref
+    dispatch[TorchContainer] = save_container
+
+
+HARMLESS_SRC = "raise RuntimeError('the embedded module source was executed')\n"
+
+
+def module_record(module: torch.nn.Module, class_name: str, init_kwargs: dict, src: str, **attrs):
+    """A module's pickled __dict__ (as torch writes it) with children replaced by records."""
+    state = module.__getstate__()
+    state["training"] = False
+    state["_parameters"] = OrderedDict(
+        (k, None if v is None else torch.nn.Parameter(v.detach().clone(), requires_grad=False))
+        for k, v in state["_parameters"].items()
+    )
+    state["_buffers"] = OrderedDict(state["_buffers"])
+    children = OrderedDict()
+    for name, child in state["_modules"].items():
+        if isinstance(child, torch.nn.ModuleDict):
+            sub = child.__getstate__()
+            sub["_modules"] = OrderedDict(
+                (k, module_record(v, type(v).__name__, {}, src)) for k, v in sub["_modules"].items()
+            )
+            children[name] = TorchContainer(sub)
+        elif child is not None:
+            children[name] = module_record(child, type(child).__name__, {}, src)
+        else:
+            children[name] = None
+    state["_modules"] = children
+    if class_name == "UNetBlock":  # the reference stores np.sqrt(...) scalars here
+        state["skip_scale"] = np.float64(state["skip_scale"])
+        init_kwargs = dict(init_attn=dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2)))
+    state |= attrs | {"_init_args": (), "_init_kwargs": init_kwargs}
+    return Persistent(class_name, state, src)
+
+
+def snapshot_bytes(den: edm.Precond, arch: str, label_dim: int, *, src: str = HARMLESS_SRC,
+                   precond_class: str | None = None, model_class: str | None = None) -> bytes:
+    """An NVlabs-format snapshot of `den`: dict(ema, loss_fn, augment_pipe, dataset_kwargs)."""
+    kind = den.kind
+    kw = ARCHS[arch]
+    model_kwargs = {k: v for k, v in kw.items() if k not in ("img_resolution", "in_channels", "out_channels")}
+    model_init = dict(img_resolution=kw["img_resolution"], in_channels=kw["in_channels"],
+                      out_channels=kw["out_channels"], label_dim=label_dim, **model_kwargs)
+    model = module_record(den.net, model_class or MODEL_CLASS[arch], model_init, src)
+    precond_kw = PRECOND_KW[kind]
+    attrs = dict(img_resolution=kw["img_resolution"], img_channels=kw["in_channels"], label_dim=label_dim, use_fp16=False)
+    if kind == "edm":
+        attrs |= dict(sigma_min=0, sigma_max=float("inf"), sigma_data=precond_kw["sigma_data"])
+    elif kind == "vp":
+        attrs |= dict(precond_kw, epsilon_t=1e-5, sigma_min=0.0019, sigma_max=152.0)
+    else:
+        attrs |= dict(sigma_min=0.02, sigma_max=100)
+    precond_init = dict(attrs, model_type=MODEL_CLASS[arch], **model_kwargs)
+    shell = torch.nn.Module()
+    shell.model = den.net
+    ema = module_record(shell, precond_class or PRECOND_CLASS[kind], precond_init, src, **attrs)
+    ema.meta["state"]["_modules"]["model"] = model
+    loss = Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, _init_args=(), _init_kwargs={}), src)
+    dataset_kwargs = dict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip", use_labels=bool(label_dim))
+    data = dict(ema=ema, loss_fn=loss, augment_pipe=None, dataset_kwargs=dataset_kwargs)
+    buf = io.BytesIO()
+    SnapshotPickler(buf, protocol=4).dump(data)
+    return buf.getvalue()
+
+
+def write_snapshot(tmp_path: Path, den, arch, label_dim, name="network-snapshot-000000.pkl", **kw) -> Path:
+    path = tmp_path / name
+    path.write_bytes(snapshot_bytes(den, arch, label_dim, **kw))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Loading a snapshot gives the same denoiser.
+
+CASES = [("ddpmpp", 10, "edm"), ("ddpmpp", 0, "vp"), ("ncsnpp", 0, "ve"), ("ncsnpp_skip", 10, "edm"),
+         ("adm", 10, "edm"), ("adm", 0, "vp")]
+
+
+@pytest.mark.parametrize("arch,label_dim,kind", CASES)
+def test_synthetic_snapshot_loads_equal_denoiser(tmp_path, arch, label_dim, kind):
+    den = our_denoiser(arch, label_dim, kind)
+    path = write_snapshot(tmp_path, den, arch, label_dim)
+    loaded = load_nvlabs(path)
+    assert isinstance(loaded, edm.Precond) and not loaded.training
+    assert loaded.kind == kind
+    inp = inputs(arch, label_dim, kind)
+    expected = run(den, inp["x"], inp["sigma"], inp["labels"], inp["augment"])
+    got = run(loaded, inp["x"], inp["sigma"], inp["labels"], inp["augment"])
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_snapshot_spec_and_schedule(tmp_path):
+    den = our_denoiser("ncsnpp", 10, "vp")
+    snap = read_nvlabs(write_snapshot(tmp_path, den, "ncsnpp", 10))
+    net = snap.denoiser["network"]
+    assert net["name"] == "ncsnpp" and net["label_dim"] == 10
+    assert {k: net[k] for k in ARCHS["ncsnpp"]} == ARCHS["ncsnpp"]
+    assert snap.denoiser["precond"] == dict(kind="vp", sigma_data=0.5, beta_d=18.5, beta_min=0.2, M=1000)
+    assert snap.schedule == dict(name="vp", beta_d=18.5, beta_min=0.2)
+    assert snap.reference["precond_class"] == "VPPrecond" and snap.reference["model_class"] == "SongUNet"
+    assert snap.reference["epsilon_t"] == 1e-5
+    assert set(snap.state_dict) == set(den.state_dict())
+
+
+def convert_script():
+    spec = importlib.util.spec_from_file_location("convert_nvlabs", REPO / "scripts" / "convert_nvlabs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_script_writes_equal_checkpoint(tmp_path):
+    den = our_denoiser("ncsnpp", 10, "ve")
+    pkl = write_snapshot(tmp_path, den, "ncsnpp", 10)
+    out = tmp_path / "converted.pt"
+    assert convert_script().main([str(pkl), str(out)]) == 0
+    state = torch.load(out, map_location="cpu", weights_only=True)  # no pickle code needed any more
+    assert state["schedule"] == {"name": "ve", "sigma_min": 0.02, "sigma_max": 100.0}
+    assert state["denoiser"]["precond"]["kind"] == "ve" and state["denoiser"]["network"]["name"] == "ncsnpp"
+    assert state["ema"].keys() == den.state_dict().keys() == state["model"].keys()
+    loaded, _ = load_denoiser(out)
+    inp = inputs("ncsnpp", 10, "ve")
+    assert rel_err(run(loaded, inp["x"], inp["sigma"], inp["labels"], inp["augment"]),
+                   run(den, inp["x"], inp["sigma"], inp["labels"], inp["augment"])) < 1e-5
+
+
+def test_convert_script_help_and_bad_input(tmp_path, capsys):
+    script = convert_script()
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--help"])
+    assert exc.value.code == 0 and "NVlabs" in capsys.readouterr().out
+    bad = tmp_path / "bad.pkl"
+    bad.write_text("not a pickle at all")
+    assert script.main([str(bad), str(tmp_path / "out.pt")]) != 0
+    assert "bad.pkl" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+
+
+def test_to_checkpoint_is_plain(tmp_path):
+    den = our_denoiser("ddpmpp", 0, "edm")
+    snap = read_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0))
+    state = to_checkpoint(snap, "x/network-snapshot-000000.pkl")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=True)
+    assert again["config"]["reference"]["sigma_max"] is None  # inf stored as None
+    assert again["config"]["pickle"] == "network-snapshot-000000.pkl"
+    assert all(torch.equal(again["ema"][k], v) for k, v in den.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------
+# Safety: nothing in the file runs.
+
+
+class Payload:
+    """Pickles as `func(*args)`: what a malicious pickle does on plain pickle.load."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker: Path) -> dict:
+    code = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "builtins.eval": Payload(eval, code),
+        "builtins.exec": Payload(exec, code),
+        "subprocess.Popen": Payload(subprocess.Popen, ["touch", str(marker)]),
+        "subprocess.check_call": Payload(subprocess.check_call, ["touch", str(marker)]),
+        "pathlib.Path.touch": Payload(Path.touch, marker),
+        "runpy.run_path": Payload(runpy.run_path, str(marker)),
+        "torch.load": Payload(torch.load, str(marker)),
+    }
+
+
+@pytest.mark.parametrize("name", list(payloads(Path("x"))))
+def test_code_running_pickle_is_refused(tmp_path, name):
+    marker = tmp_path / "marker"
+    for where, obj in {"root": payloads(marker)[name], "in_state": {"ema": payloads(marker)[name]}}.items():
+        path = tmp_path / f"{where}.pkl"
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+        with pytest.raises(NVlabsError, match="refusing global") as exc:
+            load_nvlabs(path)
+        assert str(path) in str(exc.value)
+        assert not marker.exists()
+
+
+def test_payload_control_runs_under_plain_pickle(tmp_path):
+    """The payloads are live: plain pickle.load runs them (so the refusal above is meaningful)."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(payloads(marker)["pathlib.Path.touch"]))
+    assert marker.exists()
+
+
+def test_payload_inside_storage_blob_is_refused(tmp_path):
+    """torch.storage._load_from_bytes blobs are read with weights_only=True, not plain torch.load."""
+    marker = tmp_path / "marker"
+    blob = pickle.dumps(payloads(marker)["pathlib.Path.touch"], protocol=2)
+    path = tmp_path / "blob.pkl"
+    path.write_bytes(pickle.dumps({"ema": Payload(torch.storage._load_from_bytes, blob)}, protocol=4))
+    with pytest.raises(NVlabsError, match="weights_only"):
+        unpickle(path)
+    assert not marker.exists()
+
+
+def marker_source(marker: Path) -> str:
+    return f"open({str(marker)!r}, 'w').write('executed')\nraise RuntimeError('embedded source executed')\n"
+
+
+def test_embedded_source_is_live_but_never_executed(tmp_path):
+    marker = tmp_path / "marker"
+    src = marker_source(marker)
+    # Control: the source does create the marker when run.
+    (tmp_path / "src.py").write_text(src)
+    with pytest.raises(RuntimeError):
+        runpy.run_path(str(tmp_path / "src.py"))
+    assert marker.exists()
+    marker.unlink()
+    den = our_denoiser("ddpmpp", 0, "edm")
+    # Loading succeeds without running it ...
+    load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, src=src))
+    assert not marker.exists()
+    # ... and a refused snapshot (unknown class) does not run it either.
+    with pytest.raises(NVlabsError, match="EvilPrecond"):
+        load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, src=src, name="evil.pkl", precond_class="EvilPrecond"))
+    assert not marker.exists()
+
+
+def test_refuses_unsupported_snapshots(tmp_path):
+    den = our_denoiser("ddpmpp", 0, "vp")
+    with pytest.raises(NVlabsError, match="iDDPM"):
+        load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, precond_class="iDDPMPrecond"))
+    with pytest.raises(NVlabsError, match="UNet2DModel"):
+        load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, name="m.pkl", model_class="UNet2DModel"))
+
+
+def test_clear_errors_for_foreign_files(tmp_path):
+    den = our_denoiser("ddpmpp", 0, "edm")
+    data = snapshot_bytes(den, "ddpmpp", 0)
+    cases = {
+        "truncated.pkl": (data[: len(data) // 2], "ends early|not a loadable"),
+        "text.pkl": (b"hello, this is not a pickle", "not a loadable"),
+        "empty.pkl": (b"", "empty"),
+        "list.pkl": (pickle.dumps([1, 2, 3]), "expected a dict with an 'ema'.*list"),
+        "noema.pkl": (pickle.dumps({"G_ema": 1, "D": 2}), "found \\['D', 'G_ema'\\]"),
+        "plainema.pkl": (pickle.dumps({"ema": {"weight": 1}}), "'ema' is a dict"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(NVlabsError, match=message):
+            load_nvlabs(path)
+    zipped = tmp_path / "ours.pt"
+    torch.save({"ema": {}}, zipped)
+    with pytest.raises(NVlabsError, match="zip archive"):
+        load_nvlabs(zipped)
+    with pytest.raises(CheckpointError, match="no such file"):  # NVlabsError is a CheckpointError
+        load_nvlabs(tmp_path / "missing.pkl")
+
+
+def test_numpy_scalars_decode_to_python_numbers(tmp_path):
+    values = [np.float64(math.sqrt(0.5)), np.float32(0.25), np.int64(-7), np.bool_(True), np.array([1.5], ">f8")[0]]
+    path = tmp_path / "np.pkl"
+    path.write_bytes(pickle.dumps(values, protocol=4))
+    got = unpickle(path)
+    assert got == [float(v) if not isinstance(v, np.bool_) else bool(v) for v in values]
+    assert all(type(g) in (float, int, bool) for g in got)
+    path.write_bytes(pickle.dumps([np.array([1.0, 2.0])], protocol=4))  # arrays are not hyper-parameters
+    with pytest.raises(NVlabsError, match="refusing global"):
+        unpickle(path)
+
+
+# --------------------------------------------------------------------------------------
+# Parameter names: the reference's state_dict, generated from its module naming rules.
+
+
+class RefKeys:
+    """Reference state_dict {name: shape} from the naming rules of NVlabs/edm training/networks.py.
+
+    Linear: weight [out, in], bias [out] (optional); Conv2d: weight [out, in, k, k] and bias
+    (kernel > 0), resample_filter [1, 1, n, n] (up or down); GroupNorm: weight, bias;
+    UNetBlock: norm0 conv0 affine norm1 conv1 [skip] [norm2 qkv proj].
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[int, ...]] = {}
+
+    def linear(self, name, cin, cout, bias=True):
+        self.keys[f"{name}.weight"] = (cout, cin)
+        if bias:
+            self.keys[f"{name}.bias"] = (cout,)
+
+    def conv(self, name, cin, cout, kernel, resample=0):
+        if kernel:
+            self.keys[f"{name}.weight"] = (cout, cin, kernel, kernel)
+            self.keys[f"{name}.bias"] = (cout,)
+        if resample:
+            self.keys[f"{name}.resample_filter"] = (1, 1, resample, resample)
+
+    def norm(self, name, c):
+        self.keys[f"{name}.weight"] = (c,)
+        self.keys[f"{name}.bias"] = (c,)
+
+    def block(self, name, cin, cout, emb, *, taps, up=False, down=False, heads=0, adaptive, resample_proj):
+        rs = taps if up or down else 0
+        self.norm(f"{name}.norm0", cin)
+        self.conv(f"{name}.conv0", cin, cout, 3, rs)
+        self.linear(f"{name}.affine", emb, cout * (2 if adaptive else 1))
+        self.norm(f"{name}.norm1", cout)
+        self.conv(f"{name}.conv1", cout, cout, 3)
+        if cout != cin or up or down:
+            self.conv(f"{name}.skip", cin, cout, 1 if resample_proj or cout != cin else 0, rs)
+        if heads:
+            self.norm(f"{name}.norm2", cout)
+            self.conv(f"{name}.qkv", cout, 3 * cout, 1)
+            self.conv(f"{name}.proj", cout, cout, 1)
+
+
+def song_unet_keys(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels, channel_mult,
+                   channel_mult_emb, num_blocks, attn_resolutions, embedding_type, channel_mult_noise,
+                   encoder_type, decoder_type, resample_filter, **_):
+    r, taps = RefKeys(), len(resample_filter)
+    emb, noise = model_channels * channel_mult_emb, model_channels * channel_mult_noise
+    block = dict(emb=emb, taps=taps, adaptive=False, resample_proj=True)
+    if embedding_type == "fourier":
+        r.keys["map_noise.freqs"] = (noise // 2,)
+    if label_dim:
+        r.linear("map_label", label_dim, noise)
+    if augment_dim:
+        r.linear("map_augment", augment_dim, noise, bias=False)
+    r.linear("map_layer0", noise, emb)
+    r.linear("map_layer1", emb, emb)
+    cout = caux = in_channels
+    skips = []
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            r.conv(f"enc.{res}x{res}_conv", cout, model_channels, 3)
+            cout = model_channels
+        else:
+            r.block(f"enc.{res}x{res}_down", cout, cout, down=True, **block)
+            if encoder_type == "skip":
+                r.conv(f"enc.{res}x{res}_aux_down", caux, caux, 0, taps)
+                r.conv(f"enc.{res}x{res}_aux_skip", caux, cout, 1)
+            if encoder_type == "residual":
+                r.conv(f"enc.{res}x{res}_aux_residual", caux, cout, 3, taps)
+                caux = cout
+        skips.append(cout)
+        for i in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            r.block(f"enc.{res}x{res}_block{i}", cin, cout, heads=int(res in attn_resolutions), **block)
+            skips.append(cout)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            r.block(f"dec.{res}x{res}_in0", cout, cout, heads=1, **block)
+            r.block(f"dec.{res}x{res}_in1", cout, cout, **block)
+        else:
+            r.block(f"dec.{res}x{res}_up", cout, cout, up=True, **block)
+        for i in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            heads = int(i == num_blocks and res in attn_resolutions)
+            r.block(f"dec.{res}x{res}_block{i}", cin, cout, heads=heads, **block)
+        if decoder_type == "skip" or level == 0:
+            if decoder_type == "skip" and level < len(channel_mult) - 1:
+                r.conv(f"dec.{res}x{res}_aux_up", out_channels, out_channels, 0, taps)
+            r.norm(f"dec.{res}x{res}_aux_norm", cout)
+            r.conv(f"dec.{res}x{res}_aux_conv", cout, out_channels, 3)
+    return r.keys
+
+
+def dhariwal_unet_keys(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels, channel_mult,
+                       channel_mult_emb, num_blocks, attn_resolutions, **_):
+    r, emb = RefKeys(), model_channels * channel_mult_emb
+    block = dict(emb=emb, taps=2, adaptive=True, resample_proj=False)
+    if augment_dim:
+        r.linear("map_augment", augment_dim, model_channels, bias=False)
+    r.linear("map_layer0", model_channels, emb)
+    r.linear("map_layer1", emb, emb)
+    if label_dim:
+        r.linear("map_label", label_dim, emb, bias=False)
+    cout = in_channels
+    skips = []
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            r.conv(f"enc.{res}x{res}_conv", cout, model_channels * mult, 3)
+            cout = model_channels * mult
+        else:
+            r.block(f"enc.{res}x{res}_down", cout, cout, down=True, **block)
+        skips.append(cout)
+        for i in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            r.block(f"enc.{res}x{res}_block{i}", cin, cout, heads=(cout // 64) * (res in attn_resolutions), **block)
+            skips.append(cout)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            r.block(f"dec.{res}x{res}_in0", cout, cout, heads=cout // 64, **block)
+            r.block(f"dec.{res}x{res}_in1", cout, cout, **block)
+        else:
+            r.block(f"dec.{res}x{res}_up", cout, cout, up=True, **block)
+        for i in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            r.block(f"dec.{res}x{res}_block{i}", cin, cout, heads=(cout // 64) * (res in attn_resolutions), **block)
+    r.norm("out_norm", cout)
+    r.conv("out_conv", cout, out_channels, 3)
+    return r.keys
+
+
+@pytest.mark.parametrize("label_dim", [0, 10])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_reference_parameter_names_map_to_ours(arch, label_dim):
+    kw = ARCHS[arch] | dict(label_dim=label_dim)
+    rules = song_unet_keys if MODEL_CLASS[arch] == "SongUNet" else dhariwal_unet_keys
+    reference = {f"model.{k}": torch.empty(shape) for k, shape in rules(**kw).items()}
+    ours = {k: tuple(v.shape) for k, v in our_denoiser(arch, label_dim, "edm").state_dict().items()}
+    converted = {k: tuple(v.shape) for k, v in convert_state_dict(reference).items()}
+    assert converted == ours
+    if MODEL_CLASS[arch] == "DhariwalUNet":  # the rules exercise attention and label paths
+        assert any(k.endswith(".qkv.weight") for k in reference)
+    assert any("map_label" in k for k in reference) == bool(label_dim)
+
+
+def test_convert_state_dict_rejects_foreign_entries():
+    with pytest.raises(NVlabsError, match="'u'"):
+        convert_state_dict({"u": torch.zeros(3), "model.x": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------------------
+# Against the real reference code (run with --nvlabs-repo PATH; skipped otherwise).
+
+
+@pytest.fixture
+def nvlabs_reference(request, monkeypatch):
+    repo = request.config.getoption("--nvlabs-repo", default=None)
+    if not repo:
+        pytest.skip("needs --nvlabs-repo PATH (an NVlabs/edm checkout)")
+    monkeypatch.syspath_prepend(str(repo))
+    networks_mod = pytest.importorskip("training.networks")
+    loss_mod = pytest.importorskip("training.loss")
+    augment_mod = pytest.importorskip("training.augment")
+    return networks_mod, loss_mod, augment_mod
+
+
+def reference_snapshot(reference, arch: str, label_dim: int, kind: str, tmp_path: Path):
+    """A real reference network with random weights, pickled as training_loop.py does."""
+    ref_networks, ref_loss, ref_augment = reference
+    kw = ARCHS[arch]
+    model_kwargs = {k: v for k, v in kw.items() if k not in ("img_resolution", "in_channels", "out_channels")}
+    torch.manual_seed(0)
+    net = getattr(ref_networks, PRECOND_CLASS[kind])(
+        img_resolution=kw["img_resolution"], img_channels=kw["in_channels"], label_dim=label_dim, use_fp16=False,
+        model_type=MODEL_CLASS[arch], **PRECOND_KW[kind], **model_kwargs,
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    loss_fn = {"edm": ref_loss.EDMLoss, "vp": ref_loss.VPLoss, "ve": ref_loss.VELoss}[kind]()
+    augment_pipe = ref_augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1) if kw["augment_dim"] else None
+    data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=loss_fn, augment_pipe=augment_pipe,
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module):
+            data[key] = copy.deepcopy(value).eval().requires_grad_(False).cpu()
+    path = tmp_path / "network-snapshot-000000.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return data["ema"], path
+
+
+REFERENCE_CASES = [(a, l, k) for a in ARCHS for l in (0, 10) for k in ("edm", "vp", "ve")]
+
+
+@pytest.mark.parametrize("arch,label_dim,kind", REFERENCE_CASES)
+def test_matches_real_reference(nvlabs_reference, tmp_path, arch, label_dim, kind):
+    ref, path = reference_snapshot(nvlabs_reference, arch, label_dim, kind, tmp_path)
+    ours = load_nvlabs(path)
+    inp = inputs(arch, label_dim, kind)
+    for labels in (inp["labels"], None):
+        expected = run(ref, inp["x"], inp["sigma"], labels, inp["augment"])
+        assert rel_err(run(ours, inp["x"], inp["sigma"], labels, inp["augment"]), expected) < 1e-5
