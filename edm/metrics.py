@@ -12,17 +12,19 @@ Nothing is downloaded: the weights are a local file (see `load_inception`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "frechet_distance",
@@ -39,6 +41,11 @@ __all__ = [
     "load_statistics",
     "reference_statistics",
     "statistics_cache_path",
+    "extract_features",
+    "is_statistics_file",
+    "evaluate_images",
+    "dataset_batches",
+    "dataset_reference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,3 +412,111 @@ def reference_statistics(
         save_statistics(path, mu, sigma, n)
         logger.info("cached reference statistics of %d images at %s", n, path)
     return mu, sigma
+
+
+# ----------------------------------------------------------------------------- one call for a report
+
+
+def extract_features(extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu") -> Tensor:
+    """All features [N, d] (float64, CPU) of the image batches."""
+    with torch.no_grad():
+        return torch.cat([extractor(images.to(device)).to(torch.float64).cpu().flatten(1) for images in batches])
+
+
+def is_statistics_file(path: str | Path) -> bool:
+    """True for an .npz holding 'mu' and 'sigma' (precomputed reference statistics)."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path) as data:
+        return "mu" in data and "sigma" in data
+
+
+def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> Iterator[Tensor]:
+    """Batches [B, C, H, W] in [−1, 1] of a data set whose items are (uint8 image [C, H, W], ...), as edm.data's."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield images.to(torch.float32) / 127.5 - 1
+
+
+def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
+    """(batches, cache key) of the edm.data set of `config` (an edm.config.DatasetConfig), without x-flips."""
+    from .data import build_dataset
+
+    config = dataclasses.replace(config, xflip=False, cond=False)
+    dataset = build_dataset(config)
+    where = f"-{Path(config.root).name}" if config.name == "folder" and config.root else ""
+    key = f"{config.name}{where}-{dataset.resolution}px-{len(dataset)}"
+    return (lambda: dataset_batches(dataset, batch_size, config.num_workers)), key
+
+
+def evaluate_images(
+    images: str | Path,
+    extractor: Extractor,
+    *,
+    extractor_key: str,
+    ref: str | Path | None = None,
+    ref_batches: Callable[[], Iterable[Tensor]] | None = None,
+    ref_key: str | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    with_precision_recall: bool = False,
+    k: int = 3,
+    max_images: int | None = None,
+) -> dict[str, float | int | str]:
+    """FID (and optionally precision/recall) of the images at `images` (folder / .npz) against a reference.
+
+    The reference is `ref` — a statistics .npz (mu, sigma; NVlabs fid-refs or pytorch-fid
+    --save-stats) or image data (folder / .npz) — or `ref_batches()` (e.g. `dataset_batches` of an
+    edm.data set) named `ref_key`. Statistics of image data are cached in cache_dir keyed by
+    (ref, extractor). Precision/recall needs image data, not statistics.
+    """
+    if (ref is None) == (ref_batches is None):
+        raise ValueError("give exactly one reference: ref (a statistics .npz, an image folder or .npz) or ref_batches")
+    if ref is not None:
+        ref_key = str(Path(ref).resolve())
+        ref_batches = lambda: image_batches(ref, batch_size)  # noqa: E731
+    ref_is_stats = ref is not None and is_statistics_file(ref)
+    if with_precision_recall and ref_is_stats:
+        raise ValueError(f"precision/recall needs reference images, but {ref} holds only statistics (mu, sigma)")
+    fake = extract_features(extractor, image_batches(images, batch_size, max_images), device=device)
+    mu, sigma = _mean_cov(fake)
+    real = None
+    if ref_is_stats:
+        mu_ref, sigma_ref = load_statistics(ref)  # type: ignore[arg-type]
+    elif with_precision_recall:
+        real = extract_features(extractor, _take(ref_batches(), max_images), device=device)
+        mu_ref, sigma_ref = _mean_cov(real)
+    else:
+        mu_ref, sigma_ref = reference_statistics(
+            ref_batches, extractor, cache_dir=cache_dir, dataset_key=str(ref_key), extractor_key=extractor_key,
+            device=device, max_images=max_images,
+        )
+    result: dict[str, float | int | str] = {
+        "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "num_images": int(fake.shape[0]),
+        "ref": str(ref if ref is not None else ref_key), "feature_extractor": extractor_key,
+    }
+    if real is not None:
+        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
+        result["k"] = k
+    return result
+
+
+def _mean_cov(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    stats = FeatureStats()
+    stats.update(features)
+    return stats.mean_cov()
+
+
+def _take(batches: Iterable[Tensor], max_images: int | None) -> Iterator[Tensor]:
+    """The batches, cut after max_images images."""
+    seen = 0
+    for batch in batches:
+        if max_images is not None:
+            batch = batch[: max_images - seen]
+        if batch.shape[0] == 0:
+            return
+        seen += batch.shape[0]
+        yield batch

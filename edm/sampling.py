@@ -13,11 +13,11 @@ part files (one per batch, parts/) and merged by `finalize` once every image exi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -45,6 +45,7 @@ __all__ = [
     "PngWriter",
     "PartWriter",
     "make_writer",
+    "write_json",
     "FORMATS",
     "generate",
     "finalize",
@@ -272,15 +273,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str) -> None:
     """Write through a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -343,6 +344,12 @@ def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool =
     if fmt in ("npz", "grid"):
         return PartWriter(out_dir, rank)
     raise ValueError(f"unknown output format {fmt!r}; valid formats are {list(FORMATS)}")
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=False).encode()
+    _atomic_write(Path(path), lambda f: f.write(text), ".json")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -446,19 +453,24 @@ def load_model(
     device: torch.device | str = "cpu",
     image_shape: Sequence[int] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """The denoiser (eval mode, on `device`) and its ModelInfo from an edm checkpoint (.pt, ...) or an NVlabs .pkl.
+    """The denoiser (eval mode, on `device`) and its ModelInfo from an edm checkpoint (a .pt file, or a
+    run folder: its latest checkpoint) or an NVlabs .pkl (through edm.nvlabs.load_nvlabs).
 
     The schedule is the checkpoint's state["schedule"]; an NVlabs model gets the schedule of its
     precond kind for vp/ve and the EDM schedule otherwise. `image_shape` (C, H, W) overrides the
     shape read from the model.
     """
     path = Path(path)
+    if path.is_dir():
+        from .checkpoint import find_latest
+
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {str(path)!r} has no checkpoint-*.pt: pass checkpoint=RUN_DIR/<file>.pt")
+        path = latest
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass checkpoint=RUN_DIR/<file>.pt (or an NVlabs .pkl)")
-    if path.suffix == ".pkl":
-        denoiser, info = _load_nvlabs(path)
-    else:
-        denoiser, info = _load_edm(path, ema)
+    denoiser, info = _load_nvlabs(path) if path.suffix == ".pkl" else _load_edm(path, ema)
     if image_shape is not None:
         info = replace(info, img_shape=_check_shape(image_shape))
     elif info.img_shape is None:
@@ -473,16 +485,19 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _load_edm(path: Path, ema: bool) -> tuple[nn.Module, ModelInfo]:
-    """An edm checkpoint through edm.checkpoint.load_denoiser (the contract of the training engineer)."""
-    from . import checkpoint  # imported only when needed
+    """An edm checkpoint through edm.checkpoint.load_denoiser; shape and labels from its network spec."""
+    from .checkpoint import load_denoiser
 
-    denoiser, state = checkpoint.load_denoiser(str(path), ema=ema, map_location="cpu")
+    denoiser, state = load_denoiser(path, ema=ema, map_location="cpu")
     spec = state["denoiser"]["network"]
-    shape = (int(spec["in_channels"]), int(spec["img_resolution"]), int(spec["img_resolution"]))
-    sched_spec = dict(state.get("schedule") or {"name": denoiser.kind})
+    channels, resolution = spec.get("in_channels"), spec.get("img_resolution")
+    shape = (int(channels), int(resolution), int(resolution)) if channels and resolution else _attr_shape(denoiser)
+    sched_spec = {k: v for k, v in (state.get("schedule") or {"name": denoiser.kind}).items() if v is not None}
     schedule = get_schedule(sched_spec.pop("name"), **sched_spec)
+    label_dim = spec.get("label_dim")
     info = ModelInfo(
-        img_shape=shape, label_dim=int(spec.get("label_dim") or 0), label_dropout=float(spec.get("label_dropout") or 0.0),
+        img_shape=shape, label_dim=int(label_dim if label_dim is not None else _find_attr(denoiser, "label_dim", 0)),
+        label_dropout=float(spec.get("label_dropout") or _find_attr(denoiser, "label_dropout", 0.0)),
         schedule=schedule, source=str(path),
     )
     return denoiser, info
@@ -516,9 +531,11 @@ def _find_attr(module: nn.Module, name: str, default: Any) -> Any:
 
 
 def _attr_shape(module: nn.Module) -> tuple[int, int, int] | None:
-    """(C, H, W) from img_channels/in_channels and img_resolution attributes, None if they are missing."""
+    """(C, H, W) from img_resolution and img_channels/in_channels (else the first layer with in_channels)."""
     resolution = _find_attr(module, "img_resolution", None)
     channels = _find_attr(module, "img_channels", None) or _find_attr(module, "in_channels", None)
+    if channels is None:
+        channels = next((m.in_channels for m in module.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
     if resolution is None or channels is None:
         return None
     return int(channels), int(resolution), int(resolution)

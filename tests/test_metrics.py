@@ -1,6 +1,10 @@
 """Fréchet distance, feature statistics, precision/recall and the FID Inception-v3 architecture."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from edm.metrics import (
 )
 
 F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -311,3 +316,67 @@ def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path):
     assert metrics.statistics_cache_path(tmp_path, "toy/set", "tiny").is_file()
     reference_statistics(batches, ext, cache_dir=tmp_path, dataset_key="toy/set", extractor_key="other")
     assert len(calls) == 2  # another extractor is another entry
+
+
+# ----------------------------------------------------------------------------- evaluate_images and scripts/evaluate.py
+
+
+def save_npz_images(path, images):
+    """[-1, 1] images [N, C, H, W] -> uint8 NHWC .npz (the layout sample.py writes)."""
+    k = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(path, images=k)
+    return torch.from_numpy(k).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_evaluate_images_gives_one_fid_for_every_kind_of_reference(tmp_path):
+    ext = TinyExtractor()
+    fake = save_npz_images(tmp_path / "fake.npz", random_images(40, 0) + 0.2)
+    real = save_npz_images(tmp_path / "real.npz", random_images(50, 1))
+    mu, sigma, n = feature_statistics(ext, real.split(16))
+    metrics.save_statistics(tmp_path / "stats.npz", mu, sigma, n)
+    expected = fid_between(fake, real, ext)
+    kw = dict(extractor_key="tiny", cache_dir=tmp_path / "cache", batch_size=16)
+    from_stats = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "stats.npz", **kw)
+    from_images = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "real.npz", **kw)
+    from_batches = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref_batches=lambda: real.split(7), ref_key="real", **kw)
+    for result in (from_stats, from_images, from_batches):
+        assert result["fid"] == pytest.approx(expected, rel=1e-6) and result["num_images"] == 40
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # images and batches were cached, stats need no cache
+    with_pr = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "real.npz", with_precision_recall=True, **kw)
+    p, r = precision_recall(ext(real).double(), ext(fake).double())
+    assert (with_pr["precision"], with_pr["recall"]) == pytest.approx((p, r))
+    with pytest.raises(ValueError, match="needs reference images"):
+        metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "stats.npz", with_precision_recall=True, **kw)
+
+
+def test_dataset_batches_map_uint8_items_to_the_model_range():
+    images = torch.tensor([0, 255, 128], dtype=torch.uint8).reshape(3, 1, 1, 1)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(3))
+    (batch,) = list(metrics.dataset_batches(dataset, batch_size=4))
+    torch.testing.assert_close(batch.reshape(-1), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+
+
+def evaluate_script(*args):
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_evaluate_script_without_inception_weights_says_what_to_get(tmp_path):
+    save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
+    proc = evaluate_script("fid", "--images", tmp_path / "fake.npz", "--ref", tmp_path / "fake.npz", "--inception", tmp_path / "none.pth")
+    assert proc.returncode != 0
+    assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "curl" in proc.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception_weights):
+    path, _ = inception_weights
+    save_npz_images(tmp_path / "fake.npz", random_images(3, 0))
+    save_npz_images(tmp_path / "real.npz", random_images(3, 1))
+    proc = evaluate_script("ref", "--data", tmp_path / "real.npz", "--inception", path, "--dest", tmp_path / "ref.npz")
+    assert proc.returncode == 0, proc.stderr
+    proc = evaluate_script("fid", "--images", tmp_path / "fake.npz", "--ref", tmp_path / "ref.npz", "--inception", path,
+                           "--report", tmp_path / "report.json")
+    assert proc.returncode == 0, proc.stderr
+    fid = json.loads((tmp_path / "report.json").read_text())["metrics"]["fid"]
+    assert fid > 0 and json.loads(proc.stdout)["fid"] == fid

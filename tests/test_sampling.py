@@ -214,3 +214,128 @@ def test_sampler_settings_reject_unknown_solvers():
         SamplerSettings("rk45")
     with pytest.raises(ValueError, match="num_steps"):
         SamplerSettings("heun", 0)
+
+
+# ----------------------------------------------------------------------------- scripts/sample.py end to end
+
+
+def tiny_checkpoint(path, label_dim=0):
+    """A tiny untrained 1×8×8 model saved through edm.checkpoint (the training checkpoint format)."""
+    from edm import checkpoint
+
+    spec = {
+        "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": label_dim,
+                    "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "label_dropout": 0.1},
+        "precond": {"kind": "edm", "sigma_data": 0.5},
+    }
+    torch.manual_seed(0)
+    weights = checkpoint.build_denoiser(spec).state_dict()
+    state = {"denoiser": spec, "schedule": {"name": "edm", "sigma_min": 0.002, "sigma_max": 80.0},
+             "ema": weights, "model": weights, "config": {}, "step": 10}
+    checkpoint.save_checkpoint(path, state)
+    return path
+
+
+def sample_script(*overrides, check=True):
+    """Run scripts/sample.py in a fresh interpreter; returns the CompletedProcess."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), "progress=false", *map(str, overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sample.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    tiny_checkpoint(folder / "checkpoint-00000010.pt")
+    return folder
+
+
+def test_sample_script_help():
+    proc = sample_script("--help")
+    assert "sampler=NAME" in proc.stdout and "checkpoint: ???" in proc.stdout
+
+
+def test_sample_script_writes_pngs_and_a_report_then_resumes(run_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    sample_script(f"checkpoint={ckpt}", "num_images=3", "sampler=heun", "steps=3", f"out={out}", "batch=2")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["000000.png", "000001.png", "000002.png"]
+    assert np.asarray(Image.open(out / "000001.png")).shape == (8, 8)
+    report = json.loads((out / "report.json").read_text())
+    assert report["solver"] == "heun" and report["num_steps"] == 3 and report["discretization"] == "karras"
+    assert report["schedule"] == {"name": "edm", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
+    assert report["seeds"] == "0-2" and report["checkpoint"] == str(ckpt.resolve()) and report["guidance"] == 1.0
+    assert len(report["t_steps"]) == 4 and report["t_steps"][-1] == 0.0 and report["edm_version"] == edm.__version__
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    proc = sample_script(f"checkpoint={run_dir}", "num_images=5", "sampler=heun", "steps=3", f"out={out}")  # the run folder
+    assert "process 0 generated 2 image(s)" in proc.stdout + proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # existing images were not rewritten
+    assert len(list(out.glob("*.png"))) == 5
+
+
+def test_sample_script_npz_matches_the_library_and_any_batch_size(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    out = tmp_path / "npz"
+    sample_script(f"checkpoint={ckpt}", "seeds=4-7", "sampler=stochastic", "churn=20", "steps=3", f"out={out}",
+                  "format=npz", "batch=3")
+    with np.load(out / "samples.npz") as data:
+        images, seeds = data["images"], data["seeds"]
+    assert images.shape == (4, 8, 8, 1) and seeds.tolist() == [4, 5, 6, 7]
+    assert (out / "parts").is_dir()
+    denoiser, info = sampling.load_model(ckpt)
+    settings = SamplerSettings("stochastic", 3, options={"churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003})
+    with torch.no_grad():
+        expected = to_uint8(generate_batch(denoiser, plan_images([4, 5, 6, 7], None, 0), info.schedule, settings, info.img_shape)[0])
+    # Same noise per seed: equal up to a rare one-level float32 rounding of batched kernels.
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"] == {"churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+
+
+def test_sample_script_grid_with_labels_and_guidance(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
+    out = tmp_path / "grid"
+    sample_script(f"checkpoint={ckpt}", "num_images=5", "sampler=euler", "steps=2", f"out={out}", "format=grid",
+                  "labels=[2,0]", "guidance=1.5", "grid_cols=3", "schedule=vp")
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "grid.png")).shape == (16, 24)
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"] == [2, 0] and report["guidance"] == 1.5 and report["label_dim"] == 3
+    assert report["schedule"]["name"] == "vp" and report["discretization"] == "uniform"
+    parts = [np.load(p) for p in sorted((out / "parts").glob("*.npz"))]
+    labels = dict(zip(np.concatenate([p["seeds"] for p in parts]).tolist(), np.concatenate([p["labels"] for p in parts]).tolist()))
+    assert labels == {0: 2, 1: 0, 2: 2, 3: 0, 4: 2}
+
+
+def test_sample_script_errors_are_clear(tmp_path):
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "missing.pt" in proc.stderr and "does not exist" in proc.stderr
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "sampler=rk45", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "unknown solver 'rk45'" in proc.stderr and "heun" in proc.stderr
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    proc = sample_script(f"checkpoint={tmp_path / 'bad.pt'}", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "bad.pt" in proc.stderr and "corrupt" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sample_script_across_two_processes(run_dir, tmp_path):
+    """accelerate launch with 2 CPU processes: each writes its own parts; the merge equals a 1-process run."""
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    args = [f"checkpoint={ckpt}", "seeds=0-4", "sampler=euler_maruyama", "steps=3", "format=npz", "batch=2", "progress=false"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "sample.py")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([*launch, *args, f"out={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    sample_script(*args, f"out={tmp_path / 'one'}")
+    assert {p.name.split("-r")[-1] for p in (tmp_path / "two" / "parts").glob("*.npz")} == {"0.npz", "1.npz"}
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["world_size"] == 2
+    with np.load(tmp_path / "two" / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
+        assert a["seeds"].tolist() == b["seeds"].tolist() == [0, 1, 2, 3, 4]
+        assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1

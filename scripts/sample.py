@@ -1,0 +1,289 @@
+"""Generate images from a trained checkpoint (and optionally score them): a thin Hydra entry point.
+
+    python scripts/sample.py checkpoint=RUN_DIR/ckpt.pt num_images=50000 sampler=heun steps=18 out=DIR
+    accelerate launch scripts/sample.py checkpoint=... seeds=0-49999 format=npz out=DIR
+
+`sampler=<name>` picks configs/sampler/<name>.yaml when it exists, else the solver <name> of
+edm.samplers.SOLVERS; `steps`, `discretization`, `solver_options` override it. Every process
+takes images r, r + W, ... of the run; image j always comes from seed j's own generator.
+Configuration: configs/sample.yaml (schema SampleConfig below). `--help` lists the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import edm
+from edm import metrics, sampling
+from edm.samplers import SOLVERS
+from edm.schedules import SCHEDULES, Schedule
+
+log = logging.getLogger("sample")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REPORT_NAME = "report.json"
+FLAT_SOLVER_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise")  # top-level keys passed to solvers that take them
+
+
+@dataclass
+class EvalConfig:
+    """Scores of the generated images (computed by process 0 once all images exist)."""
+
+    fid: bool = False
+    inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth, or NVlabs inception-2015-12-05.pkl/.pt
+    ref: Optional[str] = None  # statistics .npz (mu, sigma) or reference images (folder / .npz); else dataset=NAME
+    cache_dir: Optional[str] = None  # where reference statistics of image data are cached
+    precision_recall: bool = False  # needs reference images
+    k: int = 3
+    batch: int = 64
+    max_images: Optional[int] = None
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = MISSING  # RUN_DIR/<file>.pt (edm checkpoint) or an NVlabs *.pkl
+    ema: bool = True  # EMA weights (edm checkpoints)
+    out: str = "samples"
+    format: str = "png"  # png | npz | grid
+    num_images: int = 64  # seeds 0 .. num_images - 1 when `seeds` is unset
+    seeds: Any = None  # "0-49999", "1,5,10-19" or a list; overrides num_images
+    batch: int = 64  # images per forward pass (per process)
+    steps: Optional[int] = None  # number of steps; null = the sampler config's (default 18)
+    discretization: Optional[str] = None  # null = the sampler config's, else the schedule's own
+    churn: Optional[float] = None  # stochastic: S_churn (EDM Algorithm 2); null = the solver's default
+    s_tmin: Optional[float] = None  # stochastic: S_tmin
+    s_tmax: Optional[float] = None  # stochastic: S_tmax
+    s_noise: Optional[float] = None  # stochastic: S_noise
+    solver_options: Dict[str, Any] = field(default_factory=dict)  # other solver keywords: +solver_options.NAME=VALUE
+    final_denoise: Optional[bool] = None
+    schedule_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {sigma_min: 0.002}
+    labels: Any = None  # null = random classes (conditional model); an int; or a list, image j gets labels[j % len]
+    guidance: float = 1.0  # classifier-free guidance weight w: D_uncond + w (D_cond - D_uncond)
+    dtype: str = "float32"  # float32 | float64 (sampler state and network input)
+    cpu: bool = False  # force CPU even when a GPU is present
+    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
+    subdirs: bool = False  # png: one folder per 1000 seeds
+    grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
+    image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
+    progress: bool = True
+    sampler: Any = None  # filled by the `sampler` group (configs/sampler/<name>.yaml), if that file exists
+    schedule: Any = None  # filled by the `schedule` group (configs/schedule/<name>.yaml), if that file exists
+    dataset: Any = None  # the `dataset` group (configs/dataset/<name>.yaml): FID reference data when eval.ref is unset
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+# ----------------------------------------------------------------------------- config -> library arguments
+
+
+def _group(cfg: DictConfig, name: str) -> tuple[Optional[str], dict]:
+    """(choice, contents) of an optional config group: the name given on the command line and the file's keys."""
+    choice = HydraConfig.get().runtime.choices.get(name)
+    node = cfg.get(name)
+    contents = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    if not isinstance(contents, dict):
+        contents = {"name": contents}
+    return (None if choice in (None, "null") else str(choice)), contents
+
+
+def sampler_settings(cfg: DictConfig) -> sampling.SamplerSettings:
+    """Solver and options: the sampler group's file (if any) under the top-level overrides."""
+    choice, group = _group(cfg, "sampler")
+    solver = group.get("solver") or group.get("name") or choice or "heun"
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} (sampler={choice}); valid solvers are {sorted(SOLVERS)}")
+    allowed = {p.name for p in inspect.signature(SOLVERS[solver]).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    allowed -= {"class_labels", "generator", "callback"}
+    options = {k: v for k, v in group.items() if k in allowed}
+    options.update(group.get("options") or {})
+    options.update(cfg.solver_options)
+    options.update({k: cfg[k] for k in FLAT_SOLVER_OPTIONS if cfg[k] is not None})
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"solver {solver!r} does not take option(s) {unknown}; its options are {sorted(allowed)}")
+    steps = cfg.steps if cfg.steps is not None else group.get("num_steps", group.get("steps", 18))
+    discretization = cfg.discretization if cfg.discretization is not None else group.get("discretization")
+    final = cfg.final_denoise if cfg.final_denoise is not None else bool(group.get("final_denoise", False))
+    return sampling.SamplerSettings(solver, int(steps), discretization, final, options)
+
+
+def resolve_schedule(cfg: DictConfig, default: Optional[Schedule]) -> Schedule:
+    """The checkpoint's schedule unless `schedule=<name>` is given; schedule_options override its fields."""
+    choice, group = _group(cfg, "schedule")
+    name = group.get("name") or choice
+    if name is None:
+        if default is None:
+            raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
+        name, kwargs = default.name, dataclasses.asdict(default)
+    else:
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {name!r}; valid schedules are {sorted(SCHEDULES)}")
+        fields = {f.name for f in dataclasses.fields(SCHEDULES[name])}
+        kwargs = {k: v for k, v in group.items() if k in fields and v is not None}
+    kwargs.update(cfg.schedule_options)
+    return edm.schedules.get(name, **kwargs)
+
+
+def image_seeds(cfg: DictConfig) -> list[int]:
+    if cfg.seeds is None:
+        if cfg.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {cfg.num_images}")
+        return list(range(cfg.num_images))
+    seeds = cfg.seeds
+    return sampling.parse_seeds(list(seeds) if OmegaConf.is_list(seeds) else seeds)
+
+
+def class_labels(cfg: DictConfig) -> int | list[int] | None:
+    labels = cfg.labels
+    if labels is None or isinstance(labels, int):
+        return labels
+    if OmegaConf.is_list(labels):
+        return [int(v) for v in labels]
+    return [int(v) for v in str(labels).split(",")]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def report(cfg, settings, schedule, info, seeds, output, world_size, seconds) -> dict:
+    """Exact settings of the run, enough to regenerate every image."""
+    t_steps = schedule.time_steps(settings.num_steps, settings.discretization)
+    return {
+        "edm_version": edm.__version__,
+        "torch_version": torch.__version__,
+        "checkpoint": str(Path(cfg.checkpoint).resolve()),
+        "ema": cfg.ema,
+        "solver": settings.solver,
+        "num_steps": settings.num_steps,
+        "discretization": settings.discretization or schedule.default_discretization,
+        "final_denoise": settings.final_denoise,
+        "options": settings.options,
+        "t_steps": t_steps.tolist(),
+        "schedule": {"name": schedule.name, **dataclasses.asdict(schedule)},
+        "seeds": sampling.format_seeds(seeds),
+        "num_images": len(seeds),
+        "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels,
+        "label_dim": info.label_dim,
+        "guidance": cfg.guidance,
+        "image_shape": list(info.img_shape),
+        "dtype": cfg.dtype,
+        "batch": cfg.batch,
+        "world_size": world_size,
+        "format": cfg.format,
+        "output": str(output),
+        "seconds": round(seconds, 3),
+    }
+
+
+def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
+    """FID (and precision/recall) of the generated images against eval.ref or the `dataset` group's data."""
+    e = cfg.eval
+    if cfg.format == "grid":
+        raise ValueError("eval needs the images: use format=png or format=npz")
+    extractor = metrics.load_inception(e.inception, device)
+    common = dict(
+        extractor_key=Path(e.inception).stem, cache_dir=e.cache_dir or Path(cfg.out) / "fid-refs", batch_size=e.batch,
+        device=device, with_precision_recall=e.precision_recall, k=e.k, max_images=e.max_images,
+    )
+    if e.ref is not None:
+        return metrics.evaluate_images(output, extractor, ref=e.ref, **common)
+    batches, key = metrics.dataset_reference(dataset_config(cfg), e.batch)
+    return metrics.evaluate_images(output, extractor, ref_batches=batches, ref_key=key, **common)
+
+
+def dataset_config(cfg: DictConfig):
+    """The `dataset` group (configs/dataset/<name>.yaml, as in training) as an edm.config.DatasetConfig."""
+    from edm.config import DatasetConfig
+
+    choice, group = _group(cfg, "dataset")
+    if not group:
+        raise ValueError("eval.fid=true needs a reference: eval.ref=STATS.npz|IMAGES or dataset=NAME [dataset.root=PATH]")
+    fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+    return DatasetConfig(**{k: v for k, v in group.items() if k in fields})
+
+
+def _has_accelerator() -> bool:
+    """A CUDA or MPS device: without one, processes use accelerate's CPU (gloo) backend."""
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def run(cfg: DictConfig) -> None:
+    from accelerate import PartialState
+
+    settings = sampler_settings(cfg)
+    if cfg.format not in sampling.FORMATS:
+        raise ValueError(f"unknown format {cfg.format!r}; valid formats are {list(sampling.FORMATS)}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid dtypes are {sorted(DTYPES)}")
+    if cfg.eval.fid:  # fail before sampling, not after
+        if cfg.eval.inception is None or not Path(cfg.eval.inception).is_file():
+            raise FileNotFoundError(f"eval.inception={cfg.eval.inception} is not a file.\n{metrics.INCEPTION_HELP}")
+        if cfg.eval.ref is None:
+            dataset_config(cfg)
+    state = PartialState(cpu=cfg.cpu or not _has_accelerator())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    denoiser, info = sampling.load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
+    schedule = resolve_schedule(cfg, info.schedule)
+    if cfg.guidance != 1.0:
+        if info.label_dim == 0:
+            raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")
+        if info.label_dropout == 0.0:
+            log.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is untrained", cfg.guidance)
+        denoiser = sampling.GuidedDenoiser(denoiser, cfg.guidance)
+    seeds = image_seeds(cfg)
+    plan = sampling.plan_images(seeds, class_labels(cfg), info.label_dim)
+    out = Path(cfg.out)
+    writer = sampling.make_writer(cfg.format, out, rank=state.process_index, subdirs=cfg.subdirs)
+    if state.is_main_process:
+        log.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
+                 len(seeds), settings.solver, settings.num_steps, schedule.name, state.num_processes, out)
+    start = time.time()
+    made = sampling.generate(
+        denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, settings, writer,
+        info.img_shape, batch_size=cfg.batch, label_dim=info.label_dim, device=state.device,
+        dtype=DTYPES[cfg.dtype], progress=cfg.progress and state.is_main_process,
+    )
+    log.info("process %d generated %d image(s)", state.process_index, made)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    output = sampling.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols)
+    result = report(cfg, settings, schedule, info, seeds, output, state.num_processes, time.time() - start)
+    if cfg.eval.fid:
+        result["metrics"] = evaluate(cfg, output, state.device)
+    sampling.write_json(out / REPORT_NAME, result)
+    print(f"wrote {len(seeds)} images to {output}; report {out / REPORT_NAME}")
+    if "metrics" in result:
+        print(json.dumps(result["metrics"], indent=2))
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
