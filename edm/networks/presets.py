@@ -1,0 +1,109 @@
+"""Named network presets and the builder the trainer calls: `build(name, **overrides)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any, List, Optional
+
+from torch import nn
+
+from .dhariwal_unet import DhariwalUNet
+from .song_unet import SongUNet
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "ddpmpp", "ncsnpp", "adm")
+
+# Keyword arguments that hold integer lists (converted to tuples so configs can pass any sequence).
+_SEQUENCE_FIELDS = ("channel_mult", "attn_resolutions", "resample_filter")
+
+
+@dataclasses.dataclass
+class NetworkConfig:
+    """Structured config for `build`: a preset name plus optional overrides (None = preset default).
+
+    in_channels defaults to the preset's; out_channels defaults to in_channels. With the
+    tiny preset, attn_resolutions defaults to the lowest resolution of the U-Net.
+    """
+
+    name: str = "tiny"
+    img_resolution: Optional[int] = None
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    label_dim: Optional[int] = None
+    augment_dim: Optional[int] = None
+    model_channels: Optional[int] = None
+    channel_mult: Optional[List[int]] = None
+    channel_mult_emb: Optional[int] = None
+    num_blocks: Optional[int] = None
+    attn_resolutions: Optional[List[int]] = None
+    dropout: Optional[float] = None
+    label_dropout: Optional[float] = None
+    # SongUNet only (DDPM++ / NCSN++ switches).
+    embedding_type: Optional[str] = None
+    channel_mult_noise: Optional[int] = None
+    encoder_type: Optional[str] = None
+    decoder_type: Optional[str] = None
+    resample_filter: Optional[List[int]] = None
+
+
+def _ddpmpp() -> dict[str, Any]:
+    """CIFAR-10 DDPM++ (EDM config F, VP): 32x32x3, 128 channels x (2, 2, 2), 4 blocks, attention at 16."""
+    return dict(
+        img_resolution=32, in_channels=3, label_dim=0, augment_dim=0,
+        model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
+        attn_resolutions=(16,), dropout=0.13, label_dropout=0.0,
+        embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+        decoder_type="standard", resample_filter=(1, 1),
+    )
+
+
+def preset(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The network class and a fresh dict of its keyword arguments for preset `name`."""
+    if name == "ddpmpp":
+        return SongUNet, _ddpmpp()
+    if name == "ncsnpp":
+        kwargs = _ddpmpp() | dict(
+            embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)
+        )
+        return SongUNet, kwargs
+    if name == "tiny":
+        kwargs = _ddpmpp() | dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
+        return SongUNet, kwargs
+    if name == "adm":
+        kwargs = dict(
+            img_resolution=64, in_channels=3, label_dim=1000, augment_dim=0,
+            model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+            attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0,
+        )
+        return DhariwalUNet, kwargs
+    raise ValueError(f"unknown network preset {name!r}; valid names: {', '.join(PRESETS)}")
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(int(v) for v in value)
+    return value
+
+
+def build(name: str, **overrides: Any) -> nn.Module:
+    """Build preset `name` with keyword overrides (None values keep the preset's default).
+
+    Accepts the fields of NetworkConfig; out_channels defaults to in_channels; tiny puts
+    attention at its lowest resolution unless attn_resolutions is given. Overrides the
+    architecture does not know (e.g. encoder_type for adm) raise a ValueError.
+    """
+    overrides = {key: _normalize(value) for key, value in overrides.items() if value is not None}
+    cls, kwargs = preset(name)
+    unknown = sorted(set(overrides) - set(kwargs) - {"out_channels"})
+    if unknown:
+        raise ValueError(f"{cls.__name__} (preset {name!r}) has no option(s) {', '.join(unknown)}")
+    kwargs |= overrides
+    if name == "tiny" and "attn_resolutions" not in overrides:
+        kwargs["attn_resolutions"] = (kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1),)
+    kwargs.setdefault("out_channels", kwargs["in_channels"])
+    net = cls(**kwargs)
+    logger.debug("built %s preset %r: %d parameters", cls.__name__, name, sum(p.numel() for p in net.parameters()))
+    return net
