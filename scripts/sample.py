@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import edm
 from edm import metrics, sampling
+from edm.config import DatasetConfig, SamplerConfig, ScheduleConfig
 from edm.samplers import SOLVERS
 from edm.schedules import SCHEDULES, Schedule
 
@@ -80,9 +81,9 @@ class SampleConfig:
     grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
     progress: bool = True
-    sampler: Any = None  # filled by the `sampler` group (configs/sampler/<name>.yaml), if that file exists
-    schedule: Any = None  # filled by the `schedule` group (configs/schedule/<name>.yaml), if that file exists
-    dataset: Any = None  # the `dataset` group (configs/dataset/<name>.yaml): FID reference data when eval.ref is unset
+    sampler: Optional[SamplerConfig] = None  # the `sampler` group (configs/sampler/<name>.yaml), if that file exists
+    schedule: Optional[ScheduleConfig] = None  # the `schedule` group (configs/schedule/<name>.yaml): replaces the checkpoint's
+    dataset: Optional[DatasetConfig] = None  # the `dataset` group: FID reference data when eval.ref is unset
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -103,21 +104,15 @@ def _group(cfg: DictConfig, name: str) -> tuple[Optional[str], dict]:
 
 
 def sampler_settings(cfg: DictConfig) -> sampling.SamplerSettings:
-    """Solver and options: the sampler group's file (if any) under the top-level overrides."""
+    """Solver and options: the sampler group's file (SamplerConfig), if any, under the top-level keys."""
     choice, group = _group(cfg, "sampler")
-    solver = group.get("solver") or group.get("name") or choice or "heun"
+    solver = group.get("solver") or choice or "heun"
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r} (sampler={choice}); valid solvers are {sorted(SOLVERS)}")
-    allowed = {p.name for p in inspect.signature(SOLVERS[solver]).parameters.values() if p.kind is p.KEYWORD_ONLY}
-    allowed -= {"class_labels", "generator", "callback"}
-    options = {k: v for k, v in group.items() if k in allowed}
-    options.update(group.get("options") or {})
+    options = dict(group.get("options") or {})
     options.update(cfg.solver_options)
     options.update({k: cfg[k] for k in FLAT_SOLVER_OPTIONS if cfg[k] is not None})
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"solver {solver!r} does not take option(s) {unknown}; its options are {sorted(allowed)}")
-    steps = cfg.steps if cfg.steps is not None else group.get("num_steps", group.get("steps", 18))
+    steps = cfg.steps if cfg.steps is not None else group.get("num_steps", 18)
     discretization = cfg.discretization if cfg.discretization is not None else group.get("discretization")
     final = cfg.final_denoise if cfg.final_denoise is not None else bool(group.get("final_denoise", False))
     return sampling.SamplerSettings(solver, int(steps), discretization, final, options)
@@ -126,16 +121,13 @@ def sampler_settings(cfg: DictConfig) -> sampling.SamplerSettings:
 def resolve_schedule(cfg: DictConfig, default: Optional[Schedule]) -> Schedule:
     """The checkpoint's schedule unless `schedule=<name>` is given; schedule_options override its fields."""
     choice, group = _group(cfg, "schedule")
-    name = group.get("name") or choice
+    name = group.pop("name", None) or choice
     if name is None:
         if default is None:
             raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
         name, kwargs = default.name, dataclasses.asdict(default)
     else:
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {name!r}; valid schedules are {sorted(SCHEDULES)}")
-        fields = {f.name for f in dataclasses.fields(SCHEDULES[name])}
-        kwargs = {k: v for k, v in group.items() if k in fields and v is not None}
+        kwargs = {k: v for k, v in group.items() if v is not None}
     kwargs.update(cfg.schedule_options)
     return edm.schedules.get(name, **kwargs)
 
@@ -161,13 +153,16 @@ def class_labels(cfg: DictConfig) -> int | list[int] | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def report(cfg, settings, schedule, info, seeds, output, world_size, seconds) -> dict:
+def report(
+    cfg: DictConfig, settings: sampling.SamplerSettings, schedule: Schedule, info: sampling.ModelInfo,
+    seeds: list[int], output: Path, world_size: int, seconds: float,
+) -> dict:
     """Exact settings of the run, enough to regenerate every image."""
     t_steps = schedule.time_steps(settings.num_steps, settings.discretization)
     return {
         "edm_version": edm.__version__,
         "torch_version": torch.__version__,
-        "checkpoint": str(Path(cfg.checkpoint).resolve()),
+        "checkpoint": str(Path(info.source).resolve()),
         "ema": cfg.ema,
         "solver": settings.solver,
         "num_steps": settings.num_steps,
@@ -194,8 +189,6 @@ def report(cfg, settings, schedule, info, seeds, output, world_size, seconds) ->
 def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
     """FID (and precision/recall) of the generated images against eval.ref or the `dataset` group's data."""
     e = cfg.eval
-    if cfg.format == "grid":
-        raise ValueError("eval needs the images: use format=png or format=npz")
     extractor = metrics.load_inception(e.inception, device)
     common = dict(
         extractor_key=Path(e.inception).stem, cache_dir=e.cache_dir or Path(cfg.out) / "fid-refs", batch_size=e.batch,
@@ -209,8 +202,6 @@ def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
 
 def dataset_config(cfg: DictConfig):
     """The `dataset` group (configs/dataset/<name>.yaml, as in training) as an edm.config.DatasetConfig."""
-    from edm.config import DatasetConfig
-
     choice, group = _group(cfg, "dataset")
     if not group:
         raise ValueError("eval.fid=true needs a reference: eval.ref=STATS.npz|IMAGES or dataset=NAME [dataset.root=PATH]")
@@ -232,6 +223,8 @@ def run(cfg: DictConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid dtypes are {sorted(DTYPES)}")
     if cfg.eval.fid:  # fail before sampling, not after
+        if cfg.format == "grid":
+            raise ValueError("eval.fid needs the images: use format=png or format=npz")
         if cfg.eval.inception is None or not Path(cfg.eval.inception).is_file():
             raise FileNotFoundError(f"eval.inception={cfg.eval.inception} is not a file.\n{metrics.INCEPTION_HELP}")
         if cfg.eval.ref is None:

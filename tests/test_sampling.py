@@ -214,6 +214,31 @@ def test_sampler_settings_reject_unknown_solvers():
         SamplerSettings("rk45")
     with pytest.raises(ValueError, match="num_steps"):
         SamplerSettings("heun", 0)
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['churn'\]"):
+        SamplerSettings("heun", 18, options={"churn": 1.0})
+
+
+def test_nvlabs_pickles_go_through_load_nvlabs_and_get_their_precond_schedule(tmp_path, monkeypatch):
+    from edm import networks, nvlabs
+
+    def fake_load_nvlabs(path):
+        net = networks.build("tiny", img_resolution=8, in_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1, label_dim=3)
+        return edm.Precond(net, kind=kind, beta_d=12.0, beta_min=0.3)
+
+    (tmp_path / "network-snapshot.pkl").write_bytes(b"")
+    expected = {"vp": edm.schedules.VP(beta_d=12.0, beta_min=0.3), "ve": edm.schedules.VE(), "edm": edm.schedules.EDM()}
+    monkeypatch.setattr(nvlabs, "load_nvlabs", fake_load_nvlabs)
+    for kind, schedule in expected.items():
+        denoiser, info = sampling.load_model(tmp_path / "network-snapshot.pkl")
+        assert info.schedule == schedule and info.img_shape == (1, 8, 8) and info.label_dim == 3
+        assert not denoiser.training
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        sampling.load_model(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sampling.load_model(tmp_path)
 
 
 # ----------------------------------------------------------------------------- scripts/sample.py end to end
