@@ -390,7 +390,8 @@ def test_hydra_config_matches_preset(name):
     kwargs = omegaconf.OmegaConf.to_container(cfg)
     with torch.device("meta"):
         from_yaml, preset = networks.build(**kwargs), networks.build(name)
-    assert {k: v.shape for k, v in from_yaml.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
+    shapes = [{k: v.shape for k, v in net.state_dict().items()} for net in (from_yaml, preset)]
+    assert shapes[0] == shapes[1]
     assert hyper_parameters(from_yaml) == hyper_parameters(preset)
 
 

@@ -70,7 +70,9 @@ def preset(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
         )
         return SongUNet, kwargs
     if name == "tiny":
-        kwargs = _ddpmpp() | dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
+        kwargs = _ddpmpp() | dict(
+            model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0
+        )
         return SongUNet, kwargs
     if name == "adm":
         kwargs = dict(
@@ -83,8 +85,9 @@ def preset(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
 
 
 def _normalize(value: Any) -> Any:
+    """Lists (also OmegaConf ListConfig) become tuples; other values pass through."""
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(int(v) for v in value)
+        return tuple(value)
     return value
 
 
