@@ -268,16 +268,22 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def load_inception(path: str | Path | None, device: torch.device | str = "cpu") -> nn.Module:
+def load_inception(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
     """The FID feature extractor from a local weights file: pytorch-fid .pth, NVlabs .pkl or TorchScript .pt.
 
-    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). Loading a .pkl
-    runs pickled code: use only files you trust.
+    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). A .pkl is only
+    unpickled with allow_pickle=True, since unpickling runs code stored in the file.
     """
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
     path = Path(path)
     if path.suffix == ".pkl":
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickle: loading it runs code stored in the file. If you trust it, allow pickles "
+                "(allow_pickle=True; sample.py eval.allow_pickle=true; evaluate.py --allow-pickle), or use "
+                "pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+            )
         try:
             with open(path, "rb") as f:
                 detector = pickle.load(f)

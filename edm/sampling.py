@@ -271,27 +271,29 @@ def to_uint8(images: Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- writers
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str) -> None:
-    """Write through a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str, durable: bool = True) -> None:
+    """Write through a temporary file in the same folder, then os.replace: a crashed process never leaves
+    half a file. `durable` also fsyncs (survives a machine crash; skipped for the many per-image PNGs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
+def save_png(path: Path, image: np.ndarray, durable: bool = False) -> None:
     """Save a uint8 [H, W, C] array (C = 1 or 3) as PNG, atomically."""
     from PIL import Image
 
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    _atomic_write(path, lambda f: pil.save(f, format="PNG"), ".png")
+    _atomic_write(path, lambda f: pil.save(f, format="PNG"), ".png", durable)
 
 
 class PngWriter:
@@ -439,7 +441,7 @@ def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: 
         return path
     if fmt == "grid":
         path = out_dir / GRID_NAME
-        save_png(path, make_grid(images, grid_cols))
+        save_png(path, make_grid(images, grid_cols), durable=True)
         return path
     raise ValueError(f"unknown output format {fmt!r}; valid formats are {list(FORMATS)}")
 

@@ -52,7 +52,7 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     if (args.ref is None) == (args.dataset is None):
         raise ValueError("give the reference as --ref (statistics .npz, image folder or .npz) or --dataset NAME")
     device = device_of(args)
-    extractor = metrics.load_inception(args.inception, device)
+    extractor = metrics.load_inception(args.inception, device, allow_pickle=args.allow_pickle)
     common = dict(
         extractor_key=Path(args.inception).stem, cache_dir=args.cache_dir, batch_size=args.batch, device=device,
         with_precision_recall=args.pr, k=args.k, max_images=args.max_images,
@@ -67,7 +67,7 @@ def cmd_ref(args: argparse.Namespace) -> dict:
     if (args.data is None) == (args.dataset is None):
         raise ValueError("give the images as --data (folder or .npz) or --dataset NAME")
     device = device_of(args)
-    extractor = metrics.load_inception(args.inception, device)
+    extractor = metrics.load_inception(args.inception, device, allow_pickle=args.allow_pickle)
     if args.data is not None:
         batches = metrics.image_batches(args.data, args.batch, args.max_images)
     else:
@@ -141,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--allow-pickle", action="store_true", help="allow a .pkl Inception detector (runs code in the file)")
         q.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
         q.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
         q.add_argument("--report", help="merge the numbers into this JSON file (under 'metrics')")

@@ -46,6 +46,7 @@ class EvalConfig:
 
     fid: bool = False
     inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth, or NVlabs inception-2015-12-05.pkl/.pt
+    allow_pickle: bool = False  # let a .pkl detector be unpickled (runs code stored in the file)
     ref: Optional[str] = None  # statistics .npz (mu, sigma) or reference images (folder / .npz); else dataset=NAME
     cache_dir: Optional[str] = None  # where reference statistics of image data are cached
     precision_recall: bool = False  # needs reference images
@@ -189,7 +190,7 @@ def report(
 def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
     """FID (and precision/recall) of the generated images against eval.ref or the `dataset` group's data."""
     e = cfg.eval
-    extractor = metrics.load_inception(e.inception, device)
+    extractor = metrics.load_inception(e.inception, device, allow_pickle=e.allow_pickle)
     common = dict(
         extractor_key=Path(e.inception).stem, cache_dir=e.cache_dir or Path(cfg.out) / "fid-refs", batch_size=e.batch,
         device=device, with_precision_recall=e.precision_recall, k=e.k, max_images=e.max_images,

@@ -261,6 +261,13 @@ def test_wrong_state_dict_is_rejected_with_a_clear_error(tmp_path):
         load_inception(path)
 
 
+def test_pickled_detectors_need_an_explicit_opt_in(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pkl"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_inception(path)
+
+
 def test_torchscript_detector_gets_uint8_images(tmp_path):
     """NVlabs' detectors (TorchScript .pt / .pkl) take uint8 images and return_features=True."""
 
