@@ -5,12 +5,25 @@ D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) serves every schedule; one 
 and one set of ODE/SDE samplers work with all of them.
 """
 
-from . import denoisers, losses, precond, samplers, schedules
+from . import denoisers, losses, networks, precond, samplers, schedules
 from .denoisers import IdealDenoiser
 from .losses import Loss
+from .nvlabs import load_nvlabs
 from .precond import Precond
 from .samplers import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["schedules", "samplers", "losses", "precond", "denoisers", "Precond", "IdealDenoiser", "Loss", "sample"]
+__all__ = [
+    "schedules",
+    "samplers",
+    "losses",
+    "precond",
+    "denoisers",
+    "networks",
+    "Precond",
+    "IdealDenoiser",
+    "Loss",
+    "sample",
+    "load_nvlabs",
+]
