@@ -72,7 +72,7 @@ class SampleConfig:
     s_noise: Optional[float] = None  # stochastic: S_noise
     solver_options: Dict[str, Any] = field(default_factory=dict)  # other solver keywords: +solver_options.NAME=VALUE
     final_denoise: Optional[bool] = None
-    schedule_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {sigma_min: 0.002}
+    schedule_options: Dict[str, Any] = field(default_factory=dict)  # +schedule_options.sigma_min=0.01
     labels: Any = None  # null = random classes (conditional model); an int; or a list, image j gets labels[j % len]
     guidance: float = 1.0  # classifier-free guidance weight w: D_uncond + w (D_cond - D_uncond)
     dtype: str = "float32"  # float32 | float64 (sampler state and network input)
