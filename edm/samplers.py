@@ -32,6 +32,7 @@ __all__ = [
     "churn_noise",
     "heun_step",
     "check_t_steps",
+    "check_options",
 ]
 
 Denoiser = Callable[..., Tensor]
@@ -224,7 +225,8 @@ def _check_inputs(noise: Tensor, class_labels: Tensor | None) -> None:
         raise ValueError(f"class_labels has batch {class_labels.shape[0]}, noise has batch {noise.shape[0]}")
 
 
-def _check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
+def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
+    """Options of solver `name` must be keyword-only arguments of `fn` (e.g. churn for stochastic)."""
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     allowed = [a for a in allowed if a not in ("class_labels", "generator", "callback")]
     unknown = sorted(set(options) - set(allowed))
@@ -260,7 +262,7 @@ def sample(
         fn = SOLVERS[solver]
     except KeyError:
         raise ValueError(f"unknown solver {solver!r}; valid solvers are {sorted(SOLVERS)}") from None
-    _check_options(solver, fn, solver_options)
+    check_options(solver, fn, solver_options)
     _check_inputs(noise, class_labels)
     if t_steps is None:
         t_steps = schedule.time_steps(num_steps, discretization, dtype=noise.dtype, device=noise.device)

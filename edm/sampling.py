@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .samplers import SOLVERS, _check_options, sample
+from .samplers import SOLVERS, check_options, sample
 from .schedules import Schedule, get as get_schedule
 
 __all__ = [
@@ -80,7 +80,7 @@ class SamplerSettings:
             raise ValueError(f"unknown solver {self.solver!r}; valid solvers are {sorted(SOLVERS)}")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
-        _check_options(self.solver, SOLVERS[self.solver], dict(self.options))  # unknown options fail before sampling
+        check_options(self.solver, SOLVERS[self.solver], dict(self.options))  # unknown options fail before sampling
 
 
 @dataclass(frozen=True)
