@@ -1,0 +1,431 @@
+"""Training data: an embedded default set, torchvision sets from a local root, image folders.
+
+Every data set yields (image, label, index): image is uint8 [C, H, W] (0..255), label a float
+one-hot vector [label_dim] (empty when unconditional), index the item's position. The trainer
+moves uint8 batches to the device and maps them to [−1, 1] with `to_model_space`.
+Each data set reports `resolution`, `channels`, `num_classes` and `label_dim` so the network
+config adapts. Nothing is ever downloaded: a missing root raises `DatasetNotFoundError`
+saying where the files must be and how to get them.
+
+Data order is a pure function of (seed, epoch): `StreamBatchSampler` walks the stream
+P_0 ‖ P_1 ‖ ... of per-epoch permutations, so a resumed run starts at the exact position.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DatasetConfig
+
+__all__ = [
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "TensorImageDataset",
+    "ImageFolderDataset",
+    "XFlip",
+    "build_dataset",
+    "load_digits",
+    "load_mnist",
+    "load_cifar10",
+    "read_idx",
+    "epoch_permutation",
+    "StreamBatchSampler",
+    "make_loader",
+    "to_model_space",
+    "to_uint8",
+    "save_image_grid",
+    "FASHION_MNIST_DEBIAN_ROOT",
+]
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data set's files are not where the config says; the message says how to get them."""
+
+
+# ----------------------------------------------------------------------------- data sets
+
+
+class ImageDataset(Dataset):
+    """Base: uint8 images [C, H, W], `num_classes` classes, one-hot labels when `cond`."""
+
+    resolution: int
+    channels: int
+    num_classes: int
+    cond: bool = False
+
+    @property
+    def label_dim(self) -> int:
+        """Length of the one-hot label vector: num_classes when class-conditional, else 0."""
+        return self.num_classes if self.cond else 0
+
+    def one_hot(self, label: int) -> Tensor:
+        """One-hot float label [label_dim] (empty when unconditional)."""
+        out = torch.zeros(self.label_dim)
+        if self.cond:
+            out[label] = 1
+        return out
+
+
+class TensorImageDataset(ImageDataset):
+    """An in-memory data set: images uint8 [N, C, H, W], labels int64 [N]."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, cond: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"images must be uint8 [N, C, H, H], got {images.dtype} {list(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
+        if cond and num_classes < 1:
+            raise ValueError("dataset.cond=true needs a data set with class labels")
+        self.images, self.labels = images, labels.long()
+        self.num_classes, self.cond = int(num_classes), bool(cond)
+        self.channels, self.resolution = int(images.shape[1]), int(images.shape[2])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        return self.images[index], self.one_hot(int(self.labels[index])), index
+
+
+class ImageFolderDataset(ImageDataset):
+    """Image files under `root`; with class subfolders (root/<class>/...) the sorted folder names
+    become labels 0..K−1, otherwise there are no labels. Images are converted to the first
+    file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized."""
+
+    def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False) -> None:
+        from PIL import Image
+
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise DatasetNotFoundError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; point dataset.root at a folder "
+                "of images, optionally one subfolder per class"
+            )
+        top = [p.relative_to(self.root).parts for p in self.files]
+        classes = sorted({parts[0] for parts in top if len(parts) > 1})
+        if classes and any(len(parts) == 1 for parts in top):
+            raise ValueError(f"{self.root} mixes images and class subfolders; put every image in a class subfolder")
+        self.classes = classes
+        self.labels = [classes.index(parts[0]) if classes else 0 for parts in top]
+        self.num_classes, self.cond = len(classes), bool(cond)
+        if cond and not classes:
+            raise ValueError(f"dataset.cond=true needs class subfolders under {self.root}")
+        with Image.open(self.files[0]) as first:
+            self.mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            size = first.size
+        self.channels = 1 if self.mode == "L" else 3
+        if resolution is None and size[0] != size[1]:
+            raise ValueError(f"{self.files[0]} is {size[0]}x{size[1]}, not square; set dataset.resolution to crop and resize")
+        self.resolution = int(resolution or size[0])
+        self._resize = resolution is not None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: Path):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert(self.mode)
+            if self._resize:
+                side = min(im.size)
+                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+            elif im.size != (self.resolution, self.resolution):
+                raise ValueError(
+                    f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
+                    "set dataset.resolution to resize all images"
+                )
+            return np.asarray(im, dtype=np.uint8).copy()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        array = self._load(self.files[index])
+        image = torch.from_numpy(array).reshape(self.resolution, self.resolution, self.channels).permute(2, 0, 1)
+        return image.contiguous(), self.one_hot(self.labels[index]), index
+
+
+class XFlip(ImageDataset):
+    """Doubles a data set with mirrored copies: item i + N is item i flipped left-right (EDM's xflip).
+    Deterministic, so data order stays a function of (seed, epoch)."""
+
+    def __init__(self, base: ImageDataset) -> None:
+        self.base = base
+        self.resolution, self.channels = base.resolution, base.channels
+        self.num_classes, self.cond = base.num_classes, base.cond
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        n = len(self.base)
+        image, label, _ = self.base[index % n]
+        return (image.flip(-1) if index >= n else image), label, index
+
+
+class Subset(ImageDataset):
+    """The first `size` items of a data set (dataset.max_size)."""
+
+    def __init__(self, base: ImageDataset, size: int) -> None:
+        self.base, self.size = base, min(int(size), len(base))
+        self.resolution, self.channels = base.resolution, base.channels
+        self.num_classes, self.cond = base.num_classes, base.cond
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self.base[index]
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def resize_images(images: Tensor, resolution: int | None) -> Tensor:
+    """uint8 [N, C, H, H] -> uint8 [N, C, R, R] (bilinear, antialiased when shrinking); None keeps H."""
+    if resolution is None or resolution == images.shape[-1]:
+        return images
+    x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_digits(resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+    """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16, 10 classes); no download."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0))).to(torch.uint8)[:, None]
+    labels = torch.from_numpy(bunch.target).long()
+    return TensorImageDataset(resize_images(images, resolution), labels, 10, cond)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzip-compressed if the name ends with .gz) as a uint8 array."""
+    path = Path(path)
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {data.size} bytes of data, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _mnist_help(root: str | None, fashion: bool) -> str:
+    name, cls = ("Fashion-MNIST", "FashionMNIST") if fashion else ("MNIST", "MNIST")
+    where = (
+        f"{name} needs train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] either directly in "
+        f"dataset.root or in dataset.root/{cls}/raw (torchvision's layout); dataset.root is {root!r}. "
+    )
+    get = f"Get them with torchvision on a machine with internet: torchvision.datasets.{cls}('<root>', download=True)"
+    if fashion:
+        get = (
+            f"On Debian/Ubuntu `apt-get install dataset-fashion-mnist` puts them in {FASHION_MNIST_DEBIAN_ROOT} "
+            f"(dataset.root={FASHION_MNIST_DEBIAN_ROOT}). " + get
+        )
+    return where + get + "."
+
+
+def load_mnist(
+    root: str | Path | None, fashion: bool = False, resolution: int | None = None, cond: bool = False
+) -> TensorImageDataset:
+    """MNIST or Fashion-MNIST training set (60000 images, 28x28, 10 classes) from local files.
+
+    Reads the raw IDX files (.gz or not) from root itself (e.g. the Debian package
+    dataset-fashion-mnist, or the files as published) or from torchvision's root/{MNIST,FashionMNIST}/raw.
+    """
+    if root is None or not Path(root).is_dir():
+        raise DatasetNotFoundError(_mnist_help(None if root is None else str(root), fashion))
+    root = Path(root)
+    for folder in (root, root / ("FashionMNIST" if fashion else "MNIST") / "raw"):
+        image_file = _find_idx(folder, "train-images-idx3-ubyte")
+        label_file = _find_idx(folder, "train-labels-idx1-ubyte")
+        if image_file is not None and label_file is not None:
+            break
+    else:
+        raise DatasetNotFoundError(_mnist_help(str(root), fashion))
+    images, labels = torch.from_numpy(read_idx(image_file).copy()), torch.from_numpy(read_idx(label_file).copy())
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return TensorImageDataset(resize_images(images[:, None].to(torch.uint8), resolution), labels.long(), 10, cond)
+
+
+def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+    """CIFAR-10 training set (50000 images, 32x32x3, 10 classes) via torchvision, download=False.
+    root is the folder holding cifar-10-batches-py (or that folder itself)."""
+    help_text = (
+        "CIFAR-10 needs the extracted python version: <root>/cifar-10-batches-py/data_batch_1..5 and batches.meta; "
+        f"dataset.root is {None if root is None else str(root)!r}. Get cifar-10-python.tar.gz from "
+        "https://www.cs.toronto.edu/~kriz/cifar.html and extract it in <root>, or run "
+        "torchvision.datasets.CIFAR10('<root>', download=True) on a machine with internet."
+    )
+    if root is None or not Path(root).is_dir():
+        raise DatasetNotFoundError(help_text)
+    root = Path(root)
+    if root.name == "cifar-10-batches-py":
+        root = root.parent
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise DatasetNotFoundError(help_text)
+    import torchvision
+
+    try:
+        tv = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+    except RuntimeError as err:
+        raise DatasetNotFoundError(f"torchvision could not read {root / 'cifar-10-batches-py'} ({err}). " + help_text) from None
+    images = torch.from_numpy(np.ascontiguousarray(tv.data)).permute(0, 3, 1, 2).contiguous()
+    return TensorImageDataset(resize_images(images, resolution), torch.as_tensor(tv.targets), 10, cond)
+
+
+def build_dataset(cfg: DatasetConfig) -> ImageDataset:
+    """The training set described by `cfg` (see DatasetConfig)."""
+    if cfg.name == "digits":
+        dataset: ImageDataset = load_digits(cfg.resolution, cfg.cond)
+    elif cfg.name in ("mnist", "fashion_mnist"):
+        dataset = load_mnist(cfg.root, cfg.name == "fashion_mnist", cfg.resolution, cfg.cond)
+    elif cfg.name == "cifar10":
+        dataset = load_cifar10(cfg.root, cfg.resolution, cfg.cond)
+    elif cfg.name == "folder":
+        if cfg.root is None or not Path(cfg.root).is_dir():
+            raise DatasetNotFoundError(
+                f"dataset.root={cfg.root!r} is not a folder; point it at a folder of images "
+                "(one subfolder per class for class labels)"
+            )
+        dataset = ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond)
+    else:
+        raise ValueError(f"dataset.name={cfg.name!r} is not valid; choose one of: digits, mnist, fashion_mnist, cifar10, folder")
+    if cfg.max_size is not None:
+        dataset = Subset(dataset, cfg.max_size)
+    if cfg.xflip:
+        dataset = XFlip(dataset)
+    logger.info(
+        "dataset %s: %d images, %dx%dx%d, label_dim %d",
+        cfg.name, len(dataset), dataset.channels, dataset.resolution, dataset.resolution, dataset.label_dim,
+    )
+    return dataset
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
+    """P_epoch: a permutation of range(num_items) that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
+    return torch.randperm(num_items, generator=generator)
+
+
+class StreamBatchSampler:
+    """Index lists for one process. The data stream is P_0 ‖ P_1 ‖ ... (P_e = epoch_permutation);
+    an optimizer step that starts after n images takes stream items [n, n + B) (B = global
+    batch), and its micro-batch a of `accum` for process r of W is the chunk (a·W + r) of
+    size b. So every step sees the same B items whatever W is, and a run resumed at n images
+    continues exactly. Starts at `start_nimg`; endless."""
+
+    def __init__(
+        self, num_items: int, seed: int, batch_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+        start_nimg: int = 0,
+    ) -> None:
+        if num_items < 1:
+            raise ValueError("the data set is empty")
+        if batch_size % (micro_batch * world_size) != 0:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of batch_per_device ({micro_batch}) x processes ({world_size})"
+            )
+        self.num_items, self.seed, self.batch_size, self.micro_batch = num_items, seed, batch_size, micro_batch
+        self.rank, self.world_size, self.start_nimg = rank, world_size, start_nimg
+        self.accum = batch_size // (micro_batch * world_size)
+        self._cache: tuple[int, Tensor] | None = None
+
+    def _epoch(self, epoch: int) -> Tensor:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, epoch_permutation(self.num_items, self.seed, epoch))
+        return self._cache[1]
+
+    def micro_batch_indices(self, nimg: int, accum_round: int) -> list[int]:
+        """Indices of micro-batch `accum_round` of the step that starts after `nimg` images, for this process."""
+        start = nimg + (accum_round * self.world_size + self.rank) * self.micro_batch
+        out: list[int] = []
+        while len(out) < self.micro_batch:
+            epoch, offset = divmod(start + len(out), self.num_items)
+            take = min(self.micro_batch - len(out), self.num_items - offset)
+            out += self._epoch(epoch)[offset : offset + take].tolist()
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        nimg = self.start_nimg
+        while True:
+            for accum_round in range(self.accum):
+                yield self.micro_batch_indices(nimg, accum_round)
+            nimg += self.batch_size
+
+
+def make_loader(
+    dataset: Dataset, sampler: StreamBatchSampler, num_workers: int = 0, pin_memory: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> DataLoader:
+    """DataLoader over `sampler`'s index lists; workers and pinned memory as asked. It gets its own
+    generator (for worker seeds), so starting it never draws from the global RNG: resume stays exact."""
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=worker_init_fn,
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def to_model_space(images: Tensor) -> Tensor:
+    """uint8 0..255 -> float32 in [−1, 1]: y = x/127.5 − 1."""
+    return images.to(torch.float32) / 127.5 - 1
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[−1, 1] -> uint8 0..255 (clipped, rounded): x = (y + 1)·127.5."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_image_grid(
+    images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1, padding: int = 2, pad_value: int = 128
+) -> Path:
+    """Save images [N, C, H, W] in [−1, 1] as one PNG grid, each pixel a scale x scale block,
+    tiles separated by `padding` pixels of gray `pad_value`."""
+    from PIL import Image
+    import torchvision
+
+    images = to_uint8(images.detach().cpu())
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+    array = grid.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array, "L" if images.shape[1] == 1 else "RGB")
+    image.save(path)
+    return path

@@ -1,0 +1,53 @@
+"""Shared pytest options and fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--nvlabs-repo", default=None, metavar="PATH",
+        help="NVlabs/edm checkout: also run tests/test_nvlabs.py against the real reference networks",
+    )
+
+
+# A few-second training run: a very small tiny network on embedded digits, 8 images a step.
+TINY_TRAIN = [
+    "network.model_channels=8",
+    "batch_size=8",
+    "total_kimg=0.032",  # 4 steps
+    "lr_rampup_kimg=0",
+    "log_every=1",
+    "checkpoint_every=2",
+    "grid_size=4",
+    "sampler.num_steps=2",
+    "progress=false",
+    "tensorboard=false",
+]
+
+
+@pytest.fixture
+def tiny_train() -> list[str]:
+    """The TINY_TRAIN overrides (for command lines)."""
+    return list(TINY_TRAIN)
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """compose_train(*overrides, run_dir=None) -> TrainConfig through Hydra's compose API and
+    configs/train.yaml, with the TINY_TRAIN settings first and run_dir in tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    from edm.config import from_dictconfig, register_configs
+    from edm.train import CONFIG_DIR
+
+    register_configs()
+
+    def _compose(*overrides: str, run_dir=None):
+        run_dir = run_dir or tmp_path / "run"
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            dcfg = compose("train", overrides=[*TINY_TRAIN, f"run_dir={run_dir}", *overrides])
+        return from_dictconfig(dcfg)
+
+    return _compose

@@ -1,0 +1,161 @@
+"""edm/checkpoint.py: atomic writes, weights-only reads with clear errors, denoiser rebuild."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import edm
+from edm.checkpoint import (
+    CheckpointError,
+    build_denoiser,
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    load_denoiser,
+    save_checkpoint,
+)
+
+SPEC = {
+    "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 0,
+                "model_channels": 8},
+    "precond": {"kind": "edm", "sigma_data": 0.5, "beta_d": 19.9, "beta_min": 0.1, "M": 1000},
+}
+
+
+def _state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = build_denoiser(SPEC)
+    ema = build_denoiser(SPEC)
+    return {
+        "denoiser": SPEC, "schedule": {"name": "edm"}, "model": model.state_dict(), "ema": ema.state_dict(),
+        "config": {"seed": seed, "adam_betas": [0.9, 0.99], "grad_clip": None}, "step": seed,
+    }
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_trip_is_weights_only(tmp_path):
+    state = _state(1)
+    path = checkpoint_path(tmp_path, 7)
+    save_checkpoint(path, state)
+    assert path.name == "checkpoint-00000007.pt" and oct(path.stat().st_mode & 0o777) == "0o644"
+    back = load_checkpoint(path)
+    assert back["config"] == state["config"] and back["denoiser"] == SPEC
+    assert _same_tensors(back["model"], state["model"]) and _same_tensors(back["ema"], state["ema"])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _state(1))
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _state(2))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_killed_writer_leaves_no_checkpoint_that_is_picked_up(tmp_path):
+    """A process killed in the middle of a write (os._exit) leaves its temp file, never a
+    checkpoint-*.pt: the previous checkpoint stays the latest and loads."""
+    old = checkpoint_path(tmp_path, 1)
+    save_checkpoint(old, _state(1))
+    script = textwrap.dedent(f"""
+        import os, torch
+        from edm.checkpoint import checkpoint_path, save_checkpoint
+        def killed(obj, f, *a, **k):
+            f.write(b"partial bytes"); f.flush(); os._exit(9)
+        torch.save = killed
+        save_checkpoint(checkpoint_path({str(tmp_path)!r}, 2), {{"x": torch.zeros(3)}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 9
+    leftovers = [p.name for p in tmp_path.iterdir() if p != old]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the torn write
+    assert find_latest(tmp_path) == old
+    assert load_checkpoint(find_latest(tmp_path))["step"] == 1
+
+
+def test_latest_is_by_step_number(tmp_path):
+    for step in (9, 10, 100):
+        save_checkpoint(checkpoint_path(tmp_path, step), {"x": torch.zeros(1)})
+    (tmp_path / "checkpoint-99999999.pt.tmp").write_bytes(b"")
+    (tmp_path / "notes.pt").write_bytes(b"")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 10, 100]
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
+    assert find_latest(tmp_path / "absent") is None
+
+
+def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="garbage.pt.*corrupt"):
+        load_checkpoint(garbage)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, _state())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt.*corrupt"):
+        load_checkpoint(truncated)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(tensor)
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}}, partial)
+    with pytest.raises(CheckpointError, match="not an edm checkpoint.*denoiser"):
+        load_checkpoint(partial)
+    assert issubclass(CheckpointError, ValueError)
+
+
+class Payload:  # a pickled object that is not a tensor or plain container
+    pass
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "code.pt"
+    torch.save({**_state(), "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="code.pt"):
+        load_checkpoint(path)
+
+
+def test_load_denoiser_uses_ema_weights_in_eval_mode(tmp_path):
+    state = _state(3)
+    assert not _same_tensors(state["model"], state["ema"])
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, state)
+    den, back = load_denoiser(path)
+    assert isinstance(den, edm.Precond) and not den.training and den.kind == "edm"
+    assert _same_tensors(den.state_dict(), state["ema"])
+    raw, _ = load_denoiser(path, ema=False)
+    assert _same_tensors(raw.state_dict(), state["model"])
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    assert den(x, sigma).shape == x.shape
+
+
+def test_weights_that_do_not_fit_the_spec(tmp_path):
+    state = _state()
+    state["denoiser"] = {**SPEC, "network": {**SPEC["network"], "model_channels": 16}}
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_denoiser(path)
+    with pytest.raises(CheckpointError, match="bad denoiser spec"):
+        build_denoiser({"network": {"img_resolution": 8}, "precond": {}})

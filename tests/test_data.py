@@ -1,0 +1,301 @@
+"""edm/data.py: data sets, the (seed, epoch) data stream and its shards, image grids."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edm.config import DatasetConfig
+from edm.data import (
+    FASHION_MNIST_DEBIAN_ROOT,
+    DatasetNotFoundError,
+    ImageFolderDataset,
+    StreamBatchSampler,
+    XFlip,
+    build_dataset,
+    epoch_permutation,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+    make_loader,
+    read_idx,
+    save_image_grid,
+    to_model_space,
+    to_uint8,
+)
+
+# ----------------------------------------------------------------------------- embedded digits
+
+
+def test_digits_are_sklearn_digits_in_unit_range():
+    from sklearn.datasets import load_digits as sk
+
+    ds = load_digits()
+    bunch = sk()
+    assert (len(ds), ds.channels, ds.resolution, ds.num_classes, ds.label_dim) == (1797, 1, 8, 10, 0)
+    image, label, index = ds[5]
+    assert image.dtype == torch.uint8 and image.shape == (1, 8, 8) and label.shape == (0,) and index == 5
+    # 0..16 maps linearly onto 0..255, then onto [-1, 1]
+    y = to_model_space(image)[0].double()
+    np.testing.assert_allclose(y.numpy(), bunch.images[5] / 8.0 - 1.0, atol=1 / 127.5)
+    assert float(to_model_space(ds.images).min()) == -1.0 and float(to_model_space(ds.images).max()) == 1.0
+
+
+def test_digits_cond_labels_are_one_hot_of_the_class():
+    from sklearn.datasets import load_digits as sk
+
+    ds = load_digits(cond=True)
+    target = sk().target
+    assert ds.label_dim == 10
+    for i in (0, 17, 1796):
+        _, label, _ = ds[i]
+        assert label.shape == (10,) and label.sum() == 1 and int(label.argmax()) == target[i]
+
+
+def test_digits_resolution_resizes():
+    ds = load_digits(resolution=16)
+    assert ds.resolution == 16 and ds[0][0].shape == (1, 16, 16)
+    # downsampling the upsampled image approximately recovers the original
+    back = torch.nn.functional.avg_pool2d(ds.images[:50].float(), 2)
+    assert (back - load_digits().images[:50].float()).abs().mean() < 20
+
+
+def test_xflip_doubles_with_mirrored_copies():
+    base = load_digits()
+    ds = XFlip(base)
+    assert len(ds) == 2 * len(base) and ds.resolution == 8 and ds.label_dim == 0
+    assert torch.equal(ds[3][0], base[3][0])
+    assert torch.equal(ds[len(base) + 3][0], base[3][0].flip(-1))
+    assert not torch.equal(ds[len(base) + 3][0], base[3][0])
+
+
+def test_build_dataset_max_size_and_xflip():
+    ds = build_dataset(DatasetConfig(name="digits", max_size=10, xflip=True, cond=True))
+    assert len(ds) == 20 and ds.label_dim == 10
+
+
+# ----------------------------------------------------------------------------- MNIST-style IDX files
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def _fake_mnist(folder: Path, n: int = 6, compress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if compress else ""
+    _write_idx(folder / f"train-images-idx3-ubyte{suffix}", images, compress)
+    _write_idx(folder / f"train-labels-idx1-ubyte{suffix}", labels, compress)
+    return images, labels
+
+
+def test_read_idx_round_trip_and_bad_file(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", array, compress=True)
+    _write_idx(tmp_path / "b", array, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b"), array)
+    (tmp_path / "c").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
+        read_idx(tmp_path / "c")
+
+
+@pytest.mark.parametrize("fashion", [False, True])
+def test_mnist_from_raw_gz_files_debian_layout(tmp_path, fashion):
+    """The Debian package dataset-fashion-mnist installs the raw .gz IDX files in one folder."""
+    images, labels = _fake_mnist(tmp_path)
+    ds = load_mnist(tmp_path, fashion=fashion, cond=True)
+    assert (len(ds), ds.channels, ds.resolution, ds.label_dim) == (6, 1, 28, 10)
+    image, label, _ = ds[4]
+    np.testing.assert_array_equal(image[0].numpy(), images[4])
+    assert int(label.argmax()) == labels[4]
+
+
+def test_mnist_torchvision_layout(tmp_path):
+    images, labels = _fake_mnist(tmp_path / "MNIST" / "raw", compress=False)
+    ds = load_mnist(tmp_path, resolution=32)
+    assert len(ds) == 6 and ds.resolution == 32 and ds.label_dim == 0
+    np.testing.assert_array_equal(ds.labels.numpy(), labels)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DEBIAN_ROOT).is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_debian_package():
+    ds = build_dataset(DatasetConfig(name="fashion_mnist", root=FASHION_MNIST_DEBIAN_ROOT))
+    assert (len(ds), ds.channels, ds.resolution, ds.num_classes) == (60000, 1, 28, 10)
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("mnist", "train-images-idx3-ubyte"),
+        ("fashion_mnist", "apt-get install dataset-fashion-mnist"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("folder", "folder of images"),
+    ],
+)
+def test_missing_root_says_where_files_go(tmp_path, name, needle):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=needle) as info:
+        build_dataset(DatasetConfig(name=name, root=str(missing)))
+    if name != "folder":
+        assert str(missing) in str(info.value)
+    # an existing but empty folder is just as clear
+    with pytest.raises(DatasetNotFoundError, match=needle if name != "folder" else "no image files"):
+        build_dataset(DatasetConfig(name=name, root=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 and image folders
+
+
+def test_cifar10_layout_and_channel_order(tmp_path, monkeypatch):
+    import torchvision
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    batches = []
+    for i in range(1, 6):
+        data = rng.integers(0, 256, size=(2, 3 * 32 * 32), dtype=np.uint8)  # rows are R plane, G plane, B plane
+        batches.append(data)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": data, "labels": [i, i + 1]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(k) for k in range(10)]}, f)
+    # our files cannot match CIFAR-10's md5 sums; everything else is torchvision's real reader
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    for root in (tmp_path, folder):
+        ds = load_cifar10(root)
+        assert (len(ds), ds.channels, ds.resolution) == (10, 3, 32)
+        np.testing.assert_array_equal(ds[2][0].numpy(), batches[1][0].reshape(3, 32, 32))
+        assert int(ds.labels[2]) == 2
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_classes_from_subfolders(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for cls in ("cat", "dog"):
+        for k in range(2):
+            arrays[(cls, k)] = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            _png(tmp_path / cls / f"{k}.png", arrays[(cls, k)])
+    ds = ImageFolderDataset(tmp_path, cond=True)
+    assert (len(ds), ds.channels, ds.resolution, ds.num_classes, ds.label_dim) == (4, 3, 8, 2, 2)
+    image, label, _ = ds[2]  # sorted: cat/0, cat/1, dog/0, dog/1
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), arrays[("dog", 0)])
+    assert label.tolist() == [0.0, 1.0]
+    resized = ImageFolderDataset(tmp_path, resolution=4)
+    assert resized[0][0].shape == (3, 4, 4) and resized.label_dim == 0
+
+
+def test_image_folder_flat_grayscale_and_errors(tmp_path):
+    for k in range(3):
+        _png(tmp_path / "flat" / f"{k}.png", np.full((6, 6), 40 * k, dtype=np.uint8))
+    ds = ImageFolderDataset(tmp_path / "flat")
+    assert (ds.channels, ds.resolution, ds.num_classes) == (1, 6, 0)
+    assert int(ds[2][0].max()) == 80
+    with pytest.raises(ValueError, match="class subfolders"):
+        ImageFolderDataset(tmp_path / "flat", cond=True)
+    _png(tmp_path / "flat" / "z.png", np.zeros((5, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match="dataset.resolution"):
+        ImageFolderDataset(tmp_path / "flat")[3]
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def test_epoch_permutation_is_a_function_of_seed_and_epoch():
+    p = epoch_permutation(50, seed=3, epoch=7)
+    assert sorted(p.tolist()) == list(range(50))
+    assert torch.equal(p, epoch_permutation(50, seed=3, epoch=7))
+    assert not torch.equal(p, epoch_permutation(50, seed=3, epoch=8))
+    assert not torch.equal(p, epoch_permutation(50, seed=4, epoch=7))
+
+
+def _take(sampler: StreamBatchSampler, count: int) -> list[list[int]]:
+    it = iter(sampler)
+    return [next(it) for _ in range(count)]
+
+
+def test_stream_crosses_epochs_in_order():
+    n, seed = 10, 5
+    stream = torch.cat([epoch_permutation(n, seed, e) for e in range(4)]).tolist()
+    batches = _take(StreamBatchSampler(n, seed, batch_size=4, micro_batch=4), 8)
+    assert sum(batches, []) == stream[:32]
+    # every epoch visits each item exactly once
+    assert sorted(stream[10:20]) == list(range(10))
+
+
+def test_shards_are_disjoint_and_cover_the_global_batch():
+    n, seed, batch = 37, 1, 12
+    single = _take(StreamBatchSampler(n, seed, batch, micro_batch=12), 5)
+    for world, micro in ((2, 6), (2, 3), (3, 2)):
+        per_rank = [_take(StreamBatchSampler(n, seed, batch, micro, rank, world), 5 * batch // (micro * world))
+                    for rank in range(world)]
+        accum = batch // (micro * world)
+        for step in range(5):
+            chunks = [per_rank[r][step * accum + a] for a in range(accum) for r in range(world)]
+            assert sum(chunks, []) == single[step]  # same items whatever the process count
+            if len(set(single[step])) == batch:  # (a batch across an epoch boundary may repeat an item)
+                rank_sets = [set(sum(per_rank[r][step * accum:(step + 1) * accum], [])) for r in range(world)]
+                assert all(not (rank_sets[i] & rank_sets[j]) for i in range(world) for j in range(i + 1, world))
+
+
+def test_sampler_resumes_at_image_count():
+    full = _take(StreamBatchSampler(23, 0, 8, 4, rank=1, world_size=2), 10)
+    resumed = _take(StreamBatchSampler(23, 0, 8, 4, rank=1, world_size=2, start_nimg=3 * 8), 7)
+    assert resumed == full[3:]
+
+
+def test_sampler_rejects_indivisible_batch():
+    with pytest.raises(ValueError, match="multiple of batch_per_device"):
+        StreamBatchSampler(10, 0, batch_size=10, micro_batch=4)
+
+
+def test_loader_workers_give_the_same_batches():
+    ds = load_digits()
+    make = lambda workers: make_loader(ds, StreamBatchSampler(len(ds), 0, 16, 8), num_workers=workers)
+    a, b = iter(make(0)), iter(make(1))
+    for _ in range(3):
+        (xa, la, ia), (xb, lb, ib) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ia, ib) and xa.shape == (8, 1, 8, 8) and la.shape == (8, 0)
+
+
+# ----------------------------------------------------------------------------- pixels and grids
+
+
+def test_uint8_round_trip():
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_model_space(x)), x)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+def test_save_image_grid_layout(tmp_path):
+    from PIL import Image
+
+    images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 2, 2)
+    path = save_image_grid(images, tmp_path / "g.png", nrow=3, scale=4, padding=1, pad_value=7)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 2 rows x 3 columns of 8x8 tiles, 1 px borders
+    assert (grid[0] == 7).all() and (grid[:, 9] == 7).all()  # borders
+    expected = to_uint8(images[:, 0, 0, 0]).tolist()
+    for k in range(6):
+        r, c = divmod(k, 3)
+        tile = grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c]
+        assert (tile == expected[k]).all()
