@@ -229,6 +229,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.dataset.resolution is not None:
         _positive("dataset.resolution", cfg.dataset.resolution)
     _choice("sampler.solver", cfg.sampler.solver, list(samplers.SOLVERS))
+    samplers.check_options(cfg.sampler.solver, samplers.SOLVERS[cfg.sampler.solver], dict(cfg.sampler.options))
     if cfg.sampler.discretization is not None:
         _choice("sampler.discretization", cfg.sampler.discretization, list(schedules.DISCRETIZATIONS))
     _positive("sampler.num_steps", cfg.sampler.num_steps)

@@ -1,0 +1,346 @@
+"""edm/train.py and the Hydra configs: every schedule trains, resume is exact, failures are clear."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import edm
+from edm.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_denoiser
+from edm.config import TrainConfig
+from edm.data import DatasetNotFoundError, StreamBatchSampler
+from edm.train import (
+    RunDirError,
+    TrainingDivergedError,
+    ema_beta,
+    learning_rate,
+    train,
+    train_step,
+    update_ema,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions on a loaded 2-core machine stall in OpenMP barriers; one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- step math
+
+
+def test_ema_beta_is_edms_half_life_in_images():
+    # no ramp-up: after halflife images at batch B the old weights count 1/2
+    beta = ema_beta(10**9, batch_size=50, halflife_kimg=1.0, rampup_ratio=None)
+    assert math.isclose(beta ** (1000 / 50), 0.5, rel_tol=1e-12)
+    # ramp-up: the half-life is min(halflife, cur_nimg * ratio)
+    assert math.isclose(ema_beta(2000, 50, 1000.0, 0.05), 0.5 ** (50 / 100), rel_tol=1e-12)
+    assert math.isclose(ema_beta(10**9, 50, 1.0, 0.05), 0.5 ** (50 / 1000), rel_tol=1e-12)
+    assert ema_beta(0, 50, 1.0, 0.05) == 0.0  # first step: the EMA takes the weights
+
+
+def test_update_ema_is_a_lerp_and_copies_buffers():
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        ema.weight.copy_(torch.tensor([3.0, 2.0, 1.0]))
+        model.running_mean.fill_(5.0)
+    update_ema(ema, model, beta=0.75)
+    assert torch.allclose(ema.weight, 0.75 * torch.tensor([3.0, 2.0, 1.0]) + 0.25 * torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(ema.running_mean, model.running_mean)
+    update_ema(ema, model, beta=0.0)
+    assert torch.equal(ema.weight, model.weight)
+
+
+def test_learning_rate_ramp_and_decay():
+    assert learning_rate(0, 1e-3, 10) == 0.0
+    assert math.isclose(learning_rate(5000, 1e-3, 10), 5e-4)
+    assert learning_rate(50_000, 1e-3, 10) == 1e-3
+    assert learning_rate(50_000, 1e-3, 0) == 1e-3
+    assert math.isclose(learning_rate(400_000, 1e-3, 10, decay_kimg=100), 1e-3 / 2)
+
+
+class _Accelerator:
+    """The two accelerate calls train_step makes, for a single process."""
+
+    @staticmethod
+    def no_sync(model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+class _ConvNet(torch.nn.Module):
+    """F(x, c_noise): a convolution modulated by the noise level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, c_noise, class_labels=None):
+        return self.conv(x) * (1 + c_noise.view(-1, 1, 1, 1))
+
+
+def test_train_step_loss_is_per_pixel_and_accumulation_matches_one_batch():
+    """train_step returns mean_batch(λ‖D − y‖²)/(C·H·W); 2 micro-batches of 4 give the same
+    update as one batch of 8 (gradients averaged, not summed)."""
+    loss = edm.Loss(edm.schedules.EDM())
+    y, noise = torch.randn(8, 2, 4, 4), torch.randn(8, 2, 4, 4)
+    sigma = torch.linspace(0.1, 5.0, 8)
+    row = {float(v): i for i, v in enumerate(y[:, 0, 0, 0])}
+
+    def loss_fn(model, y_part, labels, generator=None):  # σ and n fixed per example
+        rows = [row[float(v)] for v in y_part[:, 0, 0, 0]]
+        return loss(model, y_part, sigma=sigma[rows], noise=noise[rows])
+
+    def step(micro_batches):
+        torch.manual_seed(0)
+        den = edm.Precond(_ConvNet(), kind="edm")
+        before = [p.detach().clone() for p in den.parameters()]
+        opt = torch.optim.SGD(den.parameters(), lr=0.1)
+        out = train_step(den, loss_fn, opt, micro_batches, _Accelerator(), None, lr=0.1)
+        return out, before, [p.detach().clone() for p in den.parameters()]
+
+    whole, before, p_whole = step([(y, None)])
+    split, _, p_split = step([(y[:4], None), (y[4:], None)])
+    torch.manual_seed(0)
+    expected = loss(edm.Precond(_ConvNet(), kind="edm"), y, sigma=sigma, noise=noise).mean() / (2 * 4 * 4)
+    assert torch.allclose(whole, expected, rtol=1e-6) and torch.allclose(split, expected, rtol=1e-6)
+    for a, b, p0 in zip(p_whole, p_split, before):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, p0)
+
+
+# ----------------------------------------------------------------------------- through Hydra
+
+
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
+    cfg = compose_train(f"schedule={schedule}")
+    assert cfg.precond.kind == schedule and cfg.loss.kind == schedule  # the schedule's own by default
+    result = train(cfg)
+    run_dir = tmp_path / "run"
+    assert result.state.step == 4 and result.state.cur_nimg == 32
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4] and result.checkpoint == find_latest(run_dir)
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    state = load_checkpoint(result.checkpoint)
+    assert state["schedule"]["name"] == schedule and state["denoiser"]["precond"]["kind"] == schedule
+    assert state["denoiser"]["network"]["img_resolution"] == 8 and state["denoiser"]["network"]["in_channels"] == 1
+    assert state["config"]["schedule"]["name"] == schedule and state["step"] == 4
+    den, _ = load_denoiser(result.checkpoint)
+    x = den(torch.randn(2, 1, 8, 8), torch.tensor([0.3, 3.0]))
+    assert torch.isfinite(x).all()
+    assert (run_dir / "samples-final.png").is_file() and (run_dir / "data.png").is_file()
+
+
+@pytest.mark.slow  # the same CLI path runs (in two processes) in test_two_cpu_processes_see_different_data
+def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train):
+    run_dir = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm", "sampler=euler"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples:" in proc.stdout
+    assert find_latest(run_dir).name == "checkpoint-00000004.pt"
+    assert (run_dir / "samples-final.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert len(_metrics(run_dir)) == 4
+
+
+def test_tensorboard_gets_the_logged_scalars_when_installed(compose_train, tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    train(compose_train("tensorboard=true", "grid_size=0"))
+    assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    logged = [(c[2], c[1]) for c in calls if c[0] == "train/loss"]
+    assert logged == [(r["step"], r["loss"]) for r in _metrics(tmp_path / "run")] and len(logged) == 4
+
+
+def test_network_shape_follows_the_data_set(compose_train):
+    cfg = compose_train("network=ddpmpp", "dataset.cond=true", "network.model_channels=8", "network.num_blocks=1",
+                        "network.channel_mult=[1]", "network.attn_resolutions=[]", "total_kimg=0.008", "grid_size=2")
+    result = train(cfg)
+    net = load_checkpoint(result.checkpoint)["denoiser"]["network"]
+    assert (net["name"], net["img_resolution"], net["in_channels"], net["out_channels"], net["label_dim"]) == (
+        "ddpmpp", 8, 1, 1, 10)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["not_a_key=1"], "not_a_key"),
+    (["dataset.bogus=1"], "bogus"),
+    (["batch_size=many"], "batch_size"),
+    (["schedule=nonexistent"], "nonexistent"),
+])
+def test_bad_key_or_value_fails_at_composition(compose_train, overrides, needle):
+    with pytest.raises(Exception, match=needle):
+        compose_train(*overrides)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["mixed_precision=fp8"], "mixed_precision='fp8' is not valid; choose one of: no, fp16, bf16"),
+    (["sampler.solver=rk45"], "sampler.solver='rk45'"),
+    (["sampler=heun", "+sampler.options.churn=1"], "solver 'heun' does not take option(s) ['churn']"),
+    (["precond.kind=edm2"], "precond.kind='edm2'"),
+    (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
+    (["batch_size=0"], "batch_size=0 must be > 0"),
+])
+def test_bad_value_fails_before_training(compose_train, tmp_path, overrides, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train(compose_train(*overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_root_fails_with_instructions(compose_train, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        train(compose_train("dataset=fashion_mnist", f"dataset.root={tmp_path / 'nowhere'}"))
+    with pytest.raises(Exception, match="dataset.root"):  # mnist has no default root: ??? in the yaml
+        train(compose_train("dataset=mnist"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for i, sa in opt_a["state"].items():
+        for k, v in sa.items():
+            assert torch.equal(v, opt_b["state"][i][k]), f"optimizer state {i}.{k} differs"
+    assert (a["step"], a["cur_nimg"]) == (b["step"], b["cur_nimg"])
+    for ra, rb in zip(a["rng"], b["rng"]):
+        assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["generator"], rb["generator"])
+
+
+# dropout exercises the global RNG, accumulation the micro-batch path, 12 images the epoch wrap
+RESUME = ["network.dropout=0.2", "batch_per_device=4", "dataset.max_size=12", "dataset.xflip=true",
+          "lr_rampup_kimg=0.01", "ema_rampup_ratio=0.5", "checkpoint_every=2"]
+
+
+@pytest.mark.parametrize("how", ["extend", "interrupt"])
+def test_resume_is_bit_exact(compose_train, tmp_path, how):
+    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit)."""
+    straight = train(compose_train(*RESUME, "total_kimg=0.048", run_dir=tmp_path / "a"))
+    b = tmp_path / "b"
+    if how == "extend":  # a shorter run, then the same run extended
+        first = train(compose_train(*RESUME, "total_kimg=0.024", run_dir=b))
+    else:  # Ctrl-C after step 3: a checkpoint is saved before stopping
+        def interrupt(run):
+            if run.state.step == 3:
+                signal.raise_signal(signal.SIGINT)
+
+        first = train(compose_train(*RESUME, "total_kimg=0.048", run_dir=b), callback=interrupt)
+        assert first.interrupted
+    assert first.state.step == 3 and first.checkpoint.name == "checkpoint-00000003.pt"
+    half = load_checkpoint(first.checkpoint)
+    resumed = train(compose_train(*RESUME, "total_kimg=0.048", "resume=true", run_dir=b))
+    assert resumed.state.step == 6
+    a_state, b_state = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    _assert_same_state(a_state, b_state)
+    assert any(not torch.equal(half["model"][k], b_state["model"][k]) for k in half["model"])  # it trained on
+    assert [r["loss"] for r in _metrics(tmp_path / "a")] == [r["loss"] for r in _metrics(b)]
+
+
+def test_existing_run_needs_resume_flag(compose_train, tmp_path):
+    train(compose_train("total_kimg=0.016"))
+    with pytest.raises(RunDirError, match="resume=true"):
+        train(compose_train("total_kimg=0.016"))
+    # resuming a finished run does nothing more and reports its checkpoint
+    again = train(compose_train("total_kimg=0.016", "resume=true"))
+    assert again.state.step == 2 and again.checkpoint.name == "checkpoint-00000002.pt"
+
+
+def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
+    train(compose_train("total_kimg=0.016"))
+    latest = find_latest(tmp_path / "run")
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{latest.name}.*corrupt"):
+        train(compose_train("total_kimg=0.032", "resume=true"))
+
+
+def test_mismatched_checkpoint_on_resume(compose_train):
+    train(compose_train("total_kimg=0.016"))
+    with pytest.raises(CheckpointError, match="does not match the config \\(denoiser.network.model_channels: checkpoint 8, config 16\\)"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.model_channels=16"))
+    with pytest.raises(CheckpointError, match="denoiser.precond.kind: checkpoint 'edm', config 'vp'.*schedule.name: checkpoint 'edm', config 'vp'"):
+        train(compose_train("total_kimg=0.032", "resume=true", "schedule=vp"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
+    def poison(run):
+        if run.state.step == 3:
+            with torch.no_grad():
+                next(run.net.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingDivergedError, match="loss became nan in steps 3 to 4.*last good checkpoint is .*checkpoint-00000002.pt"):
+        train(compose_train("total_kimg=0.048", "checkpoint_every=2", "log_every=2"), callback=poison)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    state = load_checkpoint(find_latest(tmp_path / "run"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_two_cpu_processes_see_different_data(tmp_path, tiny_train):
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
+         *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert find_latest(run_dir).name == "checkpoint-00000004.pt"
+    state = load_checkpoint(find_latest(run_dir))
+    assert len(state["rng"]) == 2  # both processes' random states
+    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
+    logs = [[json.loads(line) for line in (run_dir / f"batch-indices-rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    single = StreamBatchSampler(1797, 0, batch_size=8, micro_batch=8)
+    for step in range(4):
+        rank0, rank1 = logs[0][step]["indices"], logs[1][step]["indices"]
+        assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
+        assert rank0 + rank1 == single.micro_batch_indices(8 * step, 0)
