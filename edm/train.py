@@ -425,7 +425,11 @@ class StopOnSignal:
 def setup(cfg: TrainConfig) -> Run:
     """Data, denoiser, EMA, optimizer and accelerator; resumes from run_dir's latest checkpoint if asked."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
+    # those of an earlier train() in this process (the distributed PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=use_cpu(cfg), dynamo_backend="inductor" if cfg.compile else "no"
     )

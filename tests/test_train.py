@@ -204,6 +204,27 @@ def test_network_shape_follows_the_data_set(compose_train):
         "ddpmpp", 8, 1, 1, 10)
 
 
+def test_bf16_mixed_precision_autocasts_the_network(compose_train):
+    seen = []
+
+    def watch(run):  # from step 2 on, record whether the network runs under bf16 autocast
+        if run.state.step == 1:
+            run.net.net.register_forward_pre_hook(
+                lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+
+    result = train(compose_train("mixed_precision=bf16", "grad_clip=0.5", "grid_size=0"), callback=watch)
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert all(math.isfinite(r["loss"]) for r in _metrics(result.metrics.parent))
+
+
+@pytest.mark.slow  # inductor compilation takes about a minute on CPU
+def test_compiled_network_trains_and_saves_plain_weights(compose_train):
+    result = train(compose_train("compile=true"))
+    state = load_checkpoint(result.checkpoint)
+    assert not any("_orig_mod" in key for key in state["model"])
+    load_denoiser(result.checkpoint)
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["not_a_key=1"], "not_a_key"),
     (["dataset.bogus=1"], "bogus"),
