@@ -39,6 +39,8 @@ __all__ = [
     "update_ema",
     "ema_beta",
     "learning_rate",
+    "make_optimizer",
+    "set_precision_flags",
     "denoiser_spec",
     "RunState",
     "TrainResult",
@@ -186,14 +188,27 @@ def make_loss(cfg: TrainConfig, schedule: Schedule) -> Loss:
 
 def set_backend_flags(cfg: TrainConfig) -> None:
     """TF32 and cuDNN autotuning from the config (entry points only; the library never sets them)."""
-    precision = "tf32" if cfg.tf32 else "ieee"
+    set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
+
+
+def set_precision_flags(tf32: bool, cudnn_benchmark: bool) -> None:
+    """TF32 for the fp32 matmuls/convs that remain, and cuDNN autotuning (entry points call this)."""
+    precision = "tf32" if tf32 else "ieee"
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = precision
         torch.backends.cudnn.conv.fp32_precision = precision
     else:  # torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def make_optimizer(
+    params, lr: float, betas: Sequence[float], eps: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """Adam; the fused CUDA kernel on GPUs (one launch for all parameters), the default elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def use_cpu(cfg: TrainConfig) -> bool:
@@ -449,7 +464,7 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, accelerator.device)
     model, optimizer = accelerator.prepare(net, optimizer)
     ema.to(accelerator.device)
     rank = accelerator.process_index

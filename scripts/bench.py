@@ -1,0 +1,262 @@
+"""Benchmark training and sampling throughput: images/s, peak memory, achieved TFLOP/s.
+
+    python scripts/bench.py                                   # CUDA: DDPM++ CIFAR-10, batch 512, bf16, compile
+    python scripts/bench.py --device cpu                      # CPU: tiny network, small batch (what CI runs)
+    python scripts/bench.py --precision fp32 --no-compile --no-tf32   # the reference's default setting
+    python scripts/bench.py --mode sample --sample-steps 18   # Heun, 18 steps = 35 network evaluations
+
+Training is timed through `edm.train.train_step` (the loop `python -m edm.train` runs) on
+synthetic batches already on the device; `--mode data` times the data loader separately, so
+one can see whether loading keeps up. Timings use warm-up steps and synchronise the device
+around the timed region. The result is printed as JSON (and written with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import edm
+from edm.train import make_optimizer, set_precision_flags, train_step
+
+DEFAULTS = {  # device type -> (network, resolution, channels, batch, precision, compile)
+    "cuda": ("ddpmpp", 32, 3, 512, "bf16", True),
+    "cpu": ("tiny", 16, 1, 32, "fp32", False),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--mode", default="train,sample", help="comma list of: train, sample, data")
+    p.add_argument("--network", help="network preset (default: ddpmpp on CUDA, tiny on CPU)")
+    p.add_argument("--resolution", type=int, help="image size (default 32 on CUDA, 16 on CPU)")
+    p.add_argument("--channels", type=int, help="image channels (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--label-dim", type=int, default=0, help="number of classes (0: unconditional)")
+    p.add_argument("--batch", type=int, help="batch size (default 512 on CUDA, 32 on CPU)")
+    p.add_argument("--schedule", default="edm", choices=sorted(edm.schedules.SCHEDULES))
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default bf16 on CUDA)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", default=True, help="IEEE fp32 matmuls/convs")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
+    p.add_argument("--sample-steps", type=int, default=18, help="Heun steps for sampling (2N − 1 evaluations)")
+    p.add_argument("--sample-batch", type=int, help="sampling batch (default: --batch)")
+    p.add_argument("--dataset", default="digits", help="data set for --mode data (see configs/dataset)")
+    p.add_argument("--dataset-root", default=None, help="dataset root for --mode data")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    if device == "auto":
+        device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False: install a CUDA build of torch or use --device cpu")
+    args.device = device
+    net, res, ch, batch, prec, comp = DEFAULTS["cuda" if device == "cuda" else "cpu"]
+    for key, value in (("network", net), ("resolution", res), ("channels", ch), ("batch", batch),
+                       ("precision", prec), ("compile", comp)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.steps = args.steps or (20 if device == "cuda" else 3)
+    args.warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 1)
+    args.sample_batch = args.sample_batch or args.batch
+    args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = sorted(set(args.modes) - {"train", "sample", "data"})
+    if bad:
+        p.error(f"unknown --mode {bad}; choose from train, sample, data")
+    return args
+
+
+class Timer:
+    """Wall time of a region, synchronising the device at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "Timer":
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def autocast(args: argparse.Namespace):
+    """Autocast context of --precision (a no-op for fp32)."""
+    if args.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    return torch.autocast(args.device, dtype=dtype)
+
+
+def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precond:
+    net = edm.networks.build(
+        args.network, img_resolution=args.resolution, in_channels=args.channels, label_dim=args.label_dim
+    )
+    den = edm.Precond(net, kind=args.schedule).to(device)
+    if args.channels_last:
+        den = den.to(memory_format=torch.channels_last)
+    return den
+
+
+def train_flops(den: edm.Precond, loss_fn: edm.Loss, y: torch.Tensor, labels) -> int:
+    """FLOPs of one forward + backward of the loss, counted by torch's FlopCounterMode (uncompiled)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(den, y, labels).mean().backward()
+    den.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    from accelerate import Accelerator
+
+    device = torch.device(args.device)
+    accelerator = Accelerator(
+        mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
+        cpu=device.type == "cpu",
+        dynamo_backend="inductor" if args.compile else "no",
+    )
+    den = build_denoiser(args, device).train()
+    loss_fn = edm.Loss(edm.schedules.get(args.schedule))
+    g = torch.Generator(device).manual_seed(args.seed)
+    y = torch.rand(args.batch, args.channels, args.resolution, args.resolution, generator=g, device=device) * 2 - 1
+    labels = None
+    if args.label_dim:
+        labels = torch.nn.functional.one_hot(torch.arange(args.batch, device=device) % args.label_dim, args.label_dim).float()
+    if args.channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    flops = train_flops(den, loss_fn, y, labels)
+    optimizer = make_optimizer(den.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, device=device)
+    model, optimizer = accelerator.prepare(den, optimizer)
+
+    def step() -> torch.Tensor:
+        return train_step(model, loss_fn, optimizer, [(y, labels)], accelerator, g, lr=1e-4)
+
+    with Timer(device) as t_warm:
+        for _ in range(args.warmup):
+            step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with Timer(device) as t:
+        for _ in range(args.steps):
+            loss = step()
+    result = {
+        "images_per_s": args.batch * args.steps / t.seconds,
+        "step_ms": 1000 * t.seconds / args.steps,
+        "warmup_s": t_warm.seconds,
+        "final_loss": float(loss),
+        "flops_per_image": flops / args.batch,
+        "achieved_tflops": flops * args.steps / t.seconds / 1e12,
+        "parameters": sum(p.numel() for p in den.parameters()),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+@torch.no_grad()
+def bench_sample(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    den = build_denoiser(args, device).eval()
+    if args.compile:
+        den.net = torch.compile(den.net)
+    sched = edm.schedules.get(args.schedule)
+    shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
+    noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    evaluations = 0
+
+    def counting(x, sigma, class_labels=None):
+        nonlocal evaluations
+        evaluations += 1
+        with autocast(args):
+            return den(x, sigma, class_labels)
+
+    def run() -> torch.Tensor:
+        return edm.sample(counting, noise, sched, num_steps=args.sample_steps, solver="heun")
+
+    with Timer(device) as t_warm:
+        run()  # warm-up: compilation and autotuning
+    evaluations = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with Timer(device) as t:
+        x = run()
+    result = {
+        "images_per_s": args.sample_batch / t.seconds,
+        "network_evaluations": evaluations,
+        "seconds": t.seconds,
+        "warmup_s": t_warm.seconds,
+        "finite": bool(torch.isfinite(x).all()),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def bench_data(args: argparse.Namespace) -> dict:
+    """Images/s the training DataLoader delivers (decoded, batched, moved to the device)."""
+    from edm.config import DatasetConfig
+    from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
+
+    dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root))
+    batches = 50
+    sampler = StreamBatchSampler(len(dataset), args.seed, args.batch, args.batch, 0, 1, start_nimg=0)
+    loader = make_loader(dataset, sampler, args.workers, pin_memory=args.device == "cuda")
+    device = torch.device(args.device)
+    it = iter(loader)
+    next(it)  # start the workers
+    with Timer(device) as t:
+        for _ in range(batches):
+            images = next(it)[0]
+            to_model_space(images.to(device, non_blocking=True))
+    return {"images_per_s": batches * args.batch / t.seconds, "dataset": args.dataset, "workers": args.workers}
+
+
+def device_name(args: argparse.Namespace) -> str:
+    if args.device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_precision_flags(tf32=args.tf32, cudnn_benchmark=True)
+    torch.manual_seed(args.seed)
+    result = {
+        "device": device_name(args),
+        "torch": torch.__version__,
+        "edm": edm.__version__,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "modes")},
+    }
+    benches = {"train": bench_train, "sample": bench_sample, "data": bench_data}
+    for mode in args.modes:
+        result[mode] = benches[mode](args)
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
