@@ -241,7 +241,7 @@ def _mnist_help(root: str | None, fashion: bool) -> str:
     name, cls = ("Fashion-MNIST", "FashionMNIST") if fashion else ("MNIST", "MNIST")
     where = (
         f"{name} needs train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] either directly in "
-        f"dataset.root or in dataset.root/{cls}/raw (torchvision's layout); dataset.root is {root!r}. "
+        f"dataset.root or in dataset.root/{cls}/raw (torchvision's layout); dataset.root is {'not set' if root is None else repr(root)}. "
     )
     get = f"Get them with torchvision on a machine with internet: torchvision.datasets.{cls}('<root>', download=True)"
     if fashion:
@@ -281,7 +281,7 @@ def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: b
     root is the folder holding cifar-10-batches-py (or that folder itself)."""
     help_text = (
         "CIFAR-10 needs the extracted python version: <root>/cifar-10-batches-py/data_batch_1..5 and batches.meta; "
-        f"dataset.root is {None if root is None else str(root)!r}. Get cifar-10-python.tar.gz from "
+        f"dataset.root is {'not set' if root is None else repr(str(root))}. Get cifar-10-python.tar.gz from "
         "https://www.cs.toronto.edu/~kriz/cifar.html and extract it in <root>, or run "
         "torchvision.datasets.CIFAR10('<root>', download=True) on a machine with internet."
     )

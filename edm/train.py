@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -603,7 +604,12 @@ def _hydra_main() -> None:
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_backend_flags(cfg)
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except (ValueError, FileNotFoundError, FileExistsError, TrainingDivergedError) as err:
+            # config, data, checkpoint and divergence errors: the message says what to do
+            print(f"edm.train: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         if is_main:
             print(f"step {result.state.step} ({result.state.cur_nimg / 1000:.1f} kimg); checkpoint: {result.checkpoint}")
             if result.grid is not None:

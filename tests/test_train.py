@@ -169,6 +169,11 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train):
     assert find_latest(run_dir).name == "checkpoint-00000004.pt"
     assert (run_dir / "samples-final.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert len(_metrics(run_dir)) == 4
+    again = subprocess.run(  # known errors end with a one-line message and status 1
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD,
+    )
+    assert again.returncode == 1 and "edm.train: error: run_dir" in again.stderr and "resume=true" in again.stderr
 
 
 def test_tensorboard_gets_the_logged_scalars_when_installed(compose_train, tmp_path, monkeypatch):
