@@ -6,6 +6,7 @@ error. In each schedule's row λ(σ)·c_out(σ)² = 1, so the network's own targ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable
@@ -93,8 +94,8 @@ class Loss:
             vp = self.schedule if isinstance(self.schedule, VP) else VP()
             return vp.sigma(self.epsilon_t + u * (vp.t_end - self.epsilon_t))
         if kind == "ve":
-            lo, hi = torch.log(torch.tensor([self.schedule.sigma_min, self.schedule.sigma_max], dtype=dtype))
-            return torch.exp(lo + u * (hi - lo)).to(device)
+            lo, hi = math.log(self.schedule.sigma_min), math.log(self.schedule.sigma_max)
+            return torch.exp(lo + u * (hi - lo))
         z = torch.randn(batch, generator=generator, device=device, dtype=dtype)
         if kind == "edm":
             return torch.exp(self.P_mean + self.P_std * z)
