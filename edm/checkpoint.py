@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from .precond import Precond
 
 __all__ = [
     "CheckpointError",
+    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
     "build_denoiser",
@@ -45,22 +46,35 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, of the wrong format or does not fit the config."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, flush + fsync, os.replace."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bool = True) -> Path:
+    """Write `path` through `write(f)` on a temp file in the same folder, then os.replace.
+
+    A crash never leaves half a `path`: a killed writer leaves only `.NAME.XXXX.tmp`, which no
+    glob for the real files (checkpoint-*.pt, *.npz, *.png) matches. `durable` also fsyncs the
+    file and the folder (survives a machine crash; skipped for many small files).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are ordinary files
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` atomically and durably (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _fsync_dir(folder: Path) -> None:

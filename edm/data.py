@@ -406,8 +406,9 @@ def to_model_space(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[−1, 1] -> uint8 0..255 (clipped, rounded): x = (y + 1)·127.5."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """[−1, 1] -> uint8 0..255: x = floor(127.5 y + 128) clipped, i.e. round(127.5 (y + 1)) with
+    ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels)."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def save_image_grid(

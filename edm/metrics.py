@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import to_model_space
+
 __all__ = [
     "frechet_distance",
     "FeatureStats",
@@ -336,8 +338,8 @@ def count_images(source: str | Path) -> int:
 
 
 def _uint8_to_unit(batch: np.ndarray) -> Tensor:
-    """uint8 [B, H, W, C] -> float [B, C, H, W] in [−1, 1] by k/127.5 − 1."""
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+    """uint8 [B, H, W, C] -> float [B, C, H, W] in [−1, 1] (edm.data.to_model_space)."""
+    return to_model_space(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2))
 
 
 def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:

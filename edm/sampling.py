@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import atomic_write
+from .data import to_uint8 as pixels_to_uint8
 from .samplers import SOLVERS, check_options, sample
 from .schedules import Schedule, get as get_schedule
 
@@ -263,29 +265,11 @@ def generate_batch(
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W, C] by round(127.5 x + 127.5), as NVlabs' generate.py."""
-    x = (images.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W, C] numpy, pixels by edm.data.to_uint8."""
+    return pixels_to_uint8(images.detach()).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- writers
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str, durable: bool = True) -> None:
-    """Write through a temporary file in the same folder, then os.replace: a crashed process never leaves
-    half a file. `durable` also fsyncs (survives a machine crash; skipped for the many per-image PNGs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_png(path: Path, image: np.ndarray, durable: bool = False) -> None:
@@ -293,7 +277,7 @@ def save_png(path: Path, image: np.ndarray, durable: bool = False) -> None:
     from PIL import Image
 
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    _atomic_write(path, lambda f: pil.save(f, format="PNG"), ".png", durable)
+    atomic_write(path, lambda f: pil.save(f, format="PNG"), durable)
 
 
 class PngWriter:
@@ -337,7 +321,7 @@ class PartWriter:
         seeds = np.array([s.seed for s in specs], dtype=np.int64)
         lab = np.full(len(specs), -1, dtype=np.int64) if labels is None else labels.cpu().numpy().astype(np.int64)
         path = self.parts_dir / f"part-{seeds[0]:06d}-{seeds[-1]:06d}-r{self.rank}.npz"
-        _atomic_write(path, lambda f: np.savez(f, images=images, seeds=seeds, labels=lab), ".npz")
+        atomic_write(path, lambda f: np.savez(f, images=images, seeds=seeds, labels=lab))
 
 
 def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool = False) -> PngWriter | PartWriter:
@@ -352,7 +336,7 @@ def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool =
 def write_json(path: str | Path, data: dict) -> None:
     """Write `data` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=False).encode()
-    _atomic_write(Path(path), lambda f: f.write(text), ".json")
+    atomic_write(path, lambda f: f.write(text))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -437,7 +421,7 @@ def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: 
     if fmt == "npz":
         path = out_dir / NPZ_NAME
         seeds_arr = np.asarray(seeds, dtype=np.int64)
-        _atomic_write(path, lambda f: np.savez(f, images=images, seeds=seeds_arr, labels=labels), ".npz")
+        atomic_write(path, lambda f: np.savez(f, images=images, seeds=seeds_arr, labels=labels))
         return path
     if fmt == "grid":
         path = out_dir / GRID_NAME

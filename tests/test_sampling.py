@@ -25,6 +25,7 @@ from edm.sampling import (
     make_grid,
     parse_seeds,
     plan_images,
+    read_parts,
     shard,
     to_uint8,
 )
@@ -202,6 +203,28 @@ def test_parts_merge_into_npz_or_grid(ideal, tmp_path, fmt):
         from PIL import Image
 
         np.testing.assert_array_equal(np.asarray(Image.open(path)), make_grid(expected, 2)[:, :, 0])
+
+
+def test_a_killed_part_write_does_not_break_resume(tmp_path):
+    """A process killed while writing a part leaves only a temp file that the part globs ignore:
+    resume still reads the finished parts and redoes the torn one."""
+    done = PartWriter(tmp_path)
+    done.write(plan_images([0], None, 0), np.zeros((1, 4, 4, 1), np.uint8), None)
+    script = (
+        "import os, numpy as np\n"
+        "from edm.sampling import PartWriter, plan_images\n"
+        "def killed(f, **arrays):\n"
+        "    f.write(b'PK partial'); f.flush(); os._exit(9)\n"
+        "np.savez = killed\n"
+        f"PartWriter({str(tmp_path)!r}).write(plan_images([1], None, 0), np.zeros((1, 4, 4, 1), np.uint8), None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr.decode()
+    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert len(parts) == 2 and parts[0].startswith(".") and parts[0].endswith(".tmp")  # the torn write
+    assert [spec.seed for spec in PartWriter(tmp_path).pending(plan_images([0, 1], None, 0))] == [1]
+    images, _ = read_parts(tmp_path, [0])
+    assert images.shape == (1, 4, 4, 1)
 
 
 def test_finalize_names_missing_images(tmp_path):
