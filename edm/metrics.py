@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import atomic_write
 from .data import to_model_space
 
 __all__ = [
@@ -372,8 +373,8 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
     """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, num_images=np.int64(num_images))
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # as np.savez names it
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images)))
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

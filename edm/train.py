@@ -32,6 +32,7 @@ from .config import TrainConfig, check_config, from_dictconfig, register_configs
 from .data import ImageDataset, StreamBatchSampler, build_dataset, make_loader, save_image_grid, to_model_space
 from .losses import Loss
 from .samplers import sample
+from .sampling import initial_noise, make_generators
 from .schedules import VP, Schedule, get as get_schedule
 
 __all__ = [
@@ -346,8 +347,8 @@ def write_grid(run: Run, path: Path) -> Path:
     """Sample grid_size images with the EMA denoiser and the configured sampler; one seed per image."""
     cfg, ds, device = run.cfg, run.dataset, run.accelerator.device
     shape = (ds.channels, ds.resolution, ds.resolution)
-    generators = [torch.Generator(device).manual_seed(cfg.grid_seed + i) for i in range(cfg.grid_size)]
-    noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    generators = make_generators(range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size), device)
+    noise = initial_noise(generators, shape, torch.float32, device)
     labels = None
     if ds.label_dim > 0:
         labels = torch.eye(ds.label_dim, device=device)[torch.arange(cfg.grid_size, device=device) % ds.label_dim]
