@@ -36,6 +36,9 @@ __all__ = [
     "ModelInfo",
     "ImageSpec",
     "GuidedDenoiser",
+    "AutocastDenoiser",
+    "MIXED_PRECISION",
+    "fast_denoiser",
     "parse_seeds",
     "format_seeds",
     "plan_images",
@@ -237,6 +240,40 @@ class GuidedDenoiser(nn.Module):
         )
         d_uncond, d_cond = both.chunk(2)
         return d_uncond + self.weight * (d_cond - d_uncond)
+
+
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AutocastDenoiser(nn.Module):
+    """D(x̂; σ) with the network under torch.autocast(`dtype`); the result comes back in x̂'s dtype.
+
+    The sampler state, σ and the preconditioning stay in x̂'s dtype; only autocast-eligible
+    network ops (convolutions, matmuls, attention) run in bf16/fp16.
+    """
+
+    def __init__(self, denoiser: Callable[..., Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.dtype = dtype
+
+    def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        with torch.autocast(x_hat.device.type, dtype=self.dtype):
+            out = self.denoiser(x_hat, sigma, class_labels)
+        return out.to(x_hat.dtype)
+
+
+def fast_denoiser(denoiser: nn.Module, mixed_precision: str = "no", compile: bool = False) -> Callable[..., Tensor]:
+    """The sampling fast path: `denoiser` under bf16/fp16 autocast (`mixed_precision`) and/or torch.compile.
+
+    compile wraps the whole denoiser (network and preconditioning in one graph; the solver's
+    arithmetic stays eager). A batch of another size compiles once more.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; valid values are {list(MIXED_PRECISION)}")
+    dtype = MIXED_PRECISION[mixed_precision]
+    fast: Callable[..., Tensor] = denoiser if dtype is None else AutocastDenoiser(denoiser, dtype)
+    return torch.compile(fast) if compile else fast
 
 
 def generate_batch(

@@ -14,7 +14,6 @@ around the timed region. The result is printed as JSON (and written with --out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 import edm
+from edm.sampling import fast_denoiser
 from edm.train import make_optimizer, set_precision_flags, train_step
 
 DEFAULTS = {  # device type -> (network, resolution, channels, batch, precision, compile)
@@ -98,12 +98,9 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def autocast(args: argparse.Namespace):
-    """Autocast context of --precision (a no-op for fp32)."""
-    if args.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    return torch.autocast(args.device, dtype=dtype)
+def mixed_precision(args: argparse.Namespace) -> str:
+    """--precision in accelerate's / edm.sampling's words: no | bf16 | fp16."""
+    return "no" if args.precision == "fp32" else args.precision
 
 
 def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precond:
@@ -131,7 +128,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     accelerator = Accelerator(
-        mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
+        mixed_precision=mixed_precision(args),
         cpu=device.type == "cpu",
         dynamo_backend="inductor" if args.compile else "no",
     )
@@ -177,8 +174,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 def bench_sample(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     den = build_denoiser(args, device).eval()
-    if args.compile:
-        den.net = torch.compile(den.net)
+    fast = fast_denoiser(den, mixed_precision(args), args.compile)  # what scripts/sample.py runs
     sched = edm.schedules.get(args.schedule)
     shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
@@ -187,8 +183,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     def counting(x, sigma, class_labels=None):
         nonlocal evaluations
         evaluations += 1
-        with autocast(args):
-            return den(x, sigma, class_labels)
+        return fast(x, sigma, class_labels)
 
     def run() -> torch.Tensor:
         return edm.sample(counting, noise, sched, num_steps=args.sample_steps, solver="heun")

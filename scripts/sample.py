@@ -78,6 +78,8 @@ class SampleConfig:
     dtype: str = "float32"  # float32 | float64 (sampler state and network input)
     cpu: bool = False  # force CPU even when a GPU is present
     tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
+    mixed_precision: str = "no"  # no | bf16 | fp16: the network under autocast (sampler state stays in `dtype`)
+    compile: bool = False  # torch.compile the denoiser (a warm-up compiles once per batch size)
     subdirs: bool = False  # png: one folder per 1000 seeds
     grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
@@ -179,6 +181,8 @@ def report(
         "guidance": cfg.guidance,
         "image_shape": list(info.img_shape),
         "dtype": cfg.dtype,
+        "mixed_precision": cfg.mixed_precision,
+        "compile": cfg.compile,
         "batch": cfg.batch,
         "world_size": world_size,
         "format": cfg.format,
@@ -223,6 +227,8 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f"unknown format {cfg.format!r}; valid formats are {list(sampling.FORMATS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid dtypes are {sorted(DTYPES)}")
+    if cfg.mixed_precision not in sampling.MIXED_PRECISION:
+        raise ValueError(f"unknown mixed_precision {cfg.mixed_precision!r}; valid values are {list(sampling.MIXED_PRECISION)}")
     if cfg.eval.fid:  # fail before sampling, not after
         if cfg.format == "grid":
             raise ValueError("eval.fid needs the images: use format=png or format=npz")
@@ -238,6 +244,7 @@ def run(cfg: DictConfig) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     denoiser, info = sampling.load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     schedule = resolve_schedule(cfg, info.schedule)
+    denoiser = sampling.fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile)
     if cfg.guidance != 1.0:
         if info.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")

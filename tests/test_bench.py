@@ -91,19 +91,16 @@ def test_bf16_fast_path_follows_the_fp32_loss_curve():
 
 
 def test_bf16_samples_match_fp32_within_bf16_tolerance():
+    """The sampling fast path of scripts/sample.py and bench.py (edm.sampling.fast_denoiser)."""
     import edm
+    from edm.sampling import fast_denoiser
 
     torch.manual_seed(0)
     den = edm.Precond(edm.networks.build("tiny", img_resolution=8, in_channels=1), kind="edm").eval()
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def bf16(x, sigma, class_labels=None):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return den(x, sigma, class_labels)
-
     with torch.no_grad():
         ref = edm.sample(den, noise, "edm", num_steps=8)
-        fast = edm.sample(bf16, noise, "edm", num_steps=8)
+        fast = edm.sample(fast_denoiser(den, "bf16"), noise, "edm", num_steps=8)
     assert fast.dtype == torch.float32
     rel = (fast - ref).norm() / ref.norm()
     assert 0 < rel < 3e-2, rel  # nonzero: bf16 really ran; small: within bf16 (8-bit mantissa) tolerance
