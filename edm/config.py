@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .augment import AUGMENT_DIM, AugmentConfig
 from .networks import NetworkConfig
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SamplerConfig",
     "TrainConfig",
     "NetworkConfig",
+    "AugmentConfig",
     "register_configs",
     "from_dictconfig",
     "check_config",
@@ -135,6 +137,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     run_dir: str = "runs/train"
     resume: bool = False
@@ -234,6 +237,15 @@ def check_config(cfg: TrainConfig) -> None:
         _choice("sampler.discretization", cfg.sampler.discretization, list(schedules.DISCRETIZATIONS))
     _positive("sampler.num_steps", cfg.sampler.num_steps)
     _choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
+    if not 0 <= cfg.augment.p <= 1:
+        raise ValueError(f"augment.p={cfg.augment.p!r} must be in [0, 1] (0 = no augmentation; EDM's CIFAR-10: 0.12)")
+    for f in dataclasses.fields(cfg.augment):
+        _positive(f"augment.{f.name}", getattr(cfg.augment, f.name), allow_zero=True)
+    if cfg.augment.p > 0 and cfg.network.augment_dim not in (0, AUGMENT_DIM):
+        raise ValueError(
+            f"augment.p > 0 gives the network {AUGMENT_DIM} augmentation labels, but network.augment_dim="
+            f"{cfg.network.augment_dim}: set network.augment_dim={AUGMENT_DIM} (or 0, which augment.p > 0 turns into {AUGMENT_DIM})"
+        )
     _positive("batch_size", cfg.batch_size)
     if cfg.batch_per_device is not None:
         _positive("batch_per_device", cfg.batch_per_device)

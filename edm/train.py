@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .augment import AUGMENT_DIM, augment
 from .config import TrainConfig, check_config, from_dictconfig, register_configs, to_container
 from .data import ImageDataset, StreamBatchSampler, build_dataset, make_loader, save_image_grid, to_model_space
 from .losses import Loss
@@ -125,16 +126,18 @@ def train_step(
 ) -> Tensor:
     """One optimizer step on the global batch, split into micro-batches (gradient accumulation).
 
-    Optimizes mean_batch(λ‖D − y‖²) / (C·H·W); gradients are averaged over micro-batches and
-    processes. Returns that loss as a device tensor (no host sync).
+    Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels). Optimizes
+    mean_batch(λ‖D − y‖²) / (C·H·W); gradients are averaged over micro-batches and processes.
+    Returns that loss as a device tensor (no host sync).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (y, labels) in enumerate(micro_batches):
+    for i, (y, labels, *augment_labels) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        kwargs = {"augment_labels": augment_labels[0]} if augment_labels and augment_labels[0] is not None else {}
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss = loss_fn(model, y, labels, generator=generator).mean() / y[0].numel()
+            loss = loss_fn(model, y, labels, generator=generator, **kwargs).mean() / y[0].numel()
             accelerator.backward(loss / len(micro_batches))
         total += loss.detach()
     if grad_clip is not None:
@@ -158,6 +161,8 @@ def denoiser_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict:
             logger.info("network.%s=%s replaced by %s from data set %s", key, network[key], value, cfg.dataset.name)
         network[key] = value
     network.setdefault("out_channels", network["in_channels"])
+    if cfg.augment.p > 0:
+        network["augment_dim"] = AUGMENT_DIM  # the network is told each image's augmentation
     return {"network": network, "precond": precond_kwargs(cfg)}
 
 
@@ -488,7 +493,8 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def _batches(run: Run, micro_batch: int):
-    """Endless (y in [−1, 1], one-hot labels or None, indices) micro-batches on the device."""
+    """Endless (y in [−1, 1], one-hot labels or None, augmentation labels or None, indices)
+    micro-batches on the device; augmented (cfg.augment) with the run's generator."""
     acc, cfg = run.accelerator, run.cfg
     sampler = StreamBatchSampler(
         len(run.dataset), cfg.seed, cfg.batch_size, micro_batch, acc.process_index, acc.num_processes,
@@ -501,7 +507,10 @@ def _batches(run: Run, micro_batch: int):
     for images, labels, indices in loader:
         y = to_model_space(images.to(acc.device, non_blocking=True))
         labels = labels.to(acc.device, non_blocking=True) if labels.shape[1] > 0 else None
-        yield y, labels, indices
+        augment_labels = None
+        if cfg.augment.p > 0:
+            y, augment_labels = augment(y, cfg.augment, run.generator)
+        yield y, labels, augment_labels, indices
 
 
 def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> TrainResult:
@@ -534,10 +543,10 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
             while state.cur_nimg < total_nimg:
                 micro_batches = [next(batches) for _ in range(accum)]
                 if indices_log is not None:
-                    for i, (_, _, indices) in enumerate(micro_batches):
+                    for i, (*_, indices) in enumerate(micro_batches):
                         indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
                 lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
-                loss = train_step(run.model, run.loss_fn, run.optimizer, [(y, c) for y, c, _ in micro_batches],
+                loss = train_step(run.model, run.loss_fn, run.optimizer, [batch[:3] for batch in micro_batches],
                                   acc, run.generator, lr, cfg.grad_clip)
                 beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
                 update_ema(run.ema, run.net, beta)

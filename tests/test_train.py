@@ -285,23 +285,25 @@ RESUME = ["network.dropout=0.2", "batch_per_device=4", "dataset.max_size=12", "d
           "lr_rampup_kimg=0.01", "ema_rampup_ratio=0.5", "checkpoint_every=2"]
 
 
-@pytest.mark.parametrize("how", ["extend", "interrupt"])
-def test_resume_is_bit_exact(compose_train, tmp_path, how):
-    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit)."""
-    straight = train(compose_train(*RESUME, "total_kimg=0.048", run_dir=tmp_path / "a"))
+@pytest.mark.parametrize("how, augment", [("extend", "0"), ("interrupt", "0"), ("interrupt", "0.5")])
+def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
+    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit); with
+    augmentation, its draws come from the same saved generator."""
+    settings = [*RESUME, f"augment.p={augment}"]
+    straight = train(compose_train(*settings, "total_kimg=0.048", run_dir=tmp_path / "a"))
     b = tmp_path / "b"
     if how == "extend":  # a shorter run, then the same run extended
-        first = train(compose_train(*RESUME, "total_kimg=0.024", run_dir=b))
+        first = train(compose_train(*settings, "total_kimg=0.024", run_dir=b))
     else:  # Ctrl-C after step 3: a checkpoint is saved before stopping
         def interrupt(run):
             if run.state.step == 3:
                 signal.raise_signal(signal.SIGINT)
 
-        first = train(compose_train(*RESUME, "total_kimg=0.048", run_dir=b), callback=interrupt)
+        first = train(compose_train(*settings, "total_kimg=0.048", run_dir=b), callback=interrupt)
         assert first.interrupted
     assert first.state.step == 3 and first.checkpoint.name == "checkpoint-00000003.pt"
     half = load_checkpoint(first.checkpoint)
-    resumed = train(compose_train(*RESUME, "total_kimg=0.048", "resume=true", run_dir=b))
+    resumed = train(compose_train(*settings, "total_kimg=0.048", "resume=true", run_dir=b))
     assert resumed.state.step == 6
     a_state, b_state = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     _assert_same_state(a_state, b_state)
