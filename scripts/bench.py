@@ -123,6 +123,16 @@ def train_flops(den: edm.Precond, loss_fn: edm.Loss, y: torch.Tensor, labels) ->
     return counter.get_total_flops()
 
 
+@torch.no_grad()
+def forward_flops(den: edm.Precond, x: torch.Tensor) -> int:
+    """FLOPs of one denoiser evaluation on the batch x, counted by FlopCounterMode (uncompiled)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        den(x, torch.ones(x.shape[0], device=x.device))
+    return counter.get_total_flops()
+
+
 def bench_train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
@@ -178,6 +188,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     sched = edm.schedules.get(args.schedule)
     shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    flops = forward_flops(den, noise)
     evaluations = 0
 
     def counting(x, sigma, class_labels=None):
@@ -199,6 +210,8 @@ def bench_sample(args: argparse.Namespace) -> dict:
         "images_per_s": args.sample_batch / t.seconds,
         "network_evaluations": evaluations,
         "seconds": t.seconds,
+        "flops_per_image_forward": flops / args.sample_batch,
+        "achieved_tflops": flops * evaluations / t.seconds / 1e12,
         "warmup_s": t_warm.seconds,
         "finite": bool(torch.isfinite(x).all()),
     }

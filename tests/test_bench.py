@@ -29,6 +29,9 @@ def test_cpu_benchmark_reports_measurements(bench, tmp_path):
     assert torch.isfinite(torch.tensor(train["final_loss"]))
     assert sample["network_evaluations"] == 2 * 3 - 1  # Heun: two evaluations a step, one on the last
     assert sample["finite"]
+    # Forward-only FLOPs: about a third of forward + backward (backward ≈ 2 × forward).
+    assert 0.25 < sample["flops_per_image_forward"] / train["flops_per_image"] < 0.45
+    assert sample["achieved_tflops"] > 0
     assert result["data"]["images_per_s"] > 0
     assert result["settings"]["network"] == "tiny"
 
