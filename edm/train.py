@@ -55,7 +55,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+def _config_dir() -> str:
+    """The Hydra configs: edm/configs in an installed wheel, else configs/ at the top of the repo
+    (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if (folder / "train.yaml").is_file():
+            return str(folder)
+    raise FileNotFoundError(f"edm's configs (train.yaml) are neither in {here / 'configs'} nor in {here.parent / 'configs'}")
+
+
+CONFIG_DIR = _config_dir()
 
 
 class TrainingDivergedError(RuntimeError):

@@ -372,3 +372,21 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train):
         rank0, rank1 = logs[0][step]["indices"], logs[1][step]["indices"]
         assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
         assert rank0 + rank1 == single.micro_batch_indices(8 * step, 0)
+
+
+def test_every_config_ships_in_the_wheel():
+    """pyproject.toml packages configs/ as edm/configs (for non-editable installs): its globs
+    must reach every yaml file, and the folder must be the one edm.train reads in a checkout."""
+    tomllib = pytest.importorskip("tomllib")
+    from fnmatch import fnmatch
+
+    from edm.train import CONFIG_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folder = root / setup["package-dir"]["edm.configs"]
+    assert "edm.configs" in setup["packages"] and Path(CONFIG_DIR) == folder
+    yamls = [p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")]
+    assert "train.yaml" in yamls and "dataset/digits.yaml" in yamls
+    missed = [y for y in yamls if not any(fnmatch(y, g) and y.count("/") == g.count("/") for g in setup["package-data"]["edm.configs"])]
+    assert not missed, f"not packaged: {missed}"
