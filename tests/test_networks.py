@@ -333,19 +333,23 @@ def test_channels_last_same_output(arch):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_compile_fullgraph_no_recompile():
-    """Dynamo captures the whole forward (training mode: dropout, label dropout) in one graph,
-    and a second call reuses it. backend='eager' checks the capture without inductor's cost."""
-    net = randomized(networks.build("tiny", img_resolution=8, in_channels=1, label_dim=4, dropout=0.1,
-                                    label_dropout=0.2)).train()
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_compile_fullgraph_no_recompile(arch):
+    """Every architecture variant: dynamo captures the whole forward (training mode: dropout,
+    label dropout, augmentation labels) in one graph, and a second call reuses it.
+    backend='eager' checks the capture without inductor's cost (tests/test_cuda.py compiles
+    the full presets with inductor on a GPU)."""
+    torch._dynamo.reset()
+    net = randomized(small(arch, 8, 3, label_dim=4, augment_dim=9, dropout=0.1, label_dropout=0.2)).train()
     compiled = torch.compile(net, fullgraph=True, backend="eager")
-    x, c_noise, labels = batch(8, 1, label_dim=4)
+    x, c_noise, labels = batch(8, 3, label_dim=4)
+    augment_labels = torch.randn(2, 9, generator=torch.Generator().manual_seed(4))
     torch.manual_seed(3)
-    out = compiled(x, c_noise, labels)
+    out = compiled(x, c_noise, labels, augment_labels=augment_labels)
     torch.manual_seed(3)
-    torch.testing.assert_close(out, net(x, c_noise, labels))
+    torch.testing.assert_close(out, net(x, c_noise, labels, augment_labels=augment_labels))
     with torch.compiler.set_stance("fail_on_recompile"):
-        compiled(x, c_noise + 1, labels)
+        compiled(x, c_noise + 1, labels, augment_labels=augment_labels)
 
 
 @pytest.mark.slow
