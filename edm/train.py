@@ -55,14 +55,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def _config_dir() -> str:
     """The Hydra configs: edm/configs in an installed wheel, else configs/ at the top of the repo
-    (a checkout or an editable install)."""
+    (a checkout or an editable install; Hydra names the folder if it is missing)."""
     here = Path(__file__).resolve().parent
-    for folder in (here / "configs", here.parent / "configs"):
-        if (folder / "train.yaml").is_file():
-            return str(folder)
-    raise FileNotFoundError(f"edm's configs (train.yaml) are neither in {here / 'configs'} nor in {here.parent / 'configs'}")
+    packaged = here / "configs"
+    return str(packaged if (packaged / "train.yaml").is_file() else here.parent / "configs")
 
 
 CONFIG_DIR = _config_dir()
