@@ -4,6 +4,7 @@
     python scripts/bench.py --device cpu                      # CPU: tiny network, small batch (what CI runs)
     python scripts/bench.py --precision fp32 --no-compile --no-tf32   # the reference's default setting
     python scripts/bench.py --mode sample --sample-steps 18   # Heun, 18 steps = 35 network evaluations
+    python scripts/bench.py --augment 0.12                    # training steps with EDM's augmentation
 
 Training is timed through `edm.train.train_step` (the loop `python -m edm.train` runs) on
 synthetic batches already on the device; `--mode data` times the data loader separately, so
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import edm
+from edm.augment import AUGMENT_DIM, AugmentConfig, augment
 from edm.sampling import fast_denoiser
 from edm.train import make_optimizer, set_precision_flags, train_step
 
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", default=True, help="IEEE fp32 matmuls/convs")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--augment", type=float, default=0.0, metavar="P",
+                   help="train mode: EDM's augmentation with probability P inside each step (0: off; EDM CIFAR-10: 0.12)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
     p.add_argument("--sample-steps", type=int, default=18, help="Heun steps for sampling (2N − 1 evaluations)")
@@ -105,7 +109,8 @@ def mixed_precision(args: argparse.Namespace) -> str:
 
 def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precond:
     net = edm.networks.build(
-        args.network, img_resolution=args.resolution, in_channels=args.channels, label_dim=args.label_dim
+        args.network, img_resolution=args.resolution, in_channels=args.channels, label_dim=args.label_dim,
+        augment_dim=AUGMENT_DIM if args.augment > 0 else 0,
     )
     den = edm.Precond(net, kind=args.schedule).to(device)
     if args.channels_last:
@@ -155,8 +160,12 @@ def bench_train(args: argparse.Namespace) -> dict:
     optimizer = make_optimizer(den.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, device=device)
     model, optimizer = accelerator.prepare(den, optimizer)
 
+    augment_cfg = AugmentConfig(p=args.augment)
+
     def step() -> torch.Tensor:
-        return train_step(model, loss_fn, optimizer, [(y, labels)], accelerator, g, lr=1e-4)
+        # Augmentation as edm.train does it: on the device, from the run's generator, inside the step.
+        y_step, augment_labels = augment(y, augment_cfg, g) if augment_cfg.p > 0 else (y, None)
+        return train_step(model, loss_fn, optimizer, [(y_step, labels, augment_labels)], accelerator, g, lr=1e-4)
 
     with Timer(device) as t_warm:
         for _ in range(args.warmup):

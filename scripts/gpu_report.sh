@@ -4,7 +4,8 @@
 #   bash scripts/gpu_report.sh OUTDIR [tests|bench|bench-fast|bench-ref|all]    (default: all)
 #
 # tests:      tests/test_cuda.py and tests/test_networks.py on the GPU machine (all markers)
-# bench-fast: scripts/bench.py defaults (DDPM++ CIFAR-10, batch 512, bf16, compile) with and without channels_last
+# bench-fast: scripts/bench.py defaults (DDPM++ CIFAR-10, batch 512, bf16, compile) with and without channels_last,
+#             and training with EDM's augmentation (p = 0.12)
 # bench-ref:  the reference's settings (fp32 with TF32 off; fp16 autocast without compile)
 # Writes OUTDIR/cuda-tests.log and OUTDIR/<setting>.json; PYTHON picks the interpreter (python3).
 set -euo pipefail
@@ -21,6 +22,7 @@ esac
 case $what in bench|bench-fast|all)
   "$py" scripts/bench.py --out "$out/bf16-compile.json"
   "$py" scripts/bench.py --channels-last --out "$out/bf16-compile-channels-last.json"
+  "$py" scripts/bench.py --mode train --augment 0.12 --out "$out/bf16-compile-augment.json"
 esac
 case $what in bench|bench-ref|all)
   "$py" scripts/bench.py --precision fp32 --no-compile --no-tf32 --out "$out/fp32-notf32.json"

@@ -36,6 +36,26 @@ def test_cpu_benchmark_reports_measurements(bench, tmp_path):
     assert result["settings"]["network"] == "tiny"
 
 
+def test_augmented_training_steps(bench, monkeypatch):
+    """--augment P: each timed and warm-up step augments its batch and feeds the labels to a
+    network with augment_dim 9."""
+    calls = []
+    real = bench.augment
+
+    def counting(images, cfg, generator):
+        calls.append(cfg.p)
+        return real(images, cfg, generator)
+
+    monkeypatch.setattr(bench, "augment", counting)
+    args = ["--device", "cpu", "--mode", "train", "--resolution", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
+            "--augment", "0.5"]
+    result = bench.main(args)
+    assert calls == [0.5] * 3 and result["settings"]["augment"] == 0.5
+    plain = bench.main(args[:-2])
+    assert result["train"]["parameters"] - plain["train"]["parameters"] == 9 * 32  # map_augment: 9 -> model_channels
+    assert len(calls) == 3
+
+
 def test_flop_count_scales_with_the_network(bench):
     """FLOPs of fwd + bwd per image grow with the width (≈ quadratically for convolutions)."""
     import edm
