@@ -1,5 +1,5 @@
-"""Geometric augmentation with conditioning labels (EDM appendix F.2; the non-leaking
-augmentations of Karras et al. 2020, "Training GANs with Limited Data").
+"""Geometric augmentation with conditioning labels (EDM section 5, augmentation regularization;
+the non-leaking augmentations of Karras et al. 2020, "Training GANs with Limited Data").
 
 Each transform fires per image with probability p · multiplier. The network receives what was
 done as 9 augmentation labels (`augment_labels`, network `augment_dim = 9`); the loss compares D
