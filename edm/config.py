@@ -157,6 +157,7 @@ class TrainConfig:
 
     mixed_precision: str = "no"
     compile: bool = False
+    channels_last: bool = False
     cpu: bool = False
     tf32: bool = True
     cudnn_benchmark: bool = True

@@ -263,14 +263,19 @@ class AutocastDenoiser(nn.Module):
         return out.to(x_hat.dtype)
 
 
-def fast_denoiser(denoiser: nn.Module, mixed_precision: str = "no", compile: bool = False) -> Callable[..., Tensor]:
+def fast_denoiser(
+    denoiser: nn.Module, mixed_precision: str = "no", compile: bool = False, channels_last: bool = False
+) -> Callable[..., Tensor]:
     """The sampling fast path: `denoiser` under bf16/fp16 autocast (`mixed_precision`) and/or torch.compile.
 
     compile wraps the whole denoiser (network and preconditioning in one graph; the solver's
-    arithmetic stays eager). A batch of another size compiles once more.
+    arithmetic stays eager). A batch of another size compiles once more. channels_last
+    converts the denoiser's weights to NHWC in place (convolutions then return NHWC).
     """
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"unknown mixed_precision {mixed_precision!r}; valid values are {list(MIXED_PRECISION)}")
+    if channels_last:
+        denoiser = denoiser.to(memory_format=torch.channels_last)
     dtype = MIXED_PRECISION[mixed_precision]
     fast: Callable[..., Tensor] = denoiser if dtype is None else AutocastDenoiser(denoiser, dtype)
     return torch.compile(fast) if compile else fast

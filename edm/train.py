@@ -479,6 +479,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, accelerator.device)
     model, optimizer = accelerator.prepare(net, optimizer)
@@ -515,6 +517,8 @@ def _batches(run: Run, micro_batch: int):
     )
     for images, labels, indices in loader:
         y = to_model_space(images.to(acc.device, non_blocking=True))
+        if cfg.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
         labels = labels.to(acc.device, non_blocking=True) if labels.shape[1] > 0 else None
         augment_labels = None
         if cfg.augment.p > 0:

@@ -80,6 +80,7 @@ class SampleConfig:
     tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
     mixed_precision: str = "no"  # no | bf16 | fp16: the network under autocast (sampler state stays in `dtype`)
     compile: bool = False  # torch.compile the denoiser (a warm-up compiles once per batch size)
+    channels_last: bool = False  # NHWC weights (keep only where bench.py --channels-last measures faster)
     subdirs: bool = False  # png: one folder per 1000 seeds
     grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
@@ -183,6 +184,7 @@ def report(
         "dtype": cfg.dtype,
         "mixed_precision": cfg.mixed_precision,
         "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
         "batch": cfg.batch,
         "world_size": world_size,
         "format": cfg.format,
@@ -244,7 +246,7 @@ def run(cfg: DictConfig) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     denoiser, info = sampling.load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     schedule = resolve_schedule(cfg, info.schedule)
-    denoiser = sampling.fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile)
+    denoiser = sampling.fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile, cfg.channels_last)
     if cfg.guidance != 1.0:
         if info.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")

@@ -182,6 +182,19 @@ def test_fast_denoiser_runs_the_network_in_half_precision(mixed_precision, dtype
     assert sampling.fast_denoiser(den, "no") is den
 
 
+def test_fast_denoiser_channels_last_is_the_same_function():
+    den = _tiny_denoiser(label_dim=3)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma, labels = torch.tensor([0.01, 0.5, 3.0, 80.0]), torch.eye(3)[[0, 1, 2, 0]]
+    with torch.no_grad():
+        ref = den(x, sigma, labels)
+        fast = sampling.fast_denoiser(den, "no", channels_last=True)
+        out = fast(x, sigma, labels)
+    big = max((p for p in den.parameters() if p.ndim == 4), key=torch.numel)
+    assert big.is_contiguous(memory_format=torch.channels_last) and not big.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_fast_denoiser_rejects_unknown_precisions():
     with pytest.raises(ValueError, match="unknown mixed_precision 'int8'.*bf16"):
         sampling.fast_denoiser(_tiny_denoiser(), "int8")

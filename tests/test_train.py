@@ -390,3 +390,20 @@ def test_every_config_ships_in_the_wheel():
     assert "train.yaml" in yamls and "dataset/digits.yaml" in yamls
     missed = [y for y in yamls if not any(fnmatch(y, g) and y.count("/") == g.count("/") for g in setup["package-data"]["edm.configs"])]
     assert not missed, f"not packaged: {missed}"
+
+
+def test_channels_last_training_is_the_same_computation(compose_train, tmp_path):
+    """channels_last=true changes the memory layout only: same losses and weights (CPU, to
+    float32 rounding), the network's 4-D weights stored NHWC, a checkpoint any model loads."""
+    seen = []
+    plain = train(compose_train(run_dir=tmp_path / "plain"))
+    nhwc = train(compose_train("channels_last=true", run_dir=tmp_path / "nhwc"),
+                 callback=lambda run: seen.append(max((p for p in run.net.parameters() if p.ndim == 4), key=torch.numel)))
+    assert seen and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in seen)
+    a, b = _metrics(tmp_path / "plain"), _metrics(tmp_path / "nhwc")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    a_state, b_state = load_checkpoint(plain.checkpoint), load_checkpoint(nhwc.checkpoint)
+    for key, value in a_state["ema"].items():
+        torch.testing.assert_close(b_state["ema"][key], value, rtol=1e-4, atol=1e-6)
+    denoiser, _ = load_denoiser(nhwc.checkpoint)  # a default-layout model takes the NHWC weights
+    assert all(p.is_contiguous() for p in denoiser.parameters())
