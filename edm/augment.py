@@ -119,10 +119,13 @@ def inverse_transform(cfg: AugmentConfig, params: AugmentParams, height: int, wi
 def warp(images: Tensor, L_inv: Tensor, t: Tensor) -> Tensor:
     """Output pixel q takes the input at L⁻¹ (q − t) (pixels about the centre; bilinear, reflected borders)."""
     n, _, h, w = images.shape
-    to_norm = torch.tensor([2 / w, 2 / h], dtype=L_inv.dtype, device=L_inv.device)  # align_corners=False
-    linear = to_norm[:, None] * L_inv / to_norm[None, :]
-    offset = -to_norm * (L_inv @ t.unsqueeze(-1)).squeeze(-1)
-    theta = torch.cat([linear, offset.unsqueeze(-1)], dim=-1).to(images.dtype)
+    # In affine_grid's coordinates (align_corners=False) pixel x maps to u = 2x/w, y to 2y/h:
+    # scale L⁻¹ by those factors (Python scalars, so no host-to-device copy in the step).
+    shift = (L_inv @ t.unsqueeze(-1)).squeeze(-1)
+    theta = torch.stack([
+        torch.stack([L_inv[:, 0, 0], L_inv[:, 0, 1] * (h / w), -shift[:, 0] * (2 / w)], -1),
+        torch.stack([L_inv[:, 1, 0] * (w / h), L_inv[:, 1, 1], -shift[:, 1] * (2 / h)], -1),
+    ], -2).to(images.dtype)
     grid = F.affine_grid(theta, [n, images.shape[1], h, w], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

@@ -53,6 +53,18 @@ def test_quarter_turn_and_integer_shift_are_exact_pixel_moves():
     torch.testing.assert_close(shifted[:, :, :-1, 2:], images[:, :, 1:, :-2], atol=1e-5, rtol=0)
 
 
+def test_quarter_turn_of_a_non_square_image():
+    """H = 7, W = 9: output (x, y) reads input (−y, x) about the centre, which stays inside for |x| ≤ 3."""
+    images = torch.randn(1, 2, 7, 9, generator=torch.Generator().manual_seed(5))
+    out = warp(images, torch.tensor([[[0.0, -1.0], [1.0, 0.0]]]), torch.zeros(1, 2))
+    for i in range(7):  # y = i − 3
+        for j in range(1, 8):  # x = j − 4, |x| ≤ 3
+            # input column −y + 4 = 7 − i, input row x + 3 = j − 1
+            torch.testing.assert_close(out[0, :, i, j], images[0, :, j - 1, 7 - i], atol=1e-5, rtol=0)
+    shifted = warp(images, torch.eye(2)[None], torch.tensor([[2.0, 1.0]]))
+    torch.testing.assert_close(shifted[..., 1:, 2:], images[..., :-1, :-2], atol=1e-5, rtol=0)
+
+
 def test_blob_moves_to_G_of_its_centre():
     """A blob at p₀ lands at G p₀ = R(−r) A R(r) R(−θ) S p₀ + t, built here from the draws alone."""
     cfg = AugmentConfig(p=1.0, translate_frac_std=0.05, **ONLY_GEOMETRY)
