@@ -69,13 +69,19 @@ def ode_derivative(
 
 
 def heun_step(
-    denoiser: Denoiser, x: Tensor, t_cur: Tensor, t_next: Tensor, schedule: Schedule, class_labels: Tensor | None
+    denoiser: Denoiser, x: Tensor, t_cur: Tensor, t_next: Tensor, schedule: Schedule, class_labels: Tensor | None,
+    *, last: bool | None = None,
 ) -> Tensor:
-    """One step of EDM Algorithm 1: Euler, plus the trapezoidal correction unless t_next = 0."""
+    """One step of EDM Algorithm 1: Euler, plus the trapezoidal correction unless t_next = 0.
+
+    `last` (t_next = 0) may be given by a caller that knows it, saving a device-to-host read of t_next.
+    """
     h = t_next - t_cur
     d_cur = ode_derivative(denoiser, x, t_cur, schedule, class_labels)
     x_next = x + h * d_cur
-    if float(t_next) == 0.0:
+    if last is None:
+        last = float(t_next) == 0.0
+    if last:
         return x_next
     d_next = ode_derivative(denoiser, x_next, t_next, schedule, class_labels)
     return x + h * (0.5 * d_cur + 0.5 * d_next)
@@ -93,8 +99,13 @@ def churn_noise(
 
 
 def _steps(t_steps: Tensor):
-    """(i, t_cur, t_next) over consecutive grid points."""
-    return ((i, t_steps[i], t_steps[i + 1]) for i in range(len(t_steps) - 1))
+    """(i, t_cur, t_next, t_next == 0) over consecutive grid points.
+
+    The grid is read to the host once, so that no step needs a device-to-host read (a GPU
+    synchronisation) to know whether it ends at t = 0.
+    """
+    t_host = t_steps.tolist()
+    return ((i, t_steps[i], t_steps[i + 1], t_host[i + 1] == 0.0) for i in range(len(t_steps) - 1))
 
 
 # ----------------------------------------------------------------------------- solvers
@@ -105,7 +116,7 @@ def euler(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
     """Explicit Euler on the probability-flow ODE (first order)."""
-    for i, t_cur, t_next in _steps(t_steps):
+    for i, t_cur, t_next, _ in _steps(t_steps):
         x = x + (t_next - t_cur) * ode_derivative(denoiser, x, t_cur, schedule, class_labels)
         if callback is not None:
             callback(i, x)
@@ -117,8 +128,8 @@ def heun(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
     """Heun's second-order method (EDM Algorithm 1); the last step to t = 0 is an Euler step."""
-    for i, t_cur, t_next in _steps(t_steps):
-        x = heun_step(denoiser, x, t_cur, t_next, schedule, class_labels)
+    for i, t_cur, t_next, last in _steps(t_steps):
+        x = heun_step(denoiser, x, t_cur, t_next, schedule, class_labels, last=last)
         if callback is not None:
             callback(i, x)
     return x
@@ -132,10 +143,11 @@ def stochastic(
     """EDM Algorithm 2: churn γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ(t_i) ≤ S_tmax, then a Heun step."""
     num_steps = len(t_steps) - 1
     gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
-    for i, t_cur, t_next in _steps(t_steps):
-        gamma = gamma_max if s_tmin <= float(schedule.sigma(t_cur)) <= s_tmax else 0.0
+    sigmas = schedule.sigma(t_steps.cpu()).tolist()  # σ(t_i) on the host, read once
+    for i, t_cur, t_next, last in _steps(t_steps):
+        gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
         x_hat, t_hat = churn_noise(x, t_cur, schedule, gamma, s_noise, generator) if gamma > 0 else (x, t_cur)
-        x = heun_step(denoiser, x_hat, t_hat, t_next, schedule, class_labels)
+        x = heun_step(denoiser, x_hat, t_hat, t_next, schedule, class_labels, last=last)
         if callback is not None:
             callback(i, x)
     return x
@@ -147,7 +159,7 @@ def euler_maruyama(
 ) -> Tensor:
     """Euler–Maruyama on the reverse SDE in x̂ = x/s with β(t) = σ'/σ  (EDM eq. 6):
     dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²."""
-    for i, t_cur, t_next in _steps(t_steps):
+    for i, t_cur, t_next, _ in _steps(t_steps):
         sigma, dsigma = schedule.sigma(t_cur), schedule.sigma_deriv(t_cur)
         beta = dsigma / sigma
         x_hat = x / schedule.scale(t_cur)
@@ -168,11 +180,11 @@ def dpmpp_2m(
     """DPM-Solver++(2M) (Lu et al. 2022) in x̂ = x/s with λ = −ln σ:
     x̂_{i+1} = (σ_{i+1}/σ_i) x̂_i − expm1(−h_i) D̃_i,  D̃_i = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1},  r = h_{i−1}/h_i."""
     D_prev, h_prev = None, None
-    for i, t_cur, t_next in _steps(t_steps):
+    for i, t_cur, t_next, last in _steps(t_steps):
         sigma, sigma_next = schedule.sigma(t_cur), schedule.sigma(t_next)
         x_hat = x / schedule.scale(t_cur)
         D = denoise(denoiser, x, t_cur, schedule, class_labels)
-        if float(sigma_next) == 0.0:
+        if last:  # σ(0) = 0 for every schedule: x̂ = D
             x_hat = D
         else:
             h = torch.log(sigma) - torch.log(sigma_next)

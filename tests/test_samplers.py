@@ -208,3 +208,31 @@ def test_clear_errors(problem):
         edm.sample(den, noise, "edm", solver="heun", churn=1.0)
     with pytest.raises(ValueError, match="unknown schedule"):
         edm.sample(den, noise, "cosine")
+
+
+@pytest.mark.parametrize("solver, options", [("euler", {}), ("heun", {}), ("stochastic", {"churn": 10.0, "s_tmin": 0.1}),
+                                             ("euler_maruyama", {}), ("dpmpp_2m", {})])
+def test_solvers_read_nothing_back_per_step(solver, options, monkeypatch):
+    """On a GPU every float(t), bool(t), t.item() or t.tolist() waits for the device. The
+    solvers read the time grid to the host once, so their number of reads does not grow with
+    the number of steps."""
+    reads = []
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def count(num_steps: int) -> int:
+        t_steps = EDM().time_steps(num_steps, dtype=torch.float64)
+        x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        reads.clear()
+        edm.samplers.SOLVERS[solver](lambda x_hat, sigma, labels=None: 0.5 * x_hat, x, t_steps, EDM(),
+                                     generator=torch.Generator().manual_seed(1), **options)
+        return len(reads)
+
+    few, many = count(4), count(32)
+    assert few == many, (solver, few, many)
