@@ -133,6 +133,34 @@ def test_train_step_loss_is_per_pixel_and_accumulation_matches_one_batch():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, p0)
 
 
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+def test_train_step_reads_nothing_back(schedule, monkeypatch):
+    """No float(t), bool(t), t.item() or t.tolist() in a step, with EDM's augmentation on: on a
+    GPU each would make the host wait. (SGD, since torch's CPU Adam reads its step counter.)"""
+    from edm.augment import AugmentConfig, augment
+
+    reads = []
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    net = edm.networks.build("tiny", img_resolution=8, in_channels=2, model_channels=8, augment_dim=9, dropout=0.1)
+    den = edm.Precond(net, kind=schedule)
+    opt = torch.optim.SGD(den.parameters(), lr=0.01)
+    loss_fn = edm.Loss(edm.schedules.get(schedule))
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(4, 2, 8, 8, generator=g) * 2 - 1
+    reads.clear()
+    for _ in range(3):
+        y_aug, augment_labels = augment(y, AugmentConfig(p=0.5), g)
+        train_step(den, loss_fn, opt, [(y_aug, None, augment_labels), (y, None)], _Accelerator(), g, lr=0.01)
+    assert reads == []
+
+
 # ----------------------------------------------------------------------------- through Hydra
 
 
