@@ -51,3 +51,21 @@ def compose_train(tmp_path):
         return from_dictconfig(dcfg)
 
     return _compose
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """A list that records every device-to-host read of a tensor (float(t), bool(t), t.item(),
+    t.tolist()) made while the test runs: on a GPU each one makes the host wait for the device."""
+    import torch
+
+    reads: list[str] = []
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
