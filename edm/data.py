@@ -303,11 +303,14 @@ def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: b
 
 
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
-    """The training set described by `cfg` (see DatasetConfig)."""
+    """The training set described by `cfg` (see DatasetConfig); Fashion-MNIST's root defaults to
+    FASHION_MNIST_DEBIAN_ROOT, where `apt-get install dataset-fashion-mnist` puts it."""
     if cfg.name == "digits":
         dataset: ImageDataset = load_digits(cfg.resolution, cfg.cond)
     elif cfg.name in ("mnist", "fashion_mnist"):
-        dataset = load_mnist(cfg.root, cfg.name == "fashion_mnist", cfg.resolution, cfg.cond)
+        fashion = cfg.name == "fashion_mnist"
+        root = FASHION_MNIST_DEBIAN_ROOT if fashion and cfg.root is None else cfg.root  # the Debian package's folder
+        dataset = load_mnist(root, fashion, cfg.resolution, cfg.cond)
     elif cfg.name == "cifar10":
         dataset = load_cifar10(cfg.root, cfg.resolution, cfg.cond)
     elif cfg.name == "folder":

@@ -25,6 +25,7 @@ import torch
 
 import edm
 from edm.augment import AUGMENT_DIM, AugmentConfig, augment
+from edm.config import DATASETS
 from edm.sampling import fast_denoiser
 from edm.train import make_optimizer, set_precision_flags, train_step
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
     p.add_argument("--sample-steps", type=int, default=18, help="Heun steps for sampling (2N − 1 evaluations)")
     p.add_argument("--sample-batch", type=int, help="sampling batch (default: --batch)")
-    p.add_argument("--dataset", default="digits", help="data set for --mode data (see configs/dataset)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS, help="data set for --mode data (see configs/dataset)")
     p.add_argument("--dataset-root", default=None, help="dataset root for --mode data")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode data")
     p.add_argument("--seed", type=int, default=0)
@@ -229,28 +230,12 @@ def bench_sample(args: argparse.Namespace) -> dict:
     return result
 
 
-def dataset_config(name: str, root: str | None) -> "DatasetConfig":
-    """configs/dataset/<name>.yaml as training reads it (its default root, workers, ...), root overridden if given."""
-    from omegaconf import OmegaConf
-
-    from edm.config import DatasetConfig
-    from edm.train import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(f.stem for f in path.parent.glob("*.yaml"))
-        raise SystemExit(f"bench.py: error: unknown --dataset {name!r}; choose from {', '.join(choices)}")
-    fields = OmegaConf.to_container(OmegaConf.load(path))
-    if root is not None:
-        fields["root"] = root
-    return DatasetConfig(**fields)
-
-
 def bench_data(args: argparse.Namespace) -> dict:
     """Images/s the training DataLoader delivers (decoded, batched, moved to the device)."""
+    from edm.config import DatasetConfig
     from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
 
-    dataset = build_dataset(dataset_config(args.dataset, args.dataset_root))
+    dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root))
     batches = 50
     sampler = StreamBatchSampler(len(dataset), args.seed, args.batch, args.batch, 0, 1, start_nimg=0)
     loader = make_loader(dataset, sampler, args.workers, pin_memory=args.device == "cuda")

@@ -122,6 +122,18 @@ def test_mnist_from_raw_gz_files_debian_layout(tmp_path, fashion):
     assert int(label.argmax()) == labels[4]
 
 
+def test_fashion_mnist_root_defaults_to_the_debian_folder(tmp_path, monkeypatch):
+    """dataset.root unset: Fashion-MNIST is read where the Debian package installs it (MNIST has no such default)."""
+    import edm.data
+
+    images, _ = _fake_mnist(tmp_path)
+    monkeypatch.setattr(edm.data, "FASHION_MNIST_DEBIAN_ROOT", str(tmp_path))
+    ds = build_dataset(DatasetConfig(name="fashion_mnist"))
+    np.testing.assert_array_equal(ds[2][0][0].numpy(), images[2])
+    with pytest.raises(DatasetNotFoundError, match="dataset.root is not set"):
+        build_dataset(DatasetConfig(name="mnist"))
+
+
 def test_mnist_torchvision_layout(tmp_path):
     images, labels = _fake_mnist(tmp_path / "MNIST" / "raw", compress=False)
     ds = load_mnist(tmp_path, resolution=32)
