@@ -113,10 +113,7 @@ def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precon
         args.network, img_resolution=args.resolution, in_channels=args.channels, label_dim=args.label_dim,
         augment_dim=AUGMENT_DIM if args.augment > 0 else 0,
     )
-    den = edm.Precond(net, kind=args.schedule).to(device)
-    if args.channels_last:
-        den = den.to(memory_format=torch.channels_last)
-    return den
+    return edm.Precond(net, kind=args.schedule).to(device)
 
 
 def train_flops(den: edm.Precond, loss_fn: edm.Loss, y: torch.Tensor, labels) -> int:
@@ -155,7 +152,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     labels = None
     if args.label_dim:
         labels = torch.nn.functional.one_hot(torch.arange(args.batch, device=device) % args.label_dim, args.label_dim).float()
-    if args.channels_last:
+    if args.channels_last:  # (sampling converts through fast_denoiser, as sample.py does)
+        den = den.to(memory_format=torch.channels_last)
         y = y.contiguous(memory_format=torch.channels_last)
     flops = train_flops(den, loss_fn, y, labels)
     optimizer = make_optimizer(den.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, device=device)
