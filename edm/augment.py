@@ -139,7 +139,7 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator | Non
     view = (n, 1, 1, 1)
     images = torch.where(params.xflip.view(view) > 0, images.flip(3), images)
     images = torch.where(params.yflip.view(view) > 0, images.flip(2), images)
-    L_inv, t = inverse_transform(cfg, params, h, w)
-    moved = (params.w_scale != 0) | (params.theta != 0) | (params.w_aniso != 0) | (params.w_tx != 0) | (params.w_ty != 0)
-    images = torch.where(moved.view(view), warp(images, L_inv, t), images)
-    return images, params.labels()
+    labels = params.labels()
+    moved = labels[:, 2:].ne(0).any(dim=1)  # a geometric transform fired; others keep their exact pixels
+    images = torch.where(moved.view(view), warp(images, *inverse_transform(cfg, params, h, w)), images)
+    return images, labels
