@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .choices import check_choice
 from .samplers import Generator, ode_derivative, randn_like
 from .schedules import Schedule, get as get_schedule
 
@@ -46,12 +47,16 @@ __all__ = [
     "likelihood_grid",
     "INTEGRATORS",
     "DIVERGENCES",
+    "HUTCHINSON_NOISES",
+    "DEQUANTIZATIONS",
 ]
 
 Denoiser = Callable[..., Tensor]
 Drift = Callable[[Tensor, Tensor], Tensor]
 INTEGRATORS = ("rk4", "heun")
 DIVERGENCES = ("exact", "hutchinson", "auto")
+HUTCHINSON_NOISES = ("rademacher", "gaussian")
+DEQUANTIZATIONS = ("uniform", "center")
 EIGHT_BIT_SCALE = 127.5
 
 
@@ -88,7 +93,7 @@ def divergence(drift: Drift, x: Tensor, t: Tensor, method: str, eps: Tensor | No
             (grad,) = torch.autograd.grad((f * eps).sum(), x)
             div = (grad * eps).flatten(1).sum(1)
         else:
-            raise ValueError(f"unknown divergence method {method!r}; valid methods are ['exact', 'hutchinson']")
+            check_choice(("exact", "hutchinson"), method, "divergence method")
     return f.detach(), div.detach()
 
 
@@ -124,7 +129,7 @@ def _probe(x: Tensor, noise: str, generator: Generator) -> Tensor:
         return eps
     if noise == "rademacher":
         return torch.where(eps >= 0, 1.0, -1.0).to(x.dtype)
-    raise ValueError(f"unknown Hutchinson noise {noise!r}; valid kinds are ['rademacher', 'gaussian']")
+    check_choice(HUTCHINSON_NOISES, noise, "Hutchinson noise")
 
 
 def log_likelihood(
@@ -151,10 +156,8 @@ def log_likelihood(
     """
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
-    if integrator not in INTEGRATORS:
-        raise ValueError(f"unknown integrator {integrator!r}; valid integrators are {list(INTEGRATORS)}")
-    if divergence_method not in DIVERGENCES:
-        raise ValueError(f"unknown divergence method {divergence_method!r}; valid methods are {list(DIVERGENCES)}")
+    check_choice(INTEGRATORS, integrator, "integrator")
+    check_choice(DIVERGENCES, divergence_method, "divergence method")
     if y.ndim < 2 or not y.is_floating_point():
         raise ValueError(f"y must be a floating-point batch [B, ...], got {y.dtype} of shape {list(y.shape)}")
     dim = y[0].numel()
@@ -204,7 +207,7 @@ def dequantize(
     elif dequantization == "center":
         u = torch.full_like(k, 0.5)
     else:
-        raise ValueError(f"unknown dequantization {dequantization!r}; valid kinds are ['uniform', 'center']")
+        check_choice(DEQUANTIZATIONS, dequantization, "dequantization")
     return (k + u - 0.5) / EIGHT_BIT_SCALE - 1
 
 

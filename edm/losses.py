@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .choices import check_choice, choose
+from .precond import SIGMA_DATA
 from .schedules import VP, FlowMatching, Schedule
 
 __all__ = ["Loss", "LOSS_KINDS", "loss_weight", "squared_error"]
@@ -35,18 +37,49 @@ def _weight_fm(sigma: Tensor, sigma_data: float) -> Tensor:
     return (1 + sigma) ** 2 / sigma**2
 
 
+# σ ~ p(σ): one pure function per kind of (loss, u ~ U(0, 1) [B], normal() -> z ~ N(0, 1) [B]).
+# Every kind draws u first; edm and fm then draw z, so the random stream is fixed per kind.
+def _sigma_vp(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
+    """VP: t ~ U(ε_t, t_end), σ = σ_VP(t) with the schedule's β's when it is VP."""
+    vp = loss.schedule if isinstance(loss.schedule, VP) else VP()
+    return vp.sigma(loss.epsilon_t + u * (vp.t_end - loss.epsilon_t))
+
+
+def _sigma_ve(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
+    """VE: ln σ ~ U(ln σ_min, ln σ_max) of the schedule."""
+    lo, hi = math.log(loss.schedule.sigma_min), math.log(loss.schedule.sigma_max)
+    return torch.exp(lo + u * (hi - lo))
+
+
+def _sigma_edm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
+    """EDM: ln σ ~ N(P_mean, P_std²)."""
+    return torch.exp(loss.P_mean + loss.P_std * normal())
+
+
+def _sigma_fm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
+    """Flow matching: t ~ U(ε_t, 1 − ε_t), or logit-normal clamped to it; σ = t/(1 − t)."""
+    z = normal()
+    if loss.t_dist == "logit_normal":
+        t = torch.sigmoid(loss.logit_mean + loss.logit_std * z).clamp(loss.epsilon_t, 1 - loss.epsilon_t)
+    else:
+        t = loss.epsilon_t + u * (1 - 2 * loss.epsilon_t)
+    return FlowMatching().sigma(t)
+
+
+_SIGMA_DENSITIES: MappingProxyType[str, Callable[["Loss", Tensor, Callable[[], Tensor]], Tensor]] = MappingProxyType(
+    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm}
+)
+
 _WEIGHTS: MappingProxyType[str, Callable[[Tensor, float], Tensor]] = MappingProxyType(
     {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm}
 )
-LOSS_KINDS = tuple(sorted(_WEIGHTS))
+LOSS_KINDS = tuple(_WEIGHTS)
+T_DISTS = ("uniform", "logit_normal")  # flow matching: how t is drawn
 
 
-def loss_weight(sigma: Tensor, kind: str = "edm", sigma_data: float = 0.5) -> Tensor:
-    """λ(σ) of `kind` (Table 1 of DESIGN.md)."""
-    try:
-        return _WEIGHTS[kind](sigma, sigma_data)
-    except KeyError:
-        raise ValueError(f"unknown loss kind {kind!r}; valid kinds are {list(LOSS_KINDS)}") from None
+def loss_weight(sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA) -> Tensor:
+    """λ(σ) of `kind` (Table 1 of docs/design.md)."""
+    return choose(_WEIGHTS, kind, "loss kind")(sigma, sigma_data)
 
 
 def squared_error(denoised: Tensor, y: Tensor) -> Tensor:
@@ -66,7 +99,7 @@ class Loss:
 
     schedule: Schedule
     kind: str | None = None
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_DATA
     P_mean: float = -1.2
     P_std: float = 1.2
     epsilon_t: float = 1e-5
@@ -75,10 +108,8 @@ class Loss:
     logit_std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.resolved_kind not in _WEIGHTS:
-            raise ValueError(f"unknown loss kind {self.resolved_kind!r}; valid kinds are {list(LOSS_KINDS)}")
-        if self.t_dist not in ("uniform", "logit_normal"):
-            raise ValueError(f"unknown t_dist {self.t_dist!r}; valid values are ['uniform', 'logit_normal']")
+        choose(_WEIGHTS, self.resolved_kind, "loss kind")
+        check_choice(T_DISTS, self.t_dist, "t_dist")
 
     @property
     def resolved_kind(self) -> str:
@@ -89,22 +120,8 @@ class Loss:
     ) -> Tensor:
         """Draw σ [batch] from the training distribution of `kind`."""
         u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
-        kind = self.resolved_kind
-        if kind == "vp":
-            vp = self.schedule if isinstance(self.schedule, VP) else VP()
-            return vp.sigma(self.epsilon_t + u * (vp.t_end - self.epsilon_t))
-        if kind == "ve":
-            lo, hi = math.log(self.schedule.sigma_min), math.log(self.schedule.sigma_max)
-            return torch.exp(lo + u * (hi - lo))
-        z = torch.randn(batch, generator=generator, device=device, dtype=dtype)
-        if kind == "edm":
-            return torch.exp(self.P_mean + self.P_std * z)
-        # fm
-        if self.t_dist == "logit_normal":
-            t = torch.sigmoid(self.logit_mean + self.logit_std * z).clamp(self.epsilon_t, 1 - self.epsilon_t)
-        else:
-            t = self.epsilon_t + u * (1 - 2 * self.epsilon_t)
-        return FlowMatching().sigma(t)
+        normal = lambda: torch.randn(batch, generator=generator, device=device, dtype=dtype)  # noqa: E731
+        return _SIGMA_DENSITIES[self.resolved_kind](self, u, normal)
 
     def weight(self, sigma: Tensor) -> Tensor:
         """λ(σ)."""

@@ -12,9 +12,13 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .choices import choose
 from .schedules import VP
 
-__all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients"]
+__all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA", "VP_M"]
+
+SIGMA_DATA = 0.5  # σ_d, the standard deviation of the data (EDM's default for images in [−1, 1])
+VP_M = 1000  # M of the VP c_noise: the number of DDPM time steps the network's time input spans
 
 
 class Coefficients(NamedTuple):
@@ -54,13 +58,11 @@ PRECOND_KINDS: MappingProxyType[str, Callable[..., Coefficients]] = MappingProxy
 
 
 def coefficients(
-    sigma: Tensor, kind: str = "edm", sigma_data: float = 0.5, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000
+    sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA, beta_d: float = VP.beta_d,
+    beta_min: float = VP.beta_min, M: int = VP_M,
 ) -> Coefficients:
     """(c_skip, c_out, c_in, c_noise) of `kind` at `sigma` (same shape as sigma)."""
-    try:
-        fn = PRECOND_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown precond kind {kind!r}; valid kinds are {sorted(PRECOND_KINDS)}") from None
+    fn = choose(PRECOND_KINDS, kind, "precond kind")
     sigma = sigma if isinstance(sigma, Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
     return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), M)
 
@@ -81,14 +83,13 @@ class Precond(nn.Module):
         self,
         net: Callable[..., Tensor],
         kind: str = "edm",
-        sigma_data: float = 0.5,
-        beta_d: float = 19.9,
-        beta_min: float = 0.1,
-        M: int = 1000,
+        sigma_data: float = SIGMA_DATA,
+        beta_d: float = VP.beta_d,
+        beta_min: float = VP.beta_min,
+        M: int = VP_M,
     ) -> None:
         super().__init__()
-        if kind not in PRECOND_KINDS:
-            raise ValueError(f"unknown precond kind {kind!r}; valid kinds are {sorted(PRECOND_KINDS)}")
+        choose(PRECOND_KINDS, kind, "precond kind")
         self.net = net
         self.kind = kind
         self.sigma_data = float(sigma_data)

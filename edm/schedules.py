@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .choices import choose
+
 __all__ = [
     "Schedule",
     "VP",
@@ -232,10 +234,7 @@ SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
 
 def get(name: str, **kwargs) -> Schedule:
     """Build a schedule by name ('vp', 've', 'edm', 'fm') with keyword overrides of its defaults."""
-    try:
-        cls = SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; valid names are {sorted(SCHEDULES)}") from None
+    cls = choose(SCHEDULES, name, "schedule")
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -298,11 +297,6 @@ def time_steps(
     """The grid t_0 > ... > t_{N−1} > t_N = 0 of `discretization` for `sched` (N + 1 values)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    try:
-        fn = DISCRETIZATIONS[discretization]
-    except KeyError:
-        raise ValueError(
-            f"unknown discretization {discretization!r}; valid names are {sorted(DISCRETIZATIONS)}"
-        ) from None
+    fn = choose(DISCRETIZATIONS, discretization, "discretization")
     t = fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device)
     return torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)]).to(dtype)

@@ -7,7 +7,6 @@ behind a zero output.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -116,11 +115,6 @@ def test_parameter_count(name, overrides, count):
     with torch.device("meta"):
         net = networks.build(name, **overrides)
     assert num_params(net) == count
-
-
-def test_ddpmpp_is_55_7_million():
-    with torch.device("meta"):
-        assert abs(num_params(networks.build("ddpmpp")) - 55.7e6) < 0.1e6
 
 
 def test_tiny_is_small_and_attends_at_lowest_resolution():
@@ -378,13 +372,6 @@ def test_bad_options_raise():
         networks.build("tiny", img_resolution=9)
     with pytest.raises(ValueError, match="embedding_type"):
         networks.build("ddpmpp", embedding_type="learned")
-
-
-def test_build_accepts_network_config_fields():
-    cfg = networks.NetworkConfig(name="tiny", img_resolution=8, in_channels=1, channel_mult=[1, 2],
-                                 attn_resolutions=[4])
-    net = networks.build(**dataclasses.asdict(cfg))
-    assert net(*batch(8, 1)[:2]).shape == (2, 1, 8, 8)
 
 
 @pytest.mark.parametrize("name", networks.PRESETS)

@@ -1,4 +1,4 @@
-"""Schedules: σ(t), s(t), derivatives and inverses against the closed forms of DESIGN.md, in float64."""
+"""Schedules: σ(t), s(t), derivatives and inverses against the closed forms of docs/design.md, in float64."""
 
 import math
 
@@ -12,7 +12,7 @@ F64 = torch.float64
 
 
 def _reference(name: str):
-    """σ(t) and s(t) written out independently from the DESIGN.md table, with scalar math."""
+    """σ(t) and s(t) written out independently from the docs/design.md table, with scalar math."""
     bd, bm = 19.9, 0.1
     table = {
         "vp": (lambda t: math.sqrt(math.exp(0.5 * bd * t * t + bm * t) - 1),
@@ -134,9 +134,9 @@ def test_time_steps_dtype_and_single_step():
 
 
 def test_bad_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown schedule 'vpp'.*\['edm', 'fm', 've', 'vp'\]"):
+    with pytest.raises(ValueError, match="schedule 'vpp' is not valid; choose one of: vp, ve, edm, fm"):
         edm.schedules.get("vpp")
-    with pytest.raises(ValueError, match="unknown discretization 'cosine'.*karras"):
+    with pytest.raises(ValueError, match="discretization 'cosine' is not valid; choose one of: uniform, geometric, karras, log_snr"):
         EDM().time_steps(4, "cosine")
     with pytest.raises(ValueError, match="num_steps"):
         EDM().time_steps(0)

@@ -33,10 +33,10 @@ for float64 inputs); no in-place operations.
 
 from .dhariwal_unet import DhariwalUNet
 from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
-from .presets import PRESETS, NetworkConfig, build, preset
+from .presets import PRESETS, NetworkConfig, build, preset, resolve
 from .song_unet import SongUNet
 
 __all__ = [
-    "PRESETS", "NetworkConfig", "build", "preset", "SongUNet", "DhariwalUNet",
+    "PRESETS", "NetworkConfig", "build", "preset", "resolve", "SongUNet", "DhariwalUNet",
     "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
 ]

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..choices import check_choice
+
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
@@ -36,15 +38,14 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> T
     xavier_uniform: U(±sqrt(6/(fan_in+fan_out))), xavier_normal: N(0, 2/(fan_in+fan_out)),
     kaiming_uniform: U(±sqrt(3/fan_in)), kaiming_normal: N(0, 1/fan_in).
     """
+    check_choice(INIT_MODES, mode, "init mode")
     if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
     if mode == "xavier_normal":
         return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
     if mode == "kaiming_uniform":
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"invalid init mode {mode!r}; valid modes: {', '.join(INIT_MODES)}")
+    return math.sqrt(1 / fan_in) * torch.randn(*shape)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

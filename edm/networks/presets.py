@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any, List, Optional
+from types import MappingProxyType
+from typing import Any, Callable, List, Optional
 
 from torch import nn
 
+from ..choices import choose
 from .dhariwal_unet import DhariwalUNet
 from .song_unet import SongUNet
 
 logger = logging.getLogger(__name__)
-
-PRESETS = ("tiny", "ddpmpp", "ncsnpp", "adm")
 
 # Keyword arguments that hold integer lists (converted to tuples so configs can pass any sequence).
 _SEQUENCE_FIELDS = ("channel_mult", "attn_resolutions", "resample_filter")
@@ -60,28 +60,37 @@ def _ddpmpp() -> dict[str, Any]:
     )
 
 
+def _ncsnpp() -> dict[str, Any]:
+    """CIFAR-10 NCSN++ (EDM config F, VE): DDPM++ with Fourier embedding, residual encoder, FIR resampling."""
+    return _ddpmpp() | dict(
+        embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)
+    )
+
+
+def _tiny() -> dict[str, Any]:
+    """A DDPM++-style U-Net for CPU runs: 32 channels x (1, 2), 1 block, no dropout."""
+    return _ddpmpp() | dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
+
+
+def _adm() -> dict[str, Any]:
+    """ImageNet-64 ADM: 64x64x3, 1000 classes, 192 channels x (1, 2, 3, 4), 3 blocks, attention 32/16/8."""
+    return dict(
+        img_resolution=64, in_channels=3, label_dim=1000, augment_dim=0,
+        model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+        attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0,
+    )
+
+
+_PRESETS: MappingProxyType[str, tuple[type[nn.Module], Callable[[], dict[str, Any]]]] = MappingProxyType({
+    "tiny": (SongUNet, _tiny), "ddpmpp": (SongUNet, _ddpmpp), "ncsnpp": (SongUNet, _ncsnpp), "adm": (DhariwalUNet, _adm),
+})
+PRESETS = tuple(_PRESETS)
+
+
 def preset(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     """The network class and a fresh dict of its keyword arguments for preset `name`."""
-    if name == "ddpmpp":
-        return SongUNet, _ddpmpp()
-    if name == "ncsnpp":
-        kwargs = _ddpmpp() | dict(
-            embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)
-        )
-        return SongUNet, kwargs
-    if name == "tiny":
-        kwargs = _ddpmpp() | dict(
-            model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0
-        )
-        return SongUNet, kwargs
-    if name == "adm":
-        kwargs = dict(
-            img_resolution=64, in_channels=3, label_dim=1000, augment_dim=0,
-            model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
-            attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0,
-        )
-        return DhariwalUNet, kwargs
-    raise ValueError(f"unknown network preset {name!r}; valid names: {', '.join(PRESETS)}")
+    cls, kwargs = choose(_PRESETS, name, "network preset")
+    return cls, kwargs()
 
 
 def _normalize(value: Any) -> Any:
@@ -91,8 +100,9 @@ def _normalize(value: Any) -> Any:
     return value
 
 
-def build(name: str, **overrides: Any) -> nn.Module:
-    """Build preset `name` with keyword overrides (None values keep the preset's default).
+def resolve(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and every constructor argument of preset `name` with keyword overrides (None values
+    keep the preset's default): what `build` constructs.
 
     Accepts the fields of NetworkConfig; out_channels defaults to in_channels; tiny puts
     attention at its lowest resolution unless attn_resolutions is given. Overrides the
@@ -107,6 +117,12 @@ def build(name: str, **overrides: Any) -> nn.Module:
     if name == "tiny" and "attn_resolutions" not in overrides:
         kwargs["attn_resolutions"] = (kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1),)
     kwargs.setdefault("out_channels", kwargs["in_channels"])
+    return cls, kwargs
+
+
+def build(name: str, **overrides: Any) -> nn.Module:
+    """Build preset `name` with keyword overrides: `resolve(name, **overrides)`'s class and arguments."""
+    cls, kwargs = resolve(name, **overrides)
     net = cls(**kwargs)
     logger.debug("built %s preset %r: %d parameters", cls.__name__, name, sum(p.numel() for p in net.parameters()))
     return net
