@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .schedules import Schedule, get as get_schedule
+from .choices import choose
+from .runlog import progress_bar
+from .schedules import DISCRETIZATIONS, Schedule, get as get_schedule
 
 __all__ = [
     "SOLVERS",
@@ -33,6 +36,8 @@ __all__ = [
     "heun_step",
     "check_t_steps",
     "check_options",
+    "check_solver",
+    "SamplerConfig",
 ]
 
 Denoiser = Callable[..., Tensor]
@@ -246,6 +251,40 @@ def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
         raise ValueError(f"solver {name!r} does not take option(s) {unknown}; its options are {allowed}")
 
 
+def check_solver(solver: str, options: dict) -> Callable[..., Tensor]:
+    """The solver function of `solver`, once its name and `options` are known to be valid."""
+    fn = choose(SOLVERS, solver, "solver")
+    check_options(solver, fn, options)
+    return fn
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample, checked when made: `edm.sample(denoiser, noise, schedule, **config.kwargs())`.
+
+    Training's sample grids, scripts/sample.py and the configs/sampler/ group all use this one
+    object; `options` are the solver's keyword options (e.g. churn for stochastic).
+    """
+
+    solver: str = "heun"
+    num_steps: int = 18
+    discretization: Optional[str] = None  # None: the schedule's own
+    final_denoise: bool = False
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_solver(self.solver, dict(self.options))
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        if self.discretization is not None:
+            choose(DISCRETIZATIONS, self.discretization, "discretization")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of edm.sample that this config sets."""
+        return dict(solver=self.solver, num_steps=self.num_steps, discretization=self.discretization,
+                    final_denoise=self.final_denoise, **self.options)
+
+
 def sample(
     denoiser: Denoiser,
     noise: Tensor,
@@ -270,11 +309,7 @@ def sample(
     """
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
-    try:
-        fn = SOLVERS[solver]
-    except KeyError:
-        raise ValueError(f"unknown solver {solver!r}; valid solvers are {sorted(SOLVERS)}") from None
-    check_options(solver, fn, solver_options)
+    fn = check_solver(solver, solver_options)
     _check_inputs(noise, class_labels)
     if t_steps is None:
         t_steps = schedule.time_steps(num_steps, discretization, dtype=noise.dtype, device=noise.device)
@@ -284,7 +319,7 @@ def sample(
 
     x = schedule.scale(t_steps[0]) * schedule.sigma(t_steps[0]) * noise
     frames = [x] if return_trajectory else None
-    bar = _progress_bar(len(t_steps) - 1) if progress else None
+    bar = progress_bar(len(t_steps) - 1, "sampling", "step", leave=False) if progress else None
 
     def callback(i: int, x_i: Tensor) -> None:
         if frames is not None:
@@ -303,9 +338,3 @@ def sample(
         if bar is not None:
             bar.close()
     return (x, torch.stack(frames)) if return_trajectory else x
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sampling", unit="step", leave=False)

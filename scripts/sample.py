@@ -3,16 +3,15 @@
     python scripts/sample.py checkpoint=RUN_DIR/ckpt.pt num_images=50000 sampler=heun steps=18 out=DIR
     accelerate launch scripts/sample.py checkpoint=... seeds=0-49999 format=npz out=DIR
 
-`sampler=<name>` picks configs/sampler/<name>.yaml when it exists, else the solver <name> of
-edm.samplers.SOLVERS; `steps`, `discretization`, `solver_options` override it. Every process
+`sampler=<name>` picks configs/sampler/<name>.yaml (an edm.samplers.SamplerConfig); `steps`,
+`discretization`, `final_denoise`, `churn`... and `solver_options` override it. Every process
 takes images r, r + W, ... of the run; image j always comes from seed j's own generator.
-Configuration: configs/sample.yaml (schema SampleConfig below). `--help` lists the options.
+Configuration: SampleConfig below holds every key and its default (configs/sample.yaml only
+picks the groups). `--help` lists the options.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -25,14 +24,19 @@ from typing import Any, Dict, List, Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import edm
-from edm import metrics, sampling
-from edm.config import DatasetConfig, SamplerConfig, ScheduleConfig
-from edm.samplers import SOLVERS
-from edm.schedules import SCHEDULES, Schedule
+from edm import metrics, outputs, sampling
+from edm.build import build_schedule, schedule_spec
+from edm.choices import choose
+from edm.config import ScheduleConfig
+from edm.data import DatasetConfig
+from edm.denoisers import GuidedDenoiser, fast_denoiser
+from edm.hardware import has_accelerator, set_precision_flags
+from edm.loading import ModelInfo, load_model
+from edm.samplers import SamplerConfig
+from edm.schedules import Schedule
 
 log = logging.getLogger("sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -85,7 +89,7 @@ class SampleConfig:
     grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
     progress: bool = True
-    sampler: Optional[SamplerConfig] = None  # the `sampler` group (configs/sampler/<name>.yaml), if that file exists
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the `sampler` group (configs/sampler/<name>.yaml)
     schedule: Optional[ScheduleConfig] = None  # the `schedule` group (configs/schedule/<name>.yaml): replaces the checkpoint's
     dataset: Optional[DatasetConfig] = None  # the `dataset` group: FID reference data when eval.ref is unset
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -97,43 +101,27 @@ ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 # ----------------------------------------------------------------------------- config -> library arguments
 
 
-def _group(cfg: DictConfig, name: str) -> tuple[Optional[str], dict]:
-    """(choice, contents) of an optional config group: the name given on the command line and the file's keys."""
-    choice = HydraConfig.get().runtime.choices.get(name)
-    node = cfg.get(name)
-    contents = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    if not isinstance(contents, dict):
-        contents = {"name": contents}
-    return (None if choice in (None, "null") else str(choice)), contents
-
-
-def sampler_settings(cfg: DictConfig) -> sampling.SamplerSettings:
-    """Solver and options: the sampler group's file (SamplerConfig), if any, under the top-level keys."""
-    choice, group = _group(cfg, "sampler")
-    solver = group.get("solver") or choice or "heun"
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} (sampler={choice}); valid solvers are {sorted(SOLVERS)}")
-    options = dict(group.get("options") or {})
-    options.update(cfg.solver_options)
-    options.update({k: cfg[k] for k in FLAT_SOLVER_OPTIONS if cfg[k] is not None})
-    steps = cfg.steps if cfg.steps is not None else group.get("num_steps", 18)
-    discretization = cfg.discretization if cfg.discretization is not None else group.get("discretization")
-    final = cfg.final_denoise if cfg.final_denoise is not None else bool(group.get("final_denoise", False))
-    return sampling.SamplerSettings(solver, int(steps), discretization, final, options)
+def sampler_config(cfg: DictConfig) -> SamplerConfig:
+    """The sampler group (configs/sampler/<name>.yaml) with the top-level overrides applied: steps,
+    discretization, final_denoise, churn/s_tmin/s_tmax/s_noise and solver_options. Checked once, here."""
+    group = OmegaConf.to_container(cfg.sampler, resolve=True)
+    options = {**group.pop("options"), **cfg.solver_options, **{k: cfg[k] for k in FLAT_SOLVER_OPTIONS if cfg[k] is not None}}
+    overrides = {"num_steps": cfg.steps, "discretization": cfg.discretization, "final_denoise": cfg.final_denoise}
+    return SamplerConfig(**{**group, **{k: v for k, v in overrides.items() if v is not None}, "options": options})
 
 
 def resolve_schedule(cfg: DictConfig, default: Optional[Schedule]) -> Schedule:
     """The checkpoint's schedule unless `schedule=<name>` is given; schedule_options override its fields."""
-    choice, group = _group(cfg, "schedule")
-    name = group.pop("name", None) or choice
-    if name is None:
-        if default is None:
-            raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
-        name, kwargs = default.name, dataclasses.asdict(default)
+    if cfg.get("schedule") is not None:
+        schedule = build_schedule(ScheduleConfig(**OmegaConf.to_container(cfg.schedule, resolve=True)))
+    elif default is not None:
+        schedule = default
     else:
-        kwargs = {k: v for k, v in group.items() if v is not None}
-    kwargs.update(cfg.schedule_options)
-    return edm.schedules.get(name, **kwargs)
+        raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
+    if not cfg.schedule_options:
+        return schedule
+    spec = {**schedule_spec(schedule), **cfg.schedule_options}
+    return edm.schedules.get(spec.pop("name"), **spec)
 
 
 def image_seeds(cfg: DictConfig) -> list[int]:
@@ -158,7 +146,7 @@ def class_labels(cfg: DictConfig) -> int | list[int] | None:
 
 
 def report(
-    cfg: DictConfig, settings: sampling.SamplerSettings, schedule: Schedule, info: sampling.ModelInfo,
+    cfg: DictConfig, settings: SamplerConfig, schedule: Schedule, info: ModelInfo,
     seeds: list[int], output: Path, world_size: int, seconds: float,
 ) -> dict:
     """Exact settings of the run, enough to regenerate every image."""
@@ -174,7 +162,7 @@ def report(
         "final_denoise": settings.final_denoise,
         "options": settings.options,
         "t_steps": t_steps.tolist(),
-        "schedule": {"name": schedule.name, **dataclasses.asdict(schedule)},
+        "schedule": schedule_spec(schedule),
         "seeds": sampling.format_seeds(seeds),
         "num_images": len(seeds),
         "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels,
@@ -208,29 +196,17 @@ def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
 
 
 def dataset_config(cfg: DictConfig):
-    """The `dataset` group (configs/dataset/<name>.yaml, as in training) as an edm.config.DatasetConfig."""
-    choice, group = _group(cfg, "dataset")
-    if not group:
+    """The `dataset` group (configs/dataset/<name>.yaml, as in training) as an edm.data.DatasetConfig."""
+    if cfg.get("dataset") is None:
         raise ValueError("eval.fid=true needs a reference: eval.ref=STATS.npz|IMAGES or dataset=NAME [dataset.root=PATH]")
-    fields = {f.name for f in dataclasses.fields(DatasetConfig)}
-    return DatasetConfig(**{k: v for k, v in group.items() if k in fields})
-
-
-def _has_accelerator() -> bool:
-    """A CUDA or MPS device: without one, processes use accelerate's CPU (gloo) backend."""
-    return torch.cuda.is_available() or torch.backends.mps.is_available()
+    return DatasetConfig(**OmegaConf.to_container(cfg.dataset, resolve=True))
 
 
 def run(cfg: DictConfig) -> None:
     from accelerate import PartialState
 
-    settings = sampler_settings(cfg)
-    if cfg.format not in sampling.FORMATS:
-        raise ValueError(f"unknown format {cfg.format!r}; valid formats are {list(sampling.FORMATS)}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid dtypes are {sorted(DTYPES)}")
-    if cfg.mixed_precision not in sampling.MIXED_PRECISION:
-        raise ValueError(f"unknown mixed_precision {cfg.mixed_precision!r}; valid values are {list(sampling.MIXED_PRECISION)}")
+    settings = sampler_config(cfg)
+    dtype = choose(DTYPES, cfg.dtype, "dtype")
     if cfg.eval.fid:  # fail before sampling, not after
         if cfg.format == "grid":
             raise ValueError("eval.fid needs the images: use format=png or format=npz")
@@ -238,25 +214,24 @@ def run(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"eval.inception={cfg.eval.inception} is not a file.\n{metrics.INCEPTION_HELP}")
         if cfg.eval.ref is None:
             dataset_config(cfg)
-    state = PartialState(cpu=cfg.cpu or not _has_accelerator())
+    state = PartialState(cpu=cfg.cpu or not has_accelerator())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
         raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    denoiser, info = sampling.load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
+    set_precision_flags(cfg.tf32)
+    writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
+    denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     schedule = resolve_schedule(cfg, info.schedule)
-    denoiser = sampling.fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile, cfg.channels_last)
+    denoiser = fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile, cfg.channels_last)
     if cfg.guidance != 1.0:
         if info.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")
         if info.label_dropout == 0.0:
             log.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is untrained", cfg.guidance)
-        denoiser = sampling.GuidedDenoiser(denoiser, cfg.guidance)
+        denoiser = GuidedDenoiser(denoiser, cfg.guidance)
     seeds = image_seeds(cfg)
     plan = sampling.plan_images(seeds, class_labels(cfg), info.label_dim)
     out = Path(cfg.out)
-    writer = sampling.make_writer(cfg.format, out, rank=state.process_index, subdirs=cfg.subdirs)
     if state.is_main_process:
         log.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
                  len(seeds), settings.solver, settings.num_steps, schedule.name, state.num_processes, out)
@@ -264,17 +239,17 @@ def run(cfg: DictConfig) -> None:
     made = sampling.generate(
         denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, settings, writer,
         info.img_shape, batch_size=cfg.batch, label_dim=info.label_dim, device=state.device,
-        dtype=DTYPES[cfg.dtype], progress=cfg.progress and state.is_main_process,
+        dtype=dtype, progress=cfg.progress and state.is_main_process,
     )
     log.info("process %d generated %d image(s)", state.process_index, made)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    output = sampling.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols)
+    output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols)
     result = report(cfg, settings, schedule, info, seeds, output, state.num_processes, time.time() - start)
     if cfg.eval.fid:
         result["metrics"] = evaluate(cfg, output, state.device)
-    sampling.write_json(out / REPORT_NAME, result)
+    outputs.write_json(out / REPORT_NAME, result)
     print(f"wrote {len(seeds)} images to {output}; report {out / REPORT_NAME}")
     if "metrics" in result:
         print(json.dumps(result["metrics"], indent=2))

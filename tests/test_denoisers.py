@@ -1,9 +1,10 @@
-"""The ideal denoiser: E[y | x̂] of a finite data set against a direct computation."""
+"""edm/denoisers.py: the ideal denoiser against a direct computation, guidance, the autocast/compile fast path."""
 
 import pytest
 import torch
 
 import edm
+from edm.denoisers import GuidedDenoiser, fast_denoiser
 
 F64 = torch.float64
 
@@ -60,3 +61,81 @@ def test_bad_input():
         den(torch.zeros(4, 3), 1.0)
     with pytest.raises(ValueError, match="without `labels`"):
         den(torch.zeros(4, 2), 1.0, torch.zeros(4))
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def test_guidance_combines_the_conditional_and_unconditional_calls():
+    calls = []
+
+    def den(x, sigma, class_labels):
+        calls.append(len(x))
+        return x + class_labels.sum(1, keepdim=True).reshape(-1, 1, 1, 1) * 1.0 + 0.5
+
+    x = torch.zeros(3, 1, 2, 2)
+    sigma = torch.ones(3)
+    labels = torch.eye(3)
+    cond = den(x, sigma, labels)
+    uncond = den(x, sigma, torch.zeros_like(labels))
+    calls.clear()
+    torch.testing.assert_close(GuidedDenoiser(den, 1.0)(x, sigma, labels), cond)
+    torch.testing.assert_close(GuidedDenoiser(den, 0.0)(x, sigma, labels), uncond)
+    torch.testing.assert_close(GuidedDenoiser(den, 2.5)(x, sigma, labels), uncond + 2.5 * (cond - uncond))
+    assert calls == [3, 6, 6]  # w = 1 is one plain call; otherwise one call on a doubled batch
+
+
+def _tiny_denoiser(label_dim: int = 0) -> edm.Precond:
+    torch.manual_seed(0)
+    net = edm.networks.build("tiny", img_resolution=8, in_channels=1, model_channels=8, label_dim=label_dim)
+    return edm.Precond(net, kind="edm").eval()
+
+
+@pytest.mark.parametrize("mixed_precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_fast_denoiser_runs_the_network_in_half_precision(mixed_precision, dtype):
+    """Convolutions see bf16/fp16; D comes back in x̂'s dtype, within half-precision tolerance of fp32."""
+    den = _tiny_denoiser(label_dim=3)
+    seen = []
+    hook = den.net.enc["8x8_conv"].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    fast = fast_denoiser(den, mixed_precision)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.01, 0.5, 3.0, 80.0])
+    labels = torch.eye(3)[[0, 1, 2, 0]]
+    with torch.no_grad():
+        ref, out = den(x, sigma, labels), fast(x, sigma, labels)
+    hook.remove()
+    assert seen == [torch.float32, dtype] and out.dtype == torch.float32
+    rel = (out - ref).norm() / ref.norm()
+    assert 0 < rel < 2e-2, rel
+    assert fast_denoiser(den, "no") is den
+
+
+def test_fast_denoiser_channels_last_is_the_same_function():
+    den = _tiny_denoiser(label_dim=3)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma, labels = torch.tensor([0.01, 0.5, 3.0, 80.0]), torch.eye(3)[[0, 1, 2, 0]]
+    with torch.no_grad():
+        ref = den(x, sigma, labels)
+        fast = fast_denoiser(den, "no", channels_last=True)
+        out = fast(x, sigma, labels)
+    big = max((p for p in den.parameters() if p.ndim == 4), key=torch.numel)
+    assert big.is_contiguous(memory_format=torch.channels_last) and not big.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_denoiser_rejects_unknown_precisions():
+    with pytest.raises(ValueError, match="mixed_precision 'int8' is not valid; choose one of: no, fp16, bf16"):
+        fast_denoiser(_tiny_denoiser(), "int8")
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_matches_eager():
+    """compile=true (inductor on CPU) gives the eager denoiser's samples; a new σ does not recompile."""
+    torch._dynamo.reset()
+    den = _tiny_denoiser()
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    fast = fast_denoiser(den, "no", compile=True)
+    with torch.no_grad():
+        ref = edm.sample(den, noise, "edm", num_steps=4)
+        out = edm.sample(fast, noise, "edm", num_steps=4)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import edm
+from edm.samplers import SamplerConfig
 from edm.schedules import EDM
 
 F64 = torch.float64
@@ -184,15 +185,33 @@ def test_class_labels_reach_the_denoiser():
     assert ((x[:, 0] < 0) == (labels == 0)).all()
 
 
-def test_progress_bar_runs(problem, capsys):
+def test_progress_bar_counts_the_steps_and_changes_nothing(problem, monkeypatch, capsys):
     den, _, noise = problem
-    edm.sample(den, noise, "edm", num_steps=3, progress=True)
-    assert "sampling" in capsys.readouterr().err
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, unit, **kwargs):
+            self.total, self.desc, self.ticks, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.ticks += n
+
+        def close(self):
+            self.closed = True
+
+    with_bar = edm.sample(den, noise, "edm", num_steps=3, progress=True)
+    assert "sampling" in capsys.readouterr().err  # the real bar, on stderr
+    monkeypatch.setattr(edm.samplers, "progress_bar", Recorder)
+    for final_denoise in (False, True):
+        edm.sample(den, noise, "edm", num_steps=3, progress=True, final_denoise=final_denoise)
+    assert [(b.total, b.ticks, b.closed) for b in bars] == [(3, 3, True), (3, 3, True)]  # one tick per step
+    assert torch.equal(with_bar, edm.sample(den, noise, "edm", num_steps=3))
 
 
 def test_clear_errors(problem):
     den, _, noise = problem
-    with pytest.raises(ValueError, match=r"unknown solver 'rk45'.*\['dpmpp_2m', 'euler', 'euler_maruyama', 'heun', 'stochastic'\]"):
+    with pytest.raises(ValueError, match="solver 'rk45' is not valid; choose one of: euler, heun, stochastic, euler_maruyama, dpmpp_2m"):
         edm.sample(den, noise, "edm", solver="rk45")
     with pytest.raises(ValueError, match="strictly decrease"):
         edm.sample(den, noise, "edm", t_steps=[1.0, 2.0, 0.0])
@@ -206,7 +225,7 @@ def test_clear_errors(problem):
         edm.sample(den, noise * float("nan"), "edm")
     with pytest.raises(ValueError, match=r"solver 'heun' does not take option\(s\) \['churn'\]"):
         edm.sample(den, noise, "edm", solver="heun", churn=1.0)
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule .* is not valid"):
         edm.sample(den, noise, "cosine")
 
 
@@ -228,3 +247,16 @@ def test_solvers_read_nothing_back_per_step(solver, options, host_reads):
 
     few, many = count(4), count(32)
     assert few == many, (solver, few, many)
+
+
+def test_sampler_config_is_checked_when_made_and_gives_the_sample_keywords():
+    with pytest.raises(ValueError, match="solver 'rk45' is not valid"):
+        SamplerConfig("rk45")
+    with pytest.raises(ValueError, match="num_steps"):
+        SamplerConfig("heun", 0)
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['churn'\]"):
+        SamplerConfig("heun", 18, options={"churn": 1.0})
+    with pytest.raises(ValueError, match="discretization 'cosine' is not valid"):
+        SamplerConfig("heun", 18, discretization="cosine")
+    config = SamplerConfig("stochastic", 5, "karras", True, {"churn": 10.0})
+    assert config.kwargs() == dict(solver="stochastic", num_steps=5, discretization="karras", final_denoise=True, churn=10.0)

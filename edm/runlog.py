@@ -1,0 +1,105 @@
+"""What a long job tells its user: progress bars, a training run's metrics, and stop signals.
+
+- progress_bar: the one tqdm bar of the project (sampling steps, generated images, training steps).
+- RunLog / log: the main process's metrics.jsonl, TensorBoard scalars (when installed) and bar.
+- StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["progress_bar", "RunLog", "log", "StopOnSignal"]
+
+logger = logging.getLogger(__name__)
+
+
+def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = True):
+    """A tqdm bar on stderr that adapts to the terminal's width."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave, dynamic_ncols=True)
+
+
+class RunLog:
+    """Main-process logging sinks: metrics.jsonl (appended on resume), TensorBoard if installed, a tqdm bar."""
+
+    def __init__(
+        self, run_dir: Path, total_steps: int, *, enabled: bool = True, initial_step: int = 0,
+        tensorboard: bool = True, progress: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        self.file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed; metrics go to %s only", self.path)
+        if progress:
+            self.bar = progress_bar(total_steps, "training", "step", initial=initial_step)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def log(run_log: RunLog, record: dict) -> None:
+    """One metrics record: a JSON line, TensorBoard scalars and the progress bar's numbers."""
+    if not run_log.enabled:
+        return
+    run_log.file.write(json.dumps(record) + "\n")
+    run_log.file.flush()
+    if run_log.writer is not None:
+        for key in ("loss", "lr", "images_per_s", "ema_beta"):
+            run_log.writer.add_scalar(f"train/{key}", record[key], record["step"])
+    if run_log.bar is not None:
+        run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
+    logger.debug("%s", record)
+
+
+class StopOnSignal:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets `requested`: the loop then saves a
+    checkpoint and stops. A second SIGINT raises KeyboardInterrupt at once. Main thread only."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s: saving a checkpoint after this step (Ctrl-C again exits without saving)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+

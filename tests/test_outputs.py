@@ -1,0 +1,114 @@
+"""edm/outputs.py: PNG files and .npz parts, their merge, resume after a torn write, the grid writer."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import edm
+from edm.outputs import PartWriter, PngWriter, finalize, make_grid, read_parts, save_grid, to_uint8
+from edm.samplers import SamplerConfig
+from edm.sampling import generate, generate_batch, plan_images, shard
+
+F64 = torch.float64
+SHAPE = (1, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def ideal():
+    """The exact denoiser of 6 1×4×4 images."""
+    g = torch.Generator().manual_seed(0)
+    return edm.IdealDenoiser(torch.rand(6, *SHAPE, generator=g, dtype=F64) * 2 - 1)
+
+
+def test_to_uint8_matches_the_nvlabs_rounding():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.7]).reshape(1, 1, 1, 6)
+    assert to_uint8(x).reshape(-1).tolist() == [0, 0, 128, 191, 255, 255]
+    assert to_uint8(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+
+
+def test_make_grid_tiles_row_by_row():
+    images = np.arange(5).reshape(5, 1, 1, 1).repeat(2, 1).repeat(2, 2).astype(np.uint8)
+    grid = make_grid(images, cols=3)
+    assert grid.shape == (4, 6, 1)
+    assert grid[::2, ::2, 0].tolist() == [[0, 1, 2], [3, 4, 0]]
+
+
+def test_generate_writes_pngs_and_resumes(ideal, tmp_path):
+    from PIL import Image
+
+    plan = plan_images(list(range(5)), None, 0)
+    writer = PngWriter(tmp_path, subdirs=True)
+    settings = SamplerConfig("euler", 4)
+    assert generate(ideal, plan[:3], "edm", settings, writer, SHAPE, batch_size=2) == 3
+    first = np.asarray(Image.open(writer.path(1)))
+    assert generate(ideal, plan, "edm", settings, writer, SHAPE, batch_size=4) == 2  # only the two missing ones
+    assert writer.path(4) == tmp_path / "000000" / "000004.png" and writer.path(4).is_file()
+    np.testing.assert_array_equal(np.asarray(Image.open(writer.path(1))), first)
+    expected = to_uint8(generate_batch(ideal, plan[1:2], "edm", settings, SHAPE)[0])[0, :, :, 0]
+    np.testing.assert_array_equal(first, expected)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "grid"])
+def test_parts_merge_into_npz_or_grid(ideal, tmp_path, fmt):
+    seeds = [5, 2, 9, 1]
+    plan = plan_images(seeds, None, 0)
+    settings = SamplerConfig("heun", 3)
+    for rank in range(2):  # two "processes", each with its own part files
+        generate(ideal, shard(plan, rank, 2), "edm", settings, PartWriter(tmp_path, rank), SHAPE, batch_size=1)
+    assert PartWriter(tmp_path).pending(plan) == []
+    path = finalize(fmt, tmp_path, seeds, grid_cols=2)
+    expected = to_uint8(generate_batch(ideal, plan, "edm", settings, SHAPE)[0])
+    if fmt == "npz":
+        with np.load(path) as data:
+            np.testing.assert_array_equal(data["images"], expected)
+            assert data["seeds"].tolist() == seeds and data["labels"].tolist() == [-1] * 4
+    else:
+        from PIL import Image
+
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), make_grid(expected, 2)[:, :, 0])
+
+
+def test_a_killed_part_write_does_not_break_resume(tmp_path):
+    """A process killed while writing a part leaves only a temp file that the part globs ignore:
+    resume still reads the finished parts and redoes the torn one."""
+    done = PartWriter(tmp_path)
+    done.write(plan_images([0], None, 0), torch.full((1, 1, 4, 4), -1.0), None)
+    script = (
+        "import os, numpy as np, torch\n"
+        "from edm.outputs import PartWriter\n"
+        "from edm.sampling import plan_images\n"
+        "def killed(f, **arrays):\n"
+        "    f.write(b'PK partial'); f.flush(); os._exit(9)\n"
+        "np.savez = killed\n"
+        f"PartWriter({str(tmp_path)!r}).write(plan_images([1], None, 0), torch.full((1, 1, 4, 4), -1.0), None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr.decode()
+    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert len(parts) == 2 and parts[0].startswith(".") and parts[0].endswith(".tmp")  # the torn write
+    assert [spec.seed for spec in PartWriter(tmp_path).pending(plan_images([0, 1], None, 0))] == [1]
+    images, _ = read_parts(tmp_path, [0])
+    assert images.shape == (1, 4, 4, 1)
+
+
+def test_finalize_names_missing_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the sampler again"):
+        finalize("npz", tmp_path, [0, 1])
+
+
+def test_grid_layout(tmp_path):
+    from PIL import Image
+
+    images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 2, 2)
+    path = save_grid(tmp_path / "g.png", images, 3, scale=4, padding=1, pad_value=7)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 2 rows x 3 columns of 8x8 tiles, 1 px borders
+    assert (grid[0] == 7).all() and (grid[:, 9] == 7).all()  # borders
+    expected = to_uint8(images)[:, 0, 0, 0].tolist()
+    for k in range(6):
+        r, c = divmod(k, 3)
+        tile = grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c]
+        assert (tile == expected[k]).all()
