@@ -17,7 +17,8 @@ import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from types import MappingProxyType
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .config import DatasetConfig
+from .choices import choose
 
 __all__ = [
+    "DatasetConfig",
+    "DATASETS",
     "DatasetNotFoundError",
     "ImageDataset",
     "TensorImageDataset",
@@ -43,14 +46,38 @@ __all__ = [
     "make_loader",
     "to_model_space",
     "to_uint8",
-    "save_image_grid",
     "FASHION_MNIST_DEBIAN_ROOT",
+    "IMAGE_EXTENSIONS",
+    "image_files",
 ]
 
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class DatasetConfig:
+    """A training set (the `dataset` config group): images in [−1, 1], optional one-hot labels.
+
+    name: a key of DATASETS (digits: embedded, no download); root: where the files are (unused
+    for digits); resolution: resize to this (None = native); cond: class-conditional training
+    (label_dim = number of classes); xflip: add mirrored copies; max_size: use the first N images.
+    """
+
+    name: str = "digits"
+    root: Optional[str] = None
+    resolution: Optional[int] = None
+    cond: bool = False
+    xflip: bool = False
+    num_workers: int = 0
+    max_size: Optional[int] = None
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -111,7 +138,7 @@ class ImageFolderDataset(ImageDataset):
         from PIL import Image
 
         self.root = Path(root)
-        self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = image_files(self.root)
         if not self.files:
             raise DatasetNotFoundError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; point dataset.root at a folder "
@@ -302,26 +329,30 @@ def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: b
     return TensorImageDataset(resize_images(images, resolution), torch.as_tensor(tv.targets), 10, cond)
 
 
+def _folder(cfg: DatasetConfig) -> ImageDataset:
+    """Images under dataset.root (see ImageFolderDataset)."""
+    if cfg.root is None or not Path(cfg.root).is_dir():
+        raise DatasetNotFoundError(
+            f"dataset.root={cfg.root!r} is not a folder; point it at a folder of images "
+            "(one subfolder per class for class labels)"
+        )
+    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond)
+
+
+DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = MappingProxyType({
+    "digits": lambda cfg: load_digits(cfg.resolution, cfg.cond),
+    "mnist": lambda cfg: load_mnist(cfg.root, False, cfg.resolution, cfg.cond),
+    # The Debian package dataset-fashion-mnist installs the files in FASHION_MNIST_DEBIAN_ROOT.
+    "fashion_mnist": lambda cfg: load_mnist(cfg.root or FASHION_MNIST_DEBIAN_ROOT, True, cfg.resolution, cfg.cond),
+    "cifar10": lambda cfg: load_cifar10(cfg.root, cfg.resolution, cfg.cond),
+    "folder": _folder,
+})
+"""dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
+
+
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
-    """The training set described by `cfg` (see DatasetConfig); Fashion-MNIST's root defaults to
-    FASHION_MNIST_DEBIAN_ROOT, where `apt-get install dataset-fashion-mnist` puts it."""
-    if cfg.name == "digits":
-        dataset: ImageDataset = load_digits(cfg.resolution, cfg.cond)
-    elif cfg.name in ("mnist", "fashion_mnist"):
-        fashion = cfg.name == "fashion_mnist"
-        root = FASHION_MNIST_DEBIAN_ROOT if fashion and cfg.root is None else cfg.root  # the Debian package's folder
-        dataset = load_mnist(root, fashion, cfg.resolution, cfg.cond)
-    elif cfg.name == "cifar10":
-        dataset = load_cifar10(cfg.root, cfg.resolution, cfg.cond)
-    elif cfg.name == "folder":
-        if cfg.root is None or not Path(cfg.root).is_dir():
-            raise DatasetNotFoundError(
-                f"dataset.root={cfg.root!r} is not a folder; point it at a folder of images "
-                "(one subfolder per class for class labels)"
-            )
-        dataset = ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond)
-    else:
-        raise ValueError(f"dataset.name={cfg.name!r} is not valid; choose one of: digits, mnist, fashion_mnist, cifar10, folder")
+    """The training set described by `cfg` (see DatasetConfig and DATASETS), subset and mirrored as asked."""
+    dataset = choose(DATASETS, cfg.name, "dataset.name")(cfg)
     if cfg.max_size is not None:
         dataset = Subset(dataset, cfg.max_size)
     if cfg.xflip:
@@ -412,24 +443,3 @@ def to_uint8(images: Tensor) -> Tensor:
     """[−1, 1] -> uint8 0..255: x = floor(127.5 y + 128) clipped, i.e. round(127.5 (y + 1)) with
     ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels)."""
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
-def save_image_grid(
-    images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1, padding: int = 2, pad_value: int = 128
-) -> Path:
-    """Save images [N, C, H, W] in [−1, 1] as one PNG grid, each pixel a scale x scale block,
-    tiles separated by `padding` pixels of gray `pad_value`."""
-    from PIL import Image
-    import torchvision
-
-    images = to_uint8(images.detach().cpu())
-    if scale > 1:
-        images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
-    array = grid.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array, "L" if images.shape[1] == 1 else "RGB")
-    image.save(path)
-    return path

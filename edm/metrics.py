@@ -3,8 +3,8 @@
 FID = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)  (Heusel et al. 2017) between Gaussians fitted to
 features of two image sets. Any feature extractor works (a callable: images in [−1, 1]
 [N, C, H, W] -> features [N, d]); the standard one is the TensorFlow Inception-v3
-(inception-2015-12-05) as ported by pytorch-fid, built here from torchvision's Inception3 with
-pytorch-fid's FID patches, so that `pt_inception-2015-12-05-6726825d.pth` loads strictly.
+(inception-2015-12-05) as ported by pytorch-fid (edm.networks.inception.FIDInceptionV3), so that
+`pt_inception-2015-12-05-6726825d.pth` loads strictly.
 Precision/recall: Kynkäänniemi et al. 2019, k-NN balls around each feature (k = 3).
 
 Nothing is downloaded: the weights are a local file (see `load_inception`).
@@ -22,19 +22,18 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write
-from .data import to_model_space
+from .data import IMAGE_EXTENSIONS, image_files, to_model_space
+from .networks.inception import FIDInceptionV3
 
 __all__ = [
     "frechet_distance",
     "FeatureStats",
     "feature_statistics",
     "precision_recall",
-    "FIDInceptionV3",
     "NVlabsDetector",
     "load_inception",
     "INCEPTION_HELP",
@@ -54,7 +53,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Extractor = Callable[[Tensor], Tensor]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 INCEPTION_HELP = """\
 FID needs the Inception-v3 weights as a local file (nothing is downloaded). Either of:
@@ -161,89 +159,7 @@ def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch_size: int 
     return precision, recall
 
 
-# ----------------------------------------------------------------------------- Inception-v3 for FID
-
-
-def _fid_blocks():
-    """pytorch-fid's patches of torchvision's Inception blocks to match the TensorFlow graph."""
-    from torchvision.models import inception as tv
-
-    def pool_avg(x: Tensor) -> Tensor:
-        """TensorFlow's average pool ignores the zero padding."""
-        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-    class FIDInceptionA(tv.InceptionA):
-        def forward(self, x: Tensor) -> Tensor:
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(pool_avg(x))], 1)
-
-    class FIDInceptionC(tv.InceptionC):
-        def forward(self, x: Tensor) -> Tensor:
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            bd = self.branch7x7dbl_1(x)
-            for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-                bd = layer(bd)
-            return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(pool_avg(x))], 1)
-
-    class FIDInceptionE(tv.InceptionE):
-        """Mixed_7b pools by average without padding, Mixed_7c by max (as the TensorFlow graph does)."""
-
-        def __init__(self, in_channels: int, max_pool: bool) -> None:
-            super().__init__(in_channels)
-            self.max_pool = max_pool
-
-        def forward(self, x: Tensor) -> Tensor:
-            b3 = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else pool_avg(x)
-            return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
-
-    return tv.Inception3, FIDInceptionA, FIDInceptionC, FIDInceptionE
-
-
-class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3: images in [−1, 1] [N, C, H, W] -> 2048 pool3 features [N, 2048].
-
-    Grayscale inputs are repeated to 3 channels, then resized to 299×299 bilinearly
-    (align_corners=False), as pytorch-fid does. `self.net` is torchvision's Inception3
-    (1008 classes, no aux head) with the FID blocks, so its state_dict keys are those of
-    pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        Inception3, FIDInceptionA, FIDInceptionC, FIDInceptionE = _fid_blocks()
-        net = Inception3(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
-        net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        net.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        net.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.net = net.eval().requires_grad_(False)
-
-    def load_weights(self, state_dict: dict[str, Tensor]) -> None:
-        """Load pytorch-fid's state dict (strict: every key must match; tensors are assigned, so a
-        model built on the meta device skips its random initialisation)."""
-        self.net.load_state_dict(state_dict, strict=True, assign=True)
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.to(torch.float32)
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        n = self.net
-        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1, n.Conv2d_4a_3x3,
-                      n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
-                      n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
-            x = layer(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+# ----------------------------------------------------------------------------- feature extractors from local files
 
 
 class NVlabsDetector(nn.Module):
@@ -314,10 +230,6 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
 # ----------------------------------------------------------------------------- image sources
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def _npz_images(path: Path) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .npz with key 'images' (edm) or 'arr_0' (guided-diffusion)."""
     with np.load(path) as data:
@@ -335,7 +247,7 @@ def count_images(source: str | Path) -> int:
     path = Path(source)
     if path.suffix == ".npz":
         return len(_npz_images(path))
-    return len(_image_files(path))
+    return len(image_files(path))
 
 
 def _uint8_to_unit(batch: np.ndarray) -> Tensor:
@@ -355,9 +267,9 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
         for start in range(0, len(images), batch_size):
             yield _uint8_to_unit(images[start : start + batch_size])
         return
-    files = _image_files(path)[:max_images]
+    files = image_files(path)[:max_images]
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(path)!r}")
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
     for start in range(0, len(files), batch_size):
         arrays = []
         for file in files[start : start + batch_size]:
@@ -446,11 +358,11 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for batch in loader:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        yield images.to(torch.float32) / 127.5 - 1
+        yield to_model_space(images)
 
 
 def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
-    """(batches, cache key) of the edm.data set of `config` (an edm.config.DatasetConfig), without x-flips."""
+    """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips."""
     from .data import build_dataset
 
     config = dataclasses.replace(config, xflip=False, cond=False)

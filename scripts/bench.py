@@ -6,7 +6,7 @@
     python scripts/bench.py --mode sample --sample-steps 18   # Heun, 18 steps = 35 network evaluations
     python scripts/bench.py --augment 0.12                    # training steps with EDM's augmentation
 
-Training is timed through `edm.train.train_step` (the loop `python -m edm.train` runs) on
+Training is timed through `edm.step.train_step` (the loop `python -m edm.train` runs) on
 synthetic batches already on the device; `--mode data` times the data loader separately, so
 one can see whether loading keeps up. Timings use warm-up steps and synchronise the device
 around the timed region. The result is printed as JSON (and written with --out).
@@ -25,9 +25,10 @@ import torch
 
 import edm
 from edm.augment import AUGMENT_DIM, AugmentConfig, augment
-from edm.config import DATASETS
-from edm.sampling import fast_denoiser
-from edm.train import make_optimizer, set_precision_flags, train_step
+from edm.data import DATASETS
+from edm.denoisers import fast_denoiser
+from edm.hardware import set_precision_flags
+from edm.step import make_optimizer, train_step
 
 DEFAULTS = {  # device type -> (network, resolution, channels, batch, precision, compile)
     "cuda": ("ddpmpp", 32, 3, 512, "bf16", True),
@@ -230,7 +231,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
 
 def bench_data(args: argparse.Namespace) -> dict:
     """Images/s the training DataLoader delivers (decoded, batched, moved to the device)."""
-    from edm.config import DatasetConfig
+    from edm.data import DatasetConfig
     from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
 
     dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root))

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 import edm
-from edm import likelihood, metrics, sampling
+from edm import likelihood, metrics, outputs
+from edm.data import DATASETS, DatasetConfig
+from edm.loading import load_model
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
@@ -29,8 +31,7 @@ def device_of(args: argparse.Namespace) -> torch.device:
 
 
 def dataset_config(args: argparse.Namespace, cond: bool = False):
-    """edm.config.DatasetConfig of --dataset/--dataset-root/--dataset-resolution (the training data sets)."""
-    from edm.config import DatasetConfig
+    """edm.data.DatasetConfig of --dataset/--dataset-root/--dataset-resolution (the training data sets)."""
 
     return DatasetConfig(name=args.dataset, root=args.dataset_root, resolution=args.dataset_resolution, cond=cond,
                          max_size=getattr(args, "num", None))
@@ -42,7 +43,7 @@ def merge_report(path: str | None, numbers: dict) -> None:
         return
     report = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
     report.setdefault("metrics", {}).update(numbers)
-    sampling.write_json(path, report)
+    outputs.write_json(path, report)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -101,7 +102,7 @@ def cmd_bpd(args: argparse.Namespace) -> dict:
         raise ValueError("give the test images as --data (folder or .npz) or --dataset NAME")
     device = device_of(args)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    denoiser, info = sampling.load_model(args.checkpoint, ema=not args.raw, device=device)
+    denoiser, info = load_model(args.checkpoint, ema=not args.raw, device=device)
     schedule = edm.schedules.get(args.schedule) if args.schedule else info.schedule
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(
@@ -145,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
         q.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
         q.add_argument("--report", help="merge the numbers into this JSON file (under 'metrics')")
-        q.add_argument("--dataset", help="a training data set (digits, mnist, fashion_mnist, cifar10, folder)")
+        q.add_argument("--dataset", choices=list(DATASETS), help="a training data set (see configs/dataset/)")
         q.add_argument("--dataset-root", help="where the data set's files are (see configs/dataset/)")
         q.add_argument("--dataset-resolution", type=int, help="resize the data set to this resolution")
 
@@ -181,8 +182,8 @@ def parser() -> argparse.ArgumentParser:
     bpd.add_argument("--discretization", default="karras", choices=sorted(edm.schedules.DISCRETIZATIONS))
     bpd.add_argument("--integrator", default="rk4", choices=likelihood.INTEGRATORS)
     bpd.add_argument("--divergence", default="hutchinson", choices=likelihood.DIVERGENCES)
-    bpd.add_argument("--noise", default="rademacher", choices=("rademacher", "gaussian"), help="Hutchinson probes")
-    bpd.add_argument("--dequantization", default="uniform", choices=("uniform", "center"))
+    bpd.add_argument("--noise", default="rademacher", choices=likelihood.HUTCHINSON_NOISES, help="Hutchinson probes")
+    bpd.add_argument("--dequantization", default="uniform", choices=likelihood.DEQUANTIZATIONS)
     bpd.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     bpd.add_argument("--seed", type=int, default=0, help="seed of the dequantization and Hutchinson noise")
     common(bpd)

@@ -87,7 +87,7 @@ def _short_run(mixed_precision: str, steps: int = 40) -> list[float]:
 
     import edm
     from edm.data import load_digits, to_model_space
-    from edm.train import make_optimizer, train_step
+    from edm.step import make_optimizer, train_step
 
     torch.manual_seed(0)
     data = load_digits()
@@ -114,9 +114,9 @@ def test_bf16_fast_path_follows_the_fp32_loss_curve():
 
 
 def test_bf16_samples_match_fp32_within_bf16_tolerance():
-    """The sampling fast path of scripts/sample.py and bench.py (edm.sampling.fast_denoiser)."""
+    """The sampling fast path of scripts/sample.py and bench.py (edm.denoisers.fast_denoiser)."""
     import edm
-    from edm.sampling import fast_denoiser
+    from edm.denoisers import fast_denoiser
 
     torch.manual_seed(0)
     den = edm.Precond(edm.networks.build("tiny", img_resolution=8, in_channels=1), kind="edm").eval()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm.config import DatasetConfig
+from edm.data import DatasetConfig
 from edm.data import (
     FASHION_MNIST_DEBIAN_ROOT,
     DatasetNotFoundError,
@@ -25,7 +25,6 @@ from edm.data import (
     load_mnist,
     make_loader,
     read_idx,
-    save_image_grid,
     to_model_space,
     to_uint8,
 )
@@ -296,18 +295,3 @@ def test_uint8_round_trip():
     x = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(to_model_space(x)), x)
     assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
-
-
-def test_save_image_grid_layout(tmp_path):
-    from PIL import Image
-
-    images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 2, 2)
-    path = save_image_grid(images, tmp_path / "g.png", nrow=3, scale=4, padding=1, pad_value=7)
-    grid = np.asarray(Image.open(path))
-    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 2 rows x 3 columns of 8x8 tiles, 1 px borders
-    assert (grid[0] == 7).all() and (grid[:, 9] == 7).all()  # borders
-    expected = to_uint8(images[:, 0, 0, 0]).tolist()
-    for k in range(6):
-        r, c = divmod(k, 3)
-        tile = grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c]
-        assert (tile == expected[k]).all()

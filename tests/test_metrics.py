@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from edm import metrics
+from edm.networks.inception import FIDInceptionV3
 from edm.metrics import (
     FeatureStats,
-    FIDInceptionV3,
     feature_statistics,
     frechet_distance,
     image_batches,
