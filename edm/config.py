@@ -1,8 +1,14 @@
 """Structured training configs: dataclasses mirroring configs/train.yaml and its groups.
 
-Each dataclass has exactly the field names of its yaml group (schedule/, dataset/, sampler/;
-network/ is `edm.networks.NetworkConfig`), so Hydra rejects an unknown key at composition.
-`register_configs()` puts the schemas into Hydra's ConfigStore; `from_dictconfig` turns a
+Each group's schema has exactly the options of the library object it configures, with that
+object's defaults, so a default is written once (in the library) and Hydra rejects an unknown
+key at composition:
+  schedule/  ScheduleConfig: `name` plus every option of the schedules in edm.schedules.SCHEDULES
+  precond    PrecondConfig: the keyword arguments of edm.Precond
+  loss       LossConfig: the fields of edm.Loss (sigma_data comes from precond)
+  network/   edm.networks.NetworkConfig;  dataset/  edm.data.DatasetConfig
+  sampler/   edm.samplers.SamplerConfig;  augment   edm.augment.AugmentConfig
+`register_configs()` puts the schema into Hydra's ConfigStore; `from_dictconfig` turns a
 composed DictConfig into a `TrainConfig`; `check_config` rejects bad values with a message
 that names the key and the valid choices. Library code takes the dataclasses only.
 """
@@ -10,12 +16,20 @@ that names the key and the valid choices. Library code takes the dataclasses onl
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .augment import AUGMENT_DIM, AugmentConfig
+from .choices import check_choice, choose
+from .data import DATASETS, DatasetConfig
+from .losses import LOSS_KINDS, Loss
 from .networks import NetworkConfig
+from .precond import PRECOND_KINDS, Precond
+from .samplers import SamplerConfig
+from .schedules import SCHEDULES
 
 __all__ = [
     "ScheduleConfig",
@@ -31,98 +45,61 @@ __all__ = [
     "check_config",
     "to_container",
     "MIXED_PRECISION",
-    "DATASETS",
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
 
 
-@dataclass
-class ScheduleConfig:
-    """σ(t), s(t): `edm.schedules.get(name, **options)`; None keeps the schedule's default.
+def _options_schema(
+    name: str, target: Callable[..., Any], doc: str, *, skip: Iterable[str] = (), unset: Iterable[str] = ()
+) -> type:
+    """A dataclass whose fields are `target`'s keyword parameters with their types and defaults.
 
-    vp takes beta_d, beta_min, epsilon_s, t_end; ve, edm and fm take sigma_min, sigma_max;
-    edm also takes rho.
+    Parameters in `skip` are left out; those in `unset` default to None (resolved by the
+    code that builds the object, see edm.build).
     """
-
-    name: str = "edm"
-    sigma_min: Optional[float] = None
-    sigma_max: Optional[float] = None
-    rho: Optional[float] = None
-    beta_d: Optional[float] = None
-    beta_min: Optional[float] = None
-    epsilon_s: Optional[float] = None
-    t_end: Optional[float] = None
-
-    def options(self) -> Dict[str, float]:
-        """The schedule options that are set (the keyword arguments of `edm.schedules.get`)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) and not dataclasses.is_dataclass(target) else target)
+    fields = []
+    for p in inspect.signature(target).parameters.values():
+        if p.name in skip or p.default is p.empty:
+            continue
+        fields.append((p.name, Optional[hints[p.name]], None) if p.name in unset else (p.name, hints[p.name], p.default))
+    return dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "__module__": __name__})
 
 
-@dataclass
-class PrecondConfig:
-    """`edm.Precond(net, kind, sigma_data, beta_d, beta_min, M)`; sigma_data also feeds the loss.
-
-    kind None = the schedule's own; beta_d/beta_min None = the schedule's when it is VP, else VP's defaults.
-    """
-
-    kind: Optional[str] = None
-    sigma_data: float = 0.5
-    beta_d: Optional[float] = None
-    beta_min: Optional[float] = None
-    M: int = 1000
+def _schedule_options(self: Any) -> Dict[str, float]:
+    """The schedule options that are set (the keyword arguments of `edm.schedules.get`)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
 
 
-@dataclass
-class LossConfig:
-    """`edm.Loss(schedule, kind, sigma_data=precond.sigma_data, ...)`: σ density and weight λ(σ).
+ScheduleConfig = dataclasses.make_dataclass(
+    "ScheduleConfig",
+    [("name", str, "edm")]
+    + [(o, Optional[float], None) for o in sorted({f.name for cls in SCHEDULES.values() for f in dataclasses.fields(cls)})],
+    namespace={
+        "__doc__": "σ(t), s(t): `edm.schedules.get(name, **options())`; an option left None keeps the schedule's default.",
+        "__module__": __name__,
+        "options": _schedule_options,
+    },
+)
 
-    kind None = the schedule's own; P_mean/P_std serve kind edm, epsilon_t vp and fm, t_dist and
-    logit_* fm.
-    """
+PrecondConfig = _options_schema(
+    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min"),
+    doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's own; "
+        "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults.",
+)
 
-    kind: Optional[str] = None
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    epsilon_t: float = 1e-5
-    t_dist: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-
-
-@dataclass
-class DatasetConfig:
-    """A training set (see edm/data.py): images in [−1, 1], optional one-hot labels.
-
-    name: digits (embedded, no download) | mnist | fashion_mnist | cifar10 | folder.
-    root: where the files are (unused for digits); resolution: resize to this (None = native);
-    cond: class-conditional training (label_dim = number of classes); xflip: add mirrored copies.
-    """
-
-    name: str = "digits"
-    root: Optional[str] = None
-    resolution: Optional[int] = None
-    cond: bool = False
-    xflip: bool = False
-    num_workers: int = 0
-    max_size: Optional[int] = None
-
-
-@dataclass
-class SamplerConfig:
-    """How sample grids are drawn: `edm.sample(..., solver, num_steps, discretization, **options)`."""
-
-    solver: str = "heun"
-    num_steps: int = 18
-    discretization: Optional[str] = None
-    final_denoise: bool = False
-    options: Dict[str, float] = field(default_factory=dict)
+LossConfig = _options_schema(
+    "LossConfig", Loss, skip=("schedule", "sigma_data"),
+    doc="`edm.Loss(schedule, sigma_data=precond.sigma_data, **options)`: σ density and weight λ(σ); "
+        "kind None = the schedule's own.",
+)
 
 
 @dataclass
 class TrainConfig:
-    """Everything `edm.train.train` needs. Lengths are in images (kimg = 1000 images) or steps.
+    """Everything `edm.train.train` needs, with the defaults of `python -m edm.train` (the tiny network
+    on the embedded digits, minutes on a CPU). Lengths are in images (kimg = 1000 images) or steps.
 
     batch_size is the global batch of one optimizer step (all processes, all accumulation
     rounds); batch_per_device is the micro-batch one process runs at once (None: batch_size /
@@ -143,13 +120,13 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
 
-    batch_size: int = 128
+    batch_size: int = 64
     batch_per_device: Optional[int] = None
-    total_kimg: float = 200.0
-    lr: float = 1e-3
-    lr_rampup_kimg: float = 10.0
+    total_kimg: float = 96.0
+    lr: float = 2e-3
+    lr_rampup_kimg: float = 5.0
     lr_decay_kimg: float = 0.0
-    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     adam_eps: float = 1e-8
     grad_clip: Optional[float] = None
     ema_halflife_kimg: float = 500.0
@@ -206,11 +183,6 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
-def _choice(key: str, value: Any, valid: Any) -> None:
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
-
-
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not (ok and math.isfinite(value)):
@@ -218,31 +190,26 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Reject bad values before any work starts; each message names the key and what is valid."""
-    from . import losses, precond, samplers, schedules
+    """Reject bad values before any work starts; each message names the key and what is valid.
 
-    _choice("schedule.name", cfg.schedule.name, list(schedules.SCHEDULES))
-    schedules.get(cfg.schedule.name, **cfg.schedule.options())  # raises on options the schedule lacks
+    The schedule's options, the sampler and the network preset are checked where they are
+    built (edm.build, SamplerConfig, edm.networks.build), each in one place.
+    """
+    choose(SCHEDULES, cfg.schedule.name, "schedule.name")
     if cfg.precond.kind is not None:
-        _choice("precond.kind", cfg.precond.kind, list(precond.PRECOND_KINDS))
+        choose(PRECOND_KINDS, cfg.precond.kind, "precond.kind")
     if cfg.loss.kind is not None:
-        _choice("loss.kind", cfg.loss.kind, list(losses.LOSS_KINDS))
-    _choice("loss.t_dist", cfg.loss.t_dist, ["uniform", "logit_normal"])
+        check_choice(LOSS_KINDS, cfg.loss.kind, "loss.kind")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
-    _choice("dataset.name", cfg.dataset.name, DATASETS)
+    choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:
         _positive("dataset.resolution", cfg.dataset.resolution)
-    _choice("sampler.solver", cfg.sampler.solver, list(samplers.SOLVERS))
-    samplers.check_options(cfg.sampler.solver, samplers.SOLVERS[cfg.sampler.solver], dict(cfg.sampler.options))
-    if cfg.sampler.discretization is not None:
-        _choice("sampler.discretization", cfg.sampler.discretization, list(schedules.DISCRETIZATIONS))
-    _positive("sampler.num_steps", cfg.sampler.num_steps)
-    _choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
+    check_choice(MIXED_PRECISION, cfg.mixed_precision, "mixed_precision")
     if not 0 <= cfg.augment.p <= 1:
         raise ValueError(f"augment.p={cfg.augment.p!r} must be in [0, 1] (0 = no augmentation; EDM's CIFAR-10: 0.12)")
     for f in dataclasses.fields(cfg.augment):
         _positive(f"augment.{f.name}", getattr(cfg.augment, f.name), allow_zero=True)
-    if cfg.augment.p > 0 and cfg.network.augment_dim not in (0, AUGMENT_DIM):
+    if cfg.augment.p > 0 and cfg.network.augment_dim not in (None, 0, AUGMENT_DIM):
         raise ValueError(
             f"augment.p > 0 gives the network {AUGMENT_DIM} augmentation labels, but network.augment_dim="
             f"{cfg.network.augment_dim}: set network.augment_dim={AUGMENT_DIM} (or 0, which augment.p > 0 turns into {AUGMENT_DIM})"

@@ -4,48 +4,43 @@
     python -m edm.train schedule=ve network=ddpmpp dataset=cifar10 dataset.root=/data
     accelerate launch -m edm.train dataset=cifar10 ...      # multi-GPU / multi-node
 
-One step: draw σ and n, per-example loss λ(σ)‖D(y + σn; σ) − y‖² (edm.Loss), optimize its batch
-mean divided by the pixels per example C·H·W (so lr and grad_clip do not depend on resolution),
-then an EMA update of the weights. Hydra's main only converts the config and calls `train`.
+The loop: micro-batches from the (seed, epoch) data stream, one optimizer step (edm.step), an
+EMA update (edm.ema), logging (edm.runlog), checkpoints and resume (edm.run), sample grids
+(edm.sampling, edm.outputs). The config's objects are built once (edm.build). Hydra's main
+only converts the config and calls `train`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .augment import AUGMENT_DIM, augment
-from .config import TrainConfig, check_config, from_dictconfig, register_configs, to_container
-from .data import ImageDataset, StreamBatchSampler, build_dataset, make_loader, save_image_grid, to_model_space
-from .losses import Loss
-from .samplers import sample
-from .sampling import initial_noise, make_generators
-from .schedules import VP, Schedule, get as get_schedule
+from .augment import augment
+from .build import build_loss, build_schedule, denoiser_spec
+from .config import TrainConfig, check_config, from_dictconfig, register_configs
+from .data import ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
+from .ema import ema_beta, update_ema
+from .hardware import set_precision_flags
+from .outputs import save_grid
+from .run import Run, RunState, restore, save_checkpoint, seed_for
+from .runlog import RunLog, StopOnSignal, log
+from .sampling import generate_batch, plan_images
+from .step import learning_rate, make_optimizer, train_step
 
 __all__ = [
     "train",
-    "train_step",
-    "update_ema",
-    "ema_beta",
-    "learning_rate",
-    "make_optimizer",
-    "set_precision_flags",
-    "denoiser_spec",
-    "RunState",
+    "setup",
     "TrainResult",
     "TrainingDivergedError",
     "RunDirError",
@@ -76,14 +71,6 @@ class RunDirError(FileExistsError):
 
 
 @dataclass
-class RunState:
-    """The counters of a run: optimizer steps taken and training images seen."""
-
-    step: int = 0
-    cur_nimg: int = 0
-
-
-@dataclass
 class TrainResult:
     """What a finished (or interrupted) run left behind."""
 
@@ -94,261 +81,9 @@ class TrainResult:
     interrupted: bool = False
 
 
-# ----------------------------------------------------------------------------- step math
-
-
-def learning_rate(cur_nimg: int, lr: float, rampup_kimg: float, decay_kimg: float = 0.0) -> float:
-    """lr · min(n / (rampup_kimg·1000), 1), times 1/sqrt(max(n / (decay_kimg·1000), 1)) if decay_kimg > 0."""
-    value = lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1.0)
-    if decay_kimg > 0:
-        value /= math.sqrt(max(cur_nimg / (decay_kimg * 1000), 1.0))
-    return value
-
-
-def ema_beta(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
-    """β = 0.5^(B / max(h, 1e-8)), h = min(halflife_kimg·1000, cur_nimg·rampup_ratio)  (EDM)."""
-    halflife_nimg = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """θ_ema ← β θ_ema + (1 − β) θ for parameters; buffers are copied."""
-    ema_params = list(ema.parameters())
-    if ema_params:
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-def train_step(
-    model: nn.Module,
-    loss_fn: Loss,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[tuple[Tensor, Tensor | None]],
-    accelerator: Any,
-    generator: torch.Generator,
-    lr: float,
-    grad_clip: float | None = None,
-) -> Tensor:
-    """One optimizer step on the global batch, split into micro-batches (gradient accumulation).
-
-    Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels). Optimizes
-    mean_batch(λ‖D − y‖²) / (C·H·W); gradients are averaged over micro-batches and processes.
-    Returns that loss as a device tensor (no host sync).
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (y, labels, *augment_labels) in enumerate(micro_batches):
-        sync = i == len(micro_batches) - 1
-        kwargs = {"augment_labels": augment_labels[0]} if augment_labels and augment_labels[0] is not None else {}
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss = loss_fn(model, y, labels, generator=generator, **kwargs).mean() / y[0].numel()
-            accelerator.backward(loss / len(micro_batches))
-        total += loss.detach()
-    if grad_clip is not None:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
-
-
-# ----------------------------------------------------------------------------- set-up
-
-
-def denoiser_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict:
-    """{"network": build kwargs, "precond": Precond kwargs}. The data set decides img_resolution,
-    in_channels and label_dim (resize with dataset.resolution); out_channels defaults to in_channels."""
-    network = {k: v for k, v in to_container(cfg.network).items() if v is not None}
-    for key, value in (
-        ("img_resolution", dataset.resolution), ("in_channels", dataset.channels), ("label_dim", dataset.label_dim)
-    ):
-        if network.get(key) not in (None, value):
-            logger.info("network.%s=%s replaced by %s from data set %s", key, network[key], value, cfg.dataset.name)
-        network[key] = value
-    network.setdefault("out_channels", network["in_channels"])
-    if cfg.augment.p > 0:
-        network["augment_dim"] = AUGMENT_DIM  # the network is told each image's augmentation
-    return {"network": network, "precond": precond_kwargs(cfg)}
-
-
-def precond_kwargs(cfg: TrainConfig) -> dict:
-    """Precond keyword arguments with the defaults filled in: kind = the schedule's, VP β's = the schedule's."""
-    p, schedule = cfg.precond, get_schedule(cfg.schedule.name, **cfg.schedule.options())
-    vp = schedule if isinstance(schedule, VP) else VP()
-    return {
-        "kind": p.kind or schedule.name,
-        "sigma_data": p.sigma_data,
-        "beta_d": vp.beta_d if p.beta_d is None else p.beta_d,
-        "beta_min": vp.beta_min if p.beta_min is None else p.beta_min,
-        "M": p.M,
-    }
-
-
-def schedule_spec(cfg: TrainConfig) -> dict:
-    """{"name": ..., **options}: the arguments of edm.schedules.get."""
-    return {"name": cfg.schedule.name, **cfg.schedule.options()}
-
-
-def make_loss(cfg: TrainConfig, schedule: Schedule) -> Loss:
-    """edm.Loss of the config; sigma_data is the precond's, so that λ c_out² = 1 holds."""
-    c = cfg.loss
-    return Loss(
-        schedule, kind=c.kind, sigma_data=cfg.precond.sigma_data, P_mean=c.P_mean, P_std=c.P_std,
-        epsilon_t=c.epsilon_t, t_dist=c.t_dist, logit_mean=c.logit_mean, logit_std=c.logit_std,
-    )
-
-
-def set_backend_flags(cfg: TrainConfig) -> None:
-    """TF32 and cuDNN autotuning from the config (entry points only; the library never sets them)."""
-    set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
-
-
-def set_precision_flags(tf32: bool, cudnn_benchmark: bool) -> None:
-    """TF32 for the fp32 matmuls/convs that remain, and cuDNN autotuning (entry points call this)."""
-    precision = "tf32" if tf32 else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:  # torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-
-
-def make_optimizer(
-    params, lr: float, betas: Sequence[float], eps: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """Adam; the fused CUDA kernel on GPUs (one launch for all parameters), the default elsewhere."""
-    fused = device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
-
-
 def use_cpu(cfg: TrainConfig) -> bool:
     """CPU when asked or when there is no GPU; then processes started by a launcher join over gloo."""
     return cfg.cpu or not torch.cuda.is_available()
-
-
-@dataclass
-class Run:
-    """The live objects of one training run, handed to the I/O helpers."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    model: nn.Module  # prepared (possibly DDP / compiled) denoiser used for training
-    net: nn.Module  # the plain Precond module whose state_dict is saved
-    ema: nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: Loss
-    schedule: Schedule
-    generator: torch.Generator
-    spec: dict
-    dataset: ImageDataset
-    state: RunState = field(default_factory=RunState)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.run_dir)
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-
-def _seed_for(seed: int, rank: int) -> int:
-    """Per-process seed of the training-noise generator and the global RNG (dropout)."""
-    return (int(seed) * 7919 + 1 + rank) % (2**63)
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    """This process's random state: the global CPU/CUDA RNGs and the training-noise generator."""
-    cuda = torch.cuda.get_rng_state() if generator.device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "generator": generator.get_state()}
-
-
-def set_rng_state(generator: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and generator.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"])
-    generator.set_state(state["generator"])
-
-
-def _differences(saved: Any, ours: Any, prefix: str = "") -> list[str]:
-    """'key: checkpoint X, config Y' for each leaf where two plain containers differ."""
-    saved, ours = to_container(saved), to_container(ours)
-    if isinstance(saved, dict) and isinstance(ours, dict):
-        return [d for k in sorted(set(saved) | set(ours), key=str)
-                for d in _differences(saved.get(k), ours.get(k), f"{prefix}{k}.")]
-    return [] if saved == ours else [f"{prefix[:-1]}: checkpoint {saved!r}, config {ours!r}"]
-
-
-def restore(run: Run, path: Path) -> None:
-    """Load model, EMA, optimizer, counters and this process's RNG state from checkpoint `path`."""
-    state = ckpt.load_checkpoint(path)
-    for key in ("optimizer", "step", "cur_nimg", "rng"):
-        if key not in state:
-            raise ckpt.CheckpointError(f"checkpoint {path} has no {key!r}: it holds weights only and cannot be resumed")
-    diffs = _differences({"denoiser": state["denoiser"], "schedule": state["schedule"]},
-                         {"denoiser": run.spec, "schedule": schedule_spec(run.cfg)})
-    if diffs:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
-            "resume with the settings it was trained with, or start a new run_dir"
-        )
-    try:
-        run.net.load_state_dict(state["model"])
-        run.ema.load_state_dict(state["ema"])
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ckpt.CheckpointError(f"checkpoint {path}: saved weights do not fit the model: {err}") from None
-    if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
-        run.accelerator.scaler.load_state_dict(state["grad_scaler"])
-    run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
-    per_rank = state["rng"]
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    if len(per_rank) == world:
-        set_rng_state(run.generator, per_rank[rank])
-    else:
-        logger.warning("checkpoint was written by %d processes, this run has %d: random streams are re-seeded", len(per_rank), world)
-        torch.manual_seed(_seed_for(run.cfg.seed + run.state.step, rank))
-        run.generator.manual_seed(_seed_for(run.cfg.seed + run.state.step, rank))
-    logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
-
-
-# ----------------------------------------------------------------------------- I/O
-
-
-def save_checkpoint(run: Run) -> Path:
-    """Write run_dir/checkpoint-<step>.pt atomically (main process) and prune old ones; every
-    process must call this (the per-process RNG states are gathered)."""
-    from accelerate.utils import gather_object
-
-    rng = gather_object([rng_state(run.generator)])
-    path = ckpt.checkpoint_path(run.run_dir, run.state.step)
-    if run.is_main:
-        scaler = run.accelerator.scaler
-        ckpt.save_checkpoint(path, {
-            "format": "edm-checkpoint-v1",
-            "denoiser": run.spec,
-            "schedule": schedule_spec(run.cfg),
-            "model": run.net.state_dict(),
-            "ema": run.ema.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "step": run.state.step,
-            "cur_nimg": run.state.cur_nimg,
-            "rng": rng,
-            "config": to_container(run.cfg),
-        })
-        if run.cfg.keep_checkpoints > 0:
-            for _, old in ckpt.list_checkpoints(run.run_dir)[: -run.cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
-        logger.info("saved %s", path)
-    run.accelerator.wait_for_everyone()
-    return path
 
 
 def grid_scale(cfg: TrainConfig, dataset: ImageDataset) -> int:
@@ -356,107 +91,34 @@ def grid_scale(cfg: TrainConfig, dataset: ImageDataset) -> int:
     return cfg.grid_scale or max(1, math.ceil(64 / dataset.resolution))
 
 
+def save_training_grid(images: torch.Tensor, path: Path, cfg: TrainConfig, dataset: ImageDataset) -> Path:
+    """A training grid (samples or real data): tiles upscaled by grid_scale, 2-pixel gray borders."""
+    return save_grid(path, images, scale=grid_scale(cfg, dataset), padding=2, pad_value=128)
+
+
 @torch.no_grad()
 def write_grid(run: Run, path: Path) -> Path:
-    """Sample grid_size images with the EMA denoiser and the configured sampler; one seed per image."""
-    cfg, ds, device = run.cfg, run.dataset, run.accelerator.device
-    shape = (ds.channels, ds.resolution, ds.resolution)
-    generators = make_generators(range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size), device)
-    noise = initial_noise(generators, shape, torch.float32, device)
-    labels = None
-    if ds.label_dim > 0:
-        labels = torch.eye(ds.label_dim, device=device)[torch.arange(cfg.grid_size, device=device) % ds.label_dim]
-    s = cfg.sampler
-    images = sample(
-        run.ema, noise, run.schedule, num_steps=s.num_steps, solver=s.solver, class_labels=labels,
-        generator=generators, discretization=s.discretization, final_denoise=s.final_denoise, **s.options,
-    )
-    return save_image_grid(images, path, scale=grid_scale(cfg, ds))
-
-
-class RunLog:
-    """Main-process logging sinks: metrics.jsonl (appended on resume), TensorBoard if installed, a tqdm bar."""
-
-    def __init__(self, run: Run, total_steps: int) -> None:
-        self.enabled = run.is_main
-        self.path = run.run_dir / "metrics.jsonl"
-        self.writer = None
-        self.bar = None
-        if not self.enabled:
-            return
-        self.file = open(self.path, "a", encoding="utf-8")
-        if run.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
-            except ImportError:
-                logger.info("tensorboard is not installed; metrics go to %s only", self.path)
-        if run.cfg.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=run.state.step, unit="step", dynamic_ncols=True)
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-def log(run_log: RunLog, record: dict) -> None:
-    """One metrics record: a JSON line, TensorBoard scalars and the progress bar's numbers."""
-    if not run_log.enabled:
-        return
-    run_log.file.write(json.dumps(record) + "\n")
-    run_log.file.flush()
-    if run_log.writer is not None:
-        for key in ("loss", "lr", "images_per_s", "ema_beta"):
-            run_log.writer.add_scalar(f"train/{key}", record[key], record["step"])
-    if run_log.bar is not None:
-        run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
-    logger.debug("%s", record)
-
-
-class StopOnSignal:
-    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets `requested`: the loop then saves a
-    checkpoint and stops. A second SIGINT raises KeyboardInterrupt at once. Main thread only."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("%s: saving a checkpoint after this step (Ctrl-C again exits without saving)", signal.Signals(signum).name)
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    """Sample grid_size images with the EMA denoiser and the configured sampler, image j from seed
+    grid_seed + j (and class j mod label_dim), as scripts/sample.py generates them."""
+    cfg, ds = run.cfg, run.dataset
+    seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
+    plan = plan_images(seeds, list(range(ds.label_dim)) or None, ds.label_dim)
+    images, _ = generate_batch(run.ema, plan, run.schedule, cfg.sampler, (ds.channels, ds.resolution, ds.resolution),
+                               label_dim=ds.label_dim, device=run.accelerator.device)
+    return save_training_grid(images, path, cfg, ds)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Data, denoiser, EMA, optimizer and accelerator; resumes from run_dir's latest checkpoint if asked."""
+    """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
+    resumes from run_dir's latest checkpoint if asked."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    schedule = build_schedule(cfg.schedule)  # bad schedule options fail before any work
+    loss_fn = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
 
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).
@@ -474,8 +136,7 @@ def setup(cfg: TrainConfig) -> Run:
             "or choose another run_dir (or delete the folder) to start over"
         )
     dataset = build_dataset(cfg.dataset)
-    spec = denoiser_spec(cfg, dataset)
-    schedule = get_schedule(cfg.schedule.name, **cfg.schedule.options())
+    spec = denoiser_spec(cfg, dataset, schedule)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
@@ -486,9 +147,9 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = accelerator.prepare(net, optimizer)
     ema.to(accelerator.device)
     rank = accelerator.process_index
-    torch.manual_seed(_seed_for(cfg.seed, rank))
-    generator = torch.Generator(accelerator.device).manual_seed(_seed_for(cfg.seed, rank))
-    run = Run(cfg, accelerator, model, net, ema, optimizer, make_loss(cfg, schedule), schedule, generator, spec, dataset)
+    torch.manual_seed(seed_for(cfg.seed, rank))
+    generator = torch.Generator(accelerator.device).manual_seed(seed_for(cfg.seed, rank))
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset)
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
@@ -541,13 +202,14 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and state.step == 0 and cfg.grid_size > 0:
         reals = torch.stack([run.dataset[i][0] for i in range(min(cfg.grid_size, len(run.dataset)))])
-        save_image_grid(to_model_space(reals), run.run_dir / "data.png", scale=grid_scale(cfg, run.dataset))
+        save_training_grid(to_model_space(reals), run.run_dir / "data.png", cfg, run.dataset)
     indices_log = open(run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl", "a") if cfg.log_batch_indices else None
     logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
                 cfg.batch_size, micro, world, accum, run.run_dir)
 
     batches = _batches(run, micro)
-    run_log = RunLog(run, total_steps)
+    run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
+                     tensorboard=cfg.tensorboard, progress=cfg.progress)
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     t_last, nimg_last = time.perf_counter(), state.cur_nimg
     checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False
@@ -626,7 +288,7 @@ def _hydra_main() -> None:
         is_main = PartialState(cpu=use_cpu(cfg)).is_main_process  # the state train's Accelerator joins
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
-        set_backend_flags(cfg)
+        set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
         try:
             result = train(cfg)
         except (ValueError, FileNotFoundError, FileExistsError, TrainingDivergedError) as err:

@@ -1,4 +1,4 @@
-"""The GPU fast path on CUDA (issues 6 and 7): skipped on machines without a CUDA GPU.
+"""The GPU fast path on CUDA: skipped on machines without a CUDA GPU.
 
 On a GPU machine: `pytest tests/test_cuda.py -m "slow or not slow"` (a few minutes: it compiles
 every preset with inductor). The CPU suite covers the same code paths with the eager
@@ -15,8 +15,8 @@ import torch
 
 import edm
 from edm import networks
-from edm.sampling import fast_denoiser
-from edm.train import make_optimizer, train_step
+from edm.denoisers import fast_denoiser
+from edm.step import make_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -57,7 +57,7 @@ def inputs(n: int = 8, label_dim: int = 10):
 
 @pytest.mark.parametrize("preset", ["ddpmpp", "ncsnpp", "adm"])
 def test_full_presets_compile_fullgraph_under_bf16_and_channels_last(preset):
-    """Issue 6: the CIFAR-size presets (dropout, label dropout, attention) compile with
+    """The CIFAR-size presets (dropout, label dropout, attention) compile with
     fullgraph=True (a graph break would raise), train a step, do not recompile for a new
     c_noise, and the compiled eval forward matches eager within bf16 tolerance."""
     net = networks.build(preset, img_resolution=32, in_channels=3, label_dim=10, dropout=0.13, label_dropout=0.1)
@@ -105,7 +105,7 @@ def _short_run(mixed_precision: str, compile: bool, steps: int = 40) -> list[flo
 
 
 def test_bf16_compiled_training_follows_the_fp32_loss_curve():
-    """Issue 7: the fast path (bf16 autocast + inductor + fused Adam) gives the fp32 loss curve within noise."""
+    """The fast path (bf16 autocast + inductor + fused Adam) gives the fp32 loss curve within noise."""
     fp32 = torch.tensor(_short_run("no", compile=False))
     fast = torch.tensor(_short_run("bf16", compile=True))
     assert fp32[-10:].mean() < 0.8 * fp32[:5].mean()  # the run learns
@@ -115,7 +115,7 @@ def test_bf16_compiled_training_follows_the_fp32_loss_curve():
 
 
 def test_bf16_compiled_sampling_matches_fp32():
-    """Issue 7: scripts/sample.py's fast path (mixed_precision=bf16 compile=true) on CUDA."""
+    """scripts/sample.py's fast path (mixed_precision=bf16 compile=true) on CUDA."""
     net = networks.build("ddpmpp", img_resolution=32, in_channels=3, model_channels=32, channel_mult=[1, 2],
                          num_blocks=1, dropout=0.0)
     den = edm.Precond(randomized(net), kind="edm").to(CUDA).eval()

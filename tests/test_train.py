@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,20 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import edm
 from edm.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_denoiser
 from edm.config import TrainConfig
 from edm.data import DatasetNotFoundError, StreamBatchSampler
-from edm.train import (
-    RunDirError,
-    TrainingDivergedError,
-    ema_beta,
-    learning_rate,
-    train,
-    train_step,
-    update_ema,
-)
+from edm.build import build_loss, build_schedule
+from edm.ema import ema_beta, update_ema
+from edm.step import learning_rate, train_step
+from edm.train import RunDirError, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -159,7 +156,8 @@ def test_train_step_reads_nothing_back(schedule, host_reads):
 @pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
 def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
     cfg = compose_train(f"schedule={schedule}")
-    assert cfg.precond.kind == schedule and cfg.loss.kind == schedule  # the schedule's own by default
+    assert cfg.precond.kind is None and cfg.loss.kind is None  # unset: the schedule's own ...
+    assert build_loss(cfg.loss, build_schedule(cfg.schedule), cfg.precond.sigma_data).resolved_kind == schedule
     result = train(cfg)
     run_dir = tmp_path / "run"
     assert result.state.step == 4 and result.state.cur_nimg == 32
@@ -168,7 +166,8 @@ def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     state = load_checkpoint(result.checkpoint)
-    assert state["schedule"]["name"] == schedule and state["denoiser"]["precond"]["kind"] == schedule
+    assert state["schedule"]["name"] == schedule and state["denoiser"]["precond"]["kind"] == schedule  # ... resolved
+    assert state["schedule"] == {"name": schedule, **dataclasses.asdict(edm.schedules.get(schedule))}
     assert state["denoiser"]["network"]["img_resolution"] == 8 and state["denoiser"]["network"]["in_channels"] == 1
     assert state["config"]["schedule"]["name"] == schedule and state["step"] == 4
     den, _ = load_denoiser(result.checkpoint)
@@ -250,22 +249,36 @@ def test_compiled_network_trains_and_saves_plain_weights(compose_train):
     load_denoiser(result.checkpoint)
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["not_a_key=1"], "not_a_key"),
-    (["dataset.bogus=1"], "bogus"),
-    (["batch_size=many"], "batch_size"),
-    (["schedule=nonexistent"], "nonexistent"),
+@pytest.mark.parametrize("overrides, error, needle", [
+    (["not_a_key=1"], ConfigCompositionException, "Could not override 'not_a_key'"),
+    (["dataset.bogus=1"], ConfigCompositionException, "Could not override 'dataset.bogus'"),
+    (["batch_size=many"], ConfigCompositionException, "Error merging override batch_size=many"),
+    (["schedule=nonexistent"], MissingConfigException, "Could not find 'schedule/nonexistent'"),
 ])
-def test_bad_key_or_value_fails_at_composition(compose_train, overrides, needle):
-    with pytest.raises(Exception, match=needle):
+def test_bad_key_or_value_fails_at_composition(compose_train, overrides, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
         compose_train(*overrides)
 
 
+def test_the_cli_defaults_are_the_dataclass_defaults():
+    """One default per key: `python -m edm.train` and `train(TrainConfig())` train the same run."""
+    from hydra import compose, initialize_config_dir
+
+    from edm.config import from_dictconfig, register_configs
+    from edm.train import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cli = from_dictconfig(compose("train"))
+    assert cli.run_dir == "runs/digits-edm-tiny"  # the one value train.yaml sets, from the groups' names
+    assert dataclasses.replace(cli, run_dir=TrainConfig().run_dir) == TrainConfig()
+
+
 @pytest.mark.parametrize("overrides, needle", [
-    (["mixed_precision=fp8"], "mixed_precision='fp8' is not valid; choose one of: no, fp16, bf16"),
-    (["sampler.solver=rk45"], "sampler.solver='rk45'"),
+    (["mixed_precision=fp8"], "mixed_precision 'fp8' is not valid; choose one of: no, fp16, bf16"),
+    (["sampler.solver=rk45"], "solver 'rk45' is not valid; choose one of: euler, heun"),
     (["sampler=heun", "+sampler.options.churn=1"], "solver 'heun' does not take option(s) ['churn']"),
-    (["precond.kind=edm2"], "precond.kind='edm2'"),
+    (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm"),
     (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
     (["batch_size=0"], "batch_size=0 must be > 0"),
 ])
@@ -278,7 +291,7 @@ def test_bad_value_fails_before_training(compose_train, tmp_path, overrides, nee
 def test_missing_data_root_fails_with_instructions(compose_train, tmp_path):
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
         train(compose_train("dataset=fashion_mnist", f"dataset.root={tmp_path / 'nowhere'}"))
-    with pytest.raises(Exception, match="dataset.root"):  # mnist has no default root: ??? in the yaml
+    with pytest.raises(DatasetNotFoundError, match="dataset.root is not set"):  # mnist has no default root
         train(compose_train("dataset=mnist"))
 
 
@@ -354,6 +367,24 @@ def test_mismatched_checkpoint_on_resume(compose_train):
         train(compose_train("total_kimg=0.032", "resume=true", "network.model_channels=16"))
     with pytest.raises(CheckpointError, match="denoiser.precond.kind: checkpoint 'edm', config 'vp'.*schedule.name: checkpoint 'edm', config 'vp'"):
         train(compose_train("total_kimg=0.032", "resume=true", "schedule=vp"))
+
+
+def test_a_checkpoint_stores_its_network_resolved_and_resumes_however_it_spelled_it(compose_train, tmp_path):
+    """The saved network spec holds every constructor argument (so it rebuilds the same network
+    whatever the presets become); resume compares resolved specs, so a checkpoint that left the
+    preset's values out (or spelled them out) still resumes, and a real change is still refused."""
+    first = train(compose_train("total_kimg=0.016"))
+    state = load_checkpoint(first.checkpoint)
+    network = state["denoiser"]["network"]
+    _, kwargs = edm.networks.resolve(**network)
+    assert network == {"name": "tiny", **edm.config.to_container(kwargs)}
+    assert network["model_channels"] == 8 and network["attn_resolutions"] == [4] and network["dropout"] == 0.0
+    state["denoiser"]["network"] = {k: network[k] for k in ("name", "img_resolution", "in_channels", "out_channels",
+                                                             "label_dim", "model_channels")}
+    edm.checkpoint.save_checkpoint(first.checkpoint, state)
+    assert train(compose_train("total_kimg=0.024", "resume=true")).state.step == 3
+    with pytest.raises(CheckpointError, match="denoiser.network.dropout: checkpoint 0.0, config 0.2"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
