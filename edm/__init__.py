@@ -5,7 +5,7 @@ D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) serves every schedule; one 
 and one set of ODE/SDE samplers work with all of them.
 """
 
-from . import denoisers, likelihood, losses, metrics, networks, precond, samplers, sampling, schedules
+from . import denoisers, likelihood, loading, losses, metrics, networks, outputs, precond, samplers, sampling, schedules
 from .denoisers import IdealDenoiser
 from .losses import Loss
 from .nvlabs import load_nvlabs
@@ -22,6 +22,8 @@ __all__ = [
     "denoisers",
     "networks",
     "sampling",
+    "loading",
+    "outputs",
     "metrics",
     "likelihood",
     "Precond",

@@ -30,6 +30,7 @@ __all__ = [
     "load_checkpoint",
     "build_denoiser",
     "load_denoiser",
+    "denoiser_from_state",
     "checkpoint_path",
     "list_checkpoints",
     "find_latest",
@@ -123,16 +124,22 @@ def build_denoiser(spec: dict) -> Precond:
     return Precond(networks.build(name, **network), **precond)
 
 
-def load_denoiser(path: str | Path, ema: bool = True, map_location: Any = "cpu") -> tuple[Precond, dict]:
-    """(denoiser in eval mode with the EMA (or raw) weights, the checkpoint dict)."""
-    state = load_checkpoint(path, map_location)
+def denoiser_from_state(state: dict, ema: bool = True, source: str = "checkpoint") -> Precond:
+    """The denoiser of a checkpoint dict (eval mode, CPU): its spec rebuilt, the EMA (or raw) weights loaded strictly."""
     denoiser = build_denoiser(state["denoiser"])
     key = "ema" if ema else "model"
     try:
         denoiser.load_state_dict(state[key])
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path}: weights {key!r} do not fit its denoiser spec: {err}") from None
-    return denoiser.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval(), state
+        raise CheckpointError(f"{source}: weights {key!r} do not fit its denoiser spec: {err}") from None
+    return denoiser.eval()
+
+
+def load_denoiser(path: str | Path, ema: bool = True, map_location: Any = "cpu") -> tuple[Precond, dict]:
+    """(denoiser in eval mode with the EMA (or raw) weights, the checkpoint dict)."""
+    state = load_checkpoint(path, map_location)
+    denoiser = denoiser_from_state(state, ema, f"checkpoint {path}")
+    return denoiser.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu"), state
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

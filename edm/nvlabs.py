@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, build_denoiser
+from .checkpoint import CheckpointError, denoiser_from_state
 from .precond import Precond
 
 __all__ = [
@@ -407,16 +407,12 @@ def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
 
 
 def denoiser_from_snapshot(snap: NVlabsSnapshot, source: str = "snapshot") -> Precond:
-    """Build our Precond for a parsed snapshot and load its weights with strict=True (eval mode)."""
+    """Our Precond for a parsed snapshot, through its checkpoint dict (`to_checkpoint`) and the loader of
+    every checkpoint (edm.checkpoint.denoiser_from_state): weights load with strict=True, eval mode."""
     try:
-        denoiser = build_denoiser(snap.denoiser)
+        return denoiser_from_state(to_checkpoint(snap, source), source=source)
     except (ValueError, TypeError) as err:
-        raise NVlabsError(f"{source}: cannot build {snap.reference['model_class']} {snap.denoiser}: {err}") from None
-    try:
-        denoiser.load_state_dict(snap.state_dict, strict=True)
-    except RuntimeError as err:
-        raise NVlabsError(f"{source}: weights do not fit the rebuilt network: {err}") from None
-    return denoiser.eval()
+        raise NVlabsError(f"{source}: cannot rebuild {snap.reference['model_class']} {snap.denoiser}: {err}") from None
 
 
 def load_nvlabs(path: str | os.PathLike) -> Precond:

@@ -191,7 +191,8 @@ def test_evaluate_script_bpd_equals_the_library(tmp_path):
 
     import numpy as np
 
-    from edm import checkpoint, sampling
+    from edm import checkpoint
+    from edm.loading import load_model
 
     spec = {"network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 0,
                         "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1},
@@ -208,7 +209,7 @@ def test_evaluate_script_bpd_equals_the_library(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     reported = json.loads((tmp_path / "r.json").read_text())["metrics"]
-    denoiser, info = sampling.load_model(tmp_path / "ckpt.pt")
+    denoiser, info = load_model(tmp_path / "ckpt.pt")
     k = torch.from_numpy(images).permute(0, 3, 1, 2)
     expected = bits_per_dim(denoiser, k, info.schedule, generator=torch.Generator().manual_seed(5), num_steps=2,
                             divergence_method="hutchinson")

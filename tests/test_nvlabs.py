@@ -26,6 +26,7 @@ import torch
 import edm
 from edm import networks
 from edm.checkpoint import CheckpointError, load_denoiser
+from edm.loading import load_model
 from edm.nvlabs import NVlabsError, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ PRESET = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "ncsnpp_skip": "ncsnpp", "adm"
 SIGMAS = {"edm": [0.002, 0.3, 2.0, 80.0], "vp": [0.01, 0.4, 5.0, 150.0], "ve": [0.02, 0.7, 9.0, 100.0]}
 # Non-default precond constants, so reading the wrong (default) value changes the output.
 PRECOND_KW = {"edm": dict(sigma_data=0.6), "vp": dict(beta_d=18.5, beta_min=0.2, M=1000), "ve": dict()}
+VE_RANGE = dict(sigma_min=0.01, sigma_max=50.0)  # a VE snapshot's own σ range (VEPrecond's defaults: 0.02, 100)
 
 
 def our_denoiser(arch: str, label_dim: int, kind: str, seed: int = 0) -> edm.Precond:
@@ -193,7 +195,7 @@ def snapshot_bytes(den: edm.Precond, arch: str, label_dim: int, *, src: str = HA
     elif kind == "vp":
         attrs |= dict(precond_kw, epsilon_t=1e-5, sigma_min=0.0019, sigma_max=152.0)
     else:
-        attrs |= dict(sigma_min=0.02, sigma_max=100)
+        attrs |= VE_RANGE
     precond_init = dict(attrs, model_type=MODEL_CLASS[arch], **model_kwargs)
     shell = torch.nn.Module()
     shell.model = den.net
@@ -246,6 +248,26 @@ def test_snapshot_spec_and_schedule(tmp_path):
     assert set(snap.state_dict) == set(den.state_dict())
 
 
+@pytest.mark.parametrize("arch,label_dim,kind", [("ddpmpp", 10, "edm"), ("ddpmpp", 0, "vp"), ("ncsnpp", 0, "ve")])
+def test_load_model_takes_a_snapshot_through_the_checkpoint_loader_with_its_schedule(tmp_path, arch, label_dim, kind):
+    """A .pkl goes pickle -> checkpoint dict -> the loader of edm checkpoints: the same denoiser as
+    load_nvlabs, its shape and labels, and the schedule of its precond with the snapshot's own
+    constants (a VE snapshot's σ range, a VP snapshot's β's), which the sampler's grid then spans."""
+    den = our_denoiser(arch, label_dim, kind)
+    path = write_snapshot(tmp_path, den, arch, label_dim)
+    loaded, info = load_model(path)
+    expected = {"edm": edm.schedules.EDM(), "vp": edm.schedules.VP(beta_d=18.5, beta_min=0.2),
+                "ve": edm.schedules.VE(**VE_RANGE)}[kind]
+    assert info.schedule == expected and info.source == str(path) and not loaded.training
+    assert info.img_shape == (ARCHS[arch]["in_channels"],) + (ARCHS[arch]["img_resolution"],) * 2
+    assert info.label_dim == label_dim
+    inp = inputs(arch, label_dim, kind)
+    torch.testing.assert_close(run(loaded, inp["x"], inp["sigma"], inp["labels"], inp["augment"]),
+                               run(load_nvlabs(path), inp["x"], inp["sigma"], inp["labels"], inp["augment"]), rtol=0, atol=0)
+    if kind == "ve":
+        assert info.schedule.sigma(info.schedule.time_steps(18)[0]).item() == pytest.approx(VE_RANGE["sigma_max"])
+
+
 def convert_script():
     spec = importlib.util.spec_from_file_location("convert_nvlabs", REPO / "scripts" / "convert_nvlabs.py")
     module = importlib.util.module_from_spec(spec)
@@ -259,7 +281,7 @@ def test_convert_script_writes_equal_checkpoint(tmp_path):
     out = tmp_path / "converted.pt"
     assert convert_script().main([str(pkl), str(out)]) == 0
     state = torch.load(out, map_location="cpu", weights_only=True)  # no pickle code needed any more
-    assert state["schedule"] == {"name": "ve", "sigma_min": 0.02, "sigma_max": 100.0}
+    assert state["schedule"] == {"name": "ve", **VE_RANGE}
     assert state["denoiser"]["precond"]["kind"] == "ve" and state["denoiser"]["network"]["name"] == "ncsnpp"
     assert state["ema"].keys() == den.state_dict().keys() == state["model"].keys()
     loaded, _ = load_denoiser(out)

@@ -1,0 +1,83 @@
+"""One way in for a trained denoiser: any model file the project reads becomes a checkpoint dict,
+and one loader turns that dict into the denoiser and what generation needs to know about it.
+
+    edm checkpoint (.pt) or run folder  --load_checkpoint-->  checkpoint dict  --load_model-->  (Precond, ModelInfo)
+    NVlabs/edm snapshot (.pkl)          --nvlabs.read_nvlabs + to_checkpoint-->  checkpoint dict
+
+The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps its σ range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
+from .schedules import Schedule, get as get_schedule
+
+__all__ = ["ModelInfo", "read_model_file", "load_model"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What generation needs to know about a loaded denoiser besides its weights."""
+
+    img_shape: tuple[int, int, int] | None  # (C, H, W)
+    label_dim: int = 0
+    label_dropout: float = 0.0
+    schedule: Schedule | None = None
+    source: str = ""
+
+
+def read_model_file(path: str | Path) -> tuple[Path, dict]:
+    """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint) or an
+    NVlabs .pkl (read without running its code)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {str(path)!r} has no checkpoint-*.pt: pass checkpoint=RUN_DIR/<file>.pt")
+        path = latest
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass checkpoint=RUN_DIR/<file>.pt (or an NVlabs .pkl)")
+    if path.suffix == ".pkl":
+        from .nvlabs import read_nvlabs, to_checkpoint
+
+        return path, to_checkpoint(read_nvlabs(path), str(path))
+    return path, load_checkpoint(path)
+
+
+def load_model(
+    path: str | Path, *, ema: bool = True, device: torch.device | str = "cpu", image_shape: Sequence[int] | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """The denoiser (eval mode, on `device`) and its ModelInfo from any file `read_model_file` reads.
+
+    Shape (C, H, W) and labels come from the network spec; the schedule is the checkpoint's
+    "schedule"; `image_shape` overrides the shape.
+    """
+    path, state = read_model_file(path)
+    denoiser = denoiser_from_state(state, ema, str(path))
+    spec, net = state["denoiser"]["network"], denoiser.net
+    channels, resolution = spec.get("in_channels"), spec.get("img_resolution") or getattr(net, "img_resolution", None)
+    shape = (int(channels), int(resolution), int(resolution)) if channels and resolution else None
+    if image_shape is not None:
+        shape = _check_shape(image_shape)
+    elif shape is None:
+        raise ValueError(f"cannot tell the image shape of {str(path)!r}: set image_shape=[C,H,W] in the config")
+    schedule_spec = {k: v for k, v in (state.get("schedule") or {"name": denoiser.kind}).items() if v is not None}
+    info = ModelInfo(
+        img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
+        label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
+        schedule=get_schedule(schedule_spec.pop("name"), **schedule_spec), source=str(path),
+    )
+    return denoiser.to(device), info
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) != 3 or min(int(v) for v in shape) < 1:
+        raise ValueError(f"image_shape must be [C, H, W] with positive sizes, got {list(shape)}")
+    return int(shape[0]), int(shape[1]), int(shape[2])

@@ -1,0 +1,44 @@
+"""edm/loading.py: every model file becomes a checkpoint dict and goes through one loader.
+
+(NVlabs snapshots through the same loader: tests/test_nvlabs.py.)"""
+
+import pytest
+import torch
+
+import edm
+from edm import checkpoint
+from edm.loading import load_model
+
+
+def test_an_edm_checkpoint_gives_its_denoiser_shape_labels_and_schedule(tmp_path, tiny_checkpoint):
+    path = tiny_checkpoint(tmp_path / "checkpoint-00000007.pt", label_dim=3, kind="ve", raw_offset=1.0,
+                           schedule={"name": "ve", "sigma_min": 0.05, "sigma_max": 20.0})
+    state = checkpoint.load_checkpoint(path)
+    weights, raw = state["ema"], state["model"]
+    for source in (path, tmp_path):  # the file, or its run folder (latest checkpoint)
+        denoiser, info = load_model(source)
+        assert not denoiser.training and denoiser.kind == "ve"
+        assert info.img_shape == (1, 8, 8) and info.label_dim == 3 and info.label_dropout == 0.1
+        assert info.schedule == edm.schedules.VE(sigma_min=0.05, sigma_max=20.0) and info.source == str(path)
+        assert all(torch.equal(denoiser.state_dict()[k], v) for k, v in weights.items())
+    denoiser, _ = load_model(path, ema=False)
+    assert all(torch.equal(denoiser.state_dict()[k], v) for k, v in raw.items())
+    _, info = load_model(path, image_shape=[1, 16, 16])
+    assert info.img_shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="image_shape must be"):
+        load_model(path, image_shape=[1, 16])
+
+
+def test_a_checkpoint_without_a_schedule_gets_its_precond_kinds(tmp_path, tiny_checkpoint):
+    path = tiny_checkpoint(tmp_path / "c.pt", kind="ve", schedule={})
+    assert load_model(path)[1].schedule == edm.schedules.VE()
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt.*corrupt"):
+        load_model(tmp_path / "bad.pt")
