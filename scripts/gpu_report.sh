@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md and the CUDA checks of issues 6 and 7, on one CUDA GPU.
+# The GPU figures of docs/benchmarks.md and the CUDA checks of tests/test_cuda.py, on one CUDA GPU.
 #
 #   bash scripts/gpu_report.sh OUTDIR [tests|bench|bench-fast|bench-ref|all]    (default: all)
 #
