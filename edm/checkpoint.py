@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from . import networks
 from .precond import Precond
 
 __all__ = [
@@ -114,8 +115,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
 def build_denoiser(spec: dict) -> Precond:
     """The untrained denoiser of state["denoiser"]: Precond(networks.build(**network), **precond)."""
-    from . import networks
-
     try:
         network, precond = dict(spec["network"]), dict(spec["precond"])
         name = network.pop("name")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
+from .nvlabs import read_nvlabs, to_checkpoint
 from .schedules import Schedule, get as get_schedule
 
 __all__ = ["ModelInfo", "read_model_file", "load_model"]
@@ -45,8 +46,6 @@ def read_model_file(path: str | Path) -> tuple[Path, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass checkpoint=RUN_DIR/<file>.pt (or an NVlabs .pkl)")
     if path.suffix == ".pkl":
-        from .nvlabs import read_nvlabs, to_checkpoint
-
         return path, to_checkpoint(read_nvlabs(path), str(path))
     return path, load_checkpoint(path)
 

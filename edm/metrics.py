@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write
-from .data import IMAGE_EXTENSIONS, image_files, to_model_space
+from .data import IMAGE_EXTENSIONS, build_dataset, image_files, to_model_space
 from .networks.inception import FIDInceptionV3
 
 __all__ = [
@@ -363,8 +363,6 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0
 
 def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
     """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips."""
-    from .data import build_dataset
-
     config = dataclasses.replace(config, xflip=False, cond=False)
     dataset = build_dataset(config)
     where = f"-{Path(config.root).name}" if config.name == "folder" and config.root else ""
