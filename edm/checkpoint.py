@@ -26,6 +26,7 @@ from .precond import Precond
 
 __all__ = [
     "CheckpointError",
+    "OutputWriteError",
     "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
@@ -48,16 +49,25 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, of the wrong format or does not fit the config."""
 
 
+class OutputWriteError(OSError):
+    """A file could not be written (disk full, read-only or missing permission); names the folder."""
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bool = True) -> Path:
     """Write `path` through `write(f)` on a temp file in the same folder, then os.replace.
 
     A crash never leaves half a `path`: a killed writer leaves only `.NAME.XXXX.tmp`, which no
     glob for the real files (checkpoint-*.pt, *.npz, *.png) matches. `durable` also fsyncs the
-    file and the folder (survives a machine crash; skipped for many small files).
+    file and the folder (survives a machine crash; skipped for many small files). A failed
+    write (disk full, read-only folder; torch.save reports these as RuntimeError) removes the
+    temp file and raises OutputWriteError naming the folder and the free space.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
         with os.fdopen(fd, "wb") as f:
@@ -66,12 +76,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bo
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
+            raise _write_error(path, err) from None
         raise
     if durable:
         _fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, err: BaseException) -> OutputWriteError:
+    """One line: what could not be written, where, why, and how much room the folder has."""
+    try:
+        stat = os.statvfs(path.parent)
+        room = f"; {stat.f_bavail * stat.f_frsize / 2**30:.2f} GiB free there"
+    except OSError:
+        room = ""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    error = OutputWriteError(f"cannot write {path.name} in {path.parent}: {reason}{room}")
+    error.errno = getattr(err, "errno", None)
+    return error
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -93,11 +118,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint with torch.load(weights_only=True); CheckpointError names the file and problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        what = "an empty file" if not head else f"a file that starts with {head!r}, not a torch.save archive"
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}; pass an edm checkpoint-*.pt (or its run folder)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files

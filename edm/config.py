@@ -183,10 +183,15 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # larger values overflow to inf in the float32 arithmetic of training
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not (ok and math.isfinite(value)):
         raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    if value > FLOAT32_MAX:
+        raise ValueError(f"{key}={value!r} overflows float32 (largest {FLOAT32_MAX:.3g}); give a smaller value")
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -190,19 +190,22 @@ def _is_torchscript(path: Path) -> bool:
 def load_inception(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
     """The FID feature extractor from a local weights file: pytorch-fid .pth, NVlabs .pkl or TorchScript .pt.
 
-    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). A .pkl is only
-    unpickled with allow_pickle=True, since unpickling runs code stored in the file.
+    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). A .pkl or a
+    TorchScript archive is loaded only with allow_pickle=True: both carry code that runs when the
+    file is loaded or called. pytorch-fid's .pth is a plain state dict and needs no opt-in.
     """
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
     path = Path(path)
+    torchscript = _is_torchscript(path)
+    if (path.suffix == ".pkl" or torchscript) and not allow_pickle:
+        kind = "a TorchScript archive (its forward is code stored in the file)" if torchscript else \
+            "a pickle: loading it runs code stored in the file"
+        raise ValueError(
+            f"{path} is {kind}. If you trust it, allow code-carrying detectors (allow_pickle=True; sample.py "
+            "eval.allow_pickle=true; evaluate.py --allow-pickle), or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+        )
     if path.suffix == ".pkl":
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} is a pickle: loading it runs code stored in the file. If you trust it, allow pickles "
-                "(allow_pickle=True; sample.py eval.allow_pickle=true; evaluate.py --allow-pickle), or use "
-                "pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
-            )
         try:
             with open(path, "rb") as f:
                 detector = pickle.load(f)
@@ -212,7 +215,7 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
                 "https://github.com/NVlabs/edm to PYTHONPATH, or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
             ) from err
         return NVlabsDetector(detector).to(device).eval()
-    if _is_torchscript(path):
+    if torchscript:
         return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)

@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--allow-pickle", action="store_true", help="allow a .pkl Inception detector (runs code in the file)")
+        q.add_argument("--allow-pickle", action="store_true", help="allow a .pkl or TorchScript Inception detector (both run code stored in the file)")
         q.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
         q.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
         q.add_argument("--report", help="merge the numbers into this JSON file (under 'metrics')")

@@ -29,6 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 import edm
 from edm import metrics, outputs, sampling
 from edm.build import build_schedule, schedule_spec
+from edm.checkpoint import OutputWriteError
 from edm.choices import choose
 from edm.config import ScheduleConfig
 from edm.data import DatasetConfig
@@ -50,7 +51,7 @@ class EvalConfig:
 
     fid: bool = False
     inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth, or NVlabs inception-2015-12-05.pkl/.pt
-    allow_pickle: bool = False  # let a .pkl detector be unpickled (runs code stored in the file)
+    allow_pickle: bool = False  # allow a .pkl or TorchScript detector (both run code stored in the file)
     ref: Optional[str] = None  # statistics .npz (mu, sigma) or reference images (folder / .npz); else dataset=NAME
     cache_dir: Optional[str] = None  # where reference statistics of image data are cached
     precision_recall: bool = False  # needs reference images
@@ -259,7 +260,7 @@ def run(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, OutputWriteError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -229,7 +229,7 @@ def test_sample_script_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "solver 'heun' does not take option(s) ['churn']" in proc.stderr
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     proc = sample_script(f"checkpoint={tmp_path / 'bad.pt'}", f"out={tmp_path / 'o'}", check=False)
-    assert proc.returncode != 0 and "bad.pt" in proc.stderr and "corrupt" in proc.stderr
+    assert proc.returncode != 0 and "bad.pt is not a checkpoint" in proc.stderr
 
 
 @pytest.mark.slow
