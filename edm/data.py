@@ -32,6 +32,7 @@ __all__ = [
     "DatasetConfig",
     "DATASETS",
     "DatasetNotFoundError",
+    "BadImagesError",
     "ImageDataset",
     "TensorImageDataset",
     "ImageFolderDataset",
@@ -68,7 +69,8 @@ class DatasetConfig:
 
     name: a key of DATASETS (digits: embedded, no download); root: where the files are (unused
     for digits); resolution: resize to this (None = native); cond: class-conditional training
-    (label_dim = number of classes); xflip: add mirrored copies; max_size: use the first N images.
+    (label_dim = number of classes); xflip: add mirrored copies; max_size: use the first N images;
+    skip_bad: leave out the image files of a folder that cannot be read or do not fit.
     """
 
     name: str = "digits"
@@ -78,6 +80,7 @@ class DatasetConfig:
     xflip: bool = False
     num_workers: int = 0
     max_size: Optional[int] = None
+    skip_bad: bool = False  # folder: leave out unreadable or mismatched image files (listed in a warning)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -129,14 +132,32 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], self.one_hot(int(self.labels[index])), index
 
 
+class BadImagesError(ValueError):
+    """Image files of a folder data set that cannot be read or do not fit; the message lists them by path."""
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode, im.size
+
+
 class ImageFolderDataset(ImageDataset):
     """Image files under `root`; with class subfolders (root/<class>/...) the sorted folder names
     become labels 0..K−1, otherwise there are no labels. Images are converted to the first
-    file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized."""
+    file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized.
 
-    def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False) -> None:
-        from PIL import Image
+    Every file's header is read when the data set is made: files that cannot be opened and,
+    without `resolution`, files of another size than the first are listed by path in a
+    BadImagesError, or left out with a warning when `skip_bad` is set.
+    """
 
+    def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False, skip_bad: bool = False) -> None:
         self.root = Path(root)
         self.files = image_files(self.root)
         if not self.files:
@@ -144,6 +165,7 @@ class ImageFolderDataset(ImageDataset):
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; point dataset.root at a folder "
                 "of images, optionally one subfolder per class"
             )
+        self.files = self._scan(self.files, resolution, skip_bad)
         top = [p.relative_to(self.root).parts for p in self.files]
         classes = sorted({parts[0] for parts in top if len(parts) > 1})
         if classes and any(len(parts) == 1 for parts in top):
@@ -153,14 +175,42 @@ class ImageFolderDataset(ImageDataset):
         self.num_classes, self.cond = len(classes), bool(cond)
         if cond and not classes:
             raise ValueError(f"dataset.cond=true needs class subfolders under {self.root}")
-        with Image.open(self.files[0]) as first:
-            self.mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-            size = first.size
         self.channels = 1 if self.mode == "L" else 3
-        if resolution is None and size[0] != size[1]:
-            raise ValueError(f"{self.files[0]} is {size[0]}x{size[1]}, not square; set dataset.resolution to crop and resize")
-        self.resolution = int(resolution or size[0])
         self._resize = resolution is not None
+
+    def _scan(self, files: list[Path], resolution: int | None, skip_bad: bool) -> list[Path]:
+        """The usable files; sets mode and resolution from the first readable one."""
+        good: list[Path] = []
+        bad: list[str] = []
+        first: tuple[str, tuple[int, int]] | None = None
+        for path in files:
+            try:
+                mode, size = _header(path)
+            except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
+                bad.append(f"{path}: unreadable ({type(err).__name__}: {err})")
+                continue
+            if first is None:
+                if resolution is None and size[0] != size[1]:
+                    raise ValueError(f"{path} is {size[0]}x{size[1]}, not square; set dataset.resolution to crop and resize")
+                first = (mode, size)
+            elif resolution is None and size != first[1]:
+                bad.append(f"{path}: {size[0]}x{size[1]}, but the first image is {first[1][0]}x{first[1][1]} "
+                           "(set dataset.resolution to resize all images)")
+                continue
+            good.append(path)
+        if bad:
+            listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            if not skip_bad or not good:
+                raise BadImagesError(
+                    f"{len(bad)} of {len(files)} image files under {self.root} cannot be used:\n  {listing}\n"
+                    "Fix or remove them, or set dataset.skip_bad=true to train without them."
+                )
+            logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
+                           len(bad), len(files), self.root, listing)
+        assert first is not None
+        self.mode = "L" if first[0] in _GRAY_MODES else "RGB"
+        self.resolution = int(resolution or first[1][0])
+        return good
 
     def __len__(self) -> int:
         return len(self.files)
@@ -168,18 +218,32 @@ class ImageFolderDataset(ImageDataset):
     def _load(self, path: Path):
         from PIL import Image
 
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
-            if self._resize:
-                side = min(im.size)
-                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
-            elif im.size != (self.resolution, self.resolution):
-                raise ValueError(
-                    f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
-                    "set dataset.resolution to resize all images"
-                )
-            return np.asarray(im, dtype=np.uint8).copy()
+        try:
+            with Image.open(path) as im:
+                return self._pixels(path, im)
+        except BadImagesError:
+            raise
+        except Exception as err:  # a file whose header read but whose pixels do not (truncated, corrupt)
+            raise BadImagesError(
+                f"{path}: cannot read its pixels ({type(err).__name__}: {err}); fix or remove the file (or set "
+                "dataset.skip_bad=true), then resume=true continues from the last checkpoint"
+            ) from None
+
+    def _pixels(self, path: Path, im) -> np.ndarray:
+        """uint8 [H, W] or [H, W, 3] of an open image: converted to the data set's mode, cropped and resized."""
+        from PIL import Image
+
+        im = im.convert(self.mode)
+        if self._resize:
+            side = min(im.size)
+            left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+        elif im.size != (self.resolution, self.resolution):
+            raise BadImagesError(
+                f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
+                "set dataset.resolution to resize all images"
+            )
+        return np.asarray(im, dtype=np.uint8).copy()
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
         array = self._load(self.files[index])
@@ -336,7 +400,7 @@ def _folder(cfg: DatasetConfig) -> ImageDataset:
             f"dataset.root={cfg.root!r} is not a folder; point it at a folder of images "
             "(one subfolder per class for class labels)"
         )
-    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond)
+    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad)
 
 
 DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = MappingProxyType({
