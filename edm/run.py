@@ -8,7 +8,11 @@ resolved, so a checkpoint that spelled out a preset's values matches a config th
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,79 @@ from .data import ImageDataset
 from .losses import Loss
 from .schedules import Schedule
 
-__all__ = ["RunState", "Run", "seed_for", "rng_state", "set_rng_state", "restore", "save_checkpoint"]
+__all__ = [
+    "RunState", "Run", "RunDirError", "RunDirLock", "seed_for", "rng_state", "set_rng_state", "restore",
+    "save_checkpoint", "remove_stale_temporaries", "trim_metrics",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class RunDirError(FileExistsError):
+    """run_dir is in use by another training, or holds checkpoints of another run and resume is off."""
+
+
+class RunDirLock:
+    """An exclusive OS lock (flock) on run_dir/.lock while one training owns the folder.
+
+    The kernel releases it when the process ends, however it ends, so a killed run never
+    blocks the next resume. The file records the owner's pid, host and start time for the
+    message a second training gets.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(
+                f"run_dir {self.path.parent} is in use by another training ({owner}); wait for it to finish, "
+                "or choose another run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the .checkpoint-*.tmp files that killed writes left (no finished checkpoint is one)."""
+    stale = sorted(Path(run_dir).glob(".checkpoint-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(stale), run_dir)
+    return stale
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the records of metrics.jsonl after `step` (logged after the checkpoint a run resumes from,
+    which the resumed run logs again); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        ckpt.atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    return len(lines) - len(keep)
 
 
 @dataclass
@@ -51,7 +125,9 @@ class Run:
     generator: torch.Generator
     spec: dict  # the denoiser spec (edm.build.denoiser_spec)
     dataset: ImageDataset
+    lock: RunDirLock | None = None  # held by the main process while the run owns run_dir
     state: RunState = field(default_factory=RunState)
+    resumes: list = field(default_factory=list)  # [{"step", "changes": [{"key", "checkpoint", "config"}]}] per resume
 
     @property
     def run_dir(self) -> Path:
@@ -80,13 +156,59 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
     generator.set_state(state["generator"])
 
 
-def _differences(saved: Any, ours: Any, prefix: str = "") -> list[str]:
-    """'key: checkpoint X, config Y' for each leaf where two plain containers differ."""
+def _changes(saved: Any, ours: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, checkpoint value, config value) for each leaf where two plain containers differ."""
     saved, ours = to_container(saved), to_container(ours)
     if isinstance(saved, dict) and isinstance(ours, dict):
-        return [d for k in sorted(set(saved) | set(ours), key=str)
-                for d in _differences(saved.get(k), ours.get(k), f"{prefix}{k}.")]
-    return [] if saved == ours else [f"{prefix[:-1]}: checkpoint {saved!r}, config {ours!r}"]
+        return [c for k in sorted(set(saved) | set(ours), key=str) for c in _changes(saved.get(k), ours.get(k), f"{prefix}{k}.")]
+    return [] if saved == ours else [(prefix[:-1], saved, ours)]
+
+
+def _flatten(container: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of nested dicts (dataclasses first become dicts)."""
+    container = to_container(container)
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
+    return {k: v for key, value in container.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def _differences(saved: Any, ours: Any) -> list[str]:
+    """'key: checkpoint X, config Y' for each leaf where two plain containers differ."""
+    return [f"{key}: checkpoint {a!r}, config {b!r}" for key, a, b in _changes(saved, ours)]
+
+
+# Training settings a resume may not change: they fix the data order and every random stream,
+# so the resumed run would not continue the saved one. (Network, precond and schedule are
+# compared as resolved specs.)
+RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
+                "dataset.max_size")
+# Settings that change how a run is carried out or reported, not what it computes.
+RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
+               "grid_size", "grid_scale", "grid_seed", "progress", "tensorboard", "log_batch_indices", "compile",
+               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
+
+
+def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> list[dict]:
+    """The training settings that differ from the checkpoint's: refuse those in RESUME_FIXED, warn about
+    those that change the optimization; return all (they are recorded in the next checkpoints)."""
+    skip = ("network.", "precond.", "schedule.")  # checked as resolved specs
+    saved, ours = _flatten(saved_config), _flatten(cfg)
+    for flat in (saved, ours):  # loss.kind None is the schedule's own
+        if flat.get("loss.kind", "") is None:
+            flat["loss.kind"] = flat.get("schedule.name")
+    changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
+               if saved[k] != ours[k] and not k.startswith(skip)]
+    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if k in RESUME_FIXED]
+    if fixed:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was trained with other settings that fix its data order and random streams "
+            f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
+        )
+    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE]
+    if altered:
+        logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
+                       "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
+    return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
 
 
 def restore(run: Run, path: Path) -> None:
@@ -103,6 +225,13 @@ def restore(run: Run, path: Path) -> None:
             f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
             "resume with the settings it was trained with, or start a new run_dir"
         )
+    changes = check_resume_changes(state.get("config") or {}, run.cfg, path)
+    saved_size = state.get("dataset_size")
+    if saved_size is not None and saved_size != len(run.dataset):
+        logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
+                       "the saved run's", len(run.dataset), saved_size)
+        changes.append({"key": "dataset_size", "checkpoint": saved_size, "config": len(run.dataset)})
+    run.resumes = list(state.get("resumes") or []) + [{"step": int(state["step"]), "changes": changes}]
     try:
         run.net.load_state_dict(state["model"])
         run.ema.load_state_dict(state["ema"])
@@ -144,6 +273,8 @@ def save_checkpoint(run: Run) -> Path:
             "cur_nimg": run.state.cur_nimg,
             "rng": rng,
             "config": to_container(run.cfg),
+            "dataset_size": len(run.dataset),
+            "resumes": run.resumes,
         })
         if run.cfg.keep_checkpoints > 0:
             for _, old in ckpt.list_checkpoints(run.run_dir)[: -run.cfg.keep_checkpoints]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["progress_bar", "RunLog", "log", "StopOnSignal"]
+__all__ = ["progress_bar", "RunLog", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
+
+STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +106,42 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+class StopAgreement:
+    """The step after which every process of a run stops, agreed through a file instead of a collective.
+
+    The first process asked to stop (any launcher forwards SIGTERM/SIGINT to some or all of its
+    workers) creates run_dir/.stop-<token> holding step + 2, atomically and only once; every
+    process looks for that file after each step (one stat call: no collective, no device sync)
+    and stops after the step it names. Two steps are enough: under DDP no process finishes step
+    s + 1 before every other has finished step s, so none has passed s + 2 when the file
+    appears. One process stops after the current step. `token` is the same in every process of
+    one launch, so a file left by an earlier launch is never read.
+    """
+
+    def __init__(self, run_dir: Path, token: str, world_size: int) -> None:
+        self.path = Path(run_dir) / f"{STOP_PREFIX}{token}"
+        self.world_size = world_size
+        self.target: int | None = None
+
+    def should_stop(self, step: int, requested: bool) -> bool:
+        """After optimizer step `step`: must this process save and stop now? `requested`: it was signalled."""
+        if self.world_size == 1:
+            return requested
+        if self.target is None:
+            if requested:
+                self._propose(step + 2)
+            if self.path.exists():
+                self.target = int(self.path.read_text())
+                logger.warning("stopping after step %d, as agreed by the processes (%s)", self.target, self.path)
+        return self.target is not None and step >= self.target
+
+    def _propose(self, target: int) -> None:
+        """Create the file with `target` unless another process already did (write aside, then hard-link)."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(str(target))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -26,15 +27,16 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .checkpoint import OutputWriteError
 from .augment import augment
 from .build import build_loss, build_schedule, denoiser_spec
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
-from .data import ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
+from .data import BadImagesError, ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
 from .hardware import set_precision_flags
 from .outputs import save_grid
-from .run import Run, RunState, restore, save_checkpoint, seed_for
-from .runlog import RunLog, StopOnSignal, log
+from .run import Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics
+from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
 from .sampling import generate_batch, plan_images
 from .step import learning_rate, make_optimizer, train_step
 
@@ -64,10 +66,6 @@ CONFIG_DIR = _config_dir()
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf; nothing was saved after the last finite check."""
-
-
-class RunDirError(FileExistsError):
-    """run_dir already holds checkpoints of another run and resume is off."""
 
 
 @dataclass
@@ -113,7 +111,8 @@ def write_grid(run: Run, path: Path) -> Path:
 
 def setup(cfg: TrainConfig) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
-    resumes from run_dir's latest checkpoint if asked."""
+    the main process locks run_dir (released by `train`, or here if set-up fails); resumes from
+    run_dir's latest checkpoint if asked."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -129,12 +128,27 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
+    lock = RunDirLock(run_dir).acquire() if accelerator.is_main_process else None
+    try:
+        return _setup_run(cfg, accelerator, schedule, loss_fn, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, lock: RunDirLock | None) -> Run:
+    run_dir = Path(cfg.run_dir)
     latest = ckpt.find_latest(run_dir)
     if latest is not None and not cfg.resume:
         raise RunDirError(
             f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
             "or choose another run_dir (or delete the folder) to start over"
         )
+    if lock is not None:
+        remove_stale_temporaries(run_dir)
+        for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
+            stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
     spec = denoiser_spec(cfg, dataset, schedule)
 
@@ -149,14 +163,26 @@ def setup(cfg: TrainConfig) -> Run:
     rank = accelerator.process_index
     torch.manual_seed(seed_for(cfg.seed, rank))
     generator = torch.Generator(accelerator.device).manual_seed(seed_for(cfg.seed, rank))
-    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset)
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock)
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
         logger.warning("resume=true but %s holds no checkpoint: starting a new run", run_dir)
+    if lock is not None:
+        dropped = trim_metrics(run_dir / "metrics.jsonl", run.state.step)
+        if dropped:
+            logger.info("dropped %d metrics record(s) logged after step %d, which this run logs again", dropped, run.state.step)
     nparams = sum(p.numel() for p in net.parameters())
     logger.info("network %s: %d parameters; %d process(es) on %s", spec["network"]["name"], nparams, accelerator.num_processes, accelerator.device)
     return run
+
+
+def launch_token(accelerator: Any) -> str:
+    """A random token that every process of this launch shares (the main process draws it)."""
+    from accelerate.utils import broadcast_object_list
+
+    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
+    return broadcast_object_list(token, from_process=0)[0] if accelerator.num_processes > 1 else token[0]
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -187,11 +213,25 @@ def _batches(run: Run, micro_batch: int):
         yield y, labels, augment_labels, indices
 
 
-def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> TrainResult:
-    """Train until total_kimg; `callback(run)` runs after every step (tests use it to inject faults)."""
+def train(
+    cfg: TrainConfig, callback: Callable[[Run], None] | None = None, on_start: Callable[[Run], None] | None = None
+) -> TrainResult:
+    """Train until total_kimg; `on_start(run)` runs once the run owns run_dir, `callback(run)` after
+    every step (tests use it to inject faults)."""
     check_config(cfg)
     run = setup(cfg)
-    acc, state = run.accelerator, run.state
+    try:
+        if on_start is not None:
+            on_start(run)
+        return _loop(run, callback)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
+    """The steps from run.state to total_kimg, with logging, checkpoints, grids and stop requests."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
     world = acc.num_processes
     micro = cfg.batch_per_device or cfg.batch_size // world
     if cfg.batch_size % (micro * world) != 0:
@@ -213,10 +253,17 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     t_last, nimg_last = time.perf_counter(), state.cur_nimg
     checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False
+    agreement = StopAgreement(run.run_dir, launch_token(acc), world)
     try:
         with StopOnSignal() as stop:
             while state.cur_nimg < total_nimg:
-                micro_batches = [next(batches) for _ in range(accum)]
+                try:
+                    micro_batches = [next(batches) for _ in range(accum)]
+                except BadImagesError as err:
+                    if world > 1:  # the other processes are inside a step: the launcher ends them
+                        raise
+                    saved = save_checkpoint(run)
+                    raise BadImagesError(f"{err}\nThe run's state after step {state.step} is saved in {saved}.") from None
                 if indices_log is not None:
                     for i, (*_, indices) in enumerate(micro_batches):
                         indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
@@ -236,13 +283,11 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
                 done = state.cur_nimg >= total_nimg
                 save_now = state.step % cfg.checkpoint_every == 0
                 grid_now = cfg.grid_every > 0 and state.step % cfg.grid_every == 0 and not done
-                stopping = stop.requested and world == 1
+                stopping = agreement.should_stop(state.step, stop.requested)
                 if not (done or save_now or grid_now or stopping or state.step % cfg.log_every == 0):
                     continue
                 # Sync point: the only host syncs of the loop.
-                totals = acc.reduce(torch.stack([loss_sum, torch.tensor(float(stop.requested), device=acc.device)]), "sum")
-                mean_loss = float(totals[0]) / (loss_count * world)
-                stopping = stopping or float(totals[1]) > 0
+                mean_loss = float(acc.reduce(loss_sum, "sum")) / (loss_count * world)
                 if not math.isfinite(mean_loss):
                     raise TrainingDivergedError(
                         f"loss became {mean_loss} in steps {state.step - loss_count + 1} to {state.step}; stopped "
@@ -268,6 +313,8 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
         run_log.close()
         if indices_log is not None:
             indices_log.close()
+        if run.is_main:
+            agreement.path.unlink(missing_ok=True)
     if not interrupted and run.is_main and cfg.grid_size > 0:
         grid = write_grid(run, run.run_dir / "samples-final.png")
         logger.info("wrote %s", grid)
@@ -278,21 +325,38 @@ def train(cfg: TrainConfig, callback: Callable[[Run], None] | None = None) -> Tr
 # ----------------------------------------------------------------------------- entry point
 
 
+def save_hydra_files(run: Run, dcfg: Any, hydra_cfg: Any) -> None:
+    """run_dir/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them, by the main process of the
+    training that owns run_dir (so a refused second run overwrites nothing)."""
+    from omegaconf import OmegaConf
+
+    if not run.is_main:
+        return
+    folder = run.run_dir / ".hydra"
+    for name, node in (("config.yaml", dcfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        text = OmegaConf.to_yaml(node).encode()
+        ckpt.atomic_write(folder / name, lambda f, text=text: f.write(text), durable=False)
+
+
 def _hydra_main() -> None:
     import hydra
     from accelerate import PartialState
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
     def main(dcfg: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
         cfg = from_dictconfig(dcfg)
         is_main = PartialState(cpu=use_cpu(cfg)).is_main_process  # the state train's Accelerator joins
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
         try:
-            result = train(cfg)
-        except (ValueError, FileNotFoundError, FileExistsError, TrainingDivergedError) as err:
-            # config, data, checkpoint and divergence errors: the message says what to do
+            result = train(cfg, on_start=lambda run: save_hydra_files(run, dcfg, hydra_cfg))
+        except (ValueError, FileNotFoundError, FileExistsError, OutputWriteError, TrainingDivergedError) as err:
+            # config, data, checkpoint, disk and divergence errors: the message says what to do
             print(f"edm.train: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         if is_main:
