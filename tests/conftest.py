@@ -12,6 +12,26 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions gain nothing from intra-op threads, and on a loaded 2-core machine
+    OpenMP's spinning threads stall in barriers: these tests run single-threaded."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread_env() -> dict:
+    """The environment for subprocesses of such tests: one OpenMP thread, no GPU."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 # A few-second training run: a very small tiny network on embedded digits, 8 images a step.
 TINY_TRAIN = [
     "network.model_channels=8",

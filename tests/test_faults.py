@@ -27,15 +27,9 @@ from edm.data import BadImagesError, DatasetConfig, build_dataset
 from edm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -53,16 +47,16 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 # ----------------------------------------------------------------------------- one folder, one training
 
 
-def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blocks_nothing(tmp_path, tiny_train):
+def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blocks_nothing(tmp_path, tiny_train, one_thread_env):
     run_dir = tmp_path / "run"
     owner = subprocess.Popen(
         [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "total_kimg=1000", "grid_size=0"],
-        cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         _wait_for(lambda: find_latest(run_dir) is not None, 120, "the first training's first checkpoint")
         second = subprocess.run([sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "resume=true"],
-                                cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+                                cwd=REPO, env=one_thread_env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 1
         assert f"run_dir {run_dir} is in use by another training" in second.stderr
         assert f'"pid": {owner.pid}' in second.stderr  # the owner is named
@@ -112,10 +106,10 @@ train(_compose({overrides!r}, {run_dir!r}, "total_kimg=0.048"))
 """
 
 
-def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp_path, tiny_train):
+def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp_path, tiny_train, one_thread_env):
     run_dir = tmp_path / "run"
     script = KILL_DURING_SAVE.format(tests=str(REPO / "tests"), overrides=tiny_train, run_dir=str(run_dir))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ONE_THREAD, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=one_thread_env, capture_output=True, timeout=300)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
     assert [s for s, _ in list_checkpoints(run_dir)] == [2]  # the torn write left no checkpoint-4
     torn = list(run_dir.glob(".checkpoint-*.tmp"))
@@ -141,7 +135,7 @@ def _worker_pid(launcher: int, rank: int) -> int:
 
 
 @pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("launcher", signal.SIGINT), ("rank 1", signal.SIGTERM)])
-def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, tiny_train, target, sig):
+def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, tiny_train, target, sig, one_thread_env):
     """log_every and checkpoint_every far away: the processes still agree on a step to stop after
     (within two steps) and save it, before the launcher's 30 s grace period ends; also when only
     one worker is signalled (a scheduler that signals one process)."""
@@ -150,7 +144,7 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
               *tiny_train, f"run_dir={run_dir}", "total_kimg=10000", "log_every=1000000", "checkpoint_every=1000000",
               "grid_size=0", "cpu=true", "log_batch_indices=true"]
-    proc = subprocess.Popen(launch, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(launch, cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         indices = run_dir / "batch-indices-rank1.jsonl"
         _wait_for(lambda: indices.is_file() and indices.stat().st_size > 0, 180, "both processes training")

@@ -32,14 +32,7 @@ SMALL = {
 PRESET = {"ncsnpp_skip": "ncsnpp"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are too small to gain from intra-op threads, and with other processes on
-    the CPU, OpenMP's spinning threads made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(arch: str, res: int, ch: int, **kw) -> torch.nn.Module:

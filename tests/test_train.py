@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -26,16 +25,9 @@ from edm.step import learning_rate, train_step
 from edm.train import RunDirError, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parent.parent
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions on a loaded 2-core machine stall in OpenMP barriers; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -177,11 +169,11 @@ def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
 
 
 @pytest.mark.slow  # the same CLI path runs (in two processes) in test_two_cpu_processes_see_different_data
-def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train):
+def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, one_thread_env):
     run_dir = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm", "sampler=euler"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples:" in proc.stdout
@@ -190,7 +182,7 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train):
     assert len(_metrics(run_dir)) == 4
     again = subprocess.run(  # known errors end with a one-line message and status 1
         [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
     )
     assert again.returncode == 1 and "edm.train: error: run_dir" in again.stderr and "resume=true" in again.stderr
 
@@ -403,13 +395,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
 # ----------------------------------------------------------------------------- two processes
 
 
-def test_two_cpu_processes_see_different_data(tmp_path, tiny_train):
+def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_env):
     run_dir = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
          *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD,
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert find_latest(run_dir).name == "checkpoint-00000004.pt"
