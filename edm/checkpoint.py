@@ -27,6 +27,7 @@ from .precond import Precond
 __all__ = [
     "CheckpointError",
     "OutputWriteError",
+    "write_error",
     "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
@@ -67,7 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bo
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise _write_error(path, err) from None
+        raise write_error(path, err) from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
         with os.fdopen(fd, "wb") as f:
@@ -79,18 +80,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bo
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
-            raise _write_error(path, err) from None
+            raise write_error(path, err) from None
         raise
     if durable:
         _fsync_dir(path.parent)
     return path
 
 
-def _write_error(path: Path, err: BaseException) -> OutputWriteError:
+def write_error(path: Path, err: BaseException) -> OutputWriteError:
     """One line: what could not be written, where, why, and how much room the folder has."""
     try:
         stat = os.statvfs(path.parent)
-        room = f"; {stat.f_bavail * stat.f_frsize / 2**30:.2f} GiB free there"
+        free = stat.f_bavail * stat.f_frsize
+        room = f"; {free / 2**30:.2f} GiB free there" if free >= 2**30 else f"; {free / 2**20:.1f} MiB free there"
     except OSError:
         room = ""
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)

@@ -109,10 +109,10 @@ def write_grid(run: Run, path: Path) -> Path:
 # ----------------------------------------------------------------------------- the run
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
-    the main process locks run_dir (released by `train`, or here if set-up fails); resumes from
-    run_dir's latest checkpoint if asked."""
+    the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
+    `on_own_run_dir(run_dir)`; resumes from run_dir's latest checkpoint if asked."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -130,6 +130,8 @@ def setup(cfg: TrainConfig) -> Run:
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
+        if lock is not None and on_own_run_dir is not None:
+            on_own_run_dir(run_dir)
         return _setup_run(cfg, accelerator, schedule, loss_fn, lock)
     except BaseException:
         if lock is not None:
@@ -214,15 +216,14 @@ def _batches(run: Run, micro_batch: int):
 
 
 def train(
-    cfg: TrainConfig, callback: Callable[[Run], None] | None = None, on_start: Callable[[Run], None] | None = None
+    cfg: TrainConfig, callback: Callable[[Run], None] | None = None,
+    on_own_run_dir: Callable[[Path], None] | None = None,
 ) -> TrainResult:
-    """Train until total_kimg; `on_start(run)` runs once the run owns run_dir, `callback(run)` after
-    every step (tests use it to inject faults)."""
+    """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
+    run_dir, `callback(run)` after every step (tests use it to inject faults)."""
     check_config(cfg)
-    run = setup(cfg)
+    run = setup(cfg, on_own_run_dir)
     try:
-        if on_start is not None:
-            on_start(run)
         return _loop(run, callback)
     finally:
         if run.lock is not None:
@@ -325,18 +326,24 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
 # ----------------------------------------------------------------------------- entry point
 
 
-def save_hydra_files(run: Run, dcfg: Any, hydra_cfg: Any) -> None:
-    """run_dir/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them, by the main process of the
-    training that owns run_dir (so a refused second run overwrites nothing)."""
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
+
+
+def own_run_dir_files(run_dir: Path, dcfg: Any, hydra_cfg: Any) -> logging.Handler:
+    """What the CLI keeps in run_dir, written by the main process once the run owns the folder (a refused
+    second run writes nothing there): .hydra/{config,hydra,overrides}.yaml as Hydra writes them, and
+    train.log (appended on resume), whose handler is returned for the caller to remove."""
     from omegaconf import OmegaConf
 
-    if not run.is_main:
-        return
-    folder = run.run_dir / ".hydra"
+    folder = run_dir / ".hydra"
     for name, node in (("config.yaml", dcfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
                        ("overrides.yaml", hydra_cfg.overrides.task)):
         text = OmegaConf.to_yaml(node).encode()
         ckpt.atomic_write(folder / name, lambda f, text=text: f.write(text), durable=False)
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _hydra_main() -> None:
@@ -353,12 +360,17 @@ def _hydra_main() -> None:
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
+        handlers: list[logging.Handler] = []
         try:
-            result = train(cfg, on_start=lambda run: save_hydra_files(run, dcfg, hydra_cfg))
+            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(own_run_dir_files(run_dir, dcfg, hydra_cfg)))
         except (ValueError, FileNotFoundError, FileExistsError, OutputWriteError, TrainingDivergedError) as err:
             # config, data, checkpoint, disk and divergence errors: the message says what to do
             print(f"edm.train: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        finally:
+            for handler in handlers:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
         if is_main:
             print(f"step {result.state.step} ({result.state.cur_nimg / 1000:.1f} kimg); checkpoint: {result.checkpoint}")
             if result.grid is not None:

@@ -62,6 +62,7 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
         assert f'"pid": {owner.pid}' in second.stderr  # the owner is named
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert "total_kimg=1000" in overrides and "resume=true" not in overrides  # the refused run wrote nothing there
+        assert not (REPO / "train.log").exists() and not (REPO / ".hydra").exists()  # nor anywhere else
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=60)
@@ -299,7 +300,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
     def no_space(f):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OutputWriteError, match=f"cannot write x.pt in {tmp_path}: No space left on device; .* GiB free"):
+    with pytest.raises(OutputWriteError, match=f"cannot write x.pt in {tmp_path}: No space left on device; .* [MG]iB free there"):
         atomic_write(tmp_path / "x.pt", no_space)
 
     def miniz(f):  # what torch.save raises when the disk fills mid-archive
@@ -308,6 +309,19 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
     with pytest.raises(OutputWriteError, match="cannot write x.pt.*file write failed"):
         atomic_write(tmp_path / "x.pt", miniz)
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_a_read_only_run_dir_is_one_line_naming_the_folder(compose_train, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputWriteError, match=f"cannot write .lock in {tmp_path / 'run'}: Read-only file system"):
+        train(compose_train())
 
 
 def test_values_that_overflow_are_rejected_before_training(compose_train, tmp_path):
