@@ -27,15 +27,17 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
-from .checkpoint import OutputWriteError
 from .augment import augment
 from .build import build_loss, build_schedule, denoiser_spec
+from .checkpoint import OutputWriteError
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
 from .data import BadImagesError, ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
 from .hardware import set_precision_flags
 from .outputs import save_grid
-from .run import Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics
+from .run import (
+    Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics,
+)
 from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
 from .sampling import generate_batch, plan_images
 from .step import learning_rate, make_optimizer, train_step
