@@ -36,6 +36,15 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of `proc` (started with start_new_session=True): no worker outlives a test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -51,7 +60,7 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
     run_dir = tmp_path / "run"
     owner = subprocess.Popen(
         [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "total_kimg=1000", "grid_size=0"],
-        cwd=REPO, env=one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         _wait_for(lambda: find_latest(run_dir) is not None, 120, "the first training's first checkpoint")
@@ -64,8 +73,7 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
         assert "total_kimg=1000" in overrides and "resume=true" not in overrides  # the refused run wrote nothing there
         assert not (REPO / "train.log").exists() and not (REPO / ".hydra").exists()  # nor anywhere else
     finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(timeout=60)
+        _kill_group(owner)  # kill -9
     steps = _steps(run_dir)
     assert steps == list(range(1, len(steps) + 1))  # only the owner logged
     # kill -9 released the lock: the next run resumes at once, from the last checkpoint.
@@ -145,7 +153,8 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
               *tiny_train, f"run_dir={run_dir}", "total_kimg=10000", "log_every=1000000", "checkpoint_every=1000000",
               "grid_size=0", "cpu=true", "log_batch_indices=true"]
-    proc = subprocess.Popen(launch, cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(launch, cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so cleanup reaches the workers too
     try:
         indices = run_dir / "batch-indices-rank1.jsonl"
         _wait_for(lambda: indices.is_file() and indices.stat().st_size > 0, 180, "both processes training")
@@ -154,8 +163,7 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - signalled
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_group(proc)
     assert find_latest(run_dir) is not None, err[-3000:]
     state = load_checkpoint(find_latest(run_dir))
     assert state["step"] > 0 and len(state["rng"]) == 2  # both processes' random states: resumable exactly
