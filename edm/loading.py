@@ -18,7 +18,8 @@ from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from .nvlabs import read_nvlabs, to_checkpoint
-from .schedules import Schedule, get as get_schedule
+from . import schedules
+from .schedules import Schedule
 
 __all__ = ["ModelInfo", "read_model_file", "load_model"]
 
@@ -67,11 +68,10 @@ def load_model(
         shape = _check_shape(image_shape)
     elif shape is None:
         raise ValueError(f"cannot tell the image shape of {str(path)!r}: set image_shape=[C,H,W] in the config")
-    schedule_spec = {k: v for k, v in (state.get("schedule") or {"name": denoiser.kind}).items() if v is not None}
     info = ModelInfo(
         img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
-        schedule=get_schedule(schedule_spec.pop("name"), **schedule_spec), source=str(path),
+        schedule=schedules.from_spec(state.get("schedule") or {"name": denoiser.kind}), source=str(path),
     )
     return denoiser.to(device), info
 

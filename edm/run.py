@@ -76,12 +76,6 @@ class RunDirLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunDirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete the .checkpoint-*.tmp files that killed writes left (no finished checkpoint is one)."""
@@ -159,14 +153,6 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
     generator.set_state(state["generator"])
 
 
-def _changes(saved: Any, ours: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, checkpoint value, config value) for each leaf where two plain containers differ."""
-    saved, ours = to_container(saved), to_container(ours)
-    if isinstance(saved, dict) and isinstance(ours, dict):
-        return [c for k in sorted(set(saved) | set(ours), key=str) for c in _changes(saved.get(k), ours.get(k), f"{prefix}{k}.")]
-    return [] if saved == ours else [(prefix[:-1], saved, ours)]
-
-
 def _flatten(container: Any, prefix: str = "") -> dict[str, Any]:
     """{dotted key: leaf value} of nested dicts (dataclasses first become dicts)."""
     container = to_container(container)
@@ -176,8 +162,9 @@ def _flatten(container: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _differences(saved: Any, ours: Any) -> list[str]:
-    """'key: checkpoint X, config Y' for each leaf where two plain containers differ."""
-    return [f"{key}: checkpoint {a!r}, config {b!r}" for key, a, b in _changes(saved, ours)]
+    """'key: checkpoint X, config Y' for each leaf where two nested containers differ (a missing leaf is None)."""
+    a, b = _flatten(saved), _flatten(ours)
+    return [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 # Training settings a resume may not change: they fix the data order and every random stream,

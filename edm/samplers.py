@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .choices import choose
 from .runlog import progress_bar
-from .schedules import DISCRETIZATIONS, Schedule, get as get_schedule
+from .schedules import DISCRETIZATIONS, Schedule, check_num_steps, get as get_schedule
 
 __all__ = [
     "SOLVERS",
@@ -274,8 +274,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check_solver(self.solver, dict(self.options))
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        check_num_steps(self.num_steps)
         if self.discretization is not None:
             choose(DISCRETIZATIONS, self.discretization, "discretization")
 

@@ -23,9 +23,11 @@ __all__ = [
     "EDM",
     "FlowMatching",
     "get",
+    "from_spec",
     "SCHEDULES",
     "DISCRETIZATIONS",
     "time_steps",
+    "check_num_steps",
     "uniform_t",
     "geometric_sigma",
     "karras_sigma",
@@ -242,6 +244,12 @@ def get(name: str, **kwargs) -> Schedule:
         raise ValueError(f"bad option for schedule {name!r}: {err}; valid options are {fields}") from None
 
 
+def from_spec(spec: dict) -> Schedule:
+    """The schedule of a spec {"name": ..., **options} (a checkpoint's "schedule"); None options keep defaults."""
+    options = {k: v for k, v in spec.items() if k != "name" and v is not None}
+    return get(spec["name"], **options)
+
+
 # --------------------------------------------------------------------------------------
 # Discretizations: each returns the N nonzero times t_0 > ... > t_{N-1}; `time_steps` appends t_N = 0.
 
@@ -285,6 +293,12 @@ DISCRETIZATIONS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType
 )
 
 
+def check_num_steps(num_steps: object) -> None:
+    """A number of steps is a positive int (not a bool); ValueError naming the value otherwise."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
 def time_steps(
     sched: Schedule,
     num_steps: int,
@@ -295,8 +309,7 @@ def time_steps(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """The grid t_0 > ... > t_{N−1} > t_N = 0 of `discretization` for `sched` (N + 1 values)."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    check_num_steps(num_steps)
     fn = choose(DISCRETIZATIONS, discretization, "discretization")
     t = fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device)
     return torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)]).to(dtype)

@@ -121,8 +121,7 @@ def resolve_schedule(cfg: DictConfig, default: Optional[Schedule]) -> Schedule:
         raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
     if not cfg.schedule_options:
         return schedule
-    spec = {**schedule_spec(schedule), **cfg.schedule_options}
-    return edm.schedules.get(spec.pop("name"), **spec)
+    return edm.schedules.from_spec({**schedule_spec(schedule), **cfg.schedule_options})
 
 
 def image_seeds(cfg: DictConfig) -> list[int]:

@@ -147,3 +147,16 @@ def test_bad_names_list_the_valid_ones():
 def test_get_passes_options():
     assert edm.schedules.get("ve", sigma_max=50.0).sigma_max == 50.0
     assert edm.schedules.get("vp", beta_d=10.0).beta_d == 10.0
+
+
+def test_a_spec_rebuilds_its_schedule():
+    """from_spec inverts {"name", **fields} (what checkpoints store); None options keep the defaults."""
+    import dataclasses
+
+    for schedule in (edm.schedules.VP(beta_d=12.0, epsilon_s=1e-4), edm.schedules.VE(sigma_max=50.0), EDM(rho=5.0)):
+        assert edm.schedules.from_spec({"name": schedule.name, **dataclasses.asdict(schedule)}) == schedule
+    assert edm.schedules.from_spec({"name": "edm", "sigma_min": None}) == EDM()
+    with pytest.raises(ValueError, match="bad option for schedule 've'"):
+        edm.schedules.from_spec({"name": "ve", "rho": 7.0})
+    with pytest.raises(ValueError, match="num_steps must be a positive integer, got True"):
+        EDM().time_steps(True)
