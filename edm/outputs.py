@@ -103,7 +103,8 @@ class PngWriter:
 
 
 class PartWriter:
-    """One .npz part per batch in out/parts/ (keys images [B, H, W, C] uint8, seeds, labels; −1 = no label)."""
+    """One .npz part per batch in out/parts/: images [B, H, W, C] uint8, seeds, and labels (class indices)
+    only for a class-conditional model; unconditional parts have no labels key."""
 
     def __init__(self, out_dir: str | Path, rank: int = 0) -> None:
         self.parts_dir = Path(out_dir) / PARTS_DIR
@@ -124,9 +125,11 @@ class PartWriter:
         """Images [B, C, H, W] in [−1, 1] of `specs` and their class indices (None: unconditional) as one part."""
         pixels = to_uint8(images)
         seeds = np.array([s.seed for s in specs], dtype=np.int64)
-        lab = np.full(len(specs), -1, dtype=np.int64) if labels is None else labels.cpu().numpy().astype(np.int64)
+        arrays = {"images": pixels, "seeds": seeds}
+        if labels is not None:
+            arrays["labels"] = labels.cpu().numpy().astype(np.int64)
         path = self.parts_dir / f"part-{seeds[0]:06d}-{seeds[-1]:06d}-r{self.rank}.npz"
-        atomic_write(path, lambda f: np.savez(f, images=pixels, seeds=seeds, labels=lab))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool = False) -> PngWriter | PartWriter:
@@ -141,14 +144,16 @@ def write_json(path: str | Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(images [N, H, W, C] uint8, labels [N]) of `seeds`, in that order, from out/parts/."""
+def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images [N, H, W, C] uint8, class labels [N] or None for unconditional images) of `seeds`,
+    in that order, from out/parts/."""
     wanted = {s: j for j, s in enumerate(seeds)}
     images: list[np.ndarray | None] = [None] * len(seeds)
-    labels = np.full(len(seeds), -1, dtype=np.int64)
+    labels: list[int | None] = [None] * len(seeds)
     for part in sorted((Path(out_dir) / PARTS_DIR).glob("*.npz")):
         with np.load(part) as data:
-            for seed, image, label in zip(data["seeds"], data["images"], data["labels"]):
+            part_labels = data["labels"].tolist() if "labels" in data.files else [None] * len(data["seeds"])
+            for seed, image, label in zip(data["seeds"], data["images"], part_labels):
                 j = wanted.get(int(seed))
                 if j is not None:
                     images[j], labels[j] = image, label
@@ -158,11 +163,18 @@ def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, n
             f"{len(missing)} images (seeds {format_seeds(missing[:20])}...) have no part in {Path(out_dir) / PARTS_DIR}; "
             "run the sampler again to generate them"
         )
-    return np.stack(images), labels  # type: ignore[arg-type]
+    unlabelled = sum(label is None for label in labels)
+    if 0 < unlabelled < len(labels):
+        raise ValueError(
+            f"{Path(out_dir) / PARTS_DIR} mixes parts with and without class labels ({unlabelled} of {len(labels)} "
+            "images have none): they come from different models; sample into an empty out folder"
+        )
+    return np.stack(images), (None if unlabelled else np.asarray(labels, dtype=np.int64))  # type: ignore[arg-type]
 
 
 def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: int | None = None) -> Path:
-    """Merge the parts into out/samples.npz (images, seeds, labels) or out/grid.png; png needs nothing."""
+    """Merge the parts into out/samples.npz (images, seeds, and labels for a class-conditional model)
+    or out/grid.png; png needs nothing."""
     out_dir = Path(out_dir)
     if fmt == "png":
         return out_dir
@@ -170,7 +182,8 @@ def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: 
     if fmt == "npz":
         path = out_dir / NPZ_NAME
         seeds_arr = np.asarray(seeds, dtype=np.int64)
-        atomic_write(path, lambda f: np.savez(f, images=images, seeds=seeds_arr, labels=labels))
+        arrays = {"images": images, "seeds": seeds_arr} | ({} if labels is None else {"labels": labels})
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
     check_choice(FORMATS, fmt, "format")
     path = out_dir / GRID_NAME

@@ -64,7 +64,7 @@ def test_parts_merge_into_npz_or_grid(ideal, tmp_path, fmt):
     if fmt == "npz":
         with np.load(path) as data:
             np.testing.assert_array_equal(data["images"], expected)
-            assert data["seeds"].tolist() == seeds and data["labels"].tolist() == [-1] * 4
+            assert data["seeds"].tolist() == seeds and "labels" not in data.files  # unconditional: no labels
     else:
         from PIL import Image
 
@@ -112,3 +112,17 @@ def test_grid_layout(tmp_path):
         r, c = divmod(k, 3)
         tile = grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c]
         assert (tile == expected[k]).all()
+
+
+def test_parts_of_a_conditional_and_an_unconditional_model_are_not_merged(tmp_path):
+    """Unconditional parts carry no labels key; a folder mixing both kinds is refused by name."""
+    specs = plan_images([0, 1], None, 0)
+    images = torch.zeros(2, 1, 2, 2)
+    PartWriter(tmp_path).write(specs[:1], images[:1], None)
+    with np.load(next((tmp_path / "parts").glob("*.npz"))) as data:
+        assert "labels" not in data.files
+    assert read_parts(tmp_path, [0])[1] is None
+    PartWriter(tmp_path).write(specs[1:], images[1:], torch.tensor([3]))
+    assert read_parts(tmp_path, [1])[1].tolist() == [3]
+    with pytest.raises(ValueError, match="mixes parts with and without class labels"):
+        read_parts(tmp_path, [0, 1])
