@@ -1,7 +1,8 @@
 """One optimizer step of training, and the learning rate and optimizer it uses.
 
-The step: draw σ and n, per-example loss λ(σ)‖D(y + σn; σ) − y‖² (edm.Loss), optimize its batch
-mean divided by the pixels per example C·H·W (so lr and grad_clip do not depend on resolution).
+The step: draw σ and n, per-example loss λ(σ)‖D(y + σn; σ) − y‖² (edm.Loss, summed over pixels),
+optimize its batch mean: NVlabs/edm's objective (its loss.sum() / batch), so Adam's eps and grad_clip
+act as in the reference. The loss it reports is that objective per pixel, divided by C·H·W.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def train_step(
     """One optimizer step on the global batch, split into micro-batches (gradient accumulation).
 
     Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels). Optimizes
-    mean_batch(λ‖D − y‖²) / (C·H·W); gradients are averaged over micro-batches and processes.
-    Returns that loss as a device tensor (no host sync).
+    mean_batch(λ‖D − y‖²), gradients averaged over micro-batches and processes. Returns that
+    objective per pixel, mean_batch(λ‖D − y‖²) / (C·H·W), as a device tensor (no host sync).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -57,9 +58,9 @@ def train_step(
         sync = i == len(micro_batches) - 1
         kwargs = {"augment_labels": augment_labels[0]} if augment_labels and augment_labels[0] is not None else {}
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss = loss_fn(model, y, labels, generator=generator, **kwargs).mean() / y[0].numel()
-            accelerator.backward(loss / len(micro_batches))
-        total += loss.detach()
+            objective = loss_fn(model, y, labels, generator=generator, **kwargs).mean()
+            accelerator.backward(objective / len(micro_batches))
+        total += objective.detach() / y[0].numel()
     if grad_clip is not None:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
