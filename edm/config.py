@@ -132,8 +132,8 @@ class TrainConfig:
     ema_halflife_kimg: float = 500.0
     ema_rampup_ratio: Optional[float] = 0.05
 
-    mixed_precision: str = "no"
-    compile: bool = False
+    mixed_precision: Optional[str] = None  # None = the launcher's (accelerate launch / accelerate config), else "no"
+    compile: Optional[bool] = None  # None = the launcher's dynamo backend, else off
     channels_last: bool = False
     cpu: bool = False
     tf32: bool = True
@@ -209,7 +209,8 @@ def check_config(cfg: TrainConfig) -> None:
     choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:
         _positive("dataset.resolution", cfg.dataset.resolution)
-    check_choice(MIXED_PRECISION, cfg.mixed_precision, "mixed_precision")
+    if cfg.mixed_precision is not None:
+        check_choice(MIXED_PRECISION, cfg.mixed_precision, "mixed_precision")
     if not 0 <= cfg.augment.p <= 1:
         raise ValueError(f"augment.p={cfg.augment.p!r} must be in [0, 1] (0 = no augmentation; EDM's CIFAR-10: 0.12)")
     for f in dataclasses.fields(cfg.augment):

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from typing import Mapping, NamedTuple
+
 import torch
 
-__all__ = ["set_precision_flags", "has_accelerator"]
+__all__ = ["set_precision_flags", "has_accelerator", "LaunchSettings", "launch_settings"]
+
+# What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
+LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+LAUNCH_DYNAMO_BACKEND = "ACCELERATE_DYNAMO_BACKEND"
 
 
 def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
@@ -22,3 +29,32 @@ def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
 def has_accelerator() -> bool:
     """A CUDA or MPS device: without one, processes run on the CPU (accelerate's gloo backend)."""
     return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+class LaunchSettings(NamedTuple):
+    mixed_precision: str  # no | fp16 | bf16
+    dynamo_backend: str  # "no", or the torch.compile backend
+
+
+def launch_settings(
+    mixed_precision: str | None, compile: bool | None, env: Mapping[str, str] = os.environ
+) -> LaunchSettings:
+    """A run's mixed precision and compilation: the config's value, else what accelerate was given
+    (`accelerate launch --mixed_precision/--dynamo_backend`, or `accelerate config`). The launcher's
+    default ("no") counts as not given; any other launcher value that the config contradicts fails,
+    naming both."""
+    launched_mp = env.get(LAUNCH_MIXED_PRECISION, "no").lower()
+    launched_dynamo = env.get(LAUNCH_DYNAMO_BACKEND, "no").lower()
+    if mixed_precision is not None and launched_mp != "no" and mixed_precision != launched_mp:
+        raise ValueError(
+            f"mixed_precision={mixed_precision} contradicts the launcher's mixed precision {launched_mp} "
+            f"({LAUNCH_MIXED_PRECISION}, from accelerate launch --mixed_precision or accelerate config): "
+            "drop one of them"
+        )
+    if compile is False and launched_dynamo != "no":
+        raise ValueError(
+            f"compile=false contradicts the launcher's dynamo backend {launched_dynamo} ({LAUNCH_DYNAMO_BACKEND}, "
+            "from accelerate launch --dynamo_backend or accelerate config): drop one of them"
+        )
+    dynamo = launched_dynamo if launched_dynamo != "no" else ("inductor" if compile else "no")
+    return LaunchSettings(mixed_precision or launched_mp, dynamo)

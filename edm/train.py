@@ -13,6 +13,7 @@ only converts the config and calls `train`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from .checkpoint import OutputWriteError
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
 from .data import BadImagesError, ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
-from .hardware import set_precision_flags
+from .hardware import launch_settings, set_precision_flags
 from .outputs import save_grid
 from .run import (
     Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics,
@@ -124,10 +125,11 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=use_cpu(cfg), dynamo_backend="inductor" if cfg.compile else "no"
-    )
-    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    launch = launch_settings(cfg.mixed_precision, cfg.compile)
+    cfg = dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no")
+    accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg), dynamo_backend=launch.dynamo_backend)
+    logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
+    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir).acquire() if accelerator.is_main_process else None
