@@ -28,6 +28,8 @@ __all__ = [
     "save_png",
     "make_grid",
     "save_grid",
+    "grid_image",
+    "grid_scale",
     "PngWriter",
     "PartWriter",
     "make_writer",
@@ -74,11 +76,26 @@ def make_grid(
     return grid
 
 
-def save_grid(path: str | Path, images: Tensor, cols: int | None = None, *, scale: int = 1, padding: int = 0,
-              pad_value: int = 0) -> Path:
-    """Save images [N, C, H, W] in [−1, 1] as one PNG grid (make_grid), atomically and durably."""
+GRID_TILE_PX = 64  # a grid's tiles are upscaled to at least this many pixels, so 8x8 images stay readable
+GRID_PADDING, GRID_PAD_VALUE = 2, 128  # gray borders between the tiles
+
+
+def grid_scale(resolution: int, scale: int | None = None) -> int:
+    """Pixel upscaling of a grid: `scale`, or ceil(GRID_TILE_PX / resolution)."""
+    return scale or max(1, math.ceil(GRID_TILE_PX / resolution))
+
+
+def grid_image(images: np.ndarray, cols: int | None = None, scale: int | None = None) -> np.ndarray:
+    """The project's one sample grid (training's and sample.py's): uint8 [N, H, W, C] tiles upscaled
+    by grid_scale, GRID_PADDING pixels of gray between them."""
+    return make_grid(images, cols, scale=grid_scale(images.shape[1], scale), padding=GRID_PADDING,
+                     pad_value=GRID_PAD_VALUE)
+
+
+def save_grid(path: str | Path, images: Tensor, cols: int | None = None, scale: int | None = None) -> Path:
+    """Save images [N, C, H, W] in [−1, 1] as one PNG grid (grid_image), atomically and durably."""
     path = Path(path)
-    save_png(path, make_grid(to_uint8(images), cols, scale=scale, padding=padding, pad_value=pad_value), durable=True)
+    save_png(path, grid_image(to_uint8(images), cols, scale), durable=True)
     return path
 
 
@@ -172,7 +189,8 @@ def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, n
     return np.stack(images), (None if unlabelled else np.asarray(labels, dtype=np.int64))  # type: ignore[arg-type]
 
 
-def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: int | None = None) -> Path:
+def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: int | None = None,
+             grid_scale: int | None = None) -> Path:
     """Merge the parts into out/samples.npz (images, seeds, and labels for a class-conditional model)
     or out/grid.png; png needs nothing."""
     out_dir = Path(out_dir)
@@ -187,5 +205,5 @@ def finalize(fmt: str, out_dir: str | Path, seeds: Sequence[int], *, grid_cols: 
         return path
     check_choice(FORMATS, fmt, "format")
     path = out_dir / GRID_NAME
-    save_png(path, make_grid(images, grid_cols), durable=True)
+    save_png(path, grid_image(images, grid_cols, grid_scale), durable=True)
     return path

@@ -1,7 +1,8 @@
 """What a long job tells its user: progress bars, a training run's metrics, and stop signals.
 
 - progress_bar: the one tqdm bar of the project (sampling steps, generated images, training steps).
-- RunLog / log: the main process's metrics.jsonl, TensorBoard scalars (when installed) and bar.
+- RunLog / log: the main process's metrics.jsonl, INFO loss lines, TensorBoard scalars and grids
+  (when installed) and bar.
 - StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
 """
 
@@ -53,6 +54,14 @@ class RunLog:
         if progress:
             self.bar = progress_bar(total_steps, "training", "step", initial=initial_step)
 
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A PNG (a sample grid) as a TensorBoard image, when TensorBoard is on."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -68,17 +77,19 @@ class RunLog:
 
 
 def log(run_log: RunLog, record: dict) -> None:
-    """One metrics record: a JSON line, TensorBoard scalars and the progress bar's numbers."""
+    """One metrics record: a JSON line, an INFO line (console and train.log, with or without the
+    progress bar), TensorBoard scalars and the progress bar's numbers."""
     if not run_log.enabled:
         return
     run_log.file.write(json.dumps(record) + "\n")
     run_log.file.flush()
+    logger.info("step %d  kimg %.1f  loss %.4f  lr %.3g  %.0f img/s", record["step"], record["kimg"], record["loss"],
+                record["lr"], record["images_per_s"])
     if run_log.writer is not None:
         for key in ("loss", "lr", "images_per_s", "ema_beta"):
             run_log.writer.add_scalar(f"train/{key}", record[key], record["step"])
     if run_log.bar is not None:
         run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
-    logger.debug("%s", record)
 
 
 class StopOnSignal:

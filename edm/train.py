@@ -39,6 +39,7 @@ from .outputs import save_grid
 from .run import (
     Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics,
 )
+from .plots import LOSS_CURVE_NAME, plot_loss_curve
 from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
 from .sampling import generate_batch, plan_images
 from .step import learning_rate, make_optimizer, train_step
@@ -87,26 +88,20 @@ def use_cpu(cfg: TrainConfig) -> bool:
     return cfg.cpu or not torch.cuda.is_available()
 
 
-def grid_scale(cfg: TrainConfig, dataset: ImageDataset) -> int:
-    """Pixel upscaling of grids: cfg.grid_scale, or ceil(64 / resolution) so tiles are >= 64 px."""
-    return cfg.grid_scale or max(1, math.ceil(64 / dataset.resolution))
-
-
-def save_training_grid(images: torch.Tensor, path: Path, cfg: TrainConfig, dataset: ImageDataset) -> Path:
-    """A training grid (samples or real data): tiles upscaled by grid_scale, 2-pixel gray borders."""
-    return save_grid(path, images, scale=grid_scale(cfg, dataset), padding=2, pad_value=128)
-
-
 @torch.no_grad()
-def write_grid(run: Run, path: Path) -> Path:
+def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
     """Sample grid_size images with the EMA denoiser and the configured sampler, image j from seed
-    grid_seed + j (and class j mod label_dim), as scripts/sample.py generates them."""
+    grid_seed + j (and class j mod label_dim), as scripts/sample.py generates them; also to
+    TensorBoard through run_log when it has a writer."""
     cfg, ds = run.cfg, run.dataset
     seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
     plan = plan_images(seeds, list(range(ds.label_dim)) or None, ds.label_dim)
     images, _ = generate_batch(run.ema, plan, run.schedule, cfg.sampler, (ds.channels, ds.resolution, ds.resolution),
                                label_dim=ds.label_dim, device=run.accelerator.device)
-    return save_training_grid(images, path, cfg, ds)
+    path = save_grid(path, images, scale=cfg.grid_scale)
+    if run_log is not None:
+        run_log.image("samples", path, run.state.step)
+    return path
 
 
 # ----------------------------------------------------------------------------- the run
@@ -247,7 +242,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and state.step == 0 and cfg.grid_size > 0:
         reals = torch.stack([run.dataset[i][0] for i in range(min(cfg.grid_size, len(run.dataset)))])
-        save_training_grid(to_model_space(reals), run.run_dir / "data.png", cfg, run.dataset)
+        save_grid(run.run_dir / "data.png", to_model_space(reals), scale=cfg.grid_scale)
     indices_log = open(run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl", "a") if cfg.log_batch_indices else None
     logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
                 cfg.batch_size, micro, world, accum, run.run_dir)
@@ -307,22 +302,25 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 loss_sum.zero_()
                 loss_count, t_last, nimg_last = 0, now, state.cur_nimg
                 if grid_now and run.is_main:
-                    write_grid(run, run.run_dir / f"samples-{state.step:08d}.png")
+                    write_grid(run, run.run_dir / f"samples-{state.step:08d}.png", run_log)
                 if save_now or done or stopping:
                     checkpoint = save_checkpoint(run)
                 if stopping:
                     interrupted = True
                     logger.warning("stopped at step %d on request; resume with resume=true", state.step)
                     break
+        if not interrupted and run.is_main:
+            if cfg.grid_size > 0:
+                grid = write_grid(run, run.run_dir / "samples-final.png", run_log)
+                logger.info("wrote %s", grid)
+            curve = plot_loss_curve(run_log.path, run.run_dir / LOSS_CURVE_NAME)
+            logger.info("wrote %s", curve)
     finally:
         run_log.close()
         if indices_log is not None:
             indices_log.close()
         if run.is_main:
             agreement.path.unlink(missing_ok=True)
-    if not interrupted and run.is_main and cfg.grid_size > 0:
-        grid = write_grid(run, run.run_dir / "samples-final.png")
-        logger.info("wrote %s", grid)
     acc.wait_for_everyone()
     return TrainResult(state, checkpoint, grid, run.run_dir / "metrics.jsonl", interrupted)
 

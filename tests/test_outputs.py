@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edm
-from edm.outputs import PartWriter, PngWriter, finalize, make_grid, read_parts, save_grid, to_uint8
+from edm.outputs import PartWriter, PngWriter, finalize, grid_image, make_grid, read_parts, save_grid, to_uint8
 from edm.samplers import SamplerConfig
 from edm.sampling import generate, generate_batch, plan_images, shard
 
@@ -68,7 +68,7 @@ def test_parts_merge_into_npz_or_grid(ideal, tmp_path, fmt):
     else:
         from PIL import Image
 
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), make_grid(expected, 2)[:, :, 0])
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), grid_image(expected, 2)[:, :, 0])
 
 
 def test_a_killed_part_write_does_not_break_resume(tmp_path):
@@ -103,15 +103,22 @@ def test_grid_layout(tmp_path):
     from PIL import Image
 
     images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 2, 2)
-    path = save_grid(tmp_path / "g.png", images, 3, scale=4, padding=1, pad_value=7)
+    path = save_grid(tmp_path / "g.png", images, 3, scale=4)
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 2 rows x 3 columns of 8x8 tiles, 1 px borders
-    assert (grid[0] == 7).all() and (grid[:, 9] == 7).all()  # borders
+    assert grid.shape == (2 * 10 + 2, 3 * 10 + 2)  # 2 rows x 3 columns of 8x8 tiles, 2 px borders
+    assert (grid[:2] == 128).all() and (grid[:, 10:12] == 128).all()  # gray borders
     expected = to_uint8(images)[:, 0, 0, 0].tolist()
     for k in range(6):
         r, c = divmod(k, 3)
-        tile = grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c]
+        tile = grid[2 + 10 * r: 10 + 10 * r, 2 + 10 * c: 10 + 10 * c]
         assert (tile == expected[k]).all()
+
+
+def test_grids_are_upscaled_to_readable_tiles_by_default():
+    """Unless a scale is given, each tile becomes at least GRID_TILE_PX pixels wide: 8x8 -> 64x64."""
+    images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    assert grid_image(images).shape == (2 * 66 + 2, 2 * 66 + 2, 1)
+    assert grid_image(np.zeros((1, 100, 100, 3), dtype=np.uint8)).shape == (104, 104, 3)
 
 
 def test_parts_of_a_conditional_and_an_unconditional_model_are_not_merged(tmp_path):

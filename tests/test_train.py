@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -194,7 +195,7 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, o
     assert again.returncode == 1 and "edm.train: error: run_dir" in again.stderr and "resume=true" in again.stderr
 
 
-def test_tensorboard_gets_the_logged_scalars_when_installed(compose_train, tmp_path, monkeypatch):
+def test_tensorboard_gets_the_logged_scalars_and_the_sample_grids_when_installed(compose_train, tmp_path, monkeypatch):
     import types
 
     calls = []
@@ -206,16 +207,40 @@ def test_tensorboard_gets_the_logged_scalars_when_installed(compose_train, tmp_p
         def add_scalar(self, tag, value, step):
             calls.append((tag, value, step))
 
+        def add_image(self, tag, image, step, dataformats):
+            calls.append((tag, image.shape, step, dataformats))
+
         def close(self):
             calls.append(("close",))
 
     module = types.ModuleType("torch.utils.tensorboard")
     module.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    train(compose_train("tensorboard=true", "grid_size=0"))
+    train(compose_train("tensorboard=true", "grid_every=2"))
     assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
     logged = [(c[2], c[1]) for c in calls if c[0] == "train/loss"]
     assert logged == [(r["step"], r["loss"]) for r in _metrics(tmp_path / "run")] and len(logged) == 4
+    from PIL import Image
+
+    final = np.asarray(Image.open(tmp_path / "run" / "samples-final.png").convert("RGB"))
+    assert [c[1:] for c in calls if c[0] == "samples"] == [(final.shape, 2, "HWC"), (final.shape, 4, "HWC")]
+
+
+def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_drawn(compose_train, tmp_path, caplog):
+    """Batch jobs (progress=false) still get an INFO line per log_every steps; the run ends with loss.png."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="edm.runlog"):
+        train(compose_train("progress=false", "log_every=2"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "edm.runlog" and r.getMessage().startswith("step ")]
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [2, 4]
+    assert lines == [f"step {r['step']}  kimg {r['kimg']:.1f}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  "
+                     f"{r['images_per_s']:.0f} img/s" for r in records]
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "loss.png") as png:
+        assert png.format == "PNG" and min(png.size) > 100
 
 
 def test_network_shape_follows_the_data_set(compose_train):
