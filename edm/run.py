@@ -167,15 +167,19 @@ def _differences(saved: Any, ours: Any) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-# Training settings a resume may not change: they fix the data order and every random stream,
-# so the resumed run would not continue the saved one. (Network, precond and schedule are
-# compared as resolved specs.)
+# Training settings a resume may not change: the loss (what is optimized), the data set, and the
+# seed (the data order and every random stream), so the resumed run would not continue the saved
+# one. Network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
-                "dataset.max_size")
+                "dataset.max_size", "loss.")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "tensorboard", "log_batch_indices", "compile",
                "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
+
+
+def _is_fixed(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
 
 
 def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> list[dict]:
@@ -188,13 +192,13 @@ def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> li
             flat["loss.kind"] = flat.get("schedule.name")
     changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
                if saved[k] != ours[k] and not k.startswith(skip)]
-    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if k in RESUME_FIXED]
+    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained with other settings that fix its data order and random streams "
+            f"checkpoint {path} was trained with another loss, data set or seed "
             f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
         )
-    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE]
+    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
     if altered:
         logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
                        "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))

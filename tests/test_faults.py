@@ -338,10 +338,16 @@ def test_values_that_overflow_are_rejected_before_training(compose_train, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_a_changed_seed_and_records_other_changes(compose_train, tmp_path, caplog):
+def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_changes(compose_train, tmp_path, caplog):
     train(compose_train("total_kimg=0.016"))
     with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the checkpoint's values"):
         train(compose_train("total_kimg=0.032", "resume=true", "seed=1"))
+    with pytest.raises(CheckpointError, match="another loss.*loss.P_mean: checkpoint -1.2, config -1.0"):
+        train(compose_train("total_kimg=0.032", "resume=true", "loss.P_mean=-1.0"))
+    with pytest.raises(CheckpointError, match="loss.kind: checkpoint 'edm', config 'vp'"):
+        train(compose_train("total_kimg=0.032", "resume=true", "loss.kind=vp"))
+    with pytest.raises(CheckpointError, match="dataset.max_size: checkpoint None, config 100"):
+        train(compose_train("total_kimg=0.032", "resume=true", "dataset.max_size=100"))
     with caplog.at_level("WARNING"):
         result = train(compose_train("total_kimg=0.032", "resume=true", "lr=0.01"))
     assert "lr: 0.002 -> 0.01" in caplog.text
