@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .build import resolved_network, schedule_spec
 from .config import TrainConfig, to_container
+from .provenance import differences, flatten
 from .data import ImageDataset
 from .losses import Loss
 from .schedules import Schedule
@@ -40,15 +41,16 @@ class RunDirError(FileExistsError):
 
 
 class RunDirLock:
-    """An exclusive OS lock (flock) on run_dir/.lock while one training owns the folder.
+    """An exclusive OS lock (flock) on FOLDER/.lock while one process (a training, a sampler) owns the folder.
 
     The kernel releases it when the process ends, however it ends, so a killed run never
     blocks the next resume. The file records the owner's pid, host and start time for the
     message a second training gets.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, key: str = "run_dir", owner: str = "training") -> None:
         self.path = Path(run_dir) / ".lock"
+        self.key, self.owner = key, owner  # for the message: the option that names the folder, who holds it
         self._fd: int | None = None
 
     def acquire(self) -> "RunDirLock":
@@ -63,8 +65,8 @@ class RunDirLock:
             owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirError(
-                f"run_dir {self.path.parent} is in use by another training ({owner}); wait for it to finish, "
-                "or choose another run_dir"
+                f"{self.key} {self.path.parent} is in use by another {self.owner} ({owner}); wait for it to finish, "
+                f"or choose another {self.key}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}).encode(), 0)
@@ -153,18 +155,9 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
     generator.set_state(state["generator"])
 
 
-def _flatten(container: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: leaf value} of nested dicts (dataclasses first become dicts)."""
-    container = to_container(container)
-    if not isinstance(container, dict):
-        return {prefix[:-1]: container}
-    return {k: v for key, value in container.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-
-
 def _differences(saved: Any, ours: Any) -> list[str]:
     """'key: checkpoint X, config Y' for each leaf where two nested containers differ (a missing leaf is None)."""
-    a, b = _flatten(saved), _flatten(ours)
-    return [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in differences(saved, ours)]
 
 
 # Training settings a resume may not change: the loss (what is optimized), the data set, and the
@@ -186,7 +179,7 @@ def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> li
     """The training settings that differ from the checkpoint's: refuse those in RESUME_FIXED, warn about
     those that change the optimization; return all (they are recorded in the next checkpoints)."""
     skip = ("network.", "precond.", "schedule.")  # checked as resolved specs
-    saved, ours = _flatten(saved_config), _flatten(cfg)
+    saved, ours = flatten(saved_config), flatten(cfg)
     for flat in (saved, ours):  # loss.kind None is the schedule's own
         if flat.get("loss.kind", "") is None:
             flat["loss.kind"] = flat.get("schedule.name")

@@ -348,6 +348,21 @@ def own_run_dir_files(run_dir: Path, dcfg: Any, hydra_cfg: Any) -> logging.Handl
     return handler
 
 
+def sweep_job(cfg: TrainConfig, dcfg: Any, hydra_cfg: Any) -> TrainConfig:
+    """In a Hydra multirun (-m) every job trains in its own run_dir, hydra.sweep.dir/<job number>-<its
+    overrides> (configs/train.yaml), beside the sweep's multirun.yaml; a run_dir given on the command
+    line would be one folder for all jobs and is refused."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return cfg
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task):
+        raise ValueError("in a sweep (-m) each job trains in its own folder under hydra.sweep.dir: "
+                         "pass hydra.sweep.dir=DIR instead of run_dir")
+    dcfg.run_dir = hydra_cfg.runtime.output_dir
+    return dataclasses.replace(cfg, run_dir=hydra_cfg.runtime.output_dir)
+
+
 def _hydra_main() -> None:
     import hydra
     from accelerate import PartialState
@@ -358,6 +373,11 @@ def _hydra_main() -> None:
 
         hydra_cfg = HydraConfig.get()
         cfg = from_dictconfig(dcfg)
+        try:
+            cfg = sweep_job(cfg, dcfg, hydra_cfg)
+        except ValueError as err:
+            print(f"edm.train: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         is_main = PartialState(cpu=use_cpu(cfg)).is_main_process  # the state train's Accelerator joins
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)

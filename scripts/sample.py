@@ -34,8 +34,10 @@ from edm.choices import choose
 from edm.config import ScheduleConfig
 from edm.data import DatasetConfig
 from edm.denoisers import GuidedDenoiser, fast_denoiser
-from edm.hardware import has_accelerator, set_precision_flags
+from edm.hardware import LaunchSettings, has_accelerator, launch_settings, set_precision_flags
 from edm.loading import ModelInfo, load_model
+from edm.provenance import ProvenanceError, claim, file_sha256
+from edm.run import RunDirError, RunDirLock
 from edm.samplers import SamplerConfig
 from edm.schedules import Schedule
 
@@ -83,11 +85,13 @@ class SampleConfig:
     dtype: str = "float32"  # float32 | float64 (sampler state and network input)
     cpu: bool = False  # force CPU even when a GPU is present
     tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
-    mixed_precision: str = "no"  # no | bf16 | fp16: the network under autocast (sampler state stays in `dtype`)
-    compile: bool = False  # torch.compile the denoiser (a warm-up compiles once per batch size)
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16: the network under autocast (sampler state stays in `dtype`); null = the launcher's, else no
+    compile: Optional[bool] = None  # torch.compile the denoiser (a warm-up compiles once per batch size); null = the launcher's, else off
     channels_last: bool = False  # NHWC weights (keep only where bench.py --channels-last measures faster)
     subdirs: bool = False  # png: one folder per 1000 seeds
     grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
+    grid_scale: Optional[int] = None  # grid: pixel upscaling (default: tiles of at least 64 px, as training's grids)
+    overwrite: bool = False  # delete out's earlier images first (else a run with other settings is refused)
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
     progress: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the `sampler` group (configs/sampler/<name>.yaml)
@@ -145,16 +149,13 @@ def class_labels(cfg: DictConfig) -> int | list[int] | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def report(
-    cfg: DictConfig, settings: SamplerConfig, schedule: Schedule, info: ModelInfo,
-    seeds: list[int], output: Path, world_size: int, seconds: float,
+def provenance(
+    cfg: DictConfig, settings: SamplerConfig, schedule: Schedule, info: ModelInfo, launch: LaunchSettings
 ) -> dict:
-    """Exact settings of the run, enough to regenerate every image."""
+    """Every setting that changes the images: a folder only ever holds images of one such record."""
     t_steps = schedule.time_steps(settings.num_steps, settings.discretization)
     return {
-        "edm_version": edm.__version__,
-        "torch_version": torch.__version__,
-        "checkpoint": str(Path(info.source).resolve()),
+        "checkpoint_sha256": file_sha256(info.source),
         "ema": cfg.ema,
         "solver": settings.solver,
         "num_steps": settings.num_steps,
@@ -163,22 +164,41 @@ def report(
         "options": settings.options,
         "t_steps": t_steps.tolist(),
         "schedule": schedule_spec(schedule),
-        "seeds": sampling.format_seeds(seeds),
-        "num_images": len(seeds),
         "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels,
         "label_dim": info.label_dim,
         "guidance": cfg.guidance,
         "image_shape": list(info.img_shape),
         "dtype": cfg.dtype,
-        "mixed_precision": cfg.mixed_precision,
-        "compile": cfg.compile,
+        "mixed_precision": launch.mixed_precision,
+        "compile": launch.dynamo_backend != "no",
         "channels_last": cfg.channels_last,
+        "tf32": cfg.tf32,
+        "format": cfg.format,
+        "subdirs": cfg.subdirs,
+    }
+
+
+def report(record: dict, cfg: DictConfig, info: ModelInfo, seeds: list[int], output: Path, world_size: int,
+           seconds: float) -> dict:
+    """The provenance record plus how this run went: enough to regenerate every image."""
+    return {
+        "edm_version": edm.__version__,
+        "torch_version": torch.__version__,
+        "checkpoint": str(Path(info.source).resolve()),
+        **record,
+        "seeds": sampling.format_seeds(seeds),
+        "num_images": len(seeds),
         "batch": cfg.batch,
         "world_size": world_size,
-        "format": cfg.format,
         "output": str(output),
         "seconds": round(seconds, 3),
     }
+
+
+def earlier_results(out: Path) -> list[Path]:
+    """What earlier runs left in out: images (PNG files and seed folders, parts), merged outputs, the report."""
+    pngs = [p for p in out.glob("*.png")] + [p for p in out.glob("[0-9]" * 6) if p.is_dir()]
+    return [*pngs, out / outputs.PARTS_DIR, out / outputs.NPZ_NAME, out / REPORT_NAME]
 
 
 def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
@@ -206,7 +226,7 @@ def run(cfg: DictConfig) -> None:
     from accelerate import PartialState
 
     settings = sampler_config(cfg)
-    dtype = choose(DTYPES, cfg.dtype, "dtype")
+    choose(DTYPES, cfg.dtype, "dtype")  # a bad dtype fails before any work
     if cfg.eval.fid:  # fail before sampling, not after
         if cfg.format == "grid":
             raise ValueError("eval.fid needs the images: use format=png or format=npz")
@@ -219,10 +239,11 @@ def run(cfg: DictConfig) -> None:
     if launched != state.num_processes:
         raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
     set_precision_flags(cfg.tf32)
+    launch = launch_settings(cfg.mixed_precision, cfg.compile)
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     schedule = resolve_schedule(cfg, info.schedule)
-    denoiser = fast_denoiser(denoiser, cfg.mixed_precision, cfg.compile, cfg.channels_last)
+    denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0:
         if info.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")
@@ -232,9 +253,23 @@ def run(cfg: DictConfig) -> None:
     seeds = image_seeds(cfg)
     plan = sampling.plan_images(seeds, class_labels(cfg), info.label_dim)
     out = Path(cfg.out)
-    if state.is_main_process:
+    record = provenance(cfg, settings, schedule, info, launch)
+    lock = None
+    if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
+        lock = RunDirLock(out, key="out", owner="sampler").acquire()
+        claim(out, record, earlier_results(out), overwrite=cfg.overwrite)
         log.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
                  len(seeds), settings.solver, settings.num_steps, schedule.name, state.num_processes, out)
+    state.wait_for_everyone()
+    try:
+        _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer, info, seeds, record, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer, info, seeds, record, out) -> None:
+    dtype = choose(DTYPES, cfg.dtype, "dtype")
     start = time.time()
     made = sampling.generate(
         denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, settings, writer,
@@ -245,8 +280,8 @@ def run(cfg: DictConfig) -> None:
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols)
-    result = report(cfg, settings, schedule, info, seeds, output, state.num_processes, time.time() - start)
+    output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols, grid_scale=cfg.grid_scale)
+    result = report(record, cfg, info, seeds, output, state.num_processes, time.time() - start)
     if cfg.eval.fid:
         result["metrics"] = evaluate(cfg, output, state.device)
     outputs.write_json(out / REPORT_NAME, result)
@@ -255,11 +290,23 @@ def run(cfg: DictConfig) -> None:
         print(json.dumps(result["metrics"], indent=2))
 
 
+def sweep_job_folder(cfg: DictConfig) -> None:
+    """In a Hydra multirun (-m), each job writes to its own folder OUT/<job number>-<its overrides>
+    (hydra.sweep in configs/sample.yaml), beside the sweep's multirun.yaml in OUT."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        cfg.out = hc.runtime.output_dir
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     try:
+        sweep_job_folder(cfg)
         run(cfg)
-    except (ValueError, FileNotFoundError, ImportError, OutputWriteError) as err:
+    except (ValueError, FileNotFoundError, ImportError, OutputWriteError, RunDirError) as err:
         sys.exit(f"error: {err}")
 
 

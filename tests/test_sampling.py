@@ -196,7 +196,7 @@ def test_sample_script_grid_with_labels_and_guidance(tmp_path, tiny_checkpoint):
                   "labels=[2,0]", "guidance=1.5", "grid_cols=3", "schedule=vp")
     from PIL import Image
 
-    assert np.asarray(Image.open(out / "grid.png")).shape == (16, 24)
+    assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 66 + 2, 3 * 66 + 2)  # 8x8 tiles shown at 64 px
     report = json.loads((out / "report.json").read_text())
     assert report["labels"] == [2, 0] and report["guidance"] == 1.5 and report["label_dim"] == 3
     assert report["schedule"]["name"] == "vp" and report["discretization"] == "uniform"
@@ -248,3 +248,64 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
     with np.load(tmp_path / "two" / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
         assert a["seeds"].tolist() == b["seeds"].tolist() == [0, 1, 2, 3, 4]
         assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
+
+
+# ----------------------------------------------------------------------------- provenance of an out folder
+
+
+@pytest.mark.parametrize("change,named", [
+    (["steps=2"], "num_steps: folder 3, now 2"),
+    (["sampler=euler"], "solver: folder 'heun', now 'euler'"),
+    (["schedule=vp"], "schedule.name: folder 'edm', now 'vp'"),
+    (["dtype=float64"], "dtype: folder 'float32', now 'float64'"),
+    (["ema=false"], "ema: folder True, now False"),
+    (["other-checkpoint"], "checkpoint_sha256: folder"),
+])
+def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, tmp_path, tiny_checkpoint, change, named):
+    """A second run into the same out with any setting changed generates nothing and names the key
+    and the two ways out; overwrite=true deletes the old images and starts over."""
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    out = tmp_path / "out"
+    common = ["num_images=2", "sampler=heun", "steps=3", "format=npz", f"out={out}"]
+    sample_script(f"checkpoint={ckpt}", *common)
+    before = sorted(p.name for p in (out / "parts").iterdir())
+    if change == ["other-checkpoint"]:
+        change = [f"checkpoint={tiny_checkpoint(tmp_path / 'other.pt', perturb=0.01)}"]
+    else:
+        change = [f"checkpoint={ckpt}", *change]
+    proc = sample_script(*common, *change, "num_images=4", check=False)
+    assert proc.returncode == 1 and named in proc.stderr, proc.stderr
+    assert "out=DIR" in proc.stderr and "overwrite=true" in proc.stderr
+    assert sorted(p.name for p in (out / "parts").iterdir()) == before  # nothing generated or removed
+    sample_script(*common, *change, "num_images=4", "overwrite=true")
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_images"] == 4 and not set(before) & {p.name for p in (out / "parts").iterdir()}
+
+
+def test_an_unchanged_resume_gives_the_images_of_a_clean_run_byte_for_byte(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    common = [f"checkpoint={ckpt}", "sampler=heun", "steps=3", "format=npz", "batch=2"]
+    sample_script(*common, "num_images=2", f"out={tmp_path / 'resumed'}")
+    sample_script(*common, "num_images=5", f"out={tmp_path / 'resumed'}")
+    sample_script(*common, "num_images=5", f"out={tmp_path / 'clean'}")
+    a, b = ((tmp_path / name / "samples.npz").read_bytes() for name in ("resumed", "clean"))
+    assert a == b
+
+
+def test_images_without_a_provenance_record_are_not_resumed(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000.png").write_bytes(b"made elsewhere")
+    proc = sample_script(f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=1", f"out={out}", check=False)
+    assert proc.returncode == 1 and "000000.png" in proc.stderr and "no provenance.json" in proc.stderr
+
+
+def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
+    """-m steps=2,3 sampler=euler,heun: 4 jobs, 4 folders under out, each with its own settings."""
+    out = tmp_path / "sweep"
+    sample_script("-m", f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=2", "format=npz",
+                  "steps=2,3", "sampler=euler,heun", f"out={out}")
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*/report.json"))]
+    assert sorted((r["solver"], r["num_steps"]) for r in reports) == [("euler", 2), ("euler", 3), ("heun", 2), ("heun", 3)]
+    assert all(Path(r["output"]).parent != out and Path(r["output"]).parent.parent == out for r in reports)
+    assert (out / "multirun.yaml").is_file()

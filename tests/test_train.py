@@ -558,3 +558,26 @@ def test_the_launchers_bf16_reaches_the_accelerator(compose_train, monkeypatch):
         assert run.accelerator.mixed_precision == "no"
     finally:
         run.lock.release()
+
+
+def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_train, one_thread_env):
+    """python -m edm.train -m schedule=vp,fm lr=1e-3,2e-3: 4 jobs, each in its own folder under
+    hydra.sweep.dir with its own checkpoint and settings; multirun.yaml beside them. A run_dir on the
+    command line of a sweep is refused (it would be one folder for every job)."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "schedule=vp,fm", "lr=1e-3,2e-3", "progress=false"]
+    proc = subprocess.run([*args, f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=one_thread_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4 and (sweep / "multirun.yaml").is_file()
+    settings = set()
+    for job in jobs:
+        state = load_checkpoint(find_latest(job))
+        settings.add((state["config"]["schedule"]["name"], state["config"]["lr"]))
+        assert state["config"]["run_dir"] == str(job) and (job / "train.log").is_file()
+    assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
+    proc = subprocess.run([*args, f"run_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=one_thread_env)
+    assert proc.returncode == 1 and "pass hydra.sweep.dir=DIR instead of run_dir" in proc.stderr
+    assert not (tmp_path / "one").exists()
