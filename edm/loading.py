@@ -33,6 +33,7 @@ class ModelInfo:
     label_dropout: float = 0.0
     schedule: Schedule | None = None
     source: str = ""
+    dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
 
 
 def read_model_file(path: str | Path) -> tuple[Path, dict]:
@@ -72,6 +73,7 @@ def load_model(
         img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
         schedule=schedules.from_spec(state.get("schedule") or {"name": denoiser.kind}), source=str(path),
+        dataset=(state.get("config") or {}).get("dataset"),
     )
     return denoiser.to(device), info
 

@@ -56,7 +56,9 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def plot_score_vs_nfe(rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver") -> Path:
+def plot_score_vs_nfe(
+    rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver", title: str = ""
+) -> Path:
     """score against NFE (log x), one line per value of `series` (e.g. solver), from table rows."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -68,6 +70,7 @@ def plot_score_vs_nfe(rows: Sequence[Mapping], path: str | Path, *, score: str, 
     ax.set_ylabel(score)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    ax.set_title(title, fontsize=9)
     try:
         return _save(fig, Path(path))
     finally:

@@ -32,7 +32,7 @@ from .augment import augment
 from .build import build_loss, build_schedule, denoiser_spec
 from .checkpoint import OutputWriteError
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
-from .data import BadImagesError, ImageDataset, StreamBatchSampler, build_dataset, make_loader, to_model_space
+from .data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
 from .hardware import launch_settings, set_precision_flags
 from .outputs import save_grid

@@ -36,7 +36,7 @@ from edm.data import DatasetConfig
 from edm.denoisers import GuidedDenoiser, fast_denoiser
 from edm.hardware import LaunchSettings, has_accelerator, launch_settings, set_precision_flags
 from edm.loading import ModelInfo, load_model
-from edm.provenance import ProvenanceError, claim, file_sha256
+from edm.provenance import claim, file_sha256
 from edm.run import RunDirError, RunDirLock
 from edm.samplers import SamplerConfig
 from edm.schedules import Schedule

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -119,3 +122,67 @@ def tiny_checkpoint():
         return path
 
     return _save
+
+
+# ----------------------------------------------------------------------------- Inception-v3 (random weights)
+
+
+def inception_key_shapes():
+    """The state-dict layout of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (Szegedy et al. 2016, TF graph)."""
+    shapes = {}
+
+    def conv(name, cin, cout, kh, kw=None):
+        shapes[f"{name}.conv.weight"] = (cout, cin, kh, kw or kh)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.bn.{p}"] = (cout,)
+
+    def block_a(n, cin, pool):
+        conv(f"{n}.branch1x1", cin, 64, 1), conv(f"{n}.branch5x5_1", cin, 48, 1), conv(f"{n}.branch5x5_2", 48, 64, 5)
+        conv(f"{n}.branch3x3dbl_1", cin, 64, 1), conv(f"{n}.branch3x3dbl_2", 64, 96, 3)
+        conv(f"{n}.branch3x3dbl_3", 96, 96, 3), conv(f"{n}.branch_pool", cin, pool, 1)
+
+    def block_c(n, c7):
+        conv(f"{n}.branch1x1", 768, 192, 1), conv(f"{n}.branch7x7_1", 768, c7, 1)
+        conv(f"{n}.branch7x7_2", c7, c7, 1, 7), conv(f"{n}.branch7x7_3", c7, 192, 7, 1)
+        conv(f"{n}.branch7x7dbl_1", 768, c7, 1), conv(f"{n}.branch7x7dbl_2", c7, c7, 7, 1)
+        conv(f"{n}.branch7x7dbl_3", c7, c7, 1, 7), conv(f"{n}.branch7x7dbl_4", c7, c7, 7, 1)
+        conv(f"{n}.branch7x7dbl_5", c7, 192, 1, 7), conv(f"{n}.branch_pool", 768, 192, 1)
+
+    def block_e(n, cin):
+        conv(f"{n}.branch1x1", cin, 320, 1), conv(f"{n}.branch3x3_1", cin, 384, 1)
+        conv(f"{n}.branch3x3_2a", 384, 384, 1, 3), conv(f"{n}.branch3x3_2b", 384, 384, 3, 1)
+        conv(f"{n}.branch3x3dbl_1", cin, 448, 1), conv(f"{n}.branch3x3dbl_2", 448, 384, 3)
+        conv(f"{n}.branch3x3dbl_3a", 384, 384, 1, 3), conv(f"{n}.branch3x3dbl_3b", 384, 384, 3, 1)
+        conv(f"{n}.branch_pool", cin, 192, 1)
+
+    conv("Conv2d_1a_3x3", 3, 32, 3), conv("Conv2d_2a_3x3", 32, 32, 3), conv("Conv2d_2b_3x3", 32, 64, 3)
+    conv("Conv2d_3b_1x1", 64, 80, 1), conv("Conv2d_4a_3x3", 80, 192, 3)
+    block_a("Mixed_5b", 192, 32), block_a("Mixed_5c", 256, 64), block_a("Mixed_5d", 288, 64)
+    conv("Mixed_6a.branch3x3", 288, 384, 3), conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+    conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3), conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    for n, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        block_c(n, c7)
+    conv("Mixed_7a.branch3x3_1", 768, 192, 1), conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+    conv("Mixed_7a.branch7x7x3_1", 768, 192, 1), conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    block_e("Mixed_7b", 1280), block_e("Mixed_7c", 2048)
+    shapes["fc.weight"], shapes["fc.bias"] = (1008, 2048), (1008,)
+    return shapes
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A random state dict with pytorch-fid's key names and shapes, saved like the real .pth."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in inception_key_shapes().items():
+        if key.endswith("conv.weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=g) * math.sqrt(2 / fan_in)
+        elif key.endswith(("running_var", "bn.weight")):
+            state[key] = 1 + 0.1 * torch.rand(shape, generator=g)
+        else:
+            state[key] = 0.01 * torch.randn(shape, generator=g)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path, state

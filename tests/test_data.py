@@ -285,7 +285,7 @@ def test_loader_workers_give_the_same_batches():
     a, b = iter(make(0)), iter(make(1))
     for _ in range(3):
         (xa, la, ia), (xb, lb, ib) = next(a), next(b)
-        assert torch.equal(xa, xb) and torch.equal(ia, ib) and xa.shape == (8, 1, 8, 8) and la.shape == (8, 0)
+        assert torch.equal(xa, xb) and torch.equal(ia, ib) and xa.shape == (8, 1, 8, 8) and la.shape == lb.shape == (8, 0)
 
 
 # ----------------------------------------------------------------------------- pixels and grids
