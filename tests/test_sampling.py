@@ -130,7 +130,9 @@ def test_random_labels_are_drawn_per_image_and_respected(ideal):
 
 def sample_script(*overrides, check=True):
     """Run scripts/sample.py in a fresh interpreter; returns the CompletedProcess."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), "progress=false", *map(str, overrides)]
+    flags = [str(o) for o in overrides if str(o).startswith("-")]  # Hydra's flags (-m, --help) come first
+    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), *flags, "progress=false",
+           *(str(o) for o in overrides if not str(o).startswith("-"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"sample.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -125,9 +125,10 @@ def test_train_step_optimizes_the_batch_mean_of_the_per_example_loss_and_reports
     grads = torch.autograd.grad(objective, list(den.parameters()))
     expected = objective.detach() / (2 * 4 * 4)
     assert torch.allclose(whole, expected, rtol=1e-6) and torch.allclose(split, expected, rtol=1e-6)
-    for a, b, p0, g in zip(p_whole, p_split, before, grads):
-        assert torch.allclose(a, p0 - 0.1 * g, rtol=1e-5, atol=1e-7) and not torch.equal(a, p0)
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b, p0, g in zip(p_whole, p_split, before, grads):  # the updates, to float32 round-off of their size
+        update, tol = a - p0, 1e-5 * float((0.1 * g).abs().max())
+        assert torch.allclose(update, -0.1 * g, rtol=1e-4, atol=tol) and tol > 0
+        assert torch.allclose(b - p0, update, rtol=1e-4, atol=tol)
 
 
 @pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
