@@ -123,7 +123,6 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     cfg = dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no")
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg), dynamo_backend=launch.dynamo_backend)
-    logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
@@ -131,6 +130,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     try:
         if lock is not None and on_own_run_dir is not None:
             on_own_run_dir(run_dir)
+        logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
         return _setup_run(cfg, accelerator, schedule, loss_fn, lock)
     except BaseException:
         if lock is not None:

@@ -582,3 +582,16 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
                           timeout=300, env=one_thread_env)
     assert proc.returncode == 1 and "pass hydra.sweep.dir=DIR instead of run_dir" in proc.stderr
     assert not (tmp_path / "one").exists()
+
+
+def test_accelerate_launch_mixed_precision_bf16_trains_under_bf16(tmp_path, tiny_train, one_thread_env):
+    """The launcher's flag, not only its environment variable: `accelerate launch --mixed_precision bf16
+    -m edm.train` (config leaves mixed_precision unset) records bf16 in the checkpoint and train.log."""
+    run_dir = tmp_path / "bf16"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "edm.train"]
+    proc = subprocess.run([*launch, *tiny_train, f"run_dir={run_dir}", "progress=false", "grid_size=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=one_thread_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(find_latest(run_dir))["config"]["mixed_precision"] == "bf16"
+    assert "mixed_precision=bf16" in (run_dir / "train.log").read_text()
