@@ -2,12 +2,13 @@
 
 - IdealDenoiser: the exact D(x̂; σ) = E[y | x̂] = Σ_k w_k y_k of a finite data set,
   w = softmax_k(−‖x̂ − y_k‖² / (2σ²))  (EDM Appendix B.3).
-- GuidedDenoiser: classifier-free guidance.
+- GuidedDenoiser: classifier-free guidance and autoguidance, optionally within a σ interval.
 - AutocastDenoiser and fast_denoiser: the network under bf16/fp16 autocast and torch.compile.
 """
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Callable
 
@@ -90,27 +91,61 @@ class IdealDenoiser(nn.Module):
 
 
 class GuidedDenoiser(nn.Module):
-    """Classifier-free guidance: D_w = D(x̂; σ, ∅) + w (D(x̂; σ, c) − D(x̂; σ, ∅)), ∅ = zero labels.
+    """Guidance: D_w(x̂; σ, c) = D_g + w·(D(x̂; σ, c) − D_g) where σ ∈ (σ_lo, σ_hi], else D(x̂; σ, c).
 
-    w = 1 is the plain conditional denoiser; w = 0 the unconditional one. Both calls share one
-    forward pass on a batch of twice the size.
+    - Classifier-free (Ho & Salimans 2022; guide=None): D_g = D(x̂; σ, ∅), the same network with
+      null (zero) labels; both calls share one forward pass of twice the batch.
+    - Autoguidance (Karras et al. 2024; guide = another denoiser of the same task, e.g. a smaller
+      or shorter-trained one): D_g = guide(x̂; σ, c), which works for unconditional models too.
+    - Guidance interval (Kynkäänniemi et al. 2024): only σ ∈ (σ_lo, σ_hi] is guided; elsewhere
+      the main denoiser alone runs, so the guide's evaluation is saved there.
+
+    w = 1 is the main denoiser exactly (no guide call). `evaluations` counts network evaluations
+    per image (main and guide), so a caller can report the NFE that guidance costs.
     """
 
-    def __init__(self, denoiser: Callable[..., Tensor], weight: float) -> None:
+    def __init__(
+        self, denoiser: Callable[..., Tensor], weight: float, guide: Callable[..., Tensor] | None = None,
+        interval: tuple[float, float] = (0.0, math.inf),
+    ) -> None:
         super().__init__()
-        self.denoiser = denoiser
-        self.weight = float(weight)
+        lo, hi = float(interval[0]), float(interval[1])
+        if not 0 <= lo < hi:
+            raise ValueError(f"guidance interval ({lo}, {hi}] must satisfy 0 <= sigma_lo < sigma_hi")
+        self.denoiser, self.guide = denoiser, guide
+        self.weight, self.interval = float(weight), (lo, hi)
+        self.evaluations = 0
 
-    def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def active(self, sigma: Tensor) -> Tensor:
+        """Where guidance applies: σ_lo < σ ≤ σ_hi, per item."""
+        lo, hi = self.interval
+        return (sigma > lo) & (sigma <= hi)
+
+    def _guide(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(D, D_g) at the same points: one batched call for classifier-free guidance, two otherwise."""
+        if self.guide is not None:
+            return self.denoiser(x_hat, sigma, class_labels), self.guide(x_hat, sigma, class_labels)
         if class_labels is None:
-            raise ValueError("classifier-free guidance needs class labels")
-        if self.weight == 1.0:
+            raise ValueError("classifier-free guidance needs class labels; give a guide model (autoguidance) "
+                             "to guide an unconditional one")
+        both = self.denoiser(torch.cat([x_hat, x_hat]), torch.cat([sigma, sigma]),
+                             torch.cat([class_labels, torch.zeros_like(class_labels)]))
+        d, d_guide = both.chunk(2)
+        return d, d_guide
+
+    def forward(self, x_hat: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        if self.weight == 1.0:  # no guidance: the main denoiser, without a host sync
+            self.evaluations += 1
             return self.denoiser(x_hat, sigma, class_labels)
-        both = self.denoiser(
-            torch.cat([x_hat, x_hat]), torch.cat([sigma, sigma]), torch.cat([torch.zeros_like(class_labels), class_labels])
-        )
-        d_uncond, d_cond = both.chunk(2)
-        return d_uncond + self.weight * (d_cond - d_uncond)
+        sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device).expand(x_hat.shape[0])
+        active = self.active(sigma)
+        if not bool(active.any()):
+            self.evaluations += 1
+            return self.denoiser(x_hat, sigma, class_labels)
+        self.evaluations += 2
+        d, d_guide = self._guide(x_hat, sigma, class_labels)
+        guided = d_guide + self.weight * (d - d_guide)
+        return guided if bool(active.all()) else torch.where(active.view((-1,) + (1,) * (x_hat.ndim - 1)), guided, d)
 
 
 MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(

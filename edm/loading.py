@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
+from .denoisers import GuidedDenoiser
 from .nvlabs import read_nvlabs, to_checkpoint
 from . import schedules
 from .schedules import Schedule
 
-__all__ = ["ModelInfo", "read_model_file", "load_model"]
+__all__ = ["ModelInfo", "read_model_file", "load_model", "guided"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,34 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3 or min(int(v) for v in shape) < 1:
         raise ValueError(f"image_shape must be [C, H, W] with positive sizes, got {list(shape)}")
     return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def guided(
+    denoiser: nn.Module, info: ModelInfo, weight: float = 1.0, guide: str | Path | None = None, *,
+    interval: Sequence[float] | None = None, ema: bool = True, device: torch.device | str = "cpu",
+) -> tuple[GuidedDenoiser, ModelInfo | None]:
+    """The main denoiser under guidance: classifier-free (no guide; a class-conditional model) or
+    autoguidance (`guide`, any model file load_model reads), guided where σ ∈ interval = (σ_lo, σ_hi].
+
+    A guide is a denoiser D(x̂; σ) like the main one, so schedules never need converting; it must
+    make images of the main model's shape and take its labels (the same label_dim, or none: an
+    unconditional guide ignores them). (GuidedDenoiser, the guide's ModelInfo or None).
+    """
+    if weight == 1.0 and (guide is not None or interval is not None):
+        raise ValueError("a guide and a guidance interval act only with a guidance weight: set guidance=W (W != 1)")
+    guide_model, guide_info = None, None
+    if guide is not None:
+        guide_model, guide_info = load_model(guide, ema=ema, device=device)
+        if guide_info.img_shape != info.img_shape:
+            raise ValueError(f"guide {guide} makes {list(guide_info.img_shape)} images, the model "
+                             f"{list(info.img_shape)}: a guide must be a model of the same data")
+        if guide_info.label_dim not in (0, info.label_dim):
+            raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
+                             "a guide must take the model's labels (or none)")
+    elif weight != 1.0 and info.label_dim == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional model (this one has label_dim = 0); "
+                         "pass a guide model for autoguidance")
+    lo_hi = (0.0, float("inf")) if interval is None else tuple(float(v) for v in interval)
+    if len(lo_hi) != 2:
+        raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi], got {list(interval or [])}")
+    return GuidedDenoiser(denoiser, weight, guide=guide_model, interval=lo_hi), guide_info

@@ -2,8 +2,8 @@
 
 For a checkpoint, every (schedule, solver, steps) point generates the same seeds 0..N−1 and scores
 them with the offline quality score FD_cls (edm.quality; lower is better) and, with local
-Inception weights, FID. NFE is counted, not assumed: the denoiser is wrapped and its calls
-during one batch are the NFE of that point (Heun: 2N − 1, Euler and DPM-Solver++(2M): N).
+Inception weights, FID. NFE is counted, not assumed: the network evaluations per image during one batch, the guide's
+included (unguided Heun: 2N − 1, Euler and DPM-Solver++(2M): N; guidance adds one per guided call).
 
     python scripts/nfe_study.py checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
 
@@ -22,15 +22,16 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .build import schedule_spec
 from .checkpoint import atomic_write
 from .data import DatasetConfig, to_model_space, to_uint8
-from .loading import ModelInfo, load_model
+from .denoisers import GuidedDenoiser
+from .loading import ModelInfo, guided, load_model
 from .outputs import write_json
 from .plots import plot_score_vs_nfe
 from .provenance import claim, file_sha256
@@ -40,7 +41,7 @@ from .samplers import SamplerConfig
 from .sampling import chunks, generate_batch, plan_images
 from .schedules import Schedule, get
 
-__all__ = ["StudyConfig", "CountingDenoiser", "run_study"]
+__all__ = ["StudyConfig", "run_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +63,13 @@ class StudyConfig:
     dataset: Optional[DatasetConfig] = None  # the score's data set; None = the checkpoint's training data
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     cache_dir: Optional[str] = None  # the quality classifiers' cache (None: $EDM_CACHE/quality or ~/.cache/edm/quality)
+    guidance: float = 1.0  # guidance weight w (edm.denoisers.GuidedDenoiser); 1 = none
+    guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free)
+    guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guided only there
     inception: Optional[str] = None  # local Inception weights (pt_inception-2015-12-05-6726825d.pth): FID too
     allow_pickle: bool = False  # allow a code-carrying Inception file (.pkl, TorchScript)
     cpu: bool = False
     progress: bool = True
-
-
-class CountingDenoiser(nn.Module):
-    """D(x; σ) that counts its calls (one call evaluates the whole batch: one NFE per image)."""
-
-    def __init__(self, denoiser: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.denoiser, self.calls = denoiser, 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        self.calls += 1
-        return self.denoiser(*args, **kwargs)
 
 
 def _dataset(cfg: StudyConfig, info: ModelInfo) -> DatasetConfig:
@@ -93,7 +85,7 @@ def _point_name(schedule: Schedule, solver: str, steps: int) -> str:
 
 
 def _score_point(
-    denoiser: CountingDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
+    denoiser: GuidedDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
     scorers: dict[str, Callable[[Tensor, Tensor | None], dict]], device: torch.device,
 ) -> dict:
     """Generate seeds 0..N−1 at one point (quantized to uint8 as saved images are) and score them."""
@@ -101,11 +93,11 @@ def _score_point(
     images, labels, nfe = [], [], None
     start = time.time()
     for batch in chunks(plan, cfg.batch):
-        denoiser.calls = 0
+        denoiser.evaluations = 0
         with torch.no_grad():
             x, y = generate_batch(denoiser, batch, schedule, settings, info.img_shape, label_dim=info.label_dim,
                                   device=device)
-        nfe = denoiser.calls if nfe is None else nfe
+        nfe = denoiser.evaluations if nfe is None else nfe
         images.append(to_model_space(to_uint8(x)).cpu())
         labels.append(y.cpu() if y is not None else None)
     seconds = time.time() - start
@@ -157,13 +149,17 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
     settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
+    counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
+                                  ema=cfg.ema, device=device)
     schedules = [info.schedule if name is None else get(name) for name in cfg.schedules]
     if any(s is None for s in schedules):
         raise ValueError("the checkpoint stores no schedule: pass schedules=[vp|ve|edm|fm]")
     dataset = _dataset(cfg, info)
     record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
               "dataset": asdict(dataset) | {"num_workers": None}, "classifier": asdict(cfg.classifier),
-              "inception_sha256": file_sha256(cfg.inception) if cfg.inception else None}
+              "inception_sha256": file_sha256(cfg.inception) if cfg.inception else None,
+              "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
+              "guidance_interval": cfg.guidance_interval}
     results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
     claim(out, record, results, overwrite=cfg.overwrite)
     score = QualityScore.for_dataset(dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=device,
@@ -174,7 +170,6 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     scorers: dict[str, Callable] = {SCORE_NAME: score}
     if cfg.inception:
         scorers["fid"] = _inception_scorer(cfg, dataset, device)
-    counting = CountingDenoiser(denoiser)
     points = [(schedule, s) for schedule in schedules for s in settings]
     rows = []
     bar = progress_bar(len(points), "NFE study", "point") if cfg.progress else None

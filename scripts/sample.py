@@ -33,9 +33,9 @@ from edm.checkpoint import OutputWriteError
 from edm.choices import choose
 from edm.config import ScheduleConfig
 from edm.data import DatasetConfig
-from edm.denoisers import GuidedDenoiser, fast_denoiser
+from edm.denoisers import fast_denoiser
 from edm.hardware import LaunchSettings, has_accelerator, launch_settings, set_precision_flags
-from edm.loading import ModelInfo, load_model
+from edm.loading import ModelInfo, guided, load_model
 from edm.provenance import claim, file_sha256
 from edm.run import RunDirError, RunDirLock
 from edm.samplers import SamplerConfig
@@ -81,7 +81,9 @@ class SampleConfig:
     final_denoise: Optional[bool] = None
     schedule_options: Dict[str, Any] = field(default_factory=dict)  # +schedule_options.sigma_min=0.01
     labels: Any = None  # null = random classes (conditional model); an int; or a list, image j gets labels[j % len]
-    guidance: float = 1.0  # classifier-free guidance weight w: D_uncond + w (D_cond - D_uncond)
+    guidance: float = 1.0  # guidance weight w: D_guide + w (D - D_guide); 1 = none
+    guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free, with null labels)
+    guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guide only where sigma_lo < sigma <= sigma_hi
     dtype: str = "float32"  # float32 | float64 (sampler state and network input)
     cpu: bool = False  # force CPU even when a GPU is present
     tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
@@ -167,6 +169,7 @@ def provenance(
         "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels,
         "label_dim": info.label_dim,
         "guidance": cfg.guidance,
+        "guidance_interval": OmegaConf.to_container(cfg.guidance_interval) if cfg.guidance_interval is not None else None,
         "image_shape": list(info.img_shape),
         "dtype": cfg.dtype,
         "mixed_precision": launch.mixed_precision,
@@ -244,16 +247,15 @@ def run(cfg: DictConfig) -> None:
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     schedule = resolve_schedule(cfg, info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
-    if cfg.guidance != 1.0:
-        if info.label_dim == 0:
-            raise ValueError("guidance needs a class-conditional model; this one has label_dim = 0")
-        if info.label_dropout == 0.0:
-            log.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is untrained", cfg.guidance)
-        denoiser = GuidedDenoiser(denoiser, cfg.guidance)
+    if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
+        log.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is untrained", cfg.guidance)
+    denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
+                                  ema=cfg.ema, device=state.device)
+    guide_sha256 = file_sha256(guide_info.source) if guide_info is not None else None
     seeds = image_seeds(cfg)
     plan = sampling.plan_images(seeds, class_labels(cfg), info.label_dim)
     out = Path(cfg.out)
-    record = provenance(cfg, settings, schedule, info, launch)
+    record = provenance(cfg, settings, schedule, info, launch) | {"guide_sha256": guide_sha256}
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = RunDirLock(out, key="out", owner="sampler").acquire()

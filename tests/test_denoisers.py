@@ -85,6 +85,73 @@ def test_guidance_combines_the_conditional_and_unconditional_calls():
     assert calls == [3, 6, 6]  # w = 1 is one plain call; otherwise one call on a doubled batch
 
 
+# Guidance against closed forms: the ideal denoisers of two finite data sets, A (main) and B (guide).
+
+def _two_ideal_denoisers():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 1, 2, 2, generator=g, dtype=F64), torch.randn(7, 1, 2, 2, generator=g, dtype=F64) * 0.7
+    return edm.IdealDenoiser(a), edm.IdealDenoiser(b)
+
+
+class _Counted(torch.nn.Module):
+    """A denoiser that counts the items it evaluates."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser, self.items = denoiser, 0
+
+    def forward(self, x, sigma, class_labels=None):
+        self.items += x.shape[0]
+        return self.denoiser(x, sigma, class_labels)
+
+
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
+def test_autoguided_sampling_follows_the_closed_form_for_every_schedule_and_solver(schedule, solver):
+    """With σ in (0.2, 5] guided: x follows D_B + w (D_A − D_B) = (1 − w) D_B + w D_A inside the interval
+    and D_A outside, to float64 round-off; the guide costs one evaluation per item only inside it."""
+    d_a, d_b = _two_ideal_denoisers()
+    w, (lo, hi) = 2.5, (0.2, 5.0)
+
+    def closed_form(x, sigma, class_labels=None):
+        inside = ((sigma > lo) & (sigma <= hi)).view(-1, 1, 1, 1)
+        return torch.where(inside, (1 - w) * d_b(x, sigma) + w * d_a(x, sigma), d_a(x, sigma))
+
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    main, guide = _Counted(d_a), _Counted(d_b)
+    guided = GuidedDenoiser(main, w, guide=guide, interval=(lo, hi))
+    got = edm.sample(guided, noise, schedule, num_steps=12, solver=solver)
+    torch.testing.assert_close(got, edm.sample(closed_form, noise, schedule, num_steps=12, solver=solver), rtol=1e-10, atol=1e-10)
+    sched = edm.schedules.get(schedule)
+    t_steps = sched.time_steps(12, dtype=F64)
+    evaluated = []  # σ of every denoiser call of the solver, from an unguided run
+    edm.sample(lambda x, s, c=None: evaluated.append(float(s.flatten()[0])) or d_a(x, s), noise, sched, t_steps=t_steps, solver=solver)
+    inside = sum(lo < s <= hi for s in evaluated)
+    assert 0 < inside < len(evaluated)  # the interval splits the trajectory
+    assert main.items == 4 * len(evaluated) and guide.items == 4 * inside
+    assert guided.evaluations == len(evaluated) + inside
+
+
+@pytest.mark.parametrize("schedule", ["vp", "edm"])
+def test_guidance_is_exactly_the_main_denoiser_at_w_1_or_outside_its_interval(schedule):
+    d_a, d_b = _two_ideal_denoisers()
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    plain = edm.sample(d_a, noise, schedule, num_steps=8)
+    guide = _Counted(d_b)
+    at_one = GuidedDenoiser(d_a, 1.0, guide=guide)
+    assert torch.equal(edm.sample(at_one, noise, schedule, num_steps=8), plain)
+    nowhere = GuidedDenoiser(d_a, 3.0, guide=guide, interval=(1e6, 1e7))  # σ never exceeds 1e6
+    assert torch.equal(edm.sample(nowhere, noise, schedule, num_steps=8), plain)
+    assert guide.items == 0
+
+
+def test_guidance_options_are_checked():
+    with pytest.raises(ValueError, match="interval"):
+        GuidedDenoiser(lambda x, s, c=None: x, 2.0, interval=(3.0, 1.0))
+    with pytest.raises(ValueError, match="needs class labels"):
+        GuidedDenoiser(lambda x, s, c=None: x, 2.0)(torch.zeros(2, 1, 2, 2), torch.ones(2))
+
+
 def _tiny_denoiser(label_dim: int = 0) -> edm.Precond:
     torch.manual_seed(0)
     net = edm.networks.build("tiny", img_resolution=8, in_channels=1, model_channels=8, label_dim=label_dim)

@@ -311,3 +311,28 @@ def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
     assert sorted((r["solver"], r["num_steps"]) for r in reports) == [("euler", 2), ("euler", 3), ("heun", 2), ("heun", 3)]
     assert all(Path(r["output"]).parent != out and Path(r["output"]).parent.parent == out for r in reports)
     assert (out / "multirun.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- guidance in sample.py
+
+
+def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, tmp_path, tiny_checkpoint):
+    """guide=G makes autoguidance (also for an unconditional model); an interval no step reaches gives
+    the unguided images exactly; the guide's hash is part of the folder's provenance."""
+    ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
+    guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
+    common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "steps=3", "format=npz"]
+    sample_script(*common, f"out={tmp_path / 'plain'}")
+    sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
+    sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
+    load = lambda name: np.load(tmp_path / name / "samples.npz")["images"]  # noqa: E731
+    assert not np.array_equal(load("auto"), load("plain")) and np.array_equal(load("none"), load("plain"))
+    record = json.loads((tmp_path / "auto" / "provenance.json").read_text())
+    assert record["guidance"] == 2.0 and len(record["guide_sha256"]) == 64
+    cond = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
+    proc = sample_script(*common, "guidance=2", f"guide={cond}", f"out={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 1 and "takes 3 class labels, the model 0" in proc.stderr
+    proc = sample_script(*common, "guidance=2", f"out={tmp_path / 'cfg'}", check=False)
+    assert proc.returncode == 1 and "classifier-free guidance needs a class-conditional model" in proc.stderr
+    proc = sample_script(*common, f"guide={guide}", f"out={tmp_path / 'w1'}", check=False)
+    assert proc.returncode == 1 and "set guidance=W" in proc.stderr

@@ -595,3 +595,19 @@ def test_accelerate_launch_mixed_precision_bf16_trains_under_bf16(tmp_path, tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(find_latest(run_dir))["config"]["mixed_precision"] == "bf16"
     assert "mixed_precision=bf16" in (run_dir / "train.log").read_text()
+
+
+def test_recipe_guide_trains_a_smaller_shorter_model_in_its_own_folder():
+    from hydra import compose, initialize_config_dir
+
+    from edm.config import from_dictconfig, register_configs
+    from edm.networks import presets
+    from edm.train import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        main = from_dictconfig(compose("train"))
+        guide = from_dictconfig(compose("train", overrides=["recipe=guide"]))
+    main_channels = presets.resolve(main.network.name)[1]["model_channels"]
+    assert guide.network.model_channels == main_channels // 2 and guide.total_kimg == main.total_kimg / 4
+    assert guide.run_dir == main.run_dir + "-guide" and guide.dataset == main.dataset and guide.schedule == main.schedule
