@@ -3,6 +3,7 @@ and one loader turns that dict into the denoiser and what generation needs to kn
 
     edm checkpoint (.pt) or run folder  --load_checkpoint-->  checkpoint dict  --load_model-->  (Precond, ModelInfo)
     NVlabs/edm snapshot (.pkl)          --nvlabs.read_nvlabs + to_checkpoint-->  checkpoint dict
+    model folder (model.safetensors + model.json, edm.export)  --read_export (no pickle)-->  checkpoint dict
 
 The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps its σ range).
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from .denoisers import GuidedDenoiser
+from .export import is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from . import schedules
 from .schedules import Schedule
@@ -37,10 +39,13 @@ class ModelInfo:
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
 
 
-def read_model_file(path: str | Path) -> tuple[Path, dict]:
-    """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint) or an
-    NVlabs .pkl (read without running its code)."""
+def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
+    """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint), a
+    model folder of edm.export (model.safetensors + model.json: no pickle at all) or an NVlabs .pkl (read
+    without running its code)."""
     path = Path(path)
+    if is_export(path):
+        return read_export(path, ema)
     if path.is_dir():
         latest = find_latest(path)
         if latest is None:
@@ -61,7 +66,7 @@ def load_model(
     Shape (C, H, W) and labels come from the network spec; the schedule is the checkpoint's
     "schedule"; `image_shape` overrides the shape.
     """
-    path, state = read_model_file(path)
+    path, state = read_model_file(path, ema)
     denoiser = denoiser_from_state(state, ema, str(path))
     spec, net = state["denoiser"]["network"], denoiser.net
     channels, resolution = spec.get("in_channels"), spec.get("img_resolution") or getattr(net, "img_resolution", None)

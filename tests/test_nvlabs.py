@@ -290,6 +290,27 @@ def test_convert_script_writes_equal_checkpoint(tmp_path):
                    run(den, inp["x"], inp["sigma"], inp["labels"], inp["augment"])) < 1e-5
 
 
+def test_convert_script_writes_a_model_folder_that_loads_without_pickle(tmp_path, monkeypatch):
+    """The default output is edm.export's folder (safetensors + JSON), the same format scripts/export.py writes."""
+    den = our_denoiser("ddpmpp", 10, "edm")
+    pkl = write_snapshot(tmp_path, den, "ddpmpp", 10)
+    out = tmp_path / "converted"
+    assert convert_script().main([str(pkl), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    inp = inputs("ddpmpp", 10, "edm")
+    expected = run(load_nvlabs(pkl), inp["x"], inp["sigma"], inp["labels"], inp["augment"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model folder must load without pickle or torch.load")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded, info = load_model(out)
+    assert torch.equal(run(loaded, inp["x"], inp["sigma"], inp["labels"], inp["augment"]), expected)
+    assert info.label_dim == 10 and info.schedule.name == "edm"
+
+
 def test_convert_script_help_and_bad_input(tmp_path, capsys):
     script = convert_script()
     with pytest.raises(SystemExit) as exc:
