@@ -14,11 +14,13 @@ P_0 ‖ P_1 ‖ ... of per-epoch permutations, so a resumed run starts at the ex
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ __all__ = [
     "ImageDataset",
     "TensorImageDataset",
     "ImageFolderDataset",
+    "ImageSource",
     "XFlip",
     "build_dataset",
     "load_digits",
@@ -137,20 +140,63 @@ class BadImagesError(ValueError):
 
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative path, class], ...]} (or null)
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]]:
+class ImageSource:
+    """The image files of a folder or of a zip archive (NVlabs dataset_tool.py's output), by their
+    relative POSIX names in sorted order. A zip is read member by member (never extracted, never
+    held in memory); each process opens it on first use, so DataLoader workers get their own handle."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.is_zip = self.root.is_file()
+        self._zip: tuple[int, Any] | None = None
+        if self.is_zip:
+            import zipfile
+
+            try:
+                with zipfile.ZipFile(self.root) as z:
+                    members = z.namelist()
+            except (OSError, zipfile.BadZipFile) as err:
+                raise DatasetNotFoundError(f"{self.root} is not a readable zip archive ({err})") from None
+        else:
+            members = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+        self.all_names = sorted(members)
+        self.names = [n for n in self.all_names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+
+    def where(self, name: str) -> str:
+        """The file's path for messages: FOLDER/NAME or ARCHIVE.zip:NAME."""
+        return f"{self.root}:{name}" if self.is_zip else str(self.root / name)
+
+    def open(self, name: str) -> BinaryIO:
+        if not self.is_zip:
+            return open(self.root / name, "rb")
+        if self._zip is None or self._zip[0] != os.getpid():
+            import zipfile
+
+            self._zip = (os.getpid(), zipfile.ZipFile(self.root))
+        return self._zip[1].open(name)
+
+    def __getstate__(self) -> dict:  # a worker process opens the archive itself
+        return {**self.__dict__, "_zip": None}
+
+
+def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int]]:
     """(mode, (width, height)) from an image file's header, without decoding its pixels."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with source.open(name) as f, Image.open(f) as im:
         return im.mode, im.size
 
 
 class ImageFolderDataset(ImageDataset):
-    """Image files under `root`; with class subfolders (root/<class>/...) the sorted folder names
-    become labels 0..K−1, otherwise there are no labels. Images are converted to the first
-    file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized.
+    """Image files under `root`, a folder or a zip archive (NVlabs dataset_tool.py's output).
+
+    Labels: a dataset.json at the top ({"labels": [[name, class], ...]}, as dataset_tool.py
+    writes it) gives them, and wins over folders; otherwise class subfolders (root/<class>/...)
+    become labels 0..K−1 by sorted name; otherwise there are none. Images are converted to the
+    first file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized.
 
     Every file's header is read when the data set is made: files that cannot be opened and,
     without `resolution`, files of another size than the first are listed by path in a
@@ -159,33 +205,63 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False, skip_bad: bool = False) -> None:
         self.root = Path(root)
-        self.files = image_files(self.root)
-        if not self.files:
+        self.source = ImageSource(self.root)
+        if not self.source.names:
             raise DatasetNotFoundError(
-                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; point dataset.root at a folder "
-                "of images, optionally one subfolder per class"
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}; point dataset.root at a folder "
+                "or zip of images, optionally one subfolder per class or a dataset.json with labels"
             )
-        self.files = self._scan(self.files, resolution, skip_bad)
-        top = [p.relative_to(self.root).parts for p in self.files]
+        self.files = self._scan(self.source.names, resolution, skip_bad)
+        labelled = self._json_labels()
+        if labelled is not None:
+            self.labels, self.num_classes = [labelled[name] for name in self.files], max(labelled.values()) + 1
+            self.classes = [str(c) for c in range(self.num_classes)]
+        else:
+            self._folder_labels()
+        self.cond = bool(cond)
+        if cond and not self.num_classes:
+            raise ValueError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
+        self.channels = 1 if self.mode == "L" else 3
+        self._resize = resolution is not None
+
+    def _json_labels(self) -> dict[str, int] | None:
+        """{name: class} from dataset.json; None without one (or with "labels": null)."""
+        if LABELS_NAME not in self.source.all_names:
+            return None
+        where = self.source.where(LABELS_NAME)
+        try:
+            with self.source.open(LABELS_NAME) as f:
+                entries = json.load(f).get("labels")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
+        if entries is None:
+            return None
+        labels = {str(name): int(label) for name, label in entries}
+        missing = [name for name in self.files if name not in labels]
+        if missing:
+            raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {self.source.where(missing[0])}")
+        if min(labels.values()) < 0:
+            raise ValueError(f"{where} has negative class labels")
+        return labels
+
+    def _folder_labels(self) -> None:
+        top = [tuple(name.split("/")) for name in self.files]
         classes = sorted({parts[0] for parts in top if len(parts) > 1})
         if classes and any(len(parts) == 1 for parts in top):
             raise ValueError(f"{self.root} mixes images and class subfolders; put every image in a class subfolder")
         self.classes = classes
         self.labels = [classes.index(parts[0]) if classes else 0 for parts in top]
-        self.num_classes, self.cond = len(classes), bool(cond)
-        if cond and not classes:
-            raise ValueError(f"dataset.cond=true needs class subfolders under {self.root}")
-        self.channels = 1 if self.mode == "L" else 3
-        self._resize = resolution is not None
+        self.num_classes = len(classes)
 
-    def _scan(self, files: list[Path], resolution: int | None, skip_bad: bool) -> list[Path]:
+    def _scan(self, files: list[str], resolution: int | None, skip_bad: bool) -> list[str]:
         """The usable files; sets mode and resolution from the first readable one."""
-        good: list[Path] = []
+        good: list[str] = []
         bad: list[str] = []
         first: tuple[str, tuple[int, int]] | None = None
-        for path in files:
+        for name in files:
+            path = self.source.where(name)
             try:
-                mode, size = _header(path)
+                mode, size = _header(self.source, name)
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
                 bad.append(f"{path}: unreadable ({type(err).__name__}: {err})")
                 continue
@@ -197,7 +273,7 @@ class ImageFolderDataset(ImageDataset):
                 bad.append(f"{path}: {size[0]}x{size[1]}, but the first image is {first[1][0]}x{first[1][1]} "
                            "(set dataset.resolution to resize all images)")
                 continue
-            good.append(path)
+            good.append(name)
         if bad:
             listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             if not skip_bad or not good:
@@ -215,11 +291,12 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, path: Path):
+    def _load(self, name: str):
         from PIL import Image
 
+        path = self.source.where(name)
         try:
-            with Image.open(path) as im:
+            with self.source.open(name) as f, Image.open(f) as im:
                 return self._pixels(path, im)
         except BadImagesError:
             raise
@@ -229,7 +306,7 @@ class ImageFolderDataset(ImageDataset):
                 "dataset.skip_bad=true), then resume=true continues from the last checkpoint"
             ) from None
 
-    def _pixels(self, path: Path, im) -> np.ndarray:
+    def _pixels(self, path: str, im) -> np.ndarray:
         """uint8 [H, W] or [H, W, 3] of an open image: converted to the data set's mode, cropped and resized."""
         from PIL import Image
 
@@ -394,11 +471,11 @@ def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: b
 
 
 def _folder(cfg: DatasetConfig) -> ImageDataset:
-    """Images under dataset.root (see ImageFolderDataset)."""
-    if cfg.root is None or not Path(cfg.root).is_dir():
+    """Images in dataset.root, a folder or a zip (see ImageFolderDataset)."""
+    if cfg.root is None or not (Path(cfg.root).is_dir() or Path(cfg.root).suffix.lower() == ".zip" and Path(cfg.root).is_file()):
         raise DatasetNotFoundError(
-            f"dataset.root={cfg.root!r} is not a folder; point it at a folder of images "
-            "(one subfolder per class for class labels)"
+            f"dataset.root={cfg.root!r} is neither a folder nor a .zip; point it at a folder of images or a .zip of them "
+            f"(class labels from a {LABELS_NAME}, as NVlabs dataset_tool.py writes, or one subfolder per class)"
         )
     return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad)
 

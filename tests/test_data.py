@@ -14,6 +14,7 @@ import torch
 from edm.data import DatasetConfig
 from edm.data import (
     FASHION_MNIST_DEBIAN_ROOT,
+    BadImagesError,
     DatasetNotFoundError,
     ImageFolderDataset,
     StreamBatchSampler,
@@ -295,3 +296,83 @@ def test_uint8_round_trip():
     x = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(to_model_space(x)), x)
     assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+# ----------------------------------------------------------------------------- NVlabs dataset_tool.py layout
+
+
+def _nvlabs_layout(tmp_path, as_zip: bool, corrupt: int | None = None, n: int = 6):
+    """dataset_tool.py's output: shard folders 00000/ of img%08d.png and dataset.json with the labels."""
+    import io
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    labels = [[f"{i // 4:05d}/img{i:08d}.png", (3 * i) % 5] for i in range(n)]
+    files = {}
+    for i, (name, _) in enumerate(labels):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), 20 * i, dtype=np.uint8)).save(buffer, format="PNG")
+        files[name] = buffer.getvalue()[:30] if i == corrupt else buffer.getvalue()
+    files["dataset.json"] = json.dumps({"labels": labels}).encode()
+    if as_zip:
+        root = tmp_path / "data.zip"
+        with zipfile.ZipFile(root, "w") as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        root = tmp_path / "data"
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    return root, labels
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_nvlabs_zip_and_folder_take_their_labels_from_dataset_json(tmp_path, as_zip):
+    root, labels = _nvlabs_layout(tmp_path, as_zip)
+    ds = build_dataset(DatasetConfig(name="folder", root=str(root), cond=True))
+    assert len(ds) == 6 and ds.num_classes == 5 and ds.channels == 3 and ds.resolution == 8
+    for i in range(6):  # the shard folders 00000/, 00001/ are not classes: dataset.json's labels are
+        image, one_hot, index = ds[i]
+        assert int(one_hot.argmax()) == labels[i][1] and index == i and int(image[0, 0, 0]) == 20 * i
+
+
+def test_a_dataset_json_wins_over_class_subfolders(tmp_path):
+    import json
+
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / cls / "a.png")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7], ["dog/a.png", 2]]}))
+    ds = build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
+    assert ds.num_classes == 8 and [int(ds[i][1].argmax()) for i in range(2)] == [7, 2]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7]]}))
+    with pytest.raises(ValueError, match="no label for 1 image.*dog/a.png"):
+        build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
+
+
+def test_a_corrupt_image_in_a_zip_is_named_by_archive_and_member(tmp_path):
+    root, _ = _nvlabs_layout(tmp_path, True, corrupt=3)
+    with pytest.raises(BadImagesError, match=r"data\.zip:00000/img00000003\.png: unreadable"):
+        build_dataset(DatasetConfig(name="folder", root=str(root)))
+    ds = build_dataset(DatasetConfig(name="folder", root=str(root), skip_bad=True))
+    assert len(ds) == 5
+
+
+def test_a_zip_streams_through_loader_workers(tmp_path):
+    """Workers open the archive themselves (the data set pickles without it) and yield what one process does."""
+    import pickle
+
+    root, _ = _nvlabs_layout(tmp_path, True, n=12)
+    ds = build_dataset(DatasetConfig(name="folder", root=str(root), cond=True))
+    assert len(pickle.dumps(ds)) < 4096  # names and labels, no pixels
+    ds[0]  # opens the archive in this process
+    make = lambda workers: make_loader(ds, StreamBatchSampler(len(ds), 0, 4, 4), num_workers=workers)  # noqa: E731
+    a, b = iter(make(0)), iter(make(2))
+    for _ in range(3):
+        (xa, la, ia), (xb, lb, ib) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(la, lb) and torch.equal(ia, ib)
