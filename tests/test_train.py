@@ -578,6 +578,11 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
         settings.add((state["config"]["schedule"]["name"], state["config"]["lr"]))
         assert state["config"]["run_dir"] == str(job) and (job / "train.log").is_file()
     assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
+    assert all("=" not in job.name and "," not in job.name for job in jobs)  # a job folder is a valid override value
+    sample = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), f"checkpoint={jobs[0]}", "num_images=1",
+                             "steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)
+    assert sample.returncode == 0, sample.stderr[-2000:]
     proc = subprocess.run([*args, f"run_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=one_thread_env)
     assert proc.returncode == 1 and "pass hydra.sweep.dir=DIR instead of run_dir" in proc.stderr
