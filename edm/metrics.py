@@ -5,9 +5,10 @@ features of two image sets. Any feature extractor works (a callable: images in [
 [N, C, H, W] -> features [N, d]); the standard one is the TensorFlow Inception-v3
 (inception-2015-12-05) as ported by pytorch-fid (edm.networks.inception.FIDInceptionV3), so that
 `pt_inception-2015-12-05-6726825d.pth` loads strictly.
-Precision/recall: Kynkäänniemi et al. 2019, k-NN balls around each feature (k = 3).
+Precision/recall: Kynkäänniemi et al. 2019, k-NN balls around each feature (k = 3), in NVlabs'
+VGG-16 features when that file is given (`load_vgg16`), else in the FID extractor's.
 
-Nothing is downloaded: the weights are a local file (see `load_inception`).
+Nothing is downloaded: the weights are local files (see `load_inception`, `load_vgg16`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = [
     "precision_recall",
     "NVlabsDetector",
     "load_inception",
+    "load_vgg16",
+    "VGG16_HELP",
     "INCEPTION_HELP",
     "image_batches",
     "count_images",
@@ -63,6 +66,16 @@ FID needs the Inception-v3 weights as a local file (nothing is downloaded). Eith
     https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl
     or the TorchScript inception-2015-12-05.pt of stylegan2-ada-pytorch.
 On a machine with internet: `curl -LO <url>` (or `wget <url>`), copy the file here and pass its path."""
+
+VGG16_HELP = """\
+Precision/recall with NVlabs' features (as published for StyleGAN2-ADA, StyleGAN3 and EDM-era papers)
+needs NVlabs' VGG-16 detector as a local file (nothing is downloaded), either of:
+  * https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt (TorchScript)
+  * https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl
+    (a pickle; loading it needs NVlabs' dnnlib/torch_utils on PYTHONPATH)
+Both carry code, so they load only with the opt-in allow_pickle. Without a VGG-16 file,
+precision/recall uses the FID extractor's Inception features, which do not compare with
+published figures."""
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -163,7 +176,7 @@ def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch_size: int 
 
 
 class NVlabsDetector(nn.Module):
-    """NVlabs' Inception detector (TorchScript .pt or .pkl): takes uint8 images, returns 2048 features.
+    """NVlabs' detectors (TorchScript .pt or .pkl; Inception: 2048 features, VGG-16: 4096): take uint8 RGB images.
 
     Images in [−1, 1] become k = ⌊127.5 x + 128⌋ clipped to 0..255 (exact for x = k/127.5 − 1).
     """
@@ -187,6 +200,29 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def _load_nvlabs_detector(path: Path, device: torch.device | str, allow_pickle: bool, alternative: str) -> nn.Module:
+    """An NVlabs detector file (.pkl or TorchScript), only with allow_pickle: both run code stored in the file."""
+    torchscript = _is_torchscript(path)
+    if not allow_pickle:
+        kind = "a TorchScript archive (its forward is code stored in the file)" if torchscript else \
+            "a pickle: loading it runs code stored in the file"
+        raise ValueError(
+            f"{path} is {kind}. If you trust it, allow code-carrying detectors (allow_pickle=True; edm-sample "
+            f"eval.allow_pickle=true; edm-eval allow_pickle=true){alternative}"
+        )
+    if torchscript:
+        return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
+    try:
+        with open(path, "rb") as f:
+            detector = pickle.load(f)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{path} is an NVlabs pickle that needs NVlabs' code ({err.name}) importable: add a clone of "
+            f"https://github.com/NVlabs/edm to PYTHONPATH{alternative}"
+        ) from err
+    return NVlabsDetector(detector).to(device).eval()
+
+
 def load_inception(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
     """The FID feature extractor from a local weights file: pytorch-fid .pth, NVlabs .pkl or TorchScript .pt.
 
@@ -197,26 +233,8 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
     path = Path(path)
-    torchscript = _is_torchscript(path)
-    if (path.suffix == ".pkl" or torchscript) and not allow_pickle:
-        kind = "a TorchScript archive (its forward is code stored in the file)" if torchscript else \
-            "a pickle: loading it runs code stored in the file"
-        raise ValueError(
-            f"{path} is {kind}. If you trust it, allow code-carrying detectors (allow_pickle=True; sample.py "
-            "eval.allow_pickle=true; evaluate.py --allow-pickle), or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
-        )
-    if path.suffix == ".pkl":
-        try:
-            with open(path, "rb") as f:
-                detector = pickle.load(f)
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError(
-                f"{path} is an NVlabs pickle that needs NVlabs' code ({err.name}) importable: add a clone of "
-                "https://github.com/NVlabs/edm to PYTHONPATH, or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
-            ) from err
-        return NVlabsDetector(detector).to(device).eval()
-    if torchscript:
-        return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
+    if path.suffix == ".pkl" or _is_torchscript(path):
+        return _load_nvlabs_detector(path, device, allow_pickle, ", or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -228,6 +246,20 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
     except RuntimeError as err:
         raise ValueError(f"{path} is not pytorch-fid's Inception state dict: {err}\n{INCEPTION_HELP}") from err
     return model.to(device).eval()
+
+
+def load_vgg16(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
+    """The precision/recall features of NVlabs' metrics (VGG-16 fc2, 4096-d) from NVlabs' local file.
+
+    The file is code (TorchScript vgg16.pt or pickle vgg16.pkl, VGG16_HELP), so it loads only with
+    allow_pickle=True. Images in [−1, 1] are passed to it as uint8 RGB, as NVlabs' metrics do.
+    """
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"VGG-16 detector not found at {str(path)!r}.\n{VGG16_HELP}")
+    path = Path(path)
+    if path.suffix != ".pkl" and not _is_torchscript(path):
+        raise ValueError(f"{path} is neither NVlabs' TorchScript vgg16.pt nor its vgg16.pkl.\n{VGG16_HELP}")
+    return _load_nvlabs_detector(path, device, allow_pickle, "")
 
 
 # ----------------------------------------------------------------------------- image sources
@@ -387,13 +419,17 @@ def evaluate_images(
     with_precision_recall: bool = False,
     k: int = 3,
     max_images: int | None = None,
+    pr_extractor: Extractor | None = None,
+    pr_extractor_key: str | None = None,
 ) -> dict[str, float | int | str]:
     """FID (and optionally precision/recall) of the images at `images` (folder / .npz) against a reference.
 
     The reference is `ref` — a statistics .npz (mu, sigma; NVlabs fid-refs or pytorch-fid
     --save-stats) or image data (folder / .npz) — or `ref_batches()` (e.g. `dataset_batches` of an
     edm.data set) named `ref_key`. Statistics of image data are cached in cache_dir keyed by
-    (ref, extractor). Precision/recall needs image data, not statistics.
+    (ref, extractor). Precision/recall needs image data, not statistics; its features are
+    pr_extractor's (NVlabs' VGG-16, `load_vgg16`) when given, else the FID extractor's, and the
+    result names them ("precision_recall_features").
     """
     if (ref is None) == (ref_batches is None):
         raise ValueError("give exactly one reference: ref (a statistics .npz, an image folder or .npz) or ref_batches")
@@ -421,8 +457,12 @@ def evaluate_images(
         "ref": str(ref if ref is not None else ref_key), "feature_extractor": extractor_key,
     }
     if real is not None:
+        if pr_extractor is not None:
+            fake = extract_features(pr_extractor, image_batches(images, batch_size, max_images), device=device)
+            real = extract_features(pr_extractor, _take(ref_batches(), max_images), device=device)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k)
         result["k"] = k
+        result["precision_recall_features"] = extractor_key if pr_extractor is None else str(pr_extractor_key)
     return result
 
 

@@ -5,7 +5,7 @@ them with the offline quality score FD_cls (edm.quality; lower is better) and, w
 Inception weights, FID. NFE is counted, not assumed: the network evaluations per image during one batch, the guide's
 included (unguided Heun: 2N − 1, Euler and DPM-Solver++(2M): N; guidance adds one per guided call).
 
-    python scripts/nfe_study.py checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
+    edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
 
 Writes OUT/table.csv, OUT/table.json, OUT/fd_cls_vs_nfe.png (and fid_vs_nfe.png), and one
 OUT/points/*.json per point, so a rerun with more solvers or steps computes only the new points.
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StudyConfig:
-    """Every key of scripts/nfe_study.py and its default."""
+    """Every key of edm-study and its default."""
 
     checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt or an NVlabs .pkl
     ema: bool = True

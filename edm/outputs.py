@@ -3,7 +3,7 @@
 - PngWriter: one PNG per image, named by its seed (a run resumes by file).
 - PartWriter: one .npz part per batch in out/parts/; `finalize` merges the parts into
   out/samples.npz or out/grid.png once every image exists.
-- make_grid / save_grid: the one grid writer (training's sample grids and sample.py's grid):
+- make_grid / save_grid: the one grid writer (training's sample grids and edm-sample's grid):
   tiles row by row, each pixel a scale x scale block, `padding` pixels of `pad_value` around tiles.
 """
 
@@ -86,7 +86,7 @@ def grid_scale(resolution: int, scale: int | None = None) -> int:
 
 
 def grid_image(images: np.ndarray, cols: int | None = None, scale: int | None = None) -> np.ndarray:
-    """The project's one sample grid (training's and sample.py's): uint8 [N, H, W, C] tiles upscaled
+    """The project's one sample grid (training's and edm-sample's): uint8 [N, H, W, C] tiles upscaled
     by grid_scale, GRID_PADDING pixels of gray between them."""
     return make_grid(images, cols, scale=grid_scale(images.shape[1], scale), padding=GRID_PADDING,
                      pad_value=GRID_PAD_VALUE)

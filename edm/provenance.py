@@ -1,6 +1,6 @@
 """What made an output folder: a record written before the first image and checked on every resume.
 
-scripts/sample.py claims its `out` folder with `claim(out, record)`: the record holds every setting
+edm-sample claims its `out` folder with `claim(out, record)`: the record holds every setting
 that changes the images (the checkpoint's content hash, solver, time grid, schedule, guidance,
 labels, dtype, precision, ...). A later run into the same folder continues it only when its record
 is equal; otherwise it is refused with the differing keys and the two ways out.

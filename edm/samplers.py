@@ -262,7 +262,7 @@ def check_solver(solver: str, options: dict) -> Callable[..., Tensor]:
 class SamplerConfig:
     """How to sample, checked when made: `edm.sample(denoiser, noise, schedule, **config.kwargs())`.
 
-    Training's sample grids, scripts/sample.py and the configs/sampler/ group all use this one
+    Training's sample grids, edm-sample and the configs/sampler/ group all use this one
     object; `options` are the solver's keyword options (e.g. churn for stochastic).
     """
 

@@ -1,4 +1,4 @@
-"""`python -m edm.train`: train any network under any schedule, on CPU, one GPU or many.
+"""`edm-train` (or `python -m edm.train`): train any network under any schedule, on CPU, one GPU or many.
 
     python -m edm.train                                    # tiny net on embedded digits, CPU, minutes
     python -m edm.train schedule=ve network=ddpmpp dataset=cifar10 dataset.root=/data
@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from . import checkpoint as ckpt
 from .augment import augment
 from .build import build_loss, build_schedule, denoiser_spec
 from .checkpoint import OutputWriteError
+from .cli import CONFIG_DIR, fail
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
 from .data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
@@ -57,15 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _config_dir() -> str:
-    """The Hydra configs: edm/configs in an installed wheel, else configs/ at the top of the repo
-    (a checkout or an editable install; Hydra names the folder if it is missing)."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return str(packaged if (packaged / "train.yaml").is_file() else here.parent / "configs")
-
-
-CONFIG_DIR = _config_dir()
 
 
 class TrainingDivergedError(RuntimeError):
@@ -91,7 +82,7 @@ def use_cpu(cfg: TrainConfig) -> bool:
 @torch.no_grad()
 def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
     """Sample grid_size images with the EMA denoiser and the configured sampler, image j from seed
-    grid_seed + j (and class j mod label_dim), as scripts/sample.py generates them; also to
+    grid_seed + j (and class j mod label_dim), as edm-sample generates them; also to
     TensorBoard through run_log when it has a writer."""
     cfg, ds = run.cfg, run.dataset
     seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
@@ -376,8 +367,7 @@ def _hydra_main() -> None:
         try:
             cfg = sweep_job(cfg, dcfg, hydra_cfg)
         except ValueError as err:
-            print(f"edm.train: error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            fail("edm-train", err)
         is_main = PartialState(cpu=use_cpu(cfg)).is_main_process  # the state train's Accelerator joins
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
@@ -386,9 +376,7 @@ def _hydra_main() -> None:
         try:
             result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(own_run_dir_files(run_dir, dcfg, hydra_cfg)))
         except (ValueError, FileNotFoundError, FileExistsError, OutputWriteError, TrainingDivergedError) as err:
-            # config, data, checkpoint, disk and divergence errors: the message says what to do
-            print(f"edm.train: error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            fail("edm-train", err)  # config, data, checkpoint, disk and divergence errors: the message says what to do
         finally:
             for handler in handlers:
                 logging.getLogger().removeHandler(handler)

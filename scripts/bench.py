@@ -193,7 +193,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 def bench_sample(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     den = build_denoiser(args, device).eval()
-    fast = fast_denoiser(den, mixed_precision(args), args.compile, args.channels_last)  # what scripts/sample.py runs
+    fast = fast_denoiser(den, mixed_precision(args), args.compile, args.channels_last)  # what edm-sample runs
     sched = edm.schedules.get(args.schedule)
     shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)

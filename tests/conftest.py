@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def command(name: str) -> str:
+    """The console script `name` that pip installed beside this interpreter (pyproject.toml [project.scripts])."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise AssertionError(f"{name} is not installed beside {sys.executable}: run pip install -e .")
+    return str(path)
 
 
 def pytest_addoption(parser):

@@ -114,7 +114,7 @@ def test_bf16_fast_path_follows_the_fp32_loss_curve():
 
 
 def test_bf16_samples_match_fp32_within_bf16_tolerance():
-    """The sampling fast path of scripts/sample.py and bench.py (edm.denoisers.fast_denoiser)."""
+    """The sampling fast path of edm-sample and bench.py (edm.denoisers.fast_denoiser)."""
     import edm
     from edm.denoisers import fast_denoiser
 

@@ -115,7 +115,7 @@ def test_bf16_compiled_training_follows_the_fp32_loss_curve():
 
 
 def test_bf16_compiled_sampling_matches_fp32():
-    """scripts/sample.py's fast path (mixed_precision=bf16 compile=true) on CUDA."""
+    """edm-sample's fast path (mixed_precision=bf16 compile=true) on CUDA."""
     net = networks.build("ddpmpp", img_resolution=32, in_channels=3, model_channels=32, channel_mult=[1, 2],
                          num_blocks=1, dropout=0.0)
     den = edm.Precond(randomized(net), kind="edm").to(CUDA).eval()

@@ -182,14 +182,14 @@ def test_bad_arguments_raise_clear_errors():
         bits_per_dim(den, y * 1000, "edm")
 
 
-def test_evaluate_script_bpd_equals_the_library(tmp_path):
-    """scripts/evaluate.py bpd on a tiny checkpoint: same number as bits_per_dim with the same seed."""
+def test_edm_eval_bpd_equals_the_library(tmp_path):
+    """edm-eval metric=bpd on a tiny checkpoint: same number as bits_per_dim with the same seed."""
     import json
     import subprocess
-    import sys
-    from pathlib import Path
 
     import numpy as np
+
+    from conftest import command
 
     from edm import checkpoint
     from edm.loading import load_model
@@ -203,10 +203,9 @@ def test_evaluate_script_bpd_equals_the_library(tmp_path):
                                                       "model": weights, "config": {}})
     images = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "test.npz", images=images)
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "scripts" / "evaluate.py"), "bpd", "--checkpoint", str(tmp_path / "ckpt.pt"),
-           "--data", str(tmp_path / "test.npz"), "--steps", "2", "--seed", "5", "--cpu", "--report", str(tmp_path / "r.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    cmd = [command("edm-eval"), "metric=bpd", f"checkpoint={tmp_path / 'ckpt.pt'}", f"data={tmp_path / 'test.npz'}",
+           "steps=2", "seed=5", "cpu=true", f"report={tmp_path / 'r.json'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     reported = json.loads((tmp_path / "r.json").read_text())["metrics"]
     denoiser, info = load_model(tmp_path / "ckpt.pt")

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from edm import metrics
 from edm.networks.inception import FIDInceptionV3
+from conftest import command
 from edm.metrics import (
     FeatureStats,
     feature_statistics,
@@ -83,9 +83,9 @@ def test_feature_stats_is_the_sample_mean_and_covariance_whatever_the_batching()
 class TinyExtractor(torch.nn.Module):
     """A fixed random conv + global pooling: images [N, 3, H, W] -> 8 features."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(8, 3, 3, 3, generator=g)
 
     def forward(self, x):
@@ -224,6 +224,34 @@ def test_torchscript_detector_gets_uint8_images(tmp_path):
     torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 127.0, 255.0]]))
 
 
+class NVlabsVGG16Stub(torch.nn.Module):
+    """NVlabs' vgg16.pt interface (forward(img, resize_images, return_lpips, return_features)), cheap features."""
+
+    def forward(self, img: torch.Tensor, resize_images: bool = True, return_lpips: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        assert img.dtype == torch.uint8 and img.shape[1] == 3 and return_features
+        return img.to(torch.float32).mean(dim=(2, 3)) / 255
+
+
+def test_vgg16_detector_loads_only_with_the_opt_in_and_gets_uint8_rgb(tmp_path):
+    path = tmp_path / "vgg16.pt"
+    torch.jit.save(torch.jit.script(NVlabsVGG16Stub()), str(path))
+    with pytest.raises(ValueError, match="TorchScript archive.*allow_pickle"):
+        metrics.load_vgg16(path)
+    model = metrics.load_vgg16(path, allow_pickle=True)
+    k = torch.tensor([0, 51, 102, 255], dtype=torch.float32).reshape(1, 1, 2, 2)  # grayscale becomes RGB
+    torch.testing.assert_close(model(k / 127.5 - 1), torch.full((1, 3), 102 / 255))
+
+
+def test_vgg16_file_that_is_missing_or_not_a_detector_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vgg16.pt") as err:
+        metrics.load_vgg16(tmp_path / "vgg16.pt")
+    assert "stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt" in str(err.value)
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "vgg16-397923af.pth")
+    with pytest.raises(ValueError, match="neither NVlabs' TorchScript vgg16.pt nor its vgg16.pkl"):
+        metrics.load_vgg16(tmp_path / "vgg16-397923af.pth", allow_pickle=True)
+
+
 # ----------------------------------------------------------------------------- image sources and cached statistics
 
 
@@ -265,11 +293,11 @@ def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path):
     assert len(calls) == 2  # another extractor is another entry
 
 
-# ----------------------------------------------------------------------------- evaluate_images and scripts/evaluate.py
+# ----------------------------------------------------------------------------- evaluate_images and edm-eval
 
 
 def save_npz_images(path, images):
-    """[-1, 1] images [N, C, H, W] -> uint8 NHWC .npz (the layout sample.py writes)."""
+    """[-1, 1] images [N, C, H, W] -> uint8 NHWC .npz (the layout edm-sample writes)."""
     k = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(path, images=k)
     return torch.from_numpy(k).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -292,8 +320,22 @@ def test_evaluate_images_gives_one_fid_for_every_kind_of_reference(tmp_path):
     with_pr = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "real.npz", with_precision_recall=True, **kw)
     p, r = precision_recall(ext(real).double(), ext(fake).double())
     assert (with_pr["precision"], with_pr["recall"]) == pytest.approx((p, r))
+    assert with_pr["precision_recall_features"] == "tiny"
     with pytest.raises(ValueError, match="needs reference images"):
         metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "stats.npz", with_precision_recall=True, **kw)
+
+
+def test_precision_recall_in_other_features_keeps_the_fid_and_names_them(tmp_path):
+    """pr_extractor (NVlabs' VGG-16) gives precision/recall its features; FID stays the extractor's."""
+    ext, other = TinyExtractor(), TinyExtractor(seed=7)
+    fake = save_npz_images(tmp_path / "fake.npz", random_images(40, 0) + 0.1)
+    real = save_npz_images(tmp_path / "real.npz", random_images(50, 1))
+    result = metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "real.npz", extractor_key="tiny",
+                                     batch_size=16, with_precision_recall=True, pr_extractor=other, pr_extractor_key="vgg16")
+    assert result["fid"] == pytest.approx(fid_between(fake, real, ext), rel=1e-6)
+    assert (result["precision"], result["recall"]) == pytest.approx(precision_recall(other(real).double(), other(fake).double()))
+    assert (result["precision"], result["recall"]) != pytest.approx(precision_recall(ext(real).double(), ext(fake).double()))
+    assert result["precision_recall_features"] == "vgg16" and result["feature_extractor"] == "tiny"
 
 
 def test_dataset_batches_map_uint8_items_to_the_model_range():
@@ -303,16 +345,40 @@ def test_dataset_batches_map_uint8_items_to_the_model_range():
     torch.testing.assert_close(batch.reshape(-1), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
 
 
-def evaluate_script(*args):
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+def evaluate_script(*args, cwd):
+    return subprocess.run([command("edm-eval"), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_evaluate_script_without_inception_weights_says_what_to_get(tmp_path):
+def test_edm_eval_without_inception_weights_says_what_to_get(tmp_path):
     save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
-    proc = evaluate_script("fid", "--images", tmp_path / "fake.npz", "--ref", tmp_path / "fake.npz", "--inception", tmp_path / "none.pth")
-    assert proc.returncode != 0
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'fake.npz'}",
+                           f"inception={tmp_path / 'none.pth'}", cwd=tmp_path)
+    assert proc.returncode == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "curl" in proc.stderr
+
+
+def test_edm_eval_refuses_a_key_its_metric_does_not_read():
+    """A key of another metric would be ignored silently: it is refused, naming the metric that reads it."""
+    from edm.cli.evaluate import METRIC_KEYS, check_keys
+
+    with pytest.raises(ValueError, match=r"metric=fid does not read dest, num \(dest: metric=ref; num: metric=bpd\)"):
+        check_keys("fid", ["images=x", "dest=y.npz", "num=3", "dataset.root=z", "hydra.verbose=true"])
+    with pytest.raises(ValueError, match="metric=fid \\| ref \\| bpd"):
+        check_keys(None, [])
+    with pytest.raises(ValueError, match="metric 'fd' is not valid"):
+        check_keys("fd", [])
+    for metric, keys in METRIC_KEYS.items():
+        check_keys(metric, [f"{k}=1" for k in keys])  # every key of a metric passes
+
+
+def test_edm_eval_pr_features_need_precision_recall(tmp_path, inception_weights):
+    path, _ = inception_weights
+    vgg = tmp_path / "vgg16.pt"
+    torch.jit.save(torch.jit.script(NVlabsVGG16Stub()), str(vgg))
+    save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'fake.npz'}",
+                           f"inception={path}", f"pr_features={vgg}", "allow_pickle=true", cwd=tmp_path)
+    assert proc.returncode == 1 and "pr_features is the detector of precision/recall: add precision_recall=true" in proc.stderr
 
 
 @pytest.mark.slow
@@ -320,10 +386,11 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
     path, _ = inception_weights
     save_npz_images(tmp_path / "fake.npz", random_images(3, 0))
     save_npz_images(tmp_path / "real.npz", random_images(3, 1))
-    proc = evaluate_script("ref", "--data", tmp_path / "real.npz", "--inception", path, "--dest", tmp_path / "ref.npz")
+    proc = evaluate_script("metric=ref", f"data={tmp_path / 'real.npz'}", f"inception={path}", f"dest={tmp_path / 'ref.npz'}",
+                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc = evaluate_script("fid", "--images", tmp_path / "fake.npz", "--ref", tmp_path / "ref.npz", "--inception", path,
-                           "--report", tmp_path / "report.json")
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'ref.npz'}", f"inception={path}",
+                           f"report={tmp_path / 'report.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     fid = json.loads((tmp_path / "report.json").read_text())["metrics"]["fid"]
     assert fid > 0 and json.loads(proc.stdout)["fid"] == fid

@@ -9,7 +9,6 @@ built, pickled as the training loop does, loaded with `load_nvlabs` and compared
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import math
 import os
@@ -27,7 +26,10 @@ import edm
 from edm import networks
 from edm.checkpoint import CheckpointError, load_denoiser
 from edm.loading import load_model
+from edm.cli.convert_nvlabs import convert
 from edm.nvlabs import NVlabsError, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+
+from conftest import command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,18 +270,11 @@ def test_load_model_takes_a_snapshot_through_the_checkpoint_loader_with_its_sche
         assert info.schedule.sigma(info.schedule.time_steps(18)[0]).item() == pytest.approx(VE_RANGE["sigma_max"])
 
 
-def convert_script():
-    spec = importlib.util.spec_from_file_location("convert_nvlabs", REPO / "scripts" / "convert_nvlabs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_convert_script_writes_equal_checkpoint(tmp_path):
+def test_convert_writes_equal_checkpoint(tmp_path):
     den = our_denoiser("ncsnpp", 10, "ve")
     pkl = write_snapshot(tmp_path, den, "ncsnpp", 10)
     out = tmp_path / "converted.pt"
-    assert convert_script().main([str(pkl), str(out)]) == 0
+    assert "VEPrecond" in convert(str(pkl), str(out))
     state = torch.load(out, map_location="cpu", weights_only=True)  # no pickle code needed any more
     assert state["schedule"] == {"name": "ve", **VE_RANGE}
     assert state["denoiser"]["precond"]["kind"] == "ve" and state["denoiser"]["network"]["name"] == "ncsnpp"
@@ -290,12 +285,14 @@ def test_convert_script_writes_equal_checkpoint(tmp_path):
                    run(den, inp["x"], inp["sigma"], inp["labels"], inp["augment"])) < 1e-5
 
 
-def test_convert_script_writes_a_model_folder_that_loads_without_pickle(tmp_path, monkeypatch):
-    """The default output is edm.export's folder (safetensors + JSON), the same format scripts/export.py writes."""
+def test_the_convert_command_writes_a_model_folder_that_loads_without_pickle(tmp_path, monkeypatch):
+    """The default output is edm.export's folder (safetensors + JSON), the same format edm-export writes."""
     den = our_denoiser("ddpmpp", 10, "edm")
     pkl = write_snapshot(tmp_path, den, "ddpmpp", 10)
     out = tmp_path / "converted"
-    assert convert_script().main([str(pkl), str(out)]) == 0
+    proc = subprocess.run([command("edm-convert-nvlabs"), f"pkl={pkl}", f"out={out}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "EDMPrecond(SongUNet)" in proc.stdout, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
     inp = inputs("ddpmpp", 10, "edm")
     expected = run(load_nvlabs(pkl), inp["x"], inp["sigma"], inp["labels"], inp["augment"])
@@ -311,15 +308,15 @@ def test_convert_script_writes_a_model_folder_that_loads_without_pickle(tmp_path
     assert info.label_dim == 10 and info.schedule.name == "edm"
 
 
-def test_convert_script_help_and_bad_input(tmp_path, capsys):
-    script = convert_script()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
-    assert exc.value.code == 0 and "NVlabs" in capsys.readouterr().out
+def test_the_convert_command_help_and_bad_input(tmp_path):
+    proc = subprocess.run([command("edm-convert-nvlabs"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "restricted unpickler" in proc.stdout and "pkl:" in proc.stdout
     bad = tmp_path / "bad.pkl"
     bad.write_text("not a pickle at all")
-    assert script.main([str(bad), str(tmp_path / "out.pt")]) != 0
-    assert "bad.pkl" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    proc = subprocess.run([command("edm-convert-nvlabs"), f"pkl={bad}", f"out={tmp_path / 'out.pt'}"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "edm-convert-nvlabs: error:" in proc.stderr and "bad.pkl" in proc.stderr
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_to_checkpoint_is_plain(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ from edm.metrics import frechet_distance
 from edm.nfe_study import StudyConfig, run_study
 from edm.provenance import ProvenanceError
 from edm.quality import ClassifierConfig, QualityCacheError, QualityScore
+
+from conftest import command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ClassifierConfig(steps=200)  # a few seconds on the 8x8 digits
@@ -117,13 +118,13 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
 def test_the_nfe_study_command(tmp_path, tiny_checkpoint, cache):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
     out = tmp_path / "cli"
-    cmd = [sys.executable, str(ROOT / "scripts" / "nfe_study.py"), f"checkpoint={ckpt}", "dataset=digits",
+    cmd = [command("edm-study"), f"checkpoint={ckpt}", "dataset=digits",
            "solvers=[euler]", "steps=[2,4]", "num_images=16", f"out={out}", "classifier.steps=200", f"cache_dir={cache}",
            "progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 points" in proc.stdout and len(json.loads((out / "table.json").read_text())["rows"]) == 2
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "nfe_study.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([command("edm-study"), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert "not FID" in proc.stdout and "solvers" in proc.stdout
 
 

@@ -1,4 +1,4 @@
-"""Generation (edm.sampling: seeds, plans, batches, labels) and the scripts/sample.py entry point."""
+"""Generation (edm.sampling: seeds, plans, batches, labels) and the edm-sample command."""
 
 import json
 import os
@@ -16,6 +16,8 @@ from edm.loading import load_model
 from edm.outputs import to_uint8
 from edm.samplers import SamplerConfig
 from edm.sampling import format_seeds, generate_batch, parse_seeds, plan_images, shard
+
+from conftest import command
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,17 +127,17 @@ def test_random_labels_are_drawn_per_image_and_respected(ideal):
 # ----------------------------------------------------------------------------- outputs
 
 
-# ----------------------------------------------------------------------------- scripts/sample.py end to end
+# ----------------------------------------------------------------------------- edm-sample end to end
 
 
 def sample_script(*overrides, check=True):
-    """Run scripts/sample.py in a fresh interpreter; returns the CompletedProcess."""
+    """Run the installed edm-sample command; returns the CompletedProcess."""
     flags = [str(o) for o in overrides if str(o).startswith("-")]  # Hydra's flags (-m, --help) come first
-    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), *flags, "progress=false",
+    cmd = [command("edm-sample"), *flags, "progress=false",
            *(str(o) for o in overrides if not str(o).startswith("-"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"sample.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"edm-sample failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -240,7 +242,7 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
     ckpt = run_dir / "checkpoint-00000010.pt"
     args = [f"checkpoint={ckpt}", "seeds=0-4", "sampler=euler_maruyama", "steps=3", "format=npz", "batch=2", "progress=false"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "sample.py")]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([*launch, *args, f"out={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -313,7 +315,7 @@ def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
     assert (out / "multirun.yaml").is_file()
 
 
-# ----------------------------------------------------------------------------- guidance in sample.py
+# ----------------------------------------------------------------------------- guidance in edm-sample
 
 
 def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, tmp_path, tiny_checkpoint):

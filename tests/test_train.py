@@ -25,6 +25,8 @@ from edm.ema import ema_beta, update_ema
 from edm.step import learning_rate, train_step
 from edm.train import RunDirError, TrainingDivergedError, train
 
+from conftest import command
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -193,7 +195,7 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, o
         [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
     )
-    assert again.returncode == 1 and "edm.train: error: run_dir" in again.stderr and "resume=true" in again.stderr
+    assert again.returncode == 1 and "edm-train: error: run_dir" in again.stderr and "resume=true" in again.stderr
 
 
 def test_tensorboard_gets_the_logged_scalars_and_the_sample_grids_when_installed(compose_train, tmp_path, monkeypatch):
@@ -579,7 +581,7 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
         assert state["config"]["run_dir"] == str(job) and (job / "train.log").is_file()
     assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
     assert all("=" not in job.name and "," not in job.name for job in jobs)  # a job folder is a valid override value
-    sample = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), f"checkpoint={jobs[0]}", "num_images=1",
+    sample = subprocess.run([command("edm-sample"), f"checkpoint={jobs[0]}", "num_images=1",
                              "steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)
     assert sample.returncode == 0, sample.stderr[-2000:]

@@ -1,16 +1,15 @@
-"""Export a model as a folder without pickles: OUT/model.safetensors + OUT/model.json (edm.export).
+"""`edm-export`: a model as a folder without pickles, OUT/model.safetensors + OUT/model.json (edm.export).
 
-    python scripts/export.py checkpoint=RUN_DIR out=export/my-model          # the EMA denoiser
-    python scripts/sample.py checkpoint=export/my-model num_images=64        # loads it with no pickle
+    edm-export checkpoint=RUN_DIR out=export/my-model          # the EMA denoiser
+    edm-sample checkpoint=export/my-model num_images=64        # loads it with no pickle
 
-`checkpoint` is anything sample.py reads (an edm checkpoint, a run folder, an NVlabs .pkl). The
+`checkpoint` is anything edm-sample reads (an edm checkpoint, a run folder, an NVlabs .pkl). The
 folder holds only the chosen weights (EMA by default, ema=false: the raw ones), a few MB for the
 tiny net instead of a checkpoint with optimizer state.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import hydra
@@ -18,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from edm.checkpoint import CheckpointError, OutputWriteError
+from edm.cli import CONFIG_DIR, fail
 from edm.export import WEIGHTS_NAME, export_state
 from edm.loading import load_model, read_model_file
 from edm.provenance import file_sha256
@@ -33,7 +33,7 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(dcfg: DictConfig) -> None:
     cfg: ExportConfig = OmegaConf.to_object(dcfg)
     try:
@@ -41,7 +41,7 @@ def main(dcfg: DictConfig) -> None:
         load_model(cfg.checkpoint, ema=cfg.ema)  # the weights must fit their spec before anything is written
         out = export_state(state, cfg.out, ema=cfg.ema, source_sha256=file_sha256(path))
     except (ValueError, FileNotFoundError, CheckpointError, OutputWriteError) as err:
-        sys.exit(f"error: {err}")
+        fail("edm-export", err)
     size = (out / WEIGHTS_NAME).stat().st_size
     print(f"{path} ({'EMA' if cfg.ema else 'raw'} weights) -> {out}/ ({size / 2**20:.1f} MiB of weights)")
 

@@ -1,6 +1,6 @@
-"""Sample quality against NFE for one checkpoint: a table (CSV/JSON) and a plot (edm.nfe_study).
+"""`edm-study`: sample quality against NFE for one checkpoint, a table (CSV/JSON) and a plot (edm.nfe_study).
 
-    python scripts/nfe_study.py checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32] out=DIR
+    edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32] out=DIR
 
 The score is FD_cls, the Fréchet distance in the features of a small classifier trained once on
 the checkpoint's data set and cached (edm.quality; not FID); with inception=PATH (local
@@ -9,14 +9,13 @@ Inception weights) FID as well. `--help` lists every key (edm.nfe_study.StudyCon
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from edm.checkpoint import OutputWriteError
+from edm.cli import CONFIG_DIR, fail
 from edm.hardware import has_accelerator
 from edm.nfe_study import StudyConfig, run_study
 from edm.run import RunDirError, RunDirLock
@@ -24,7 +23,7 @@ from edm.run import RunDirError, RunDirLock
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="nfe_study")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="nfe_study")
 def main(dcfg: DictConfig) -> None:
     try:
         cfg: StudyConfig = OmegaConf.to_object(dcfg)
@@ -35,7 +34,7 @@ def main(dcfg: DictConfig) -> None:
         finally:
             lock.release()
     except (ValueError, FileNotFoundError, ImportError, OutputWriteError, RunDirError) as err:
-        sys.exit(f"error: {err}")
+        fail("edm-study", err)
     print(f"{len(rows)} points -> {cfg.out}/table.csv, {cfg.out}/fd_cls_vs_nfe.png")
 
 

@@ -1,7 +1,7 @@
-"""Generate images from a trained checkpoint (and optionally score them): a thin Hydra entry point.
+"""`edm-sample`: generate images from a trained model (and optionally score them).
 
-    python scripts/sample.py checkpoint=RUN_DIR/ckpt.pt num_images=50000 sampler=heun steps=18 out=DIR
-    accelerate launch scripts/sample.py checkpoint=... seeds=0-49999 format=npz out=DIR
+    edm-sample checkpoint=RUN_DIR/ckpt.pt num_images=50000 sampler=heun steps=18 out=DIR
+    accelerate launch -m edm.cli.sample checkpoint=... seeds=0-49999 format=npz out=DIR
 
 `sampler=<name>` picks configs/sampler/<name>.yaml (an edm.samplers.SamplerConfig); `steps`,
 `discretization`, `final_denoise`, `churn`... and `solver_options` override it. Every process
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ from edm import metrics, outputs, sampling
 from edm.build import build_schedule, schedule_spec
 from edm.checkpoint import OutputWriteError
 from edm.choices import choose
+from edm.cli import CONFIG_DIR, fail
+from edm.cli.evaluate import ScoreConfig, score_images
 from edm.config import ScheduleConfig
 from edm.data import DatasetConfig
 from edm.denoisers import fast_denoiser
@@ -48,18 +49,10 @@ FLAT_SOLVER_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise")  # top-level keys
 
 
 @dataclass
-class EvalConfig:
-    """Scores of the generated images (computed by process 0 once all images exist)."""
+class EvalConfig(ScoreConfig):
+    """Scores of the generated images (computed by process 0 once all images exist); edm-eval's fid keys."""
 
     fid: bool = False
-    inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth, or NVlabs inception-2015-12-05.pkl/.pt
-    allow_pickle: bool = False  # allow a .pkl or TorchScript detector (both run code stored in the file)
-    ref: Optional[str] = None  # statistics .npz (mu, sigma) or reference images (folder / .npz); else dataset=NAME
-    cache_dir: Optional[str] = None  # where reference statistics of image data are cached
-    precision_recall: bool = False  # needs reference images
-    k: int = 3
-    batch: int = 64
-    max_images: Optional[int] = None
 
 
 @dataclass
@@ -204,25 +197,9 @@ def earlier_results(out: Path) -> list[Path]:
     return [*pngs, out / outputs.PARTS_DIR, out / outputs.NPZ_NAME, out / REPORT_NAME]
 
 
-def evaluate(cfg: DictConfig, output: Path, device: torch.device) -> dict:
-    """FID (and precision/recall) of the generated images against eval.ref or the `dataset` group's data."""
-    e = cfg.eval
-    extractor = metrics.load_inception(e.inception, device, allow_pickle=e.allow_pickle)
-    common = dict(
-        extractor_key=Path(e.inception).stem, cache_dir=e.cache_dir or Path(cfg.out) / "fid-refs", batch_size=e.batch,
-        device=device, with_precision_recall=e.precision_recall, k=e.k, max_images=e.max_images,
-    )
-    if e.ref is not None:
-        return metrics.evaluate_images(output, extractor, ref=e.ref, **common)
-    batches, key = metrics.dataset_reference(dataset_config(cfg), e.batch)
-    return metrics.evaluate_images(output, extractor, ref_batches=batches, ref_key=key, **common)
-
-
-def dataset_config(cfg: DictConfig):
+def dataset_config(cfg: DictConfig) -> Optional[DatasetConfig]:
     """The `dataset` group (configs/dataset/<name>.yaml, as in training) as an edm.data.DatasetConfig."""
-    if cfg.get("dataset") is None:
-        raise ValueError("eval.fid=true needs a reference: eval.ref=STATS.npz|IMAGES or dataset=NAME [dataset.root=PATH]")
-    return DatasetConfig(**OmegaConf.to_container(cfg.dataset, resolve=True))
+    return None if cfg.get("dataset") is None else DatasetConfig(**OmegaConf.to_container(cfg.dataset, resolve=True))
 
 
 def run(cfg: DictConfig) -> None:
@@ -235,8 +212,8 @@ def run(cfg: DictConfig) -> None:
             raise ValueError("eval.fid needs the images: use format=png or format=npz")
         if cfg.eval.inception is None or not Path(cfg.eval.inception).is_file():
             raise FileNotFoundError(f"eval.inception={cfg.eval.inception} is not a file.\n{metrics.INCEPTION_HELP}")
-        if cfg.eval.ref is None:
-            dataset_config(cfg)
+        if cfg.eval.ref is None and cfg.get("dataset") is None:
+            raise ValueError("eval.fid=true needs a reference: eval.ref=STATS.npz|IMAGES or dataset=NAME [dataset.root=PATH]")
     state = PartialState(cpu=cfg.cpu or not has_accelerator())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
@@ -285,7 +262,8 @@ def _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer,
     output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols, grid_scale=cfg.grid_scale)
     result = report(record, cfg, info, seeds, output, state.num_processes, time.time() - start)
     if cfg.eval.fid:
-        result["metrics"] = evaluate(cfg, output, state.device)
+        e = ScoreConfig(**{k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k != "fid"})
+        result["metrics"] = score_images(e, output, dataset_config(cfg), state.device, default_cache=out / "fid-refs")
     outputs.write_json(out / REPORT_NAME, result)
     print(f"wrote {len(seeds)} images to {output}; report {out / REPORT_NAME}")
     if "metrics" in result:
@@ -303,13 +281,13 @@ def sweep_job_folder(cfg: DictConfig) -> None:
         cfg.out = hc.runtime.output_dir
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     try:
         sweep_job_folder(cfg)
         run(cfg)
     except (ValueError, FileNotFoundError, ImportError, OutputWriteError, RunDirError) as err:
-        sys.exit(f"error: {err}")
+        fail("edm-sample", err)
 
 
 if __name__ == "__main__":
