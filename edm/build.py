@@ -15,13 +15,13 @@ from typing import Any
 from .augment import AUGMENT_DIM
 from .config import LossConfig, PrecondConfig, ScheduleConfig, TrainConfig, to_container
 from .data import ImageDataset
-from .losses import Loss
+from .losses import Loss, learns_weighting
 from .networks import resolve as resolve_network
 from .precond import Precond
 from .schedules import VP, Schedule, get as get_schedule
 
 __all__ = [
-    "build_schedule", "schedule_spec", "precond_spec", "network_spec", "resolved_network", "denoiser_spec", "build_loss",
+    "build_schedule", "schedule_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS", "network_spec", "resolved_network", "denoiser_spec", "build_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,16 +37,27 @@ def schedule_spec(schedule: Schedule) -> dict[str, Any]:
     return {"name": schedule.name, **dataclasses.asdict(schedule)}
 
 
-def precond_spec(cfg: PrecondConfig, schedule: Schedule) -> dict[str, Any]:
+LOGVAR_CHANNELS = 128  # EDM2's uncertainty head width, when the loss learns its weighting
+
+
+def precond_defaults() -> dict[str, Any]:
+    """Every Precond keyword argument with its default: what a spec that omits a key means."""
+    return {p.name: p.default for p in inspect.signature(Precond).parameters.values() if p.name != "net"}
+
+
+def precond_spec(cfg: PrecondConfig, schedule: Schedule, learned_weighting: bool = False) -> dict[str, Any]:
     """Precond keyword arguments, every one set: kind None = the schedule's; β's None = the schedule's
-    when it is VP, else Precond's defaults."""
-    defaults = {p.name: p.default for p in inspect.signature(Precond).parameters.values() if p.name != "net"}
+    when it is VP, else Precond's defaults; logvar_channels None = LOGVAR_CHANNELS if the loss learns
+    its weighting, else 0."""
+    defaults = precond_defaults()
     vp = schedule if isinstance(schedule, VP) else None
     spec = {**defaults, **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}}
     spec["kind"] = cfg.kind or schedule.name
     for key in ("beta_d", "beta_min"):
         if getattr(cfg, key) is None and vp is not None:
             spec[key] = getattr(vp, key)
+    if cfg.logvar_channels is None:
+        spec["logvar_channels"] = LOGVAR_CHANNELS if learned_weighting else 0
     return spec
 
 
@@ -73,7 +84,8 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
 
 def denoiser_spec(cfg: TrainConfig, dataset: ImageDataset, schedule: Schedule) -> dict[str, Any]:
     """{"network": network_spec, "precond": precond_spec}: what edm.checkpoint.build_denoiser takes."""
-    return {"network": network_spec(cfg, dataset), "precond": precond_spec(cfg.precond, schedule)}
+    learned = learns_weighting(cfg.loss.kind or schedule.name, cfg.loss.learned_weighting)
+    return {"network": network_spec(cfg, dataset), "precond": precond_spec(cfg.precond, schedule, learned)}
 
 
 def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:

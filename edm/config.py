@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from .augment import AUGMENT_DIM, AugmentConfig
 from .choices import check_choice, choose
 from .data import DATASETS, DatasetConfig
-from .losses import LOSS_KINDS, Loss
+from .losses import LOSS_KINDS, Loss, learns_weighting
 from .networks import NetworkConfig
 from .precond import PRECOND_KINDS, Precond
 from .samplers import SamplerConfig
@@ -84,15 +84,17 @@ ScheduleConfig = dataclasses.make_dataclass(
 )
 
 PrecondConfig = _options_schema(
-    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min"),
+    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "logvar_channels"),
     doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's own; "
-        "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults.",
+        "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults; logvar_channels None = "
+        "LOGVAR_CHANNELS when the loss learns its weighting, else 0.",
 )
 
 LossConfig = _options_schema(
     "LossConfig", Loss, skip=("schedule", "sigma_data"),
     doc="`edm.Loss(schedule, sigma_data=precond.sigma_data, **options)`: σ density and weight λ(σ); "
-        "kind None = the schedule's own.",
+        "kind None = the schedule's own; P_mean/P_std None = the kind's (edm: −1.2, 1.2; edm2: −0.4, 1.0); "
+        "learned_weighting None = the kind's (edm2).",
 )
 
 
@@ -205,6 +207,9 @@ def check_config(cfg: TrainConfig) -> None:
         choose(PRECOND_KINDS, cfg.precond.kind, "precond.kind")
     if cfg.loss.kind is not None:
         check_choice(LOSS_KINDS, cfg.loss.kind, "loss.kind")
+    if learns_weighting(cfg.loss.kind or cfg.schedule.name, cfg.loss.learned_weighting) and cfg.precond.logvar_channels == 0:
+        raise ValueError("the loss learns its weighting u(σ) (loss.kind=edm2 or loss.learned_weighting=true), which needs "
+                         "the denoiser's uncertainty head: leave precond.logvar_channels unset (128) or set it > 0")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
     choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:

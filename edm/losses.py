@@ -2,6 +2,10 @@
 
 The loss is three named pieces: the training density of σ, the weight λ(σ) and the squared
 error. In each schedule's row λ(σ)·c_out(σ)² = 1, so the network's own target has unit weight.
+
+With learned weighting (EDM2 eq. 21; the `edm2` kind, or learned_weighting=True with any kind) the
+denoiser also returns u(σ), and each example's loss is λ(σ)/e^u ‖D − y‖² + u·dim(y): e^u learns
+the loss's scale at each σ, which evens out the gradients across noise levels.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .choices import check_choice, choose
 from .precond import SIGMA_DATA
 from .schedules import VP, FlowMatching, Schedule
 
-__all__ = ["Loss", "LOSS_KINDS", "loss_weight", "squared_error"]
+__all__ = ["Loss", "LOSS_KINDS", "LOGNORMAL", "loss_weight", "squared_error", "learns_weighting"]
 
 
 # λ(σ): one pure function per kind.
@@ -67,14 +71,22 @@ def _sigma_fm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
 
 
 _SIGMA_DENSITIES: MappingProxyType[str, Callable[["Loss", Tensor, Callable[[], Tensor]], Tensor]] = MappingProxyType(
-    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm}
+    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm, "edm2": _sigma_edm}
 )
 
 _WEIGHTS: MappingProxyType[str, Callable[[Tensor, float], Tensor]] = MappingProxyType(
-    {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm}
+    {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm, "edm2": _weight_edm}
 )
+# (P_mean, P_std) of the lognormal kinds: EDM (Table 1) and EDM2's ImageNet-512 presets (ImageNet-64: −0.8, 1.6).
+LOGNORMAL = MappingProxyType({"edm": (-1.2, 1.2), "edm2": (-0.4, 1.0)})
+LEARNED_KINDS = ("edm2",)  # kinds whose loss learns its weighting u(σ) unless told otherwise
 LOSS_KINDS = tuple(_WEIGHTS)
 T_DISTS = ("uniform", "logit_normal")  # flow matching: how t is drawn
+
+
+def learns_weighting(kind: str, learned_weighting: bool | None = None) -> bool:
+    """Whether the loss of `kind` learns u(σ): learned_weighting, or None = the kind's own (edm2: yes)."""
+    return kind in LEARNED_KINDS if learned_weighting is None else bool(learned_weighting)
 
 
 def loss_weight(sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA) -> Tensor:
@@ -94,26 +106,36 @@ class Loss:
     kind (default: the schedule's name) picks the row of the table:
       vp:  t ~ U(ε_t, 1), σ = σ_VP(t)        ve: ln σ ~ U(ln σ_min, ln σ_max)
       edm: ln σ ~ N(P_mean, P_std²)          fm: t ~ U(ε_t, 1 − ε_t) or logit-normal, σ = t/(1 − t)
+      edm2: as edm with EDM2's P_mean, P_std, and learned weighting
     The VP row uses the schedule's β's when the schedule is VP; the VE row uses its σ range.
+    P_mean/P_std None are the kind's (LOGNORMAL); learned_weighting None is the kind's (edm2 only).
     """
 
     schedule: Schedule
     kind: str | None = None
     sigma_data: float = SIGMA_DATA
-    P_mean: float = -1.2
-    P_std: float = 1.2
+    P_mean: float | None = None
+    P_std: float | None = None
     epsilon_t: float = 1e-5
     t_dist: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    learned_weighting: bool | None = None
 
     def __post_init__(self) -> None:
         choose(_WEIGHTS, self.resolved_kind, "loss kind")
         check_choice(T_DISTS, self.t_dist, "t_dist")
+        default_mean, default_std = LOGNORMAL.get(self.resolved_kind, LOGNORMAL["edm"])
+        object.__setattr__(self, "P_mean", default_mean if self.P_mean is None else float(self.P_mean))
+        object.__setattr__(self, "P_std", default_std if self.P_std is None else float(self.P_std))
 
     @property
     def resolved_kind(self) -> str:
         return self.kind or self.schedule.name
+
+    @property
+    def learns_weighting(self) -> bool:
+        return learns_weighting(self.resolved_kind, self.learned_weighting)
 
     def sample_sigma(
         self, batch: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32
@@ -138,12 +160,15 @@ class Loss:
         noise: Tensor | None = None,
         augment_labels: Tensor | None = None,
     ) -> Tensor:
-        """Per-example loss λ(σ)‖D(y + σn; σ) − y‖², shape [B]; σ and n are drawn unless given."""
+        """Per-example loss λ(σ)‖D(y + σn; σ) − y‖², shape [B]; σ and n are drawn unless given.
+        With learned weighting: λ(σ)/e^u ‖D − y‖² + u·dim(y), u(σ) from denoiser(..., return_logvar=True)."""
         if sigma is None:
             sigma = self.sample_sigma(y.shape[0], generator=generator, device=y.device, dtype=y.dtype)
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         x_hat = y + sigma.reshape((-1,) + (1,) * (y.ndim - 1)) * noise
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-        denoised = denoiser(x_hat, sigma, class_labels, **kwargs)
-        return self.weight(sigma) * squared_error(denoised, y)
+        if not self.learns_weighting:
+            return self.weight(sigma) * squared_error(denoiser(x_hat, sigma, class_labels, **kwargs), y)
+        denoised, u = denoiser(x_hat, sigma, class_labels, return_logvar=True, **kwargs)
+        return self.weight(sigma) / u.exp() * squared_error(denoised, y) + u * y[0].numel()

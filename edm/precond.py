@@ -77,7 +77,12 @@ def _param_dtype(net: object) -> torch.dtype | None:
 
 
 class Precond(nn.Module):
-    """Denoiser D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) around a network F(x, c_noise, class_labels)."""
+    """Denoiser D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) around a network F(x, c_noise, class_labels).
+
+    logvar_channels > 0 adds EDM2's uncertainty head u(σ) = MPConv(MPFourier(¼ ln σ)) (eq. 21), the
+    learned loss weighting (edm.Loss with learned weighting); it is a function of σ alone, so every
+    kind feeds it ¼ ln σ (EDM2's c_noise), whatever the network's c_noise is.
+    """
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class Precond(nn.Module):
         beta_d: float = VP.beta_d,
         beta_min: float = VP.beta_min,
         M: int = VP_M,
+        logvar_channels: int = 0,
     ) -> None:
         super().__init__()
         choose(PRECOND_KINDS, kind, "precond kind")
@@ -94,6 +100,18 @@ class Precond(nn.Module):
         self.kind = kind
         self.sigma_data = float(sigma_data)
         self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+        if logvar_channels:
+            from .networks.edm2 import MPConv, MPFourier
+
+            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def logvar(self, sigma: Tensor) -> Tensor:
+        """u(σ) [B], the learned log-variance of the loss at σ (EDM2 eq. 21)."""
+        if not hasattr(self, "logvar_linear"):
+            raise ValueError("this denoiser has no uncertainty head: build it with logvar_channels > 0 "
+                             "(precond.logvar_channels) to learn the loss weighting")
+        return self.logvar_linear(self.logvar_fourier(0.25 * torch.log(sigma))).reshape(-1)
 
     def coefficients(self, sigma: Tensor) -> Coefficients:
         """(c_skip, c_out, c_in, c_noise) at `sigma`, same shape as `sigma`."""
@@ -105,8 +123,10 @@ class Precond(nn.Module):
         sigma: Tensor | float,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
-    ) -> Tensor:
-        """D(x̂; σ) for x̂ of shape [B, ...] and σ of shape [B] (or a scalar, broadcast to the batch)."""
+        return_logvar: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """D(x̂; σ) for x̂ of shape [B, ...] and σ of shape [B] (or a scalar, broadcast to the batch);
+        with return_logvar, (D, u(σ)) for the learned loss weighting."""
         sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x_hat.shape[0])
@@ -119,7 +139,8 @@ class Precond(nn.Module):
         F_x = self.net((c_in.view(view) * x_hat).to(net_dtype), c_noise.to(net_dtype), class_labels=class_labels, **kwargs)
         if F_x.shape != x_hat.shape:
             raise ValueError(f"network output shape {list(F_x.shape)} differs from its input {list(x_hat.shape)}")
-        return c_skip.view(view) * x_hat + c_out.view(view) * F_x.to(x_hat.dtype)
+        denoised = c_skip.view(view) * x_hat + c_out.view(view) * F_x.to(x_hat.dtype)
+        return (denoised, self.logvar(sigma).to(x_hat.dtype)) if return_logvar else denoised
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, sigma_data={self.sigma_data}"

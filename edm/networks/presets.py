@@ -12,6 +12,7 @@ from torch import nn
 
 from ..choices import choose
 from .dhariwal_unet import DhariwalUNet
+from .edm2 import EDM2UNet
 from .song_unet import SongUNet
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,32 @@ def _adm() -> dict[str, Any]:
     )
 
 
+# EDM2 sizes (its config presets): model channels and dropout; the rest is EDM2's UNet default.
+EDM2_SIZES = MappingProxyType({
+    "xxs": (64, 0.0), "xs": (128, 0.0), "s": (192, 0.0), "m": (256, 0.1), "l": (320, 0.1), "xl": (384, 0.1), "xxl": (448, 0.1),
+})
+
+
+def _edm2(size: str) -> Callable[[], dict[str, Any]]:
+    """EDM2 (config G) at `size`, in the latent ImageNet-512 shape (64x64x4, 1000 classes); ImageNet-64
+    runs get 64x64x3 from their data: 4 levels (1, 2, 3, 4), 3 blocks, attention 16/8."""
+    channels, dropout = EDM2_SIZES[size]
+    return lambda: dict(
+        img_resolution=64, in_channels=4, label_dim=1000, model_channels=channels, channel_mult=(1, 2, 3, 4),
+        channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8), dropout=dropout,
+        label_dropout=0.0,
+    )
+
+
+def _edm2_tiny() -> dict[str, Any]:
+    """EDM2's architecture for CPU runs: 32x32x3, 32 channels x (1, 2), 1 block, attention at 16."""
+    return _edm2("s")() | dict(img_resolution=32, in_channels=3, label_dim=0, model_channels=32, channel_mult=(1, 2),
+                               num_blocks=1, attn_resolutions=(16,))
+
+
 _PRESETS: MappingProxyType[str, tuple[type[nn.Module], Callable[[], dict[str, Any]]]] = MappingProxyType({
     "tiny": (SongUNet, _tiny), "ddpmpp": (SongUNet, _ddpmpp), "ncsnpp": (SongUNet, _ncsnpp), "adm": (DhariwalUNet, _adm),
+    "edm2-tiny": (EDM2UNet, _edm2_tiny), **{f"edm2-{size}": (EDM2UNet, _edm2(size)) for size in EDM2_SIZES},
 })
 PRESETS = tuple(_PRESETS)
 
@@ -114,7 +139,7 @@ def resolve(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any
     if unknown:
         raise ValueError(f"{cls.__name__} (preset {name!r}) has no option(s) {', '.join(unknown)}")
     kwargs |= overrides
-    if name == "tiny" and "attn_resolutions" not in overrides:
+    if name in ("tiny", "edm2-tiny") and "attn_resolutions" not in overrides:
         kwargs["attn_resolutions"] = (kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1),)
     kwargs.setdefault("out_channels", kwargs["in_channels"])
     return cls, kwargs
