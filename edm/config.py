@@ -108,6 +108,8 @@ class TrainConfig:
     number of processes, i.e. no accumulation). The learning rate ramps up linearly over
     lr_rampup_kimg and, if lr_decay_kimg > 0, decays as lr / sqrt(kimg / lr_decay_kimg) after it.
     EMA: β = 0.5^(batch_size / max(h, 1e-8)), h = min(ema_halflife_kimg·1000, cur_nimg·ema_rampup_ratio).
+    ema_sigma_rel: power-function EMAs (EDM2) tracked beside it, one per σ_rel; every ema_snapshot_kimg
+    their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
     """
 
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -133,6 +135,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     ema_halflife_kimg: float = 500.0
     ema_rampup_ratio: Optional[float] = 0.05
+    ema_sigma_rel: List[float] = field(default_factory=list)  # EDM2 power-function EMAs, e.g. [0.05, 0.10]
+    ema_snapshot_kimg: float = 0.0  # snapshots of those EMAs every this many kimg (0 = none)
 
     mixed_precision: Optional[str] = None  # None = the launcher's (accelerate launch / accelerate config), else "no"
     compile: Optional[bool] = None  # None = the launcher's dynamo backend, else off
@@ -196,6 +200,20 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{key}={value!r} overflows float32 (largest {FLOAT32_MAX:.3g}); give a smaller value")
 
 
+def _check_power_ema(cfg: TrainConfig) -> None:
+    from .phema import SIGMA_REL_MAX
+
+    rels = list(cfg.ema_sigma_rel)
+    bad = [r for r in rels if not 0 < r < SIGMA_REL_MAX]
+    if bad:
+        raise ValueError(f"ema_sigma_rel={rels}: each σ_rel must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 uses [0.05, 0.10])")
+    if len(set(rels)) != len(rels):
+        raise ValueError(f"ema_sigma_rel={rels} names a profile twice")
+    _positive("ema_snapshot_kimg", cfg.ema_snapshot_kimg, allow_zero=True)
+    if cfg.ema_snapshot_kimg > 0 and not rels:
+        raise ValueError("ema_snapshot_kimg > 0 stores power-function EMAs: set ema_sigma_rel too, e.g. [0.05,0.10]")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Reject bad values before any work starts; each message names the key and what is valid.
 
@@ -238,6 +256,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.grad_clip is not None:
         _positive("grad_clip", cfg.grad_clip)
     _positive("ema_halflife_kimg", cfg.ema_halflife_kimg, allow_zero=True)
+    _check_power_ema(cfg)
     if cfg.ema_rampup_ratio is not None:
         _positive("ema_rampup_ratio", cfg.ema_rampup_ratio)
     for key in ("log_every", "checkpoint_every"):

@@ -29,8 +29,10 @@ def is_export(path: str | Path) -> bool:
     return (path / META_NAME).is_file() if path.is_dir() else path.name == WEIGHTS_NAME
 
 
-def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha256: str | None = None) -> Path:
-    """Write a checkpoint dict's EMA (or raw) weights and description as a model folder `dest`."""
+def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha256: str | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write a checkpoint dict's EMA (or raw) weights and description as a model folder `dest`;
+    `extra` adds entries to model.json (e.g. how post-hoc EMA made the weights)."""
     from safetensors.torch import save
 
     key = "ema" if ema else "model"
@@ -45,7 +47,7 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
     meta = {
         "format": FORMAT, "denoiser": state["denoiser"], "schedule": state.get("schedule"),
         "weights": "ema" if ema else "raw", "step": state.get("step"),
-        "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
+        "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256, **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
     return dest

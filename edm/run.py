@@ -21,16 +21,17 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .build import resolved_network, schedule_spec
+from .build import precond_defaults, resolved_network, schedule_spec
 from .config import TrainConfig, to_container
 from .provenance import differences, flatten
 from .data import ImageDataset
-from .losses import Loss
+from .losses import LOGNORMAL, Loss
+from .phema import PowerEMA, snapshot_path, write_snapshot
 from .schedules import Schedule
 
 __all__ = [
     "RunState", "Run", "RunDirError", "RunDirLock", "seed_for", "rng_state", "set_rng_state", "restore",
-    "save_checkpoint", "remove_stale_temporaries", "trim_metrics",
+    "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Run:
     spec: dict  # the denoiser spec (edm.build.denoiser_spec)
     dataset: ImageDataset
     lock: RunDirLock | None = None  # held by the main process while the run owns run_dir
+    phema: PowerEMA | None = None  # EDM2's power-function EMAs (cfg.ema_sigma_rel), when tracked
     state: RunState = field(default_factory=RunState)
     resumes: list = field(default_factory=list)  # [{"step", "changes": [{"key", "checkpoint", "config"}]}] per resume
 
@@ -164,7 +166,7 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 # seed (the data order and every random stream), so the resumed run would not continue the saved
 # one. Network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
-                "dataset.max_size", "loss.")  # a key ending in "." stands for every key under it
+                "dataset.max_size", "loss.", "ema_sigma_rel")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "tensorboard", "log_batch_indices", "compile",
@@ -180,9 +182,12 @@ def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> li
     those that change the optimization; return all (they are recorded in the next checkpoints)."""
     skip = ("network.", "precond.", "schedule.")  # checked as resolved specs
     saved, ours = flatten(saved_config), flatten(cfg)
-    for flat in (saved, ours):  # loss.kind None is the schedule's own
+    for flat in (saved, ours):  # loss.kind None is the schedule's own, P_mean/P_std None the kind's
         if flat.get("loss.kind", "") is None:
             flat["loss.kind"] = flat.get("schedule.name")
+        for i, key in enumerate(("loss.P_mean", "loss.P_std")):
+            if key in flat and flat[key] is None:
+                flat[key] = LOGNORMAL.get(flat.get("loss.kind"), LOGNORMAL["edm"])[i]
     changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
                if saved[k] != ours[k] and not k.startswith(skip)]
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
@@ -204,7 +209,8 @@ def restore(run: Run, path: Path) -> None:
     for key in ("optimizer", "step", "cur_nimg", "rng"):
         if key not in state:
             raise ckpt.CheckpointError(f"checkpoint {path} has no {key!r}: it holds weights only and cannot be resumed")
-    saved = {"network": resolved_network(state["denoiser"]["network"]), "precond": state["denoiser"]["precond"]}
+    saved = {"network": resolved_network(state["denoiser"]["network"]),
+             "precond": {**precond_defaults(), **state["denoiser"]["precond"]}}
     diffs = _differences({"denoiser": saved, "schedule": state["schedule"]},
                          {"denoiser": run.spec, "schedule": schedule_spec(run.schedule)})
     if diffs:
@@ -223,6 +229,10 @@ def restore(run: Run, path: Path) -> None:
         run.net.load_state_dict(state["model"])
         run.ema.load_state_dict(state["ema"])
         run.optimizer.load_state_dict(state["optimizer"])
+        if run.phema is not None:
+            if state.get("phema") is None:
+                raise ValueError("it tracks no power-function EMAs (ema_sigma_rel); resume without them or start a new run_dir")
+            run.phema.load_state_dict(state["phema"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise ckpt.CheckpointError(f"checkpoint {path}: saved weights do not fit the model: {err}") from None
     if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
@@ -237,6 +247,17 @@ def restore(run: Run, path: Path) -> None:
         torch.manual_seed(seed_for(run.cfg.seed + run.state.step, rank))
         run.generator.manual_seed(seed_for(run.cfg.seed + run.state.step, rank))
     logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
+
+
+def save_snapshot(run: Run) -> Path:
+    """run_dir/phema/snapshot-<cur_nimg>.safetensors: every power-function EMA now (main process writes)."""
+    path = snapshot_path(run.run_dir, run.state.cur_nimg)
+    if run.is_main:
+        write_snapshot(path, run.phema, {
+            "cur_nimg": run.state.cur_nimg, "step": run.state.step, "batch_size": run.cfg.batch_size,
+            "denoiser": run.spec, "schedule": schedule_spec(run.schedule), "config": to_container(run.cfg),
+        })
+    return path
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -254,6 +275,7 @@ def save_checkpoint(run: Run) -> Path:
             "schedule": schedule_spec(run.schedule),
             "model": run.net.state_dict(),
             "ema": run.ema.state_dict(),
+            "phema": run.phema.state_dict() if run.phema is not None else None,
             "optimizer": run.optimizer.state_dict(),
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "step": run.state.step,

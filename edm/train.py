@@ -36,8 +36,10 @@ from .data import BadImagesError, StreamBatchSampler, build_dataset, make_loader
 from .ema import ema_beta, update_ema
 from .hardware import launch_settings, set_precision_flags
 from .outputs import save_grid
+from .phema import PowerEMA
 from .run import (
-    Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, seed_for, trim_metrics,
+    Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_for,
+    trim_metrics,
 )
 from .plots import LOSS_CURVE_NAME, plot_loss_curve
 from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
@@ -155,7 +157,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, 
     rank = accelerator.process_index
     torch.manual_seed(seed_for(cfg.seed, rank))
     generator = torch.Generator(accelerator.device).manual_seed(seed_for(cfg.seed, rank))
-    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock)
+    phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock, phema=phema)
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
@@ -239,6 +242,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 cfg.batch_size, micro, world, accum, run.run_dir)
 
     batches = _batches(run, micro)
+    snapshot_nimg = round(cfg.ema_snapshot_kimg * 1000)  # power-EMA snapshots each time cur_nimg passes a multiple
     run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
                      tensorboard=cfg.tensorboard, progress=cfg.progress)
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
@@ -265,6 +269,11 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 update_ema(run.ema, run.net, beta)
                 state.step += 1
                 state.cur_nimg += cfg.batch_size
+                if run.phema is not None:
+                    run.phema.update(run.net, state.cur_nimg, cfg.batch_size)
+                    passed = state.cur_nimg // max(snapshot_nimg, 1) > (state.cur_nimg - cfg.batch_size) // max(snapshot_nimg, 1)
+                    if snapshot_nimg and (passed or state.cur_nimg >= total_nimg):  # and at the end of training
+                        save_snapshot(run)
                 loss_sum += loss
                 loss_count += 1
                 run_log.advance()
