@@ -4,8 +4,8 @@
     load_model("export/digits")                                  # edm.loading reads it like any model file
 
 model.json holds the denoiser spec (network with every preset value, precond), the schedule,
-which weights these are (EMA or raw), the training data set's config when known, and the
-SHA-256 of the file they came from. Reading it needs json and safetensors only: no pickle,
+which weights these are (EMA or raw), the training data set's config when known, the facts of
+an NVlabs original (e.g. an EDM2 model's VAE latents), and the SHA-256 of the file they came from. Reading it needs json and safetensors only: no pickle,
 no torch.load, nothing that can run code.
 """
 
@@ -47,7 +47,8 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
     meta = {
         "format": FORMAT, "denoiser": state["denoiser"], "schedule": state.get("schedule"),
         "weights": "ema" if ema else "raw", "step": state.get("step"),
-        "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256, **(extra or {}),
+        "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
+        "reference": (state.get("config") or {}).get("reference"), **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
     return dest
@@ -75,6 +76,7 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         weights = load(weights_file.read_bytes())
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
+    config = {key: meta[key] for key in ("dataset", "reference") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
-             "config": {"dataset": meta["dataset"]} if meta.get("dataset") else {}, "step": meta.get("step")}
+             "config": config, "step": meta.get("step")}
     return weights_file, state

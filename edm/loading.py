@@ -26,6 +26,8 @@ from .schedules import Schedule
 
 __all__ = ["ModelInfo", "read_model_file", "load_model", "guided"]
 
+_LATENT_KEYS = ("vae_name", "latent_scale", "latent_bias")
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -37,6 +39,18 @@ class ModelInfo:
     schedule: Schedule | None = None
     source: str = ""
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
+    latent: dict | None = None  # NVlabs/edm2 latent models: the VAE and the latent scale/bias (not pixels)
+
+    def require_pixels(self) -> None:
+        """Refuse a model whose samples are VAE latents: images need a decoder the project does not have."""
+        if self.latent is not None:
+            raise ValueError(
+                f"{self.source} generates Stable Diffusion VAE latents {list(self.img_shape or ())} (an EDM2 "
+                f"ImageNet-512 model), not images; decoding them needs {self.latent['vae_name']} from diffusers, "
+                "which this project does not download. Sample latents from Python (edm.load_nvlabs, edm.sample) "
+                f"and decode (latents - bias) / scale with that VAE; scale {self.latent['latent_scale']}, "
+                f"bias {self.latent['latent_bias']}"
+            )
 
 
 def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
@@ -79,9 +93,17 @@ def load_model(
         img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
         schedule=schedules.from_spec(state.get("schedule") or {"name": denoiser.kind}), source=str(path),
-        dataset=(state.get("config") or {}).get("dataset"),
+        dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
     )
     return denoiser.to(device), info
+
+
+def _latent(state: dict) -> dict | None:
+    """The VAE facts of an NVlabs/edm2 latent model (its encoder), None for pixel models."""
+    reference = (state.get("config") or {}).get("reference") or {}
+    if reference.get("encoder") != "StabilityVAEEncoder":
+        return None
+    return {key: reference.get(key) for key in _LATENT_KEYS}
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:

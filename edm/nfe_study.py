@@ -149,6 +149,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
     settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
+    info.require_pixels()
     counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=device)
     schedules = [info.schedule if name is None else get(name) for name in cfg.schedules]

@@ -1,4 +1,5 @@
-"""Official NVlabs/edm network snapshots (`network-snapshot-*.pkl`, `edm-*.pkl`) without their code.
+"""Official NVlabs/edm and NVlabs/edm2 network snapshots (`network-snapshot-*.pkl`, `edm-*.pkl`,
+`edm2-*.pkl`) without their code.
 
 An NVlabs snapshot is `pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=...,
 dataset_kwargs=...))`. Its torch modules are `torch_utils.persistence` classes: each one is
@@ -16,6 +17,13 @@ VEPrecond around a SongUNet or DhariwalUNet) then becomes our `Precond` around
 `edm.networks.build(...)` with the same hyper-parameters and the same weights:
 
     reference `model.<name>`  ->  our `net.<name>`   (layer names are identical)
+
+An NVlabs/edm2 snapshot is `pickle.dump(EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=...))`
+with `ema` its Precond (EDM coefficients) around its UNet, stored in float16, and the uncertainty
+head logvar_fourier / logvar_linear: `unet.<name>` becomes our `net.<name>` (edm.networks.edm2), the
+head keeps its names (Precond(logvar_channels=...)), and the weights become float32. The encoder
+says what the network generates: pixels (StandardRGBEncoder) or Stable Diffusion VAE latents
+(StabilityVAEEncoder, whose scale and bias are read from their numpy arrays without numpy).
 """
 
 from __future__ import annotations
@@ -135,6 +143,44 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
     return struct.unpack(fmt, data)[0]
 
 
+class _NumpyArray:
+    """Stand-in for numpy.core.multiarray._reconstruct(ndarray, shape, dtype) + its __setstate__: the raw
+    bytes of a small numeric array, decoded by _array_values (edm2's VAE encoder stores its scale and bias so)."""
+
+    def __init__(self, subtype: Any = None, shape: Any = None, dtype: Any = None) -> None:
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("numpy array of a subtype other than ndarray")
+        self.shape: tuple = ()
+        self.dtype: _NumpyDType | None = None
+        self.data = b""
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _NumpyDType)
+                and isinstance(state[4], bytes) and all(isinstance(v, int) for v in state[1])):
+            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, fortran, bytes)")
+        self.shape, self.dtype, self.data = tuple(state[1]), state[2], state[4]
+
+
+_NDARRAY = object()  # what the pickle's numpy.ndarray global resolves to: only _NumpyArray accepts it
+
+
+def _array_values(array: Any) -> list | float | None:
+    """The numbers of a _NumpyArray (a flat list, or a float for a 0-d array); None if absent."""
+    if array is None:
+        return None
+    if isinstance(array, (int, float)):
+        return float(array)
+    if not isinstance(array, _NumpyArray) or array.dtype is None:
+        raise NVlabsError(f"expected a numeric numpy array, found {type(array).__name__}")
+    order = ">" if array.dtype.byteorder == ">" else "<"
+    count = math.prod(array.shape)
+    fmt = f"{order}{count}{_NUMPY_FORMATS[array.dtype.code]}"
+    if len(array.data) != struct.calcsize(fmt):
+        raise NVlabsError(f"numpy array of shape {array.shape} has {len(array.data)} bytes")
+    values = [float(v) for v in struct.unpack(fmt, array.data)]
+    return values if array.shape else values[0]
+
+
 def _storage_from_bytes(data: Any) -> Any:
     """Safe `torch.storage._load_from_bytes`: the storage blob is read with weights_only=True."""
     if not isinstance(data, bytes):
@@ -185,6 +231,9 @@ SAFE_GLOBALS: Mapping[tuple[str, str], Any] = MappingProxyType({
     ("numpy", "dtype"): _NumpyDType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _NumpyArray,
+    ("numpy._core.multiarray", "_reconstruct"): _NumpyArray,
+    ("numpy", "ndarray"): _NDARRAY,
 })
 
 
@@ -237,25 +286,37 @@ def unpickle(path: str | os.PathLike) -> Any:
 # --------------------------------------------------------------------------------------
 # Reading the `ema` network: hyper-parameters and state.
 
-# The reference constructors' parameters in signature order, with their defaults (None: required).
+REQUIRED = "<required>"  # a constructor parameter without a default
+
+# The reference constructors' parameters in signature order, with their defaults.
 _SONG_UNET = MappingProxyType({
-    "img_resolution": None, "in_channels": None, "out_channels": None, "label_dim": 0, "augment_dim": 0,
+    "img_resolution": REQUIRED, "in_channels": REQUIRED, "out_channels": REQUIRED, "label_dim": 0, "augment_dim": 0,
     "model_channels": 128, "channel_mult": (1, 2, 2, 2), "channel_mult_emb": 4, "num_blocks": 4,
     "attn_resolutions": (16,), "dropout": 0.10, "label_dropout": 0.0, "embedding_type": "positional",
     "channel_mult_noise": 1, "encoder_type": "standard", "decoder_type": "standard", "resample_filter": (1, 1),
 })
 _DHARIWAL_UNET = MappingProxyType({
-    "img_resolution": None, "in_channels": None, "out_channels": None, "label_dim": 0, "augment_dim": 0,
+    "img_resolution": REQUIRED, "in_channels": REQUIRED, "out_channels": REQUIRED, "label_dim": 0, "augment_dim": 0,
     "model_channels": 192, "channel_mult": (1, 2, 3, 4), "channel_mult_emb": 4, "num_blocks": 3,
     "attn_resolutions": (32, 16, 8), "dropout": 0.10, "label_dropout": 0.0,
 })
+# NVlabs/edm2's UNet, its Block keyword arguments (**block_kwargs) included.
+_EDM2_UNET = MappingProxyType({
+    "img_resolution": REQUIRED, "img_channels": REQUIRED, "label_dim": REQUIRED, "model_channels": 192,
+    "channel_mult": (1, 2, 3, 4), "channel_mult_noise": None, "channel_mult_emb": None, "num_blocks": 3,
+    "attn_resolutions": (16, 8), "label_balance": 0.5, "concat_balance": 0.5, "resample_filter": (1, 1),
+    "channels_per_head": 64, "dropout": 0.0, "res_balance": 0.3, "attn_balance": 0.3, "clip_act": 256,
+})
 SUPPORTED_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {"SongUNet": _SONG_UNET, "DhariwalUNet": _DHARIWAL_UNET}
+    {"SongUNet": _SONG_UNET, "DhariwalUNet": _DHARIWAL_UNET, "UNet": _EDM2_UNET}
 )
 """Reference network class -> its constructor parameters and defaults (our build() takes the same names)."""
 
-SUPPORTED_PRECONDS: Mapping[str, str] = MappingProxyType({"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"})
-"""Reference preconditioning class -> our Precond kind."""
+SUPPORTED_PRECONDS: Mapping[str, str] = MappingProxyType(
+    {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "Precond": "edm"}
+)
+"""Reference preconditioning class -> our Precond kind (Precond: NVlabs/edm2's, EDM's parameterization)."""
+_WRAPPED = MappingProxyType({"Precond": "unet"})  # the child that holds the network (NVlabs/edm: "model")
 
 
 @dataclass(frozen=True)
@@ -299,14 +360,34 @@ def reference_state_dict(obj: Any, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def convert_state_dict(reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Reference Precond state_dict -> ours: `model.<name>` becomes `net.<name>` (layer names are shared)."""
+_OWN_ENTRIES = ("logvar_fourier.", "logvar_linear.")  # NVlabs/edm2's uncertainty head: the same names in our Precond
+
+
+def convert_state_dict(reference: Mapping[str, Tensor], child: str = "model") -> dict[str, Tensor]:
+    """Reference Precond state_dict -> ours: `<child>.<name>` (model. for NVlabs/edm, unet. for edm2) becomes
+    `net.<name>` (layer names are shared); edm2's uncertainty head keeps its names."""
     out: dict[str, Tensor] = {}
     for key, value in reference.items():
-        if not key.startswith("model."):
+        if key.startswith(_OWN_ENTRIES) and child == "unet":
+            out[key] = value
+        elif key.startswith(child + "."):
+            out["net." + key.removeprefix(child + ".")] = value
+        else:
             raise NVlabsError(f"reference state entry {key!r} is outside the wrapped model (iDDPM buffers?)")
-        out["net." + key.removeprefix("model.")] = value
     return out
+
+
+def _encoder_facts(encoder: Any) -> dict[str, Any]:
+    """What NVlabs/edm2's `encoder` says about the data: pixels (StandardRGBEncoder) or Stable Diffusion
+    VAE latents (StabilityVAEEncoder: latents = raw · scale + bias)."""
+    if not isinstance(encoder, PersistentObject):
+        return {}
+    facts: dict[str, Any] = {"encoder": encoder.class_name}
+    if encoder.class_name == "StabilityVAEEncoder":
+        state = encoder.state
+        facts |= {"vae_name": str(state.get("vae_name")), "latent_scale": _array_values(state.get("scale")),
+                  "latent_bias": _array_values(state.get("bias"))}
+    return facts
 
 
 def _init_kwargs(obj: PersistentObject, params: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -322,7 +403,7 @@ def _init_kwargs(obj: PersistentObject, params: Mapping[str, Any], where: str) -
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise NVlabsError(f"{what} has arguments the reference does not define: {', '.join(unknown)}")
-    missing = [n for n in names if params[n] is None and n not in given]
+    missing = [n for n in names if params[n] == REQUIRED and n not in given]
     if missing:
         raise NVlabsError(f"{what} lacks required arguments: {', '.join(missing)}")
     return {name: given.get(name, default) for name, default in params.items()}
@@ -335,9 +416,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _network_spec(model: PersistentObject) -> dict[str, Any]:
-    """Our build() kwargs for the reference SongUNet / DhariwalUNet."""
-    kwargs = {k: _plain(v) for k, v in _init_kwargs(model, SUPPORTED_MODELS[model.class_name], "ema.model").items()}
+def _network_spec(model: PersistentObject, where: str) -> dict[str, Any]:
+    """Our build() kwargs for the reference SongUNet / DhariwalUNet / EDM2 UNet."""
+    kwargs = {k: _plain(v) for k, v in _init_kwargs(model, SUPPORTED_MODELS[model.class_name], where).items()}
+    if model.class_name == "UNet":
+        from .networks.presets import EDM2_SIZES
+
+        channels = kwargs.pop("img_channels")
+        size = next((s for s, (c, _) in EDM2_SIZES.items() if c == kwargs["model_channels"]), "s")
+        return {"name": f"edm2-{size}", "in_channels": channels, "out_channels": channels, "label_dropout": 0.0, **kwargs}
     if model.class_name == "SongUNet":
         name = "ncsnpp" if kwargs["embedding_type"] == "fourier" else "ddpmpp"
     else:
@@ -353,6 +440,12 @@ def _precond_spec(ema: PersistentObject) -> tuple[dict, dict, dict]:
         return float(state.get(name, default))
 
     facts = {"precond_class": ema.class_name, "use_fp16": bool(state.get("use_fp16", False))}
+    if ema.class_name == "Precond":  # NVlabs/edm2: EDM coefficients, σ unbounded, the uncertainty head
+        head = (state.get("_modules") or {}).get("logvar_fourier")
+        freqs = (_module_state(head, "ema.logvar_fourier").get("_buffers") or {}).get("freqs") if head is not None else None
+        precond = {"kind": "edm", "sigma_data": num("sigma_data", 0.5),
+                   "logvar_channels": int(freqs.numel()) if isinstance(freqs, Tensor) else 0}
+        return precond, {"name": "edm"}, facts
     if kind == "edm":
         precond = {"kind": "edm", "sigma_data": num("sigma_data", 0.5)}
         schedule = {"name": "edm"}
@@ -381,23 +474,30 @@ def _ema(root: Any, path: str) -> PersistentObject:
         if ema.class_name == "iDDPMPrecond":
             hint = " (iDDPM preconditioning, e.g. baseline-imagenet-64x64-cond-adm.pkl, is not supported)"
         raise NVlabsError(f"{path}: 'ema' is a {ema.class_name}{hint}; supported: {', '.join(SUPPORTED_PRECONDS)}")
-    model = (ema.state.get("_modules") or {}).get("model")
-    if not isinstance(model, PersistentObject) or model.class_name not in SUPPORTED_MODELS:
+    child = _WRAPPED.get(ema.class_name, "model")
+    model = (ema.state.get("_modules") or {}).get(child)
+    wanted = ("UNet",) if child == "unet" else ("SongUNet", "DhariwalUNet")
+    if not isinstance(model, PersistentObject) or model.class_name not in wanted:
         found = model.class_name if isinstance(model, PersistentObject) else type(model).__name__
-        raise NVlabsError(f"{path}: 'ema.model' is a {found}; supported: {', '.join(SUPPORTED_MODELS)}")
+        raise NVlabsError(f"{path}: 'ema.{child}' is a {found}; supported: {', '.join(wanted)}")
     return ema
 
 
 def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
     """Parse an NVlabs/edm snapshot safely into our denoiser spec, schedule and state_dict."""
     path = os.fspath(path)
-    ema = _ema(unpickle(path), path)
-    model = ema.state["_modules"]["model"]
+    root = unpickle(path)
+    ema = _ema(root, path)
+    child = _WRAPPED.get(ema.class_name, "model")
+    model = ema.state["_modules"][child]
     try:  # NVlabsError is a ValueError; TypeError/ValueError also come from malformed recorded values
-        network = _network_spec(model)
+        network = _network_spec(model, f"ema.{child}")
         precond, schedule, facts = _precond_spec(ema)
-        state_dict = convert_state_dict(reference_state_dict(ema))
-    except (TypeError, ValueError) as err:
+        reference = reference_state_dict(ema)
+        facts |= {"stored_dtype": str(next(iter(reference.values())).dtype).removeprefix("torch.")}
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in convert_state_dict(reference, child).items()}
+        facts |= _encoder_facts(root.get("encoder"))
+    except (TypeError, ValueError, StopIteration) as err:
         raise NVlabsError(f"{path}: {err}") from None
     if network["out_channels"] != network["in_channels"]:
         raise NVlabsError(f"{path}: ema.model maps {network['in_channels']} to {network['out_channels']} channels; "

@@ -23,6 +23,10 @@ def pytest_addoption(parser):
         "--nvlabs-repo", default=None, metavar="PATH",
         help="NVlabs/edm checkout: also run tests/test_nvlabs.py against the real reference networks",
     )
+    parser.addoption(
+        "--nvlabs-edm2-repo", default=None, metavar="PATH",
+        help="NVlabs/edm2 checkout: also compare EDM2 snapshots with its real reference networks",
+    )
 
 
 @pytest.fixture

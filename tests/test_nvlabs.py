@@ -15,6 +15,7 @@ import os
 import pickle
 import runpy
 import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -766,3 +767,134 @@ def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
     assert travelled > 0
     assert distance(ours.parameters(), ref.parameters()) < 1e-3 * travelled
     assert distance(our_ema.parameters(), ref_ema.parameters()) < 1e-3 * distance(ref_ema.parameters(), theta0)
+
+
+# --------------------------------------------------------------------------------------
+# NVlabs/edm2 snapshots: Precond(UNet) with the uncertainty head, float16 weights, an encoder.
+
+EDM2_UNET = dict(img_resolution=16, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                 dropout=0.1)
+EDM2_SIGMAS = [0.002, 0.3, 2.0, 80.0]
+
+
+def our_edm2(channels: int, label_dim: int, seed: int = 0) -> edm.Precond:
+    """Our EDM2 denoiser with every parameter random, in float16 and back (as an edm2 snapshot stores it)."""
+    torch.manual_seed(seed)
+    net = networks.build("edm2-tiny", in_channels=channels, label_dim=label_dim, **EDM2_UNET)
+    den = edm.Precond(net, kind="edm", sigma_data=0.5, logvar_channels=16)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.copy_((torch.randn(p.shape, generator=gen) * (0.5 if p.ndim == 0 else 1)).half().float())
+        for b in den.buffers():  # the Fourier frequencies and phases are stored in float16 too
+            b.copy_(b.half().float())
+    return den.eval()
+
+
+def edm2_snapshot_bytes(den: edm.Precond, label_dim: int, latent: bool) -> bytes:
+    """dict(encoder, dataset_kwargs, loss_fn, ema) as NVlabs/edm2's training_loop.py pickles it."""
+    channels = den.net.enc["16x16_conv"].weight.shape[1] - 1
+    unet_init = dict(img_resolution=16, img_channels=channels, label_dim=label_dim,
+                     **{k: v for k, v in EDM2_UNET.items() if k != "img_resolution"})
+    half = copy.deepcopy(den).half()
+    unet = module_record(half.net, "UNet", unet_init, HARMLESS_SRC)
+    shell = torch.nn.Module()
+    shell.unet = half.net
+    shell.logvar_fourier, shell.logvar_linear = half.logvar_fourier, half.logvar_linear
+    attrs = dict(img_resolution=16, img_channels=channels, label_dim=label_dim, use_fp16=True, sigma_data=0.5)
+    ema = module_record(shell, "Precond", dict(attrs, logvar_channels=16, **EDM2_UNET), HARMLESS_SRC, **attrs)
+    ema.meta["state"]["_modules"]["unet"] = unet
+    if latent:
+        scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])
+        encoder = Persistent("StabilityVAEEncoder", dict(vae_name="stabilityai/sd-vae-ft-mse", scale=scale,
+                                                         bias=np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale,
+                                                         batch_size=8, _vae=None, _init_args=(), _init_kwargs={}), HARMLESS_SRC)
+    else:
+        encoder = Persistent("StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}), HARMLESS_SRC)
+    loss = Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(), _init_kwargs={}), HARMLESS_SRC)
+    data = dict(encoder=encoder, dataset_kwargs=dict(path="img64.zip"), loss_fn=loss, ema=ema)
+    buf = io.BytesIO()
+    SnapshotPickler(buf, protocol=4).dump(data)
+    return buf.getvalue()
+
+
+def edm2_inputs(channels: int, label_dim: int) -> tuple:
+    gen = torch.Generator().manual_seed(7)
+    sigma = torch.tensor(EDM2_SIGMAS)
+    x = torch.randn(4, channels, 16, 16, generator=gen) * sigma.view(-1, 1, 1, 1).clamp(min=1)
+    labels = torch.eye(label_dim)[torch.randint(label_dim, (4,), generator=gen)] if label_dim else None
+    return x, sigma, labels
+
+
+@pytest.mark.parametrize("label_dim", [0, 10])
+def test_edm2_snapshot_loads_equal_denoiser_with_its_uncertainty_head(tmp_path, label_dim):
+    den = our_edm2(3, label_dim)
+    path = tmp_path / "network-snapshot-0000000-0.100.pkl"
+    path.write_bytes(edm2_snapshot_bytes(den, label_dim, latent=False))
+    snap = read_nvlabs(path)
+    assert snap.denoiser["precond"] == {"kind": "edm", "sigma_data": 0.5, "logvar_channels": 16}
+    assert snap.denoiser["network"]["name"] == "edm2-s" or snap.denoiser["network"]["model_channels"] == 32
+    assert snap.reference["stored_dtype"] == "float16" and snap.reference["encoder"] == "StandardRGBEncoder"
+    loaded, info = load_model(path)
+    assert info.latent is None and info.label_dim == label_dim and info.img_shape == (3, 16, 16)
+    x, sigma, labels = edm2_inputs(3, label_dim)
+    with torch.no_grad():
+        (d_ours, u_ours), (d_ref, u_ref) = loaded(x, sigma, labels, return_logvar=True), den(x, sigma, labels, return_logvar=True)
+    assert torch.equal(d_ours, d_ref) and torch.equal(u_ours, u_ref)
+
+
+def test_edm2_latent_snapshot_loads_but_is_not_sampled_as_images(tmp_path):
+    den = our_edm2(4, 10)
+    path = tmp_path / "edm2-img512-xs-0.135.pkl"
+    path.write_bytes(edm2_snapshot_bytes(den, 10, latent=True))
+    loaded, info = load_model(path)
+    assert info.latent["vae_name"] == "stabilityai/sd-vae-ft-mse"
+    np.testing.assert_allclose(info.latent["latent_scale"], 0.5 / np.float32([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
+    with pytest.raises(ValueError, match="VAE latents.*needs stabilityai/sd-vae-ft-mse"):
+        info.require_pixels()
+    proc = subprocess.run([command("edm-sample"), f"checkpoint={path}", "num_images=1", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and "generates Stable Diffusion VAE latents" in proc.stderr
+    assert not list((tmp_path / "out").glob("*.png")) and not (tmp_path / "out" / "provenance.json").exists()
+    exported = tmp_path / "folder"
+    proc = subprocess.run([command("edm-convert-nvlabs"), f"pkl={path}", f"out={exported}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert load_model(exported)[1].latent == info.latent  # the model folder keeps what its samples are
+
+
+@pytest.fixture
+def edm2_reference(request, monkeypatch):
+    repo = request.config.getoption("--nvlabs-edm2-repo", default=None)
+    if not repo:
+        pytest.skip("needs --nvlabs-edm2-repo PATH (an NVlabs/edm2 checkout)")
+    monkeypatch.syspath_prepend(str(repo))
+    for name in [m for m in sys.modules if m == "training" or m.startswith("training.")]:
+        monkeypatch.delitem(sys.modules, name)  # NVlabs/edm's `training` package may be imported already
+    return pytest.importorskip("training.networks_edm2"), pytest.importorskip("training.encoders")
+
+
+@pytest.mark.parametrize("label_dim", [0, 10])
+def test_edm2_matches_real_reference(edm2_reference, tmp_path, label_dim):
+    """A real NVlabs/edm2 Precond with random weights, pickled in float16 as its training loop does."""
+    ref_networks, ref_encoders = edm2_reference
+    import dnnlib
+
+    torch.manual_seed(0)
+    net = ref_networks.Precond(img_resolution=16, img_channels=3, label_dim=label_dim,
+                               **{k: v for k, v in EDM2_UNET.items() if k != "img_resolution"})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim == 0 else 1))
+    data = dnnlib.EasyDict(encoder=ref_encoders.StandardRGBEncoder(), dataset_kwargs={}, loss_fn=None)
+    data.ema = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16)
+    path = tmp_path / "network-snapshot-0000000-0.100.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    ours = load_nvlabs(path)
+    ref = data.ema.float()
+    x, sigma, labels = edm2_inputs(3, label_dim)
+    with torch.no_grad():
+        (d_ours, u_ours), (d_ref, u_ref) = ours(x, sigma, labels, return_logvar=True), ref(x, sigma, labels, return_logvar=True)
+    assert rel_err(d_ours, d_ref) < 1e-5 and rel_err(u_ours, u_ref.reshape(-1)) < 1e-5

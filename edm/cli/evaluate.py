@@ -168,6 +168,7 @@ def run_bpd(cfg: EvaluateConfig, device: torch.device) -> dict:
         raise ValueError("metric=bpd needs checkpoint=PATH (a run folder, checkpoint, model folder or NVlabs .pkl)")
     dtype = choose(DTYPES, cfg.dtype, "dtype")
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
+    info.require_pixels()
     schedule = build_schedule(cfg.schedule) if cfg.schedule is not None else info.schedule
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     options = dict(

@@ -222,6 +222,7 @@ def run(cfg: DictConfig) -> None:
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
+    info.require_pixels()
     schedule = resolve_schedule(cfg, info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:

@@ -115,12 +115,12 @@ class Block(nn.Module):
 
     def __init__(
         self, in_channels: int, out_channels: int, emb_channels: int, flavor: str = "enc", resample_mode: str = "keep",
-        attention: bool = False, channels_per_head: int = 64, dropout: float = 0.0, res_balance: float = 0.3,
-        attn_balance: float = 0.3, clip_act: float | None = 256,
+        resample_filter: Sequence[float] = (1, 1), attention: bool = False, channels_per_head: int = 64,
+        dropout: float = 0.0, res_balance: float = 0.3, attn_balance: float = 0.3, clip_act: float | None = 256,
     ) -> None:
         super().__init__()
         self.out_channels = out_channels
-        self.flavor, self.resample_mode = flavor, resample_mode
+        self.flavor, self.resample_mode, self.resample_filter = flavor, resample_mode, tuple(resample_filter)
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
         self.emb_gain = nn.Parameter(torch.zeros([]))
@@ -132,7 +132,7 @@ class Block(nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        x = resample(x, self.resample_mode)
+        x = resample(x, self.resample_mode, self.resample_filter)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
@@ -177,6 +177,11 @@ class EDM2UNet(nn.Module):
         concat_balance: float = 0.5,
         dropout: float = 0.0,
         label_dropout: float = 0.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+        channels_per_head: int = 64,
+        resample_filter: Sequence[float] = (1, 1),
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -186,7 +191,8 @@ class EDM2UNet(nn.Module):
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_balance, self.concat_balance = label_balance, concat_balance
         self.out_gain = nn.Parameter(torch.zeros([]))
-        block = dict(emb_channels=cemb, dropout=dropout)
+        block = dict(emb_channels=cemb, dropout=dropout, res_balance=res_balance, attn_balance=attn_balance,
+                     clip_act=clip_act, channels_per_head=channels_per_head, resample_filter=resample_filter)
 
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])

@@ -95,7 +95,8 @@ def _edm2(size: str) -> Callable[[], dict[str, Any]]:
     return lambda: dict(
         img_resolution=64, in_channels=4, label_dim=1000, model_channels=channels, channel_mult=(1, 2, 3, 4),
         channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8), dropout=dropout,
-        label_dropout=0.0,
+        label_dropout=0.0, label_balance=0.5, concat_balance=0.5, res_balance=0.3, attn_balance=0.3, clip_act=256,
+        channels_per_head=64, resample_filter=(1, 1),
     )
 
 
