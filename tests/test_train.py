@@ -521,6 +521,33 @@ def test_recipe_edm_cifar10_sets_the_papers_hyperparameters(schedule, network):
     assert (cfg.loss.P_mean, cfg.loss.P_std, cfg.precond.sigma_data) == (-1.2, 1.2, 0.5)
 
 
+# NVlabs/edm2 train_edm2.py, preset edm2-img64-s, and its training_loop.py defaults, in our units.
+EDM2_IMG64_S = dict(duration=1024 << 20, batch=2048, channels=192, lr=0.0100, decay=35000, dropout=0.00, P_mean=-0.8,
+                    P_std=1.6, rampup_Mimg=10, betas=(0.9, 0.99), stds=(0.050, 0.100), snapshot_nimg=8 << 20)
+
+
+def test_recipe_edm2_img64_sets_the_reference_presets_values():
+    from hydra import compose, initialize_config_dir
+
+    from edm.build import resolved_network
+    from edm.config import from_dictconfig, register_configs
+    from edm.train import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = from_dictconfig(compose("train", overrides=["recipe=edm2-img64", "dataset.root=DATA"]))
+    ref = EDM2_IMG64_S
+    assert cfg.total_kimg * 1000 == pytest.approx(ref["duration"]) and cfg.batch_size == ref["batch"]
+    assert cfg.lr == ref["lr"] and cfg.lr_rampup_kimg * 1000 == ref["rampup_Mimg"] * 1e6
+    assert cfg.lr_decay_kimg * 1000 == ref["decay"] * ref["batch"]  # t_ref = ref_batches batches
+    assert tuple(cfg.adam_betas) == ref["betas"] and tuple(cfg.ema_sigma_rel) == ref["stds"]
+    assert cfg.ema_snapshot_kimg * 1000 == pytest.approx(ref["snapshot_nimg"])
+    assert (cfg.loss.kind, cfg.loss.P_mean, cfg.loss.P_std) == ("edm2", ref["P_mean"], ref["P_std"])
+    network = resolved_network({"name": cfg.network.name})
+    assert (network["model_channels"], network["dropout"]) == (ref["channels"], ref["dropout"])
+    assert cfg.dataset.cond and cfg.augment.p == 0 and not cfg.dataset.xflip
+
+
 @pytest.mark.parametrize("given,launched,expected", [
     ((None, None), {}, ("no", "no")),  # nothing anywhere: fp32, eager
     ((None, None), {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, ("bf16", "inductor")),

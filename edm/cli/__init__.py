@@ -5,6 +5,7 @@
     edm-eval     python -m edm.cli.evaluate FID, precision/recall, reference statistics, bits/dim
     edm-study    python -m edm.cli.nfe_study FD_cls against NFE for solvers x step counts
     edm-export   python -m edm.cli.export   a model folder without pickles (model.safetensors + model.json)
+    edm-posthoc  python -m edm.cli.posthoc  post-hoc EMA (EDM2) from a run's power-EMA snapshots
     edm-convert-nvlabs                      an NVlabs/edm .pkl into that folder, never running its code
 
 All take Hydra key=value overrides, `--help` and Hydra's tab completion (`edm-train -sc install=bash`).
