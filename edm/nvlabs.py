@@ -59,6 +59,7 @@ __all__ = [
     "to_checkpoint",
     "SUPPORTED_PRECONDS",
     "SUPPORTED_MODELS",
+    "array_values",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
 
 class _NumpyArray:
     """Stand-in for numpy.core.multiarray._reconstruct(ndarray, shape, dtype) + its __setstate__: the raw
-    bytes of a small numeric array, decoded by _array_values (edm2's VAE encoder stores its scale and bias so)."""
+    bytes of a small numeric array, decoded by array_values (edm2's VAE encoder stores its scale and bias so)."""
 
     def __init__(self, subtype: Any = None, shape: Any = None, dtype: Any = None) -> None:
         if subtype is not _NDARRAY:
@@ -164,7 +165,7 @@ class _NumpyArray:
 _NDARRAY = object()  # what the pickle's numpy.ndarray global resolves to: only _NumpyArray accepts it
 
 
-def _array_values(array: Any) -> list | float | None:
+def array_values(array: Any) -> list | float | None:
     """The numbers of a _NumpyArray (a flat list, or a float for a 0-d array); None if absent."""
     if array is None:
         return None
@@ -385,8 +386,8 @@ def _encoder_facts(encoder: Any) -> dict[str, Any]:
     facts: dict[str, Any] = {"encoder": encoder.class_name}
     if encoder.class_name == "StabilityVAEEncoder":
         state = encoder.state
-        facts |= {"vae_name": str(state.get("vae_name")), "latent_scale": _array_values(state.get("scale")),
-                  "latent_bias": _array_values(state.get("bias"))}
+        facts |= {"vae_name": str(state.get("vae_name")), "latent_scale": array_values(state.get("scale")),
+                  "latent_bias": array_values(state.get("bias"))}
     return facts
 
 

@@ -28,7 +28,7 @@ from edm import networks
 from edm.checkpoint import CheckpointError, load_denoiser
 from edm.loading import load_model
 from edm.cli.convert_nvlabs import convert
-from edm.nvlabs import NVlabsError, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+from edm.nvlabs import NVlabsError, array_values, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 
 from conftest import command
 
@@ -453,8 +453,10 @@ def test_numpy_scalars_decode_to_python_numbers(tmp_path):
     got = unpickle(path)
     assert got == [float(v) if not isinstance(v, np.bool_) else bool(v) for v in values]
     assert all(type(g) in (float, int, bool) for g in got)
-    path.write_bytes(pickle.dumps([np.array([1.0, 2.0])], protocol=4))  # arrays are not hyper-parameters
-    with pytest.raises(NVlabsError, match="refusing global"):
+    path.write_bytes(pickle.dumps([np.array([1.0, 2.0]), np.float32([[3], [4]])], protocol=4))  # inert byte records
+    assert [array_values(a) for a in unpickle(path)] == [[1.0, 2.0], [3.0, 4.0]]
+    path.write_bytes(pickle.dumps([np.array([None, 1], dtype=object)], protocol=4))  # objects: not numbers
+    with pytest.raises(NVlabsError, match="not a numeric scalar type"):
         unpickle(path)
 
 
@@ -619,12 +621,20 @@ def test_convert_state_dict_rejects_foreign_entries():
 # Against the real reference code (run with --nvlabs-repo PATH; skipped otherwise).
 
 
+def reference_repo(request, monkeypatch, option: str, what: str) -> None:
+    """Put the checkout named by `option` first on sys.path (skip without one); both NVlabs repos have
+    `training`, `torch_utils` and `dnnlib` packages, so imported ones are dropped first."""
+    repo = request.config.getoption(option, default=None)
+    if not repo:
+        pytest.skip(f"needs {option} PATH (an {what} checkout)")
+    monkeypatch.syspath_prepend(str(repo))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
 @pytest.fixture
 def nvlabs_reference(request, monkeypatch):
-    repo = request.config.getoption("--nvlabs-repo", default=None)
-    if not repo:
-        pytest.skip("needs --nvlabs-repo PATH (an NVlabs/edm checkout)")
-    monkeypatch.syspath_prepend(str(repo))
+    reference_repo(request, monkeypatch, "--nvlabs-repo", "NVlabs/edm")
     networks_mod = pytest.importorskip("training.networks")
     loss_mod = pytest.importorskip("training.loss")
     augment_mod = pytest.importorskip("training.augment")
@@ -865,12 +875,7 @@ def test_edm2_latent_snapshot_loads_but_is_not_sampled_as_images(tmp_path):
 
 @pytest.fixture
 def edm2_reference(request, monkeypatch):
-    repo = request.config.getoption("--nvlabs-edm2-repo", default=None)
-    if not repo:
-        pytest.skip("needs --nvlabs-edm2-repo PATH (an NVlabs/edm2 checkout)")
-    monkeypatch.syspath_prepend(str(repo))
-    for name in [m for m in sys.modules if m == "training" or m.startswith("training.")]:
-        monkeypatch.delitem(sys.modules, name)  # NVlabs/edm's `training` package may be imported already
+    reference_repo(request, monkeypatch, "--nvlabs-edm2-repo", "NVlabs/edm2")
     return pytest.importorskip("training.networks_edm2"), pytest.importorskip("training.encoders")
 
 
