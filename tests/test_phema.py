@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edm.phema import (
-    SIGMA_REL_MAX, PowerEMA, exp_to_std, list_snapshots, posthoc_coefficients, power_beta, profile_inner,
+    SIGMA_REL_MAX, PowerEMA, exp_to_std, list_snapshots, posthoc_coefficients, profile_inner,
     profile_residual, std_to_exp,
 )
 
