@@ -431,11 +431,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
 
 
 def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_env):
+    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once."""
     run_dir = tmp_path / "ddp"
+    power = ["ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
-         *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true"],
+         *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true", *power],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -450,6 +452,12 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
         rank0, rank1 = logs[0][step]["indices"], logs[1][step]["indices"]
         assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
         assert rank0 + rank1 == single.micro_batch_indices(8 * step, 0)
+    from edm.phema import list_snapshots
+
+    snapshots = list_snapshots(run_dir)
+    assert [s.cur_nimg for s in snapshots] == [16, 32]
+    last, live = snapshots[-1].weights(0), state["phema"]["emas"][0]
+    assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
 
 
 def test_every_config_ships_in_the_wheel():
