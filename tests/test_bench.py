@@ -104,6 +104,7 @@ def _short_run(mixed_precision: str, steps: int = 40) -> list[float]:
     return [float(train_step(model, loss_fn, opt, [(y, None)], acc, g, lr=2e-3)) for _ in range(steps)]
 
 
+@pytest.mark.slow
 def test_bf16_fast_path_follows_the_fp32_loss_curve():
     """Same seed, data and weights: bf16 autocast and fp32 give the same loss curve within noise."""
     fp32, bf16 = torch.tensor(_short_run("no")), torch.tensor(_short_run("bf16"))

@@ -145,7 +145,8 @@ def test_edm2_loss_defaults_are_edm2s_lognormal_and_learn_the_weighting():
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_thread):
-    """network=edm2-tiny with loss.kind=edm2: the uncertainty head is built, trained and saved; the loss stays finite."""
+    """network=edm2-tiny with loss.kind=edm2 and a power-function EMA: the uncertainty head is built, trained and
+    saved, the loss stays finite, and the EMA's snapshots are written, under every schedule."""
     from hydra import compose, initialize_config_dir
 
     from edm.checkpoint import load_checkpoint
@@ -155,7 +156,8 @@ def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_th
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = from_dictconfig(compose("train", overrides=[*tiny_train, f"run_dir={tmp_path}", f"schedule={schedule}",
-                                                          "network=edm2-tiny", "loss.kind=edm2", "lr=0.01"]))
+                                                          "network=edm2-tiny", "loss.kind=edm2", "lr=0.01",
+                                                          "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]))
     result = train(cfg)
     state = load_checkpoint(result.checkpoint)
     assert state["denoiser"]["precond"]["logvar_channels"] == 128 and state["denoiser"]["network"]["name"] == "edm2-tiny"
@@ -163,6 +165,9 @@ def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_th
     init = edm.Precond(networks.build("edm2-tiny", img_resolution=8, in_channels=1), logvar_channels=128)
     assert not torch.equal(state["model"]["logvar_linear.weight"], init.logvar_linear.weight)  # it was trained
     assert all(math.isfinite(v["loss"]) for v in map(eval_json, result.metrics.read_text().splitlines()))
+    from edm.phema import list_snapshots
+
+    assert [s.cur_nimg for s in list_snapshots(tmp_path)] == [16, 32] and state["phema"]["stds"] == [0.1]
 
 
 def eval_json(line):

@@ -143,7 +143,10 @@ def _worker_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} among {children}")
 
 
-@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("launcher", signal.SIGINT), ("rank 1", signal.SIGTERM)])
+@pytest.mark.parametrize("target, sig", [  # the other two signal paths run in `pytest -m slow`
+    ("launcher", signal.SIGTERM), pytest.param("launcher", signal.SIGINT, marks=pytest.mark.slow),
+    pytest.param("rank 1", signal.SIGTERM, marks=pytest.mark.slow),
+])
 def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, tiny_train, target, sig, one_thread_env):
     """log_every and checkpoint_every far away: the processes still agree on a step to stop after
     (within two steps) and save it, before the launcher's 30 s grace period ends; also when only

@@ -257,12 +257,15 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
 # ----------------------------------------------------------------------------- provenance of an out folder
 
 
+SLOW = pytest.mark.slow  # the same check with another key: in `pytest -m slow`
+
+
 @pytest.mark.parametrize("change,named", [
     (["steps=2"], "num_steps: folder 3, now 2"),
-    (["sampler=euler"], "solver: folder 'heun', now 'euler'"),
-    (["schedule=vp"], "schedule.name: folder 'edm', now 'vp'"),
-    (["dtype=float64"], "dtype: folder 'float32', now 'float64'"),
-    (["ema=false"], "ema: folder True, now False"),
+    pytest.param(["sampler=euler"], "solver: folder 'heun', now 'euler'", marks=SLOW),
+    pytest.param(["schedule=vp"], "schedule.name: folder 'edm', now 'vp'", marks=SLOW),
+    pytest.param(["dtype=float64"], "dtype: folder 'float32', now 'float64'", marks=SLOW),
+    pytest.param(["ema=false"], "ema: folder True, now False", marks=SLOW),
     (["other-checkpoint"], "checkpoint_sha256: folder"),
 ])
 def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, tmp_path, tiny_checkpoint, change, named):
