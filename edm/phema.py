@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,16 +122,18 @@ class PowerEMA:
             ema.load_state_dict(saved)
 
 
-def combine(state_dicts: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Σ_i w_i θ_i for floating-point entries (accumulated in float64, cast back); others from the last."""
-    out: dict[str, torch.Tensor] = {}
-    for key, last in state_dicts[-1].items():
-        if last.is_floating_point():
-            total = sum(float(w) * sd[key].to(torch.float64) for sd, w in zip(state_dicts, weights))
-            out[key] = total.to(last.dtype)
-        else:
-            out[key] = last.clone()
-    return out
+def combine(weighted: Iterable[tuple[dict[str, torch.Tensor], Sequence[float]]], outputs: int) -> list[dict[str, torch.Tensor]]:
+    """[Σ_i w_ij θ_i for j < outputs] over (θ_i, w_i) pairs taken one at a time (θ_i a state_dict, w_i its
+    weight per output): floating-point entries summed in float64 and cast back, others from the last θ_i."""
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in range(outputs)]
+    last: dict[str, torch.Tensor] = {}
+    for last, w in weighted:
+        for total, w_j in zip(totals, w):
+            for key, t in last.items():
+                if t.is_floating_point():
+                    term = float(w_j) * t.to(torch.float64)
+                    total[key] = total[key] + term if key in total else term
+    return [{k: total[k].to(t.dtype) if t.is_floating_point() else t.clone() for k, t in last.items()} for total in totals]
 
 
 # ----------------------------------------------------------------------------- snapshots on disk
@@ -165,12 +167,19 @@ class Snapshot:
     stds: tuple[float, ...]
     meta: dict
 
-    def weights(self, profile: int) -> dict[str, torch.Tensor]:
-        """The state_dict of profile `profile` (an index into stds)."""
+    def profiles(self) -> list[dict[str, torch.Tensor]]:
+        """The state_dict of every profile, in the order of stds, from one read of the file."""
         from safetensors.torch import load_file
 
-        prefix = f"{profile}/"
-        return {k[len(prefix):]: v for k, v in load_file(self.path).items() if k.startswith(prefix)}
+        out: list[dict[str, torch.Tensor]] = [{} for _ in self.stds]
+        for key, value in load_file(self.path).items():
+            index, name = key.split("/", 1)
+            out[int(index)][name] = value
+        return out
+
+    def weights(self, profile: int) -> dict[str, torch.Tensor]:
+        """The state_dict of profile `profile` (an index into stds)."""
+        return self.profiles()[profile]
 
 
 def list_snapshots(run_dir: str | Path) -> list[Snapshot]:

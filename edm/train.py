@@ -271,8 +271,8 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 state.cur_nimg += cfg.batch_size
                 if run.phema is not None:
                     run.phema.update(run.net, state.cur_nimg, cfg.batch_size)
-                    passed = state.cur_nimg // max(snapshot_nimg, 1) > (state.cur_nimg - cfg.batch_size) // max(snapshot_nimg, 1)
-                    if snapshot_nimg and (passed or state.cur_nimg >= total_nimg):  # and at the end of training
+                    if snapshot_nimg and (state.cur_nimg // snapshot_nimg > (state.cur_nimg - cfg.batch_size) // snapshot_nimg
+                                          or state.cur_nimg >= total_nimg):  # a multiple passed, or the end of training
                         save_snapshot(run)
                 loss_sum += loss
                 loss_count += 1

@@ -72,11 +72,12 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     stds = sorted(set(float(v) for v in cfg.sigma_rel))
     X = posthoc_coefficients(in_t, in_std, at, stds)
     residual = profile_residual(in_t, in_std, at, stds, X)
-    weights = [s.weights(i) for s, i in inputs]
+    profiles = (profile for s in snaps for profile in s.profiles())  # each file read once, one at a time
+    emas = combine(zip(profiles, X), len(stds))
     summary = []
     for j, std in enumerate(stds):
         state = {"denoiser": first.meta["denoiser"], "schedule": first.meta["schedule"], "config": first.meta["config"],
-                 "step": snaps[-1].meta["step"], "ema": combine(weights, X[:, j])}
+                 "step": snaps[-1].meta["step"], "ema": emas[j]}
         info = {"sigma_rel": std, "at_kimg": at / 1000, "residual": float(residual[j]),
                 "inputs": [{"snapshot": s.path.name, "sigma_rel": s.stds[i], "weight": float(X[k, j])}
                            for k, (s, i) in enumerate(inputs)]}
