@@ -1,12 +1,13 @@
 """A model folder without pickles: DIR/model.safetensors (the weights) + DIR/model.json (what they are).
 
-    export_model("runs/digits-edm-tiny", "export/digits")      # the EMA denoiser of the latest checkpoint
-    load_model("export/digits")                                  # edm.loading reads it like any model file
+    path, state = read_model_file("runs/digits-edm-tiny")   # edm.loading: any model file -> checkpoint dict
+    export_state(state, "export/digits")                     # its EMA denoiser as a model folder (edm-export)
+    load_model("export/digits")                              # edm.loading reads it like any model file
 
 model.json holds the denoiser spec (network with every preset value, precond), the schedule,
 which weights these are (EMA or raw), the training data set's config when known, the facts of
-an NVlabs original (e.g. an EDM2 model's VAE latents), and the SHA-256 of the file they came from. Reading it needs json and safetensors only: no pickle,
-no torch.load, nothing that can run code.
+an NVlabs original (e.g. an EDM2 model's VAE latents), and the SHA-256 of the file they came
+from. Reading it needs json and safetensors only: no pickle, no torch.load, nothing that can run code.
 """
 
 from __future__ import annotations

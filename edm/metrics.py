@@ -200,9 +200,10 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _load_nvlabs_detector(path: Path, device: torch.device | str, allow_pickle: bool, alternative: str) -> nn.Module:
-    """An NVlabs detector file (.pkl or TorchScript), only with allow_pickle: both run code stored in the file."""
-    torchscript = _is_torchscript(path)
+def _load_nvlabs_detector(path: Path, device: torch.device | str, allow_pickle: bool, alternative: str,
+                          torchscript: bool) -> nn.Module:
+    """An NVlabs detector file (a pickle, or TorchScript when `torchscript`), only with allow_pickle: both run code
+    stored in the file."""
     if not allow_pickle:
         kind = "a TorchScript archive (its forward is code stored in the file)" if torchscript else \
             "a pickle: loading it runs code stored in the file"
@@ -233,8 +234,10 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
     path = Path(path)
-    if path.suffix == ".pkl" or _is_torchscript(path):
-        return _load_nvlabs_detector(path, device, allow_pickle, ", or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    torchscript = _is_torchscript(path)
+    if path.suffix == ".pkl" or torchscript:
+        return _load_nvlabs_detector(path, device, allow_pickle, ", or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
+                                     torchscript)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -257,9 +260,10 @@ def load_vgg16(path: str | Path | None, device: torch.device | str = "cpu", *, a
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"VGG-16 detector not found at {str(path)!r}.\n{VGG16_HELP}")
     path = Path(path)
-    if path.suffix != ".pkl" and not _is_torchscript(path):
+    torchscript = _is_torchscript(path)
+    if path.suffix != ".pkl" and not torchscript:
         raise ValueError(f"{path} is neither NVlabs' TorchScript vgg16.pt nor its vgg16.pkl.\n{VGG16_HELP}")
-    return _load_nvlabs_detector(path, device, allow_pickle, "")
+    return _load_nvlabs_detector(path, device, allow_pickle, "", torchscript)
 
 
 # ----------------------------------------------------------------------------- image sources

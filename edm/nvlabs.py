@@ -317,7 +317,9 @@ SUPPORTED_PRECONDS: Mapping[str, str] = MappingProxyType(
     {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "Precond": "edm"}
 )
 """Reference preconditioning class -> our Precond kind (Precond: NVlabs/edm2's, EDM's parameterization)."""
-_WRAPPED = MappingProxyType({"Precond": "unet"})  # the child that holds the network (NVlabs/edm: "model")
+# The child that holds the network, and the network classes it may be, per precond class (else NVlabs/edm's).
+_WRAPPED = MappingProxyType({"Precond": ("unet", ("UNet",))})
+_EDM_WRAPPED = ("model", ("SongUNet", "DhariwalUNet"))
 
 
 @dataclass(frozen=True)
@@ -462,8 +464,9 @@ def _precond_spec(ema: PersistentObject) -> tuple[dict, dict, dict]:
     return precond, schedule, facts
 
 
-def _ema(root: Any, path: str) -> PersistentObject:
-    """The snapshot's `ema` entry, checked to be a supported Precond around a supported network."""
+def _ema(root: Any, path: str) -> tuple[PersistentObject, str]:
+    """The snapshot's `ema` entry, checked to be a supported Precond around a supported network, and the
+    name of the child that holds that network."""
     if not isinstance(root, dict) or "ema" not in root:
         found = sorted(map(str, root)) if isinstance(root, dict) else type(root).__name__
         raise NVlabsError(f"{path}: expected a dict with an 'ema' network (an NVlabs snapshot), found {found}")
@@ -475,21 +478,19 @@ def _ema(root: Any, path: str) -> PersistentObject:
         if ema.class_name == "iDDPMPrecond":
             hint = " (iDDPM preconditioning, e.g. baseline-imagenet-64x64-cond-adm.pkl, is not supported)"
         raise NVlabsError(f"{path}: 'ema' is a {ema.class_name}{hint}; supported: {', '.join(SUPPORTED_PRECONDS)}")
-    child = _WRAPPED.get(ema.class_name, "model")
+    child, wanted = _WRAPPED.get(ema.class_name, _EDM_WRAPPED)
     model = (ema.state.get("_modules") or {}).get(child)
-    wanted = ("UNet",) if child == "unet" else ("SongUNet", "DhariwalUNet")
     if not isinstance(model, PersistentObject) or model.class_name not in wanted:
         found = model.class_name if isinstance(model, PersistentObject) else type(model).__name__
         raise NVlabsError(f"{path}: 'ema.{child}' is a {found}; supported: {', '.join(wanted)}")
-    return ema
+    return ema, child
 
 
 def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
     """Parse an NVlabs/edm snapshot safely into our denoiser spec, schedule and state_dict."""
     path = os.fspath(path)
     root = unpickle(path)
-    ema = _ema(root, path)
-    child = _WRAPPED.get(ema.class_name, "model")
+    ema, child = _ema(root, path)
     model = ema.state["_modules"][child]
     try:  # NVlabsError is a ValueError; TypeError/ValueError also come from malformed recorded values
         network = _network_spec(model, f"ema.{child}")

@@ -116,16 +116,16 @@ def _dataset(cfg: EvaluateConfig, cond: bool = False) -> Optional[DatasetConfig]
     return dataclasses.replace(cfg.dataset, cond=cond, max_size=cfg.num if cfg.metric == "bpd" else cfg.dataset.max_size)
 
 
-def _one_source(cfg: EvaluateConfig, key: str, what: str) -> None:
+def _one_source(cfg: EvaluateConfig, key: str, what: str, forms: str = "folder or .npz") -> None:
+    """Exactly one of `key`=PATH and dataset=NAME."""
     if (getattr(cfg, key) is None) == (cfg.dataset is None):
-        raise ValueError(f"metric={cfg.metric}: give the {what} as {key}=PATH (folder or .npz) or dataset=NAME")
+        raise ValueError(f"metric={cfg.metric}: give the {what} as {key}=PATH ({forms}) or dataset=NAME")
 
 
 def run_fid(cfg: EvaluateConfig, device: torch.device) -> dict:
     if cfg.images is None:
         raise ValueError("metric=fid needs images=PATH (a folder of PNGs or an .npz)")
-    if (cfg.ref is None) == (cfg.dataset is None):
-        raise ValueError("metric=fid: give the reference as ref=PATH (statistics .npz, image folder or .npz) or dataset=NAME")
+    _one_source(cfg, "ref", "reference", "statistics .npz, image folder or .npz")
     return score_images(cfg, cfg.images, _dataset(cfg), device)
 
 

@@ -16,10 +16,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from edm.checkpoint import CheckpointError, OutputWriteError
+from edm.checkpoint import CheckpointError, OutputWriteError, denoiser_from_state
 from edm.cli import CONFIG_DIR, fail
 from edm.export import WEIGHTS_NAME, export_state
-from edm.loading import load_model, read_model_file
+from edm.loading import read_model_file
 from edm.provenance import file_sha256
 
 
@@ -38,7 +38,7 @@ def main(dcfg: DictConfig) -> None:
     cfg: ExportConfig = OmegaConf.to_object(dcfg)
     try:
         path, state = read_model_file(cfg.checkpoint, cfg.ema)
-        load_model(cfg.checkpoint, ema=cfg.ema)  # the weights must fit their spec before anything is written
+        denoiser_from_state(state, cfg.ema, str(path))  # the weights must fit their spec before anything is written
         out = export_state(state, cfg.out, ema=cfg.ema, source_sha256=file_sha256(path))
     except (ValueError, FileNotFoundError, CheckpointError, OutputWriteError) as err:
         fail("edm-export", err)

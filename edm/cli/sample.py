@@ -263,8 +263,8 @@ def _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer,
     output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols, grid_scale=cfg.grid_scale)
     result = report(record, cfg, info, seeds, output, state.num_processes, time.time() - start)
     if cfg.eval.fid:
-        e = ScoreConfig(**{k: v for k, v in OmegaConf.to_container(cfg.eval).items() if k != "fid"})
-        result["metrics"] = score_images(e, output, dataset_config(cfg), state.device, default_cache=out / "fid-refs")
+        result["metrics"] = score_images(OmegaConf.to_object(cfg.eval), output, dataset_config(cfg), state.device,
+                                         default_cache=out / "fid-refs")  # EvalConfig is a ScoreConfig
     outputs.write_json(out / REPORT_NAME, result)
     print(f"wrote {len(seeds)} images to {output}; report {out / REPORT_NAME}")
     if "metrics" in result:
