@@ -9,6 +9,7 @@ resolved, so a checkpoint that spelled out a preset's values matches a config th
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from .phema import PowerEMA, snapshot_path, write_snapshot
 from .schedules import Schedule
 
 __all__ = [
-    "RunState", "Run", "RunDirError", "RunDirLock", "seed_for", "rng_state", "set_rng_state", "restore",
+    "RunState", "Run", "RunDirError", "RunDirLock", "stream_seed", "seed_streams", "rng_state", "set_rng_state", "restore",
     "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics",
 ]
 
@@ -139,9 +140,20 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def seed_for(seed: int, rank: int) -> int:
-    """Per-process seed of the training-noise generator and the global RNG (dropout)."""
-    return (int(seed) * 7919 + 1 + rank) % (2**63)
+def stream_seed(seed: int, stream: str, rank: int, step: int = 0) -> int:
+    """The 63-bit seed of one random stream of process `rank`, started at `step`: BLAKE2b of
+    (seed, stream, rank, step). Distinct streams, processes and runs never share a seed, and none
+    equals a data permutation's small seed (edm.data.epoch_permutation), which a linear formula
+    can hit: seed·7919 + 1 + rank is 1 for seed 0, the seed of P_1."""
+    digest = hashlib.blake2b(f"edm/{int(seed)}/{stream}/{int(rank)}/{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63)
+
+
+def seed_streams(generator: torch.Generator, seed: int, rank: int, step: int = 0) -> None:
+    """Seed the training generator and the global RNG (CPU and CUDA) from their own streams: with one
+    seed for both, dropout masks would reuse the bits of σ and n (on CUDA the same Philox sequence)."""
+    generator.manual_seed(stream_seed(seed, "noise", rank, step))
+    torch.manual_seed(stream_seed(seed, "global", rank, step))
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -244,8 +256,7 @@ def restore(run: Run, path: Path) -> None:
         set_rng_state(run.generator, per_rank[rank])
     else:
         logger.warning("checkpoint was written by %d processes, this run has %d: random streams are re-seeded", len(per_rank), world)
-        torch.manual_seed(seed_for(run.cfg.seed + run.state.step, rank))
-        run.generator.manual_seed(seed_for(run.cfg.seed + run.state.step, rank))
+        seed_streams(run.generator, run.cfg.seed, rank, run.state.step)
     logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
 
 

@@ -38,7 +38,7 @@ from .hardware import launch_settings, set_precision_flags
 from .outputs import save_grid
 from .phema import PowerEMA
 from .run import (
-    Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_for,
+    Run, RunDirError, RunDirLock, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_streams,
     trim_metrics,
 )
 from .plots import LOSS_CURVE_NAME, plot_loss_curve
@@ -155,8 +155,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, 
     model, optimizer = accelerator.prepare(net, optimizer)
     ema.to(accelerator.device)
     rank = accelerator.process_index
-    torch.manual_seed(seed_for(cfg.seed, rank))
-    generator = torch.Generator(accelerator.device).manual_seed(seed_for(cfg.seed, rank))
+    generator = torch.Generator(accelerator.device)
+    seed_streams(generator, cfg.seed, rank)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock, phema=phema)
     if cfg.resume and latest is not None:

@@ -371,6 +371,33 @@ def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
     assert [r["loss"] for r in _metrics(tmp_path / "a")] == [r["loss"] for r in _metrics(b)]
 
 
+def test_no_two_random_streams_of_training_share_a_seed():
+    """The noise and global streams of 8 processes, started at any of 4 steps, for seeds 0..49, and
+    the data permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + rank
+    gave seed 0's noise the seed of its P_1)."""
+    from edm.run import stream_seed
+
+    streams = [stream_seed(seed, stream, rank, step) for seed in range(50) for stream in ("noise", "global")
+               for rank in range(8) for step in (0, 1, 2, 1000)]
+    permutations = [(seed * 1_000_003 + epoch) % 2**63 for seed in range(50) for epoch in range(100)]
+    assert len(set(streams)) == len(streams)
+    assert not set(streams) & set(permutations)
+    assert all(0 <= s < 2**63 for s in streams)
+
+
+def test_dropout_and_training_noise_draw_different_bits(compose_train):
+    """After set-up the global RNG (dropout) and the training generator (σ, n) are in different
+    states, so a dropout mask is no function of the noise it is applied with."""
+    from edm.train import setup
+
+    run = setup(compose_train())
+    try:
+        assert not torch.equal(torch.get_rng_state(), run.generator.get_state())
+        assert not torch.equal(torch.rand(64), torch.rand(64, generator=run.generator))
+    finally:
+        run.lock.release()
+
+
 def test_existing_run_needs_resume_flag(compose_train, tmp_path):
     train(compose_train("total_kimg=0.016"))
     with pytest.raises(RunDirError, match="resume=true"):
