@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .augment import augment
 from .build import build_loss, build_schedule, denoiser_spec
 from .checkpoint import OutputWriteError
-from .cli import CONFIG_DIR, fail
+from .cli import CONFIG_DIR, close_log, fail, own_folder_files
 from .config import TrainConfig, check_config, from_dictconfig, register_configs
 from .data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, to_model_space
 from .ema import ema_beta, update_ema
@@ -328,26 +328,6 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
 # ----------------------------------------------------------------------------- entry point
 
 
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
-
-
-def own_run_dir_files(run_dir: Path, dcfg: Any, hydra_cfg: Any) -> logging.Handler:
-    """What the CLI keeps in run_dir, written by the main process once the run owns the folder (a refused
-    second run writes nothing there): .hydra/{config,hydra,overrides}.yaml as Hydra writes them, and
-    train.log (appended on resume), whose handler is returned for the caller to remove."""
-    from omegaconf import OmegaConf
-
-    folder = run_dir / ".hydra"
-    for name, node in (("config.yaml", dcfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
-                       ("overrides.yaml", hydra_cfg.overrides.task)):
-        text = OmegaConf.to_yaml(node).encode()
-        ckpt.atomic_write(folder / name, lambda f, text=text: f.write(text), durable=False)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
 def sweep_job(cfg: TrainConfig, dcfg: Any, hydra_cfg: Any) -> TrainConfig:
     """In a Hydra multirun (-m) every job trains in its own run_dir, hydra.sweep.dir/<job number>-<its
     overrides> (configs/train.yaml), beside the sweep's multirun.yaml; a run_dir given on the command
@@ -383,13 +363,13 @@ def _hydra_main() -> None:
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
         handlers: list[logging.Handler] = []
         try:
-            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(own_run_dir_files(run_dir, dcfg, hydra_cfg)))
+            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(own_folder_files(run_dir, dcfg, hydra_cfg,
+                                                                                                 "train.log")))
         except (ValueError, FileNotFoundError, FileExistsError, OutputWriteError, TrainingDivergedError) as err:
             fail("edm-train", err)  # config, data, checkpoint, disk and divergence errors: the message says what to do
         finally:
             for handler in handlers:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
+                close_log(handler)
         if is_main:
             print(f"step {result.state.step} ({result.state.cur_nimg / 1000:.1f} kimg); checkpoint: {result.checkpoint}")
             if result.grid is not None:

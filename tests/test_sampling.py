@@ -269,13 +269,15 @@ SLOW = pytest.mark.slow  # the same check with another key: in `pytest -m slow`
     (["other-checkpoint"], "checkpoint_sha256: folder"),
 ])
 def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, tmp_path, tiny_checkpoint, change, named):
-    """A second run into the same out with any setting changed generates nothing and names the key
-    and the two ways out; overwrite=true deletes the old images and starts over."""
+    """A second run into the same out with any setting changed generates nothing, leaves the folder's
+    .hydra/ config and sample.log as they were, and names the key and the two ways out; overwrite=true
+    deletes the old images and starts over."""
     ckpt = run_dir / "checkpoint-00000010.pt"
     out = tmp_path / "out"
     common = ["num_images=2", "sampler=heun", "steps=3", "format=npz", f"out={out}"]
     sample_script(f"checkpoint={ckpt}", *common)
     before = sorted(p.name for p in (out / "parts").iterdir())
+    record = {name: (out / name).read_bytes() for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "sample.log")}
     if change == ["other-checkpoint"]:
         change = [f"checkpoint={tiny_checkpoint(tmp_path / 'other.pt', perturb=0.01)}"]
     else:
@@ -284,6 +286,7 @@ def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, t
     assert proc.returncode == 1 and named in proc.stderr, proc.stderr
     assert "out=DIR" in proc.stderr and "overwrite=true" in proc.stderr
     assert sorted(p.name for p in (out / "parts").iterdir()) == before  # nothing generated or removed
+    assert {name: (out / name).read_bytes() for name in record} == record  # the folder's config and log untouched
     sample_script(*common, *change, "num_images=4", "overwrite=true")
     report = json.loads((out / "report.json").read_text())
     assert report["num_images"] == 4 and not set(before) & {p.name for p in (out / "parts").iterdir()}

@@ -14,11 +14,14 @@ Their configs are the YAML files of configs/ (shipped inside the package as edm/
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-__all__ = ["CONFIG_DIR", "fail"]
+__all__ = ["CONFIG_DIR", "fail", "own_folder_files", "close_log", "LOG_FORMAT"]
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
 
 def _config_dir() -> str:
@@ -36,3 +39,29 @@ def fail(program: str, err: BaseException) -> NoReturn:
     """End a command on an error whose message says what to do: `program: error: ...` on stderr, exit 1."""
     print(f"{program}: error: {err}", file=sys.stderr)
     raise SystemExit(1) from None
+
+
+def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> logging.Handler:
+    """What a command keeps in its output folder, written by the main process once it owns the folder
+    (a refused run writes nothing there, so it cannot overwrite the owner's record): .hydra/{config,
+    hydra,overrides}.yaml as Hydra writes them, and `log_name` (appended to), whose handler is
+    returned for `close_log`. The commands' configs set output_subdir null and log to stdout, so
+    Hydra itself writes neither."""
+    from omegaconf import OmegaConf
+
+    from edm.checkpoint import atomic_write
+
+    for name, node in (("config.yaml", dcfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        text = OmegaConf.to_yaml(node).encode()
+        atomic_write(Path(folder) / ".hydra" / name, lambda f, text=text: f.write(text), durable=False)
+    handler = logging.FileHandler(Path(folder) / log_name, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def close_log(handler: logging.Handler) -> None:
+    """Detach and close a handler of own_folder_files."""
+    logging.getLogger().removeHandler(handler)
+    handler.close()

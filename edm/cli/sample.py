@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import edm
@@ -30,7 +31,7 @@ from edm import metrics, outputs, sampling
 from edm.build import build_schedule, schedule_spec
 from edm.checkpoint import OutputWriteError
 from edm.choices import choose
-from edm.cli import CONFIG_DIR, fail
+from edm.cli import CONFIG_DIR, close_log, fail, own_folder_files
 from edm.cli.evaluate import ScoreConfig, score_images
 from edm.config import ScheduleConfig
 from edm.data import DatasetConfig
@@ -234,16 +235,23 @@ def run(cfg: DictConfig) -> None:
     plan = sampling.plan_images(seeds, class_labels(cfg), info.label_dim)
     out = Path(cfg.out)
     record = provenance(cfg, settings, schedule, info, launch) | {"guide_sha256": guide_sha256}
-    lock = None
+    lock = log_file = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = RunDirLock(out, key="out", owner="sampler").acquire()
-        claim(out, record, earlier_results(out), overwrite=cfg.overwrite)
+        try:
+            claim(out, record, earlier_results(out), overwrite=cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        log_file = own_folder_files(out, cfg, HydraConfig.get(), "sample.log")
         log.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
                  len(seeds), settings.solver, settings.num_steps, schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer, info, seeds, record, out)
     finally:
+        if log_file is not None:
+            close_log(log_file)
         if lock is not None:
             lock.release()
 
@@ -274,7 +282,6 @@ def _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer,
 def sweep_job_folder(cfg: DictConfig) -> None:
     """In a Hydra multirun (-m), each job writes to its own folder OUT/<job number>-<its overrides>
     (hydra.sweep in configs/sample.yaml), beside the sweep's multirun.yaml in OUT."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
