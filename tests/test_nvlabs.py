@@ -9,10 +9,12 @@ built, pickled as the training loop does, loaded with `load_nvlabs` and compared
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import math
 import os
 import pickle
+import re
 import runpy
 import subprocess
 import sys
@@ -33,6 +35,16 @@ from edm.nvlabs import NVlabsError, array_values, convert_state_dict, load_nvlab
 from conftest import command
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_nvlabs_loop():
+    spec = importlib.util.spec_from_file_location("edm_nvlabs_loop", REPO / "scripts" / "nvlabs_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+nvlabs_loop = _load_nvlabs_loop()  # scripts/nvlabs_loop.py: the reference's training iteration and loop
 
 # --------------------------------------------------------------------------------------
 # Architectures under test: reference constructor kwargs (small sizes, real structure).
@@ -691,23 +703,6 @@ LOOP_NET = dict(model_channels=16, channel_mult=[1, 2], channel_mult_emb=4, num_
                 encoder_type="standard", decoder_type="standard", resample_filter=[1, 1])
 
 
-def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int) -> None:
-    """One iteration of NVlabs/edm training/training_loop.py on one GPU without accumulation:
-    zero grads, backward of loss.sum() / batch, lr ramp, nan_to_num on the gradients, Adam, EMA."""
-    optimizer.zero_grad(set_to_none=True)
-    loss_fn(net=net, images=images, labels=None).sum().mul(1 / images.shape[0]).backward()
-    for group in optimizer.param_groups:
-        group["lr"] = LOOP["lr"] * min(cur_nimg / max(LOOP["rampup_kimg"] * 1000, 1e-8), 1)
-    for p in net.parameters():
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-    optimizer.step()
-    halflife_nimg = min(LOOP["halflife_kimg"] * 1000, cur_nimg * LOOP["rampup_ratio"])
-    beta = 0.5 ** (images.shape[0] / max(halflife_nimg, 1e-8))
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-
-
 def reference_draws(kind: str, images: torch.Tensor, seed: int, schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """The σ [B] and n that the reference loss draws from the global RNG after manual_seed(seed)."""
     torch.manual_seed(seed)
@@ -760,7 +755,9 @@ def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
         images = torch.rand([B, 1, R, R], generator=data) * 2 - 1
         sigma, noise = reference_draws(kind, images, 100 + step, schedule)
         torch.manual_seed(100 + step)
-        reference_iteration(ref, ref_ema, ref_opt, reference_loss, images, cur_nimg)
+        nvlabs_loop.reference_iteration(ref, ref_ema, ref_opt, reference_loss, images, cur_nimg, lr=LOOP["lr"],
+                                        rampup_kimg=LOOP["rampup_kimg"], halflife_kimg=LOOP["halflife_kimg"],
+                                        rampup_ratio=LOOP["rampup_ratio"])
 
         def injected(den, y, labels, generator=None):
             return loss(den, y, labels, sigma=sigma, noise=noise)
@@ -777,6 +774,40 @@ def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
     assert travelled > 0
     assert distance(ours.parameters(), ref.parameters()) < 1e-3 * travelled
     assert distance(our_ema.parameters(), ref_ema.parameters()) < 1e-3 * distance(ref_ema.parameters(), theta0)
+
+
+def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_checkpoint(
+        nvlabs_reference, request, tmp_path, tiny_train):
+    """scripts/nvlabs_loop.py with edm-train's overrides: after its first iteration (lr 0 at n = 0)
+    the raw weights equal edm-train's after its first step bit for bit, so both start from the same
+    network; after four the EMA has moved, and edm's loader reads the checkpoint it wrote."""
+    from edm.train import train
+
+    repo = request.config.getoption("--nvlabs-repo")
+    one_step = [*tiny_train, "total_kimg=0.008", "dataset.num_workers=0"]
+    ref_path = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref1"), *one_step])
+    ours = train(nvlabs_loop.compose(one_step, tmp_path / "ours1"))
+    ref_state, our_state = (torch.load(p, weights_only=True) for p in (ref_path, ours.checkpoint))
+    assert ref_state["model"].keys() == our_state["model"].keys()
+    assert all(torch.equal(ref_state["model"][k], our_state["model"][k]) for k in our_state["model"])
+    four = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref4"), *tiny_train,
+                             "dataset.num_workers=0"])
+    denoiser, state = load_denoiser(four)
+    assert state["step"] == 4 and "NVlabs/edm" in state["trained_by"]
+    assert not all(torch.equal(state["ema"][k], ref_state["ema"][k]) for k in state["ema"])
+    with pytest.raises(SystemExit, match="already holds"):
+        nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref4"), *tiny_train])
+
+
+@pytest.mark.parametrize("override, named", [
+    ("schedule=ve", "schedule"), ("network=adm", "network"), ("dataset.cond=true", "dataset.cond"),
+    ("augment.p=0.1", "augment.p"), ("grad_clip=1", "grad_clip"), ("loss.kind=vp", "loss.kind"),
+])
+def test_reference_loop_script_refuses_what_it_does_not_implement(tmp_path, tiny_train, override, named):
+    cfg = nvlabs_loop.compose([*tiny_train, override], tmp_path)
+    schedule, network = cfg.schedule.name, "adm" if override == "network=adm" else "tiny"
+    with pytest.raises(SystemExit, match=f"does not implement {re.escape(named)}"):
+        nvlabs_loop.check_supported(cfg, schedule, network)
 
 
 # --------------------------------------------------------------------------------------

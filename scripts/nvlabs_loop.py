@@ -1,0 +1,177 @@
+"""Train with NVlabs/edm's own training loop, from edm-train's initial weights and on its data set.
+
+    python scripts/nvlabs_loop.py --nvlabs-repo /path/to/edm --out runs/ref-s0 \
+        dataset=fashion_mnist dataset.resolution=16 network=tiny total_kimg=96 seed=0
+
+The reference arm of the side-by-side in docs/nvlabs.md. The Hydra overrides are edm-train's, and
+they pick the data set, the network and the hyperparameters. Then the loop runs the reference's
+code: EDMPrecond or VPPrecond around its SongUNet, EDMLoss or VPLoss (σ and n from the global RNG,
+seeded as its training_loop.py seeds it), InfiniteSampler, torch.optim.Adam, its learning-rate
+ramp, nan_to_num on the gradients and its EMA update. It starts from the weights that edm-train
+builds for the same seed. OUT gets an edm checkpoint (raw and EMA weights, the config), which
+edm-sample and edm-study read.
+
+This imports the checkout's Python code: --nvlabs-repo is the opt-in. Settings that the reference
+loop of this script does not implement are refused: labels, augmentation, accumulation, lr decay,
+grad_clip, mixed precision, schedules other than edm and vp, and networks other than SongUNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from edm import checkpoint as ckpt
+from edm.build import build_loss, build_schedule, denoiser_spec, schedule_spec
+from edm.cli import CONFIG_DIR
+from edm.config import TrainConfig, from_dictconfig, register_configs, to_container
+from edm.data import build_dataset, to_model_space
+
+REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
+SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
+OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim")  # set by the reference's precond
+REFERENCE_PRECOND_KEYS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M")}  # taken from our precond spec
+
+
+def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int, *, lr: float,
+                        rampup_kimg: float, halflife_kimg: float, rampup_ratio: float) -> None:
+    """One iteration of NVlabs/edm training/training_loop.py on one GPU without accumulation:
+    zero grads, backward of loss.sum() / batch, lr·min(n / rampup, 1), nan_to_num on the gradients,
+    Adam, then EMA ← lerp(θ, EMA, β) with β = 0.5^(batch / min(halflife, n·rampup_ratio))."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(net=net, images=images, labels=None).sum().mul(1 / images.shape[0]).backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    optimizer.step()
+    halflife_nimg = min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
+    beta = 0.5 ** (images.shape[0] / max(halflife_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
+def compose(overrides: list[str], out: Path) -> TrainConfig:
+    """edm-train's config for these overrides (run_dir = out)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return from_dictconfig(hydra_compose("train", overrides=[*overrides, f"run_dir={out}"]))
+
+
+def reference_loss(ref_loss: Any, cfg: TrainConfig, schedule: Any) -> Any:
+    """The reference's EDMLoss or VPLoss with the values of our resolved loss and schedule."""
+    ours = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
+    if schedule.name == "edm":
+        return ref_loss.EDMLoss(P_mean=ours.P_mean, P_std=ours.P_std, sigma_data=ours.sigma_data)
+    return ref_loss.VPLoss(beta_d=schedule.beta_d, beta_min=schedule.beta_min, epsilon_t=ours.epsilon_t)
+
+
+def check_supported(cfg: TrainConfig, schedule_name: str, network_name: str) -> None:
+    """Refuse what this script's reference loop does not implement, naming the setting."""
+    unsupported = {
+        "schedule": schedule_name not in REFERENCE_CLASSES, "network": network_name not in SONGUNET_NETWORKS,
+        "loss.kind": cfg.loss.kind not in (None, schedule_name), "precond.kind": cfg.precond.kind not in (None, schedule_name),
+        "loss.learned_weighting": bool(cfg.loss.learned_weighting),
+        "dataset.cond": bool(cfg.dataset.cond), "augment.p": cfg.augment.p > 0,
+        "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
+        "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),
+    }
+    named = [key for key, bad in unsupported.items() if bad]
+    if named:
+        raise SystemExit(f"nvlabs_loop.py: error: the reference loop here does not implement {', '.join(named)} "
+                         f"(schedules {list(REFERENCE_CLASSES)}, networks {list(SONGUNET_NETWORKS)}, "
+                         "unconditional, no augmentation, accumulation, lr decay, grad_clip or mixed precision)")
+
+
+@contextlib.contextmanager
+def sampler_init_without_arguments() -> Iterator[None]:
+    """NVlabs' InfiniteSampler calls Sampler.__init__(dataset), which torch >= 2.4 no longer takes."""
+    saved = torch.utils.data.Sampler.__init__
+    torch.utils.data.Sampler.__init__ = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch.utils.data.Sampler.__init__ = saved
+
+
+def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100) -> Path:
+    """Run the reference loop for the config's total_kimg; returns the checkpoint it wrote in `out`."""
+    if ckpt.find_latest(out) is not None:
+        raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {ckpt.find_latest(out).name}; choose another --out")
+    cfg = compose(overrides, out)
+    schedule = build_schedule(cfg.schedule)
+    dataset = build_dataset(cfg.dataset)
+    spec = denoiser_spec(cfg, dataset, schedule)
+    check_supported(cfg, schedule.name, spec["network"]["name"])
+    sys.path.insert(0, str(Path(nvlabs_repo).resolve()))
+    from torch_utils import misc as ref_misc
+    from training import loss as ref_loss, networks as ref_networks
+
+    torch.manual_seed(cfg.seed)  # edm-train's initial weights (edm.train._setup_run)
+    ours = ckpt.build_denoiser(spec)
+    np.random.seed(cfg.seed % (1 << 31))  # training_loop.py's seeding of one process
+    torch.manual_seed(np.random.randint(1 << 31))
+    precond_class, loss_class = REFERENCE_CLASSES[schedule.name]
+    net_kwargs = {k: v for k, v in spec["network"].items() if k not in OURS_ONLY}
+    precond_kwargs = {k: v for k, v in spec["precond"].items() if k in REFERENCE_PRECOND_KEYS[schedule.name]}
+    net = getattr(ref_networks, precond_class)(img_resolution=dataset.resolution, img_channels=dataset.channels,
+                                               label_dim=0, use_fp16=False, model_type="SongUNet", **precond_kwargs,
+                                               **net_kwargs)
+    net.load_state_dict({"model." + k.removeprefix("net."): v for k, v in ours.state_dict().items()}, strict=True)
+    net.train().requires_grad_(True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = reference_loss(ref_loss, cfg, schedule)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    with sampler_init_without_arguments():
+        sampler = ref_misc.InfiniteSampler(dataset=dataset, seed=cfg.seed)
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size,
+                                              num_workers=cfg.dataset.num_workers))
+    cur_nimg, total_nimg, start = 0, int(round(cfg.total_kimg * 1000)), time.time()
+    while cur_nimg < total_nimg:
+        reference_iteration(net, ema, optimizer, loss_fn, to_model_space(next(loader)[0]), cur_nimg, lr=cfg.lr,
+                            rampup_kimg=cfg.lr_rampup_kimg, halflife_kimg=cfg.ema_halflife_kimg,
+                            rampup_ratio=cfg.ema_rampup_ratio)
+        cur_nimg += cfg.batch_size
+        step = cur_nimg // cfg.batch_size
+        if step % log_every == 0:
+            print(f"step {step}  kimg {cur_nimg / 1000:.1f}  {time.time() - start:.0f} s", flush=True)
+
+    def as_ours(module: torch.nn.Module) -> dict[str, Any]:
+        return {"net." + k.removeprefix("model."): v for k, v in module.state_dict().items()}
+
+    step = cur_nimg // cfg.batch_size
+    path = ckpt.checkpoint_path(out, step)
+    ckpt.save_checkpoint(path, {
+        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": schedule_spec(schedule),
+        "model": as_ours(net), "ema": as_ours(ema), "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
+        "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py",
+    })
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nvlabs-repo", required=True, metavar="PATH", help="an NVlabs/edm checkout (its code is run)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the checkpoint (must hold none yet)")
+    p.add_argument("--log-every", type=int, default=100, metavar="STEPS")
+    p.add_argument("overrides", nargs="*", help="edm-train overrides: dataset=, network=, seed=, total_kimg=, lr= ...")
+    args = p.parse_args(argv)
+    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every)
+    print(f"saved {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
