@@ -143,8 +143,8 @@ class Run:
 def stream_seed(seed: int, stream: str, rank: int, step: int = 0) -> int:
     """The 63-bit seed of one random stream of process `rank`, started at `step`: BLAKE2b of
     (seed, stream, rank, step). Distinct streams, processes and runs never share a seed, and none
-    equals a data permutation's small seed (edm.data.epoch_permutation), which a linear formula
-    can hit: seed·7919 + 1 + rank is 1 for seed 0, the seed of P_1."""
+    equals a data permutation's small seed (edm.data.epoch_permutation), as a linear formula can:
+    seed·7919 + 1 + rank would be 1 for seed 0, the seed of its P_1."""
     digest = hashlib.blake2b(f"edm/{int(seed)}/{stream}/{int(rank)}/{int(step)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63)
 

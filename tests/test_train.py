@@ -374,7 +374,7 @@ def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
 def test_no_two_random_streams_of_training_share_a_seed():
     """The noise and global streams of 8 processes, started at any of 4 steps, for seeds 0..49, and
     the data permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + rank
-    gave seed 0's noise the seed of its P_1)."""
+    would give seed 0's noise the seed of its P_1)."""
     from edm.run import stream_seed
 
     streams = [stream_seed(seed, stream, rank, step) for seed in range(50) for stream in ("noise", "global")
