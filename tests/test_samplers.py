@@ -157,9 +157,11 @@ def test_per_image_generators_make_batches_splittable(problem, solver):
         edm.sample(den, noise[ids], "edm", num_steps=10, solver=solver, generator=gens(ids), **opts)
         for ids in ([0, 1], [2, 3, 4, 5])
     ]
-    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    # the same draws per image: equal to float64 round-off (BLAS may block a batch of 6 and of 2
+    # differently, one ulp apart); other generators move images by O(1)
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-12)
     other = edm.sample(den, noise, "edm", num_steps=10, solver=solver, generator=gens(range(6, 12)), **opts)
-    assert not torch.equal(other, whole)
+    assert (other - whole).abs().max() > 1e-3
 
 
 def test_trajectory_start_dtype_and_gradients(problem):
