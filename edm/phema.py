@@ -128,11 +128,15 @@ def combine(weighted: Iterable[tuple[dict[str, torch.Tensor], Sequence[float]]],
     totals: list[dict[str, torch.Tensor]] = [{} for _ in range(outputs)]
     last: dict[str, torch.Tensor] = {}
     for last, w in weighted:
-        for total, w_j in zip(totals, w):
-            for key, t in last.items():
-                if t.is_floating_point():
-                    term = float(w_j) * t.to(torch.float64)
-                    total[key] = total[key] + term if key in total else term
+        for key, t in last.items():
+            if not t.is_floating_point():
+                continue
+            t64 = t.to(torch.float64)  # once per entry, shared by every output
+            for total, w_j in zip(totals, w):
+                if key in total:
+                    total[key].add_(t64, alpha=float(w_j))
+                else:
+                    total[key] = t64 * float(w_j)
     return [{k: total[k].to(t.dtype) if t.is_floating_point() else t.clone() for k, t in last.items()} for total in totals]
 
 
