@@ -34,6 +34,7 @@ from edm.build import build_loss, build_schedule, denoiser_spec, schedule_spec
 from edm.cli import CONFIG_DIR
 from edm.config import TrainConfig, from_dictconfig, register_configs, to_container
 from edm.data import build_dataset, to_model_space
+from edm.nvlabs import convert_state_dict
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
@@ -108,8 +109,9 @@ def sampler_init_without_arguments() -> Iterator[None]:
 
 def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100) -> Path:
     """Run the reference loop for the config's total_kimg; returns the checkpoint it wrote in `out`."""
-    if ckpt.find_latest(out) is not None:
-        raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {ckpt.find_latest(out).name}; choose another --out")
+    existing = ckpt.find_latest(out)
+    if existing is not None:
+        raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; choose another --out")
     cfg = compose(overrides, out)
     schedule = build_schedule(cfg.schedule)
     dataset = build_dataset(cfg.dataset)
@@ -148,14 +150,12 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
         if step % log_every == 0:
             print(f"step {step}  kimg {cur_nimg / 1000:.1f}  {time.time() - start:.0f} s", flush=True)
 
-    def as_ours(module: torch.nn.Module) -> dict[str, Any]:
-        return {"net." + k.removeprefix("model."): v for k, v in module.state_dict().items()}
-
     step = cur_nimg // cfg.batch_size
     path = ckpt.checkpoint_path(out, step)
     ckpt.save_checkpoint(path, {
         "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": schedule_spec(schedule),
-        "model": as_ours(net), "ema": as_ours(ema), "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
+        "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
+        "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
         "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py",
     })
     return path
