@@ -15,14 +15,15 @@ LAUNCH_DYNAMO_BACKEND = "ACCELERATE_DYNAMO_BACKEND"
 
 
 def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
-    """TF32 for the fp32 matmuls/convs that remain, and cuDNN autotuning."""
-    precision = "tf32" if tf32 else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:  # torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    """TF32 for the fp32 matmuls/convs that remain, and cuDNN autotuning.
+
+    Set through the allow_tf32 switches, the one spelling that every torch >= 2.4 reads back
+    consistently: from torch 2.9 on, setting cuDNN's or cuBLAS's `fp32_precision` makes a later
+    read of `allow_tf32` (by inductor's conv templates, accelerate or the caller) raise
+    "you have used a mix of the legacy and new APIs". Both spellings then agree.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
