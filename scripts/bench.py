@@ -6,19 +6,25 @@
     python scripts/bench.py --mode sample --sample-steps 18   # Heun, 18 steps = 35 network evaluations
     python scripts/bench.py --augment 0.12                    # training steps with EDM's augmentation
 
-Training is timed through `edm.step.train_step` (the loop `python -m edm.train` runs) on
-synthetic batches already on the device; `--mode data` times the data loader separately, so
-one can see whether loading keeps up. Timings use warm-up steps and synchronise the device
+Training is timed as `python -m edm.train` steps: `edm.step.train_step` then the EMA update,
+on synthetic batches already on the device; `--mode data` times the data loader separately, so
+one can see whether loading keeps up. `--profile FILE` adds where a training step's time goes:
+forward + backward, optimizer and EMA timed apart, and torch.profiler's kernel table. Timings use warm-up steps and synchronise the device
 around the timed region. The result is printed as JSON (and written with --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import fcntl
 import json
+import os
 import platform
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -27,6 +33,7 @@ import edm
 from edm.augment import AUGMENT_DIM, AugmentConfig, augment
 from edm.data import DATASETS
 from edm.denoisers import fast_denoiser
+from edm.ema import update_ema
 from edm.hardware import set_precision_flags
 from edm.step import make_optimizer, train_step
 
@@ -62,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.add_argument("--share-gpu", nargs=2, metavar=("DIR", "N"),
+                   help="N bench processes share one GPU: each compiles and warms up at once, then all wait "
+                        "until N are warm and take turns timing (a lock in DIR); one --mode each")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="train mode: also time forward+backward, optimizer and EMA apart and write torch.profiler's table here")
     args = p.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     if device == "auto":
@@ -81,7 +93,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = sorted(set(args.modes) - {"train", "sample", "data"})
     if bad:
         p.error(f"unknown --mode {bad}; choose from train, sample, data")
+    if args.share_gpu and len(args.modes) != 1:
+        p.error("--share-gpu times one --mode per process (each process warms up once before the others time)")
     return args
+
+
+class GpuTurns:
+    """Bench processes sharing one GPU: warm up together, then time one at a time.
+
+    turn() marks this process warm, waits until `expected` processes in `folder` are (so no one
+    compiles or autotunes on the GPU any more), then holds an exclusive lock on folder/lock.
+    Without a folder it does nothing.
+    """
+
+    def __init__(self, share: list[str] | None, device: torch.device, timeout_s: float = 900.0):
+        self.folder = Path(share[0]) if share else None
+        self.expected = int(share[1]) if share else 0
+        self.device, self.timeout_s = device, timeout_s
+        self.mark = f"warm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def mark_warm(self) -> None:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / self.mark).touch()
+
+    @contextlib.contextmanager
+    def turn(self):
+        if self.folder is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # idle processes leave the memory to the one timing
+        self.mark_warm()
+        deadline = time.monotonic() + self.timeout_s
+        while len(list(self.folder.glob("warm-*"))) < self.expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with open(self.folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
 
 class Timer:
@@ -118,7 +167,8 @@ def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precon
 
 
 def train_flops(den: edm.Precond, loss_fn: edm.Loss, y: torch.Tensor, labels) -> int:
-    """FLOPs of one forward + backward of the loss, counted by torch's FlopCounterMode (uncompiled)."""
+    """FLOPs of one forward + backward of the loss on the batch y, counted by torch's FlopCounterMode
+    (uncompiled). Callers pass a few images and scale: the count is linear in the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -129,7 +179,7 @@ def train_flops(den: edm.Precond, loss_fn: edm.Loss, y: torch.Tensor, labels) ->
 
 @torch.no_grad()
 def forward_flops(den: edm.Precond, x: torch.Tensor) -> int:
-    """FLOPs of one denoiser evaluation on the batch x, counted by FlopCounterMode (uncompiled)."""
+    """FLOPs of one denoiser evaluation on the batch x, counted by FlopCounterMode (uncompiled; linear in the batch)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -137,7 +187,7 @@ def forward_flops(den: edm.Precond, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_train(args: argparse.Namespace) -> dict:
+def bench_train(args: argparse.Namespace, turns: GpuTurns) -> dict:
     from accelerate import Accelerator
 
     device = torch.device(args.device)
@@ -156,48 +206,100 @@ def bench_train(args: argparse.Namespace) -> dict:
     if args.channels_last:  # (sampling converts through fast_denoiser, as sample.py does)
         den = den.to(memory_format=torch.channels_last)
         y = y.contiguous(memory_format=torch.channels_last)
-    flops = train_flops(den, loss_fn, y, labels)
+    flops = train_flops(den, loss_fn, y[:2], None if labels is None else labels[:2]) * args.batch / 2
     optimizer = make_optimizer(den.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, device=device)
+    ema = copy.deepcopy(den).eval().requires_grad_(False)
     model, optimizer = accelerator.prepare(den, optimizer)
-
     augment_cfg = AugmentConfig(p=args.augment)
 
-    def step() -> torch.Tensor:
+    def batch() -> list[tuple]:
         # Augmentation as edm.train does it: on the device, from the run's generator, inside the step.
         y_step, augment_labels = augment(y, augment_cfg, g) if augment_cfg.p > 0 else (y, None)
-        return train_step(model, loss_fn, optimizer, [(y_step, labels, augment_labels)], accelerator, g, lr=1e-4)
+        return [(y_step, labels, augment_labels)]
 
-    with Timer(device) as t_warm:
-        for _ in range(args.warmup):
+    def step() -> torch.Tensor:
+        loss = train_step(model, loss_fn, optimizer, batch(), accelerator, g, lr=1e-4)
+        update_ema(ema, den, 0.999)
+        return loss
+
+    # Compilation runs at once, beside other sharers of the GPU; eager runs warm up in their turn.
+    with Timer(device) as t_first:
+        if args.compile:
             step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with Timer(device) as t:
-        for _ in range(args.steps):
-            loss = step()
-    result = {
-        "images_per_s": args.batch * args.steps / t.seconds,
-        "step_ms": 1000 * t.seconds / args.steps,
-        "warmup_s": t_warm.seconds,
-        "final_loss": float(loss),
-        "flops_per_image": flops / args.batch,
-        "achieved_tflops": flops * args.steps / t.seconds / 1e12,
-        "parameters": sum(p.numel() for p in den.parameters()),
-    }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    with turns.turn():
+        with Timer(device) as t_warm:
+            for _ in range(args.warmup - args.compile):
+                step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with Timer(device) as t:
+            for _ in range(args.steps):
+                loss = step()
+        result = {
+            "images_per_s": args.batch * args.steps / t.seconds,
+            "step_ms": 1000 * t.seconds / args.steps,
+            "compile_s": t_first.seconds,
+            "warmup_s": t_warm.seconds,
+            "final_loss": float(loss),
+            "flops_per_image": flops / args.batch,
+            "achieved_tflops": flops * args.steps / t.seconds / 1e12,
+            "parameters": sum(p.numel() for p in den.parameters()),
+        }
+        if device.type == "cuda":
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.profile:
+            result["breakdown_ms"] = step_breakdown(model, loss_fn, optimizer, accelerator, batch, ema, den, g, args.steps)
+            write_profile(args.profile, step, device, result["breakdown_ms"])
     return result
 
 
+def step_breakdown(model, loss_fn, optimizer, accelerator, batch, ema, den, g, reps: int) -> dict:
+    """Milliseconds per step of each part of a training step, each timed alone over `reps` repetitions."""
+    device = next(den.parameters()).device
+
+    def forward_backward() -> None:
+        y, labels, augment_labels = batch()[0]
+        kwargs = {"augment_labels": augment_labels} if augment_labels is not None else {}
+        accelerator.backward(loss_fn(model, y, labels, generator=g, **kwargs).mean())
+
+    parts = {"batch (augmentation)": batch, "forward+backward": forward_backward, "optimizer": optimizer.step,
+             "ema": lambda: update_ema(ema, den, 0.999)}
+    times = {}
+    for name, fn in parts.items():
+        fn()  # warm (the optimizer step needs gradients: forward_backward left them)
+        with Timer(device) as t:
+            for _ in range(reps):
+                fn()
+        times[name] = 1000 * t.seconds / reps
+    optimizer.zero_grad(set_to_none=True)
+    return times
+
+
+def write_profile(path: Path, step, device: torch.device, breakdown: dict, steps: int = 3) -> None:
+    """torch.profiler's table (self device time first) over `steps` training steps, after the breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        Timer(device).sync()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines = [f"{name}: {ms:.2f} ms per step" for name, ms in breakdown.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + f"\n\n{steps} steps, sorted by {sort}:\n"
+                    + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+
+
 @torch.no_grad()
-def bench_sample(args: argparse.Namespace) -> dict:
+def bench_sample(args: argparse.Namespace, turns: GpuTurns) -> dict:
     device = torch.device(args.device)
     den = build_denoiser(args, device).eval()
     fast = fast_denoiser(den, mixed_precision(args), args.compile, args.channels_last)  # what edm-sample runs
     sched = edm.schedules.get(args.schedule)
     shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-    flops = forward_flops(den, noise)
+    flops = forward_flops(den, noise[:2]) * args.sample_batch / 2
     evaluations = 0
 
     def counting(x, sigma, class_labels=None):
@@ -208,28 +310,33 @@ def bench_sample(args: argparse.Namespace) -> dict:
     def run() -> torch.Tensor:
         return edm.sample(counting, noise, sched, num_steps=args.sample_steps, solver="heun")
 
-    with Timer(device) as t_warm:
-        run()  # warm-up: compilation and autotuning
-    evaluations = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with Timer(device) as t:
-        x = run()
-    result = {
-        "images_per_s": args.sample_batch / t.seconds,
-        "network_evaluations": evaluations,
-        "seconds": t.seconds,
-        "flops_per_image_forward": flops / args.sample_batch,
-        "achieved_tflops": flops * evaluations / t.seconds / 1e12,
-        "warmup_s": t_warm.seconds,
-        "finite": bool(torch.isfinite(x).all()),
-    }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    with Timer(device) as t_first:
+        if args.compile:
+            fast(noise, torch.ones(noise.shape[0], device=device))
+    with turns.turn():
+        with Timer(device) as t_warm:
+            run()
+        evaluations = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with Timer(device) as t:
+            x = run()
+        result = {
+            "images_per_s": args.sample_batch / t.seconds,
+            "network_evaluations": evaluations,
+            "seconds": t.seconds,
+            "flops_per_image_forward": flops / args.sample_batch,
+            "achieved_tflops": flops * evaluations / t.seconds / 1e12,
+            "compile_s": t_first.seconds,
+            "warmup_s": t_warm.seconds,
+            "finite": bool(torch.isfinite(x).all()),
+        }
+        if device.type == "cuda":
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
-def bench_data(args: argparse.Namespace) -> dict:
+def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
     """Images/s the training DataLoader delivers (decoded, batched, moved to the device)."""
     from edm.data import DatasetConfig
     from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
@@ -241,7 +348,7 @@ def bench_data(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     it = iter(loader)
     next(it)  # start the workers
-    with Timer(device) as t:
+    with turns.turn(), Timer(device) as t:
         for _ in range(batches):
             images = next(it)[0]
             to_model_space(images.to(device, non_blocking=True))
@@ -265,8 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "modes")},
     }
     benches = {"train": bench_train, "sample": bench_sample, "data": bench_data}
-    for mode in args.modes:
-        result[mode] = benches[mode](args)
+    turns = GpuTurns(args.share_gpu, torch.device(args.device))
+    try:
+        for mode in args.modes:
+            result[mode] = benches[mode](args, turns)
+    finally:
+        turns.mark_warm()  # a process that fails before its turn does not hold the others back
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.out:

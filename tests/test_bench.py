@@ -128,3 +128,47 @@ def test_bf16_samples_match_fp32_within_bf16_tolerance():
     assert fast.dtype == torch.float32
     rel = (fast - ref).norm() / ref.norm()
     assert 0 < rel < 3e-2, rel  # nonzero: bf16 really ran; small: within bf16 (8-bit mantissa) tolerance
+
+
+def test_profile_times_each_part_of_the_step_and_writes_the_table(bench, tmp_path):
+    table = tmp_path / "profile.txt"
+    args = ["--device", "cpu", "--mode", "train", "--resolution", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
+            "--augment", "0.5", "--profile", str(table)]
+    parts = bench.main(args)["train"]["breakdown_ms"]
+    assert set(parts) == {"batch (augmentation)", "forward+backward", "optimizer", "ema"}
+    assert all(ms > 0 for ms in parts.values())
+    assert parts["forward+backward"] > parts["optimizer"]  # the network dominates a step of Adam
+    text = table.read_text()
+    assert "forward+backward:" in text and "aten::convolution" in text
+
+
+def test_gpu_turns_wait_for_every_process_then_time_one_at_a_time(bench, tmp_path):
+    """Two sharers: the first turn starts only once both are warm, and the turns never overlap."""
+    import threading
+    import time
+
+    intervals, warm_at = [], []
+
+    def sharer(delay: float) -> None:
+        time.sleep(delay)  # compiling
+        turns = bench.GpuTurns([str(tmp_path), "2"], torch.device("cpu"))
+        warm_at.append(time.monotonic())
+        with turns.turn():
+            start = time.monotonic()
+            time.sleep(0.2)  # timing
+            intervals.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=sharer, args=(d,)) for d in (0.0, 0.3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(intervals)
+    assert a0 >= max(warm_at)  # nobody timed while the other still warmed up
+    assert b0 >= a1  # one at a time
+
+
+def test_share_gpu_needs_one_mode_per_process(bench, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--share-gpu", str(tmp_path), "2"])
+    assert "one --mode per process" in capsys.readouterr().err
