@@ -172,3 +172,31 @@ def test_share_gpu_needs_one_mode_per_process(bench, capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--share-gpu", str(tmp_path), "2"])
     assert "one --mode per process" in capsys.readouterr().err
+
+
+def test_compiled_sampling_compiles_once_before_the_timed_runs(bench, monkeypatch):
+    """The compile warm-up calls the denoiser as the sampler does, so the warm-up and timed runs
+    reuse its graph (a σ of another stride would compile a second graph inside the timed region)."""
+    from torch._dynamo.utils import counters
+
+    from edm.denoisers import fast_denoiser
+
+    graphs = []
+
+    def eager_compiled(den, mixed_precision, compile, channels_last):
+        fast = fast_denoiser(den, mixed_precision, False, channels_last)
+        return torch.compile(fast, backend="eager") if compile else fast
+
+    def counting_sample(*args, **kwargs):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return real_sample(*args, **kwargs)
+
+    real_sample = bench.edm.sample
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(bench, "fast_denoiser", eager_compiled)
+    monkeypatch.setattr(bench.edm, "sample", counting_sample)
+    bench.main(["--device", "cpu", "--mode", "sample", "--resolution", "8", "--batch", "2", "--sample-steps", "3",
+                "--compile"])
+    assert graphs[0] == 0 and len(graphs) == 3  # compile warm-up, warm-up run, timed run
+    assert counters["stats"]["unique_graphs"] == graphs[1] == 1
