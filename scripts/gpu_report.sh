@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md and the CUDA tests, on one CUDA GPU, in one call.
 #
-#   bash scripts/gpu_report.sh OUT [NVLABS_EDM_DIR] [REFERENCE_SECONDS]
+#   bash scripts/gpu_report.sh OUT [NVLABS_EDM_DIR] [FP16_SECONDS] [FP32_SECONDS]
 #
 # 1. At once: tests/test_cuda.py, test_networks.py and test_hardware.py (all markers; at most
 #    TEST_SECONDS, default 200) and seven scripts/bench.py processes (DDPM++ CIFAR-10 32x32,
 #    batch 512, EDM augmentation p = 0.12 as the reference trains). They compile side by side,
 #    then time one at a time once every one of them and the tests are done (bench.py --share-gpu).
-# 2. NVlabs/edm itself (scripts/reference_edm.sh) when NVLABS_EDM_DIR is given, alone on the GPU.
+# 2. NVlabs/edm itself (scripts/reference_edm.sh, its training runs cut after 60 and 150 s) when
+#    NVLABS_EDM_DIR is given, alone on the GPU.
 # 3. OUT/summary.md: our figures against the reference's, as ratios from this one run.
-# OUT gets report.log, results.jsonl (one JSON per setting), profile-train.txt, cuda-tests.log,
+# OUT gets report.log, results.jsonl (one JSON per setting), profile-train*.txt, cuda-tests.log,
 # reference.log and summary.md. PYTHON picks the interpreter (python3); DEVICE=cpu rehearses the
 # whole script on the CPU (tiny network, two steps, no reference).
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_report.sh OUT [NVLABS_EDM_DIR] [REFERENCE_SECONDS]}
-ref=${2:-}; ref_secs=${3:-60}
+out=${1:?usage: bash scripts/gpu_report.sh OUT [NVLABS_EDM_DIR] [FP16_SECONDS] [FP32_SECONDS]}
+ref=${2:-}; ref_secs=${3:-60}; ref_secs32=${4:-150}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"; out=$(cd "$out" && pwd)
@@ -42,9 +43,9 @@ train=(--mode train --augment 0.12)
     "${xdist[@]}" tests/test_cuda.py tests/test_networks.py tests/test_hardware.py \
     >"$out/cuda-tests.log" 2>&1; echo "tests exit $?" >>"$out/cuda-tests.log"; touch "$turns/warm-tests" ) & pids=($!)
 bench train-bf16-compile "${train[@]}" --precision bf16 --compile --profile "$out/profile-train.txt" & pids+=($!)
-bench train-bf16-compile-cl "${train[@]}" --precision bf16 --compile --channels-last & pids+=($!)
+bench train-bf16-compile-cl "${train[@]}" --precision bf16 --compile --channels-last --profile "$out/profile-train-cl.txt" & pids+=($!)
 bench train-fp16-eager "${train[@]}" --precision fp16 --no-compile & pids+=($!)
-bench train-fp32-notf32-eager "${train[@]}" --precision fp32 --no-compile --no-tf32 --steps 10 --warmup 3 & pids+=($!)
+bench train-fp32-notf32-eager "${train[@]}" --precision fp32 --no-compile --no-tf32 --steps 6 --warmup 2 & pids+=($!)
 bench sample-bf16-compile --mode sample --precision bf16 --compile & pids+=($!)
 bench sample-bf16-compile-cl --mode sample --precision bf16 --compile --channels-last & pids+=($!)
 bench sample-fp16-eager --mode sample --precision fp16 --no-compile & pids+=($!)
@@ -53,7 +54,7 @@ tail -3 "$out/cuda-tests.log"
 date -u +"ours done %FT%TZ"
 
 if [ -n "$ref" ]; then
-  bash scripts/reference_edm.sh "$ref" "$work/ref" "$ref_secs" | tail -1 >"$work/ref.json"
+  bash scripts/reference_edm.sh "$ref" "$work/ref" "$ref_secs" "$ref_secs32" | tail -1 >"$work/ref.json"
   for f in "$work"/ref/*.log; do echo "== $f"; cat "$f"; done >"$out/reference.log"
   "$py" -c 'import json, sys; d = json.load(open(sys.argv[1])); d["name"] = "nvlabs-edm"; print(json.dumps(d))' \
     "$work/ref.json" >>"$out/results.jsonl" || echo "reference FAILED: see reference.log"
@@ -73,6 +74,8 @@ base_sample = ref.get("ref_sample_35nfe_img_per_s")
 for key in ("ref_train_fp16", "ref_train_default"):
     if ref.get(key):
         line(f"NVlabs/edm {key[10:]}", ref[key]["img_per_s"], ref[key]["peak_gb"], "", base_train)
+    elif ref:
+        print(f"| NVlabs/edm {key[10:]} | not measured: no tick after the first (reference.log) | | | |")
 if base_sample:
     print(f"| NVlabs/edm edm_sampler, 35 evaluations | {base_sample:.0f} | | | 1.00x |")
 for name, d in sorted(rows.items(), key=lambda kv: ("train" not in kv[1], kv[0])):
