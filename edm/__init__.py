@@ -3,14 +3,29 @@
 x(t) = s(t)·(y + σ(t)·n); a schedule is the pair σ(t), s(t); a preconditioned denoiser
 D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) serves every schedule; one loss family
 and one set of ODE/SDE samplers work with all of them.
+
+The package, floor by floor (each imports only from the floors below it):
+  edm.choices, edm.hardware, edm.files, edm.progress   generic helpers
+  edm.core        the paper's math: schedules, precond, losses, samplers, denoisers, likelihood
+  edm.networks    the U-Nets (DDPM++/NCSN++, ADM, EDM2) and the FID Inception
+  edm.data        data sets, data order, augmentation
+  edm.models      model files: checkpoints, model folders, NVlabs snapshots, and the one loader
+  edm.generation  image generation: seeds, batches, outputs, provenance
+  edm.evaluation  metrics (FID, precision/recall, FD_cls, bits/dim) and the NFE study
+  edm.training    training configs, the step, the run and its loop
+  edm.cli         the commands
 """
 
-from . import denoisers, likelihood, loading, losses, metrics, networks, outputs, precond, samplers, sampling, schedules
-from .denoisers import IdealDenoiser
-from .losses import Loss
-from .nvlabs import load_nvlabs
-from .precond import Precond
-from .samplers import sample
+from .core import denoisers, likelihood, losses, precond, samplers, schedules
+from .core.denoisers import IdealDenoiser
+from .core.losses import Loss
+from .core.precond import Precond
+from .core.samplers import sample
+from . import networks
+from .evaluation import metrics, quality
+from .generation import outputs, sampling
+from .models import loading
+from .models.nvlabs import load_nvlabs
 
 __version__ = "0.1.0"
 
@@ -25,10 +40,12 @@ __all__ = [
     "loading",
     "outputs",
     "metrics",
+    "quality",
     "likelihood",
     "Precond",
     "IdealDenoiser",
     "Loss",
     "sample",
     "load_nvlabs",
+    "__version__",
 ]

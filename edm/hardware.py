@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from types import MappingProxyType
 from typing import Mapping, NamedTuple
 
 import torch
 
-__all__ = ["set_precision_flags", "has_accelerator", "LaunchSettings", "launch_settings"]
+__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "LaunchSettings", "launch_settings"]
 
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
@@ -30,6 +31,22 @@ def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
 def has_accelerator() -> bool:
     """A CUDA or MPS device: without one, processes run on the CPU (accelerate's gloo backend)."""
     return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def use_cpu(cpu: bool) -> bool:
+    """Every command's device rule: the CPU when asked (cpu=true) or when there is no CUDA or MPS device."""
+    return cpu or not has_accelerator()
+
+
+def pick_device(cpu: bool = False) -> torch.device:
+    """The device of a single-process command under that rule: CUDA, else MPS, else the CPU."""
+    if use_cpu(cpu):
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "mps")
+
+
+DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType({"float32": torch.float32, "float64": torch.float64})
+"""dtype= of the commands: the sampler's state and the network input."""
 
 
 class LaunchSettings(NamedTuple):

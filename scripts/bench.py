@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 import edm
-from edm.augment import AUGMENT_DIM, AugmentConfig, augment
+from edm.data.augment import AUGMENT_DIM, AugmentConfig, augment
 from edm.data import DATASETS
-from edm.denoisers import fast_denoiser
-from edm.ema import update_ema
+from edm.core.denoisers import fast_denoiser
+from edm.training.ema import update_ema
 from edm.hardware import set_precision_flags
-from edm.step import make_optimizer, train_step
+from edm.training.step import make_optimizer, train_step
 
 DEFAULTS = {  # device type -> (network, resolution, channels, batch, precision, compile)
     "cuda": ("ddpmpp", 32, 3, 512, "bf16", True),

@@ -29,12 +29,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from edm import checkpoint as ckpt
-from edm.build import build_loss, build_schedule, denoiser_spec, schedule_spec
+from edm.models import checkpoint as ckpt
+from edm.training.build import build_loss, build_schedule, denoiser_spec, schedule_spec
 from edm.cli import CONFIG_DIR
-from edm.config import TrainConfig, from_dictconfig, register_configs, to_container
+import edm.cli.train  # noqa: F401  (stores the schema)
+from edm.training.config import TrainConfig
+from edm.files import to_container
 from edm.data import build_dataset, to_model_space
-from edm.nvlabs import convert_state_dict
+from edm.models.nvlabs import convert_state_dict
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
@@ -65,10 +67,10 @@ def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_
 def compose(overrides: list[str], out: Path) -> TrainConfig:
     """edm-train's config for these overrides (run_dir = out)."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return from_dictconfig(hydra_compose("train", overrides=[*overrides, f"run_dir={out}"]))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("train", overrides=[*overrides, f"run_dir={out}"]))
 
 
 def reference_loss(ref_loss: Any, cfg: TrainConfig, schedule: Any) -> Any:

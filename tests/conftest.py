@@ -75,17 +75,16 @@ def compose_train(tmp_path):
     """compose_train(*overrides, run_dir=None) -> TrainConfig through Hydra's compose API and
     configs/train.yaml, with the TINY_TRAIN settings first and run_dir in tmp_path."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR
-
-    register_configs()
+    import edm.cli.train  # noqa: F401  (stores the schema, train_schema)
+    from edm.cli import CONFIG_DIR
 
     def _compose(*overrides: str, run_dir=None):
         run_dir = run_dir or tmp_path / "run"
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             dcfg = compose("train", overrides=[*TINY_TRAIN, f"run_dir={run_dir}", *overrides])
-        return from_dictconfig(dcfg)
+        return OmegaConf.to_object(dcfg)
 
     return _compose
 
@@ -118,7 +117,7 @@ def tiny_checkpoint():
     """
     import torch
 
-    from edm import checkpoint
+    from edm.models import checkpoint
 
     def _save(path, label_dim=0, perturb=0.0, kind="edm", schedule=None, raw_offset=0.0):
         spec = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm.augment import AUGMENT_DIM, AugmentConfig, AugmentParams, augment, draw_params, inverse_transform, warp
+from edm.data.augment import AUGMENT_DIM, AugmentConfig, AugmentParams, augment, draw_params, inverse_transform, warp
 
 ONLY_GEOMETRY = dict(xflip=0.0, yflip=0.0)
 
@@ -155,8 +155,9 @@ def test_inverse_transform_is_identity_without_draws():
 
 
 def test_training_with_augmentation_gives_the_network_nine_labels(compose_train, tmp_path):
-    from edm import checkpoint, losses
-    from edm.train import train
+    from edm.core import losses
+    from edm.models import checkpoint
+    from edm.training.loop import train
 
     seen = []
     original = losses.Loss.__call__
@@ -183,14 +184,14 @@ def test_training_with_augmentation_gives_the_network_nine_labels(compose_train,
     ("augment.scale_std=-1", "augment.scale_std=-1"),
 ])
 def test_bad_augment_settings_fail_clearly(compose_train, override, message):
-    from edm.config import check_config
+    from edm.training.config import check_config
 
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_config(compose_train(override))
 
 
 def test_augment_dim_must_fit(compose_train):
-    from edm.config import check_config
+    from edm.training.config import check_config
 
     with pytest.raises(ValueError, match="network.augment_dim=4.*set network.augment_dim=9"):
         check_config(compose_train("augment.p=0.1", "network.augment_dim=4"))

@@ -87,7 +87,7 @@ def _short_run(mixed_precision: str, steps: int = 40) -> list[float]:
 
     import edm
     from edm.data import load_digits, to_model_space
-    from edm.step import make_optimizer, train_step
+    from edm.training.step import make_optimizer, train_step
 
     torch.manual_seed(0)
     data = load_digits()
@@ -117,7 +117,7 @@ def test_bf16_fast_path_follows_the_fp32_loss_curve():
 def test_bf16_samples_match_fp32_within_bf16_tolerance():
     """The sampling fast path of edm-sample and bench.py (edm.denoisers.fast_denoiser)."""
     import edm
-    from edm.denoisers import fast_denoiser
+    from edm.core.denoisers import fast_denoiser
 
     torch.manual_seed(0)
     den = edm.Precond(edm.networks.build("tiny", img_resolution=8, in_channels=1), kind="edm").eval()
@@ -179,7 +179,7 @@ def test_compiled_sampling_compiles_once_before_the_timed_runs(bench, monkeypatc
     reuse its graph (a σ of another stride would compile a second graph inside the timed region)."""
     from torch._dynamo.utils import counters
 
-    from edm.denoisers import fast_denoiser
+    from edm.core.denoisers import fast_denoiser
 
     graphs = []
 

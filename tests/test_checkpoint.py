@@ -11,16 +11,7 @@ import pytest
 import torch
 
 import edm
-from edm.checkpoint import (
-    CheckpointError,
-    build_denoiser,
-    checkpoint_path,
-    find_latest,
-    list_checkpoints,
-    load_checkpoint,
-    load_denoiser,
-    save_checkpoint,
-)
+from edm.models.checkpoint import CheckpointError, build_denoiser, checkpoint_path, find_latest, list_checkpoints, load_checkpoint, load_denoiser, save_checkpoint
 
 SPEC = {
     "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 0,
@@ -77,7 +68,7 @@ def test_killed_writer_leaves_no_checkpoint_that_is_picked_up(tmp_path):
     save_checkpoint(old, _state(1))
     script = textwrap.dedent(f"""
         import os, torch
-        from edm.checkpoint import checkpoint_path, save_checkpoint
+        from edm.models.checkpoint import checkpoint_path, save_checkpoint
         def killed(obj, f, *a, **k):
             f.write(b"partial bytes"); f.flush(); os._exit(9)
         torch.save = killed

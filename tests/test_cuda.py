@@ -15,8 +15,8 @@ import torch
 
 import edm
 from edm import networks
-from edm.denoisers import fast_denoiser
-from edm.step import make_optimizer, train_step
+from edm.core.denoisers import fast_denoiser
+from edm.training.step import make_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

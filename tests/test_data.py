@@ -12,23 +12,7 @@ import pytest
 import torch
 
 from edm.data import DatasetConfig
-from edm.data import (
-    FASHION_MNIST_DEBIAN_ROOT,
-    BadImagesError,
-    DatasetNotFoundError,
-    ImageFolderDataset,
-    StreamBatchSampler,
-    XFlip,
-    build_dataset,
-    epoch_permutation,
-    load_cifar10,
-    load_digits,
-    load_mnist,
-    make_loader,
-    read_idx,
-    to_model_space,
-    to_uint8,
-)
+from edm.data import FASHION_MNIST_DEBIAN_ROOT, BadImagesError, DatasetNotFoundError, ImageFolderDataset, StreamBatchSampler, XFlip, build_dataset, epoch_permutation, load_cifar10, load_digits, load_mnist, make_loader, read_idx, to_model_space, to_uint8
 
 # ----------------------------------------------------------------------------- embedded digits
 
@@ -124,10 +108,10 @@ def test_mnist_from_raw_gz_files_debian_layout(tmp_path, fashion):
 
 def test_fashion_mnist_root_defaults_to_the_debian_folder(tmp_path, monkeypatch):
     """dataset.root unset: Fashion-MNIST is read where the Debian package installs it (MNIST has no such default)."""
-    import edm.data
+    import edm.data.registry
 
     images, _ = _fake_mnist(tmp_path)
-    monkeypatch.setattr(edm.data, "FASHION_MNIST_DEBIAN_ROOT", str(tmp_path))
+    monkeypatch.setattr(edm.data.registry, "FASHION_MNIST_DEBIAN_ROOT", str(tmp_path))
     ds = build_dataset(DatasetConfig(name="fashion_mnist"))
     np.testing.assert_array_equal(ds[2][0][0].numpy(), images[2])
     with pytest.raises(DatasetNotFoundError, match="dataset.root is not set"):

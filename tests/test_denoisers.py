@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import edm
-from edm.denoisers import GuidedDenoiser, fast_denoiser
+from edm.core.denoisers import GuidedDenoiser, fast_denoiser
 
 F64 = torch.float64
 

@@ -149,13 +149,15 @@ def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_th
     saved, the loss stays finite, and the EMA's snapshots are written, under every schedule."""
     from hydra import compose, initialize_config_dir
 
-    from edm.checkpoint import load_checkpoint
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR, train
+    from edm.models.checkpoint import load_checkpoint
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = from_dictconfig(compose("train", overrides=[*tiny_train, f"run_dir={tmp_path}", f"schedule={schedule}",
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+    from edm.training.loop import train
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[*tiny_train, f"run_dir={tmp_path}", f"schedule={schedule}",
                                                           "network=edm2-tiny", "loss.kind=edm2", "lr=0.01",
                                                           "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]))
     result = train(cfg)
@@ -165,7 +167,7 @@ def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_th
     init = edm.Precond(networks.build("edm2-tiny", img_resolution=8, in_channels=1), logvar_channels=128)
     assert not torch.equal(state["model"]["logvar_linear.weight"], init.logvar_linear.weight)  # it was trained
     assert all(math.isfinite(v["loss"]) for v in map(eval_json, result.metrics.read_text().splitlines()))
-    from edm.phema import list_snapshots
+    from edm.training.phema import list_snapshots
 
     assert [s.cur_nimg for s in list_snapshots(tmp_path)] == [16, 32] and state["phema"]["stds"] == [0.1]
 
@@ -177,7 +179,7 @@ def eval_json(line):
 
 
 def test_a_loss_that_learns_its_weighting_needs_the_head():
-    from edm.config import TrainConfig, check_config
+    from edm.training.config import TrainConfig, check_config
 
     cfg = TrainConfig()
     cfg.loss.kind, cfg.precond.logvar_channels = "edm2", 0

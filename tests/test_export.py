@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import torch
 
-from edm.checkpoint import CheckpointError
-from edm.export import export_state, read_export
-from edm.loading import load_model, read_model_file
+from edm.models.checkpoint import CheckpointError
+from edm.models.export import export_state, read_export
+from edm.models.loading import load_model, read_model_file
 
 from conftest import command
 

@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from edm import checkpoint, metrics
-from edm.checkpoint import CheckpointError, OutputWriteError, atomic_write, find_latest, list_checkpoints, load_checkpoint
+from edm.evaluation import metrics
+from edm.models import checkpoint
+from edm.models.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint
+from edm.files import OutputWriteError, atomic_write
 from edm.data import BadImagesError, DatasetConfig, build_dataset
-from edm.train import train
+from edm.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,12 +88,13 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
 def _compose(overrides, run_dir, *more):
     from hydra import compose, initialize_config_dir
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return from_dictconfig(compose("train", overrides=[*overrides, f"run_dir={run_dir}", *more]))
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=[*overrides, f"run_dir={run_dir}", *more]))
 
 
 # ----------------------------------------------------------------------------- kills during checkpoint writes
@@ -99,8 +102,8 @@ def _compose(overrides, run_dir, *more):
 
 KILL_DURING_SAVE = """
 import os, sys, torch
-from edm import checkpoint
-from edm.train import train
+from edm.models import checkpoint
+from edm.training.loop import train
 sys.path.insert(0, {tests!r})
 from test_faults import _compose
 saves = []

@@ -10,14 +10,7 @@ import pytest
 import torch
 
 import edm
-from edm.likelihood import (
-    bits_per_dim,
-    bpd_from_log_likelihood,
-    dequantize,
-    gaussian_log_prob,
-    likelihood_grid,
-    log_likelihood,
-)
+from edm.core.likelihood import bits_per_dim, bpd_from_log_likelihood, dequantize, gaussian_log_prob, likelihood_grid, log_likelihood
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm"]
@@ -191,8 +184,8 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
 
     from conftest import command
 
-    from edm import checkpoint
-    from edm.loading import load_model
+    from edm.models import checkpoint
+    from edm.models.loading import load_model
 
     spec = {"network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 0,
                         "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1},

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import edm
-from edm import checkpoint
-from edm.loading import load_model
+from edm.models import checkpoint
+from edm.models.loading import load_model
 
 
 def test_an_edm_checkpoint_gives_its_denoiser_shape_labels_and_schedule(tmp_path, tiny_checkpoint):

@@ -11,15 +11,7 @@ import torch
 from edm import metrics
 from edm.networks.inception import FIDInceptionV3
 from conftest import command
-from edm.metrics import (
-    FeatureStats,
-    feature_statistics,
-    frechet_distance,
-    image_batches,
-    load_inception,
-    precision_recall,
-    reference_statistics,
-)
+from edm.evaluation.metrics import FeatureStats, feature_statistics, frechet_distance, image_batches, load_inception, precision_recall, reference_statistics
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,10 +27,10 @@ import torch
 
 import edm
 from edm import networks
-from edm.checkpoint import CheckpointError, load_denoiser
-from edm.loading import load_model
+from edm.models.checkpoint import CheckpointError, load_denoiser
+from edm.models.loading import load_model
 from edm.cli.convert_nvlabs import convert
-from edm.nvlabs import NVlabsError, array_values, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+from edm.models.nvlabs import NVlabsError, array_values, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 
 from conftest import command
 
@@ -723,8 +723,8 @@ def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
     zero-initialised: with exact zeros, Adam's first steps follow the sign of round-off."""
     from accelerate import Accelerator
 
-    from edm.ema import ema_beta, update_ema
-    from edm.step import learning_rate, make_optimizer, train_step
+    from edm.training.ema import ema_beta, update_ema
+    from edm.training.step import learning_rate, make_optimizer, train_step
 
     ref_networks, ref_loss, _ = nvlabs_reference
     B, R = LOOP["batch"], 16
@@ -781,7 +781,7 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
     """scripts/nvlabs_loop.py with edm-train's overrides: after its first iteration (lr 0 at n = 0)
     the raw weights equal edm-train's after its first step bit for bit, so both start from the same
     network; after four the EMA has moved, and edm's loader reads the checkpoint it wrote."""
-    from edm.train import train
+    from edm.training.loop import train
 
     repo = request.config.getoption("--nvlabs-repo")
     one_step = [*tiny_train, "total_kimg=0.008", "dataset.num_workers=0"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import edm
-from edm.outputs import PartWriter, PngWriter, finalize, grid_image, make_grid, read_parts, save_grid, to_uint8
-from edm.samplers import SamplerConfig
-from edm.sampling import generate, generate_batch, plan_images, shard
+from edm.generation.outputs import PartWriter, PngWriter, finalize, grid_image, make_grid, read_parts, save_grid, to_uint8
+from edm.core.samplers import SamplerConfig
+from edm.generation.sampling import generate, generate_batch, plan_images, shard
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -78,8 +78,8 @@ def test_a_killed_part_write_does_not_break_resume(tmp_path):
     done.write(plan_images([0], None, 0), torch.full((1, 1, 4, 4), -1.0), None)
     script = (
         "import os, numpy as np, torch\n"
-        "from edm.outputs import PartWriter\n"
-        "from edm.sampling import plan_images\n"
+        "from edm.generation.outputs import PartWriter\n"
+        "from edm.generation.sampling import plan_images\n"
         "def killed(f, **arrays):\n"
         "    f.write(b'PK partial'); f.flush(); os._exit(9)\n"
         "np.savez = killed\n"

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm.phema import (
-    SIGMA_REL_MAX, PowerEMA, exp_to_std, list_snapshots, posthoc_coefficients, profile_inner,
-    profile_residual, std_to_exp,
-)
+from edm.training.phema import SIGMA_REL_MAX, PowerEMA, exp_to_std, list_snapshots, posthoc_coefficients, profile_inner, profile_residual, std_to_exp
 
 from conftest import command
 
@@ -107,19 +104,21 @@ def test_a_reconstructed_profile_matches_the_directly_tracked_one_within_the_fit
 def power_run(tiny_train, run_dir, *extra):
     from hydra import compose, initialize_config_dir
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR, train
+    from omegaconf import OmegaConf
 
-    register_configs()
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+    from edm.training.loop import train
+
     overrides = [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
                  "ema_snapshot_kimg=0.016", *extra]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return train(from_dictconfig(compose("train", overrides=overrides)))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return train(OmegaConf.to_object(compose("train", overrides=overrides)))
 
 
 def test_power_emas_snapshot_and_resume_exactly(tmp_path, tiny_train, one_thread):
     """8 steps straight and 4 + 4 after a resume write the same snapshots and end at the same EMAs."""
-    from edm.checkpoint import load_checkpoint
+    from edm.models.checkpoint import load_checkpoint
 
     straight = power_run(tiny_train, tmp_path / "straight")
     power_run(tiny_train, tmp_path / "halves", "total_kimg=0.032")
@@ -137,7 +136,7 @@ def test_power_emas_snapshot_and_resume_exactly(tmp_path, tiny_train, one_thread
 
 
 def test_resuming_with_other_profiles_is_refused(tmp_path, tiny_train, one_thread):
-    from edm.checkpoint import CheckpointError
+    from edm.models.checkpoint import CheckpointError
 
     power_run(tiny_train, tmp_path / "run", "total_kimg=0.032")
     with pytest.raises(CheckpointError, match="ema_sigma_rel: checkpoint \\[0.05, 0.1\\], config \\[0.05, 0.2\\]"):
@@ -145,7 +144,7 @@ def test_resuming_with_other_profiles_is_refused(tmp_path, tiny_train, one_threa
 
 
 def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_train, one_thread):
-    from edm.loading import load_model
+    from edm.models.loading import load_model
 
     result = power_run(tiny_train, tmp_path / "run")
     out = tmp_path / "posthoc"
@@ -155,7 +154,7 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
     summary = json.loads((out / "posthoc.json").read_text())
     assert [p["sigma_rel"] for p in summary["profiles"]] == [0.07, 0.1] and summary["at_kimg"] == 0.064
     tracked, _ = load_model(out / "ema-0.100")  # a tracked profile at the last snapshot is that snapshot
-    from edm.checkpoint import load_checkpoint
+    from edm.models.checkpoint import load_checkpoint
 
     live = load_checkpoint(result.checkpoint)["phema"]["emas"][1]
     assert all(torch.allclose(tracked.state_dict()[k], live[k], rtol=0, atol=1e-6) for k in live)

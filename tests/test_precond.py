@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import edm
-from edm.losses import loss_weight
+from edm.core.losses import loss_weight
 
 F64 = torch.float64
 SIGMAS = [0.002, 0.1, 0.5, 1.0, 7.3, 80.0]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from edm.data import DatasetConfig, build_dataset, to_model_space
-from edm.metrics import frechet_distance
-from edm.nfe_study import StudyConfig, run_study
-from edm.provenance import ProvenanceError
-from edm.quality import ClassifierConfig, QualityCacheError, QualityScore
+from edm.evaluation.metrics import frechet_distance
+from edm.evaluation.nfe_study import StudyConfig, run_study
+from edm.generation.provenance import ProvenanceError
+from edm.evaluation.quality import ClassifierConfig, QualityCacheError, QualityScore
 
 from conftest import command
 
@@ -57,9 +57,9 @@ def test_the_data_scores_zero_against_itself_and_far_better_than_noise(digits_sc
 
 
 def test_a_cached_classifier_is_reused_and_a_tampered_one_refused(digits_score, digits, cache, monkeypatch):
-    import edm.quality
+    import edm.evaluation.quality
 
-    monkeypatch.setattr(edm.quality, "_train", lambda *a, **k: pytest.fail("trained again despite a cache entry"))
+    monkeypatch.setattr(edm.evaluation.quality, "_train", lambda *a, **k: pytest.fail("trained again despite a cache entry"))
     again = QualityScore.for_dataset(DatasetConfig(name="digits"), QUICK, cache_dir=cache, progress=False)
     x = digits[0][:64]
     assert torch.equal(again.features(x), digits_score.features(x)) and again.meta["key"] == digits_score.meta["key"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import edm
-from edm.samplers import SamplerConfig
-from edm.schedules import EDM
+from edm.core.samplers import SamplerConfig
+from edm.core.schedules import EDM
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm"]

@@ -12,10 +12,10 @@ import torch
 
 import edm
 from edm import sampling
-from edm.loading import load_model
-from edm.outputs import to_uint8
-from edm.samplers import SamplerConfig
-from edm.sampling import format_seeds, generate_batch, parse_seeds, plan_images, shard
+from edm.models.loading import load_model
+from edm.generation.outputs import to_uint8
+from edm.core.samplers import SamplerConfig
+from edm.generation.sampling import format_seeds, generate_batch, parse_seeds, plan_images, shard
 
 from conftest import command
 

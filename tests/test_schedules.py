@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import edm
-from edm.schedules import DISCRETIZATIONS, EDM, VE, VP, FlowMatching
+from edm.core.schedules import DISCRETIZATIONS, EDM, VE, VP, FlowMatching
 
 F64 = torch.float64
 

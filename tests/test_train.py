@@ -17,13 +17,16 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import edm
-from edm.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_denoiser
-from edm.config import TrainConfig
+from edm.files import to_container
+from edm.models.checkpoint import (
+    CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_denoiser, save_checkpoint,
+)
+from edm.training.config import TrainConfig
 from edm.data import DatasetNotFoundError, StreamBatchSampler
-from edm.build import build_loss, build_schedule
-from edm.ema import ema_beta, update_ema
-from edm.step import learning_rate, train_step
-from edm.train import RunDirError, TrainingDivergedError, train
+from edm.training.build import build_loss, build_schedule
+from edm.training.ema import ema_beta, update_ema
+from edm.training.step import learning_rate, train_step
+from edm.training.loop import RunDirError, TrainingDivergedError, train
 
 from conftest import command
 
@@ -137,7 +140,7 @@ def test_train_step_optimizes_the_batch_mean_of_the_per_example_loss_and_reports
 def test_train_step_reads_nothing_back(schedule, host_reads):
     """No float(t), bool(t), t.item() or t.tolist() in a step, with EDM's augmentation on: on a
     GPU each would make the host wait. (SGD, since torch's CPU Adam reads its step counter.)"""
-    from edm.augment import AugmentConfig, augment
+    from edm.data.augment import AugmentConfig, augment
 
     reads = host_reads
     net = edm.networks.build("tiny", img_resolution=8, in_channels=2, model_channels=8, augment_dim=9, dropout=0.1)
@@ -233,9 +236,9 @@ def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_
     """Batch jobs (progress=false) still get an INFO line per log_every steps; the run ends with loss.png."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="edm.runlog"):
+    with caplog.at_level(logging.INFO, logger="edm.training.runlog"):
         train(compose_train("progress=false", "log_every=2"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "edm.runlog" and r.getMessage().startswith("step ")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "edm.training.runlog" and r.getMessage().startswith("step ")]
     records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [2, 4]
     assert lines == [f"step {r['step']}  kimg {r['kimg']:.1f}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  "
@@ -291,12 +294,13 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     """One default per key: `python -m edm.train` and `train(TrainConfig())` train the same run."""
     from hydra import compose, initialize_config_dir
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cli = from_dictconfig(compose("train"))
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cli = OmegaConf.to_object(compose("train"))
     assert cli.run_dir == "runs/digits-edm-tiny"  # the one value train.yaml sets, from the groups' names
     assert dataclasses.replace(cli, run_dir=TrainConfig().run_dir) == TrainConfig()
 
@@ -375,7 +379,7 @@ def test_no_two_random_streams_of_training_share_a_seed():
     """The noise and global streams of 8 processes, started at any of 4 steps, for seeds 0..49, and
     the data permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + rank
     would give seed 0's noise the seed of its P_1)."""
-    from edm.run import stream_seed
+    from edm.training.run import stream_seed
 
     streams = [stream_seed(seed, stream, rank, step) for seed in range(50) for stream in ("noise", "global")
                for rank in range(8) for step in (0, 1, 2, 1000)]
@@ -388,7 +392,7 @@ def test_no_two_random_streams_of_training_share_a_seed():
 def test_dropout_and_training_noise_draw_different_bits(compose_train):
     """After set-up the global RNG (dropout) and the training generator (σ, n) are in different
     states, so a dropout mask is no function of the noise it is applied with."""
-    from edm.train import setup
+    from edm.training.loop import setup
 
     run = setup(compose_train())
     try:
@@ -431,11 +435,11 @@ def test_a_checkpoint_stores_its_network_resolved_and_resumes_however_it_spelled
     state = load_checkpoint(first.checkpoint)
     network = state["denoiser"]["network"]
     _, kwargs = edm.networks.resolve(**network)
-    assert network == {"name": "tiny", **edm.config.to_container(kwargs)}
+    assert network == {"name": "tiny", **to_container(kwargs)}
     assert network["model_channels"] == 8 and network["attn_resolutions"] == [4] and network["dropout"] == 0.0
     state["denoiser"]["network"] = {k: network[k] for k in ("name", "img_resolution", "in_channels", "out_channels",
                                                              "label_dim", "model_channels")}
-    edm.checkpoint.save_checkpoint(first.checkpoint, state)
+    save_checkpoint(first.checkpoint, state)
     assert train(compose_train("total_kimg=0.024", "resume=true")).state.step == 3
     with pytest.raises(CheckpointError, match="denoiser.network.dropout: checkpoint 0.0, config 0.2"):
         train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"))
@@ -479,7 +483,7 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
         rank0, rank1 = logs[0][step]["indices"], logs[1][step]["indices"]
         assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
         assert rank0 + rank1 == single.micro_batch_indices(8 * step, 0)
-    from edm.phema import list_snapshots
+    from edm.training.phema import list_snapshots
 
     snapshots = list_snapshots(run_dir)
     assert [s.cur_nimg for s in snapshots] == [16, 32]
@@ -493,7 +497,7 @@ def test_every_config_ships_in_the_wheel():
     tomllib = pytest.importorskip("tomllib")
     from fnmatch import fnmatch
 
-    from edm.train import CONFIG_DIR
+    from edm.cli import CONFIG_DIR
 
     root = Path(__file__).resolve().parents[1]
     setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -537,12 +541,13 @@ EDM_CIFAR10_TABLE7 = {
 def test_recipe_edm_cifar10_sets_the_papers_hyperparameters(schedule, network):
     from hydra import compose, initialize_config_dir
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = from_dictconfig(compose("train", overrides=["recipe=edm-cifar10", f"schedule={schedule}",
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["recipe=edm-cifar10", f"schedule={schedule}",
                                                           f"network={network}", "dataset.root=DATA"]))
     for key, value in EDM_CIFAR10_TABLE7.items():
         got = cfg
@@ -564,13 +569,14 @@ EDM2_IMG64_S = dict(duration=1024 << 20, batch=2048, channels=192, lr=0.0100, de
 def test_recipe_edm2_img64_sets_the_reference_presets_values():
     from hydra import compose, initialize_config_dir
 
-    from edm.build import resolved_network
-    from edm.config import from_dictconfig, register_configs
-    from edm.train import CONFIG_DIR
+    from edm.training.build import resolved_network
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = from_dictconfig(compose("train", overrides=["recipe=edm2-img64", "dataset.root=DATA"]))
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["recipe=edm2-img64", "dataset.root=DATA"]))
     ref = EDM2_IMG64_S
     assert cfg.total_kimg * 1000 == pytest.approx(ref["duration"]) and cfg.batch_size == ref["batch"]
     assert cfg.lr == ref["lr"] and cfg.lr_rampup_kimg * 1000 == ref["rampup_Mimg"] * 1e6
@@ -609,7 +615,7 @@ def test_a_config_that_contradicts_the_launcher_fails_naming_both(given, launche
 def test_the_launchers_bf16_reaches_the_accelerator(compose_train, monkeypatch):
     """`accelerate launch --mixed_precision bf16 -m edm.train` sets ACCELERATE_MIXED_PRECISION=bf16;
     with the config's default (None) the run trains under bf16 and records it."""
-    from edm.train import setup
+    from edm.training.loop import setup
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     run = setup(compose_train())
@@ -669,14 +675,15 @@ def test_accelerate_launch_mixed_precision_bf16_trains_under_bf16(tmp_path, tiny
 def test_recipe_guide_trains_a_smaller_shorter_model_in_its_own_folder():
     from hydra import compose, initialize_config_dir
 
-    from edm.config import from_dictconfig, register_configs
-    from edm.networks import presets
-    from edm.train import CONFIG_DIR
+    from omegaconf import OmegaConf
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        main = from_dictconfig(compose("train"))
-        guide = from_dictconfig(compose("train", overrides=["recipe=guide"]))
+    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.networks import presets
+    from edm.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        main = OmegaConf.to_object(compose("train"))
+        guide = OmegaConf.to_object(compose("train", overrides=["recipe=guide"]))
     main_channels = presets.resolve(main.network.name)[1]["model_channels"]
     assert guide.network.model_channels == main_channels // 2 and guide.total_kimg == main.total_kimg / 4
     assert guide.run_dir == main.run_dir + "-guide" and guide.dataset == main.dataset and guide.schedule == main.schedule

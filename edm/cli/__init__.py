@@ -1,6 +1,6 @@
 """The command-line programs, installed by pip as console scripts (pyproject.toml [project.scripts]).
 
-    edm-train    python -m edm.train        train a denoiser (edm.train)
+    edm-train    python -m edm.train        train a denoiser (edm.training)
     edm-sample   python -m edm.cli.sample   generate images from a model, optionally scored
     edm-eval     python -m edm.cli.evaluate FID, precision/recall, reference statistics, bits/dim
     edm-study    python -m edm.cli.nfe_study FD_cls against NFE for solvers x step counts
@@ -9,17 +9,22 @@
     edm-convert-nvlabs                      an NVlabs/edm .pkl into that folder, never running its code
 
 All take Hydra key=value overrides, `--help` and Hydra's tab completion (`edm-train -sc install=bash`).
-Their configs are the YAML files of configs/ (shipped inside the package as edm/configs).
+Their configs are the YAML files of configs/ (shipped inside the package as edm/configs), each typed
+by its schema dataclass. Every command has the same shape: compose, `OmegaConf.to_object`, call
+the library inside `user_errors` (one error rule), print what it made; the device rule is
+edm.hardware.use_cpu.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
-__all__ = ["CONFIG_DIR", "fail", "own_folder_files", "close_log", "LOG_FORMAT"]
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "fail", "user_errors", "sweep_job_folder", "own_folder_files", "close_log",
+           "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
@@ -35,10 +40,39 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 
 
+# The errors whose message says what to do: bad config values, missing or foreign files, folders in use
+# or holding other results, missing optional packages, a diverged training. Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, FloatingPointError)
+
+
 def fail(program: str, err: BaseException) -> NoReturn:
     """End a command on an error whose message says what to do: `program: error: ...` on stderr, exit 1."""
     print(f"{program}: error: {err}", file=sys.stderr)
     raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def user_errors(program: str) -> Iterator[None]:
+    """Turn USER_ERRORS raised inside into `fail(program, err)`."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        fail(program, err)
+
+
+def sweep_job_folder(hydra_cfg: Any, key: str | None = None) -> str | None:
+    """In a Hydra multirun (-m), this job's own folder, hydra.sweep.dir/<job number>-<its overrides>, beside
+    the sweep's multirun.yaml; None in a single run. `key`: an option that names the output folder and
+    so may not be given on a sweep's command line (it would be one folder for all jobs)."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    if key is not None and any(o.split("=", 1)[0].lstrip("+~") == key for o in hydra_cfg.overrides.task):
+        raise ValueError(f"in a sweep (-m) each job writes to its own folder under hydra.sweep.dir: "
+                         f"pass hydra.sweep.dir=DIR instead of {key}")
+    return hydra_cfg.runtime.output_dir
 
 
 def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> logging.Handler:
@@ -49,7 +83,7 @@ def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> 
     Hydra itself writes neither."""
     from omegaconf import OmegaConf
 
-    from edm.checkpoint import atomic_write
+    from ..files import atomic_write
 
     for name, node in (("config.yaml", dcfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
                        ("overrides.yaml", hydra_cfg.overrides.task)):

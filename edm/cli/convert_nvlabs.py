@@ -16,11 +16,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from edm.checkpoint import OutputWriteError, save_checkpoint
-from edm.cli import CONFIG_DIR, fail
-from edm.export import export_state
-from edm.nvlabs import NVlabsError, denoiser_from_snapshot, read_nvlabs, to_checkpoint
-from edm.provenance import file_sha256
+from ..files import OutputWriteError
+
+from ..models.checkpoint import save_checkpoint
+from . import CONFIG_DIR, fail
+from ..models.export import export_state
+from ..models.nvlabs import NVlabsError, denoiser_from_snapshot, read_nvlabs, to_checkpoint
+from ..files import file_sha256
 
 
 @dataclass

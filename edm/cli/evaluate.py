@@ -25,14 +25,16 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from edm import likelihood, metrics, outputs
-from edm.build import build_schedule
-from edm.checkpoint import OutputWriteError
-from edm.choices import choose
-from edm.cli import CONFIG_DIR, fail
-from edm.config import ScheduleConfig
-from edm.data import DatasetConfig
-from edm.loading import load_model
+from ..core import likelihood
+from ..evaluation import metrics
+from ..generation import outputs
+from ..training.build import build_schedule
+from ..files import OutputWriteError, write_json
+from ..choices import choose
+from . import CONFIG_DIR, fail
+from ..training.config import ScheduleConfig
+from ..data import DatasetConfig
+from ..models.loading import load_model
 
 __all__ = ["ScoreConfig", "EvaluateConfig", "score_images", "METRIC_KEYS"]
 
@@ -148,7 +150,7 @@ def _bpd_batches(cfg: EvaluateConfig, label_dim: int):
     if cfg.dataset is not None:
         from torch.utils.data import DataLoader
 
-        from edm.data import build_dataset
+        from ..data import build_dataset
 
         data = build_dataset(_dataset(cfg, cond=label_dim > 0))
         if label_dim and data.label_dim != label_dim:
@@ -222,7 +224,7 @@ def merge_report(path: str | None, numbers: dict) -> None:
         return
     report: dict[str, Any] = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
     report.setdefault("metrics", {}).update(numbers)
-    outputs.write_json(path, report)
+    write_json(path, report)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

@@ -16,11 +16,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from edm.checkpoint import CheckpointError, OutputWriteError, denoiser_from_state
-from edm.cli import CONFIG_DIR, fail
-from edm.export import WEIGHTS_NAME, export_state
-from edm.loading import read_model_file
-from edm.provenance import file_sha256
+from ..models.checkpoint import CheckpointError, denoiser_from_state
+
+from ..files import OutputWriteError
+from . import CONFIG_DIR, fail
+from ..models.export import WEIGHTS_NAME, export_state
+from ..models.loading import read_model_file
+from ..files import file_sha256
 
 
 @dataclass

@@ -14,11 +14,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from edm.checkpoint import OutputWriteError
-from edm.cli import CONFIG_DIR, fail
-from edm.hardware import has_accelerator
-from edm.nfe_study import StudyConfig, run_study
-from edm.run import RunDirError, RunDirLock
+from ..files import OutputWriteError
+from . import CONFIG_DIR, fail
+from ..hardware import has_accelerator
+from ..evaluation.nfe_study import StudyConfig, run_study
+from ..training.run import RunDirError
+from ..files import FolderLock as RunDirLock
 
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 

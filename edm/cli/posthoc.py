@@ -20,12 +20,14 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from edm.checkpoint import CheckpointError, OutputWriteError
-from edm.cli import CONFIG_DIR, fail
-from edm.export import export_state
-from edm.outputs import write_json
-from edm.phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
-from edm.provenance import ProvenanceError, claim
+from ..models.checkpoint import CheckpointError
+
+from ..files import OutputWriteError
+from . import CONFIG_DIR, fail
+from ..models.export import export_state
+from ..files import write_json
+from ..training.phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
+from ..generation.provenance import ProvenanceError, claim
 
 __all__ = ["PosthocConfig", "reconstruct", "output_name"]
 

@@ -26,22 +26,25 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-import edm
-from edm import metrics, outputs, sampling
-from edm.build import build_schedule, schedule_spec
-from edm.checkpoint import OutputWriteError
-from edm.choices import choose
-from edm.cli import CONFIG_DIR, close_log, fail, own_folder_files
+from .. import __version__
+from ..evaluation import metrics
+from ..generation import outputs, sampling
+from ..training.build import build_schedule, schedule_spec
+from ..files import OutputWriteError, write_json
+from ..choices import choose
+from . import CONFIG_DIR, close_log, fail, own_folder_files
 from edm.cli.evaluate import ScoreConfig, score_images
-from edm.config import ScheduleConfig
-from edm.data import DatasetConfig
-from edm.denoisers import fast_denoiser
-from edm.hardware import LaunchSettings, has_accelerator, launch_settings, set_precision_flags
-from edm.loading import ModelInfo, guided, load_model
-from edm.provenance import claim, file_sha256
-from edm.run import RunDirError, RunDirLock
-from edm.samplers import SamplerConfig
-from edm.schedules import Schedule
+from ..training.config import ScheduleConfig
+from ..data import DatasetConfig
+from ..core.denoisers import fast_denoiser
+from ..hardware import LaunchSettings, has_accelerator, launch_settings, set_precision_flags
+from ..models.loading import ModelInfo, guided, load_model
+from ..generation.provenance import claim
+from ..files import file_sha256
+from ..training.run import RunDirError
+from ..files import FolderLock as RunDirLock
+from ..core.samplers import SamplerConfig
+from ..core.schedules import Schedule, from_spec
 
 log = logging.getLogger("sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -121,7 +124,7 @@ def resolve_schedule(cfg: DictConfig, default: Optional[Schedule]) -> Schedule:
         raise ValueError("the checkpoint stores no schedule: pass schedule=vp|ve|edm|fm")
     if not cfg.schedule_options:
         return schedule
-    return edm.schedules.from_spec({**schedule_spec(schedule), **cfg.schedule_options})
+    return from_spec({**schedule_spec(schedule), **cfg.schedule_options})
 
 
 def image_seeds(cfg: DictConfig) -> list[int]:
@@ -179,7 +182,7 @@ def report(record: dict, cfg: DictConfig, info: ModelInfo, seeds: list[int], out
            seconds: float) -> dict:
     """The provenance record plus how this run went: enough to regenerate every image."""
     return {
-        "edm_version": edm.__version__,
+        "edm_version": __version__,
         "torch_version": torch.__version__,
         "checkpoint": str(Path(info.source).resolve()),
         **record,
@@ -273,7 +276,7 @@ def _generate_and_report(cfg, state, denoiser, plan, schedule, settings, writer,
     if cfg.eval.fid:
         result["metrics"] = score_images(OmegaConf.to_object(cfg.eval), output, dataset_config(cfg), state.device,
                                          default_cache=out / "fid-refs")  # EvalConfig is a ScoreConfig
-    outputs.write_json(out / REPORT_NAME, result)
+    write_json(out / REPORT_NAME, result)
     print(f"wrote {len(seeds)} images to {output}; report {out / REPORT_NAME}")
     if "metrics" in result:
         print(json.dumps(result["metrics"], indent=2))

@@ -1,0 +1,60 @@
+"""`edm-train` (or `python -m edm.train`): train any network under any schedule, on CPU, one GPU or many.
+
+    edm-train                                              # tiny net on embedded digits, CPU, minutes
+    edm-train schedule=ve network=ddpmpp dataset=cifar10 dataset.root=/data
+    accelerate launch -m edm.train dataset=cifar10 ...      # multi-GPU / multi-node
+
+The schema is edm.training.config.TrainConfig (every key and its default); the loop is
+edm.training.loop.train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ..hardware import set_precision_flags, use_cpu
+from ..training.config import TrainConfig
+from ..training.loop import train
+from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(dcfg: DictConfig) -> None:
+    from accelerate import PartialState
+
+    hydra_cfg = HydraConfig.get()
+    handlers: list[logging.Handler] = []
+    with user_errors("edm-train"):
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)
+        job = sweep_job_folder(hydra_cfg, key="run_dir")
+        if job is not None:
+            dcfg.run_dir = job
+            cfg = dataclasses.replace(cfg, run_dir=job)
+        is_main = PartialState(cpu=use_cpu(cfg.cpu)).is_main_process  # the state train's Accelerator joins
+        if not is_main:
+            logging.getLogger("edm").setLevel(logging.WARNING)
+        set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
+        try:
+            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(
+                own_folder_files(run_dir, dcfg, hydra_cfg, "train.log")))
+        finally:
+            for handler in handlers:
+                close_log(handler)
+    if is_main:
+        print(f"step {result.state.step} ({result.state.cur_nimg / 1000:.1f} kimg); checkpoint: {result.checkpoint}")
+        if result.grid is not None:
+            print(f"samples: {result.grid}")
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

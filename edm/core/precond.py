@@ -1,0 +1,147 @@
+"""Preconditioning D(x̂; σ) = c_skip(σ)·x̂ + c_out(σ)·F(c_in(σ)·x̂; c_noise(σ))  (EDM Table 1).
+
+One module serves all four parameterizations; they differ only in a table of coefficient
+functions of σ.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..choices import choose
+from .schedules import VP
+
+__all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA", "VP_M"]
+
+SIGMA_DATA = 0.5  # σ_d, the standard deviation of the data (EDM's default for images in [−1, 1])
+VP_M = 1000  # M of the VP c_noise: the number of DDPM time steps the network's time input spans
+
+
+class Coefficients(NamedTuple):
+    c_skip: Tensor
+    c_out: Tensor
+    c_in: Tensor
+    c_noise: Tensor
+
+
+def _vp(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+    """VP: c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = (M − 1)·σ⁻¹_VP(σ); F predicts n."""
+    return Coefficients(
+        torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (M - 1) * vp.sigma_inv(sigma)
+    )
+
+
+def _ve(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+    """VE: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
+    return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), torch.log(0.5 * sigma))
+
+
+def _edm(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+    """EDM: c_skip = σ_d²/(σ² + σ_d²), c_out = σσ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²), c_noise = ¼ ln σ."""
+    norm = (sigma**2 + sigma_data**2).sqrt()
+    return Coefficients(sigma_data**2 / norm**2, sigma * sigma_data / norm, 1 / norm, 0.25 * torch.log(sigma))
+
+
+def _fm(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+    """Flow matching: c_skip = 1/(1 + σ), c_out = −σ/(1 + σ), c_in = 1/(1 + σ), c_noise = σ/(1 + σ) = t; F predicts n − y."""
+    inv = 1 / (1 + sigma)
+    return Coefficients(inv, -sigma * inv, inv, sigma * inv)
+
+
+PRECOND_KINDS: MappingProxyType[str, Callable[..., Coefficients]] = MappingProxyType(
+    {"vp": _vp, "ve": _ve, "edm": _edm, "fm": _fm}
+)
+
+
+def coefficients(
+    sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA, beta_d: float = VP.beta_d,
+    beta_min: float = VP.beta_min, M: int = VP_M,
+) -> Coefficients:
+    """(c_skip, c_out, c_in, c_noise) of `kind` at `sigma` (same shape as sigma)."""
+    fn = choose(PRECOND_KINDS, kind, "precond kind")
+    sigma = sigma if isinstance(sigma, Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
+    return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), M)
+
+
+def _param_dtype(net: object) -> torch.dtype | None:
+    """dtype of the network's first floating parameter, None for a parameter-free callable."""
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+class Precond(nn.Module):
+    """Denoiser D(x̂; σ) = c_skip x̂ + c_out F(c_in x̂; c_noise) around a network F(x, c_noise, class_labels).
+
+    logvar_channels > 0 adds EDM2's uncertainty head u(σ) = MPConv(MPFourier(¼ ln σ)) (eq. 21), the
+    learned loss weighting (edm.Loss with learned weighting); it is a function of σ alone, so every
+    kind feeds it ¼ ln σ (EDM2's c_noise), whatever the network's c_noise is.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        kind: str = "edm",
+        sigma_data: float = SIGMA_DATA,
+        beta_d: float = VP.beta_d,
+        beta_min: float = VP.beta_min,
+        M: int = VP_M,
+        logvar_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        choose(PRECOND_KINDS, kind, "precond kind")
+        self.net = net
+        self.kind = kind
+        self.sigma_data = float(sigma_data)
+        self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+        if logvar_channels:
+            from ..networks.edm2 import MPConv, MPFourier
+
+            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def logvar(self, sigma: Tensor) -> Tensor:
+        """u(σ) [B], the learned log-variance of the loss at σ (EDM2 eq. 21)."""
+        if not hasattr(self, "logvar_linear"):
+            raise ValueError("this denoiser has no uncertainty head: build it with logvar_channels > 0 "
+                             "(precond.logvar_channels) to learn the loss weighting")
+        return self.logvar_linear(self.logvar_fourier(0.25 * torch.log(sigma))).reshape(-1)
+
+    def coefficients(self, sigma: Tensor) -> Coefficients:
+        """(c_skip, c_out, c_in, c_noise) at `sigma`, same shape as `sigma`."""
+        return coefficients(sigma, self.kind, self.sigma_data, self.beta_d, self.beta_min, self.M)
+
+    def forward(
+        self,
+        x_hat: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+        return_logvar: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """D(x̂; σ) for x̂ of shape [B, ...] and σ of shape [B] (or a scalar, broadcast to the batch);
+        with return_logvar, (D, u(σ)) for the learned loss weighting."""
+        sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x_hat.shape[0])
+        if sigma.shape != x_hat.shape[:1]:
+            raise ValueError(f"sigma must have shape [batch] = {list(x_hat.shape[:1])}, got {list(sigma.shape)}")
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        view = (-1,) + (1,) * (x_hat.ndim - 1)
+        net_dtype = _param_dtype(self.net) or x_hat.dtype
+        kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+        F_x = self.net((c_in.view(view) * x_hat).to(net_dtype), c_noise.to(net_dtype), class_labels=class_labels, **kwargs)
+        if F_x.shape != x_hat.shape:
+            raise ValueError(f"network output shape {list(F_x.shape)} differs from its input {list(x_hat.shape)}")
+        denoised = c_skip.view(view) * x_hat + c_out.view(view) * F_x.to(x_hat.dtype)
+        return (denoised, self.logvar(sigma).to(x_hat.dtype)) if return_logvar else denoised
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, sigma_data={self.sigma_data}"
+

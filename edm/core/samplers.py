@@ -1,0 +1,339 @@
+"""ODE and SDE samplers for any (σ(t), s(t)) schedule, all with one signature.
+
+Every solver is a plain function
+    solver(denoiser, x, t_steps, schedule, *, class_labels=None, generator=None, callback=None, **options)
+that integrates from x = x(t_0) along the grid t_0 > ... > t_N and returns x(t_N).
+`callback(i, x)` is called after step i with x(t_{i+1}). Gradients are the caller's choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..choices import choose
+from ..progress import progress_bar
+from .schedules import DISCRETIZATIONS, Schedule, check_num_steps, get as get_schedule
+
+__all__ = [
+    "SOLVERS",
+    "sample",
+    "euler",
+    "heun",
+    "stochastic",
+    "euler_maruyama",
+    "dpmpp_2m",
+    "ode_derivative",
+    "denoise",
+    "randn_like",
+    "churn_noise",
+    "heun_step",
+    "check_t_steps",
+    "check_options",
+    "check_solver",
+    "SamplerConfig",
+]
+
+Denoiser = Callable[..., Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+Callback = Callable[[int, Tensor], None] | None
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
+    """N(0, I) noise shaped like x; a sequence of generators gives one stream per batch item."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
+
+
+def denoise(denoiser: Denoiser, x: Tensor, t: Tensor, schedule: Schedule, class_labels: Tensor | None) -> Tensor:
+    """D(x/s(t); σ(t)) with σ broadcast to the batch, in x's dtype."""
+    sigma = schedule.sigma(t).expand(x.shape[0])
+    return denoiser(x / schedule.scale(t), sigma, class_labels).to(x.dtype)
+
+
+def ode_derivative(
+    denoiser: Denoiser, x: Tensor, t: Tensor, schedule: Schedule, class_labels: Tensor | None
+) -> Tensor:
+    """dx/dt = (σ'/σ + s'/s) x − (σ' s/σ) D(x/s; σ(t))  (EDM eq. 4)."""
+    sigma, s = schedule.sigma(t), schedule.scale(t)
+    dsigma, ds = schedule.sigma_deriv(t), schedule.scale_deriv(t)
+    D = denoise(denoiser, x, t, schedule, class_labels)
+    return (dsigma / sigma + ds / s) * x - dsigma * s / sigma * D
+
+
+def heun_step(
+    denoiser: Denoiser, x: Tensor, t_cur: Tensor, t_next: Tensor, schedule: Schedule, class_labels: Tensor | None,
+    *, last: bool | None = None,
+) -> Tensor:
+    """One step of EDM Algorithm 1: Euler, plus the trapezoidal correction unless t_next = 0.
+
+    `last` (t_next = 0) may be given by a caller that knows it, saving a device-to-host read of t_next.
+    """
+    h = t_next - t_cur
+    d_cur = ode_derivative(denoiser, x, t_cur, schedule, class_labels)
+    x_next = x + h * d_cur
+    if last is None:
+        last = float(t_next) == 0.0
+    if last:
+        return x_next
+    d_next = ode_derivative(denoiser, x_next, t_next, schedule, class_labels)
+    return x + h * (0.5 * d_cur + 0.5 * d_next)
+
+
+def churn_noise(
+    x: Tensor, t_cur: Tensor, schedule: Schedule, gamma: float, s_noise: float, generator: Generator
+) -> tuple[Tensor, Tensor]:
+    """Raise the noise from σ(t) to σ(t̂) = (1 + γ)σ(t)  (EDM Algorithm 2, lines 5–6, any σ and s)."""
+    sigma = schedule.sigma(t_cur)
+    t_hat = schedule.sigma_inv(sigma + gamma * sigma).to(t_cur.dtype)
+    sigma_hat, s_hat = schedule.sigma(t_hat), schedule.scale(t_hat)
+    extra = (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * s_hat * s_noise
+    return s_hat / schedule.scale(t_cur) * x + extra * randn_like(x, generator), t_hat
+
+
+def _steps(t_steps: Tensor):
+    """(i, t_cur, t_next, t_next == 0) over consecutive grid points.
+
+    The grid is read to the host once, so that no step needs a device-to-host read (a GPU
+    synchronisation) to know whether it ends at t = 0.
+    """
+    t_host = t_steps.tolist()
+    return ((i, t_steps[i], t_steps[i + 1], t_host[i + 1] == 0.0) for i in range(len(t_steps) - 1))
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+def euler(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """Explicit Euler on the probability-flow ODE (first order)."""
+    for i, t_cur, t_next, _ in _steps(t_steps):
+        x = x + (t_next - t_cur) * ode_derivative(denoiser, x, t_cur, schedule, class_labels)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def heun(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """Heun's second-order method (EDM Algorithm 1); the last step to t = 0 is an Euler step."""
+    for i, t_cur, t_next, last in _steps(t_steps):
+        x = heun_step(denoiser, x, t_cur, t_next, schedule, class_labels, last=last)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def stochastic(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+) -> Tensor:
+    """EDM Algorithm 2: churn γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ(t_i) ≤ S_tmax, then a Heun step."""
+    num_steps = len(t_steps) - 1
+    gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
+    sigmas = schedule.sigma(t_steps.cpu()).tolist()  # σ(t_i) on the host, read once
+    for i, t_cur, t_next, last in _steps(t_steps):
+        gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        x_hat, t_hat = churn_noise(x, t_cur, schedule, gamma, s_noise, generator) if gamma > 0 else (x, t_cur)
+        x = heun_step(denoiser, x_hat, t_hat, t_next, schedule, class_labels, last=last)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def euler_maruyama(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """Euler–Maruyama on the reverse SDE in x̂ = x/s with β(t) = σ'/σ  (EDM eq. 6):
+    dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²."""
+    for i, t_cur, t_next, _ in _steps(t_steps):
+        sigma, dsigma = schedule.sigma(t_cur), schedule.sigma_deriv(t_cur)
+        beta = dsigma / sigma
+        x_hat = x / schedule.scale(t_cur)
+        score = (denoise(denoiser, x, t_cur, schedule, class_labels) - x_hat) / sigma**2
+        dt = t_next - t_cur
+        x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
+        x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * randn_like(x, generator)
+        x = schedule.scale(t_next) * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def dpmpp_2m(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) in x̂ = x/s with λ = −ln σ:
+    x̂_{i+1} = (σ_{i+1}/σ_i) x̂_i − expm1(−h_i) D̃_i,  D̃_i = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1},  r = h_{i−1}/h_i."""
+    D_prev, h_prev = None, None
+    for i, t_cur, t_next, last in _steps(t_steps):
+        sigma, sigma_next = schedule.sigma(t_cur), schedule.sigma(t_next)
+        x_hat = x / schedule.scale(t_cur)
+        D = denoise(denoiser, x, t_cur, schedule, class_labels)
+        if last:  # σ(0) = 0 for every schedule: x̂ = D
+            x_hat = D
+        else:
+            h = torch.log(sigma) - torch.log(sigma_next)
+            if D_prev is None:
+                D_mix = D
+            else:
+                r = h_prev / h
+                D_mix = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * D_prev
+            x_hat = sigma_next / sigma * x_hat - torch.expm1(-h) * D_mix
+            h_prev = h
+        D_prev = D
+        x = schedule.scale(t_next) * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
+    {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m}
+)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def check_t_steps(t_steps: Tensor, schedule: Schedule) -> None:
+    """A valid grid is 1-D, finite, strictly decreasing, ends with t_N = 0 and has σ(t_0) finite."""
+    if t_steps.ndim != 1 or len(t_steps) < 2:
+        raise ValueError(f"t_steps must be a 1-D grid with at least 2 points, got shape {list(t_steps.shape)}")
+    if not torch.isfinite(t_steps).all():
+        raise ValueError("t_steps contains NaN or Inf")
+    if not (t_steps[1:] < t_steps[:-1]).all():
+        raise ValueError(f"t_steps must strictly decrease, got {t_steps.tolist()}")
+    if float(t_steps[-1]) != 0.0:
+        raise ValueError(f"t_steps must end with t_N = 0, got t_N = {float(t_steps[-1])}")
+    sigma, s = schedule.sigma(t_steps[:-1]), schedule.scale(t_steps)
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all() and torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError(
+            f"σ(t) or s(t) is not finite and positive on t_steps {t_steps.tolist()}: "
+            f"times are outside the {schedule.name} schedule's range"
+        )
+
+
+def _check_inputs(noise: Tensor, class_labels: Tensor | None) -> None:
+    if noise.ndim < 2:
+        raise ValueError(f"noise must have shape [batch, ...], got {list(noise.shape)}")
+    if not noise.is_floating_point() or not torch.isfinite(noise).all():
+        raise ValueError("noise must be a finite floating-point tensor")
+    if class_labels is not None and class_labels.shape[0] != noise.shape[0]:
+        raise ValueError(f"class_labels has batch {class_labels.shape[0]}, noise has batch {noise.shape[0]}")
+
+
+def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
+    """Options of solver `name` must be keyword-only arguments of `fn` (e.g. churn for stochastic)."""
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    allowed = [a for a in allowed if a not in ("class_labels", "generator", "callback")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"solver {name!r} does not take option(s) {unknown}; its options are {allowed}")
+
+
+def check_solver(solver: str, options: dict) -> Callable[..., Tensor]:
+    """The solver function of `solver`, once its name and `options` are known to be valid."""
+    fn = choose(SOLVERS, solver, "solver")
+    check_options(solver, fn, options)
+    return fn
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample, checked when made: `edm.sample(denoiser, noise, schedule, **config.kwargs())`.
+
+    Training's sample grids, edm-sample and the configs/sampler/ group all use this one
+    object; `options` are the solver's keyword options (e.g. churn for stochastic).
+    """
+
+    solver: str = "heun"
+    num_steps: int = 18
+    discretization: Optional[str] = None  # None: the schedule's own
+    final_denoise: bool = False
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_solver(self.solver, dict(self.options))
+        check_num_steps(self.num_steps)
+        if self.discretization is not None:
+            choose(DISCRETIZATIONS, self.discretization, "discretization")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of edm.sample that this config sets."""
+        return dict(solver=self.solver, num_steps=self.num_steps, discretization=self.discretization,
+                    final_denoise=self.final_denoise, **self.options)
+
+
+def sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    schedule: Schedule | str,
+    num_steps: int = 18,
+    solver: str = "heun",
+    t_steps: Tensor | Sequence[float] | None = None,
+    class_labels: Tensor | None = None,
+    generator: Generator = None,
+    *,
+    discretization: str | None = None,
+    final_denoise: bool = False,
+    progress: bool = False,
+    return_trajectory: bool = False,
+    **solver_options,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Integrate from x(t_0) = s(t_0) σ(t_0)·noise to x(t_N = 0), which is y-space.
+
+    t_steps (a decreasing grid ending with 0) overrides num_steps/discretization. With
+    final_denoise the last step is x = D(x̂; σ_{N−1}) instead of the solver's step to 0.
+    Returns x(0), or (x(0), trajectory [N + 1, *noise.shape]) with return_trajectory.
+    """
+    if isinstance(schedule, str):
+        schedule = get_schedule(schedule)
+    fn = check_solver(solver, solver_options)
+    _check_inputs(noise, class_labels)
+    if t_steps is None:
+        t_steps = schedule.time_steps(num_steps, discretization, dtype=noise.dtype, device=noise.device)
+    else:
+        t_steps = torch.as_tensor(t_steps, dtype=noise.dtype, device=noise.device)
+    check_t_steps(t_steps, schedule)
+
+    x = schedule.scale(t_steps[0]) * schedule.sigma(t_steps[0]) * noise
+    frames = [x] if return_trajectory else None
+    bar = progress_bar(len(t_steps) - 1, "sampling", "step", leave=False) if progress else None
+
+    def callback(i: int, x_i: Tensor) -> None:
+        if frames is not None:
+            frames.append(x_i)
+        if bar is not None:
+            bar.update(1)
+
+    grid = t_steps[:-1] if final_denoise else t_steps
+    try:
+        if len(grid) > 1:
+            x = fn(denoiser, x, grid, schedule, class_labels=class_labels, generator=generator, callback=callback, **solver_options)
+        if final_denoise:
+            x = denoise(denoiser, x, grid[-1], schedule, class_labels)
+            callback(len(t_steps) - 2, x)
+    finally:
+        if bar is not None:
+            bar.close()
+    return (x, torch.stack(frames)) if return_trajectory else x

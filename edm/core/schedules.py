@@ -1,0 +1,315 @@
+"""Noise schedules as (σ(t), s(t)) pairs: x(t) = s(t)·(y + σ(t)·n)  (EDM section 2, Table 1).
+
+Each schedule is a small frozen object with closed-form values and derivatives; time-step
+discretizations are pure functions of (σ_min, σ_max, σ⁻¹) and combine with any schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..choices import choose
+
+__all__ = [
+    "Schedule",
+    "VP",
+    "VE",
+    "EDM",
+    "FlowMatching",
+    "get",
+    "from_spec",
+    "SCHEDULES",
+    "DISCRETIZATIONS",
+    "time_steps",
+    "check_num_steps",
+    "uniform_t",
+    "geometric_sigma",
+    "karras_sigma",
+    "log_snr_uniform",
+]
+
+
+def _as_tensor(t: Tensor | float) -> Tensor:
+    """Python numbers become float64 tensors; tensors keep their dtype and device."""
+    return t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float64)
+
+
+class Schedule:
+    """Base class: subclasses give σ(t), s(t), σ'(t), s'(t), σ⁻¹(σ) and a time range."""
+
+    name: str = ""
+    default_discretization: str = "uniform"
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def sigma_min(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def sigma_max(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def t_min(self) -> float:
+        """t at σ_min: the last nonzero time of the default grids."""
+        return float(self.sigma_inv(torch.tensor(self.sigma_min, dtype=torch.float64)))
+
+    @property
+    def t_max(self) -> float:
+        """t at σ_max: where sampling starts."""
+        return float(self.sigma_inv(torch.tensor(self.sigma_max, dtype=torch.float64)))
+
+    def time_steps(
+        self,
+        num_steps: int,
+        discretization: str | None = None,
+        *,
+        rho: float = 7.0,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """t_0 > ... > t_{N-1} > t_N = 0 (N + 1 values); the default grid is the schedule's own."""
+        return time_steps(
+            self, num_steps, discretization or self.default_discretization, rho=rho, dtype=dtype, device=device
+        )
+
+
+@dataclass(frozen=True)
+class VP(Schedule):
+    """Variance preserving (DDPM, Song et al. 2021): σ(t) = sqrt(exp(½β_d t² + β_min t) − 1), s = 1/sqrt(1 + σ²)."""
+
+    beta_d: float = 19.9
+    beta_min: float = 0.1
+    epsilon_s: float = 1e-3
+    t_end: float = 1.0
+    name = "vp"
+    default_discretization = "uniform"
+
+    def _exponent(self, t: Tensor) -> Tensor:
+        """½β_d t² + β_min t, the integral of the linear β(t)."""
+        return 0.5 * self.beta_d * t**2 + self.beta_min * t
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        return torch.expm1(self._exponent(t)).sqrt()
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        return torch.exp(-0.5 * self._exponent(t))
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        """σ'(t) = (β_d t + β_min) exp(½β_d t² + β_min t) / (2σ(t))."""
+        t = _as_tensor(t)
+        return (self.beta_d * t + self.beta_min) * torch.exp(self._exponent(t)) / (2 * self.sigma(t))
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        """s'(t) = −½(β_d t + β_min) s(t)."""
+        t = _as_tensor(t)
+        return -0.5 * (self.beta_d * t + self.beta_min) * self.scale(t)
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        """σ⁻¹(σ) = (sqrt(β_min² + 2β_d ln(σ² + 1)) − β_min) / β_d."""
+        sigma = _as_tensor(sigma)
+        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(torch.tensor(self.epsilon_s, dtype=torch.float64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(torch.tensor(self.t_end, dtype=torch.float64)))
+
+
+@dataclass(frozen=True)
+class VE(Schedule):
+    """Variance exploding (SMLD/NCSN): σ(t) = sqrt(t), s(t) = 1."""
+
+    sigma_min: float = 0.02  # type: ignore[assignment]
+    sigma_max: float = 100.0  # type: ignore[assignment]
+    name = "ve"
+    default_discretization = "geometric"
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return _as_tensor(t).sqrt()
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_tensor(t))
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        """σ'(t) = 1 / (2 sqrt(t))."""
+        return 0.5 / _as_tensor(t).sqrt()
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        """σ⁻¹(σ) = σ²."""
+        return _as_tensor(sigma) ** 2
+
+
+@dataclass(frozen=True)
+class EDM(Schedule):
+    """EDM (Karras et al. 2022): σ(t) = t, s(t) = 1."""
+
+    sigma_min: float = 0.002  # type: ignore[assignment]
+    sigma_max: float = 80.0  # type: ignore[assignment]
+    rho: float = 7.0
+    name = "edm"
+    default_discretization = "karras"
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return _as_tensor(t).clone()
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_tensor(t))
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_tensor(t))
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        return _as_tensor(sigma).clone()
+
+    def time_steps(self, num_steps, discretization=None, *, rho=None, dtype=torch.float64, device=None):  # type: ignore[override]
+        """Default ρ comes from the schedule (EDM eq. 5)."""
+        return super().time_steps(
+            num_steps, discretization, rho=self.rho if rho is None else rho, dtype=dtype, device=device
+        )
+
+
+@dataclass(frozen=True)
+class FlowMatching(Schedule):
+    """Flow matching / rectified flow: x_t = (1 − t) y + t n, i.e. σ(t) = t/(1 − t), s(t) = 1 − t."""
+
+    sigma_min: float = 0.002  # type: ignore[assignment]
+    sigma_max: float = 80.0  # type: ignore[assignment]
+    name = "fm"
+    default_discretization = "uniform"
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        return t / (1 - t)
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        return 1 - _as_tensor(t)
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        """σ'(t) = 1 / (1 − t)²."""
+        return 1 / (1 - _as_tensor(t)) ** 2
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        return -torch.ones_like(_as_tensor(t))
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        """σ⁻¹(σ) = σ / (1 + σ)."""
+        sigma = _as_tensor(sigma)
+        return sigma / (1 + sigma)
+
+
+SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
+    {"vp": VP, "ve": VE, "edm": EDM, "fm": FlowMatching}
+)
+
+
+def get(name: str, **kwargs) -> Schedule:
+    """Build a schedule by name ('vp', 've', 'edm', 'fm') with keyword overrides of its defaults."""
+    cls = choose(SCHEDULES, name, "schedule")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        fields = list(cls.__dataclass_fields__)
+        raise ValueError(f"bad option for schedule {name!r}: {err}; valid options are {fields}") from None
+
+
+def from_spec(spec: dict) -> Schedule:
+    """The schedule of a spec {"name": ..., **options} (a checkpoint's "schedule"); None options keep defaults."""
+    options = {k: v for k, v in spec.items() if k != "name" and v is not None}
+    return get(spec["name"], **options)
+
+
+# --------------------------------------------------------------------------------------
+# Discretizations: each returns the N nonzero times t_0 > ... > t_{N-1}; `time_steps` appends t_N = 0.
+
+
+def _fractions(num_steps: int, dtype: torch.dtype, device) -> Tensor:
+    """i / (N − 1) for i = 0..N−1 (just [0] when N = 1)."""
+    i = torch.arange(num_steps, dtype=dtype, device=device)
+    return i / max(num_steps - 1, 1)
+
+
+def uniform_t(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
+    """Uniform in t from t_max to t_min (EDM Table 1, VP: t_i = 1 + i/(N−1)(ε_s − 1))."""
+    f = _fractions(num_steps, dtype, device)
+    return (1 - f) * sched.t_max + f * sched.t_min
+
+
+def geometric_sigma(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
+    """Geometric in σ from σ_max to σ_min (EDM Table 1, VE: σ_i = σ_max (σ_min/σ_max)^{i/(N−1)})."""
+    f = _fractions(num_steps, dtype, device)
+    sigma = sched.sigma_max * (sched.sigma_min / sched.sigma_max) ** f
+    return sched.sigma_inv(sigma)
+
+
+def karras_sigma(sched: Schedule, num_steps: int, *, rho: float = 7.0, dtype=torch.float64, device=None, **_) -> Tensor:
+    """σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (EDM eq. 5)."""
+    f = _fractions(num_steps, dtype, device)
+    lo, hi = sched.sigma_min ** (1 / rho), sched.sigma_max ** (1 / rho)
+    return sched.sigma_inv(((1 - f) * hi + f * lo) ** rho)
+
+
+def log_snr_uniform(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
+    """Uniform in log-SNR λ = −2 ln σ (DPM-Solver); SNR = 1/σ² for every schedule, so this is geometric in σ."""
+    f = _fractions(num_steps, dtype, device)
+    lam_max, lam_min = -2 * math.log(sched.sigma_min), -2 * math.log(sched.sigma_max)
+    lam = (1 - f) * lam_min + f * lam_max
+    return sched.sigma_inv(torch.exp(-0.5 * lam))
+
+
+DISCRETIZATIONS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
+    {"uniform": uniform_t, "geometric": geometric_sigma, "karras": karras_sigma, "log_snr": log_snr_uniform}
+)
+
+
+def check_num_steps(num_steps: object) -> None:
+    """A number of steps is a positive int (not a bool); ValueError naming the value otherwise."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
+def time_steps(
+    sched: Schedule,
+    num_steps: int,
+    discretization: str = "karras",
+    *,
+    rho: float = 7.0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The grid t_0 > ... > t_{N−1} > t_N = 0 of `discretization` for `sched` (N + 1 values)."""
+    check_num_steps(num_steps)
+    fn = choose(DISCRETIZATIONS, discretization, "discretization")
+    t = fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device)
+    return torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)]).to(dtype)

@@ -1,0 +1,19 @@
+"""Pixels and model space: uint8 0..255 <-> float in [−1, 1], the one conversion each way."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["to_model_space", "to_uint8"]
+
+
+def to_model_space(images: Tensor) -> Tensor:
+    """uint8 0..255 -> float32 in [−1, 1]: y = x/127.5 − 1."""
+    return images.to(torch.float32) / 127.5 - 1
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[−1, 1] -> uint8 0..255: x = floor(127.5 y + 128) clipped, i.e. round(127.5 (y + 1)) with
+    ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels)."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,78 @@
+"""The data sets by name (the `dataset` config group): DatasetConfig, the DATASETS table and build_dataset.
+
+A new data set is a loader entry in DATASETS (here, or a function of edm.data.sets) and its
+configs/dataset/<name>.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Optional
+
+from ..choices import choose
+from .sets import (
+    FASHION_MNIST_DEBIAN_ROOT, LABELS_NAME, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
+    Subset, XFlip, load_cifar10, load_digits, load_mnist,
+)
+
+__all__ = ["DatasetConfig", "DATASETS", "build_dataset"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetConfig:
+    """A training set (the `dataset` config group): images in [−1, 1], optional one-hot labels.
+
+    name: a key of DATASETS (digits: embedded, no download); root: where the files are (unused
+    for digits); resolution: resize to this (None = native); cond: class-conditional training
+    (label_dim = number of classes); xflip: add mirrored copies; max_size: use the first N images;
+    skip_bad: leave out the image files of a folder that cannot be read or do not fit.
+    """
+
+    name: str = "digits"
+    root: Optional[str] = None
+    resolution: Optional[int] = None
+    cond: bool = False
+    xflip: bool = False
+    num_workers: int = 0
+    max_size: Optional[int] = None
+    skip_bad: bool = False  # folder: leave out unreadable or mismatched image files (listed in a warning)
+
+
+def _folder(cfg: DatasetConfig) -> ImageDataset:
+    """Images in dataset.root, a folder or a zip (see ImageFolderDataset)."""
+    if cfg.root is None or not (Path(cfg.root).is_dir() or Path(cfg.root).suffix.lower() == ".zip" and Path(cfg.root).is_file()):
+        raise DatasetNotFoundError(
+            f"dataset.root={cfg.root!r} is neither a folder nor a .zip; point it at a folder of images or a .zip of them "
+            f"(class labels from a {LABELS_NAME}, as NVlabs dataset_tool.py writes, or one subfolder per class)"
+        )
+    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad)
+
+
+DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = MappingProxyType({
+    "digits": lambda cfg: load_digits(cfg.resolution, cfg.cond),
+    "mnist": lambda cfg: load_mnist(cfg.root, False, cfg.resolution, cfg.cond),
+    # The Debian package dataset-fashion-mnist installs the files in FASHION_MNIST_DEBIAN_ROOT.
+    "fashion_mnist": lambda cfg: load_mnist(cfg.root or FASHION_MNIST_DEBIAN_ROOT, True, cfg.resolution, cfg.cond),
+    "cifar10": lambda cfg: load_cifar10(cfg.root, cfg.resolution, cfg.cond),
+    "folder": _folder,
+})
+"""dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
+
+
+def build_dataset(cfg: DatasetConfig) -> ImageDataset:
+    """The training set described by `cfg` (see DatasetConfig and DATASETS), subset and mirrored as asked."""
+    dataset = choose(DATASETS, cfg.name, "dataset.name")(cfg)
+    if cfg.max_size is not None:
+        dataset = Subset(dataset, cfg.max_size)
+    if cfg.xflip:
+        dataset = XFlip(dataset)
+    logger.info(
+        "dataset %s: %d images, %dx%dx%d, label_dim %d",
+        cfg.name, len(dataset), dataset.channels, dataset.resolution, dataset.resolution, dataset.label_dim,
+    )
+    return dataset

@@ -1,0 +1,421 @@
+"""The data sets: an embedded default set, MNIST / Fashion-MNIST / CIFAR-10 from a local root, and
+image folders or zips. Each yields (image, label, index): image uint8 [C, H, W] (0..255), label a
+float one-hot vector [label_dim] (empty when unconditional), index the item's position. Nothing is
+ever downloaded: a missing root raises DatasetNotFoundError saying where the files must be and how
+to get them. edm.data.registry names them for configs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
+    "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_images",
+    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files",
+]
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data set's files are not where the config says; the message says how to get them."""
+
+
+# ----------------------------------------------------------------------------- data sets
+
+
+class ImageDataset(Dataset):
+    """Base: uint8 images [C, H, W], `num_classes` classes, one-hot labels when `cond`."""
+
+    resolution: int
+    channels: int
+    num_classes: int
+    cond: bool = False
+
+    @property
+    def label_dim(self) -> int:
+        """Length of the one-hot label vector: num_classes when class-conditional, else 0."""
+        return self.num_classes if self.cond else 0
+
+    def one_hot(self, label: int) -> Tensor:
+        """One-hot float label [label_dim] (empty when unconditional)."""
+        out = torch.zeros(self.label_dim)
+        if self.cond:
+            out[label] = 1
+        return out
+
+
+class TensorImageDataset(ImageDataset):
+    """An in-memory data set: images uint8 [N, C, H, W], labels int64 [N]."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, cond: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"images must be uint8 [N, C, H, H], got {images.dtype} {list(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
+        if cond and num_classes < 1:
+            raise ValueError("dataset.cond=true needs a data set with class labels")
+        self.images, self.labels = images, labels.long()
+        self.num_classes, self.cond = int(num_classes), bool(cond)
+        self.channels, self.resolution = int(images.shape[1]), int(images.shape[2])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        return self.images[index], self.one_hot(int(self.labels[index])), index
+
+
+class BadImagesError(ValueError):
+    """Image files of a folder data set that cannot be read or do not fit; the message lists them by path."""
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative path, class], ...]} (or null)
+
+
+class ImageSource:
+    """The image files of a folder or of a zip archive (NVlabs dataset_tool.py's output), by their
+    relative POSIX names in sorted order. A zip is read member by member (never extracted, never
+    held in memory); each process opens it on first use, so DataLoader workers get their own handle."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.is_zip = self.root.is_file()
+        self._zip: tuple[int, Any] | None = None
+        if self.is_zip:
+            import zipfile
+
+            try:
+                with zipfile.ZipFile(self.root) as z:
+                    members = z.namelist()
+            except (OSError, zipfile.BadZipFile) as err:
+                raise DatasetNotFoundError(f"{self.root} is not a readable zip archive ({err})") from None
+        else:
+            members = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+        self.all_names = sorted(members)
+        self.names = [n for n in self.all_names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+
+    def where(self, name: str) -> str:
+        """The file's path for messages: FOLDER/NAME or ARCHIVE.zip:NAME."""
+        return f"{self.root}:{name}" if self.is_zip else str(self.root / name)
+
+    def open(self, name: str) -> BinaryIO:
+        if not self.is_zip:
+            return open(self.root / name, "rb")
+        if self._zip is None or self._zip[0] != os.getpid():
+            import zipfile
+
+            self._zip = (os.getpid(), zipfile.ZipFile(self.root))
+        return self._zip[1].open(name)
+
+    def __getstate__(self) -> dict:  # a worker process opens the archive itself
+        return {**self.__dict__, "_zip": None}
+
+
+def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+    from PIL import Image
+
+    with source.open(name) as f, Image.open(f) as im:
+        return im.mode, im.size
+
+
+class ImageFolderDataset(ImageDataset):
+    """Image files under `root`, a folder or a zip archive (NVlabs dataset_tool.py's output).
+
+    Labels: a dataset.json at the top ({"labels": [[name, class], ...]}, as dataset_tool.py
+    writes it) gives them, and wins over folders; otherwise class subfolders (root/<class>/...)
+    become labels 0..K−1 by sorted name; otherwise there are none. Images are converted to the
+    first file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized.
+
+    Every file's header is read when the data set is made: files that cannot be opened and,
+    without `resolution`, files of another size than the first are listed by path in a
+    BadImagesError, or left out with a warning when `skip_bad` is set.
+    """
+
+    def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False, skip_bad: bool = False) -> None:
+        self.root = Path(root)
+        self.source = ImageSource(self.root)
+        if not self.source.names:
+            raise DatasetNotFoundError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}; point dataset.root at a folder "
+                "or zip of images, optionally one subfolder per class or a dataset.json with labels"
+            )
+        self.files = self._scan(self.source.names, resolution, skip_bad)
+        labelled = self._json_labels()
+        if labelled is not None:
+            self.labels, self.num_classes = [labelled[name] for name in self.files], max(labelled.values()) + 1
+            self.classes = [str(c) for c in range(self.num_classes)]
+        else:
+            self._folder_labels()
+        self.cond = bool(cond)
+        if cond and not self.num_classes:
+            raise ValueError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
+        self.channels = 1 if self.mode == "L" else 3
+        self._resize = resolution is not None
+
+    def _json_labels(self) -> dict[str, int] | None:
+        """{name: class} from dataset.json; None without one (or with "labels": null)."""
+        if LABELS_NAME not in self.source.all_names:
+            return None
+        where = self.source.where(LABELS_NAME)
+        try:
+            with self.source.open(LABELS_NAME) as f:
+                entries = json.load(f).get("labels")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
+        if entries is None:
+            return None
+        labels = {str(name): int(label) for name, label in entries}
+        missing = [name for name in self.files if name not in labels]
+        if missing:
+            raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {self.source.where(missing[0])}")
+        if min(labels.values()) < 0:
+            raise ValueError(f"{where} has negative class labels")
+        return labels
+
+    def _folder_labels(self) -> None:
+        top = [tuple(name.split("/")) for name in self.files]
+        classes = sorted({parts[0] for parts in top if len(parts) > 1})
+        if classes and any(len(parts) == 1 for parts in top):
+            raise ValueError(f"{self.root} mixes images and class subfolders; put every image in a class subfolder")
+        self.classes = classes
+        self.labels = [classes.index(parts[0]) if classes else 0 for parts in top]
+        self.num_classes = len(classes)
+
+    def _scan(self, files: list[str], resolution: int | None, skip_bad: bool) -> list[str]:
+        """The usable files; sets mode and resolution from the first readable one."""
+        good: list[str] = []
+        bad: list[str] = []
+        first: tuple[str, tuple[int, int]] | None = None
+        for name in files:
+            path = self.source.where(name)
+            try:
+                mode, size = _header(self.source, name)
+            except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
+                bad.append(f"{path}: unreadable ({type(err).__name__}: {err})")
+                continue
+            if first is None:
+                if resolution is None and size[0] != size[1]:
+                    raise ValueError(f"{path} is {size[0]}x{size[1]}, not square; set dataset.resolution to crop and resize")
+                first = (mode, size)
+            elif resolution is None and size != first[1]:
+                bad.append(f"{path}: {size[0]}x{size[1]}, but the first image is {first[1][0]}x{first[1][1]} "
+                           "(set dataset.resolution to resize all images)")
+                continue
+            good.append(name)
+        if bad:
+            listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            if not skip_bad or not good:
+                raise BadImagesError(
+                    f"{len(bad)} of {len(files)} image files under {self.root} cannot be used:\n  {listing}\n"
+                    "Fix or remove them, or set dataset.skip_bad=true to train without them."
+                )
+            logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
+                           len(bad), len(files), self.root, listing)
+        assert first is not None
+        self.mode = "L" if first[0] in _GRAY_MODES else "RGB"
+        self.resolution = int(resolution or first[1][0])
+        return good
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, name: str):
+        from PIL import Image
+
+        path = self.source.where(name)
+        try:
+            with self.source.open(name) as f, Image.open(f) as im:
+                return self._pixels(path, im)
+        except BadImagesError:
+            raise
+        except Exception as err:  # a file whose header read but whose pixels do not (truncated, corrupt)
+            raise BadImagesError(
+                f"{path}: cannot read its pixels ({type(err).__name__}: {err}); fix or remove the file (or set "
+                "dataset.skip_bad=true), then resume=true continues from the last checkpoint"
+            ) from None
+
+    def _pixels(self, path: str, im) -> np.ndarray:
+        """uint8 [H, W] or [H, W, 3] of an open image: converted to the data set's mode, cropped and resized."""
+        from PIL import Image
+
+        im = im.convert(self.mode)
+        if self._resize:
+            side = min(im.size)
+            left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+        elif im.size != (self.resolution, self.resolution):
+            raise BadImagesError(
+                f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
+                "set dataset.resolution to resize all images"
+            )
+        return np.asarray(im, dtype=np.uint8).copy()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        array = self._load(self.files[index])
+        image = torch.from_numpy(array).reshape(self.resolution, self.resolution, self.channels).permute(2, 0, 1)
+        return image.contiguous(), self.one_hot(self.labels[index]), index
+
+
+class XFlip(ImageDataset):
+    """Doubles a data set with mirrored copies: item i + N is item i flipped left-right (EDM's xflip).
+    Deterministic, so data order stays a function of (seed, epoch)."""
+
+    def __init__(self, base: ImageDataset) -> None:
+        self.base = base
+        self.resolution, self.channels = base.resolution, base.channels
+        self.num_classes, self.cond = base.num_classes, base.cond
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        n = len(self.base)
+        image, label, _ = self.base[index % n]
+        return (image.flip(-1) if index >= n else image), label, index
+
+
+class Subset(ImageDataset):
+    """The first `size` items of a data set (dataset.max_size)."""
+
+    def __init__(self, base: ImageDataset, size: int) -> None:
+        self.base, self.size = base, min(int(size), len(base))
+        self.resolution, self.channels = base.resolution, base.channels
+        self.num_classes, self.cond = base.num_classes, base.cond
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self.base[index]
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def resize_images(images: Tensor, resolution: int | None) -> Tensor:
+    """uint8 [N, C, H, H] -> uint8 [N, C, R, R] (bilinear, antialiased when shrinking); None keeps H."""
+    if resolution is None or resolution == images.shape[-1]:
+        return images
+    x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_digits(resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+    """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16, 10 classes); no download."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0))).to(torch.uint8)[:, None]
+    labels = torch.from_numpy(bunch.target).long()
+    return TensorImageDataset(resize_images(images, resolution), labels, 10, cond)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzip-compressed if the name ends with .gz) as a uint8 array."""
+    path = Path(path)
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {data.size} bytes of data, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _mnist_help(root: str | None, fashion: bool) -> str:
+    name, cls = ("Fashion-MNIST", "FashionMNIST") if fashion else ("MNIST", "MNIST")
+    where = (
+        f"{name} needs train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] either directly in "
+        f"dataset.root or in dataset.root/{cls}/raw (torchvision's layout); dataset.root is {'not set' if root is None else repr(root)}. "
+    )
+    get = f"Get them with torchvision on a machine with internet: torchvision.datasets.{cls}('<root>', download=True)"
+    if fashion:
+        get = (
+            f"On Debian/Ubuntu `apt-get install dataset-fashion-mnist` puts them in {FASHION_MNIST_DEBIAN_ROOT} "
+            f"(dataset.root={FASHION_MNIST_DEBIAN_ROOT}). " + get
+        )
+    return where + get + "."
+
+
+def load_mnist(
+    root: str | Path | None, fashion: bool = False, resolution: int | None = None, cond: bool = False
+) -> TensorImageDataset:
+    """MNIST or Fashion-MNIST training set (60000 images, 28x28, 10 classes) from local files.
+
+    Reads the raw IDX files (.gz or not) from root itself (e.g. the Debian package
+    dataset-fashion-mnist, or the files as published) or from torchvision's root/{MNIST,FashionMNIST}/raw.
+    """
+    if root is None or not Path(root).is_dir():
+        raise DatasetNotFoundError(_mnist_help(None if root is None else str(root), fashion))
+    root = Path(root)
+    for folder in (root, root / ("FashionMNIST" if fashion else "MNIST") / "raw"):
+        image_file = _find_idx(folder, "train-images-idx3-ubyte")
+        label_file = _find_idx(folder, "train-labels-idx1-ubyte")
+        if image_file is not None and label_file is not None:
+            break
+    else:
+        raise DatasetNotFoundError(_mnist_help(str(root), fashion))
+    images, labels = torch.from_numpy(read_idx(image_file).copy()), torch.from_numpy(read_idx(label_file).copy())
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return TensorImageDataset(resize_images(images[:, None].to(torch.uint8), resolution), labels.long(), 10, cond)
+
+
+def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+    """CIFAR-10 training set (50000 images, 32x32x3, 10 classes) via torchvision, download=False.
+    root is the folder holding cifar-10-batches-py (or that folder itself)."""
+    help_text = (
+        "CIFAR-10 needs the extracted python version: <root>/cifar-10-batches-py/data_batch_1..5 and batches.meta; "
+        f"dataset.root is {'not set' if root is None else repr(str(root))}. Get cifar-10-python.tar.gz from "
+        "https://www.cs.toronto.edu/~kriz/cifar.html and extract it in <root>, or run "
+        "torchvision.datasets.CIFAR10('<root>', download=True) on a machine with internet."
+    )
+    if root is None or not Path(root).is_dir():
+        raise DatasetNotFoundError(help_text)
+    root = Path(root)
+    if root.name == "cifar-10-batches-py":
+        root = root.parent
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise DatasetNotFoundError(help_text)
+    import torchvision
+
+    try:
+        tv = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+    except RuntimeError as err:
+        raise DatasetNotFoundError(f"torchvision could not read {root / 'cifar-10-batches-py'} ({err}). " + help_text) from None
+    images = torch.from_numpy(np.ascontiguousarray(tv.data)).permute(0, 3, 1, 2).contiguous()
+    return TensorImageDataset(resize_images(images, resolution), torch.as_tensor(tv.targets), 10, cond)

@@ -1,0 +1,488 @@
+"""Sample-quality metrics: Fréchet distance (FID with Inception-v3 pool features), precision/recall.
+
+FID = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)  (Heusel et al. 2017) between Gaussians fitted to
+features of two image sets. Any feature extractor works (a callable: images in [−1, 1]
+[N, C, H, W] -> features [N, d]); the standard one is the TensorFlow Inception-v3
+(inception-2015-12-05) as ported by pytorch-fid (edm.networks.inception.FIDInceptionV3), so that
+`pt_inception-2015-12-05-6726825d.pth` loads strictly.
+Precision/recall: Kynkäänniemi et al. 2019, k-NN balls around each feature (k = 3), in NVlabs'
+VGG-16 features when that file is given (`load_vgg16`), else in the FID extractor's.
+
+Nothing is downloaded: the weights are local files (see `load_inception`, `load_vgg16`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..files import atomic_write
+from ..data import IMAGE_EXTENSIONS, build_dataset, image_files, to_model_space
+from ..networks.inception import FIDInceptionV3
+
+__all__ = [
+    "frechet_distance",
+    "FeatureStats",
+    "feature_statistics",
+    "precision_recall",
+    "NVlabsDetector",
+    "load_inception",
+    "load_vgg16",
+    "VGG16_HELP",
+    "INCEPTION_HELP",
+    "image_batches",
+    "count_images",
+    "save_statistics",
+    "load_statistics",
+    "reference_statistics",
+    "statistics_cache_path",
+    "extract_features",
+    "is_statistics_file",
+    "evaluate_images",
+    "dataset_batches",
+    "dataset_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+Extractor = Callable[[Tensor], Tensor]
+
+INCEPTION_HELP = """\
+FID needs the Inception-v3 weights as a local file (nothing is downloaded). Either of:
+  * pytorch-fid's state dict pt_inception-2015-12-05-6726825d.pth (recommended), from
+    https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+  * NVlabs' detector inception-2015-12-05.pkl (as used by NVlabs/edm fid.py; loading it needs
+    NVlabs' dnnlib/torch_utils on PYTHONPATH), from
+    https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl
+    or the TorchScript inception-2015-12-05.pt of stylegan2-ada-pytorch.
+On a machine with internet: `curl -LO <url>` (or `wget <url>`), copy the file here and pass its path."""
+
+VGG16_HELP = """\
+Precision/recall with NVlabs' features (as published for StyleGAN2-ADA, StyleGAN3 and EDM-era papers)
+needs NVlabs' VGG-16 detector as a local file (nothing is downloaded), either of:
+  * https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt (TorchScript)
+  * https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl
+    (a pickle; loading it needs NVlabs' dnnlib/torch_utils on PYTHONPATH)
+Both carry code, so they load only with the opt-in allow_pickle. Without a VGG-16 file,
+precision/recall uses the FID extractor's Inception features, which do not compare with
+published figures."""
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def _sqrtm_psd(a: Tensor) -> Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix by eigendecomposition."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½, the Fréchet distance of two Gaussians.
+
+    tr(Σ₁Σ₂)^½ is computed as tr(Σ₁^½ Σ₂ Σ₁^½)^½ (same eigenvalues, symmetric PSD), in float64.
+    """
+    mu1, mu2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64).reshape(-1) for m in (mu1, mu2))
+    s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"statistics do not match: mu {list(mu1.shape)} vs {list(mu2.shape)}, sigma {list(s1.shape)} vs {list(s2.shape)}")
+    s1, s2 = 0.5 * (s1 + s1.T), 0.5 * (s2 + s2.T)
+    root1 = _sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
+
+
+class FeatureStats:
+    """Running mean and covariance of feature vectors (float64 sums, unbiased covariance)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def update(self, features: Tensor) -> None:
+        f = features.detach().to(torch.float64).flatten(1).cpu()
+        if self.total is None:
+            self.total = torch.zeros(f.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.count += f.shape[0]
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, Σ) with Σ = (Σ fᵢfᵢᵀ − N μμᵀ)/(N − 1)."""
+        if self.count < 2 or self.total is None or self.outer is None:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+def feature_statistics(
+    extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu", max_images: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(μ, Σ, N) of extractor(images) over image batches in [−1, 1] (at most max_images images)."""
+    stats = FeatureStats()
+    with torch.no_grad():
+        for images in batches:
+            if max_images is not None:
+                images = images[: max_images - stats.count]
+            if images.shape[0] == 0:
+                break
+            stats.update(extractor(images.to(device)))
+            if max_images is not None and stats.count >= max_images:
+                break
+    mu, sigma = stats.mean_cov()
+    return mu, sigma, stats.count
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _kth_radii(features: Tensor, k: int, batch_size: int) -> Tensor:
+    """Distance of each feature to its k-th nearest neighbour in the same set (itself excluded)."""
+    if features.shape[0] <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors, got {features.shape[0]}")
+    radii = [torch.cdist(part, features).kthvalue(k + 1, dim=1).values for part in features.split(batch_size)]
+    return torch.cat(radii)
+
+
+def _coverage(manifold: Tensor, radii: Tensor, probes: Tensor, batch_size: int) -> float:
+    """Fraction of probes inside at least one ball B(manifold_j, radii_j)."""
+    inside = [(torch.cdist(part, manifold) <= radii[None, :]).any(dim=1) for part in probes.split(batch_size)]
+    return float(torch.cat(inside).to(torch.float64).mean())
+
+
+def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): precision = share of fake features inside the
+    real k-NN manifold, recall = share of real features inside the fake k-NN manifold."""
+    real, fake = real.to(torch.float64).flatten(1), fake.to(torch.float64).flatten(1)
+    precision = _coverage(real, _kth_radii(real, k, batch_size), fake, batch_size)
+    recall = _coverage(fake, _kth_radii(fake, k, batch_size), real, batch_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- feature extractors from local files
+
+
+class NVlabsDetector(nn.Module):
+    """NVlabs' detectors (TorchScript .pt or .pkl; Inception: 2048 features, VGG-16: 4096): take uint8 RGB images.
+
+    Images in [−1, 1] become k = ⌊127.5 x + 128⌋ clipped to 0..255 (exact for x = k/127.5 − 1).
+    """
+
+    def __init__(self, detector: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> Tensor:
+        k = (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        if k.shape[1] == 1:
+            k = k.repeat(1, 3, 1, 1)
+        return self.detector(k, return_features=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip with a constants.pkl entry (torch.save files have data.pkl only)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _load_nvlabs_detector(path: Path, device: torch.device | str, allow_pickle: bool, alternative: str,
+                          torchscript: bool) -> nn.Module:
+    """An NVlabs detector file (a pickle, or TorchScript when `torchscript`), only with allow_pickle: both run code
+    stored in the file."""
+    if not allow_pickle:
+        kind = "a TorchScript archive (its forward is code stored in the file)" if torchscript else \
+            "a pickle: loading it runs code stored in the file"
+        raise ValueError(
+            f"{path} is {kind}. If you trust it, allow code-carrying detectors (allow_pickle=True; edm-sample "
+            f"eval.allow_pickle=true; edm-eval allow_pickle=true){alternative}"
+        )
+    if torchscript:
+        return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
+    try:
+        with open(path, "rb") as f:
+            detector = pickle.load(f)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{path} is an NVlabs pickle that needs NVlabs' code ({err.name}) importable: add a clone of "
+            f"https://github.com/NVlabs/edm to PYTHONPATH{alternative}"
+        ) from err
+    return NVlabsDetector(detector).to(device).eval()
+
+
+def load_inception(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
+    """The FID feature extractor from a local weights file: pytorch-fid .pth, NVlabs .pkl or TorchScript .pt.
+
+    A missing file raises FileNotFoundError with instructions (INCEPTION_HELP). A .pkl or a
+    TorchScript archive is loaded only with allow_pickle=True: both carry code that runs when the
+    file is loaded or called. pytorch-fid's .pth is a plain state dict and needs no opt-in.
+    """
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
+    path = Path(path)
+    torchscript = _is_torchscript(path)
+    if path.suffix == ".pkl" or torchscript:
+        return _load_nvlabs_detector(path, device, allow_pickle, ", or use pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
+                                     torchscript)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read Inception weights {path}: {err}\n{INCEPTION_HELP}") from err
+    with torch.device("meta"):
+        model = FIDInceptionV3()
+    try:
+        model.load_weights(state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not pytorch-fid's Inception state dict: {err}\n{INCEPTION_HELP}") from err
+    return model.to(device).eval()
+
+
+def load_vgg16(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
+    """The precision/recall features of NVlabs' metrics (VGG-16 fc2, 4096-d) from NVlabs' local file.
+
+    The file is code (TorchScript vgg16.pt or pickle vgg16.pkl, VGG16_HELP), so it loads only with
+    allow_pickle=True. Images in [−1, 1] are passed to it as uint8 RGB, as NVlabs' metrics do.
+    """
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"VGG-16 detector not found at {str(path)!r}.\n{VGG16_HELP}")
+    path = Path(path)
+    torchscript = _is_torchscript(path)
+    if path.suffix != ".pkl" and not torchscript:
+        raise ValueError(f"{path} is neither NVlabs' TorchScript vgg16.pt nor its vgg16.pkl.\n{VGG16_HELP}")
+    return _load_nvlabs_detector(path, device, allow_pickle, "", torchscript)
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    """uint8 images [N, H, W, C] from an .npz with key 'images' (edm) or 'arr_0' (guided-diffusion)."""
+    with np.load(path) as data:
+        key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+        if key is None:
+            raise ValueError(f"{path} has no 'images' or 'arr_0' array (keys: {list(data.keys())})")
+        images = data[key]
+    if images.ndim != 4:
+        raise ValueError(f"{path}:{key} must be [N, H, W, C] (or [N, C, H, W]), got shape {list(images.shape)}")
+    return images if images.shape[-1] in (1, 3) else images.transpose(0, 2, 3, 1)
+
+
+def count_images(source: str | Path) -> int:
+    """Number of images in a folder (png/jpg/... recursively) or an .npz."""
+    path = Path(source)
+    if path.suffix == ".npz":
+        return len(_npz_images(path))
+    return len(image_files(path))
+
+
+def _uint8_to_unit(batch: np.ndarray) -> Tensor:
+    """uint8 [B, H, W, C] -> float [B, C, H, W] in [−1, 1] (edm.data.to_model_space)."""
+    return to_model_space(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2))
+
+
+def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:
+    """Batches [B, C, H, W] in [−1, 1] of the images in a folder (sorted paths, recursive) or an .npz file."""
+    from PIL import Image
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
+    if path.suffix == ".npz":
+        images = _npz_images(path)[:max_images]
+        for start in range(0, len(images), batch_size):
+            yield _uint8_to_unit(images[start : start + batch_size])
+        return
+    files = image_files(path)[:max_images]
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for file in files[start : start + batch_size]:
+            with Image.open(file) as img:
+                a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+            arrays.append(a[:, :, None] if a.ndim == 2 else a)
+        yield _uint8_to_unit(np.stack(arrays))
+
+
+# ----------------------------------------------------------------------------- cached statistics
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
+    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count)."""
+    path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # as np.savez names it
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images)))
+
+
+def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) from an .npz with keys mu and sigma (NVlabs' fid-refs and pytorch-fid's --save-stats files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
+        return data["mu"], data["sigma"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "data"
+
+
+def statistics_cache_path(cache_dir: str | Path, dataset_key: str, extractor_key: str) -> Path:
+    """cache_dir/<dataset>--<extractor>.npz: one file per (data set, feature extractor) pair."""
+    return Path(cache_dir) / f"{_slug(dataset_key)}--{_slug(extractor_key)}.npz"
+
+
+def reference_statistics(
+    batches: Callable[[], Iterable[Tensor]],
+    extractor: Extractor,
+    *,
+    cache_dir: str | Path | None,
+    dataset_key: str,
+    extractor_key: str,
+    device: torch.device | str = "cpu",
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) of a data set's features, read from the cache when present, else computed and cached.
+
+    `batches()` yields the data set's images in [−1, 1]; it is only called on a cache miss.
+    """
+    key = dataset_key if max_images is None else f"{dataset_key}-n{max_images}"
+    path = statistics_cache_path(cache_dir, key, extractor_key) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        logger.info("reference statistics from cache %s", path)
+        return load_statistics(path)
+    mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images)
+    if path is not None:
+        save_statistics(path, mu, sigma, n)
+        logger.info("cached reference statistics of %d images at %s", n, path)
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------- one call for a report
+
+
+def extract_features(extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu") -> Tensor:
+    """All features [N, d] (float64, CPU) of the image batches."""
+    with torch.no_grad():
+        return torch.cat([extractor(images.to(device)).to(torch.float64).cpu().flatten(1) for images in batches])
+
+
+def is_statistics_file(path: str | Path) -> bool:
+    """True for an .npz holding 'mu' and 'sigma' (precomputed reference statistics)."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path) as data:
+        return "mu" in data and "sigma" in data
+
+
+def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> Iterator[Tensor]:
+    """Batches [B, C, H, W] in [−1, 1] of a data set whose items are (uint8 image [C, H, W], ...), as edm.data's."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield to_model_space(images)
+
+
+def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
+    """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips."""
+    config = dataclasses.replace(config, xflip=False, cond=False)
+    dataset = build_dataset(config)
+    where = f"-{Path(config.root).name}" if config.name == "folder" and config.root else ""
+    key = f"{config.name}{where}-{dataset.resolution}px-{len(dataset)}"
+    return (lambda: dataset_batches(dataset, batch_size, config.num_workers)), key
+
+
+def evaluate_images(
+    images: str | Path,
+    extractor: Extractor,
+    *,
+    extractor_key: str,
+    ref: str | Path | None = None,
+    ref_batches: Callable[[], Iterable[Tensor]] | None = None,
+    ref_key: str | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    with_precision_recall: bool = False,
+    k: int = 3,
+    max_images: int | None = None,
+    pr_extractor: Extractor | None = None,
+    pr_extractor_key: str | None = None,
+) -> dict[str, float | int | str]:
+    """FID (and optionally precision/recall) of the images at `images` (folder / .npz) against a reference.
+
+    The reference is `ref` — a statistics .npz (mu, sigma; NVlabs fid-refs or pytorch-fid
+    --save-stats) or image data (folder / .npz) — or `ref_batches()` (e.g. `dataset_batches` of an
+    edm.data set) named `ref_key`. Statistics of image data are cached in cache_dir keyed by
+    (ref, extractor). Precision/recall needs image data, not statistics; its features are
+    pr_extractor's (NVlabs' VGG-16, `load_vgg16`) when given, else the FID extractor's, and the
+    result names them ("precision_recall_features").
+    """
+    if (ref is None) == (ref_batches is None):
+        raise ValueError("give exactly one reference: ref (a statistics .npz, an image folder or .npz) or ref_batches")
+    if ref is not None:
+        ref_key = str(Path(ref).resolve())
+        ref_batches = lambda: image_batches(ref, batch_size)  # noqa: E731
+    ref_is_stats = ref is not None and is_statistics_file(ref)
+    if with_precision_recall and ref_is_stats:
+        raise ValueError(f"precision/recall needs reference images, but {ref} holds only statistics (mu, sigma)")
+    fake = extract_features(extractor, image_batches(images, batch_size, max_images), device=device)
+    mu, sigma = _mean_cov(fake)
+    real = None
+    if ref_is_stats:
+        mu_ref, sigma_ref = load_statistics(ref)  # type: ignore[arg-type]
+    elif with_precision_recall:
+        real = extract_features(extractor, _take(ref_batches(), max_images), device=device)
+        mu_ref, sigma_ref = _mean_cov(real)
+    else:
+        mu_ref, sigma_ref = reference_statistics(
+            ref_batches, extractor, cache_dir=cache_dir, dataset_key=str(ref_key), extractor_key=extractor_key,
+            device=device, max_images=max_images,
+        )
+    result: dict[str, float | int | str] = {
+        "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "num_images": int(fake.shape[0]),
+        "ref": str(ref if ref is not None else ref_key), "feature_extractor": extractor_key,
+    }
+    if real is not None:
+        if pr_extractor is not None:
+            fake = extract_features(pr_extractor, image_batches(images, batch_size, max_images), device=device)
+            real = extract_features(pr_extractor, _take(ref_batches(), max_images), device=device)
+        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
+        result["k"] = k
+        result["precision_recall_features"] = extractor_key if pr_extractor is None else str(pr_extractor_key)
+    return result
+
+
+def _mean_cov(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    stats = FeatureStats()
+    stats.update(features)
+    return stats.mean_cov()
+
+
+def _take(batches: Iterable[Tensor], max_images: int | None) -> Iterator[Tensor]:
+    """The batches, cut after max_images images."""
+    seen = 0
+    for batch in batches:
+        if max_images is not None:
+            batch = batch[: max_images - seen]
+        if batch.shape[0] == 0:
+            return
+        seen += batch.shape[0]
+        yield batch

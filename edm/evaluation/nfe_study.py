@@ -1,0 +1,203 @@
+"""Sample quality against the number of network evaluations (NFE): one table and one plot.
+
+For a checkpoint, every (schedule, solver, steps) point generates the same seeds 0..N−1 and scores
+them with the offline quality score FD_cls (edm.quality; lower is better) and, with local
+Inception weights, FID. NFE is counted, not assumed: the network evaluations per image during one batch, the guide's
+included (unguided Heun: 2N − 1, Euler and DPM-Solver++(2M): N; guidance adds one per guided call).
+
+    edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
+
+Writes OUT/table.csv, OUT/table.json, OUT/fd_cls_vs_nfe.png (and fid_vs_nfe.png), and one
+OUT/points/*.json per point, so a rerun with more solvers or steps computes only the new points.
+OUT/provenance.json (checkpoint hash, images, data set, classifier, ...) refuses a folder made
+with other settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from ..training.build import schedule_spec
+from ..files import atomic_write
+from ..data import DatasetConfig, to_model_space, to_uint8
+from ..core.denoisers import GuidedDenoiser
+from ..models.loading import ModelInfo, guided, load_model
+from ..files import write_json
+from .plots import plot_score_vs_nfe
+from ..generation.provenance import claim
+from ..files import file_sha256
+from .quality import SCORE_NAME, ClassifierConfig, QualityScore
+from ..progress import progress_bar
+from ..core.samplers import SamplerConfig
+from ..generation.sampling import chunks, generate_batch, plan_images
+from ..core.schedules import Schedule, get
+
+__all__ = ["StudyConfig", "run_study"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyConfig:
+    """Every key of edm-study and its default."""
+
+    checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt or an NVlabs .pkl
+    ema: bool = True
+    solvers: List[str] = field(default_factory=lambda: ["heun", "euler", "dpmpp_2m"])
+    steps: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    schedules: List[Optional[str]] = field(default_factory=lambda: [None])  # None = the checkpoint's own
+    discretization: Optional[str] = None  # None = each schedule's own time grid
+    num_images: int = 1000  # seeds 0 .. num_images − 1 at every point
+    batch: int = 250
+    out: str = "nfe-study"
+    overwrite: bool = False  # delete an out folder's earlier results first
+    dataset: Optional[DatasetConfig] = None  # the score's data set; None = the checkpoint's training data
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cache_dir: Optional[str] = None  # the quality classifiers' cache (None: $EDM_CACHE/quality or ~/.cache/edm/quality)
+    guidance: float = 1.0  # guidance weight w (edm.denoisers.GuidedDenoiser); 1 = none
+    guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free)
+    guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guided only there
+    inception: Optional[str] = None  # local Inception weights (pt_inception-2015-12-05-6726825d.pth): FID too
+    allow_pickle: bool = False  # allow a code-carrying Inception file (.pkl, TorchScript)
+    cpu: bool = False
+    progress: bool = True
+
+
+def _dataset(cfg: StudyConfig, info: ModelInfo) -> DatasetConfig:
+    if cfg.dataset is not None:
+        return cfg.dataset
+    if info.dataset is None:
+        raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
+    return DatasetConfig(**info.dataset)
+
+
+def _point_name(schedule: Schedule, solver: str, steps: int) -> str:
+    return f"{schedule.name}-{solver}-{steps:03d}"
+
+
+def _score_point(
+    denoiser: GuidedDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
+    scorers: dict[str, Callable[[Tensor, Tensor | None], dict]], device: torch.device,
+) -> dict:
+    """Generate seeds 0..N−1 at one point (quantized to uint8 as saved images are) and score them."""
+    plan = plan_images(range(cfg.num_images), None, info.label_dim)
+    images, labels, nfe = [], [], None
+    start = time.time()
+    for batch in chunks(plan, cfg.batch):
+        denoiser.evaluations = 0
+        with torch.no_grad():
+            x, y = generate_batch(denoiser, batch, schedule, settings, info.img_shape, label_dim=info.label_dim,
+                                  device=device)
+        nfe = denoiser.evaluations if nfe is None else nfe
+        images.append(to_model_space(to_uint8(x)).cpu())
+        labels.append(y.cpu() if y is not None else None)
+    seconds = time.time() - start
+    x = torch.cat(images)
+    y = None if labels[0] is None else torch.cat(labels)
+    row = {"schedule": schedule.name, "solver": settings.solver, "steps": settings.num_steps, "nfe": nfe,
+           "discretization": settings.discretization or schedule.default_discretization,
+           "seconds": round(seconds, 2)}
+    for scorer in scorers.values():
+        row.update(scorer(x, y))
+    return row
+
+
+def _inception_scorer(cfg: StudyConfig, dataset: DatasetConfig, device: torch.device) -> Callable:
+    from . import metrics  # FID only when asked
+
+    extractor = metrics.load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
+    batches, key = metrics.dataset_reference(dataset, cfg.batch)
+    mu_ref, sigma_ref = metrics.reference_statistics(
+        batches, extractor, cache_dir=Path(cfg.cache_dir or Path(cfg.out) / "fid-refs"), dataset_key=key,
+        extractor_key=Path(cfg.inception).stem, device=device,
+    )
+
+    def fid(images: Tensor, labels: Tensor | None) -> dict:
+        mu, sigma, n = metrics.feature_statistics(extractor, images.split(cfg.batch), device=device)
+        return {"fid": metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+
+    return fid
+
+
+def write_table(rows: list[dict], out: Path) -> list[Path]:
+    """table.csv and table.json (rows sorted by schedule, solver, NFE)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows([{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()} for row in rows])
+    data = text.getvalue().encode()
+    atomic_write(out / "table.csv", lambda f: f.write(data))
+    write_json(out / "table.json", {"rows": rows})
+    return [out / "table.csv", out / "table.json"]
+
+
+def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict]:
+    """Score every (schedule, solver, steps) point; returns the table's rows (also written to cfg.out)."""
+    device = torch.device(device)
+    out = Path(cfg.out)
+    if cfg.num_images < 2:
+        raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
+    settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
+    denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
+    info.require_pixels()
+    counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
+                                  ema=cfg.ema, device=device)
+    schedules = [info.schedule if name is None else get(name) for name in cfg.schedules]
+    if any(s is None for s in schedules):
+        raise ValueError("the checkpoint stores no schedule: pass schedules=[vp|ve|edm|fm]")
+    dataset = _dataset(cfg, info)
+    record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
+              "dataset": asdict(dataset) | {"num_workers": None}, "classifier": asdict(cfg.classifier),
+              "inception_sha256": file_sha256(cfg.inception) if cfg.inception else None,
+              "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
+              "guidance_interval": cfg.guidance_interval}
+    results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
+    claim(out, record, results, overwrite=cfg.overwrite)
+    score = QualityScore.for_dataset(dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=device,
+                                     progress=cfg.progress)
+    if list(info.img_shape) != [score.meta["data"]["channels"], score.meta["data"]["resolution"], score.meta["data"]["resolution"]]:
+        raise ValueError(f"the model makes {list(info.img_shape)} images, data set {dataset.name} has "
+                         f"{score.meta['data']['channels']}x{score.meta['data']['resolution']}px ones: pass the model's data set")
+    scorers: dict[str, Callable] = {SCORE_NAME: score}
+    if cfg.inception:
+        scorers["fid"] = _inception_scorer(cfg, dataset, device)
+    points = [(schedule, s) for schedule in schedules for s in settings]
+    rows = []
+    bar = progress_bar(len(points), "NFE study", "point") if cfg.progress else None
+    for schedule, s in points:
+        path = out / "points" / f"{_point_name(schedule, s.solver, s.num_steps)}.json"
+        if path.is_file():
+            row = json.loads(path.read_text())
+        else:
+            row = _score_point(counting, schedule, s, info, cfg, scorers, device)
+            row["schedule_options"] = schedule_spec(schedule)
+            write_json(path, row)
+        rows.append(row)
+        logger.info("%s %s %d steps: NFE %d, %s %.4g", row["schedule"], row["solver"], row["steps"], row["nfe"],
+                    SCORE_NAME, row[SCORE_NAME])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: (r["schedule"], r["solver"], r["nfe"]))
+    write_table(rows, out)
+    series = "solver" if len(schedules) == 1 else "series"
+    for row in rows:
+        row["series"] = f"{row['schedule']} {row['solver']}"
+    for name in scorers:
+        plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series=series,
+                          title=f"{Path(info.source).name}: {cfg.num_images} images per point (lower is better)")
+    for row in rows:
+        del row["series"]
+    return rows

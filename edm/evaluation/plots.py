@@ -1,0 +1,77 @@
+"""Figures people would rather look at than read: the loss curve of a run, a score against NFE.
+
+matplotlib draws off-screen (Agg) into PNGs written atomically; nothing here opens a window.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..files import atomic_write
+
+__all__ = ["LOSS_CURVE_NAME", "plot_loss_curve", "plot_score_vs_nfe"]
+
+LOSS_CURVE_NAME = "loss.png"  # beside samples-final.png in a run folder
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
+def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
+    """loss (per pixel, log scale) against kimg from a run's metrics.jsonl, with lr on a second axis."""
+    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    kimg = [r["kimg"] for r in records]
+    ax.plot(kimg, [r["loss"] for r in records], color="tab:blue", lw=1.2)
+    if all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in records) and records:
+        ax.set_yscale("log")
+    ax.set_xlabel("kimg")
+    ax.set_ylabel("loss per pixel", color="tab:blue")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(kimg, [r["lr"] for r in records], color="tab:gray", lw=0.8, ls="--")
+    lr.set_ylabel("lr", color="tab:gray")
+    ax.set_title(f"{Path(metrics_jsonl).parent.name}: {len(records)} records")
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_score_vs_nfe(
+    rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver", title: str = ""
+) -> Path:
+    """score against NFE (log x), one line per value of `series` (e.g. solver), from table rows."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(str(r[series]) for r in rows):
+        points = sorted((r["nfe"], r[score]) for r in rows if str(r[series]) == name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (network evaluations per image)")
+    ax.set_ylabel(score)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)

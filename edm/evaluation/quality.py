@@ -1,0 +1,236 @@
+"""An offline quality score: the Fréchet distance in the features of a small classifier that the
+project trains on the data set itself (FD_cls), and that classifier's accuracy on samples.
+
+    score = QualityScore.for_dataset(DatasetConfig(name="fashion_mnist", resolution=16))
+    score(images)                # {"fd_cls": ..., "num_images": N}
+    score(images, labels)        # also "class_accuracy" (class-conditional samples)
+
+FD_cls = ‖μ_r − μ_g‖² + tr(Σ_r + Σ_g − 2(Σ_r Σ_g)^½) of Gaussians fitted to the classifier's
+penultimate features of real images (the data set, up to max_images of it) and of generated
+ones. It needs no download, so it runs anywhere, but it is not FID: the features are not
+Inception's, so a number compares only with numbers of the same classifier on the same data
+set (`meta["key"]` names both). FID with local Inception weights is edm.metrics.
+
+The classifier is trained once per (data set content, ClassifierConfig) and cached as a plain
+state_dict (loaded with weights_only=True) beside its reference statistics and a meta.json that
+the loader checks; any other data or settings get their own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..files import atomic_write
+from ..data import DatasetConfig, build_dataset, to_model_space
+from .metrics import frechet_distance
+from ..files import write_json
+
+__all__ = ["ClassifierConfig", "FeatureClassifier", "QualityScore", "QualityCacheError", "default_cache_dir",
+           "SCORE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+SCORE_NAME = "fd_cls"  # the key of the score in tables and reports (never "fid")
+CACHE_VERSION = 1  # bump when the classifier or its training changes: old caches are then not reused
+
+
+class QualityCacheError(ValueError):
+    """A cached classifier does not match what it claims to be; the message names the folder."""
+
+
+def default_cache_dir() -> Path:
+    """$EDM_CACHE/quality, else ~/.cache/edm/quality."""
+    root = os.environ.get("EDM_CACHE") or Path.home() / ".cache" / "edm"
+    return Path(root) / "quality"
+
+
+@dataclass
+class ClassifierConfig:
+    """The feature classifier and its training: width·(1, 2) channels at full and half resolution,
+    a feature_dim-wide penultimate layer, Adam for `steps` batches of `batch_size` of the data,
+    `holdout` of it kept out for the reported accuracy; max_images caps the images used."""
+
+    width: int = 32
+    feature_dim: int = 64
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    holdout: float = 0.1
+    max_images: int = 50_000
+
+
+class FeatureClassifier(nn.Module):
+    """conv3×3(C→w) → conv3×3 stride 2 (w→w) → conv3×3 (w→2w) → conv3×3 stride 2 (2w→2w) → mean over
+    pixels → linear(2w→d): the features φ(x) (each followed by SiLU); logits = linear(d→classes)(φ(x))."""
+
+    def __init__(self, channels: int, classes: int, width: int = 32, feature_dim: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.convs = nn.ModuleList([
+            nn.Conv2d(channels, w, 3, padding=1), nn.Conv2d(w, w, 3, stride=2, padding=1),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        ])
+        self.proj = nn.Linear(2 * w, feature_dim)
+        self.head = nn.Linear(feature_dim, classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """φ(x) [N, feature_dim] of images x [N, C, H, W] in [−1, 1]."""
+        for conv in self.convs:
+            x = F.silu(conv(x))
+        return F.silu(self.proj(x.mean(dim=(2, 3))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _load_images(dataset_cfg: DatasetConfig, max_images: int, seed: int) -> tuple[Tensor, Tensor, dict]:
+    """(uint8 images [N, C, H, W], class indices [N], description) of up to max_images images of the
+    data set, a seeded random subset when it is larger; the description holds its content hash."""
+    cfg = dataclasses.replace(dataset_cfg, cond=True, xflip=False, num_workers=0)
+    try:
+        dataset = build_dataset(cfg)
+    except ValueError as err:
+        raise ValueError(f"the quality score trains a classifier on class labels, and data set {cfg.name} has "
+                         f"none ({err}); use FID with local Inception weights instead") from None
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+    images = torch.stack([dataset[int(i)][0] for i in order])
+    labels = torch.stack([dataset[int(i)][1].argmax() for i in order])
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images.numpy()).tobytes())
+    digest.update(labels.numpy().astype(np.int64).tobytes())
+    description = {"name": cfg.name, "root": cfg.root, "resolution": dataset.resolution, "channels": dataset.channels,
+                   "classes": dataset.num_classes, "size": n, "images_used": len(order), "max_size": cfg.max_size,
+                   "sha256": digest.hexdigest()}
+    return images, labels, description
+
+
+def _train(
+    images: Tensor, labels: Tensor, classes: int, config: ClassifierConfig, device: torch.device, progress: bool
+) -> tuple[FeatureClassifier, float]:
+    """The classifier trained on all but the held-out images, and its accuracy on the held-out ones."""
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    order = torch.randperm(images.shape[0], generator=gen)
+    held = max(1, int(round(config.holdout * images.shape[0])))
+    test, train = order[:held], order[held:]
+    net = FeatureClassifier(images.shape[1], classes, config.width, config.feature_dim).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    from ..progress import progress_bar
+
+    bar = progress_bar(config.steps, "quality classifier", "step", leave=False) if progress else None
+    for step in range(config.steps):
+        batch = train[torch.randint(len(train), (config.batch_size,), generator=gen)]
+        x = to_model_space(images[batch]).to(device)
+        loss = F.cross_entropy(net(x), labels[batch].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = config.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / config.steps))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    net.eval().requires_grad_(False)
+    predicted = torch.cat([net(to_model_space(images[chunk]).to(device)).argmax(1).cpu() for chunk in test.split(512)])
+    return net, float((predicted == labels[test]).double().mean())
+
+
+class QualityScore:
+    """FD_cls of images against the data set, and class accuracy; see the module docstring."""
+
+    def __init__(self, classifier: FeatureClassifier, mu: np.ndarray, sigma: np.ndarray, meta: dict) -> None:
+        self.classifier, self.mu, self.sigma, self.meta = classifier.eval().requires_grad_(False), mu, sigma, meta
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+    @torch.no_grad()
+    def features(self, images: Tensor, batch_size: int = 512) -> Tensor:
+        """φ [N, d] (float64, CPU) of images [N, C, H, W] in [−1, 1] of the data set's shape."""
+        shape = [self.meta["data"]["channels"], self.meta["data"]["resolution"], self.meta["data"]["resolution"]]
+        if list(images.shape[1:]) != shape:
+            raise ValueError(f"images of shape {list(images.shape[1:])} cannot be scored against data set "
+                             f"{self.meta['data']['name']} of shape {shape}")
+        return torch.cat([self.classifier.features(chunk.to(self.device, torch.float32)).double().cpu()
+                          for chunk in images.split(batch_size)])
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        """{"fd_cls", "num_images"} (+ "class_accuracy" when class indices [N] are given)."""
+        phi = self.features(images)
+        if phi.shape[0] < 2:
+            raise ValueError("the Fréchet distance needs at least 2 images")
+        mu, sigma = phi.mean(0).numpy(), np.cov(phi.numpy(), rowvar=False)
+        result: dict[str, Any] = {SCORE_NAME: frechet_distance(mu, sigma, self.mu, self.sigma), "num_images": int(phi.shape[0])}
+        if labels is not None:
+            logits = self.classifier.head(phi.to(self.device, torch.float32)).cpu()
+            result["class_accuracy"] = float((logits.argmax(1) == labels.cpu()).double().mean())
+        return result
+
+    @classmethod
+    def for_dataset(
+        cls, dataset: DatasetConfig, config: ClassifierConfig | None = None, *,
+        cache_dir: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = True,
+    ) -> "QualityScore":
+        """The score of a data set: its cached classifier when one matches, else trained now and cached."""
+        config = config or ClassifierConfig()
+        device = torch.device(device)
+        images, labels, data = _load_images(dataset, config.max_images, config.seed)
+        settings = {"version": CACHE_VERSION, "data": data, "classifier": dataclasses.asdict(config)}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        folder = Path(cache_dir or default_cache_dir()) / f"{data['name']}-{data['resolution']}px-{key}"
+        if (folder / "meta.json").is_file():
+            return cls._load(folder, settings, key, data["classes"], device)
+        start = time.time()
+        logger.info("training the quality classifier of %s (%d images) -> %s", data["name"], len(images), folder)
+        net, accuracy = _train(images, labels, data["classes"], config, device, progress)
+        score = cls(net, np.zeros(1), np.zeros((1, 1)), {**settings, "key": key})
+        phi = score.features(to_model_space(images))
+        score.mu, score.sigma = phi.mean(0).numpy(), np.cov(phi.numpy(), rowvar=False)
+        score.meta.update(holdout_accuracy=accuracy, train_seconds=round(time.time() - start, 1))
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+        atomic_write(folder / "classifier.pt", lambda f: torch.save(state, f))
+        atomic_write(folder / "reference.npz", lambda f: np.savez(f, mu=score.mu, sigma=score.sigma))
+        write_json(folder / "meta.json", score.meta)  # last: a folder without it is not a cache entry
+        logger.info("quality classifier of %s: held-out accuracy %.3f", data["name"], accuracy)
+        return score
+
+    @classmethod
+    def _load(cls, folder: Path, settings: dict, key: str, classes: int, device: torch.device) -> "QualityScore":
+        fix = f"delete {folder} to train it again"
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            state = torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True)
+            with np.load(folder / "reference.npz") as ref:
+                mu, sigma = ref["mu"], ref["sigma"]
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise QualityCacheError(f"quality cache {folder} is unreadable ({err}); {fix}") from None
+        saved = {k: meta.get(k) for k in settings}
+        if saved != json.loads(json.dumps(settings)) or meta.get("key") != key:
+            raise QualityCacheError(f"quality cache {folder} was made for other data or settings; {fix}")
+        config = settings["classifier"]
+        net = FeatureClassifier(settings["data"]["channels"], classes, config["width"], config["feature_dim"])
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise QualityCacheError(f"quality cache {folder}: classifier weights do not fit ({err}); {fix}") from None
+        logger.info("quality classifier of %s from cache %s", settings["data"]["name"], folder)
+        return cls(net.to(device), mu, sigma, meta)

@@ -1,0 +1,181 @@
+"""What the project writes to disk and how it compares records: atomic writes, JSON records, folder locks.
+
+- atomic_write / write_json: a file appears whole or not at all; a failed write is an
+  OutputWriteError that names the folder and its free space.
+- FolderLock: one process at a time owns a folder (a training run, a sampler's output, a study).
+- to_container / flatten / differences: nested configs and records as plain containers, and the
+  dotted keys where two of them differ (provenance records, resume checks).
+- file_sha256: a file's identity, whatever its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+__all__ = [
+    "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock",
+    "to_container", "flatten", "differences", "file_sha256",
+]
+
+
+class OutputWriteError(OSError):
+    """A file could not be written (disk full, read-only or missing permission); names the folder."""
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bool = True) -> Path:
+    """Write `path` through `write(f)` on a temp file in the same folder, then os.replace.
+
+    A crash never leaves half a `path`: a killed writer leaves only `.NAME.XXXX.tmp`, which no
+    glob for the real files (checkpoint-*.pt, *.npz, *.png) matches. `durable` also fsyncs the
+    file and the folder (survives a machine crash; skipped for many small files). A failed
+    write (disk full, read-only folder; torch.save reports these as RuntimeError) removes the
+    temp file and raises OutputWriteError naming the folder and the free space.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
+            raise write_error(path, err) from None
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+    return path
+
+
+def write_error(path: Path, err: BaseException) -> OutputWriteError:
+    """One line: what could not be written, where, why, and how much room the folder has."""
+    try:
+        stat = os.statvfs(path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        room = f"; {free / 2**30:.2f} GiB free there" if free >= 2**30 else f"; {free / 2**20:.1f} MiB free there"
+    except OSError:
+        room = ""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    error = OutputWriteError(f"cannot write {path.name} in {path.parent}: {reason}{room}")
+    error.errno = getattr(err, "errno", None)
+    return error
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+class FolderInUseError(FileExistsError):
+    """Another process (a training, a sampler, a study) owns the folder."""
+
+
+class FolderLock:
+    """An exclusive OS lock (flock) on FOLDER/.lock while one process owns the folder.
+
+    The kernel releases it when the process ends, however it ends, so a killed run never
+    blocks the next one. The file records the owner's pid, host and start time for the
+    message a second process gets; `key` is the option that names the folder and `owner`
+    what holds it, both for that message.
+    """
+
+    def __init__(self, folder: str | Path, key: str = "run_dir", owner: str = "training") -> None:
+        self.path = Path(folder) / ".lock"
+        self.key, self.owner = key, owner
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only or foreign folder
+            raise write_error(self.path, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUseError(
+                f"{self.key} {self.path.parent} is in use by another {self.owner} ({owner}); wait for it to finish, "
+                f"or choose another {self.key}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def to_container(cfg: Any) -> Any:
+    """Dataclasses -> plain dicts/lists/str/float/int/bool/None (for checkpoints, logs and records)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_container(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {str(k): to_container(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_container(v) for v in cfg]
+    return cfg
+
+
+def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of nested dicts (dataclasses first become dicts)."""
+    container = to_container(container)
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
+    return {k: v for key, value in container.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
+def differences(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for each leaf where two nested containers differ (a missing leaf is None)."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex): a model file's identity, whatever its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Image generation from a denoiser: per-image seeds, batches, outputs and their provenance."""

@@ -1,0 +1,62 @@
+"""What made an output folder: a record written before the first image and checked on every resume.
+
+edm-sample claims its `out` folder with `claim(out, record)`: the record holds every setting
+that changes the images (the checkpoint's content hash, solver, time grid, schedule, guidance,
+labels, dtype, precision, ...). A later run into the same folder continues it only when its record
+is equal; otherwise it is refused with the differing keys and the two ways out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from ..files import differences, to_container, write_json
+
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim"]
+
+PROVENANCE_NAME = "provenance.json"
+
+
+class ProvenanceError(ValueError):
+    """An output folder holds results made with other settings (or of unknown origin)."""
+
+
+def _canonical(record: dict) -> dict:
+    """The record as JSON gives it back (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(to_container(record)))
+
+
+def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwrite: bool = False,
+          overwrite_key: str = "overwrite=true", out_key: str = "out") -> None:
+    """Make `out_dir` hold results of `record` only: with overwrite, delete `results` (the folder's
+    earlier outputs) first; else refuse a folder whose provenance.json differs from `record`
+    (naming each differing key) or that holds results without one; then write the record."""
+    out_dir = Path(out_dir)
+    path = out_dir / PROVENANCE_NAME
+    results = [p for p in results if p.exists()]
+    if overwrite:
+        for p in results:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        path.unlink(missing_ok=True)
+        results = []
+    record = _canonical(record)
+    ways_out = f"write to another {out_key}=DIR, or pass {overwrite_key} to delete the old results first"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ProvenanceError(f"{path} is unreadable ({err}); {ways_out}") from None
+        diffs = differences(saved, record)
+        if diffs:
+            listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
+            raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed}); {ways_out}")
+        return
+    if results:
+        raise ProvenanceError(
+            f"{out_dir} holds results ({', '.join(p.name for p in results[:3])}{', ...' if len(results) > 3 else ''}) "
+            f"but no {PROVENANCE_NAME} that says what made them; {ways_out}"
+        )
+    write_json(path, record)

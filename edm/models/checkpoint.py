@@ -1,0 +1,127 @@
+"""Checkpoints: plain dicts of tensors and containers, written atomically, read with weights_only.
+
+A training checkpoint holds (at least):
+  "denoiser": {"network": build kwargs incl. "name", "precond": Precond kwargs}
+  "schedule": {"name": ..., **schedule options}
+  "model", "ema": state_dicts of the Precond module (raw and EMA weights)
+  "config": the resolved training config as plain containers
+  plus training state for resume ("optimizer", "step", "cur_nimg", "rng", ...).
+Files are named checkpoint-<step>.pt; `find_latest` picks the highest step and never a
+temporary file, so a crash during a write leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import networks
+from ..core.precond import Precond
+from ..files import atomic_write
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "build_denoiser",
+    "load_denoiser",
+    "denoiser_from_state",
+    "checkpoint_path",
+    "list_checkpoints",
+    "find_latest",
+    "REQUIRED_KEYS",
+]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("denoiser", "schedule", "model", "ema", "config")
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, of the wrong format or does not fit the config."""
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` atomically and durably (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint with torch.load(weights_only=True); CheckpointError names the file and problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        what = "an empty file" if not head else f"a file that starts with {head!r}, not a torch.save archive"
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}; pass an edm checkpoint-*.pt (or its run folder)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err}); "
+            "delete it to fall back to an earlier checkpoint"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not an edm checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def build_denoiser(spec: dict) -> Precond:
+    """The untrained denoiser of state["denoiser"]: Precond(networks.build(**network), **precond)."""
+    try:
+        network, precond = dict(spec["network"]), dict(spec["precond"])
+        name = network.pop("name")
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"bad denoiser spec {spec!r}: needs network (with name) and precond ({err})") from None
+    return Precond(networks.build(name, **network), **precond)
+
+
+def denoiser_from_state(state: dict, ema: bool = True, source: str = "checkpoint") -> Precond:
+    """The denoiser of a checkpoint dict (eval mode, CPU): its spec rebuilt, the EMA (or raw) weights loaded strictly."""
+    denoiser = build_denoiser(state["denoiser"])
+    key = "ema" if ema else "model"
+    try:
+        denoiser.load_state_dict(state[key])
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: weights {key!r} do not fit its denoiser spec: {err}") from None
+    return denoiser.eval()
+
+
+def load_denoiser(path: str | Path, ema: bool = True, map_location: Any = "cpu") -> tuple[Precond, dict]:
+    """(denoiser in eval mode with the EMA (or raw) weights, the checkpoint dict)."""
+    state = load_checkpoint(path, map_location)
+    denoiser = denoiser_from_state(state, ema, f"checkpoint {path}")
+    return denoiser.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu"), state
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """run_dir/checkpoint-<step, 8 digits>.pt."""
+    return Path(run_dir) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint in run_dir, by step; temp files never match."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return sorted(found)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in run_dir, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None

@@ -1,0 +1,85 @@
+"""A model folder without pickles: DIR/model.safetensors (the weights) + DIR/model.json (what they are).
+
+    path, state = read_model_file("runs/digits-edm-tiny")   # edm.loading: any model file -> checkpoint dict
+    export_state(state, "export/digits")                     # its EMA denoiser as a model folder (edm-export)
+    load_model("export/digits")                              # edm.loading reads it like any model file
+
+model.json holds the denoiser spec (network with every preset value, precond), the schedule,
+which weights these are (EMA or raw), the training data set's config when known, the facts of
+an NVlabs original (e.g. an EDM2 model's VAE latents), and the SHA-256 of the file they came
+from. Reading it needs json and safetensors only: no pickle, no torch.load, nothing that can run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+from ..files import atomic_write
+from ..files import write_json
+
+__all__ = ["WEIGHTS_NAME", "META_NAME", "FORMAT", "is_export", "export_state", "read_export"]
+
+WEIGHTS_NAME, META_NAME = "model.safetensors", "model.json"
+FORMAT = "edm-model/1"
+
+
+def is_export(path: str | Path) -> bool:
+    """A model folder (holding model.json) or its model.safetensors."""
+    path = Path(path)
+    return (path / META_NAME).is_file() if path.is_dir() else path.name == WEIGHTS_NAME
+
+
+def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha256: str | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write a checkpoint dict's EMA (or raw) weights and description as a model folder `dest`;
+    `extra` adds entries to model.json (e.g. how post-hoc EMA made the weights)."""
+    from safetensors.torch import save
+
+    key = "ema" if ema else "model"
+    if key not in state:
+        raise CheckpointError(f"the model holds no {'EMA' if ema else 'raw'} weights ({key!r}); "
+                              f"export the {'raw' if ema else 'EMA'} ones instead")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().cpu().contiguous() for name, t in state[key].items()}
+    data = save(weights)
+    atomic_write(dest / WEIGHTS_NAME, lambda f: f.write(data))
+    meta = {
+        "format": FORMAT, "denoiser": state["denoiser"], "schedule": state.get("schedule"),
+        "weights": "ema" if ema else "raw", "step": state.get("step"),
+        "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
+        "reference": (state.get("config") or {}).get("reference"), **(extra or {}),
+    }
+    write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
+    return dest
+
+
+def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
+    """(the weights file, a checkpoint dict) of a model folder, read with json and safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights_file, meta_file = folder / WEIGHTS_NAME, folder / META_NAME
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_file} is unreadable ({err}): export the model again") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file} is not an edm model folder (format {meta.get('format')!r}, expected {FORMAT!r})")
+    wanted = "ema" if ema else "raw"
+    if meta["weights"] != wanted:
+        raise CheckpointError(f"{folder} holds the {meta['weights']} weights only, not the {wanted} ones; "
+                              f"load it with ema={'true' if meta['weights'] == 'ema' else 'false'}")
+    try:
+        weights = load(weights_file.read_bytes())
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
+    config = {key: meta[key] for key in ("dataset", "reference") if meta.get(key)}  # reference: an NVlabs file's facts
+    state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
+             "config": config, "step": meta.get("step")}
+    return weights_file, state

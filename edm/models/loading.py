@@ -1,0 +1,143 @@
+"""One way in for a trained denoiser: any model file the project reads becomes a checkpoint dict,
+and one loader turns that dict into the denoiser and what generation needs to know about it.
+
+    edm checkpoint (.pt) or run folder  --load_checkpoint-->  checkpoint dict  --load_model-->  (Precond, ModelInfo)
+    NVlabs/edm snapshot (.pkl)          --nvlabs.read_nvlabs + to_checkpoint-->  checkpoint dict
+    model folder (model.safetensors + model.json, edm.export)  --read_export (no pickle)-->  checkpoint dict
+
+The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps its σ range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
+from ..core.denoisers import GuidedDenoiser
+from .export import is_export, read_export
+from .nvlabs import read_nvlabs, to_checkpoint
+from ..core import schedules
+from ..core.schedules import Schedule
+
+__all__ = ["ModelInfo", "read_model_file", "load_model", "guided"]
+
+_LATENT_KEYS = ("vae_name", "latent_scale", "latent_bias")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What generation needs to know about a loaded denoiser besides its weights."""
+
+    img_shape: tuple[int, int, int] | None  # (C, H, W)
+    label_dim: int = 0
+    label_dropout: float = 0.0
+    schedule: Schedule | None = None
+    source: str = ""
+    dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
+    latent: dict | None = None  # NVlabs/edm2 latent models: the VAE and the latent scale/bias (not pixels)
+
+    def require_pixels(self) -> None:
+        """Refuse a model whose samples are VAE latents: images need a decoder the project does not have."""
+        if self.latent is not None:
+            raise ValueError(
+                f"{self.source} generates Stable Diffusion VAE latents {list(self.img_shape or ())} (an EDM2 "
+                f"ImageNet-512 model), not images; decoding them needs {self.latent['vae_name']} from diffusers, "
+                "which this project does not download. Sample latents from Python (edm.load_nvlabs, edm.sample) "
+                f"and decode (latents - bias) / scale with that VAE; scale {self.latent['latent_scale']}, "
+                f"bias {self.latent['latent_bias']}"
+            )
+
+
+def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
+    """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint), a
+    model folder of edm.export (model.safetensors + model.json: no pickle at all) or an NVlabs .pkl (read
+    without running its code)."""
+    path = Path(path)
+    if is_export(path):
+        return read_export(path, ema)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {str(path)!r} has no checkpoint-*.pt: pass checkpoint=RUN_DIR/<file>.pt")
+        path = latest
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass checkpoint=RUN_DIR/<file>.pt (or an NVlabs .pkl)")
+    if path.suffix == ".pkl":
+        return path, to_checkpoint(read_nvlabs(path), str(path))
+    return path, load_checkpoint(path)
+
+
+def load_model(
+    path: str | Path, *, ema: bool = True, device: torch.device | str = "cpu", image_shape: Sequence[int] | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """The denoiser (eval mode, on `device`) and its ModelInfo from any file `read_model_file` reads.
+
+    Shape (C, H, W) and labels come from the network spec; the schedule is the checkpoint's
+    "schedule"; `image_shape` overrides the shape.
+    """
+    path, state = read_model_file(path, ema)
+    denoiser = denoiser_from_state(state, ema, str(path))
+    spec, net = state["denoiser"]["network"], denoiser.net
+    channels, resolution = spec.get("in_channels"), spec.get("img_resolution") or getattr(net, "img_resolution", None)
+    shape = (int(channels), int(resolution), int(resolution)) if channels and resolution else None
+    if image_shape is not None:
+        shape = _check_shape(image_shape)
+    elif shape is None:
+        raise ValueError(f"cannot tell the image shape of {str(path)!r}: set image_shape=[C,H,W] in the config")
+    info = ModelInfo(
+        img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
+        label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
+        schedule=schedules.from_spec(state.get("schedule") or {"name": denoiser.kind}), source=str(path),
+        dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
+    )
+    return denoiser.to(device), info
+
+
+def _latent(state: dict) -> dict | None:
+    """The VAE facts of an NVlabs/edm2 latent model (its encoder), None for pixel models."""
+    reference = (state.get("config") or {}).get("reference") or {}
+    if reference.get("encoder") != "StabilityVAEEncoder":
+        return None
+    return {key: reference.get(key) for key in _LATENT_KEYS}
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) != 3 or min(int(v) for v in shape) < 1:
+        raise ValueError(f"image_shape must be [C, H, W] with positive sizes, got {list(shape)}")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def guided(
+    denoiser: nn.Module, info: ModelInfo, weight: float = 1.0, guide: str | Path | None = None, *,
+    interval: Sequence[float] | None = None, ema: bool = True, device: torch.device | str = "cpu",
+) -> tuple[GuidedDenoiser, ModelInfo | None]:
+    """The main denoiser under guidance: classifier-free (no guide; a class-conditional model) or
+    autoguidance (`guide`, any model file load_model reads), guided where σ ∈ interval = (σ_lo, σ_hi].
+
+    A guide is a denoiser D(x̂; σ) like the main one, so schedules never need converting; it must
+    make images of the main model's shape and take its labels (the same label_dim, or none: an
+    unconditional guide ignores them). (GuidedDenoiser, the guide's ModelInfo or None).
+    """
+    if weight == 1.0 and (guide is not None or interval is not None):
+        raise ValueError("a guide and a guidance interval act only with a guidance weight: set guidance=W (W != 1)")
+    guide_model, guide_info = None, None
+    if guide is not None:
+        guide_model, guide_info = load_model(guide, ema=ema, device=device)
+        if guide_info.img_shape != info.img_shape:
+            raise ValueError(f"guide {guide} makes {list(guide_info.img_shape)} images, the model "
+                             f"{list(info.img_shape)}: a guide must be a model of the same data")
+        if guide_info.label_dim not in (0, info.label_dim):
+            raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
+                             "a guide must take the model's labels (or none)")
+    elif weight != 1.0 and info.label_dim == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional model (this one has label_dim = 0); "
+                         "pass a guide model for autoguidance")
+    lo_hi = (0.0, float("inf")) if interval is None else tuple(float(v) for v in interval)
+    if len(lo_hi) != 2:
+        raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi], got {list(interval or [])}")
+    return GuidedDenoiser(denoiser, weight, guide=guide_model, interval=lo_hi), guide_info

@@ -1,0 +1,543 @@
+"""Official NVlabs/edm and NVlabs/edm2 network snapshots (`network-snapshot-*.pkl`, `edm-*.pkl`,
+`edm2-*.pkl`) without their code.
+
+An NVlabs snapshot is `pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=...,
+dataset_kwargs=...))`. Its torch modules are `torch_utils.persistence` classes: each one is
+stored as `_reconstruct_persistent_obj(meta)`, where meta = {type, version, module_src,
+class_name, state} carries the defining module's *source code*, which a plain `pickle.load`
+executes. Tensors are stored the way plain pickle stores them: `_rebuild_parameter(
+_rebuild_tensor_v2(_load_from_bytes(b), offset, size, stride, ...))`, b being a torch.save
+blob of one storage (and torch's own `_load_from_bytes` unpickles b with weights_only=False).
+
+`read_nvlabs` unpickles with an allow-list instead: the persistence reconstructor becomes
+a stand-in that returns the meta record (the source is never run), storages are read with
+`torch.load(weights_only=True)`, torch containers become inert records of their state, and
+every other global is refused. The snapshot's `ema` entry (EDMPrecond, VPPrecond or
+VEPrecond around a SongUNet or DhariwalUNet) then becomes our `Precond` around
+`edm.networks.build(...)` with the same hyper-parameters and the same weights:
+
+    reference `model.<name>`  ->  our `net.<name>`   (layer names are identical)
+
+An NVlabs/edm2 snapshot is `pickle.dump(EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=...))`
+with `ema` its Precond (EDM coefficients) around its UNet, stored in float16, and the uncertainty
+head logvar_fourier / logvar_linear: `unet.<name>` becomes our `net.<name>` (edm.networks.edm2), the
+head keeps its names (Precond(logvar_channels=...)), and the weights become float32. The encoder
+says what the network generates: pixels (StandardRGBEncoder) or Stable Diffusion VAE latents
+(StabilityVAEEncoder, whose scale and bias are read from their numpy arrays without numpy).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import math
+import os
+import pickle
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, denoiser_from_state
+from ..core.precond import Precond
+
+__all__ = [
+    "NVlabsError",
+    "PersistentObject",
+    "NVlabsSnapshot",
+    "unpickle",
+    "read_nvlabs",
+    "load_nvlabs",
+    "denoiser_from_snapshot",
+    "reference_state_dict",
+    "convert_state_dict",
+    "to_checkpoint",
+    "SUPPORTED_PRECONDS",
+    "SUPPORTED_MODELS",
+    "array_values",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class NVlabsError(CheckpointError):
+    """An NVlabs/edm pickle that cannot (or must not) be loaded; the message names the file and the cause."""
+
+
+# --------------------------------------------------------------------------------------
+# Restricted unpickling: the stand-ins that the allow-listed globals resolve to.
+
+
+class PersistentObject(NamedTuple):
+    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` stood for: class name and state.
+
+    `state` is the object's `__dict__` (for a torch module: `_parameters`, `_buffers`,
+    `_modules`, plain attributes and the recorded `_init_args` / `_init_kwargs`).
+    The meta's `module_src` is dropped unread.
+    """
+
+    class_name: str
+    version: int
+    state: dict
+
+
+def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
+    """Stand-in for the persistence reconstructor: validate meta and keep class name and state."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
+        raise pickle.UnpicklingError(f"malformed torch_utils.persistence record {type(meta).__name__}")
+    state = meta.get("state") or {}
+    if not isinstance(state, dict):
+        raise pickle.UnpicklingError(f"persistent {meta['class_name']} has a state of type {type(state).__name__}")
+    return PersistentObject(meta["class_name"], int(meta.get("version", 0)), state)
+
+
+class TorchModuleRecord:
+    """Inert stand-in for a stock torch container (ModuleDict, ...): holds the pickled `__dict__`."""
+
+    def __init__(self, *args: Any) -> None:
+        self.state: dict = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"torch module state of type {type(state).__name__}")
+        self.state = state
+
+
+class _EasyDict(dict):
+    """Stand-in for dnnlib.EasyDict: a plain dict."""
+
+
+# numpy dtype codes (kind + item size) that may hold a scalar hyper-parameter, as struct formats.
+_NUMPY_FORMATS = MappingProxyType({
+    "f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b",
+    "u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?",
+})
+
+
+class _NumpyDType:
+    """Stand-in for numpy.dtype(code, align, copy): records the code and, via __setstate__, the byte order."""
+
+    def __init__(self, code: Any = None, align: Any = False, copy: Any = False) -> None:
+        if code not in _NUMPY_FORMATS:
+            raise pickle.UnpicklingError(f"numpy dtype {code!r} is not a numeric scalar type")
+        self.code = code
+        self.byteorder = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
+    """Stand-in for numpy.core.multiarray.scalar(dtype, bytes): decode to the Python number."""
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("numpy scalar with an unsupported dtype or payload")
+    order = ">" if dtype.byteorder == ">" else "<"
+    fmt = order + _NUMPY_FORMATS[dtype.code]
+    if len(data) != struct.calcsize(fmt):
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype.code} has {len(data)} bytes")
+    return struct.unpack(fmt, data)[0]
+
+
+class _NumpyArray:
+    """Stand-in for numpy.core.multiarray._reconstruct(ndarray, shape, dtype) + its __setstate__: the raw
+    bytes of a small numeric array, decoded by array_values (edm2's VAE encoder stores its scale and bias so)."""
+
+    def __init__(self, subtype: Any = None, shape: Any = None, dtype: Any = None) -> None:
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("numpy array of a subtype other than ndarray")
+        self.shape: tuple = ()
+        self.dtype: _NumpyDType | None = None
+        self.data = b""
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _NumpyDType)
+                and isinstance(state[4], bytes) and all(isinstance(v, int) for v in state[1])):
+            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, fortran, bytes)")
+        self.shape, self.dtype, self.data = tuple(state[1]), state[2], state[4]
+
+
+_NDARRAY = object()  # what the pickle's numpy.ndarray global resolves to: only _NumpyArray accepts it
+
+
+def array_values(array: Any) -> list | float | None:
+    """The numbers of a _NumpyArray (a flat list, or a float for a 0-d array); None if absent."""
+    if array is None:
+        return None
+    if isinstance(array, (int, float)):
+        return float(array)
+    if not isinstance(array, _NumpyArray) or array.dtype is None:
+        raise NVlabsError(f"expected a numeric numpy array, found {type(array).__name__}")
+    order = ">" if array.dtype.byteorder == ">" else "<"
+    count = math.prod(array.shape)
+    fmt = f"{order}{count}{_NUMPY_FORMATS[array.dtype.code]}"
+    if len(array.data) != struct.calcsize(fmt):
+        raise NVlabsError(f"numpy array of shape {array.shape} has {len(array.data)} bytes")
+    values = [float(v) for v in struct.unpack(fmt, array.data)]
+    return values if array.shape else values[0]
+
+
+def _storage_from_bytes(data: Any) -> Any:
+    """Safe `torch.storage._load_from_bytes`: the storage blob is read with weights_only=True."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"storage payload of type {type(data).__name__}")
+    try:
+        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's safe unpickler refused or failed: name it
+        raise pickle.UnpicklingError(f"tensor storage blob refused by torch.load(weights_only=True): {err}") from None
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"tensor storage blob holds a {type(storage).__name__}, not a storage")
+    return storage
+
+
+def _rebuild_tensor(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+    backward_hooks: Any = None, metadata: Any = None,
+) -> Tensor:
+    """`torch._utils._rebuild_tensor_v2` on a checked storage; hooks and metadata are dropped."""
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    if not isinstance(storage_offset, int) or not all(isinstance(v, int) for v in (*size, *stride)):
+        raise pickle.UnpicklingError("tensor with a non-integer offset, size or stride")
+    no_hooks = collections.OrderedDict()
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False, no_hooks)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None, state: Any = None) -> Tensor:
+    """`torch._utils._rebuild_parameter(_with_state)`: we only need the tensor."""
+    if not isinstance(data, Tensor):
+        raise pickle.UnpicklingError(f"parameter rebuilt from a {type(data).__name__}")
+    return data
+
+
+# (module, name) -> harmless stand-in: the only globals an NVlabs snapshot may reference.
+SAFE_GLOBALS: Mapping[tuple[str, str], Any] = MappingProxyType({
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("torch.nn.modules.container", "ModuleDict"): TorchModuleRecord,
+    ("torch.nn.modules.container", "ModuleList"): TorchModuleRecord,
+    ("torch.nn.modules.container", "Sequential"): TorchModuleRecord,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("numpy", "dtype"): _NumpyDType,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _NumpyArray,
+    ("numpy._core.multiarray", "_reconstruct"): _NumpyArray,
+    ("numpy", "ndarray"): _NDARRAY,
+})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves globals only through SAFE_GLOBALS and has no persistent ids."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing global {module}.{name}: an NVlabs snapshot references only persistence records, "
+                "tensors and plain containers, and loading this one would call other code"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError(f"persistent id {pid!r}: NVlabs pickles have none (a torch.save file?)")
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def unpickle(path: str | os.PathLike) -> Any:
+    """The object stored in pickle file `path`, built only from SAFE_GLOBALS; NVlabsError otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NVlabsError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if not head:
+            raise NVlabsError(f"{path}: the file is empty, not an NVlabs pickle")
+        if head == _ZIP_MAGIC:
+            raise NVlabsError(
+                f"{path}: this is a zip archive (torch.save checkpoint), not an NVlabs pickle; "
+                "load our checkpoints with edm.checkpoint.load_denoiser"
+            )
+        f.seek(0)
+        try:
+            obj = _RestrictedUnpickler(f).load()
+        except EOFError:
+            raise NVlabsError(f"{path}: the pickle ends early (truncated download?)") from None
+        except Exception as err:  # any failure of the restricted unpickler: report it with the file name
+            raise NVlabsError(f"{path}: not a loadable NVlabs pickle: {type(err).__name__}: {err}") from None
+    if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
+        raise NVlabsError(f"{path}: this is a legacy torch.save file, not an NVlabs pickle")
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# Reading the `ema` network: hyper-parameters and state.
+
+REQUIRED = "<required>"  # a constructor parameter without a default
+
+# The reference constructors' parameters in signature order, with their defaults.
+_SONG_UNET = MappingProxyType({
+    "img_resolution": REQUIRED, "in_channels": REQUIRED, "out_channels": REQUIRED, "label_dim": 0, "augment_dim": 0,
+    "model_channels": 128, "channel_mult": (1, 2, 2, 2), "channel_mult_emb": 4, "num_blocks": 4,
+    "attn_resolutions": (16,), "dropout": 0.10, "label_dropout": 0.0, "embedding_type": "positional",
+    "channel_mult_noise": 1, "encoder_type": "standard", "decoder_type": "standard", "resample_filter": (1, 1),
+})
+_DHARIWAL_UNET = MappingProxyType({
+    "img_resolution": REQUIRED, "in_channels": REQUIRED, "out_channels": REQUIRED, "label_dim": 0, "augment_dim": 0,
+    "model_channels": 192, "channel_mult": (1, 2, 3, 4), "channel_mult_emb": 4, "num_blocks": 3,
+    "attn_resolutions": (32, 16, 8), "dropout": 0.10, "label_dropout": 0.0,
+})
+# NVlabs/edm2's UNet, its Block keyword arguments (**block_kwargs) included.
+_EDM2_UNET = MappingProxyType({
+    "img_resolution": REQUIRED, "img_channels": REQUIRED, "label_dim": REQUIRED, "model_channels": 192,
+    "channel_mult": (1, 2, 3, 4), "channel_mult_noise": None, "channel_mult_emb": None, "num_blocks": 3,
+    "attn_resolutions": (16, 8), "label_balance": 0.5, "concat_balance": 0.5, "resample_filter": (1, 1),
+    "channels_per_head": 64, "dropout": 0.0, "res_balance": 0.3, "attn_balance": 0.3, "clip_act": 256,
+})
+SUPPORTED_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {"SongUNet": _SONG_UNET, "DhariwalUNet": _DHARIWAL_UNET, "UNet": _EDM2_UNET}
+)
+"""Reference network class -> its constructor parameters and defaults (our build() takes the same names)."""
+
+SUPPORTED_PRECONDS: Mapping[str, str] = MappingProxyType(
+    {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "Precond": "edm"}
+)
+"""Reference preconditioning class -> our Precond kind (Precond: NVlabs/edm2's, EDM's parameterization)."""
+# The child that holds the network, and the network classes it may be, per precond class (else NVlabs/edm's).
+_WRAPPED = MappingProxyType({"Precond": ("unet", ("UNet",))})
+_EDM_WRAPPED = ("model", ("SongUNet", "DhariwalUNet"))
+
+
+@dataclass(frozen=True)
+class NVlabsSnapshot:
+    """An NVlabs `ema` network in our terms: denoiser spec, schedule, converted Precond state_dict.
+
+    denoiser: {"network": build kwargs incl. "name", "precond": Precond kwargs incl. "kind"};
+    schedule: {"name": ..., **schedule kwargs} matching the preconditioning;
+    reference: facts about the original (class names, use_fp16, sigma range, epsilon_t).
+    """
+
+    denoiser: dict
+    schedule: dict
+    state_dict: dict[str, Tensor] = field(repr=False)
+    reference: dict
+
+
+def _module_state(obj: Any, where: str) -> dict:
+    """The pickled __dict__ of a persistent module or a torch container record."""
+    if isinstance(obj, (PersistentObject, TorchModuleRecord)):
+        return getattr(obj, "state", None) or {}
+    raise NVlabsError(f"{where} is a {type(obj).__name__}, not a torch module")
+
+
+def reference_state_dict(obj: Any, prefix: str = "") -> dict[str, Tensor]:
+    """state_dict() of a pickled module tree: parameters, persistent buffers, then submodules, recursively."""
+    state = _module_state(obj, prefix.rstrip(".") or "the network")
+    out: dict[str, Tensor] = {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    entries = [(n, t) for n, t in (state.get("_parameters") or {}).items()]
+    entries += [(n, t) for n, t in (state.get("_buffers") or {}).items() if n not in skip]
+    for name, tensor in entries:
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise NVlabsError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
+        out[prefix + name] = tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(reference_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+_OWN_ENTRIES = ("logvar_fourier.", "logvar_linear.")  # NVlabs/edm2's uncertainty head: the same names in our Precond
+
+
+def convert_state_dict(reference: Mapping[str, Tensor], child: str = "model") -> dict[str, Tensor]:
+    """Reference Precond state_dict -> ours: `<child>.<name>` (model. for NVlabs/edm, unet. for edm2) becomes
+    `net.<name>` (layer names are shared); edm2's uncertainty head keeps its names."""
+    out: dict[str, Tensor] = {}
+    for key, value in reference.items():
+        if key.startswith(_OWN_ENTRIES) and child == "unet":
+            out[key] = value
+        elif key.startswith(child + "."):
+            out["net." + key.removeprefix(child + ".")] = value
+        else:
+            raise NVlabsError(f"reference state entry {key!r} is outside the wrapped model (iDDPM buffers?)")
+    return out
+
+
+def _encoder_facts(encoder: Any) -> dict[str, Any]:
+    """What NVlabs/edm2's `encoder` says about the data: pixels (StandardRGBEncoder) or Stable Diffusion
+    VAE latents (StabilityVAEEncoder: latents = raw · scale + bias)."""
+    if not isinstance(encoder, PersistentObject):
+        return {}
+    facts: dict[str, Any] = {"encoder": encoder.class_name}
+    if encoder.class_name == "StabilityVAEEncoder":
+        state = encoder.state
+        facts |= {"vae_name": str(state.get("vae_name")), "latent_scale": array_values(state.get("scale")),
+                  "latent_bias": array_values(state.get("bias"))}
+    return facts
+
+
+def _init_kwargs(obj: PersistentObject, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Constructor arguments recorded by persistence (`_init_args`, `_init_kwargs`), defaults filled in."""
+    args, kwargs = obj.state.get("_init_args"), obj.state.get("_init_kwargs")
+    if args is None or kwargs is None:
+        raise NVlabsError(f"{where} ({obj.class_name}) has no recorded constructor arguments")
+    names = list(params)
+    what = f"{where} ({obj.class_name})"
+    if len(args) > len(names):
+        raise NVlabsError(f"{what} got {len(args)} positional arguments, expected at most {len(names)}")
+    given = dict(zip(names, args)) | dict(kwargs)
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise NVlabsError(f"{what} has arguments the reference does not define: {', '.join(unknown)}")
+    missing = [n for n in names if params[n] == REQUIRED and n not in given]
+    if missing:
+        raise NVlabsError(f"{what} lacks required arguments: {', '.join(missing)}")
+    return {name: given.get(name, default) for name, default in params.items()}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists become lists of plain values, so specs stay plain containers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _network_spec(model: PersistentObject, where: str) -> dict[str, Any]:
+    """Our build() kwargs for the reference SongUNet / DhariwalUNet / EDM2 UNet."""
+    kwargs = {k: _plain(v) for k, v in _init_kwargs(model, SUPPORTED_MODELS[model.class_name], where).items()}
+    if model.class_name == "UNet":
+        from ..networks.presets import EDM2_SIZES
+
+        channels = kwargs.pop("img_channels")
+        size = next((s for s, (c, _) in EDM2_SIZES.items() if c == kwargs["model_channels"]), "s")
+        return {"name": f"edm2-{size}", "in_channels": channels, "out_channels": channels, "label_dropout": 0.0, **kwargs}
+    if model.class_name == "SongUNet":
+        name = "ncsnpp" if kwargs["embedding_type"] == "fourier" else "ddpmpp"
+    else:
+        name = "adm"
+    return {"name": name, **kwargs}
+
+
+def _precond_spec(ema: PersistentObject) -> tuple[dict, dict, dict]:
+    """(Precond kwargs, schedule, reference facts) from the reference Precond's attributes."""
+    state, kind = ema.state, SUPPORTED_PRECONDS[ema.class_name]
+
+    def num(name: str, default: float) -> float:
+        return float(state.get(name, default))
+
+    facts = {"precond_class": ema.class_name, "use_fp16": bool(state.get("use_fp16", False))}
+    if ema.class_name == "Precond":  # NVlabs/edm2: EDM coefficients, σ unbounded, the uncertainty head
+        head = (state.get("_modules") or {}).get("logvar_fourier")
+        freqs = (_module_state(head, "ema.logvar_fourier").get("_buffers") or {}).get("freqs") if head is not None else None
+        precond = {"kind": "edm", "sigma_data": num("sigma_data", 0.5),
+                   "logvar_channels": int(freqs.numel()) if isinstance(freqs, Tensor) else 0}
+        return precond, {"name": "edm"}, facts
+    if kind == "edm":
+        precond = {"kind": "edm", "sigma_data": num("sigma_data", 0.5)}
+        schedule = {"name": "edm"}
+        facts |= {"sigma_min": num("sigma_min", 0.0), "sigma_max": num("sigma_max", math.inf)}
+    elif kind == "vp":
+        precond = {"kind": "vp", "sigma_data": 0.5, "beta_d": num("beta_d", 19.9), "beta_min": num("beta_min", 0.1),
+                   "M": int(state.get("M", 1000))}
+        schedule = {"name": "vp", "beta_d": precond["beta_d"], "beta_min": precond["beta_min"]}
+        facts |= {"epsilon_t": num("epsilon_t", 1e-5)}
+    else:
+        precond = {"kind": "ve", "sigma_data": 0.5}
+        schedule = {"name": "ve", "sigma_min": num("sigma_min", 0.02), "sigma_max": num("sigma_max", 100.0)}
+    return precond, schedule, facts
+
+
+def _ema(root: Any, path: str) -> tuple[PersistentObject, str]:
+    """The snapshot's `ema` entry, checked to be a supported Precond around a supported network, and the
+    name of the child that holds that network."""
+    if not isinstance(root, dict) or "ema" not in root:
+        found = sorted(map(str, root)) if isinstance(root, dict) else type(root).__name__
+        raise NVlabsError(f"{path}: expected a dict with an 'ema' network (an NVlabs snapshot), found {found}")
+    ema = root["ema"]
+    if not isinstance(ema, PersistentObject):
+        raise NVlabsError(f"{path}: 'ema' is a {type(ema).__name__}, not a torch_utils.persistence network")
+    if ema.class_name not in SUPPORTED_PRECONDS:
+        hint = ""
+        if ema.class_name == "iDDPMPrecond":
+            hint = " (iDDPM preconditioning, e.g. baseline-imagenet-64x64-cond-adm.pkl, is not supported)"
+        raise NVlabsError(f"{path}: 'ema' is a {ema.class_name}{hint}; supported: {', '.join(SUPPORTED_PRECONDS)}")
+    child, wanted = _WRAPPED.get(ema.class_name, _EDM_WRAPPED)
+    model = (ema.state.get("_modules") or {}).get(child)
+    if not isinstance(model, PersistentObject) or model.class_name not in wanted:
+        found = model.class_name if isinstance(model, PersistentObject) else type(model).__name__
+        raise NVlabsError(f"{path}: 'ema.{child}' is a {found}; supported: {', '.join(wanted)}")
+    return ema, child
+
+
+def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
+    """Parse an NVlabs/edm snapshot safely into our denoiser spec, schedule and state_dict."""
+    path = os.fspath(path)
+    root = unpickle(path)
+    ema, child = _ema(root, path)
+    model = ema.state["_modules"][child]
+    try:  # NVlabsError is a ValueError; TypeError/ValueError also come from malformed recorded values
+        network = _network_spec(model, f"ema.{child}")
+        precond, schedule, facts = _precond_spec(ema)
+        reference = reference_state_dict(ema)
+        facts |= {"stored_dtype": str(next(iter(reference.values())).dtype).removeprefix("torch.")}
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in convert_state_dict(reference, child).items()}
+        facts |= _encoder_facts(root.get("encoder"))
+    except (TypeError, ValueError, StopIteration) as err:
+        raise NVlabsError(f"{path}: {err}") from None
+    if network["out_channels"] != network["in_channels"]:
+        raise NVlabsError(f"{path}: ema.model maps {network['in_channels']} to {network['out_channels']} channels; "
+                          "our Precond needs equal input and output channels")
+    facts |= {"model_class": model.class_name}
+    return NVlabsSnapshot({"network": network, "precond": precond}, schedule, state_dict, facts)
+
+
+def denoiser_from_snapshot(snap: NVlabsSnapshot, source: str = "snapshot") -> Precond:
+    """Our Precond for a parsed snapshot, through its checkpoint dict (`to_checkpoint`) and the loader of
+    every checkpoint (edm.checkpoint.denoiser_from_state): weights load with strict=True, eval mode."""
+    try:
+        return denoiser_from_state(to_checkpoint(snap, source), source=source)
+    except (ValueError, TypeError) as err:
+        raise NVlabsError(f"{source}: cannot rebuild {snap.reference['model_class']} {snap.denoiser}: {err}") from None
+
+
+def load_nvlabs(path: str | os.PathLike) -> Precond:
+    """Our Precond (eval mode, fp32, CPU) equal to the `ema` network of NVlabs/edm snapshot `path`.
+
+    Never runs code stored in the pickle; NVlabsError names the problem for anything that
+    is not a supported snapshot (other classes, iDDPM, truncated or foreign files).
+    """
+    snap = read_nvlabs(path)
+    denoiser = denoiser_from_snapshot(snap, os.fspath(path))
+    logger.info("loaded %s(%s) from %s", snap.reference["precond_class"], snap.reference["model_class"], path)
+    return denoiser
+
+
+def to_checkpoint(snap: NVlabsSnapshot, source: str) -> dict:
+    """Our checkpoint dict for a snapshot: denoiser spec, schedule, ema = model = converted weights, config."""
+    weights = dict(snap.state_dict)
+    reference = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in snap.reference.items()}
+    return {
+        "denoiser": snap.denoiser,
+        "schedule": snap.schedule,
+        "ema": weights,
+        "model": weights,
+        "config": {"source": "nvlabs", "pickle": os.path.basename(source), "reference": reference,
+                   "denoiser": snap.denoiser, "schedule": snap.schedule},
+    }

@@ -1,0 +1,231 @@
+"""Structured training configs: dataclasses mirroring configs/train.yaml and its groups.
+
+Each group's schema has exactly the options of the library object it configures, with that
+object's defaults, so a default is written once (in the library) and Hydra rejects an unknown
+key at composition:
+  schedule/  ScheduleConfig: `name` plus every option of the schedules in edm.schedules.SCHEDULES
+  precond    PrecondConfig: the keyword arguments of edm.Precond
+  loss       LossConfig: the fields of edm.Loss (sigma_data comes from precond)
+  network/   edm.networks.NetworkConfig;  dataset/  edm.data.DatasetConfig
+  sampler/   edm.samplers.SamplerConfig;  augment   edm.augment.AugmentConfig
+edm.cli.train stores the schema in Hydra's ConfigStore; `check_config` rejects bad values with a
+message that names the key and the valid choices. Library code takes the dataclasses only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from ..data.augment import AUGMENT_DIM, AugmentConfig
+from ..choices import check_choice, choose
+from ..data import DATASETS, DatasetConfig
+from ..core.losses import LOSS_KINDS, Loss, learns_weighting
+from ..networks import NetworkConfig
+from ..core.precond import PRECOND_KINDS, Precond
+from ..core.samplers import SamplerConfig
+from ..core.schedules import SCHEDULES
+
+__all__ = [
+    "ScheduleConfig",
+    "PrecondConfig",
+    "LossConfig",
+    "DatasetConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "NetworkConfig",
+    "AugmentConfig",
+    "check_config",
+    "MIXED_PRECISION",
+]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _options_schema(
+    name: str, target: Callable[..., Any], doc: str, *, skip: Iterable[str] = (), unset: Iterable[str] = ()
+) -> type:
+    """A dataclass whose fields are `target`'s keyword parameters with their types and defaults.
+
+    Parameters in `skip` are left out; those in `unset` default to None (resolved by the
+    code that builds the object, see edm.build).
+    """
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) and not dataclasses.is_dataclass(target) else target)
+    fields = []
+    for p in inspect.signature(target).parameters.values():
+        if p.name in skip or p.default is p.empty:
+            continue
+        fields.append((p.name, Optional[hints[p.name]], None) if p.name in unset else (p.name, hints[p.name], p.default))
+    return dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "__module__": __name__})
+
+
+def _schedule_options(self: Any) -> Dict[str, float]:
+    """The schedule options that are set (the keyword arguments of `edm.schedules.get`)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+
+ScheduleConfig = dataclasses.make_dataclass(
+    "ScheduleConfig",
+    [("name", str, "edm")]
+    + [(o, Optional[float], None) for o in sorted({f.name for cls in SCHEDULES.values() for f in dataclasses.fields(cls)})],
+    namespace={
+        "__doc__": "σ(t), s(t): `edm.schedules.get(name, **options())`; an option left None keeps the schedule's default.",
+        "__module__": __name__,
+        "options": _schedule_options,
+    },
+)
+
+PrecondConfig = _options_schema(
+    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "logvar_channels"),
+    doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's own; "
+        "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults; logvar_channels None = "
+        "LOGVAR_CHANNELS when the loss learns its weighting, else 0.",
+)
+
+LossConfig = _options_schema(
+    "LossConfig", Loss, skip=("schedule", "sigma_data"),
+    doc="`edm.Loss(schedule, sigma_data=precond.sigma_data, **options)`: σ density and weight λ(σ); "
+        "kind None = the schedule's own; P_mean/P_std None = the kind's (edm: −1.2, 1.2; edm2: −0.4, 1.0); "
+        "learned_weighting None = the kind's (edm2).",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `edm.train.train` needs, with the defaults of `python -m edm.train` (the tiny network
+    on the embedded digits, minutes on a CPU). Lengths are in images (kimg = 1000 images) or steps.
+
+    batch_size is the global batch of one optimizer step (all processes, all accumulation
+    rounds); batch_per_device is the micro-batch one process runs at once (None: batch_size /
+    number of processes, i.e. no accumulation). The learning rate ramps up linearly over
+    lr_rampup_kimg and, if lr_decay_kimg > 0, decays as lr / sqrt(kimg / lr_decay_kimg) after it.
+    EMA: β = 0.5^(batch_size / max(h, 1e-8)), h = min(ema_halflife_kimg·1000, cur_nimg·ema_rampup_ratio).
+    ema_sigma_rel: power-function EMAs (EDM2) tracked beside it, one per σ_rel; every ema_snapshot_kimg
+    their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
+    """
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precond: PrecondConfig = field(default_factory=PrecondConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    run_dir: str = "runs/train"
+    resume: bool = False
+    seed: int = 0
+
+    batch_size: int = 64
+    batch_per_device: Optional[int] = None
+    total_kimg: float = 96.0
+    lr: float = 2e-3
+    lr_rampup_kimg: float = 5.0
+    lr_decay_kimg: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    adam_eps: float = 1e-8
+    grad_clip: Optional[float] = None
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: Optional[float] = 0.05
+    ema_sigma_rel: List[float] = field(default_factory=list)  # EDM2 power-function EMAs, e.g. [0.05, 0.10]
+    ema_snapshot_kimg: float = 0.0  # snapshots of those EMAs every this many kimg (0 = none)
+
+    mixed_precision: Optional[str] = None  # None = the launcher's (accelerate launch / accelerate config), else "no"
+    compile: Optional[bool] = None  # None = the launcher's dynamo backend, else off
+    channels_last: bool = False
+    cpu: bool = False
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    grid_every: int = 0
+    grid_size: int = 64
+    grid_scale: Optional[int] = None
+    grid_seed: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+    log_batch_indices: bool = False
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # larger values overflow to inf in the float32 arithmetic of training
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    if value > FLOAT32_MAX:
+        raise ValueError(f"{key}={value!r} overflows float32 (largest {FLOAT32_MAX:.3g}); give a smaller value")
+
+
+def _check_power_ema(cfg: TrainConfig) -> None:
+    from .phema import SIGMA_REL_MAX
+
+    rels = list(cfg.ema_sigma_rel)
+    bad = [r for r in rels if not 0 < r < SIGMA_REL_MAX]
+    if bad:
+        raise ValueError(f"ema_sigma_rel={rels}: each σ_rel must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 uses [0.05, 0.10])")
+    if len(set(rels)) != len(rels):
+        raise ValueError(f"ema_sigma_rel={rels} names a profile twice")
+    _positive("ema_snapshot_kimg", cfg.ema_snapshot_kimg, allow_zero=True)
+    if cfg.ema_snapshot_kimg > 0 and not rels:
+        raise ValueError("ema_snapshot_kimg > 0 stores power-function EMAs: set ema_sigma_rel too, e.g. [0.05,0.10]")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject bad values before any work starts; each message names the key and what is valid.
+
+    The schedule's options, the sampler and the network preset are checked where they are
+    built (edm.build, SamplerConfig, edm.networks.build), each in one place.
+    """
+    choose(SCHEDULES, cfg.schedule.name, "schedule.name")
+    if cfg.precond.kind is not None:
+        choose(PRECOND_KINDS, cfg.precond.kind, "precond.kind")
+    if cfg.loss.kind is not None:
+        check_choice(LOSS_KINDS, cfg.loss.kind, "loss.kind")
+    if learns_weighting(cfg.loss.kind or cfg.schedule.name, cfg.loss.learned_weighting) and cfg.precond.logvar_channels == 0:
+        raise ValueError("the loss learns its weighting u(σ) (loss.kind=edm2 or loss.learned_weighting=true), which needs "
+                         "the denoiser's uncertainty head: leave precond.logvar_channels unset (128) or set it > 0")
+    _positive("precond.sigma_data", cfg.precond.sigma_data)
+    choose(DATASETS, cfg.dataset.name, "dataset.name")
+    if cfg.dataset.resolution is not None:
+        _positive("dataset.resolution", cfg.dataset.resolution)
+    if cfg.mixed_precision is not None:
+        check_choice(MIXED_PRECISION, cfg.mixed_precision, "mixed_precision")
+    if not 0 <= cfg.augment.p <= 1:
+        raise ValueError(f"augment.p={cfg.augment.p!r} must be in [0, 1] (0 = no augmentation; EDM's CIFAR-10: 0.12)")
+    for f in dataclasses.fields(cfg.augment):
+        _positive(f"augment.{f.name}", getattr(cfg.augment, f.name), allow_zero=True)
+    if cfg.augment.p > 0 and cfg.network.augment_dim not in (None, 0, AUGMENT_DIM):
+        raise ValueError(
+            f"augment.p > 0 gives the network {AUGMENT_DIM} augmentation labels, but network.augment_dim="
+            f"{cfg.network.augment_dim}: set network.augment_dim={AUGMENT_DIM} (or 0, which augment.p > 0 turns into {AUGMENT_DIM})"
+        )
+    _positive("batch_size", cfg.batch_size)
+    if cfg.batch_per_device is not None:
+        _positive("batch_per_device", cfg.batch_per_device)
+    _positive("total_kimg", cfg.total_kimg)
+    _positive("lr", cfg.lr)
+    _positive("lr_rampup_kimg", cfg.lr_rampup_kimg, allow_zero=True)
+    _positive("lr_decay_kimg", cfg.lr_decay_kimg, allow_zero=True)
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise ValueError(f"adam_betas={list(cfg.adam_betas)!r} must be two numbers in [0, 1)")
+    _positive("adam_eps", cfg.adam_eps, allow_zero=True)
+    if cfg.grad_clip is not None:
+        _positive("grad_clip", cfg.grad_clip)
+    _positive("ema_halflife_kimg", cfg.ema_halflife_kimg, allow_zero=True)
+    _check_power_ema(cfg)
+    if cfg.ema_rampup_ratio is not None:
+        _positive("ema_rampup_ratio", cfg.ema_rampup_ratio)
+    for key in ("log_every", "checkpoint_every"):
+        _positive(key, getattr(cfg, key))
+    for key in ("grid_every", "keep_checkpoints", "grid_size"):
+        _positive(key, getattr(cfg, key), allow_zero=True)
+    if cfg.grid_scale is not None:
+        _positive("grid_scale", cfg.grid_scale)

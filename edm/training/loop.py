@@ -1,0 +1,307 @@
+"""The training loop: `train(cfg)` builds a run (`setup`) and takes its steps to total_kimg.
+
+Each step: micro-batches from the (seed, epoch) data stream (edm.data.stream), one optimizer step
+(edm.training.step), the EMA updates (edm.training.ema, .phema), logging (edm.training.runlog),
+checkpoints and resume (edm.training.run) and sample grids (edm.generation). The config's objects
+are built once (edm.training.build). The command `edm-train` is edm.cli.train.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, to_model_space
+from ..data.augment import augment
+from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
+from ..files import FolderLock
+from ..generation.outputs import save_grid
+from ..generation.sampling import generate_batch, plan_images
+from ..hardware import launch_settings, use_cpu
+from ..models import checkpoint as ckpt
+from .build import build_loss, build_schedule, denoiser_spec
+from .config import TrainConfig, check_config
+from .ema import ema_beta, update_ema
+from .phema import PowerEMA
+from .run import (
+    Run, RunDirError, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_streams,
+    trim_metrics,
+)
+from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
+from .step import learning_rate, make_optimizer, train_step
+
+__all__ = ["train", "setup", "TrainResult", "TrainingDivergedError", "RunDirError"]
+
+logger = logging.getLogger(__name__)
+
+
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or Inf; nothing was saved after the last finite check."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run left behind."""
+
+    state: RunState
+    checkpoint: Path | None
+    grid: Path | None
+    metrics: Path
+    interrupted: bool = False
+
+
+@torch.no_grad()
+def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
+    """Sample grid_size images with the EMA denoiser and the configured sampler, image j from seed
+    grid_seed + j (and class j mod label_dim), as edm-sample generates them; also to
+    TensorBoard through run_log when it has a writer."""
+    cfg, ds = run.cfg, run.dataset
+    seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
+    plan = plan_images(seeds, list(range(ds.label_dim)) or None, ds.label_dim)
+    images, _ = generate_batch(run.ema, plan, run.schedule, cfg.sampler, (ds.channels, ds.resolution, ds.resolution),
+                               label_dim=ds.label_dim, device=run.accelerator.device)
+    path = save_grid(path, images, scale=cfg.grid_scale)
+    if run_log is not None:
+        run_log.image("samples", path, run.state.step)
+    return path
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None) -> Run:
+    """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
+    the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
+    `on_own_run_dir(run_dir)`; resumes from run_dir's latest checkpoint if asked."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    schedule = build_schedule(cfg.schedule)  # bad schedule options fail before any work
+    loss_fn = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
+
+    # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
+    # those of an earlier train() in this process (the distributed PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    launch = launch_settings(cfg.mixed_precision, cfg.compile)
+    cfg = dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no")
+    accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend)
+    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
+    run_dir = Path(cfg.run_dir)
+    lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
+    try:
+        if lock is not None and on_own_run_dir is not None:
+            on_own_run_dir(run_dir)
+        logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
+        return _setup_run(cfg, accelerator, schedule, loss_fn, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, lock: FolderLock | None) -> Run:
+    run_dir = Path(cfg.run_dir)
+    latest = ckpt.find_latest(run_dir)
+    if latest is not None and not cfg.resume:
+        raise RunDirError(
+            f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
+            "or choose another run_dir (or delete the folder) to start over"
+        )
+    if lock is not None:
+        remove_stale_temporaries(run_dir)
+        for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
+            stale.unlink(missing_ok=True)
+    dataset = build_dataset(cfg.dataset)
+    spec = denoiser_spec(cfg, dataset, schedule)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights in every process
+    net = ckpt.build_denoiser(spec).train()
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, accelerator.device)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    ema.to(accelerator.device)
+    rank = accelerator.process_index
+    generator = torch.Generator(accelerator.device)
+    seed_streams(generator, cfg.seed, rank)
+    phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock, phema=phema)
+    if cfg.resume and latest is not None:
+        restore(run, latest)
+    elif cfg.resume:
+        logger.warning("resume=true but %s holds no checkpoint: starting a new run", run_dir)
+    if lock is not None:
+        dropped = trim_metrics(run_dir / "metrics.jsonl", run.state.step)
+        if dropped:
+            logger.info("dropped %d metrics record(s) logged after step %d, which this run logs again", dropped, run.state.step)
+    nparams = sum(p.numel() for p in net.parameters())
+    logger.info("network %s: %d parameters; %d process(es) on %s", spec["network"]["name"], nparams, accelerator.num_processes, accelerator.device)
+    return run
+
+
+def launch_token(accelerator: Any) -> str:
+    """A random token that every process of this launch shares (the main process draws it)."""
+    from accelerate.utils import broadcast_object_list
+
+    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
+    return broadcast_object_list(token, from_process=0)[0] if accelerator.num_processes > 1 else token[0]
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which saves before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _batches(run: Run, micro_batch: int):
+    """Endless (y in [−1, 1], one-hot labels or None, augmentation labels or None, indices)
+    micro-batches on the device; augmented (cfg.augment) with the run's generator."""
+    acc, cfg = run.accelerator, run.cfg
+    sampler = StreamBatchSampler(
+        len(run.dataset), cfg.seed, cfg.batch_size, micro_batch, acc.process_index, acc.num_processes,
+        start_nimg=run.state.cur_nimg,
+    )
+    loader = make_loader(
+        run.dataset, sampler, cfg.dataset.num_workers, pin_memory=acc.device.type == "cuda",
+        worker_init_fn=_ignore_sigint,
+    )
+    for images, labels, indices in loader:
+        y = to_model_space(images.to(acc.device, non_blocking=True))
+        if cfg.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(acc.device, non_blocking=True) if labels.shape[1] > 0 else None
+        augment_labels = None
+        if cfg.augment.p > 0:
+            y, augment_labels = augment(y, cfg.augment, run.generator)
+        yield y, labels, augment_labels, indices
+
+
+def train(
+    cfg: TrainConfig, callback: Callable[[Run], None] | None = None,
+    on_own_run_dir: Callable[[Path], None] | None = None,
+) -> TrainResult:
+    """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
+    run_dir, `callback(run)` after every step (tests use it to inject faults)."""
+    check_config(cfg)
+    run = setup(cfg, on_own_run_dir)
+    try:
+        return _loop(run, callback)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
+    """The steps from run.state to total_kimg, with logging, checkpoints, grids and stop requests."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    world = acc.num_processes
+    micro = cfg.batch_per_device or cfg.batch_size // world
+    if cfg.batch_size % (micro * world) != 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of batch_per_device ({micro}) x processes ({world})")
+    accum = cfg.batch_size // (micro * world)
+    total_nimg = int(round(cfg.total_kimg * 1000))
+    total_steps = state.step + max(0, math.ceil((total_nimg - state.cur_nimg) / cfg.batch_size))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.is_main and state.step == 0 and cfg.grid_size > 0:
+        reals = torch.stack([run.dataset[i][0] for i in range(min(cfg.grid_size, len(run.dataset)))])
+        save_grid(run.run_dir / "data.png", to_model_space(reals), scale=cfg.grid_scale)
+    indices_log = open(run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl", "a") if cfg.log_batch_indices else None
+    logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
+                cfg.batch_size, micro, world, accum, run.run_dir)
+
+    batches = _batches(run, micro)
+    snapshot_nimg = round(cfg.ema_snapshot_kimg * 1000)  # power-EMA snapshots each time cur_nimg passes a multiple
+    run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
+                     tensorboard=cfg.tensorboard, progress=cfg.progress)
+    loss_sum, loss_count = torch.zeros((), device=acc.device), 0
+    t_last, nimg_last = time.perf_counter(), state.cur_nimg
+    checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False
+    agreement = StopAgreement(run.run_dir, launch_token(acc), world)
+    try:
+        with StopOnSignal() as stop:
+            while state.cur_nimg < total_nimg:
+                try:
+                    micro_batches = [next(batches) for _ in range(accum)]
+                except BadImagesError as err:
+                    if world > 1:  # the other processes are inside a step: the launcher ends them
+                        raise
+                    saved = save_checkpoint(run)
+                    raise BadImagesError(f"{err}\nThe run's state after step {state.step} is saved in {saved}.") from None
+                if indices_log is not None:
+                    for i, (*_, indices) in enumerate(micro_batches):
+                        indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
+                lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
+                loss = train_step(run.model, run.loss_fn, run.optimizer, [batch[:3] for batch in micro_batches],
+                                  acc, run.generator, lr, cfg.grad_clip)
+                beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+                update_ema(run.ema, run.net, beta)
+                state.step += 1
+                state.cur_nimg += cfg.batch_size
+                if run.phema is not None:
+                    run.phema.update(run.net, state.cur_nimg, cfg.batch_size)
+                    if snapshot_nimg and (state.cur_nimg // snapshot_nimg > (state.cur_nimg - cfg.batch_size) // snapshot_nimg
+                                          or state.cur_nimg >= total_nimg):  # a multiple passed, or the end of training
+                        save_snapshot(run)
+                loss_sum += loss
+                loss_count += 1
+                run_log.advance()
+                if callback is not None:
+                    callback(run)
+
+                done = state.cur_nimg >= total_nimg
+                save_now = state.step % cfg.checkpoint_every == 0
+                grid_now = cfg.grid_every > 0 and state.step % cfg.grid_every == 0 and not done
+                stopping = agreement.should_stop(state.step, stop.requested)
+                if not (done or save_now or grid_now or stopping or state.step % cfg.log_every == 0):
+                    continue
+                # Sync point: the only host syncs of the loop.
+                mean_loss = float(acc.reduce(loss_sum, "sum")) / (loss_count * world)
+                if not math.isfinite(mean_loss):
+                    raise TrainingDivergedError(
+                        f"loss became {mean_loss} in steps {state.step - loss_count + 1} to {state.step}; stopped "
+                        f"without saving. The last good checkpoint is {ckpt.find_latest(run.run_dir)}. Lower lr, set "
+                        "grad_clip or use mixed_precision=no, then resume=true"
+                    )
+                now = time.perf_counter()
+                log(run_log, {
+                    "step": state.step, "kimg": state.cur_nimg / 1000, "loss": mean_loss, "lr": lr, "ema_beta": beta,
+                    "images_per_s": (state.cur_nimg - nimg_last) / max(now - t_last, 1e-9), "time": time.time(),
+                })
+                loss_sum.zero_()
+                loss_count, t_last, nimg_last = 0, now, state.cur_nimg
+                if grid_now and run.is_main:
+                    write_grid(run, run.run_dir / f"samples-{state.step:08d}.png", run_log)
+                if save_now or done or stopping:
+                    checkpoint = save_checkpoint(run)
+                if stopping:
+                    interrupted = True
+                    logger.warning("stopped at step %d on request; resume with resume=true", state.step)
+                    break
+        if not interrupted and run.is_main:
+            if cfg.grid_size > 0:
+                grid = write_grid(run, run.run_dir / "samples-final.png", run_log)
+                logger.info("wrote %s", grid)
+            curve = plot_loss_curve(run_log.path, run.run_dir / LOSS_CURVE_NAME)
+            logger.info("wrote %s", curve)
+    finally:
+        run_log.close()
+        if indices_log is not None:
+            indices_log.close()
+        if run.is_main:
+            agreement.path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    return TrainResult(state, checkpoint, grid, run.run_dir / "metrics.jsonl", interrupted)

@@ -1,0 +1,262 @@
+"""A training run's live objects and their checkpoint: what is saved, and how a run resumes exactly.
+
+A checkpoint holds the denoiser spec and schedule spec (edm.build), the raw and EMA weights,
+the optimizer, the counters, every process's random state and the resolved config.
+`restore` refuses a checkpoint whose denoiser or schedule differs from the config's (both
+resolved, so a checkpoint that spelled out a preset's values matches a config that did not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.losses import LOGNORMAL, Loss
+from ..core.schedules import Schedule
+from ..data import ImageDataset
+from ..files import FolderLock, atomic_write, differences, flatten, to_container
+from ..models import checkpoint as ckpt
+from .build import precond_defaults, resolved_network, schedule_spec
+from .config import TrainConfig
+from .phema import PowerEMA, snapshot_path, write_snapshot
+
+__all__ = [
+    "RunState", "Run", "RunDirError", "stream_seed", "seed_streams", "rng_state", "set_rng_state", "restore",
+    "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RunDirError(FileExistsError):
+    """run_dir holds checkpoints of another run and resume is off."""
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the .checkpoint-*.tmp files that killed writes left (no finished checkpoint is one)."""
+    stale = sorted(Path(run_dir).glob(".checkpoint-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(stale), run_dir)
+    return stale
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the records of metrics.jsonl after `step` (logged after the checkpoint a run resumes from,
+    which the resumed run logs again); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    return len(lines) - len(keep)
+
+
+@dataclass
+class RunState:
+    """The counters of a run: optimizer steps taken and training images seen."""
+
+    step: int = 0
+    cur_nimg: int = 0
+
+
+@dataclass
+class Run:
+    """The live objects of one training run, handed to the I/O helpers."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: nn.Module  # prepared (possibly DDP / compiled) denoiser used for training
+    net: nn.Module  # the plain Precond module whose state_dict is saved
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Loss
+    schedule: Schedule
+    generator: torch.Generator
+    spec: dict  # the denoiser spec (edm.build.denoiser_spec)
+    dataset: ImageDataset
+    lock: FolderLock | None = None  # held by the main process while the run owns run_dir
+    phema: PowerEMA | None = None  # EDM2's power-function EMAs (cfg.ema_sigma_rel), when tracked
+    state: RunState = field(default_factory=RunState)
+    resumes: list = field(default_factory=list)  # [{"step", "changes": [{"key", "checkpoint", "config"}]}] per resume
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def stream_seed(seed: int, stream: str, rank: int, step: int = 0) -> int:
+    """The 63-bit seed of one random stream of process `rank`, started at `step`: BLAKE2b of
+    (seed, stream, rank, step). Distinct streams, processes and runs never share a seed, and none
+    equals a data permutation's small seed (edm.data.epoch_permutation), as a linear formula can:
+    seed·7919 + 1 + rank would be 1 for seed 0, the seed of its P_1."""
+    digest = hashlib.blake2b(f"edm/{int(seed)}/{stream}/{int(rank)}/{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63)
+
+
+def seed_streams(generator: torch.Generator, seed: int, rank: int, step: int = 0) -> None:
+    """Seed the training generator and the global RNG (CPU and CUDA) from their own streams: with one
+    seed for both, dropout masks would reuse the bits of σ and n (on CUDA the same Philox sequence)."""
+    generator.manual_seed(stream_seed(seed, "noise", rank, step))
+    torch.manual_seed(stream_seed(seed, "global", rank, step))
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """This process's random state: the global CPU/CUDA RNGs and the training-noise generator."""
+    cuda = torch.cuda.get_rng_state() if generator.device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "generator": generator.get_state()}
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def _differences(saved: Any, ours: Any) -> list[str]:
+    """'key: checkpoint X, config Y' for each leaf where two nested containers differ (a missing leaf is None)."""
+    return [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in differences(saved, ours)]
+
+
+# Training settings a resume may not change: the loss (what is optimized), the data set, and the
+# seed (the data order and every random stream), so the resumed run would not continue the saved
+# one. Network, precond and schedule are compared as resolved specs.
+RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
+                "dataset.max_size", "loss.", "ema_sigma_rel")  # a key ending in "." stands for every key under it
+# Settings that change how a run is carried out or reported, not what it computes.
+RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
+               "grid_size", "grid_scale", "grid_seed", "progress", "tensorboard", "log_batch_indices", "compile",
+               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
+
+
+def _is_fixed(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
+
+
+def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> list[dict]:
+    """The training settings that differ from the checkpoint's: refuse those in RESUME_FIXED, warn about
+    those that change the optimization; return all (they are recorded in the next checkpoints)."""
+    skip = ("network.", "precond.", "schedule.")  # checked as resolved specs
+    saved, ours = flatten(saved_config), flatten(cfg)
+    for flat in (saved, ours):  # loss.kind None is the schedule's own, P_mean/P_std None the kind's
+        if flat.get("loss.kind", "") is None:
+            flat["loss.kind"] = flat.get("schedule.name")
+        for i, key in enumerate(("loss.P_mean", "loss.P_std")):
+            if key in flat and flat[key] is None:
+                flat[key] = LOGNORMAL.get(flat.get("loss.kind"), LOGNORMAL["edm"])[i]
+    changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
+               if saved[k] != ours[k] and not k.startswith(skip)]
+    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
+    if fixed:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was trained with another loss, data set or seed "
+            f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
+        )
+    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
+    if altered:
+        logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
+                       "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
+    return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load model, EMA, optimizer, counters and this process's RNG state from checkpoint `path`."""
+    state = ckpt.load_checkpoint(path)
+    for key in ("optimizer", "step", "cur_nimg", "rng"):
+        if key not in state:
+            raise ckpt.CheckpointError(f"checkpoint {path} has no {key!r}: it holds weights only and cannot be resumed")
+    saved = {"network": resolved_network(state["denoiser"]["network"]),
+             "precond": {**precond_defaults(), **state["denoiser"]["precond"]}}
+    diffs = _differences({"denoiser": saved, "schedule": state["schedule"]},
+                         {"denoiser": run.spec, "schedule": schedule_spec(run.schedule)})
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
+            "resume with the settings it was trained with, or start a new run_dir"
+        )
+    changes = check_resume_changes(state.get("config") or {}, run.cfg, path)
+    saved_size = state.get("dataset_size")
+    if saved_size is not None and saved_size != len(run.dataset):
+        logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
+                       "the saved run's", len(run.dataset), saved_size)
+        changes.append({"key": "dataset_size", "checkpoint": saved_size, "config": len(run.dataset)})
+    run.resumes = list(state.get("resumes") or []) + [{"step": int(state["step"]), "changes": changes}]
+    try:
+        run.net.load_state_dict(state["model"])
+        run.ema.load_state_dict(state["ema"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.phema is not None:
+            if state.get("phema") is None:
+                raise ValueError("it tracks no power-function EMAs (ema_sigma_rel); resume without them or start a new run_dir")
+            run.phema.load_state_dict(state["phema"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ckpt.CheckpointError(f"checkpoint {path}: saved weights do not fit the model: {err}") from None
+    if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(state["grad_scaler"])
+    run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
+    per_rank = state["rng"]
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    if len(per_rank) == world:
+        set_rng_state(run.generator, per_rank[rank])
+    else:
+        logger.warning("checkpoint was written by %d processes, this run has %d: random streams are re-seeded", len(per_rank), world)
+        seed_streams(run.generator, run.cfg.seed, rank, run.state.step)
+    logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
+
+
+def save_snapshot(run: Run) -> Path:
+    """run_dir/phema/snapshot-<cur_nimg>.safetensors: every power-function EMA now (main process writes)."""
+    path = snapshot_path(run.run_dir, run.state.cur_nimg)
+    if run.is_main:
+        write_snapshot(path, run.phema, {
+            "cur_nimg": run.state.cur_nimg, "step": run.state.step, "batch_size": run.cfg.batch_size,
+            "denoiser": run.spec, "schedule": schedule_spec(run.schedule), "config": to_container(run.cfg),
+        })
+    return path
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write run_dir/checkpoint-<step>.pt atomically (main process) and prune old ones; every
+    process must call this (the per-process RNG states are gathered)."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([rng_state(run.generator)])
+    path = ckpt.checkpoint_path(run.run_dir, run.state.step)
+    if run.is_main:
+        scaler = run.accelerator.scaler
+        ckpt.save_checkpoint(path, {
+            "format": "edm-checkpoint-v1",
+            "denoiser": run.spec,
+            "schedule": schedule_spec(run.schedule),
+            "model": run.net.state_dict(),
+            "ema": run.ema.state_dict(),
+            "phema": run.phema.state_dict() if run.phema is not None else None,
+            "optimizer": run.optimizer.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "step": run.state.step,
+            "cur_nimg": run.state.cur_nimg,
+            "rng": rng,
+            "config": to_container(run.cfg),
+            "dataset_size": len(run.dataset),
+            "resumes": run.resumes,
+        })
+        if run.cfg.keep_checkpoints > 0:
+            for _, old in ckpt.list_checkpoints(run.run_dir)[: -run.cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        logger.info("saved %s", path)
+    run.accelerator.wait_for_everyone()
+    return path
