@@ -22,12 +22,13 @@ from .core.losses import Loss
 from .core.precond import Precond
 from .core.samplers import sample
 from . import networks
+from .files import package_version
 from .evaluation import metrics, quality
 from .generation import outputs, sampling
 from .models import loading
 from .models.nvlabs import load_nvlabs
 
-__version__ = "0.1.0"
+__version__ = package_version()  # pyproject.toml's
 
 __all__ = [
     "schedules",

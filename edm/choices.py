@@ -1,17 +1,21 @@
-"""Named choices: the one lookup that turns a name from a config or a call into its table entry.
+"""Named choices and option schemas: how a config names a library object and its options.
 
 Every registry of the project (schedules, discretizations, precond and loss kinds, solvers,
 network presets, data sets, output formats, ...) is a read-only mapping from a name to what
 it stands for; `choose` looks a name up and, for an unknown one, raises a ValueError that
-names the setting, the bad value and every valid one.
+names the setting, the bad value and every valid one. `options_schema` makes a config group's
+dataclass from the keyword arguments of what it configures, so each default is written once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["choose", "check_choice"]
+__all__ = ["choose", "check_choice", "options_schema"]
 
 T = TypeVar("T")
 
@@ -33,3 +37,23 @@ def check_choice(valid: Iterable[Any], value: Any, what: str) -> None:
     valid = tuple(valid)
     if value not in valid:
         raise _not_valid(what, value, valid)
+
+
+def options_schema(
+    name: str, target: Callable[..., Any], doc: str, *, skip: Iterable[str] = (), unset: Iterable[str] = (),
+    module: str | None = None,
+) -> type:
+    """A dataclass whose fields are `target`'s keyword parameters with their types and defaults.
+
+    Parameters in `skip` are left out; those in `unset` default to None (resolved by the
+    code that builds the object, e.g. edm.training.build). `module` is where the schema is
+    defined (its pickling and repr name), by default the target's.
+    """
+    module = module or target.__module__
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) and not dataclasses.is_dataclass(target) else target)
+    fields = []
+    for p in inspect.signature(target).parameters.values():
+        if p.name in skip or p.default is p.empty:
+            continue
+        fields.append((p.name, Optional[hints[p.name]], None) if p.name in unset else (p.name, hints[p.name], p.default))
+    return dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "__module__": module})

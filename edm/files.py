@@ -5,7 +5,7 @@
 - FolderLock: one process at a time owns a folder (a training run, a sampler's output, a study).
 - to_container / flatten / differences: nested configs and records as plain containers, and the
   dotted keys where two of them differ (provenance records, resume checks).
-- file_sha256: a file's identity, whatever its path.
+- file_sha256: a file's identity, whatever its path; package_version: the code's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable
 
 __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock",
-    "to_container", "flatten", "differences", "file_sha256",
+    "to_container", "flatten", "differences", "file_sha256", "package_version",
 ]
 
 
@@ -179,3 +179,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def package_version() -> str:
+    """The installed edm-diffusion's version (pyproject.toml's), or "unknown" in a checkout that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edm-diffusion")
+    except PackageNotFoundError:
+        return "unknown"

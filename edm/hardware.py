@@ -8,7 +8,7 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "LaunchSettings", "launch_settings"]
+__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings"]
 
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
@@ -44,6 +44,11 @@ def pick_device(cpu: bool = False) -> torch.device:
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "mps")
 
+
+MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(
+    {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+)
+"""mixed_precision= of the commands -> the autocast dtype of the network (None: no autocast)."""
 
 DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType({"float32": torch.float32, "float64": torch.float64})
 """dtype= of the commands: the sampler's state and the network input."""

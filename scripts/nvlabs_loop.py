@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from edm.models import checkpoint as ckpt
-from edm.training.build import build_loss, build_schedule, denoiser_spec, schedule_spec
-from edm.cli import CONFIG_DIR
-import edm.cli.train  # noqa: F401  (stores the schema)
+from edm.core.schedules import to_spec
+from edm.training.build import resolve
+from edm.cli import compose as edm_compose
 from edm.training.config import TrainConfig
 from edm.files import to_container
 from edm.data import build_dataset, to_model_space
@@ -66,27 +66,23 @@ def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_
 
 def compose(overrides: list[str], out: Path) -> TrainConfig:
     """edm-train's config for these overrides (run_dir = out)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("train", overrides=[*overrides, f"run_dir={out}"]))
+    return edm_compose("train", [*overrides, f"run_dir={out}"])
 
 
-def reference_loss(ref_loss: Any, cfg: TrainConfig, schedule: Any) -> Any:
+def reference_loss(ref_loss: Any, ours: Any, schedule: Any) -> Any:
     """The reference's EDMLoss or VPLoss with the values of our resolved loss and schedule."""
-    ours = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
     if schedule.name == "edm":
         return ref_loss.EDMLoss(P_mean=ours.P_mean, P_std=ours.P_std, sigma_data=ours.sigma_data)
     return ref_loss.VPLoss(beta_d=schedule.beta_d, beta_min=schedule.beta_min, epsilon_t=ours.epsilon_t)
 
 
-def check_supported(cfg: TrainConfig, schedule_name: str, network_name: str) -> None:
-    """Refuse what this script's reference loop does not implement, naming the setting."""
+def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> None:
+    """Refuse what this script's reference loop does not implement, naming the setting (loss and precond resolved)."""
     unsupported = {
-        "schedule": schedule_name not in REFERENCE_CLASSES, "network": network_name not in SONGUNET_NETWORKS,
-        "loss.kind": cfg.loss.kind not in (None, schedule_name), "precond.kind": cfg.precond.kind not in (None, schedule_name),
-        "loss.learned_weighting": bool(cfg.loss.learned_weighting),
+        "schedule": schedule.name not in REFERENCE_CLASSES, "network": spec["network"]["name"] not in SONGUNET_NETWORKS,
+        "loss.kind": loss.resolved_kind != schedule.parameterization,
+        "precond.kind": spec["precond"]["kind"] != schedule.parameterization,
+        "loss.learned_weighting": loss.learns_weighting,
         "dataset.cond": bool(cfg.dataset.cond), "augment.p": cfg.augment.p > 0,
         "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
         "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),
@@ -115,10 +111,11 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     if existing is not None:
         raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; choose another --out")
     cfg = compose(overrides, out)
-    schedule = build_schedule(cfg.schedule)
+    resolved = resolve(cfg)
+    schedule, loss = resolved.schedule, resolved.loss
     dataset = build_dataset(cfg.dataset)
-    spec = denoiser_spec(cfg, dataset, schedule)
-    check_supported(cfg, schedule.name, spec["network"]["name"])
+    spec = resolved.denoiser_spec(cfg, dataset)
+    check_supported(cfg, schedule, spec, loss)
     sys.path.insert(0, str(Path(nvlabs_repo).resolve()))
     from torch_utils import misc as ref_misc
     from training import loss as ref_loss, networks as ref_networks
@@ -136,7 +133,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     net.load_state_dict({"model." + k.removeprefix("net."): v for k, v in ours.state_dict().items()}, strict=True)
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = reference_loss(ref_loss, cfg, schedule)
+    loss_fn = reference_loss(ref_loss, loss, schedule)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     with sampler_init_without_arguments():
         sampler = ref_misc.InfiniteSampler(dataset=dataset, seed=cfg.seed)
@@ -155,7 +152,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     step = cur_nimg // cfg.batch_size
     path = ckpt.checkpoint_path(out, step)
     ckpt.save_checkpoint(path, {
-        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": schedule_spec(schedule),
+        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule),
         "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
         "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
         "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py",

@@ -74,17 +74,10 @@ def tiny_train() -> list[str]:
 def compose_train(tmp_path):
     """compose_train(*overrides, run_dir=None) -> TrainConfig through Hydra's compose API and
     configs/train.yaml, with the TINY_TRAIN settings first and run_dir in tmp_path."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema, train_schema)
-    from edm.cli import CONFIG_DIR
+    from edm.cli import compose
 
     def _compose(*overrides: str, run_dir=None):
-        run_dir = run_dir or tmp_path / "run"
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            dcfg = compose("train", overrides=[*TINY_TRAIN, f"run_dir={run_dir}", *overrides])
-        return OmegaConf.to_object(dcfg)
+        return compose("train", [*TINY_TRAIN, f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
 
     return _compose
 

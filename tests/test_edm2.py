@@ -147,19 +147,12 @@ def test_edm2_loss_defaults_are_edm2s_lognormal_and_learn_the_weighting():
 def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_thread):
     """network=edm2-tiny with loss.kind=edm2 and a power-function EMA: the uncertainty head is built, trained and
     saved, the loss stays finite, and the EMA's snapshots are written, under every schedule."""
-    from hydra import compose, initialize_config_dir
-
+    from edm.cli import compose
     from edm.models.checkpoint import load_checkpoint
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
     from edm.training.loop import train
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=[*tiny_train, f"run_dir={tmp_path}", f"schedule={schedule}",
-                                                          "network=edm2-tiny", "loss.kind=edm2", "lr=0.01",
-                                                          "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]))
+    cfg = compose("train", [*tiny_train, f"run_dir={tmp_path}", f"schedule={schedule}", "network=edm2-tiny",
+                            "loss.kind=edm2", "lr=0.01", "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"])
     result = train(cfg)
     state = load_checkpoint(result.checkpoint)
     assert state["denoiser"]["precond"]["logvar_channels"] == 128 and state["denoiser"]["network"]["name"] == "edm2-tiny"
@@ -179,9 +172,16 @@ def eval_json(line):
 
 
 def test_a_loss_that_learns_its_weighting_needs_the_head():
-    from edm.training.config import TrainConfig, check_config
+    """Refused when the config is resolved, before a run folder is touched."""
+    from edm.training.build import resolve
+    from edm.training.config import TrainConfig
 
     cfg = TrainConfig()
     cfg.loss.kind, cfg.precond.logvar_channels = "edm2", 0
     with pytest.raises(ValueError, match="needs the denoiser's uncertainty head.*precond.logvar_channels"):
-        check_config(cfg)
+        resolve(cfg)
+    cfg.loss.kind, cfg.loss.learned_weighting = "edm", True
+    with pytest.raises(ValueError, match="needs the denoiser's uncertainty head"):
+        resolve(cfg)
+    cfg.precond.logvar_channels = None  # unset: the head is built
+    assert resolve(cfg).precond["logvar_channels"] == 128

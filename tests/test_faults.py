@@ -86,15 +86,9 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
 
 
 def _compose(overrides, run_dir, *more):
-    from hydra import compose, initialize_config_dir
+    from edm.cli import compose
 
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(compose("train", overrides=[*overrides, f"run_dir={run_dir}", *more]))
+    return compose("train", [*overrides, f"run_dir={run_dir}", *more])
 
 
 # ----------------------------------------------------------------------------- kills during checkpoint writes

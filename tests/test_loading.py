@@ -1,6 +1,8 @@
-"""edm/loading.py: every model file becomes a checkpoint dict and goes through one loader.
+"""edm/models/loading.py: every model file becomes a checkpoint dict and goes through one loader.
 
 (NVlabs snapshots through the same loader: tests/test_nvlabs.py.)"""
+
+import re
 
 import pytest
 import torch
@@ -29,9 +31,15 @@ def test_an_edm_checkpoint_gives_its_denoiser_shape_labels_and_schedule(tmp_path
         load_model(path, image_shape=[1, 16])
 
 
-def test_a_checkpoint_without_a_schedule_gets_its_precond_kinds(tmp_path, tiny_checkpoint):
+def test_a_checkpoint_without_a_schedule_has_none_and_sampling_asks_for_one(tmp_path, tiny_checkpoint):
+    """No schedule is guessed from the preconditioning (a schedule with another parameterization would do as well)."""
+    from edm.generation.job import SampleConfig, generate_folder
+
     path = tiny_checkpoint(tmp_path / "c.pt", kind="ve", schedule={})
-    assert load_model(path)[1].schedule == edm.schedules.VE()
+    assert load_model(path)[1].schedule is None
+    with pytest.raises(ValueError, match=re.escape("the model stores no schedule: pass schedule=vp|ve|edm|fm")):
+        generate_folder(SampleConfig(checkpoint=str(path), out=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_model_errors_name_the_file(tmp_path):

@@ -29,8 +29,8 @@ import edm
 from edm import networks
 from edm.models.checkpoint import CheckpointError, load_denoiser
 from edm.models.loading import load_model
-from edm.cli.convert_nvlabs import convert
-from edm.models.nvlabs import NVlabsError, array_values, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+from edm.models.nvlabs import NVlabsError, convert, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
+from edm.models.unpickler import array_values
 
 from conftest import command
 
@@ -287,7 +287,7 @@ def test_convert_writes_equal_checkpoint(tmp_path):
     den = our_denoiser("ncsnpp", 10, "ve")
     pkl = write_snapshot(tmp_path, den, "ncsnpp", 10)
     out = tmp_path / "converted.pt"
-    assert "VEPrecond" in convert(str(pkl), str(out))
+    assert convert(pkl, out).reference["precond_class"] == "VEPrecond"
     state = torch.load(out, map_location="cpu", weights_only=True)  # no pickle code needed any more
     assert state["schedule"] == {"name": "ve", **VE_RANGE}
     assert state["denoiser"]["precond"]["kind"] == "ve" and state["denoiser"]["network"]["name"] == "ncsnpp"
@@ -804,10 +804,14 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
     ("augment.p=0.1", "augment.p"), ("grad_clip=1", "grad_clip"), ("loss.kind=vp", "loss.kind"),
 ])
 def test_reference_loop_script_refuses_what_it_does_not_implement(tmp_path, tiny_train, override, named):
+    from edm.data import build_dataset
+    from edm.training.build import resolve
+
     cfg = nvlabs_loop.compose([*tiny_train, override], tmp_path)
-    schedule, network = cfg.schedule.name, "adm" if override == "network=adm" else "tiny"
+    resolved = resolve(cfg)
     with pytest.raises(SystemExit, match=f"does not implement {re.escape(named)}"):
-        nvlabs_loop.check_supported(cfg, schedule, network)
+        nvlabs_loop.check_supported(cfg, resolved.schedule, resolved.denoiser_spec(cfg, build_dataset(cfg.dataset)),
+                                    resolved.loss)
 
 
 # --------------------------------------------------------------------------------------

@@ -102,18 +102,11 @@ def test_a_reconstructed_profile_matches_the_directly_tracked_one_within_the_fit
 
 
 def power_run(tiny_train, run_dir, *extra):
-    from hydra import compose, initialize_config_dir
-
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
+    from edm.cli import compose
     from edm.training.loop import train
 
-    overrides = [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
-                 "ema_snapshot_kimg=0.016", *extra]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return train(OmegaConf.to_object(compose("train", overrides=overrides)))
+    return train(compose("train", [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
+                                   "ema_snapshot_kimg=0.016", *extra]))
 
 
 def test_power_emas_snapshot_and_resume_exactly(tmp_path, tiny_train, one_thread):
@@ -160,7 +153,7 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
     assert all(torch.allclose(tracked.state_dict()[k], live[k], rtol=0, atol=1e-6) for k in live)
     meta = json.loads((out / "ema-0.070" / "model.json").read_text())["posthoc_ema"]
     assert len(meta["inputs"]) == 8 and sum(i["weight"] for i in meta["inputs"]) == pytest.approx(1)
-    sample = subprocess.run([command("edm-sample"), f"checkpoint={out / 'ema-0.070'}", "num_images=2", "steps=2",
+    sample = subprocess.run([command("edm-sample"), f"checkpoint={out / 'ema-0.070'}", "num_images=2", "sampler.num_steps=2",
                              f"out={tmp_path / 'samples'}", "progress=false"], capture_output=True, text=True, cwd=tmp_path,
                             timeout=300)
     assert sample.returncode == 0, sample.stderr

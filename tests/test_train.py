@@ -23,7 +23,7 @@ from edm.models.checkpoint import (
 )
 from edm.training.config import TrainConfig
 from edm.data import DatasetNotFoundError, StreamBatchSampler
-from edm.training.build import build_loss, build_schedule
+from edm.training.build import build_loss
 from edm.training.ema import ema_beta, update_ema
 from edm.training.step import learning_rate, train_step
 from edm.training.loop import RunDirError, TrainingDivergedError, train
@@ -163,7 +163,7 @@ def test_train_step_reads_nothing_back(schedule, host_reads):
 def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
     cfg = compose_train(f"schedule={schedule}")
     assert cfg.precond.kind is None and cfg.loss.kind is None  # unset: the schedule's own ...
-    assert build_loss(cfg.loss, build_schedule(cfg.schedule), cfg.precond.sigma_data).resolved_kind == schedule
+    assert build_loss(cfg.loss, cfg.schedule.build(), cfg.precond.sigma_data).resolved_kind == schedule
     result = train(cfg)
     run_dir = tmp_path / "run"
     assert result.state.step == 4 and result.state.cur_nimg == 32
@@ -292,15 +292,9 @@ def test_bad_key_or_value_fails_at_composition(compose_train, overrides, error, 
 
 def test_the_cli_defaults_are_the_dataclass_defaults():
     """One default per key: `python -m edm.train` and `train(TrainConfig())` train the same run."""
-    from hydra import compose, initialize_config_dir
+    from edm.cli import compose
 
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cli = OmegaConf.to_object(compose("train"))
+    cli = compose("train")
     assert cli.run_dir == "runs/digits-edm-tiny"  # the one value train.yaml sets, from the groups' names
     assert dataclasses.replace(cli, run_dir=TrainConfig().run_dir) == TrainConfig()
 
@@ -539,16 +533,9 @@ EDM_CIFAR10_TABLE7 = {
 
 @pytest.mark.parametrize("schedule,network", [("vp", "ddpmpp"), ("ve", "ncsnpp"), ("edm", "ddpmpp")])
 def test_recipe_edm_cifar10_sets_the_papers_hyperparameters(schedule, network):
-    from hydra import compose, initialize_config_dir
+    from edm.cli import compose
 
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=["recipe=edm-cifar10", f"schedule={schedule}",
-                                                          f"network={network}", "dataset.root=DATA"]))
+    cfg = compose("train", ["recipe=edm-cifar10", f"schedule={schedule}", f"network={network}", "dataset.root=DATA"])
     for key, value in EDM_CIFAR10_TABLE7.items():
         got = cfg
         for part in key.split("."):
@@ -567,16 +554,10 @@ EDM2_IMG64_S = dict(duration=1024 << 20, batch=2048, channels=192, lr=0.0100, de
 
 
 def test_recipe_edm2_img64_sets_the_reference_presets_values():
-    from hydra import compose, initialize_config_dir
-
+    from edm.cli import compose
     from edm.training.build import resolved_network
-    from omegaconf import OmegaConf
 
-    import edm.cli.train  # noqa: F401  (stores the schema)
-    from edm.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=["recipe=edm2-img64", "dataset.root=DATA"]))
+    cfg = compose("train", ["recipe=edm2-img64", "dataset.root=DATA"])
     ref = EDM2_IMG64_S
     assert cfg.total_kimg * 1000 == pytest.approx(ref["duration"]) and cfg.batch_size == ref["batch"]
     assert cfg.lr == ref["lr"] and cfg.lr_rampup_kimg * 1000 == ref["rampup_Mimg"] * 1e6
@@ -650,7 +631,7 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
     assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
     assert all("=" not in job.name and "," not in job.name for job in jobs)  # a job folder is a valid override value
     sample = subprocess.run([command("edm-sample"), f"checkpoint={jobs[0]}", "num_images=1",
-                             "steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
+                             "sampler.num_steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)
     assert sample.returncode == 0, sample.stderr[-2000:]
     proc = subprocess.run([*args, f"run_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
@@ -673,17 +654,10 @@ def test_accelerate_launch_mixed_precision_bf16_trains_under_bf16(tmp_path, tiny
 
 
 def test_recipe_guide_trains_a_smaller_shorter_model_in_its_own_folder():
-    from hydra import compose, initialize_config_dir
-
-    from omegaconf import OmegaConf
-
-    import edm.cli.train  # noqa: F401  (stores the schema)
+    from edm.cli import compose
     from edm.networks import presets
-    from edm.cli import CONFIG_DIR
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        main = OmegaConf.to_object(compose("train"))
-        guide = OmegaConf.to_object(compose("train", overrides=["recipe=guide"]))
+    main, guide = compose("train"), compose("train", ["recipe=guide"])
     main_channels = presets.resolve(main.network.name)[1]["model_channels"]
     assert guide.network.model_channels == main_channels // 2 and guide.total_kimg == main.total_kimg / 4
     assert guide.run_dir == main.run_dir + "-guide" and guide.dataset == main.dataset and guide.schedule == main.schedule

@@ -21,10 +21,10 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "fail", "user_errors", "sweep_job_folder", "own_folder_files", "close_log",
-           "LOG_FORMAT"]
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "fail", "user_errors", "sweep_job_folder", "own_folder_files",
+           "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
@@ -38,6 +38,20 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def compose(command: str, overrides: Sequence[str] = ()) -> Any:
+    """A command's config as its schema's dataclass: configs/<command>.yaml with `overrides` as on its
+    command line (e.g. compose("train", ["schedule=vp"]) is edm-train's TrainConfig), for tests,
+    scripts and notebooks. The command's module (edm.cli.<command>) stores the schema."""
+    import importlib
+
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    importlib.import_module(f"{__name__}.{command}")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose(command, overrides=list(overrides)))
 
 
 # The errors whose message says what to do: bad config values, missing or foreign files, folders in use

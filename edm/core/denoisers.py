@@ -9,15 +9,15 @@
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..choices import choose
+from ..hardware import MIXED_PRECISION
 
-__all__ = ["IdealDenoiser", "GuidedDenoiser", "AutocastDenoiser", "fast_denoiser", "MIXED_PRECISION"]
+__all__ = ["IdealDenoiser", "GuidedDenoiser", "AutocastDenoiser", "fast_denoiser"]
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -148,10 +148,6 @@ class GuidedDenoiser(nn.Module):
         return guided if bool(active.all()) else torch.where(active.view((-1,) + (1,) * (x_hat.ndim - 1)), guided, d)
 
 
-MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(
-    {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-)
-"""mixed_precision -> the autocast dtype of the network (None: no autocast)."""
 
 
 class AutocastDenoiser(nn.Module):

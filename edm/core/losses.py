@@ -103,7 +103,7 @@ def squared_error(denoised: Tensor, y: Tensor) -> Tensor:
 class Loss:
     """The training loss: σ ~ p(σ) of `kind`, λ(σ) of `kind`, per-example λ‖D(y + σn; σ) − y‖².
 
-    kind (default: the schedule's name) picks the row of the table:
+    kind (default: the schedule's parameterization) picks the row of the table:
       vp:  t ~ U(ε_t, 1), σ = σ_VP(t)        ve: ln σ ~ U(ln σ_min, ln σ_max)
       edm: ln σ ~ N(P_mean, P_std²)          fm: t ~ U(ε_t, 1 − ε_t) or logit-normal, σ = t/(1 − t)
       edm2: as edm with EDM2's P_mean, P_std, and learned weighting
@@ -131,7 +131,7 @@ class Loss:
 
     @property
     def resolved_kind(self) -> str:
-        return self.kind or self.schedule.name
+        return self.kind or self.schedule.parameterization
 
     @property
     def learns_weighting(self) -> bool:

@@ -1,15 +1,18 @@
 """Noise schedules as (σ(t), s(t)) pairs: x(t) = s(t)·(y + σ(t)·n)  (EDM section 2, Table 1).
 
-Each schedule is a small frozen object with closed-form values and derivatives; time-step
-discretizations are pure functions of (σ_min, σ_max, σ⁻¹) and combine with any schedule.
+Each schedule is a small frozen object with closed-form values and derivatives, the name of its
+parameterization (the preconditioning and loss made for it) and its default time grid; time-step
+discretizations are pure functions of (σ_min, σ_max, σ⁻¹) and combine with any schedule. A new
+schedule is a class here (with its entry in SCHEDULES) and its configs/schedule/<name>.yaml.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +27,8 @@ __all__ = [
     "FlowMatching",
     "get",
     "from_spec",
+    "to_spec",
+    "ScheduleConfig",
     "SCHEDULES",
     "DISCRETIZATIONS",
     "time_steps",
@@ -44,6 +49,7 @@ class Schedule:
     """Base class: subclasses give σ(t), s(t), σ'(t), s'(t), σ⁻¹(σ) and a time range."""
 
     name: str = ""
+    parameterization: str = ""  # the preconditioning and loss made for it: a key of PRECOND_KINDS and LOSS_KINDS
     default_discretization: str = "uniform"
 
     def sigma(self, t: Tensor | float) -> Tensor:
@@ -103,6 +109,7 @@ class VP(Schedule):
     epsilon_s: float = 1e-3
     t_end: float = 1.0
     name = "vp"
+    parameterization = "vp"
     default_discretization = "uniform"
 
     def _exponent(self, t: Tensor) -> Tensor:
@@ -148,6 +155,7 @@ class VE(Schedule):
     sigma_min: float = 0.02  # type: ignore[assignment]
     sigma_max: float = 100.0  # type: ignore[assignment]
     name = "ve"
+    parameterization = "ve"
     default_discretization = "geometric"
 
     def sigma(self, t: Tensor | float) -> Tensor:
@@ -176,6 +184,7 @@ class EDM(Schedule):
     sigma_max: float = 80.0  # type: ignore[assignment]
     rho: float = 7.0
     name = "edm"
+    parameterization = "edm"
     default_discretization = "karras"
 
     def sigma(self, t: Tensor | float) -> Tensor:
@@ -207,6 +216,7 @@ class FlowMatching(Schedule):
     sigma_min: float = 0.002  # type: ignore[assignment]
     sigma_max: float = 80.0  # type: ignore[assignment]
     name = "fm"
+    parameterization = "fm"
     default_discretization = "uniform"
 
     def sigma(self, t: Tensor | float) -> Tensor:
@@ -248,6 +258,38 @@ def from_spec(spec: dict) -> Schedule:
     """The schedule of a spec {"name": ..., **options} (a checkpoint's "schedule"); None options keep defaults."""
     options = {k: v for k, v in spec.items() if k != "name" and v is not None}
     return get(spec["name"], **options)
+
+
+def to_spec(schedule: Schedule) -> dict:
+    """{"name": ..., **every field}: the spec that rebuilds `schedule` with from_spec (checkpoints, records)."""
+    return {"name": schedule.name, **dataclasses.asdict(schedule)}
+
+
+def _options(self: Any) -> dict[str, float]:
+    """The options that are set: the keyword arguments of `get`."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+
+def _build(self: Any, base: Schedule | None = None) -> Schedule:
+    """get(name, **options()); with name None, `base` (a model's own schedule) with the set options replacing
+    its fields. An option the schedule lacks is a ValueError naming the valid ones."""
+    if self.name is not None:
+        return get(self.name, **self.options())
+    if base is None:
+        raise ValueError("schedule.name is unset and there is no model schedule to start from: pass schedule=NAME")
+    return from_spec({**to_spec(base), **self.options()})
+
+
+ScheduleConfig = dataclasses.make_dataclass(
+    "ScheduleConfig",
+    [("name", Optional[str], None)]
+    + [(o, Optional[float], None) for o in sorted({f.name for cls in SCHEDULES.values() for f in dataclasses.fields(cls)})],
+    namespace={
+        "__doc__": "The `schedule` config group: a name (None: a model's own schedule) and every schedule's options; "
+                   "None keeps the default (or the model's value).",
+        "__module__": __name__, "options": _options, "build": _build,
+    },
+)
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,12 +20,13 @@ from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.denoisers import GuidedDenoiser
-from .export import is_export, read_export
+from ..data import DatasetConfig
+from ..files import file_sha256
+from .export import export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
-from ..core import schedules
-from ..core.schedules import Schedule
+from ..core.schedules import Schedule, from_spec
 
-__all__ = ["ModelInfo", "read_model_file", "load_model", "guided"]
+__all__ = ["ModelInfo", "read_model_file", "load_model", "guided", "export_model"]
 
 _LATENT_KEYS = ("vae_name", "latent_scale", "latent_bias")
 
@@ -40,6 +42,13 @@ class ModelInfo:
     source: str = ""
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
     latent: dict | None = None  # NVlabs/edm2 latent models: the VAE and the latent scale/bias (not pixels)
+
+    def training_dataset(self) -> DatasetConfig | None:
+        """The training set's config (edm checkpoints record it), for scoring against it; None if unknown."""
+        if not self.dataset:
+            return None
+        known = {f.name for f in dataclasses.fields(DatasetConfig)}
+        return DatasetConfig(**{k: v for k, v in self.dataset.items() if k in known})
 
     def require_pixels(self) -> None:
         """Refuse a model whose samples are VAE latents: images need a decoder the project does not have."""
@@ -92,7 +101,7 @@ def load_model(
     info = ModelInfo(
         img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
-        schedule=schedules.from_spec(state.get("schedule") or {"name": denoiser.kind}), source=str(path),
+        schedule=from_spec(state["schedule"]) if state.get("schedule") else None, source=str(path),
         dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
     )
     return denoiser.to(device), info
@@ -141,3 +150,11 @@ def guided(
     if len(lo_hi) != 2:
         raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi], got {list(interval or [])}")
     return GuidedDenoiser(denoiser, weight, guide=guide_model, interval=lo_hi), guide_info
+
+
+def export_model(source: str | Path, dest: str | Path, ema: bool = True) -> tuple[Path, Path]:
+    """Any model file edm.models.loading reads (a checkpoint, a run folder, an NVlabs .pkl) as the model folder
+    `dest`, its EMA (or raw) weights checked against their spec first. (the file read, the folder written)."""
+    path, state = read_model_file(source, ema)
+    denoiser_from_state(state, ema, str(path))  # the weights must fit their spec before anything is written
+    return path, export_state(state, dest, ema=ema, source_sha256=file_sha256(path))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..choices import check_choice
 from .layers import (
     Conv2d,
     FourierEmbedding,
@@ -44,11 +45,6 @@ from .layers import (
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
 DECODER_TYPES = ("standard", "skip")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_resolution(img_resolution: int, num_levels: int) -> None:
@@ -86,9 +82,9 @@ class SongUNet(nn.Module):
         decoder_type: str = "standard",
         resample_filter: Sequence[int] = (1, 1),
     ) -> None:
-        _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
-        _check_choice("encoder_type", encoder_type, ENCODER_TYPES)
-        _check_choice("decoder_type", decoder_type, DECODER_TYPES)
+        check_choice(EMBEDDING_TYPES, embedding_type, "embedding_type")
+        check_choice(ENCODER_TYPES, encoder_type, "encoder_type")
+        check_choice(DECODER_TYPES, decoder_type, "decoder_type")
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
         register_einops_backend()

@@ -1,8 +1,9 @@
-"""From a training config to the objects it names, each built once: schedule, denoiser spec, loss.
+"""From a training config to the objects it names, each built and resolved once: schedule, loss, denoiser spec.
 
-The denoiser spec {"network": build kwargs, "precond": Precond kwargs} and the schedule spec
-{"name": ..., **fields} are plain containers with every default filled in: they go into
-checkpoints, which rebuild the same denoiser and schedule from them.
+The loss and the preconditioning default to the schedule's parameterization; every other None
+of the config is resolved here too, so what a run stores (the loss spec, the denoiser spec
+{"network": build kwargs, "precond": Precond kwargs} and the schedule spec) has every default
+filled in: checkpoints rebuild the same objects from them, and resume compares them as they are.
 """
 
 from __future__ import annotations
@@ -10,35 +11,38 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from ..data.augment import AUGMENT_DIM
-from .config import LossConfig, PrecondConfig, ScheduleConfig, TrainConfig
-from ..files import to_container
-from ..data import ImageDataset
-from ..core.losses import Loss, learns_weighting
-from ..networks import resolve as resolve_network
+from ..core.losses import Loss
 from ..core.precond import Precond
-from ..core.schedules import VP, Schedule, get as get_schedule
+from ..core.schedules import VP, Schedule
+from ..data import ImageDataset
+from ..data.augment import AUGMENT_DIM
+from ..files import to_container
+from ..networks import resolve as resolve_network
+from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
-    "build_schedule", "schedule_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS", "network_spec", "resolved_network", "denoiser_spec", "build_loss",
+    "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
+    "network_spec", "resolved_network",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-def build_schedule(cfg: ScheduleConfig) -> Schedule:
-    """edm.schedules.get(name, **options); an option the schedule lacks is a ValueError naming the valid ones."""
-    return get_schedule(cfg.name, **cfg.options())
-
-
-def schedule_spec(schedule: Schedule) -> dict[str, Any]:
-    """{"name": ..., **every field}: the arguments that rebuild `schedule` with edm.schedules.get."""
-    return {"name": schedule.name, **dataclasses.asdict(schedule)}
-
-
 LOGVAR_CHANNELS = 128  # EDM2's uncertainty head width, when the loss learns its weighting
+
+
+def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
+    """edm.Loss of the config, resolved (kind None = the schedule's parameterization, P_mean/P_std and
+    learned_weighting the kind's); sigma_data is the precond's, so that λ c_out² = 1 holds."""
+    return Loss(schedule, sigma_data=sigma_data, **dataclasses.asdict(cfg))
+
+
+def loss_spec(loss: Loss) -> dict[str, Any]:
+    """Every field of a (resolved) Loss but its schedule: what a checkpoint records and resume compares."""
+    spec = {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
+    return spec | {"kind": loss.resolved_kind, "learned_weighting": loss.learns_weighting}
 
 
 def precond_defaults() -> dict[str, Any]:
@@ -46,19 +50,22 @@ def precond_defaults() -> dict[str, Any]:
     return {p.name: p.default for p in inspect.signature(Precond).parameters.values() if p.name != "net"}
 
 
-def precond_spec(cfg: PrecondConfig, schedule: Schedule, learned_weighting: bool = False) -> dict[str, Any]:
-    """Precond keyword arguments, every one set: kind None = the schedule's; β's None = the schedule's
-    when it is VP, else Precond's defaults; logvar_channels None = LOGVAR_CHANNELS if the loss learns
-    its weighting, else 0."""
-    defaults = precond_defaults()
+def precond_spec(cfg: PrecondConfig, schedule: Schedule, loss: Loss) -> dict[str, Any]:
+    """Precond keyword arguments, every one set: kind None = the schedule's parameterization; β's None =
+    the schedule's when it is VP, else Precond's defaults; logvar_channels None = LOGVAR_CHANNELS if the
+    loss learns its weighting, else 0 (and 0 with such a loss is refused)."""
     vp = schedule if isinstance(schedule, VP) else None
-    spec = {**defaults, **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}}
-    spec["kind"] = cfg.kind or schedule.name
+    spec = {**precond_defaults(), **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}}
+    spec["kind"] = cfg.kind or schedule.parameterization
     for key in ("beta_d", "beta_min"):
         if getattr(cfg, key) is None and vp is not None:
             spec[key] = getattr(vp, key)
     if cfg.logvar_channels is None:
-        spec["logvar_channels"] = LOGVAR_CHANNELS if learned_weighting else 0
+        spec["logvar_channels"] = LOGVAR_CHANNELS if loss.learns_weighting else 0
+    if loss.learns_weighting and spec["logvar_channels"] == 0:
+        raise ValueError("the loss learns its weighting u(σ) (loss.kind=edm2 or loss.learned_weighting=true), which needs "
+                         f"the denoiser's uncertainty head: leave precond.logvar_channels unset ({LOGVAR_CHANNELS}) or "
+                         "set it > 0")
     return spec
 
 
@@ -83,12 +90,22 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
     return resolved_network(network)
 
 
-def denoiser_spec(cfg: TrainConfig, dataset: ImageDataset, schedule: Schedule) -> dict[str, Any]:
-    """{"network": network_spec, "precond": precond_spec}: what edm.checkpoint.build_denoiser takes."""
-    learned = learns_weighting(cfg.loss.kind or schedule.name, cfg.loss.learned_weighting)
-    return {"network": network_spec(cfg, dataset), "precond": precond_spec(cfg.precond, schedule, learned)}
+@dataclass(frozen=True)
+class Resolved:
+    """A training config's schedule, loss and precond spec, every None resolved."""
+
+    schedule: Schedule
+    loss: Loss
+    precond: dict[str, Any]
+
+    def denoiser_spec(self, cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
+        """{"network": network_spec, "precond": the precond spec}: what edm.models.checkpoint.build_denoiser takes."""
+        return {"network": network_spec(cfg, dataset), "precond": self.precond}
 
 
-def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
-    """edm.Loss of the config; sigma_data is the precond's, so that λ c_out² = 1 holds."""
-    return Loss(schedule, sigma_data=sigma_data, **dataclasses.asdict(cfg))
+def resolve(cfg: TrainConfig) -> Resolved:
+    """Build the config's schedule and loss and resolve its precond, once and before any work (bad schedule
+    options, or a learned weighting without its head, fail here)."""
+    schedule = cfg.schedule.build()
+    loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
+    return Resolved(schedule, loss, precond_spec(cfg.precond, schedule, loss))

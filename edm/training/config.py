@@ -3,11 +3,11 @@
 Each group's schema has exactly the options of the library object it configures, with that
 object's defaults, so a default is written once (in the library) and Hydra rejects an unknown
 key at composition:
-  schedule/  ScheduleConfig: `name` plus every option of the schedules in edm.schedules.SCHEDULES
+  schedule/  edm.core.schedules.ScheduleConfig: `name` plus every option of the schedules
   precond    PrecondConfig: the keyword arguments of edm.Precond
   loss       LossConfig: the fields of edm.Loss (sigma_data comes from precond)
   network/   edm.networks.NetworkConfig;  dataset/  edm.data.DatasetConfig
-  sampler/   edm.samplers.SamplerConfig;  augment   edm.augment.AugmentConfig
+  sampler/   edm.core.samplers.SamplerConfig;  augment   edm.data.augment.AugmentConfig
 edm.cli.train stores the schema in Hydra's ConfigStore; `check_config` rejects bad values with a
 message that names the key and the valid choices. Library code takes the dataclasses only.
 """
@@ -15,20 +15,19 @@ message that names the key and the valid choices. Library code takes the datacla
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import List, Optional
 
-from ..data.augment import AUGMENT_DIM, AugmentConfig
-from ..choices import check_choice, choose
-from ..data import DATASETS, DatasetConfig
-from ..core.losses import LOSS_KINDS, Loss, learns_weighting
-from ..networks import NetworkConfig
+from ..choices import check_choice, choose, options_schema
+from ..core.losses import LOSS_KINDS, Loss
 from ..core.precond import PRECOND_KINDS, Precond
 from ..core.samplers import SamplerConfig
-from ..core.schedules import SCHEDULES
+from ..core.schedules import SCHEDULES, ScheduleConfig
+from ..data import DATASETS, DatasetConfig
+from ..data.augment import AUGMENT_DIM, AugmentConfig
+from ..hardware import MIXED_PRECISION
+from ..networks import NetworkConfig
 
 __all__ = [
     "ScheduleConfig",
@@ -40,63 +39,26 @@ __all__ = [
     "NetworkConfig",
     "AugmentConfig",
     "check_config",
-    "MIXED_PRECISION",
 ]
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-def _options_schema(
-    name: str, target: Callable[..., Any], doc: str, *, skip: Iterable[str] = (), unset: Iterable[str] = ()
-) -> type:
-    """A dataclass whose fields are `target`'s keyword parameters with their types and defaults.
-
-    Parameters in `skip` are left out; those in `unset` default to None (resolved by the
-    code that builds the object, see edm.build).
-    """
-    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) and not dataclasses.is_dataclass(target) else target)
-    fields = []
-    for p in inspect.signature(target).parameters.values():
-        if p.name in skip or p.default is p.empty:
-            continue
-        fields.append((p.name, Optional[hints[p.name]], None) if p.name in unset else (p.name, hints[p.name], p.default))
-    return dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "__module__": __name__})
-
-
-def _schedule_options(self: Any) -> Dict[str, float]:
-    """The schedule options that are set (the keyword arguments of `edm.schedules.get`)."""
-    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
-
-
-ScheduleConfig = dataclasses.make_dataclass(
-    "ScheduleConfig",
-    [("name", str, "edm")]
-    + [(o, Optional[float], None) for o in sorted({f.name for cls in SCHEDULES.values() for f in dataclasses.fields(cls)})],
-    namespace={
-        "__doc__": "σ(t), s(t): `edm.schedules.get(name, **options())`; an option left None keeps the schedule's default.",
-        "__module__": __name__,
-        "options": _schedule_options,
-    },
-)
-
-PrecondConfig = _options_schema(
-    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "logvar_channels"),
-    doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's own; "
+PrecondConfig = options_schema(
+    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "logvar_channels"), module=__name__,
+    doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's parameterization; "
         "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults; logvar_channels None = "
         "LOGVAR_CHANNELS when the loss learns its weighting, else 0.",
 )
 
-LossConfig = _options_schema(
-    "LossConfig", Loss, skip=("schedule", "sigma_data"),
+LossConfig = options_schema(
+    "LossConfig", Loss, skip=("schedule", "sigma_data"), module=__name__,
     doc="`edm.Loss(schedule, sigma_data=precond.sigma_data, **options)`: σ density and weight λ(σ); "
-        "kind None = the schedule's own; P_mean/P_std None = the kind's (edm: −1.2, 1.2; edm2: −0.4, 1.0); "
+        "kind None = the schedule's parameterization; P_mean/P_std None = the kind's (edm: −1.2, 1.2; edm2: −0.4, 1.0); "
         "learned_weighting None = the kind's (edm2).",
 )
 
 
 @dataclass
 class TrainConfig:
-    """Everything `edm.train.train` needs, with the defaults of `python -m edm.train` (the tiny network
+    """Everything `edm.training.loop.train` needs, with the defaults of `edm-train` (the tiny network
     on the embedded digits, minutes on a CPU). Lengths are in images (kimg = 1000 images) or steps.
 
     batch_size is the global batch of one optimizer step (all processes, all accumulation
@@ -108,7 +70,7 @@ class TrainConfig:
     their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
     """
 
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="edm"))
     precond: PrecondConfig = field(default_factory=PrecondConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -184,14 +146,11 @@ def check_config(cfg: TrainConfig) -> None:
     The schedule's options, the sampler and the network preset are checked where they are
     built (edm.build, SamplerConfig, edm.networks.build), each in one place.
     """
-    choose(SCHEDULES, cfg.schedule.name, "schedule.name")
+    choose(SCHEDULES, cfg.schedule.name, "schedule.name")  # (None, a model's own schedule, is for sampling)
     if cfg.precond.kind is not None:
         choose(PRECOND_KINDS, cfg.precond.kind, "precond.kind")
     if cfg.loss.kind is not None:
         check_choice(LOSS_KINDS, cfg.loss.kind, "loss.kind")
-    if learns_weighting(cfg.loss.kind or cfg.schedule.name, cfg.loss.learned_weighting) and cfg.precond.logvar_channels == 0:
-        raise ValueError("the loss learns its weighting u(σ) (loss.kind=edm2 or loss.learned_weighting=true), which needs "
-                         "the denoiser's uncertainty head: leave precond.logvar_channels unset (128) or set it > 0")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
     choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:

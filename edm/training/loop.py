@@ -30,7 +30,7 @@ from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, use_cpu
 from ..models import checkpoint as ckpt
-from .build import build_loss, build_schedule, denoiser_spec
+from .build import Resolved, resolve
 from .config import TrainConfig, check_config
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -89,8 +89,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    schedule = build_schedule(cfg.schedule)  # bad schedule options fail before any work
-    loss_fn = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
+    resolved = resolve(cfg)  # bad schedule options or loss/precond combinations fail before any work
 
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).
@@ -106,14 +105,14 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
         if lock is not None and on_own_run_dir is not None:
             on_own_run_dir(run_dir)
         logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
-        return _setup_run(cfg, accelerator, schedule, loss_fn, lock)
+        return _setup_run(cfg, accelerator, resolved, lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, lock: FolderLock | None) -> Run:
+def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: FolderLock | None) -> Run:
     run_dir = Path(cfg.run_dir)
     latest = ckpt.find_latest(run_dir)
     if latest is not None and not cfg.resume:
@@ -126,7 +125,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, 
         for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
-    spec = denoiser_spec(cfg, dataset, schedule)
+    spec = resolved.denoiser_spec(cfg, dataset)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
@@ -140,7 +139,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, schedule: Any, loss_fn: Any, 
     generator = torch.Generator(accelerator.device)
     seed_streams(generator, cfg.seed, rank)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
-    run = Run(cfg, accelerator, model, net, ema, optimizer, loss_fn, schedule, generator, spec, dataset, lock=lock, phema=phema)
+    run = Run(cfg, accelerator, model, net, ema, optimizer, resolved.loss, resolved.schedule, generator, spec, dataset,
+              lock=lock, phema=phema)
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:

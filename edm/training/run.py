@@ -1,6 +1,6 @@
 """A training run's live objects and their checkpoint: what is saved, and how a run resumes exactly.
 
-A checkpoint holds the denoiser spec and schedule spec (edm.build), the raw and EMA weights,
+A checkpoint holds the denoiser, schedule and loss specs (edm.training.build), the raw and EMA weights,
 the optimizer, the counters, every process's random state and the resolved config.
 `restore` refuses a checkpoint whose denoiser or schedule differs from the config's (both
 resolved, so a checkpoint that spelled out a preset's values matches a config that did not).
@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.losses import LOGNORMAL, Loss
-from ..core.schedules import Schedule
+from ..core.losses import Loss
+from ..core.precond import SIGMA_DATA
+from ..core.schedules import Schedule, from_spec, to_spec
 from ..data import ImageDataset
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..models import checkpoint as ckpt
-from .build import precond_defaults, resolved_network, schedule_spec
-from .config import TrainConfig
+from .build import build_loss, loss_spec, precond_defaults, resolved_network
+from .config import LossConfig, TrainConfig
 from .phema import PowerEMA, snapshot_path, write_snapshot
 
 __all__ = [
@@ -82,7 +83,7 @@ class Run:
     loss_fn: Loss
     schedule: Schedule
     generator: torch.Generator
-    spec: dict  # the denoiser spec (edm.build.denoiser_spec)
+    spec: dict  # the denoiser spec (edm.training.build.denoiser_spec)
     dataset: ImageDataset
     lock: FolderLock | None = None  # held by the main process while the run owns run_dir
     phema: PowerEMA | None = None  # EDM2's power-function EMAs (cfg.ema_sigma_rel), when tracked
@@ -134,7 +135,7 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 
 # Training settings a resume may not change: the loss (what is optimized), the data set, and the
 # seed (the data order and every random stream), so the resumed run would not continue the saved
-# one. Network, precond and schedule are compared as resolved specs.
+# one. Loss, network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
                 "dataset.max_size", "loss.", "ema_sigma_rel")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
@@ -147,19 +148,29 @@ def _is_fixed(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
 
 
-def check_resume_changes(saved_config: dict, cfg: TrainConfig, path: Path) -> list[dict]:
-    """The training settings that differ from the checkpoint's: refuse those in RESUME_FIXED, warn about
-    those that change the optimization; return all (they are recorded in the next checkpoints)."""
-    skip = ("network.", "precond.", "schedule.")  # checked as resolved specs
-    saved, ours = flatten(saved_config), flatten(cfg)
-    for flat in (saved, ours):  # loss.kind None is the schedule's own, P_mean/P_std None the kind's
-        if flat.get("loss.kind", "") is None:
-            flat["loss.kind"] = flat.get("schedule.name")
-        for i, key in enumerate(("loss.P_mean", "loss.P_std")):
-            if key in flat and flat[key] is None:
-                flat[key] = LOGNORMAL.get(flat.get("loss.kind"), LOGNORMAL["edm"])[i]
+def saved_loss_spec(state: dict) -> dict:
+    """The resolved loss of a checkpoint: its "loss" spec, or for a checkpoint written before runs recorded
+    one, the loss its config and schedule build."""
+    if state.get("loss") is not None:
+        return state["loss"]
+    config = state.get("config") or {}
+    try:
+        loss_cfg = LossConfig(**config.get("loss", {}))
+    except TypeError as err:
+        raise ckpt.CheckpointError(f"the checkpoint's loss settings are not this version's ({err}); start a new run_dir") from None
+    sigma_data = (config.get("precond") or {}).get("sigma_data", SIGMA_DATA)
+    return loss_spec(build_loss(loss_cfg, from_spec(state["schedule"]), sigma_data))
+
+
+def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
+    """The training settings that differ from the checkpoint's (the loss as resolved specs): refuse those in
+    RESUME_FIXED, warn about those that change the optimization; return all (they are recorded in the next
+    checkpoints)."""
+    skip = ("network.", "precond.", "schedule.", "loss.")  # compared as resolved specs
+    saved = {k: v for k, v in flatten(saved_config).items() if not k.startswith(skip)} | flatten({"loss": saved_loss})
+    ours = {k: v for k, v in flatten(cfg).items() if not k.startswith(skip)} | flatten({"loss": loss_spec(loss)})
     changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
-               if saved[k] != ours[k] and not k.startswith(skip)]
+               if saved[k] != ours[k]]
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
         raise ckpt.CheckpointError(
@@ -182,13 +193,13 @@ def restore(run: Run, path: Path) -> None:
     saved = {"network": resolved_network(state["denoiser"]["network"]),
              "precond": {**precond_defaults(), **state["denoiser"]["precond"]}}
     diffs = _differences({"denoiser": saved, "schedule": state["schedule"]},
-                         {"denoiser": run.spec, "schedule": schedule_spec(run.schedule)})
+                         {"denoiser": run.spec, "schedule": to_spec(run.schedule)})
     if diffs:
         raise ckpt.CheckpointError(
             f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
             "resume with the settings it was trained with, or start a new run_dir"
         )
-    changes = check_resume_changes(state.get("config") or {}, run.cfg, path)
+    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
         logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
@@ -224,7 +235,7 @@ def save_snapshot(run: Run) -> Path:
     if run.is_main:
         write_snapshot(path, run.phema, {
             "cur_nimg": run.state.cur_nimg, "step": run.state.step, "batch_size": run.cfg.batch_size,
-            "denoiser": run.spec, "schedule": schedule_spec(run.schedule), "config": to_container(run.cfg),
+            "denoiser": run.spec, "schedule": to_spec(run.schedule), "config": to_container(run.cfg),
         })
     return path
 
@@ -241,7 +252,8 @@ def save_checkpoint(run: Run) -> Path:
         ckpt.save_checkpoint(path, {
             "format": "edm-checkpoint-v1",
             "denoiser": run.spec,
-            "schedule": schedule_spec(run.schedule),
+            "schedule": to_spec(run.schedule),
+            "loss": loss_spec(run.loss_fn),
             "model": run.net.state_dict(),
             "ema": run.ema.state_dict(),
             "phema": run.phema.state_dict() if run.phema is not None else None,
