@@ -76,7 +76,7 @@ def test_the_export_command_and_sampling_from_its_folder(trained, tmp_path):
     assert meta["source_sha256"] and meta["step"] == 10 and meta["denoiser"]["precond"]["kind"] == "vp"
     samples = tmp_path / "samples"
     proc = subprocess.run([command("edm-sample"), f"checkpoint={out}", "num_images=2",
-                           "steps=2", "format=npz", f"out={samples}", "progress=false"],
+                           "sampler.num_steps=2", "format=npz", f"out={samples}", "progress=false"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((samples / "report.json").read_text())["schedule"]["name"] == "vp"

@@ -343,24 +343,26 @@ def evaluate_script(*args, cwd):
 
 def test_edm_eval_without_inception_weights_says_what_to_get(tmp_path):
     save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
-    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'fake.npz'}",
-                           f"inception={tmp_path / 'none.pth'}", cwd=tmp_path)
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'fake.npz'}",
+                           f"metric.inception={tmp_path / 'none.pth'}", cwd=tmp_path)
     assert proc.returncode == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "curl" in proc.stderr
 
 
-def test_edm_eval_refuses_a_key_its_metric_does_not_read():
-    """A key of another metric would be ignored silently: it is refused, naming the metric that reads it."""
-    from edm.cli.evaluate import METRIC_KEYS, check_keys
+def test_edm_eval_refuses_a_key_its_metric_does_not_read(tmp_path):
+    """Each metric's options are its own typed group: a key of another metric fails at composition, and a
+    command without a metric names the choices."""
+    from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ValueError, match=r"metric=fid does not read dest, num \(dest: metric=ref; num: metric=bpd\)"):
-        check_keys("fid", ["images=x", "dest=y.npz", "num=3", "dataset.root=z", "hydra.verbose=true"])
-    with pytest.raises(ValueError, match="metric=fid \\| ref \\| bpd"):
-        check_keys(None, [])
-    with pytest.raises(ValueError, match="metric 'fd' is not valid"):
-        check_keys("fd", [])
-    for metric, keys in METRIC_KEYS.items():
-        check_keys(metric, [f"{k}=1" for k in keys])  # every key of a metric passes
+    from edm.cli import compose
+
+    with pytest.raises(ConfigCompositionException, match="dest"):
+        compose("evaluate", ["metric=fid", "metric.dest=y.npz"])
+    with pytest.raises(ConfigCompositionException, match="classifier"):
+        compose("evaluate", ["metric=bpd", "metric.classifier.steps=3"])
+    assert compose("evaluate", ["metric=fd_cls", "metric.classifier.steps=3"]).metric.classifier.steps == 3
+    proc = evaluate_script("images=x", cwd=tmp_path)
+    assert proc.returncode == 1 and "say what to compute: metric=fid | fd_cls | bpd | ref" in proc.stderr
 
 
 def test_edm_eval_pr_features_need_precision_recall(tmp_path, inception_weights):
@@ -368,8 +370,8 @@ def test_edm_eval_pr_features_need_precision_recall(tmp_path, inception_weights)
     vgg = tmp_path / "vgg16.pt"
     torch.jit.save(torch.jit.script(NVlabsVGG16Stub()), str(vgg))
     save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
-    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'fake.npz'}",
-                           f"inception={path}", f"pr_features={vgg}", "allow_pickle=true", cwd=tmp_path)
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'fake.npz'}",
+                           f"metric.inception={path}", f"metric.pr_features={vgg}", "metric.allow_pickle=true", cwd=tmp_path)
     assert proc.returncode == 1 and "pr_features is the detector of precision/recall: add precision_recall=true" in proc.stderr
 
 
@@ -378,11 +380,11 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
     path, _ = inception_weights
     save_npz_images(tmp_path / "fake.npz", random_images(3, 0))
     save_npz_images(tmp_path / "real.npz", random_images(3, 1))
-    proc = evaluate_script("metric=ref", f"data={tmp_path / 'real.npz'}", f"inception={path}", f"dest={tmp_path / 'ref.npz'}",
-                           cwd=tmp_path)
+    proc = evaluate_script("metric=ref", f"data={tmp_path / 'real.npz'}", f"metric.inception={path}",
+                           f"metric.dest={tmp_path / 'ref.npz'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"ref={tmp_path / 'ref.npz'}", f"inception={path}",
-                           f"report={tmp_path / 'report.json'}", cwd=tmp_path)
+    proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'ref.npz'}",
+                           f"metric.inception={path}", f"report={tmp_path / 'report.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     fid = json.loads((tmp_path / "report.json").read_text())["metrics"]["fid"]
     assert fid > 0 and json.loads(proc.stdout)["fid"] == fid

@@ -1,4 +1,4 @@
-"""The offline quality score (edm.quality: FD_cls) and the NFE study built on it (edm.nfe_study)."""
+"""The offline quality score (edm.evaluation.quality: FD_cls) and the NFE study built on it (edm.evaluation.nfe_study)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,21 @@ from edm.evaluation.metrics import frechet_distance
 from edm.evaluation.nfe_study import StudyConfig, run_study
 from edm.generation.provenance import ProvenanceError
 from edm.evaluation.quality import ClassifierConfig, QualityCacheError, QualityScore
+from edm.evaluation.scorers import EvalConfig, FdClsConfig
 
 from conftest import command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ClassifierConfig(steps=200)  # a few seconds on the 8x8 digits
+
+
+def quick_eval(cache: Path, *metrics: str, **options) -> EvalConfig:
+    """The study's metrics with the quick classifier and the module's classifier cache."""
+    cfg = EvalConfig(metrics=list(metrics or ["fd_cls"]))
+    cfg.fd_cls = FdClsConfig(classifier=QUICK, cache_dir=str(cache))
+    for key, value in options.items():
+        setattr(cfg.fid, key, value)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +107,7 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
     ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
     out = tmp_path / "study"
     cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun", "euler"], steps=[2, 3], num_images=32, batch=16,
-                      out=str(out), dataset=DatasetConfig(name="digits"), classifier=QUICK, cache_dir=str(cache),
-                      progress=False)
+                      out=str(out), dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
     rows = run_study(cfg)
     assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("euler", 2, 2), ("euler", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
     assert all(r["fd_cls"] > 0 and r["num_images"] == 32 for r in rows)
@@ -119,7 +128,8 @@ def test_the_nfe_study_command(tmp_path, tiny_checkpoint, cache):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
     out = tmp_path / "cli"
     cmd = [command("edm-study"), f"checkpoint={ckpt}", "dataset=digits",
-           "solvers=[euler]", "steps=[2,4]", "num_images=16", f"out={out}", "classifier.steps=200", f"cache_dir={cache}",
+           "solvers=[euler]", "steps=[2,4]", "num_images=16", f"out={out}", "eval.fd_cls.classifier.steps=200",
+           f"eval.fd_cls.cache_dir={cache}",
            "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -132,8 +142,8 @@ def test_with_local_inception_weights_the_study_reports_fid_too(tmp_path, tiny_c
     path, _ = inception_weights  # random weights with pytorch-fid's layout: the code path, not the numbers
     ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
     cfg = StudyConfig(checkpoint=str(ckpt), solvers=["euler"], steps=[2], num_images=8, batch=8, out=str(tmp_path / "s"),
-                      dataset=DatasetConfig(name="digits", max_size=32), classifier=QUICK, cache_dir=str(cache),
-                      inception=str(path), progress=False)
+                      dataset=DatasetConfig(name="digits", max_size=32),
+                      eval=quick_eval(cache, "fd_cls", "fid", inception=str(path)), progress=False)
     (row,) = run_study(cfg)
     assert row["fid"] > 0 and row["fd_cls"] > 0
     assert (tmp_path / "s" / "fid_vs_nfe.png").is_file() and (tmp_path / "s" / "fd_cls_vs_nfe.png").is_file()

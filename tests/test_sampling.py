@@ -158,7 +158,7 @@ def test_sample_script_writes_pngs_and_a_report_then_resumes(run_dir, tmp_path):
 
     out = tmp_path / "out"
     ckpt = run_dir / "checkpoint-00000010.pt"
-    sample_script(f"checkpoint={ckpt}", "num_images=3", "sampler=heun", "steps=3", f"out={out}", "batch=2")
+    sample_script(f"checkpoint={ckpt}", "num_images=3", "sampler=heun", "sampler.num_steps=3", f"out={out}", "batch=2")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["000000.png", "000001.png", "000002.png"]
     assert np.asarray(Image.open(out / "000001.png")).shape == (8, 8)
@@ -168,7 +168,7 @@ def test_sample_script_writes_pngs_and_a_report_then_resumes(run_dir, tmp_path):
     assert report["seeds"] == "0-2" and report["checkpoint"] == str(ckpt.resolve()) and report["guidance"] == 1.0
     assert len(report["t_steps"]) == 4 and report["t_steps"][-1] == 0.0 and report["edm_version"] == edm.__version__
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    proc = sample_script(f"checkpoint={run_dir}", "num_images=5", "sampler=heun", "steps=3", f"out={out}")  # the run folder
+    proc = sample_script(f"checkpoint={run_dir}", "num_images=5", "sampler=heun", "sampler.num_steps=3", f"out={out}")  # the run folder
     assert "process 0 generated 2 image(s)" in proc.stdout + proc.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before  # existing images were not rewritten
     assert len(list(out.glob("*.png"))) == 5
@@ -177,7 +177,7 @@ def test_sample_script_writes_pngs_and_a_report_then_resumes(run_dir, tmp_path):
 def test_sample_script_npz_matches_the_library_and_any_batch_size(run_dir, tmp_path):
     ckpt = run_dir / "checkpoint-00000010.pt"
     out = tmp_path / "npz"
-    sample_script(f"checkpoint={ckpt}", "seeds=4-7", "sampler=stochastic", "churn=20", "steps=3", f"out={out}",
+    sample_script(f"checkpoint={ckpt}", "seeds=4-7", "sampler=stochastic", "sampler.options.churn=20", "sampler.num_steps=3", f"out={out}",
                   "format=npz", "batch=3")
     with np.load(out / "samples.npz") as data:
         images, seeds = data["images"], data["seeds"]
@@ -196,7 +196,7 @@ def test_sample_script_npz_matches_the_library_and_any_batch_size(run_dir, tmp_p
 def test_sample_script_grid_with_labels_and_guidance(tmp_path, tiny_checkpoint):
     ckpt = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
     out = tmp_path / "grid"
-    sample_script(f"checkpoint={ckpt}", "num_images=5", "sampler=euler", "steps=2", f"out={out}", "format=grid",
+    sample_script(f"checkpoint={ckpt}", "num_images=5", "sampler=euler", "sampler.num_steps=2", f"out={out}", "format=grid",
                   "labels=[2,0]", "guidance=1.5", "grid_cols=3", "schedule=vp")
     from PIL import Image
 
@@ -212,7 +212,7 @@ def test_sample_script_grid_with_labels_and_guidance(tmp_path, tiny_checkpoint):
 def test_sample_script_bf16_fast_path(tmp_path, tiny_checkpoint):
     """mixed_precision=bf16 gives the fp32 images within bf16 tolerance and is recorded in the report."""
     ckpt = tiny_checkpoint(tmp_path / "perturbed.pt", perturb=0.05)
-    common = [f"checkpoint={ckpt}", "seeds=0-3", "sampler=heun", "steps=4", "format=npz"]
+    common = [f"checkpoint={ckpt}", "seeds=0-3", "sampler=heun", "sampler.num_steps=4", "format=npz"]
     sample_script(*common, f"out={tmp_path / 'fp32'}")
     sample_script(*common, f"out={tmp_path / 'bf16'}", "mixed_precision=bf16")
     with np.load(tmp_path / "fp32" / "samples.npz") as a, np.load(tmp_path / "bf16" / "samples.npz") as b:
@@ -229,7 +229,7 @@ def test_sample_script_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "missing.pt" in proc.stderr and "does not exist" in proc.stderr
     proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "sampler=rk45", f"out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0 and "sampler/rk45" in proc.stderr and "heun" in proc.stderr  # Hydra lists the group
-    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "+solver_options.churn=1", f"out={tmp_path / 'o'}", check=False)
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "+sampler.options.churn=1", f"out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0 and "solver 'heun' does not take option(s) ['churn']" in proc.stderr
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     proc = sample_script(f"checkpoint={tmp_path / 'bad.pt'}", f"out={tmp_path / 'o'}", check=False)
@@ -240,7 +240,7 @@ def test_sample_script_errors_are_clear(tmp_path):
 def test_sample_script_across_two_processes(run_dir, tmp_path):
     """accelerate launch with 2 CPU processes: each writes its own parts; the merge equals a 1-process run."""
     ckpt = run_dir / "checkpoint-00000010.pt"
-    args = [f"checkpoint={ckpt}", "seeds=0-4", "sampler=euler_maruyama", "steps=3", "format=npz", "batch=2", "progress=false"]
+    args = [f"checkpoint={ckpt}", "seeds=0-4", "sampler=euler_maruyama", "sampler.num_steps=3", "format=npz", "batch=2", "progress=false"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -261,7 +261,7 @@ SLOW = pytest.mark.slow  # the same check with another key: in `pytest -m slow`
 
 
 @pytest.mark.parametrize("change,named", [
-    (["steps=2"], "num_steps: folder 3, now 2"),
+    (["sampler.num_steps=2"], "num_steps: folder 3, now 2"),
     pytest.param(["sampler=euler"], "solver: folder 'heun', now 'euler'", marks=SLOW),
     pytest.param(["schedule=vp"], "schedule.name: folder 'edm', now 'vp'", marks=SLOW),
     pytest.param(["dtype=float64"], "dtype: folder 'float32', now 'float64'", marks=SLOW),
@@ -274,7 +274,7 @@ def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, t
     deletes the old images and starts over."""
     ckpt = run_dir / "checkpoint-00000010.pt"
     out = tmp_path / "out"
-    common = ["num_images=2", "sampler=heun", "steps=3", "format=npz", f"out={out}"]
+    common = ["num_images=2", "sampler=heun", "sampler.num_steps=3", "format=npz", f"out={out}"]
     sample_script(f"checkpoint={ckpt}", *common)
     before = sorted(p.name for p in (out / "parts").iterdir())
     record = {name: (out / name).read_bytes() for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "sample.log")}
@@ -294,7 +294,7 @@ def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, t
 
 def test_an_unchanged_resume_gives_the_images_of_a_clean_run_byte_for_byte(run_dir, tmp_path):
     ckpt = run_dir / "checkpoint-00000010.pt"
-    common = [f"checkpoint={ckpt}", "sampler=heun", "steps=3", "format=npz", "batch=2"]
+    common = [f"checkpoint={ckpt}", "sampler=heun", "sampler.num_steps=3", "format=npz", "batch=2"]
     sample_script(*common, "num_images=2", f"out={tmp_path / 'resumed'}")
     sample_script(*common, "num_images=5", f"out={tmp_path / 'resumed'}")
     sample_script(*common, "num_images=5", f"out={tmp_path / 'clean'}")
@@ -311,10 +311,10 @@ def test_images_without_a_provenance_record_are_not_resumed(run_dir, tmp_path):
 
 
 def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
-    """-m steps=2,3 sampler=euler,heun: 4 jobs, 4 folders under out, each with its own settings."""
+    """-m sampler=euler,heun sampler.num_steps=2,3: 4 jobs, 4 folders under out, each with its own settings."""
     out = tmp_path / "sweep"
     sample_script("-m", f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=2", "format=npz",
-                  "steps=2,3", "sampler=euler,heun", f"out={out}")
+                  "sampler=euler,heun", "sampler.num_steps=2,3", f"out={out}")
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("*/report.json"))]
     assert sorted((r["solver"], r["num_steps"]) for r in reports) == [("euler", 2), ("euler", 3), ("heun", 2), ("heun", 3)]
     assert all(Path(r["output"]).parent != out and Path(r["output"]).parent.parent == out for r in reports)
@@ -329,7 +329,7 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     the unguided images exactly; the guide's hash is part of the folder's provenance."""
     ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
     guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
-    common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "steps=3", "format=npz"]
+    common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "sampler.num_steps=3", "format=npz"]
     sample_script(*common, f"out={tmp_path / 'plain'}")
     sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
     sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")

@@ -1,8 +1,8 @@
 """Training data: data sets (edm.data.sets) named by configs (edm.data.registry), their order
 (edm.data.stream), pixels <-> model space (edm.data.pixels) and EDM's augmentation (edm.data.augment)."""
 
-from .pixels import to_model_space, to_uint8
-from .registry import DATASETS, DatasetConfig, build_dataset
+from .pixels import as_model_space, to_model_space, to_uint8
+from .registry import DATASETS, DatasetConfig, build_dataset, dataset_images
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, IMAGE_EXTENSIONS, BadImagesError, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
     ImageSource, Subset, TensorImageDataset, XFlip, image_files, load_cifar10, load_digits, load_mnist, read_idx,
@@ -10,8 +10,8 @@ from .sets import (
 from .stream import StreamBatchSampler, epoch_permutation, make_loader
 
 __all__ = [
-    "DatasetConfig", "DATASETS", "build_dataset", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
+    "DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
     "load_cifar10", "read_idx", "epoch_permutation", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8",
-    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files",
+    "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files",
 ]

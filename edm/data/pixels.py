@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["to_model_space", "to_uint8"]
+__all__ = ["to_model_space", "to_uint8", "as_model_space"]
 
 
 def to_model_space(images: Tensor) -> Tensor:
@@ -17,3 +17,8 @@ def to_uint8(images: Tensor) -> Tensor:
     """[−1, 1] -> uint8 0..255: x = floor(127.5 y + 128) clipped, i.e. round(127.5 (y + 1)) with
     ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels)."""
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def as_model_space(images: Tensor) -> Tensor:
+    """Images in [−1, 1] as float32: uint8 pixels through to_model_space, floats as they are."""
+    return images.to(torch.float32) if images.is_floating_point() else to_model_space(images)

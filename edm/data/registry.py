@@ -10,7 +10,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
 
 from ..choices import choose
 from .sets import (
@@ -18,7 +21,7 @@ from .sets import (
     Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
-__all__ = ["DatasetConfig", "DATASETS", "build_dataset"]
+__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +79,14 @@ def build_dataset(cfg: DatasetConfig) -> ImageDataset:
         cfg.name, len(dataset), dataset.channels, dataset.resolution, dataset.resolution, dataset.label_dim,
     )
     return dataset
+
+
+def dataset_images(dataset: ImageDataset, indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """(uint8 images [N, C, H, W], class indices [N] or None when unconditional) of a data set's items
+    (all of them, or `indices`), in memory: for scoring and for the quality classifier."""
+    items = [dataset[int(i)] for i in (range(len(dataset)) if indices is None else indices)]
+    if not items:
+        raise ValueError("no images to read")
+    images = torch.stack([item[0] for item in items])
+    labels = torch.stack([item[1].argmax() for item in items]) if dataset.label_dim else None
+    return images, labels

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..files import atomic_write
-from ..data import IMAGE_EXTENSIONS, build_dataset, image_files, to_model_space
+from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, image_files, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
     "extract_features",
     "is_statistics_file",
     "evaluate_images",
+    "read_images",
+    "RefConfig",
+    "write_reference",
     "dataset_batches",
     "dataset_reference",
 ]
@@ -176,17 +180,15 @@ def precision_recall(real: Tensor, fake: Tensor, *, k: int = 3, batch_size: int 
 
 
 class NVlabsDetector(nn.Module):
-    """NVlabs' detectors (TorchScript .pt or .pkl; Inception: 2048 features, VGG-16: 4096): take uint8 RGB images.
-
-    Images in [−1, 1] become k = ⌊127.5 x + 128⌋ clipped to 0..255 (exact for x = k/127.5 − 1).
-    """
+    """NVlabs' detectors (TorchScript .pt or .pkl; Inception: 2048 features, VGG-16: 4096): take uint8 RGB images,
+    edm.data.to_uint8 of images in [−1, 1] (exact for x = k/127.5 − 1)."""
 
     def __init__(self, detector: Callable[..., Tensor]) -> None:
         super().__init__()
         self.detector = detector
 
     def forward(self, images: Tensor) -> Tensor:
-        k = (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        k = to_uint8(images)
         if k.shape[1] == 1:
             k = k.repeat(1, 3, 1, 1)
         return self.detector(k, return_features=True)
@@ -410,7 +412,7 @@ def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], I
 
 
 def evaluate_images(
-    images: str | Path,
+    images: str | Path | Tensor,
     extractor: Extractor,
     *,
     extractor_key: str,
@@ -426,7 +428,8 @@ def evaluate_images(
     pr_extractor: Extractor | None = None,
     pr_extractor_key: str | None = None,
 ) -> dict[str, float | int | str]:
-    """FID (and optionally precision/recall) of the images at `images` (folder / .npz) against a reference.
+    """FID (and optionally precision/recall) of `images` (a folder / .npz of them, or a tensor [N, C, H, W] of
+    uint8 pixels or floats in [−1, 1]) against a reference.
 
     The reference is `ref` — a statistics .npz (mu, sigma; NVlabs fid-refs or pytorch-fid
     --save-stats) or image data (folder / .npz) — or `ref_batches()` (e.g. `dataset_batches` of an
@@ -443,7 +446,8 @@ def evaluate_images(
     ref_is_stats = ref is not None and is_statistics_file(ref)
     if with_precision_recall and ref_is_stats:
         raise ValueError(f"precision/recall needs reference images, but {ref} holds only statistics (mu, sigma)")
-    fake = extract_features(extractor, image_batches(images, batch_size, max_images), device=device)
+    fake_batches = lambda: _source_batches(images, batch_size, max_images)  # noqa: E731
+    fake = extract_features(extractor, fake_batches(), device=device)
     mu, sigma = _mean_cov(fake)
     real = None
     if ref_is_stats:
@@ -462,12 +466,32 @@ def evaluate_images(
     }
     if real is not None:
         if pr_extractor is not None:
-            fake = extract_features(pr_extractor, image_batches(images, batch_size, max_images), device=device)
+            fake = extract_features(pr_extractor, fake_batches(), device=device)
             real = extract_features(pr_extractor, _take(ref_batches(), max_images), device=device)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k)
         result["k"] = k
         result["precision_recall_features"] = extractor_key if pr_extractor is None else str(pr_extractor_key)
     return result
+
+
+def _source_batches(images: str | Path | Tensor, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
+    """Batches in [−1, 1] of a folder / .npz of images or of an image tensor (uint8 or already in [−1, 1])."""
+    if not isinstance(images, Tensor):
+        return image_batches(images, batch_size, max_images)
+    return (as_model_space(chunk) for chunk in images[:max_images].split(batch_size))
+
+
+def read_images(source: str | Path, max_images: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """(uint8 images [N, C, H, W], class indices [N] or None) of a folder of image files or an .npz (an
+    edm-sample npz carries its labels)."""
+    path = Path(source)
+    labels = None
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as data:
+            if "labels" in data.files:
+                labels = torch.from_numpy(data["labels"][:max_images]).long()
+    images = torch.cat([to_uint8(batch) for batch in image_batches(path, 256, max_images)])
+    return images, labels
 
 
 def _mean_cov(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -486,3 +510,23 @@ def _take(batches: Iterable[Tensor], max_images: int | None) -> Iterator[Tensor]
             return
         seen += batch.shape[0]
         yield batch
+
+
+@dataclass
+class RefConfig:
+    """FID reference statistics (mu, sigma, num_images) of images, written to `dest` (edm-eval metric=ref)."""
+
+    inception: Optional[str] = None  # as FID's: pytorch-fid's .pth, or NVlabs' .pkl / .pt (with allow_pickle)
+    allow_pickle: bool = False
+    dest: Optional[str] = None  # the statistics .npz to write
+    max_images: Optional[int] = None  # the first N images only
+
+
+def write_reference(cfg: RefConfig, batches: Iterable[Tensor], device: torch.device | str = "cpu") -> dict:
+    """Write the Inception statistics of image batches (in [−1, 1]) to cfg.dest; a summary."""
+    if cfg.dest is None:
+        raise ValueError("metric=ref needs metric.dest=FILE.npz, where the statistics go")
+    extractor = load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
+    mu, sigma, n = feature_statistics(extractor, batches, device=device, max_images=cfg.max_images)
+    save_statistics(cfg.dest, mu, sigma, n)
+    return {"statistics": str(cfg.dest), "num_images": n, "feature_extractor": Path(cfg.inception).stem}

@@ -1,16 +1,16 @@
-"""Sample quality against the number of network evaluations (NFE): one table and one plot.
+"""Sample quality against the number of network evaluations (NFE): one table and one plot per metric.
 
 For a checkpoint, every (schedule, solver, steps) point generates the same seeds 0..N−1 and scores
-them with the offline quality score FD_cls (edm.quality; lower is better) and, with local
-Inception weights, FID. NFE is counted, not assumed: the network evaluations per image during one batch, the guide's
-included (unguided Heun: 2N − 1, Euler and DPM-Solver++(2M): N; guidance adds one per guided call).
+them with the metrics of edm.evaluation.scorers (eval.metrics; by default FD_cls, edm.evaluation.quality:
+offline, lower is better; FID too with local Inception weights). NFE is counted, not assumed: the
+network evaluations per image during one batch, the guide's included (unguided Heun: 2N − 1, Euler and
+DPM-Solver++(2M): N; guidance adds one per guided call).
 
     edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
 
-Writes OUT/table.csv, OUT/table.json, OUT/fd_cls_vs_nfe.png (and fid_vs_nfe.png), and one
-OUT/points/*.json per point, so a rerun with more solvers or steps computes only the new points.
-OUT/provenance.json (checkpoint hash, images, data set, classifier, ...) refuses a folder made
-with other settings.
+Writes OUT/table.csv, OUT/table.json, OUT/<metric>_vs_nfe.png, and one OUT/points/*.json per point, so
+a rerun with more solvers or steps computes only the new points. OUT/provenance.json (checkpoint hash,
+images, data set, metrics and their files, ...) refuses a folder made with other settings.
 """
 
 from __future__ import annotations
@@ -22,36 +22,38 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
-from torch import Tensor
 
-from ..training.build import schedule_spec
-from ..files import atomic_write
-from ..data import DatasetConfig, to_model_space, to_uint8
 from ..core.denoisers import GuidedDenoiser
-from ..models.loading import ModelInfo, guided, load_model
-from ..files import write_json
-from .plots import plot_score_vs_nfe
-from ..generation.provenance import claim
-from ..files import file_sha256
-from .quality import SCORE_NAME, ClassifierConfig, QualityScore
-from ..progress import progress_bar
 from ..core.samplers import SamplerConfig
+from ..core.schedules import Schedule, get, to_spec
+from ..data import DatasetConfig, to_uint8
+from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
+from ..generation.provenance import claim
 from ..generation.sampling import chunks, generate_batch, plan_images
-from ..core.schedules import Schedule, get
+from ..models.loading import ModelInfo, guided, load_model
+from ..progress import progress_bar
+from .plots import plot_score_vs_nfe
+from .scorers import EvalConfig, Scorer, ScoringContext, build_scorers, metric_files
 
 __all__ = ["StudyConfig", "run_study"]
 
 logger = logging.getLogger(__name__)
 
 
+def _fd_cls_only() -> EvalConfig:
+    cfg = EvalConfig()
+    cfg.metrics = ["fd_cls"]
+    return cfg
+
+
 @dataclass
 class StudyConfig:
     """Every key of edm-study and its default."""
 
-    checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt or an NVlabs .pkl
+    checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt, a model folder or an NVlabs .pkl
     ema: bool = True
     solvers: List[str] = field(default_factory=lambda: ["heun", "euler", "dpmpp_2m"])
     steps: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
@@ -61,24 +63,13 @@ class StudyConfig:
     batch: int = 250
     out: str = "nfe-study"
     overwrite: bool = False  # delete an out folder's earlier results first
-    dataset: Optional[DatasetConfig] = None  # the score's data set; None = the checkpoint's training data
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    cache_dir: Optional[str] = None  # the quality classifiers' cache (None: $EDM_CACHE/quality or ~/.cache/edm/quality)
-    guidance: float = 1.0  # guidance weight w (edm.denoisers.GuidedDenoiser); 1 = none
+    eval: EvalConfig = field(default_factory=_fd_cls_only)  # eval.metrics=[fd_cls,fid] and eval.NAME.KEY options
+    dataset: Optional[DatasetConfig] = None  # the metrics' data set; None = the checkpoint's training data
+    guidance: float = 1.0  # guidance weight w (edm.core.denoisers.GuidedDenoiser); 1 = none
     guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free)
     guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guided only there
-    inception: Optional[str] = None  # local Inception weights (pt_inception-2015-12-05-6726825d.pth): FID too
-    allow_pickle: bool = False  # allow a code-carrying Inception file (.pkl, TorchScript)
     cpu: bool = False
     progress: bool = True
-
-
-def _dataset(cfg: StudyConfig, info: ModelInfo) -> DatasetConfig:
-    if cfg.dataset is not None:
-        return cfg.dataset
-    if info.dataset is None:
-        raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
-    return DatasetConfig(**info.dataset)
 
 
 def _point_name(schedule: Schedule, solver: str, steps: int) -> str:
@@ -87,9 +78,9 @@ def _point_name(schedule: Schedule, solver: str, steps: int) -> str:
 
 def _score_point(
     denoiser: GuidedDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
-    scorers: dict[str, Callable[[Tensor, Tensor | None], dict]], device: torch.device,
+    scorers: dict[str, Scorer], device: torch.device,
 ) -> dict:
-    """Generate seeds 0..N−1 at one point (quantized to uint8 as saved images are) and score them."""
+    """Generate seeds 0..N−1 at one point (quantized to uint8, as saved images are) and score them."""
     plan = plan_images(range(cfg.num_images), None, info.label_dim)
     images, labels, nfe = [], [], None
     start = time.time()
@@ -99,7 +90,7 @@ def _score_point(
             x, y = generate_batch(denoiser, batch, schedule, settings, info.img_shape, label_dim=info.label_dim,
                                   device=device)
         nfe = denoiser.evaluations if nfe is None else nfe
-        images.append(to_model_space(to_uint8(x)).cpu())
+        images.append(to_uint8(x).cpu())
         labels.append(y.cpu() if y is not None else None)
     seconds = time.time() - start
     x = torch.cat(images)
@@ -110,23 +101,6 @@ def _score_point(
     for scorer in scorers.values():
         row.update(scorer(x, y))
     return row
-
-
-def _inception_scorer(cfg: StudyConfig, dataset: DatasetConfig, device: torch.device) -> Callable:
-    from . import metrics  # FID only when asked
-
-    extractor = metrics.load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
-    batches, key = metrics.dataset_reference(dataset, cfg.batch)
-    mu_ref, sigma_ref = metrics.reference_statistics(
-        batches, extractor, cache_dir=Path(cfg.cache_dir or Path(cfg.out) / "fid-refs"), dataset_key=key,
-        extractor_key=Path(cfg.inception).stem, device=device,
-    )
-
-    def fid(images: Tensor, labels: Tensor | None) -> dict:
-        mu, sigma, n = metrics.feature_statistics(extractor, images.split(cfg.batch), device=device)
-        return {"fid": metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
-
-    return fid
 
 
 def write_table(rows: list[dict], out: Path) -> list[Path]:
@@ -143,11 +117,14 @@ def write_table(rows: list[dict], out: Path) -> list[Path]:
 
 
 def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict]:
-    """Score every (schedule, solver, steps) point; returns the table's rows (also written to cfg.out)."""
+    """Score every (schedule, solver, steps) point; returns the table's rows (also written to cfg.out, which
+    this process owns meanwhile)."""
     device = torch.device(device)
     out = Path(cfg.out)
     if cfg.num_images < 2:
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
+    if not cfg.eval.metrics:
+        raise ValueError("eval.metrics is empty: name the metrics to plot, e.g. eval.metrics=[fd_cls]")
     settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
     info.require_pixels()
@@ -156,22 +133,38 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     schedules = [info.schedule if name is None else get(name) for name in cfg.schedules]
     if any(s is None for s in schedules):
         raise ValueError("the checkpoint stores no schedule: pass schedules=[vp|ve|edm|fm]")
-    dataset = _dataset(cfg, info)
-    record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
-              "dataset": asdict(dataset) | {"num_workers": None}, "classifier": asdict(cfg.classifier),
-              "inception_sha256": file_sha256(cfg.inception) if cfg.inception else None,
-              "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
-              "guidance_interval": cfg.guidance_interval}
-    results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
-    claim(out, record, results, overwrite=cfg.overwrite)
-    score = QualityScore.for_dataset(dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=device,
-                                     progress=cfg.progress)
-    if list(info.img_shape) != [score.meta["data"]["channels"], score.meta["data"]["resolution"], score.meta["data"]["resolution"]]:
-        raise ValueError(f"the model makes {list(info.img_shape)} images, data set {dataset.name} has "
-                         f"{score.meta['data']['channels']}x{score.meta['data']['resolution']}px ones: pass the model's data set")
-    scorers: dict[str, Callable] = {SCORE_NAME: score}
-    if cfg.inception:
-        scorers["fid"] = _inception_scorer(cfg, dataset, device)
+    dataset = cfg.dataset or info.training_dataset()
+    if dataset is None:
+        raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
+    with FolderLock(out, key="out", owner="NFE study"):
+        record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
+                  "dataset": asdict(dataset) | {"num_workers": None},
+                  "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
+                  **metric_files(cfg.eval, cfg.eval.metrics),
+                  "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
+                  "guidance_interval": cfg.guidance_interval}
+        results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
+        claim(out, record, results, overwrite=cfg.overwrite)
+        ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
+                             image_shape=info.img_shape, progress=cfg.progress)
+        scorers = build_scorers(cfg.eval, ctx)
+        rows = _score_points(cfg, counting, info, schedules, settings, scorers, device)
+        write_table(rows, out)
+        series = "solver" if len(schedules) == 1 else "series"
+        for row in rows:
+            row["series"] = f"{row['schedule']} {row['solver']}"
+        for name in scorers:
+            plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series=series,
+                              title=f"{Path(info.source).name}: {cfg.num_images} images per point (lower is better)")
+        for row in rows:
+            del row["series"]
+    return rows
+
+
+def _score_points(cfg: StudyConfig, counting: GuidedDenoiser, info: ModelInfo, schedules: list[Schedule],
+                  settings: list[SamplerConfig], scorers: dict[str, Scorer], device: torch.device) -> list[dict]:
+    """Every point's row, read from OUT/points/ when an earlier run scored it, sorted by schedule, solver, NFE."""
+    out = Path(cfg.out)
     points = [(schedule, s) for schedule in schedules for s in settings]
     rows = []
     bar = progress_bar(len(points), "NFE study", "point") if cfg.progress else None
@@ -181,23 +174,13 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
             row = json.loads(path.read_text())
         else:
             row = _score_point(counting, schedule, s, info, cfg, scorers, device)
-            row["schedule_options"] = schedule_spec(schedule)
+            row["schedule_options"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)
-        logger.info("%s %s %d steps: NFE %d, %s %.4g", row["schedule"], row["solver"], row["steps"], row["nfe"],
-                    SCORE_NAME, row[SCORE_NAME])
+        logger.info("%s %s %d steps: NFE %d, %s", row["schedule"], row["solver"], row["steps"], row["nfe"],
+                    ", ".join(f"{name} {row[name]:.4g}" for name in scorers))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    rows.sort(key=lambda r: (r["schedule"], r["solver"], r["nfe"]))
-    write_table(rows, out)
-    series = "solver" if len(schedules) == 1 else "series"
-    for row in rows:
-        row["series"] = f"{row['schedule']} {row['solver']}"
-    for name in scorers:
-        plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series=series,
-                          title=f"{Path(info.source).name}: {cfg.num_images} images per point (lower is better)")
-    for row in rows:
-        del row["series"]
-    return rows
+    return sorted(rows, key=lambda r: (r["schedule"], r["solver"], r["nfe"]))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import atomic_write
-from ..data import DatasetConfig, build_dataset, to_model_space
+from ..data import DatasetConfig, as_model_space, build_dataset, dataset_images, to_model_space
 from .metrics import frechet_distance
 from ..files import write_json
 
@@ -108,8 +108,7 @@ def _load_images(dataset_cfg: DatasetConfig, max_images: int, seed: int) -> tupl
                          f"none ({err}); use FID with local Inception weights instead") from None
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
-    images = torch.stack([dataset[int(i)][0] for i in order])
-    labels = torch.stack([dataset[int(i)][1].argmax() for i in order])
+    images, labels = dataset_images(dataset, order.tolist())
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(images.numpy()).tobytes())
     digest.update(labels.numpy().astype(np.int64).tobytes())
@@ -163,12 +162,12 @@ class QualityScore:
 
     @torch.no_grad()
     def features(self, images: Tensor, batch_size: int = 512) -> Tensor:
-        """φ [N, d] (float64, CPU) of images [N, C, H, W] in [−1, 1] of the data set's shape."""
+        """φ [N, d] (float64, CPU) of images [N, C, H, W] of the data set's shape (uint8 or in [−1, 1])."""
         shape = [self.meta["data"]["channels"], self.meta["data"]["resolution"], self.meta["data"]["resolution"]]
         if list(images.shape[1:]) != shape:
             raise ValueError(f"images of shape {list(images.shape[1:])} cannot be scored against data set "
                              f"{self.meta['data']['name']} of shape {shape}")
-        return torch.cat([self.classifier.features(chunk.to(self.device, torch.float32)).double().cpu()
+        return torch.cat([self.classifier.features(as_model_space(chunk).to(self.device)).double().cpu()
                           for chunk in images.split(batch_size)])
 
     @torch.no_grad()

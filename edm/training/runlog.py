@@ -1,6 +1,5 @@
-"""What a long job tells its user: progress bars, a training run's metrics, and stop signals.
+"""What a training run tells its user, and how it is told to stop.
 
-- progress_bar: the one tqdm bar of the project (sampling steps, generated images, training steps).
 - RunLog / log: the main process's metrics.jsonl, INFO loss lines, TensorBoard scalars and grids
   (when installed) and bar.
 - StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
@@ -16,7 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["progress_bar", "RunLog", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
+from ..progress import progress_bar
+
+__all__ = ["RunLog", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
 
 STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 

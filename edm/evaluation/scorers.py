@@ -1,0 +1,266 @@
+"""Every metric in one table: a scorer maps images and their labels to numbers.
+
+A scorer takes images [N, C, H, W] (uint8 pixels as saved, or floats in [−1, 1]) and their class
+indices [N] (or None) and returns a dict of numbers. METRICS gives each metric its options (a
+dataclass: `edm-eval metric=NAME metric.KEY=...`, `edm-sample eval.metrics=[NAME] eval.NAME.KEY=...`,
+`edm-study eval.metrics=[...]`), how its scorer is built from them and a ScoringContext, and what it
+scores. edm-eval, edm-sample and edm-study all iterate this table: a new metric is its scorer and
+one row.
+
+    fid     FID against reference statistics, images or the data set (+ precision/recall)  samples
+    fd_cls  FD_cls (and class accuracy) in a classifier trained on the data set             samples
+    bpd     bits/dim of data images under the context's model                                data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from ..choices import choose
+from ..core import likelihood
+from ..core.schedules import Schedule, to_spec
+from ..data import DatasetConfig, build_dataset, dataset_images
+from ..files import file_sha256
+from ..hardware import DTYPES
+from . import metrics
+from .quality import ClassifierConfig, QualityScore
+
+__all__ = [
+    "Scorer", "ScoringContext", "FidConfig", "FdClsConfig", "BpdConfig", "Metric", "METRICS", "build_scorers",
+    "eval_schema", "EvalConfig", "metric_files", "evaluate",
+]
+
+Scorer = Callable[[Tensor, Optional[Tensor]], dict]
+
+
+@dataclass
+class ScoringContext:
+    """What a scorer may use besides its options: the data set (the reference of fid, the classifier's
+    data of fd_cls; by default the model's training set), the device, images per forward pass, the
+    default cache of reference statistics, the shape the scored images will have, and the model (a
+    denoiser and its edm.models.loading.ModelInfo) when one is being evaluated."""
+
+    dataset: DatasetConfig | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch: int = 64
+    cache_dir: str | Path | None = None
+    image_shape: tuple[int, ...] | None = None
+    model: Any = None
+    info: Any = None
+    schedule: Schedule | None = None
+    progress: bool = False
+
+
+# ----------------------------------------------------------------------------- fid
+
+
+@dataclass
+class FidConfig:
+    """FID (Heusel et al. 2017) in Inception-v3 features, and improved precision/recall."""
+
+    inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth, or NVlabs' inception-2015-12-05.pkl/.pt
+    allow_pickle: bool = False  # allow .pkl / TorchScript detectors (both run code stored in the file)
+    ref: Optional[str] = None  # statistics .npz (mu, sigma) or reference images (folder / .npz); null: the data set
+    cache_dir: Optional[str] = None  # where reference statistics of image data are cached (null: the context's)
+    precision_recall: bool = False  # needs reference images
+    pr_features: Optional[str] = None  # NVlabs' VGG-16 (vgg16.pt / vgg16.pkl, needs allow_pickle); null = Inception's
+    k: int = 3  # neighbours of precision/recall
+    max_images: Optional[int] = None  # use at most this many images of each set
+
+
+def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
+    """FID (and precision/recall) of images against cfg.ref, else the context's data set."""
+    extractor = metrics.load_inception(cfg.inception, ctx.device, allow_pickle=cfg.allow_pickle)
+    pr_extractor = None
+    if cfg.pr_features is not None:
+        if not cfg.precision_recall:
+            raise ValueError("pr_features is the detector of precision/recall: add precision_recall=true")
+        pr_extractor = metrics.load_vgg16(cfg.pr_features, ctx.device, allow_pickle=cfg.allow_pickle)
+    common = dict(
+        extractor_key=Path(cfg.inception).stem, cache_dir=cfg.cache_dir or ctx.cache_dir, batch_size=ctx.batch,
+        device=ctx.device, with_precision_recall=cfg.precision_recall, k=cfg.k, max_images=cfg.max_images,
+        pr_extractor=pr_extractor, pr_extractor_key=Path(cfg.pr_features).stem if cfg.pr_features else None,
+    )
+    if cfg.ref is not None:
+        reference: dict[str, Any] = {"ref": cfg.ref}
+    elif ctx.dataset is not None:
+        batches, key = metrics.dataset_reference(ctx.dataset, ctx.batch)
+        reference = {"ref_batches": batches, "ref_key": key}
+    else:
+        raise ValueError("FID needs a reference: its ref=STATS.npz|IMAGES, or a data set (dataset=NAME "
+                         "[dataset.root=PATH], or a model that names its training data)")
+    return lambda images, labels=None: metrics.evaluate_images(images, extractor, **reference, **common)
+
+
+# ----------------------------------------------------------------------------- fd_cls
+
+
+@dataclass
+class FdClsConfig:
+    """FD_cls, the Fréchet distance in a small classifier's features trained on the data set (not FID)."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cache_dir: Optional[str] = None  # the classifiers' cache (null: $EDM_CACHE/quality or ~/.cache/edm/quality)
+
+
+def fd_cls_scorer(cfg: FdClsConfig, ctx: ScoringContext) -> Scorer:
+    """QualityScore of the context's data set (its classifier trained once and cached)."""
+    if ctx.dataset is None:
+        raise ValueError("FD_cls needs the data set its classifier learns: dataset=NAME [dataset.root=PATH] (or a "
+                         "model that names its training data)")
+    score = QualityScore.for_dataset(ctx.dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=ctx.device,
+                                     progress=ctx.progress)
+    data = score.meta["data"]
+    shape = (data["channels"], data["resolution"], data["resolution"])
+    if ctx.image_shape is not None and tuple(ctx.image_shape) != shape:
+        raise ValueError(f"the images are {list(ctx.image_shape)}, data set {data['name']} has {list(shape)} ones: "
+                         "score against the model's own data set")
+    return score
+
+
+# ----------------------------------------------------------------------------- bpd
+
+
+def _default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of keyword `name` of `fn`: the library's value, written once."""
+    return inspect.signature(fn).parameters[name].default
+
+
+@dataclass
+class BpdConfig:
+    """Bits/dim of 8-bit data under the context's model: the probability-flow ODE's exact log-likelihood
+    (edm.core.likelihood), averaged over the images with its standard error."""
+
+    num_steps: int = _default(likelihood.log_likelihood, "num_steps")  # ODE steps
+    discretization: Optional[str] = _default(likelihood.log_likelihood, "discretization")  # time grid of the ODE
+    integrator: str = _default(likelihood.log_likelihood, "integrator")  # rk4 | heun
+    divergence_method: str = _default(likelihood.log_likelihood, "divergence_method")  # exact | hutchinson | auto
+    hutchinson_noise: str = _default(likelihood.log_likelihood, "hutchinson_noise")  # rademacher | gaussian
+    exact_max_dim: int = _default(likelihood.log_likelihood, "exact_max_dim")  # auto: exact up to this many dimensions
+    dequantization: str = _default(likelihood.bits_per_dim, "dequantization")  # uniform | center
+    dtype: str = "float32"  # float32 | float64
+    seed: int = 0  # seed of the dequantization and Hutchinson noise
+    max_images: Optional[int] = None  # score the first N images only
+
+
+def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
+    """bits_per_dim of uint8 images (and labels, for a class-conditional model) under ctx.model."""
+    if ctx.model is None:
+        raise ValueError("bits/dim scores a model: give it (checkpoint=PATH)")
+    dtype = choose(DTYPES, cfg.dtype, "dtype")
+    schedule = ctx.schedule or ctx.info.schedule
+    if schedule is None:
+        raise ValueError("the model stores no schedule: pass schedule=vp|ve|edm|fm")
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dequantization", "dtype", "seed", "max_images")}
+    label_dim = int(getattr(ctx.info, "label_dim", 0) or 0)
+
+    def score(images: Tensor, labels: Tensor | None = None) -> dict:
+        if images.is_floating_point():
+            raise ValueError("bits/dim needs 8-bit images (uint8 0..255)")
+        if label_dim and labels is None:
+            raise ValueError("bits/dim of a class-conditional model needs the images' labels: use dataset=NAME")
+        if label_dim and int(labels.max()) >= label_dim:
+            raise ValueError(f"the model takes {label_dim} classes, the data has labels up to {int(labels.max())}")
+        images, labels = images[:cfg.max_images], None if labels is None else labels[:cfg.max_images]
+        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+        values = []
+        for start in range(0, len(images), ctx.batch):
+            x = images[start:start + ctx.batch].to(ctx.device)
+            one_hot = None
+            if label_dim:
+                one_hot = torch.nn.functional.one_hot(labels[start:start + ctx.batch].long(), label_dim).to(ctx.device, dtype)
+            values.append(likelihood.bits_per_dim(ctx.model, x, schedule, dequantization=cfg.dequantization,
+                                                  generator=generator, class_labels=one_hot, dtype=dtype,
+                                                  **options).double().cpu())
+        if not values:
+            raise ValueError("no images to score")
+        bpd = torch.cat(values)
+        grid = likelihood.likelihood_grid(schedule, cfg.num_steps, cfg.discretization)
+        return {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else None,
+                "bpd_num_images": len(bpd),
+                "bpd_settings": {"model": getattr(ctx.info, "source", None), "schedule": to_spec(schedule),
+                                 "sigma_min": float(schedule.sigma(grid[0])), "batch": ctx.batch, **dataclasses.asdict(cfg)}}
+
+    return score
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row: the options' dataclass, the scorer built from them and a context, and what it scores
+    ("samples": generated images; "data": data images under the context's model)."""
+
+    schema: type
+    build: Callable[[Any, ScoringContext], Scorer]
+    scores: str = "samples"
+
+
+METRICS: MappingProxyType[str, Metric] = MappingProxyType({
+    "fid": Metric(FidConfig, fid_scorer),
+    "fd_cls": Metric(FdClsConfig, fd_cls_scorer),
+    "bpd": Metric(BpdConfig, bpd_scorer, scores="data"),
+})
+
+
+def eval_schema() -> type:
+    """EvalConfig: `metrics` (the names to compute) and one field per row of METRICS with its options."""
+    fields = [("metrics", List[str], field(default_factory=list))]
+    fields += [(name, m.schema, field(default_factory=m.schema)) for name, m in METRICS.items()]
+    doc = "Scores of generated images: `metrics` names the rows of edm.evaluation.scorers.METRICS to compute."
+    return dataclasses.make_dataclass("EvalConfig", fields, namespace={"__doc__": doc, "__module__": __name__})
+
+
+EvalConfig = eval_schema()
+
+
+def build_scorers(cfg: Any, ctx: ScoringContext, scores: str = "samples") -> dict[str, Scorer]:
+    """{name: scorer} of the metrics cfg.metrics names (an EvalConfig); each must score `scores`."""
+    out = {}
+    for name in cfg.metrics:
+        metric = choose(METRICS, name, "metric")
+        if metric.scores != scores:
+            raise ValueError(f"metric {name} scores {metric.scores} under a model, not generated images: "
+                             f"use edm-eval metric={name}")
+        out[name] = metric.build(getattr(cfg, name), ctx)
+    return out
+
+
+def metric_files(cfg: Any, names: list[str]) -> dict[str, str]:
+    """{"<metric>.<key>_sha256": hash} of every option of the named metrics that names an existing file
+    (detector weights, reference statistics): what a provenance record must pin besides the options."""
+    out = {}
+    for name in names:
+        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
+            if isinstance(value, str) and Path(value).is_file():
+                out[f"{name}.{key}_sha256"] = file_sha256(value)
+    return out
+
+
+def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path | None = None,
+             data: str | Path | None = None) -> dict:
+    """One metric's numbers (edm-eval): of the image files `images` for a metric of samples; of the data
+    images `data` (a folder or .npz), else of ctx.dataset, under ctx.model for a metric of data."""
+    metric = choose(METRICS, name, "metric")
+    if metric.scores == "samples":
+        if images is None or data is not None:
+            raise ValueError(f"metric={name} scores generated images: give images=PATH (a folder of image files or "
+                             "an .npz), and its reference as the metric's options or dataset=NAME")
+        x, labels = metrics.read_images(images)
+    else:
+        if (data is None) == (ctx.dataset is None) or images is not None:
+            raise ValueError(f"metric={name} scores data under a model: give the data as data=PATH (folder or .npz) "
+                             "or dataset=NAME, and the model as checkpoint=PATH")
+        x, labels = metrics.read_images(data) if data is not None else dataset_images(build_dataset(ctx.dataset))
+    ctx = dataclasses.replace(ctx, image_shape=tuple(x.shape[1:]))
+    return metric.build(options, ctx)(x, labels)

@@ -1,0 +1,196 @@
+"""A sampling job: images of a model into an output folder, resumable, in one or many processes (edm-sample).
+
+    generate_folder(SampleConfig(checkpoint="runs/digits-edm-tiny", num_images=64, format="grid", out="grid"))
+
+Every process takes images r, r + W, ... of the run; image j always comes from seed j's own
+generator (edm.generation.sampling). The folder is owned (FolderLock) and claimed with a provenance
+record of every setting that changes the images, so a resumed run continues only a folder made
+with the same settings; OUT/report.json records the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ..choices import choose
+from ..core.denoisers import fast_denoiser
+from ..core.samplers import SamplerConfig
+from ..core.schedules import Schedule, ScheduleConfig, to_spec
+from ..files import FolderLock, file_sha256, package_version, to_container, write_json
+from ..hardware import DTYPES, LaunchSettings, launch_settings, set_precision_flags, use_cpu
+from ..models.loading import ModelInfo, guided, load_model
+from . import outputs, sampling
+from .provenance import claim
+
+__all__ = ["SampleConfig", "generate_folder", "REPORT_NAME"]
+
+logger = logging.getLogger(__name__)
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class SampleConfig:
+    """Every key of edm-sample and its default."""
+
+    checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt, a model folder or an NVlabs *.pkl
+    ema: bool = True  # EMA weights (edm checkpoints)
+    out: str = "samples"
+    format: str = "png"  # png | npz | grid
+    num_images: int = 64  # seeds 0 .. num_images - 1 when `seeds` is unset
+    seeds: Any = None  # "0-49999", "1,5,10-19" or a list; overrides num_images
+    batch: int = 64  # images per forward pass (per process)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the `sampler` group (configs/sampler/<name>.yaml)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # name null: the model's, its fields replaced by the set ones
+    labels: Any = None  # null = random classes (conditional model); an int; or a list, image j gets labels[j % len]
+    guidance: float = 1.0  # guidance weight w: D_guide + w (D - D_guide); 1 = none
+    guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free, with null labels)
+    guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guide only where sigma_lo < sigma <= sigma_hi
+    dtype: str = "float32"  # float32 | float64 (sampler state and network input)
+    cpu: bool = False  # force the CPU even when a GPU is present
+    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16: the network under autocast; null = the launcher's, else no
+    compile: Optional[bool] = None  # torch.compile the denoiser (once per batch size); null = the launcher's, else off
+    channels_last: bool = False  # NHWC weights (keep only where bench.py --channels-last measures faster)
+    subdirs: bool = False  # png: one folder per 1000 seeds
+    grid_cols: Optional[int] = None  # grid: columns (default ceil(sqrt(N)))
+    grid_scale: Optional[int] = None  # grid: pixel upscaling (default: tiles of at least 64 px, as training's grids)
+    overwrite: bool = False  # delete out's earlier images first (else a run with other settings is refused)
+    image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
+    progress: bool = True
+
+
+def _seeds(cfg: SampleConfig) -> list[int]:
+    if cfg.seeds is None:
+        if cfg.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {cfg.num_images}")
+        return list(range(cfg.num_images))
+    return sampling.parse_seeds(cfg.seeds)
+
+
+def _labels(labels: Any) -> int | list[int] | None:
+    if labels is None or isinstance(labels, int):
+        return labels
+    if isinstance(labels, (list, tuple)):
+        return [int(v) for v in labels]
+    return [int(v) for v in str(labels).split(",")]
+
+
+def _schedule(cfg: ScheduleConfig, model_schedule: Schedule | None) -> Schedule:
+    if cfg.name is None and model_schedule is None:
+        raise ValueError("the model stores no schedule: pass schedule=vp|ve|edm|fm")
+    return cfg.build(model_schedule)
+
+
+def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: LaunchSettings) -> dict:
+    """Every setting that changes the images: a folder only ever holds images of one such record."""
+    settings = cfg.sampler
+    return {
+        "checkpoint_sha256": file_sha256(info.source),
+        "ema": cfg.ema,
+        "solver": settings.solver,
+        "num_steps": settings.num_steps,
+        "discretization": settings.discretization or schedule.default_discretization,
+        "final_denoise": settings.final_denoise,
+        "options": settings.options,
+        "t_steps": schedule.time_steps(settings.num_steps, settings.discretization).tolist(),
+        "schedule": to_spec(schedule),
+        "labels": to_container(cfg.labels),
+        "label_dim": info.label_dim,
+        "guidance": cfg.guidance,
+        "guidance_interval": to_container(cfg.guidance_interval),
+        "image_shape": list(info.img_shape),
+        "dtype": cfg.dtype,
+        "mixed_precision": launch.mixed_precision,
+        "compile": launch.dynamo_backend != "no",
+        "channels_last": cfg.channels_last,
+        "tf32": cfg.tf32,
+        "format": cfg.format,
+        "subdirs": cfg.subdirs,
+    }
+
+
+def earlier_results(out: Path) -> list[Path]:
+    """What earlier runs left in out: images (PNG files and seed folders, parts), merged outputs, the report."""
+    pngs = [p for p in out.glob("*.png")] + [p for p in out.glob("[0-9]" * 6) if p.is_dir()]
+    return [*pngs, out / outputs.PARTS_DIR, out / outputs.NPZ_NAME, out / REPORT_NAME]
+
+
+def generate_folder(
+    cfg: SampleConfig, *,
+    on_own_folder: Callable[[Path], Any] | None = None,
+    score: Callable[[Path, ModelInfo, torch.device], dict] | None = None,
+) -> dict | None:
+    """Generate cfg's images into cfg.out in every process of the launch (accelerate's PartialState); the main
+    process owns the folder (then calls `on_own_folder(out)`), finalizes the output and writes
+    OUT/report.json, with `score(output, info, device)` under "metrics" when given. Returns the report (main process)."""
+    from accelerate import PartialState
+
+    choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
+    if cfg.format == "grid" and score is not None:
+        raise ValueError("scoring needs the images: use format=png or format=npz")
+    state = PartialState(cpu=use_cpu(cfg.cpu))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
+    set_precision_flags(cfg.tf32)
+    launch = launch_settings(cfg.mixed_precision, cfg.compile)
+    writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
+    denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
+    info.require_pixels()
+    schedule = _schedule(cfg.schedule, info.schedule)
+    denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
+    if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
+        logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is "
+                       "untrained", cfg.guidance)
+    denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
+                                  ema=cfg.ema, device=state.device)
+    seeds = _seeds(cfg)
+    plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
+    out = Path(cfg.out)
+    record = provenance(cfg, schedule, info, launch) | {
+        "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
+    lock = None
+    if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
+        lock = FolderLock(out, key="out", owner="sampler").acquire()
+        try:
+            claim(out, record, earlier_results(out), overwrite=cfg.overwrite)
+            if on_own_folder is not None:
+                on_own_folder(out)
+        except BaseException:
+            lock.release()
+            raise
+        logger.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
+                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, schedule.name, state.num_processes, out)
+    state.wait_for_everyone()
+    try:
+        start = time.time()
+        made = sampling.generate(
+            denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, cfg.sampler, writer,
+            info.img_shape, batch_size=cfg.batch, label_dim=info.label_dim, device=state.device,
+            dtype=DTYPES[cfg.dtype], progress=cfg.progress and state.is_main_process,
+        )
+        logger.info("process %d generated %d image(s)", state.process_index, made)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols, grid_scale=cfg.grid_scale)
+        report = {
+            "edm_version": package_version(), "torch_version": torch.__version__,
+            "checkpoint": str(Path(info.source).resolve()), **record,
+            "seeds": sampling.format_seeds(seeds), "num_images": len(seeds), "batch": cfg.batch,
+            "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
+        }
+        if score is not None:
+            report["metrics"] = score(output, info, state.device)
+        write_json(out / REPORT_NAME, report)
+        return report
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,80 @@
+"""Post-hoc EMA (EDM2): any σ_rel's EMA of a run, from its power-EMA snapshots, as model folders.
+
+    edm-train ... ema_sigma_rel=[0.05,0.10] ema_snapshot_kimg=8            # snapshots in RUN/phema/
+    reconstruct(PosthocConfig(run_dir="RUN", sigma_rel=[0.05, 0.10, 0.15], out="RUN/posthoc"))
+
+Each σ_rel becomes a model folder OUT/ema-<σ_rel>/ (model.safetensors + model.json, as edm-export
+writes; model.json names the snapshots, their weights and the fit's residual), read by every
+command. The snapshots are combined by the least-squares weights of edm.training.phema.posthoc_coefficients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from ..files import FolderLock, write_json
+from ..generation.provenance import claim
+from ..models.checkpoint import CheckpointError
+from ..models.export import export_state
+from .phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
+
+__all__ = ["PosthocConfig", "reconstruct", "output_name"]
+
+
+@dataclass
+class PosthocConfig:
+    run_dir: str = "???"  # a training run folder with phema/ snapshots (or the phema/ folder)
+    sigma_rel: List[float] = field(default_factory=list)  # the EMA profiles to reconstruct, e.g. [0.05,0.10,0.15]
+    out: str = "???"  # OUT/ema-<σ_rel>/ per profile, OUT/posthoc.json
+    at_kimg: Optional[float] = None  # reconstruct at this snapshot's time; null = the latest snapshot
+    overwrite: bool = False  # delete OUT's earlier results first (else a folder made from other snapshots is refused)
+
+
+def output_name(std: float) -> str:
+    return f"ema-{std:.3f}"
+
+
+def reconstruct(cfg: PosthocConfig) -> list[dict]:
+    """Write OUT/ema-<σ_rel>/ for each cfg.sigma_rel; a summary per profile (also in OUT/posthoc.json)."""
+    if not cfg.sigma_rel:
+        raise ValueError("sigma_rel is empty: name the EMA profiles to reconstruct, e.g. sigma_rel=[0.05,0.10]")
+    std_to_exp(list(cfg.sigma_rel))  # a bad σ_rel fails before any reading
+    snaps = list_snapshots(cfg.run_dir)
+    if not snaps:
+        raise FileNotFoundError(f"no power-EMA snapshots in {cfg.run_dir}: train with ema_sigma_rel=[0.05,0.10] "
+                                "ema_snapshot_kimg=K (snapshots go to run_dir/phema/)")
+    at = snaps[-1].cur_nimg if cfg.at_kimg is None else round(cfg.at_kimg * 1000)
+    if at not in {s.cur_nimg for s in snaps}:
+        raise ValueError(f"at_kimg={cfg.at_kimg} is no snapshot's time; snapshots at kimg "
+                         f"{', '.join(f'{s.cur_nimg / 1000:g}' for s in snaps)}")
+    snaps = [s for s in snaps if s.cur_nimg <= at]
+    first = snaps[0]
+    for s in snaps[1:]:
+        if s.meta["denoiser"] != first.meta["denoiser"] or s.meta["schedule"] != first.meta["schedule"]:
+            raise CheckpointError(f"{s.path} holds another denoiser or schedule than {first.path}: the snapshots "
+                                  "are not of one run")
+    inputs = [(s, i) for s in snaps for i in range(len(s.stds))]
+    in_t, in_std = [s.cur_nimg for s, _ in inputs], [s.stds[i] for s, i in inputs]
+    out = Path(cfg.out)
+    with FolderLock(out, key="out", owner="post-hoc EMA"):
+        record = {"run_dir": str(Path(cfg.run_dir).resolve()), "at_nimg": at,
+                  "snapshots": [{"name": s.path.name, "bytes": s.path.stat().st_size, "stds": list(s.stds)} for s in snaps]}
+        claim(out, record, [*out.glob("ema-*"), out / "posthoc.json"], overwrite=cfg.overwrite)
+        stds = sorted(set(float(v) for v in cfg.sigma_rel))
+        X = posthoc_coefficients(in_t, in_std, at, stds)
+        residual = profile_residual(in_t, in_std, at, stds, X)
+        profiles = (profile for s in snaps for profile in s.profiles())  # each file read once, one at a time
+        emas = combine(zip(profiles, X), len(stds))
+        summary = []
+        for j, std in enumerate(stds):
+            state = {"denoiser": first.meta["denoiser"], "schedule": first.meta["schedule"], "config": first.meta["config"],
+                     "step": snaps[-1].meta["step"], "ema": emas[j]}
+            info = {"sigma_rel": std, "at_kimg": at / 1000, "residual": float(residual[j]),
+                    "inputs": [{"snapshot": s.path.name, "sigma_rel": s.stds[i], "weight": float(X[k, j])}
+                               for k, (s, i) in enumerate(inputs)]}
+            folder = export_state(state, out / output_name(std), extra={"posthoc_ema": info})
+            summary.append({**info, "folder": str(folder)})
+        write_json(out / "posthoc.json", {"at_kimg": at / 1000, "profiles": summary})
+    return summary
