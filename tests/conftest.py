@@ -60,7 +60,7 @@ TINY_TRAIN = [
     "grid_size=4",
     "sampler.num_steps=2",
     "progress=false",
-    "tensorboard=false",
+    "trackers=[]",
 ]
 
 

@@ -262,3 +262,11 @@ def test_sampler_config_is_checked_when_made_and_gives_the_sample_keywords():
         SamplerConfig("heun", 18, discretization="cosine")
     config = SamplerConfig("stochastic", 5, "karras", True, {"churn": 10.0})
     assert config.kwargs() == dict(solver="stochastic", num_steps=5, discretization="karras", final_denoise=True, churn=10.0)
+
+
+def test_the_sampler_config_defaults_are_edm_sample_defaults():
+    """Training grids, edm-sample and edm.sample sample alike when nothing is set: one set of defaults."""
+    import inspect
+
+    parameters = inspect.signature(edm.sample).parameters
+    assert {key: parameters[key].default for key in SamplerConfig().kwargs()} == SamplerConfig().kwargs()

@@ -12,6 +12,7 @@ import torch
 
 import edm
 from edm import sampling
+from edm.data import DatasetConfig
 from edm.models.loading import load_model
 from edm.generation.outputs import to_uint8
 from edm.core.samplers import SamplerConfig
@@ -252,6 +253,28 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
     with np.load(tmp_path / "two" / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
         assert a["seeds"].tolist() == b["seeds"].tolist() == [0, 1, 2, 3, 4]
         assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
+
+
+def test_sample_script_scores_its_images_with_the_metric_table(run_dir, tmp_path):
+    """eval.metrics=[fd_cls]: once all images exist the main process scores the saved pixels against the
+    data set, as the library does, and the report holds the numbers; bits/dim (a metric of data under a
+    model) is refused before any image is made."""
+    from edm.evaluation.quality import ClassifierConfig, QualityScore
+
+    out, cache = tmp_path / "scored", tmp_path / "cache"
+    common = [f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=6", "sampler=euler", "sampler.num_steps=2",
+              "format=npz", "dataset=digits"]
+    sample_script(*common, f"out={out}", "eval.metrics=[fd_cls]", "eval.fd_cls.classifier.steps=50",
+                  f"eval.fd_cls.cache_dir={cache}")
+    scored = json.loads((out / "report.json").read_text())["metrics"]["fd_cls"]
+    with np.load(out / "samples.npz") as data:
+        pixels = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)
+    score = QualityScore.for_dataset(DatasetConfig(name="digits"), ClassifierConfig(steps=50), cache_dir=cache,
+                                     progress=False)
+    assert scored == pytest.approx(score(pixels)) and scored["num_images"] == 6
+    proc = sample_script(*common, f"out={tmp_path / 'bpd'}", "eval.metrics=[bpd]", check=False)
+    assert proc.returncode == 1 and "use edm-eval metric=bpd" in proc.stderr
+    assert not (tmp_path / "bpd" / "samples.npz").exists()
 
 
 # ----------------------------------------------------------------------------- provenance of an out folder

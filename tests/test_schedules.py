@@ -155,8 +155,35 @@ def test_a_spec_rebuilds_its_schedule():
 
     for schedule in (edm.schedules.VP(beta_d=12.0, epsilon_s=1e-4), edm.schedules.VE(sigma_max=50.0), EDM(rho=5.0)):
         assert edm.schedules.from_spec({"name": schedule.name, **dataclasses.asdict(schedule)}) == schedule
+        assert edm.schedules.from_spec(edm.schedules.to_spec(schedule)) == schedule
     assert edm.schedules.from_spec({"name": "edm", "sigma_min": None}) == EDM()
     with pytest.raises(ValueError, match="bad option for schedule 've'"):
         edm.schedules.from_spec({"name": "ve", "rho": 7.0})
     with pytest.raises(ValueError, match="num_steps must be a positive integer, got True"):
         EDM().time_steps(True)
+
+
+def test_each_schedule_names_its_parameterization_for_the_precond_and_loss():
+    """The precond and loss kinds a schedule defaults to: its own row of EDM's Table 1."""
+    from edm.core.losses import LOSS_KINDS, Loss
+    from edm.core.precond import PRECOND_KINDS
+
+    for name, cls in edm.schedules.SCHEDULES.items():
+        assert cls.parameterization == name and name in PRECOND_KINDS and name in LOSS_KINDS
+        assert Loss(cls()).resolved_kind == name
+
+
+def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():
+    """sampling's schedule.sigma_max=40 alone: the model's schedule with that field replaced (its other fields
+    kept); with a name, that schedule with its defaults and the given options."""
+    from edm.core.schedules import ScheduleConfig
+
+    model = EDM(sigma_min=0.01, rho=5.0)
+    assert ScheduleConfig(sigma_max=40.0).build(model) == EDM(sigma_min=0.01, sigma_max=40.0, rho=5.0)
+    assert ScheduleConfig().build(model) == model
+    assert ScheduleConfig(name="edm", sigma_max=40.0).build(model) == EDM(sigma_max=40.0)
+    assert ScheduleConfig(name="vp").build(model) == VP()
+    with pytest.raises(ValueError, match="no model schedule to start from: pass schedule=NAME"):
+        ScheduleConfig(sigma_max=40.0).build()
+    with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
+        ScheduleConfig(beta_d=3.0).build(model)

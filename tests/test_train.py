@@ -21,7 +21,7 @@ from edm.files import to_container
 from edm.models.checkpoint import (
     CheckpointError, find_latest, list_checkpoints, load_checkpoint, load_denoiser, save_checkpoint,
 )
-from edm.training.config import TrainConfig
+from edm.training.config import TrainConfig, run_folder
 from edm.data import DatasetNotFoundError, StreamBatchSampler
 from edm.training.build import build_loss
 from edm.training.ema import ema_beta, update_ema
@@ -201,35 +201,59 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, o
     assert again.returncode == 1 and "edm-train: error: run_dir" in again.stderr and "resume=true" in again.stderr
 
 
-def test_tensorboard_gets_the_logged_scalars_and_the_sample_grids_when_installed(compose_train, tmp_path, monkeypatch):
-    import types
-
+def test_trackers_get_the_logged_scalars_and_the_sample_grids_through_accelerate(compose_train, tmp_path):
+    """trackers=[NAME] reaches any of accelerate's experiment trackers (TensorBoard, W&B, MLflow, ...): each
+    logged record's scalars and each sample grid, as accelerate's tracker API delivers them; a tracker whose
+    package is missing is skipped with a message, and metrics.jsonl is written either way."""
+    tracking = pytest.importorskip("accelerate.tracking")
+    if not hasattr(tracking, "register_tracker_class"):
+        pytest.skip("this accelerate cannot register a tracker class")
     calls = []
 
-    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
-        def __init__(self, log_dir):
-            calls.append(("init", log_dir))
+    class Recording(tracking.GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recording", False, True
 
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
+        def __init__(self, run_name: str, **kwargs):
+            super().__init__()
+            calls.append(("init", run_name))
 
-        def add_image(self, tag, image, step, dataformats):
-            calls.append((tag, image.shape, step, dataformats))
+        @property
+        def tracker(self):
+            return self
 
-        def close(self):
-            calls.append(("close",))
+        def store_init_configuration(self, values):
+            pass
 
-    module = types.ModuleType("torch.utils.tensorboard")
-    module.SummaryWriter = Writer
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    train(compose_train("tensorboard=true", "grid_every=2"))
-    assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+        def log(self, values, step=None, **kwargs):
+            calls.extend((tag, value, step) for tag, value in values.items())
+
+        def log_images(self, values, step=None, **kwargs):
+            calls.extend((tag, image.shape, step) for tag, image in values.items())
+
+        def finish(self):
+            calls.append(("finish",))
+
+    tracking.register_tracker_class(Recording)
+    train(compose_train("trackers=[recording]", "tracker_project=digits", "grid_every=2"))
+    assert calls[0] == ("init", "digits") and calls[-1] == ("finish",)
     logged = [(c[2], c[1]) for c in calls if c[0] == "train/loss"]
     assert logged == [(r["step"], r["loss"]) for r in _metrics(tmp_path / "run")] and len(logged) == 4
     from PIL import Image
 
     final = np.asarray(Image.open(tmp_path / "run" / "samples-final.png").convert("RGB"))
-    assert [c[1:] for c in calls if c[0] == "samples"] == [(final.shape, 2, "HWC"), (final.shape, 4, "HWC")]
+    assert [c[1:] for c in calls if c[0] == "samples"] == [((1, *final.shape), 2), ((1, *final.shape), 4)]
+
+
+def test_the_default_tensorboard_tracker_writes_under_the_run_or_says_it_is_missing(compose_train, tmp_path, caplog):
+    import importlib.util
+
+    with caplog.at_level("INFO"):
+        train(compose_train("trackers=[tensorboard]"))
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "tracker(s) tensorboard not installed (e.g. pip install tensorboard)" in caplog.text
+    else:
+        assert any((tmp_path / "run" / "edm").rglob("events.out.tfevents.*"))
+    assert len(_metrics(tmp_path / "run")) > 0
 
 
 def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_drawn(compose_train, tmp_path, caplog):
@@ -295,8 +319,9 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     from edm.cli import compose
 
     cli = compose("train")
-    assert cli.run_dir == "runs/digits-edm-tiny"  # the one value train.yaml sets, from the groups' names
-    assert dataclasses.replace(cli, run_dir=TrainConfig().run_dir) == TrainConfig()
+    assert cli == TrainConfig()
+    assert run_folder(cli) == "runs/digits-edm-tiny"  # named after the data set, schedule and network
+    assert run_folder(compose("train", ["schedule=vp", "network=ddpmpp"])) == "runs/digits-vp-ddpmpp"
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -660,4 +685,4 @@ def test_recipe_guide_trains_a_smaller_shorter_model_in_its_own_folder():
     main, guide = compose("train"), compose("train", ["recipe=guide"])
     main_channels = presets.resolve(main.network.name)[1]["model_channels"]
     assert guide.network.model_channels == main_channels // 2 and guide.total_kimg == main.total_kimg / 4
-    assert guide.run_dir == main.run_dir + "-guide" and guide.dataset == main.dataset and guide.schedule == main.schedule
+    assert guide.run_dir == run_folder(main) + "-guide" and guide.dataset == main.dataset and guide.schedule == main.schedule

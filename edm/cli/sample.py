@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import DatasetConfig
-from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, metric_files
+from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
 from ..evaluation.metrics import read_images
 from ..generation.job import SampleConfig, generate_folder
 from ..models.loading import ModelInfo
@@ -44,6 +44,7 @@ def scorer_of(cfg: SampleCommand):
     """score(output, info) of the configured metrics for generate_folder, or None without metrics."""
     if not cfg.eval.metrics:
         return None
+    check_metrics(cfg.eval)  # a bad metric fails before any image is made
 
     def score(output: Path, info: ModelInfo, device: torch.device) -> dict:
         images, labels = read_images(output)

@@ -263,7 +263,8 @@ class SamplerConfig:
     """How to sample, checked when made: `edm.sample(denoiser, noise, schedule, **config.kwargs())`.
 
     Training's sample grids, edm-sample and the configs/sampler/ group all use this one
-    object; `options` are the solver's keyword options (e.g. churn for stochastic).
+    object, and its defaults are edm.sample's; `options` are the solver's keyword options (e.g.
+    churn for stochastic).
     """
 
     solver: str = "heun"
@@ -288,14 +289,14 @@ def sample(
     denoiser: Denoiser,
     noise: Tensor,
     schedule: Schedule | str,
-    num_steps: int = 18,
-    solver: str = "heun",
+    num_steps: int = SamplerConfig.num_steps,
+    solver: str = SamplerConfig.solver,
     t_steps: Tensor | Sequence[float] | None = None,
     class_labels: Tensor | None = None,
     generator: Generator = None,
     *,
-    discretization: str | None = None,
-    final_denoise: bool = False,
+    discretization: str | None = SamplerConfig.discretization,
+    final_denoise: bool = SamplerConfig.final_denoise,
     progress: bool = False,
     return_trajectory: bool = False,
     **solver_options,

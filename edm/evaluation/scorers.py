@@ -35,7 +35,7 @@ from . import metrics
 from .quality import ClassifierConfig, QualityScore
 
 __all__ = [
-    "Scorer", "ScoringContext", "FidConfig", "FdClsConfig", "BpdConfig", "Metric", "METRICS", "build_scorers",
+    "Scorer", "ScoringContext", "FidConfig", "FdClsConfig", "BpdConfig", "Metric", "METRICS", "check_metrics", "build_scorers",
     "eval_schema", "EvalConfig", "metric_files", "evaluate",
 ]
 
@@ -224,16 +224,21 @@ def eval_schema() -> type:
 EvalConfig = eval_schema()
 
 
-def build_scorers(cfg: Any, ctx: ScoringContext, scores: str = "samples") -> dict[str, Scorer]:
-    """{name: scorer} of the metrics cfg.metrics names (an EvalConfig); each must score `scores`."""
-    out = {}
+def check_metrics(cfg: Any, scores: str = "samples") -> list[Metric]:
+    """The rows cfg.metrics names (an EvalConfig), each one that scores `scores`; a ValueError names any other."""
+    rows = []
     for name in cfg.metrics:
         metric = choose(METRICS, name, "metric")
         if metric.scores != scores:
             raise ValueError(f"metric {name} scores {metric.scores} under a model, not generated images: "
                              f"use edm-eval metric={name}")
-        out[name] = metric.build(getattr(cfg, name), ctx)
-    return out
+        rows.append(metric)
+    return rows
+
+
+def build_scorers(cfg: Any, ctx: ScoringContext, scores: str = "samples") -> dict[str, Scorer]:
+    """{name: scorer} of the metrics cfg.metrics names (an EvalConfig); each must score `scores`."""
+    return {name: metric.build(getattr(cfg, name), ctx) for name, metric in zip(cfg.metrics, check_metrics(cfg, scores))}
 
 
 def metric_files(cfg: Any, names: list[str]) -> dict[str, str]:

@@ -39,6 +39,7 @@ __all__ = [
     "NetworkConfig",
     "AugmentConfig",
     "check_config",
+    "run_folder",
 ]
 
 PrecondConfig = options_schema(
@@ -78,7 +79,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    run_dir: str = "runs/train"
+    run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network> (run_folder)
     resume: bool = False
     seed: int = 0
 
@@ -111,7 +112,8 @@ class TrainConfig:
     grid_scale: Optional[int] = None
     grid_seed: int = 0
     progress: bool = True
-    tensorboard: bool = True
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's: tensorboard, wandb, mlflow, aim, comet_ml, ...
+    tracker_project: str = "edm"  # the trackers' project (W&B, MLflow, ...); TensorBoard writes run_dir/<it>
     log_batch_indices: bool = False
 
 
@@ -138,6 +140,11 @@ def _check_power_ema(cfg: TrainConfig) -> None:
     _positive("ema_snapshot_kimg", cfg.ema_snapshot_kimg, allow_zero=True)
     if cfg.ema_snapshot_kimg > 0 and not rels:
         raise ValueError("ema_snapshot_kimg > 0 stores power-function EMAs: set ema_sigma_rel too, e.g. [0.05,0.10]")
+
+
+def run_folder(cfg: TrainConfig) -> str:
+    """cfg.run_dir, else runs/<dataset.name>-<schedule.name>-<network.name> (runs/digits-edm-tiny by default)."""
+    return cfg.run_dir or f"runs/{cfg.dataset.name}-{cfg.schedule.name}-{cfg.network.name}"
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -31,7 +31,7 @@ from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, use_cpu
 from ..models import checkpoint as ckpt
 from .build import Resolved, resolve
-from .config import TrainConfig, check_config
+from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
 from .run import (
@@ -96,7 +96,8 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     AcceleratorState._reset_state(reset_partial_state=False)
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     cfg = dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no")
-    accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend)
+    accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
+                              log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
@@ -154,6 +155,31 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     return run
 
 
+def installed_trackers(names: list[str]) -> list[str]:
+    """The named trackers but accelerate's own whose package is missing (start_trackers names those); a name
+    accelerate does not know goes through, for accelerate to refuse it (or find it registered)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available, builtin = {str(t) for t in get_available_trackers()}, {str(t) for t in LoggerType}
+    return [name for name in names if name in available or name not in builtin]
+
+
+def start_trackers(run: Run) -> list:
+    """accelerate's experiment trackers of cfg.trackers, writing under run_dir (TensorBoard: run_dir/<tracker_project>);
+    one whose package is missing is named and skipped: metrics.jsonl is always written."""
+    if not run.cfg.trackers:
+        return []
+    if run.accelerator.log_with:
+        run.accelerator.init_trackers(run.cfg.tracker_project)
+    started = {tracker.name for tracker in run.accelerator.trackers}
+    missing = [name for name in run.cfg.trackers if name not in started]
+    if missing and run.is_main:
+        logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
+                    " ".join(missing), run.run_dir / "metrics.jsonl")
+    return list(run.accelerator.trackers)
+
+
 def launch_token(accelerator: Any) -> str:
     """A random token that every process of this launch shares (the main process draws it)."""
     from accelerate.utils import broadcast_object_list
@@ -197,7 +223,7 @@ def train(
     """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
     run_dir, `callback(run)` after every step (tests use it to inject faults)."""
     check_config(cfg)
-    run = setup(cfg, on_own_run_dir)
+    run = setup(dataclasses.replace(cfg, run_dir=run_folder(cfg)), on_own_run_dir)
     try:
         return _loop(run, callback)
     finally:
@@ -226,7 +252,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     batches = _batches(run, micro)
     snapshot_nimg = round(cfg.ema_snapshot_kimg * 1000)  # power-EMA snapshots each time cur_nimg passes a multiple
     run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
-                     tensorboard=cfg.tensorboard, progress=cfg.progress)
+                     trackers=start_trackers(run), progress=cfg.progress)
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     t_last, nimg_last = time.perf_counter(), state.cur_nimg
     checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False

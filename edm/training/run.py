@@ -140,7 +140,7 @@ RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "d
                 "dataset.max_size", "loss.", "ema_sigma_rel")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
-               "grid_size", "grid_scale", "grid_seed", "progress", "tensorboard", "log_batch_indices", "compile",
+               "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
                "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
 
 

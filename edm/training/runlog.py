@@ -1,7 +1,7 @@
 """What a training run tells its user, and how it is told to stop.
 
-- RunLog / log: the main process's metrics.jsonl, INFO loss lines, TensorBoard scalars and grids
-  (when installed) and bar.
+- RunLog / log: the main process's metrics.jsonl, INFO loss lines, the experiment trackers' scalars
+  and grids (accelerate's: TensorBoard, W&B, MLflow, ...) and bar.
 - StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
 """
 
@@ -13,48 +13,55 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..progress import progress_bar
 
-__all__ = ["RunLog", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
+__all__ = ["RunLog", "IMAGE_KWARGS", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
 
 STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 
 logger = logging.getLogger(__name__)
 
 
+# What each tracker's log_images needs besides a batch of HWC images (TensorBoard reads NCHW otherwise).
+IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}}
+
+
 class RunLog:
-    """Main-process logging sinks: metrics.jsonl (appended on resume), TensorBoard if installed, a tqdm bar."""
+    """Main-process logging sinks: metrics.jsonl (appended on resume; always written), accelerate's experiment
+    trackers (TensorBoard, Weights & Biases, MLflow, Aim, Comet, ...: `trackers` in the config) and a tqdm bar."""
 
     def __init__(
         self, run_dir: Path, total_steps: int, *, enabled: bool = True, initial_step: int = 0,
-        tensorboard: bool = True, progress: bool = True,
+        trackers: Sequence[Any] = (), progress: bool = True,
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
+        self.trackers = list(trackers) if enabled else []
         self.bar = None
         if not self.enabled:
             return
         self.file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                logger.info("tensorboard is not installed; metrics go to %s only", self.path)
         if progress:
             self.bar = progress_bar(total_steps, "training", "step", initial=initial_step)
 
-    def image(self, tag: str, png: Path, step: int) -> None:
-        """A PNG (a sample grid) as a TensorBoard image, when TensorBoard is on."""
-        if self.writer is not None:
-            import numpy as np
-            from PIL import Image
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
-            self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A PNG (a sample grid) as an image of every tracker that takes images."""
+        if not self.trackers:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png) as im:
+            batch = np.asarray(im.convert("RGB"))[None]
+        for tracker in self.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({tag: batch}, step=step, **IMAGE_KWARGS.get(tracker.name, {}))
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -64,24 +71,22 @@ class RunLog:
         if not self.enabled:
             return
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
         if self.bar is not None:
             self.bar.close()
 
 
 def log(run_log: RunLog, record: dict) -> None:
     """One metrics record: a JSON line, an INFO line (console and train.log, with or without the
-    progress bar), TensorBoard scalars and the progress bar's numbers."""
+    progress bar), the trackers' scalars and the progress bar's numbers."""
     if not run_log.enabled:
         return
     run_log.file.write(json.dumps(record) + "\n")
     run_log.file.flush()
     logger.info("step %d  kimg %.1f  loss %.4f  lr %.3g  %.0f img/s", record["step"], record["kimg"], record["loss"],
                 record["lr"], record["images_per_s"])
-    if run_log.writer is not None:
-        for key in ("loss", "lr", "images_per_s", "ema_beta"):
-            run_log.writer.add_scalar(f"train/{key}", record[key], record["step"])
+    run_log.scalars({f"train/{key}": record[key] for key in ("loss", "lr", "images_per_s", "ema_beta")}, record["step"])
     if run_log.bar is not None:
         run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
 

@@ -1,0 +1,76 @@
+"""edm/evaluation/scorers.py: one table of metrics, each a scorer of images and labels, for every command."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edm.data import DatasetConfig
+from edm.evaluation.quality import ClassifierConfig, QualityScore
+from edm.evaluation.scorers import (
+    METRICS, BpdConfig, EvalConfig, FdClsConfig, ScoringContext, build_scorers, evaluate, metric_files,
+)
+
+QUICK = FdClsConfig(classifier=ClassifierConfig(steps=50))
+DIGITS = DatasetConfig(name="digits")
+
+
+def digit_like(n: int, seed: int) -> np.ndarray:
+    """uint8 [n, 8, 8, 1] images, smooth enough to sit near the digits."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 8, 8, 1)) * 64 + np.linspace(0, 128, 8)[None, :, None, None]).astype(np.uint8)
+
+
+def test_the_eval_config_has_one_options_field_per_metric_and_picks_none_by_default():
+    fields = {f.name: f.type for f in dataclasses.fields(EvalConfig)}
+    assert set(fields) == {"metrics", *METRICS} and EvalConfig().metrics == []
+    assert all(isinstance(getattr(EvalConfig(), name), METRICS[name].schema) for name in METRICS)
+
+
+def test_fd_cls_of_an_image_file_is_the_quality_score_of_its_pixels(tmp_path):
+    """edm-eval metric=fd_cls reads the images (and an edm-sample npz's labels) and scores them as the library does."""
+    images, labels = digit_like(12, 0), np.arange(12) % 10
+    np.savez(tmp_path / "samples.npz", images=images, seeds=np.arange(12), labels=labels)
+    cfg = dataclasses.replace(QUICK, cache_dir=str(tmp_path / "cache"))
+    got = evaluate("fd_cls", cfg, ScoringContext(dataset=DIGITS), images=tmp_path / "samples.npz")
+    score = QualityScore.for_dataset(DIGITS, cfg.classifier, cache_dir=cfg.cache_dir, progress=False)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    expected = score(pixels, torch.from_numpy(labels))
+    assert got == pytest.approx(expected, rel=1e-6)  # (the cached classifier against the one just trained)
+    assert got["fd_cls"] > 0 and 0 <= got["class_accuracy"] <= 1 and got["num_images"] == 12
+
+
+def test_a_metric_is_given_what_it_scores_or_refused_naming_the_way(tmp_path):
+    np.savez(tmp_path / "x.npz", images=digit_like(4, 1))
+    with pytest.raises(ValueError, match="metric=fd_cls scores generated images: give images=PATH"):
+        evaluate("fd_cls", QUICK, ScoringContext(dataset=DIGITS), data=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="metric=bpd scores data under a model"):
+        evaluate("bpd", BpdConfig(), ScoringContext(dataset=DIGITS), images=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="bits/dim scores a model: give it"):
+        evaluate("bpd", BpdConfig(), ScoringContext(), data=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="FD_cls needs the data set its classifier learns"):
+        evaluate("fd_cls", QUICK, ScoringContext(), images=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="metric 'fd' is not valid; choose one of: fid, fd_cls, bpd"):
+        evaluate("fd", QUICK, ScoringContext(), images=tmp_path / "x.npz")
+
+
+def test_generated_images_take_only_the_metrics_of_samples(tmp_path):
+    cfg = EvalConfig(metrics=["bpd"])
+    with pytest.raises(ValueError, match="metric bpd scores data under a model, not generated images: use edm-eval metric=bpd"):
+        build_scorers(cfg, ScoringContext(dataset=DIGITS))
+    cfg = EvalConfig(metrics=["fd_cls"])
+    cfg.fd_cls = dataclasses.replace(QUICK, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"the images are \[3, 32, 32\], data set digits has \[1, 8, 8\]"):
+        build_scorers(cfg, ScoringContext(dataset=DIGITS, image_shape=(3, 32, 32)))
+
+
+def test_a_record_pins_the_files_a_metric_reads(tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    cfg = EvalConfig(metrics=["fid"])
+    cfg.fid.inception, cfg.fid.ref = str(weights), str(tmp_path / "missing.npz")
+    files = metric_files(cfg, ["fid"])
+    assert list(files) == ["fid.inception_sha256"] and len(files["fid.inception_sha256"]) == 64
