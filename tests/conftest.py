@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +198,74 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return path, state
+
+
+# ----------------------------------------------------------------------------- helpers of several test files
+
+REPO = Path(__file__).resolve().parent.parent  # the repository's root
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """The records of run_dir/metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    return [record["step"] for record in metrics_records(run_dir)]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of `proc` (started with start_new_session=True): no worker outlives a test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class CodePayload:
+    """Unpickling this calls open(marker, 'w'): proof that loading ran code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def png(path: Path, size: int, value: int) -> None:
+    """A size x size grayscale PNG of one value."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)
+
+
+def folder_with_bad_files(root: Path) -> tuple[Path, Path, Path]:
+    """30 good 8x8 PNGs and three bad files: (an empty one, a 6x6 one, one whose pixels do not read)."""
+    for k in range(30):
+        png(root / f"{k:03d}.png", 8, 8 * k)
+    empty, small = root / "015-empty.png", root / "020-small.png"
+    empty.write_bytes(b"")
+    png(small, 6, 0)
+    truncated = root / "025-truncated.png"
+    png(truncated, 8, 7)
+    truncated.write_bytes(truncated.read_bytes()[:45])  # a header that opens, pixels that do not
+    return empty, small, truncated
+
+
+def power_run(tiny_train, run_dir, *extra):
+    """A tiny training that tracks two power-function EMAs (σ_rel 0.05, 0.1) and snapshots them every 16 images."""
+    from edm.cli import compose
+    from edm.training.loop import train
+
+    return train(compose("train", [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
+                                   "ema_snapshot_kimg=0.016", *extra]))

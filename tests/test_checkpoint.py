@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import edm
-from edm.models.checkpoint import CheckpointError, build_denoiser, checkpoint_path, find_latest, list_checkpoints, load_checkpoint, load_denoiser, save_checkpoint
+from edm.models import checkpoint
+from edm.models.checkpoint import (
+    CheckpointError, build_denoiser, checkpoint_path, find_latest, list_checkpoints, load_checkpoint, load_denoiser,
+    save_checkpoint,
+)
+
+from conftest import CodePayload
 
 SPEC = {
     "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": 0,
@@ -150,3 +156,26 @@ def test_weights_that_do_not_fit_the_spec(tmp_path):
         load_denoiser(path)
     with pytest.raises(CheckpointError, match="bad denoiser spec"):
         build_denoiser({"network": {"img_resolution": 8}, "precond": {}})
+
+
+def test_a_checkpoint_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint-00000001.pt"
+    torch.save({"denoiser": CodePayload(marker), "schedule": {}, "model": {}, "ema": {}, "config": {}}, path)
+    with pytest.raises(CheckpointError, match=f"{path.name}.*corrupt or not a torch file.*Unpickl"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_a_corrupt_one(tmp_path):
+    (tmp_path / "notes.pt").write_text("a text file")
+    with pytest.raises(CheckpointError, match="notes.pt is not a checkpoint: it is a file that starts with b'a te'"):
+        load_checkpoint(tmp_path / "notes.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt is not a checkpoint: it is an empty file"):
+        load_checkpoint(tmp_path / "empty.pt")
+    good = tmp_path / "checkpoint-00000002.pt"
+    checkpoint.save_checkpoint(good, {"denoiser": {}, "schedule": {}, "model": {}, "ema": {}, "config": {}})
+    good.write_bytes(good.read_bytes()[:200])  # a torn torch archive is what "corrupt" means
+    with pytest.raises(CheckpointError, match="corrupt or not a torch file.*delete it to fall back"):
+        load_checkpoint(good)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import command
+from edm.models.checkpoint import find_latest, load_checkpoint
+
+from conftest import REPO, command, metrics_records
 
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +84,68 @@ def test_an_install_without_a_checkout_has_every_command(tmp_path):
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
     where = run([sys.executable, "-c", "import edm.cli; print(edm.cli.CONFIG_DIR)"], cwd=work, env=env)
     assert Path(where.stdout.strip()) == target / "edm" / "configs"
+
+
+@pytest.mark.slow  # the same CLI path runs (in two processes) in test_two_cpu_processes_see_different_data
+def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, one_thread_env):
+    run_dir = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm", "sampler=euler"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples:" in proc.stdout
+    assert find_latest(run_dir).name == "checkpoint-00000004.pt"
+    assert (run_dir / "samples-final.png").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert len(metrics_records(run_dir)) == 4
+    again = subprocess.run(  # known errors end with a one-line message and status 1
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
+    )
+    assert again.returncode == 1 and "edm-train: error: run_dir" in again.stderr and "resume=true" in again.stderr
+
+
+def test_every_config_ships_in_the_wheel():
+    """pyproject.toml packages configs/ as edm/configs (for non-editable installs): its globs
+    must reach every yaml file, and the folder must be the one edm.train reads in a checkout."""
+    tomllib = pytest.importorskip("tomllib")
+    from fnmatch import fnmatch
+
+    from edm.cli import CONFIG_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folder = root / setup["package-dir"]["edm.configs"]
+    assert "edm.configs" in setup["packages"] and Path(CONFIG_DIR) == folder
+    yamls = [p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")]
+    assert "train.yaml" in yamls and "dataset/digits.yaml" in yamls
+    missed = [y for y in yamls if not any(fnmatch(y, g) and y.count("/") == g.count("/") for g in setup["package-data"]["edm.configs"])]
+    assert not missed, f"not packaged: {missed}"
+
+
+def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_train, one_thread_env):
+    """python -m edm.train -m schedule=vp,fm lr=1e-3,2e-3: 4 jobs, each in its own folder under
+    hydra.sweep.dir with its own checkpoint and settings; multirun.yaml beside them. A run_dir on the
+    command line of a sweep is refused (it would be one folder for every job)."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "schedule=vp,fm", "lr=1e-3,2e-3", "progress=false"]
+    proc = subprocess.run([*args, f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=one_thread_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4 and (sweep / "multirun.yaml").is_file()
+    settings = set()
+    for job in jobs:
+        state = load_checkpoint(find_latest(job))
+        settings.add((state["config"]["schedule"]["name"], state["config"]["lr"]))
+        assert state["config"]["run_dir"] == str(job) and (job / "train.log").is_file()
+    assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
+    assert all("=" not in job.name and "," not in job.name for job in jobs)  # a job folder is a valid override value
+    sample = subprocess.run([command("edm-sample"), f"checkpoint={jobs[0]}", "num_images=1",
+                             "sampler.num_steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    proc = subprocess.run([*args, f"run_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=one_thread_env)
+    assert proc.returncode == 1 and "pass hydra.sweep.dir=DIR instead of run_dir" in proc.stderr
+    assert not (tmp_path / "one").exists()

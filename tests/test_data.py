@@ -14,6 +14,8 @@ import torch
 from edm.data import DatasetConfig
 from edm.data import FASHION_MNIST_DEBIAN_ROOT, BadImagesError, DatasetNotFoundError, ImageFolderDataset, StreamBatchSampler, XFlip, build_dataset, epoch_permutation, load_cifar10, load_digits, load_mnist, make_loader, read_idx, to_model_space, to_uint8
 
+from conftest import folder_with_bad_files
+
 # ----------------------------------------------------------------------------- embedded digits
 
 
@@ -360,3 +362,18 @@ def test_a_zip_streams_through_loader_workers(tmp_path):
     for _ in range(3):
         (xa, la, ia), (xb, lb, ib) = next(a), next(b)
         assert torch.equal(xa, xb) and torch.equal(la, lb) and torch.equal(ia, ib)
+
+
+def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
+    empty, small, truncated = folder_with_bad_files(tmp_path / "images")
+    cfg = DatasetConfig(name="folder", root=str(tmp_path / "images"))
+    with pytest.raises(BadImagesError) as err:
+        build_dataset(cfg)
+    message = str(err.value)
+    assert "2 of 33 image files" in message and str(empty) in message and str(small) in message
+    assert "6x6, but the first image is 8x8" in message and "dataset.skip_bad=true" in message
+    data = build_dataset(DatasetConfig(name="folder", root=str(tmp_path / "images"), skip_bad=True))
+    assert len(data) == 31 and empty not in data.files and small not in data.files
+    with pytest.raises(BadImagesError, match=f"{truncated}: cannot read its pixels.*resume=true"):
+        for i in range(len(data)):
+            data[i]

@@ -197,12 +197,14 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "test.npz", images=images)
     cmd = [command("edm-eval"), "metric=bpd", f"checkpoint={tmp_path / 'ckpt.pt'}", f"data={tmp_path / 'test.npz'}",
-           "metric.num_steps=2", "metric.seed=5", "cpu=true", f"report={tmp_path / 'r.json'}"]
+           "metric.num_steps=2", "metric.divergence_method=hutchinson", "metric.seed=5", "cpu=true",
+           f"report={tmp_path / 'r.json'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     reported = json.loads((tmp_path / "r.json").read_text())["metrics"]
     denoiser, info = load_model(tmp_path / "ckpt.pt")
     k = torch.from_numpy(images).permute(0, 3, 1, 2)
-    expected = bits_per_dim(denoiser, k, info.schedule, generator=torch.Generator().manual_seed(5), num_steps=2)
+    expected = bits_per_dim(denoiser, k, info.schedule, generator=torch.Generator().manual_seed(5), num_steps=2,
+                            divergence_method="hutchinson")
     assert reported["bpd"] == pytest.approx(float(expected.double().mean()), rel=1e-5)
     assert reported["bpd_num_images"] == 2 and reported["bpd_settings"]["schedule"]["name"] == "vp"

@@ -1,6 +1,7 @@
 """Fréchet distance, feature statistics, precision/recall and the FID Inception-v3 architecture."""
 
 import json
+import pickle
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from edm import metrics
 from edm.networks.inception import FIDInceptionV3
-from conftest import command
+from conftest import CodePayload, command
 from edm.evaluation.metrics import FeatureStats, feature_statistics, frechet_distance, image_batches, load_inception, precision_recall, reference_statistics
 
 F64 = torch.float64
@@ -388,3 +389,42 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
     assert proc.returncode == 0, proc.stderr
     fid = json.loads((tmp_path / "report.json").read_text())["metrics"]["fid"]
     assert fid > 0 and json.loads(proc.stdout)["fid"] == fid
+
+
+def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil(torch.nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.path = path
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            torch.save(x, self.path)  # a side effect from the file's own code
+            return x.float().flatten(1)
+
+    path = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(Evil(str(marker))), str(path))
+    with pytest.raises(ValueError, match="TorchScript archive.*allow_pickle"):
+        metrics.load_inception(path)
+    assert not marker.exists()
+    metrics.load_inception(path, allow_pickle=True)(torch.zeros(1, 3, 2, 2))
+    assert marker.exists()  # the control: with the opt-in, the file's code does run
+
+
+def test_a_pickle_detector_is_not_unpickled_without_the_opt_in(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "inception-2015-12-05.pkl"
+    path.write_bytes(pickle.dumps(CodePayload(marker)))
+    with pytest.raises(ValueError, match="pickle: loading it runs code"):
+        metrics.load_inception(path)
+    assert not marker.exists()
+
+
+def test_reference_statistics_carrying_code_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "stats.npz"
+    np.savez(path, mu=np.zeros(2), sigma=np.array([CodePayload(marker)], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        metrics.load_statistics(path)
+    assert not marker.exists()

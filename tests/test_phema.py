@@ -1,9 +1,7 @@
-"""Power-function EMA and post-hoc EMA (edm.phema, edm-posthoc) against their closed forms (EDM2 appendix C)."""
+"""edm/training/phema.py: power-function EMAs and post-hoc EMA against their closed forms (EDM2 appendix C)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from edm.training.phema import SIGMA_REL_MAX, PowerEMA, exp_to_std, list_snapshots, posthoc_coefficients, profile_inner, profile_residual, std_to_exp
 
-from conftest import command
+from conftest import power_run
 
 
 def test_sigma_rel_and_exponent_are_inverse_and_sigma_rel_max_is_the_peak():
@@ -101,14 +99,6 @@ def test_a_reconstructed_profile_matches_the_directly_tracked_one_within_the_fit
 # ----------------------------------------------------------------------------- in training, and edm-posthoc
 
 
-def power_run(tiny_train, run_dir, *extra):
-    from edm.cli import compose
-    from edm.training.loop import train
-
-    return train(compose("train", [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
-                                   "ema_snapshot_kimg=0.016", *extra]))
-
-
 def test_power_emas_snapshot_and_resume_exactly(tmp_path, tiny_train, one_thread):
     """8 steps straight and 4 + 4 after a resume write the same snapshots and end at the same EMAs."""
     from edm.models.checkpoint import load_checkpoint
@@ -134,29 +124,3 @@ def test_resuming_with_other_profiles_is_refused(tmp_path, tiny_train, one_threa
     power_run(tiny_train, tmp_path / "run", "total_kimg=0.032")
     with pytest.raises(CheckpointError, match="ema_sigma_rel: checkpoint \\[0.05, 0.1\\], config \\[0.05, 0.2\\]"):
         power_run(tiny_train, tmp_path / "run", "resume=true", "ema_sigma_rel=[0.05,0.2]")
-
-
-def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_train, one_thread):
-    from edm.models.loading import load_model
-
-    result = power_run(tiny_train, tmp_path / "run")
-    out = tmp_path / "posthoc"
-    proc = subprocess.run([command("edm-posthoc"), f"run_dir={tmp_path / 'run'}", "sigma_rel=[0.1,0.07]", f"out={out}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((out / "posthoc.json").read_text())
-    assert [p["sigma_rel"] for p in summary["profiles"]] == [0.07, 0.1] and summary["at_kimg"] == 0.064
-    tracked, _ = load_model(out / "ema-0.100")  # a tracked profile at the last snapshot is that snapshot
-    from edm.models.checkpoint import load_checkpoint
-
-    live = load_checkpoint(result.checkpoint)["phema"]["emas"][1]
-    assert all(torch.allclose(tracked.state_dict()[k], live[k], rtol=0, atol=1e-6) for k in live)
-    meta = json.loads((out / "ema-0.070" / "model.json").read_text())["posthoc_ema"]
-    assert len(meta["inputs"]) == 8 and sum(i["weight"] for i in meta["inputs"]) == pytest.approx(1)
-    sample = subprocess.run([command("edm-sample"), f"checkpoint={out / 'ema-0.070'}", "num_images=2", "sampler.num_steps=2",
-                             f"out={tmp_path / 'samples'}", "progress=false"], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=300)
-    assert sample.returncode == 0, sample.stderr
-    bad = subprocess.run([command("edm-posthoc"), f"run_dir={tmp_path / 'run'}", "sigma_rel=[0.1]", "at_kimg=0.05",
-                          f"out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert bad.returncode == 1 and "at_kimg=0.05 is no snapshot's time; snapshots at kimg 0.016, 0.032, 0.048, 0.064" in bad.stderr

@@ -1,9 +1,8 @@
-"""The offline quality score (edm.evaluation.quality: FD_cls) and the NFE study built on it (edm.evaluation.nfe_study)."""
+"""edm/evaluation/quality.py: FD_cls, the Fréchet distance in a classifier trained once on the data set."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,11 @@ import torch
 
 from edm.data import DatasetConfig, build_dataset, to_model_space
 from edm.evaluation.metrics import frechet_distance
-from edm.evaluation.nfe_study import StudyConfig, run_study
-from edm.generation.provenance import ProvenanceError
 from edm.evaluation.quality import ClassifierConfig, QualityCacheError, QualityScore
-from edm.evaluation.scorers import EvalConfig, FdClsConfig
 
-from conftest import command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ClassifierConfig(steps=200)  # a few seconds on the 8x8 digits
-
-
-def quick_eval(cache: Path, *metrics: str, **options) -> EvalConfig:
-    """The study's metrics with the quick classifier and the module's classifier cache."""
-    cfg = EvalConfig(metrics=list(metrics or ["fd_cls"]))
-    cfg.fd_cls = FdClsConfig(classifier=QUICK, cache_dir=str(cache))
-    for key, value in options.items():
-        setattr(cfg.fid, key, value)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -99,51 +85,3 @@ def test_images_of_another_shape_and_data_without_labels_are_refused(digits_scor
 
 
 # ----------------------------------------------------------------------------- the NFE study
-
-
-def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny_checkpoint, cache):
-    """Points of counted NFE (Heun 2N − 1, Euler N); a rerun computes only new points; a folder made
-    with other settings is refused."""
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
-    out = tmp_path / "study"
-    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun", "euler"], steps=[2, 3], num_images=32, batch=16,
-                      out=str(out), dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
-    rows = run_study(cfg)
-    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("euler", 2, 2), ("euler", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
-    assert all(r["fd_cls"] > 0 and r["num_images"] == 32 for r in rows)
-    assert (out / "table.csv").read_text().splitlines()[0].startswith("schedule,solver,steps,nfe")
-    from PIL import Image
-
-    assert Image.open(out / "fd_cls_vs_nfe.png").format == "PNG"
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()}
-    cfg.steps = [2, 3, 4]
-    rows = run_study(cfg)
-    assert len(rows) == 6 and {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir() if p.name in before} == before
-    cfg.num_images = 16
-    with pytest.raises(ProvenanceError, match="num_images: folder 32, now 16"):
-        run_study(cfg)
-
-
-def test_the_nfe_study_command(tmp_path, tiny_checkpoint, cache):
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
-    out = tmp_path / "cli"
-    cmd = [command("edm-study"), f"checkpoint={ckpt}", "dataset=digits",
-           "solvers=[euler]", "steps=[2,4]", "num_images=16", f"out={out}", "eval.fd_cls.classifier.steps=200",
-           f"eval.fd_cls.cache_dir={cache}",
-           "progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 points" in proc.stdout and len(json.loads((out / "table.json").read_text())["rows"]) == 2
-    proc = subprocess.run([command("edm-study"), "--help"], capture_output=True, text=True, cwd=tmp_path)
-    assert "not FID" in proc.stdout and "solvers" in proc.stdout
-
-
-def test_with_local_inception_weights_the_study_reports_fid_too(tmp_path, tiny_checkpoint, cache, inception_weights):
-    path, _ = inception_weights  # random weights with pytorch-fid's layout: the code path, not the numbers
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
-    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["euler"], steps=[2], num_images=8, batch=8, out=str(tmp_path / "s"),
-                      dataset=DatasetConfig(name="digits", max_size=32),
-                      eval=quick_eval(cache, "fd_cls", "fid", inception=str(path)), progress=False)
-    (row,) = run_study(cfg)
-    assert row["fid"] > 0 and row["fd_cls"] > 0
-    assert (tmp_path / "s" / "fid_vs_nfe.png").is_file() and (tmp_path / "s" / "fd_cls_vs_nfe.png").is_file()

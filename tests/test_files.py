@@ -1,0 +1,49 @@
+"""edm/files.py: a failed write is one line naming the folder and its free space; one process owns a folder;
+records compare by dotted keys."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from edm.files import OutputWriteError, atomic_write
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
+    def no_space(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputWriteError, match=f"cannot write x.pt in {tmp_path}: No space left on device; .* [MG]iB free there"):
+        atomic_write(tmp_path / "x.pt", no_space)
+
+    def miniz(f):  # what torch.save raises when the disk fills mid-archive
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+    with pytest.raises(OutputWriteError, match="cannot write x.pt.*file write failed"):
+        atomic_write(tmp_path / "x.pt", miniz)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_the_owner(tmp_path):
+    from edm.files import FolderInUseError, FolderLock
+
+    with FolderLock(tmp_path / "out", key="out", owner="sampler"):
+        with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'out'} is in use by another sampler \(.*pid.*\); "
+                                                   "wait for it to finish, or choose another out"):
+            FolderLock(tmp_path / "out", key="out", owner="sampler").acquire()
+    FolderLock(tmp_path / "out").acquire().release()  # released with the block
+
+
+def test_records_differ_at_dotted_keys_and_a_missing_leaf_is_none():
+    from dataclasses import dataclass
+
+    from edm.files import differences, flatten
+
+    @dataclass
+    class Options:
+        steps: int = 18
+        grid: tuple = (1, 2)
+
+    assert flatten({"a": Options(), "b": None}) == {"a.steps": 18, "a.grid": [1, 2], "b": None}
+    assert differences({"a": {"x": 1, "y": 2}}, {"a": {"x": 1, "y": 3}, "c": 4}) == [("a.y", 2, 3), ("c", None, 4)]

@@ -1,0 +1,253 @@
+"""edm/generation/job.py and edm-sample: images of a model into a folder, resumable, refused for other settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edm
+from edm.data import DatasetConfig
+from edm.models.loading import load_model
+from edm.generation.outputs import to_uint8
+from edm.core.samplers import SamplerConfig
+from edm.generation.sampling import generate_batch, plan_images
+
+from conftest import command, REPO
+
+
+def sample_script(*overrides, check=True):
+    """Run the installed edm-sample command; returns the CompletedProcess."""
+    flags = [str(o) for o in overrides if str(o).startswith("-")]  # Hydra's flags (-m, --help) come first
+    cmd = [command("edm-sample"), *flags, "progress=false",
+           *(str(o) for o in overrides if not str(o).startswith("-"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edm-sample failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_checkpoint):
+    folder = tmp_path_factory.mktemp("run")
+    tiny_checkpoint(folder / "checkpoint-00000010.pt")
+    return folder
+
+
+def test_sample_script_help():
+    proc = sample_script("--help")
+    assert "sampler=NAME" in proc.stdout and "checkpoint: ???" in proc.stdout
+
+
+def test_sample_script_writes_pngs_and_a_report_then_resumes(run_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    sample_script(f"checkpoint={ckpt}", "num_images=3", "sampler=heun", "sampler.num_steps=3", f"out={out}", "batch=2")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["000000.png", "000001.png", "000002.png"]
+    assert np.asarray(Image.open(out / "000001.png")).shape == (8, 8)
+    report = json.loads((out / "report.json").read_text())
+    assert report["solver"] == "heun" and report["num_steps"] == 3 and report["discretization"] == "karras"
+    assert report["schedule"] == {"name": "edm", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
+    assert report["seeds"] == "0-2" and report["checkpoint"] == str(ckpt.resolve()) and report["guidance"] == 1.0
+    assert len(report["t_steps"]) == 4 and report["t_steps"][-1] == 0.0 and report["edm_version"] == edm.__version__
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    proc = sample_script(f"checkpoint={run_dir}", "num_images=5", "sampler=heun", "sampler.num_steps=3", f"out={out}")  # the run folder
+    assert "process 0 generated 2 image(s)" in proc.stdout + proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # existing images were not rewritten
+    assert len(list(out.glob("*.png"))) == 5
+
+
+def test_sample_script_npz_matches_the_library_and_any_batch_size(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    out = tmp_path / "npz"
+    sample_script(f"checkpoint={ckpt}", "seeds=4-7", "sampler=stochastic", "sampler.options.churn=20", "sampler.num_steps=3", f"out={out}",
+                  "format=npz", "batch=3")
+    with np.load(out / "samples.npz") as data:
+        images, seeds = data["images"], data["seeds"]
+    assert images.shape == (4, 8, 8, 1) and seeds.tolist() == [4, 5, 6, 7]
+    assert (out / "parts").is_dir()
+    denoiser, info = load_model(ckpt)
+    settings = SamplerConfig("stochastic", 3, options={"churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003})
+    with torch.no_grad():
+        expected = to_uint8(generate_batch(denoiser, plan_images([4, 5, 6, 7], None, 0), info.schedule, settings, info.img_shape)[0])
+    # Same noise per seed: equal up to a rare one-level float32 rounding of batched kernels.
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"] == {"churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+
+
+def test_sample_script_grid_with_labels_and_guidance(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
+    out = tmp_path / "grid"
+    sample_script(f"checkpoint={ckpt}", "num_images=5", "sampler=euler", "sampler.num_steps=2", f"out={out}", "format=grid",
+                  "labels=[2,0]", "guidance=1.5", "grid_cols=3", "schedule=vp")
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 66 + 2, 3 * 66 + 2)  # 8x8 tiles shown at 64 px
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"] == [2, 0] and report["guidance"] == 1.5 and report["label_dim"] == 3
+    assert report["schedule"]["name"] == "vp" and report["discretization"] == "uniform"
+    parts = [np.load(p) for p in sorted((out / "parts").glob("*.npz"))]
+    labels = dict(zip(np.concatenate([p["seeds"] for p in parts]).tolist(), np.concatenate([p["labels"] for p in parts]).tolist()))
+    assert labels == {0: 2, 1: 0, 2: 2, 3: 0, 4: 2}
+
+
+def test_sample_script_bf16_fast_path(tmp_path, tiny_checkpoint):
+    """mixed_precision=bf16 gives the fp32 images within bf16 tolerance and is recorded in the report."""
+    ckpt = tiny_checkpoint(tmp_path / "perturbed.pt", perturb=0.05)
+    common = [f"checkpoint={ckpt}", "seeds=0-3", "sampler=heun", "sampler.num_steps=4", "format=npz"]
+    sample_script(*common, f"out={tmp_path / 'fp32'}")
+    sample_script(*common, f"out={tmp_path / 'bf16'}", "mixed_precision=bf16")
+    with np.load(tmp_path / "fp32" / "samples.npz") as a, np.load(tmp_path / "bf16" / "samples.npz") as b:
+        diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    assert 0 < diff.max() and diff.mean() < 3, (diff.max(), diff.mean())  # bf16 ran; pixels agree to a few levels
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["mixed_precision"] == "bf16" and report["compile"] is False
+    proc = sample_script(*common, f"out={tmp_path / 'x'}", "mixed_precision=fp8", check=False)
+    assert proc.returncode != 0 and "mixed_precision 'fp8' is not valid" in proc.stderr
+
+
+def test_sample_script_errors_are_clear(tmp_path):
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "missing.pt" in proc.stderr and "does not exist" in proc.stderr
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "sampler=rk45", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "sampler/rk45" in proc.stderr and "heun" in proc.stderr  # Hydra lists the group
+    proc = sample_script(f"checkpoint={tmp_path / 'missing.pt'}", "+sampler.options.churn=1", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "solver 'heun' does not take option(s) ['churn']" in proc.stderr
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    proc = sample_script(f"checkpoint={tmp_path / 'bad.pt'}", f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode != 0 and "bad.pt is not a checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sample_script_across_two_processes(run_dir, tmp_path):
+    """accelerate launch with 2 CPU processes: each writes its own parts; the merge equals a 1-process run."""
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    args = [f"checkpoint={ckpt}", "seeds=0-4", "sampler=euler_maruyama", "sampler.num_steps=3", "format=npz", "batch=2", "progress=false"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([*launch, *args, f"out={tmp_path / 'two'}"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    sample_script(*args, f"out={tmp_path / 'one'}")
+    assert {p.name.split("-r")[-1] for p in (tmp_path / "two" / "parts").glob("*.npz")} == {"0.npz", "1.npz"}
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["world_size"] == 2
+    with np.load(tmp_path / "two" / "samples.npz") as a, np.load(tmp_path / "one" / "samples.npz") as b:
+        assert a["seeds"].tolist() == b["seeds"].tolist() == [0, 1, 2, 3, 4]
+        assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
+
+
+def test_sample_script_scores_its_images_with_the_metric_table(run_dir, tmp_path):
+    """eval.metrics=[fd_cls]: once all images exist the main process scores the saved pixels against the
+    data set, as the library does, and the report holds the numbers; bits/dim (a metric of data under a
+    model) is refused before any image is made."""
+    from edm.cli.sample import SampleCommand, scorer_of
+    from edm.evaluation.quality import ClassifierConfig, QualityScore
+
+    out, cache = tmp_path / "scored", tmp_path / "cache"
+    sample_script(f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=6", "sampler=euler",
+                  "sampler.num_steps=2", "format=npz", "dataset=digits", f"out={out}", "eval.metrics=[fd_cls]",
+                  "eval.fd_cls.classifier.steps=50", f"eval.fd_cls.cache_dir={cache}")
+    scored = json.loads((out / "report.json").read_text())["metrics"]["fd_cls"]
+    with np.load(out / "samples.npz") as data:
+        pixels = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)
+    score = QualityScore.for_dataset(DatasetConfig(name="digits"), ClassifierConfig(steps=50), cache_dir=cache,
+                                     progress=False)
+    assert scored == pytest.approx(score(pixels)) and scored["num_images"] == 6
+    cfg = SampleCommand()
+    cfg.eval.metrics = ["bpd"]
+    with pytest.raises(ValueError, match="use edm-eval metric=bpd"):
+        scorer_of(cfg)  # made before generate_folder starts
+
+
+SLOW = pytest.mark.slow  # the same check with another key: in `pytest -m slow`
+
+
+@pytest.mark.parametrize("change,named", [
+    (["sampler.num_steps=2"], "num_steps: folder 3, now 2"),
+    pytest.param(["sampler=euler"], "solver: folder 'heun', now 'euler'", marks=SLOW),
+    pytest.param(["schedule=vp"], "schedule.name: folder 'edm', now 'vp'", marks=SLOW),
+    pytest.param(["dtype=float64"], "dtype: folder 'float32', now 'float64'", marks=SLOW),
+    pytest.param(["ema=false"], "ema: folder True, now False", marks=SLOW),
+    (["other-checkpoint"], "checkpoint_sha256: folder"),
+])
+def test_sample_script_refuses_an_out_folder_made_with_other_settings(run_dir, tmp_path, tiny_checkpoint, change, named):
+    """A second run into the same out with any setting changed generates nothing, leaves the folder's
+    .hydra/ config and sample.log as they were, and names the key and the two ways out; overwrite=true
+    deletes the old images and starts over."""
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    out = tmp_path / "out"
+    common = ["num_images=2", "sampler=heun", "sampler.num_steps=3", "format=npz", f"out={out}"]
+    sample_script(f"checkpoint={ckpt}", *common)
+    before = sorted(p.name for p in (out / "parts").iterdir())
+    record = {name: (out / name).read_bytes() for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "sample.log")}
+    if change == ["other-checkpoint"]:
+        change = [f"checkpoint={tiny_checkpoint(tmp_path / 'other.pt', perturb=0.01)}"]
+    else:
+        change = [f"checkpoint={ckpt}", *change]
+    proc = sample_script(*common, *change, "num_images=4", check=False)
+    assert proc.returncode == 1 and named in proc.stderr, proc.stderr
+    assert "out=DIR" in proc.stderr and "overwrite=true" in proc.stderr
+    assert sorted(p.name for p in (out / "parts").iterdir()) == before  # nothing generated or removed
+    assert {name: (out / name).read_bytes() for name in record} == record  # the folder's config and log untouched
+    sample_script(*common, *change, "num_images=4", "overwrite=true")
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_images"] == 4 and not set(before) & {p.name for p in (out / "parts").iterdir()}
+
+
+def test_an_unchanged_resume_gives_the_images_of_a_clean_run_byte_for_byte(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoint-00000010.pt"
+    common = [f"checkpoint={ckpt}", "sampler=heun", "sampler.num_steps=3", "format=npz", "batch=2"]
+    sample_script(*common, "num_images=2", f"out={tmp_path / 'resumed'}")
+    sample_script(*common, "num_images=5", f"out={tmp_path / 'resumed'}")
+    sample_script(*common, "num_images=5", f"out={tmp_path / 'clean'}")
+    a, b = ((tmp_path / name / "samples.npz").read_bytes() for name in ("resumed", "clean"))
+    assert a == b
+
+
+def test_images_without_a_provenance_record_are_not_resumed(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000.png").write_bytes(b"made elsewhere")
+    proc = sample_script(f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=1", f"out={out}", check=False)
+    assert proc.returncode == 1 and "000000.png" in proc.stderr and "no provenance.json" in proc.stderr
+
+
+def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
+    """-m sampler=euler,heun sampler.num_steps=2,3: 4 jobs, 4 folders under out, each with its own settings."""
+    out = tmp_path / "sweep"
+    sample_script("-m", f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=2", "format=npz",
+                  "sampler=euler,heun", "sampler.num_steps=2,3", f"out={out}")
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*/report.json"))]
+    assert sorted((r["solver"], r["num_steps"]) for r in reports) == [("euler", 2), ("euler", 3), ("heun", 2), ("heun", 3)]
+    assert all(Path(r["output"]).parent != out and Path(r["output"]).parent.parent == out for r in reports)
+    assert (out / "multirun.yaml").is_file()
+
+
+def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, tmp_path, tiny_checkpoint):
+    """guide=G makes autoguidance (also for an unconditional model); an interval no step reaches gives
+    the unguided images exactly; the guide's hash is part of the folder's provenance."""
+    ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
+    guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
+    common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "sampler.num_steps=3", "format=npz"]
+    sample_script(*common, f"out={tmp_path / 'plain'}")
+    sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
+    sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
+    load = lambda name: np.load(tmp_path / name / "samples.npz")["images"]  # noqa: E731
+    assert not np.array_equal(load("auto"), load("plain")) and np.array_equal(load("none"), load("plain"))
+    record = json.loads((tmp_path / "auto" / "provenance.json").read_text())
+    assert record["guidance"] == 2.0 and len(record["guide_sha256"]) == 64
+    cond = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
+    proc = sample_script(*common, "guidance=2", f"guide={cond}", f"out={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 1 and "takes 3 class labels, the model 0" in proc.stderr
+    proc = sample_script(*common, "guidance=2", f"out={tmp_path / 'cfg'}", check=False)
+    assert proc.returncode == 1 and "classifier-free guidance needs a class-conditional model" in proc.stderr
+    proc = sample_script(*common, f"guide={guide}", f"out={tmp_path / 'w1'}", check=False)
+    assert proc.returncode == 1 and "set guidance=W" in proc.stderr

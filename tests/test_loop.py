@@ -1,0 +1,204 @@
+"""edm/training/loop.py: every schedule and network option trains through the configs, on one or two
+processes, with mixed precision, compilation and channels_last; bad data, a read-only folder and a
+diverging loss stop with a message that names the cause."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edm
+from edm.data import BadImagesError, DatasetNotFoundError, StreamBatchSampler
+from edm.files import OutputWriteError
+from edm.models.checkpoint import find_latest, list_checkpoints, load_checkpoint, load_denoiser
+from edm.training.build import build_loss
+from edm.training.loop import TrainingDivergedError, train
+
+from conftest import REPO, folder_with_bad_files, metrics_records, png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+
+# ----------------------------------------------------------------------------- through Hydra
+
+
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
+    cfg = compose_train(f"schedule={schedule}")
+    assert cfg.precond.kind is None and cfg.loss.kind is None  # unset: the schedule's own ...
+    assert build_loss(cfg.loss, cfg.schedule.build(), cfg.precond.sigma_data).resolved_kind == schedule
+    result = train(cfg)
+    run_dir = tmp_path / "run"
+    assert result.state.step == 4 and result.state.cur_nimg == 32
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4] and result.checkpoint == find_latest(run_dir)
+    records = metrics_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    state = load_checkpoint(result.checkpoint)
+    assert state["schedule"]["name"] == schedule and state["denoiser"]["precond"]["kind"] == schedule  # ... resolved
+    assert state["schedule"] == {"name": schedule, **dataclasses.asdict(edm.schedules.get(schedule))}
+    assert state["denoiser"]["network"]["img_resolution"] == 8 and state["denoiser"]["network"]["in_channels"] == 1
+    assert state["config"]["schedule"]["name"] == schedule and state["step"] == 4
+    den, _ = load_denoiser(result.checkpoint)
+    x = den(torch.randn(2, 1, 8, 8), torch.tensor([0.3, 3.0]))
+    assert torch.isfinite(x).all()
+    assert (run_dir / "samples-final.png").is_file() and (run_dir / "data.png").is_file()
+
+
+def test_network_shape_follows_the_data_set(compose_train):
+    cfg = compose_train("network=ddpmpp", "dataset.cond=true", "network.model_channels=8", "network.num_blocks=1",
+                        "network.channel_mult=[1]", "network.attn_resolutions=[]", "total_kimg=0.008", "grid_size=2")
+    result = train(cfg)
+    net = load_checkpoint(result.checkpoint)["denoiser"]["network"]
+    assert (net["name"], net["img_resolution"], net["in_channels"], net["out_channels"], net["label_dim"]) == (
+        "ddpmpp", 8, 1, 1, 10)
+
+
+def test_bf16_mixed_precision_autocasts_the_network(compose_train):
+    seen = []
+
+    def watch(run):  # from step 2 on, record whether the network runs under bf16 autocast
+        if run.state.step == 1:
+            run.net.net.register_forward_pre_hook(
+                lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+
+    result = train(compose_train("mixed_precision=bf16", "grad_clip=0.5", "grid_size=0"), callback=watch)
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert all(math.isfinite(r["loss"]) for r in metrics_records(result.metrics.parent))
+
+
+@pytest.mark.slow  # inductor compilation takes about a minute on CPU
+def test_compiled_network_trains_and_saves_plain_weights(compose_train):
+    result = train(compose_train("compile=true"))
+    state = load_checkpoint(result.checkpoint)
+    assert not any("_orig_mod" in key for key in state["model"])
+    load_denoiser(result.checkpoint)
+
+
+def test_missing_data_root_fails_with_instructions(compose_train, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        train(compose_train("dataset=fashion_mnist", f"dataset.root={tmp_path / 'nowhere'}"))
+    with pytest.raises(DatasetNotFoundError, match="dataset.root is not set"):  # mnist has no default root
+        train(compose_train("dataset=mnist"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
+    def poison(run):
+        if run.state.step == 3:
+            with torch.no_grad():
+                next(run.net.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingDivergedError, match="loss became nan in steps 3 to 4.*last good checkpoint is .*checkpoint-00000002.pt"):
+        train(compose_train("total_kimg=0.048", "checkpoint_every=2", "log_every=2"), callback=poison)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    state = load_checkpoint(find_latest(tmp_path / "run"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_env):
+    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once."""
+    run_dir = tmp_path / "ddp"
+    power = ["ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
+         *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true", *power],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert find_latest(run_dir).name == "checkpoint-00000004.pt"
+    state = load_checkpoint(find_latest(run_dir))
+    assert len(state["rng"]) == 2  # both processes' random states
+    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
+    logs = [[json.loads(line) for line in (run_dir / f"batch-indices-rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    single = StreamBatchSampler(1797, 0, batch_size=8, micro_batch=8)
+    for step in range(4):
+        rank0, rank1 = logs[0][step]["indices"], logs[1][step]["indices"]
+        assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
+        assert rank0 + rank1 == single.micro_batch_indices(8 * step, 0)
+    from edm.training.phema import list_snapshots
+
+    snapshots = list_snapshots(run_dir)
+    assert [s.cur_nimg for s in snapshots] == [16, 32]
+    last, live = snapshots[-1].weights(0), state["phema"]["emas"][0]
+    assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
+
+
+def test_channels_last_training_is_the_same_computation(compose_train, tmp_path):
+    """channels_last=true changes the memory layout only: same losses and weights (CPU, to
+    float32 rounding: relative distance of the EMA weights < 1e-5), the network's 4-D weights stored NHWC, a checkpoint any model loads."""
+    seen = []
+    plain = train(compose_train(run_dir=tmp_path / "plain"))
+    nhwc = train(compose_train("channels_last=true", run_dir=tmp_path / "nhwc"),
+                 callback=lambda run: seen.append(max((p for p in run.net.parameters() if p.ndim == 4), key=torch.numel)))
+    assert seen and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in seen)
+    a, b = metrics_records(tmp_path / "plain"), metrics_records(tmp_path / "nhwc")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    a_state, b_state = load_checkpoint(plain.checkpoint), load_checkpoint(nhwc.checkpoint)
+    # Whole-model distance: single elements of zero-initialised tensors follow the sign of
+    # round-off in Adam's first steps, the weights as a whole do not.
+    diff = sum(float((b_state["ema"][k] - v).double().pow(2).sum()) for k, v in a_state["ema"].items())
+    size = sum(float(v.double().pow(2).sum()) for v in a_state["ema"].values())
+    assert math.sqrt(diff / size) < 1e-5
+    denoiser, _ = load_denoiser(nhwc.checkpoint)  # a default-layout model takes the NHWC weights
+    assert all(p.is_contiguous() for p in denoiser.parameters())
+
+
+def test_accelerate_launch_mixed_precision_bf16_trains_under_bf16(tmp_path, tiny_train, one_thread_env):
+    """The launcher's flag, not only its environment variable: `accelerate launch --mixed_precision bf16
+    -m edm.train` (config leaves mixed_precision unset) records bf16 in the checkpoint and train.log."""
+    run_dir = tmp_path / "bf16"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "edm.train"]
+    proc = subprocess.run([*launch, *tiny_train, f"run_dir={run_dir}", "progress=false", "grid_size=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=one_thread_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(find_latest(run_dir))["config"]["mixed_precision"] == "bf16"
+    assert "mixed_precision=bf16" in (run_dir / "train.log").read_text()
+
+
+def test_training_on_a_folder_with_bad_images_names_them_skips_them_and_saves_before_a_bad_read(tmp_path, compose_train):
+    """Header-bad files stop the run before it starts (or are skipped on request); a file that only
+    fails when its pixels are read stops the run with its path, the run's state saved; once the
+    file is fixed, resume=true continues."""
+    empty, small, truncated = folder_with_bad_files(tmp_path / "images")
+    folder = ["dataset=folder", f"dataset.root={tmp_path / 'images'}", "dataset.num_workers=0"]
+    with pytest.raises(BadImagesError, match=str(empty)):
+        train(compose_train(*folder))
+    assert find_latest(tmp_path / "run") is None
+    with pytest.raises(BadImagesError, match=f"{truncated}: cannot read its pixels(.|\n)*state after step \\d+ is saved"):
+        train(compose_train(*folder, "dataset.skip_bad=true"))
+    saved = load_checkpoint(find_latest(tmp_path / "run"))
+    assert saved["step"] < 4 and saved["dataset_size"] == 31
+    png(truncated, 8, 7)  # fixed
+    result = train(compose_train(*folder, "dataset.skip_bad=true", "resume=true"))
+    assert result.state.step == 4
+
+
+def test_a_read_only_run_dir_is_one_line_naming_the_folder(compose_train, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputWriteError, match=f"cannot write .lock in {tmp_path / 'run'}: Read-only file system"):
+        train(compose_train())

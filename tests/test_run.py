@@ -1,0 +1,216 @@
+"""edm/training/run.py: a run's checkpoints and resume. Resume is exact and refuses another loss, data or
+seed; one training owns a run folder; a kill, even during a checkpoint write, loses nothing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edm
+from edm.cli import compose
+from edm.files import to_container
+from edm.models.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint, save_checkpoint
+from edm.training.loop import RunDirError, train
+
+from conftest import REPO, kill_group, metric_steps, metrics_records, wait_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+RESUME = ["network.dropout=0.2", "batch_per_device=4", "dataset.max_size=12", "dataset.xflip=true",
+          "lr_rampup_kimg=0.01", "ema_rampup_ratio=0.5", "checkpoint_every=2"]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for i, sa in opt_a["state"].items():
+        for k, v in sa.items():
+            assert torch.equal(v, opt_b["state"][i][k]), f"optimizer state {i}.{k} differs"
+    assert (a["step"], a["cur_nimg"]) == (b["step"], b["cur_nimg"])
+    for ra, rb in zip(a["rng"], b["rng"]):
+        assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["generator"], rb["generator"])
+
+
+@pytest.mark.parametrize("how, augment", [("extend", "0"), ("interrupt", "0"), ("interrupt", "0.5")])
+def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
+    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit); with
+    augmentation, its draws come from the same saved generator."""
+    settings = [*RESUME, f"augment.p={augment}"]
+    straight = train(compose_train(*settings, "total_kimg=0.048", run_dir=tmp_path / "a"))
+    b = tmp_path / "b"
+    if how == "extend":  # a shorter run, then the same run extended
+        first = train(compose_train(*settings, "total_kimg=0.024", run_dir=b))
+    else:  # Ctrl-C after step 3: a checkpoint is saved before stopping
+        def interrupt(run):
+            if run.state.step == 3:
+                signal.raise_signal(signal.SIGINT)
+
+        first = train(compose_train(*settings, "total_kimg=0.048", run_dir=b), callback=interrupt)
+        assert first.interrupted
+    assert first.state.step == 3 and first.checkpoint.name == "checkpoint-00000003.pt"
+    half = load_checkpoint(first.checkpoint)
+    resumed = train(compose_train(*settings, "total_kimg=0.048", "resume=true", run_dir=b))
+    assert resumed.state.step == 6
+    a_state, b_state = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    _assert_same_state(a_state, b_state)
+    assert any(not torch.equal(half["model"][k], b_state["model"][k]) for k in half["model"])  # it trained on
+    assert [r["loss"] for r in metrics_records(tmp_path / "a")] == [r["loss"] for r in metrics_records(b)]
+
+
+def test_no_two_random_streams_of_training_share_a_seed():
+    """The noise and global streams of 8 processes, started at any of 4 steps, for seeds 0..49, and
+    the data permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + rank
+    would give seed 0's noise the seed of its P_1)."""
+    from edm.training.run import stream_seed
+
+    streams = [stream_seed(seed, stream, rank, step) for seed in range(50) for stream in ("noise", "global")
+               for rank in range(8) for step in (0, 1, 2, 1000)]
+    permutations = [(seed * 1_000_003 + epoch) % 2**63 for seed in range(50) for epoch in range(100)]
+    assert len(set(streams)) == len(streams)
+    assert not set(streams) & set(permutations)
+    assert all(0 <= s < 2**63 for s in streams)
+
+
+def test_dropout_and_training_noise_draw_different_bits(compose_train):
+    """After set-up the global RNG (dropout) and the training generator (σ, n) are in different
+    states, so a dropout mask is no function of the noise it is applied with."""
+    from edm.training.loop import setup
+
+    run = setup(compose_train())
+    try:
+        assert not torch.equal(torch.get_rng_state(), run.generator.get_state())
+        assert not torch.equal(torch.rand(64), torch.rand(64, generator=run.generator))
+    finally:
+        run.lock.release()
+
+
+def test_existing_run_needs_resume_flag(compose_train, tmp_path):
+    train(compose_train("total_kimg=0.016"))
+    with pytest.raises(RunDirError, match="resume=true"):
+        train(compose_train("total_kimg=0.016"))
+    # resuming a finished run does nothing more and reports its checkpoint
+    again = train(compose_train("total_kimg=0.016", "resume=true"))
+    assert again.state.step == 2 and again.checkpoint.name == "checkpoint-00000002.pt"
+
+
+def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
+    train(compose_train("total_kimg=0.016"))
+    latest = find_latest(tmp_path / "run")
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{latest.name}.*corrupt"):
+        train(compose_train("total_kimg=0.032", "resume=true"))
+
+
+def test_mismatched_checkpoint_on_resume(compose_train):
+    train(compose_train("total_kimg=0.016"))
+    with pytest.raises(CheckpointError, match="does not match the config \\(denoiser.network.model_channels: checkpoint 8, config 16\\)"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.model_channels=16"))
+    with pytest.raises(CheckpointError, match="denoiser.precond.kind: checkpoint 'edm', config 'vp'.*schedule.name: checkpoint 'edm', config 'vp'"):
+        train(compose_train("total_kimg=0.032", "resume=true", "schedule=vp"))
+
+
+def test_a_checkpoint_stores_its_network_resolved_and_resumes_however_it_spelled_it(compose_train, tmp_path):
+    """The saved network spec holds every constructor argument (so it rebuilds the same network
+    whatever the presets become); resume compares resolved specs, so a checkpoint that left the
+    preset's values out (or spelled them out) still resumes, and a real change is still refused."""
+    first = train(compose_train("total_kimg=0.016"))
+    state = load_checkpoint(first.checkpoint)
+    network = state["denoiser"]["network"]
+    _, kwargs = edm.networks.resolve(**network)
+    assert network == {"name": "tiny", **to_container(kwargs)}
+    assert network["model_channels"] == 8 and network["attn_resolutions"] == [4] and network["dropout"] == 0.0
+    state["denoiser"]["network"] = {k: network[k] for k in ("name", "img_resolution", "in_channels", "out_channels",
+                                                             "label_dim", "model_channels")}
+    save_checkpoint(first.checkpoint, state)
+    assert train(compose_train("total_kimg=0.024", "resume=true")).state.step == 3
+    with pytest.raises(CheckpointError, match="denoiser.network.dropout: checkpoint 0.0, config 0.2"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"))
+
+
+def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blocks_nothing(tmp_path, tiny_train, one_thread_env):
+    run_dir = tmp_path / "run"
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "total_kimg=1000", "grid_size=0"],
+        cwd=REPO, env=one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: find_latest(run_dir) is not None, 120, "the first training's first checkpoint")
+        second = subprocess.run([sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "resume=true"],
+                                cwd=REPO, env=one_thread_env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1
+        assert f"run_dir {run_dir} is in use by another training" in second.stderr
+        assert f'"pid": {owner.pid}' in second.stderr  # the owner is named
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert "total_kimg=1000" in overrides and "resume=true" not in overrides  # the refused run wrote nothing there
+        assert not (REPO / "train.log").exists() and not (REPO / ".hydra").exists()  # nor anywhere else
+    finally:
+        kill_group(owner)  # kill -9
+    steps = metric_steps(run_dir)
+    assert steps == list(range(1, len(steps) + 1))  # only the owner logged
+    # kill -9 released the lock: the next run resumes at once, from the last checkpoint.
+    saved = load_checkpoint(find_latest(run_dir))["step"]
+    resumed = train(compose("train", [*tiny_train, f"run_dir={run_dir}", "resume=true", f"total_kimg={(saved + 1) * 8 / 1000}"]))
+    assert resumed.state.step == saved + 1
+    assert metric_steps(run_dir) == list(range(1, saved + 2))  # records after the checkpoint were dropped, then relogged
+
+
+KILL_DURING_SAVE = """
+import os, torch
+from edm.cli import compose
+from edm.training.loop import train
+saves = []
+real_save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:  # the second checkpoint (step 4): half a file, then kill -9
+        f.write(b"PK\\x03\\x04 half a checkpoint"); f.flush(); os._exit(9)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = dying_save
+train(compose("train", [*{overrides!r}, "run_dir=" + {run_dir!r}, "total_kimg=0.048"]))
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp_path, tiny_train, one_thread_env):
+    run_dir = tmp_path / "run"
+    script = KILL_DURING_SAVE.format(overrides=tiny_train, run_dir=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=one_thread_env, capture_output=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2]  # the torn write left no checkpoint-4
+    torn = list(run_dir.glob(".checkpoint-*.tmp"))
+    assert len(torn) == 1 and metric_steps(run_dir) == [1, 2, 3, 4]  # steps 3 and 4 were logged before the kill
+    load_checkpoint(find_latest(run_dir))  # the previous checkpoint is whole
+    resumed = train(compose("train", [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.048", "resume=true"]))
+    assert resumed.state.step == 6
+    assert not list(run_dir.glob(".checkpoint-*.tmp"))  # stale temporaries removed at start
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 once, from the resumed run
+
+
+def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_changes(compose_train, tmp_path, caplog):
+    train(compose_train("total_kimg=0.016"))
+    with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the checkpoint's values"):
+        train(compose_train("total_kimg=0.032", "resume=true", "seed=1"))
+    with pytest.raises(CheckpointError, match="another loss.*loss.P_mean: checkpoint -1.2, config -1.0"):
+        train(compose_train("total_kimg=0.032", "resume=true", "loss.P_mean=-1.0"))
+    with pytest.raises(CheckpointError, match="loss.kind: checkpoint 'edm', config 'vp'"):
+        train(compose_train("total_kimg=0.032", "resume=true", "loss.kind=vp"))
+    with pytest.raises(CheckpointError, match="dataset.max_size: checkpoint None, config 100"):
+        train(compose_train("total_kimg=0.032", "resume=true", "dataset.max_size=100"))
+    with caplog.at_level("WARNING"):
+        result = train(compose_train("total_kimg=0.032", "resume=true", "lr=0.01"))
+    assert "lr: 0.002 -> 0.01" in caplog.text
+    resumes = load_checkpoint(result.checkpoint)["resumes"]
+    assert resumes[0]["step"] == 2
+    assert {"key": "lr", "checkpoint": 0.002, "config": 0.01} in resumes[0]["changes"]
+    assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
+
+
+# dropout exercises the global RNG, accumulation the micro-batch path, 12 images the epoch wrap
