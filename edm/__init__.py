@@ -9,7 +9,7 @@ The package, floor by floor (each imports only from the floors below it):
   edm.core        the paper's math: schedules, precond, losses, samplers, denoisers, likelihood
   edm.networks    the U-Nets (DDPM++/NCSN++, ADM, EDM2) and the FID Inception
   edm.data        data sets, data order, augmentation
-  edm.models      model files: checkpoints, model folders, NVlabs snapshots, and the one loader
+  edm.models      model files: checkpoints, model folders, NVlabs snapshots, and load_model
   edm.generation  image generation: seeds, batches, outputs, provenance
   edm.evaluation  metrics (FID, precision/recall, FD_cls, bits/dim) and the NFE study
   edm.training    training configs, the step, the run and its loop

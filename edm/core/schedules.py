@@ -28,6 +28,7 @@ __all__ = [
     "get",
     "from_spec",
     "to_spec",
+    "model_schedule",
     "ScheduleConfig",
     "SCHEDULES",
     "DISCRETIZATIONS",
@@ -260,6 +261,13 @@ def from_spec(spec: dict) -> Schedule:
     return get(spec["name"], **options)
 
 
+def model_schedule(schedule: Schedule | None, key: str = "schedule") -> Schedule:
+    """A model's schedule, or a ValueError that asks for one (`key`=NAME, naming the schedules) when it stores none."""
+    if schedule is None:
+        raise ValueError(f"the model stores no schedule: pass {key}=NAME, one of {', '.join(SCHEDULES)}")
+    return schedule
+
+
 def to_spec(schedule: Schedule) -> dict:
     """{"name": ..., **every field}: the spec that rebuilds `schedule` with from_spec (checkpoints, records)."""
     return {"name": schedule.name, **dataclasses.asdict(schedule)}
@@ -275,9 +283,7 @@ def _build(self: Any, base: Schedule | None = None) -> Schedule:
     its fields. An option the schedule lacks is a ValueError naming the valid ones."""
     if self.name is not None:
         return get(self.name, **self.options())
-    if base is None:
-        raise ValueError("schedule.name is unset and there is no model schedule to start from: pass schedule=NAME")
-    return from_spec({**to_spec(base), **self.options()})
+    return from_spec({**to_spec(model_schedule(base)), **self.options()})
 
 
 ScheduleConfig = dataclasses.make_dataclass(

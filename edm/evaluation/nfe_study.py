@@ -28,7 +28,7 @@ import torch
 
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import SamplerConfig
-from ..core.schedules import Schedule, get, to_spec
+from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
 from ..generation.provenance import claim
@@ -130,9 +130,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     info.require_pixels()
     counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=device)
-    schedules = [info.schedule if name is None else get(name) for name in cfg.schedules]
-    if any(s is None for s in schedules):
-        raise ValueError("the checkpoint stores no schedule: pass schedules=[vp|ve|edm|fm]")
+    schedules = [model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name) for name in cfg.schedules]
     dataset = cfg.dataset or info.training_dataset()
     if dataset is None:
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")

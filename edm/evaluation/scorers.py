@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..choices import choose
 from ..core import likelihood
-from ..core.schedules import Schedule, to_spec
+from ..core.schedules import Schedule, model_schedule, to_spec
 from ..data import DatasetConfig, build_dataset, dataset_images
 from ..files import file_sha256
 from ..hardware import DTYPES
@@ -157,9 +157,7 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
     if ctx.model is None:
         raise ValueError("bits/dim scores a model: give it (checkpoint=PATH)")
     dtype = choose(DTYPES, cfg.dtype, "dtype")
-    schedule = ctx.schedule or ctx.info.schedule
-    if schedule is None:
-        raise ValueError("the model stores no schedule: pass schedule=vp|ve|edm|fm")
+    schedule = ctx.schedule or model_schedule(ctx.info.schedule)
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dequantization", "dtype", "seed", "max_images")}
     label_dim = int(getattr(ctx.info, "label_dim", 0) or 0)
 

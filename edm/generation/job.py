@@ -82,12 +82,6 @@ def _labels(labels: Any) -> int | list[int] | None:
     return [int(v) for v in str(labels).split(",")]
 
 
-def _schedule(cfg: ScheduleConfig, model_schedule: Schedule | None) -> Schedule:
-    if cfg.name is None and model_schedule is None:
-        raise ValueError("the model stores no schedule: pass schedule=vp|ve|edm|fm")
-    return cfg.build(model_schedule)
-
-
 def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: LaunchSettings) -> dict:
     """Every setting that changes the images: a folder only ever holds images of one such record."""
     settings = cfg.sampler
@@ -144,7 +138,7 @@ def generate_folder(
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     info.require_pixels()
-    schedule = _schedule(cfg.schedule, info.schedule)
+    schedule = cfg.schedule.build(info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
         logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is "
