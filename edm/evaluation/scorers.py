@@ -1,7 +1,8 @@
 """Every metric in one table: a scorer maps images and their labels to numbers.
 
 A scorer takes images [N, C, H, W] (uint8 pixels as saved, or floats in [−1, 1]) and their class
-indices [N] (or None) and returns a dict of numbers. METRICS gives each metric its options (a
+indices [N] (or None) and returns a dict of numbers, its headline number under the metric's name
+(what edm-study plots). METRICS gives each metric its options (a
 dataclass: `edm-eval metric=NAME metric.KEY=...`, `edm-sample eval.metrics=[NAME] eval.NAME.KEY=...`,
 `edm-study eval.metrics=[...]`), how its scorer is built from them and a ScoringContext, and what it
 scores. edm-eval, edm-sample and edm-study all iterate this table: a new metric is its scorer and
