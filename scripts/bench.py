@@ -154,7 +154,7 @@ class Timer:
 
 
 def mixed_precision(args: argparse.Namespace) -> str:
-    """--precision in accelerate's / edm.sampling's words: no | bf16 | fp16."""
+    """--precision in accelerate's / edm.core.denoisers' words: no | bf16 | fp16."""
     return "no" if args.precision == "fp32" else args.precision
 
 
@@ -213,7 +213,7 @@ def bench_train(args: argparse.Namespace, turns: GpuTurns) -> dict:
     augment_cfg = AugmentConfig(p=args.augment)
 
     def batch() -> list[tuple]:
-        # Augmentation as edm.train does it: on the device, from the run's generator, inside the step.
+        # Augmentation as edm-train does it: on the device, from the run's generator, inside the step.
         y_step, augment_labels = augment(y, augment_cfg, g) if augment_cfg.p > 0 else (y, None)
         return [(y_step, labels, augment_labels)]
 

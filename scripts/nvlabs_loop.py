@@ -120,7 +120,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     from torch_utils import misc as ref_misc
     from training import loss as ref_loss, networks as ref_networks
 
-    torch.manual_seed(cfg.seed)  # edm-train's initial weights (edm.train._setup_run)
+    torch.manual_seed(cfg.seed)  # edm-train's initial weights (edm.training.loop._setup_run)
     ours = ckpt.build_denoiser(spec)
     np.random.seed(cfg.seed % (1 << 31))  # training_loop.py's seeding of one process
     torch.manual_seed(np.random.randint(1 << 31))

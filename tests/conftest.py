@@ -109,7 +109,7 @@ def host_reads(monkeypatch) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
     """tiny_checkpoint(path, label_dim=0, perturb=0.0, kind="edm", schedule=EDM's, raw_offset=0.0) -> path:
-    a tiny untrained 1×8×8 model saved through edm.checkpoint (the training checkpoint format).
+    a tiny untrained 1×8×8 model saved through edm.models.checkpoint (the training checkpoint format).
 
     `perturb` adds N(0, perturb²) to every weight, so that the zero-initialized output layer no
     longer makes F ≈ 0; the raw weights ("model") are the EMA weights plus `raw_offset`.

@@ -1,4 +1,4 @@
-"""Geometric augmentation (edm/augment.py): geometry against closed forms, labels, statistics, training."""
+"""Geometric augmentation (edm/data/augment.py): geometry against closed forms, labels, statistics, training."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""edm/checkpoint.py: atomic writes, weights-only reads with clear errors, denoiser rebuild."""
+"""edm/models/checkpoint.py: atomic writes, weights-only reads with clear errors, denoiser rebuild."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, o
 
 def test_every_config_ships_in_the_wheel():
     """pyproject.toml packages configs/ as edm/configs (for non-editable installs): its globs
-    must reach every yaml file, and the folder must be the one edm.train reads in a checkout."""
+    must reach every yaml file, and the folder must be the one the commands read in a checkout."""
     tomllib = pytest.importorskip("tomllib")
     from fnmatch import fnmatch
 

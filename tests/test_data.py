@@ -1,4 +1,4 @@
-"""edm/data.py: data sets, the (seed, epoch) data stream and its shards, image grids."""
+"""edm/data (registry, sets, stream): data sets, the (seed, epoch) data stream and its shards, image grids."""
 
 from __future__ import annotations
 

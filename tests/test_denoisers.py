@@ -1,4 +1,4 @@
-"""edm/denoisers.py: the ideal denoiser against a direct computation, guidance, the autocast/compile fast path."""
+"""edm/core/denoisers.py: the ideal denoiser against a direct computation, guidance, the autocast/compile fast path."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""edm.export: model folders (model.safetensors + model.json) written from any model and read with no pickle."""
+"""edm/models/export.py: model folders (model.safetensors + model.json) written from any model and read with no pickle."""
 
 from __future__ import annotations
 

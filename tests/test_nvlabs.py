@@ -299,7 +299,7 @@ def test_convert_writes_equal_checkpoint(tmp_path):
 
 
 def test_the_convert_command_writes_a_model_folder_that_loads_without_pickle(tmp_path, monkeypatch):
-    """The default output is edm.export's folder (safetensors + JSON), the same format edm-export writes."""
+    """The default output is edm.models.export's folder (safetensors + JSON), the same format edm-export writes."""
     den = our_denoiser("ddpmpp", 10, "edm")
     pkl = write_snapshot(tmp_path, den, "ddpmpp", 10)
     out = tmp_path / "converted"
@@ -715,8 +715,8 @@ def reference_draws(kind: str, images: torch.Tensor, seed: int, schedule) -> tup
 
 @pytest.mark.parametrize("kind", ["edm", "vp"])
 def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
-    """N steps of edm.step.train_step + edm.ema.update_ema (with learning_rate, ema_beta and
-    make_optimizer, as edm.train runs them) from the reference's weights, on the same batches,
+    """N steps of edm.training.step.train_step + edm.training.ema.update_ema (with learning_rate, ema_beta and
+    make_optimizer, as edm-train runs them) from the reference's weights, on the same batches,
     σ and n, end at the reference loop's weights and EMA to float32 round-off: the distance
     between the two trajectories stays below 1e-3 of the distance travelled (measured ~2e-5;
     a per-pixel objective under the same eps gives 0.14). Weights start random rather than

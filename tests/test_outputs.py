@@ -1,4 +1,4 @@
-"""edm/outputs.py: PNG files and .npz parts, their merge, resume after a torn write, the grid writer."""
+"""edm/generation/outputs.py: PNG files and .npz parts, their merge, resume after a torn write, the grid writer."""
 
 import subprocess
 import sys

@@ -7,7 +7,7 @@ takes the list of generators). Neither the batch size nor the number of processe
 image; with the EDM schedule and a Heun/stochastic solver this is also how NVlabs' generate.py
 draws its latents and labels (StackedRandomGenerator).
 
-`generate` hands each batch to a writer of edm.outputs (PNG files, or .npz parts merged
+`generate` hands each batch to a writer of edm.generation.outputs (PNG files, or .npz parts merged
 by `edm.outputs.finalize`), which also tells which images of a run already exist.
 """
 

@@ -1,8 +1,8 @@
 """A model folder without pickles: DIR/model.safetensors (the weights) + DIR/model.json (what they are).
 
-    path, state = read_model_file("runs/digits-edm-tiny")   # edm.loading: any model file -> checkpoint dict
+    path, state = read_model_file("runs/digits-edm-tiny")   # edm.models.loading: any model file -> checkpoint dict
     export_state(state, "export/digits")                     # its EMA denoiser as a model folder (edm-export)
-    load_model("export/digits")                              # edm.loading reads it like any model file
+    load_model("export/digits")                              # edm.models.loading reads it like any model file
 
 model.json holds the denoiser spec (network with every preset value, precond), the schedule,
 which weights these are (EMA or raw), the training data set's config when known, the facts of

@@ -3,7 +3,7 @@ and one loader turns that dict into the denoiser and what generation needs to kn
 
     edm checkpoint (.pt) or run folder  --load_checkpoint-->  checkpoint dict  --load_model-->  (Precond, ModelInfo)
     NVlabs/edm snapshot (.pkl)          --nvlabs.read_nvlabs + to_checkpoint-->  checkpoint dict
-    model folder (model.safetensors + model.json, edm.export)  --read_export (no pickle)-->  checkpoint dict
+    model folder (model.safetensors + model.json, edm.models.export)  --read_export (no pickle)-->  checkpoint dict
 
 The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps its σ range).
 """
@@ -64,7 +64,7 @@ class ModelInfo:
 
 def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
     """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint), a
-    model folder of edm.export (model.safetensors + model.json: no pickle at all) or an NVlabs .pkl (read
+    model folder of edm.models.export (model.safetensors + model.json: no pickle at all) or an NVlabs .pkl (read
     without running its code)."""
     path = Path(path)
     if is_export(path):

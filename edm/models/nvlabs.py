@@ -336,7 +336,7 @@ def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
 
 def denoiser_from_snapshot(snap: NVlabsSnapshot, source: str = "snapshot") -> Precond:
     """Our Precond for a parsed snapshot, through its checkpoint dict (`to_checkpoint`) and the loader of
-    every checkpoint (edm.checkpoint.denoiser_from_state): weights load with strict=True, eval mode."""
+    every checkpoint (edm.models.checkpoint.denoiser_from_state): weights load with strict=True, eval mode."""
     try:
         return denoiser_from_state(to_checkpoint(snap, source), source=source)
     except (ValueError, TypeError) as err:

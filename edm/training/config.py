@@ -151,7 +151,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Reject bad values before any work starts; each message names the key and what is valid.
 
     The schedule's options, the sampler and the network preset are checked where they are
-    built (edm.build, SamplerConfig, edm.networks.build), each in one place.
+    built (edm.training.build, SamplerConfig, edm.networks.build), each in one place.
     """
     choose(SCHEDULES, cfg.schedule.name, "schedule.name")  # (None, a model's own schedule, is for sampling)
     if cfg.precond.kind is not None:
