@@ -15,7 +15,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["choose", "check_choice", "options_schema"]
+__all__ = ["choose", "check_choice", "keyword_defaults", "options_schema"]
 
 T = TypeVar("T")
 
@@ -37,6 +37,11 @@ def check_choice(valid: Iterable[Any], value: Any, what: str) -> None:
     valid = tuple(valid)
     if value not in valid:
         raise _not_valid(what, value, valid)
+
+
+def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """{name: default} of the parameters of `fn` (a function or class) that have one: the library's values."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.default is not p.empty}
 
 
 def options_schema(

@@ -1,4 +1,5 @@
-"""Device and numerics switches that only entry points set (the library never does)."""
+"""Devices and numerics: the device rule, dtypes and mixed-precision names, and the TF32/cuDNN switches and
+launcher settings that only entry points apply (the library never sets them)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
     python scripts/bench.py --mode sample --sample-steps 18   # Heun, 18 steps = 35 network evaluations
     python scripts/bench.py --augment 0.12                    # training steps with EDM's augmentation
 
-Training is timed as `python -m edm.train` steps: `edm.step.train_step` then the EMA update,
+Training is timed as edm-train steps: `edm.training.step.train_step` then the EMA update,
 on synthetic batches already on the device; `--mode data` times the data loader separately, so
 one can see whether loading keeps up. `--profile FILE` adds where a training step's time goes:
 forward + backward, optimizer and EMA timed apart, and torch.profiler's kernel table. Timings use warm-up steps and synchronise the device

@@ -31,7 +31,7 @@ import torch
 
 from edm.models import checkpoint as ckpt
 from edm.core.schedules import to_spec
-from edm.training.build import resolve
+from edm.training.build import loss_spec, resolve
 from edm.cli import compose as edm_compose
 from edm.training.config import TrainConfig
 from edm.files import to_container
@@ -152,7 +152,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     step = cur_nimg // cfg.batch_size
     path = ckpt.checkpoint_path(out, step)
     ckpt.save_checkpoint(path, {
-        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule),
+        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule), "loss": loss_spec(loss),
         "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
         "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
         "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py",

@@ -251,3 +251,16 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     assert proc.returncode == 1 and "classifier-free guidance needs a class-conditional model" in proc.stderr
     proc = sample_script(*common, f"guide={guide}", f"out={tmp_path / 'w1'}", check=False)
     assert proc.returncode == 1 and "set guidance=W" in proc.stderr
+
+
+def test_a_bad_metric_setting_fails_before_the_folder_is_claimed_or_an_image_made(run_dir, tmp_path):
+    """FID without its weights file: refused once the model is loaded, before provenance.json or any image."""
+    from edm.cli.sample import SampleCommand, scorer_of
+    from edm.generation.job import generate_folder
+
+    cfg = SampleCommand(checkpoint=str(run_dir), num_images=2, format="npz", out=str(tmp_path / "out"), progress=False)
+    cfg.eval.metrics = ["fid"]
+    cfg.eval.fid.inception, cfg.eval.fid.ref = str(tmp_path / "missing.pth"), str(tmp_path / "ref.npz")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        generate_folder(cfg, scorer=scorer_of(cfg))
+    assert not (tmp_path / "out").exists()

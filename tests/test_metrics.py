@@ -373,7 +373,7 @@ def test_edm_eval_pr_features_need_precision_recall(tmp_path, inception_weights)
     save_npz_images(tmp_path / "fake.npz", random_images(4, 0))
     proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'fake.npz'}",
                            f"metric.inception={path}", f"metric.pr_features={vgg}", "metric.allow_pickle=true", cwd=tmp_path)
-    assert proc.returncode == 1 and "pr_features is the detector of precision/recall: add precision_recall=true" in proc.stderr
+    assert proc.returncode == 1 and "pr_features is the detector of precision/recall: set fid's precision_recall=true too" in proc.stderr
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():
     assert ScheduleConfig().build(model) == model
     assert ScheduleConfig(name="edm", sigma_max=40.0).build(model) == EDM(sigma_max=40.0)
     assert ScheduleConfig(name="vp").build(model) == VP()
-    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, one of vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm"):
         ScheduleConfig(sigma_max=40.0).build()
     with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
         ScheduleConfig(beta_d=3.0).build(model)

@@ -2,11 +2,11 @@
 
     edm-train    python -m edm.train        train a denoiser (edm.training)
     edm-sample   python -m edm.cli.sample   generate images from a model, optionally scored
-    edm-eval     python -m edm.cli.evaluate FID, precision/recall, reference statistics, bits/dim
-    edm-study    python -m edm.cli.nfe_study FD_cls against NFE for solvers x step counts
+    edm-eval     python -m edm.cli.evaluate one metric (FID and precision/recall, FD_cls, bits/dim), reference statistics
+    edm-study    python -m edm.cli.nfe_study metrics against NFE for solvers x step counts
     edm-export   python -m edm.cli.export   a model folder without pickles (model.safetensors + model.json)
     edm-posthoc  python -m edm.cli.posthoc  post-hoc EMA (EDM2) from a run's power-EMA snapshots
-    edm-convert-nvlabs                      an NVlabs/edm .pkl into that folder, never running its code
+    edm-convert-nvlabs                      an NVlabs/edm or edm2 .pkl into that folder, never running its code
 
 All take Hydra key=value overrides, `--help` and Hydra's tab completion (`edm-train -sc install=bash`).
 Their configs are the YAML files of configs/ (shipped inside the package as edm/configs), each typed

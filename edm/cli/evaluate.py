@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,7 +43,7 @@ class EvaluateConfig:
     data: Optional[str] = None  # bpd, ref: data images (folder or .npz) instead of dataset=NAME
     checkpoint: Optional[str] = None  # bpd: the model (edm checkpoint, run folder, model folder or NVlabs .pkl)
     ema: bool = True  # the model's EMA weights (false: the raw ones)
-    schedule: Optional[ScheduleConfig] = None  # the `schedule` group; null = the model's
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the `schedule` group; name null: the model's, its fields replaced by the set ones
     dataset: Optional[DatasetConfig] = None  # the `dataset` group: fid's reference, fd_cls's data, bpd's or ref's images
     report: Optional[str] = None  # merge the numbers into this JSON file (under "metrics")
     batch: int = 64  # images per forward pass
@@ -74,8 +74,8 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
             dataset = info.training_dataset()
         if dataset is not None and METRICS[name].scores == "data":  # with the labels the model takes, unmirrored
             dataset = dataclasses.replace(dataset, cond=info.label_dim > 0, xflip=False)
-    ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, model=model, info=info,
-                         schedule=cfg.schedule.build() if cfg.schedule is not None else None)
+    schedule = cfg.schedule.build(info.schedule) if info is not None else None
+    ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, model=model, info=info, schedule=schedule)
     return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
 
 

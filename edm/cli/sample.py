@@ -41,22 +41,25 @@ ConfigStore.instance().store(name="sample_schema", node=SampleCommand)
 
 
 def scorer_of(cfg: SampleCommand):
-    """score(output, info) of the configured metrics for generate_folder, or None without metrics."""
+    """The scorer factory of generate_folder for the configured metrics, or None without metrics: given the
+    loaded model it builds every scorer (weights read, classifiers trained) before any image is made."""
     if not cfg.eval.metrics:
         return None
-    check_metrics(cfg.eval)  # a bad metric fails before any image is made
+    check_metrics(cfg.eval)  # a metric of data, not samples, fails before the model is loaded
 
-    def score(output: Path, info: ModelInfo, device: torch.device) -> dict:
-        images, labels = read_images(output)
+    def build(info: ModelInfo, device: torch.device):
         ctx = ScoringContext(dataset=cfg.dataset or info.training_dataset(), device=device, batch=cfg.batch,
-                             cache_dir=Path(cfg.out) / "fid-refs", image_shape=tuple(images.shape[1:]),
-                             progress=cfg.progress)
-        numbers = {"files": metric_files(cfg.eval, cfg.eval.metrics)}
-        for name, scorer in build_scorers(cfg.eval, ctx).items():
-            numbers[name] = scorer(images, labels)
-        return numbers
+                             cache_dir=Path(cfg.out) / "fid-refs", image_shape=info.img_shape, progress=cfg.progress)
+        scorers = build_scorers(cfg.eval, ctx)
+        files = metric_files(cfg.eval, cfg.eval.metrics)
 
-    return score
+        def score(output: Path) -> dict:
+            images, labels = read_images(output)
+            return {"files": files, **{name: scorer(images, labels) for name, scorer in scorers.items()}}
+
+        return score
+
+    return build
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
@@ -69,7 +72,7 @@ def main(dcfg: DictConfig) -> None:
             dcfg.out = job
         cfg: SampleCommand = OmegaConf.to_object(dcfg)
         try:
-            report = generate_folder(cfg, score=scorer_of(cfg), on_own_folder=lambda out: handlers.append(
+            report = generate_folder(cfg, scorer=scorer_of(cfg), on_own_folder=lambda out: handlers.append(
                 own_folder_files(out, dcfg, hydra_cfg, "sample.log")))
         finally:
             for handler in handlers:

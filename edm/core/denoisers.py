@@ -148,8 +148,6 @@ class GuidedDenoiser(nn.Module):
         return guided if bool(active.all()) else torch.where(active.view((-1,) + (1,) * (x_hat.ndim - 1)), guided, d)
 
 
-
-
 class AutocastDenoiser(nn.Module):
     """D(x̂; σ) with the network under torch.autocast(`dtype`); the result comes back in x̂'s dtype.
 

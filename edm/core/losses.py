@@ -123,19 +123,23 @@ class Loss:
     learned_weighting: bool | None = None
 
     def __post_init__(self) -> None:
-        choose(_WEIGHTS, self.resolved_kind, "loss kind")
+        """Resolve every None: kind = the schedule's parameterization, P_mean/P_std and learned_weighting the kind's."""
+        kind = self.kind or self.schedule.parameterization
+        choose(_WEIGHTS, kind, "loss kind")
         check_choice(T_DISTS, self.t_dist, "t_dist")
-        default_mean, default_std = LOGNORMAL.get(self.resolved_kind, LOGNORMAL["edm"])
+        default_mean, default_std = LOGNORMAL.get(kind, LOGNORMAL["edm"])
+        object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "P_mean", default_mean if self.P_mean is None else float(self.P_mean))
         object.__setattr__(self, "P_std", default_std if self.P_std is None else float(self.P_std))
+        object.__setattr__(self, "learned_weighting", learns_weighting(kind, self.learned_weighting))
 
     @property
     def resolved_kind(self) -> str:
-        return self.kind or self.schedule.parameterization
+        return self.kind
 
     @property
     def learns_weighting(self) -> bool:
-        return learns_weighting(self.resolved_kind, self.learned_weighting)
+        return self.learned_weighting
 
     def sample_sigma(
         self, batch: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32

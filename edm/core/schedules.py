@@ -261,10 +261,10 @@ def from_spec(spec: dict) -> Schedule:
     return get(spec["name"], **options)
 
 
-def model_schedule(schedule: Schedule | None, key: str = "schedule") -> Schedule:
-    """A model's schedule, or a ValueError that asks for one (`key`=NAME, naming the schedules) when it stores none."""
+def model_schedule(schedule: Schedule | None, how: str = "schedule=NAME") -> Schedule:
+    """A model's schedule, or a ValueError that asks for one (`how`, naming the schedules) when it stores none."""
     if schedule is None:
-        raise ValueError(f"the model stores no schedule: pass {key}=NAME, one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"the model stores no schedule: pass {how}, NAME one of {', '.join(SCHEDULES)}")
     return schedule
 
 

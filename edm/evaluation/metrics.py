@@ -211,7 +211,7 @@ def _load_nvlabs_detector(path: Path, device: torch.device | str, allow_pickle: 
             "a pickle: loading it runs code stored in the file"
         raise ValueError(
             f"{path} is {kind}. If you trust it, allow code-carrying detectors (allow_pickle=True; edm-sample "
-            f"eval.allow_pickle=true; edm-eval allow_pickle=true){alternative}"
+            f"eval.fid.allow_pickle=true; edm-eval metric.allow_pickle=true){alternative}"
         )
     if torchscript:
         return NVlabsDetector(torch.jit.load(str(path), map_location=device)).eval()
@@ -296,8 +296,8 @@ def _uint8_to_unit(batch: np.ndarray) -> Tensor:
     return to_model_space(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2))
 
 
-def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:
-    """Batches [B, C, H, W] in [−1, 1] of the images in a folder (sorted paths, recursive) or an .npz file."""
+def _pixel_batches(source: str | Path, batch_size: int, max_images: int | None) -> Iterator[np.ndarray]:
+    """uint8 batches [B, H, W, C] of the images in a folder (sorted paths, recursive) or an .npz file."""
     from PIL import Image
 
     path = Path(source)
@@ -306,7 +306,7 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
     if path.suffix == ".npz":
         images = _npz_images(path)[:max_images]
         for start in range(0, len(images), batch_size):
-            yield _uint8_to_unit(images[start : start + batch_size])
+            yield images[start : start + batch_size]
         return
     files = image_files(path)[:max_images]
     if not files:
@@ -317,7 +317,12 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
             with Image.open(file) as img:
                 a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
             arrays.append(a[:, :, None] if a.ndim == 2 else a)
-        yield _uint8_to_unit(np.stack(arrays))
+        yield np.stack(arrays)
+
+
+def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:
+    """Batches [B, C, H, W] in [−1, 1] of the images in a folder (sorted paths, recursive) or an .npz file."""
+    return (_uint8_to_unit(batch) for batch in _pixel_batches(source, batch_size, max_images))
 
 
 # ----------------------------------------------------------------------------- cached statistics
@@ -483,15 +488,15 @@ def _source_batches(images: str | Path | Tensor, batch_size: int, max_images: in
 
 def read_images(source: str | Path, max_images: int | None = None) -> tuple[Tensor, Tensor | None]:
     """(uint8 images [N, C, H, W], class indices [N] or None) of a folder of image files or an .npz (an
-    edm-sample npz carries its labels)."""
+    edm-sample npz carries its labels), at most max_images of them."""
     path = Path(source)
     labels = None
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
             if "labels" in data.files:
                 labels = torch.from_numpy(data["labels"][:max_images]).long()
-    images = torch.cat([to_uint8(batch) for batch in image_batches(path, 256, max_images)])
-    return images, labels
+    pixels = np.concatenate(list(_pixel_batches(path, 4096, max_images)))
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
 
 
 def _mean_cov(features: Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -172,7 +172,7 @@ def _score_points(cfg: StudyConfig, counting: GuidedDenoiser, info: ModelInfo, s
             row = json.loads(path.read_text())
         else:
             row = _score_point(counting, schedule, s, info, cfg, scorers, device)
-            row["schedule_options"] = to_spec(schedule)
+            row["schedule_spec"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)
         logger.info("%s %s %d steps: NFE %d, %s", row["schedule"], row["solver"], row["steps"], row["nfe"],

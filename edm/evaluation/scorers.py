@@ -16,7 +16,6 @@ one row.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
-from ..choices import choose
+from ..choices import choose, keyword_defaults
 from ..core import likelihood
-from ..core.schedules import Schedule, model_schedule, to_spec
+from ..core.schedules import Schedule, to_spec
 from ..data import DatasetConfig, build_dataset, dataset_images
 from ..files import file_sha256
 from ..hardware import DTYPES
@@ -48,7 +47,7 @@ class ScoringContext:
     """What a scorer may use besides its options: the data set (the reference of fid, the classifier's
     data of fd_cls; by default the model's training set), the device, images per forward pass, the
     default cache of reference statistics, the shape the scored images will have, and the model (a
-    denoiser and its edm.models.loading.ModelInfo) when one is being evaluated."""
+    denoiser, its edm.models.loading.ModelInfo and the schedule to evaluate it under) when one is evaluated."""
 
     dataset: DatasetConfig | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -84,7 +83,7 @@ def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
     pr_extractor = None
     if cfg.pr_features is not None:
         if not cfg.precision_recall:
-            raise ValueError("pr_features is the detector of precision/recall: add precision_recall=true")
+            raise ValueError("pr_features is the detector of precision/recall: set fid's precision_recall=true too")
         pr_extractor = metrics.load_vgg16(cfg.pr_features, ctx.device, allow_pickle=cfg.allow_pickle)
     common = dict(
         extractor_key=Path(cfg.inception).stem, cache_dir=cfg.cache_dir or ctx.cache_dir, batch_size=ctx.batch,
@@ -131,9 +130,7 @@ def fd_cls_scorer(cfg: FdClsConfig, ctx: ScoringContext) -> Scorer:
 # ----------------------------------------------------------------------------- bpd
 
 
-def _default(fn: Callable[..., Any], name: str) -> Any:
-    """The default of keyword `name` of `fn`: the library's value, written once."""
-    return inspect.signature(fn).parameters[name].default
+_LIKELIHOOD, _BPD = keyword_defaults(likelihood.log_likelihood), keyword_defaults(likelihood.bits_per_dim)
 
 
 @dataclass
@@ -141,13 +138,13 @@ class BpdConfig:
     """Bits/dim of 8-bit data under the context's model: the probability-flow ODE's exact log-likelihood
     (edm.core.likelihood), averaged over the images with its standard error."""
 
-    num_steps: int = _default(likelihood.log_likelihood, "num_steps")  # ODE steps
-    discretization: Optional[str] = _default(likelihood.log_likelihood, "discretization")  # time grid of the ODE
-    integrator: str = _default(likelihood.log_likelihood, "integrator")  # rk4 | heun
-    divergence_method: str = _default(likelihood.log_likelihood, "divergence_method")  # exact | hutchinson | auto
-    hutchinson_noise: str = _default(likelihood.log_likelihood, "hutchinson_noise")  # rademacher | gaussian
-    exact_max_dim: int = _default(likelihood.log_likelihood, "exact_max_dim")  # auto: exact up to this many dimensions
-    dequantization: str = _default(likelihood.bits_per_dim, "dequantization")  # uniform | center
+    num_steps: int = _LIKELIHOOD["num_steps"]  # ODE steps
+    discretization: Optional[str] = _LIKELIHOOD["discretization"]  # time grid of the ODE
+    integrator: str = _LIKELIHOOD["integrator"]  # rk4 | heun
+    divergence_method: str = _LIKELIHOOD["divergence_method"]  # exact | hutchinson | auto
+    hutchinson_noise: str = _LIKELIHOOD["hutchinson_noise"]  # rademacher | gaussian
+    exact_max_dim: int = _LIKELIHOOD["exact_max_dim"]  # auto: exact up to this many dimensions
+    dequantization: str = _BPD["dequantization"]  # uniform | center
     dtype: str = "float32"  # float32 | float64
     seed: int = 0  # seed of the dequantization and Hutchinson noise
     max_images: Optional[int] = None  # score the first N images only
@@ -158,7 +155,7 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
     if ctx.model is None:
         raise ValueError("bits/dim scores a model: give it (checkpoint=PATH)")
     dtype = choose(DTYPES, cfg.dtype, "dtype")
-    schedule = ctx.schedule or model_schedule(ctx.info.schedule)
+    schedule = ctx.schedule
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dequantization", "dtype", "seed", "max_images")}
     label_dim = int(getattr(ctx.info, "label_dim", 0) or 0)
 
@@ -256,15 +253,20 @@ def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path
     """One metric's numbers (edm-eval): of the image files `images` for a metric of samples; of the data
     images `data` (a folder or .npz), else of ctx.dataset, under ctx.model for a metric of data."""
     metric = choose(METRICS, name, "metric")
-    if metric.scores == "samples":
-        if images is None or data is not None:
-            raise ValueError(f"metric={name} scores generated images: give images=PATH (a folder of image files or "
-                             "an .npz), and its reference as the metric's options or dataset=NAME")
-        x, labels = metrics.read_images(images)
+    if metric.scores == "samples" and (images is None or data is not None):
+        raise ValueError(f"metric={name} scores generated images: give images=PATH (a folder of image files or "
+                         "an .npz), and its reference as the metric's options or dataset=NAME")
+    if metric.scores == "data" and ((data is None) == (ctx.dataset is None) or images is not None):
+        raise ValueError(f"metric={name} scores data under a model: give the data as data=PATH (folder or .npz) "
+                         "or dataset=NAME, and the model as checkpoint=PATH")
+    if ctx.info is not None:
+        ctx = dataclasses.replace(ctx, image_shape=ctx.info.img_shape)
+    scorer = metric.build(options, ctx)  # weights, references and classifiers before the images are read
+    limit = getattr(options, "max_images", None)
+    if images is not None:
+        x, labels = metrics.read_images(images, limit)
+    elif data is not None:
+        x, labels = metrics.read_images(data, limit)
     else:
-        if (data is None) == (ctx.dataset is None) or images is not None:
-            raise ValueError(f"metric={name} scores data under a model: give the data as data=PATH (folder or .npz) "
-                             "or dataset=NAME, and the model as checkpoint=PATH")
-        x, labels = metrics.read_images(data) if data is not None else dataset_images(build_dataset(ctx.dataset))
-    ctx = dataclasses.replace(ctx, image_shape=tuple(x.shape[1:]))
-    return metric.build(options, ctx)(x, labels)
+        x, labels = dataset_images(build_dataset(dataclasses.replace(ctx.dataset, max_size=limit or ctx.dataset.max_size)))
+    return scorer(x, labels)

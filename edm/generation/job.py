@@ -119,15 +119,17 @@ def earlier_results(out: Path) -> list[Path]:
 def generate_folder(
     cfg: SampleConfig, *,
     on_own_folder: Callable[[Path], Any] | None = None,
-    score: Callable[[Path, ModelInfo, torch.device], dict] | None = None,
+    scorer: Callable[[ModelInfo, torch.device], Callable[[Path], dict]] | None = None,
 ) -> dict | None:
     """Generate cfg's images into cfg.out in every process of the launch (accelerate's PartialState); the main
-    process owns the folder (then calls `on_own_folder(out)`), finalizes the output and writes
-    OUT/report.json, with `score(output, info, device)` under "metrics" when given. Returns the report (main process)."""
+    process owns the folder (then calls `on_own_folder(out)`), finalizes the output and writes OUT/report.json.
+    With `scorer`, the main process calls scorer(info, device) once the model is loaded, before the folder is
+    claimed or any image made (a bad metric setting costs nothing), and puts what the score it returns makes
+    of the finished output under "metrics". Returns the report (main process)."""
     from accelerate import PartialState
 
     choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
-    if cfg.format == "grid" and score is not None:
+    if cfg.format == "grid" and scorer is not None:
         raise ValueError("scoring needs the images: use format=png or format=npz")
     state = PartialState(cpu=use_cpu(cfg.cpu))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -147,6 +149,7 @@ def generate_folder(
                                   ema=cfg.ema, device=state.device)
     seeds = _seeds(cfg)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
+    score = scorer(info, state.device) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
     record = provenance(cfg, schedule, info, launch) | {
         "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
@@ -182,7 +185,7 @@ def generate_folder(
             "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
         }
         if score is not None:
-            report["metrics"] = score(output, info, state.device)
+            report["metrics"] = score(output)
         write_json(out / REPORT_NAME, report)
         return report
     finally:

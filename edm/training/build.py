@@ -9,11 +9,11 @@ filled in: checkpoints rebuild the same objects from them, and resume compares t
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ..choices import keyword_defaults
 from ..core.losses import Loss
 from ..core.precond import Precond
 from ..core.schedules import VP, Schedule
@@ -41,13 +41,12 @@ def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
 
 def loss_spec(loss: Loss) -> dict[str, Any]:
     """Every field of a (resolved) Loss but its schedule: what a checkpoint records and resume compares."""
-    spec = {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
-    return spec | {"kind": loss.resolved_kind, "learned_weighting": loss.learns_weighting}
+    return {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
 
 
 def precond_defaults() -> dict[str, Any]:
     """Every Precond keyword argument with its default: what a spec that omits a key means."""
-    return {p.name: p.default for p in inspect.signature(Precond).parameters.values() if p.name != "net"}
+    return keyword_defaults(Precond)
 
 
 def precond_spec(cfg: PrecondConfig, schedule: Schedule, loss: Loss) -> dict[str, Any]:

@@ -38,14 +38,12 @@ from .run import (
     Run, RunDirError, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_streams,
     trim_metrics,
 )
-from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, log
+from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, installed_trackers, log, start_trackers
 from .step import learning_rate, make_optimizer, train_step
 
 __all__ = ["train", "setup", "TrainResult", "TrainingDivergedError", "RunDirError"]
 
 logger = logging.getLogger(__name__)
-
-
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -66,8 +64,8 @@ class TrainResult:
 @torch.no_grad()
 def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
     """Sample grid_size images with the EMA denoiser and the configured sampler, image j from seed
-    grid_seed + j (and class j mod label_dim), as edm-sample generates them; also to
-    TensorBoard through run_log when it has a writer."""
+    grid_seed + j (and class j mod label_dim), as edm-sample generates them; also to the run log's
+    trackers."""
     cfg, ds = run.cfg, run.dataset
     seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
     plan = plan_images(seeds, list(range(ds.label_dim)) or None, ds.label_dim)
@@ -85,11 +83,14 @@ def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
 def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
-    `on_own_run_dir(run_dir)`; resumes from run_dir's latest checkpoint if asked."""
+    `on_own_run_dir(run_dir)`; resumes from run_dir's latest checkpoint if asked. Bad values, schedule options
+    or loss/precond combinations fail before any work; run_dir None is run_folder(cfg)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    resolved = resolve(cfg)  # bad schedule options or loss/precond combinations fail before any work
+    check_config(cfg)
+    resolved = resolve(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=run_folder(cfg))
 
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).
@@ -155,31 +156,6 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     return run
 
 
-def installed_trackers(names: list[str]) -> list[str]:
-    """The named trackers but accelerate's own whose package is missing (start_trackers names those); a name
-    accelerate does not know goes through, for accelerate to refuse it (or find it registered)."""
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
-
-    available, builtin = {str(t) for t in get_available_trackers()}, {str(t) for t in LoggerType}
-    return [name for name in names if name in available or name not in builtin]
-
-
-def start_trackers(run: Run) -> list:
-    """accelerate's experiment trackers of cfg.trackers, writing under run_dir (TensorBoard: run_dir/<tracker_project>);
-    one whose package is missing is named and skipped: metrics.jsonl is always written."""
-    if not run.cfg.trackers:
-        return []
-    if run.accelerator.log_with:
-        run.accelerator.init_trackers(run.cfg.tracker_project)
-    started = {tracker.name for tracker in run.accelerator.trackers}
-    missing = [name for name in run.cfg.trackers if name not in started]
-    if missing and run.is_main:
-        logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
-                    " ".join(missing), run.run_dir / "metrics.jsonl")
-    return list(run.accelerator.trackers)
-
-
 def launch_token(accelerator: Any) -> str:
     """A random token that every process of this launch shares (the main process draws it)."""
     from accelerate.utils import broadcast_object_list
@@ -222,8 +198,7 @@ def train(
 ) -> TrainResult:
     """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
     run_dir, `callback(run)` after every step (tests use it to inject faults)."""
-    check_config(cfg)
-    run = setup(dataclasses.replace(cfg, run_dir=run_folder(cfg)), on_own_run_dir)
+    run = setup(cfg, on_own_run_dir)
     try:
         return _loop(run, callback)
     finally:
@@ -252,7 +227,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     batches = _batches(run, micro)
     snapshot_nimg = round(cfg.ema_snapshot_kimg * 1000)  # power-EMA snapshots each time cur_nimg passes a multiple
     run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
-                     trackers=start_trackers(run), progress=cfg.progress)
+                     trackers=start_trackers(acc, cfg.trackers, cfg.tracker_project, run.run_dir), progress=cfg.progress)
     loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     t_last, nimg_last = time.perf_counter(), state.cur_nimg
     checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False

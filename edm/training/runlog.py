@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..progress import progress_bar
 
-__all__ = ["RunLog", "IMAGE_KWARGS", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
+__all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
 
 STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 
@@ -26,6 +26,30 @@ logger = logging.getLogger(__name__)
 
 # What each tracker's log_images needs besides a batch of HWC images (TensorBoard reads NCHW otherwise).
 IMAGE_KWARGS = {"tensorboard": {"dataformats": "NHWC"}}
+
+
+def installed_trackers(names: list[str]) -> list[str]:
+    """The named trackers but accelerate's own whose package is missing (start_trackers names those); a name
+    accelerate does not know goes through, for accelerate to refuse it (or find it registered)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available, builtin = {str(t) for t in get_available_trackers()}, {str(t) for t in LoggerType}
+    return [name for name in names if name in available or name not in builtin]
+
+
+def start_trackers(accelerator: Any, names: list[str], project: str, run_dir: Path) -> list:
+    """The started experiment trackers of an accelerator made with log_with=installed_trackers(names), writing
+    under run_dir (TensorBoard: run_dir/<project>); the named ones whose package is missing are named in the log
+    (metrics.jsonl is written either way)."""
+    if accelerator.log_with:
+        accelerator.init_trackers(project)
+    started = {tracker.name for tracker in accelerator.trackers}
+    missing = [name for name in names if name not in started]
+    if missing and accelerator.is_main_process:
+        logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
+                    " ".join(missing), Path(run_dir) / "metrics.jsonl")
+    return list(accelerator.trackers)
 
 
 class RunLog:
