@@ -11,6 +11,12 @@ ramp, nan_to_num on the gradients and its EMA update. It starts from the weights
 builds for the same seed. OUT gets an edm checkpoint (raw and EMA weights, the config), which
 edm-sample and edm-study read.
 
+--edm-draws order,noise replays edm-train's random draws for the same seed instead of the
+reference's own: `order` its data order (edm.data.StreamBatchSampler), `noise` its σ and n (its
+generator, seeded by edm.training.run.seed_streams, handed to EDMLoss in place of torch.randn).
+With both, the two loops see the same numbers, and --against CHECKPOINT (edm-train's, same seed
+and step) prints how far apart their weights ended.
+
 This imports the checkout's Python code: --nvlabs-repo is the opt-in. Settings that the reference
 loop of this script does not implement are refused: labels, augmentation, accumulation, lr decay,
 grad_clip, mixed precision, schedules other than edm and vp, and networks other than SongUNet.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,13 +42,15 @@ from edm.training.build import loss_spec, resolve
 from edm.cli import compose as edm_compose
 from edm.training.config import TrainConfig
 from edm.files import to_container
-from edm.data import build_dataset, to_model_space
+from edm.data import StreamBatchSampler, build_dataset, to_model_space
 from edm.models.nvlabs import convert_state_dict
+from edm.training.run import seed_streams
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
 OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim")  # set by the reference's precond
 REFERENCE_PRECOND_KEYS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M")}  # taken from our precond spec
+EDM_DRAWS = ("order", "noise")  # edm-train's streams that --edm-draws can replay
 
 
 def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int, *, lr: float,
@@ -62,6 +71,63 @@ def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_
     with torch.no_grad():
         for p_ema, p_net in zip(ema.parameters(), net.parameters()):
             p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
+class EdmDraws:
+    """edm-train's random draws for one process, replayed: its data order (`order`: StreamBatchSampler
+    over the (seed, epoch) permutations) and its noise (`noise`: per step, edm.Loss draws u, then the
+    normal z of ln σ = P_mean + P_std·z, then n, from the generator that seed_streams seeds)."""
+
+    def __init__(self, streams: set[str], dataset: Any, loss: Any, seed: int, batch_size: int) -> None:
+        self.streams, self.dataset, self.loss, self.batch_size = streams, dataset, loss, batch_size
+        self.order = iter(StreamBatchSampler(len(dataset), seed, batch_size, batch_size))
+        self.generator = torch.Generator()
+        global_state = torch.get_rng_state()
+        seed_streams(self.generator, seed, rank=0)  # seeds the global RNG too: the reference's stays as it was
+        torch.set_rng_state(global_state)
+
+    def images(self) -> torch.Tensor:
+        """The next batch of edm-train's data order, as its loader stacks it (values in [0, 255])."""
+        return torch.stack([self.dataset[i][0] for i in next(self.order)])
+
+    def draw(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [B], n) as edm.Loss draws them for y; checked against the library's own σ draw."""
+        probe = torch.Generator().set_state(self.generator.get_state())
+        sigma = self.loss.sample_sigma(y.shape[0], generator=probe)
+        torch.rand(y.shape[0], generator=self.generator)
+        z = torch.randn(y.shape[0], generator=self.generator)
+        if not torch.equal(torch.exp(self.loss.P_mean + self.loss.P_std * z), sigma):
+            raise RuntimeError("edm.Loss no longer draws u, then z: update EdmDraws.draw to its order")
+        return z, torch.randn(y.shape, generator=self.generator)
+
+    @contextlib.contextmanager
+    def injected(self, y: torch.Tensor) -> Iterator[None]:
+        """EDMLoss's torch.randn([B, 1, 1, 1]) and torch.randn_like(y) return edm-train's z and n."""
+        z, n = self.draw(y)
+        given = {"randn": z.reshape(-1, 1, 1, 1), "randn_like": n}
+        saved = torch.randn, torch.randn_like
+
+        def take(name: str, shape: torch.Size) -> torch.Tensor:
+            value = given.pop(name, None)
+            if value is None or value.shape != shape:
+                raise RuntimeError(f"EDMLoss asked for torch.{name} of shape {list(shape)} beyond the injected draws")
+            return value
+
+        torch.randn = lambda shape, **kwargs: take("randn", torch.Size(shape))  # noqa: E731
+        torch.randn_like = lambda x, **kwargs: take("randn_like", x.shape)  # noqa: E731
+        try:
+            yield
+        finally:
+            torch.randn, torch.randn_like = saved
+        if given:
+            raise RuntimeError(f"EDMLoss did not take the injected {sorted(given)}")
+
+
+def relative_distance(a: dict, b: dict, start: dict) -> float:
+    """‖a − b‖ / ‖b − start‖ over the parameters of three state dicts (float64 sums)."""
+    def norm(x: dict, y: dict) -> float:
+        return math.sqrt(sum(float((x[k].double() - y[k].double()).pow(2).sum()) for k in y))
+    return norm(a, b) / max(norm(b, start), 1e-30)
 
 
 def compose(overrides: list[str], out: Path) -> TrainConfig:
@@ -105,8 +171,10 @@ def sampler_init_without_arguments() -> Iterator[None]:
         torch.utils.data.Sampler.__init__ = saved
 
 
-def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100) -> Path:
-    """Run the reference loop for the config's total_kimg; returns the checkpoint it wrote in `out`."""
+def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100,
+                    edm_draws: set[str] = frozenset()) -> Path:
+    """Run the reference loop for the config's total_kimg, with edm-train's draws where `edm_draws`
+    names them; returns the checkpoint it wrote in `out`."""
     existing = ckpt.find_latest(out)
     if existing is not None:
         raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; choose another --out")
@@ -116,6 +184,10 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     dataset = build_dataset(cfg.dataset)
     spec = resolved.denoiser_spec(cfg, dataset)
     check_supported(cfg, schedule, spec, loss)
+    unknown = set(edm_draws) - set(EDM_DRAWS)
+    if unknown or ("noise" in edm_draws and schedule.name != "edm"):
+        raise SystemExit(f"nvlabs_loop.py: error: --edm-draws takes {', '.join(EDM_DRAWS)} (noise: schedule=edm only), "
+                         f"got {','.join(sorted(edm_draws))}")
     sys.path.insert(0, str(Path(nvlabs_repo).resolve()))
     from torch_utils import misc as ref_misc
     from training import loss as ref_loss, networks as ref_networks
@@ -139,11 +211,14 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
         sampler = ref_misc.InfiniteSampler(dataset=dataset, seed=cfg.seed)
     loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size,
                                               num_workers=cfg.dataset.num_workers))
+    draws = EdmDraws(set(edm_draws), dataset, loss, cfg.seed, cfg.batch_size) if edm_draws else None
     cur_nimg, total_nimg, start = 0, int(round(cfg.total_kimg * 1000)), time.time()
     while cur_nimg < total_nimg:
-        reference_iteration(net, ema, optimizer, loss_fn, to_model_space(next(loader)[0]), cur_nimg, lr=cfg.lr,
-                            rampup_kimg=cfg.lr_rampup_kimg, halflife_kimg=cfg.ema_halflife_kimg,
-                            rampup_ratio=cfg.ema_rampup_ratio)
+        images = to_model_space(draws.images() if draws and "order" in draws.streams else next(loader)[0])
+        with draws.injected(images) if draws and "noise" in draws.streams else contextlib.nullcontext():
+            reference_iteration(net, ema, optimizer, loss_fn, images, cur_nimg, lr=cfg.lr,
+                                rampup_kimg=cfg.lr_rampup_kimg, halflife_kimg=cfg.ema_halflife_kimg,
+                                rampup_ratio=cfg.ema_rampup_ratio)
         cur_nimg += cfg.batch_size
         step = cur_nimg // cfg.batch_size
         if step % log_every == 0:
@@ -155,9 +230,21 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
         "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule), "loss": loss_spec(loss),
         "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
         "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
-        "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py",
+        "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py"
+                      + (f" with edm-train's draws ({','.join(sorted(edm_draws))})" if edm_draws else ""),
     })
     return path
+
+
+def compare(path: Path, against: Path) -> dict[str, float]:
+    """How far two checkpoints of the same run length lie apart: ‖θ − θ'‖ / ‖θ' − θ_0‖ for the raw and
+    EMA weights (θ' = `against`'s, θ_0 = edm-train's initial weights for its config's seed)."""
+    ours, theirs = (torch.load(p, map_location="cpu", weights_only=True) for p in (path, against))
+    if ours["cur_nimg"] != theirs["cur_nimg"]:
+        raise SystemExit(f"nvlabs_loop.py: error: {path} is at {ours['cur_nimg']} images, {against} at {theirs['cur_nimg']}")
+    torch.manual_seed(theirs["config"]["seed"])
+    start = ckpt.build_denoiser(theirs["denoiser"]).state_dict()
+    return {key: relative_distance(ours[key], theirs[key], start) for key in ("model", "ema")}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -165,10 +252,18 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--nvlabs-repo", required=True, metavar="PATH", help="an NVlabs/edm checkout (its code is run)")
     p.add_argument("--out", required=True, type=Path, help="folder for the checkpoint (must hold none yet)")
     p.add_argument("--log-every", type=int, default=100, metavar="STEPS")
+    p.add_argument("--edm-draws", default="", metavar="order,noise",
+                   help="replay edm-train's data order and/or σ and n (same seed) instead of the reference's own")
+    p.add_argument("--against", type=Path, metavar="CHECKPOINT",
+                   help="an edm-train checkpoint of the same length: print the relative distance of the weights")
     p.add_argument("overrides", nargs="*", help="edm-train overrides: dataset=, network=, seed=, total_kimg=, lr= ...")
     args = p.parse_args(argv)
-    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every)
+    draws = {name for name in args.edm_draws.split(",") if name}
+    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws)
     print(f"saved {path}")
+    if args.against is not None:
+        for key, value in compare(path, args.against).items():
+            print(f"{key}: |theta - theta_edm| / |theta_edm - theta_0| = {value:.3e}")
     return path
 
 

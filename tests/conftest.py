@@ -205,6 +205,17 @@ def inception_weights(tmp_path_factory):
 REPO = Path(__file__).resolve().parent.parent  # the repository's root
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules, as dataclasses need)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"edm_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def metrics_records(run_dir: Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

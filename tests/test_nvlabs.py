@@ -9,7 +9,6 @@ built, pickled as the training loop does, loaded with `load_nvlabs` and compared
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import math
 import os
@@ -32,19 +31,12 @@ from edm.models.loading import load_model
 from edm.models.nvlabs import NVlabsError, convert, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 from edm.models.unpickler import array_values
 
-from conftest import command
+from conftest import command, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_nvlabs_loop():
-    spec = importlib.util.spec_from_file_location("edm_nvlabs_loop", REPO / "scripts" / "nvlabs_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nvlabs_loop = _load_nvlabs_loop()  # scripts/nvlabs_loop.py: the reference's training iteration and loop
+nvlabs_loop = load_script("nvlabs_loop")  # scripts/nvlabs_loop.py: the reference's training iteration and loop
 
 # --------------------------------------------------------------------------------------
 # Architectures under test: reference constructor kwargs (small sizes, real structure).
@@ -797,6 +789,23 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
     assert not all(torch.equal(state["ema"][k], ref_state["ema"][k]) for k in state["ema"])
     with pytest.raises(SystemExit, match="already holds"):
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref4"), *tiny_train])
+
+
+def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_reference, request, tmp_path, tiny_train):
+    """--edm-draws order,noise: the reference loop on edm-train's data order, σ and n ends 12 steps later
+    at edm-train's weights to float32 round-off (relative distance < 1e-4, against > 0.1 on its own
+    draws), which is how docs/nvlabs.md tells the loops' arithmetic from their random streams."""
+    from edm.training.loop import train
+
+    repo = request.config.getoption("--nvlabs-repo")
+    run = [*tiny_train, "total_kimg=0.096", "lr_rampup_kimg=0.02", "dataset.num_workers=0"]
+    ours = train(nvlabs_loop.compose(run, tmp_path / "ours")).checkpoint
+    same = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "same"), "--edm-draws", "order,noise", *run])
+    own = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "own"), *run])
+    assert max(nvlabs_loop.compare(same, ours).values()) < 1e-4
+    assert min(nvlabs_loop.compare(own, ours).values()) > 0.1
+    with pytest.raises(SystemExit, match="--edm-draws takes order, noise"):
+        nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "x"), "--edm-draws", "labels", *run])
 
 
 @pytest.mark.parametrize("override, named", [

@@ -1,4 +1,5 @@
-"""Figures people would rather look at than read: the loss curve of a run, a score against NFE.
+"""Figures people would rather look at than read: the loss curve of a run, a score against NFE, the
+scores of arms trained on paired seeds.
 
 matplotlib draws off-screen (Agg) into PNGs written atomically; nothing here opens a window.
 """
@@ -13,7 +14,7 @@ from typing import Mapping, Sequence
 
 from ..files import atomic_write
 
-__all__ = ["LOSS_CURVE_NAME", "plot_loss_curve", "plot_score_vs_nfe"]
+__all__ = ["LOSS_CURVE_NAME", "plot_loss_curve", "plot_score_vs_nfe", "plot_paired_scores"]
 
 LOSS_CURVE_NAME = "loss.png"  # beside samples-final.png in a run folder
 
@@ -70,6 +71,33 @@ def plot_score_vs_nfe(
     ax.set_ylabel(score)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    ax.set_title(title, fontsize=9)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_paired_scores(
+    scores: Mapping[str, Mapping[int, float]], path: str | Path, *, score: str, title: str = ""
+) -> Path:
+    """One column per arm (scores[arm][seed]), a dot per seed, a grey line joining each seed's dots
+    across the arms (what pairing compares) and a bar at each arm's mean."""
+    plt = _figure()
+    arms = list(scores)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(arms), 4))
+    for seed in sorted({k for per_seed in scores.values() for k in per_seed}):
+        xs = [i for i, arm in enumerate(arms) if seed in scores[arm]]
+        ax.plot(xs, [scores[arms[i]][seed] for i in xs], color="0.75", zorder=1)
+        ax.scatter(xs, [scores[arms[i]][seed] for i in xs], zorder=2, s=18)
+    for i, arm in enumerate(arms):
+        values = list(scores[arm].values())
+        if values:
+            ax.hlines(sum(values) / len(values), i - 0.25, i + 0.25, color="black", zorder=3)
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_xlim(-0.5, len(arms) - 0.5)
+    ax.set_ylabel(f"{score} (lower is better)")
+    ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=9)
     try:
         return _save(fig, Path(path))

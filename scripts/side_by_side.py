@@ -1,0 +1,223 @@
+"""Train arms side by side on paired seeds and compare their sample quality with paired differences.
+
+    python scripts/side_by_side.py --out runs/side-by-side --seeds 0-4 --num-images 10000 \\
+        --nvlabs-repo /path/to/edm --arm ours=edm-train --arm reference=nvlabs \\
+        dataset=fashion_mnist dataset.resolution=16 network=tiny total_kimg=96 dataset.num_workers=0
+
+An arm is LABEL=KIND [OVERRIDE ...]: KIND `edm-train` trains with edm.training.loop.train, `nvlabs` with
+NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code it runs), and
+`nvlabs:order,noise` with that loop on edm-train's data order and/or σ and n. The arm's overrides go
+on top of the shared ones (the positional arguments, edm-train's keys). Every arm trains once per
+seed k (seed=k) and is scored on the same samples seeds 0..N−1 (EMA weights, Heun 18 steps, FD_cls of
+edm.evaluation.quality, through edm-study's run_study), so seed k pairs the arms: the table gives each
+arm's scores per seed, mean ± sd, and the mean paired difference from the first arm with its 95 %
+Student-t interval (edm.evaluation.stats).
+
+OUT/<label>/seed-<k>/ holds each run and its score/; OUT/table.md, table.json and scores.png the result.
+A rerun continues where the last stopped: finished runs and scores are kept and a cut run resumes.
+OUT/provenance.json records the shared settings, and a rerun with others is refused. `--only LABEL`
+trains and scores one arm, so several processes (one thread each) can share the work; the table is
+written from every score present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edm.cli import compose
+from edm.evaluation.nfe_study import StudyConfig, run_study
+from edm.evaluation.quality import ClassifierConfig
+from edm.evaluation.scorers import EvalConfig, FdClsConfig
+from edm.evaluation.plots import plot_paired_scores
+from edm.evaluation.stats import mean_sd, paired_difference
+from edm.files import FolderLock, atomic_write, write_json
+from edm.generation.provenance import ProvenanceError, claim
+from edm.models import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("edm-train", "nvlabs")
+SCORE = "fd_cls"
+SOLVER, STEPS = "heun", 18
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: its label, how it trains (KINDS; draws: edm-train's streams the nvlabs loop replays), its overrides."""
+
+    label: str
+    kind: str
+    draws: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "Arm":
+        """LABEL=KIND[:order,noise] [OVERRIDE ...]."""
+        head, *overrides = shlex.split(text)
+        label, sep, kind = head.partition("=")
+        kind, _, draws = kind.partition(":")
+        if not sep or not label or kind not in KINDS or (draws and kind != "nvlabs"):
+            raise SystemExit(f"side_by_side.py: error: --arm {text!r}: expected LABEL=KIND [OVERRIDE ...], KIND one of "
+                             f"{', '.join(KINDS)} (nvlabs:order,noise replays edm-train's draws)")
+        if "/" in label or label.startswith("."):
+            raise SystemExit(f"side_by_side.py: error: arm label {label!r} names a folder: use letters, digits, - or _")
+        return cls(label, kind, tuple(d for d in draws.split(",") if d), tuple(overrides))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4' or '0,2,5' (or both: '0-2,7')."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return list(dict.fromkeys(seeds))
+
+
+def _nvlabs_loop():
+    """scripts/nvlabs_loop.py, the reference loop, as a module."""
+    spec = importlib.util.spec_from_file_location("edm_nvlabs_loop", REPO / "scripts" / "nvlabs_loop.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finished_checkpoint(run_dir: Path, overrides: list[str]) -> Path | None:
+    """run_dir's latest checkpoint if it has reached the config's total_kimg, else None."""
+    latest = ckpt.find_latest(run_dir)
+    if latest is None:
+        return None
+    cfg = compose("train", overrides)
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    return latest if state["cur_nimg"] >= round(cfg.total_kimg * 1000) else None
+
+
+def train_arm(arm: Arm, seed: int, shared: list[str], run_dir: Path, nvlabs_repo: str | None) -> Path:
+    """The arm's final checkpoint for `seed`: trained now, resumed, or found."""
+    overrides = [*shared, *arm.overrides, f"seed={seed}", f"run_dir={run_dir}", "progress=false"]
+    done = finished_checkpoint(run_dir, overrides)
+    if done is not None:
+        return done
+    if arm.kind == "edm-train":
+        from edm.training.loop import train
+
+        resume = ckpt.find_latest(run_dir) is not None
+        return train(compose("train", [*overrides, f"resume={str(resume).lower()}"])).checkpoint
+    if nvlabs_repo is None:
+        raise SystemExit(f"side_by_side.py: error: arm {arm.label} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
+    return _nvlabs_loop().train_reference(nvlabs_repo, [o for o in overrides if not o.startswith(("run_dir=", "progress="))],
+                                          run_dir, edm_draws=set(arm.draws))
+
+
+def score_arm(checkpoint: Path, out: Path, num_images: int, batch: int, classifier: ClassifierConfig) -> float:
+    """FD_cls of the checkpoint's EMA on seeds 0..num_images−1 (Heun, 18 steps), kept in out/ for reruns."""
+    metrics = EvalConfig(metrics=[SCORE], fd_cls=FdClsConfig(classifier=classifier))
+    cfg = StudyConfig(checkpoint=str(checkpoint), solvers=[SOLVER], steps=[STEPS], num_images=num_images, batch=batch,
+                      out=str(out), eval=metrics, progress=False)
+    return float(run_study(cfg)[0][SCORE])
+
+
+def collect(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, dict[int, float]]:
+    """scores[label][seed] of every finished score under out."""
+    scores: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        scores[arm.label] = {}
+        for seed in seeds:
+            table = out / arm.label / f"seed-{seed}" / "score" / "table.json"
+            if table.is_file():
+                scores[arm.label][seed] = float(json.loads(table.read_text())["rows"][0][SCORE])
+    return scores
+
+
+def report(out: Path, arms: list[Arm], scores: dict[str, dict[int, float]], shared: list[str], num_images: int) -> str:
+    """table.md, table.json and scores.png from the scores; returns the markdown."""
+    seeds = sorted({k for per_seed in scores.values() for k in per_seed})
+    base = arms[0].label
+    lines = [f"{SCORE} of the EMA, {num_images} samples (seeds 0-{num_images - 1}, {SOLVER} {STEPS} steps) per run; "
+             f"shared settings: {' '.join(shared)}", "",
+             "| arm | " + " | ".join(f"seed {k}" for k in seeds) + " | mean ± sd | paired difference from "
+             f"{base} (95 % interval) |", "|---" * (len(seeds) + 3) + "|"]
+    rows = []
+    for arm in arms:
+        per_seed = scores[arm.label]
+        cells = [f"{per_seed[k]:.3f}" if k in per_seed else "" for k in seeds]
+        mean, sd = mean_sd(list(per_seed.values())) if per_seed else (float("nan"), float("nan"))
+        paired = [k for k in seeds if k in per_seed and k in scores[base]]
+        row = {"arm": arm.label, "kind": arm.kind, "draws": list(arm.draws), "overrides": list(arm.overrides),
+               "scores": {str(k): per_seed[k] for k in sorted(per_seed)}, "mean": mean, "sd": sd}
+        difference = ""
+        if arm.label != base and len(paired) >= 2:
+            d = paired_difference([scores[base][k] for k in paired], [per_seed[k] for k in paired])
+            row["paired_difference"] = dataclasses.asdict(d)
+            base_mean = sum(scores[base][k] for k in paired) / len(paired)
+            difference = (f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] over {d.n} seeds "
+                          f"({100 * d.mean / base_mean:+.1f} %{'' if d.excludes_zero() else ', interval holds 0'})")
+        rows.append(row)
+        name = arm.label + (f" ({' '.join(arm.overrides)})" if arm.overrides else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} ± {sd:.3f} | {difference} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "table.md", lambda f: f.write(text.encode()))
+    write_json(out / "table.json", {"score": SCORE, "num_images": num_images, "shared": shared, "rows": rows})
+    if seeds:
+        plot_paired_scores(scores, out / "scores.png", score=SCORE, title=f"{num_images} samples per run; lines join seeds")
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="folder of the comparison (runs, scores, table)")
+    p.add_argument("--arm", action="append", required=True, metavar="LABEL=KIND [OVERRIDE ...]",
+                   help="an arm; the first is the baseline of the paired differences (give two or more)")
+    p.add_argument("--seeds", default="0-2", help="training seeds shared by every arm: 0-4 or 0,3,7 (default 0-2)")
+    p.add_argument("--num-images", type=int, default=10000, help="samples scored per run (default 10000)")
+    p.add_argument("--batch", type=int, default=250, help="samples per forward pass")
+    p.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps,
+                   help=f"training steps of FD_cls's classifier (default {ClassifierConfig.steps}; trained once, cached)")
+    p.add_argument("--nvlabs-repo", metavar="PATH", help="an NVlabs/edm checkout, for nvlabs arms (its code is run)")
+    p.add_argument("--only", metavar="LABEL", help="train and score this arm only (others may run in other processes)")
+    p.add_argument("--report-only", action="store_true", help="write the table from the scores present; train nothing")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT's earlier runs and scores first")
+    p.add_argument("overrides", nargs="*", help="edm-train overrides shared by every arm: dataset=, network=, total_kimg=, ...")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    arms = [Arm.parse(text) for text in args.arm]
+    labels = [arm.label for arm in arms]
+    if len(arms) < 2 or len(set(labels)) != len(labels):
+        raise SystemExit(f"side_by_side.py: error: give two or more arms with distinct labels, got {labels}")
+    if args.only is not None and args.only not in labels:
+        raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
+    seeds = parse_seeds(args.seeds)
+    classifier = ClassifierConfig(steps=args.classifier_steps)
+    record = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
+              "classifier": dataclasses.asdict(classifier),
+              "arms": {arm.label: dataclasses.asdict(arm) for arm in arms}}
+    try:
+        claim(args.out, record, [args.out / label for label in labels], overwrite=args.overwrite,
+              overwrite_key="--overwrite", out_key="--out")
+    except ProvenanceError as err:
+        raise SystemExit(f"side_by_side.py: error: {err}") from None
+    if not args.report_only:
+        for seed in seeds:
+            for arm in arms:
+                if args.only not in (None, arm.label):
+                    continue
+                unit = args.out / arm.label / f"seed-{seed}"
+                with FolderLock(args.out / ".units" / unit.relative_to(args.out), key="--out", owner="side-by-side"):
+                    checkpoint = train_arm(arm, seed, args.overrides, unit, args.nvlabs_repo)
+                    value = score_arm(checkpoint, unit / "score", args.num_images, args.batch, classifier)
+                print(f"{arm.label} seed {seed}: {SCORE} {value:.4f}", flush=True)
+    text = report(args.out, arms, collect(args.out, arms, seeds), args.overrides, args.num_images)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,57 @@
+"""scripts/side_by_side.py: arms trained on paired seeds, scored on the same samples, a table of paired
+differences; reruns continue, other settings are refused. (With --nvlabs-repo, tests/test_nvlabs.py runs
+the reference loop that its nvlabs arms use.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from edm.evaluation.stats import paired_difference
+
+from conftest import TINY_TRAIN, load_script
+
+side_by_side = load_script("side_by_side")
+
+
+def test_arms_and_seeds_parse_and_bad_ones_are_named():
+    arm = side_by_side.Arm.parse("ref=nvlabs:order,noise lr=1e-3")
+    assert (arm.label, arm.kind, arm.draws, arm.overrides) == ("ref", "nvlabs", ("order", "noise"), ("lr=1e-3",))
+    assert side_by_side.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("ours", "ours=sgm", "ours=edm-train:order", "../x=edm-train"):
+        with pytest.raises(SystemExit, match="side_by_side.py: error"):
+            side_by_side.Arm.parse(bad)
+
+
+def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_path, monkeypatch, capsys):
+    """Arms `a` (lr 2e-3) and `b` (lr 1e-9: its weights stay near the initialization) on seeds 0 and 1:
+    the table holds each run's FD_cls, and b − a paired by seed; a rerun trains and scores nothing
+    again; other shared settings are refused, naming them."""
+    monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sbs"
+    shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
+    argv = ["--out", str(out), "--seeds", "0-1", "--num-images", "24", "--batch", "24", "--classifier-steps", "100",
+            "--arm", "a=edm-train", "--arm", "b=edm-train lr=1e-9", *shared]
+    side_by_side.main(argv)
+    table = json.loads((out / "table.json").read_text())
+    a, b = table["rows"]
+    assert (a["arm"], b["arm"], b["overrides"]) == ("a", "b", ["lr=1e-9"])
+    assert set(a["scores"]) == set(b["scores"]) == {"0", "1"} and all(v > 0 for v in a["scores"].values())
+    expected = paired_difference([a["scores"][k] for k in "01"], [b["scores"][k] for k in "01"])
+    assert b["paired_difference"]["mean"] == pytest.approx(expected.mean)
+    assert b["paired_difference"]["low"] == pytest.approx(expected.low) and math.isfinite(expected.low)
+    assert "paired difference from a" in (out / "table.md").read_text()
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    for seed in "01":
+        assert (out / "a" / f"seed-{seed}" / "checkpoint-00000004.pt").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} | {p: p.stat().st_mtime_ns for p in out.rglob("points/*.json")}
+    capsys.readouterr()
+    side_by_side.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+    with pytest.raises(SystemExit, match="num_images: folder 24, now 16"):
+        side_by_side.main([*argv[:5], "16", *argv[6:]])
