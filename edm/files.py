@@ -105,9 +105,9 @@ class FolderLock:
     """An exclusive OS lock (flock) on FOLDER/.lock while one process owns the folder.
 
     The kernel releases it when the process ends, however it ends, so a killed run never
-    blocks the next one. The file records the owner's pid, host and start time for the
-    message a second process gets; `key` is the option that names the folder and `owner`
-    what holds it, both for that message.
+    blocks the next one. The file records what owns the folder (`owner`: training, sampler, ...),
+    its pid, host and start time, for the message a second process gets: "out DIR is in use by a
+    training (pid ...)", whatever the second process is; `key` is the option that names the folder.
     """
 
     def __init__(self, folder: str | Path, key: str = "run_dir", owner: str = "training") -> None:
@@ -124,14 +124,14 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            holder = _lock_holder(os.pread(fd, 4096, 0))
             os.close(fd)
             raise FolderInUseError(
-                f"{self.key} {self.path.parent} is in use by another {self.owner} ({owner}); wait for it to finish, "
-                f"or choose another {self.key}"
+                f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}).encode(), 0)
+        record = {"owner": self.owner, "pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}
+        os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
         return self
 
@@ -145,6 +145,21 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _lock_holder(record: bytes) -> str:
+    """'a training (pid 12, host h, started ...)' from a lock file's record; 'another process (...)' when it
+    names no owner."""
+    try:
+        info = json.loads(record.decode(errors="replace"))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return f"another process ({record.decode(errors='replace').strip() or 'unknown'})"
+    owner = str(info.get("owner") or "process")
+    details = ", ".join(f"{key} {info[key]}" for key in ("pid", "host", "started") if key in info)
+    article = "an" if owner[:1].lower() in "aeio" or owner.startswith("NFE") else "a"
+    return f"{article} {owner} ({details})"
 
 
 def to_container(cfg: Any) -> Any:

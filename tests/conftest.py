@@ -226,7 +226,9 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL to the process group of `proc` (started with start_new_session=True): no worker outlives a test."""
+    """SIGKILL to the process group of `proc` (started with start_new_session=True). Workers of torch's
+    launcher run in sessions of their own: they end through the SIGTERM that edm.training.runlog.end_with_launcher
+    asks the kernel for when the launcher dies."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

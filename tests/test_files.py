@@ -25,13 +25,23 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
 
 
-def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_the_owner(tmp_path):
+def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_holds_it(tmp_path):
+    """The refusal names the holder's kind, not the asker's: a sampler pointed at a training's folder
+    hears "in use by a training"."""
+    import os
+
     from edm.files import FolderInUseError, FolderLock
 
     with FolderLock(tmp_path / "out", key="out", owner="sampler"):
-        with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'out'} is in use by another sampler \(.*pid.*\); "
-                                                   "wait for it to finish, or choose another out"):
+        with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'out'} is in use by a sampler \(pid {os.getpid()}, "
+                                                   ".*\); wait for it to finish, or choose another out"):
             FolderLock(tmp_path / "out", key="out", owner="sampler").acquire()
+    with FolderLock(tmp_path / "run"):  # owner: training
+        with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'run'} is in use by a training \(pid "):
+            FolderLock(tmp_path / "run", key="out", owner="sampler").acquire()
+    with FolderLock(tmp_path / "study", key="out", owner="NFE study"):
+        with pytest.raises(FolderInUseError, match="in use by an NFE study"):
+            FolderLock(tmp_path / "study", key="run_dir").acquire()
     FolderLock(tmp_path / "out").acquire().release()  # released with the block
 
 

@@ -4,13 +4,16 @@ diverging loss stop with a message that names the cause."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from edm.models.checkpoint import find_latest, list_checkpoints, load_checkpoint
 from edm.training.build import build_loss
 from edm.training.loop import TrainingDivergedError, train
 
-from conftest import REPO, folder_with_bad_files, metrics_records, png
+from conftest import REPO, folder_with_bad_files, kill_group, metrics_records, png, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,6 +141,45 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert [s.cur_nimg for s in snapshots] == [16, 32]
     last, live = snapshots[-1].weights(0), state["phema"]["emas"][0]
     assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_save_and_end_when_their_launcher_is_killed(tmp_path, tiny_train, one_thread_env):
+    """kill -9 of `accelerate launch` (two CPU workers): both workers get SIGTERM from the kernel, save
+    a checkpoint and end, and the run folder is free for the resume."""
+    from edm.files import FolderLock
+
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, f"run_dir={run_dir}",
+         "total_kimg=100", "checkpoint_every=100000", "log_every=1", "grid_size=0", "cpu=true"],
+        cwd=REPO, env=one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    workers: list[int] = []
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size > 0,
+                 300, "the first logged step")
+        workers += [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        launcher.kill()
+        launcher.wait(timeout=60)
+        wait_for(lambda: not any(_alive(pid) for pid in workers), 120, "the workers to end")
+        assert find_latest(run_dir) is not None  # they saved before ending
+        FolderLock(run_dir).acquire().release()  # and hold the folder no more
+    finally:
+        kill_group(launcher)
+        for pid in workers:  # torch's launcher starts each worker in a session of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_channels_last_training_is_the_same_computation(compose_train, tmp_path):

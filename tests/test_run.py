@@ -194,7 +194,7 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
         second = subprocess.run([sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "resume=true"],
                                 cwd=REPO, env=one_thread_env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 1
-        assert f"run_dir {run_dir} is in use by another training" in second.stderr
+        assert f"run_dir {run_dir} is in use by a training" in second.stderr
         assert f'"pid": {owner.pid}' in second.stderr  # the owner is named
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert "total_kimg=1000" in overrides and "resume=true" not in overrides  # the refused run wrote nothing there

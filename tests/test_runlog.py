@@ -117,7 +117,7 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
               *tiny_train, f"run_dir={run_dir}", "total_kimg=10000", "log_every=1000000", "checkpoint_every=1000000",
               "grid_size=0", "cpu=true", "log_batch_indices=true"]
     proc = subprocess.Popen(launch, cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, so cleanup reaches the workers too
+                            start_new_session=True)  # its own process group: killed at cleanup, the workers follow
     try:
         indices = run_dir / "batch-indices-rank1.jsonl"
         wait_for(lambda: indices.is_file() and indices.stat().st_size > 0, 180, "both processes training")

@@ -38,7 +38,9 @@ from .run import (
     Run, RunDirError, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_streams,
     trim_metrics,
 )
-from .runlog import STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, installed_trackers, log, start_trackers
+from .runlog import (
+    STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, end_with_launcher, installed_trackers, log, start_trackers,
+)
 from .step import learning_rate, make_optimizer, train_step
 
 __all__ = ["train", "setup", "TrainResult", "TrainingDivergedError", "RunDirError"]
@@ -91,6 +93,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     check_config(cfg)
     resolved = resolve(cfg)
     cfg = dataclasses.replace(cfg, run_dir=run_folder(cfg))
+    end_with_launcher()  # a worker whose launcher is killed saves and stops instead of training on
 
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).

@@ -3,21 +3,25 @@
 - RunLog / log: the main process's metrics.jsonl, INFO loss lines, the experiment trackers' scalars
   and grids (accelerate's: TensorBoard, W&B, MLflow, ...) and bar.
 - StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
+- end_with_launcher: a worker of torchrun / accelerate launch gets SIGTERM when its launcher dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..progress import progress_bar
 
-__all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX"]
+__all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX",
+           "end_with_launcher"]
 
 STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 
@@ -138,6 +142,25 @@ class StopOnSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent thread ends
+
+
+def end_with_launcher(env: Mapping[str, str] = os.environ) -> bool:
+    """In a worker of a launcher (torchrun, accelerate launch: LOCAL_RANK is set), ask Linux for SIGTERM
+    when the launcher that started it ends, however it ends (prctl PR_SET_PDEATHSIG): a killed launcher
+    then leaves no worker training and holding the run folder. In the loop the signal saves and stops
+    (StopOnSignal), as a launcher's own SIGTERM does. Returns whether the request was made (Linux only)."""
+    if "LOCAL_RANK" not in env or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker outlives its launcher", ctypes.get_errno())
+        return False
+    if os.getppid() == 1:  # the launcher ended before the request: it will never fire
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 class StopAgreement:
