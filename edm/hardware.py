@@ -9,11 +9,13 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings"]
+__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings",
+           "launcher_restart"]
 
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 LAUNCH_DYNAMO_BACKEND = "ACCELERATE_DYNAMO_BACKEND"
+LAUNCH_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # torchrun's elastic agent: how often it restarted the group
 
 
 def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
@@ -53,6 +55,15 @@ MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(
 
 DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType({"float32": torch.float32, "float64": torch.float64})
 """dtype= of the commands: the sampler's state and the network input."""
+
+
+def launcher_restart(env: Mapping[str, str] = os.environ) -> int:
+    """How many times the launcher (torchrun's elastic agent, `accelerate launch --max_restarts K`) has
+    restarted this group of workers: 0 on the first start and outside a launcher."""
+    try:
+        return max(int(env.get(LAUNCH_RESTART_COUNT, "0")), 0)
+    except ValueError:
+        return 0
 
 
 class LaunchSettings(NamedTuple):

@@ -195,7 +195,7 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
                                 cwd=REPO, env=one_thread_env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 1
         assert f"run_dir {run_dir} is in use by a training" in second.stderr
-        assert f'"pid": {owner.pid}' in second.stderr  # the owner is named
+        assert f"(pid {owner.pid}, " in second.stderr  # the owner is named
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert "total_kimg=1000" in overrides and "resume=true" not in overrides  # the refused run wrote nothing there
         assert not (REPO / "train.log").exists() and not (REPO / ".hydra").exists()  # nor anywhere else
@@ -208,6 +208,20 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
     resumed = train(compose("train", [*tiny_train, f"run_dir={run_dir}", "resume=true", f"total_kimg={(saved + 1) * 8 / 1000}"]))
     assert resumed.state.step == saved + 1
     assert metric_steps(run_dir) == list(range(1, saved + 2))  # records after the checkpoint were dropped, then relogged
+
+
+def test_a_launcher_restart_resumes_from_the_newest_checkpoint_by_itself(compose_train, tmp_path, monkeypatch):
+    """Inside a launcher's restart (TORCHELASTIC_RESTART_COUNT > 0, as torchrun's elastic agent sets it after
+    a worker failed) a run folder with checkpoints is resumed without resume=true; on a first start it is
+    refused, as always."""
+    run_dir = tmp_path / "run"
+    first = train(compose_train("total_kimg=0.016", run_dir=run_dir))
+    with pytest.raises(RunDirError, match="pass resume=true"):
+        train(compose_train("total_kimg=0.032", run_dir=run_dir))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    resumed = train(compose_train("total_kimg=0.032", run_dir=run_dir))
+    assert resumed.state.step == 4
+    assert load_checkpoint(resumed.checkpoint)["resumes"][0]["step"] == first.state.step == 2
 
 
 KILL_DURING_SAVE = """

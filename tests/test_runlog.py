@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from edm.models.checkpoint import find_latest, load_checkpoint
 from edm.training.loop import train
 
-from conftest import REPO, kill_group, metrics_records, wait_for
+from conftest import REPO, kill_group, metrics_records, wait_for, worker_pid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,16 +92,6 @@ def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_
         assert png.format == "PNG" and min(png.size) > 100
 
 
-def _worker_pid(launcher: int, rank: int) -> int:
-    """The pid of the worker process with RANK=rank among the launcher's children."""
-    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    for pid in children:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in env:
-            return int(pid)
-    raise AssertionError(f"no worker of rank {rank} among {children}")
-
-
 @pytest.mark.parametrize("target, sig", [  # the other two signal paths run in `pytest -m slow`
     ("launcher", signal.SIGTERM), pytest.param("launcher", signal.SIGINT, marks=pytest.mark.slow),
     pytest.param("rank 1", signal.SIGTERM, marks=pytest.mark.slow),
@@ -122,7 +111,7 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
         indices = run_dir / "batch-indices-rank1.jsonl"
         wait_for(lambda: indices.is_file() and indices.stat().st_size > 0, 180, "both processes training")
         signalled = time.monotonic()
-        os.kill(proc.pid if target == "launcher" else _worker_pid(proc.pid, 1), sig)
+        os.kill(proc.pid if target == "launcher" else worker_pid(proc.pid, 1), sig)
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - signalled
     finally:

@@ -28,7 +28,7 @@ from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
-from ..hardware import launch_settings, use_cpu
+from ..hardware import launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from .build import Resolved, resolve
 from .config import TrainConfig, check_config, run_folder
@@ -120,6 +120,10 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
 def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: FolderLock | None) -> Run:
     run_dir = Path(cfg.run_dir)
     latest = ckpt.find_latest(run_dir)
+    restart = launcher_restart()
+    if restart and not cfg.resume:  # the launcher restarted the group after a worker failed: continue the run
+        logger.warning("restart %d of the launcher: resuming from %s", restart, latest or "the start (no checkpoint yet)")
+        cfg = dataclasses.replace(cfg, resume=True)
     if latest is not None and not cfg.resume:
         raise RunDirError(
             f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
