@@ -98,7 +98,7 @@ def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_
 ])
 def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, tiny_train, target, sig, one_thread_env):
     """log_every and checkpoint_every far away: the processes still agree on a step to stop after
-    (within two steps) and save it, before the launcher's 30 s grace period ends; also when only
+    (the step after the signalled one) and save it, before the launcher's 30 s grace period ends; also when only
     one worker is signalled (a scheduler that signals one process)."""
     run_dir = tmp_path / "ddp"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

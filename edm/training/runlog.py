@@ -167,12 +167,13 @@ class StopAgreement:
     """The step after which every process of a run stops, agreed through a file instead of a collective.
 
     The first process asked to stop (any launcher forwards SIGTERM/SIGINT to some or all of its
-    workers) creates run_dir/.stop-<token> holding step + 2, atomically and only once; every
-    process looks for that file after each step (one stat call: no collective, no device sync)
-    and stops after the step it names. Two steps are enough: under DDP no process finishes step
-    s + 1 before every other has finished step s, so none has passed s + 2 when the file
-    appears. One process stops after the current step. `token` is the same in every process of
-    one launch, so a file left by an earlier launch is never read.
+    workers) creates run_dir/.stop-<token> holding s + 1 after its step s, atomically and only once;
+    every process looks for that file after each step (one stat call: no collective, no device
+    sync) and stops after the step it names. One step is enough: a process looks for the file
+    before it starts its next step, and under DDP no process finishes step s + 1 before every
+    other has joined that step's gradient all-reduce, so the file exists before any process has
+    finished s + 1. One process stops after the current step. `token` is the same in every process
+    of one launch, so a file left by an earlier launch is never read.
     """
 
     def __init__(self, run_dir: Path, token: str, world_size: int) -> None:
@@ -186,7 +187,7 @@ class StopAgreement:
             return requested
         if self.target is None:
             if requested:
-                self._propose(step + 2)
+                self._propose(step + 1)
             if self.path.exists():
                 self.target = int(self.path.read_text())
                 logger.warning("stopping after step %d, as agreed by the processes (%s)", self.target, self.path)
