@@ -10,7 +10,7 @@ from typing import Mapping, NamedTuple
 import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings",
-           "launcher_restart"]
+           "launcher_restart", "process_identity"]
 
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
@@ -55,6 +55,14 @@ MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(
 
 DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType({"float32": torch.float32, "float64": torch.float64})
 """dtype= of the commands: the sampler's state and the network input."""
+
+
+def process_identity(process_index: int, num_processes: int, env: Mapping[str, str] = os.environ) -> str:
+    """'process R of W (node N of M, local rank L)': who this process is, from the launcher's environment
+    (torchrun and accelerate launch set GROUP_RANK, the node's rank, LOCAL_RANK and LOCAL_WORLD_SIZE)."""
+    local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", num_processes))
+    node, nodes = int(env.get("GROUP_RANK", 0)), max(num_processes // max(local_world, 1), 1)
+    return f"process {process_index} of {num_processes} (node {node} of {nodes}, local rank {local})"
 
 
 def launcher_restart(env: Mapping[str, str] = os.environ) -> int:

@@ -143,6 +143,46 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_on_one_box_train_as_one_node_with_as_many_processes(tmp_path, tiny_train, one_thread_env):
+    """Two `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1` groups of one
+    CPU process each, on one run_dir, end bit for bit where one node with two processes ends (gloo's sum of
+    two gradients is the same either way); only node 0's main process writes the run folder's files,
+    and each node's log says which node and rank it is."""
+    common = ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "grid_size=0",
+              "cpu=true", "progress=false"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    one_node = subprocess.run([*launch, "--num_processes", "2", "--num_machines", "1", *common,
+                               f"run_dir={tmp_path / 'one'}"], cwd=REPO, env=one_thread_env, capture_output=True,
+                              text=True, timeout=600)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    port, run_dir = _free_port(), tmp_path / "two"
+    nodes = [subprocess.Popen([*launch, "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(node),
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *common,
+                               f"run_dir={run_dir}"], cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in (0, 1)]
+    try:
+        logs = [proc.communicate(timeout=600)[0] for proc in nodes]
+    finally:
+        for proc in nodes:
+            kill_group(proc)
+    assert [proc.returncode for proc in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "process 0 of 2 (node 0 of 2, local rank 0)" in logs[0]
+    assert "process 1 of 2 (node 1 of 2, local rank 0)" in logs[1]
+    assert "saved" in logs[0] and "saved" not in logs[1]  # node 1 logs only who it is and warnings
+    one, two = (load_checkpoint(find_latest(d)) for d in (tmp_path / "one", run_dir))
+    for key in ("model", "ema"):
+        assert all(torch.equal(one[key][k], two[key][k]) for k in one[key]), key
+    assert len(two["rng"]) == 2 and [r["step"] for r in metrics_records(run_dir)] == [1, 2, 3, 4]
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
     try:

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..hardware import set_precision_flags, use_cpu
+from ..hardware import process_identity, set_precision_flags, use_cpu
 from ..training.config import TrainConfig
 from ..training.loop import train
 from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
@@ -38,7 +38,11 @@ def main(dcfg: DictConfig) -> None:
         if job is not None:
             dcfg.run_dir = job
             cfg = dataclasses.replace(cfg, run_dir=job)
-        is_main = PartialState(cpu=use_cpu(cfg.cpu)).is_main_process  # the state train's Accelerator joins
+        state = PartialState(cpu=use_cpu(cfg.cpu))  # the state train's Accelerator joins
+        is_main = state.is_main_process
+        if state.num_processes > 1:  # every process says who it is; then only the main one logs below warnings
+            logging.getLogger(__name__).info("%s on %s", process_identity(state.process_index, state.num_processes),
+                                             state.device)
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
