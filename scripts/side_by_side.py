@@ -15,7 +15,8 @@ Student-t interval (edm.evaluation.stats).
 
 OUT/<label>/seed-<k>/ holds each run and its score/; OUT/table.md, table.json and scores.png the result.
 A rerun continues where the last stopped: finished runs and scores are kept and a cut run resumes.
-OUT/provenance.json records the shared settings, and a rerun with others is refused. `--only LABEL`
+OUT/provenance.json records the shared settings and OUT/<label>/provenance.json each arm's: a rerun
+with other shared settings, or an arm label given another definition, is refused; a new arm may join. `--only LABEL`
 trains and scores one arm, so several processes (one thread each) can share the work; the table is
 written from every score present.
 """
@@ -196,12 +197,14 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
     seeds = parse_seeds(args.seeds)
     classifier = ClassifierConfig(steps=args.classifier_steps)
-    record = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
-              "classifier": dataclasses.asdict(classifier),
-              "arms": {arm.label: dataclasses.asdict(arm) for arm in arms}}
-    try:
-        claim(args.out, record, [args.out / label for label in labels], overwrite=args.overwrite,
+    shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
+              "classifier": dataclasses.asdict(classifier)}
+    try:  # OUT holds runs of these shared settings; OUT/<label> those of one arm (a new arm may join later)
+        claim(args.out, shared, [args.out / label for label in labels], overwrite=args.overwrite,
               overwrite_key="--overwrite", out_key="--out")
+        for arm in arms:
+            claim(args.out / arm.label, dataclasses.asdict(arm), list((args.out / arm.label).glob("seed-*")),
+                  overwrite_key="another arm label", out_key="--out")
     except ProvenanceError as err:
         raise SystemExit(f"side_by_side.py: error: {err}") from None
     if not args.report_only:

@@ -28,7 +28,7 @@ def test_arms_and_seeds_parse_and_bad_ones_are_named():
 def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_path, monkeypatch, capsys):
     """Arms `a` (lr 2e-3) and `b` (lr 1e-9: its weights stay near the initialization) on seeds 0 and 1:
     the table holds each run's FD_cls, and b − a paired by seed; a rerun trains and scores nothing
-    again; other shared settings are refused, naming them."""
+    again; other shared settings, or an arm label redefined, are refused, naming them; a new arm may join."""
     monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sbs"
     shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
@@ -55,3 +55,7 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
 
     with pytest.raises(SystemExit, match="num_images: folder 24, now 16"):
         side_by_side.main([*argv[:5], "16", *argv[6:]])
+    with pytest.raises(SystemExit, match=r"overrides: folder \['lr=1e-9'\], now \['lr=1e-8'\]"):
+        side_by_side.main([a.replace("lr=1e-9", "lr=1e-8") for a in argv])
+    side_by_side.main([*argv, "--arm", "c=edm-train lr=1e-3", "--report-only"])  # a new arm joins, untrained yet
+    assert [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]] == ["a", "b", "c"]
