@@ -65,13 +65,21 @@ def process_identity(process_index: int, num_processes: int, env: Mapping[str, s
     return f"process {process_index} of {num_processes} (node {node} of {nodes}, local rank {local})"
 
 
-def launcher_restart(env: Mapping[str, str] = os.environ) -> int:
-    """How many times the launcher (torchrun's elastic agent, `accelerate launch --max_restarts K`) has
-    restarted this group of workers: 0 on the first start and outside a launcher."""
-    try:
-        return max(int(env.get(LAUNCH_RESTART_COUNT, "0")), 0)
-    except ValueError:
-        return 0
+RESTART_COUNTS = (LAUNCH_RESTART_COUNT, "SLURM_RESTART_COUNT")  # torchrun's agent; SLURM on a requeued job
+
+
+def launcher_restart(env: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """(n, variable): the n-th restart of this run by its launcher (torchrun's elastic agent, `accelerate launch
+    --max_restarts K`: TORCHELASTIC_RESTART_COUNT) or its scheduler (SLURM's requeue: SLURM_RESTART_COUNT);
+    (0, "") on a first start and outside both."""
+    for name in RESTART_COUNTS:
+        try:
+            count = int(env.get(name, "0"))
+        except ValueError:
+            continue
+        if count > 0:
+            return count, name
+    return 0, ""
 
 
 class LaunchSettings(NamedTuple):

@@ -25,7 +25,7 @@ from edm.models.checkpoint import find_latest, list_checkpoints, load_checkpoint
 from edm.training.build import build_loss
 from edm.training.loop import TrainingDivergedError, train
 
-from conftest import REPO, folder_with_bad_files, kill_group, metrics_records, png, wait_for
+from conftest import REPO, folder_with_bad_files, kill_group, load_script, metrics_records, png, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,21 +153,27 @@ def _free_port() -> int:
 
 def test_two_nodes_on_one_box_train_as_one_node_with_as_many_processes(tmp_path, tiny_train, one_thread_env):
     """Two `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1` groups of one
-    CPU process each, on one run_dir, end bit for bit where one node with two processes ends (gloo's sum of
-    two gradients is the same either way); only node 0's main process writes the run folder's files,
-    and each node's log says which node and rank it is."""
-    common = ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "grid_size=0",
-              "cpu=true", "progress=false"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    one_node = subprocess.run([*launch, "--num_processes", "2", "--num_machines", "1", *common,
-                               f"run_dir={tmp_path / 'one'}"], cwd=REPO, env=one_thread_env, capture_output=True,
-                              text=True, timeout=600)
+    CPU process each (the commands scripts/slurm_launch.py makes from SLURM's variables), on one run_dir,
+    end bit for bit where one node with two processes ends (gloo's sum of two gradients is the same
+    either way); only node 0's main process logs progress, and each node's log says which node and
+    rank it is."""
+    train_args = [*tiny_train, "grid_size=0", "cpu=true", "progress=false"]
+    fixed = ["--mixed_precision", "no", "--dynamo_backend", "no"]  # what accelerate would otherwise ask its config for
+    one_node = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--num_machines", "1", *fixed, "-m", "edm.train", *train_args, f"run_dir={tmp_path / 'one'}"],
+                              cwd=REPO, env=one_thread_env, capture_output=True, text=True, timeout=600)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
-    port, run_dir = _free_port(), tmp_path / "two"
-    nodes = [subprocess.Popen([*launch, "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(node),
-                               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *common,
-                               f"run_dir={run_dir}"], cwd=REPO, env=one_thread_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in (0, 1)]
+    run_dir = tmp_path / "two"
+    slurm = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_NODELIST": "localhost",
+             "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": str(_free_port())}
+    nodes = []
+    for node in (0, 1):
+        command = load_script("slurm_launch").launch_command(slurm | {"SLURM_NODEID": str(node)},
+                                                            [*train_args, f"run_dir={run_dir}"])
+        assert command[4:10] == ["--num_machines", "2", "--machine_rank", str(node), "--num_processes", "2"]
+        at = command.index("edm.train") - 1  # before "-m edm.train"
+        nodes.append(subprocess.Popen([*command[:at], *fixed, *command[at:]], cwd=REPO, env=one_thread_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
         logs = [proc.communicate(timeout=600)[0] for proc in nodes]
     finally:

@@ -40,19 +40,20 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["generator"], rb["generator"])
 
 
-@pytest.mark.parametrize("how, augment", [("extend", "0"), ("interrupt", "0"), ("interrupt", "0.5")])
+@pytest.mark.parametrize("how, augment", [("extend", "0"), ("SIGINT", "0"), ("SIGINT", "0.5"), ("SIGUSR1", "0")])
 def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
-    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit); with
-    augmentation, its draws come from the same saved generator."""
+    """6 steps straight == 3 steps, then resume=true for 3 more (CPU, bit for bit); stopped by Ctrl-C or
+    by SLURM's SIGUSR1 warning, the run saves first; with augmentation, its draws come from the same
+    saved generator."""
     settings = [*RESUME, f"augment.p={augment}"]
     straight = train(compose_train(*settings, "total_kimg=0.048", run_dir=tmp_path / "a"))
     b = tmp_path / "b"
     if how == "extend":  # a shorter run, then the same run extended
         first = train(compose_train(*settings, "total_kimg=0.024", run_dir=b))
-    else:  # Ctrl-C after step 3: a checkpoint is saved before stopping
+    else:  # a signal after step 3: a checkpoint is saved before stopping
         def interrupt(run):
             if run.state.step == 3:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(getattr(signal, how))
 
         first = train(compose_train(*settings, "total_kimg=0.048", run_dir=b), callback=interrupt)
         assert first.interrupted
@@ -212,8 +213,8 @@ def test_a_second_training_on_a_run_dir_in_use_is_refused_and_a_killed_owner_blo
 
 def test_a_launcher_restart_resumes_from_the_newest_checkpoint_by_itself(compose_train, tmp_path, monkeypatch):
     """Inside a launcher's restart (TORCHELASTIC_RESTART_COUNT > 0, as torchrun's elastic agent sets it after
-    a worker failed) a run folder with checkpoints is resumed without resume=true; on a first start it is
-    refused, as always."""
+    a worker failed) or a requeued SLURM job (SLURM_RESTART_COUNT > 0) a run folder with checkpoints is
+    resumed without resume=true; on a first start it is refused, as always."""
     run_dir = tmp_path / "run"
     first = train(compose_train("total_kimg=0.016", run_dir=run_dir))
     with pytest.raises(RunDirError, match="pass resume=true"):
@@ -222,6 +223,9 @@ def test_a_launcher_restart_resumes_from_the_newest_checkpoint_by_itself(compose
     resumed = train(compose_train("total_kimg=0.032", run_dir=run_dir))
     assert resumed.state.step == 4
     assert load_checkpoint(resumed.checkpoint)["resumes"][0]["step"] == first.state.step == 2
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # a requeued SLURM job
+    assert train(compose_train("total_kimg=0.048", run_dir=run_dir)).state.step == 6
 
 
 KILL_DURING_SAVE = """

@@ -120,9 +120,9 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
 def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: FolderLock | None) -> Run:
     run_dir = Path(cfg.run_dir)
     latest = ckpt.find_latest(run_dir)
-    restart = launcher_restart()
-    if restart and not cfg.resume:  # the launcher restarted the group after a worker failed: continue the run
-        logger.warning("restart %d of the launcher: resuming from %s", restart, latest or "the start (no checkpoint yet)")
+    restart, counter = launcher_restart()
+    if restart and not cfg.resume:  # a launcher restarted the group, or a scheduler requeued the job: continue
+        logger.warning("restart %d (%s): resuming from %s", restart, counter, latest or "the start (no checkpoint yet)")
         cfg = dataclasses.replace(cfg, resume=True)
     if latest is not None and not cfg.resume:
         raise RunDirError(

@@ -2,7 +2,7 @@
 
 - RunLog / log: the main process's metrics.jsonl, INFO loss lines, the experiment trackers' scalars
   and grids (accelerate's: TensorBoard, W&B, MLflow, ...) and bar.
-- StopOnSignal: Ctrl-C / SIGTERM become a request to save and stop after the current step.
+- StopOnSignal: Ctrl-C, SIGTERM or SIGUSR1 become a request to save and stop after the current step.
 - end_with_launcher: a worker of torchrun / accelerate launch gets SIGTERM when its launcher dies.
 """
 
@@ -119,9 +119,13 @@ def log(run_log: RunLog, record: dict) -> None:
         run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopOnSignal:
-    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets `requested`: the loop then saves a
-    checkpoint and stops. A second SIGINT raises KeyboardInterrupt at once. Main thread only."""
+    """While active, the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before a
+    time limit or preemption) only sets `requested`: the loop then saves a checkpoint and stops. A second
+    SIGINT raises KeyboardInterrupt at once. Main thread only."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -135,7 +139,7 @@ class StopOnSignal:
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

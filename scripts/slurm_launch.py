@@ -1,0 +1,78 @@
+"""Start edm-train on one node of a SLURM allocation: `accelerate launch` with its options from SLURM's variables.
+
+    srun --ntasks-per-node=1 python scripts/slurm_launch.py dataset=cifar10 dataset.root=/data run_dir=/shared/r
+    python scripts/slurm_launch.py --dry-run dataset=cifar10 ...      # print the command, start nothing
+
+scripts/slurm_train.sbatch runs it on every node (one task per node). From the environment:
+  SLURM_NNODES          -> --num_machines           SLURM_NODEID       -> --machine_rank
+  SLURM_GPUS_ON_NODE    -> processes per node (--gpus-per-node overrides; --num_processes is their total)
+  SLURM_JOB_NODELIST    -> --main_process_ip, its first host (MAIN_PROCESS_IP overrides)
+  MAIN_PROCESS_PORT     -> --main_process_port (default 29500)
+The run resumes by itself when SLURM requeues the job (SLURM_RESTART_COUNT > 0, edm.hardware.launcher_restart);
+SIGUSR1 or SIGTERM makes it save and stop (edm.training.runlog.StopOnSignal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Mapping, Sequence
+
+DEFAULT_PORT = 29500
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03' (zero padding kept)."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist.strip())
+    token = head.group(0) if head else ""
+    bracket = re.search(r"\[([^\]]*)\]", token)
+    if not token:
+        raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
+    if bracket is None:
+        return token
+    first = re.split(r"[,-]", bracket.group(1))[0]
+    return token[: bracket.start()] + first + token[bracket.end():]
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    if not value:
+        raise ValueError(f"{name} is not set: run this under srun in a SLURM job (or set it for a dry run)")
+    return value
+
+
+def launch_command(env: Mapping[str, str], train_args: Sequence[str], gpus_per_node: int | None = None,
+                   python: str = sys.executable) -> list[str]:
+    """The `accelerate launch ... -m edm.train ARGS` command of this node, from SLURM's variables."""
+    nodes, node = int(_required(env, "SLURM_NNODES")), int(_required(env, "SLURM_NODEID"))
+    per_node = gpus_per_node if gpus_per_node is not None else int(env.get("SLURM_GPUS_ON_NODE") or 0)
+    if per_node < 1:
+        raise ValueError("SLURM_GPUS_ON_NODE is not set: request GPUs (#SBATCH --gpus-per-node=N) or pass --gpus-per-node")
+    host = env.get("MAIN_PROCESS_IP") or first_host(_required(env, "SLURM_JOB_NODELIST"))
+    port = env.get("MAIN_PROCESS_PORT") or str(DEFAULT_PORT)
+    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", str(nodes),
+            "--machine_rank", str(node), "--num_processes", str(nodes * per_node), "--main_process_ip", host,
+            "--main_process_port", port, "-m", "edm.train", *train_args]
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus-per-node", type=int, help="processes per node (default: SLURM_GPUS_ON_NODE)")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("train_args", nargs="*", help="edm-train overrides (run_dir on a shared file system)")
+    args = p.parse_args(argv)
+    try:
+        command = launch_command(os.environ, args.train_args, args.gpus_per_node)
+    except ValueError as err:
+        raise SystemExit(f"slurm_launch.py: error: {err}") from None
+    if args.dry_run:
+        print(" ".join(command))
+        return command
+    os.execv(command[0], command)  # the launcher takes this task's place: srun's signals reach it directly
+    return command
+
+
+if __name__ == "__main__":
+    main()
