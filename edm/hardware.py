@@ -3,14 +3,18 @@ launcher settings that only entry points apply (the library never sets them)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings",
-           "launcher_restart", "process_identity"]
+           "launcher_restart", "process_identity", "idle_cores", "share_cpu"]
+
+logger = logging.getLogger(__name__)
 
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
@@ -46,6 +50,56 @@ def pick_device(cpu: bool = False) -> torch.device:
     if use_cpu(cpu):
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "mps")
+
+
+def _cpu_times(path: str = "/proc/stat") -> dict[int, tuple[int, int]]:
+    """{cpu: (busy, total) jiffies} from the per-CPU lines of /proc/stat (busy: all but idle and iowait)."""
+    times = {}
+    with open(path) as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                numbers = [int(v) for v in values]
+                idle = numbers[3] + (numbers[4] if len(numbers) > 4 else 0)
+                times[int(name[3:])] = (sum(numbers) - idle, sum(numbers))
+    return times
+
+
+def idle_cores(interval: float = 0.2, read: Callable[[], dict[int, tuple[int, int]]] = _cpu_times) -> float | None:
+    """How many of this process's CPUs (its affinity) no process used over `interval` seconds:
+    Σ_cpu (1 − Δbusy/Δtotal), from /proc/stat; None where that cannot be read (not Linux)."""
+    try:
+        mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        before = read()
+        time.sleep(interval)
+        after = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = [c for c in after if c in before and (mine is None or c in mine)]
+    idle = 0.0
+    for c in cpus:
+        busy, total = after[c][0] - before[c][0], after[c][1] - before[c][1]
+        idle += 1.0 - busy / total if total > 0 else 1.0
+    return idle if cpus else None
+
+
+def share_cpu(on_cpu: bool, env: Mapping[str, str] = os.environ,
+              idle: Callable[[], float | None] = idle_cores) -> int | None:
+    """On the CPU, unless OMP_NUM_THREADS chooses: torch uses as many threads as cores are idle at the start
+    (at least one, at most its default). OpenMP threads that share a core with another busy process wait
+    for each other at every barrier: measured on 2 cores beside one busy process, the default digits run
+    did 310 img/s with 2 threads and 930 with 1 (alone: 1380 and 900). Returns the threads set, else None."""
+    if not on_cpu or env.get("OMP_NUM_THREADS"):
+        return None
+    free = idle()
+    if free is None:
+        return None
+    threads = max(1, min(torch.get_num_threads(), int(free + 0.5)))
+    if threads < torch.get_num_threads():
+        logger.info("%.1f of %d CPU cores are idle: using %d thread(s) (OMP_NUM_THREADS=N chooses)", free,
+                    torch.get_num_threads(), threads)
+        torch.set_num_threads(threads)
+    return threads
 
 
 MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(

@@ -69,3 +69,30 @@ def test_the_launchers_bf16_reaches_the_accelerator(compose_train, monkeypatch):
         assert run.accelerator.mixed_precision == "no"
     finally:
         run.lock.release()
+
+
+def test_idle_cores_are_read_from_the_cpu_times_of_this_process_cpus():
+    """Two CPUs over the interval: cpu0 busy 75 of 100 jiffies, cpu1 10 of 100 -> 0.25 + 0.9 idle."""
+    import os
+
+    from edm.hardware import idle_cores
+
+    mine = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else [0, 1]
+    snapshots = iter([{mine[0]: (0, 0), mine[-1]: (0, 0)}, {mine[0]: (75, 100), mine[-1]: (10, 100)}])
+    expected = 0.25 + 0.9 if len(mine) == 2 else 0.9
+    assert idle_cores(0.0, read=lambda: next(snapshots)) == pytest.approx(expected)
+    assert idle_cores(0.0, read=lambda: (_ for _ in ()).throw(OSError("no /proc"))) is None
+
+
+def test_a_cpu_run_takes_as_many_threads_as_cores_are_idle_unless_omp_num_threads_says():
+    from edm.hardware import share_cpu
+
+    default = torch.get_num_threads()
+    try:
+        assert share_cpu(False, env={}, idle=lambda: 0.0) is None  # not on the CPU
+        assert share_cpu(True, env={"OMP_NUM_THREADS": "4"}, idle=lambda: 0.0) is None  # the user chose
+        assert share_cpu(True, env={}, idle=lambda: None) is None  # nothing to read
+        assert share_cpu(True, env={}, idle=lambda: float(default)) == default == torch.get_num_threads()
+        assert share_cpu(True, env={}, idle=lambda: 0.2) == 1 == torch.get_num_threads()  # busy: one thread
+    finally:
+        torch.set_num_threads(default)

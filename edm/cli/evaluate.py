@@ -29,7 +29,7 @@ from ..data import DatasetConfig
 from ..evaluation import metrics
 from ..evaluation.scorers import METRICS, ScoringContext, evaluate
 from ..files import write_json
-from ..hardware import pick_device
+from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
 from . import CONFIG_DIR, user_errors
 
@@ -59,6 +59,7 @@ ConfigStore.instance().store(group="metric", name="ref", node=metrics.RefConfig)
 def run(cfg: EvaluateConfig, name: str) -> dict:
     """The numbers of metric `name` (or, for "ref", the reference statistics written) for this config."""
     device = pick_device(cfg.cpu)
+    share_cpu(device.type == "cpu")
     if name == "ref":
         if (cfg.data is None) == (cfg.dataset is None):
             raise ValueError("metric=ref: give the images as data=PATH (folder or .npz) or dataset=NAME")

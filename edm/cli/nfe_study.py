@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..evaluation.nfe_study import StudyConfig, run_study
-from ..hardware import pick_device
+from ..hardware import pick_device, share_cpu
 from . import CONFIG_DIR, user_errors
 
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
@@ -26,7 +26,9 @@ ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-study"):
         cfg: StudyConfig = OmegaConf.to_object(dcfg)
-        rows = run_study(cfg, pick_device(cfg.cpu))
+        device = pick_device(cfg.cpu)
+        share_cpu(device.type == "cpu")
+        rows = run_study(cfg, device)
     print(f"{len(rows)} points -> {cfg.out}/table.csv, " + ", ".join(f"{cfg.out}/{m}_vs_nfe.png" for m in cfg.eval.metrics))
 
 

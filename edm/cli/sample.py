@@ -27,6 +27,7 @@ from ..data import DatasetConfig
 from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
 from ..evaluation.metrics import read_images
 from ..generation.job import SampleConfig, generate_folder
+from ..hardware import share_cpu, use_cpu
 from ..models.loading import ModelInfo
 from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
 
@@ -71,6 +72,7 @@ def main(dcfg: DictConfig) -> None:
         if job is not None:
             dcfg.out = job
         cfg: SampleCommand = OmegaConf.to_object(dcfg)
+        share_cpu(use_cpu(cfg.cpu))
         try:
             report = generate_folder(cfg, scorer=scorer_of(cfg), on_own_folder=lambda out: handlers.append(
                 own_folder_files(out, dcfg, hydra_cfg, "sample.log")))
