@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 LAUNCH_DYNAMO_BACKEND = "ACCELERATE_DYNAMO_BACKEND"
-LAUNCH_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # torchrun's elastic agent: how often it restarted the group
 
 
 def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
@@ -119,7 +118,7 @@ def process_identity(process_index: int, num_processes: int, env: Mapping[str, s
     return f"process {process_index} of {num_processes} (node {node} of {nodes}, local rank {local})"
 
 
-RESTART_COUNTS = (LAUNCH_RESTART_COUNT, "SLURM_RESTART_COUNT")  # torchrun's agent; SLURM on a requeued job
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")  # torchrun's elastic agent; SLURM's requeue
 
 
 def launcher_restart(env: Mapping[str, str] = os.environ) -> tuple[int, str]:

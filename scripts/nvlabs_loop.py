@@ -146,9 +146,9 @@ def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> N
     """Refuse what this script's reference loop does not implement, naming the setting (loss and precond resolved)."""
     unsupported = {
         "schedule": schedule.name not in REFERENCE_CLASSES, "network": spec["network"]["name"] not in SONGUNET_NETWORKS,
-        "loss.kind": loss.resolved_kind != schedule.parameterization,
+        "loss.kind": loss.kind != schedule.parameterization,
         "precond.kind": spec["precond"]["kind"] != schedule.parameterization,
-        "loss.learned_weighting": loss.learns_weighting,
+        "loss.learned_weighting": loss.learned_weighting,
         "dataset.cond": bool(cfg.dataset.cond), "augment.p": cfg.augment.p > 0,
         "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
         "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),

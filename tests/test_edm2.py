@@ -136,8 +136,8 @@ def test_learned_weighting_is_minimized_at_the_log_of_the_weighted_error(kind):
 
 def test_edm2_loss_defaults_are_edm2s_lognormal_and_learn_the_weighting():
     loss = edm.Loss(edm.schedules.get("edm"), kind="edm2")
-    assert (loss.P_mean, loss.P_std, loss.learns_weighting) == (-0.4, 1.0, True)
-    assert (edm.Loss(edm.schedules.get("edm")).P_mean, edm.Loss(edm.schedules.get("edm")).learns_weighting) == (-1.2, False)
+    assert (loss.P_mean, loss.P_std, loss.learned_weighting) == (-0.4, 1.0, True)
+    assert (edm.Loss(edm.schedules.get("edm")).P_mean, edm.Loss(edm.schedules.get("edm")).learned_weighting) == (-1.2, False)
     ln_sigma = loss.sample_sigma(200_000, generator=torch.Generator().manual_seed(0), dtype=F64).log()
     assert float(ln_sigma.mean()) == pytest.approx(-0.4, abs=4 / math.sqrt(200_000))
     assert float(ln_sigma.std()) == pytest.approx(1.0, rel=0.01)

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
     cfg = compose_train(f"schedule={schedule}")
     assert cfg.precond.kind is None and cfg.loss.kind is None  # unset: the schedule's own ...
-    assert build_loss(cfg.loss, cfg.schedule.build(), cfg.precond.sigma_data).resolved_kind == schedule
+    assert build_loss(cfg.loss, cfg.schedule.build(), cfg.precond.sigma_data).kind == schedule
     result = train(cfg)
     run_dir = tmp_path / "run"
     assert result.state.step == 4 and result.state.cur_nimg == 32

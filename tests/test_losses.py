@@ -96,7 +96,7 @@ def test_fm_t_is_uniform_or_logit_normal():
 
 def test_loss_kind_can_differ_from_schedule_and_bad_kind_fails():
     loss = edm.Loss(edm.schedules.get("vp"), kind="edm")
-    assert loss.resolved_kind == "edm"
+    assert loss.kind == "edm"
     with pytest.raises(ValueError, match="loss kind 'l1' is not valid; choose one of: vp, ve, edm, fm"):
         edm.Loss(edm.schedules.get("vp"), kind="l1")
     with pytest.raises(ValueError, match="t_dist '.*' is not valid; choose one of: uniform, logit_normal"):

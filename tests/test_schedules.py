@@ -170,7 +170,7 @@ def test_each_schedule_names_its_parameterization_for_the_precond_and_loss():
 
     for name, cls in edm.schedules.SCHEDULES.items():
         assert cls.parameterization == name and name in PRECOND_KINDS and name in LOSS_KINDS
-        assert Loss(cls()).resolved_kind == name
+        assert Loss(cls()).kind == name
 
 
 def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():

@@ -133,25 +133,17 @@ class Loss:
         object.__setattr__(self, "P_std", default_std if self.P_std is None else float(self.P_std))
         object.__setattr__(self, "learned_weighting", learns_weighting(kind, self.learned_weighting))
 
-    @property
-    def resolved_kind(self) -> str:
-        return self.kind
-
-    @property
-    def learns_weighting(self) -> bool:
-        return self.learned_weighting
-
     def sample_sigma(
         self, batch: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32
     ) -> Tensor:
         """Draw σ [batch] from the training distribution of `kind`."""
         u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
         normal = lambda: torch.randn(batch, generator=generator, device=device, dtype=dtype)  # noqa: E731
-        return _SIGMA_DENSITIES[self.resolved_kind](self, u, normal)
+        return _SIGMA_DENSITIES[self.kind](self, u, normal)
 
     def weight(self, sigma: Tensor) -> Tensor:
         """λ(σ)."""
-        return loss_weight(sigma, self.resolved_kind, self.sigma_data)
+        return loss_weight(sigma, self.kind, self.sigma_data)
 
     def __call__(
         self,
@@ -172,7 +164,7 @@ class Loss:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         x_hat = y + sigma.reshape((-1,) + (1,) * (y.ndim - 1)) * noise
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-        if not self.learns_weighting:
+        if not self.learned_weighting:
             return self.weight(sigma) * squared_error(denoiser(x_hat, sigma, class_labels, **kwargs), y)
         denoised, u = denoiser(x_hat, sigma, class_labels, return_logvar=True, **kwargs)
         return self.weight(sigma) / u.exp() * squared_error(denoised, y) + u * y[0].numel()

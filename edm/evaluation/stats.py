@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,12 +73,9 @@ def student_t_quantile(p: float, df: float) -> float:
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation with n − 1; nan for one value)."""
-    n = len(values)
-    if n == 0:
+    if not values:
         raise ValueError("no values")
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,8 @@ def precond_spec(cfg: PrecondConfig, schedule: Schedule, loss: Loss) -> dict[str
         if getattr(cfg, key) is None and vp is not None:
             spec[key] = getattr(vp, key)
     if cfg.logvar_channels is None:
-        spec["logvar_channels"] = LOGVAR_CHANNELS if loss.learns_weighting else 0
-    if loss.learns_weighting and spec["logvar_channels"] == 0:
+        spec["logvar_channels"] = LOGVAR_CHANNELS if loss.learned_weighting else 0
+    if loss.learned_weighting and spec["logvar_channels"] == 0:
         raise ValueError("the loss learns its weighting u(σ) (loss.kind=edm2 or loss.learned_weighting=true), which needs "
                          f"the denoiser's uncertainty head: leave precond.logvar_channels unset ({LOGVAR_CHANNELS}) or "
                          "set it > 0")
