@@ -37,9 +37,10 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     (["mixed_precision=fp8"], "mixed_precision 'fp8' is not valid; choose one of: no, fp16, bf16"),
     (["sampler.solver=rk45"], "solver 'rk45' is not valid; choose one of: euler, heun"),
     (["sampler=heun", "+sampler.options.churn=1"], "solver 'heun' does not take option(s) ['churn']"),
-    (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm"),
+    (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm, trigflow"),
     (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
     (["batch_size=0"], "batch_size=0 must be > 0"),
+    (["schedule=trigflow", "precond.sigma_data=0.6"], "schedule.sigma_data=0.5 differs from precond.sigma_data=0.6"),
 ])
 def test_bad_value_fails_before_training(compose_train, tmp_path, overrides, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):

@@ -105,7 +105,7 @@ class _Counted(torch.nn.Module):
         return self.denoiser(x, sigma, class_labels)
 
 
-@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm", "trigflow"])
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
 def test_autoguided_sampling_follows_the_closed_form_for_every_schedule_and_solver(schedule, solver):
     """With σ in (0.2, 5] guided: x follows D_B + w (D_A − D_B) = (1 − w) D_B + w D_A inside the interval

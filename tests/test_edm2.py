@@ -12,7 +12,7 @@ from edm import networks
 from edm.networks.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm"]
+SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 def unit_normal(*shape, seed=0):

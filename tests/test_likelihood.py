@@ -13,7 +13,7 @@ import edm
 from edm.core.likelihood import bits_per_dim, bpd_from_log_likelihood, dequantize, gaussian_log_prob, likelihood_grid, log_likelihood
 
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm"]
+SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 class GaussianDenoiser(torch.nn.Module):

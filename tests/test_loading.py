@@ -35,7 +35,7 @@ def test_a_checkpoint_without_a_schedule_has_none_and_sampling_asks_for_one(tmp_
 
     path = tiny_checkpoint(tmp_path / "c.pt", kind="ve", schedule={})
     assert load_model(path)[1].schedule is None
-    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm, trigflow"):
         generate_folder(SampleConfig(checkpoint=str(path), out=str(tmp_path / "out"), progress=False))
     assert not (tmp_path / "out").exists()
 

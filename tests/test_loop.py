@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------- through Hydra
 
 
-@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_each_schedule_trains_through_hydra(compose_train, tmp_path, schedule):
     cfg = compose_train(f"schedule={schedule}")
     assert cfg.precond.kind is None and cfg.loss.kind is None  # unset: the schedule's own ...

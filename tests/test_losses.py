@@ -8,7 +8,7 @@ import torch
 import edm
 
 F64 = torch.float64
-KINDS = ["vp", "ve", "edm", "fm"]
+KINDS = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +97,7 @@ def test_fm_t_is_uniform_or_logit_normal():
 def test_loss_kind_can_differ_from_schedule_and_bad_kind_fails():
     loss = edm.Loss(edm.schedules.get("vp"), kind="edm")
     assert loss.kind == "edm"
-    with pytest.raises(ValueError, match="loss kind 'l1' is not valid; choose one of: vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="loss kind 'l1' is not valid; choose one of: vp, ve, edm, fm, trigflow"):
         edm.Loss(edm.schedules.get("vp"), kind="l1")
     with pytest.raises(ValueError, match="t_dist '.*' is not valid; choose one of: uniform, logit_normal"):
         edm.Loss(edm.schedules.get("fm"), t_dist="beta")

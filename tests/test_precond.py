@@ -22,10 +22,13 @@ def _table(kind: str, s: float, sd: float = 0.5):
         return 1.0, s, 1.0, math.log(s / 2)
     if kind == "edm":
         return sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2), 1 / math.sqrt(s**2 + sd**2), 0.25 * math.log(s)
+    if kind == "trigflow":  # t = arctan(σ/σ_d): cos² t, −σ_d sin t, cos t/σ_d, t
+        t = math.atan(s / sd)
+        return math.cos(t) ** 2, -sd * math.sin(t), math.cos(t) / sd, t
     return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), s / (1 + s)
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_coefficients_match_table(kind):
     den = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.5)
     sigma = torch.tensor(SIGMAS, dtype=F64)
@@ -35,7 +38,7 @@ def test_coefficients_match_table(kind):
         torch.testing.assert_close(got[j], expected, rtol=1e-10, atol=1e-14, msg=f"{kind} {name}")
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_weight_times_c_out_squared_is_one(kind):
     sigma = torch.logspace(-3, 2, 50, dtype=F64)
     c_out = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.3).coefficients(sigma).c_out
@@ -54,7 +57,7 @@ class _Recorder(torch.nn.Module):
         return x * self.a + c_noise.view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_wrapper_computes_d_from_f(kind):
     net = _Recorder()
     den = edm.Precond(net, kind=kind)
@@ -80,6 +83,37 @@ def test_network_targets(kind, target):
     torch.testing.assert_close(den(y + sigma[:, None] * n, sigma), y)
 
 
+def test_trigflow_row_is_scms_parameterization():
+    """With x_t = cos t·x̂ (s(t) = cos t) and t = arctan(σ/σ_d), D(x̂; σ) is sCM's consistency function
+    f(x_t, t) = cos t·x_t − sin t·σ_d F(x_t/σ_d, t); fed the velocity dx_t/dt = cos t·z − sin t·y (z = σ_d n) as
+    σ_d F, it returns y; and its loss λ‖D − y‖² is TrigFlow's diffusion loss ‖σ_d F − dx_t/dt‖² over σ_d²."""
+    sd = 0.6
+    g = torch.Generator().manual_seed(0)
+    y, n = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    t = torch.tensor([0.01, 0.3, 0.8, 1.2, 1.55], dtype=F64)
+    sched = edm.schedules.get("trigflow", sigma_data=sd)
+    sigma = sched.sigma(t)
+    x_hat = y + sigma[:, None] * n
+    x_t = sched.scale(t)[:, None] * x_hat
+    torch.testing.assert_close(x_t, torch.cos(t)[:, None] * y + torch.sin(t)[:, None] * sd * n)
+
+    def F(x, c_noise, class_labels=None):
+        return torch.sin(3 * x) + c_noise[:, None] ** 2
+
+    den = edm.Precond(F, kind="trigflow", sigma_data=sd)
+    f_scm = torch.cos(t)[:, None] * x_t - torch.sin(t)[:, None] * sd * F(x_t / sd, t)
+    torch.testing.assert_close(den(x_hat, sigma), f_scm, rtol=1e-12, atol=1e-12)
+
+    velocity = torch.cos(t)[:, None] * sd * n - torch.sin(t)[:, None] * y
+    oracle = edm.Precond(lambda x, c, class_labels=None: velocity / sd, kind="trigflow", sigma_data=sd)
+    torch.testing.assert_close(oracle(x_hat, sigma), y, rtol=1e-12, atol=1e-12)
+
+    loss = edm.Loss(sched, sigma_data=sd)
+    assert (loss.kind, loss.P_mean, loss.P_std) == ("trigflow", -1.0, 1.4)
+    expected = (sd * F(x_t / sd, t) - velocity).pow(2).sum(1) / sd**2
+    torch.testing.assert_close(loss(den, y, sigma=sigma, noise=n), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_scalar_sigma_broadcasts_and_bad_shapes_fail():
     den = edm.Precond(lambda x, c, class_labels=None: x, kind="edm")
     x = torch.randn(5, 3)
@@ -92,7 +126,7 @@ def test_scalar_sigma_broadcasts_and_bad_shapes_fail():
 
 
 def test_unknown_kind_lists_valid():
-    with pytest.raises(ValueError, match="precond kind 'iddpm' is not valid; choose one of: vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="precond kind 'iddpm' is not valid; choose one of: vp, ve, edm, fm, trigflow"):
         edm.Precond(torch.nn.Identity(), kind="iddpm")
 
 

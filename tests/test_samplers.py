@@ -14,7 +14,7 @@ from edm.core.samplers import SamplerConfig
 from edm.core.schedules import EDM
 
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm"]
+SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 SIGMA_MAX, SIGMA_END = 80.0, 0.5  # order tests stop where trajectories are still smooth (before they collapse onto points)
 
 
@@ -117,7 +117,8 @@ def test_sde_samples_match_data_statistics(gaussian_data, name, solver, options)
     den = edm.IdealDenoiser(gaussian_data)
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(count, 2, generator=g, dtype=F64)
-    small_sigma_min = {"vp": {"epsilon_s": 1e-5}, "ve": {"sigma_min": 1e-3}, "edm": {"sigma_min": 1e-3}, "fm": {"sigma_min": 1e-3}}
+    small_sigma_min = {"vp": {"epsilon_s": 1e-5}, "ve": {"sigma_min": 1e-3}, "edm": {"sigma_min": 1e-3}, "fm": {"sigma_min": 1e-3},
+                       "trigflow": {"sigma_min": 1e-3}}
     sched = edm.schedules.get(name, **small_sigma_min[name])  # σ_min ≈ 1e-3, so D(x̂; σ_min) picks one point
     steps = 256 if solver == "euler_maruyama" else 64
     # The ρ = 7 grid for every schedule: uniform-t grids end with a σ ratio of ~60 (VP) whose step error biases the result.

@@ -20,6 +20,7 @@ def _reference(name: str):
         "ve": (lambda t: math.sqrt(t), lambda t: 1.0),
         "edm": (lambda t: t, lambda t: 1.0),
         "fm": (lambda t: t / (1 - t), lambda t: 1 - t),
+        "trigflow": (lambda t: 0.5 * math.tan(t), lambda t: math.cos(t)),
     }
     return table[name]
 
@@ -29,10 +30,11 @@ TIMES = {
     "ve": [4e-4, 0.01, 1.0, 37.0, 1e4],
     "edm": [0.002, 0.1, 1.0, 13.0, 80.0],
     "fm": [0.002, 0.1, 0.5, 0.9, 0.98],
+    "trigflow": [0.004, 0.1, 0.7, 1.2, 1.5],
 }
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_sigma_and_scale_match_formulas(name):
     sched = edm.schedules.get(name)
     sigma_ref, scale_ref = _reference(name)
@@ -44,7 +46,7 @@ def test_sigma_and_scale_match_formulas(name):
     assert sched.sigma(t).dtype == F64
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_derivatives_match_autograd(name):
     sched = edm.schedules.get(name)
     t = torch.tensor(TIMES[name], dtype=F64, requires_grad=True)
@@ -55,7 +57,7 @@ def test_derivatives_match_autograd(name):
     torch.testing.assert_close(sched.scale_deriv(t.detach()), dscale, rtol=1e-11, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_sigma_inv_round_trips(name):
     sched = edm.schedules.get(name)
     t = torch.tensor(TIMES[name], dtype=F64)
@@ -106,7 +108,7 @@ def test_default_time_steps_follow_edm_table_1():
         assert grid.shape == (N + 1,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
 @pytest.mark.parametrize("disc", sorted(DISCRETIZATIONS))
 def test_every_discretization_with_every_schedule(name, disc):
     sched = edm.schedules.get(name)
@@ -134,7 +136,7 @@ def test_time_steps_dtype_and_single_step():
 
 
 def test_bad_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match="schedule 'vpp' is not valid; choose one of: vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="schedule 'vpp' is not valid; choose one of: vp, ve, edm, fm, trigflow"):
         edm.schedules.get("vpp")
     with pytest.raises(ValueError, match="discretization 'cosine' is not valid; choose one of: uniform, geometric, karras, log_snr"):
         EDM().time_steps(4, "cosine")
@@ -183,7 +185,7 @@ def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():
     assert ScheduleConfig().build(model) == model
     assert ScheduleConfig(name="edm", sigma_max=40.0).build(model) == EDM(sigma_max=40.0)
     assert ScheduleConfig(name="vp").build(model) == VP()
-    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm"):
+    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm, trigflow"):
         ScheduleConfig(sigma_max=40.0).build()
     with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
         ScheduleConfig(beta_d=3.0).build(model)

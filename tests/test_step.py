@@ -105,7 +105,7 @@ def test_train_step_optimizes_the_batch_mean_of_the_per_example_loss_and_reports
         assert torch.allclose(b - p0, update, rtol=1e-4, atol=tol)
 
 
-@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm"])
+@pytest.mark.parametrize("schedule", ["vp", "ve", "edm", "fm", "trigflow"])
 def test_train_step_reads_nothing_back(schedule, host_reads):
     """No float(t), bool(t), t.item() or t.tolist() in a step, with EDM's augmentation on: on a
     GPU each would make the host wait. (SGD, since torch's CPU Adam reads its step counter.)"""

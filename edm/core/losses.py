@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from ..choices import check_choice, choose
-from .precond import SIGMA_DATA
-from .schedules import VP, FlowMatching, Schedule
+from .schedules import SIGMA_DATA, VP, FlowMatching, Schedule
 
 __all__ = ["Loss", "LOSS_KINDS", "LOGNORMAL", "loss_weight", "squared_error", "learns_weighting"]
 
@@ -32,7 +31,7 @@ def _weight_inv_sigma2(sigma: Tensor, sigma_data: float) -> Tensor:
 
 
 def _weight_edm(sigma: Tensor, sigma_data: float) -> Tensor:
-    """EDM: λ = (σ² + σ_d²)/(σ σ_d)²."""
+    """EDM and TrigFlow: λ = (σ² + σ_d²)/(σ σ_d)² (TrigFlow: 1/(σ_d sin t)², so λ‖D − y‖² = ‖σ_d F − dx_t/dt‖²/σ_d²)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
@@ -56,7 +55,7 @@ def _sigma_ve(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
 
 
 def _sigma_edm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
-    """EDM: ln σ ~ N(P_mean, P_std²)."""
+    """EDM, EDM2 and TrigFlow: ln σ ~ N(P_mean, P_std²) (sCM's τ = ln(σ_d tan t))."""
     return torch.exp(loss.P_mean + loss.P_std * normal())
 
 
@@ -71,14 +70,16 @@ def _sigma_fm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
 
 
 _SIGMA_DENSITIES: MappingProxyType[str, Callable[["Loss", Tensor, Callable[[], Tensor]], Tensor]] = MappingProxyType(
-    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm, "edm2": _sigma_edm}
+    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm, "trigflow": _sigma_edm, "edm2": _sigma_edm}
 )
 
 _WEIGHTS: MappingProxyType[str, Callable[[Tensor, float], Tensor]] = MappingProxyType(
-    {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm, "edm2": _weight_edm}
+    {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm, "trigflow": _weight_edm,
+     "edm2": _weight_edm}
 )
-# (P_mean, P_std) of the lognormal kinds: EDM (Table 1) and EDM2's ImageNet-512 presets (ImageNet-64: −0.8, 1.6).
-LOGNORMAL = MappingProxyType({"edm": (-1.2, 1.2), "edm2": (-0.4, 1.0)})
+# (P_mean, P_std) of the lognormal kinds: EDM (Table 1), sCM's CIFAR-10 TrigFlow and EDM2's ImageNet-512 presets
+# (ImageNet-64: −0.8, 1.6).
+LOGNORMAL = MappingProxyType({"edm": (-1.2, 1.2), "trigflow": (-1.0, 1.4), "edm2": (-0.4, 1.0)})
 LEARNED_KINDS = ("edm2",)  # kinds whose loss learns its weighting u(σ) unless told otherwise
 LOSS_KINDS = tuple(_WEIGHTS)
 T_DISTS = ("uniform", "logit_normal")  # flow matching: how t is drawn
@@ -106,6 +107,7 @@ class Loss:
     kind (default: the schedule's parameterization) picks the row of the table:
       vp:  t ~ U(ε_t, 1), σ = σ_VP(t)        ve: ln σ ~ U(ln σ_min, ln σ_max)
       edm: ln σ ~ N(P_mean, P_std²)          fm: t ~ U(ε_t, 1 − ε_t) or logit-normal, σ = t/(1 − t)
+      trigflow: ln σ ~ N(P_mean, P_std²) with sCM's P_mean, P_std, and EDM's λ
       edm2: as edm with EDM2's P_mean, P_std, and learned weighting
     The VP row uses the schedule's β's when the schedule is VP; the VE row uses its σ range.
     P_mean/P_std None are the kind's (LOGNORMAL); learned_weighting None is the kind's (edm2 only).

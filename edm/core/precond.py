@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from ..choices import choose
-from .schedules import VP
+from .schedules import SIGMA_DATA, VP
 
 __all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA", "VP_M"]
 
-SIGMA_DATA = 0.5  # σ_d, the standard deviation of the data (EDM's default for images in [−1, 1])
 VP_M = 1000  # M of the VP c_noise: the number of DDPM time steps the network's time input spans
 
 
@@ -52,8 +51,15 @@ def _fm(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
     return Coefficients(inv, -sigma * inv, inv, sigma * inv)
 
 
+def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+    """TrigFlow (sCM), t = arctan(σ/σ_d): c_skip = cos² t, c_out = −σ_d sin t, c_in = cos t/σ_d, c_noise = t;
+    D = cos t·x_t − sin t·σ_d F(x_t/σ_d, t) with x_t = cos t·x̂, and σ_d F predicts dx_t/dt = cos t·z − sin t·y."""
+    norm = (sigma**2 + sigma_data**2).sqrt()
+    return Coefficients(sigma_data**2 / norm**2, -sigma * sigma_data / norm, 1 / norm, torch.atan(sigma / sigma_data))
+
+
 PRECOND_KINDS: MappingProxyType[str, Callable[..., Coefficients]] = MappingProxyType(
-    {"vp": _vp, "ve": _ve, "edm": _edm, "fm": _fm}
+    {"vp": _vp, "ve": _ve, "edm": _edm, "fm": _fm, "trigflow": _trigflow}
 )
 
 

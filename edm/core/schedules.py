@@ -25,6 +25,8 @@ __all__ = [
     "VE",
     "EDM",
     "FlowMatching",
+    "TrigFlow",
+    "SIGMA_DATA",
     "get",
     "from_spec",
     "to_spec",
@@ -39,6 +41,9 @@ __all__ = [
     "karras_sigma",
     "log_snr_uniform",
 ]
+
+
+SIGMA_DATA = 0.5  # σ_d, the standard deviation of the data (EDM's default for images in [−1, 1])
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
@@ -240,13 +245,44 @@ class FlowMatching(Schedule):
         return sigma / (1 + sigma)
 
 
+@dataclass(frozen=True)
+class TrigFlow(Schedule):
+    """TrigFlow (Lu & Song 2024, sCM): x_t = cos t·y + sin t·z with z ~ N(0, σ_d² I), t ∈ [0, π/2),
+    i.e. σ(t) = σ_d tan t, s(t) = cos t."""
+
+    sigma_min: float = 0.002  # type: ignore[assignment]
+    sigma_max: float = 80.0  # type: ignore[assignment]
+    sigma_data: float = SIGMA_DATA
+    name = "trigflow"
+    parameterization = "trigflow"
+    default_discretization = "karras"
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self.sigma_data * torch.tan(_as_tensor(t))
+
+    def scale(self, t: Tensor | float) -> Tensor:
+        return torch.cos(_as_tensor(t))
+
+    def sigma_deriv(self, t: Tensor | float) -> Tensor:
+        """σ'(t) = σ_d / cos² t."""
+        return self.sigma_data / torch.cos(_as_tensor(t)) ** 2
+
+    def scale_deriv(self, t: Tensor | float) -> Tensor:
+        """s'(t) = −sin t."""
+        return -torch.sin(_as_tensor(t))
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        """σ⁻¹(σ) = arctan(σ / σ_d)."""
+        return torch.atan(_as_tensor(sigma) / self.sigma_data)
+
+
 SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
-    {"vp": VP, "ve": VE, "edm": EDM, "fm": FlowMatching}
+    {"vp": VP, "ve": VE, "edm": EDM, "fm": FlowMatching, "trigflow": TrigFlow}
 )
 
 
 def get(name: str, **kwargs) -> Schedule:
-    """Build a schedule by name ('vp', 've', 'edm', 'fm') with keyword overrides of its defaults."""
+    """Build a schedule by name (a key of SCHEDULES: 'vp', 've', 'edm', 'fm', 'trigflow') with keyword overrides of its defaults."""
     cls = choose(SCHEDULES, name, "schedule")
     try:
         return cls(**kwargs)

@@ -106,5 +106,9 @@ def resolve(cfg: TrainConfig) -> Resolved:
     """Build the config's schedule and loss and resolve its precond, once and before any work (bad schedule
     options, or a learned weighting without its head, fail here)."""
     schedule = cfg.schedule.build()
+    own = getattr(schedule, "sigma_data", cfg.precond.sigma_data)  # TrigFlow's σ(t) = σ_d tan t names σ_d too
+    if own != cfg.precond.sigma_data:
+        raise ValueError(f"schedule.sigma_data={own} differs from precond.sigma_data={cfg.precond.sigma_data}: "
+                         "set both to the data's standard deviation")
     loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
     return Resolved(schedule, loss, precond_spec(cfg.precond, schedule, loss))
