@@ -1,7 +1,9 @@
 """Preconditioning D(x̂; σ) = c_skip(σ)·x̂ + c_out(σ)·F(c_in(σ)·x̂; c_noise(σ))  (EDM Table 1).
 
-One module serves all four parameterizations; they differ only in a table of coefficient
-functions of σ.
+One module serves every parameterization; they differ only in a table of coefficient
+functions of σ. Every row has c_skip(0) = 1 and c_out(0) = 0, so D(x̂; 0) = x̂; a consistency
+function f with the boundary condition f(x̂; σ_b) = x̂ (Song et al. 2023) takes c_skip and c_out
+at σ − σ_b (Precond's boundary_sigma) and c_in, c_noise at σ.
 """
 
 from __future__ import annotations
@@ -99,9 +101,13 @@ class Precond(nn.Module):
         beta_min: float = VP.beta_min,
         M: int = VP_M,
         logvar_channels: int = 0,
+        boundary_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         choose(PRECOND_KINDS, kind, "precond kind")
+        if not 0.0 <= boundary_sigma < float("inf"):
+            raise ValueError(f"boundary_sigma={boundary_sigma!r} must be >= 0 (the σ_min where f(x̂; σ_min) = x̂)")
+        self.boundary_sigma = float(boundary_sigma)
         self.net = net
         self.kind = kind
         self.sigma_data = float(sigma_data)
@@ -120,8 +126,13 @@ class Precond(nn.Module):
         return self.logvar_linear(self.logvar_fourier(0.25 * torch.log(sigma))).reshape(-1)
 
     def coefficients(self, sigma: Tensor) -> Coefficients:
-        """(c_skip, c_out, c_in, c_noise) at `sigma`, same shape as `sigma`."""
-        return coefficients(sigma, self.kind, self.sigma_data, self.beta_d, self.beta_min, self.M)
+        """(c_skip, c_out, c_in, c_noise) at `sigma`, same shape as `sigma`; with boundary_sigma σ_b > 0,
+        c_skip(σ − σ_b) and c_out(σ − σ_b), so that D(x̂; σ_b) = x̂ exactly."""
+        at = lambda s: coefficients(s, self.kind, self.sigma_data, self.beta_d, self.beta_min, self.M)  # noqa: E731
+        if not self.boundary_sigma:
+            return at(sigma)
+        shifted = at(sigma - self.boundary_sigma)
+        return at(sigma)._replace(c_skip=shifted.c_skip, c_out=shifted.c_out)
 
     def forward(
         self,
@@ -149,5 +160,6 @@ class Precond(nn.Module):
         return (denoised, self.logvar(sigma).to(x_hat.dtype)) if return_logvar else denoised
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, sigma_data={self.sigma_data}"
+        boundary = f", boundary_sigma={self.boundary_sigma}" if self.boundary_sigma else ""
+        return f"kind={self.kind!r}, sigma_data={self.sigma_data}{boundary}"
 
