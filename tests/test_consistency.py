@@ -1,10 +1,15 @@
-"""Consistency functions: the boundary condition f(x̂; σ_b) = x̂ on every precond kind and network preset."""
+"""Consistency models: the boundary condition f(x̂; σ_b) = x̂ on every precond kind and network preset, ECT's loss
+against its closed forms, and the consistency sampler."""
+
+import math
+import re
 
 import pytest
 import torch
 
 import edm
 from edm import networks
+from edm.core.consistency import ECTLoss
 from edm.core.precond import PRECOND_KINDS
 
 F64 = torch.float64
@@ -58,3 +63,236 @@ def test_the_boundary_shifts_c_skip_and_c_out_only(kind):
 def test_a_negative_boundary_is_refused():
     with pytest.raises(ValueError, match="boundary_sigma=-0.1 must be >= 0"):
         edm.Precond(torch.nn.Identity(), boundary_sigma=-0.1)
+
+
+# ----------------------------------------------------------------------------- ECT's loss
+
+
+class _Scale(torch.nn.Module):
+    """f(x̂; σ) = a·x̂ + b·σ (one parameter each): a consistency 'network' whose gradients have closed forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.8, dtype=F64))
+        self.b = torch.nn.Parameter(torch.tensor(0.1, dtype=F64))
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.a * x + self.b * sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(6, 2, 4, 4, generator=g, dtype=F64)
+    n = torch.randn(6, 2, 4, 4, generator=g, dtype=F64)
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 60.0], dtype=F64)
+    return y, n, t
+
+
+def test_ect_mapping_function_and_its_stages():
+    """r = t·(1 − q^−(s+1)·(1 + k·sigmoid(−b·t))) clamped at 0 (ECT's sigmoid mapping); the stage is
+    ⌊images / stage_kimg⌋, and from one stage to the next Δt = t − r halves (where r > 0)."""
+    loss = ECTLoss(q=2.0, k=8.0, b=1.0, stage_kimg=10.0)
+    t = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0], dtype=F64)
+    for nimg, stage in [(0, 0), (9999, 0), (10000, 1), (35000, 3)]:
+        at = loss.at(nimg)
+        assert at.stage == stage
+        expected = [max(v * (1 - 2.0 ** -(stage + 1) * (1 + 8 / (1 + math.exp(v)))), 0.0) for v in t.tolist()]
+        torch.testing.assert_close(at.r(t), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=0)
+    r3, r4 = loss.at(30000).r(t), loss.at(40000).r(t)
+    inside = r3 > 0
+    torch.testing.assert_close((t - r4)[inside], (t - r3)[inside] / 2, rtol=1e-12, atol=0)
+    assert loss.at(0).r(torch.tensor([0.002], dtype=F64)).item() == 0  # early stages: small t pairs with r = 0
+
+
+def test_ect_at_r_zero_is_the_denoising_loss():
+    """With r = 0 the target is y (the boundary), so ECT's loss is w(t, 0)·d(D(y + t·n; t), y): with metric l2 and
+    weighting edm exactly edm.Loss's EDM denoising loss λ(t)‖D − y‖², and with ECT's own (c = 0) ‖D − y‖/t."""
+    y, n, t = _batch()
+    den = edm.Precond(_conv_net(), kind="edm")
+    zero = torch.zeros_like(t)
+    denoising = edm.Loss(edm.schedules.EDM())(den, y, sigma=t, noise=n)
+    as_edm = ECTLoss(metric="l2", weighting="edm")(den, y, sigma=t, r=zero, noise=n)
+    torch.testing.assert_close(as_edm, denoising, rtol=1e-12, atol=0)
+    ect = ECTLoss()(den, y, sigma=t, r=zero, noise=n)
+    error = (den(y + t.view(-1, 1, 1, 1) * n, t) - y).flatten(1).norm(dim=1)
+    torch.testing.assert_close(ect, error / t, rtol=1e-12, atol=0)
+    huber = ECTLoss(c=0.3)(den, y, sigma=t, r=zero, noise=n)
+    torch.testing.assert_close(huber, ((error**2 + 0.09).sqrt() - 0.3) / t, rtol=1e-12, atol=0)
+
+
+def _conv_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x, c_noise, class_labels=None):
+            return self.conv(x) * (1 + c_noise.view(-1, 1, 1, 1))
+
+    return Net()
+
+
+def test_ect_target_is_the_same_trajectory_without_gradient():
+    """Both points share the noise n, the target f(y + r·n; r) carries no gradient, and the weight is 1/(t − r):
+    for f = a·x̂ + b·σ and metric l2, ∂loss/∂a = w·2⟨f_t − f_r, x̂_t⟩ and ∂loss/∂b = w·2⟨f_t − f_r, t⟩."""
+    y, n, t = _batch(1)
+    f = _Scale()
+    loss = ECTLoss(metric="l2")
+    r = loss.r(t)
+    value = loss(f, y, sigma=t, noise=n)
+    x_t, x_r = y + t.view(-1, 1, 1, 1) * n, y + r.view(-1, 1, 1, 1) * n
+    with torch.no_grad():
+        f_t, f_r = f(x_t, t), torch.where((r > 0).view(-1, 1, 1, 1), f(x_r, r), x_r)
+        w = 1 / (t - r)
+        torch.testing.assert_close(value, w * (f_t - f_r).pow(2).flatten(1).sum(1))
+    value.sum().backward()
+    delta = (f_t - f_r).flatten(1)
+    torch.testing.assert_close(f.a.grad, (w * 2 * (delta * x_t.flatten(1)).sum(1)).sum())
+    torch.testing.assert_close(f.b.grad, (w * 2 * delta.sum(1) * t).sum())
+
+
+def test_ect_passes_share_the_dropout_mask():
+    """At r = t the two passes see the same input: with dropout on, the loss is 0 only if both use one mask."""
+    net = networks.build("tiny", img_resolution=8, in_channels=2, dropout=0.5).double().train()
+    den = edm.Precond(net, kind="edm")
+    y, n, t = _batch(2)
+    y, n = y.repeat(1, 1, 2, 2), n.repeat(1, 1, 2, 2)
+    torch.manual_seed(5)
+    loss = ECTLoss(metric="l2", weighting="edm")(den, y, sigma=t, r=t.clone(), noise=n)  # (1/(t − r) is inf here)
+    assert loss.abs().max() == 0
+    torch.manual_seed(5)
+    first = den(y + t.view(-1, 1, 1, 1) * n, t)
+    assert not torch.equal(first, den(y + t.view(-1, 1, 1, 1) * n, t))  # dropout is on: two draws differ
+
+
+def test_ect_with_a_boundary_draws_t_above_it():
+    """boundary_sigma σ_b > 0: ln t is N(P_mean, P_std²) truncated to t > σ_b (Kolmogorov–Smirnov against its CDF),
+    r never falls below σ_b, and the target at r = σ_b is x̂_r itself (f's boundary)."""
+    loss = ECTLoss(boundary_sigma=0.05, P_mean=-1.1, P_std=2.0)
+    t = loss.sample_t(20000, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert t.min() > 0.05
+    z = (t.log().sort().values + 1.1) / 2.0
+    phi = lambda v: 0.5 * torch.erfc(-v / math.sqrt(2))  # noqa: E731
+    lo = phi(torch.tensor((math.log(0.05) + 1.1) / 2.0, dtype=F64))
+    cdf = (phi(z) - lo) / (1 - lo)
+    i = torch.arange(1, len(z) + 1, dtype=F64)
+    ks = torch.maximum(i / len(z) - cdf, cdf - (i - 1) / len(z)).max()
+    assert ks < 1.63 / math.sqrt(len(z))  # the 1 % critical value
+    assert loss.r(t).min() >= 0.05
+
+
+# ----------------------------------------------------------------------------- the consistency sampler
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp", "trigflow"])
+def test_the_consistency_sampler_is_song_et_al_algorithm_1(schedule):
+    """ŷ_0 = f(σ_0·n; σ_0), then ŷ_i = f(ŷ_{i−1} + σ_i·n_i; σ_i) for the intermediate σ's, whatever s(t): one
+    evaluation per step, fresh noise from the generator at every step."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(5, 3, generator=g, dtype=F64)
+    f = edm.IdealDenoiser(data)
+    noise = torch.randn(4, 3, generator=g, dtype=F64)
+    sched = edm.schedules.get(schedule)
+    calls = []
+    counted = lambda x, sigma, class_labels=None: calls.append(1) or f(x, sigma)  # noqa: E731
+    out = edm.sample(counted, noise, sched, num_steps=3, solver="consistency", generator=torch.Generator().manual_seed(7),
+                     sigmas=[2.0, 0.5])
+    assert len(calls) == 3
+    replay = torch.Generator().manual_seed(7)
+    sigma_0 = sched.sigma(sched.time_steps(3)[0])
+    y = f(sigma_0 * noise, sigma_0.expand(4))
+    for sigma in (2.0, 0.5):
+        s = torch.tensor(sigma, dtype=F64)
+        y = f(y + s * torch.randn(noise.shape, generator=replay, dtype=F64), s.expand(4))
+    torch.testing.assert_close(out, y, rtol=1e-9, atol=1e-12)
+
+
+def test_the_consistency_samplers_default_levels_and_bad_ones():
+    """Without sigmas the intermediate levels are the schedule's (N + 1)-step grid without its last point σ_min;
+    a list of the wrong length or order is refused, naming what fits."""
+    sched = edm.schedules.EDM()
+    seen = []
+    f = lambda x, sigma, class_labels=None: seen.append(float(sigma[0])) or 0 * x  # noqa: E731
+    edm.sample(f, torch.zeros(1, 2, dtype=F64), sched, num_steps=4, solver="consistency")
+    torch.testing.assert_close(torch.tensor(seen, dtype=F64), sched.sigma(sched.time_steps(5)[:4]), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"sigmas=\[0.5\] must be 3 decreasing noise level\(s\) below σ\(t_0\) = 80"):
+        edm.sample(f, torch.zeros(1, 2), sched, num_steps=4, solver="consistency", sigmas=[0.5])
+    with pytest.raises(ValueError, match="must be 2 decreasing"):
+        edm.sample(f, torch.zeros(1, 2), sched, num_steps=3, solver="consistency", sigmas=[0.5, 2.0])
+
+
+# ----------------------------------------------------------------------------- ECT end to end
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny denoiser trained for 4 steps on the embedded digits (TINY_TRAIN), in a run folder."""
+    from conftest import TINY_TRAIN
+    from edm.cli import compose
+    from edm.training.loop import train
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    train(compose("train", [*TINY_TRAIN, f"run_dir={run_dir}"]))
+    return run_dir
+
+
+def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tmp_path):
+    """recipe=ect init=RUN starts from RUN's EMA weights with its network and precond, trains ECT's loss with
+    the stage advancing by images, writes consistency-sampled grids, records objective=ect, resumes exactly,
+    and its model samples only with the consistency sampler."""
+    from edm.models import checkpoint as ckpt
+    from edm.models.loading import load_model
+    from edm.training.loop import train
+    from edm.training.run import saved_loss_spec
+
+    overrides = ["recipe=ect", f"init={teacher}", "network.model_channels=16", "ect.stage_kimg=0.016",
+                 "checkpoint_every=2", "sampler.num_steps=1"]
+    full = train(compose_train(*overrides, run_dir=tmp_path / "full"))
+    state = ckpt.load_checkpoint(full.checkpoint)
+    assert state["config"]["objective"] == "ect" and saved_loss_spec(state)["kind"] == "ect"
+    teacher_state = ckpt.load_checkpoint(ckpt.find_latest(teacher))
+    assert state["denoiser"]["network"]["model_channels"] == 8  # the init model's network, not the config's 16
+    assert state["denoiser"] == teacher_state["denoiser"] | {"precond": teacher_state["denoiser"]["precond"] | {"boundary_sigma": 0.0}}
+    assert any(not torch.equal(state["model"][k], teacher_state["ema"][k]) for k in state["model"])
+    assert (tmp_path / "full" / "samples-final.png").exists()
+
+    cut = compose_train(*overrides, "total_kimg=0.016", run_dir=tmp_path / "cut")
+    train(cut)
+    resumed = train(compose_train(*overrides, "resume=true", run_dir=tmp_path / "cut"))
+    again = ckpt.load_checkpoint(resumed.checkpoint)
+    for key in state["model"]:
+        torch.testing.assert_close(again["model"][key], state["model"][key], rtol=0, atol=0)
+
+    model, info = load_model(tmp_path / "full")
+    assert info.objective == "ect"
+    info.check_solver("consistency")
+    with pytest.raises(ValueError, match="is a consistency model .* use sampler=consistency"):
+        info.check_solver("heun")
+    _, teacher_info = load_model(teacher)
+    with pytest.raises(ValueError, match="is a denoiser .* tune one with edm-train recipe=ect init="):
+        teacher_info.check_solver("consistency")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["objective=ect"], "objective=ect trains a consistency model; its sample grids need sampler=consistency"),
+    (["sampler=consistency"], "sampler=consistency samples consistency models: train one with objective=ect"),
+    (["recipe=ect", "init=no/such/run"], "init='no/such/run' does not exist"),
+    (["recipe=ect", "ect.q=1"], "ECT needs q > 1"),
+])
+def test_bad_ect_settings_fail_before_training(compose_train, tmp_path, overrides, needle):
+    from edm.training.loop import train
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train(compose_train(*overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_model_of_other_images_is_refused(compose_train, tmp_path, tiny_checkpoint):
+    from edm.training.loop import train
+
+    other = tiny_checkpoint(tmp_path / "other.pt", label_dim=10)
+    with pytest.raises(ValueError, match=r"models 1x8x8 images with 10 classes, data set digits has 1x8x8 with 0"):
+        train(compose_train("recipe=ect", f"init={other}"))

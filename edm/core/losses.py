@@ -135,6 +135,10 @@ class Loss:
         object.__setattr__(self, "P_std", default_std if self.P_std is None else float(self.P_std))
         object.__setattr__(self, "learned_weighting", learns_weighting(kind, self.learned_weighting))
 
+    def at(self, cur_nimg: int) -> "Loss":
+        """The loss of the training step at cur_nimg: the denoising loss does not change during training."""
+        return self
+
     def sample_sigma(
         self, batch: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32
     ) -> Tensor:

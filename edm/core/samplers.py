@@ -29,6 +29,10 @@ __all__ = [
     "stochastic",
     "euler_maruyama",
     "dpmpp_2m",
+    "consistency",
+    "CONSISTENCY_SOLVERS",
+    "consistency_grid",
+    "solver_time_steps",
     "ode_derivative",
     "denoise",
     "randn_like",
@@ -207,9 +211,55 @@ def dpmpp_2m(
     return x
 
 
+def consistency(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    sigmas: Sequence[float] | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency function f = the denoiser:
+    ŷ = f(x/s(t_i); σ(t_i)), then x = s(t_{i+1})·(ŷ + σ(t_{i+1})·n_i) with fresh noise n_i (x = ŷ at t_{i+1} = 0),
+    one evaluation a step, on the grid t_steps, or with its N − 1 intermediate times at the noise levels `sigmas`
+    (consistency_grid; ECT and sCM use [0.821] for 2 steps)."""
+    for i, t_cur, t_next, last in _steps(consistency_grid(t_steps, schedule, sigmas)):
+        y = denoise(denoiser, x, t_cur, schedule, class_labels)
+        x = y if last else schedule.scale(t_next) * (y + schedule.sigma(t_next) * randn_like(x, generator))
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
 SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
-    {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m}
+    {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m,
+     "consistency": consistency}
 )
+CONSISTENCY_SOLVERS = ("consistency",)  # solvers for consistency functions (few-step models), not denoisers
+
+
+def consistency_grid(t_steps: Tensor, schedule: Schedule, sigmas: Sequence[float] | None) -> Tensor:
+    """t_steps with its N − 1 intermediate times moved to the noise levels σ_1 > ... > σ_{N−1} of `sigmas`
+    (None: t_steps unchanged); a wrong count or order is a ValueError naming what fits."""
+    if sigmas is None:
+        return t_steps
+    num_steps = len(t_steps) - 1
+    sigma_0 = float(schedule.sigma(t_steps[0]))
+    values = [float(s) for s in sigmas]
+    if len(values) != num_steps - 1 or any(not 0 < b < a for a, b in zip([sigma_0] + values, values)):
+        raise ValueError(f"consistency: sigmas={values} must be {num_steps - 1} decreasing noise level(s) below "
+                         f"σ(t_0) = {sigma_0:g} for {num_steps} step(s), e.g. sigmas=[0.821] with 2 steps")
+    inner = schedule.sigma_inv(torch.tensor(values, dtype=torch.float64)).to(t_steps)
+    return torch.cat([t_steps[:1], inner, t_steps[-1:]])
+
+
+def solver_time_steps(
+    schedule: Schedule, solver: str, num_steps: int, discretization: str | None = None, *,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Tensor:
+    """The default grid of `solver`: the schedule's num_steps grid; for a consistency solver the (N + 1)-step grid
+    without its last point σ_min, so that no evaluation is spent where f(x̂; σ) ≈ x̂."""
+    if solver not in CONSISTENCY_SOLVERS:
+        return schedule.time_steps(num_steps, discretization, dtype=dtype, device=device)
+    t = schedule.time_steps(num_steps + 1, discretization, dtype=dtype, device=device)
+    return torch.cat([t[:num_steps], t[-1:]])
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -279,6 +329,11 @@ class SamplerConfig:
         if self.discretization is not None:
             choose(DISCRETIZATIONS, self.discretization, "discretization")
 
+    def grid(self, schedule: Schedule) -> Tensor:
+        """The t grid (float64) these settings integrate on: what reports record."""
+        t = solver_time_steps(schedule, self.solver, self.num_steps, self.discretization)
+        return consistency_grid(t, schedule, self.options.get("sigmas")) if self.solver in CONSISTENCY_SOLVERS else t
+
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of edm.sample that this config sets."""
         return dict(solver=self.solver, num_steps=self.num_steps, discretization=self.discretization,
@@ -312,7 +367,7 @@ def sample(
     fn = check_solver(solver, solver_options)
     _check_inputs(noise, class_labels)
     if t_steps is None:
-        t_steps = schedule.time_steps(num_steps, discretization, dtype=noise.dtype, device=noise.device)
+        t_steps = solver_time_steps(schedule, solver, num_steps, discretization, dtype=noise.dtype, device=noise.device)
     else:
         t_steps = torch.as_tensor(t_steps, dtype=noise.dtype, device=noise.device)
     check_t_steps(t_steps, schedule)

@@ -128,6 +128,8 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
     info.require_pixels()
+    for solver in cfg.solvers:
+        info.check_solver(solver)
     counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=device)
     schedules = [model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name) for name in cfg.schedules]

@@ -93,7 +93,7 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
         "discretization": settings.discretization or schedule.default_discretization,
         "final_denoise": settings.final_denoise,
         "options": settings.options,
-        "t_steps": schedule.time_steps(settings.num_steps, settings.discretization).tolist(),
+        "t_steps": settings.grid(schedule).tolist(),
         "schedule": to_spec(schedule),
         "labels": to_container(cfg.labels),
         "label_dim": info.label_dim,
@@ -140,6 +140,7 @@ def generate_folder(
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
     info.require_pixels()
+    info.check_solver(cfg.sampler.solver)
     schedule = cfg.schedule.build(info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:

@@ -51,7 +51,8 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
         "format": FORMAT, "denoiser": state["denoiser"], "schedule": state.get("schedule"),
         "weights": "ema" if ema else "raw", "step": state.get("step"),
         "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
-        "reference": (state.get("config") or {}).get("reference"), **(extra or {}),
+        "reference": (state.get("config") or {}).get("reference"),
+        "objective": (state.get("config") or {}).get("objective") or "denoising", **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
     return dest
@@ -79,7 +80,7 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         weights = load(weights_file.read_bytes())
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
-    config = {key: meta[key] for key in ("dataset", "reference") if meta.get(key)}  # reference: an NVlabs file's facts
+    config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
              "config": config, "step": meta.get("step")}
     return weights_file, state

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
+from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.denoisers import GuidedDenoiser
+from ..core.samplers import CONSISTENCY_SOLVERS
 from ..data import DatasetConfig
 from ..files import file_sha256
 from .export import export_state, is_export, read_export
@@ -42,6 +44,20 @@ class ModelInfo:
     source: str = ""
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
     latent: dict | None = None  # NVlabs/edm2 latent models: the VAE and the latent scale/bias (not pixels)
+    objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
+
+    def check_solver(self, solver: str) -> None:
+        """Refuse a solver made for the other kind of model: ODE/SDE solvers need a denoiser, the consistency
+        sampler a consistency function."""
+        consistency = self.objective in CONSISTENCY_OBJECTIVES
+        if solver in CONSISTENCY_SOLVERS and not consistency:
+            raise ValueError(f"{self.source} is a denoiser (objective={self.objective}); sampler {solver} needs a "
+                             f"consistency model: tune one with edm-train recipe=ect init={self.source or 'MODEL'}, or "
+                             "sample this one with an ODE solver (sampler=heun)")
+        if consistency and solver not in CONSISTENCY_SOLVERS:
+            raise ValueError(f"{self.source} is a consistency model (objective={self.objective}), not a denoiser; "
+                             f"solver {solver} integrates a denoiser's ODE: use sampler=consistency "
+                             "(sampler.num_steps=1, 2, 4)")
 
     def training_dataset(self) -> DatasetConfig | None:
         """The training set's config (edm checkpoints record it), for scoring against it; None if unknown."""
@@ -103,6 +119,7 @@ def load_model(
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
         schedule=from_spec(state["schedule"]) if state.get("schedule") else None, source=str(path),
         dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
+        objective=(state.get("config") or {}).get("objective") or "denoising",
     )
     return denoiser.to(device), info
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..choices import keyword_defaults
+from ..core.consistency import ECTLoss
 from ..core.losses import Loss
 from ..core.precond import Precond
 from ..core.schedules import VP, Schedule
@@ -25,7 +26,7 @@ from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network",
+    "network_spec", "resolved_network", "initial_denoiser",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
     return Loss(schedule, sigma_data=sigma_data, **dataclasses.asdict(cfg))
 
 
-def loss_spec(loss: Loss) -> dict[str, Any]:
-    """Every field of a (resolved) Loss but its schedule: what a checkpoint records and resume compares."""
-    return {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
+def loss_spec(loss: Loss | ECTLoss) -> dict[str, Any]:
+    """Its kind and every field of a (resolved) loss but its schedule: what a checkpoint records and resume compares."""
+    return {"kind": loss.kind} | {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
 
 
 def precond_defaults() -> dict[str, Any]:
@@ -89,12 +90,30 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
     return resolved_network(network)
 
 
+def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(denoiser spec, EMA weights) of the model cfg.init names: its network and preconditioning, with
+    precond.boundary_sigma from the config; its images must have the data set's shape and labels."""
+    from ..models.loading import read_model_file
+
+    path, state = read_model_file(cfg.init, ema=True)
+    network = resolved_network(state["denoiser"]["network"])
+    precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
+    theirs = (network.get("in_channels"), network.get("img_resolution"), network.get("label_dim") or 0)
+    ours = (dataset.channels, dataset.resolution, dataset.label_dim)
+    if theirs != ours:
+        raise ValueError(f"init {path} models {theirs[0]}x{theirs[1]}x{theirs[1]} images with {theirs[2]} classes, data set "
+                         f"{cfg.dataset.name} has {ours[0]}x{ours[1]}x{ours[1]} with {ours[2]}: train on the model's data "
+                         "(dataset=, dataset.resolution=, dataset.cond=) or start from another model")
+    logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
+    return {"network": network, "precond": precond}, state["ema"]
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A training config's schedule, loss and precond spec, every None resolved."""
 
     schedule: Schedule
-    loss: Loss
+    loss: Loss | ECTLoss
     precond: dict[str, Any]
 
     def denoiser_spec(self, cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
@@ -110,5 +129,9 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if own != cfg.precond.sigma_data:
         raise ValueError(f"schedule.sigma_data={own} differs from precond.sigma_data={cfg.precond.sigma_data}: "
                          "set both to the data's standard deviation")
-    loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
+    if cfg.objective == "ect":
+        loss = ECTLoss(sigma_data=cfg.precond.sigma_data, boundary_sigma=cfg.precond.boundary_sigma,
+                       **dataclasses.asdict(cfg.ect))
+    else:
+        loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
     return Resolved(schedule, loss, precond_spec(cfg.precond, schedule, loss))

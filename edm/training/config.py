@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..choices import check_choice, choose, options_schema
+from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss
 from ..core.losses import LOSS_KINDS, Loss
 from ..core.precond import PRECOND_KINDS, Precond
-from ..core.samplers import SamplerConfig
+from ..core.samplers import CONSISTENCY_SOLVERS, SamplerConfig
 from ..core.schedules import SCHEDULES, ScheduleConfig
 from ..data import DATASETS, DatasetConfig
 from ..data.augment import AUGMENT_DIM, AugmentConfig
@@ -33,6 +35,8 @@ __all__ = [
     "ScheduleConfig",
     "PrecondConfig",
     "LossConfig",
+    "ECTConfig",
+    "OBJECTIVES",
     "DatasetConfig",
     "SamplerConfig",
     "TrainConfig",
@@ -56,6 +60,14 @@ LossConfig = options_schema(
         "learned_weighting None = the kind's (edm2).",
 )
 
+ECTConfig = options_schema(
+    "ECTConfig", ECTLoss, skip=("sigma_data", "boundary_sigma", "stage"), module=__name__,
+    doc="`edm.core.consistency.ECTLoss(sigma_data=precond.sigma_data, boundary_sigma=precond.boundary_sigma, **options)`: "
+        "ECT's consistency loss (objective=ect).",
+)
+
+OBJECTIVES = ("denoising", "ect")  # what a run optimizes: edm.Loss (the `loss` group) or ECTLoss (the `ect` group)
+
 
 @dataclass
 class TrainConfig:
@@ -69,6 +81,9 @@ class TrainConfig:
     EMA: β = 0.5^(batch_size / max(h, 1e-8)), h = min(ema_halflife_kimg·1000, cur_nimg·ema_rampup_ratio).
     ema_sigma_rel: power-function EMAs (EDM2) tracked beside it, one per σ_rel; every ema_snapshot_kimg
     their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
+    objective: "denoising" optimizes `loss` (edm.Loss), "ect" optimizes `ect` (ECT's consistency loss).
+    init: a trained model (run folder, checkpoint, model folder or NVlabs .pkl) whose EMA weights start the
+    run; its network and preconditioning replace the config's (precond.boundary_sigma excepted).
     """
 
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="edm"))
@@ -78,7 +93,10 @@ class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ect: ECTConfig = field(default_factory=ECTConfig)
 
+    objective: str = "denoising"
+    init: Optional[str] = None
     run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network> (run_folder)
     resume: bool = False
     seed: int = 0
@@ -158,6 +176,15 @@ def check_config(cfg: TrainConfig) -> None:
         choose(PRECOND_KINDS, cfg.precond.kind, "precond.kind")
     if cfg.loss.kind is not None:
         check_choice(LOSS_KINDS, cfg.loss.kind, "loss.kind")
+    check_choice(OBJECTIVES, cfg.objective, "objective")
+    if cfg.objective in CONSISTENCY_OBJECTIVES and cfg.sampler.solver not in CONSISTENCY_SOLVERS:
+        raise ValueError(f"objective={cfg.objective} trains a consistency model; its sample grids need sampler=consistency "
+                         f"(recipe=ect sets it), not {cfg.sampler.solver}")
+    if cfg.objective not in CONSISTENCY_OBJECTIVES and cfg.sampler.solver in CONSISTENCY_SOLVERS:
+        raise ValueError(f"sampler={cfg.sampler.solver} samples consistency models: train one with objective=ect "
+                         "(recipe=ect), or sample this denoiser with sampler=heun")
+    if cfg.init is not None and not os.path.exists(cfg.init):
+        raise ValueError(f"init={cfg.init!r} does not exist: give a run folder, checkpoint, model folder or NVlabs .pkl")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
     choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:

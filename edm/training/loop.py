@@ -30,7 +30,7 @@ from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
-from .build import Resolved, resolve
+from .build import Resolved, initial_denoiser, resolve
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -134,10 +134,12 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
         for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
-    spec = resolved.denoiser_spec(cfg, dataset)
+    spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
+    if init_weights is not None:
+        net.load_state_dict(init_weights)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -253,7 +255,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                     for i, (*_, indices) in enumerate(micro_batches):
                         indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
                 lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
-                loss = train_step(run.model, run.loss_fn, run.optimizer, [batch[:3] for batch in micro_batches],
+                loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer, [batch[:3] for batch in micro_batches],
                                   acc, run.generator, lr, cfg.grad_clip)
                 beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
                 update_ema(run.ema, run.net, beta)
