@@ -1,6 +1,7 @@
 """Consistency models: the boundary condition f(x̂; σ_b) = x̂ on every precond kind and network preset, ECT's loss
 against its closed forms, and the consistency sampler."""
 
+import json
 import math
 import re
 
@@ -9,7 +10,7 @@ import torch
 
 import edm
 from edm import networks
-from edm.core.consistency import ECTLoss
+from edm.core.consistency import ECTLoss, SCMLoss, trigflow_F, trigflow_tangent
 from edm.core.precond import PRECOND_KINDS
 
 F64 = torch.float64
@@ -296,3 +297,119 @@ def test_init_from_a_model_of_other_images_is_refused(compose_train, tmp_path, t
     other = tiny_checkpoint(tmp_path / "other.pt", label_dim=10)
     with pytest.raises(ValueError, match=r"models 1x8x8 images with 10 classes, data set digits has 1x8x8 with 0"):
         train(compose_train("recipe=ect", f"init={other}"))
+
+
+# ----------------------------------------------------------------------------- sCM: TrigFlow and the JVP
+
+
+def test_trigflow_F_of_a_trigflow_denoiser_is_its_network():
+    """For precond kind trigflow, F(x_t, t) = (cos t·x_t − D(x_t/cos t; σ_d tan t))/(σ_d sin t) is the network's
+    own output F(x_t/σ_d, t)."""
+    net = small_net("tiny")
+    den = edm.Precond(net, kind="trigflow", sigma_data=0.5)
+    x_t = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t = torch.tensor([0.05, 0.7, 1.4], dtype=F64)
+    torch.testing.assert_close(trigflow_F(den, x_t, t, 0.5), net(x_t / 0.5, t), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("preset", list(SMALL_PRESETS))
+@pytest.mark.parametrize("kind", ["edm", "trigflow", "vp"])
+def test_the_jvp_equals_central_finite_differences_on_every_preset(preset, kind):
+    """cos t sin t·dF/dt along dx_t/dt by forward-mode autodiff equals the central difference
+    (F(x_t + h·v_x, t + h·v_t) − F(x_t − h·v_x, t − h·v_t))/2h in float64, through every network preset
+    (attention included) and the preconditioning: every layer has a forward-mode rule, no fallback is needed."""
+    den = edm.Precond(small_net(preset), kind=kind)
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 2, 8, 8, generator=g, dtype=F64)
+    dx = torch.randn(2, 2, 8, 8, generator=g, dtype=F64)
+    t = torch.tensor([0.3, 1.1], dtype=F64)
+    F, dF = trigflow_tangent(den, x_t, t, dx, 0.5)
+    torch.testing.assert_close(F, trigflow_F(den, x_t, t, 0.5), rtol=1e-12, atol=1e-12)
+    cs = torch.cos(t) * torch.sin(t)
+
+    def central(h):
+        plus = trigflow_F(den, x_t + h * cs.view(-1, 1, 1, 1) * dx, t + h * cs, 0.5)
+        minus = trigflow_F(den, x_t - h * cs.view(-1, 1, 1, 1) * dx, t - h * cs, 0.5)
+        return (plus - minus) / (2 * h)
+
+    # Richardson's O(h⁴) difference at the best of three steps: truncation falls and round-off grows as h shrinks, and
+    # where they cross depends on the network (VP's c_noise spans 999 t_VP, steep in t; EDM2 normalizes its weights).
+    errors = []
+    for h in (1e-5, 1e-6, 1e-7):
+        fd = (4 * central(h) - central(2 * h)) / 3
+        errors.append(((dF - fd).abs().max() / fd.abs().max()).item())
+    assert min(errors) < 1e-6, errors
+
+
+def test_the_consistency_function_of_one_point_is_a_fixed_point_of_sct():
+    """For data = one point y₀ the exact consistency function is f ≡ y₀ (the ideal denoiser): then
+    σ_d F = dx_t/dt and x_t + σ_d dF/dt = 0, so the tangent g and the loss vanish, at every t."""
+    y0 = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    f = edm.IdealDenoiser(y0)
+    y = y0.expand(5, -1, -1, -1)
+    sigma = torch.tensor([0.01, 0.2, 1.0, 5.0, 60.0], dtype=F64)
+    loss = SCMLoss().at(10**9)
+    assert loss.warmup == 1.0 and loss.kind == "sct"
+    value = loss(f, y, sigma=sigma, noise=torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=F64))
+    assert value.abs().max() < 1e-20
+
+
+def test_the_sct_gradient_is_the_normalized_tangent():
+    """F_θ equals F⁻ in value, so ∂loss/∂θ = −2/(σ·dim)·⟨g, ∂F_θ/∂θ⟩ with g = ĝ/(rms(ĝ) + c),
+    ĝ = −cos² t (σ_d F − dx_t/dt) − ρ cos t sin t (x_t + σ_d dF/dt); checked for F linear in θ (kind trigflow,
+    network θ·x so that F = θ·x_t/σ_d), with ρ = 0.5 half-way through the warm-up."""
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.tensor(0.3, dtype=F64))
+
+        def forward(self, x, c_noise, class_labels=None):
+            return self.theta * x + 0 * c_noise.view(-1, 1, 1, 1)
+
+    net = Linear()
+    den = edm.Precond(net, kind="trigflow", sigma_data=0.5)
+    g_ = torch.Generator().manual_seed(2)
+    y = torch.randn(3, 1, 4, 4, generator=g_, dtype=F64)
+    n = torch.randn(3, 1, 4, 4, generator=g_, dtype=F64)
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
+    loss = SCMLoss(warmup_kimg=2.0).at(1000)
+    assert loss.warmup == 0.5
+    loss(den, y, sigma=sigma, noise=n).sum().backward()
+    t = torch.atan(sigma / 0.5).view(-1, 1, 1, 1)
+    cos, sin = torch.cos(t), torch.sin(t)
+    x_t, dxdt = cos * y + sin * 0.5 * n, cos * 0.5 * n - sin * y
+    with torch.no_grad():
+        F = net.theta * x_t / 0.5
+        dF = net.theta * dxdt / 0.5  # F depends on t only through x_t
+        tangent = -cos**2 * (0.5 * F - dxdt) - 0.5 * cos * sin * (x_t + 0.5 * dF)
+        tangent = tangent / (tangent.flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1) + 0.1)
+        expected = (-2 / (sigma * 16) * (tangent * x_t / 0.5).flatten(1).sum(1)).sum()
+    torch.testing.assert_close(net.theta.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("recipe", ["sct", "scd"])
+def test_recipes_sct_and_scd_tune_a_trained_model(compose_train, teacher, tmp_path, recipe):
+    """recipe=sct (and scd, distilling the same teacher) from init=RUN: finite losses that the run records, the
+    loss spec of its kind, a grid sampled with the consistency sampler."""
+    from edm.models import checkpoint as ckpt
+    from edm.training.loop import train
+    from edm.training.run import saved_loss_spec
+
+    extra = [f"teacher={teacher}"] if recipe == "scd" else []
+    result = train(compose_train(f"recipe={recipe}", f"init={teacher}", "sampler.num_steps=1", "scm.warmup_kimg=0.016",
+                                 *extra))
+    state = ckpt.load_checkpoint(result.checkpoint)
+    spec = saved_loss_spec(state)
+    assert state["config"]["objective"] == recipe and spec["kind"] == recipe and "teacher" not in spec
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
+    assert (tmp_path / "run" / "samples-final.png").exists()
+
+
+def test_scd_needs_a_teacher_and_only_scd_takes_one(compose_train, teacher):
+    from edm.training.loop import train
+
+    with pytest.raises(ValueError, match="objective=scd distils a teacher: set teacher=MODEL"):
+        train(compose_train("recipe=scd", f"init={teacher}"))
+    with pytest.raises(ValueError, match="is used by objective=scd only"):
+        train(compose_train("recipe=sct", f"init={teacher}", f"teacher={teacher}"))

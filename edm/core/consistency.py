@@ -1,4 +1,5 @@
-"""Consistency training by tuning a denoiser (ECT: Geng et al. 2024, "Consistency Models Made Easy").
+"""Consistency models over any denoiser: ECT (Geng et al. 2024, "Consistency Models Made Easy") and
+continuous-time consistency on TrigFlow (sCT and sCD; Lu & Song 2024).
 
 The consistency function f(x̂; σ) is a preconditioned denoiser (edm.Precond): every precond row
 has f(x̂; 0) = x̂, and boundary_sigma σ_b moves that boundary to f(x̂; σ_b) = x̂. ECT trains f
@@ -17,6 +18,18 @@ dropout mask, and
 
 At r = σ_b = 0 the target is y and the loss is w(t, 0)·d(D(y + t·n; t), y): with metric l2 and
 weighting edm, exactly the denoising loss of edm.Loss(kind="edm").
+
+sCM works in TrigFlow's x_t = cos t·y + sin t·z (z = σ_d n, σ = σ_d tan t), where the consistency function
+is f(x_t, t) = cos t·x_t − sin t·σ_d F(x_t, t). Any denoiser D(x̂; σ) is such an f, with
+F(x_t, t) = (cos t·x_t − D(x_t/cos t; σ_d tan t)) / (σ_d sin t)  (for precond kind trigflow, its network), so sCM
+tunes a model of any parameterization. With ln σ ~ N(P_mean, P_std²), t = arctan(σ/σ_d):
+
+    dx_t/dt = cos t·z − sin t·y (sCT)  or  σ_d F_teacher(x_t, t) (sCD),
+    (F⁻, cos t sin t·dF⁻/dt) = jvp(F_θ⁻, (x_t, t), (cos t sin t·dx_t/dt, cos t sin t))   (no gradient),
+    g = −cos² t·(σ_d F⁻ − dx_t/dt) − ρ·cos t sin t·(x_t + σ_d dF⁻/dt),   g ← g / (rms(g) + c),
+    loss = ‖F_θ(x_t, t) − F⁻ − g‖² / (σ·dim),
+
+with the tangent warm-up ρ = min(1, images / warmup_kimg), c = 0.1, and the prior weight 1/σ = 1/(σ_d tan t).
 """
 
 from __future__ import annotations
@@ -33,9 +46,12 @@ from ..choices import check_choice
 from .losses import loss_weight
 from .schedules import SIGMA_DATA
 
-__all__ = ["ECTLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "pseudo_huber"]
+__all__ = [
+    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "pseudo_huber",
+    "trigflow_F", "trigflow_tangent",
+]
 
-CONSISTENCY_OBJECTIVES = ("ect",)  # training objectives whose model is a consistency function, not a denoiser
+CONSISTENCY_OBJECTIVES = ("ect", "sct", "scd")  # training objectives whose model is a consistency function, not a denoiser
 ECT_METRICS = ("pseudo_huber", "l2")
 ECT_WEIGHTINGS = ("ect", "edm")
 
@@ -141,3 +157,102 @@ class ECTLoss:
             target = torch.where(inside.view(view), f_r, x_r)
         return self.weight(t, r) * self.distance(f_t, target)
 
+
+def _view(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def trigflow_F(
+    denoiser: Callable[..., Tensor], x_t: Tensor, t: Tensor, sigma_data: float, class_labels: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """F(x_t, t) = (cos t·x_t − D(x_t/cos t; σ_d tan t)) / (σ_d sin t): the TrigFlow network output that makes
+    the denoiser D sCM's f(x_t, t) = cos t·x_t − sin t·σ_d F."""
+    cos, sin = _view(torch.cos(t), x_t), _view(torch.sin(t), x_t)
+    D = denoiser(x_t / cos, sigma_data * torch.tan(t), class_labels, **kwargs)
+    return (cos * x_t - D) / (sigma_data * sin)
+
+
+def trigflow_tangent(
+    denoiser: Callable[..., Tensor], x_t: Tensor, t: Tensor, dxt_dt: Tensor, sigma_data: float,
+    class_labels: Tensor | None = None, **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """(F(x_t, t), cos t sin t·dF/dt) along the trajectory dx_t/dt, by forward-mode autodiff (torch.func.jvp with
+    tangents (cos t sin t·dx_t/dt, cos t sin t)); attention runs on SDPA's math kernel, which has a forward rule."""
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cs = torch.cos(t) * torch.sin(t)
+    fn = lambda x, tt: trigflow_F(denoiser, x, tt, sigma_data, class_labels, **kwargs)  # noqa: E731
+    with sdpa_kernel(SDPBackend.MATH):
+        return jvp(fn, (x_t, t), (_view(cs, x_t) * dxt_dt, cs))
+
+
+@dataclass(frozen=True)
+class SCMLoss:
+    """sCM's continuous-time consistency loss on TrigFlow (module docstring): sCT, or sCD when `teacher` (a
+    denoiser, frozen) gives dx_t/dt. `at(cur_nimg)` sets the tangent warm-up ρ. The defaults are sCM's CIFAR-10
+    settings (FastGen's config_scm: P_mean −1.0, P_std 1.4, c = 0.1, warm-up 10,000 iterations of 512)."""
+
+    sigma_data: float = SIGMA_DATA
+    P_mean: float = -1.0
+    P_std: float = 1.4
+    tangent_c: float = 0.1
+    warmup_kimg: float = 5120.0
+    warmup: float = 0.0  # ρ of this step (set by `at`)
+    teacher: Callable[..., Tensor] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    learned_weighting = False
+
+    def __post_init__(self) -> None:
+        if not (self.P_std > 0 and self.tangent_c > 0 and self.warmup_kimg >= 0):
+            raise ValueError(f"sCM needs P_std > 0, tangent_c > 0 and warmup_kimg >= 0; got P_std={self.P_std}, "
+                             f"tangent_c={self.tangent_c}, warmup_kimg={self.warmup_kimg}")
+
+    @property
+    def kind(self) -> str:
+        return "scd" if self.teacher is not None else "sct"
+
+    def at(self, cur_nimg: int) -> "SCMLoss":
+        """The loss of the step at cur_nimg: ρ = min(1, cur_nimg / warmup_kimg)."""
+        warmup = 1.0 if self.warmup_kimg == 0 else min(1.0, cur_nimg / (self.warmup_kimg * 1000))
+        return dataclasses.replace(self, warmup=warmup)
+
+    def __call__(
+        self,
+        denoiser: Callable[..., Tensor],
+        y: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Per-example ‖F_θ(x_t, t) − F⁻ − g‖² / (σ·dim), shape [B]; σ (t = arctan(σ/σ_d)) and n are drawn unless given."""
+        if sigma is None:
+            sigma = torch.exp(self.P_mean + self.P_std * torch.randn(y.shape[0], generator=generator, device=y.device,
+                                                                      dtype=y.dtype))
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        sd = self.sigma_data
+        kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+        t = torch.atan(sigma / sd)
+        cos, sin = _view(torch.cos(t), y), _view(torch.sin(t), y)
+        z = sd * noise
+        x_t = cos * y + sin * z
+        if self.teacher is None:
+            dxt_dt = cos * z - sin * y
+        else:
+            with torch.no_grad():
+                dxt_dt = sd * trigflow_F(self.teacher, x_t, t, sd, class_labels, **kwargs)
+        inner = getattr(denoiser, "module", denoiser)  # the forward-mode pass needs no gradient sync (DDP)
+        devices = [y.device] if y.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the gradient pass replays its dropout draws
+            F_minus, dF = trigflow_tangent(inner, x_t, t, dxt_dt, sd, class_labels, **kwargs)
+        F_theta = trigflow_F(denoiser, x_t, t, sd, class_labels, **kwargs)
+        g = -cos**2 * (sd * F_minus - dxt_dt) - self.warmup * (cos * sin * x_t + sd * dF)
+        rms = g.flatten(1).pow(2).mean(dim=1).sqrt()
+        g = g / _view(rms + self.tangent_c, g)
+        dim = y[0].numel()
+        return (F_theta - F_minus - g).pow(2).flatten(1).sum(dim=1) / (sigma * dim)

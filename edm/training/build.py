@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..choices import keyword_defaults
-from ..core.consistency import ECTLoss
+from ..core.consistency import ECTLoss, SCMLoss
 from ..core.losses import Loss
 from ..core.precond import Precond
 from ..core.schedules import VP, Schedule
@@ -26,7 +26,7 @@ from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network", "initial_denoiser",
+    "network_spec", "resolved_network", "initial_denoiser", "with_teacher",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
     return Loss(schedule, sigma_data=sigma_data, **dataclasses.asdict(cfg))
 
 
-def loss_spec(loss: Loss | ECTLoss) -> dict[str, Any]:
+def loss_spec(loss: Loss | ECTLoss | SCMLoss) -> dict[str, Any]:
     """Its kind and every field of a (resolved) loss but its schedule: what a checkpoint records and resume compares."""
-    return {"kind": loss.kind} | {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss) if f.name != "schedule"}
+    return {"kind": loss.kind} | {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss)
+                                  if f.name not in ("schedule", "teacher")}
 
 
 def precond_defaults() -> dict[str, Any]:
@@ -108,12 +109,28 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
     return {"network": network, "precond": precond}, state["ema"]
 
 
+def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any) -> SCMLoss:
+    """sCD's loss with its teacher: the EMA denoiser of cfg.teacher, frozen, on `device`; its images must be the
+    data set's."""
+    from ..models.loading import load_model
+
+    teacher, info = load_model(cfg.teacher, device=device)
+    want = (dataset.channels, dataset.resolution, dataset.resolution)
+    if info.img_shape != want or info.label_dim != dataset.label_dim:
+        raise ValueError(f"teacher {info.source} models {info.img_shape} images with {info.label_dim} classes, data set "
+                         f"{cfg.dataset.name} has {want} with {dataset.label_dim}: distil a teacher of this data")
+    if info.objective != "denoising":
+        raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
+    logger.info("teacher: the denoiser of %s", info.source)
+    return dataclasses.replace(loss, teacher=teacher.requires_grad_(False))
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A training config's schedule, loss and precond spec, every None resolved."""
 
     schedule: Schedule
-    loss: Loss | ECTLoss
+    loss: Loss | ECTLoss | SCMLoss
     precond: dict[str, Any]
 
     def denoiser_spec(self, cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
@@ -132,6 +149,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if cfg.objective == "ect":
         loss = ECTLoss(sigma_data=cfg.precond.sigma_data, boundary_sigma=cfg.precond.boundary_sigma,
                        **dataclasses.asdict(cfg.ect))
+    elif cfg.objective in ("sct", "scd"):  # scd's teacher joins once the run knows its device (with_teacher)
+        loss = SCMLoss(sigma_data=cfg.precond.sigma_data, **dataclasses.asdict(cfg.scm))
     else:
         loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
     return Resolved(schedule, loss, precond_spec(cfg.precond, schedule, loss))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..choices import check_choice, choose, options_schema
-from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss
+from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss
 from ..core.losses import LOSS_KINDS, Loss
 from ..core.precond import PRECOND_KINDS, Precond
 from ..core.samplers import CONSISTENCY_SOLVERS, SamplerConfig
@@ -36,6 +36,7 @@ __all__ = [
     "PrecondConfig",
     "LossConfig",
     "ECTConfig",
+    "SCMConfig",
     "OBJECTIVES",
     "DatasetConfig",
     "SamplerConfig",
@@ -66,7 +67,14 @@ ECTConfig = options_schema(
         "ECT's consistency loss (objective=ect).",
 )
 
-OBJECTIVES = ("denoising", "ect")  # what a run optimizes: edm.Loss (the `loss` group) or ECTLoss (the `ect` group)
+SCMConfig = options_schema(
+    "SCMConfig", SCMLoss, skip=("sigma_data", "warmup", "teacher"), module=__name__,
+    doc="`edm.core.consistency.SCMLoss(sigma_data=precond.sigma_data, **options)`: sCM's continuous-time consistency "
+        "loss (objective=sct, or scd with teacher=MODEL).",
+)
+
+# What a run optimizes: edm.Loss (the `loss` group), ECTLoss (`ect`) or SCMLoss (`scm`; scd: with `teacher`).
+OBJECTIVES = ("denoising", "ect", "sct", "scd")
 
 
 @dataclass
@@ -81,7 +89,8 @@ class TrainConfig:
     EMA: β = 0.5^(batch_size / max(h, 1e-8)), h = min(ema_halflife_kimg·1000, cur_nimg·ema_rampup_ratio).
     ema_sigma_rel: power-function EMAs (EDM2) tracked beside it, one per σ_rel; every ema_snapshot_kimg
     their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
-    objective: "denoising" optimizes `loss` (edm.Loss), "ect" optimizes `ect` (ECT's consistency loss).
+    objective: "denoising" optimizes `loss` (edm.Loss), "ect" `ect` (ECT's consistency loss), "sct" and "scd" `scm`
+    (sCM's continuous-time consistency loss; scd distils the model `teacher`).
     init: a trained model (run folder, checkpoint, model folder or NVlabs .pkl) whose EMA weights start the
     run; its network and preconditioning replace the config's (precond.boundary_sigma excepted).
     """
@@ -94,9 +103,11 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ect: ECTConfig = field(default_factory=ECTConfig)
+    scm: SCMConfig = field(default_factory=SCMConfig)
 
     objective: str = "denoising"
     init: Optional[str] = None
+    teacher: Optional[str] = None
     run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network> (run_folder)
     resume: bool = False
     seed: int = 0
@@ -183,8 +194,13 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.objective not in CONSISTENCY_OBJECTIVES and cfg.sampler.solver in CONSISTENCY_SOLVERS:
         raise ValueError(f"sampler={cfg.sampler.solver} samples consistency models: train one with objective=ect "
                          "(recipe=ect), or sample this denoiser with sampler=heun")
-    if cfg.init is not None and not os.path.exists(cfg.init):
-        raise ValueError(f"init={cfg.init!r} does not exist: give a run folder, checkpoint, model folder or NVlabs .pkl")
+    for key in ("init", "teacher"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"{key}={path!r} does not exist: give a run folder, checkpoint, model folder or NVlabs .pkl")
+    if (cfg.objective == "scd") != (cfg.teacher is not None):
+        raise ValueError("objective=scd distils a teacher: set teacher=MODEL (a trained denoiser)" if cfg.objective == "scd"
+                         else f"teacher={cfg.teacher} is used by objective=scd only (objective={cfg.objective})")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
     choose(DATASETS, cfg.dataset.name, "dataset.name")
     if cfg.dataset.resolution is not None:

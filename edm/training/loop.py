@@ -30,7 +30,7 @@ from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
-from .build import Resolved, initial_denoiser, resolve
+from .build import Resolved, initial_denoiser, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -150,7 +150,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     generator = torch.Generator(accelerator.device)
     seed_streams(generator, cfg.seed, rank)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
-    run = Run(cfg, accelerator, model, net, ema, optimizer, resolved.loss, resolved.schedule, generator, spec, dataset,
+    loss = with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd" else resolved.loss
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
               lock=lock, phema=phema)
     if cfg.resume and latest is not None:
         restore(run, latest)
