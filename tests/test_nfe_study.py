@@ -43,7 +43,7 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
     rows = run_study(cfg)
     assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("euler", 2, 2), ("euler", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
     assert all(r["fd_cls"] > 0 and r["num_images"] == 32 for r in rows)
-    assert (out / "table.csv").read_text().splitlines()[0].startswith("schedule,solver,steps,nfe")
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("model,schedule,solver,steps,nfe")
     from PIL import Image
 
     assert Image.open(out / "fd_cls_vs_nfe.png").format == "PNG"
@@ -53,6 +53,31 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
     assert len(rows) == 6 and {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir() if p.name in before} == before
     cfg.num_images = 16
     with pytest.raises(ProvenanceError, match="num_images: folder 32, now 16"):
+        run_study(cfg)
+
+
+def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache):
+    """teacher=MODEL adds that model's teacher_solvers x teacher_steps points (model "teacher") to the study of a
+    consistency model; each model refuses the other kind's solvers."""
+    from edm.models import checkpoint
+
+    teacher = tiny_checkpoint(tmp_path / "teacher.pt", perturb=0.05)
+    student = tmp_path / "student.pt"
+    state = checkpoint.load_checkpoint(teacher)
+    checkpoint.save_checkpoint(student, state | {"config": {"objective": "ect"}})
+    cfg = StudyConfig(checkpoint=str(student), solvers=["consistency"], steps=[1, 2], teacher=str(teacher),
+                      teacher_solvers=["heun"], teacher_steps=[2], num_images=16, batch=16, out=str(tmp_path / "s"),
+                      dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
+    rows = run_study(cfg)
+    assert [(r["model"], r["solver"], r["nfe"]) for r in rows] == [("model", "consistency", 1), ("model", "consistency", 2),
+                                                                   ("teacher", "heun", 3)]
+    assert sorted(p.name for p in (tmp_path / "s" / "points").iterdir()) == [
+        "edm-consistency-001.json", "edm-consistency-002.json", "teacher-edm-heun-002.json"]
+    cfg.teacher_solvers = ["consistency"]
+    with pytest.raises(ValueError, match="is a denoiser .* tune one with edm-train recipe=ect"):
+        run_study(cfg)
+    cfg.solvers, cfg.teacher_solvers = ["heun"], ["heun"]
+    with pytest.raises(ValueError, match="is a consistency model .* use sampler=consistency"):
         run_study(cfg)
 
 

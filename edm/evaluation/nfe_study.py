@@ -7,6 +7,10 @@ network evaluations per image during one batch, the guide's included (unguided H
 DPM-Solver++(2M): N; guidance adds one per guided call).
 
     edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
+    edm-study checkpoint=ECT_RUN solvers=[consistency] steps=[1,2,4] teacher=RUN_DIR teacher_steps=[2,18]
+
+With `teacher` (e.g. the model a consistency model was tuned from), that model's teacher_solvers × teacher_steps
+points join the same table (model "teacher") and plot, so one study shows a few-step model against its teacher.
 
 Writes OUT/table.csv, OUT/table.json, OUT/<metric>_vs_nfe.png, and one OUT/points/*.json per point, so
 a rerun with more solvers or steps computes only the new points. OUT/provenance.json (checkpoint hash,
@@ -68,17 +72,44 @@ class StudyConfig:
     guidance: float = 1.0  # guidance weight w (edm.core.denoisers.GuidedDenoiser); 1 = none
     guide: Optional[str] = None  # autoguidance: the guide model's file (else classifier-free)
     guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guided only there
+    teacher: Optional[str] = None  # a second model whose points join the table and plot (unguided), e.g. a teacher
+    teacher_solvers: List[str] = field(default_factory=lambda: ["heun"])
+    teacher_steps: List[int] = field(default_factory=lambda: [2, 18])
     cpu: bool = False
     progress: bool = True
 
 
-def _point_name(schedule: Schedule, solver: str, steps: int) -> str:
-    return f"{schedule.name}-{solver}-{steps:03d}"
+@dataclass
+class _Model:
+    """One model of a study: its row label, counting denoiser, facts and sampler settings."""
+
+    label: str  # "model", or "teacher"
+    denoiser: GuidedDenoiser
+    info: ModelInfo
+    settings: list[SamplerConfig]
+
+
+def _point_name(model: str, schedule: Schedule, solver: str, steps: int) -> str:
+    prefix = "" if model == "model" else f"{model}-"
+    return f"{prefix}{schedule.name}-{solver}-{steps:03d}"
+
+
+def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device) -> _Model:
+    """A study's model from its file, each solver checked against what it is (denoiser or consistency model)."""
+    denoiser, info = load_model(path, ema=cfg.ema, device=device)
+    info.require_pixels()
+    for solver in solvers:
+        info.check_solver(solver)
+    guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
+    counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
+                                  ema=cfg.ema, device=device)
+    settings = [SamplerConfig(solver, n, discretization=cfg.discretization) for solver in solvers for n in steps]
+    return _Model(label, counting, info, settings), guide_info
 
 
 def _score_point(
     denoiser: GuidedDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
-    scorers: dict[str, Scorer], device: torch.device,
+    scorers: dict[str, Scorer], device: torch.device, label: str = "model",
 ) -> dict:
     """Generate seeds 0..N−1 at one point (quantized to uint8, as saved images are) and score them."""
     plan = plan_images(range(cfg.num_images), None, info.label_dim)
@@ -95,7 +126,7 @@ def _score_point(
     seconds = time.time() - start
     x = torch.cat(images)
     y = None if labels[0] is None else torch.cat(labels)
-    row = {"schedule": schedule.name, "solver": settings.solver, "steps": settings.num_steps, "nfe": nfe,
+    row = {"model": label, "schedule": schedule.name, "solver": settings.solver, "steps": settings.num_steps, "nfe": nfe,
            "discretization": settings.discretization or schedule.default_discretization,
            "seconds": round(seconds, 2)}
     for scorer in scorers.values():
@@ -125,13 +156,14 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
     if not cfg.eval.metrics:
         raise ValueError("eval.metrics is empty: name the metrics to plot, e.g. eval.metrics=[fd_cls]")
-    settings = [SamplerConfig(solver, steps, discretization=cfg.discretization) for solver in cfg.solvers for steps in cfg.steps]
-    denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
-    info.require_pixels()
-    for solver in cfg.solvers:
-        info.check_solver(solver)
-    counting, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
-                                  ema=cfg.ema, device=device)
+    main, guide_info = _load(cfg.checkpoint, "model", cfg.solvers, cfg.steps, cfg, device)
+    info, models = main.info, [main]
+    if cfg.teacher is not None:
+        teacher, _ = _load(cfg.teacher, "teacher", cfg.teacher_solvers, cfg.teacher_steps, cfg, device)
+        if teacher.info.img_shape != info.img_shape or teacher.info.label_dim != info.label_dim:
+            raise ValueError(f"teacher {teacher.info.source} makes {teacher.info.img_shape} images with "
+                             f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}")
+        models.append(teacher)
     schedules = [model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name) for name in cfg.schedules]
     dataset = cfg.dataset or info.training_dataset()
     if dataset is None:
@@ -142,38 +174,39 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
                   **metric_files(cfg.eval, cfg.eval.metrics),
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
-                  "guidance_interval": cfg.guidance_interval}
+                  "guidance_interval": cfg.guidance_interval,
+                  "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
         claim(out, record, results, overwrite=cfg.overwrite)
         ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
                              image_shape=info.img_shape, progress=cfg.progress)
         scorers = build_scorers(cfg.eval, ctx)
-        rows = _score_points(cfg, counting, info, schedules, settings, scorers, device)
+        rows = _score_points(cfg, models, schedules, scorers, device)
         write_table(rows, out)
-        series = "solver" if len(schedules) == 1 else "series"
         for row in rows:
-            row["series"] = f"{row['schedule']} {row['solver']}"
+            parts = ([row["model"]] if len(models) > 1 else []) + ([row["schedule"]] if len(schedules) > 1 else [])
+            row["series"] = " ".join(parts + [row["solver"]])
         for name in scorers:
-            plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series=series,
+            plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series="series",
                               title=f"{Path(info.source).name}: {cfg.num_images} images per point (lower is better)")
         for row in rows:
             del row["series"]
     return rows
 
 
-def _score_points(cfg: StudyConfig, counting: GuidedDenoiser, info: ModelInfo, schedules: list[Schedule],
-                  settings: list[SamplerConfig], scorers: dict[str, Scorer], device: torch.device) -> list[dict]:
-    """Every point's row, read from OUT/points/ when an earlier run scored it, sorted by schedule, solver, NFE."""
+def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedule], scorers: dict[str, Scorer],
+                  device: torch.device) -> list[dict]:
+    """Every point's row, read from OUT/points/ when an earlier run scored it, sorted by model, schedule, solver, NFE."""
     out = Path(cfg.out)
-    points = [(schedule, s) for schedule in schedules for s in settings]
+    points = [(m, schedule, s) for m in models for schedule in schedules for s in m.settings]
     rows = []
     bar = progress_bar(len(points), "NFE study", "point") if cfg.progress else None
-    for schedule, s in points:
-        path = out / "points" / f"{_point_name(schedule, s.solver, s.num_steps)}.json"
+    for m, schedule, s in points:
+        path = out / "points" / f"{_point_name(m.label, schedule, s.solver, s.num_steps)}.json"
         if path.is_file():
             row = json.loads(path.read_text())
         else:
-            row = _score_point(counting, schedule, s, info, cfg, scorers, device)
+            row = _score_point(m.denoiser, schedule, s, m.info, cfg, scorers, device, m.label)
             row["schedule_spec"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)
@@ -183,4 +216,4 @@ def _score_points(cfg: StudyConfig, counting: GuidedDenoiser, info: ModelInfo, s
             bar.update(1)
     if bar is not None:
         bar.close()
-    return sorted(rows, key=lambda r: (r["schedule"], r["solver"], r["nfe"]))
+    return sorted(rows, key=lambda r: (r.get("model", "model"), r["schedule"], r["solver"], r["nfe"]))
