@@ -121,29 +121,31 @@ class GuidedDenoiser(nn.Module):
         lo, hi = self.interval
         return (sigma > lo) & (sigma <= hi)
 
-    def _guide(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _guide(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None, **kwargs) -> tuple[Tensor, Tensor]:
         """(D, D_g) at the same points: one batched call for classifier-free guidance, two otherwise."""
         if self.guide is not None:
-            return self.denoiser(x_hat, sigma, class_labels), self.guide(x_hat, sigma, class_labels)
+            return self.denoiser(x_hat, sigma, class_labels, **kwargs), self.guide(x_hat, sigma, class_labels, **kwargs)
         if class_labels is None:
             raise ValueError("classifier-free guidance needs class labels; give a guide model (autoguidance) "
                              "to guide an unconditional one")
         both = self.denoiser(torch.cat([x_hat, x_hat]), torch.cat([sigma, sigma]),
-                             torch.cat([class_labels, torch.zeros_like(class_labels)]))
+                             torch.cat([class_labels, torch.zeros_like(class_labels)]),
+                             **{key: torch.cat([value, value]) for key, value in kwargs.items()})
         d, d_guide = both.chunk(2)
         return d, d_guide
 
-    def forward(self, x_hat: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, **kwargs) -> Tensor:
+        """The guided D(x̂; σ); keyword arguments (e.g. sigma_r, [B] tensors) go to both denoisers."""
         if self.weight == 1.0:  # no guidance: the main denoiser, without a host sync
             self.evaluations += 1
-            return self.denoiser(x_hat, sigma, class_labels)
+            return self.denoiser(x_hat, sigma, class_labels, **kwargs)
         sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device).expand(x_hat.shape[0])
         active = self.active(sigma)
         if not bool(active.any()):
             self.evaluations += 1
-            return self.denoiser(x_hat, sigma, class_labels)
+            return self.denoiser(x_hat, sigma, class_labels, **kwargs)
         self.evaluations += 2
-        d, d_guide = self._guide(x_hat, sigma, class_labels)
+        d, d_guide = self._guide(x_hat, sigma, class_labels, **kwargs)
         guided = d_guide + self.weight * (d - d_guide)
         return guided if bool(active.all()) else torch.where(active.view((-1,) + (1,) * (x_hat.ndim - 1)), guided, d)
 
@@ -160,9 +162,9 @@ class AutocastDenoiser(nn.Module):
         self.denoiser = denoiser
         self.dtype = dtype
 
-    def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **kwargs) -> Tensor:
         with torch.autocast(x_hat.device.type, dtype=self.dtype):
-            out = self.denoiser(x_hat, sigma, class_labels)
+            out = self.denoiser(x_hat, sigma, class_labels, **kwargs)
         return out.to(x_hat.dtype)
 
 

@@ -141,9 +141,11 @@ class Precond(nn.Module):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         return_logvar: bool = False,
+        sigma_r: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """D(x̂; σ) for x̂ of shape [B, ...] and σ of shape [B] (or a scalar, broadcast to the batch);
-        with return_logvar, (D, u(σ)) for the learned loss weighting."""
+        with return_logvar, (D, u(σ)) for the learned loss weighting. sigma_r [B] gives a network built with
+        second_noise its second input c_noise(σ) − c_noise(σ_r) (for kind fm, MeanFlow's t − r)."""
         sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x_hat.shape[0])
@@ -153,6 +155,9 @@ class Precond(nn.Module):
         view = (-1,) + (1,) * (x_hat.ndim - 1)
         net_dtype = _param_dtype(self.net) or x_hat.dtype
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+        if sigma_r is not None:
+            sigma_r = torch.as_tensor(sigma_r, dtype=x_hat.dtype, device=x_hat.device).expand(x_hat.shape[0])
+            kwargs["c_noise2"] = (c_noise - self.coefficients(sigma_r).c_noise).to(net_dtype)
         F_x = self.net((c_in.view(view) * x_hat).to(net_dtype), c_noise.to(net_dtype), class_labels=class_labels, **kwargs)
         if F_x.shape != x_hat.shape:
             raise ValueError(f"network output shape {list(F_x.shape)} differs from its input {list(x_hat.shape)}")

@@ -30,7 +30,9 @@ __all__ = [
     "euler_maruyama",
     "dpmpp_2m",
     "consistency",
+    "meanflow",
     "CONSISTENCY_SOLVERS",
+    "MEANFLOW_SOLVERS",
     "consistency_grid",
     "solver_time_steps",
     "ode_derivative",
@@ -228,11 +230,28 @@ def consistency(
     return x
 
 
+def meanflow(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """MeanFlow's sampler (Geng et al. 2025) z_{t_{i+1}} = z_{t_i} − (t_i − t_{i+1})·u(z_{t_i}, t_{i+1}, t_i): an Euler
+    step of the ODE whose denoiser also gets the step's end, D(x̂; σ(t_i), σ_r = σ(t_{i+1})) (edm.core.meanflow:
+    for flow matching exactly the average-velocity step); one evaluation a step."""
+    for i, t_cur, t_next, _ in _steps(t_steps):
+        sigma_r = schedule.sigma(t_next).to(x.dtype).expand(x.shape[0])
+        averaged = lambda x_hat, sigma, labels: denoiser(x_hat, sigma, labels, sigma_r=sigma_r)  # noqa: E731
+        x = x + (t_next - t_cur) * ode_derivative(averaged, x, t_cur, schedule, class_labels)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
 SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
     {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m,
-     "consistency": consistency}
+     "consistency": consistency, "meanflow": meanflow}
 )
 CONSISTENCY_SOLVERS = ("consistency",)  # solvers for consistency functions (few-step models), not denoisers
+MEANFLOW_SOLVERS = ("meanflow",)  # solvers that need a model of the average velocity (objective meanflow)
 
 
 def consistency_grid(t_steps: Tensor, schedule: Schedule, sigmas: Sequence[float] | None) -> Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.denoisers import GuidedDenoiser
-from ..core.samplers import CONSISTENCY_SOLVERS
+from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import DatasetConfig
 from ..files import file_sha256
 from .export import export_state, is_export, read_export
@@ -58,6 +58,9 @@ class ModelInfo:
             raise ValueError(f"{self.source} is a consistency model (objective={self.objective}), not a denoiser; "
                              f"solver {solver} integrates a denoiser's ODE: use sampler=consistency "
                              "(sampler.num_steps=1, 2, 4)")
+        if solver in MEANFLOW_SOLVERS and self.objective != "meanflow":
+            raise ValueError(f"{self.source} was trained with objective={self.objective}; sampler {solver} needs a "
+                             "MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN), or use sampler=heun")
 
     def training_dataset(self) -> DatasetConfig | None:
         """The training set's config (edm checkpoints record it), for scoring against it; None if unknown."""

@@ -31,7 +31,9 @@ from .layers import (
     PositionalEmbedding,
     UNetBlock,
     broadcast_noise,
+    check_second_noise,
     prepare_labels,
+    second_noise_input,
     register_einops_backend,
 )
 from .song_unet import check_resolution
@@ -59,6 +61,7 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         label_dropout: float = 0.0,
+        second_noise: bool = False,
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -74,6 +77,8 @@ class DhariwalUNet(nn.Module):
         # Mapping: c_noise, augmentation and class labels -> embedding vector.
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        # A second noise level (MeanFlow's t − r), zero-initialized: the network starts as the one without it.
+        self.map_noise2 = Linear(model_channels, model_channels, init_weight=0.0) if second_noise else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (
@@ -112,10 +117,14 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def embed(
-        self, c_noise: Tensor, batch: int, class_labels: Tensor | None, augment_labels: Tensor | None
+        self, c_noise: Tensor, batch: int, class_labels: Tensor | None, augment_labels: Tensor | None,
+        c_noise2: Tensor | None = None,
     ) -> Tensor:
-        """emb = silu(W1 silu(W0 (e(c_noise) + W_aug · aug)) + W_label · label), e = [cos, sin]."""
+        """emb = silu(W1 silu(W0 (e(c_noise) + W_aug · aug + W_2 e(c_noise2))) + W_label · label), e = [cos, sin];
+        the W_2 term only with second_noise (c_noise2 None = 0)."""
         emb = self.map_noise(broadcast_noise(c_noise, batch))
+        if self.map_noise2 is not None:
+            emb = emb + self.map_noise2(self.map_noise(broadcast_noise(second_noise_input(c_noise2, c_noise), batch)))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
@@ -131,9 +140,12 @@ class DhariwalUNet(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        c_noise2: Tensor | None = None,
     ) -> Tensor:
-        """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar)."""
-        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels)
+        """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar); c_noise2 the second noise
+        level of a network built with second_noise."""
+        check_second_noise(self.map_noise2 is not None, c_noise2)
+        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
         skips: list[Tensor] = []
         for name, layer in self.enc.items():
             x = layer(x) if name.endswith("_conv") else layer(x, emb)

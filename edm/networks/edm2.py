@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import broadcast_noise, prepare_labels
+from .layers import broadcast_noise, check_second_noise, prepare_labels, second_noise_input
 from .song_unet import check_resolution
 
 __all__ = ["EDM2UNet", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat"]
@@ -182,6 +182,7 @@ class EDM2UNet(nn.Module):
         clip_act: float | None = 256,
         channels_per_head: int = 64,
         resample_filter: Sequence[float] = (1, 1),
+        second_noise: bool = False,
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -196,6 +197,9 @@ class EDM2UNet(nn.Module):
 
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        if second_noise:  # a second noise level (MeanFlow's t − r) with a gain that starts at 0
+            self.emb_noise2 = MPConv(cnoise, cemb, kernel=[])
+            self.emb_noise2_gain = nn.Parameter(torch.zeros([]))
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
 
         self.enc = nn.ModuleDict()
@@ -225,18 +229,26 @@ class EDM2UNet(nn.Module):
                 self.dec[f"{res}x{res}_block{i}"] = Block(cin, cout, flavor="dec", attention=res in attn_resolutions, **block)
         self.out_conv = MPConv(cout, out_channels, kernel=[3, 3])
 
-    def embed(self, c_noise: Tensor, batch: int, class_labels: Tensor | None) -> Tensor:
-        """emb = mp_silu(mp_sum(W_noise · fourier(c_noise), W_label · √L label, t = label_balance))."""
+    def embed(self, c_noise: Tensor, batch: int, class_labels: Tensor | None, c_noise2: Tensor | None = None) -> Tensor:
+        """emb = mp_silu(mp_sum(W_noise · fourier(c_noise) + g·W_2 · fourier(c_noise2), W_label · √L label,
+        t = label_balance)); the g term (g learned, 0 at start) only with second_noise (c_noise2 None = 0)."""
         emb = self.emb_noise(self.emb_fourier(broadcast_noise(c_noise, batch)))
+        if hasattr(self, "emb_noise2"):
+            second = self.emb_fourier(broadcast_noise(second_noise_input(c_noise2, c_noise), batch))
+            emb = emb + self.emb_noise2_gain * self.emb_noise2(second)
         if self.emb_label is not None:
             dropout = self.label_dropout if self.training else 0.0
             labels = prepare_labels(class_labels, batch, self.label_dim, emb.dtype, emb.device, dropout)
             emb = mp_sum(emb, self.emb_label(labels * math.sqrt(self.label_dim)), t=self.label_balance)
         return mp_silu(emb)
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar)."""
-        emb = self.embed(c_noise, x.shape[0], class_labels)
+    def forward(
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, c_noise2: Tensor | None = None
+    ) -> Tensor:
+        """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar); c_noise2 the second noise
+        level of a network built with second_noise."""
+        check_second_noise(hasattr(self, "emb_noise2"), c_noise2)
+        emb = self.embed(c_noise, x.shape[0], class_labels, c_noise2)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips: list[Tensor] = []
         for name, layer in self.enc.items():

@@ -329,3 +329,15 @@ def prepare_labels(
 def broadcast_noise(c_noise: Tensor, batch: int) -> Tensor:
     """c_noise as a [batch] vector (a scalar or [1] is repeated for every example)."""
     return torch.broadcast_to(c_noise.reshape(-1), (batch,))
+
+
+def second_noise_input(c_noise2: Tensor | None, c_noise: Tensor) -> Tensor:
+    """The second noise input of a network built with second_noise: c_noise2, or 0 (MeanFlow's r = t) when None."""
+    return torch.zeros_like(c_noise) if c_noise2 is None else c_noise2.to(c_noise.dtype)
+
+
+def check_second_noise(has_it: bool, c_noise2: Tensor | None) -> None:
+    """A second noise level needs a network built with second_noise (network.second_noise=true)."""
+    if c_noise2 is not None and not has_it:
+        raise ValueError("this network has no second noise input (MeanFlow's t − r): build it with second_noise=True "
+                         "(network.second_noise=true)")

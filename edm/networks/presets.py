@@ -42,6 +42,7 @@ class NetworkConfig:
     attn_resolutions: Optional[List[int]] = None
     dropout: Optional[float] = None
     label_dropout: Optional[float] = None
+    second_noise: Optional[bool] = None  # a second, zero-initialized noise-level input (MeanFlow's t − r); default off
     # SongUNet only (DDPM++ / NCSN++ switches).
     embedding_type: Optional[str] = None
     channel_mult_noise: Optional[int] = None
@@ -130,19 +131,20 @@ def resolve(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any
     """The class and every constructor argument of preset `name` with keyword overrides (None values
     keep the preset's default): what `build` constructs.
 
-    Accepts the fields of NetworkConfig; out_channels defaults to in_channels; tiny puts
+    Accepts the fields of NetworkConfig; out_channels defaults to in_channels, second_noise to False; tiny puts
     attention at its lowest resolution unless attn_resolutions is given. Overrides the
     architecture does not know (e.g. encoder_type for adm) raise a ValueError.
     """
     overrides = {key: _normalize(value) for key, value in overrides.items() if value is not None}
     cls, kwargs = preset(name)
-    unknown = sorted(set(overrides) - set(kwargs) - {"out_channels"})
+    unknown = sorted(set(overrides) - set(kwargs) - {"out_channels", "second_noise"})
     if unknown:
         raise ValueError(f"{cls.__name__} (preset {name!r}) has no option(s) {', '.join(unknown)}")
     kwargs |= overrides
     if name in ("tiny", "edm2-tiny") and "attn_resolutions" not in overrides:
         kwargs["attn_resolutions"] = (kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1),)
     kwargs.setdefault("out_channels", kwargs["in_channels"])
+    kwargs.setdefault("second_noise", False)
     return cls, kwargs
 
 

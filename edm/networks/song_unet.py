@@ -38,7 +38,9 @@ from .layers import (
     PositionalEmbedding,
     UNetBlock,
     broadcast_noise,
+    check_second_noise,
     prepare_labels,
+    second_noise_input,
     register_einops_backend,
 )
 
@@ -81,6 +83,7 @@ class SongUNet(nn.Module):
         encoder_type: str = "standard",
         decoder_type: str = "standard",
         resample_filter: Sequence[int] = (1, 1),
+        second_noise: bool = False,
     ) -> None:
         check_choice(EMBEDDING_TYPES, embedding_type, "embedding_type")
         check_choice(ENCODER_TYPES, encoder_type, "encoder_type")
@@ -109,6 +112,8 @@ class SongUNet(nn.Module):
             self.map_noise = FourierEmbedding(noise_channels)
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        # A second noise level (MeanFlow's t − r), zero-initialized: the network starts as the one without it.
+        self.map_noise2 = Linear(noise_channels, noise_channels, init_weight=0.0) if second_noise else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
@@ -161,13 +166,21 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def embed(
-        self, c_noise: Tensor, batch: int, class_labels: Tensor | None, augment_labels: Tensor | None
-    ) -> Tensor:
-        """emb = silu(W1 silu(W0 (e(c_noise) + W_label √label_dim · label + W_aug · aug))), e = [sin, cos]."""
+    def features(self, c_noise: Tensor, batch: int) -> Tensor:
+        """e(c_noise) = [sin, cos] of the noise embedding, [batch, noise_channels]."""
         emb = self.map_noise(broadcast_noise(c_noise, batch))
         emb = rearrange(emb, "b (two c) -> b two c", two=2).flip(1)
-        emb = rearrange(emb, "b two c -> b (two c)")
+        return rearrange(emb, "b two c -> b (two c)")
+
+    def embed(
+        self, c_noise: Tensor, batch: int, class_labels: Tensor | None, augment_labels: Tensor | None,
+        c_noise2: Tensor | None = None,
+    ) -> Tensor:
+        """emb = silu(W1 silu(W0 (e(c_noise) + W_label √label_dim · label + W_aug · aug + W_2 e(c_noise2)))), e = [sin,
+        cos]; the last term only with second_noise (c_noise2 None = 0)."""
+        emb = self.features(c_noise, batch)
+        if self.map_noise2 is not None:
+            emb = emb + self.map_noise2(self.features(second_noise_input(c_noise2, c_noise), batch))
         if self.map_label is not None:
             dropout = self.label_dropout if self.training else 0.0
             labels = prepare_labels(class_labels, batch, self.label_dim, emb.dtype, emb.device, dropout)
@@ -219,8 +232,11 @@ class SongUNet(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        c_noise2: Tensor | None = None,
     ) -> Tensor:
-        """F(x; c_noise) of x's shape; c_noise is [batch] (or a scalar), class_labels [batch, label_dim]."""
-        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels)
+        """F(x; c_noise) of x's shape; c_noise is [batch] (or a scalar), class_labels [batch, label_dim]; c_noise2
+        the second noise level of a network built with second_noise."""
+        check_second_noise(self.map_noise2 is not None, c_noise2)
+        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
         x, skips = self.encode(x, emb)
         return self.decode(x, skips, emb)

@@ -16,6 +16,7 @@ from typing import Any
 from ..choices import keyword_defaults
 from ..core.consistency import ECTLoss, SCMLoss
 from ..core.losses import Loss
+from ..core.meanflow import MeanFlowLoss
 from ..core.precond import Precond
 from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
@@ -26,7 +27,7 @@ from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network", "initial_denoiser", "with_teacher",
+    "network_spec", "resolved_network", "initial_denoiser", "with_teacher", "check_objective", "load_initial_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def build_loss(cfg: LossConfig, schedule: Schedule, sigma_data: float) -> Loss:
     return Loss(schedule, sigma_data=sigma_data, **dataclasses.asdict(cfg))
 
 
-def loss_spec(loss: Loss | ECTLoss | SCMLoss) -> dict[str, Any]:
+def loss_spec(loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss) -> dict[str, Any]:
     """Its kind and every field of a (resolved) loss but its schedule: what a checkpoint records and resume compares."""
     return {"kind": loss.kind} | {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss)
                                   if f.name not in ("schedule", "teacher")}
@@ -97,7 +98,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
     from ..models.loading import read_model_file
 
     path, state = read_model_file(cfg.init, ema=True)
-    network = resolved_network(state["denoiser"]["network"])
+    network = resolved_network({**state["denoiser"]["network"], **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
     theirs = (network.get("in_channels"), network.get("img_resolution"), network.get("label_dim") or 0)
     ours = (dataset.channels, dataset.resolution, dataset.label_dim)
@@ -107,6 +108,25 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
                          "(dataset=, dataset.resolution=, dataset.cond=) or start from another model")
     logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
     return {"network": network, "precond": precond}, state["ema"]
+
+
+def check_objective(objective: str, spec: dict[str, Any]) -> None:
+    """MeanFlow's average velocity is the flow-matching network's: refuse another preconditioning."""
+    kind = spec["precond"]["kind"]
+    if objective == "meanflow" and kind != "fm":
+        raise ValueError(f"objective=meanflow trains a flow-matching model (precond kind fm), not kind {kind}: use "
+                         "schedule=fm, or init= a model trained with schedule=fm")
+
+
+SECOND_NOISE_KEYS = ("map_noise2.", "emb_noise2.", "emb_noise2_gain")  # a second noise input's parameters
+
+
+def load_initial_weights(denoiser: Any, weights: dict[str, Any]) -> None:
+    """Load an init model's weights; a second noise input that the model lacks keeps its zero initialization."""
+    missing, unexpected = denoiser.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not any(part in k for part in SECOND_NOISE_KEYS)]
+    if missing or unexpected:
+        raise ValueError(f"the init model's weights do not fit its network: missing {missing}, unexpected {unexpected}")
 
 
 def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any) -> SCMLoss:
@@ -130,7 +150,7 @@ class Resolved:
     """A training config's schedule, loss and precond spec, every None resolved."""
 
     schedule: Schedule
-    loss: Loss | ECTLoss | SCMLoss
+    loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss
     precond: dict[str, Any]
 
     def denoiser_spec(self, cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
@@ -149,8 +169,13 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if cfg.objective == "ect":
         loss = ECTLoss(sigma_data=cfg.precond.sigma_data, boundary_sigma=cfg.precond.boundary_sigma,
                        **dataclasses.asdict(cfg.ect))
+    elif cfg.objective == "meanflow":
+        loss = MeanFlowLoss(**dataclasses.asdict(cfg.meanflow))
     elif cfg.objective in ("sct", "scd"):  # scd's teacher joins once the run knows its device (with_teacher)
         loss = SCMLoss(sigma_data=cfg.precond.sigma_data, **dataclasses.asdict(cfg.scm))
     else:
         loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
-    return Resolved(schedule, loss, precond_spec(cfg.precond, schedule, loss))
+    precond = precond_spec(cfg.precond, schedule, loss)
+    if cfg.init is None:  # with init, the init model's preconditioning is checked once it is read
+        check_objective(cfg.objective, {"precond": precond})
+    return Resolved(schedule, loss, precond)

@@ -23,8 +23,9 @@ from typing import List, Optional
 from ..choices import check_choice, choose, options_schema
 from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss
 from ..core.losses import LOSS_KINDS, Loss
+from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
-from ..core.samplers import CONSISTENCY_SOLVERS, SamplerConfig
+from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SamplerConfig
 from ..core.schedules import SCHEDULES, ScheduleConfig
 from ..data import DATASETS, DatasetConfig
 from ..data.augment import AUGMENT_DIM, AugmentConfig
@@ -37,6 +38,7 @@ __all__ = [
     "LossConfig",
     "ECTConfig",
     "SCMConfig",
+    "MeanFlowConfig",
     "OBJECTIVES",
     "DatasetConfig",
     "SamplerConfig",
@@ -73,8 +75,14 @@ SCMConfig = options_schema(
         "loss (objective=sct, or scd with teacher=MODEL).",
 )
 
-# What a run optimizes: edm.Loss (the `loss` group), ECTLoss (`ect`) or SCMLoss (`scm`; scd: with `teacher`).
-OBJECTIVES = ("denoising", "ect", "sct", "scd")
+MeanFlowConfig = options_schema(
+    "MeanFlowConfig", MeanFlowLoss, module=__name__,
+    doc="`edm.core.meanflow.MeanFlowLoss(**options)`: MeanFlow's average-velocity loss (objective=meanflow).",
+)
+
+# What a run optimizes: edm.Loss (the `loss` group), ECTLoss (`ect`), SCMLoss (`scm`; scd: with `teacher`) or
+# MeanFlowLoss (`meanflow`).
+OBJECTIVES = ("denoising", "ect", "sct", "scd", "meanflow")
 
 
 @dataclass
@@ -90,7 +98,8 @@ class TrainConfig:
     ema_sigma_rel: power-function EMAs (EDM2) tracked beside it, one per σ_rel; every ema_snapshot_kimg
     their weights go to run_dir/phema/ for post-hoc EMA (edm-posthoc).
     objective: "denoising" optimizes `loss` (edm.Loss), "ect" `ect` (ECT's consistency loss), "sct" and "scd" `scm`
-    (sCM's continuous-time consistency loss; scd distils the model `teacher`).
+    (sCM's continuous-time consistency loss; scd distils the model `teacher`), "meanflow" `meanflow` (MeanFlow's
+    average velocity, for flow matching with network.second_noise).
     init: a trained model (run folder, checkpoint, model folder or NVlabs .pkl) whose EMA weights start the
     run; its network and preconditioning replace the config's (precond.boundary_sigma excepted).
     """
@@ -104,6 +113,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ect: ECTConfig = field(default_factory=ECTConfig)
     scm: SCMConfig = field(default_factory=SCMConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
     objective: str = "denoising"
     init: Optional[str] = None
@@ -198,6 +208,12 @@ def check_config(cfg: TrainConfig) -> None:
         path = getattr(cfg, key)
         if path is not None and not os.path.exists(path):
             raise ValueError(f"{key}={path!r} does not exist: give a run folder, checkpoint, model folder or NVlabs .pkl")
+    if cfg.sampler.solver in MEANFLOW_SOLVERS and cfg.objective != "meanflow":
+        raise ValueError(f"sampler={cfg.sampler.solver} samples MeanFlow models: train one with objective=meanflow "
+                         "(recipe=meanflow), or sample this denoiser with sampler=heun")
+    if cfg.objective == "meanflow" and cfg.init is None and not cfg.network.second_noise:
+        raise ValueError("objective=meanflow needs the network's second noise input (t − r): set network.second_noise=true "
+                         "(recipe=meanflow does; with init= the model gets it, zero-initialized)")
     if (cfg.objective == "scd") != (cfg.teacher is not None):
         raise ValueError("objective=scd distils a teacher: set teacher=MODEL (a trained denoiser)" if cfg.objective == "scd"
                          else f"teacher={cfg.teacher} is used by objective=scd only (objective={cfg.objective})")

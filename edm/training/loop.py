@@ -30,7 +30,7 @@ from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
-from .build import Resolved, initial_denoiser, resolve, with_teacher
+from .build import Resolved, check_objective, initial_denoiser, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -135,11 +135,12 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
     spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
+    check_objective(cfg.objective, spec)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
     if init_weights is not None:
-        net.load_state_dict(init_weights)
+        load_initial_weights(net, init_weights)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)

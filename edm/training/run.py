@@ -137,7 +137,8 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 # seed (the data order and every random stream), so the resumed run would not continue the saved
 # one. Loss, network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
-                "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.")  # a key ending in "." stands for every key under it
+                "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.",
+                "meanflow.")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
