@@ -249,14 +249,16 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
     from edm.training.loop import train
     from edm.training.run import saved_loss_spec
 
-    overrides = ["recipe=ect", f"init={teacher}", "network.model_channels=16", "ect.stage_kimg=0.016",
-                 "checkpoint_every=2", "sampler.num_steps=1"]
+    overrides = ["recipe=ect", f"init={teacher}", "network.model_channels=16", "network.dropout=0.2",
+                 "ect.stage_kimg=0.016", "checkpoint_every=2", "sampler.num_steps=1"]
     full = train(compose_train(*overrides, run_dir=tmp_path / "full"))
     state = ckpt.load_checkpoint(full.checkpoint)
     assert state["config"]["objective"] == "ect" and saved_loss_spec(state)["kind"] == "ect"
     teacher_state = ckpt.load_checkpoint(ckpt.find_latest(teacher))
-    assert state["denoiser"]["network"]["model_channels"] == 8  # the init model's network, not the config's 16
-    assert state["denoiser"] == teacher_state["denoiser"] | {"precond": teacher_state["denoiser"]["precond"] | {"boundary_sigma": 0.0}}
+    assert state["denoiser"]["network"]["model_channels"] == 8  # the init model's network, not the config's 16 ...
+    assert state["denoiser"] == {  # ... with the config's dropout (no weights)
+        "network": teacher_state["denoiser"]["network"] | {"dropout": 0.2},
+        "precond": teacher_state["denoiser"]["precond"] | {"boundary_sigma": 0.0}}
     assert any(not torch.equal(state["model"][k], teacher_state["ema"][k]) for k in state["model"])
     assert (tmp_path / "full" / "samples-final.png").exists()
 

@@ -92,13 +92,19 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
     return resolved_network(network)
 
 
+INIT_FREE = ("dropout", "label_dropout")  # network settings without weights: the config's apply to an init model
+
+
 def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(denoiser spec, EMA weights) of the model cfg.init names: its network and preconditioning, with
-    precond.boundary_sigma from the config; its images must have the data set's shape and labels."""
+    """(denoiser spec, EMA weights) of the model cfg.init names: its network (network.dropout and
+    network.label_dropout from the config where set) and preconditioning (precond.boundary_sigma from the
+    config); its images must have the data set's shape and labels."""
     from ..models.loading import read_model_file
 
     path, state = read_model_file(cfg.init, ema=True)
-    network = resolved_network({**state["denoiser"]["network"], **({"second_noise": True} if cfg.objective == "meanflow" else {})})
+    free = {key: getattr(cfg.network, key) for key in INIT_FREE if getattr(cfg.network, key) is not None}
+    network = resolved_network({**state["denoiser"]["network"], **free,
+                                **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
     theirs = (network.get("in_channels"), network.get("img_resolution"), network.get("label_dim") or 0)
     ours = (dataset.channels, dataset.resolution, dataset.label_dim)

@@ -101,7 +101,8 @@ class TrainConfig:
     (sCM's continuous-time consistency loss; scd distils the model `teacher`), "meanflow" `meanflow` (MeanFlow's
     average velocity, for flow matching with network.second_noise).
     init: a trained model (run folder, checkpoint, model folder or NVlabs .pkl) whose EMA weights start the
-    run; its network and preconditioning replace the config's (precond.boundary_sigma excepted).
+    run; its network and preconditioning replace the config's (network.dropout, network.label_dropout and
+    precond.boundary_sigma excepted, where set).
     """
 
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="edm"))
