@@ -55,6 +55,16 @@ def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+# Every network preset family, small, on 8x8 images: real structure (2 levels, attention at 4x4), few channels.
+SMALL_PRESETS = {
+    "tiny": dict(),
+    "ddpmpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
+    "ncsnpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
+    "adm": dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
+    "edm2-tiny": dict(model_channels=16),
+}
+
+
 # A few-second training run: a very small tiny network on embedded digits, 8 images a step.
 TINY_TRAIN = [
     "network.model_channels=8",

@@ -13,16 +13,10 @@ from edm import networks
 from edm.core.consistency import ECTLoss, SCMLoss, trigflow_F, trigflow_tangent
 from edm.core.precond import PRECOND_KINDS
 
+from conftest import SMALL_PRESETS
+
 F64 = torch.float64
 
-# Every preset family, small: real structure (2 levels, attention at 4×4), few channels.
-SMALL_PRESETS = {
-    "tiny": dict(),
-    "ddpmpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "ncsnpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "adm": dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "edm2-tiny": dict(model_channels=16),
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

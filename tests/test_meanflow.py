@@ -11,15 +11,9 @@ from edm import networks
 from edm.core.meanflow import MeanFlowLoss, average_velocity
 from edm.training.build import load_initial_weights
 
-F64 = torch.float64
+from conftest import SMALL_PRESETS
 
-SMALL_PRESETS = {
-    "tiny": dict(),
-    "ddpmpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "ncsnpp": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "adm": dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-    "edm2-tiny": dict(model_channels=16),
-}
+F64 = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
