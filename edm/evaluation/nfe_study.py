@@ -188,7 +188,8 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
             row["series"] = " ".join(parts + [row["solver"]])
         for name in scorers:
             plot_score_vs_nfe(rows, out / f"{name}_vs_nfe.png", score=name, series="series",
-                              title=f"{Path(info.source).name}: {cfg.num_images} images per point (lower is better)")
+                              title=f"{Path(info.source).parent.name}/{Path(info.source).name}: {cfg.num_images} images "
+                                    "per point (lower is better)")
         for row in rows:
             del row["series"]
     return rows

@@ -60,13 +60,17 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
 def plot_score_vs_nfe(
     rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver", title: str = ""
 ) -> Path:
-    """score against NFE (log x), one line per value of `series` (e.g. solver), from table rows."""
+    """score against NFE (log x; log y too where the scores span more than 20×), one line per value of `series`
+    (e.g. solver), from table rows."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(str(r[series]) for r in rows):
         points = sorted((r["nfe"], r[score]) for r in rows if str(r[series]) == name)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    values = [r[score] for r in rows if r[score] > 0]
+    if values and max(values) > 20 * min(values):  # few-step points beside many-step ones: a log scale shows both
+        ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations per image)")
     ax.set_ylabel(score)
     ax.grid(alpha=0.3, which="both")
