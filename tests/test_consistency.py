@@ -409,3 +409,32 @@ def test_scd_needs_a_teacher_and_only_scd_takes_one(compose_train, teacher):
         train(compose_train("recipe=scd", f"init={teacher}"))
     with pytest.raises(ValueError, match="is used by objective=scd only"):
         train(compose_train("recipe=sct", f"init={teacher}", f"teacher={teacher}"))
+
+
+@pytest.mark.parametrize("recipe", ["ect", "sct", "meanflow"])
+def test_few_step_recipes_train_on_two_processes_with_post_hoc_ema(recipe, teacher, tmp_path, tiny_train, one_thread_env):
+    """Two CPU processes (gloo) train each few-step objective with power-function EMAs; post-hoc EMA makes a model
+    folder that keeps the objective, so the few-step sampler takes it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from edm.models.loading import load_model
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    run_dir = tmp_path / "ddp"
+    init = [] if recipe == "meanflow" else [f"init={teacher}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, f"recipe={recipe}", *init,
+         f"run_dir={run_dir}", "grid_size=0", "cpu=true", "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016",
+         "sampler.num_steps=1", "scm.warmup_kimg=0.016"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
+    (summary,) = reconstruct(PosthocConfig(run_dir=str(run_dir), sigma_rel=[0.1], out=str(tmp_path / "posthoc")))
+    _, info = load_model(summary["folder"])
+    assert info.objective == recipe
+    info.check_solver("meanflow" if recipe == "meanflow" else "consistency")
