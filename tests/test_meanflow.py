@@ -190,3 +190,16 @@ def test_recipe_meanflow_tunes_a_flow_matching_run(compose_train, tmp_path):
     edm_run = train(compose_train(run_dir=tmp_path / "edm")).checkpoint
     with pytest.raises(ValueError, match="not kind edm: use schedule=fm, or init= a model trained with schedule=fm"):
         train(compose_train("recipe=meanflow", f"init={edm_run}", run_dir=tmp_path / "mf2"))
+
+
+@pytest.mark.parametrize("preset", list(SMALL_PRESETS))
+def test_the_noise_embedding_stays_in_float32_under_bf16_autocast(preset, monkeypatch):
+    """Under bf16 autocast the convolutions run in bf16 but the noise-level embedding (both levels) in float32, as
+    few-step losses that differentiate in time need."""
+    net = networks.build(preset, img_resolution=8, in_channels=2, second_noise=True, **SMALL_PRESETS[preset])
+    seen = []
+    embed = net.embed
+    monkeypatch.setattr(net, "embed", lambda *a, **k: seen.append(embed(*a, **k)) or seen[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 2, 8, 8), torch.tensor([0.1, 0.5]), c_noise2=torch.tensor([0.2, 0.0]))
+    assert seen[0].dtype == torch.float32 and out.dtype == torch.bfloat16

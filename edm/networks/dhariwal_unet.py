@@ -32,6 +32,7 @@ from .layers import (
     UNetBlock,
     broadcast_noise,
     check_second_noise,
+    full_precision,
     prepare_labels,
     second_noise_input,
     register_einops_backend,
@@ -145,7 +146,8 @@ class DhariwalUNet(nn.Module):
         """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar); c_noise2 the second noise
         level of a network built with second_noise."""
         check_second_noise(self.map_noise2 is not None, c_noise2)
-        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
+        with full_precision(x.device):
+            emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
         skips: list[Tensor] = []
         for name, layer in self.enc.items():
             x = layer(x) if name.endswith("_conv") else layer(x, emb)

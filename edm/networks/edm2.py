@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import broadcast_noise, check_second_noise, prepare_labels, second_noise_input
+from .layers import broadcast_noise, check_second_noise, full_precision, prepare_labels, second_noise_input
 from .song_unet import check_resolution
 
 __all__ = ["EDM2UNet", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat"]
@@ -248,7 +248,8 @@ class EDM2UNet(nn.Module):
         """F(x; c_noise) of x's shape (out_channels); c_noise is [batch] (or a scalar); c_noise2 the second noise
         level of a network built with second_noise."""
         check_second_noise(hasattr(self, "emb_noise2"), c_noise2)
-        emb = self.embed(c_noise, x.shape[0], class_labels, c_noise2)
+        with full_precision(x.device):
+            emb = self.embed(c_noise, x.shape[0], class_labels, c_noise2)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips: list[Tensor] = []
         for name, layer in self.enc.items():

@@ -331,6 +331,12 @@ def broadcast_noise(c_noise: Tensor, batch: int) -> Tensor:
     return torch.broadcast_to(c_noise.reshape(-1), (batch,))
 
 
+def full_precision(device: torch.device):
+    """A region without autocast on `device`: the noise-level embedding is computed in the parameters' dtype
+    (float32) under bf16/fp16 mixed precision, where few-step losses differentiate through it in time."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def second_noise_input(c_noise2: Tensor | None, c_noise: Tensor) -> Tensor:
     """The second noise input of a network built with second_noise: c_noise2, or 0 (MeanFlow's r = t) when None."""
     return torch.zeros_like(c_noise) if c_noise2 is None else c_noise2.to(c_noise.dtype)

@@ -39,6 +39,7 @@ from .layers import (
     UNetBlock,
     broadcast_noise,
     check_second_noise,
+    full_precision,
     prepare_labels,
     second_noise_input,
     register_einops_backend,
@@ -237,6 +238,7 @@ class SongUNet(nn.Module):
         """F(x; c_noise) of x's shape; c_noise is [batch] (or a scalar), class_labels [batch, label_dim]; c_noise2
         the second noise level of a network built with second_noise."""
         check_second_noise(self.map_noise2 is not None, c_noise2)
-        emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
+        with full_precision(x.device):
+            emb = self.embed(c_noise, x.shape[0], class_labels, augment_labels, c_noise2)
         x, skips = self.encode(x, emb)
         return self.decode(x, skips, emb)
