@@ -947,3 +947,25 @@ def test_edm2_matches_real_reference(edm2_reference, tmp_path, label_dim):
     with torch.no_grad():
         (d_ours, u_ours), (d_ref, u_ref) = ours(x, sigma, labels, return_logvar=True), ref(x, sigma, labels, return_logvar=True)
     assert rel_err(d_ours, d_ref) < 1e-5 and rel_err(u_ours, u_ref.reshape(-1)) < 1e-5
+
+
+def test_ect_tunes_an_nvlabs_snapshot(tmp_path, compose_train):
+    """recipe=ect init=SNAPSHOT.pkl: the snapshot (read without running its code) starts the run with its network,
+    preconditioning and EMA weights."""
+    from PIL import Image
+
+    from edm.models import checkpoint as ckpt
+    from edm.training.loop import train
+
+    den = our_denoiser("adm", 0, "edm")
+    pkl = write_snapshot(tmp_path, den, "adm", 0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(gen.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    result = train(compose_train("recipe=ect", f"init={pkl}", "dataset=folder", f"dataset.root={folder}",
+                                 "sampler.num_steps=1", "total_kimg=0.016"))
+    state = ckpt.load_checkpoint(result.checkpoint)
+    assert state["denoiser"]["network"]["name"] == "adm" and state["denoiser"]["precond"]["kind"] == "edm"
+    assert state["config"]["objective"] == "ect" and set(state["model"]) == set(den.state_dict())
