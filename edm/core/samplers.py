@@ -31,6 +31,15 @@ __all__ = [
     "dpmpp_2m",
     "consistency",
     "meanflow",
+    "euler_ancestral",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "ancestral_step",
+    "lms_coefficients",
     "CONSISTENCY_SOLVERS",
     "MEANFLOW_SOLVERS",
     "consistency_grid",
@@ -213,6 +222,229 @@ def dpmpp_2m(
     return x
 
 
+# ----------------------------------------------------------------------------- k-diffusion's solver set
+# Each works in x̂ = x/s and σ = σ(t) on the caller's grid and returns x = s(t_N)·x̂ (k-diffusion's formulas are
+# the case s = 1): one definition serves every schedule.
+
+
+def _sigma_steps(t_steps: Tensor, schedule: Schedule):
+    """(i, σ_i, σ_{i+1}, s(t_{i+1}), t_{i+1} = 0) over the grid, σ and s as 0-d tensors."""
+    sigma, scale = schedule.sigma(t_steps), schedule.scale(t_steps)
+    return ((i, sigma[i], sigma[i + 1], scale[i + 1], last) for i, _, _, last in _steps(t_steps))
+
+
+def _at(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
+    """D(x̂; σ) with σ broadcast to the batch, in x̂'s dtype."""
+    return denoiser(x_hat, sigma.expand(x_hat.shape[0]), class_labels).to(x_hat.dtype)
+
+
+def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """(σ_down, σ_up): σ_up = min(σ_{i+1}, η·sqrt(σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²)), σ_down = sqrt(σ_{i+1}² − σ_up²)."""
+    if not eta:
+        return sigma_next, torch.zeros_like(sigma_next)
+    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+    return (sigma_next**2 - up**2).sqrt(), up
+
+
+def euler_ancestral(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral Euler (k-diffusion's euler_ancestral): an Euler step to σ_down, then noise of σ_up."""
+    x_hat = x / schedule.scale(t_steps[0])
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x_hat = x_hat + (sigma_down - sigma) * (x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma
+        if not last:
+            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def _dpm2_step(denoiser: Denoiser, x_hat: Tensor, D: Tensor, sigma: Tensor, sigma_to: Tensor,
+               class_labels: Tensor | None) -> Tensor:
+    """DPM-Solver-2's step from σ to σ_to: Euler to σ_mid = sqrt(σ·σ_to), then the whole step with the slope there."""
+    sigma_mid = (sigma.log() + 0.5 * (sigma_to.log() - sigma.log())).exp()
+    x_mid = x_hat + (sigma_mid - sigma) * (x_hat - D) / sigma
+    return x_hat + (sigma_to - sigma) * (x_mid - _at(denoiser, x_mid, sigma_mid, class_labels)) / sigma_mid
+
+
+def dpm_2(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+) -> Tensor:
+    """DPM-Solver-2 (k-diffusion's dpm_2, without churn): second order, two evaluations a step (one to σ = 0)."""
+    x_hat = x / schedule.scale(t_steps[0])
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        x_hat = D if last else _dpm2_step(denoiser, x_hat, D, sigma, sigma_next, class_labels)
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def dpm_2_ancestral(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver-2 (k-diffusion's dpm_2_ancestral): a DPM-Solver-2 step to σ_down, then noise of σ_up."""
+    x_hat = x / schedule.scale(t_steps[0])
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if last:
+            x_hat = D
+        else:
+            x_hat = _dpm2_step(denoiser, x_hat, D, sigma, sigma_down, class_labels)
+            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
+    """∫_{σ_i}^{σ_{i+1}} ℓ_j(σ) dσ for the Lagrange basis ℓ_j through σ_i, σ_{i−1}, ..., σ_{i−order+1} (exact
+    polynomial integration, in float64)."""
+    import numpy as np
+    from numpy.polynomial import polynomial as P
+
+    nodes = [sigmas[i - k] for k in range(order)]
+    coefficients = []
+    for j in range(order):
+        basis = np.array([1.0])
+        for k in range(order):
+            if k != j:
+                basis = P.polymul(basis, np.array([-nodes[k], 1.0]) / (nodes[j] - nodes[k]))
+        antiderivative = P.polyint(basis)
+        coefficients.append(float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative)))
+    return coefficients
+
+
+def lms(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    order: int = 4,
+) -> Tensor:
+    """Linear multistep in σ (k-diffusion's lms): x̂_{i+1} = x̂_i + Σ_j c_ij d_{i−j}, d = (x̂ − D)/σ, with c_ij the
+    integrals of the Lagrange basis over the last `order` σ's; one evaluation a step."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"lms: order must be a positive integer, got {order!r}")
+    sigmas = schedule.sigma(t_steps.cpu().double()).tolist()
+    x_hat = x / schedule.scale(t_steps[0])
+    slopes: list[Tensor] = []
+    for i, sigma, _, s_next, _ in _sigma_steps(t_steps, schedule):
+        slopes = (slopes + [(x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma])[-order:]
+        weights = lms_coefficients(sigmas, i, min(i + 1, order))
+        x_hat = x_hat + sum(w * d for w, d in zip(weights, reversed(slopes)))
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def dpmpp_2s_ancestral(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S) (k-diffusion's dpmpp_2s_ancestral), λ = −ln σ, h = λ_down − λ_i, r = ½:
+    x̂_s = (σ_s/σ_i) x̂ − expm1(−h/2) D_i,  x̂ = (σ_down/σ_i) x̂ − expm1(−h) D(x̂_s; σ_s),  then noise of σ_up."""
+    x_hat = x / schedule.scale(t_steps[0])
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if last:
+            x_hat = D
+        else:
+            h = sigma.log() - sigma_down.log()
+            sigma_s = (sigma.log() - 0.5 * h).exp()
+            x_s = sigma_s / sigma * x_hat - torch.expm1(-0.5 * h) * D
+            x_hat = sigma_down / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
+            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def dpmpp_2m_sde(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (k-diffusion's dpmpp_2m_sde), h = λ_{i+1} − λ_i, η·h of it stochastic:
+    x̂ = (σ_{i+1}/σ_i) e^{−ηh} x̂ − expm1(−h − ηh) D_i + a correction from D_{i−1} (midpoint or heun)
+    + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    x_hat = x / schedule.scale(t_steps[0])
+    D_prev, h_prev = None, None
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        if last:
+            x_hat = D
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            phi = -torch.expm1(-h - eta_h)
+            x_hat = sigma_next / sigma * torch.exp(-eta_h) * x_hat + phi * D
+            if D_prev is not None:
+                r = h_prev / h
+                weight = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
+                x_hat = x_hat + weight / r * (D - D_prev)
+            if eta:
+                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * randn_like(x_hat, generator)
+            h_prev = h
+        D_prev = D
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def dpmpp_3m_sde(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
+    x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − φ₃ d₂ (divided differences of the last three D's, φ₂ = expm1(−h_η)/h_η
+    + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
+    x_hat = x / schedule.scale(t_steps[0])
+    D_1, D_2, h_1, h_2 = None, None, None, None
+    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        h = None
+        if last:
+            x_hat = D
+        else:
+            h = sigma.log() - sigma_next.log()
+            h_eta = h * (eta + 1)
+            x_hat = torch.exp(-h_eta) * x_hat - torch.expm1(-h_eta) * D
+            phi_2 = torch.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_hat = x_hat + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
+            if eta:
+                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * randn_like(x_hat, generator)
+        D_1, D_2, h_1, h_2 = D, D_1, h, h_1
+        x = s_next * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
 def consistency(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
@@ -248,7 +480,9 @@ def meanflow(
 
 SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
     {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m,
-     "consistency": consistency, "meanflow": meanflow}
+     "consistency": consistency, "meanflow": meanflow, "euler_ancestral": euler_ancestral, "dpm_2": dpm_2,
+     "dpm_2_ancestral": dpm_2_ancestral, "lms": lms, "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+     "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde}
 )
 CONSISTENCY_SOLVERS = ("consistency",)  # solvers for consistency functions (few-step models), not denoisers
 MEANFLOW_SOLVERS = ("meanflow",)  # solvers that need a model of the average velocity (objective meanflow)

@@ -1,0 +1,252 @@
+"""k-diffusion's solver set in our σ(t), s(t) view: equal to k-diffusion's own formulas (s = 1, on the VE schedule),
+the orders of convergence of the deterministic ones, the data statistics of the stochastic ones, every schedule.
+
+The references below restate crowsonkb/k-diffusion's k_diffusion/sampling.py (sample_euler_ancestral, sample_dpm_2,
+sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde; commit of
+2024) line by line in σ, with torch.randn(generator=...) as the noise sampler; lms integrates its Lagrange basis
+with Simpson's rule on 2001 points (k-diffusion: scipy's quad)."""
+
+import math
+
+import pytest
+import torch
+
+import edm
+
+from test_samplers import SIGMA_END, SIGMA_MAX, grid_for, rk4_reference
+
+F64 = torch.float64
+SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
+
+
+def _ancestral(s0, s1, eta):
+    up = min(s1, eta * (s1**2 * (s0**2 - s1**2) / s0**2) ** 0.5)
+    return (s1**2 - up**2) ** 0.5, up
+
+
+def _d(model, x, s):
+    return (x - model(x, s)) / s
+
+
+def ref_euler_ancestral(model, x, sigmas, g, eta=1.0):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
+        x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * up
+    return x
+
+
+def _dpm2(model, x, denoised, s0, s1):
+    mid = math.exp(0.5 * (math.log(s0) + math.log(s1)))
+    x_2 = x + (x - denoised) / s0 * (mid - s0)
+    return x + _d(model, x_2, mid) * (s1 - s0)
+
+
+def ref_dpm_2(model, x, sigmas, g):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + (x - denoised) / sigmas[i] * (0 - sigmas[i])
+        else:
+            x = _dpm2(model, x, denoised, sigmas[i], sigmas[i + 1])
+    return x
+
+
+def ref_dpm_2_ancestral(model, x, sigmas, g, eta=1.0):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        else:
+            x = _dpm2(model, x, denoised, sigmas[i], down)
+            x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * up
+    return x
+
+
+def _lms_coeff(order, t, i, j):
+    tau = torch.linspace(t[i], t[i + 1], 2001, dtype=F64)
+    prod = torch.ones_like(tau)
+    for k in range(order):
+        if k != j:
+            prod = prod * (tau - t[i - k]) / (t[i - j] - t[i - k])
+    w = torch.ones(2001, dtype=F64)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    return float((w * prod).sum() * (t[i + 1] - t[i]) / 6000)
+
+
+def ref_lms(model, x, sigmas, g, order=4):
+    ds = []
+    for i in range(len(sigmas) - 1):
+        ds = (ds + [_d(model, x, sigmas[i])])[-order:]
+        cur = min(i + 1, order)
+        x = x + sum(_lms_coeff(cur, sigmas, i, j) * d for j, d in zip(range(cur), reversed(ds)))
+    return x
+
+
+def ref_dpmpp_2s_ancestral(model, x, sigmas, g, eta=1.0):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-h * 0.5) * denoised
+            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * model(x_2, math.exp(-s))
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * up
+    return x
+
+
+def ref_dpmpp_2m_sde(model, x, sigmas, g, eta=1.0, solver_type="midpoint"):
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = -math.log(sigmas[i + 1]) + math.log(sigmas[i])
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
+            if old is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
+                else:
+                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old)
+            if eta:
+                x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old = denoised
+    return x
+
+
+def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0):
+    d_1, d_2, h_1, h_2 = None, None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = -math.log(sigmas[i + 1]) + math.log(sigmas[i])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - d_1) / (h_1 / h)
+            if eta:
+                x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * h * eta))
+        d_1, d_2, h_1, h_2 = denoised, d_1, h, h_1
+    return x
+
+
+REFERENCES = {
+    "euler_ancestral": (ref_euler_ancestral, {}), "dpm_2": (ref_dpm_2, {}), "dpm_2_ancestral": (ref_dpm_2_ancestral, {}),
+    "lms": (ref_lms, {}), "dpmpp_2s_ancestral": (ref_dpmpp_2s_ancestral, {}), "dpmpp_2m_sde": (ref_dpmpp_2m_sde, {}),
+    "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (ref_dpmpp_3m_sde, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(8, 3, generator=g, dtype=F64)
+    noise = torch.randn(8, 3, generator=g, dtype=F64)
+    return edm.IdealDenoiser(data), data, noise
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, name):
+    """s = 1 (VE): our solver in x̂ is k-diffusion's, draw for draw from one generator, to float64 round-off."""
+    den, _, noise = problem
+    solver, options = name.split("-")[0], REFERENCES[name][1]
+    sched = edm.schedules.VE()
+    t = sched.time_steps(12)
+    sigmas = sched.sigma(t).tolist()
+    model = lambda x, s: den(x, torch.full((x.shape[0],), s, dtype=F64))  # noqa: E731
+    ours = edm.sample(den, noise, sched, t_steps=t, solver=solver, generator=torch.Generator().manual_seed(5), **options)
+    reference = REFERENCES[name][0](model, sigmas[0] * noise, sigmas, torch.Generator().manual_seed(5), **options)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+
+
+def _error(problem, reference, name, solver, num_steps, **options):
+    den, _, noise = problem
+    sched = edm.schedules.get(name)
+    t = grid_for(sched, num_steps)
+    _, traj = edm.sample(den, noise, sched, t_steps=t, solver=solver, return_trajectory=True, **options)
+    return (traj[-2] / sched.scale(t[-2]) - reference).norm().item() / reference.norm().item()
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    den, _, noise = problem
+    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("solver, options, band", [
+    ("dpm_2", {}, (1.8, 2.4)),
+    ("dpmpp_2m_sde", {"eta": 0.0}, (1.8, 2.5)),  # η = 0: DPM-Solver++(2M)
+    # Orders 4 and 3 in theory; the first steps run at orders 1..3 and the grid is pre-asymptotic at 16-128 steps.
+    ("lms", {}, (2.8, 4.3)),
+    ("dpmpp_3m_sde", {"eta": 0.0}, (2.2, 3.3)),
+])
+def test_orders_of_the_deterministic_solvers(problem, reference, name, solver, options, band):
+    steps = [16, 32, 64, 128]
+    errors = [_error(problem, reference, name, solver, n, **options) for n in steps]
+    x, y = torch.tensor(steps, dtype=F64).log(), torch.tensor(errors, dtype=F64).log()
+    slope = -((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert band[0] < slope.item() < band[1], (errors, slope.item())
+
+
+def test_lms_coefficients_integrate_polynomials_exactly():
+    """Σ_j c_ij p(σ_{i−j}) = ∫ p dσ over [σ_i, σ_{i+1}] for every polynomial of degree < order."""
+    from edm.core.samplers import lms_coefficients
+
+    sigmas = [80.0, 30.0, 9.0, 2.5, 0.7, 0.1]
+    for order in (1, 2, 3, 4):
+        c = lms_coefficients(sigmas, 4, order)
+        for degree in range(order):
+            exact = (sigmas[5] ** (degree + 1) - sigmas[4] ** (degree + 1)) / (degree + 1)
+            assert sum(cj * sigmas[4 - j] ** degree for j, cj in enumerate(c)) == pytest.approx(exact, rel=1e-12)
+    with pytest.raises(ValueError, match="lms: order must be a positive integer"):
+        edm.sample(lambda x, s, c=None: x, torch.zeros(1, 2), "edm", num_steps=3, solver="lms", order=0)
+
+
+@pytest.fixture(scope="module")
+def gaussian_data():
+    g = torch.Generator().manual_seed(3)
+    chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]], dtype=F64)
+    return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde",
+                                    "dpmpp_3m_sde"])
+def test_stochastic_solvers_sample_the_data(gaussian_data, name, solver):
+    """From noise to the 64-point data set (σ_min 1e-3): the samples' mean and covariance are the data's within 5
+    standard errors, and nearly every sample lands on a data point."""
+    count = 2000
+    den = edm.IdealDenoiser(gaussian_data)
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(count, 2, generator=g, dtype=F64)
+    options = {"epsilon_s": 1e-5} if name == "vp" else {"sigma_min": 1e-3}
+    sched = edm.schedules.get(name, **options)
+    x = edm.sample(den, noise, sched, num_steps=64, solver=solver, generator=g, discretization="karras")
+    mean, cov = gaussian_data.mean(0), torch.cov(gaussian_data.T, correction=0)
+    assert ((x.mean(0) - mean).abs() < 5 * (cov.diagonal() / count).sqrt()).all(), (x.mean(0), mean)
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / count).sqrt()
+    assert ((torch.cov(x.T, correction=0) - cov).abs() < 5 * se_cov).all()
+    assert (torch.cdist(x, gaussian_data).min(dim=1).values < 1e-2).double().mean() > 0.99
