@@ -39,6 +39,7 @@ __all__ = [
     "dpmpp_2m_sde",
     "dpmpp_3m_sde",
     "ancestral_step",
+    "step_noise",
     "lms_coefficients",
     "CONSISTENCY_SOLVERS",
     "MEANFLOW_SOLVERS",
@@ -176,9 +177,11 @@ def stochastic(
 def euler_maruyama(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    brownian: bool = False,
 ) -> Tensor:
     """Euler–Maruyama on the reverse SDE in x̂ = x/s with β(t) = σ'/σ  (EDM eq. 6):
-    dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²."""
+    dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²; `brownian`: Brownian-tree noise."""
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
     for i, t_cur, t_next, _ in _steps(t_steps):
         sigma, dsigma = schedule.sigma(t_cur), schedule.sigma_deriv(t_cur)
         beta = dsigma / sigma
@@ -186,7 +189,7 @@ def euler_maruyama(
         score = (denoise(denoiser, x, t_cur, schedule, class_labels) - x_hat) / sigma**2
         dt = t_next - t_cur
         x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
-        x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * randn_like(x, generator)
+        x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * noise(sigma, schedule.sigma(t_next))
         x = schedule.scale(t_next) * x_hat
         if callback is not None:
             callback(i, x)
@@ -238,6 +241,22 @@ def _at(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor |
     return denoiser(x_hat, sigma.expand(x_hat.shape[0]), class_labels).to(x_hat.dtype)
 
 
+def step_noise(x: Tensor, t_steps: Tensor, schedule: Schedule, generator: Generator, brownian: bool):
+    """noise(σ, σ_next) -> N(0, I) like x for an SDE step: fresh draws from the generator(s), or with `brownian` the
+    standardized increments of one Brownian path per image over [0, σ(t_0)] (edm.core.brownian; each image's seed
+    is drawn once from its generator), so that a seed gives the same path on any grid."""
+    if not brownian:
+        return lambda sigma, sigma_next: randn_like(x, generator)
+    from .brownian import BrownianTree
+
+    if generator is None or isinstance(generator, torch.Generator):
+        seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator)
+    else:
+        seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g, device=g.device).cpu() for g in generator])
+    tree = BrownianTree(x.shape, seeds.to(x.device), 0.0, float(schedule.sigma(t_steps[0])), dtype=x.dtype, device=x.device)
+    return lambda sigma, sigma_next: tree.increment(float(sigma), float(sigma_next))
+
+
 def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
     """(σ_down, σ_up): σ_up = min(σ_{i+1}, η·sqrt(σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²)), σ_down = sqrt(σ_{i+1}² − σ_up²)."""
     if not eta:
@@ -249,15 +268,16 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tenso
 def euler_ancestral(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0,
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral Euler (k-diffusion's euler_ancestral): an Euler step to σ_down, then noise of σ_up."""
     x_hat = x / schedule.scale(t_steps[0])
+    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
     for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x_hat = x_hat + (sigma_down - sigma) * (x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma
         if not last:
-            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
         x = s_next * x_hat
         if callback is not None:
             callback(i, x)
@@ -290,10 +310,11 @@ def dpm_2(
 def dpm_2_ancestral(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0,
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral DPM-Solver-2 (k-diffusion's dpm_2_ancestral): a DPM-Solver-2 step to σ_down, then noise of σ_up."""
     x_hat = x / schedule.scale(t_steps[0])
+    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
     for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
         D = _at(denoiser, x_hat, sigma, class_labels)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -301,7 +322,7 @@ def dpm_2_ancestral(
             x_hat = D
         else:
             x_hat = _dpm2_step(denoiser, x_hat, D, sigma, sigma_down, class_labels)
-            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
         x = s_next * x_hat
         if callback is not None:
             callback(i, x)
@@ -351,11 +372,12 @@ def lms(
 def dpmpp_2s_ancestral(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0,
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral DPM-Solver++(2S) (k-diffusion's dpmpp_2s_ancestral), λ = −ln σ, h = λ_down − λ_i, r = ½:
     x̂_s = (σ_s/σ_i) x̂ − expm1(−h/2) D_i,  x̂ = (σ_down/σ_i) x̂ − expm1(−h) D(x̂_s; σ_s),  then noise of σ_up."""
     x_hat = x / schedule.scale(t_steps[0])
+    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
     for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
         D = _at(denoiser, x_hat, sigma, class_labels)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -366,7 +388,7 @@ def dpmpp_2s_ancestral(
             sigma_s = (sigma.log() - 0.5 * h).exp()
             x_s = sigma_s / sigma * x_hat - torch.expm1(-0.5 * h) * D
             x_hat = sigma_down / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
-            x_hat = x_hat + s_noise * sigma_up * randn_like(x_hat, generator)
+            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
         x = s_next * x_hat
         if callback is not None:
             callback(i, x)
@@ -376,7 +398,7 @@ def dpmpp_2s_ancestral(
 def dpmpp_2m_sde(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
+    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint", brownian: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (k-diffusion's dpmpp_2m_sde), h = λ_{i+1} − λ_i, η·h of it stochastic:
     x̂ = (σ_{i+1}/σ_i) e^{−ηh} x̂ − expm1(−h − ηh) D_i + a correction from D_{i−1} (midpoint or heun)
@@ -384,6 +406,7 @@ def dpmpp_2m_sde(
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     x_hat = x / schedule.scale(t_steps[0])
+    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
     D_prev, h_prev = None, None
     for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
         D = _at(denoiser, x_hat, sigma, class_labels)
@@ -399,7 +422,7 @@ def dpmpp_2m_sde(
                 weight = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
                 x_hat = x_hat + weight / r * (D - D_prev)
             if eta:
-                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * randn_like(x_hat, generator)
+                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * noise(sigma, sigma_next)
             h_prev = h
         D_prev = D
         x = s_next * x_hat
@@ -411,12 +434,13 @@ def dpmpp_2m_sde(
 def dpmpp_3m_sde(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0,
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
     x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − φ₃ d₂ (divided differences of the last three D's, φ₂ = expm1(−h_η)/h_η
     + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
     x_hat = x / schedule.scale(t_steps[0])
+    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
     D_1, D_2, h_1, h_2 = None, None, None, None
     for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
         D = _at(denoiser, x_hat, sigma, class_labels)
@@ -437,7 +461,7 @@ def dpmpp_3m_sde(
             elif h_1 is not None:
                 x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
             if eta:
-                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * randn_like(x_hat, generator)
+                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * noise(sigma, sigma_next)
         D_1, D_2, h_1, h_2 = D, D_1, h, h_1
         x = s_next * x_hat
         if callback is not None:
