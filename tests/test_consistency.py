@@ -438,3 +438,13 @@ def test_few_step_recipes_train_on_two_processes_with_post_hoc_ema(recipe, teach
     _, info = load_model(summary["folder"])
     assert info.objective == recipe
     info.check_solver("meanflow" if recipe == "meanflow" else "consistency")
+
+
+def test_the_sct_loss_stays_in_float32_under_bf16_autocast():
+    """Under bf16 autocast the network's convolutions run in bf16; sCM's tangent, its normalization and the loss are
+    computed in float32 (the data's dtype), and the loss is finite."""
+    den = edm.Precond(networks.build("tiny", img_resolution=8, in_channels=1, model_channels=8), kind="edm")
+    y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = SCMLoss().at(10**6)(den, y, generator=torch.Generator().manual_seed(1))
+    assert value.dtype == torch.float32 and torch.isfinite(value).all()
