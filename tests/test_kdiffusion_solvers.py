@@ -13,7 +13,7 @@ import torch
 
 import edm
 
-from test_samplers import SIGMA_END, SIGMA_MAX, grid_for, rk4_reference
+from test_samplers import SIGMA_END, SIGMA_MAX, grid_for, make_gaussian_data, make_problem, rk4_reference
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
@@ -161,10 +161,18 @@ REFERENCES = {
 
 @pytest.fixture(scope="module")
 def problem():
-    g = torch.Generator().manual_seed(1)
-    data = torch.randn(8, 3, generator=g, dtype=F64)
-    noise = torch.randn(8, 3, generator=g, dtype=F64)
-    return edm.IdealDenoiser(data), data, noise
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    den, _, noise = problem
+    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
+
+
+@pytest.fixture(scope="module")
+def gaussian_data():
+    return make_gaussian_data()
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -187,12 +195,6 @@ def _error(problem, reference, name, solver, num_steps, **options):
     t = grid_for(sched, num_steps)
     _, traj = edm.sample(den, noise, sched, t_steps=t, solver=solver, return_trajectory=True, **options)
     return (traj[-2] / sched.scale(t[-2]) - reference).norm().item() / reference.norm().item()
-
-
-@pytest.fixture(scope="module")
-def reference(problem):
-    den, _, noise = problem
-    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -223,13 +225,6 @@ def test_lms_coefficients_integrate_polynomials_exactly():
             assert sum(cj * sigmas[4 - j] ** degree for j, cj in enumerate(c)) == pytest.approx(exact, rel=1e-12)
     with pytest.raises(ValueError, match="lms: order must be a positive integer"):
         edm.sample(lambda x, s, c=None: x, torch.zeros(1, 2), "edm", num_steps=3, solver="lms", order=0)
-
-
-@pytest.fixture(scope="module")
-def gaussian_data():
-    g = torch.Generator().manual_seed(3)
-    chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]], dtype=F64)
-    return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

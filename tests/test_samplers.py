@@ -18,12 +18,17 @@ SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 SIGMA_MAX, SIGMA_END = 80.0, 0.5  # order tests stop where trajectories are still smooth (before they collapse onto points)
 
 
-@pytest.fixture(scope="module")
-def problem():
+def make_problem():
+    """(the ideal denoiser of 8 points in 3-D, the points, 8 noise vectors): the ODE problem of these tests."""
     g = torch.Generator().manual_seed(1)
     data = torch.randn(8, 3, generator=g, dtype=F64)
     noise = torch.randn(8, 3, generator=g, dtype=F64)
     return edm.IdealDenoiser(data), data, noise
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
 
 
 def rk4_reference(den, x_hat, sigma_from, sigma_to, steps=200):
@@ -103,11 +108,16 @@ def test_all_schedules_reach_the_same_endpoint(problem):
         assert residual < (1e-9 if name in ("edm", "fm") else 10 * sigma_min), (name, residual)
 
 
-@pytest.fixture(scope="module")
-def gaussian_data():
+def make_gaussian_data():
+    """64 points drawn from a correlated 2-D Gaussian: the data set of the SDE tests."""
     g = torch.Generator().manual_seed(3)
     chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]], dtype=F64)
     return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
+
+
+@pytest.fixture(scope="module")
+def gaussian_data():
+    return make_gaussian_data()
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

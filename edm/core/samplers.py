@@ -230,10 +230,17 @@ def dpmpp_2m(
 # the case s = 1): one definition serves every schedule.
 
 
-def _sigma_steps(t_steps: Tensor, schedule: Schedule):
-    """(i, σ_i, σ_{i+1}, s(t_{i+1}), t_{i+1} = 0) over the grid, σ and s as 0-d tensors."""
+def _in_sigma(x: Tensor, t_steps: Tensor, schedule: Schedule, callback: Callback, step: Callable[..., Tensor]) -> Tensor:
+    """The loop every k-diffusion solver shares: x̂ = x/s(t_0); x̂ ← step(i, x̂, σ_i, σ_{i+1}, last) along the grid
+    (σ as 0-d tensors, last: t_{i+1} = 0); x = s(t_{i+1})·x̂ after each step, passed to the callback."""
     sigma, scale = schedule.sigma(t_steps), schedule.scale(t_steps)
-    return ((i, sigma[i], sigma[i + 1], scale[i + 1], last) for i, _, _, last in _steps(t_steps))
+    x_hat = x / scale[0]
+    for i, _, _, last in _steps(t_steps):
+        x_hat = step(i, x_hat, sigma[i], sigma[i + 1], last)
+        x = scale[i + 1] * x_hat
+        if callback is not None:
+            callback(i, x)
+    return x
 
 
 def _at(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
@@ -271,17 +278,14 @@ def euler_ancestral(
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral Euler (k-diffusion's euler_ancestral): an Euler step to σ_down, then noise of σ_up."""
-    x_hat = x / schedule.scale(t_steps[0])
-    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+
+    def step(i, x_hat, sigma, sigma_next, last):
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x_hat = x_hat + (sigma_down - sigma) * (x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma
-        if not last:
-            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+        return x_hat if last else x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def _dpm2_step(denoiser: Denoiser, x_hat: Tensor, D: Tensor, sigma: Tensor, sigma_to: Tensor,
@@ -297,14 +301,12 @@ def dpm_2(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
     """DPM-Solver-2 (k-diffusion's dpm_2, without churn): second order, two evaluations a step (one to σ = 0)."""
-    x_hat = x / schedule.scale(t_steps[0])
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+
+    def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
-        x_hat = D if last else _dpm2_step(denoiser, x_hat, D, sigma, sigma_next, class_labels)
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+        return D if last else _dpm2_step(denoiser, x_hat, D, sigma, sigma_next, class_labels)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def dpm_2_ancestral(
@@ -313,20 +315,17 @@ def dpm_2_ancestral(
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral DPM-Solver-2 (k-diffusion's dpm_2_ancestral): a DPM-Solver-2 step to σ_down, then noise of σ_up."""
-    x_hat = x / schedule.scale(t_steps[0])
-    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+
+    def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if last:
-            x_hat = D
-        else:
-            x_hat = _dpm2_step(denoiser, x_hat, D, sigma, sigma_down, class_labels)
-            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+            return D
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x_hat = _dpm2_step(denoiser, x_hat, D, sigma, sigma_down, class_labels)
+        return x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
@@ -357,16 +356,14 @@ def lms(
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"lms: order must be a positive integer, got {order!r}")
     sigmas = schedule.sigma(t_steps.cpu().double()).tolist()
-    x_hat = x / schedule.scale(t_steps[0])
     slopes: list[Tensor] = []
-    for i, sigma, _, s_next, _ in _sigma_steps(t_steps, schedule):
-        slopes = (slopes + [(x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma])[-order:]
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        slopes[:] = (slopes + [(x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma])[-order:]
         weights = lms_coefficients(sigmas, i, min(i + 1, order))
-        x_hat = x_hat + sum(w * d for w, d in zip(weights, reversed(slopes)))
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+        return x_hat + sum(w * d for w, d in zip(weights, reversed(slopes)))
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def dpmpp_2s_ancestral(
@@ -376,23 +373,20 @@ def dpmpp_2s_ancestral(
 ) -> Tensor:
     """Ancestral DPM-Solver++(2S) (k-diffusion's dpmpp_2s_ancestral), λ = −ln σ, h = λ_down − λ_i, r = ½:
     x̂_s = (σ_s/σ_i) x̂ − expm1(−h/2) D_i,  x̂ = (σ_down/σ_i) x̂ − expm1(−h) D(x̂_s; σ_s),  then noise of σ_up."""
-    x_hat = x / schedule.scale(t_steps[0])
-    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+
+    def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if last:
-            x_hat = D
-        else:
-            h = sigma.log() - sigma_down.log()
-            sigma_s = (sigma.log() - 0.5 * h).exp()
-            x_s = sigma_s / sigma * x_hat - torch.expm1(-0.5 * h) * D
-            x_hat = sigma_down / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
-            x_hat = x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+            return D
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        h = sigma.log() - sigma_down.log()
+        sigma_s = (sigma.log() - 0.5 * h).exp()
+        x_s = sigma_s / sigma * x_hat - torch.expm1(-0.5 * h) * D
+        x_hat = sigma_down / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
+        return x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def dpmpp_2m_sde(
@@ -405,30 +399,27 @@ def dpmpp_2m_sde(
     + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    x_hat = x / schedule.scale(t_steps[0])
-    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
-    D_prev, h_prev = None, None
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+    previous: list[Tensor] = []  # [D_{i−1}, h_{i−1}] once there is a step behind
+
+    def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
         if last:
-            x_hat = D
-        else:
-            h = sigma.log() - sigma_next.log()
-            eta_h = eta * h
-            phi = -torch.expm1(-h - eta_h)
-            x_hat = sigma_next / sigma * torch.exp(-eta_h) * x_hat + phi * D
-            if D_prev is not None:
-                r = h_prev / h
-                weight = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
-                x_hat = x_hat + weight / r * (D - D_prev)
-            if eta:
-                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * noise(sigma, sigma_next)
-            h_prev = h
-        D_prev = D
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+            return D
+        h = sigma.log() - sigma_next.log()
+        eta_h = eta * h
+        phi = -torch.expm1(-h - eta_h)
+        x_hat = sigma_next / sigma * torch.exp(-eta_h) * x_hat + phi * D
+        if previous:
+            D_prev, h_prev = previous
+            weight = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
+            x_hat = x_hat + weight * h / h_prev * (D - D_prev)
+        if eta:
+            x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * noise(sigma, sigma_next)
+        previous[:] = [D, h]
+        return x_hat
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def dpmpp_3m_sde(
@@ -439,34 +430,33 @@ def dpmpp_3m_sde(
     """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
     x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − φ₃ d₂ (divided differences of the last three D's, φ₂ = expm1(−h_η)/h_η
     + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
-    x_hat = x / schedule.scale(t_steps[0])
-    noise = step_noise(x_hat, t_steps, schedule, generator, brownian)
-    D_1, D_2, h_1, h_2 = None, None, None, None
-    for i, sigma, sigma_next, s_next, last in _sigma_steps(t_steps, schedule):
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+    history: list[tuple[Tensor, Tensor]] = []  # (D, h) of the last two steps, newest first
+
+    def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
-        h = None
         if last:
-            x_hat = D
-        else:
-            h = sigma.log() - sigma_next.log()
-            h_eta = h * (eta + 1)
-            x_hat = torch.exp(-h_eta) * x_hat - torch.expm1(-h_eta) * D
-            phi_2 = torch.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_hat = x_hat + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-            elif h_1 is not None:
-                x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
-            if eta:
-                x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * noise(sigma, sigma_next)
-        D_1, D_2, h_1, h_2 = D, D_1, h, h_1
-        x = s_next * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+            return D
+        h = sigma.log() - sigma_next.log()
+        h_eta = h * (eta + 1)
+        x_hat = torch.exp(-h_eta) * x_hat - torch.expm1(-h_eta) * D
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        if len(history) == 2:
+            (D_1, h_1), (D_2, h_2) = history
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x_hat = x_hat + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+        elif history:
+            D_1, h_1 = history[0]
+            x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
+        if eta:
+            x_hat = x_hat + s_noise * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * noise(sigma, sigma_next)
+        history[:] = [(D, h)] + history[:1]
+        return x_hat
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
 
 
 def consistency(
