@@ -2,7 +2,7 @@
 the orders of convergence of the deterministic ones, the data statistics of the stochastic ones, every schedule.
 
 The references below restate crowsonkb/k-diffusion's k_diffusion/sampling.py (sample_euler_ancestral, sample_dpm_2,
-sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde; commit of
+sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde; commit of
 2024) line by line in σ, with torch.randn(generator=...) as the noise sampler; lms integrates its Lagrange basis
 with Simpson's rule on 2001 points (k-diffusion: scipy's quad)."""
 
@@ -103,6 +103,29 @@ def ref_dpmpp_2s_ancestral(model, x, sigmas, g, eta=1.0):
     return x
 
 
+def ref_dpmpp_sde(model, x, sigmas, g, eta=1.0, r=0.5):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + (x - denoised) / sigmas[i] * (0 - sigmas[i])
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+            h = t_next - t
+            s = t + h * r
+            fac = 1 / (2 * r)
+            sd, su = _ancestral(math.exp(-t), math.exp(-s), eta)
+            s_ = -math.log(sd)
+            x_2 = (math.exp(-s_) / math.exp(-t)) * x - math.expm1(t - s_) * denoised
+            x_2 = x_2 + torch.randn(x.shape, generator=g, dtype=x.dtype) * su
+            denoised_2 = model(x_2, math.exp(-s))
+            sd, su = _ancestral(math.exp(-t), math.exp(-t_next), eta)
+            t_next_ = -math.log(sd)
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (math.exp(-t_next_) / math.exp(-t)) * x - math.expm1(t - t_next_) * denoised_d
+            x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * su
+    return x
+
+
 def ref_dpmpp_2m_sde(model, x, sigmas, g, eta=1.0, solver_type="midpoint"):
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -154,7 +177,8 @@ def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0):
 
 REFERENCES = {
     "euler_ancestral": (ref_euler_ancestral, {}), "dpm_2": (ref_dpm_2, {}), "dpm_2_ancestral": (ref_dpm_2_ancestral, {}),
-    "lms": (ref_lms, {}), "dpmpp_2s_ancestral": (ref_dpmpp_2s_ancestral, {}), "dpmpp_2m_sde": (ref_dpmpp_2m_sde, {}),
+    "lms": (ref_lms, {}), "dpmpp_2s_ancestral": (ref_dpmpp_2s_ancestral, {}), "dpmpp_sde": (ref_dpmpp_sde, {"brownian": False}),
+    "dpmpp_2m_sde": (ref_dpmpp_2m_sde, {}),
     "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (ref_dpmpp_3m_sde, {}),
 }
 
@@ -185,7 +209,8 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
     sigmas = sched.sigma(t).tolist()
     model = lambda x, s: den(x, torch.full((x.shape[0],), s, dtype=F64))  # noqa: E731
     ours = edm.sample(den, noise, sched, t_steps=t, solver=solver, generator=torch.Generator().manual_seed(5), **options)
-    reference = REFERENCES[name][0](model, sigmas[0] * noise, sigmas, torch.Generator().manual_seed(5), **options)
+    ref_options = {k: v for k, v in options.items() if k != "brownian"}  # fresh draws on both sides
+    reference = REFERENCES[name][0](model, sigmas[0] * noise, sigmas, torch.Generator().manual_seed(5), **ref_options)
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
 
 
@@ -228,8 +253,8 @@ def test_lms_coefficients_integrate_polynomials_exactly():
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde",
-                                    "dpmpp_3m_sde"])
+@pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                                    "dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_stochastic_solvers_sample_the_data(gaussian_data, name, solver):
     """From noise to the 64-point data set (σ_min 1e-3): the samples' mean and covariance are the data's within 5
     standard errors, and nearly every sample lands on a data point."""

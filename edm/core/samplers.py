@@ -36,6 +36,7 @@ __all__ = [
     "dpm_2_ancestral",
     "lms",
     "dpmpp_2s_ancestral",
+    "dpmpp_sde",
     "dpmpp_2m_sde",
     "dpmpp_3m_sde",
     "ancestral_step",
@@ -389,6 +390,36 @@ def dpmpp_2s_ancestral(
     return _in_sigma(x, t_steps, schedule, callback, step)
 
 
+def dpmpp_sde(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, brownian: bool = True,
+) -> Tensor:
+    """Stochastic DPM-Solver++ (k-diffusion's dpmpp_sde), λ = −ln σ, h = λ_{i+1} − λ_i: an ancestral DPM-Solver++
+    substep to σ_s = e^{−(λ_i + r h)}, then the step to σ_{i+1} with D̃ = (1 − 1/(2r)) D_i + 1/(2r) D(x̂_s; σ_s), each
+    followed by its ancestral noise; the last step is Euler. Its two noises are increments of one Brownian path over
+    overlapping intervals (brownian, the default, as k-diffusion's): with independent draws (brownian=false) the
+    samples' variance is 16 % low at 64 steps on the data of tests/test_kdiffusion_solvers.py."""
+    if not 0 < r <= 1:
+        raise ValueError(f"dpmpp_sde: r must be in (0, 1], got {r!r}")
+    noise = step_noise(x, t_steps, schedule, generator, brownian)
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        D = _at(denoiser, x_hat, sigma, class_labels)
+        if last:
+            return D
+        sigma_s = (sigma.log() + r * (sigma_next.log() - sigma.log())).exp()
+        down, up = ancestral_step(sigma, sigma_s, eta)
+        x_s = down / sigma * x_hat - torch.expm1(down.log() - sigma.log()) * D
+        x_s = x_s + s_noise * up * noise(sigma, sigma_s)
+        D_mix = (1 - 1 / (2 * r)) * D + 1 / (2 * r) * _at(denoiser, x_s, sigma_s, class_labels)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        x_hat = down / sigma * x_hat - torch.expm1(down.log() - sigma.log()) * D_mix
+        return x_hat + s_noise * up * noise(sigma, sigma_next)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
+
+
 def dpmpp_2m_sde(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
@@ -496,7 +527,7 @@ SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
     {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m,
      "consistency": consistency, "meanflow": meanflow, "euler_ancestral": euler_ancestral, "dpm_2": dpm_2,
      "dpm_2_ancestral": dpm_2_ancestral, "lms": lms, "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
-     "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde}
+     "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde}
 )
 CONSISTENCY_SOLVERS = ("consistency",)  # solvers for consistency functions (few-step models), not denoisers
 MEANFLOW_SOLVERS = ("meanflow",)  # solvers that need a model of the average velocity (objective meanflow)
