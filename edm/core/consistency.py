@@ -48,12 +48,33 @@ from .schedules import SIGMA_DATA
 
 __all__ = [
     "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "pseudo_huber",
-    "trigflow_F", "trigflow_tangent",
+    "trigflow_F", "trigflow_tangent", "per_example", "same_draws", "forward_jvp",
 ]
 
 CONSISTENCY_OBJECTIVES = ("ect", "sct", "scd")  # training objectives whose model is a consistency function, not a denoiser
 ECT_METRICS = ("pseudo_huber", "l2")
 ECT_WEIGHTINGS = ("ect", "edm")
+
+
+def per_example(t: Tensor, like: Tensor) -> Tensor:
+    """t [B] viewed as [B, 1, ..., 1], to scale the examples of `like` [B, ...]."""
+    return t.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def same_draws(device: torch.device):
+    """A region whose random draws (dropout masks) are undone on exit, so that the next pass of the network
+    draws the same ones: the two passes of a few-step loss share one dropout mask."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def forward_jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
+    """(fn(primals), its derivative along tangents) by forward-mode autodiff (torch.func.jvp); attention runs on
+    SDPA's math kernel, which has a forward rule (the flash and memory-efficient kernels have none)."""
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return jvp(fn, primals, tangents)
 
 
 def ect_r(t: Tensor, stage: int, q: float, k: float, b: float) -> Tensor:
@@ -144,22 +165,16 @@ class ECTLoss:
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         r = self.r(t) if r is None else r
-        view = (-1,) + (1,) * (y.ndim - 1)
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-        x_r = y + r.view(view) * noise
-        devices = [y.device] if y.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the target's pass replays this pass's dropout draws
-            f_t = denoiser(y + t.view(view) * noise, t, class_labels, **kwargs)
+        x_r = y + per_example(r, y) * noise
+        with same_draws(y.device):  # the target's pass replays this pass's dropout draws
+            f_t = denoiser(y + per_example(t, y) * noise, t, class_labels, **kwargs)
         inside = r > self.boundary_sigma
         with torch.no_grad():
             r_safe = torch.where(inside, r, t)  # f at the boundary is x̂_r itself: no evaluation at σ = 0
             f_r = denoiser(x_r, r_safe, class_labels, **kwargs)
-            target = torch.where(inside.view(view), f_r, x_r)
+            target = torch.where(per_example(inside, y), f_r, x_r)
         return self.weight(t, r) * self.distance(f_t, target)
-
-
-def _view(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def trigflow_F(
@@ -168,7 +183,7 @@ def trigflow_F(
 ) -> Tensor:
     """F(x_t, t) = (cos t·x_t − D(x_t/cos t; σ_d tan t)) / (σ_d sin t): the TrigFlow network output that makes
     the denoiser D sCM's f(x_t, t) = cos t·x_t − sin t·σ_d F."""
-    cos, sin = _view(torch.cos(t), x_t), _view(torch.sin(t), x_t)
+    cos, sin = per_example(torch.cos(t), x_t), per_example(torch.sin(t), x_t)
     D = denoiser(x_t / cos, sigma_data * torch.tan(t), class_labels, **kwargs)
     return (cos * x_t - D) / (sigma_data * sin)
 
@@ -178,14 +193,10 @@ def trigflow_tangent(
     class_labels: Tensor | None = None, **kwargs,
 ) -> tuple[Tensor, Tensor]:
     """(F(x_t, t), cos t sin t·dF/dt) along the trajectory dx_t/dt, by forward-mode autodiff (torch.func.jvp with
-    tangents (cos t sin t·dx_t/dt, cos t sin t)); attention runs on SDPA's math kernel, which has a forward rule."""
-    from torch.func import jvp
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    tangents (cos t sin t·dx_t/dt, cos t sin t)): forward_jvp."""
     cs = torch.cos(t) * torch.sin(t)
     fn = lambda x, tt: trigflow_F(denoiser, x, tt, sigma_data, class_labels, **kwargs)  # noqa: E731
-    with sdpa_kernel(SDPBackend.MATH):
-        return jvp(fn, (x_t, t), (_view(cs, x_t) * dxt_dt, cs))
+    return forward_jvp(fn, (x_t, t), (per_example(cs, x_t) * dxt_dt, cs))
 
 
 @dataclass(frozen=True)
@@ -238,7 +249,7 @@ class SCMLoss:
         sd = self.sigma_data
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
         t = torch.atan(sigma / sd)
-        cos, sin = _view(torch.cos(t), y), _view(torch.sin(t), y)
+        cos, sin = per_example(torch.cos(t), y), per_example(torch.sin(t), y)
         z = sd * noise
         x_t = cos * y + sin * z
         if self.teacher is None:
@@ -247,12 +258,11 @@ class SCMLoss:
             with torch.no_grad():
                 dxt_dt = sd * trigflow_F(self.teacher, x_t, t, sd, class_labels, **kwargs)
         inner = getattr(denoiser, "module", denoiser)  # the forward-mode pass needs no gradient sync (DDP)
-        devices = [y.device] if y.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the gradient pass replays its dropout draws
+        with torch.no_grad(), same_draws(y.device):  # the gradient pass replays its dropout draws
             F_minus, dF = trigflow_tangent(inner, x_t, t, dxt_dt, sd, class_labels, **kwargs)
         F_theta = trigflow_F(denoiser, x_t, t, sd, class_labels, **kwargs)
         g = -cos**2 * (sd * F_minus - dxt_dt) - self.warmup * (cos * sin * x_t + sd * dF)
         rms = g.flatten(1).pow(2).mean(dim=1).sqrt()
-        g = g / _view(rms + self.tangent_c, g)
+        g = g / per_example(rms + self.tangent_c, g)
         dim = y[0].numel()
         return (F_theta - F_minus - g).pow(2).flatten(1).sum(dim=1) / (sigma * dim)

@@ -25,11 +25,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .consistency import forward_jvp, per_example, same_draws
+
 __all__ = ["MeanFlowLoss", "average_velocity"]
-
-
-def _view(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def average_velocity(
@@ -37,8 +35,8 @@ def average_velocity(
 ) -> Tensor:
     """u(z_t, r, t) = (z_t − D(z_t/(1 − t); σ_t, σ_r))/t of a flow-matching denoiser with a second noise input."""
     sigma_t, sigma_r = t / (1 - t), r / (1 - r)
-    D = denoiser(z / _view(1 - t, z), sigma_t, class_labels, sigma_r=sigma_r, **kwargs)
-    return (z - D) / _view(t, z)
+    D = denoiser(z / per_example(1 - t, z), sigma_t, class_labels, sigma_r=sigma_r, **kwargs)
+    return (z - D) / per_example(t, z)
 
 
 @dataclass(frozen=True)
@@ -92,17 +90,13 @@ class MeanFlowLoss:
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-        z = _view(1 - t, y) * y + _view(t, y) * noise
+        z = per_example(1 - t, y) * y + per_example(t, y) * noise
         v = noise - y
         inner = getattr(denoiser, "module", denoiser)  # the forward-mode pass needs no gradient sync (DDP)
         u_fn = lambda zz, rr, tt: average_velocity(inner, zz, rr, tt, class_labels, **kwargs)  # noqa: E731
-        devices = [y.device] if y.device.type == "cuda" else []
-        from torch.func import jvp
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
-            _, dudt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-        target = v - _view(t - r, y) * dudt
+        with torch.no_grad(), same_draws(y.device):  # the gradient pass replays its dropout draws
+            _, dudt = forward_jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        target = v - per_example(t - r, y) * dudt
         u = average_velocity(denoiser, z, r, t, class_labels, **kwargs)
         error = (u - target).pow(2).flatten(1).sum(dim=1)
         return error / (error.detach() + self.adaptive_c) ** self.adaptive_p
