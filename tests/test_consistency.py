@@ -287,12 +287,15 @@ def test_bad_ect_settings_fail_before_training(compose_train, tmp_path, override
     assert not (tmp_path / "run").exists()
 
 
-def test_init_from_a_model_of_other_images_is_refused(compose_train, tmp_path, tiny_checkpoint):
+def test_init_or_teacher_of_other_images_is_refused(compose_train, tmp_path, tiny_checkpoint, teacher):
     from edm.training.loop import train
 
     other = tiny_checkpoint(tmp_path / "other.pt", label_dim=10)
-    with pytest.raises(ValueError, match=r"models 1x8x8 images with 10 classes, data set digits has 1x8x8 with 0"):
+    with pytest.raises(ValueError, match=r"init .* models 1x8x8 images with 10 classes, data set digits has 1x8x8 with 0"):
         train(compose_train("recipe=ect", f"init={other}"))
+    with pytest.raises(ValueError, match=r"teacher .* models 1x8x8 images with 10 classes, data set digits has 1x8x8 "
+                                         r"with 0: distil a teacher of this data"):
+        train(compose_train("recipe=scd", f"init={teacher}", f"teacher={other}"))
 
 
 # ----------------------------------------------------------------------------- sCM: TrigFlow and the JVP

@@ -92,6 +92,15 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
     return resolved_network(network)
 
 
+def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: TrainConfig, dataset: ImageDataset,
+                     fix: str) -> None:
+    """A model a run starts from or learns from must make the data set's images: shape (C, H, W) and classes."""
+    want = (dataset.channels, dataset.resolution, dataset.resolution)
+    if tuple(shape) != want or label_dim != dataset.label_dim:
+        raise ValueError(f"{role} {source} models {'x'.join(map(str, shape))} images with {label_dim} classes, data set "
+                         f"{cfg.dataset.name} has {'x'.join(map(str, want))} with {dataset.label_dim}: {fix}")
+
+
 INIT_FREE = ("dropout", "label_dropout")  # network settings without weights: the config's apply to an init model
 
 
@@ -106,12 +115,10 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
     network = resolved_network({**state["denoiser"]["network"], **free,
                                 **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
-    theirs = (network.get("in_channels"), network.get("img_resolution"), network.get("label_dim") or 0)
-    ours = (dataset.channels, dataset.resolution, dataset.label_dim)
-    if theirs != ours:
-        raise ValueError(f"init {path} models {theirs[0]}x{theirs[1]}x{theirs[1]} images with {theirs[2]} classes, data set "
-                         f"{cfg.dataset.name} has {ours[0]}x{ours[1]}x{ours[1]} with {ours[2]}: train on the model's data "
-                         "(dataset=, dataset.resolution=, dataset.cond=) or start from another model")
+    resolution = network.get("img_resolution")
+    check_model_data("init", path, (network.get("in_channels"), resolution, resolution), network.get("label_dim") or 0,
+                     cfg, dataset, "train on the model's data (dataset=, dataset.resolution=, dataset.cond=) or start "
+                     "from another model")
     logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
     return {"network": network, "precond": precond}, state["ema"]
 
@@ -141,10 +148,8 @@ def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device:
     from ..models.loading import load_model
 
     teacher, info = load_model(cfg.teacher, device=device)
-    want = (dataset.channels, dataset.resolution, dataset.resolution)
-    if info.img_shape != want or info.label_dim != dataset.label_dim:
-        raise ValueError(f"teacher {info.source} models {info.img_shape} images with {info.label_dim} classes, data set "
-                         f"{cfg.dataset.name} has {want} with {dataset.label_dim}: distil a teacher of this data")
+    check_model_data("teacher", info.source, info.img_shape, info.label_dim, cfg, dataset,
+                     "distil a teacher of this data")
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
     logger.info("teacher: the denoiser of %s", info.source)
