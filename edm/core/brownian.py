@@ -68,15 +68,22 @@ class BrownianTree:
         self.numel = math.prod(self.shape[1:])
         zero = torch.zeros(len(self.seeds), self.numel, dtype=torch.float64, device=self.seeds.device)
         self._path = [(self.lo, self.hi, zero, math.sqrt(self.hi - self.lo) * self._draw(1), 1)]  # root: W(lo), W(hi)
+        self._recent: dict[float, Tensor] = {}  # W at the last few points: a step's end is the next step's start
 
     def _draw(self, node: int) -> Tensor:
         nodes = torch.full_like(self.seeds, node)
         return hashed_normal(self.seeds, nodes, self.numel, torch.float64)
 
     def __call__(self, sigma: float) -> Tensor:
-        """W(σ) [B, ...] (σ clamped to the tree's range). The descent of the last query is kept (depth levels at
-        most), so that a sampler's consecutive queries, which share most of it, compute only where they part."""
+        """W(σ) [B, ...] (σ clamped to the tree's range). The last four values and the last descent (depth levels
+        at most) are kept: a step's end is the next step's start, and consecutive queries share most of a descent."""
         s = min(max(float(sigma), self.lo), self.hi)
+        if s not in self._recent:
+            self._recent = {**dict(list(self._recent.items())[-3:]), s: self._descend(s)}
+        return self._recent[s]
+
+    def _descend(self, s: float) -> Tensor:
+        """W(s) by bisection from the deepest level of the last descent whose interval holds s."""
         path = self._path
         while len(path) > 1 and not path[-1][0] <= s <= path[-1][1]:
             path.pop()
