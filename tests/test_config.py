@@ -109,3 +109,17 @@ def test_values_that_overflow_are_rejected_before_training(compose_train, tmp_pa
     with pytest.raises(ValueError, match="lr=1e\\+39 overflows float32"):
         train(compose_train("lr=1e39"))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_solver_has_a_sampler_file_that_composes_to_it():
+    """configs/sampler/NAME.yaml exists for every registered solver and composes (edm-train sampler=NAME) to a
+    checked SamplerConfig of that solver: a new solver cannot miss its file, nor a file name another solver."""
+    from pathlib import Path
+
+    from edm.cli import compose
+    from edm.core.samplers import SOLVERS
+
+    files = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "sampler").glob("*.yaml"))
+    assert files == sorted(SOLVERS)
+    for name in files:
+        assert compose("train", [f"sampler={name}"]).sampler.solver == name

@@ -242,8 +242,30 @@ def test_clear_errors(problem):
         edm.sample(den, noise, "cosine")
 
 
+DENOISER_SOLVERS = [name for name in edm.samplers.SOLVERS
+                    if name not in edm.samplers.CONSISTENCY_SOLVERS + edm.samplers.MEANFLOW_SOLVERS]
+
+
+@pytest.mark.parametrize("solver", DENOISER_SOLVERS)
+def test_every_solver_samples_a_batch_as_its_parts_with_class_labels_and_per_image_seeds(problem, solver):
+    """Each image's result depends on its noise, label and generator only, for every solver (dpm_adaptive's steps
+    included): a batch of 6 equals its parts [0, 1] and [2..5] to float64 round-off, and the labels reach D."""
+    den, _, _ = problem
+    noise = torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(s), dtype=F64) for s in range(6)])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0, 1, 0]), 2).to(F64)
+    labelled = lambda x, sigma, c: den(x, sigma) + 0.3 * (c[:, :1] - c[:, 1:])  # noqa: E731
+    gens = lambda ids: [torch.Generator().manual_seed(100 + s) for s in ids]  # noqa: E731
+    options = {"eta": 1.0} if solver == "dpm_fast" else {}
+    run = lambda ids, c: edm.sample(labelled, noise[ids], "edm", num_steps=8, solver=solver, class_labels=c[ids],  # noqa: E731
+                                    generator=gens(ids), **options)
+    whole = run(list(range(6)), labels)
+    torch.testing.assert_close(torch.cat([run([0, 1], labels), run([2, 3, 4, 5], labels)]), whole, rtol=0, atol=1e-10)
+    assert (run(list(range(6)), labels.flip(1)) - whole).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("solver, options", [("euler", {}), ("heun", {}), ("stochastic", {"churn": 10.0, "s_tmin": 0.1}),
-                                             ("euler_maruyama", {}), ("dpmpp_2m", {})])
+                                             ("euler_maruyama", {}), ("dpmpp_2m", {}), ("unipc", {}), ("deis", {}),
+                                             ("dpm_fast", {}), ("lms", {})])
 def test_solvers_read_nothing_back_per_step(solver, options, host_reads):
     """On a GPU every float(t), bool(t), t.item() or t.tolist() waits for the device. The
     solvers read the time grid to the host once, so their number of reads does not grow with

@@ -39,11 +39,18 @@ __all__ = [
     "dpmpp_sde",
     "dpmpp_2m_sde",
     "dpmpp_3m_sde",
+    "dpm_fast",
+    "dpm_adaptive",
+    "unipc",
+    "deis",
     "ancestral_step",
     "step_noise",
     "lms_coefficients",
+    "deis_coefficients",
+    "unipc_coefficients",
     "CONSISTENCY_SOLVERS",
     "MEANFLOW_SOLVERS",
+    "ADAPTIVE_SOLVERS",
     "consistency_grid",
     "solver_time_steps",
     "ode_derivative",
@@ -329,22 +336,72 @@ def dpm_2_ancestral(
     return _in_sigma(x, t_steps, schedule, callback, step)
 
 
-def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
-    """∫_{σ_i}^{σ_{i+1}} ℓ_j(σ) dσ for the Lagrange basis ℓ_j through σ_i, σ_{i−1}, ..., σ_{i−order+1} (exact
-    polynomial integration, in float64)."""
+def _lagrange_basis(nodes: Sequence[float]) -> list:
+    """The Lagrange basis ℓ_j through `nodes` (ℓ_j(node_k) = δ_jk) as numpy polynomial coefficients, in float64."""
     import numpy as np
     from numpy.polynomial import polynomial as P
 
-    nodes = [sigmas[i - k] for k in range(order)]
-    coefficients = []
-    for j in range(order):
-        basis = np.array([1.0])
-        for k in range(order):
+    basis = []
+    for j, node in enumerate(nodes):
+        ell = np.array([1.0])
+        for k, other in enumerate(nodes):
             if k != j:
-                basis = P.polymul(basis, np.array([-nodes[k], 1.0]) / (nodes[j] - nodes[k]))
-        antiderivative = P.polyint(basis)
+                ell = P.polymul(ell, np.array([-other, 1.0]) / (node - other))
+        basis.append(ell)
+    return basis
+
+
+def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
+    """∫_{σ_i}^{σ_{i+1}} ℓ_j(σ) dσ for the Lagrange basis ℓ_j through σ_i, σ_{i−1}, ..., σ_{i−order+1} (exact
+    polynomial integration, in float64)."""
+    from numpy.polynomial import polynomial as P
+
+    coefficients = []
+    for ell in _lagrange_basis([sigmas[i - k] for k in range(order)]):
+        antiderivative = P.polyint(ell)
         coefficients.append(float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative)))
     return coefficients
+
+
+def deis_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
+    """∫_{σ_i}^{σ_{i+1}} ℓ_j(ln σ) dσ for the Lagrange basis ℓ_j in u = ln σ through σ_i, ..., σ_{i−order+1}: with
+    dσ = e^u du, ∫ P(u) e^u du = e^u (P − P' + P'' − ...), which is 0 at σ = 0 (exact, in float64)."""
+    import math as m
+
+    from numpy.polynomial import polynomial as P
+
+    def antiderivative(ell, sigma: float) -> float:
+        if sigma == 0.0:
+            return 0.0
+        u, total, sign, poly = m.log(sigma), 0.0, 1.0, ell
+        while len(poly) and poly.any():
+            total, sign, poly = total + sign * float(P.polyval(u, poly)), -sign, P.polyder(poly)
+        return sigma * total
+
+    basis = _lagrange_basis([m.log(sigmas[i - k]) for k in range(order)])
+    return [antiderivative(ell, sigmas[i + 1]) - antiderivative(ell, sigmas[i]) for ell in basis]
+
+
+def _multistep_slopes(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, class_labels: Tensor | None,
+    callback: Callback, orders: Sequence[int], coefficients: Callable[[Sequence[float], int, int], list[float]],
+) -> Tensor:
+    """x̂_{i+1} = x̂_i + Σ_j c_ij ε_{i−j}, ε = (x̂ − D)/σ = dx̂/dσ, over the last orders[i] slopes, c_ij =
+    coefficients(σ's in float64, i, orders[i]): the Adams–Bashforth form that lms and DEIS share."""
+    sigmas = schedule.sigma(t_steps.cpu().double()).tolist()
+    slopes: list[Tensor] = []
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        slopes[:] = (slopes + [(x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma])[-max(orders):]
+        weights = coefficients(sigmas, i, orders[i])
+        return x_hat + sum(w * d for w, d in zip(weights, reversed(slopes)))
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
+
+
+def _check_order(solver: str, order: object, allowed: Sequence[int]) -> None:
+    if isinstance(order, bool) or order not in allowed:
+        raise ValueError(f"{solver}: order must be one of {list(allowed)}, got {order!r}")
 
 
 def lms(
@@ -353,18 +410,28 @@ def lms(
     order: int = 4,
 ) -> Tensor:
     """Linear multistep in σ (k-diffusion's lms): x̂_{i+1} = x̂_i + Σ_j c_ij d_{i−j}, d = (x̂ − D)/σ, with c_ij the
-    integrals of the Lagrange basis over the last `order` σ's; one evaluation a step."""
+    integrals of the Lagrange basis in σ over the last `order` σ's; one evaluation a step."""
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"lms: order must be a positive integer, got {order!r}")
-    sigmas = schedule.sigma(t_steps.cpu().double()).tolist()
-    slopes: list[Tensor] = []
+    orders = [min(i + 1, order) for i in range(len(t_steps) - 1)]
+    return _multistep_slopes(denoiser, x, t_steps, schedule, class_labels, callback, orders, lms_coefficients)
 
-    def step(i, x_hat, sigma, sigma_next, last):
-        slopes[:] = (slopes + [(x_hat - _at(denoiser, x_hat, sigma, class_labels)) / sigma])[-order:]
-        weights = lms_coefficients(sigmas, i, min(i + 1, order))
-        return x_hat + sum(w * d for w, d in zip(weights, reversed(slopes)))
 
-    return _in_sigma(x, t_steps, schedule, callback, step)
+def deis(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    order: int = 2, lower_order_final: bool = True,
+) -> Tensor:
+    """DEIS-tAB in log ρ (Zhang & Chen 2023; diffusers' DEISMultistepScheduler, whose ρ = σ/α is our σ):
+    x̂_{i+1} = x̂_i + Σ_j c_ij ε_{i−j}, ε = (x̂ − D)/σ, c_ij = ∫_{σ_i}^{σ_{i+1}} ℓ_j(ln σ) dσ (deis_coefficients; exact to
+    σ = 0); order 1 is DDIM. Orders warm up 1, 2, ...; with lower_order_final on grids under 15 steps the last step
+    is order 1 and the one before at most 2 (as diffusers'); one evaluation a step."""
+    _check_order("deis", order, (1, 2, 3))
+    num_steps = len(t_steps) - 1
+    orders = [min(i + 1, order) for i in range(num_steps)]
+    if lower_order_final and num_steps < 15:
+        orders = orders[:-2] + [min(o, 2) for o in orders[-2:-1]] + [1]
+    return _multistep_slopes(denoiser, x, t_steps, schedule, class_labels, callback, orders, deis_coefficients)
 
 
 def dpmpp_2s_ancestral(
@@ -490,6 +557,197 @@ def dpmpp_3m_sde(
     return _in_sigma(x, t_steps, schedule, callback, step)
 
 
+def _dpm_solver_step(
+    eps_at: Callable[[Tensor, Tensor], Tensor], x_hat: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, order: int,
+) -> tuple[Tensor, Tensor | None]:
+    """DPM-Solver-`order` (Lu et al. 2022, eqs. 3.7, Algorithms 4–5 with r₁ = ½ | ⅓, r₂ = ⅔) from σ to σ_next in
+    λ = −ln σ, h = λ_next − λ, ε = (x̂ − D)/σ = eps_at(x̂, σ), stages at σ_k = σ e^{−r_k h}; with its embedded estimate
+    of one order less on the same stages (order 3: DPM-Solver-2 with r₁ = ⅓; order 2: DPM-Solver-1; order 1: None):
+        1:  x̂ − σ_next expm1(h) ε
+        2:  x̂₁ − σ_next/(2r₁) expm1(h) (ε(u₁) − ε),   u₁ = x̂ − σ₁ expm1(r₁h) ε
+        3:  x̂₁ − σ_next/r₂ (expm1(h)/h − 1) (ε(u₂) − ε),   u₂ = u₁ − σ₂ (r₂/r₁)(expm1(r₂h)/(r₂h) − 1)(ε(u₁) − ε), u₁ at σ₂
+    σ, σ_next: 0-d or one per item, shaped to broadcast against x̂."""
+    h = sigma.log() - sigma_next.log()
+    first = x_hat - sigma_next * torch.expm1(h) * eps
+    if order == 1:
+        return first, None
+    r1 = 0.5 if order == 2 else 1 / 3
+    sigma_1 = sigma * torch.exp(-r1 * h)
+    eps_1 = eps_at(x_hat - sigma_1 * torch.expm1(r1 * h) * eps, sigma_1)
+    second = first - sigma_next / (2 * r1) * torch.expm1(h) * (eps_1 - eps)
+    if order == 2:
+        return second, first
+    r2 = 2 / 3
+    sigma_2 = sigma * torch.exp(-r2 * h)
+    u_2 = (x_hat - sigma_2 * torch.expm1(r2 * h) * eps
+           - sigma_2 * (r2 / r1) * (torch.expm1(r2 * h) / (r2 * h) - 1) * (eps_1 - eps))
+    third = first - sigma_next / r2 * (torch.expm1(h) / h - 1) * (eps_at(u_2, sigma_2) - eps)
+    return third, second
+
+
+def _eps(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
+    """ε(x̂, σ) = (x̂ − D(x̂; σ))/σ with σ 0-d or one per item (shaped to broadcast against x̂)."""
+    flat = sigma.reshape(-1).expand(x_hat.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
+    return (x_hat - denoiser(x_hat, flat.to(x_hat.dtype), class_labels).to(x_hat.dtype)) / sigma
+
+
+def dpm_fast(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    order: int = 3, eta: float = 0.0, s_noise: float = 1.0, brownian: bool = False,
+) -> Tensor:
+    """DPM-Solver-fast (Lu et al. 2022, §3.4; k-diffusion's dpm_fast) on the caller's grid: singlestep DPM-Solver-`order`
+    steps (_dpm_solver_step), the last two above σ = 0 of orders min(order, 2) and 1 (k-diffusion's order sequence
+    for an NFE divisible by 3 on its λ-uniform grid, discretization=log_snr); a step to σ = 0 is x̂ = D. With η > 0,
+    each step goes to max(σ_down, σ_end) and adds noise of sqrt(σ_{i+1}² − that²) (σ_end: the last σ > 0).
+    Evaluations: `order` per step above σ = 0, one for the step to it."""
+    _check_order("dpm_fast", order, (1, 2, 3))
+    sigmas = schedule.sigma(t_steps)
+    positive = len(t_steps) - 1 - int(float(t_steps[-1]) == 0.0)
+    orders = [order] * (positive - 2) + [min(order, 2), 1] if positive >= 2 else [1] * positive
+    noise = step_noise(x, t_steps, schedule, generator, brownian) if eta else None
+    eps_at = lambda x_hat, sigma: _eps(denoiser, x_hat, sigma, class_labels)  # noqa: E731
+    sigma_end = sigmas[positive] if positive else sigmas[0]
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        if last:
+            return _at(denoiser, x_hat, sigma, class_labels)
+        if not eta:
+            return _dpm_solver_step(eps_at, x_hat, eps_at(x_hat, sigma), sigma, sigma_next, orders[i])[0]
+        down = torch.maximum(sigma_end, ancestral_step(sigma, sigma_next, eta)[0])
+        x_hat = _dpm_solver_step(eps_at, x_hat, eps_at(x_hat, sigma), sigma, down, orders[i])[0]
+        return x_hat + s_noise * (sigma_next**2 - down**2).sqrt() * noise(sigma, sigma_next)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
+
+
+def dpm_adaptive(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+    pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
+) -> Tensor:
+    """DPM-Solver-12 / -23 with step-size control (Lu et al. 2022, §4 and Algorithm 6; k-diffusion's dpm_adaptive),
+    each image with its own steps. A trial step of h in λ = −ln σ gives DPM-Solver-`order` and its embedded estimate
+    x̂_low (_dpm_solver_step); E = ‖(x̂_low − x̂_high)/δ‖_rms, δ = max(atol, rtol·max(|x̂_low|, |x̂_prev|)); the PID
+    controller's factor 1 + atan(f − 1), f = E_n^{−b₁} E_{n−1}^{−b₂} E_{n−2}^{−b₃} (b = (p+i+d, −(p+2d), d)/order), multiplies
+    h, and the step is taken when the factor ≥ accept_safety. The grid's points are stops the steps land on (the
+    default two-step grid [σ_max, σ_min, 0] leaves the steps to the controller); the step to σ = 0 is x̂ = D. A
+    rejected step reuses its ε(x̂) (k-diffusion evaluates it again). Each image's evaluations depend on it alone;
+    GuidedDenoiser counts them per image."""
+    _check_order("dpm_adaptive", order, (2, 3))
+    if not (rtol > 0 and atol > 0 and h_init > 0):
+        raise ValueError(f"dpm_adaptive: rtol, atol and h_init must be positive, got {rtol}, {atol}, {h_init}")
+    batch, view = x.shape[0], (-1,) + (1,) * (x.ndim - 1)
+    b = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64) / order
+    h = torch.full((batch,), float(h_init), dtype=torch.float64, device=x.device)
+    inverse_errors = torch.full((batch, 3), math.nan, dtype=torch.float64, device=x.device)  # 1/E of the last accepted
+    state: dict[str, Tensor] = {}  # x̂_prev, ε at each image's current point and whether it is fresh, across stops
+
+    def labels(items: Tensor) -> Tensor | None:
+        return None if class_labels is None else class_labels[items]
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        if last:
+            return _at(denoiser, x_hat, sigma, class_labels)
+        x_hat = x_hat.clone()
+        if "x_prev" not in state:
+            state["x_prev"], state["eps"] = x_hat.clone(), torch.zeros_like(x_hat)
+            state["fresh"] = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        x_prev, eps, fresh = state["x_prev"], state["eps"], state["fresh"]
+        lam_end = -sigma_next.log()
+        lam = (-sigma.log()).expand(batch).clone()
+        while (active := (lam < lam_end - 1e-5).nonzero().flatten()).numel():
+            stale = active[~fresh[active]]
+            if stale.numel():
+                eps[stale] = _eps(denoiser, x_hat[stale], torch.exp(-lam[stale]).view(view), labels(stale))
+                fresh[stale] = True
+            lam_next = torch.minimum(lam_end, lam[active] + h[active].to(lam.dtype))
+            sigma_a, sigma_b = torch.exp(-lam[active]).view(view), torch.exp(-lam_next).view(view)
+            eps_at = lambda u, sigma_k: _eps(denoiser, u, sigma_k, labels(active))  # noqa: E731
+            high, low = _dpm_solver_step(eps_at, x_hat[active], eps[active], sigma_a, sigma_b, order)
+            delta = torch.maximum(torch.tensor(atol, dtype=x.dtype, device=x.device),
+                                  rtol * torch.maximum(low.abs(), x_prev[active].abs()))
+            error = ((low - high) / delta).flatten(1).norm(dim=1).double() / math.sqrt(x[0].numel())
+            errors = inverse_errors[active]
+            errors[:, 0] = 1 / (error + 1e-8)
+            errors[:, 1:] = torch.where(errors[:, 1:].isnan(), errors[:, :1], errors[:, 1:])
+            factor = 1 + torch.atan((errors.log() @ b.to(errors.device)).exp() - 1)
+            accept = factor >= accept_safety
+            errors[accept, 2], errors[accept, 1] = errors[accept, 1], errors[accept, 0]
+            inverse_errors[active], h[active] = errors, h[active] * factor
+            taken = active[accept]
+            x_prev[taken], x_hat[taken], lam[taken] = low[accept], high[accept], lam_next[accept]
+            fresh[taken] = False
+        return x_hat
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
+
+
+def unipc_coefficients(rks: Sequence[float], h: float, variant: str) -> tuple[float, list[float]]:
+    """(B(h), ρ) of UniPC (Zhao et al. 2023; data prediction, hh = −h): B(h) = hh (bh1) or expm1(hh) (bh2),
+    b_k = k!·φ_{k+1}(hh)/B(h) with φ₁ = expm1(hh)/hh and φ_{k+1} = (φ_k − 1/k!)/hh, and ρ solving
+    Σ_m ρ_m r_m^{k−1} = b_k (k = 1..len(rks)) over the ratios rks = (λ_{i−m} − λ_i)/h (a corrector's last ratio is 1)."""
+    import numpy as np
+
+    hh = -h
+    B = hh if variant == "bh1" else math.expm1(hh)
+    phi, factorial, b = math.expm1(hh) / hh - 1, 1.0, []
+    for k in range(1, len(rks) + 1):
+        b.append(phi * factorial / B)
+        factorial *= k + 1
+        phi = phi / hh - 1 / factorial
+    if not rks:
+        return B, []
+    R = np.vander(np.asarray(rks, dtype=np.float64), len(rks), increasing=True).T
+    return B, np.linalg.solve(R, np.asarray(b)).tolist()
+
+
+def unipc(
+    denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
+    class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
+    order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023; diffusers' UniPCMultistepScheduler with data prediction) in x̂ = x/s, λ = −ln σ,
+    h = λ_{i+1} − λ_i, D1_m = (D_{i−m} − D_i)/r_m, r_m = (λ_{i−m} − λ_i)/h:
+    UniP-p  x̂_{i+1} = (σ_{i+1}/σ_i) x̂_i − expm1(−h) D_i − B(h) Σ_{m<p} ρ_m D1_m   (p = 2: ρ = ½, with bh2 DPM-Solver++(2M));
+    UniC-p  the same step again with D_{i+1} = D(x̂_{i+1}) as one more difference (ratio 1; p = 1: ρ = ½), before the
+            next predictor, which reuses D_{i+1}: no extra evaluation.
+    Orders warm up 1, 2, ...; lower_order_final caps step i at N − i; the step to σ = 0 is x̂ = D; one evaluation a step."""
+    _check_order("unipc", order, (1, 2, 3))
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
+    num_steps = len(t_steps) - 1
+    sigmas = schedule.sigma(t_steps.cpu().double()).tolist()
+    lam = [-math.log(v) if v > 0 else math.inf for v in sigmas]
+    D: dict[int, Tensor] = {}  # D at the grid points that later steps still use
+    previous: list = []  # [x̂ at point i − 1, the order of its predictor step]
+
+    def update(x_hat: Tensor, i: int, p: int, D_next: Tensor | None = None) -> Tensor:
+        """UniP-p from point i to i + 1; with D_next (D at point i + 1), UniC-p of that step."""
+        h = lam[i + 1] - lam[i]
+        rks = [(lam[i - m] - lam[i]) / h for m in range(1, p)]
+        differences = [(D[i - m] - D[i]) / r for m, r in zip(range(1, p), rks)]
+        if D_next is not None:
+            rks, differences = rks + [1.0], differences + [D_next - D[i]]
+        B, rho = unipc_coefficients(rks, h, variant)
+        if len(rks) == 1 and (D_next is None or p == 1):
+            rho = [0.5]  # UniP-2 and UniC-1 use ρ = ½, as diffusers' (the solve gives b₁ = ½ + O(h))
+        x_next = sigmas[i + 1] / sigmas[i] * x_hat - math.expm1(-h) * D[i]
+        return x_next - B * sum(r * d for r, d in zip(rho, differences)) if differences else x_next
+
+    def step(i, x_hat, sigma, sigma_next, last):
+        D[i] = _at(denoiser, x_hat, sigma, class_labels)
+        if corrector and previous:
+            x_hat = update(previous[0], i - 1, previous[1], D[i])
+        D.pop(i - order, None)
+        p = min(order, i + 1, num_steps - i if lower_order_final else order)
+        previous[:] = [x_hat, p]
+        return D[i] if last else update(x_hat, i, p)
+
+    return _in_sigma(x, t_steps, schedule, callback, step)
+
+
 def consistency(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
@@ -527,10 +785,12 @@ SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
     {"euler": euler, "heun": heun, "stochastic": stochastic, "euler_maruyama": euler_maruyama, "dpmpp_2m": dpmpp_2m,
      "consistency": consistency, "meanflow": meanflow, "euler_ancestral": euler_ancestral, "dpm_2": dpm_2,
      "dpm_2_ancestral": dpm_2_ancestral, "lms": lms, "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
-     "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde}
+     "dpmpp_sde": dpmpp_sde, "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m_sde": dpmpp_3m_sde, "dpm_fast": dpm_fast,
+     "dpm_adaptive": dpm_adaptive, "unipc": unipc, "deis": deis}
 )
 CONSISTENCY_SOLVERS = ("consistency",)  # solvers for consistency functions (few-step models), not denoisers
 MEANFLOW_SOLVERS = ("meanflow",)  # solvers that need a model of the average velocity (objective meanflow)
+ADAPTIVE_SOLVERS = ("dpm_adaptive",)  # solvers that choose their own steps (rtol, atol); the grid's points are stops
 
 
 def consistency_grid(t_steps: Tensor, schedule: Schedule, sigmas: Sequence[float] | None) -> Tensor:
