@@ -129,7 +129,7 @@ def test_autoguided_sampling_follows_the_closed_form_for_every_schedule_and_solv
     inside = sum(lo < s <= hi for s in evaluated)
     assert 0 < inside < len(evaluated)  # the interval splits the trajectory
     assert main.items == 4 * len(evaluated) and guide.items == 4 * inside
-    assert guided.evaluations == len(evaluated) + inside
+    assert guided.evaluations == 4 * (len(evaluated) + inside)  # per image: one a step, two where guided
 
 
 @pytest.mark.parametrize("schedule", ["vp", "edm"])

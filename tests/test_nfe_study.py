@@ -56,6 +56,33 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
         run_study(cfg)
 
 
+def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_per_tolerance(tmp_path, tiny_checkpoint,
+                                                                                                cache):
+    """nfe=[5, 9]: each solver gets its most steps within each budget (Heun 2N − 1, Euler N, DPM-Solver-fast 3N − 5);
+    dpm_adaptive one point per rtol, its NFE the mean of each image's own count; options reach their solver, are
+    recorded in the rows, and a change of them is refused in the same folder."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
+    out = tmp_path / "budgets"
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun", "euler", "dpm_fast", "dpm_adaptive", "stochastic"], nfe=[5, 9],
+                      rtols=[0.2, 0.05], options={"stochastic": {"churn": 10.0}}, num_images=24, batch=16, out=str(out),
+                      dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
+    rows = run_study(cfg)
+    fixed = {(r["solver"], r["steps"], r["nfe"]) for r in rows if r["solver"] != "dpm_adaptive"}
+    assert fixed == {("heun", 3, 5), ("heun", 5, 9), ("euler", 5, 5), ("euler", 9, 9), ("dpm_fast", 3, 4),
+                     ("dpm_fast", 4, 7), ("stochastic", 3, 5), ("stochastic", 5, 9)}
+    assert all(r["options"] == {"churn": 10.0} for r in rows if r["solver"] == "stochastic")
+    adaptive = sorted((r["options"]["rtol"], r["nfe"]) for r in rows if r["solver"] == "dpm_adaptive")
+    assert [rtol for rtol, _ in adaptive] == [0.05, 0.2] and adaptive[0][1] > adaptive[1][1] > 4
+    assert sorted(p.name for p in (out / "points").glob("edm-dpm_adaptive-*")) == [
+        "edm-dpm_adaptive-rtol0.05.json", "edm-dpm_adaptive-rtol0.2.json"]
+    cfg.options = {"stochastic": {"churn": 20.0}}
+    with pytest.raises(ProvenanceError, match="options"):
+        run_study(cfg)
+    cfg.options = {"lms": {"order": 2}}
+    with pytest.raises(ValueError, match=r"options names solver\(s\) \['lms'\] that the study does not run"):
+        run_study(cfg)
+
+
 def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache):
     """teacher=MODEL adds that model's teacher_solvers x teacher_steps points (model "teacher") to the study of a
     consistency model; each model refuses the other kind's solvers."""
@@ -85,12 +112,15 @@ def test_the_nfe_study_command(tmp_path, tiny_checkpoint, cache):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
     out = tmp_path / "cli"
     cmd = [command("edm-study"), f"checkpoint={ckpt}", "dataset=digits",
-           "solvers=[euler]", "steps=[2,4]", "num_images=16", f"out={out}", "eval.fd_cls.classifier.steps=200",
+           "solvers=[euler,stochastic]", "steps=[2,4]", "num_images=16", f"out={out}", "eval.fd_cls.classifier.steps=200",
+           "+options.stochastic={churn: 5}",
            f"eval.fd_cls.cache_dir={cache}",
            "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 points" in proc.stdout and len(json.loads((out / "table.json").read_text())["rows"]) == 2
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert "4 points" in proc.stdout and len(rows) == 4
+    assert [r.get("options") for r in rows if r["solver"] == "stochastic"] == [{"churn": 5}] * 2
     proc = subprocess.run([command("edm-study"), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert "not FID" in proc.stdout and "solvers" in proc.stdout
 

@@ -100,8 +100,9 @@ class GuidedDenoiser(nn.Module):
     - Guidance interval (Kynkäänniemi et al. 2024): only σ ∈ (σ_lo, σ_hi] is guided; elsewhere
       the main denoiser alone runs, so the guide's evaluation is saved there.
 
-    w = 1 is the main denoiser exactly (no guide call). `evaluations` counts network evaluations
-    per image (main and guide), so a caller can report the NFE that guidance costs.
+    w = 1 is the main denoiser exactly (no guide call). `evaluations` counts network evaluations of
+    single images (main and guide; a call on B images adds B or 2B), so evaluations / images is the NFE
+    per image, guidance and solvers that evaluate a subset of the batch (dpm_adaptive) included.
     """
 
     def __init__(
@@ -137,14 +138,14 @@ class GuidedDenoiser(nn.Module):
     def forward(self, x_hat: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, **kwargs) -> Tensor:
         """The guided D(x̂; σ); keyword arguments (e.g. sigma_r, [B] tensors) go to both denoisers."""
         if self.weight == 1.0:  # no guidance: the main denoiser, without a host sync
-            self.evaluations += 1
+            self.evaluations += x_hat.shape[0]
             return self.denoiser(x_hat, sigma, class_labels, **kwargs)
         sigma = torch.as_tensor(sigma, dtype=x_hat.dtype, device=x_hat.device).expand(x_hat.shape[0])
         active = self.active(sigma)
         if not bool(active.any()):
-            self.evaluations += 1
+            self.evaluations += x_hat.shape[0]
             return self.denoiser(x_hat, sigma, class_labels, **kwargs)
-        self.evaluations += 2
+        self.evaluations += 2 * x_hat.shape[0]
         d, d_guide = self._guide(x_hat, sigma, class_labels, **kwargs)
         guided = d_guide + self.weight * (d - d_guide)
         return guided if bool(active.all()) else torch.where(active.view((-1,) + (1,) * (x_hat.ndim - 1)), guided, d)

@@ -3,8 +3,12 @@
 For a checkpoint, every (schedule, solver, steps) point generates the same seeds 0..N−1 and scores
 them with the metrics of edm.evaluation.scorers (eval.metrics; by default FD_cls, edm.evaluation.quality:
 offline, lower is better; FID too with local Inception weights). NFE is counted, not assumed: the
-network evaluations per image during one batch, the guide's included (unguided Heun: 2N − 1, Euler and
-DPM-Solver++(2M): N; guidance adds one per guided call).
+network evaluations per image over all images, the guide's included (unguided Heun: 2N − 1, Euler and
+DPM-Solver++(2M): N; guidance adds one per guided call; dpm_adaptive: each image's own count, averaged).
+With `nfe` budgets (e.g. nfe=[10,20,50]) each solver gets, per budget, the most steps whose counted NFE fits
+(counted once on a stand-in denoiser), so solvers of 1, 2 or 3 evaluations a step meet at the same budgets.
+An adaptive solver (dpm_adaptive) has one point per tolerance in `rtols` instead of one per step count;
+`options` gives a solver its options (e.g. options='{stochastic: {churn: 40, s_noise: 1.003}}').
 
     edm-study checkpoint=RUN_DIR solvers=[heun,euler,dpmpp_2m] steps=[2,4,8,16,32]
     edm-study checkpoint=ECT_RUN solvers=[consistency] steps=[1,2,4] teacher=RUN_DIR teacher_steps=[2,18]
@@ -26,12 +30,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from ..core.denoisers import GuidedDenoiser
-from ..core.samplers import SamplerConfig
+from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
 from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
@@ -61,6 +65,9 @@ class StudyConfig:
     ema: bool = True
     solvers: List[str] = field(default_factory=lambda: ["heun", "euler", "dpmpp_2m"])
     steps: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    nfe: List[int] = field(default_factory=list)  # NFE budgets: each solver's most steps within each (replaces steps)
+    rtols: List[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # an adaptive solver's points, for steps
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per solver, e.g. {stochastic: {churn: 40}}
     schedules: List[Optional[str]] = field(default_factory=lambda: [None])  # None = the checkpoint's own
     discretization: Optional[str] = None  # None = each schedule's own time grid
     num_images: int = 1000  # seeds 0 .. num_images − 1 at every point
@@ -89,9 +96,48 @@ class _Model:
     settings: list[SamplerConfig]
 
 
-def _point_name(model: str, schedule: Schedule, solver: str, steps: int) -> str:
+def _point_name(model: str, schedule: Schedule, settings: SamplerConfig) -> str:
     prefix = "" if model == "model" else f"{model}-"
-    return f"{prefix}{schedule.name}-{solver}-{steps:03d}"
+    if settings.solver in ADAPTIVE_SOLVERS:
+        return f"{prefix}{schedule.name}-{settings.solver}-rtol{settings.options['rtol']:g}"
+    return f"{prefix}{schedule.name}-{settings.solver}-{settings.num_steps:03d}"
+
+
+def evaluations_per_image(settings: SamplerConfig, schedule: Schedule) -> int:
+    """The NFE of `settings` for one image, counted on a stand-in denoiser (D = 0; a fixed-step solver's count does
+    not depend on D)."""
+    calls = []
+    stand_in = lambda x, sigma, labels=None, **kwargs: calls.append(1) or torch.zeros_like(x)  # noqa: E731
+    sample(stand_in, torch.zeros(1, 1, dtype=torch.float64), schedule, **settings.kwargs())
+    return len(calls)
+
+
+def steps_within(solver: str, budget: int, schedule: Schedule, options: dict, discretization: str | None) -> int:
+    """The most steps (≥ 1) of `solver` whose NFE per image is at most `budget`."""
+    steps = 1
+    while steps < budget and evaluations_per_image(
+            SamplerConfig(solver, steps + 1, discretization=discretization, options=options), schedule) <= budget:
+        steps += 1
+    return steps
+
+
+def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: Schedule) -> list[SamplerConfig]:
+    """One SamplerConfig per point: solvers × steps (or the steps that fit cfg.nfe), or × rtols for an adaptive
+    solver, with each solver's options."""
+    unknown = sorted(set(cfg.options) - set(solvers) - set(cfg.teacher_solvers if cfg.teacher else []))
+    if unknown:
+        raise ValueError(f"options names solver(s) {unknown} that the study does not run; its solvers are {solvers}")
+    settings = []
+    for solver in solvers:
+        options = dict(cfg.options.get(solver, {}))
+        if solver in ADAPTIVE_SOLVERS:
+            settings += [SamplerConfig(solver, 2, discretization=cfg.discretization, options={**options, "rtol": float(rtol)})
+                         for rtol in cfg.rtols]
+        else:
+            counts = steps if not cfg.nfe else sorted({steps_within(solver, budget, schedule, options, cfg.discretization)
+                                                       for budget in cfg.nfe})
+            settings += [SamplerConfig(solver, n, discretization=cfg.discretization, options=options) for n in counts]
+    return settings
 
 
 def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device) -> _Model:
@@ -103,8 +149,8 @@ def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: Stud
     guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
     counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
                                   ema=cfg.ema, device=device)
-    settings = [SamplerConfig(solver, n, discretization=cfg.discretization) for solver in solvers for n in steps]
-    return _Model(label, counting, info, settings), guide_info
+    schedule = model_schedule(info.schedule, "schedules=[NAME]") if cfg.schedules[0] is None else get(cfg.schedules[0])
+    return _Model(label, counting, info, _settings(solvers, steps, cfg, schedule)), guide_info
 
 
 def _score_point(
@@ -113,22 +159,23 @@ def _score_point(
 ) -> dict:
     """Generate seeds 0..N−1 at one point (quantized to uint8, as saved images are) and score them."""
     plan = plan_images(range(cfg.num_images), None, info.label_dim)
-    images, labels, nfe = [], [], None
+    images, labels = [], []
     start = time.time()
+    denoiser.evaluations = 0
     for batch in chunks(plan, cfg.batch):
-        denoiser.evaluations = 0
         with torch.no_grad():
             x, y = generate_batch(denoiser, batch, schedule, settings, info.img_shape, label_dim=info.label_dim,
                                   device=device)
-        nfe = denoiser.evaluations if nfe is None else nfe
         images.append(to_uint8(x).cpu())
         labels.append(y.cpu() if y is not None else None)
     seconds = time.time() - start
     x = torch.cat(images)
     y = None if labels[0] is None else torch.cat(labels)
+    nfe = denoiser.evaluations / len(x)  # per image, over all images
+    nfe = int(nfe) if nfe == int(nfe) else round(nfe, 2)
     row = {"model": label, "schedule": schedule.name, "solver": settings.solver, "steps": settings.num_steps, "nfe": nfe,
            "discretization": settings.discretization or schedule.default_discretization,
-           "seconds": round(seconds, 2)}
+           "seconds": round(seconds, 2), **({"options": settings.options} if settings.options else {})}
     for scorer in scorers.values():
         row.update(scorer(x, y))
     return row
@@ -175,7 +222,8 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   **metric_files(cfg.eval, cfg.eval.metrics),
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
                   "guidance_interval": cfg.guidance_interval,
-                  "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None}
+                  "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None,
+                  "options": to_container(cfg.options)}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
         claim(out, record, results, overwrite=cfg.overwrite)
         ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
@@ -203,7 +251,7 @@ def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedu
     rows = []
     bar = progress_bar(len(points), "NFE study", "point") if cfg.progress else None
     for m, schedule, s in points:
-        path = out / "points" / f"{_point_name(m.label, schedule, s.solver, s.num_steps)}.json"
+        path = out / "points" / f"{_point_name(m.label, schedule, s)}.json"
         if path.is_file():
             row = json.loads(path.read_text())
         else:
@@ -211,7 +259,7 @@ def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedu
             row["schedule_spec"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)
-        logger.info("%s %s %d steps: NFE %d, %s", row["schedule"], row["solver"], row["steps"], row["nfe"],
+        logger.info("%s %s %d steps: NFE %g, %s", row["schedule"], row["solver"], row["steps"], row["nfe"],
                     ", ".join(f"{name} {row[name]:.4g}" for name in scorers))
         if bar is not None:
             bar.update(1)
