@@ -13,7 +13,7 @@ edm-sample and edm-study read.
 
 --edm-draws order,noise replays edm-train's random draws for the same seed instead of the
 reference's own: `order` its data order (edm.data.StreamBatchSampler), `noise` its σ and n (its
-generator, seeded by edm.training.run.seed_streams, handed to EDMLoss in place of torch.randn).
+generator, seeded by edm.training.run.seed_draws, handed to EDMLoss in place of torch.randn).
 With both, the two loops see the same numbers, and --against CHECKPOINT (edm-train's, same seed
 and step) prints how far apart their weights ended.
 
@@ -44,11 +44,12 @@ from edm.training.config import TrainConfig
 from edm.files import to_container
 from edm.data import StreamBatchSampler, build_dataset, to_model_space
 from edm.models.nvlabs import convert_state_dict
-from edm.training.run import seed_streams
+from edm.training.run import seed_draws
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
-OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim")  # set by the reference's precond
+OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim",  # set by the reference's precond
+             "second_noise")  # MeanFlow's second noise input, which the reference's SongUNet lacks (refused when on)
 REFERENCE_PRECOND_KEYS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M")}  # taken from our precond spec
 EDM_DRAWS = ("order", "noise")  # edm-train's streams that --edm-draws can replay
 
@@ -76,15 +77,13 @@ def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_
 class EdmDraws:
     """edm-train's random draws for one process, replayed: its data order (`order`: StreamBatchSampler
     over the (seed, epoch) permutations) and its noise (`noise`: per step, edm.Loss draws u, then the
-    normal z of ln σ = P_mean + P_std·z, then n, from the generator that seed_streams seeds)."""
+    normal z of ln σ = P_mean + P_std·z, then n, from the generator that seed_draws seeds for the step's place in
+    the data stream)."""
 
     def __init__(self, streams: set[str], dataset: Any, loss: Any, seed: int, batch_size: int) -> None:
         self.streams, self.dataset, self.loss, self.batch_size = streams, dataset, loss, batch_size
         self.order = iter(StreamBatchSampler(len(dataset), seed, batch_size, batch_size))
-        self.generator = torch.Generator()
-        global_state = torch.get_rng_state()
-        seed_streams(self.generator, seed, rank=0)  # seeds the global RNG too: the reference's stays as it was
-        torch.set_rng_state(global_state)
+        self.generator, self.seed, self.nimg = torch.Generator(), seed, 0
 
     def images(self) -> torch.Tensor:
         """The next batch of edm-train's data order, as its loader stacks it (values in [0, 255])."""
@@ -92,6 +91,10 @@ class EdmDraws:
 
     def draw(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z [B], n) as edm.Loss draws them for y; checked against the library's own σ draw."""
+        global_state = torch.get_rng_state()
+        seed_draws(self.generator, self.seed, self.nimg)  # seeds the global RNG too: the reference's stays as it was
+        torch.set_rng_state(global_state)
+        self.nimg += y.shape[0]
         probe = torch.Generator().set_state(self.generator.get_state())
         sigma = self.loss.sample_sigma(y.shape[0], generator=probe)
         torch.rand(y.shape[0], generator=self.generator)
@@ -152,6 +155,7 @@ def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> N
         "dataset.cond": bool(cfg.dataset.cond), "augment.p": cfg.augment.p > 0,
         "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
         "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),
+        "network.second_noise": bool(spec["network"].get("second_noise")),
     }
     named = [key for key, bad in unsupported.items() if bad]
     if named:
