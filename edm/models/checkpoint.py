@@ -5,7 +5,7 @@ A training checkpoint holds (at least):
   "schedule": {"name": ..., **schedule options}
   "model", "ema": state_dicts of the Precond module (raw and EMA weights)
   "config": the resolved training config as plain containers
-  plus training state for resume ("optimizer", "step", "cur_nimg", "rng", ...).
+  plus training state for resume ("optimizer", "step", "cur_nimg", "processes", "batch_per_device", ...).
 Files are named checkpoint-<step>.pt; `find_latest` picks the highest step and never a
 temporary file, so a crash during a write leaves the previous checkpoint in charge.
 """

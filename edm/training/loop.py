@@ -35,7 +35,7 @@ from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
 from .run import (
-    Run, RunDirError, RunState, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_streams,
+    Run, RunDirError, RunState, micro_batch_size, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_draws,
     trim_metrics,
 )
 from .runlog import (
@@ -147,9 +147,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, accelerator.device)
     model, optimizer = accelerator.prepare(net, optimizer)
     ema.to(accelerator.device)
-    rank = accelerator.process_index
-    generator = torch.Generator(accelerator.device)
-    seed_streams(generator, cfg.seed, rank)
+    generator = torch.Generator(accelerator.device)  # seeded per micro-batch (seed_draws)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
     loss = with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd" else resolved.loss
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
@@ -181,8 +179,7 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def _batches(run: Run, micro_batch: int):
-    """Endless (y in [−1, 1], one-hot labels or None, augmentation labels or None, indices)
-    micro-batches on the device; augmented (cfg.augment) with the run's generator."""
+    """Endless (y in [−1, 1], one-hot labels or None, indices) micro-batches on the device."""
     acc, cfg = run.accelerator, run.cfg
     sampler = StreamBatchSampler(
         len(run.dataset), cfg.seed, cfg.batch_size, micro_batch, acc.process_index, acc.num_processes,
@@ -197,10 +194,20 @@ def _batches(run: Run, micro_batch: int):
         if cfg.channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         labels = labels.to(acc.device, non_blocking=True) if labels.shape[1] > 0 else None
-        augment_labels = None
-        if cfg.augment.p > 0:
-            y, augment_labels = augment(y, cfg.augment, run.generator)
-        yield y, labels, augment_labels, indices
+        yield y, labels, indices
+
+
+def _augmented(run: Run, micro_batches: list, positions: list[int]) -> list:
+    """(y, labels, augmentation labels or None) per micro-batch, augmented (cfg.augment) with draws seeded by each
+    micro-batch's place in the data stream."""
+    if run.cfg.augment.p <= 0:
+        return [(y, labels, None) for y, labels, _ in micro_batches]
+    out = []
+    for (y, labels, _), position in zip(micro_batches, positions):
+        seed_draws(run.generator, run.cfg.seed, position, "augment")
+        y, augment_labels = augment(y, run.cfg.augment, run.generator)
+        out.append((y, labels, augment_labels))
+    return out
 
 
 def train(
@@ -220,8 +227,8 @@ def train(
 def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     """The steps from run.state to total_kimg, with logging, checkpoints, grids and stop requests."""
     cfg, acc, state = run.cfg, run.accelerator, run.state
-    world = acc.num_processes
-    micro = cfg.batch_per_device or cfg.batch_size // world
+    world, rank = acc.num_processes, acc.process_index
+    micro = micro_batch_size(cfg, world)
     if cfg.batch_size % (micro * world) != 0:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of batch_per_device ({micro}) x processes ({world})")
     accum = cfg.batch_size // (micro * world)
@@ -257,8 +264,10 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                     for i, (*_, indices) in enumerate(micro_batches):
                         indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
                 lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
-                loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer, [batch[:3] for batch in micro_batches],
-                                  acc, run.generator, lr, cfg.grad_clip)
+                positions = [state.cur_nimg + (a * world + rank) * micro for a in range(accum)]  # StreamBatchSampler's
+                loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer,
+                                  _augmented(run, micro_batches, positions), acc, run.generator, lr, cfg.grad_clip,
+                                  seed_draws=lambda a: seed_draws(run.generator, cfg.seed, positions[a]))
                 beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
                 update_ema(run.ema, run.net, beta)
                 state.step += 1

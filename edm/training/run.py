@@ -29,7 +29,7 @@ from .config import LossConfig, TrainConfig
 from .phema import PowerEMA, snapshot_path, write_snapshot
 
 __all__ = [
-    "RunState", "Run", "RunDirError", "stream_seed", "seed_streams", "rng_state", "set_rng_state", "restore",
+    "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "restore",
     "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics",
 ]
 
@@ -99,33 +99,27 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def stream_seed(seed: int, stream: str, rank: int, step: int = 0) -> int:
-    """The 63-bit seed of one random stream of process `rank`, started at `step`: BLAKE2b of
-    (seed, stream, rank, step). Distinct streams, processes and runs never share a seed, and none
-    equals a data permutation's small seed (edm.data.epoch_permutation), as a linear formula can:
-    seed·7919 + 1 + rank would be 1 for seed 0, the seed of its P_1."""
-    digest = hashlib.blake2b(f"edm/{int(seed)}/{stream}/{int(rank)}/{int(step)}".encode(), digest_size=8).digest()
+def stream_seed(seed: int, stream: str, index: int, step: int = 0) -> int:
+    """The 63-bit seed of one random stream: BLAKE2b of (seed, stream, index, step). Distinct streams and runs never
+    share a seed, and none equals a data permutation's small seed (edm.data.epoch_permutation), as a linear formula
+    can: seed·7919 + 1 + index would be 1 for seed 0, the seed of its P_1."""
+    digest = hashlib.blake2b(f"edm/{int(seed)}/{stream}/{int(index)}/{int(step)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63)
 
 
-def seed_streams(generator: torch.Generator, seed: int, rank: int, step: int = 0) -> None:
-    """Seed the training generator and the global RNG (CPU and CUDA) from their own streams: with one
-    seed for both, dropout masks would reuse the bits of σ and n (on CUDA the same Philox sequence)."""
-    generator.manual_seed(stream_seed(seed, "noise", rank, step))
-    torch.manual_seed(stream_seed(seed, "global", rank, step))
+def seed_draws(generator: torch.Generator, seed: int, position: int, stream: str = "noise") -> None:
+    """Seed the random draws of the micro-batch that starts at `position` of the run's data stream (the images
+    drawn before it, whatever the number of processes): "noise" seeds the training generator (σ, n) and the global
+    RNG (dropout) from their own streams, "augment" the training generator for the augmentation. So a micro-batch of
+    the same place and size draws the same numbers in any process layout, and on resume."""
+    generator.manual_seed(stream_seed(seed, stream, position))
+    if stream == "noise":
+        torch.manual_seed(stream_seed(seed, "global", position))
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """This process's random state: the global CPU/CUDA RNGs and the training-noise generator."""
-    cuda = torch.cuda.get_rng_state() if generator.device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "generator": generator.get_state()}
-
-
-def set_rng_state(generator: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and generator.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"])
-    generator.set_state(state["generator"])
+def micro_batch_size(cfg: TrainConfig, world: int) -> int:
+    """Images per micro-batch: batch_per_device, else batch_size / processes."""
+    return cfg.batch_per_device or cfg.batch_size // world
 
 
 def _differences(saved: Any, ours: Any) -> list[str]:
@@ -133,15 +127,16 @@ def _differences(saved: Any, ours: Any) -> list[str]:
     return [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in differences(saved, ours)]
 
 
-# Training settings a resume may not change: the loss (what is optimized), the data set, and the
-# seed (the data order and every random stream), so the resumed run would not continue the saved
-# one. Loss, network, precond and schedule are compared as resolved specs.
-RESUME_FIXED = ("seed", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
+# Training settings a resume may not change: the loss (what is optimized), the data set, the seed (the data
+# order and every random stream) and the global batch (the data order and the EMA), so the resumed run would not
+# continue the saved one. Loss, network, precond and schedule are compared as resolved specs.
+RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
                 "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.",
                 "meanflow.")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
+               "batch_per_device",
                "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
 
 
@@ -175,7 +170,7 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained with another loss, data set or seed "
+            f"checkpoint {path} was trained with another loss, data set, seed or global batch "
             f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
         )
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
@@ -186,9 +181,10 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
 
 
 def restore(run: Run, path: Path) -> None:
-    """Load model, EMA, optimizer, counters and this process's RNG state from checkpoint `path`."""
+    """Load model, EMA, optimizer and counters from checkpoint `path`; the random draws continue by position
+    (seed_draws), and one line says whether the process layout changed them."""
     state = ckpt.load_checkpoint(path)
-    for key in ("optimizer", "step", "cur_nimg", "rng"):
+    for key in ("optimizer", "step", "cur_nimg"):
         if key not in state:
             raise ckpt.CheckpointError(f"checkpoint {path} has no {key!r}: it holds weights only and cannot be resumed")
     saved = {"network": resolved_network(state["denoiser"]["network"]),
@@ -220,14 +216,22 @@ def restore(run: Run, path: Path) -> None:
     if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["grad_scaler"])
     run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
-    per_rank = state["rng"]
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    if len(per_rank) == world:
-        set_rng_state(run.generator, per_rank[rank])
-    else:
-        logger.warning("checkpoint was written by %d processes, this run has %d: random streams are re-seeded", len(per_rank), world)
-        seed_streams(run.generator, run.cfg.seed, rank, run.state.step)
+    log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
     logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
+
+
+def log_layout_change(state: dict, world: int, micro: int) -> None:
+    """One log line when a run resumes on another number of processes or micro-batch size than its checkpoint's."""
+    saved_world, saved_micro = state.get("processes"), state.get("batch_per_device")
+    if (saved_world, saved_micro) == (world, micro) or saved_world is None:
+        return
+    layout = f"{world} process(es) x {micro} images per micro-batch (the checkpoint: {saved_world} x {saved_micro})"
+    if saved_micro == micro:
+        logger.info("continuing on %s: the same global batch, data order and draws (each micro-batch's σ, n, dropout and "
+                    "augmentation are seeded by its place in the data stream); only reduction order differs", layout)
+    else:
+        logger.warning("continuing on %s: the same global batch and data order; σ, n, dropout and augmentation are drawn "
+                       "per micro-batch, so from here on they differ from the saved run's", layout)
 
 
 def save_snapshot(run: Run) -> Path:
@@ -243,10 +247,7 @@ def save_snapshot(run: Run) -> Path:
 
 def save_checkpoint(run: Run) -> Path:
     """Write run_dir/checkpoint-<step>.pt atomically (main process) and prune old ones; every
-    process must call this (the per-process RNG states are gathered)."""
-    from accelerate.utils import gather_object
-
-    rng = gather_object([rng_state(run.generator)])
+    process must call this (they wait for the file)."""
     path = ckpt.checkpoint_path(run.run_dir, run.state.step)
     if run.is_main:
         scaler = run.accelerator.scaler
@@ -262,7 +263,8 @@ def save_checkpoint(run: Run) -> Path:
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "step": run.state.step,
             "cur_nimg": run.state.cur_nimg,
-            "rng": rng,
+            "processes": run.accelerator.num_processes,
+            "batch_per_device": micro_batch_size(run.cfg, run.accelerator.num_processes),
             "config": to_container(run.cfg),
             "dataset_size": len(run.dataset),
             "resumes": run.resumes,

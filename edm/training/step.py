@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +44,12 @@ def train_step(
     generator: torch.Generator,
     lr: float,
     grad_clip: float | None = None,
+    seed_draws: Callable[[int], None] | None = None,
 ) -> Tensor:
     """One optimizer step on the global batch, split into micro-batches (gradient accumulation).
 
-    Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels). Optimizes
+    Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels); `seed_draws(i)` (if given) seeds
+    the draws of micro-batch i (σ, n from `generator`, dropout from the global RNG) before its loss. Optimizes
     mean_batch(λ‖D − y‖²), gradients averaged over micro-batches and processes. Returns that
     objective per pixel, mean_batch(λ‖D − y‖²) / (C·H·W), as a device tensor (no host sync).
     """
@@ -56,6 +58,8 @@ def train_step(
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (y, labels, *augment_labels) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        if seed_draws is not None:
+            seed_draws(i)
         kwargs = {"augment_labels": augment_labels[0]} if augment_labels and augment_labels[0] is not None else {}
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             objective = loss_fn(model, y, labels, generator=generator, **kwargs).mean()
