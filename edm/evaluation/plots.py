@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 from ..files import atomic_write
 
-__all__ = ["LOSS_CURVE_NAME", "plot_loss_curve", "plot_score_vs_nfe", "plot_paired_scores"]
+__all__ = ["LOSS_CURVE_NAME", "plot_loss_curve", "plot_score_vs_nfe", "plot_studies", "plot_paired_scores"]
 
 LOSS_CURVE_NAME = "loss.png"  # beside samples-final.png in a run folder
 
@@ -57,25 +57,64 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def plot_score_vs_nfe(
-    rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver", title: str = ""
-) -> Path:
-    """score against NFE (log x; log y too where the scores span more than 20×), one line per value of `series`
-    (e.g. solver), from table rows."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _draw_score_vs_nfe(ax, rows: Sequence[Mapping], score: str, series: str, styles: Mapping[str, dict]) -> None:
+    """One line per value of `series` on `ax`: score against NFE (log x at 1, 2, 5, 10, ...; log y where the scores
+    span > 20×)."""
+    from matplotlib import ticker
+
     for name in dict.fromkeys(str(r[series]) for r in rows):
         points = sorted((r["nfe"], r[score]) for r in rows if str(r[series]) == name)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **styles[name])
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     values = [r[score] for r in rows if r[score] > 0]
     if values and max(values) > 20 * min(values):  # few-step points beside many-step ones: a log scale shows both
         ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations per image)")
     ax.set_ylabel(score)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
+
+
+def _styles(names: Sequence[str]) -> dict[str, dict]:
+    """A colour and marker per series: the default cycle up to 10, tab20 with four markers beyond."""
+    import matplotlib
+
+    names = list(dict.fromkeys(names))
+    if len(names) <= 10:
+        return {name: {"marker": "o", "color": f"C{i}"} for i, name in enumerate(names)}
+    colors = matplotlib.colormaps["tab20"].colors
+    return {name: {"marker": "osD^"[i % 4], "color": colors[i % 20], "markersize": 4, "lw": 1.2}
+            for i, name in enumerate(names)}
+
+
+def plot_score_vs_nfe(
+    rows: Sequence[Mapping], path: str | Path, *, score: str, series: str = "solver", title: str = ""
+) -> Path:
+    """score against NFE (log x; log y too where the scores span more than 20×), one line per value of `series`
+    (e.g. solver), from table rows; with more than 10 lines the legend goes beside the plot."""
+    return plot_studies({title: rows}, path, score=score, series=series)
+
+
+def plot_studies(
+    studies: Mapping[str, Sequence[Mapping]], path: str | Path, *, score: str, series: str = "solver"
+) -> Path:
+    """One panel per study (title -> table rows), score against NFE, the same colour per series in every panel
+    and one legend: e.g. every solver on an EDM and a flow-matching model side by side."""
+    plt = _figure()
+    styles = _styles([str(r[series]) for rows in studies.values() for r in rows])
+    many = len(styles) > 10
+    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies) + (2 if many else 0), 4), squeeze=False,
+                             sharey=False)
+    for ax, (title, rows) in zip(axes[0], studies.items()):
+        _draw_score_vs_nfe(ax, rows, score, series, styles)
+        ax.set_title(title, fontsize=9)
+    if many or len(studies) > 1:
+        handles = [plt.Line2D([], [], **style) for style in styles.values()]
+        fig.legend(handles, list(styles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    else:
+        axes[0][0].legend()
     try:
         return _save(fig, Path(path))
     finally:

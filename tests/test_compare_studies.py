@@ -1,0 +1,49 @@
+"""scripts/compare_studies.py and edm.evaluation.plots.plot_studies: several edm-study tables side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+
+
+def _study(folder, rows):
+    folder.mkdir()
+    (folder / "table.json").write_text(json.dumps({"rows": rows}))
+    return folder
+
+
+def _row(solver, nfe, score, **options):
+    return {"solver": solver, "nfe": nfe, "fd_cls": score, **({"options": options} if options else {})}
+
+
+def test_the_table_puts_each_point_under_the_budget_it_fits_and_the_figure_has_a_panel_per_study(tmp_path):
+    """A cell is the point with the most NFE in (the budget before, budget]; adaptive points get a row per tolerance;
+    with 17 solvers and two studies the figure is one PNG with the legend beside it."""
+    compare = load_script("compare_studies")
+    edm = _study(tmp_path / "edm", [_row("heun", 9, 30.0), _row("heun", 19, 12.0), _row("heun", 49, 4.0),
+                                    _row("euler", 10, 40.0), _row("dpm_adaptive", 31.5, 5.5, rtol=0.05)])
+    fm = _study(tmp_path / "fm", [_row("heun", 9, 20.0), _row("euler", 10, 25.0), _row("euler", 20, 11.0)]
+                + [_row(f"solver{i}", 10, float(i)) for i in range(15)])
+    figure = tmp_path / "both.png"
+    table = compare.main(["--study", f"EDM={edm}", "--study", f"FM={fm}", "--nfe", "10", "20", "50",
+                          "--figure", str(figure)])
+    lines = table.splitlines()
+    assert lines[0] == "| solver | EDM, NFE ≤ 10 | EDM, NFE ≤ 20 | EDM, NFE ≤ 50 | FM, NFE ≤ 10 | FM, NFE ≤ 20 | FM, NFE ≤ 50 |"
+    assert "| `heun` | 30.000 (9) | 12.000 (19) | 4.000 (49) | 20.000 (9) | – | – |" in lines
+    assert "| `euler` | 40.000 (10) | – | – | 25.000 (10) | 11.000 (20) | – |" in lines
+    assert "| `dpm_adaptive (rtol 0.05)` | – | – | 5.500 (31.5) | – | – | – |" in lines
+    from PIL import Image
+
+    assert Image.open(figure).format == "PNG" and Image.open(figure).size[0] > Image.open(figure).size[1] * 2
+
+
+def test_a_folder_without_a_table_or_metric_is_named(tmp_path):
+    compare = load_script("compare_studies")
+    with pytest.raises(SystemExit, match="is not an edm-study table"):
+        compare.main(["--study", f"A={tmp_path}"])
+    folder = _study(tmp_path / "a", [_row("heun", 9, 1.0)])
+    with pytest.raises(SystemExit):
+        compare.main(["--study", f"A={folder}", "--metric", "fid"])
