@@ -302,3 +302,32 @@ def power_run(tiny_train, run_dir, *extra):
 
     return train(compose("train", [*tiny_train, f"run_dir={run_dir}", "total_kimg=0.064", "ema_sigma_rel=[0.05,0.1]",
                                    "ema_snapshot_kimg=0.016", *extra]))
+
+
+# ----------------------------------------------------------------------------- the samplers' test problems
+# (defined in tests/test_samplers.py; fixtures here so that every solver test module shares them)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """(the ideal denoiser of 8 points in 3-D, the points, 8 noise vectors): the ODE problem of the solver tests."""
+    from test_samplers import make_problem
+
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    """x̂(σ = 0.5) from σ = 80 by RK4 on that problem: what the solvers' orders are measured against."""
+    from test_samplers import SIGMA_END, SIGMA_MAX, rk4_reference
+
+    den, _, noise = problem
+    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
+
+
+@pytest.fixture(scope="module")
+def gaussian_data():
+    """64 points of a correlated 2-D Gaussian: the data set of the SDE tests."""
+    from test_samplers import make_gaussian_data
+
+    return make_gaussian_data()

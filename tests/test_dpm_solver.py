@@ -13,7 +13,7 @@ import torch
 import edm
 from edm.core.samplers import _dpm_solver_step
 
-from test_samplers import SIGMA_END, SIGMA_MAX, make_gaussian_data, make_problem, rk4_reference
+from test_samplers import SIGMA_END, SIGMA_MAX, make_gaussian_data, rk4_reference
 
 F64 = torch.float64
 
@@ -86,11 +86,6 @@ class _KDiffusionDPMSolver:
                 rejects += 1
             h *= factor
         return x, rejects
-
-
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
 
 
 def _model(den):

@@ -13,7 +13,7 @@ import torch
 
 import edm
 
-from test_samplers import SIGMA_END, SIGMA_MAX, grid_for, make_gaussian_data, make_problem, rk4_reference
+from test_samplers import measured_order
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
@@ -183,22 +183,6 @@ REFERENCES = {
 }
 
 
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
-@pytest.fixture(scope="module")
-def reference(problem):
-    den, _, noise = problem
-    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
-
-
-@pytest.fixture(scope="module")
-def gaussian_data():
-    return make_gaussian_data()
-
-
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, name):
     """s = 1 (VE): our solver in x̂ is k-diffusion's, draw for draw from one generator, to float64 round-off."""
@@ -214,14 +198,6 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
 
 
-def _error(problem, reference, name, solver, num_steps, **options):
-    den, _, noise = problem
-    sched = edm.schedules.get(name)
-    t = grid_for(sched, num_steps)
-    _, traj = edm.sample(den, noise, sched, t_steps=t, solver=solver, return_trajectory=True, **options)
-    return (traj[-2] / sched.scale(t[-2]) - reference).norm().item() / reference.norm().item()
-
-
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("solver, options, band", [
     ("dpm_2", {}, (1.8, 2.4)),
@@ -231,11 +207,8 @@ def _error(problem, reference, name, solver, num_steps, **options):
     ("dpmpp_3m_sde", {"eta": 0.0}, (2.2, 3.3)),
 ])
 def test_orders_of_the_deterministic_solvers(problem, reference, name, solver, options, band):
-    steps = [16, 32, 64, 128]
-    errors = [_error(problem, reference, name, solver, n, **options) for n in steps]
-    x, y = torch.tensor(steps, dtype=F64).log(), torch.tensor(errors, dtype=F64).log()
-    slope = -((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    assert band[0] < slope.item() < band[1], (errors, slope.item())
+    slope, errors = measured_order(problem, reference, name, solver, **options)
+    assert band[0] < slope < band[1], (errors, slope)
 
 
 def test_lms_coefficients_integrate_polynomials_exactly():

@@ -26,11 +26,6 @@ def make_problem():
     return edm.IdealDenoiser(data), data, noise
 
 
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
 def rk4_reference(den, x_hat, sigma_from, sigma_to, steps=200):
     """x̂(σ_to) from x̂(σ_from) by RK4 on dx̂/du = x̂ − D(x̂; e^u), u = ln σ."""
     f = lambda x, u: x - den(x, torch.exp(u).expand(x.shape[0]))  # noqa: E731
@@ -45,16 +40,17 @@ def rk4_reference(den, x_hat, sigma_from, sigma_to, steps=200):
     return x_hat
 
 
-@pytest.fixture(scope="module")
-def reference(problem):
-    den, _, noise = problem
-    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
-
-
 def grid_for(sched, num_steps, sigma_min=SIGMA_END, sigma_max=SIGMA_MAX):
     """The same ρ = 7 σ grid expressed in each schedule's own time t, ending with t = 0."""
     sigma = edm.schedules.karras_sigma(EDM(sigma_min=sigma_min, sigma_max=sigma_max), num_steps)
     return torch.cat([sched.sigma_inv(sigma), torch.zeros(1, dtype=F64)])
+
+
+def measured_order(problem, reference, name, solver, steps=(16, 32, 64, 128), **options) -> tuple[float, list[float]]:
+    """(slope of −log(error) against log(steps), the errors) at the last nonzero time over `steps`."""
+    errors = [error_at_last_nonzero_time(problem, reference, name, solver, n, **options) for n in steps]
+    x, y = torch.tensor(steps, dtype=F64).log(), torch.tensor(errors, dtype=F64).log()
+    return float(-((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()), errors
 
 
 def error_at_last_nonzero_time(problem, reference, name, solver, num_steps, **options):
@@ -76,12 +72,8 @@ def test_ode_solvers_converge_to_reference(problem, reference, name, solver, tol
 @pytest.mark.parametrize("solver, band", [("euler", (0.85, 1.25)), ("heun", (1.8, 2.4)), ("dpmpp_2m", (1.8, 2.5))])
 def test_order_of_convergence(problem, reference, name, solver, band):
     """Slope of log(error) against log(steps) as steps double: ≈ 1 for Euler, ≈ 2 for Heun and DPM-Solver++(2M)."""
-    steps = [16, 32, 64, 128]
-    errors = [error_at_last_nonzero_time(problem, reference, name, solver, n) for n in steps]
-    x = torch.tensor(steps, dtype=F64).log()
-    y = torch.tensor(errors, dtype=F64).log()
-    slope = -((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    assert band[0] < slope.item() < band[1], (errors, slope.item())
+    slope, errors = measured_order(problem, reference, name, solver)
+    assert band[0] < slope < band[1], (errors, slope)
 
 
 def test_all_schedules_reach_the_same_endpoint(problem):
@@ -113,11 +105,6 @@ def make_gaussian_data():
     g = torch.Generator().manual_seed(3)
     chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]], dtype=F64)
     return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
-
-
-@pytest.fixture(scope="module")
-def gaussian_data():
-    return make_gaussian_data()
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -15,7 +15,7 @@ import torch
 import edm
 from edm.core.samplers import deis_coefficients, unipc_coefficients
 
-from test_samplers import SIGMA_END, SIGMA_MAX, grid_for, make_problem, rk4_reference
+from test_samplers import measured_order
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
@@ -114,17 +114,6 @@ def ref_deis(model, x, sigmas, order=2, lower_order_final=True):
     return torch.stack(frames)
 
 
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
-@pytest.fixture(scope="module")
-def reference(problem):
-    den, _, noise = problem
-    return rk4_reference(den, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_END)
-
-
 CASES = {
     "unipc-1": ("unipc", ref_unipc, {"order": 1}), "unipc-2": ("unipc", ref_unipc, {"order": 2}),
     "unipc-3": ("unipc", ref_unipc, {"order": 3}), "unipc-2-bh1": ("unipc", ref_unipc, {"order": 2, "variant": "bh1"}),
@@ -150,14 +139,6 @@ def test_each_solver_equals_diffusers_formula_on_the_ve_schedule(problem, case, 
     torch.testing.assert_close(traj[1:], ref(model, sigmas[0] * noise, sigmas, **options), rtol=1e-9, atol=1e-9)
 
 
-def _error(problem, reference, name, solver, num_steps, **options):
-    den, _, noise = problem
-    sched = edm.schedules.get(name)
-    t = grid_for(sched, num_steps)
-    _, traj = edm.sample(den, noise, sched, t_steps=t, solver=solver, return_trajectory=True, **options)
-    return (traj[-2] / sched.scale(t[-2]) - reference).norm().item() / reference.norm().item()
-
-
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("solver, options, band", [
     ("deis", {"order": 1}, (0.9, 1.2)),  # DDIM
@@ -168,11 +149,8 @@ def _error(problem, reference, name, solver, num_steps, **options):
     ("unipc", {"order": 2, "corrector": False, "lower_order_final": False}, (1.9, 2.4)),  # UniP-p alone: order p
 ])
 def test_orders_of_unipc_and_deis(problem, reference, name, solver, options, band):
-    steps = [16, 32, 64, 128]
-    errors = [_error(problem, reference, name, solver, n, **options) for n in steps]
-    x, y = torch.tensor(steps, dtype=F64).log(), torch.tensor(errors, dtype=F64).log()
-    slope = -((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    assert band[0] < slope.item() < band[1], (errors, slope.item())
+    slope, errors = measured_order(problem, reference, name, solver, **options)
+    assert band[0] < slope < band[1], (errors, slope)
 
 
 def test_deis_coefficients_integrate_polynomials_in_log_sigma_exactly():

@@ -587,8 +587,8 @@ def _dpm_solver_step(
 
 def _eps(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
     """ε(x̂, σ) = (x̂ − D(x̂; σ))/σ with σ 0-d or one per item (shaped to broadcast against x̂)."""
-    flat = sigma.reshape(-1).expand(x_hat.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
-    return (x_hat - denoiser(x_hat, flat.to(x_hat.dtype), class_labels).to(x_hat.dtype)) / sigma
+    return (x_hat - _at(denoiser, x_hat, sigma.reshape(-1).squeeze(0) if sigma.numel() == 1 else sigma.reshape(-1),
+                        class_labels)) / sigma
 
 
 def dpm_fast(
