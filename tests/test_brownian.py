@@ -42,7 +42,8 @@ def test_one_seed_is_one_path_whatever_is_queried():
     assert torch.equal(tree(0.0), torch.zeros(4000, 3, dtype=F64))
 
 
-@pytest.mark.parametrize("solver, options", [("euler_ancestral", {}), ("dpmpp_2m_sde", {}), ("euler_maruyama", {})])
+@pytest.mark.parametrize("solver, options", [("euler_ancestral", {}), ("dpmpp_2m_sde", {}), ("euler_maruyama", {}),
+                                             ("dpm_fast", {"eta": 1.0})])
 def test_refining_the_grid_converges_to_one_sample_with_brownian_noise(solver, options):
     """Gaussian data (its exact denoiser), the same seeds at 32, 64, ..., 512 steps: with Brownian-tree noise the
     samples approach one another as the grid is refined (the strong error of the scheme falls); with fresh noise per
