@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     studies = {}
     for item in args.study:
-        title, sep, folder = item.partition("=")
+        title, sep, folder = item.rpartition("=")
         if not sep:
             parser.error(f"--study takes TITLE=OUT, got {item!r}")
         studies[title] = read_study(folder)
