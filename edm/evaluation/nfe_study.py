@@ -259,7 +259,8 @@ def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedu
             row["schedule_spec"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)
-        logger.info("%s %s %d steps: NFE %g, %s", row["schedule"], row["solver"], row["steps"], row["nfe"],
+        options = "".join(f" {key}={value}" for key, value in (row.get("options") or {}).items())
+        logger.info("%s %s%s %d steps: NFE %g, %s", row["schedule"], row["solver"], options, row["steps"], row["nfe"],
                     ", ".join(f"{name} {row[name]:.4g}" for name in scorers))
         if bar is not None:
             bar.update(1)
