@@ -92,7 +92,7 @@ def test_the_training_draws_are_independent_of_each_other_of_the_data_and_across
     within 4/√N of 0 (N = 12,800 pairs): a shared or reused seed makes one of them ~1."""
     from statistics import NormalDist
 
-    from edm.data import StreamBatchSampler
+    from edm.data import StreamBatchSampler, micro_batch_start
     from edm.training.run import seed_draws
 
     loss, steps, micro, world = edm.Loss(edm.schedules.EDM()), 400, 32, 2
@@ -102,7 +102,7 @@ def test_the_training_draws_are_independent_of_each_other_of_the_data_and_across
         order = iter(StreamBatchSampler(60_000, 0, micro * world, micro, rank, world))
         zs, ns, fs, ix = [], [], [], []
         for step in range(steps):
-            seed_draws(generator, 0, step * micro * world + rank * micro)
+            seed_draws(generator, 0, micro_batch_start(step * micro * world, 0, rank, world, micro))
             sigma = loss.sample_sigma(micro, generator=generator)
             noise = torch.randn((micro, 1, 16, 16), generator=generator)
             zs.append((sigma.log() - loss.P_mean) / loss.P_std)

@@ -587,8 +587,7 @@ def _dpm_solver_step(
 
 def _eps(denoiser: Denoiser, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
     """ε(x̂, σ) = (x̂ − D(x̂; σ))/σ with σ 0-d or one per item (shaped to broadcast against x̂)."""
-    return (x_hat - _at(denoiser, x_hat, sigma.reshape(-1).squeeze(0) if sigma.numel() == 1 else sigma.reshape(-1),
-                        class_labels)) / sigma
+    return (x_hat - _at(denoiser, x_hat, sigma.reshape(-1), class_labels)) / sigma
 
 
 def dpm_fast(
@@ -612,11 +611,9 @@ def dpm_fast(
     def step(i, x_hat, sigma, sigma_next, last):
         if last:
             return _at(denoiser, x_hat, sigma, class_labels)
-        if not eta:
-            return _dpm_solver_step(eps_at, x_hat, eps_at(x_hat, sigma), sigma, sigma_next, orders[i])[0]
-        down = torch.maximum(sigma_end, ancestral_step(sigma, sigma_next, eta)[0])
+        down = torch.maximum(sigma_end, ancestral_step(sigma, sigma_next, eta)[0]) if eta else sigma_next
         x_hat = _dpm_solver_step(eps_at, x_hat, eps_at(x_hat, sigma), sigma, down, orders[i])[0]
-        return x_hat + s_noise * (sigma_next**2 - down**2).sqrt() * noise(sigma, sigma_next)
+        return x_hat + s_noise * (sigma_next**2 - down**2).sqrt() * noise(sigma, sigma_next) if eta else x_hat
 
     return _in_sigma(x, t_steps, schedule, callback, step)
 
@@ -639,7 +636,8 @@ def dpm_adaptive(
     if not (rtol > 0 and atol > 0 and h_init > 0):
         raise ValueError(f"dpm_adaptive: rtol, atol and h_init must be positive, got {rtol}, {atol}, {h_init}")
     batch, view = x.shape[0], (-1,) + (1,) * (x.ndim - 1)
-    b = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64) / order
+    b = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64, device=x.device) / order
+    atol_floor = torch.tensor(atol, dtype=x.dtype, device=x.device)
     h = torch.full((batch,), float(h_init), dtype=torch.float64, device=x.device)
     inverse_errors = torch.full((batch, 3), math.nan, dtype=torch.float64, device=x.device)  # 1/E of the last accepted
     state: dict[str, Tensor] = {}  # x̂_prev, ε at each image's current point and whether it is fresh, across stops
@@ -666,13 +664,12 @@ def dpm_adaptive(
             sigma_a, sigma_b = torch.exp(-lam[active]).view(view), torch.exp(-lam_next).view(view)
             eps_at = lambda u, sigma_k: _eps(denoiser, u, sigma_k, labels(active))  # noqa: E731
             high, low = _dpm_solver_step(eps_at, x_hat[active], eps[active], sigma_a, sigma_b, order)
-            delta = torch.maximum(torch.tensor(atol, dtype=x.dtype, device=x.device),
-                                  rtol * torch.maximum(low.abs(), x_prev[active].abs()))
+            delta = torch.maximum(atol_floor, rtol * torch.maximum(low.abs(), x_prev[active].abs()))
             error = ((low - high) / delta).flatten(1).norm(dim=1).double() / math.sqrt(x[0].numel())
             errors = inverse_errors[active]
             errors[:, 0] = 1 / (error + 1e-8)
             errors[:, 1:] = torch.where(errors[:, 1:].isnan(), errors[:, :1], errors[:, 1:])
-            factor = 1 + torch.atan((errors.log() @ b.to(errors.device)).exp() - 1)
+            factor = 1 + torch.atan((errors.log() @ b).exp() - 1)
             accept = factor >= accept_safety
             errors[accept, 2], errors[accept, 1] = errors[accept, 1], errors[accept, 0]
             inverse_errors[active], h[active] = errors, h[active] * factor
@@ -731,8 +728,8 @@ def unipc(
         if D_next is not None:
             rks, differences = rks + [1.0], differences + [D_next - D[i]]
         B, rho = unipc_coefficients(rks, h, variant)
-        if len(rks) == 1 and (D_next is None or p == 1):
-            rho = [0.5]  # UniP-2 and UniC-1 use ρ = ½, as diffusers' (the solve gives b₁ = ½ + O(h))
+        if len(rks) == 1:
+            rho = [0.5]  # UniP-2 and UniC-1 (one difference) use ρ = ½, as diffusers' (the solve gives b₁ = ½ + O(h))
         x_next = sigmas[i + 1] / sigmas[i] * x_hat - math.expm1(-h) * D[i]
         return x_next - B * sum(r * d for r, d in zip(rho, differences)) if differences else x_next
 

@@ -12,13 +12,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["epoch_permutation", "StreamBatchSampler", "make_loader"]
+__all__ = ["epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader"]
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
     """P_epoch: a permutation of range(num_items) that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
     return torch.randperm(num_items, generator=generator)
+
+
+def micro_batch_start(nimg: int, accum_round: int, rank: int, world_size: int, micro_batch: int) -> int:
+    """The stream position of micro-batch `accum_round` of process `rank` in the step that starts after `nimg`
+    images: chunk (accum_round·W + rank) of size `micro_batch`."""
+    return nimg + (accum_round * world_size + rank) * micro_batch
 
 
 class StreamBatchSampler:
@@ -50,7 +56,7 @@ class StreamBatchSampler:
 
     def micro_batch_indices(self, nimg: int, accum_round: int) -> list[int]:
         """Indices of micro-batch `accum_round` of the step that starts after `nimg` images, for this process."""
-        start = nimg + (accum_round * self.world_size + self.rank) * self.micro_batch
+        start = micro_batch_start(nimg, accum_round, self.rank, self.world_size, self.micro_batch)
         out: list[int] = []
         while len(out) < self.micro_batch:
             epoch, offset = divmod(start + len(out), self.num_items)

@@ -140,6 +140,11 @@ def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: 
     return settings
 
 
+def _schedule(name: str | None, info: ModelInfo) -> Schedule:
+    """The schedule `name`, or the model's own for None."""
+    return model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name)
+
+
 def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device) -> _Model:
     """A study's model from its file, each solver checked against what it is (denoiser or consistency model)."""
     denoiser, info = load_model(path, ema=cfg.ema, device=device)
@@ -149,8 +154,7 @@ def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: Stud
     guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
     counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
                                   ema=cfg.ema, device=device)
-    schedule = model_schedule(info.schedule, "schedules=[NAME]") if cfg.schedules[0] is None else get(cfg.schedules[0])
-    return _Model(label, counting, info, _settings(solvers, steps, cfg, schedule)), guide_info
+    return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info))), guide_info
 
 
 def _score_point(
@@ -211,7 +215,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
             raise ValueError(f"teacher {teacher.info.source} makes {teacher.info.img_shape} images with "
                              f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}")
         models.append(teacher)
-    schedules = [model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name) for name in cfg.schedules]
+    schedules = [_schedule(name, info) for name in cfg.schedules]
     dataset = cfg.dataset or info.training_dataset()
     if dataset is None:
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, to_model_space
+from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, micro_batch_start, to_model_space
 from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
@@ -264,7 +264,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                     for i, (*_, indices) in enumerate(micro_batches):
                         indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
                 lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
-                positions = [state.cur_nimg + (a * world + rank) * micro for a in range(accum)]  # StreamBatchSampler's
+                positions = [micro_batch_start(state.cur_nimg, a, rank, world, micro) for a in range(accum)]
                 loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer,
                                   _augmented(run, micro_batches, positions), acc, run.generator, lr, cfg.grad_clip,
                                   seed_draws=lambda a: seed_draws(run.generator, cfg.seed, positions[a]))
