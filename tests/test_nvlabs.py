@@ -16,7 +16,6 @@ import pickle
 import re
 import runpy
 import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from edm.models.loading import load_model
 from edm.models.nvlabs import NVlabsError, convert, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 from edm.models.unpickler import array_values
 
-from conftest import command, load_script
+from conftest import command, load_script, reference_repo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -625,17 +624,6 @@ def test_convert_state_dict_rejects_foreign_entries():
 # Against the real reference code (run with --nvlabs-repo PATH; skipped otherwise).
 
 
-def reference_repo(request, monkeypatch, option: str, what: str) -> None:
-    """Put the checkout named by `option` first on sys.path (skip without one); both NVlabs repos have
-    `training`, `torch_utils` and `dnnlib` packages, so imported ones are dropped first."""
-    repo = request.config.getoption(option, default=None)
-    if not repo:
-        pytest.skip(f"needs {option} PATH (an {what} checkout)")
-    monkeypatch.syspath_prepend(str(repo))
-    for name in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib")]:
-        monkeypatch.delitem(sys.modules, name)
-
-
 @pytest.fixture
 def nvlabs_reference(request, monkeypatch):
     reference_repo(request, monkeypatch, "--nvlabs-repo", "NVlabs/edm")
@@ -897,18 +885,18 @@ def test_edm2_snapshot_loads_equal_denoiser_with_its_uncertainty_head(tmp_path, 
     assert torch.equal(d_ours, d_ref) and torch.equal(u_ours, u_ref)
 
 
-def test_edm2_latent_snapshot_loads_but_is_not_sampled_as_images(tmp_path):
+def test_edm2_latent_snapshot_records_its_vae_and_needs_it_to_make_images(tmp_path):
     den = our_edm2(4, 10)
     path = tmp_path / "edm2-img512-xs-0.135.pkl"
     path.write_bytes(edm2_snapshot_bytes(den, 10, latent=True))
     loaded, info = load_model(path)
-    assert info.latent["vae_name"] == "stabilityai/sd-vae-ft-mse"
-    np.testing.assert_allclose(info.latent["latent_scale"], 0.5 / np.float32([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
-    with pytest.raises(ValueError, match="VAE latents.*needs stabilityai/sd-vae-ft-mse"):
-        info.require_pixels()
-    proc = subprocess.run([command("edm-sample"), f"checkpoint={path}", "num_images=1", f"out={tmp_path / 'out'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 1 and "generates Stable Diffusion VAE latents" in proc.stderr
+    assert info.latent["vae"] == "stabilityai/sd-vae-ft-mse" and info.latent["vae_fingerprint"] is None
+    np.testing.assert_allclose(info.latent["scale"], 0.5 / np.float32([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
+    with pytest.raises(ValueError, match="generates VAE latents .*stabilityai/sd-vae-ft-mse.*metric=bpd needs a pixel model"):
+        info.require_pixels("metric=bpd")
+    proc = subprocess.run([command("edm-sample"), f"checkpoint={path}", "num_images=1", f"vae={tmp_path / 'no-vae'}",
+                           f"out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and "VAE folder" in proc.stderr and "does not exist" in proc.stderr
     assert not list((tmp_path / "out").glob("*.png")) and not (tmp_path / "out" / "provenance.json").exists()
     exported = tmp_path / "folder"
     proc = subprocess.run([command("edm-convert-nvlabs"), f"pkl={path}", f"out={exported}"], capture_output=True, text=True,

@@ -70,7 +70,8 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
     dataset = cfg.dataset
     if cfg.checkpoint is not None:
         model, info = load_model(cfg.checkpoint, ema=cfg.ema, device=device)
-        info.require_pixels()
+        if METRICS[name].scores == "data":
+            info.require_pixels(f"metric={name} (of the model's own images)")
         if dataset is None and cfg.data is None:
             dataset = info.training_dataset()
         if dataset is not None and METRICS[name].scores == "data":  # with the labels the model takes, unmirrored

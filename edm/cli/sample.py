@@ -27,6 +27,7 @@ from ..data import DatasetConfig
 from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
 from ..evaluation.metrics import read_images
 from ..generation.job import SampleConfig, generate_folder
+from ..latent import VAE
 from ..hardware import share_cpu, use_cpu
 from ..models.loading import ModelInfo
 from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
@@ -48,9 +49,9 @@ def scorer_of(cfg: SampleCommand):
         return None
     check_metrics(cfg.eval)  # a metric of data, not samples, fails before the model is loaded
 
-    def build(info: ModelInfo, device: torch.device):
+    def build(info: ModelInfo, device: torch.device, vae: VAE | None):
         ctx = ScoringContext(dataset=cfg.dataset or info.training_dataset(), device=device, batch=cfg.batch,
-                             cache_dir=Path(cfg.out) / "fid-refs", image_shape=info.img_shape, progress=cfg.progress)
+                             cache_dir=Path(cfg.out) / "fid-refs", image_shape=vae.pixel_shape(info.img_shape) if vae else info.img_shape, progress=cfg.progress)
         scorers = build_scorers(cfg.eval, ctx)
         files = metric_files(cfg.eval, cfg.eval.metrics)
 

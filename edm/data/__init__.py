@@ -2,6 +2,7 @@
 (edm.data.stream), pixels <-> model space (edm.data.pixels) and EDM's augmentation (edm.data.augment)."""
 
 from .pixels import as_model_space, to_model_space, to_uint8
+from .latents import LatentDataset, latent_name
 from .registry import DATASETS, DatasetConfig, build_dataset, dataset_images
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, IMAGE_EXTENSIONS, BadImagesError, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
@@ -13,5 +14,5 @@ __all__ = [
     "DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
     "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8",
-    "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files",
+    "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files", "LatentDataset", "latent_name",
 ]

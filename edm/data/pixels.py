@@ -15,7 +15,10 @@ def to_model_space(images: Tensor) -> Tensor:
 
 def to_uint8(images: Tensor) -> Tensor:
     """[−1, 1] -> uint8 0..255: x = floor(127.5 y + 128) clipped, i.e. round(127.5 (y + 1)) with
-    ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels)."""
+    ties up, as NVlabs' generate.py writes images (so FID sees the reference's pixels). uint8 images (decoded
+    latents, edm.latent) are pixels already and come back as they are."""
+    if images.dtype == torch.uint8:
+        return images
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..choices import choose
+from .latents import LatentDataset
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, LABELS_NAME, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
     Subset, XFlip, load_cifar10, load_digits, load_mnist,
@@ -56,6 +57,16 @@ def _folder(cfg: DatasetConfig) -> ImageDataset:
     return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad)
 
 
+def _latent(cfg: DatasetConfig) -> ImageDataset:
+    """A latent data set in dataset.root (edm.data.latents): the VAE's latents have their own resolution."""
+    if cfg.resolution is not None:
+        raise ValueError(f"dataset.resolution={cfg.resolution} cannot resize a latent data set: encode the images at "
+                         "the resolution you want (edm-encode dataset.resolution=R), and leave it unset here")
+    if cfg.root is None:
+        raise DatasetNotFoundError("dataset=latent needs dataset.root: the folder or zip that edm-encode wrote")
+    return LatentDataset(cfg.root, cfg.cond)
+
+
 DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = MappingProxyType({
     "digits": lambda cfg: load_digits(cfg.resolution, cfg.cond),
     "mnist": lambda cfg: load_mnist(cfg.root, False, cfg.resolution, cfg.cond),
@@ -63,6 +74,7 @@ DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = Mappi
     "fashion_mnist": lambda cfg: load_mnist(cfg.root or FASHION_MNIST_DEBIAN_ROOT, True, cfg.resolution, cfg.cond),
     "cifar10": lambda cfg: load_cifar10(cfg.root, cfg.resolution, cfg.cond),
     "folder": _folder,
+    "latent": _latent,
 })
 """dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
 
@@ -75,8 +87,9 @@ def build_dataset(cfg: DatasetConfig) -> ImageDataset:
     if cfg.xflip:
         dataset = XFlip(dataset)
     logger.info(
-        "dataset %s: %d images, %dx%dx%d, label_dim %d",
-        cfg.name, len(dataset), dataset.channels, dataset.resolution, dataset.resolution, dataset.label_dim,
+        "dataset %s: %d %s, %dx%dx%d, label_dim %d",
+        cfg.name, len(dataset), "latents" if dataset.latent is not None else "images", dataset.channels,
+        dataset.resolution, dataset.resolution, dataset.label_dim,
     )
     return dataset
 
@@ -84,6 +97,9 @@ def build_dataset(cfg: DatasetConfig) -> ImageDataset:
 def dataset_images(dataset: ImageDataset, indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
     """(uint8 images [N, C, H, W], class indices [N] or None when unconditional) of a data set's items
     (all of them, or `indices`), in memory: for scoring and for the quality classifier."""
+    if dataset.latent is not None:
+        raise ValueError("a latent data set holds VAE latents, not images: score against the pixel data it was encoded "
+                         f"from ({(dataset.latent.get('dataset') or {}).get('name') or 'dataset=NAME'})")
     items = [dataset[int(i)] for i in (range(len(dataset)) if indices is None else indices)]
     if not items:
         raise ValueError("no images to read")

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_images",
-    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files",
+    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,16 @@ class ImageDataset(Dataset):
     channels: int
     num_classes: int
     cond: bool = False
+    latent: dict | None = None  # a latent data set: what it was encoded from (edm.data.latents); None for pixels
 
     @property
     def label_dim(self) -> int:
         """Length of the one-hot label vector: num_classes when class-conditional, else 0."""
         return self.num_classes if self.cond else 0
+
+    def label_of(self, index: int) -> int:
+        """The class of item `index` (0 without classes), without reading its pixels."""
+        return int(self.labels[index]) if self.num_classes else 0
 
     def one_hot(self, label: int) -> Tensor:
         """One-hot float label [label_dim] (empty when unconditional)."""
@@ -95,11 +100,11 @@ LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative pa
 
 
 class ImageSource:
-    """The image files of a folder or of a zip archive (NVlabs dataset_tool.py's output), by their
-    relative POSIX names in sorted order. A zip is read member by member (never extracted, never
+    """The image files (by `extensions`) of a folder or of a zip archive (NVlabs dataset_tool.py's output), by
+    their relative POSIX names in sorted order. A zip is read member by member (never extracted, never
     held in memory); each process opens it on first use, so DataLoader workers get their own handle."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
         self.root = Path(root)
         self.is_zip = self.root.is_file()
         self._zip: tuple[int, Any] | None = None
@@ -114,7 +119,7 @@ class ImageSource:
         else:
             members = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
         self.all_names = sorted(members)
-        self.names = [n for n in self.all_names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        self.names = [n for n in self.all_names if Path(n).suffix.lower() in extensions]
 
     def where(self, name: str) -> str:
         """The file's path for messages: FOLDER/NAME or ARCHIVE.zip:NAME."""
@@ -141,6 +146,28 @@ def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int]]:
         return im.mode, im.size
 
 
+def json_labels(source: ImageSource, files: list[str]) -> dict[str, int] | None:
+    """{name: class} from the source's dataset.json ({"labels": [[name, class], ...]}, as NVlabs' dataset_tool.py
+    writes it); None without one (or with "labels": null). Every file of `files` must have a label."""
+    if LABELS_NAME not in source.all_names:
+        return None
+    where = source.where(LABELS_NAME)
+    try:
+        with source.open(LABELS_NAME) as f:
+            entries = json.load(f).get("labels")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
+    if entries is None:
+        return None
+    labels = {str(name): int(label) for name, label in entries}
+    missing = [name for name in files if name not in labels]
+    if missing:
+        raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {source.where(missing[0])}")
+    if min(labels.values()) < 0:
+        raise ValueError(f"{where} has negative class labels")
+    return labels
+
+
 class ImageFolderDataset(ImageDataset):
     """Image files under `root`, a folder or a zip archive (NVlabs dataset_tool.py's output).
 
@@ -163,7 +190,7 @@ class ImageFolderDataset(ImageDataset):
                 "or zip of images, optionally one subfolder per class or a dataset.json with labels"
             )
         self.files = self._scan(self.source.names, resolution, skip_bad)
-        labelled = self._json_labels()
+        labelled = json_labels(self.source, self.files)
         if labelled is not None:
             self.labels, self.num_classes = [labelled[name] for name in self.files], max(labelled.values()) + 1
             self.classes = [str(c) for c in range(self.num_classes)]
@@ -174,26 +201,6 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
         self.channels = 1 if self.mode == "L" else 3
         self._resize = resolution is not None
-
-    def _json_labels(self) -> dict[str, int] | None:
-        """{name: class} from dataset.json; None without one (or with "labels": null)."""
-        if LABELS_NAME not in self.source.all_names:
-            return None
-        where = self.source.where(LABELS_NAME)
-        try:
-            with self.source.open(LABELS_NAME) as f:
-                entries = json.load(f).get("labels")
-        except (OSError, ValueError, AttributeError) as err:
-            raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
-        if entries is None:
-            return None
-        labels = {str(name): int(label) for name, label in entries}
-        missing = [name for name in self.files if name not in labels]
-        if missing:
-            raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {self.source.where(missing[0])}")
-        if min(labels.values()) < 0:
-            raise ValueError(f"{where} has negative class labels")
-        return labels
 
     def _folder_labels(self) -> None:
         top = [tuple(name.split("/")) for name in self.files]
@@ -285,11 +292,14 @@ class XFlip(ImageDataset):
 
     def __init__(self, base: ImageDataset) -> None:
         self.base = base
-        self.resolution, self.channels = base.resolution, base.channels
+        self.resolution, self.channels, self.latent = base.resolution, base.channels, base.latent
         self.num_classes, self.cond = base.num_classes, base.cond
 
     def __len__(self) -> int:
         return 2 * len(self.base)
+
+    def label_of(self, index: int) -> int:
+        return self.base.label_of(index % len(self.base))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
         n = len(self.base)
@@ -302,11 +312,14 @@ class Subset(ImageDataset):
 
     def __init__(self, base: ImageDataset, size: int) -> None:
         self.base, self.size = base, min(int(size), len(base))
-        self.resolution, self.channels = base.resolution, base.channels
+        self.resolution, self.channels, self.latent = base.resolution, base.channels, base.latent
         self.num_classes, self.cond = base.num_classes, base.cond
 
     def __len__(self) -> int:
         return self.size
+
+    def label_of(self, index: int) -> int:
+        return self.base.label_of(index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
         if not 0 <= index < self.size:

@@ -41,6 +41,7 @@ from ..data import DatasetConfig, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
 from ..generation.provenance import claim
 from ..generation.sampling import chunks, generate_batch, plan_images
+from ..latent import VAE, model_vae
 from ..models.loading import ModelInfo, guided, load_model
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
@@ -82,6 +83,9 @@ class StudyConfig:
     teacher: Optional[str] = None  # a second model whose points join the table and plot (unguided), e.g. a teacher
     teacher_solvers: List[str] = field(default_factory=lambda: ["heun"])
     teacher_steps: List[int] = field(default_factory=lambda: [2, 18])
+    vae: Optional[str] = None  # latent models: the VAE folder that decodes them (null: the one the model records)
+    vae_batch: int = 8  # latent models: images per VAE decoder call
+    vae_dtype: str = "float32"  # latent models: the VAE's precision, float32 | bfloat16
     cpu: bool = False
     progress: bool = True
 
@@ -94,6 +98,7 @@ class _Model:
     denoiser: GuidedDenoiser
     info: ModelInfo
     settings: list[SamplerConfig]
+    vae: VAE | None = None  # a latent model's decoder
 
 
 def _point_name(model: str, schedule: Schedule, settings: SamplerConfig) -> str:
@@ -148,20 +153,21 @@ def _schedule(name: str | None, info: ModelInfo) -> Schedule:
 def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device) -> _Model:
     """A study's model from its file, each solver checked against what it is (denoiser or consistency model)."""
     denoiser, info = load_model(path, ema=cfg.ema, device=device)
-    info.require_pixels()
+    vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, device)
     for solver in solvers:
         info.check_solver(solver)
     guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
     counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
                                   ema=cfg.ema, device=device)
-    return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info))), guide_info
+    return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info)), vae), guide_info
 
 
 def _score_point(
     denoiser: GuidedDenoiser, schedule: Schedule, settings: SamplerConfig, info: ModelInfo, cfg: StudyConfig,
-    scorers: dict[str, Scorer], device: torch.device, label: str = "model",
+    scorers: dict[str, Scorer], device: torch.device, label: str = "model", vae: VAE | None = None,
 ) -> dict:
-    """Generate seeds 0..N−1 at one point (quantized to uint8, as saved images are) and score them."""
+    """Generate seeds 0..N−1 at one point (quantized to uint8, as saved images are; a latent model's decoded by
+    `vae`) and score them."""
     plan = plan_images(range(cfg.num_images), None, info.label_dim)
     images, labels = [], []
     start = time.time()
@@ -169,7 +175,7 @@ def _score_point(
     for batch in chunks(plan, cfg.batch):
         with torch.no_grad():
             x, y = generate_batch(denoiser, batch, schedule, settings, info.img_shape, label_dim=info.label_dim,
-                                  device=device)
+                                  device=device, decode=vae.decode if vae else None)
         images.append(to_uint8(x).cpu())
         labels.append(y.cpu() if y is not None else None)
     seconds = time.time() - start
@@ -227,11 +233,13 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
                   "guidance_interval": cfg.guidance_interval,
                   "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None,
+                  "vae_fingerprint": main.vae.fingerprint if main.vae is not None else None,
+                  "vae_dtype": cfg.vae_dtype if main.vae is not None else None,
                   "options": to_container(cfg.options)}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
         claim(out, record, results, overwrite=cfg.overwrite)
         ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
-                             image_shape=info.img_shape, progress=cfg.progress)
+                             image_shape=main.vae.pixel_shape(info.img_shape) if main.vae else info.img_shape, progress=cfg.progress)
         scorers = build_scorers(cfg.eval, ctx)
         rows = _score_points(cfg, models, schedules, scorers, device)
         write_table(rows, out)
@@ -259,7 +267,7 @@ def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedu
         if path.is_file():
             row = json.loads(path.read_text())
         else:
-            row = _score_point(m.denoiser, schedule, s, m.info, cfg, scorers, device, m.label)
+            row = _score_point(m.denoiser, schedule, s, m.info, cfg, scorers, device, m.label, m.vae)
             row["schedule_spec"] = to_spec(schedule)
             write_json(path, row)
         rows.append(row)

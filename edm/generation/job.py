@@ -25,6 +25,7 @@ from ..core.samplers import SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, file_sha256, package_version, to_container, write_json
 from ..hardware import DTYPES, LaunchSettings, launch_settings, set_precision_flags, use_cpu
+from ..latent import VAE, model_vae
 from ..models.loading import ModelInfo, guided, load_model
 from . import outputs, sampling
 from .provenance import claim
@@ -63,6 +64,9 @@ class SampleConfig:
     grid_scale: Optional[int] = None  # grid: pixel upscaling (default: tiles of at least 64 px, as training's grids)
     overwrite: bool = False  # delete out's earlier images first (else a run with other settings is refused)
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
+    vae: Optional[str] = None  # latent models: the VAE folder that decodes them (null: the one the model records)
+    vae_batch: int = 8  # latent models: images per VAE decoder call
+    vae_dtype: str = "float32"  # latent models: the VAE's precision, float32 | bfloat16
     progress: bool = True
 
 
@@ -82,7 +86,7 @@ def _labels(labels: Any) -> int | list[int] | None:
     return [int(v) for v in str(labels).split(",")]
 
 
-def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: LaunchSettings) -> dict:
+def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: LaunchSettings, vae: VAE | None = None) -> dict:
     """Every setting that changes the images: a folder only ever holds images of one such record."""
     settings = cfg.sampler
     return {
@@ -107,6 +111,8 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
         "tf32": cfg.tf32,
         "format": cfg.format,
         "subdirs": cfg.subdirs,
+        "vae_fingerprint": vae.fingerprint if vae is not None else None,
+        "vae_dtype": cfg.vae_dtype if vae is not None else None,
     }
 
 
@@ -119,11 +125,12 @@ def earlier_results(out: Path) -> list[Path]:
 def generate_folder(
     cfg: SampleConfig, *,
     on_own_folder: Callable[[Path], Any] | None = None,
-    scorer: Callable[[ModelInfo, torch.device], Callable[[Path], dict]] | None = None,
+    scorer: Callable[[ModelInfo, torch.device, VAE | None], Callable[[Path], dict]] | None = None,
 ) -> dict | None:
     """Generate cfg's images into cfg.out in every process of the launch (accelerate's PartialState); the main
     process owns the folder (then calls `on_own_folder(out)`), finalizes the output and writes OUT/report.json.
-    With `scorer`, the main process calls scorer(info, device) once the model is loaded, before the folder is
+    A latent model's samples are decoded by its VAE (cfg.vae, else the one it records) into pixels.
+    With `scorer`, the main process calls scorer(info, device, vae) once the model is loaded, before the folder is
     claimed or any image made (a bad metric setting costs nothing), and puts what the score it returns makes
     of the finished output under "metrics". Returns the report (main process)."""
     from accelerate import PartialState
@@ -139,8 +146,8 @@ def generate_folder(
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
     denoiser, info = load_model(cfg.checkpoint, ema=cfg.ema, device=state.device, image_shape=cfg.image_shape)
-    info.require_pixels()
     info.check_solver(cfg.sampler.solver)
+    vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, state.device)
     schedule = cfg.schedule.build(info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
@@ -150,9 +157,9 @@ def generate_folder(
                                   ema=cfg.ema, device=state.device)
     seeds = _seeds(cfg)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
-    score = scorer(info, state.device) if scorer is not None and state.is_main_process else None
+    score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
-    record = provenance(cfg, schedule, info, launch) | {
+    record = provenance(cfg, schedule, info, launch, vae) | {
         "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
@@ -172,7 +179,7 @@ def generate_folder(
         made = sampling.generate(
             denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, cfg.sampler, writer,
             info.img_shape, batch_size=cfg.batch, label_dim=info.label_dim, device=state.device,
-            dtype=DTYPES[cfg.dtype], progress=cfg.progress and state.is_main_process,
+            dtype=DTYPES[cfg.dtype], progress=cfg.progress and state.is_main_process, decode=vae.decode if vae else None,
         )
         logger.info("process %d generated %d image(s)", state.process_index, made)
         state.wait_for_everyone()

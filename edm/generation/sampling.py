@@ -175,15 +175,17 @@ def generate_batch(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Images x(0) [B, C, H, W] for `specs` (one generator each) and their class indices (None if unconditional)."""
+    """Images x(0) [B, C, H, W] for `specs` (one generator each) and their class indices (None if unconditional);
+    `decode` turns a latent model's samples into uint8 pixels (edm.latent.VAE.decode)."""
     generators = make_generators([s.seed for s in specs], device)
     noise = initial_noise(generators, img_shape, dtype, device)
     labels = draw_labels(specs, generators, label_dim, device) if label_dim else None
     one_hot = None if labels is None else torch.nn.functional.one_hot(labels, label_dim).to(dtype)
     images = sample(denoiser, noise, schedule, class_labels=one_hot, generator=generators, progress=progress,
                     **settings.kwargs())
-    return images, labels
+    return (images if decode is None else decode(images)), labels
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -196,7 +198,7 @@ class Writer(Protocol):
         """The specs whose images are not written yet."""
 
     def write(self, specs: Sequence[ImageSpec], images: Tensor, labels: Tensor | None) -> None:
-        """Store images [B, C, H, W] in [−1, 1] of `specs` with their class indices."""
+        """Store images [B, C, H, W] in [−1, 1] (or uint8 pixels) of `specs` with their class indices."""
 
 
 def generate(
@@ -212,6 +214,7 @@ def generate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> int:
     """Generate and write the images of `specs` that the writer does not have yet; returns how many were made."""
     todo = writer.pending(specs)
@@ -222,7 +225,8 @@ def generate(
         for batch in chunks(todo, batch_size):
             with torch.no_grad():
                 images, labels = generate_batch(
-                    denoiser, batch, schedule, settings, img_shape, label_dim=label_dim, device=device, dtype=dtype
+                    denoiser, batch, schedule, settings, img_shape, label_dim=label_dim, device=device, dtype=dtype,
+                    decode=decode,
                 )
             writer.write(batch, images, labels)
             if bar is not None:

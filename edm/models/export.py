@@ -6,7 +6,7 @@
 
 model.json holds the denoiser spec (network with every preset value, precond), the schedule,
 which weights these are (EMA or raw), the training data set's config when known, the facts of
-an NVlabs original (e.g. an EDM2 model's VAE latents), and the SHA-256 of the file they came
+an NVlabs original (e.g. an EDM2 model's VAE latents), a latent model's VAE (edm.latent), and the SHA-256 of the file they came
 from. Reading it needs json and safetensors only: no pickle, no torch.load, nothing that can run code.
 """
 
@@ -52,7 +52,8 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
         "weights": "ema" if ema else "raw", "step": state.get("step"),
         "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
         "reference": (state.get("config") or {}).get("reference"),
-        "objective": (state.get("config") or {}).get("objective") or "denoising", **(extra or {}),
+        "objective": (state.get("config") or {}).get("objective") or "denoising", "latent": state.get("latent"),
+        **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
     return dest
@@ -82,5 +83,5 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
     config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
-             "config": config, "step": meta.get("step")}
+             "config": config, "step": meta.get("step"), "latent": meta.get("latent")}
     return weights_file, state

@@ -30,8 +30,6 @@ from ..core.schedules import Schedule, from_spec
 
 __all__ = ["ModelInfo", "read_model_file", "load_model", "guided", "export_model"]
 
-_LATENT_KEYS = ("vae_name", "latent_scale", "latent_bias")
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -43,7 +41,7 @@ class ModelInfo:
     schedule: Schedule | None = None
     source: str = ""
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
-    latent: dict | None = None  # NVlabs/edm2 latent models: the VAE and the latent scale/bias (not pixels)
+    latent: dict | None = None  # latent models: {vae, vae_fingerprint, scale, bias, pixel_shape, dataset} (edm.latent)
     objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
 
     def check_solver(self, solver: str) -> None:
@@ -63,22 +61,19 @@ class ModelInfo:
                              "MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN), or use sampler=heun")
 
     def training_dataset(self) -> DatasetConfig | None:
-        """The training set's config (edm checkpoints record it), for scoring against it; None if unknown."""
-        if not self.dataset:
+        """The training set's config (edm checkpoints record it; for a latent model, the pixel data its latents
+        were encoded from), for scoring against it; None if unknown."""
+        dataset = (self.latent or {}).get("dataset") or self.dataset
+        if not dataset:
             return None
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
-        return DatasetConfig(**{k: v for k, v in self.dataset.items() if k in known})
+        return DatasetConfig(**{k: v for k, v in dataset.items() if k in known})
 
-    def require_pixels(self) -> None:
-        """Refuse a model whose samples are VAE latents: images need a decoder the project does not have."""
+    def require_pixels(self, what: str = "this") -> None:
+        """Refuse a model whose samples are VAE latents where `what` needs the model's own pixels."""
         if self.latent is not None:
-            raise ValueError(
-                f"{self.source} generates Stable Diffusion VAE latents {list(self.img_shape or ())} (an EDM2 "
-                f"ImageNet-512 model), not images; decoding them needs {self.latent['vae_name']} from diffusers, "
-                "which this project does not download. Sample latents from Python (edm.load_nvlabs, edm.sample) "
-                f"and decode (latents - bias) / scale with that VAE; scale {self.latent['latent_scale']}, "
-                f"bias {self.latent['latent_bias']}"
-            )
+            raise ValueError(f"{self.source} generates VAE latents {list(self.img_shape or ())} (of {self.latent['vae']}), "
+                             f"not images: {what} needs a pixel model")
 
 
 def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
@@ -128,11 +123,15 @@ def load_model(
 
 
 def _latent(state: dict) -> dict | None:
-    """The VAE facts of an NVlabs/edm2 latent model (its encoder), None for pixel models."""
+    """What a latent model records of its VAE (edm runs: "latent"; NVlabs/edm2: its StabilityVAEEncoder, whose
+    VAE has no recorded fingerprint), None for pixel models."""
+    if state.get("latent"):
+        return state["latent"]
     reference = (state.get("config") or {}).get("reference") or {}
     if reference.get("encoder") != "StabilityVAEEncoder":
         return None
-    return {key: reference.get(key) for key in _LATENT_KEYS}
+    return {"vae": reference.get("vae_name"), "vae_fingerprint": None, "scale": reference.get("latent_scale"),
+            "bias": reference.get("latent_bias"), "pixel_shape": None, "dataset": None}
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:

@@ -22,12 +22,13 @@ from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
+from ..latent import VAE, VAEError, load_vae
 from ..networks import resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network", "initial_denoiser", "with_teacher", "check_objective", "load_initial_weights",
+    "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_objective", "load_initial_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,41 @@ def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
     for key, value in (
         ("img_resolution", dataset.resolution), ("in_channels", dataset.channels), ("label_dim", dataset.label_dim)
     ):
+        if dataset.latent is not None and key != "label_dim" and network.get(key) not in (None, value):
+            raise ValueError(f"network.{key}={network[key]}, but the latent data set holds {dataset.channels}x"
+                             f"{dataset.resolution}x{dataset.resolution} VAE latents: drop network.{key} (the network "
+                             "takes the latents' shape)")
         if network.get(key) not in (None, value):
             logger.info("network.%s=%s replaced by %s from data set %s", key, network[key], value, cfg.dataset.name)
         network[key] = value
     if cfg.augment.p > 0:
         network["augment_dim"] = AUGMENT_DIM  # the network is told each image's augmentation
     return resolved_network(network)
+
+
+def latent_vae(cfg: TrainConfig, dataset: ImageDataset, device: Any) -> VAE | None:
+    """The VAE of a latent data set (latent.vae, else the one the set records), None for pixels; its latents must
+    have the set's channels, and its weights the fingerprint the set records."""
+    if dataset.latent is None:
+        return None
+    name = cfg.latent.vae or dataset.latent.get("vae")
+    if name is None:
+        raise VAEError(f"the latent data set {cfg.dataset.root} does not say which VAE encoded it (no latents.json): "
+                       "set latent.vae=FOLDER")
+    vae = load_vae(cfg.latent, name, device, (dataset.latent.get("pixel_shape") or [3])[0])
+    if vae.latent_channels != dataset.channels:
+        raise VAEError(f"VAE {name} makes {vae.latent_channels}-channel latents, the data set {cfg.dataset.root} holds "
+                       f"{dataset.channels}: give the VAE that encoded it (latent.vae=FOLDER)")
+    recorded = dataset.latent.get("vae_fingerprint")
+    if recorded and recorded != vae.fingerprint:
+        raise VAEError(f"VAE {name} (fingerprint {vae.fingerprint}) is not the one that encoded {cfg.dataset.root} "
+                       f"({dataset.latent.get('vae')}, fingerprint {recorded}): set latent.vae to that VAE's folder")
+    return vae
+
+
+def latent_facts(vae: VAE, dataset: ImageDataset) -> dict[str, Any]:
+    """What a latent run records (checkpoints, model folders): the VAE's facts, the pixel shape and pixel data set."""
+    return vae.facts() | {"pixel_shape": dataset.latent.get("pixel_shape"), "dataset": dataset.latent.get("dataset")}
 
 
 def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: TrainConfig, dataset: ImageDataset,

@@ -8,6 +8,7 @@ key at composition:
   loss       LossConfig: the fields of edm.Loss (sigma_data comes from precond)
   network/   edm.networks.NetworkConfig;  dataset/  edm.data.DatasetConfig
   sampler/   edm.core.samplers.SamplerConfig;  augment   edm.data.augment.AugmentConfig
+  latent     edm.latent.LatentConfig: the VAE of a latent data set (dataset=latent) and its latent map
 edm.cli.train stores the schema in Hydra's ConfigStore; `check_config` rejects bad values with a
 message that names the key and the valid choices. Library code takes the dataclasses only.
 """
@@ -30,6 +31,7 @@ from ..core.schedules import SCHEDULES, ScheduleConfig
 from ..data import DATASETS, DatasetConfig
 from ..data.augment import AUGMENT_DIM, AugmentConfig
 from ..hardware import MIXED_PRECISION
+from ..latent import LatentConfig
 from ..networks import NetworkConfig
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "NetworkConfig",
     "AugmentConfig",
+    "LatentConfig",
     "check_config",
     "run_folder",
 ]
@@ -115,6 +118,7 @@ class TrainConfig:
     ect: ECTConfig = field(default_factory=ECTConfig)
     scm: SCMConfig = field(default_factory=SCMConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     objective: str = "denoising"
     init: Optional[str] = None
@@ -220,6 +224,9 @@ def check_config(cfg: TrainConfig) -> None:
                          else f"teacher={cfg.teacher} is used by objective=scd only (objective={cfg.objective})")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
     choose(DATASETS, cfg.dataset.name, "dataset.name")
+    if cfg.latent.vae is not None and cfg.dataset.name != "latent":
+        raise ValueError(f"latent.vae={cfg.latent.vae} decodes latent data sets; dataset {cfg.dataset.name} holds pixels: "
+                         "encode it first (edm-encode) and train with dataset=latent dataset.root=LATENTS, or drop latent.vae")
     if cfg.dataset.resolution is not None:
         _positive("dataset.resolution", cfg.dataset.resolution)
     if cfg.mixed_precision is not None:

@@ -30,7 +30,8 @@ from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
-from .build import Resolved, check_objective, initial_denoiser, load_initial_weights, resolve, with_teacher
+from ..latent import final_latents
+from .build import Resolved, check_objective, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -72,11 +73,21 @@ def write_grid(run: Run, path: Path, run_log: RunLog | None = None) -> Path:
     seeds = range(cfg.grid_seed, cfg.grid_seed + cfg.grid_size)
     plan = plan_images(seeds, list(range(ds.label_dim)) or None, ds.label_dim)
     images, _ = generate_batch(run.ema, plan, run.schedule, cfg.sampler, (ds.channels, ds.resolution, ds.resolution),
-                               label_dim=ds.label_dim, device=run.accelerator.device)
+                               label_dim=ds.label_dim, device=run.accelerator.device,
+                               decode=run.vae.decode if run.vae else None)
     path = save_grid(path, images, scale=cfg.grid_scale)
     if run_log is not None:
         run_log.image("samples", path, run.state.step)
     return path
+
+
+def _data_grid(run: Run) -> torch.Tensor:
+    """The first grid_size training images (for a latent set, its posterior means decoded)."""
+    reals = torch.stack([run.dataset[i][0] for i in range(min(run.cfg.grid_size, len(run.dataset)))])
+    if run.vae is None:
+        return to_model_space(reals)
+    mean = final_latents(reals, torch.zeros_like(reals[:, : run.dataset.channels]), run.vae.scale, run.vae.bias)
+    return run.vae.decode(mean.to(run.accelerator.device))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -134,6 +145,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
         for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
+    vae = latent_vae(cfg, dataset, accelerator.device)
     spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
     check_objective(cfg.objective, spec)
 
@@ -151,7 +163,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
     loss = with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd" else resolved.loss
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
-              lock=lock, phema=phema)
+              lock=lock, phema=phema, vae=vae)
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
@@ -179,7 +191,8 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def _batches(run: Run, micro_batch: int):
-    """Endless (y in [−1, 1], one-hot labels or None, indices) micro-batches on the device."""
+    """Endless (y, one-hot labels or None, indices) micro-batches on the device: y the images in [−1, 1], or for a
+    latent data set the VAE posteriors (mean, std) that _inputs draws latents from."""
     acc, cfg = run.accelerator, run.cfg
     sampler = StreamBatchSampler(
         len(run.dataset), cfg.seed, cfg.batch_size, micro_batch, acc.process_index, acc.num_processes,
@@ -190,22 +203,28 @@ def _batches(run: Run, micro_batch: int):
         worker_init_fn=_ignore_sigint,
     )
     for images, labels, indices in loader:
-        y = to_model_space(images.to(acc.device, non_blocking=True))
-        if cfg.channels_last:
-            y = y.contiguous(memory_format=torch.channels_last)
+        y = images.to(acc.device, non_blocking=True)
+        y = y if run.vae is not None else to_model_space(y)
         labels = labels.to(acc.device, non_blocking=True) if labels.shape[1] > 0 else None
         yield y, labels, indices
 
 
-def _augmented(run: Run, micro_batches: list, positions: list[int]) -> list:
-    """(y, labels, augmentation labels or None) per micro-batch, augmented (cfg.augment) with draws seeded by each
-    micro-batch's place in the data stream."""
-    if run.cfg.augment.p <= 0:
-        return [(y, labels, None) for y, labels, _ in micro_batches]
+def _inputs(run: Run, micro_batches: list, positions: list[int]) -> list:
+    """(y, labels, augmentation labels or None) per micro-batch: a latent set's latents drawn from their posteriors
+    (y = (mean + std·n)·scale + bias), augmented (cfg.augment), each draw seeded by the micro-batch's place in the
+    data stream."""
     out = []
     for (y, labels, _), position in zip(micro_batches, positions):
-        seed_draws(run.generator, run.cfg.seed, position, "augment")
-        y, augment_labels = augment(y, run.cfg.augment, run.generator)
+        if run.vae is not None:
+            seed_draws(run.generator, run.cfg.seed, position, "latent")
+            n = torch.randn(y[:, : run.dataset.channels].shape, generator=run.generator, device=y.device)
+            y = final_latents(y, n, run.vae.scale, run.vae.bias)
+        if run.cfg.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        augment_labels = None
+        if run.cfg.augment.p > 0:
+            seed_draws(run.generator, run.cfg.seed, position, "augment")
+            y, augment_labels = augment(y, run.cfg.augment, run.generator)
         out.append((y, labels, augment_labels))
     return out
 
@@ -236,8 +255,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     total_steps = state.step + max(0, math.ceil((total_nimg - state.cur_nimg) / cfg.batch_size))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and state.step == 0 and cfg.grid_size > 0:
-        reals = torch.stack([run.dataset[i][0] for i in range(min(cfg.grid_size, len(run.dataset)))])
-        save_grid(run.run_dir / "data.png", to_model_space(reals), scale=cfg.grid_scale)
+        save_grid(run.run_dir / "data.png", _data_grid(run), scale=cfg.grid_scale)
     indices_log = open(run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl", "a") if cfg.log_batch_indices else None
     logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
                 cfg.batch_size, micro, world, accum, run.run_dir)
@@ -266,7 +284,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
                 positions = [micro_batch_start(state.cur_nimg, a, rank, world, micro) for a in range(accum)]
                 loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer,
-                                  _augmented(run, micro_batches, positions), acc, run.generator, lr, cfg.grad_clip,
+                                  _inputs(run, micro_batches, positions), acc, run.generator, lr, cfg.grad_clip,
                                   seed_draws=lambda a: seed_draws(run.generator, cfg.seed, positions[a]))
                 beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
                 update_ema(run.ema, run.net, beta)

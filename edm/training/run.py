@@ -24,7 +24,7 @@ from ..core.schedules import Schedule, from_spec, to_spec
 from ..data import ImageDataset
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..models import checkpoint as ckpt
-from .build import build_loss, loss_spec, precond_defaults, resolved_network
+from .build import build_loss, latent_facts, loss_spec, precond_defaults, resolved_network
 from .config import LossConfig, TrainConfig
 from .phema import PowerEMA, snapshot_path, write_snapshot
 
@@ -87,6 +87,7 @@ class Run:
     dataset: ImageDataset
     lock: FolderLock | None = None  # held by the main process while the run owns run_dir
     phema: PowerEMA | None = None  # EDM2's power-function EMAs (cfg.ema_sigma_rel), when tracked
+    vae: Any = None  # edm.latent.VAE of a latent data set (decodes grids; its fingerprint is recorded), else None
     state: RunState = field(default_factory=RunState)
     resumes: list = field(default_factory=list)  # [{"step", "changes": [{"key", "checkpoint", "config"}]}] per resume
 
@@ -132,12 +133,14 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 # continue the saved one. Loss, network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
                 "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.",
-                "meanflow.")  # a key ending in "." stands for every key under it
+                "meanflow.", "latent.raw_mean", "latent.raw_std", "latent.final_mean", "latent.final_std",
+                )  # a key ending in "." stands for every key under it; the VAE itself is compared by its fingerprint
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
                "batch_per_device",
-               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers")
+               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers", "latent.vae", "latent.batch",
+               "latent.dtype")
 
 
 def _is_fixed(key: str) -> bool:
@@ -180,6 +183,19 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
     return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
 
 
+def check_resume_vae(saved: dict | None, vae: Any, path: Path) -> None:
+    """A latent run resumes with the VAE of the same weights (by fingerprint; its folder may move)."""
+    if saved is None and vae is None:
+        return
+    if saved is None or vae is None:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained on {'pixels' if saved is None else 'VAE latents'}, the "
+                                   f"config's data set holds {'pixels' if vae is None else 'latents'}: resume on its data set")
+    if saved.get("vae_fingerprint") != vae.fingerprint:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained with VAE {saved.get('vae')} (fingerprint "
+                                   f"{saved.get('vae_fingerprint')}), latent.vae={vae.name} has fingerprint {vae.fingerprint}: "
+                                   "resume with the run's VAE (latent.vae=ITS_FOLDER)")
+
+
 def restore(run: Run, path: Path) -> None:
     """Load model, EMA, optimizer and counters from checkpoint `path`; the random draws continue by position
     (seed_draws), and one line says whether the process layout changed them."""
@@ -196,6 +212,7 @@ def restore(run: Run, path: Path) -> None:
             f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
             "resume with the settings it was trained with, or start a new run_dir"
         )
+    check_resume_vae(state.get("latent"), run.vae, path)
     changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
@@ -241,6 +258,7 @@ def save_snapshot(run: Run) -> Path:
         write_snapshot(path, run.phema, {
             "cur_nimg": run.state.cur_nimg, "step": run.state.step, "batch_size": run.cfg.batch_size,
             "denoiser": run.spec, "schedule": to_spec(run.schedule), "config": to_container(run.cfg),
+            "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None,
         })
     return path
 
@@ -268,6 +286,7 @@ def save_checkpoint(run: Run) -> Path:
             "config": to_container(run.cfg),
             "dataset_size": len(run.dataset),
             "resumes": run.resumes,
+            "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None,
         })
         if run.cfg.keep_checkpoints > 0:
             for _, old in ckpt.list_checkpoints(run.run_dir)[: -run.cfg.keep_checkpoints]:

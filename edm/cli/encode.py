@@ -1,0 +1,34 @@
+"""`edm-encode`: a data set through a VAE into a latent data set in NVlabs/edm2's layout (edm.data.encode).
+
+    edm-encode dataset=folder dataset.root=IMAGES latent.vae=VAE_FOLDER out=LATENTS        # or out=LATENTS.zip
+    accelerate launch -m edm.cli.encode dataset=... latent.vae=... out=LATENTS             # several processes
+    edm-train dataset=latent dataset.root=LATENTS network=edm2-xs                           # then train on it
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.encode import EncodeConfig, encode_dataset
+from ..hardware import share_cpu, use_cpu
+from . import CONFIG_DIR, user_errors
+
+ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="encode")
+def main(dcfg: DictConfig) -> None:
+    with user_errors("edm-encode"):
+        cfg: EncodeConfig = OmegaConf.to_object(dcfg)
+        share_cpu(use_cpu(cfg.cpu))
+        report = encode_dataset(cfg)
+    if report:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Encoding a data set with a VAE (edm-encode): any data set we read becomes a latent data set in NVlabs/edm2's
+layout (edm.data.latents), streamed, resumable and in one or many processes.
+
+    encode_dataset(EncodeConfig(dataset=DatasetConfig("folder", root="images"), latent=LatentConfig(vae="vae"),
+                                out="latents"))
+
+Image i goes to NNNNN/img-mean-std-NNNNNNNN.npy (float32 [2c, h, w]: the posterior's mean and std, the VAE
+seeing x/255 as edm2's encoder), each file written atomically as its batch is encoded, so memory does not
+grow with the data set and a stopped run continues where it stopped. Process r of W encodes images r, r + W, ...
+The main process owns the folder (a lock and a provenance record of the VAE's fingerprint and the data set),
+then writes dataset.json (the labels, when the data set has classes) and latents.json (the VAE, the pixel data,
+its shape). An `out` ending in .zip is encoded into OUT.parts/ and packed into the zip at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..files import FolderLock, atomic_write, write_json
+from ..latent import LATENTS_NAME, LatentConfig, load_vae
+from ..progress import progress_bar
+from .latents import latent_name
+from .registry import DatasetConfig, build_dataset
+from .sets import LABELS_NAME, ImageDataset
+
+__all__ = ["EncodeConfig", "encode_dataset", "LATENTS_FORMAT"]
+
+logger = logging.getLogger(__name__)
+LATENTS_FORMAT = "edm-latents/1"
+
+
+@dataclass
+class EncodeConfig:
+    """Every key of edm-encode: the pixel data (`dataset` group), the VAE (`latent.vae`, latent.batch images
+    per call, latent.dtype), the output folder or .zip."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    out: str = "???"
+    overwrite: bool = False  # delete out's earlier latents first (else other settings are refused)
+    cpu: bool = False
+    progress: bool = True
+
+
+def _with_labels(dataset: ImageDataset) -> ImageDataset:
+    """The data set with its one-hot labels on whenever it has classes (a latent set carries them over)."""
+    layer = dataset
+    while layer is not None:
+        layer.cond = layer.num_classes > 0
+        layer = getattr(layer, "base", None)
+    return dataset
+
+
+def _pack(folder: Path, names: list[str], dest: Path) -> None:
+    """Store `names` of `folder` in the zip `dest`, uncompressed (as edm2's dataset_tool.py), atomically."""
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+            for name in names:
+                z.write(folder / name, name)
+
+    atomic_write(dest, write)
+
+
+def encode_dataset(cfg: EncodeConfig) -> dict:
+    """Encode cfg.dataset into cfg.out in every process of the launch (accelerate's PartialState); returns the
+    main process's report (images encoded now and in all, the output)."""
+    from accelerate import PartialState
+
+    from ..generation.provenance import claim
+    from ..hardware import use_cpu
+
+    state = PartialState(cpu=use_cpu(cfg.cpu))
+    out = Path(cfg.out)
+    packed = out.suffix.lower() == ".zip"
+    work = out.with_name(out.name + ".parts") if packed else out
+    if packed and out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"out {out} exists: choose another out=, or pass overwrite=true to replace it")
+    dataset = _with_labels(build_dataset(dataclasses.replace(cfg.dataset, cond=False)))
+    if dataset.latent is not None:
+        raise ValueError(f"dataset {cfg.dataset.name} holds latents already; encode a pixel data set")
+    vae = load_vae(cfg.latent, device=state.device)
+    if dataset.channels not in (1, vae.in_channels):
+        raise ValueError(f"the VAE takes {vae.in_channels}-channel images, data set {cfg.dataset.name} has "
+                         f"{dataset.channels} channels")
+    if dataset.resolution % vae.factor:
+        raise ValueError(f"the VAE downsamples by {vae.factor}: dataset.resolution={dataset.resolution} must be a "
+                         f"multiple of it")
+    record = {"format": LATENTS_FORMAT, "vae_fingerprint": vae.fingerprint, "vae_dtype": cfg.latent.dtype,
+              "dataset": dataclasses.asdict(cfg.dataset) | {"num_workers": None}}
+    lock = None
+    if state.is_main_process:
+        lock = FolderLock(work, key="out", owner="encoder").acquire()
+        try:
+            earlier = [work / LABELS_NAME, work / LATENTS_NAME, *work.glob("[0-9]" * 5)]
+            claim(work, record, earlier, overwrite=cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        logger.info("encoding %d images of %s with VAE %s (%s) on %d process(es) -> %s", len(dataset), cfg.dataset.name,
+                    vae.name, vae.fingerprint, state.num_processes, out)
+    state.wait_for_everyone()
+    try:
+        made = _encode_shard(dataset, vae, work, state.process_index, state.num_processes, cfg)
+        logger.info("process %d encoded %d image(s)", state.process_index, made)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return {}
+        return _finish(dataset, vae, cfg, work, out, packed, made)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _encode_shard(dataset: ImageDataset, vae, work: Path, rank: int, world: int, cfg: EncodeConfig) -> int:
+    """Encode this process's images that have no file yet; returns how many."""
+    todo = [i for i in range(rank, len(dataset), world) if not (work / latent_name(i)).is_file()]
+    if len(todo) < len(range(rank, len(dataset), world)):
+        logger.info("resuming: %d of this process's images are encoded already", len(range(rank, len(dataset), world)) - len(todo))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=vae.batch,
+                                         num_workers=cfg.dataset.num_workers)
+    bar = progress_bar(len(todo), "encoding", "img") if cfg.progress and rank == 0 else None
+    try:
+        for images, _, indices in loader:
+            mean_std = vae.encode_pixels(images).cpu().numpy()
+            for index, array in zip(indices.tolist(), mean_std):
+                path = work / latent_name(index)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                atomic_write(path, lambda f: f.write(buffer.getvalue()), durable=False)
+            if bar is not None:
+                bar.update(len(indices))
+    finally:
+        if bar is not None:
+            bar.close()
+    return len(todo)
+
+
+def _finish(dataset: ImageDataset, vae, cfg: EncodeConfig, work: Path, out: Path, packed: bool, made: int) -> dict:
+    """dataset.json and latents.json beside the latents (then the zip, when asked); the report."""
+    names = [latent_name(i) for i in range(len(dataset))]
+    missing = [name for name in names if not (work / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} latents are missing in {work} (e.g. {missing[0]}): run edm-encode again to "
+                           "finish them")
+    labels = [[name, dataset.label_of(i)] for i, name in enumerate(names)] if dataset.num_classes else None
+    write_json(work / LABELS_NAME, {"labels": labels})
+    pixel_shape = [dataset.channels, dataset.resolution, dataset.resolution]
+    write_json(work / LATENTS_NAME, {"format": LATENTS_FORMAT, "vae": vae.name, "vae_fingerprint": vae.fingerprint,
+                                     "vae_dtype": cfg.latent.dtype, "dataset": dataclasses.asdict(cfg.dataset) | {"num_workers": None},
+                                     "pixel_shape": pixel_shape, "images": len(names)})
+    if packed:
+        _pack(work, [*names, LABELS_NAME, LATENTS_NAME], out)
+        shutil.rmtree(work)
+    report = {"out": str(out), "images": len(names), "encoded_now": made, "vae": vae.name,
+              "vae_fingerprint": vae.fingerprint, "latent_shape": [2 * vae.latent_channels, *[s // vae.factor for s in pixel_shape[1:]]]}
+    logger.info("%d latents %s -> %s", len(names), json.dumps(report["latent_shape"]), out)
+    return report
