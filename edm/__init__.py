@@ -6,6 +6,7 @@ and one set of ODE/SDE samplers work with all of them.
 
 The package, floor by floor (each imports only from the floors below it):
   edm.choices, edm.hardware, edm.files, edm.progress   generic helpers
+  edm.latent      EDM2's latent map and the VAE between pixels and latents (diffusers, optional)
   edm.core        the paper's math: schedules, precond, losses, samplers, denoisers, likelihood
   edm.networks    the U-Nets (DDPM++/NCSN++, ADM, EDM2) and the FID Inception
   edm.data        data sets, data order, augmentation
@@ -21,7 +22,7 @@ from .core.denoisers import IdealDenoiser
 from .core.losses import Loss
 from .core.precond import Precond
 from .core.samplers import sample
-from . import networks
+from . import latent, networks
 from .files import package_version
 from .evaluation import metrics, quality
 from .generation import outputs, sampling
@@ -37,6 +38,7 @@ __all__ = [
     "precond",
     "denoisers",
     "networks",
+    "latent",
     "sampling",
     "loading",
     "outputs",

@@ -337,11 +337,21 @@ def bench_sample(args: argparse.Namespace, turns: GpuTurns) -> dict:
 
 
 def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
-    """Images/s the training DataLoader delivers (decoded, batched, moved to the device)."""
+    """Images/s the training DataLoader delivers (decoded, batched, moved to the device; for a latent data set, each
+    latent drawn from its posterior as training draws it, with EDM2's latent map)."""
     from edm.data import DatasetConfig
     from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
+    from edm.latent import LatentConfig, final_latents, latent_affine
 
     dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root))
+    latent = LatentConfig()
+    scale, bias = latent_affine(latent.raw_mean, latent.raw_std, latent.final_mean, latent.final_std)
+
+    def model_space(images: torch.Tensor) -> torch.Tensor:
+        if dataset.latent is None:
+            return to_model_space(images)
+        return final_latents(images, torch.randn_like(images[:, : dataset.channels]), scale, bias)
+
     batches = 50
     sampler = StreamBatchSampler(len(dataset), args.seed, args.batch, args.batch, 0, 1, start_nimg=0)
     loader = make_loader(dataset, sampler, args.workers, pin_memory=args.device == "cuda")
@@ -351,8 +361,9 @@ def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
     with turns.turn(), Timer(device) as t:
         for _ in range(batches):
             images = next(it)[0]
-            to_model_space(images.to(device, non_blocking=True))
-    return {"images_per_s": batches * args.batch / t.seconds, "dataset": args.dataset, "workers": args.workers}
+            model_space(images.to(device, non_blocking=True))
+    return {"images_per_s": batches * args.batch / t.seconds, "dataset": args.dataset, "workers": args.workers,
+            "shape": [dataset.channels, dataset.resolution, dataset.resolution]}
 
 
 def device_name(args: argparse.Namespace) -> str:

@@ -321,6 +321,17 @@ def test_resume_refuses_a_run_whose_vae_differs(latent_run, vaes):
         check_resume_vae(saved, None, result.checkpoint)
 
 
+def test_resume_refuses_another_latent_map(latent_run):
+    from edm.models.checkpoint import CheckpointError
+    from edm.training.loop import setup
+
+    root, _ = latent_run
+    cfg = compose("train", [*TINY_TRAIN, "dataset=latent", f"dataset.root={root / 'latents'}", f"run_dir={root / 'run'}",
+                            "ema_sigma_rel=[0.10]", "ema_snapshot_kimg=0.016", "resume=true", "latent.raw_std=[1,1,1,1]"])
+    with pytest.raises(CheckpointError, match=r"latent.raw_std: checkpoint \[4.17, 4.62, 3.71, 3.28\], config \[1.0, 1.0"):
+        setup(cfg)
+
+
 def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixel_data(latent_run, vaes, tmp_path):
     from PIL import Image
 
@@ -438,3 +449,48 @@ def test_encoding_equals_edm2s_dataset_tool_and_stability_vae_encoder(edm2_code,
     noise = torch.randn_like(mean_std[:, :4])
     torch.testing.assert_close(final_latents(mean_std, noise, ours_vae.scale, ours_vae.bias), x_ref, rtol=0, atol=1e-6)
     assert torch.equal(ours_vae.decode(x_ref), reference.decode(x_ref))
+
+
+def test_bench_times_the_latent_loader_with_the_per_step_draw(latent_run, monkeypatch):
+    import edm.latent
+    from conftest import load_script
+
+    root, _ = latent_run
+    calls = []
+    real = edm.latent.final_latents
+    monkeypatch.setattr(edm.latent, "final_latents", lambda *a: calls.append(a[0].shape) or real(*a))
+    result = load_script("bench").main(["--device", "cpu", "--mode", "data", "--dataset", "latent", "--dataset-root",
+                                        str(root / "latents"), "--batch", "8", "--workers", "0"])
+    assert result["data"]["shape"] == [4, 8, 8] and result["data"]["images_per_s"] > 0
+    assert len(calls) == 50 and calls[0] == (8, 8, 8, 8)  # every timed batch drawn from its posteriors
+
+
+def test_encode_records_the_raw_latents_statistics_per_channel(tmp_path):
+    """E[z] and std of z = mean + std·n over a set, against a large sample of z."""
+    from edm.data.encode import raw_statistics
+
+    gen = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        mean = gen.normal([[[1.0]], [[-2.0]]], 0.5, (2, 4, 4))
+        std = gen.uniform(0.2, 1.5, (2, 4, 4))
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], np.concatenate([mean, std]).astype(np.float32))
+    stats = raw_statistics(paths)
+    arrays = np.stack([np.load(p) for p in paths]).astype(np.float64)
+    z = arrays[None, :, :2] + arrays[None, :, 2:] * gen.standard_normal((4000, 5, 2, 4, 4))
+    np.testing.assert_allclose(stats["mean"], z.mean(axis=(0, 1, 3, 4)), atol=5 * z.std() / z[:, :, 0].size ** 0.5)
+    np.testing.assert_allclose(stats["std"], z.std(axis=(0, 1, 3, 4)), rtol=0.01)
+
+
+def test_training_warns_when_the_latent_map_is_another_vaes(vaes, caplog):
+    from edm.training.build import check_latent_statistics
+
+    cfg = LatentConfig()
+    vae = load_vae(cfg, str(vaes[0]))
+    with caplog.at_level("WARNING"):
+        check_latent_statistics(cfg, {"mean": list(EDM2_RAW_MEAN), "std": list(EDM2_RAW_STD)}, vae)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_latent_statistics(cfg, {"mean": [0.1, 0, 0, 0], "std": [1.0, 1, 1, 1]}, vae)
+    assert "are not this VAE's; set them to the data set's measured [0.1, 0, 0, 0], [1.0, 1, 1, 1]" in caplog.text

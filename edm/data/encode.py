@@ -9,7 +9,7 @@ seeing x/255 as edm2's encoder), each file written atomically as its batch is en
 grow with the data set and a stopped run continues where it stopped. Process r of W encodes images r, r + W, ...
 The main process owns the folder (a lock and a provenance record of the VAE's fingerprint and the data set),
 then writes dataset.json (the labels, when the data set has classes) and latents.json (the VAE, the pixel data,
-its shape). An `out` ending in .zip is encoded into OUT.parts/ and packed into the zip at the end.
+its shape, the raw latents' statistics per channel). An `out` ending in .zip is encoded into OUT.parts/ and packed into the zip at the end.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .latents import latent_name
 from .registry import DatasetConfig, build_dataset
 from .sets import LABELS_NAME, ImageDataset
 
-__all__ = ["EncodeConfig", "encode_dataset", "LATENTS_FORMAT"]
+__all__ = ["EncodeConfig", "encode_dataset", "raw_statistics", "LATENTS_FORMAT"]
 
 logger = logging.getLogger(__name__)
 LATENTS_FORMAT = "edm-latents/1"
@@ -146,6 +146,22 @@ def _encode_shard(dataset: ImageDataset, vae, work: Path, rank: int, world: int,
     return len(todo)
 
 
+def raw_statistics(paths) -> dict[str, list[float]]:
+    """Per channel, the mean and standard deviation of the raw latents z = mean + std·n over a latent data set's
+    files (one pass; float64 sums): E[z] = avg(mean), Var[z] = avg(mean² + std²) − E[z]²."""
+    first = second = None
+    count = 0
+    for path in paths:
+        array = np.load(path, allow_pickle=False).astype(np.float64)
+        mean, std = np.split(array, 2)
+        s1, s2 = mean.sum(axis=(1, 2)), (mean**2 + std**2).sum(axis=(1, 2))
+        first, second = (s1, s2) if first is None else (first + s1, second + s2)
+        count += mean[0].size
+    mu = first / count
+    return {"mean": [round(float(v), 4) for v in mu],
+            "std": [round(float(v), 4) for v in np.sqrt(np.maximum(second / count - mu**2, 0))]}
+
+
 def _finish(dataset: ImageDataset, vae, cfg: EncodeConfig, work: Path, out: Path, packed: bool, made: int) -> dict:
     """dataset.json and latents.json beside the latents (then the zip, when asked); the report."""
     names = [latent_name(i) for i in range(len(dataset))]
@@ -156,9 +172,12 @@ def _finish(dataset: ImageDataset, vae, cfg: EncodeConfig, work: Path, out: Path
     labels = [[name, dataset.label_of(i)] for i, name in enumerate(names)] if dataset.num_classes else None
     write_json(work / LABELS_NAME, {"labels": labels})
     pixel_shape = [dataset.channels, dataset.resolution, dataset.resolution]
+    statistics = raw_statistics(work / name for name in names)
     write_json(work / LATENTS_NAME, {"format": LATENTS_FORMAT, "vae": vae.name, "vae_fingerprint": vae.fingerprint,
                                      "vae_dtype": cfg.latent.dtype, "dataset": dataclasses.asdict(cfg.dataset) | {"num_workers": None},
-                                     "pixel_shape": pixel_shape, "images": len(names)})
+                                     "pixel_shape": pixel_shape, "images": len(names), "raw_statistics": statistics})
+    logger.info("raw latent statistics per channel: mean %s, std %s (latent.raw_mean and latent.raw_std default to EDM2's "
+                "for sd-vae-ft-mse; set them to these for another VAE)", statistics["mean"], statistics["std"])
     if packed:
         _pack(work, [*names, LABELS_NAME, LATENTS_NAME], out)
         shutil.rmtree(work)

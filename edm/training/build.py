@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..choices import keyword_defaults
 from ..core.consistency import ECTLoss, SCMLoss
 from ..core.losses import Loss
@@ -22,7 +24,7 @@ from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
-from ..latent import VAE, VAEError, load_vae
+from ..latent import VAE, LatentConfig, VAEError, load_vae
 from ..networks import resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
 
@@ -114,7 +116,22 @@ def latent_vae(cfg: TrainConfig, dataset: ImageDataset, device: Any) -> VAE | No
     if recorded and recorded != vae.fingerprint:
         raise VAEError(f"VAE {name} (fingerprint {vae.fingerprint}) is not the one that encoded {cfg.dataset.root} "
                        f"({dataset.latent.get('vae')}, fingerprint {recorded}): set latent.vae to that VAE's folder")
+    check_latent_statistics(cfg.latent, dataset.latent.get("raw_statistics"), vae)
     return vae
+
+
+def check_latent_statistics(cfg: LatentConfig, measured: dict | None, vae: VAE) -> None:
+    """Warn when the data set's measured raw statistics (edm-encode's latents.json) do not map to about final_mean
+    and final_std under the configured latent map: the constants are another VAE's."""
+    if not measured:
+        return
+    mean = np.asarray(measured["mean"]) * vae.scale + vae.bias
+    std = np.asarray(measured["std"]) * vae.scale
+    if np.any(np.abs(std / cfg.final_std - 1) > 0.5) or np.any(np.abs(mean - cfg.final_mean) > 0.5 * cfg.final_std):
+        logger.warning("the latents map to mean %s, std %s per channel (latent.final_mean=%s, final_std=%s wanted): "
+                       "latent.raw_mean=%s, raw_std=%s are not this VAE's; set them to the data set's measured %s, %s "
+                       "(its latents.json)", np.round(mean, 3).tolist(), np.round(std, 3).tolist(), cfg.final_mean,
+                       cfg.final_std, list(cfg.raw_mean), list(cfg.raw_std), measured["mean"], measured["std"])
 
 
 def latent_facts(vae: VAE, dataset: ImageDataset) -> dict[str, Any]:

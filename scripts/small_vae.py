@@ -1,0 +1,76 @@
+"""Train a small AutoencoderKL (diffusers) on a data set we read, for trying latent diffusion where Stability's VAE
+cannot be downloaded: `edm-encode latent.vae=OUT` then takes it like any VAE folder.
+
+    python scripts/small_vae.py --dataset fashion_mnist --resolution 16 --out runs/vae-fmnist16 --steps 3000
+
+As Stable Diffusion's VAE in EDM2's use: RGB in [0, 1] in and out (a gray data set goes in as gray RGB), a
+4-channel latent at 1/2^(levels − 1) of the resolution; the loss is the mean squared reconstruction error of a
+posterior draw plus kl_weight times the KL divergence to N(0, I). Prints the reconstruction PSNR of held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=[name for name in DATASETS if name != "latent"])
+    p.add_argument("--dataset-root", default=None)
+    p.add_argument("--resolution", type=int, default=None, help="resize the images to this (default: native)")
+    p.add_argument("--out", required=True, help="the VAE folder to write (diffusers' save_pretrained layout)")
+    p.add_argument("--channels", default="32,64", help="block_out_channels, one per level (levels − 1 halvings)")
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--held-out", type=int, default=1000, help="images kept out of training for the PSNR")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffusers import AutoencoderKL
+
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    images, _ = dataset_images(build_dataset(DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution)))
+    x = images.float().div(255).expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().div(255)
+    held, train = x[: args.held_out], x[args.held_out :]
+    channels = tuple(int(c) for c in args.channels.split(","))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+                        layers_per_block=1, latent_channels=args.latent_channels, norm_num_groups=min(32, channels[0]),
+                        sample_size=x.shape[-1])
+    optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    for step in range(1, args.steps + 1):
+        batch = train[torch.randint(len(train), (args.batch,), generator=gen)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = (recon - batch).pow(2).mean()
+        loss = mse + args.kl_weight * posterior.kl().mean() / batch[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 500 == 0 or step == args.steps:
+            print(f"step {step}: mse {mse.item():.5f}", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        mse = sum(float((vae.decode(vae.encode(part).latent_dist.mean).sample.clamp(0, 1) - part).pow(2).sum())
+                  for part in held.split(250)) / held.numel()
+    vae.save_pretrained(args.out)
+    result = {"out": args.out, "psnr_db": 10 * math.log10(1 / mse), "held_out": len(held),
+              "parameters": sum(p.numel() for p in vae.parameters())}
+    print(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
