@@ -114,9 +114,9 @@ def _is_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1
 
 
-def load_autoencoder(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """diffusers' AutoencoderKL from a local folder (from_pretrained layout), or from a hub name (the local cache
-    first, then the network), in eval mode without gradients."""
+def load_autoencoder(name: str, device: torch.device | str = "cpu") -> Any:
+    """diffusers' AutoencoderKL in float32 from a local folder (from_pretrained layout), or from a hub name (the
+    local cache first, then the network), in eval mode without gradients."""
     diffusers = _diffusers()
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -124,7 +124,7 @@ def load_autoencoder(name: str, device: torch.device | str = "cpu", dtype: torch
             raise VAEError(f"VAE folder {folder} has no config.json: give a folder that AutoencoderKL.save_pretrained "
                            "wrote (config.json and diffusion_pytorch_model.safetensors)")
         try:
-            vae = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+            vae = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise VAEError(f"VAE folder {folder} cannot be read ({str(err).splitlines()[0]})") from None
     elif _is_path(name):
@@ -133,10 +133,10 @@ def load_autoencoder(name: str, device: torch.device | str = "cpu", dtype: torch
                        "`huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir DIR`)")
     else:
         try:
-            vae = diffusers.AutoencoderKL.from_pretrained(name, local_files_only=True, torch_dtype=dtype)
+            vae = diffusers.AutoencoderKL.from_pretrained(name, local_files_only=True)
         except OSError:
             try:
-                vae = diffusers.AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+                vae = diffusers.AutoencoderKL.from_pretrained(name)
             except OSError as err:
                 raise VAEError(f"VAE {name!r} is neither a local folder nor loadable from the hub "
                                f"({str(err).splitlines()[0]}); download it where there is network "
@@ -156,12 +156,15 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 class VAE:
-    """One VAE between uint8 pixels and final latents (see the module's maps), run in batches of `batch`."""
+    """One VAE between uint8 pixels and final latents (see the module's maps), run in batches of `batch` in `dtype`.
+    Its fingerprint is of the float32 weights it is given, so a VAE run in bfloat16 is still the same VAE."""
 
     def __init__(self, autoencoder: Any, name: str, scale: np.ndarray, bias: np.ndarray, batch: int = 8,
                  dtype: str = "float32", pixel_channels: int = 3) -> None:
         if batch < 1:
             raise ValueError(f"latent.batch={batch} must be at least 1")
+        if dtype not in VAE_DTYPES:
+            raise ValueError(f"VAE dtype {dtype!r} is not one of {', '.join(VAE_DTYPES)}")
         self.autoencoder, self.name, self.batch, self.dtype = autoencoder, str(name), int(batch), dtype
         self.pixel_channels = int(pixel_channels)  # decoded images: RGB, or gray (the mean of RGB) for gray data
         config = autoencoder.config
@@ -172,17 +175,12 @@ class VAE:
             raise VAEError(f"VAE {name} makes {self.latent_channels}-channel latents, but latent.raw_mean/raw_std give "
                            f"{len(scale)} channels: give one value per channel for this VAE")
         self.scale, self.bias = np.asarray(scale, np.float32), np.asarray(bias, np.float32)
-        self._fingerprint: str | None = None
+        self.fingerprint = weights_fingerprint(autoencoder)
+        torch.nn.Module.to(autoencoder, VAE_DTYPES[dtype])  # (diffusers' own .to warns about float32 modules)
 
     @property
     def device(self) -> torch.device:
         return next(self.autoencoder.parameters()).device
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.autoencoder)
-        return self._fingerprint
 
     def _batches(self, x: Tensor):
         dtype = VAE_DTYPES[self.dtype]
@@ -227,8 +225,7 @@ def load_vae(cfg: LatentConfig, name: str | None = None, device: torch.device | 
     if cfg.dtype not in VAE_DTYPES:
         raise ValueError(f"latent.dtype={cfg.dtype!r} is not one of {', '.join(VAE_DTYPES)}")
     scale, bias = latent_affine(cfg.raw_mean, cfg.raw_std, cfg.final_mean, cfg.final_std)
-    return VAE(load_autoencoder(name, device, VAE_DTYPES[cfg.dtype]), name, scale, bias, cfg.batch, cfg.dtype,
-               pixel_channels)
+    return VAE(load_autoencoder(name, device), name, scale, bias, cfg.batch, cfg.dtype, pixel_channels)
 
 
 def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: str | None, batch: int = 8,
@@ -243,7 +240,7 @@ def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: s
     if dtype not in VAE_DTYPES:
         raise ValueError(f"vae_dtype={dtype!r} is not one of {', '.join(VAE_DTYPES)}")
     name = vae or latent["vae"]
-    decoder = VAE(load_autoencoder(name, device, VAE_DTYPES[dtype]), name, np.asarray(latent["scale"], np.float32),
+    decoder = VAE(load_autoencoder(name, device), name, np.asarray(latent["scale"], np.float32),
                   np.asarray(latent["bias"], np.float32), batch, dtype, (latent.get("pixel_shape") or [3])[0])
     if decoder.latent_channels != img_shape[0]:
         raise VAEError(f"VAE {name} makes {decoder.latent_channels}-channel latents, {source} models {img_shape[0]} "

@@ -494,3 +494,12 @@ def test_training_warns_when_the_latent_map_is_another_vaes(vaes, caplog):
     with caplog.at_level("WARNING"):
         check_latent_statistics(cfg, {"mean": [0.1, 0, 0, 0], "std": [1.0, 1, 1, 1]}, vae)
     assert "are not this VAE's; set them to the data set's measured [0.1, 0, 0, 0], [1.0, 1, 1, 1]" in caplog.text
+
+
+def test_vae_in_bfloat16_decodes_close_to_float32(vaes):
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.5
+    full = load_vae(LatentConfig(vae=str(vaes[0])))
+    half = load_vae(LatentConfig(vae=str(vaes[0]), dtype="bfloat16"))
+    assert next(half.autoencoder.parameters()).dtype == torch.bfloat16 and half.fingerprint == full.fingerprint
+    difference = (half.decode(x).float() - full.decode(x).float()).abs()
+    assert difference.mean() < 2 and difference.max() <= 12  # bf16's 8-bit mantissa: a few grey levels
