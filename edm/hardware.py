@@ -135,6 +135,23 @@ def launcher_restart(env: Mapping[str, str] = os.environ) -> tuple[int, str]:
     return 0, ""
 
 
+def join_restarted_group(cpu: bool, env: Mapping[str, str] = os.environ) -> bool:
+    """In a restart by torchrun's elastic agent (TORCHELASTIC_RESTART_COUNT > 0, workers on the agent's store), join
+    the default process group through a store prefixed by the attempt, before accelerate would join it. The agent's
+    store keeps the failed attempt's keys, and torch's env:// rendezvous (2.14) reuses them unprefixed: the new gloo
+    group then dials the dead worker's address and fails or hangs. Returns whether it joined."""
+    import torch.distributed as dist
+
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return False
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False)
+    backend = "gloo" if cpu or not torch.cuda.is_available() else "nccl"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"edm/attempt-{restart}", store), rank=rank, world_size=world)
+    return True
+
+
 class LaunchSettings(NamedTuple):
     mixed_precision: str  # no | fp16 | bf16
     dynamo_backend: str  # "no", or the torch.compile backend

@@ -285,6 +285,42 @@ def test_workers_save_and_end_when_their_launcher_is_killed(tmp_path, tiny_train
                 os.kill(pid, signal.SIGKILL)
 
 
+def _launch(run_dir: Path, tiny_train: list[str], env: dict, *launcher_args: str, **popen) -> subprocess.Popen:
+    """accelerate launch of edm.train on two CPU workers (gloo): 20 steps, a checkpoint every 4."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", *launcher_args, "-m", "edm.train", *tiny_train,
+         f"run_dir={run_dir}", "total_kimg=0.16", "checkpoint_every=4", "keep_checkpoints=0", "grid_size=0", "cpu=true"],
+        cwd=REPO, env=env, start_new_session=True, **popen)
+
+
+def test_a_killed_worker_makes_the_launcher_restart_the_group_which_resumes_and_ends_as_an_unbroken_run(
+        tmp_path, tiny_train, one_thread_env):
+    """`accelerate launch --max_restarts 1`: kill -9 of one of two workers after a checkpoint; torchrun's agent
+    restarts both, they resume from the newest checkpoint by themselves (a process group of the attempt's own: see
+    edm.hardware.join_restarted_group), and the run ends with the weights of a run that was never interrupted."""
+    from conftest import worker_pid
+
+    broken, unbroken = tmp_path / "broken", tmp_path / "unbroken"
+    launcher = _launch(broken, tiny_train, one_thread_env, "--max_restarts", "1", "--monitor_interval", "1",
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (broken / "checkpoint-00000004.pt").is_file(), 300, "the first checkpoint")
+        os.kill(worker_pid(launcher.pid, 1), signal.SIGKILL)
+        newest = find_latest(broken)
+        output, _ = launcher.communicate(timeout=400)
+    finally:
+        kill_group(launcher)
+    assert launcher.returncode == 0, output[-3000:]
+    resumed = [line for line in output.splitlines() if "restart 1 (TORCHELASTIC_RESTART_COUNT): resuming from" in line]
+    assert len(resumed) == 2 and all(line.endswith(newest.name) for line in resumed)  # no more than one interval lost
+    proc = _launch(unbroken, tiny_train, one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.wait(timeout=400) == 0, proc.stderr.read()[-3000:]
+    a, b = load_checkpoint(broken / "checkpoint-00000020.pt"), load_checkpoint(unbroken / "checkpoint-00000020.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+
+
 def test_channels_last_training_is_the_same_computation(compose_train, tmp_path):
     """channels_last=true changes the memory layout only: same losses and weights (CPU, to
     float32 rounding: relative distance of the EMA weights < 1e-5), the network's 4-D weights stored NHWC, a checkpoint any model loads."""
