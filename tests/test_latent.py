@@ -503,3 +503,13 @@ def test_vae_in_bfloat16_decodes_close_to_float32(vaes):
     assert next(half.autoencoder.parameters()).dtype == torch.bfloat16 and half.fingerprint == full.fingerprint
     difference = (half.decode(x).float() - full.decode(x).float()).abs()
     assert difference.mean() < 2 and difference.max() <= 12  # bf16's 8-bit mantissa: a few grey levels
+
+
+def test_small_vae_script_writes_a_vae_folder_that_encodes(tmp_path):
+    from conftest import load_script
+
+    result = load_script("small_vae").main(["--dataset", "digits", "--resolution", "16", "--out", str(tmp_path / "vae"),
+                                            "--steps", "3", "--batch", "8", "--held-out", "16"])
+    vae = load_vae(LatentConfig(vae=result["out"]))
+    assert (vae.latent_channels, vae.factor, vae.in_channels) == (4, 2, 3) and np.isfinite(result["psnr_db"])
+    assert vae.encode_pixels(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 8, 8, 8)
