@@ -312,8 +312,10 @@ def test_a_killed_worker_makes_the_launcher_restart_the_group_which_resumes_and_
     finally:
         kill_group(launcher)
     assert launcher.returncode == 0, output[-3000:]
-    resumed = [line for line in output.splitlines() if "restart 1 (TORCHELASTIC_RESTART_COUNT): resuming from" in line]
-    assert len(resumed) == 2 and all(line.endswith(newest.name) for line in resumed)  # no more than one interval lost
+    resumed = [line.rsplit("/", 1)[-1] for line in output.splitlines()
+               if "restart 1 (TORCHELASTIC_RESTART_COUNT): resuming from" in line]
+    # both workers from one checkpoint: the newest at the kill, or one the surviving worker finished saving after it
+    assert len(resumed) == 2 and resumed[0] == resumed[1] >= newest.name
     proc = _launch(unbroken, tiny_train, one_thread_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.wait(timeout=400) == 0, proc.stderr.read()[-3000:]
     a, b = load_checkpoint(broken / "checkpoint-00000020.pt"), load_checkpoint(unbroken / "checkpoint-00000020.pt")
