@@ -24,7 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "EDM2_RAW_MEAN", "EDM2_RAW_STD", "LATENTS_NAME", "LatentConfig", "VAEError", "latent_affine", "final_latents",
-    "raw_latents", "decoded_pixels", "load_autoencoder", "weights_fingerprint", "VAE", "load_vae", "model_vae",
+    "raw_latents", "decoded_pixels", "load_autoencoder", "weights_fingerprint", "VAE", "vae_name", "load_vae", "model_vae",
+    "same_latent_space",
 ]
 
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # EDM2's assumed mean of stabilityai/sd-vae-ft-mse's raw latents
@@ -159,7 +160,7 @@ class VAE:
     """One VAE between uint8 pixels and final latents (see the module's maps), run in batches of `batch` in `dtype`.
     Its fingerprint is of the float32 weights it is given, so a VAE run in bfloat16 is still the same VAE."""
 
-    def __init__(self, autoencoder: Any, name: str, scale: np.ndarray, bias: np.ndarray, batch: int = 8,
+    def __init__(self, autoencoder: Any, name: str, scale: np.ndarray | None, bias: np.ndarray | None, batch: int = 8,
                  dtype: str = "float32", pixel_channels: int = 3) -> None:
         if batch < 1:
             raise ValueError(f"latent.batch={batch} must be at least 1")
@@ -171,10 +172,12 @@ class VAE:
         self.latent_channels = int(config.latent_channels)
         self.factor = 2 ** (len(config.block_out_channels) - 1)  # pixels per latent, each way
         self.in_channels = int(config.in_channels)
-        if len(scale) != self.latent_channels:
-            raise VAEError(f"VAE {name} makes {self.latent_channels}-channel latents, but latent.raw_mean/raw_std give "
-                           f"{len(scale)} channels: give one value per channel for this VAE")
-        self.scale, self.bias = np.asarray(scale, np.float32), np.asarray(bias, np.float32)
+        if scale is not None and len(scale) != self.latent_channels:
+            raise VAEError(f"VAE {name} makes {self.latent_channels}-channel latents, but the latent map has {len(scale)} "
+                           "channels: give the VAE of the data set or model (whose channels it has), or one "
+                           "latent.raw_mean/raw_std value per channel of this VAE")
+        self.scale = None if scale is None else np.asarray(scale, np.float32)  # None: encoding only
+        self.bias = None if bias is None else np.asarray(bias, np.float32)
         self.fingerprint = weights_fingerprint(autoencoder)
         torch.nn.Module.to(autoencoder, VAE_DTYPES[dtype])  # (diffusers' own .to warns about float32 modules)
 
@@ -185,9 +188,9 @@ class VAE:
     def _batches(self, x: Tensor):
         dtype = VAE_DTYPES[self.dtype]
         for part in x.split(self.batch):
-            with torch.no_grad():
-                yield part.to(self.device, dtype)
+            yield part.to(self.device, dtype)
 
+    @torch.no_grad()
     def encode_pixels(self, images: Tensor) -> Tensor:
         """uint8 pixels [B, C, H, W] (C = 1 is repeated to RGB) -> raw latents [B, 2c, H/f, W/f]: the posterior's
         mean and std of the VAE encoder, which sees x/255 (EDM2's range)."""
@@ -199,6 +202,7 @@ class VAE:
             out.append(torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float32))
         return torch.cat(out)
 
+    @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         """Final latents [B, c, h, w] -> uint8 pixels [B, pixel_channels, h·f, w·f] (decoded_pixels of the VAE
         decoder's output for raw_latents(x))."""
@@ -216,16 +220,36 @@ class VAE:
                 "bias": self.bias.tolist()}
 
 
+def vae_name(name: str) -> str:
+    """A local VAE folder as its absolute path (what runs and data sets record), a hub name as it is."""
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else name
+
+
 def load_vae(cfg: LatentConfig, name: str | None = None, device: torch.device | str = "cpu",
-             pixel_channels: int = 3) -> VAE:
-    """The VAE of `cfg` (its vae, else `name`), with cfg's latent map and batch."""
+             pixel_channels: int = 3, latent_map: bool = True) -> VAE:
+    """The VAE of `cfg` (its vae, else `name`), with cfg's batch and dtype and (latent_map) its latent map."""
     name = cfg.vae or name
     if not name:
         raise VAEError("no VAE named: set latent.vae=FOLDER (a folder in diffusers' from_pretrained layout)")
     if cfg.dtype not in VAE_DTYPES:
         raise ValueError(f"latent.dtype={cfg.dtype!r} is not one of {', '.join(VAE_DTYPES)}")
-    scale, bias = latent_affine(cfg.raw_mean, cfg.raw_std, cfg.final_mean, cfg.final_std)
-    return VAE(load_autoencoder(name, device), name, scale, bias, cfg.batch, cfg.dtype, pixel_channels)
+    scale, bias = latent_affine(cfg.raw_mean, cfg.raw_std, cfg.final_mean, cfg.final_std) if latent_map else (None, None)
+    return VAE(load_autoencoder(name, device), vae_name(name), scale, bias, cfg.batch, cfg.dtype, pixel_channels)
+
+
+def same_latent_space(a: dict | None, b: dict | None, what: str) -> None:
+    """Two models mixed in one sampler (a guide, a teacher) must work in one space: both pixels, or latents of the
+    same map (scale, bias) and, where both record it, the same VAE."""
+    if a is None and b is None:
+        return
+    if (a is None) != (b is None):
+        raise VAEError(f"{what} {'makes pixels' if b is None else 'makes VAE latents'}, the model "
+                       f"{'pixels' if a is None else 'VAE latents'}: both must work in one space")
+    fingerprints = {a.get("vae_fingerprint"), b.get("vae_fingerprint")} - {None}
+    if not np.allclose(a["scale"], b["scale"]) or not np.allclose(a["bias"], b["bias"]) or len(fingerprints) > 1:
+        raise VAEError(f"{what} works in other VAE latents ({b['vae']}, scale {b['scale']}, bias {b['bias']}) than the "
+                       f"model ({a['vae']}, scale {a['scale']}, bias {a['bias']}): give one trained on the same latents")
 
 
 def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: str | None, batch: int = 8,
@@ -240,7 +264,7 @@ def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: s
     if dtype not in VAE_DTYPES:
         raise ValueError(f"vae_dtype={dtype!r} is not one of {', '.join(VAE_DTYPES)}")
     name = vae or latent["vae"]
-    decoder = VAE(load_autoencoder(name, device), name, np.asarray(latent["scale"], np.float32),
+    decoder = VAE(load_autoencoder(name, device), vae_name(name), np.asarray(latent["scale"], np.float32),
                   np.asarray(latent["bias"], np.float32), batch, dtype, (latent.get("pixel_shape") or [3])[0])
     if decoder.latent_channels != img_shape[0]:
         raise VAEError(f"VAE {name} makes {decoder.latent_channels}-channel latents, {source} models {img_shape[0]} "

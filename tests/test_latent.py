@@ -151,7 +151,7 @@ def test_vae_errors_say_what_to_do(vaes, tmp_path, monkeypatch):
         load_autoencoder(str(tmp_path / "empty"))
     with pytest.raises(VAEError, match="no VAE named: set latent.vae"):
         load_vae(LatentConfig())
-    with pytest.raises(VAEError, match="4-channel latents, but .* give 3 channels"):
+    with pytest.raises(VAEError, match="4-channel latents, but the latent map has 3 channels"):
         load_vae(LatentConfig(vae=str(vaes[0]), raw_mean=[0, 0, 0], raw_std=[1, 1, 1]))
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(VAEError, match=r"pip install 'edm-diffusion\[latent\]'"):
@@ -269,6 +269,10 @@ def test_training_on_latents_records_the_vae_and_decodes_its_grids(latent_run, v
     np.testing.assert_array_equal(np.float32(latent["scale"]), vae.scale)
     assert state["denoiser"]["network"]["in_channels"] == 4 and state["denoiser"]["network"]["img_resolution"] == 8
     assert Image.open(root / "run" / "samples-final.png").mode == "L"  # decoded to the data's gray pixels
+    from edm.models.loading import load_model
+
+    info = load_model(root / "run")[1]
+    assert info.img_shape == (4, 8, 8) and info.pixel_shape == (1, 16, 16)
 
 
 def test_training_draws_each_latent_from_its_posterior(latent_run):
@@ -314,11 +318,14 @@ def test_resume_refuses_a_run_whose_vae_differs(latent_run, vaes):
 
     _, result = latent_run
     saved = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["latent"]
-    check_resume_vae(saved, load_vae(LatentConfig(vae=str(vaes[0]))), result.checkpoint)
+    check_resume_vae(saved, dict(saved), result.checkpoint)
+    other = load_vae(LatentConfig(vae=str(vaes[1])))
     with pytest.raises(CheckpointError, match="trained with VAE .* latent.vae=.*b has fingerprint"):
-        check_resume_vae(saved, load_vae(LatentConfig(vae=str(vaes[1]))), result.checkpoint)
+        check_resume_vae(saved, {**saved, "vae": other.name, "vae_fingerprint": other.fingerprint}, result.checkpoint)
     with pytest.raises(CheckpointError, match="trained on VAE latents, the config's data set holds pixels"):
         check_resume_vae(saved, None, result.checkpoint)
+    with pytest.raises(CheckpointError, match="another latent space .*dataset: checkpoint"):
+        check_resume_vae(saved, {**saved, "dataset": {**saved["dataset"], "max_size": 32}}, result.checkpoint)
 
 
 def test_resume_refuses_another_latent_map(latent_run):
@@ -328,7 +335,7 @@ def test_resume_refuses_another_latent_map(latent_run):
     root, _ = latent_run
     cfg = compose("train", [*TINY_TRAIN, "dataset=latent", f"dataset.root={root / 'latents'}", f"run_dir={root / 'run'}",
                             "ema_sigma_rel=[0.10]", "ema_snapshot_kimg=0.016", "resume=true", "latent.raw_std=[1,1,1,1]"])
-    with pytest.raises(CheckpointError, match=r"latent.raw_std: checkpoint \[4.17, 4.62, 3.71, 3.28\], config \[1.0, 1.0"):
+    with pytest.raises(CheckpointError, match=r"another latent space \(scale: checkpoint \[0.119"):
         setup(cfg)
 
 
@@ -513,3 +520,28 @@ def test_small_vae_script_writes_a_vae_folder_that_encodes(tmp_path):
     vae = load_vae(LatentConfig(vae=result["out"]))
     assert (vae.latent_channels, vae.factor, vae.in_channels) == (4, 2, 3) and np.isfinite(result["psnr_db"])
     assert vae.encode_pixels(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 8, 8, 8)
+
+
+def test_encode_takes_a_vae_of_any_latent_channel_count(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=8, norm_num_groups=4).save_pretrained(tmp_path / "vae8")
+    report = encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=3),
+                                         latent=LatentConfig(vae=str(tmp_path / "vae8")), out=str(tmp_path / "lat"),
+                                         progress=False))
+    assert report["latent_shape"] == [16, 8, 8] and np.load(tmp_path / "lat" / latent_name(2)).shape == (16, 8, 8)
+    assert len(json.loads((tmp_path / "lat" / "latents.json").read_text())["raw_statistics"]["mean"]) == 8
+
+
+def test_models_mixed_in_one_sampler_must_share_the_latent_space():
+    from edm.latent import same_latent_space
+
+    a = {"vae": "a", "vae_fingerprint": "f", "scale": [0.5, 0.25], "bias": [0.0, 1.0]}
+    same_latent_space(None, None, "guide")
+    same_latent_space(a, {**a, "vae": "elsewhere", "vae_fingerprint": None}, "guide")  # edm2's pickles record no fingerprint
+    for other, match in (({**a, "scale": [0.5, 0.3]}, "other VAE latents"), ({**a, "vae_fingerprint": "g"}, "other VAE"),
+                         (None, "makes pixels, the model VAE latents")):
+        with pytest.raises(VAEError, match=match):
+            same_latent_space(a, other, "guide G")

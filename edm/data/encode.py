@@ -15,7 +15,6 @@ its shape, the raw latents' statistics per channel). An `out` ending in .zip is 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import shutil
@@ -52,13 +51,11 @@ class EncodeConfig:
     progress: bool = True
 
 
-def _with_labels(dataset: ImageDataset) -> ImageDataset:
-    """The data set with its one-hot labels on whenever it has classes (a latent set carries them over)."""
-    layer = dataset
-    while layer is not None:
-        layer.cond = layer.num_classes > 0
-        layer = getattr(layer, "base", None)
-    return dataset
+def _source(cfg: DatasetConfig) -> dict:
+    """The pixel data set as latents.json and the provenance record name it: root absolute, and without the
+    settings that do not change the latents (labels are always carried over, workers only read)."""
+    root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
+    return dataclasses.asdict(cfg) | {"root": root, "cond": False, "num_workers": None}
 
 
 def _pack(folder: Path, names: list[str], dest: Path) -> None:
@@ -85,10 +82,10 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     work = out.with_name(out.name + ".parts") if packed else out
     if packed and out.exists() and not cfg.overwrite:
         raise FileExistsError(f"out {out} exists: choose another out=, or pass overwrite=true to replace it")
-    dataset = _with_labels(build_dataset(dataclasses.replace(cfg.dataset, cond=False)))
+    dataset = build_dataset(dataclasses.replace(cfg.dataset, cond=False))  # labels: dataset.label_of
     if dataset.latent is not None:
         raise ValueError(f"dataset {cfg.dataset.name} holds latents already; encode a pixel data set")
-    vae = load_vae(cfg.latent, device=state.device)
+    vae = load_vae(cfg.latent, device=state.device, latent_map=False)  # any VAE: the map is training's
     if dataset.channels not in (1, vae.in_channels):
         raise ValueError(f"the VAE takes {vae.in_channels}-channel images, data set {cfg.dataset.name} has "
                          f"{dataset.channels} channels")
@@ -96,7 +93,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
         raise ValueError(f"the VAE downsamples by {vae.factor}: dataset.resolution={dataset.resolution} must be a "
                          f"multiple of it")
     record = {"format": LATENTS_FORMAT, "vae_fingerprint": vae.fingerprint, "vae_dtype": cfg.latent.dtype,
-              "dataset": dataclasses.asdict(cfg.dataset) | {"num_workers": None}}
+              "dataset": _source(cfg.dataset)}
     lock = None
     if state.is_main_process:
         lock = FolderLock(work, key="out", owner="encoder").acquire()
@@ -123,9 +120,10 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
 
 def _encode_shard(dataset: ImageDataset, vae, work: Path, rank: int, world: int, cfg: EncodeConfig) -> int:
     """Encode this process's images that have no file yet; returns how many."""
-    todo = [i for i in range(rank, len(dataset), world) if not (work / latent_name(i)).is_file()]
-    if len(todo) < len(range(rank, len(dataset), world)):
-        logger.info("resuming: %d of this process's images are encoded already", len(range(rank, len(dataset), world)) - len(todo))
+    mine = range(rank, len(dataset), world)
+    todo = [i for i in mine if not (work / latent_name(i)).is_file()]
+    if len(todo) < len(mine):
+        logger.info("resuming: %d of this process's images are encoded already", len(mine) - len(todo))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=vae.batch,
                                          num_workers=cfg.dataset.num_workers)
     bar = progress_bar(len(todo), "encoding", "img") if cfg.progress and rank == 0 else None
@@ -133,11 +131,7 @@ def _encode_shard(dataset: ImageDataset, vae, work: Path, rank: int, world: int,
         for images, _, indices in loader:
             mean_std = vae.encode_pixels(images).cpu().numpy()
             for index, array in zip(indices.tolist(), mean_std):
-                path = work / latent_name(index)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                buffer = io.BytesIO()
-                np.save(buffer, array)
-                atomic_write(path, lambda f: f.write(buffer.getvalue()), durable=False)
+                atomic_write(work / latent_name(index), lambda f: np.save(f, array), durable=False)
             if bar is not None:
                 bar.update(len(indices))
     finally:
@@ -174,7 +168,7 @@ def _finish(dataset: ImageDataset, vae, cfg: EncodeConfig, work: Path, out: Path
     pixel_shape = [dataset.channels, dataset.resolution, dataset.resolution]
     statistics = raw_statistics(work / name for name in names)
     write_json(work / LATENTS_NAME, {"format": LATENTS_FORMAT, "vae": vae.name, "vae_fingerprint": vae.fingerprint,
-                                     "vae_dtype": cfg.latent.dtype, "dataset": dataclasses.asdict(cfg.dataset) | {"num_workers": None},
+                                     "vae_dtype": cfg.latent.dtype, "dataset": _source(cfg.dataset),
                                      "pixel_shape": pixel_shape, "images": len(names), "raw_statistics": statistics})
     logger.info("raw latent statistics per channel: mean %s, std %s (latent.raw_mean and latent.raw_std default to EDM2's "
                 "for sd-vae-ft-mse; set them to these for another VAE)", statistics["mean"], statistics["std"])

@@ -41,7 +41,7 @@ from ..data import DatasetConfig, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
 from ..generation.provenance import claim
 from ..generation.sampling import chunks, generate_batch, plan_images
-from ..latent import VAE, model_vae
+from ..latent import VAE, model_vae, same_latent_space
 from ..models.loading import ModelInfo, guided, load_model
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
@@ -217,6 +217,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     info, models = main.info, [main]
     if cfg.teacher is not None:
         teacher, _ = _load(cfg.teacher, "teacher", cfg.teacher_solvers, cfg.teacher_steps, cfg, device)
+        same_latent_space(info.latent, teacher.info.latent, f"teacher {teacher.info.source}")
         if teacher.info.img_shape != info.img_shape or teacher.info.label_dim != info.label_dim:
             raise ValueError(f"teacher {teacher.info.source} makes {teacher.info.img_shape} images with "
                              f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}")

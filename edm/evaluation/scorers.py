@@ -260,7 +260,7 @@ def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path
         raise ValueError(f"metric={name} scores data under a model: give the data as data=PATH (folder or .npz) "
                          "or dataset=NAME, and the model as checkpoint=PATH")
     if ctx.info is not None:
-        ctx = dataclasses.replace(ctx, image_shape=ctx.info.img_shape)
+        ctx = dataclasses.replace(ctx, image_shape=ctx.info.pixel_shape)
     scorer = metric.build(options, ctx)  # weights, references and classifiers before the images are read
     limit = getattr(options, "max_images", None)
     if images is not None:

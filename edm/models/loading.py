@@ -27,6 +27,7 @@ from ..files import file_sha256
 from .export import export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
+from ..latent import same_latent_space
 
 __all__ = ["ModelInfo", "read_model_file", "load_model", "guided", "export_model"]
 
@@ -59,6 +60,15 @@ class ModelInfo:
         if solver in MEANFLOW_SOLVERS and self.objective != "meanflow":
             raise ValueError(f"{self.source} was trained with objective={self.objective}; sampler {solver} needs a "
                              "MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN), or use sampler=heun")
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int] | None:
+        """[C, H, W] of the model's images: its own shape, or for a latent model the pixels it records (None when it
+        does not, as edm2's pickles)."""
+        if self.latent is None:
+            return self.img_shape
+        shape = self.latent.get("pixel_shape")
+        return tuple(shape) if shape else None
 
     def training_dataset(self) -> DatasetConfig | None:
         """The training set's config (edm checkpoints record it; for a latent model, the pixel data its latents
@@ -159,6 +169,7 @@ def guided(
         if guide_info.img_shape != info.img_shape:
             raise ValueError(f"guide {guide} makes {list(guide_info.img_shape)} images, the model "
                              f"{list(info.img_shape)}: a guide must be a model of the same data")
+        same_latent_space(info.latent, guide_info.latent, f"guide {guide}")
         if guide_info.label_dim not in (0, info.label_dim):
             raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
                              "a guide must take the model's labels (or none)")

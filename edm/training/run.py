@@ -112,7 +112,8 @@ def seed_draws(generator: torch.Generator, seed: int, position: int, stream: str
     """Seed the random draws of the micro-batch that starts at `position` of the run's data stream (the images
     drawn before it, whatever the number of processes): "noise" seeds the training generator (σ, n) and the global
     RNG (dropout) from their own streams, "augment" the training generator for the augmentation. So a micro-batch of
-    the same place and size draws the same numbers in any process layout, and on resume."""
+    the same place and size draws the same numbers in any process layout, and on resume. ("latent" seeds the draw
+    of a latent data set's latents from their posteriors.)"""
     generator.manual_seed(stream_seed(seed, stream, position))
     if stream == "noise":
         torch.manual_seed(stream_seed(seed, "global", position))
@@ -133,14 +134,13 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 # continue the saved one. Loss, network, precond and schedule are compared as resolved specs.
 RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
                 "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.",
-                "meanflow.", "latent.raw_mean", "latent.raw_std", "latent.final_mean", "latent.final_std",
-                )  # a key ending in "." stands for every key under it; the VAE itself is compared by its fingerprint
+                "meanflow.")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
                "batch_per_device",
-               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers", "latent.vae", "latent.batch",
-               "latent.dtype")
+               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers", "latent.")  # latent runs:
+# their latent space (VAE fingerprint, scale, bias, pixel data) is compared as recorded facts (check_resume_vae)
 
 
 def _is_fixed(key: str) -> bool:
@@ -183,17 +183,23 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
     return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
 
 
-def check_resume_vae(saved: dict | None, vae: Any, path: Path) -> None:
-    """A latent run resumes with the VAE of the same weights (by fingerprint; its folder may move)."""
-    if saved is None and vae is None:
+def check_resume_vae(saved: dict | None, ours: dict | None, path: Path) -> None:
+    """A latent run resumes in the same latent space: the VAE of the same weights (by fingerprint; its folder may
+    move), the same scale and bias, the same pixel data (edm.training.build.latent_facts of checkpoint and config)."""
+    if saved is None and ours is None:
         return
-    if saved is None or vae is None:
+    if saved is None or ours is None:
         raise ckpt.CheckpointError(f"checkpoint {path} was trained on {'pixels' if saved is None else 'VAE latents'}, the "
-                                   f"config's data set holds {'pixels' if vae is None else 'latents'}: resume on its data set")
-    if saved.get("vae_fingerprint") != vae.fingerprint:
+                                   f"config's data set holds {'pixels' if ours is None else 'latents'}: resume on its data set")
+    if saved.get("vae_fingerprint") != ours["vae_fingerprint"]:
         raise ckpt.CheckpointError(f"checkpoint {path} was trained with VAE {saved.get('vae')} (fingerprint "
-                                   f"{saved.get('vae_fingerprint')}), latent.vae={vae.name} has fingerprint {vae.fingerprint}: "
-                                   "resume with the run's VAE (latent.vae=ITS_FOLDER)")
+                                   f"{saved.get('vae_fingerprint')}), latent.vae={ours['vae']} has fingerprint "
+                                   f"{ours['vae_fingerprint']}: resume with the run's VAE (latent.vae=ITS_FOLDER)")
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, config {ours[key]!r}" for key in ("scale", "bias", "pixel_shape", "dataset")
+             if saved.get(key) != ours[key]]
+    if diffs:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained in another latent space ({'; '.join(diffs)}): resume "
+                                   "with its latent.raw_mean/raw_std/final_mean/final_std and its latent data set")
 
 
 def restore(run: Run, path: Path) -> None:
@@ -212,7 +218,7 @@ def restore(run: Run, path: Path) -> None:
             f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
             "resume with the settings it was trained with, or start a new run_dir"
         )
-    check_resume_vae(state.get("latent"), run.vae, path)
+    check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
     changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
