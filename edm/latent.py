@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = [
     "EDM2_RAW_MEAN", "EDM2_RAW_STD", "LATENTS_NAME", "LatentConfig", "VAEError", "latent_affine", "final_latents",
     "raw_latents", "decoded_pixels", "load_autoencoder", "weights_fingerprint", "VAE", "vae_name", "load_vae", "model_vae",
-    "same_latent_space",
+    "same_latent_space", "pixel_channels", "check_vae",
 ]
 
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # EDM2's assumed mean of stabilityai/sd-vae-ft-mse's raw latents
@@ -226,6 +226,23 @@ def vae_name(name: str) -> str:
     return str(folder.resolve()) if folder.is_dir() else name
 
 
+def pixel_channels(latent: dict) -> int:
+    """The channels of the images a latent record's latents decode to: its pixel data's, else RGB."""
+    return (latent.get("pixel_shape") or [3])[0]
+
+
+def check_vae(vae: VAE, channels: int, latent: dict, whose: str, fix: str) -> None:
+    """The VAE of `whose` (a latent data set or model, recording `latent`) makes `channels`-channel latents and, where
+    the record has a fingerprint, has those weights; else a VAEError that ends with `fix`."""
+    if vae.latent_channels != channels:
+        raise VAEError(f"VAE {vae.name} makes {vae.latent_channels}-channel latents, {whose} holds {channels}-channel "
+                       f"latents: {fix}")
+    recorded = latent.get("vae_fingerprint")
+    if recorded and recorded != vae.fingerprint:
+        raise VAEError(f"VAE {vae.name} has other weights (fingerprint {vae.fingerprint}) than the VAE of {whose} "
+                       f"({latent.get('vae')}, fingerprint {recorded}): {fix}")
+
+
 def load_vae(cfg: LatentConfig, name: str | None = None, device: torch.device | str = "cpu",
              pixel_channels: int = 3, latent_map: bool = True) -> VAE:
     """The VAE of `cfg` (its vae, else `name`), with cfg's batch and dtype and (latent_map) its latent map."""
@@ -265,12 +282,6 @@ def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: s
         raise ValueError(f"vae_dtype={dtype!r} is not one of {', '.join(VAE_DTYPES)}")
     name = vae or latent["vae"]
     decoder = VAE(load_autoencoder(name, device), vae_name(name), np.asarray(latent["scale"], np.float32),
-                  np.asarray(latent["bias"], np.float32), batch, dtype, (latent.get("pixel_shape") or [3])[0])
-    if decoder.latent_channels != img_shape[0]:
-        raise VAEError(f"VAE {name} makes {decoder.latent_channels}-channel latents, {source} models {img_shape[0]} "
-                       "channels: give the VAE it was trained with (vae=FOLDER)")
-    recorded = latent.get("vae_fingerprint")
-    if recorded and decoder.fingerprint != recorded:
-        raise VAEError(f"VAE {name} has other weights (fingerprint {decoder.fingerprint}) than the one {source} was "
-                       f"trained with ({latent['vae']}, fingerprint {recorded}): give that VAE's folder as vae=FOLDER")
+                  np.asarray(latent["bias"], np.float32), batch, dtype, pixel_channels(latent))
+    check_vae(decoder, img_shape[0], latent, f"model {source}", "give the VAE it was trained with (vae=FOLDER)")
     return decoder

@@ -24,7 +24,7 @@ from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
-from ..latent import VAE, LatentConfig, VAEError, load_vae
+from ..latent import VAE, LatentConfig, VAEError, check_vae, load_vae, pixel_channels
 from ..networks import resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
 
@@ -108,14 +108,9 @@ def latent_vae(cfg: TrainConfig, dataset: ImageDataset, device: Any) -> VAE | No
     if name is None:
         raise VAEError(f"the latent data set {cfg.dataset.root} does not say which VAE encoded it (no latents.json): "
                        "set latent.vae=FOLDER")
-    vae = load_vae(cfg.latent, name, device, (dataset.latent.get("pixel_shape") or [3])[0])
-    if vae.latent_channels != dataset.channels:
-        raise VAEError(f"VAE {name} makes {vae.latent_channels}-channel latents, the data set {cfg.dataset.root} holds "
-                       f"{dataset.channels}: give the VAE that encoded it (latent.vae=FOLDER)")
-    recorded = dataset.latent.get("vae_fingerprint")
-    if recorded and recorded != vae.fingerprint:
-        raise VAEError(f"VAE {name} (fingerprint {vae.fingerprint}) is not the one that encoded {cfg.dataset.root} "
-                       f"({dataset.latent.get('vae')}, fingerprint {recorded}): set latent.vae to that VAE's folder")
+    vae = load_vae(cfg.latent, name, device, pixel_channels(dataset.latent))
+    check_vae(vae, dataset.channels, dataset.latent, f"the data set {cfg.dataset.root}",
+              "set latent.vae to the folder of the VAE that encoded it")
     check_latent_statistics(cfg.latent, dataset.latent.get("raw_statistics"), vae)
     return vae
 

@@ -195,8 +195,8 @@ def check_resume_vae(saved: dict | None, ours: dict | None, path: Path) -> None:
         raise ckpt.CheckpointError(f"checkpoint {path} was trained with VAE {saved.get('vae')} (fingerprint "
                                    f"{saved.get('vae_fingerprint')}), latent.vae={ours['vae']} has fingerprint "
                                    f"{ours['vae_fingerprint']}: resume with the run's VAE (latent.vae=ITS_FOLDER)")
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, config {ours[key]!r}" for key in ("scale", "bias", "pixel_shape", "dataset")
-             if saved.get(key) != ours[key]]
+    space = ("scale", "bias", "pixel_shape", "dataset")
+    diffs = _differences({key: saved.get(key) for key in space}, {key: ours[key] for key in space})
     if diffs:
         raise ckpt.CheckpointError(f"checkpoint {path} was trained in another latent space ({'; '.join(diffs)}): resume "
                                    "with its latent.raw_mean/raw_std/final_mean/final_std and its latent data set")
