@@ -18,8 +18,10 @@ With both, the two loops see the same numbers, and --against CHECKPOINT (edm-tra
 and step) prints how far apart their weights ended.
 
 This imports the checkout's Python code: --nvlabs-repo is the opt-in. Settings that the reference
-loop of this script does not implement are refused: labels, augmentation, accumulation, lr decay,
-grad_clip, mixed precision, schedules other than edm and vp, and networks other than SongUNet.
+loop of this script does not implement are refused: augmentation, accumulation, lr decay, grad_clip,
+mixed precision, schedules other than edm and vp, and networks other than SongUNet. With
+dataset.cond=true the reference's network takes the data set's one-hot labels, as its training_loop.py
+feeds them to EDMLoss.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ EDM_DRAWS = ("order", "noise")  # edm-train's streams that --edm-draws can repla
 
 
 def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int, *, lr: float,
-                        rampup_kimg: float, halflife_kimg: float, rampup_ratio: float) -> None:
+                        rampup_kimg: float, halflife_kimg: float, rampup_ratio: float,
+                        labels: torch.Tensor | None = None) -> None:
     """One iteration of NVlabs/edm training/training_loop.py on one GPU without accumulation:
     zero grads, backward of loss.sum() / batch, lr·min(n / rampup, 1), nan_to_num on the gradients,
     Adam, then EMA ← lerp(θ, EMA, β) with β = 0.5^(batch / min(halflife, n·rampup_ratio))."""
     optimizer.zero_grad(set_to_none=True)
-    loss_fn(net=net, images=images, labels=None).sum().mul(1 / images.shape[0]).backward()
+    loss_fn(net=net, images=images, labels=labels).sum().mul(1 / images.shape[0]).backward()
     for group in optimizer.param_groups:
         group["lr"] = lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
     for p in net.parameters():
@@ -85,9 +88,10 @@ class EdmDraws:
         self.order = iter(StreamBatchSampler(len(dataset), seed, batch_size, batch_size))
         self.generator, self.seed, self.nimg = torch.Generator(), seed, 0
 
-    def images(self) -> torch.Tensor:
-        """The next batch of edm-train's data order, as its loader stacks it (values in [0, 255])."""
-        return torch.stack([self.dataset[i][0] for i in next(self.order)])
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of edm-train's data order, as its loader stacks it: images in [0, 255], one-hot labels."""
+        items = [self.dataset[i] for i in next(self.order)]
+        return torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
 
     def draw(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z [B], n) as edm.Loss draws them for y; checked against the library's own σ draw."""
@@ -152,7 +156,7 @@ def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> N
         "loss.kind": loss.kind != schedule.parameterization,
         "precond.kind": spec["precond"]["kind"] != schedule.parameterization,
         "loss.learned_weighting": loss.learned_weighting,
-        "dataset.cond": bool(cfg.dataset.cond), "augment.p": cfg.augment.p > 0,
+        "augment.p": cfg.augment.p > 0,
         "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
         "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),
         "network.second_noise": bool(spec["network"].get("second_noise")),
@@ -161,7 +165,7 @@ def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> N
     if named:
         raise SystemExit(f"nvlabs_loop.py: error: the reference loop here does not implement {', '.join(named)} "
                          f"(schedules {list(REFERENCE_CLASSES)}, networks {list(SONGUNET_NETWORKS)}, "
-                         "unconditional, no augmentation, accumulation, lr decay, grad_clip or mixed precision)")
+                         "no augmentation, accumulation, lr decay, grad_clip or mixed precision)")
 
 
 @contextlib.contextmanager
@@ -204,7 +208,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     net_kwargs = {k: v for k, v in spec["network"].items() if k not in OURS_ONLY}
     precond_kwargs = {k: v for k, v in spec["precond"].items() if k in REFERENCE_PRECOND_KEYS[schedule.name]}
     net = getattr(ref_networks, precond_class)(img_resolution=dataset.resolution, img_channels=dataset.channels,
-                                               label_dim=0, use_fp16=False, model_type="SongUNet", **precond_kwargs,
+                                               label_dim=spec["network"]["label_dim"], use_fp16=False, model_type="SongUNet", **precond_kwargs,
                                                **net_kwargs)
     net.load_state_dict({"model." + k.removeprefix("net."): v for k, v in ours.state_dict().items()}, strict=True)
     net.train().requires_grad_(True)
@@ -218,11 +222,12 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     draws = EdmDraws(set(edm_draws), dataset, loss, cfg.seed, cfg.batch_size) if edm_draws else None
     cur_nimg, total_nimg, start = 0, int(round(cfg.total_kimg * 1000)), time.time()
     while cur_nimg < total_nimg:
-        images = to_model_space(draws.images() if draws and "order" in draws.streams else next(loader)[0])
+        images, labels = draws.batch() if draws and "order" in draws.streams else next(loader)[:2]
+        images, labels = to_model_space(images), labels if spec["network"]["label_dim"] else None
         with draws.injected(images) if draws and "noise" in draws.streams else contextlib.nullcontext():
             reference_iteration(net, ema, optimizer, loss_fn, images, cur_nimg, lr=cfg.lr,
                                 rampup_kimg=cfg.lr_rampup_kimg, halflife_kimg=cfg.ema_halflife_kimg,
-                                rampup_ratio=cfg.ema_rampup_ratio)
+                                rampup_ratio=cfg.ema_rampup_ratio, labels=labels)
         cur_nimg += cfg.batch_size
         step = cur_nimg // cfg.batch_size
         if step % log_every == 0:

@@ -756,14 +756,17 @@ def test_training_loop_equals_reference_loop(nvlabs_reference, kind):
     assert distance(our_ema.parameters(), ref_ema.parameters()) < 1e-3 * distance(ref_ema.parameters(), theta0)
 
 
+@pytest.mark.parametrize("cond", [[], ["dataset.cond=true"]], ids=["unconditional", "class-conditional"])
 def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_checkpoint(
-        nvlabs_reference, request, tmp_path, tiny_train):
+        nvlabs_reference, request, tmp_path, tiny_train, cond):
     """scripts/nvlabs_loop.py with edm-train's overrides: after its first iteration (lr 0 at n = 0)
     the raw weights equal edm-train's after its first step bit for bit, so both start from the same
-    network; after four the EMA has moved, and edm's loader reads the checkpoint it wrote."""
+    network (with labels: its label map too); after four the EMA has moved, and edm's loader reads the
+    checkpoint it wrote."""
     from edm.training.loop import train
 
     repo = request.config.getoption("--nvlabs-repo")
+    tiny_train = [*tiny_train, *cond]
     one_step = [*tiny_train, "total_kimg=0.008", "dataset.num_workers=0"]
     ref_path = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref1"), *one_step])
     ours = train(nvlabs_loop.compose(one_step, tmp_path / "ours1"))
@@ -774,19 +777,22 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
                              "dataset.num_workers=0"])
     denoiser, state = load_denoiser(four)
     assert state["step"] == 4 and "NVlabs/edm" in state["trained_by"]
+    assert denoiser.net.label_dim == (10 if cond else 0)
     assert not all(torch.equal(state["ema"][k], ref_state["ema"][k]) for k in state["ema"])
     with pytest.raises(SystemExit, match="already holds"):
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref4"), *tiny_train])
 
 
-def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_reference, request, tmp_path, tiny_train):
-    """--edm-draws order,noise: the reference loop on edm-train's data order, σ and n ends 12 steps later
-    at edm-train's weights to float32 round-off (relative distance < 1e-3, about 1e-4 measured, against > 0.1 on
-    its own draws), which is how docs/nvlabs.md tells the loops' arithmetic from their random streams."""
+@pytest.mark.parametrize("cond", [[], ["dataset.cond=true"]], ids=["unconditional", "class-conditional"])
+def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_reference, request, tmp_path, tiny_train,
+                                                                     cond):
+    """--edm-draws order,noise: the reference loop on edm-train's data order, σ and n (and labels) ends 12 steps
+    later at edm-train's weights to float32 round-off (relative distance < 1e-3, about 1e-4 measured, against > 0.1
+    on its own draws), which is how docs/nvlabs.md tells the loops' arithmetic from their random streams."""
     from edm.training.loop import train
 
     repo = request.config.getoption("--nvlabs-repo")
-    run = [*tiny_train, "total_kimg=0.096", "lr_rampup_kimg=0.02", "dataset.num_workers=0"]
+    run = [*tiny_train, *cond, "total_kimg=0.096", "lr_rampup_kimg=0.02", "dataset.num_workers=0"]
     ours = train(nvlabs_loop.compose(run, tmp_path / "ours")).checkpoint
     same = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "same"), "--edm-draws", "order,noise", *run])
     own = nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "own"), *run])
@@ -797,7 +803,7 @@ def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_ref
 
 
 @pytest.mark.parametrize("override, named", [
-    ("schedule=ve", "schedule"), ("network=adm", "network"), ("dataset.cond=true", "dataset.cond"),
+    ("schedule=ve", "schedule"), ("network=adm", "network"), ("batch_per_device=4", "batch_per_device"),
     ("augment.p=0.1", "augment.p"), ("grad_clip=1", "grad_clip"), ("loss.kind=vp", "loss.kind"),
 ])
 def test_reference_loop_script_refuses_what_it_does_not_implement(tmp_path, tiny_train, override, named):
