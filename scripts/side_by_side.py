@@ -5,8 +5,11 @@
         dataset=fashion_mnist dataset.resolution=16 network=tiny total_kimg=96 dataset.num_workers=0
 
 An arm is LABEL=KIND [OVERRIDE ...]: KIND `edm-train` trains with edm.training.loop.train, `nvlabs` with
-NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code it runs), and
-`nvlabs:order,noise` with that loop on edm-train's data order and/or σ and n. The arm's overrides go
+NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code it runs),
+`nvlabs:order,noise` with that loop on edm-train's data order and/or σ and n, and `recipe-small` runs
+recipe=small's four commands (docs/training.md): edm-train recipe=small, its guide (recipe=guide: half
+the channels, a quarter of the images), post-hoc EMA σ_rel 0.10, and scores that model autoguided
+(w = 1.5 on σ ∈ (0.28, 2.9]) in place of the EMA. The arm's overrides go
 on top of the shared ones (the positional arguments, edm-train's keys). Every arm trains once per
 seed k (seed=k) and is scored on the same samples seeds 0..N−1 (EMA weights, Heun 18 steps, FD_cls of
 edm.evaluation.quality, through edm-study's run_study), so seed k pairs the arms: the table gives each
@@ -44,9 +47,13 @@ from edm.evaluation.stats import mean_sd, paired_difference
 from edm.files import FolderLock, atomic_write, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
+from edm.networks import presets
+from edm.training.posthoc import PosthocConfig, output_name, reconstruct
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("edm-train", "nvlabs")
+KINDS = ("edm-train", "nvlabs", "recipe-small")
+# recipe=small's sampling half (configs/recipe/small.yaml's commands; tests/test_side_by_side.py holds them equal)
+SMALL_SIGMA_REL, SMALL_GUIDANCE, SMALL_INTERVAL = 0.10, 1.5, [0.28, 2.9]
 SCORE = "fd_cls"
 SOLVER, STEPS = "heun", 18
 
@@ -101,28 +108,62 @@ def finished_checkpoint(run_dir: Path, overrides: list[str]) -> Path | None:
     return latest if state["cur_nimg"] >= round(cfg.total_kimg * 1000) else None
 
 
-def train_arm(arm: Arm, seed: int, shared: list[str], run_dir: Path, nvlabs_repo: str | None) -> Path:
-    """The arm's final checkpoint for `seed`: trained now, resumed, or found."""
-    overrides = [*shared, *arm.overrides, f"seed={seed}", f"run_dir={run_dir}", "progress=false"]
+@dataclass(frozen=True)
+class Scored:
+    """What an arm's seed scores: the model, and for recipe-small its guide (else None)."""
+
+    model: Path
+    guide: Path | None = None
+
+
+def train_edm(overrides: list[str], run_dir: Path) -> Path:
+    """edm-train's final checkpoint in run_dir for these overrides: trained now, resumed, or found."""
+    from edm.training.loop import train
+
+    overrides = [*overrides, f"run_dir={run_dir}", "progress=false"]
     done = finished_checkpoint(run_dir, overrides)
     if done is not None:
         return done
-    if arm.kind == "edm-train":
-        from edm.training.loop import train
+    resume = ckpt.find_latest(run_dir) is not None
+    return train(compose("train", [*overrides, f"resume={str(resume).lower()}"])).checkpoint
 
-        resume = ckpt.find_latest(run_dir) is not None
-        return train(compose("train", [*overrides, f"resume={str(resume).lower()}"])).checkpoint
+
+def guide_overrides(main: list[str]) -> list[str]:
+    """recipe=guide for the main run's overrides: half its channels and a quarter of its images, no power EMAs."""
+    cfg = compose("train", main)
+    channels = cfg.network.model_channels or presets.resolve(cfg.network.name)[1]["model_channels"]
+    return [*main, "recipe=guide", f"network.model_channels={channels // 2}", f"total_kimg={cfg.total_kimg / 4}",
+            "ema_sigma_rel=[]", "ema_snapshot_kimg=0"]
+
+
+def train_arm(arm: Arm, seed: int, shared: list[str], run_dir: Path, nvlabs_repo: str | None) -> Scored:
+    """The arm's model for `seed` (trained now, resumed, or found): the final checkpoint, or recipe-small's
+    post-hoc EMA folder and guide."""
+    overrides = [*shared, *arm.overrides, f"seed={seed}"]
+    if arm.kind == "edm-train":
+        return Scored(train_edm(overrides, run_dir))
+    if arm.kind == "recipe-small":
+        main = ["recipe=small", *overrides]
+        train_edm(main, run_dir)
+        guide = train_edm(guide_overrides(main), run_dir / "guide")
+        posthoc = run_dir / "posthoc"
+        if not (posthoc / output_name(SMALL_SIGMA_REL) / "model.json").is_file():
+            reconstruct(PosthocConfig(run_dir=str(run_dir), sigma_rel=[SMALL_SIGMA_REL], out=str(posthoc)))
+        return Scored(posthoc / output_name(SMALL_SIGMA_REL), guide)
     if nvlabs_repo is None:
         raise SystemExit(f"side_by_side.py: error: arm {arm.label} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
-    return _nvlabs_loop().train_reference(nvlabs_repo, [o for o in overrides if not o.startswith(("run_dir=", "progress="))],
-                                          run_dir, edm_draws=set(arm.draws))
+    done = finished_checkpoint(run_dir, [*overrides, f"run_dir={run_dir}"])
+    return Scored(done or _nvlabs_loop().train_reference(nvlabs_repo, overrides, run_dir, edm_draws=set(arm.draws)))
 
 
-def score_arm(checkpoint: Path, out: Path, num_images: int, batch: int, classifier: ClassifierConfig) -> float:
-    """FD_cls of the checkpoint's EMA on seeds 0..num_images−1 (Heun, 18 steps), kept in out/ for reruns."""
+def score_arm(model: Scored, out: Path, num_images: int, batch: int, classifier: ClassifierConfig) -> float:
+    """FD_cls of the model (a checkpoint's EMA, or recipe-small's autoguided post-hoc EMA) on seeds
+    0..num_images−1 (Heun, 18 steps), kept in out/ for reruns."""
     metrics = EvalConfig(metrics=[SCORE], fd_cls=FdClsConfig(classifier=classifier))
-    cfg = StudyConfig(checkpoint=str(checkpoint), solvers=[SOLVER], steps=[STEPS], num_images=num_images, batch=batch,
-                      out=str(out), eval=metrics, progress=False)
+    guidance = {} if model.guide is None else dict(guidance=SMALL_GUIDANCE, guide=str(model.guide),
+                                                    guidance_interval=list(SMALL_INTERVAL))
+    cfg = StudyConfig(checkpoint=str(model.model), solvers=[SOLVER], steps=[STEPS], num_images=num_images, batch=batch,
+                      out=str(out), eval=metrics, progress=False, **guidance)
     return float(run_study(cfg)[0][SCORE])
 
 
@@ -142,7 +183,9 @@ def report(out: Path, arms: list[Arm], scores: dict[str, dict[int, float]], shar
     """table.md, table.json and scores.png from the scores; returns the markdown."""
     seeds = sorted({k for per_seed in scores.values() for k in per_seed})
     base = arms[0].label
-    lines = [f"{SCORE} of the EMA, {num_images} samples (seeds 0-{num_images - 1}, {SOLVER} {STEPS} steps) per run; "
+    model = "the EMA" + (f" (recipe-small: post-hoc σ_rel {SMALL_SIGMA_REL}, guidance {SMALL_GUIDANCE} on "
+                         f"{tuple(SMALL_INTERVAL)})" if any(arm.kind == "recipe-small" for arm in arms) else "")
+    lines = [f"{SCORE} of {model}, {num_images} samples (seeds 0-{num_images - 1}, {SOLVER} {STEPS} steps) per run; "
              f"shared settings: {' '.join(shared)}", "",
              "| arm | " + " | ".join(f"seed {k}" for k in seeds) + " | mean ± sd | paired difference from "
              f"{base} (95 % interval) |", "|---" * (len(seeds) + 3) + "|"]
@@ -214,8 +257,8 @@ def main(argv: list[str] | None = None) -> str:
                     continue
                 unit = args.out / arm.label / f"seed-{seed}"
                 with FolderLock(args.out / ".units" / unit.relative_to(args.out), key="--out", owner="side-by-side"):
-                    checkpoint = train_arm(arm, seed, args.overrides, unit, args.nvlabs_repo)
-                    value = score_arm(checkpoint, unit / "score", args.num_images, args.batch, classifier)
+                    model = train_arm(arm, seed, args.overrides, unit, args.nvlabs_repo)
+                    value = score_arm(model, unit / "score", args.num_images, args.batch, classifier)
                 print(f"{arm.label} seed {seed}: {SCORE} {value:.4f}", flush=True)
     text = report(args.out, arms, collect(args.out, arms, seeds), args.overrides, args.num_images)
     print(text)

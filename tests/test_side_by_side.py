@@ -59,3 +59,37 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
         side_by_side.main([a.replace("lr=1e-9", "lr=1e-8") for a in argv])
     side_by_side.main([*argv, "--arm", "c=edm-train lr=1e-3", "--report-only"])  # a new arm joins, untrained yet
     assert [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]] == ["a", "b", "c"]
+
+
+def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeypatch):
+    """KIND recipe-small runs recipe=small's commands for each seed: the main run with power-EMA snapshots, a guide
+    with half its channels and a quarter of its images, post-hoc σ_rel 0.10, and the score of that model guided
+    with w = 1.5 on (0.28, 2.9], the values that configs/recipe/small.yaml's edm-sample command gives."""
+    import re
+
+    import torch
+
+    from conftest import REPO
+    from edm.files import file_sha256
+    from edm.models.loading import load_model
+
+    monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sbs"
+    shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
+    side_by_side.main(["--out", str(out), "--seeds", "0", "--num-images", "24", "--batch", "24", "--classifier-steps",
+                       "100", "--arm", "a=edm-train", "--arm", "s=recipe-small ema_snapshot_kimg=0.016", *shared])
+    unit = out / "s" / "seed-0"
+    main, guide = (torch.load(next(d.glob("checkpoint-*.pt")), weights_only=True) for d in (unit, unit / "guide"))
+    assert main["config"]["ema_sigma_rel"] == [0.05, 0.10] and main["cur_nimg"] == 4 * guide["cur_nimg"]
+    assert main["denoiser"]["network"]["model_channels"] == 2 * guide["denoiser"]["network"]["model_channels"]
+    record = json.loads(next((unit / "score").rglob("provenance.json")).read_text())
+    assert (record["guidance"], record["guidance_interval"]) == (1.5, [0.28, 2.9])
+    scored = load_model(unit / "posthoc" / "ema-0.100")[1].source  # the post-hoc EMA, guided by the guide's checkpoint
+    assert record["checkpoint_sha256"] == file_sha256(scored) and len(record["guide_sha256"]) == 64
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["rows"][1]["scores"]) == {"0"} and "recipe-small: post-hoc" in (out / "table.md").read_text()
+    recipe = (REPO / "configs" / "recipe" / "small.yaml").read_text()
+    sigma_rel = re.search(r"sigma_rel=\[([0-9.]+)\]", recipe).group(1)
+    weight, lo, hi = re.search(r"guidance=([0-9.]+) guidance_interval=\[([0-9.]+),([0-9.]+)\]", recipe).groups()
+    assert (float(sigma_rel), float(weight), [float(lo), float(hi)]) == (
+        side_by_side.SMALL_SIGMA_REL, side_by_side.SMALL_GUIDANCE, side_by_side.SMALL_INTERVAL)
