@@ -36,3 +36,30 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
     bad = subprocess.run([command("edm-posthoc"), f"run_dir={tmp_path / 'run'}", "sigma_rel=[0.1]", "at_kimg=0.05",
                           f"out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode == 1 and "at_kimg=0.05 is no snapshot's time; snapshots at kimg 0.016, 0.032, 0.048, 0.064" in bad.stderr
+
+
+def test_recipe_small_is_the_edm_recipe_with_power_emas_and_its_four_commands_make_guided_samples(tmp_path, tiny_train,
+                                                                                                  one_thread):
+    """recipe=small changes only what is tracked (σ_rel 0.05 and 0.10 snapshots), so its training is the EDM
+    recipe's; its commands (train, guide, post-hoc σ_rel 0.10, sample with w = 1.5 on (0.28, 2.9]) make a guided
+    grid whose provenance names the guide and the interval."""
+    from omegaconf import OmegaConf
+
+    from edm.cli import compose
+
+    plain, small = (OmegaConf.to_container(OmegaConf.structured(compose("train", r))) for r in ([], ["recipe=small"]))
+    changed = {k: (plain[k], small[k]) for k in plain if plain[k] != small[k]}
+    assert changed == {"ema_sigma_rel": ([], [0.05, 0.10]), "ema_snapshot_kimg": (0.0, 8)}
+    run, guide, posthoc, samples = (tmp_path / name for name in ("run", "guide", "posthoc", "samples"))
+    steps = [[command("edm-train"), *tiny_train, "recipe=small", "ema_snapshot_kimg=0.016", f"run_dir={run}"],
+             [command("edm-train"), *tiny_train, "recipe=guide", "network.model_channels=4", f"run_dir={guide}"],
+             [command("edm-posthoc"), f"run_dir={run}", "sigma_rel=[0.10]", f"out={posthoc}"],
+             [command("edm-sample"), f"checkpoint={posthoc / 'ema-0.100'}", f"guide={guide}", "guidance=1.5",
+              "guidance_interval=[0.28,2.9]", "format=grid", "num_images=4", "sampler.num_steps=4", f"out={samples}",
+              "progress=false"]]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, f"{step}\n{proc.stderr}"
+    record = json.loads((samples / "provenance.json").read_text())
+    assert record["guidance"] == 1.5 and record["guidance_interval"] == [0.28, 2.9] and len(record["guide_sha256"]) == 64
+    assert sorted(p.suffix for p in samples.iterdir() if p.suffix == ".png") == [".png"]
