@@ -62,4 +62,4 @@ def test_recipe_small_is_the_edm_recipe_with_power_emas_and_its_four_commands_ma
         assert proc.returncode == 0, f"{step}\n{proc.stderr}"
     record = json.loads((samples / "provenance.json").read_text())
     assert record["guidance"] == 1.5 and record["guidance_interval"] == [0.28, 2.9] and len(record["guide_sha256"]) == 64
-    assert sorted(p.suffix for p in samples.iterdir() if p.suffix == ".png") == [".png"]
+    assert len(list(samples.glob("*.png"))) == 1  # the grid
