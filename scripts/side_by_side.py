@@ -9,7 +9,10 @@ NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code i
 `nvlabs:order,noise` with that loop on edm-train's data order and/or σ and n, and `recipe-small` runs
 recipe=small's four commands (docs/training.md): edm-train recipe=small, its guide (recipe=guide: half
 the channels, a quarter of the images), post-hoc EMA σ_rel 0.10, and scores that model autoguided
-(w = 1.5 on σ ∈ (0.28, 2.9]) in place of the EMA. The arm's overrides go
+(w = 1.5 on σ ∈ (0.28, 2.9]) in place of the EMA. recipe=small adds power-EMA snapshots to EDM's training
+and changes nothing it trains, so an edm-train arm whose settings differ from a recipe-small arm's only in
+those snapshots scores that arm's run of the seed (its EMA) instead of training the same weights again, and
+says so in its seed folder (same-run.json). The arm's overrides go
 on top of the shared ones (the positional arguments, edm-train's keys). Every arm trains once per
 seed k (seed=k) and is scored on the same samples seeds 0..N−1 (EMA weights, Heun 18 steps, FD_cls of
 edm.evaluation.quality, through edm-study's run_study), so seed k pairs the arms: the table gives each
@@ -56,6 +59,7 @@ KINDS = ("edm-train", "nvlabs", "recipe-small")
 SMALL_SIGMA_REL, SMALL_GUIDANCE, SMALL_INTERVAL = 0.10, 1.5, [0.28, 2.9]
 SCORE = "fd_cls"
 SOLVER, STEPS = "heun", 18
+POWER_EMA_KEYS = frozenset({"ema_sigma_rel", "ema_snapshot_kimg"})  # snapshots for edm-posthoc: tracked, not trained
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,35 @@ def train_edm(overrides: list[str], run_dir: Path) -> Path:
     return train(compose("train", [*overrides, f"resume={str(resume).lower()}"])).checkpoint
 
 
+def small_main(overrides: list[str]) -> list[str]:
+    """recipe=small's main run for these overrides."""
+    return ["recipe=small", *overrides]
+
+
+def differing_keys(a: list[str], b: list[str]) -> set[str]:
+    """The top-level keys of edm-train's config that the two override lists set differently."""
+    from omegaconf import OmegaConf
+
+    ca, cb = (OmegaConf.to_container(OmegaConf.structured(compose("train", o))) for o in (a, b))
+    return {key for key in ca.keys() | cb.keys() if ca.get(key) != cb.get(key)}
+
+
+def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path) -> tuple[Arm, Path] | None:
+    """A recipe-small arm and its finished main run of `seed` that trains what edm-train arm `arm` trains: the
+    configs differ only in POWER_EMA_KEYS, which leave the weights and their EMA bit for bit the same."""
+    if arm.kind != "edm-train":
+        return None
+    mine = [*shared, *arm.overrides, f"seed={seed}"]
+    for other in arms:
+        theirs = small_main([*shared, *other.overrides, f"seed={seed}"])
+        if other.kind == "recipe-small" and differing_keys(mine, theirs) <= POWER_EMA_KEYS:
+            run_dir = out / other.label / f"seed-{seed}"
+            done = finished_checkpoint(run_dir, [*theirs, f"run_dir={run_dir}"])
+            if done is not None:
+                return other, done
+    return None
+
+
 def guide_overrides(main: list[str]) -> list[str]:
     """recipe=guide for the main run's overrides: half its channels and a quarter of its images, no power EMAs."""
     cfg = compose("train", main)
@@ -136,14 +169,23 @@ def guide_overrides(main: list[str]) -> list[str]:
             "ema_sigma_rel=[]", "ema_snapshot_kimg=0"]
 
 
-def train_arm(arm: Arm, seed: int, shared: list[str], run_dir: Path, nvlabs_repo: str | None) -> Scored:
-    """The arm's model for `seed` (trained now, resumed, or found): the final checkpoint, or recipe-small's
-    post-hoc EMA folder and guide."""
+def train_arm(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path, nvlabs_repo: str | None) -> Scored:
+    """The arm's model for `seed` (trained now, resumed, or found, also as a recipe-small arm's same run): the
+    final checkpoint, or recipe-small's post-hoc EMA folder and guide."""
     overrides = [*shared, *arm.overrides, f"seed={seed}"]
+    run_dir = out / arm.label / f"seed-{seed}"
     if arm.kind == "edm-train":
+        twin = None if ckpt.find_latest(run_dir) is not None else same_run(arm, arms, seed, shared, out)
+        if twin is not None:
+            other, checkpoint = twin
+            write_json(run_dir / "same-run.json", {"arm": other.label, "checkpoint": str(checkpoint), "differs_in": sorted(
+                differing_keys(overrides, small_main([*shared, *other.overrides, f"seed={seed}"])))})
+            logging.getLogger("side_by_side").info("%s seed %d: the run of arm %s (%s), the same training", arm.label,
+                                                   seed, other.label, checkpoint)
+            return Scored(checkpoint)
         return Scored(train_edm(overrides, run_dir))
     if arm.kind == "recipe-small":
-        main = ["recipe=small", *overrides]
+        main = small_main(overrides)
         train_edm(main, run_dir)
         guide = train_edm(guide_overrides(main), run_dir / "guide")
         posthoc = run_dir / "posthoc"
@@ -251,13 +293,14 @@ def main(argv: list[str] | None = None) -> str:
     except ProvenanceError as err:
         raise SystemExit(f"side_by_side.py: error: {err}") from None
     if not args.report_only:
+        order = sorted(arms, key=lambda arm: arm.kind != "recipe-small")  # an edm-train arm may score their runs
         for seed in seeds:
-            for arm in arms:
+            for arm in order:
                 if args.only not in (None, arm.label):
                     continue
                 unit = args.out / arm.label / f"seed-{seed}"
                 with FolderLock(args.out / ".units" / unit.relative_to(args.out), key="--out", owner="side-by-side"):
-                    model = train_arm(arm, seed, args.overrides, unit, args.nvlabs_repo)
+                    model = train_arm(arm, arms, seed, args.overrides, args.out, args.nvlabs_repo)
                     value = score_arm(model, unit / "score", args.num_images, args.batch, classifier)
                 print(f"{arm.label} seed {seed}: {SCORE} {value:.4f}", flush=True)
     text = report(args.out, arms, collect(args.out, arms, seeds), args.overrides, args.num_images)

@@ -93,3 +93,36 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
     weight, lo, hi = re.search(r"guidance=([0-9.]+) guidance_interval=\[([0-9.]+),([0-9.]+)\]", recipe).groups()
     assert (float(sigma_rel), float(weight), [float(lo), float(hi)]) == (
         side_by_side.SMALL_SIGMA_REL, side_by_side.SMALL_GUIDANCE, side_by_side.SMALL_INTERVAL)
+
+
+def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that_run(tmp_path, monkeypatch):
+    """recipe=small only adds power-EMA snapshots, so edm-train on the same settings ends at the same weights and EMA
+    bit for bit; an edm-train arm that differs from a recipe-small arm in nothing else scores that arm's checkpoint
+    (same-run.json names it), and one that differs in anything else (lr) trains its own."""
+    import torch
+
+    from edm.files import file_sha256
+
+    monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sbs"
+    shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
+    arms = ["--arm", "a=edm-train", "--arm", "s=recipe-small ema_snapshot_kimg=0.016"]
+    side_by_side.main(["--out", str(out), "--seeds", "0", "--num-images", "24", "--batch", "24", "--classifier-steps",
+                       "100", *arms, *shared])
+    unit = out / "a" / "seed-0"
+    twin = next((out / "s" / "seed-0").glob("checkpoint-*.pt"))
+    assert not list(unit.glob("checkpoint-*.pt"))
+    record = json.loads((unit / "same-run.json").read_text())
+    assert (record["arm"], record["checkpoint"], record["differs_in"]) == ("s", str(twin), ["ema_sigma_rel",
+                                                                                            "ema_snapshot_kimg"])
+    scored = json.loads(next((unit / "score").rglob("provenance.json")).read_text())
+    assert scored["checkpoint_sha256"] == file_sha256(twin) and scored["guide_sha256"] is None
+
+    alone = torch.load(side_by_side.train_edm([*shared, "seed=0"], tmp_path / "alone"), weights_only=True)
+    small = torch.load(twin, weights_only=True)
+    for key in ("model", "ema"):
+        assert alone[key].keys() == small[key].keys()
+        assert all(torch.equal(alone[key][k], small[key][k]) for k in alone[key]), key
+    parsed = [side_by_side.Arm.parse(a) for a in arms[1::2]]
+    assert side_by_side.same_run(side_by_side.Arm.parse("b=edm-train lr=1e-3"), parsed, 0, shared, out) is None
+    assert side_by_side.same_run(parsed[0], parsed, 1, shared, out) is None  # seed 1: no run of s yet
