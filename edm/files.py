@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -24,6 +25,9 @@ __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock",
     "to_container", "flatten", "differences", "file_sha256", "package_version",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class OutputWriteError(OSError):
@@ -108,11 +112,12 @@ class FolderLock:
     blocks the next one. The file records what owns the folder (`owner`: training, sampler, ...),
     its pid, host and start time, for the message a second process gets: "out DIR is in use by a
     training (pid ...)", whatever the second process is; `key` is the option that names the folder.
+    `wait` makes the second process wait for the first to finish instead (a shared cache entry).
     """
 
-    def __init__(self, folder: str | Path, key: str = "run_dir", owner: str = "training") -> None:
+    def __init__(self, folder: str | Path, key: str = "run_dir", owner: str = "training", wait: bool = False) -> None:
         self.path = Path(folder) / ".lock"
-        self.key, self.owner = key, owner
+        self.key, self.owner, self.wait = key, owner, wait
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
@@ -125,10 +130,13 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(os.pread(fd, 4096, 0))
-            os.close(fd)
-            raise FolderInUseError(
-                f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}"
-            ) from None
+            if not self.wait:
+                os.close(fd)
+                raise FolderInUseError(
+                    f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}"
+                ) from None
+            logger.info("%s %s is in use by %s; waiting for it to finish", self.key, self.path.parent, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         record = {"owner": self.owner, "pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}
         os.pwrite(fd, json.dumps(record).encode(), 0)

@@ -85,3 +85,33 @@ def test_images_of_another_shape_and_data_without_labels_are_refused(digits_scor
 
 
 # ----------------------------------------------------------------------------- the NFE study
+
+
+def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monkeypatch):
+    """Two scorers started together on an empty cache: one trains and writes the entry while holding its lock,
+    the other waits and loads that entry, so both score with the same weights and statistics."""
+    import threading
+    import time
+
+    import edm.evaluation.quality as quality
+
+    trained = []
+
+    def slow_train(images, labels, classes, config, device, progress):
+        trained.append(threading.get_ident())
+        time.sleep(1.0)  # both scorers are inside for_dataset by now
+        torch.manual_seed(len(trained))  # a second training would give other weights
+        return quality.FeatureClassifier(images.shape[1], classes, config.width, config.feature_dim), 0.5
+
+    monkeypatch.setattr(quality, "_train", slow_train)
+    scores = []
+    threads = [threading.Thread(target=lambda: scores.append(QualityScore.for_dataset(
+        DatasetConfig(name="digits"), QUICK, cache_dir=tmp_path, progress=False))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(trained) == 1 and len(scores) == 2
+    x = torch.zeros(4, 1, 8, 8)
+    assert torch.equal(scores[0].features(x), scores[1].features(x))
+    assert np.array_equal(scores[0].mu, scores[1].mu) and np.array_equal(scores[0].sigma, scores[1].sigma)

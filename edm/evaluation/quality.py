@@ -13,7 +13,8 @@ set (`meta["key"]` names both). FID with local Inception weights is edm.metrics.
 
 The classifier is trained once per (data set content, ClassifierConfig) and cached as a plain
 state_dict (loaded with weights_only=True) beside its reference statistics and a meta.json that
-the loader checks; any other data or settings get their own folder.
+the loader checks; any other data or settings get their own folder. Processes that need the same
+entry at once train it once: the first holds the folder's lock, the others wait for it and load.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..files import atomic_write
+from ..files import FolderLock, atomic_write, write_json
 from ..data import DatasetConfig, as_model_space, build_dataset, dataset_images, to_model_space
 from .metrics import frechet_distance
-from ..files import write_json
 
 __all__ = ["ClassifierConfig", "FeatureClassifier", "QualityScore", "QualityCacheError", "default_cache_dir",
            "SCORE_NAME"]
@@ -197,6 +197,17 @@ class QualityScore:
         folder = Path(cache_dir or default_cache_dir()) / f"{data['name']}-{data['resolution']}px-{key}"
         if (folder / "meta.json").is_file():
             return cls._load(folder, settings, key, data["classes"], device)
+        with FolderLock(folder, key="quality cache", owner="quality classifier training", wait=True):
+            if (folder / "meta.json").is_file():  # trained by a process that held the lock first
+                return cls._load(folder, settings, key, data["classes"], device)
+            return cls._train_and_cache(folder, images, labels, data, settings, key, config, device, progress)
+
+    @classmethod
+    def _train_and_cache(
+        cls, folder: Path, images: torch.Tensor, labels: torch.Tensor, data: dict, settings: dict, key: str,
+        config: ClassifierConfig, device: torch.device, progress: bool,
+    ) -> "QualityScore":
+        """Train the classifier, take the data's feature statistics and write the cache entry (meta.json last)."""
         start = time.time()
         logger.info("training the quality classifier of %s (%d images) -> %s", data["name"], len(images), folder)
         net, accuracy = _train(images, labels, data["classes"], config, device, progress)
@@ -204,7 +215,6 @@ class QualityScore:
         phi = score.features(to_model_space(images))
         score.mu, score.sigma = phi.mean(0).numpy(), np.cov(phi.numpy(), rowvar=False)
         score.meta.update(holdout_accuracy=accuracy, train_seconds=round(time.time() - start, 1))
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.cpu() for k, v in net.state_dict().items()}
         atomic_write(folder / "classifier.pt", lambda f: torch.save(state, f))
         atomic_write(folder / "reference.npz", lambda f: np.savez(f, mu=score.mu, sigma=score.sigma))
