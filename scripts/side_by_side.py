@@ -47,7 +47,7 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.files import FolderLock, atomic_write, write_json
+from edm.files import FolderLock, atomic_write, differences, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
@@ -137,27 +137,25 @@ def small_main(overrides: list[str]) -> list[str]:
     return ["recipe=small", *overrides]
 
 
-def differing_keys(a: list[str], b: list[str]) -> set[str]:
-    """The top-level keys of edm-train's config that the two override lists set differently."""
-    from omegaconf import OmegaConf
-
-    ca, cb = (OmegaConf.to_container(OmegaConf.structured(compose("train", o))) for o in (a, b))
-    return {key for key in ca.keys() | cb.keys() if ca.get(key) != cb.get(key)}
+def differing_keys(a: list[str], b: list[str]) -> list[str]:
+    """The dotted keys of edm-train's config that the two override lists set differently (sorted)."""
+    return [key for key, _, _ in differences(compose("train", a), compose("train", b))]
 
 
-def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path) -> tuple[Arm, Path] | None:
-    """A recipe-small arm and its finished main run of `seed` that trains what edm-train arm `arm` trains: the
-    configs differ only in POWER_EMA_KEYS, which leave the weights and their EMA bit for bit the same."""
+def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path) -> tuple[Arm, Path, list[str]] | None:
+    """A recipe-small arm, its finished main run of `seed` and the keys where its config differs, when that run
+    trains what edm-train arm `arm` trains: they differ only in POWER_EMA_KEYS, which leave the weights and their EMA
+    bit for bit the same."""
     if arm.kind != "edm-train":
         return None
     mine = [*shared, *arm.overrides, f"seed={seed}"]
     for other in arms:
         theirs = small_main([*shared, *other.overrides, f"seed={seed}"])
-        if other.kind == "recipe-small" and differing_keys(mine, theirs) <= POWER_EMA_KEYS:
+        if other.kind == "recipe-small" and set(differs := differing_keys(mine, theirs)) <= POWER_EMA_KEYS:
             run_dir = out / other.label / f"seed-{seed}"
             done = finished_checkpoint(run_dir, [*theirs, f"run_dir={run_dir}"])
             if done is not None:
-                return other, done
+                return other, done, differs
     return None
 
 
@@ -177,9 +175,8 @@ def train_arm(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path
     if arm.kind == "edm-train":
         twin = None if ckpt.find_latest(run_dir) is not None else same_run(arm, arms, seed, shared, out)
         if twin is not None:
-            other, checkpoint = twin
-            write_json(run_dir / "same-run.json", {"arm": other.label, "checkpoint": str(checkpoint), "differs_in": sorted(
-                differing_keys(overrides, small_main([*shared, *other.overrides, f"seed={seed}"])))})
+            other, checkpoint, differs = twin
+            write_json(run_dir / "same-run.json", {"arm": other.label, "checkpoint": str(checkpoint), "differs_in": differs})
             logging.getLogger("side_by_side").info("%s seed %d: the run of arm %s (%s), the same training", arm.label,
                                                    seed, other.label, checkpoint)
             return Scored(checkpoint)

@@ -84,9 +84,6 @@ def test_images_of_another_shape_and_data_without_labels_are_refused(digits_scor
         QualityScore.for_dataset(DatasetConfig(name="folder", root=str(tmp_path)), QUICK, cache_dir=tmp_path / "c")
 
 
-# ----------------------------------------------------------------------------- the NFE study
-
-
 def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monkeypatch):
     """Two scorers started together on an empty cache: one trains and writes the entry while holding its lock,
     the other waits and loads that entry, so both score with the same weights and statistics."""
@@ -115,3 +112,6 @@ def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monk
     x = torch.zeros(4, 1, 8, 8)
     assert torch.equal(scores[0].features(x), scores[1].features(x))
     assert np.array_equal(scores[0].mu, scores[1].mu) and np.array_equal(scores[0].sigma, scores[1].sigma)
+
+
+# ----------------------------------------------------------------------------- the NFE study
