@@ -7,11 +7,12 @@
 An arm is LABEL=KIND [OVERRIDE ...]: KIND `edm-train` trains with edm.training.loop.train, `nvlabs` with
 NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code it runs),
 `nvlabs:order,noise` with that loop on edm-train's data order and/or σ and n, and `recipe-small` runs
-recipe=small's four commands (docs/training.md): edm-train recipe=small, its guide (recipe=guide: half
-the channels, a quarter of the images), post-hoc EMA σ_rel 0.10, and scores that model autoguided
-(w = 1.5 on σ ∈ (0.28, 2.9]) in place of the EMA. recipe=small adds power-EMA snapshots to EDM's training
-and changes nothing it trains, so an edm-train arm whose settings differ from a recipe-small arm's only in
-those snapshots scores that arm's run of the seed (its EMA) instead of training the same weights again, and
+recipe=small's four commands (docs/training.md), or those of the recipe its overrides name (recipe=small-edm):
+edm-train recipe=small, its guide (the same run with half the channels and a quarter of the images, as
+recipe=small-guide), post-hoc EMA σ_rel 0.10, and scores that model autoguided (w = 1.5 on σ ∈ (0.28, 2.9])
+in place of the EMA. The recipe's power-EMA snapshots change nothing it trains, so an edm-train arm whose
+settings differ from a recipe-small arm's only in those snapshots scores that arm's run of the seed (its EMA)
+instead of training the same weights again, and
 says so in its seed folder (same-run.json). The arm's overrides go
 on top of the shared ones (the positional arguments, edm-train's keys). Every arm trains once per
 seed k (seed=k) and is scored on the same samples seeds 0..N−1 (EMA weights, Heun 18 steps, FD_cls of
@@ -20,7 +21,8 @@ arm's scores per seed, mean ± sd, and the mean paired difference from the first
 Student-t interval (edm.evaluation.stats).
 
 OUT/<label>/seed-<k>/ holds each run and its score/; OUT/table.md, table.json and scores.png the result.
-A rerun continues where the last stopped: finished runs and scores are kept and a cut run resumes.
+A rerun continues where the last stopped: finished runs and scores are kept and a cut run resumes; a run
+whose recorded settings are not the arm's (a recipe file changed since, say) is refused, naming the settings.
 OUT/provenance.json records the shared settings and OUT/<label>/provenance.json each arm's: a rerun
 with other shared settings, or an arm label given another definition, is refused; a new arm may join. `--only LABEL`
 trains and scores one arm, so several processes (one thread each) can share the work; the table is
@@ -47,11 +49,12 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.files import FolderLock, atomic_write, differences, write_json
+from edm.files import FolderLock, atomic_write, differences, flatten, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
+from edm.training.run import RESUME_FREE, listed
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("edm-train", "nvlabs", "recipe-small")
@@ -102,13 +105,33 @@ def _nvlabs_loop():
     return module
 
 
-def finished_checkpoint(run_dir: Path, overrides: list[str]) -> Path | None:
-    """run_dir's latest checkpoint if it has reached the config's total_kimg, else None."""
+def run_differences(saved_config: dict, cfg: object) -> list[str]:
+    """'key: run A, arm B' for each setting that a run's recorded config and the arm's config set differently; keys
+    that say only how a run is carried out or reported (RESUME_FREE, total_kimg aside) and keys that one of the two
+    versions lacks are not compared."""
+    free = tuple(key for key in RESUME_FREE if key != "total_kimg")
+    saved, ours = flatten(saved_config), flatten(cfg)
+    return [f"{key}: run {saved[key]!r}, arm {ours[key]!r}" for key in sorted(saved.keys() & ours.keys())
+            if saved[key] != ours[key] and not listed(key, free)]
+
+
+def finished_checkpoint(run_dir: Path, overrides: list[str], launched: bool = True) -> Path | None:
+    """run_dir's latest checkpoint if it has reached the config's total_kimg, else None; a run of other settings
+    is refused. launched: the run is edm-train's, which records mixed_precision and compile as launched (the
+    NVlabs loop records the config as given)."""
+    from edm.training.loop import as_launched
+
     latest = ckpt.find_latest(run_dir)
     if latest is None:
         return None
     cfg = compose("train", overrides)
+    cfg = as_launched(cfg)[0] if launched else cfg
     state = torch.load(latest, map_location="cpu", weights_only=True)
+    differs = run_differences(state.get("config") or {}, cfg)
+    if differs:
+        raise SystemExit(f"side_by_side.py: error: {latest} was trained with other settings than this arm's "
+                         f"({'; '.join(differs)}): move that run away, give the arm another label, or pass --overwrite "
+                         "to delete OUT's runs")
     return latest if state["cur_nimg"] >= round(cfg.total_kimg * 1000) else None
 
 
@@ -133,8 +156,8 @@ def train_edm(overrides: list[str], run_dir: Path) -> Path:
 
 
 def small_main(overrides: list[str]) -> list[str]:
-    """recipe=small's main run for these overrides."""
-    return ["recipe=small", *overrides]
+    """recipe=small's main run for these overrides (or the recipe they name)."""
+    return overrides if any(item.startswith("recipe=") for item in overrides) else ["recipe=small", *overrides]
 
 
 def differing_keys(a: list[str], b: list[str]) -> list[str]:
@@ -160,10 +183,11 @@ def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path)
 
 
 def guide_overrides(main: list[str]) -> list[str]:
-    """recipe=guide for the main run's overrides: half its channels and a quarter of its images, no power EMAs."""
+    """The guide of the main run's overrides: half its channels and a quarter of its images, no power EMAs (what
+    recipe=small-guide is to recipe=small)."""
     cfg = compose("train", main)
     channels = cfg.network.model_channels or presets.resolve(cfg.network.name)[1]["model_channels"]
-    return [*main, "recipe=guide", f"network.model_channels={channels // 2}", f"total_kimg={cfg.total_kimg / 4}",
+    return [*main, f"network.model_channels={channels // 2}", f"total_kimg={cfg.total_kimg / 4}",
             "ema_sigma_rel=[]", "ema_snapshot_kimg=0"]
 
 
@@ -191,7 +215,7 @@ def train_arm(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path
         return Scored(posthoc / output_name(SMALL_SIGMA_REL), guide)
     if nvlabs_repo is None:
         raise SystemExit(f"side_by_side.py: error: arm {arm.label} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
-    done = finished_checkpoint(run_dir, [*overrides, f"run_dir={run_dir}"])
+    done = finished_checkpoint(run_dir, [*overrides, f"run_dir={run_dir}"], launched=False)
     return Scored(done or _nvlabs_loop().train_reference(nvlabs_repo, overrides, run_dir, edm_draws=set(arm.draws)))
 
 

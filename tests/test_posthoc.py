@@ -38,21 +38,37 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
     assert bad.returncode == 1 and "at_kimg=0.05 is no snapshot's time; snapshots at kimg 0.016, 0.032, 0.048, 0.064" in bad.stderr
 
 
-def test_recipe_small_is_the_edm_recipe_with_power_emas_and_its_four_commands_make_guided_samples(tmp_path, tiny_train,
-                                                                                                  one_thread):
-    """recipe=small changes only what is tracked (σ_rel 0.05 and 0.10 snapshots), so its training is the EDM
-    recipe's; its commands (train, guide, post-hoc σ_rel 0.10, sample with w = 1.5 on (0.28, 2.9]) make a guided
-    grid whose provenance names the guide and the interval."""
+def test_recipe_small_edm_is_the_edm_recipe_with_power_emas_and_recipe_small_is_edm2s_with_the_same():
+    """recipe=small-edm changes only what is tracked (σ_rel 0.05 and 0.10 snapshots), so its training is the EDM
+    recipe's; recipe=small tracks the same over EDM2's training (edm2-tiny, the learned weighting, lr 0.03 decayed
+    after 12 kimg), and recipe=small-guide is that training with half the channels and a quarter of the images."""
     from omegaconf import OmegaConf
 
     from edm.cli import compose
 
-    plain, small = (OmegaConf.to_container(OmegaConf.structured(compose("train", r))) for r in ([], ["recipe=small"]))
-    changed = {k: (plain[k], small[k]) for k in plain if plain[k] != small[k]}
-    assert changed == {"ema_sigma_rel": ([], [0.05, 0.10]), "ema_snapshot_kimg": (0.0, 8)}
+    def config(*overrides: str) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(compose("train", list(overrides))))
+
+    def changed(a: dict, b: dict) -> dict:
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    plain, small_edm, small, guide = (config(*r) for r in ([], ["recipe=small-edm"], ["recipe=small"], ["recipe=small-guide"]))
+    tracked = {"ema_sigma_rel": ([], [0.05, 0.10]), "ema_snapshot_kimg": (0.0, 8)}
+    assert changed(plain, small_edm) == tracked
+    assert changed(config("network=edm2-tiny", "loss.kind=edm2", "loss.P_mean=-0.8", "loss.P_std=1.6", "lr=0.03",
+                          "lr_decay_kimg=12"), small) == tracked
+    assert changed(small, guide) == {"network": (small["network"], {**small["network"], "model_channels": 16}),
+                                     "total_kimg": (96.0, 24.0), "ema_sigma_rel": ([0.05, 0.10], []),
+                                     "ema_snapshot_kimg": (8, 0), "run_dir": (None, "runs/digits-edm-edm2-tiny-guide")}
+
+
+def test_recipe_smalls_four_commands_make_guided_samples(tmp_path, tiny_train, one_thread):
+    """recipe=small's commands (train, its guide, post-hoc σ_rel 0.10, sample with w = 1.5 on (0.28, 2.9]) make a
+    guided grid whose provenance names the guide and the interval."""
     run, guide, posthoc, samples = (tmp_path / name for name in ("run", "guide", "posthoc", "samples"))
     steps = [[command("edm-train"), *tiny_train, "recipe=small", "ema_snapshot_kimg=0.016", f"run_dir={run}"],
-             [command("edm-train"), *tiny_train, "recipe=guide", "network.model_channels=4", f"run_dir={guide}"],
+             [command("edm-train"), *tiny_train, "recipe=small-guide", "network.model_channels=4", "total_kimg=0.016",
+              f"run_dir={guide}"],
              [command("edm-posthoc"), f"run_dir={run}", "sigma_rel=[0.10]", f"out={posthoc}"],
              [command("edm-sample"), f"checkpoint={posthoc / 'ema-0.100'}", f"guide={guide}", "guidance=1.5",
               "guidance_interval=[0.28,2.9]", "format=grid", "num_images=4", "sampler.num_steps=4", f"out={samples}",

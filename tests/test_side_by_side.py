@@ -59,12 +59,17 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
         side_by_side.main([a.replace("lr=1e-9", "lr=1e-8") for a in argv])
     side_by_side.main([*argv, "--arm", "c=edm-train lr=1e-3", "--report-only"])  # a new arm joins, untrained yet
     assert [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]] == ["a", "b", "c"]
+    run = out / "a" / "seed-0"  # a run whose recorded settings are not the arm's (its recipe changed, say) is not reused
+    assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", f"run_dir={run}"]) is not None
+    with pytest.raises(SystemExit, match=r"was trained with other settings than this arm's \(lr: run 0.002, arm 0.001\)"):
+        side_by_side.finished_checkpoint(run, [*shared, "seed=0", "lr=1e-3", f"run_dir={run}"])
 
 
 def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeypatch):
     """KIND recipe-small runs recipe=small's commands for each seed: the main run with power-EMA snapshots, a guide
-    with half its channels and a quarter of its images, post-hoc σ_rel 0.10, and the score of that model guided
-    with w = 1.5 on (0.28, 2.9], the values that configs/recipe/small.yaml's edm-sample command gives."""
+    of the same training with half its channels and a quarter of its images (recipe=small-guide), post-hoc σ_rel
+    0.10, and the score of that model guided with w = 1.5 on (0.28, 2.9], the values that
+    configs/recipe/small.yaml's edm-sample command gives."""
     import re
 
     import torch
@@ -82,6 +87,11 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
     main, guide = (torch.load(next(d.glob("checkpoint-*.pt")), weights_only=True) for d in (unit, unit / "guide"))
     assert main["config"]["ema_sigma_rel"] == [0.05, 0.10] and main["cur_nimg"] == 4 * guide["cur_nimg"]
     assert main["denoiser"]["network"]["model_channels"] == 2 * guide["denoiser"]["network"]["model_channels"]
+    for key in ("loss", "lr", "lr_decay_kimg"):  # recipe=small's EDM2 training, for the guide as well
+        assert main["config"][key] == guide["config"][key]
+    assert main["denoiser"]["network"]["name"] == guide["denoiser"]["network"]["name"] == "edm2-tiny"
+    assert side_by_side.differing_keys(side_by_side.guide_overrides(side_by_side.small_main([])),
+                                       ["recipe=small-guide"]) == ["run_dir"]
     record = json.loads(next((unit / "score").rglob("provenance.json")).read_text())
     assert (record["guidance"], record["guidance_interval"]) == (1.5, [0.28, 2.9])
     scored = load_model(unit / "posthoc" / "ema-0.100")[1].source  # the post-hoc EMA, guided by the guide's checkpoint
@@ -96,9 +106,10 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
 
 
 def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that_run(tmp_path, monkeypatch):
-    """recipe=small only adds power-EMA snapshots, so edm-train on the same settings ends at the same weights and EMA
-    bit for bit; an edm-train arm that differs from a recipe-small arm in nothing else scores that arm's checkpoint
-    (same-run.json names it), and one that differs in anything else (lr) trains its own."""
+    """A recipe's power-EMA snapshots change nothing trained (recipe=small-edm: EDM's training), so edm-train on the
+    same settings ends at the same weights and EMA bit for bit; an edm-train arm that differs from a recipe-small arm
+    in nothing else scores that arm's checkpoint (same-run.json names it), and one that differs in anything else (lr)
+    trains its own."""
     import torch
 
     from edm.files import file_sha256
@@ -106,7 +117,7 @@ def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that
     monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sbs"
     shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
-    arms = ["--arm", "a=edm-train", "--arm", "s=recipe-small ema_snapshot_kimg=0.016"]
+    arms = ["--arm", "a=edm-train", "--arm", "s=recipe-small recipe=small-edm ema_snapshot_kimg=0.016"]
     side_by_side.main(["--out", str(out), "--seeds", "0", "--num-images", "24", "--batch", "24", "--classifier-steps",
                        "100", *arms, *shared])
     unit = out / "a" / "seed-0"

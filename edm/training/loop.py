@@ -28,7 +28,7 @@ from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
-from ..hardware import launch_settings, launcher_restart, use_cpu
+from ..hardware import LaunchSettings, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
 from .build import Resolved, check_objective, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
@@ -93,6 +93,13 @@ def _data_grid(run: Run) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the run
 
 
+def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
+    """cfg with mixed_precision and compile as this launch resolves them (hardware.launch_settings: the config's,
+    else the launcher's), as a run records them, and those settings."""
+    launch = launch_settings(cfg.mixed_precision, cfg.compile)
+    return dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no"), launch
+
+
 def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
@@ -109,8 +116,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     # accelerate keeps mixed precision and dynamo settings in a process-wide singleton; forget
     # those of an earlier train() in this process (the distributed PartialState is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    launch = launch_settings(cfg.mixed_precision, cfg.compile)
-    cfg = dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no")
+    cfg, launch = as_launched(cfg)
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
                               log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":

@@ -143,8 +143,13 @@ RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every
 # their latent space (VAE fingerprint, scale, bias, pixel data) is compared as recorded facts (check_resume_vae)
 
 
+def listed(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of keys (an entry ending in "." stands for every key under it)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
 def _is_fixed(key: str) -> bool:
-    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
+    return listed(key, RESUME_FIXED)
 
 
 def saved_loss_spec(state: dict) -> dict:
