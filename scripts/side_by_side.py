@@ -144,7 +144,8 @@ class Scored:
 
 
 def train_edm(overrides: list[str], run_dir: Path) -> Path:
-    """edm-train's final checkpoint in run_dir for these overrides: trained now, resumed, or found."""
+    """edm-train's final checkpoint in run_dir for these overrides: trained now, resumed, or found; a run stopped on
+    request (Ctrl-C, SIGTERM) ends the script instead of being guided, post-hoc averaged or scored."""
     from edm.training.loop import train
 
     overrides = [*overrides, f"run_dir={run_dir}", "progress=false"]
@@ -152,7 +153,11 @@ def train_edm(overrides: list[str], run_dir: Path) -> Path:
     if done is not None:
         return done
     resume = ckpt.find_latest(run_dir) is not None
-    return train(compose("train", [*overrides, f"resume={str(resume).lower()}"])).checkpoint
+    result = train(compose("train", [*overrides, f"resume={str(resume).lower()}"]))
+    if result.interrupted:  # Ctrl-C, SIGTERM: the checkpoint is saved, the run is not finished
+        raise SystemExit(f"side_by_side.py: error: the run in {run_dir} stopped at step {result.state.step}, before its "
+                         "total_kimg, and is not used; rerun the same command to resume it")
+    return result.checkpoint
 
 
 def small_main(overrides: list[str]) -> list[str]:

@@ -137,3 +137,27 @@ def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that
     parsed = [side_by_side.Arm.parse(a) for a in arms[1::2]]
     assert side_by_side.same_run(side_by_side.Arm.parse("b=edm-train lr=1e-3"), parsed, 0, shared, out) is None
     assert side_by_side.same_run(parsed[0], parsed, 1, shared, out) is None  # seed 1: no run of s yet
+
+
+def test_a_run_stopped_on_request_ends_the_script_and_a_rerun_resumes_it(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM stops edm-train after saving; that run is not finished, so nothing downstream (a guide, the
+    post-hoc EMA, a score) may use it: the script ends naming it, and the same call again resumes it to total_kimg."""
+    import signal
+
+    from edm.training import loop
+
+    shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0", "seed=0"]
+    real = loop.train
+
+    def stopped_at_step_2(cfg, callback=None, on_own_run_dir=None):
+        def interrupt(run):
+            if run.state.step == 2:
+                signal.raise_signal(signal.SIGINT)
+
+        return real(cfg, callback=interrupt)
+
+    monkeypatch.setattr(loop, "train", stopped_at_step_2)
+    with pytest.raises(SystemExit, match=r"the run in .*run stopped at step 2, before its total_kimg"):
+        side_by_side.train_edm(shared, tmp_path / "run")
+    monkeypatch.setattr(loop, "train", real)
+    assert side_by_side.train_edm(shared, tmp_path / "run").name == "checkpoint-00000004.pt"
