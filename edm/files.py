@@ -189,10 +189,12 @@ def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, value in container.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
 
 
-def differences(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for each leaf where two nested containers differ (a missing leaf is None)."""
+def differences(old: Any, new: Any, shared_only: bool = False) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for each leaf where two nested containers differ (a missing leaf is None); shared_only:
+    only the leaves that both hold (records of two versions, where a key of one version only says nothing)."""
     a, b = flatten(old), flatten(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
+    return [(k, a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

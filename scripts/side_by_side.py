@@ -49,7 +49,7 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.files import FolderLock, atomic_write, differences, flatten, write_json
+from edm.files import FolderLock, atomic_write, differences, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
@@ -110,9 +110,8 @@ def run_differences(saved_config: dict, cfg: object) -> list[str]:
     that say only how a run is carried out or reported (RESUME_FREE, total_kimg aside) and keys that one of the two
     versions lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
-    saved, ours = flatten(saved_config), flatten(cfg)
-    return [f"{key}: run {saved[key]!r}, arm {ours[key]!r}" for key in sorted(saved.keys() & ours.keys())
-            if saved[key] != ours[key] and not listed(key, free)]
+    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(saved_config, cfg, shared_only=True)
+            if not listed(key, free)]
 
 
 def finished_checkpoint(run_dir: Path, overrides: list[str], launched: bool = True) -> Path | None:

@@ -173,8 +173,7 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
     skip = ("network.", "precond.", "schedule.", "loss.")  # compared as resolved specs
     saved = {k: v for k, v in flatten(saved_config).items() if not k.startswith(skip)} | flatten({"loss": saved_loss})
     ours = {k: v for k, v in flatten(cfg).items() if not k.startswith(skip)} | flatten({"loss": loss_spec(loss)})
-    changes = [(k, saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys())  # keys of one version only: not compared
-               if saved[k] != ours[k]]
+    changes = differences(saved, ours, shared_only=True)  # keys of one version only: not compared
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
         raise ckpt.CheckpointError(
