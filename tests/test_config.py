@@ -123,3 +123,30 @@ def test_every_solver_has_a_sampler_file_that_composes_to_it():
     assert files == sorted(SOLVERS)
     for name in files:
         assert compose("train", [f"sampler={name}"]).sampler.solver == name
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["schedule=vp", "loss.kind=edm2"], "loss.kind=edm2 with precond.kind=vp weights the network's own target by "
+                                        "λ(σ)·c_out(σ)² from 1 "),
+    (["schedule=fm", "loss.kind=edm"], "precond.kind=edm|trigflow or loss.kind=fm makes it 1"),
+])
+def test_a_loss_and_precond_from_different_rows_of_table_1_are_named_with_the_fix(overrides, needle, caplog):
+    from edm.cli import compose
+    from edm.training.build import check_target_weight, resolve
+
+    resolved = resolve(compose("train", overrides))
+    with caplog.at_level("WARNING"):
+        check_target_weight(resolved.loss, resolved.precond["kind"], resolved.schedule)
+    assert needle in caplog.text
+
+
+@pytest.mark.parametrize("overrides", [["schedule=vp"], ["schedule=ve"], ["schedule=fm"], ["schedule=trigflow"],
+                                       ["schedule=vp", "precond.kind=edm", "loss.kind=edm"], ["loss.kind=edm2"]])
+def test_a_loss_and_precond_of_one_row_warn_of_nothing(overrides, caplog):
+    from edm.cli import compose
+    from edm.training.build import check_target_weight, resolve
+
+    resolved = resolve(compose("train", overrides))
+    with caplog.at_level("WARNING"):
+        check_target_weight(resolved.loss, resolved.precond["kind"], resolved.schedule)
+    assert not caplog.records

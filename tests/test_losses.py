@@ -48,6 +48,31 @@ def test_loss_is_unit_weight_error_of_the_network_target(kind):
     torch.testing.assert_close(value, expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("precond_kind", edm.precond.PRECOND_KINDS)
+@pytest.mark.parametrize("kind", edm.losses.LOSS_KINDS)
+def test_any_loss_on_any_precond_weights_the_network_target_by_target_weight(kind, precond_kind):
+    """λ‖D − y‖² = λ c_out² ‖F(c_in x̂; c_noise) − (y − c_skip x̂)/c_out‖² for every pair of kinds."""
+    torch.manual_seed(0)
+    net = TinyNet().double()
+    den = edm.Precond(net, kind=precond_kind)
+    y = torch.randn(6, 2, 5, 5, dtype=F64)
+    n = torch.randn_like(y)
+    sigma = torch.tensor([0.003, 0.05, 0.4, 1.0, 9.0, 70.0], dtype=F64)
+    value = edm.Loss(edm.schedules.get("edm"), kind=kind, learned_weighting=False)(den, y, sigma=sigma, noise=n)
+    x_hat = y + sigma.view(-1, 1, 1, 1) * n
+    c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in den.coefficients(sigma))
+    error = (net(c_in * x_hat, c_noise.flatten()) - (y - c_skip * x_hat) / c_out).pow(2).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(value, edm.losses.target_weight(sigma, kind, precond_kind) * error, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_weight_is_one_on_the_schedules_own_preconditioning_and_not_on_another_rows(kind):
+    """λ c_out² = 1 within a row of Table 1; EDM's λ on VP's c_out = −σ is (σ² + σ_d²)/σ_d² instead."""
+    sigma = torch.logspace(-3, 2, 50, dtype=F64)
+    torch.testing.assert_close(edm.losses.target_weight(sigma, kind, kind), torch.ones_like(sigma))
+    torch.testing.assert_close(edm.losses.target_weight(sigma, "edm", "vp"), (sigma**2 + 0.25) / 0.25)
+
+
 def test_gradients_flow_to_the_network():
     torch.manual_seed(0)
     net = TinyNet()

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from ..choices import check_choice, choose
+from .precond import coefficients
 from .schedules import SIGMA_DATA, VP, FlowMatching, Schedule
 
-__all__ = ["Loss", "LOSS_KINDS", "LOGNORMAL", "loss_weight", "squared_error", "learns_weighting"]
+__all__ = ["Loss", "LOSS_KINDS", "LOGNORMAL", "loss_weight", "target_weight", "squared_error", "learns_weighting"]
 
 
 # λ(σ): one pure function per kind.
@@ -93,6 +94,12 @@ def learns_weighting(kind: str, learned_weighting: bool | None = None) -> bool:
 def loss_weight(sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA) -> Tensor:
     """λ(σ) of `kind` (Table 1 of docs/design.md)."""
     return choose(_WEIGHTS, kind, "loss kind")(sigma, sigma_data)
+
+
+def target_weight(sigma: Tensor, kind: str, precond_kind: str, sigma_data: float = SIGMA_DATA) -> Tensor:
+    """λ(σ)·c_out(σ)²: the weight of the network's own target in λ‖D − y‖² = λ c_out² ‖F − (y − c_skip x̂)/c_out‖²,
+    for the loss `kind` on the preconditioning `precond_kind`; 1 where they are one row of Table 1."""
+    return loss_weight(sigma, kind, sigma_data) * coefficients(sigma, precond_kind, sigma_data).c_out ** 2
 
 
 def squared_error(denoised: Tensor, y: Tensor) -> Tensor:

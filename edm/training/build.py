@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..choices import keyword_defaults
 from ..core.consistency import ECTLoss, SCMLoss
-from ..core.losses import Loss
+from ..core.losses import LOSS_KINDS, Loss, target_weight
 from ..core.meanflow import MeanFlowLoss
-from ..core.precond import Precond
+from ..core.precond import PRECOND_KINDS, Precond
 from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
@@ -29,7 +30,7 @@ from ..networks import resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
-    "Resolved", "resolve", "build_loss", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
+    "Resolved", "resolve", "build_loss", "check_target_weight", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
     "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_objective", "load_initial_weights",
 ]
 
@@ -78,6 +79,28 @@ def resolved_network(network: dict[str, Any]) -> dict[str, Any]:
     """{"name": ..., **every constructor argument} of a network spec (edm.networks.resolve), as plain lists."""
     name = network["name"]
     return {"name": name, **to_container(resolve_network(name, **{k: v for k, v in network.items() if k != "name"})[1])}
+
+
+def check_target_weight(loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss, precond_kind: str, schedule: Schedule) -> None:
+    """Warn when the denoising loss's λ(σ)·c_out(σ)², the weight of the network's own target, is not 1 over the
+    schedule's σ range: the loss and the preconditioning are then not one row of EDM Table 1."""
+    if not isinstance(loss, Loss):
+        return
+    sigma = torch.logspace(np.log10(schedule.sigma_min), np.log10(schedule.sigma_max), 64, dtype=torch.float64)
+    unit = lambda kind, precond: torch.allclose(target_weight(sigma, kind, precond, loss.sigma_data),  # noqa: E731
+                                                torch.ones_like(sigma), rtol=1e-6)
+    if unit(loss.kind, precond_kind):
+        return
+    weight = target_weight(sigma, loss.kind, precond_kind, loss.sigma_data)
+    lo, hi = int(weight.argmin()), int(weight.argmax())
+    preconds = [p for p in PRECOND_KINDS if unit(loss.kind, p)]
+    losses = [k for k in LOSS_KINDS if unit(k, precond_kind)]
+    absorbs = "; the learned weighting u(σ) has to absorb it" if loss.learned_weighting else ""
+    logger.warning(
+        "loss.kind=%s with precond.kind=%s weights the network's own target by λ(σ)·c_out(σ)² from %.3g (σ = %.3g) "
+        "to %.3g (σ = %.3g) over the schedule's σ range, not 1 as in each row of EDM Table 1%s: precond.kind=%s or "
+        "loss.kind=%s makes it 1", loss.kind, precond_kind, float(weight[lo]), float(sigma[lo]), float(weight[hi]), float(sigma[hi]), absorbs,
+        "|".join(preconds), "|".join(losses))
 
 
 def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
-from .build import Resolved, check_objective, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
+from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA
@@ -154,6 +154,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     vae = latent_vae(cfg, dataset, accelerator.device)
     spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
     check_objective(cfg.objective, spec)
+    check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
