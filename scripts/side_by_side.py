@@ -49,7 +49,8 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.files import FolderLock, atomic_write, differences, write_json
+from edm.core import schedules
+from edm.files import FolderLock, atomic_write, differences, to_container, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
@@ -105,12 +106,27 @@ def _nvlabs_loop():
     return module
 
 
+def with_kinds(config: object) -> dict:
+    """A training config as a plain dict, precond.kind and loss.kind None read as what edm-train trains for them:
+    the schedule's parameterization."""
+    record = to_container(config)
+    name = (record.get("schedule") or {}).get("name")
+    if name not in schedules.SCHEDULES:
+        return record
+    own = schedules.get(name).parameterization
+    for group in ("precond", "loss"):
+        if record.get(group, {}).get("kind", own) is None:
+            record[group] = {**record[group], "kind": own}
+    return record
+
+
 def run_differences(saved_config: dict, cfg: object) -> list[str]:
-    """'key: run A, arm B' for each setting that a run's recorded config and the arm's config set differently; keys
-    that say only how a run is carried out or reported (RESUME_FREE, total_kimg aside) and keys that one of the two
-    versions lacks are not compared."""
+    """'key: run A, arm B' for each setting that a run's recorded config and the arm's config set differently (the
+    kinds as with_kinds reads them); keys that say only how a run is carried out or reported (RESUME_FREE,
+    total_kimg aside) and keys that one of the two versions lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
-    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(saved_config, cfg, shared_only=True)
+    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(with_kinds(saved_config), with_kinds(cfg),
+                                                                         shared_only=True)
             if not listed(key, free)]
 
 
@@ -165,8 +181,9 @@ def small_main(overrides: list[str]) -> list[str]:
 
 
 def differing_keys(a: list[str], b: list[str]) -> list[str]:
-    """The dotted keys of edm-train's config that the two override lists set differently (sorted)."""
-    return [key for key, _, _ in differences(compose("train", a), compose("train", b))]
+    """The dotted keys of edm-train's config that the two override lists set differently (sorted; the kinds as
+    with_kinds reads them)."""
+    return [key for key, _, _ in differences(with_kinds(compose("train", a)), with_kinds(compose("train", b)))]
 
 
 def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path) -> tuple[Arm, Path, list[str]] | None:

@@ -63,6 +63,13 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"was trained with other settings than this arm's \(lr: run 0.002, arm 0.001\)"):
         side_by_side.finished_checkpoint(run, [*shared, "seed=0", "lr=1e-3", f"run_dir={run}"])
+    # precond.kind and loss.kind None train the schedule's: naming that kind changes nothing, naming another does
+    assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", "precond.kind=edm", "loss.kind=edm",
+                                                  f"run_dir={run}"]) is not None
+    with pytest.raises(SystemExit, match=r"\(precond.kind: run 'edm', arm 'fm'\)"):
+        side_by_side.finished_checkpoint(run, [*shared, "seed=0", "precond.kind=fm", f"run_dir={run}"])
+    assert side_by_side.differing_keys(["schedule=vp", "precond.kind=vp"], ["schedule=vp"]) == []
+    assert side_by_side.differing_keys(["schedule=vp", "precond.kind=edm"], ["schedule=vp"]) == ["precond.kind"]
 
 
 def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeypatch):
