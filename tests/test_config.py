@@ -150,3 +150,17 @@ def test_a_loss_and_precond_of_one_row_warn_of_nothing(overrides, caplog):
     with caplog.at_level("WARNING"):
         check_target_weight(resolved.loss, resolved.precond["kind"], resolved.schedule)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp", "ve", "fm"])
+@pytest.mark.parametrize("recipe", ["small", "small-guide", "edm2-img64"])
+def test_edm2_recipes_train_edm2s_preconditioning_under_every_schedule(recipe, schedule, caplog):
+    """EDM2's loss on EDM's preconditioning whatever the schedule: λ(σ)·c_out(σ)² = 1, nothing to warn of."""
+    from edm.cli import compose
+    from edm.training.build import check_target_weight, resolve
+
+    resolved = resolve(compose("train", [f"recipe={recipe}", f"schedule={schedule}"]))
+    assert (resolved.loss.kind, resolved.precond["kind"], resolved.schedule.parameterization) == ("edm2", "edm", schedule)
+    with caplog.at_level("WARNING"):
+        check_target_weight(resolved.loss, resolved.precond["kind"], resolved.schedule)
+    assert not caplog.records
