@@ -40,8 +40,8 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
 
 def test_recipe_small_edm_is_the_edm_recipe_with_power_emas_and_recipe_small_is_edm2s_with_the_same():
     """recipe=small-edm changes only what is tracked (σ_rel 0.05 and 0.10 snapshots), so its training is the EDM
-    recipe's; recipe=small tracks the same over EDM2's training (edm2-tiny, the learned weighting, lr 0.03 decayed
-    after 12 kimg), and recipe=small-guide is that training with half the channels and a quarter of the images."""
+    recipe's; recipe=small tracks the same over EDM2's training (edm2-tiny, the learned weighting on EDM's
+    preconditioning, lr 0.03 decayed after 12 kimg), and recipe=small-guide is that training with half the channels and a quarter of the images."""
     from omegaconf import OmegaConf
 
     from edm.cli import compose
@@ -55,7 +55,7 @@ def test_recipe_small_edm_is_the_edm_recipe_with_power_emas_and_recipe_small_is_
     plain, small_edm, small, guide = (config(*r) for r in ([], ["recipe=small-edm"], ["recipe=small"], ["recipe=small-guide"]))
     tracked = {"ema_sigma_rel": ([], [0.05, 0.10]), "ema_snapshot_kimg": (0.0, 8)}
     assert changed(plain, small_edm) == tracked
-    assert changed(config("network=edm2-tiny", "loss.kind=edm2", "loss.P_mean=-0.8", "loss.P_std=1.6", "lr=0.03",
+    assert changed(config("network=edm2-tiny", "precond.kind=edm", "loss.kind=edm2", "loss.P_mean=-0.8", "loss.P_std=1.6", "lr=0.03",
                           "lr_decay_kimg=12"), small) == tracked
     assert changed(small, guide) == {"network": (small["network"], {**small["network"], "model_channels": 16}),
                                      "total_kimg": (96.0, 24.0), "ema_sigma_rel": ([0.05, 0.10], []),
