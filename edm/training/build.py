@@ -99,8 +99,8 @@ def check_target_weight(loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss, precond_k
     logger.warning(
         "loss.kind=%s with precond.kind=%s weights the network's own target by λ(σ)·c_out(σ)² from %.3g (σ = %.3g) "
         "to %.3g (σ = %.3g) over the schedule's σ range, not 1 as in each row of EDM Table 1%s: precond.kind=%s or "
-        "loss.kind=%s makes it 1", loss.kind, precond_kind, float(weight[lo]), float(sigma[lo]), float(weight[hi]), float(sigma[hi]), absorbs,
-        "|".join(preconds), "|".join(losses))
+        "loss.kind=%s makes it 1", loss.kind, precond_kind, float(weight[lo]), float(sigma[lo]), float(weight[hi]),
+        float(sigma[hi]), absorbs, "|".join(preconds), "|".join(losses))
 
 
 def network_spec(cfg: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
