@@ -132,7 +132,6 @@ def test_profile_times_each_part_of_the_step_and_writes_the_table(bench, tmp_pat
     parts = bench.main(args)["train"]["breakdown_ms"]
     assert set(parts) == {"batch (augmentation)", "forward+backward", "optimizer", "ema"}
     assert all(ms > 0 for ms in parts.values())
-    assert parts["forward+backward"] > parts["optimizer"]  # the network dominates a step of Adam
     text = table.read_text()
     assert "forward+backward:" in text and "aten::convolution" in text
 
