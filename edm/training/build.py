@@ -87,11 +87,11 @@ def check_target_weight(loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss, precond_k
     if not isinstance(loss, Loss):
         return
     sigma = torch.logspace(np.log10(schedule.sigma_min), np.log10(schedule.sigma_max), 64, dtype=torch.float64)
-    unit = lambda kind, precond: torch.allclose(target_weight(sigma, kind, precond, loss.sigma_data),  # noqa: E731
-                                                torch.ones_like(sigma), rtol=1e-6)
-    if unit(loss.kind, precond_kind):
-        return
+    one = torch.ones_like(sigma)
+    unit = lambda kind, precond: torch.allclose(target_weight(sigma, kind, precond, loss.sigma_data), one, rtol=1e-6)  # noqa: E731
     weight = target_weight(sigma, loss.kind, precond_kind, loss.sigma_data)
+    if torch.allclose(weight, one, rtol=1e-6):
+        return
     lo, hi = int(weight.argmin()), int(weight.argmax())
     preconds = [p for p in PRECOND_KINDS if unit(loss.kind, p)]
     losses = [k for k in LOSS_KINDS if unit(k, precond_kind)]
