@@ -12,9 +12,10 @@ edm-train recipe=small, its guide (the same run with half the channels and a qua
 recipe=small-guide), post-hoc EMA σ_rel 0.10, and scores that model autoguided (w = 1.5 on σ ∈ (0.28, 2.9])
 in place of the EMA. The recipe's power-EMA snapshots change nothing it trains, so an edm-train arm whose
 settings differ from a recipe-small arm's only in those snapshots scores that arm's run of the seed (its EMA)
-instead of training the same weights again, and
-says so in its seed folder (same-run.json). The arm's overrides go
-on top of the shared ones (the positional arguments, edm-train's keys). Every arm trains once per
+instead of training the same weights again, and says so in its seed folder (same-run.json). The arm's overrides
+go on top of the shared ones (the positional arguments, edm-train's keys); a recipe-small arm whose shared
+settings replace one its recipe makes (a shared network=tiny over recipe=small's edm2-tiny) is refused, naming
+the keys and the arm that keeps the recipe's. Every arm trains once per
 seed k (seed=k) and is scored on the same samples seeds 0..N−1 (EMA weights, Heun 18 steps, FD_cls of
 edm.evaluation.quality, through edm-study's run_study), so seed k pairs the arms: the table gives each
 arm's scores per seed, mean ± sd, and the mean paired difference from the first arm with its 95 %
@@ -180,6 +181,32 @@ def small_main(overrides: list[str]) -> list[str]:
     return overrides if any(item.startswith("recipe=") for item in overrides) else ["recipe=small", *overrides]
 
 
+def replaced_by_shared(arm: Arm, shared: list[str]) -> list[tuple[str, object, object]]:
+    """(key, the recipe's value, the shared settings' value) for each setting that a recipe-small arm's recipe makes
+    and the shared settings replace. A command-line group or key beats a recipe's (Hydra's order), so a shared
+    `network=tiny` would train recipe=small on `tiny`; the arm's own overrides come last and are taken as meant."""
+    recipe = to_container(compose("train", small_main(list(arm.overrides))))
+    made = {key for key, _, _ in differences(to_container(compose("train", [])), recipe)}
+    with_shared = to_container(compose("train", small_main([*shared, *arm.overrides])))
+    return [(key, a, b) for key, a, b in differences(recipe, with_shared) if key in made]
+
+
+def check_recipe_arms(arms: list[Arm], shared: list[str]) -> None:
+    """Refuse a recipe-small arm whose shared settings replace its recipe's (replaced_by_shared), naming them and
+    the overrides that keep the recipe's."""
+    for arm in (arm for arm in arms if arm.kind == "recipe-small"):
+        replaced = replaced_by_shared(arm, shared)
+        if replaced:
+            keep = [f"{key.removesuffix('.name')}={a}" if key.endswith(".name") else  # a group by its name
+                    f"{key}={json.dumps(a, separators=(',', ':')) if isinstance(a, list) else a}" for key, a, _ in replaced]
+            raise SystemExit(
+                f"side_by_side.py: error: arm {arm.label}: the shared settings replace what its recipe sets "
+                f"({'; '.join(f'{key}: recipe {a!r}, shared {b!r}' for key, a, b in replaced)}), so the arm would not "
+                f"train its recipe; give the arm the values it should train (--arm "
+                f"\"{' '.join([f'{arm.label}={arm.kind}', *arm.overrides, *keep])}\" keeps the recipe's) or leave "
+                "them out of the shared settings")
+
+
 def differing_keys(a: list[str], b: list[str]) -> list[str]:
     """The dotted keys of edm-train's config that the two override lists set differently (sorted; the kinds as
     with_kinds reads them)."""
@@ -322,6 +349,8 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"side_by_side.py: error: give two or more arms with distinct labels, got {labels}")
     if args.only is not None and args.only not in labels:
         raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
+    if not args.report_only:
+        check_recipe_arms([arm for arm in arms if args.only in (None, arm.label)], args.overrides)
     seeds = parse_seeds(args.seeds)
     classifier = ClassifierConfig(steps=args.classifier_steps)
     shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],

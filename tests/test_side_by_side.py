@@ -112,6 +112,25 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
         side_by_side.SMALL_SIGMA_REL, side_by_side.SMALL_GUIDANCE, side_by_side.SMALL_INTERVAL)
 
 
+def test_a_recipe_small_arm_whose_shared_settings_replace_its_recipes_is_refused_before_any_work(tmp_path):
+    """A shared group or key beats the recipe's (network=tiny would train recipe=small on `tiny`): the arm is refused
+    before OUT is made, naming the keys, both values and the arm that keeps the recipe's; that arm, a recipe that
+    does not set the key (recipe=small-edm), and shared keys the recipe leaves alone (data, budget, schedule) pass."""
+    out = tmp_path / "sbs"
+    shared = ["network=tiny", "lr=0.01", "dataset.resolution=16", "total_kimg=0.016", "schedule=fm"]
+    with pytest.raises(SystemExit) as refused:  # (small settings: without the check, this trains and scores)
+        side_by_side.main(["--out", str(out), "--num-images", "8", "--classifier-steps", "10", "--arm", "a=edm-train",
+                           "--arm", "s=recipe-small", *shared])
+    message = str(refused.value)
+    assert "network.name: recipe 'edm2-tiny', shared 'tiny'" in message and "lr: recipe 0.03, shared 0.01" in message
+    assert not out.exists()
+    keeps = side_by_side.Arm.parse(message.split('--arm "')[1].split('"')[0])
+    assert set(keeps.overrides) == {"network=edm2-tiny", "lr=0.03"}
+    for arm in (keeps, side_by_side.Arm.parse("small=recipe-small recipe=small-edm")):
+        side_by_side.check_recipe_arms([arm], shared)
+    assert side_by_side.replaced_by_shared(side_by_side.Arm.parse("s=recipe-small"), shared[2:]) == []
+
+
 def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that_run(tmp_path, monkeypatch):
     """A recipe's power-EMA snapshots change nothing trained (recipe=small-edm: EDM's training), so edm-train on the
     same settings ends at the same weights and EMA bit for bit; an edm-train arm that differs from a recipe-small arm
