@@ -23,7 +23,9 @@ Student-t interval (edm.evaluation.stats).
 
 OUT/<label>/seed-<k>/ holds each run and its score/; OUT/table.md, table.json and scores.png the result.
 A rerun continues where the last stopped: finished runs and scores are kept and a cut run resumes; a run
-whose recorded settings are not the arm's (a recipe file changed since, say) is refused, naming the settings.
+whose recorded settings are not the arm's (a recipe file changed since, say) is refused, naming the settings;
+settings are compared as trained, the preconditioning and loss as the resolved specs a checkpoint records (under
+schedule=edm, precond.kind=edm names what precond.kind unset trains).
 OUT/provenance.json records the shared settings and OUT/<label>/provenance.json each arm's: a rerun
 with other shared settings, or an arm label given another definition, is refused; a new arm may join. `--only LABEL`
 trains and scores one arm, so several processes (one thread each) can share the work; the table is
@@ -50,13 +52,13 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.core import schedules
 from edm.files import FolderLock, atomic_write, differences, to_container, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
-from edm.training.run import RESUME_FREE, listed
+from edm.training.build import loss_spec, precond_defaults, resolve
+from edm.training.run import RESUME_FREE, listed, saved_loss_spec
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("edm-train", "nvlabs", "recipe-small")
@@ -107,26 +109,32 @@ def _nvlabs_loop():
     return module
 
 
-def with_kinds(config: object) -> dict:
-    """A training config as a plain dict, precond.kind and loss.kind None read as what edm-train trains for them:
-    the schedule's parameterization."""
-    record = to_container(config)
-    name = (record.get("schedule") or {}).get("name")
-    if name not in schedules.SCHEDULES:
-        return record
-    own = schedules.get(name).parameterization
-    for group in ("precond", "loss"):
-        if record.get(group, {}).get("kind", own) is None:
-            record[group] = {**record[group], "kind": own}
-    return record
+def as_trained(config: object, precond: dict, loss: dict) -> dict:
+    """A run's settings with its preconditioning and loss as the resolved specs it trains (a kind None is the
+    schedule's parameterization, VP's β's the schedule's, ...) in place of the config's `precond` and `loss`, as
+    edm-train's resume compares them."""
+    record = {key: value for key, value in to_container(config).items() if key not in ("precond", "loss")}
+    return {**record, "precond": precond, "loss": loss}
 
 
-def run_differences(saved_config: dict, cfg: object) -> list[str]:
-    """'key: run A, arm B' for each setting that a run's recorded config and the arm's config set differently (the
-    kinds as with_kinds reads them); keys that say only how a run is carried out or reported (RESUME_FREE,
-    total_kimg aside) and keys that one of the two versions lacks are not compared."""
+def config_trained(cfg: object) -> dict:
+    """as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve)."""
+    resolved = resolve(cfg)
+    return as_trained(cfg, resolved.precond, loss_spec(resolved.loss))
+
+
+def checkpoint_trained(state: dict) -> dict:
+    """as_trained of a checkpoint: the precond and loss specs it recorded."""
+    precond = {**precond_defaults(), **state["denoiser"]["precond"]}
+    return as_trained(state.get("config") or {}, precond, saved_loss_spec(state))
+
+
+def run_differences(state: dict, cfg: object) -> list[str]:
+    """'key: run A, arm B' for each setting that a run's checkpoint and the arm's config train differently (the
+    preconditioning and loss as resolved specs); keys that say only how a run is carried out or reported
+    (RESUME_FREE, total_kimg aside) and keys that one of the two versions lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
-    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(with_kinds(saved_config), with_kinds(cfg),
+    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(checkpoint_trained(state), config_trained(cfg),
                                                                          shared_only=True)
             if not listed(key, free)]
 
@@ -143,7 +151,7 @@ def finished_checkpoint(run_dir: Path, overrides: list[str], launched: bool = Tr
     cfg = compose("train", overrides)
     cfg = as_launched(cfg)[0] if launched else cfg
     state = torch.load(latest, map_location="cpu", weights_only=True)
-    differs = run_differences(state.get("config") or {}, cfg)
+    differs = run_differences(state, cfg)
     if differs:
         raise SystemExit(f"side_by_side.py: error: {latest} was trained with other settings than this arm's "
                          f"({'; '.join(differs)}): move that run away, give the arm another label, or pass --overwrite "
@@ -208,9 +216,9 @@ def check_recipe_arms(arms: list[Arm], shared: list[str]) -> None:
 
 
 def differing_keys(a: list[str], b: list[str]) -> list[str]:
-    """The dotted keys of edm-train's config that the two override lists set differently (sorted; the kinds as
-    with_kinds reads them)."""
-    return [key for key, _, _ in differences(with_kinds(compose("train", a)), with_kinds(compose("train", b)))]
+    """The dotted keys of edm-train's config that the two override lists train differently (sorted; the
+    preconditioning and loss as resolved specs, config_trained)."""
+    return [key for key, _, _ in differences(config_trained(compose("train", a)), config_trained(compose("train", b)))]
 
 
 def same_run(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path) -> tuple[Arm, Path, list[str]] | None:

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from edm.evaluation.stats import paired_difference
+from edm.training.build import LOGVAR_CHANNELS
 
 from conftest import TINY_TRAIN, load_script
 
@@ -63,13 +64,19 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"was trained with other settings than this arm's \(lr: run 0.002, arm 0.001\)"):
         side_by_side.finished_checkpoint(run, [*shared, "seed=0", "lr=1e-3", f"run_dir={run}"])
-    # precond.kind and loss.kind None train the schedule's: naming that kind changes nothing, naming another does
+    # compared as trained (the resolved precond and loss specs): precond.kind and loss.kind None train the schedule's,
+    # so naming that kind changes nothing and naming another does
     assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", "precond.kind=edm", "loss.kind=edm",
                                                   f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"\(precond.kind: run 'edm', arm 'fm'\)"):
         side_by_side.finished_checkpoint(run, [*shared, "seed=0", "precond.kind=fm", f"run_dir={run}"])
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=vp"], ["schedule=vp"]) == []
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=edm"], ["schedule=vp"]) == ["precond.kind"]
+    # VP's β's and the uncertainty head of a learned weighting resolve the same way, named or not
+    assert side_by_side.differing_keys(["schedule=vp", "precond.beta_d=19.9"], ["schedule=vp"]) == []
+    assert side_by_side.differing_keys(["schedule=vp", "precond.beta_d=18"], ["schedule=vp"]) == ["precond.beta_d"]
+    assert side_by_side.differing_keys(["loss.kind=edm2", f"precond.logvar_channels={LOGVAR_CHANNELS}"],
+                                       ["loss.kind=edm2"]) == []
 
 
 def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeypatch):
