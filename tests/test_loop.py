@@ -114,9 +114,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
 
 
 def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_env):
-    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once."""
+    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once, and a config
+    warning (VP's loss on EDM's preconditioning) is logged once."""
     run_dir = tmp_path / "ddp"
-    power = ["ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]
+    power = ["ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016", "loss.kind=vp"]
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
@@ -124,6 +125,7 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
         cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("not 1 as in each row of EDM Table 1") == 1
     assert find_latest(run_dir).name == "checkpoint-00000004.pt"
     state = load_checkpoint(find_latest(run_dir))
     assert (state["processes"], state["batch_per_device"]) == (2, 4)

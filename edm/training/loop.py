@@ -119,7 +119,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     cfg, launch = as_launched(cfg)
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
                               log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
-    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
         logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
@@ -154,7 +154,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     vae = latent_vae(cfg, dataset, accelerator.device)
     spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
     check_objective(cfg.objective, spec)
-    check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
+    if accelerator.is_main_process:  # a config warning: the same in every process
+        check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
