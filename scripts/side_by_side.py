@@ -118,21 +118,25 @@ def as_trained(config: object, precond: dict, loss: dict) -> dict:
 
 
 def config_trained(cfg: object) -> dict:
-    """as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve)."""
+    """as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve). A run from
+    `init` trains the init model's preconditioning: its precond is the config's as written, `init` itself compared."""
     resolved = resolve(cfg)
-    return as_trained(cfg, resolved.precond, loss_spec(resolved.loss))
+    precond = to_container(cfg.precond) if cfg.init is not None else resolved.precond
+    return as_trained(cfg, precond, loss_spec(resolved.loss))
 
 
 def checkpoint_trained(state: dict) -> dict:
-    """as_trained of a checkpoint: the precond and loss specs it recorded."""
-    precond = {**precond_defaults(), **state["denoiser"]["precond"]}
-    return as_trained(state.get("config") or {}, precond, saved_loss_spec(state))
+    """as_trained of a checkpoint: the precond spec it recorded (with today's defaults for keys it lacks, as a
+    resume reads it; a run from `init`: the config's precond as written) and its loss spec."""
+    config = state.get("config") or {}
+    precond = config.get("precond", {}) if config.get("init") else {**precond_defaults(), **state["denoiser"]["precond"]}
+    return as_trained(config, precond, saved_loss_spec(state))
 
 
 def run_differences(state: dict, cfg: object) -> list[str]:
     """'key: run A, arm B' for each setting that a run's checkpoint and the arm's config train differently (the
     preconditioning and loss as resolved specs); keys that say only how a run is carried out or reported
-    (RESUME_FREE, total_kimg aside) and keys that one of the two versions lacks are not compared."""
+    (RESUME_FREE, total_kimg aside) and keys that one of the two records lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
     return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(checkpoint_trained(state), config_trained(cfg),
                                                                          shared_only=True)
@@ -151,7 +155,11 @@ def finished_checkpoint(run_dir: Path, overrides: list[str], launched: bool = Tr
     cfg = compose("train", overrides)
     cfg = as_launched(cfg)[0] if launched else cfg
     state = torch.load(latest, map_location="cpu", weights_only=True)
-    differs = run_differences(state, cfg)
+    try:
+        differs = run_differences(state, cfg)
+    except (ckpt.CheckpointError, ValueError) as err:
+        raise SystemExit(f"side_by_side.py: error: {latest} cannot be compared with this arm's settings ({err}): move "
+                         "that run away, give the arm another label, or pass --overwrite to delete OUT's runs") from None
     if differs:
         raise SystemExit(f"side_by_side.py: error: {latest} was trained with other settings than this arm's "
                          f"({'; '.join(differs)}): move that run away, give the arm another label, or pass --overwrite "
@@ -196,7 +204,8 @@ def replaced_by_shared(arm: Arm, shared: list[str]) -> list[tuple[str, object, o
     recipe = to_container(compose("train", small_main(list(arm.overrides))))
     made = {key for key, _, _ in differences(to_container(compose("train", [])), recipe)}
     with_shared = to_container(compose("train", small_main([*shared, *arm.overrides])))
-    return [(key, a, b) for key, a, b in differences(recipe, with_shared) if key in made]
+    free = (*RESUME_FREE, "dataset.")  # how a run is carried out, and the data: the comparison's, shared by every arm
+    return [(key, a, b) for key, a, b in differences(recipe, with_shared) if key in made and not listed(key, free)]
 
 
 def check_recipe_arms(arms: list[Arm], shared: list[str]) -> None:
@@ -206,13 +215,14 @@ def check_recipe_arms(arms: list[Arm], shared: list[str]) -> None:
         replaced = replaced_by_shared(arm, shared)
         if replaced:
             keep = [f"{key.removesuffix('.name')}={a}" if key.endswith(".name") else  # a group by its name
-                    f"{key}={json.dumps(a, separators=(',', ':')) if isinstance(a, list) else a}" for key, a, _ in replaced]
+                    f"{key}={a if isinstance(a, str) else json.dumps(a, separators=(',', ':'))}"  # null, true, [..]
+                    for key, a, _ in replaced]
             raise SystemExit(
                 f"side_by_side.py: error: arm {arm.label}: the shared settings replace what its recipe sets "
                 f"({'; '.join(f'{key}: recipe {a!r}, shared {b!r}' for key, a, b in replaced)}), so the arm would not "
                 f"train its recipe; give the arm the values it should train (--arm "
-                f"\"{' '.join([f'{arm.label}={arm.kind}', *arm.overrides, *keep])}\" keeps the recipe's) or leave "
-                "them out of the shared settings")
+                f"{shlex.quote(shlex.join([f'{arm.label}={arm.kind}', *arm.overrides, *keep]))} keeps the recipe's) or "
+                "leave them out of the shared settings")
 
 
 def differing_keys(a: list[str], b: list[str]) -> list[str]:

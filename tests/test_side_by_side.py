@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 
 import pytest
+import torch
 
 from edm.evaluation.stats import paired_difference
+from edm.models.checkpoint import find_latest
 from edm.training.build import LOGVAR_CHANNELS
 
 from conftest import TINY_TRAIN, load_script
@@ -70,6 +74,21 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
                                                   f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"\(precond.kind: run 'edm', arm 'fm'\)"):
         side_by_side.finished_checkpoint(run, [*shared, "seed=0", "precond.kind=fm", f"run_dir={run}"])
+    state = torch.load(find_latest(run), weights_only=True)
+    older = tmp_path / "older"  # written before runs recorded their loss spec: the loss its config builds
+    older.mkdir()
+    torch.save({k: v for k, v in state.items() if k != "loss"}, older / "checkpoint-00000004.pt")
+    assert side_by_side.finished_checkpoint(older, [*shared, "seed=0", f"run_dir={older}"]) is not None
+    with pytest.raises(SystemExit, match=r"\(loss.P_mean: run -1.2, arm -0.4\)"):
+        side_by_side.finished_checkpoint(older, [*shared, "seed=0", "loss.P_mean=-0.4", f"run_dir={older}"])
+    initial = tmp_path / "initial"  # a run from `init` trains the init model's preconditioning: not the config's
+    initial.mkdir()
+    torch.save({**state, "config": {**state["config"], "init": "m.pt"},
+                "denoiser": {**state["denoiser"], "precond": {**state["denoiser"]["precond"], "kind": "fm"}}},
+               initial / "checkpoint-00000004.pt")
+    assert side_by_side.finished_checkpoint(initial, [*shared, "seed=0", "init=m.pt", f"run_dir={initial}"]) is not None
+    with pytest.raises(SystemExit, match=r"init: run 'm.pt', arm None"):
+        side_by_side.finished_checkpoint(initial, [*shared, "seed=0", f"run_dir={initial}"])
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=vp"], ["schedule=vp"]) == []
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=edm"], ["schedule=vp"]) == ["precond.kind"]
     # VP's β's and the uncertainty head of a learned weighting resolve the same way, named or not
@@ -84,10 +103,6 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
     of the same training with half its channels and a quarter of its images (recipe=small-guide), post-hoc σ_rel
     0.10, and the score of that model guided with w = 1.5 on (0.28, 2.9], the values that
     configs/recipe/small.yaml's edm-sample command gives."""
-    import re
-
-    import torch
-
     from conftest import REPO
     from edm.files import file_sha256
     from edm.models.loading import load_model
@@ -131,11 +146,14 @@ def test_a_recipe_small_arm_whose_shared_settings_replace_its_recipes_is_refused
     message = str(refused.value)
     assert "network.name: recipe 'edm2-tiny', shared 'tiny'" in message and "lr: recipe 0.03, shared 0.01" in message
     assert not out.exists()
-    keeps = side_by_side.Arm.parse(message.split('--arm "')[1].split('"')[0])
+    keeps = side_by_side.Arm.parse(shlex.split(re.search(r"--arm ('[^']*'|\S+)", message).group(1))[0])
     assert set(keeps.overrides) == {"network=edm2-tiny", "lr=0.03"}
     for arm in (keeps, side_by_side.Arm.parse("small=recipe-small recipe=small-edm")):
         side_by_side.check_recipe_arms([arm], shared)
     assert side_by_side.replaced_by_shared(side_by_side.Arm.parse("s=recipe-small"), shared[2:]) == []
+    # the data and how a run is carried out are the comparison's: edm2-img64's data set, workers and run_dir
+    assert side_by_side.replaced_by_shared(side_by_side.Arm.parse("s=recipe-small recipe=edm2-img64"),
+                                           ["dataset=fashion_mnist", "dataset.num_workers=0"]) == []
 
 
 def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that_run(tmp_path, monkeypatch):
@@ -143,7 +161,6 @@ def test_an_edm_train_arm_that_trains_what_a_recipe_small_arm_trains_scores_that
     same settings ends at the same weights and EMA bit for bit; an edm-train arm that differs from a recipe-small arm
     in nothing else scores that arm's checkpoint (same-run.json names it), and one that differs in anything else (lr)
     trains its own."""
-    import torch
 
     from edm.files import file_sha256
 
