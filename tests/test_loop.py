@@ -114,16 +114,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
 
 
 def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_env):
-    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once, and a config
-    warning (VP's loss on EDM's preconditioning) is logged once."""
+    """Two processes split each batch; the power-function EMAs are tracked and snapshotted once; warnings about the
+    settings (VP's loss on EDM's preconditioning; a resume with another lr) are logged once, not per process."""
     run_dir = tmp_path / "ddp"
     power = ["ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016", "loss.kind=vp"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
-         *tiny_train, f"run_dir={run_dir}", "log_batch_indices=true", "grid_size=0", "cpu=true", *power],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env,
-    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train,
+              f"run_dir={run_dir}", "grid_size=0", "cpu=true", *power]
+    proc = subprocess.run([*launch, "log_batch_indices=true"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=one_thread_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (proc.stdout + proc.stderr).count("not 1 as in each row of EDM Table 1") == 1
     assert find_latest(run_dir).name == "checkpoint-00000004.pt"
@@ -142,6 +141,10 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert [s.cur_nimg for s in snapshots] == [16, 32]
     last, live = snapshots[-1].weights(0), state["phema"]["emas"][0]
     assert all(torch.equal(last[k], live[k]) for k in live) and not all(torch.equal(live[k], state["model"][k]) for k in live)
+    resumed = subprocess.run([*launch, "resume=true", "total_kimg=0.048", "lr=1e-3"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env=one_thread_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (resumed.stdout + resumed.stderr).count("with changed training settings (lr: 0.002 -> 0.001)") == 1
 
 
 def _train_processes(args: list[str], processes: int, env: dict) -> str:

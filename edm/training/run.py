@@ -166,10 +166,11 @@ def saved_loss_spec(state: dict) -> dict:
     return loss_spec(build_loss(loss_cfg, from_spec(state["schedule"]), sigma_data))
 
 
-def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
+def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path,
+                         warn: bool = True) -> list[dict]:
     """The training settings that differ from the checkpoint's (the loss as resolved specs): refuse those in
-    RESUME_FIXED, warn about those that change the optimization; return all (they are recorded in the next
-    checkpoints)."""
+    RESUME_FIXED, warn about those that change the optimization (where `warn`: one process of a run); return all
+    (they are recorded in the next checkpoints)."""
     skip = ("network.", "precond.", "schedule.", "loss.")  # compared as resolved specs
     saved = {k: v for k, v in flatten(saved_config).items() if not k.startswith(skip)} | flatten({"loss": saved_loss})
     ours = {k: v for k, v in flatten(cfg).items() if not k.startswith(skip)} | flatten({"loss": loss_spec(loss)})
@@ -181,7 +182,7 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
             f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
         )
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
-    if altered:
+    if altered and warn:
         logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
                        "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
     return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
@@ -223,11 +224,13 @@ def restore(run: Run, path: Path) -> None:
             "resume with the settings it was trained with, or start a new run_dir"
         )
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
-    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
+    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path,
+                                   warn=run.is_main)  # the warnings: once per run, not per process
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
-        logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
-                       "the saved run's", len(run.dataset), saved_size)
+        if run.is_main:
+            logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
+                           "the saved run's", len(run.dataset), saved_size)
         changes.append({"key": "dataset_size", "checkpoint": saved_size, "config": len(run.dataset)})
     run.resumes = list(state.get("resumes") or []) + [{"step": int(state["step"]), "changes": changes}]
     try:
@@ -243,7 +246,8 @@ def restore(run: Run, path: Path) -> None:
     if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["grad_scaler"])
     run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
-    log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
+    if run.is_main:
+        log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
     logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
 
 
