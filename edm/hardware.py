@@ -12,7 +12,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings",
-           "launcher_restart", "process_identity", "idle_cores", "share_cpu"]
+           "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,20 @@ MIXED_PRECISION: MappingProxyType[str, torch.dtype | None] = MappingProxyType(
 
 DTYPES: MappingProxyType[str, torch.dtype] = MappingProxyType({"float32": torch.float32, "float64": torch.float64})
 """dtype= of the commands: the sampler's state and the network input."""
+
+
+def is_main_process() -> bool:
+    """Whether this process is a run's main one: rank 0 of the initialized process group, or the only process."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
+class RunWideLog(logging.LoggerAdapter):
+    """A logger for what every process of a run would say alike (its settings, its data): the main process logs it,
+    once per run; what holds for one process (its signal, its restart) goes to the plain logger."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return is_main_process() and super().isEnabledFor(level)
 
 
 def process_identity(process_index: int, num_processes: int, env: Mapping[str, str] = os.environ) -> str:

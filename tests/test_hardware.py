@@ -96,3 +96,24 @@ def test_a_cpu_run_takes_as_many_threads_as_cores_are_idle_unless_omp_num_thread
         assert share_cpu(True, env={}, idle=lambda: 0.2) == 1 == torch.get_num_threads()  # busy: one thread
     finally:
         torch.set_num_threads(default)
+
+
+@pytest.mark.parametrize("rank, logged", [(None, 1), (0, 1), (1, 0)])
+def test_a_run_wide_warning_is_logged_by_the_main_process_only(monkeypatch, caplog, rank, logged):
+    """RunWideLog: the only process (no process group) and rank 0 log it, rank 1 does not; the plain logger under it
+    logs in every process."""
+    import logging
+
+    from edm.hardware import RunWideLog, is_main_process
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: rank is not None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    plain = logging.getLogger("edm.test_run_wide")
+    with caplog.at_level(logging.INFO, logger="edm.test_run_wide"):
+        RunWideLog(plain).warning("setting %s", "x")
+        RunWideLog(plain).info("note")
+        plain.warning("this process's own")
+    assert is_main_process() is (logged == 1)
+    assert [r.getMessage() for r in caplog.records].count("setting x") == logged
+    assert [r.getMessage() for r in caplog.records].count("note") == logged
+    assert [r.getMessage() for r in caplog.records].count("this process's own") == 1

@@ -25,6 +25,7 @@ from ..core.schedules import VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
+from ..hardware import RunWideLog
 from ..latent import VAE, LatentConfig, VAEError, check_vae, load_vae, pixel_channels
 from ..networks import resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # warnings about the run's settings: once per run
 
 LOGVAR_CHANNELS = 128  # EDM2's uncertainty head width, when the loss learns its weighting
 
@@ -96,7 +98,7 @@ def check_target_weight(loss: Loss | ECTLoss | SCMLoss | MeanFlowLoss, precond_k
     preconds = [p for p in PRECOND_KINDS if unit(loss.kind, p)]
     losses = [k for k in LOSS_KINDS if unit(k, precond_kind)]
     absorbs = "; the learned weighting u(σ) has to absorb it" if loss.learned_weighting else ""
-    logger.warning(
+    run_logger.warning(
         "loss.kind=%s with precond.kind=%s weights the network's own target by λ(σ)·c_out(σ)² from %.3g (σ = %.3g) "
         "to %.3g (σ = %.3g) over the schedule's σ range, not 1 as in each row of EDM Table 1%s: precond.kind=%s or "
         "loss.kind=%s makes it 1", loss.kind, precond_kind, float(weight[lo]), float(sigma[lo]), float(weight[hi]),
@@ -146,10 +148,10 @@ def check_latent_statistics(cfg: LatentConfig, measured: dict | None, vae: VAE) 
     mean = np.asarray(measured["mean"]) * vae.scale + vae.bias
     std = np.asarray(measured["std"]) * vae.scale
     if np.any(np.abs(std / cfg.final_std - 1) > 0.5) or np.any(np.abs(mean - cfg.final_mean) > 0.5 * cfg.final_std):
-        logger.warning("the latents map to mean %s, std %s per channel (latent.final_mean=%s, final_std=%s wanted): "
-                       "latent.raw_mean=%s, raw_std=%s are not this VAE's; set them to the data set's measured %s, %s "
-                       "(its latents.json)", np.round(mean, 3).tolist(), np.round(std, 3).tolist(), cfg.final_mean,
-                       cfg.final_std, list(cfg.raw_mean), list(cfg.raw_std), measured["mean"], measured["std"])
+        run_logger.warning("the latents map to mean %s, std %s per channel (latent.final_mean=%s, final_std=%s wanted): "
+                           "latent.raw_mean=%s, raw_std=%s are not this VAE's; set them to the data set's measured %s, %s "
+                           "(its latents.json)", np.round(mean, 3).tolist(), np.round(std, 3).tolist(), cfg.final_mean,
+                           cfg.final_std, list(cfg.raw_mean), list(cfg.raw_std), measured["mean"], measured["std"])
 
 
 def latent_facts(vae: VAE, dataset: ImageDataset) -> dict[str, Any]:

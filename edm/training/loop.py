@@ -28,7 +28,7 @@ from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
 from ..generation.sampling import generate_batch, plan_images
-from ..hardware import LaunchSettings, launch_settings, launcher_restart, use_cpu
+from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
 from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
@@ -47,6 +47,7 @@ from .step import learning_rate, make_optimizer, train_step
 __all__ = ["train", "setup", "TrainResult", "TrainingDivergedError", "RunDirError"]
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # what every process would say alike: once per run
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -119,8 +120,8 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     cfg, launch = as_launched(cfg)
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
                               log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
-    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
-        logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
+    if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
@@ -154,8 +155,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     vae = latent_vae(cfg, dataset, accelerator.device)
     spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
     check_objective(cfg.objective, spec)
-    if accelerator.is_main_process:  # a config warning: the same in every process
-        check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
+    check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
@@ -175,7 +175,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
-        logger.warning("resume=true but %s holds no checkpoint: starting a new run", run_dir)
+        run_logger.warning("resume=true but %s holds no checkpoint: starting a new run", run_dir)
     if lock is not None:
         dropped = trim_metrics(run_dir / "metrics.jsonl", run.state.step)
         if dropped:
@@ -336,7 +336,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                     checkpoint = save_checkpoint(run)
                 if stopping:
                     interrupted = True
-                    logger.warning("stopped at step %d on request; resume with resume=true", state.step)
+                    run_logger.warning("stopped at step %d on request; resume with resume=true", state.step)
                     break
         if not interrupted and run.is_main:
             if cfg.grid_size > 0:

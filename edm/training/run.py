@@ -23,6 +23,7 @@ from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
 from ..data import ImageDataset
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
+from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
 from .build import build_loss, latent_facts, loss_spec, precond_defaults, resolved_network
 from .config import LossConfig, TrainConfig
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # what every process would say alike: once per run
 
 
 class RunDirError(FileExistsError):
@@ -166,10 +168,9 @@ def saved_loss_spec(state: dict) -> dict:
     return loss_spec(build_loss(loss_cfg, from_spec(state["schedule"]), sigma_data))
 
 
-def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path,
-                         warn: bool = True) -> list[dict]:
+def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
     """The training settings that differ from the checkpoint's (the loss as resolved specs): refuse those in
-    RESUME_FIXED, warn about those that change the optimization (where `warn`: one process of a run); return all
+    RESUME_FIXED, warn (once per run) about those that change the optimization; return all
     (they are recorded in the next checkpoints)."""
     skip = ("network.", "precond.", "schedule.", "loss.")  # compared as resolved specs
     saved = {k: v for k, v in flatten(saved_config).items() if not k.startswith(skip)} | flatten({"loss": saved_loss})
@@ -182,8 +183,8 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
             f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
         )
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
-    if altered and warn:
-        logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
+    if altered:
+        run_logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
                        "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
     return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
 
@@ -224,12 +225,10 @@ def restore(run: Run, path: Path) -> None:
             "resume with the settings it was trained with, or start a new run_dir"
         )
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
-    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path,
-                                   warn=run.is_main)  # the warnings: once per run, not per process
+    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
-        if run.is_main:
-            logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
+        run_logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
                            "the saved run's", len(run.dataset), saved_size)
         changes.append({"key": "dataset_size", "checkpoint": saved_size, "config": len(run.dataset)})
     run.resumes = list(state.get("resumes") or []) + [{"step": int(state["step"]), "changes": changes}]
@@ -246,22 +245,22 @@ def restore(run: Run, path: Path) -> None:
     if state.get("grad_scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["grad_scaler"])
     run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
-    if run.is_main:
-        log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
+    log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
     logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
 
 
 def log_layout_change(state: dict, world: int, micro: int) -> None:
-    """One log line when a run resumes on another number of processes or micro-batch size than its checkpoint's."""
+    """One log line (once per run) when a run resumes on another number of processes or micro-batch size than its
+    checkpoint's."""
     saved_world, saved_micro = state.get("processes"), state.get("batch_per_device")
     if (saved_world, saved_micro) == (world, micro) or saved_world is None:
         return
     layout = f"{world} process(es) x {micro} images per micro-batch (the checkpoint: {saved_world} x {saved_micro})"
     if saved_micro == micro:
-        logger.info("continuing on %s: the same global batch, data order and draws (each micro-batch's σ, n, dropout and "
+        run_logger.info("continuing on %s: the same global batch, data order and draws (each micro-batch's σ, n, dropout and "
                     "augmentation are seeded by its place in the data stream); only reduction order differs", layout)
     else:
-        logger.warning("continuing on %s: the same global batch and data order; σ, n, dropout and augmentation are drawn "
+        run_logger.warning("continuing on %s: the same global batch and data order; σ, n, dropout and augmentation are drawn "
                        "per micro-batch, so from here on they differ from the saved run's", layout)
 
 

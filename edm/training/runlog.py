@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..hardware import RunWideLog
 from ..progress import progress_bar
 
 __all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX",
@@ -26,6 +27,7 @@ __all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "lo
 STOP_PREFIX = ".stop-"  # run_dir/.stop-<launch token>: the step after which every process stops
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # what every process would say alike: once per run
 
 
 # What each tracker's log_images needs besides a batch of HWC images (TensorBoard reads NCHW otherwise).
@@ -50,8 +52,8 @@ def start_trackers(accelerator: Any, names: list[str], project: str, run_dir: Pa
         accelerator.init_trackers(project)
     started = {tracker.name for tracker in accelerator.trackers}
     missing = [name for name in names if name not in started]
-    if missing and accelerator.is_main_process:
-        logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
+    if missing:
+        run_logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
                     " ".join(missing), Path(run_dir) / "metrics.jsonl")
     return list(accelerator.trackers)
 
