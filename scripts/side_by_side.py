@@ -57,8 +57,8 @@ from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
-from edm.training.build import loss_spec, precond_defaults, resolve
-from edm.training.run import RESUME_FREE, listed, saved_loss_spec
+from edm.training.build import loss_spec, resolve
+from edm.training.run import RESUME_FREE, checkpoint_settings, listed, settings_as_trained
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("edm-train", "nvlabs", "recipe-small")
@@ -109,28 +109,13 @@ def _nvlabs_loop():
     return module
 
 
-def as_trained(config: object, precond: dict, loss: dict) -> dict:
-    """A run's settings with its preconditioning and loss as the resolved specs it trains (a kind None is the
-    schedule's parameterization, VP's β's the schedule's, ...) in place of the config's `precond` and `loss`, as
-    edm-train's resume compares them."""
-    record = {key: value for key, value in to_container(config).items() if key not in ("precond", "loss")}
-    return {**record, "precond": precond, "loss": loss}
-
-
 def config_trained(cfg: object) -> dict:
-    """as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve). A run from
-    `init` trains the init model's preconditioning: its precond is the config's as written, `init` itself compared."""
+    """settings_as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve), as
+    checkpoint_settings reads a run's. A run from `init` trains the init model's preconditioning: its precond is the
+    config's as written, `init` itself compared."""
     resolved = resolve(cfg)
     precond = to_container(cfg.precond) if cfg.init is not None else resolved.precond
-    return as_trained(cfg, precond, loss_spec(resolved.loss))
-
-
-def checkpoint_trained(state: dict) -> dict:
-    """as_trained of a checkpoint: the precond spec it recorded (with today's defaults for keys it lacks, as a
-    resume reads it; a run from `init`: the config's precond as written) and its loss spec."""
-    config = state.get("config") or {}
-    precond = config.get("precond", {}) if config.get("init") else {**precond_defaults(), **state["denoiser"]["precond"]}
-    return as_trained(config, precond, saved_loss_spec(state))
+    return settings_as_trained(cfg, loss_spec(resolved.loss), precond)
 
 
 def run_differences(state: dict, cfg: object) -> list[str]:
@@ -138,7 +123,7 @@ def run_differences(state: dict, cfg: object) -> list[str]:
     preconditioning and loss as resolved specs); keys that say only how a run is carried out or reported
     (RESUME_FREE, total_kimg aside) and keys that one of the two records lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
-    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(checkpoint_trained(state), config_trained(cfg),
+    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(checkpoint_settings(state), config_trained(cfg),
                                                                          shared_only=True)
             if not listed(key, free)]
 

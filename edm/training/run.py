@@ -168,13 +168,34 @@ def saved_loss_spec(state: dict) -> dict:
     return loss_spec(build_loss(loss_cfg, from_spec(state["schedule"]), sigma_data))
 
 
+def saved_precond_spec(state: dict) -> dict:
+    """The preconditioning a checkpoint's denoiser records, today's defaults for keys it lacks."""
+    return {**precond_defaults(), **state["denoiser"]["precond"]}
+
+
+def settings_as_trained(config: Any, loss: dict, precond: dict | None = None) -> dict:
+    """A run's settings as it trains them: its config with the loss, and the preconditioning where given, as the
+    resolved specs (a kind None is the schedule's parameterization, VP's β's the schedule's, ...) in place of the
+    config's `loss` and `precond`; without `precond` the config's is left out."""
+    record = {key: value for key, value in to_container(config).items() if key not in ("precond", "loss")}
+    return {**record, "loss": loss} | ({"precond": precond} if precond is not None else {})
+
+
+def checkpoint_settings(state: dict) -> dict:
+    """settings_as_trained of a checkpoint: its loss spec and recorded preconditioning (saved_precond_spec); a run
+    from `init` trains the init model's preconditioning, so its config's precond as written stands for it."""
+    config = state.get("config") or {}
+    precond = config.get("precond", {}) if config.get("init") else saved_precond_spec(state)
+    return settings_as_trained(config, saved_loss_spec(state), precond)
+
+
 def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
     """The training settings that differ from the checkpoint's (the loss as resolved specs): refuse those in
     RESUME_FIXED, warn (once per run) about those that change the optimization; return all
     (they are recorded in the next checkpoints)."""
-    skip = ("network.", "precond.", "schedule.", "loss.")  # compared as resolved specs
-    saved = {k: v for k, v in flatten(saved_config).items() if not k.startswith(skip)} | flatten({"loss": saved_loss})
-    ours = {k: v for k, v in flatten(cfg).items() if not k.startswith(skip)} | flatten({"loss": loss_spec(loss)})
+    skip = ("network.", "schedule.")  # compared, with the preconditioning, as the resolved denoiser spec (restore)
+    saved = {k: v for k, v in flatten(settings_as_trained(saved_config, saved_loss)).items() if not k.startswith(skip)}
+    ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = differences(saved, ours, shared_only=True)  # keys of one version only: not compared
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
@@ -216,7 +237,7 @@ def restore(run: Run, path: Path) -> None:
         if key not in state:
             raise ckpt.CheckpointError(f"checkpoint {path} has no {key!r}: it holds weights only and cannot be resumed")
     saved = {"network": resolved_network(state["denoiser"]["network"]),
-             "precond": {**precond_defaults(), **state["denoiser"]["precond"]}}
+             "precond": saved_precond_spec(state)}
     diffs = _differences({"denoiser": saved, "schedule": state["schedule"]},
                          {"denoiser": run.spec, "schedule": to_spec(run.schedule)})
     if diffs:
