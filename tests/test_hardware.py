@@ -106,6 +106,7 @@ def test_a_run_wide_warning_is_logged_by_the_main_process_only(monkeypatch, capl
 
     from edm.hardware import RunWideLog, is_main_process
 
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: rank is not None)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
     plain = logging.getLogger("edm.test_run_wide")

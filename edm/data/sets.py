@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..hardware import RunWideLog
+
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_images",
@@ -27,6 +29,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # what every process would say alike: once per run
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -239,8 +242,8 @@ class ImageFolderDataset(ImageDataset):
                     f"{len(bad)} of {len(files)} image files under {self.root} cannot be used:\n  {listing}\n"
                     "Fix or remove them, or set dataset.skip_bad=true to train without them."
                 )
-            logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
-                           len(bad), len(files), self.root, listing)
+            run_logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
+                               len(bad), len(files), self.root, listing)
         assert first is not None
         self.mode = "L" if first[0] in _GRAY_MODES else "RGB"
         self.resolution = int(resolution or first[1][0])

@@ -24,7 +24,7 @@ from ..core.denoisers import fast_denoiser
 from ..core.samplers import SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, file_sha256, package_version, to_container, write_json
-from ..hardware import DTYPES, LaunchSettings, launch_settings, set_precision_flags, use_cpu
+from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
 from ..latent import VAE, model_vae
 from ..models.loading import ModelInfo, guided, load_model
 from . import outputs, sampling
@@ -33,6 +33,7 @@ from .provenance import claim
 __all__ = ["SampleConfig", "generate_folder", "REPORT_NAME"]
 
 logger = logging.getLogger(__name__)
+run_logger = RunWideLog(logger)  # what every process would say alike: once per job
 REPORT_NAME = "report.json"
 
 
@@ -151,8 +152,8 @@ def generate_folder(
     schedule = cfg.schedule.build(info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
-        logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output is "
-                       "untrained", cfg.guidance)
+        run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
+                           "is untrained", cfg.guidance)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device)
     seeds = _seeds(cfg)

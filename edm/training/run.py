@@ -31,7 +31,9 @@ from .phema import PowerEMA, snapshot_path, write_snapshot
 
 __all__ = [
     "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "restore",
-    "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics",
+    "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics", "settings_as_trained",
+    "checkpoint_settings", "saved_precond_spec", "saved_loss_spec", "check_resume_changes", "RESUME_FIXED", "RESUME_FREE",
+    "listed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -206,7 +208,7 @@ def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig,
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
     if altered:
         run_logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
-                       "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
+                           "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
     return [{"key": k, "checkpoint": a, "config": b} for k, a, b in changes]
 
 
@@ -279,10 +281,10 @@ def log_layout_change(state: dict, world: int, micro: int) -> None:
     layout = f"{world} process(es) x {micro} images per micro-batch (the checkpoint: {saved_world} x {saved_micro})"
     if saved_micro == micro:
         run_logger.info("continuing on %s: the same global batch, data order and draws (each micro-batch's σ, n, dropout and "
-                    "augmentation are seeded by its place in the data stream); only reduction order differs", layout)
+                        "augmentation are seeded by its place in the data stream); only reduction order differs", layout)
     else:
         run_logger.warning("continuing on %s: the same global batch and data order; σ, n, dropout and augmentation are drawn "
-                       "per micro-batch, so from here on they differ from the saved run's", layout)
+                           "per micro-batch, so from here on they differ from the saved run's", layout)
 
 
 def save_snapshot(run: Run) -> Path:

@@ -54,7 +54,7 @@ def start_trackers(accelerator: Any, names: list[str], project: str, run_dir: Pa
     missing = [name for name in names if name not in started]
     if missing:
         run_logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
-                    " ".join(missing), Path(run_dir) / "metrics.jsonl")
+                        " ".join(missing), Path(run_dir) / "metrics.jsonl")
     return list(accelerator.trackers)
 
 
@@ -196,7 +196,7 @@ class StopAgreement:
                 self._propose(step + 1)
             if self.path.exists():
                 self.target = int(self.path.read_text())
-                logger.warning("stopping after step %d, as agreed by the processes (%s)", self.target, self.path)
+                run_logger.warning("stopping after step %d, as agreed by the processes (%s)", self.target, self.path)
         return self.target is not None and step >= self.target
 
     def _propose(self, target: int) -> None:
