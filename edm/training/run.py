@@ -191,12 +191,12 @@ def checkpoint_settings(state: dict) -> dict:
     return settings_as_trained(config, saved_loss_spec(state), precond)
 
 
-def check_resume_changes(saved_config: dict, saved_loss: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
-    """The training settings that differ from the checkpoint's (the loss as resolved specs): refuse those in
-    RESUME_FIXED, warn (once per run) about those that change the optimization; return all
-    (they are recorded in the next checkpoints)."""
-    skip = ("network.", "schedule.")  # compared, with the preconditioning, as the resolved denoiser spec (restore)
-    saved = {k: v for k, v in flatten(settings_as_trained(saved_config, saved_loss)).items() if not k.startswith(skip)}
+def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
+    """The training settings that differ from checkpoint `state`'s (checkpoint_settings: the loss as resolved specs):
+    refuse those in RESUME_FIXED, warn (once per run) about those that change the optimization; return all (they are
+    recorded in the next checkpoints)."""
+    skip = ("network.", "precond.", "schedule.")  # compared as the resolved denoiser spec and schedule (restore)
+    saved = {k: v for k, v in flatten(checkpoint_settings(state)).items() if not k.startswith(skip)}
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = differences(saved, ours, shared_only=True)  # keys of one version only: not compared
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
@@ -248,7 +248,7 @@ def restore(run: Run, path: Path) -> None:
             "resume with the settings it was trained with, or start a new run_dir"
         )
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
-    changes = check_resume_changes(state.get("config") or {}, saved_loss_spec(state), run.cfg, run.loss_fn, path)
+    changes = check_resume_changes(state, run.cfg, run.loss_fn, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
         run_logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
