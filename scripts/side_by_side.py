@@ -111,11 +111,9 @@ def _nvlabs_loop():
 
 def config_trained(cfg: object) -> dict:
     """settings_as_trained of an edm-train config: its precond and loss resolved (edm.training.build.resolve), as
-    checkpoint_settings reads a run's. A run from `init` trains the init model's preconditioning: its precond is the
-    config's as written, `init` itself compared."""
+    checkpoint_settings reads a run's."""
     resolved = resolve(cfg)
-    precond = to_container(cfg.precond) if cfg.init is not None else resolved.precond
-    return settings_as_trained(cfg, loss_spec(resolved.loss), precond)
+    return settings_as_trained(cfg, loss_spec(resolved.loss), resolved.precond)
 
 
 def run_differences(state: dict, cfg: object) -> list[str]:

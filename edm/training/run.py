@@ -178,17 +178,18 @@ def saved_precond_spec(state: dict) -> dict:
 def settings_as_trained(config: Any, loss: dict, precond: dict | None = None) -> dict:
     """A run's settings as it trains them: its config with the loss, and the preconditioning where given, as the
     resolved specs (a kind None is the schedule's parameterization, VP's β's the schedule's, ...) in place of the
-    config's `loss` and `precond`; without `precond` the config's is left out."""
-    record = {key: value for key, value in to_container(config).items() if key not in ("precond", "loss")}
-    return {**record, "loss": loss} | ({"precond": precond} if precond is not None else {})
+    config's `loss` and `precond`; without `precond` the config's is left out. A run from `init` trains the init
+    model's preconditioning, so there the config's precond as written stands for it (and `init` itself is compared)."""
+    record = to_container(config)
+    if precond is not None and record.get("init"):
+        precond = record.get("precond", {})
+    settings = {key: value for key, value in record.items() if key not in ("precond", "loss")}
+    return {**settings, "loss": loss} | ({"precond": precond} if precond is not None else {})
 
 
 def checkpoint_settings(state: dict) -> dict:
-    """settings_as_trained of a checkpoint: its loss spec and recorded preconditioning (saved_precond_spec); a run
-    from `init` trains the init model's preconditioning, so its config's precond as written stands for it."""
-    config = state.get("config") or {}
-    precond = config.get("precond", {}) if config.get("init") else saved_precond_spec(state)
-    return settings_as_trained(config, saved_loss_spec(state), precond)
+    """settings_as_trained of a checkpoint: its loss spec and recorded preconditioning (saved_precond_spec)."""
+    return settings_as_trained(state.get("config") or {}, saved_loss_spec(state), saved_precond_spec(state))
 
 
 def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
