@@ -8,8 +8,10 @@ they pick the data set, the network and the hyperparameters. Then the loop runs 
 code: EDMPrecond or VPPrecond around its SongUNet, EDMLoss or VPLoss (σ and n from the global RNG,
 seeded as its training_loop.py seeds it), InfiniteSampler, torch.optim.Adam, its learning-rate
 ramp, nan_to_num on the gradients and its EMA update. It starts from the weights that edm-train
-builds for the same seed. OUT gets an edm checkpoint (raw and EMA weights, the config), which
-edm-sample and edm-study read.
+builds for the same seed. OUT gets edm checkpoints (raw and EMA weights, the config), which
+edm-sample and edm-study read, every checkpoint_every steps and at the end (keep_checkpoints of them); each
+also holds what the loop needs to continue exactly (Adam's state, the global RNG), so --resume carries a
+cut run on from its latest checkpoint, bit for bit as if it had not stopped.
 
 --edm-draws order,noise replays edm-train's random draws for the same seed instead of the
 reference's own: `order` its data order (edm.data.StreamBatchSampler), `noise` its σ and n (its
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import math
 import sys
 import time
@@ -43,10 +46,10 @@ from edm.core.schedules import to_spec
 from edm.training.build import loss_spec, resolve
 from edm.cli import compose as edm_compose
 from edm.training.config import TrainConfig
-from edm.files import to_container
+from edm.files import differences, to_container
 from edm.data import StreamBatchSampler, build_dataset, to_model_space
 from edm.models.nvlabs import convert_state_dict
-from edm.training.run import seed_draws
+from edm.training.run import RESUME_FREE, listed, seed_draws
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
@@ -54,6 +57,7 @@ OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim
              "second_noise")  # MeanFlow's second noise input, which the reference's SongUNet lacks (refused when on)
 REFERENCE_PRECOND_KEYS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M")}  # taken from our precond spec
 EDM_DRAWS = ("order", "noise")  # edm-train's streams that --edm-draws can replay
+LOOP_STATE = "reference_loop"  # a checkpoint's entry with what the loop needs to continue (Adam, the RNG, draws)
 
 
 def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int, *, lr: float,
@@ -83,10 +87,10 @@ class EdmDraws:
     normal z of ln σ = P_mean + P_std·z, then n, from the generator that seed_draws seeds for the step's place in
     the data stream)."""
 
-    def __init__(self, streams: set[str], dataset: Any, loss: Any, seed: int, batch_size: int) -> None:
+    def __init__(self, streams: set[str], dataset: Any, loss: Any, seed: int, batch_size: int, nimg: int = 0) -> None:
         self.streams, self.dataset, self.loss, self.batch_size = streams, dataset, loss, batch_size
-        self.order = iter(StreamBatchSampler(len(dataset), seed, batch_size, batch_size))
-        self.generator, self.seed, self.nimg = torch.Generator(), seed, 0
+        self.order = iter(StreamBatchSampler(len(dataset), seed, batch_size, batch_size, start_nimg=nimg))
+        self.generator, self.seed, self.nimg = torch.Generator(), seed, nimg
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch of edm-train's data order, as its loader stacks it: images in [0, 255], one-hot labels."""
@@ -179,13 +183,47 @@ def sampler_init_without_arguments() -> Iterator[None]:
         torch.utils.data.Sampler.__init__ = saved
 
 
+def to_reference(state: dict) -> dict:
+    """Our SongUNet denoiser's state dict -> the reference Precond's: net.<name> -> model.<name> (convert_state_dict's
+    inverse; the layer names are shared)."""
+    return {"model." + k.removeprefix("net."): v for k, v in state.items()}
+
+
+class Skipped:
+    """A sampler's indices after its first `count`: a resumed loop's place in the reference's InfiniteSampler order."""
+
+    def __init__(self, sampler: Any, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+
+def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
+    """The checkpoint `path` of this loop, to continue the run `cfg` describes; refused, naming what differs, when
+    another trainer wrote it or it was trained with other settings (RESUME_FREE's aside) or other --edm-draws."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if LOOP_STATE not in state:
+        raise SystemExit(f"nvlabs_loop.py: error: {path} holds no state of this loop to continue from (edm-train "
+                         "wrote it, or this script before its checkpoints could resume); choose another --out")
+    changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in differences(state["config"], to_container(cfg))
+               if not listed(key, RESUME_FREE)]
+    if state[LOOP_STATE]["edm_draws"] != sorted(edm_draws):
+        changed.append(f"--edm-draws: run {','.join(state[LOOP_STATE]['edm_draws'])!r}, now {','.join(sorted(edm_draws))!r}")
+    if changed:
+        raise SystemExit(f"nvlabs_loop.py: error: {path} was trained with other settings ({'; '.join(changed)}): resume "
+                         "with the run's settings, or choose another --out")
+    return state
+
+
 def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100,
-                    edm_draws: set[str] = frozenset()) -> Path:
+                    edm_draws: set[str] = frozenset(), resume: bool = False) -> Path:
     """Run the reference loop for the config's total_kimg, with edm-train's draws where `edm_draws`
-    names them; returns the checkpoint it wrote in `out`."""
+    names them, from the start or (resume) from out's latest checkpoint; returns the last checkpoint it wrote."""
     existing = ckpt.find_latest(out)
-    if existing is not None:
-        raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; choose another --out")
+    if existing is not None and not resume:
+        raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; pass --resume to continue that "
+                         "run, or choose another --out")
     cfg = compose(overrides, out)
     resolved = resolve(cfg)
     schedule, loss = resolved.schedule, resolved.loss
@@ -196,6 +234,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     if unknown or ("noise" in edm_draws and schedule.name != "edm"):
         raise SystemExit(f"nvlabs_loop.py: error: --edm-draws takes {', '.join(EDM_DRAWS)} (noise: schedule=edm only), "
                          f"got {','.join(sorted(edm_draws))}")
+    saved = continued_state(existing, cfg, set(edm_draws)) if existing is not None else None
     sys.path.insert(0, str(Path(nvlabs_repo).resolve()))
     from torch_utils import misc as ref_misc
     from training import loss as ref_loss, networks as ref_networks
@@ -210,17 +249,39 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     net = getattr(ref_networks, precond_class)(img_resolution=dataset.resolution, img_channels=dataset.channels,
                                                label_dim=spec["network"]["label_dim"], use_fp16=False, model_type="SongUNet", **precond_kwargs,
                                                **net_kwargs)
-    net.load_state_dict({"model." + k.removeprefix("net."): v for k, v in ours.state_dict().items()}, strict=True)
+    net.load_state_dict(to_reference(ours.state_dict() if saved is None else saved["model"]), strict=True)
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = reference_loss(ref_loss, loss, schedule)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    cur_nimg, total_nimg, start = 0 if saved is None else saved["cur_nimg"], int(round(cfg.total_kimg * 1000)), time.time()
     with sampler_init_without_arguments():
         sampler = ref_misc.InfiniteSampler(dataset=dataset, seed=cfg.seed)
-    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=cfg.batch_size,
-                                              num_workers=cfg.dataset.num_workers))
-    draws = EdmDraws(set(edm_draws), dataset, loss, cfg.seed, cfg.batch_size) if edm_draws else None
-    cur_nimg, total_nimg, start = 0, int(round(cfg.total_kimg * 1000)), time.time()
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=Skipped(sampler, cur_nimg) if cur_nimg else sampler,
+                                              batch_size=cfg.batch_size, num_workers=cfg.dataset.num_workers))
+    if saved is not None:  # the loader's creation has drawn from the global RNG: the saved state replaces it
+        ema.load_state_dict(to_reference(saved["ema"]), strict=True)
+        optimizer.load_state_dict(saved[LOOP_STATE]["optimizer"])
+        torch.set_rng_state(saved[LOOP_STATE]["rng"])
+        print(f"resuming from {existing} at step {saved['step']}", flush=True)
+    draws = EdmDraws(set(edm_draws), dataset, loss, cfg.seed, cfg.batch_size, cur_nimg) if edm_draws else None
+
+    def save(step: int) -> Path:
+        path = ckpt.checkpoint_path(out, step)
+        ckpt.save_checkpoint(path, {
+            "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule), "loss": loss_spec(loss),
+            "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
+            "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
+            "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py"
+                          + (f" with edm-train's draws ({','.join(sorted(edm_draws))})" if edm_draws else ""),
+            LOOP_STATE: {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "edm_draws": sorted(edm_draws)},
+        })
+        if cfg.keep_checkpoints > 0:
+            for _, old in ckpt.list_checkpoints(out)[: -cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        return path
+
+    path = existing
     while cur_nimg < total_nimg:
         images, labels = draws.batch() if draws and "order" in draws.streams else next(loader)[:2]
         images, labels = to_model_space(images), labels if spec["network"]["label_dim"] else None
@@ -232,16 +293,8 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
         step = cur_nimg // cfg.batch_size
         if step % log_every == 0:
             print(f"step {step}  kimg {cur_nimg / 1000:.1f}  {time.time() - start:.0f} s", flush=True)
-
-    step = cur_nimg // cfg.batch_size
-    path = ckpt.checkpoint_path(out, step)
-    ckpt.save_checkpoint(path, {
-        "format": "edm-checkpoint-v1", "denoiser": spec, "schedule": to_spec(schedule), "loss": loss_spec(loss),
-        "model": convert_state_dict(net.state_dict()), "ema": convert_state_dict(ema.state_dict()),
-        "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
-        "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py"
-                      + (f" with edm-train's draws ({','.join(sorted(edm_draws))})" if edm_draws else ""),
-    })
+        if step % cfg.checkpoint_every == 0 or cur_nimg >= total_nimg:
+            path = save(step)
     return path
 
 
@@ -259,7 +312,8 @@ def compare(path: Path, against: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nvlabs-repo", required=True, metavar="PATH", help="an NVlabs/edm checkout (its code is run)")
-    p.add_argument("--out", required=True, type=Path, help="folder for the checkpoint (must hold none yet)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the checkpoints (must hold none yet, or --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints --out holds (same settings)")
     p.add_argument("--log-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--edm-draws", default="", metavar="order,noise",
                    help="replay edm-train's data order and/or σ and n (same seed) instead of the reference's own")
@@ -268,7 +322,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("overrides", nargs="*", help="edm-train overrides: dataset=, network=, seed=, total_kimg=, lr= ...")
     args = p.parse_args(argv)
     draws = {name for name in args.edm_draws.split(",") if name}
-    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws)
+    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws, args.resume)
     print(f"saved {path}")
     if args.against is not None:
         for key, value in compare(path, args.against).items():

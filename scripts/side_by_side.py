@@ -265,7 +265,8 @@ def train_arm(arm: Arm, arms: list[Arm], seed: int, shared: list[str], out: Path
     if nvlabs_repo is None:
         raise SystemExit(f"side_by_side.py: error: arm {arm.label} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
     done = finished_checkpoint(run_dir, [*overrides, f"run_dir={run_dir}"], launched=False)
-    return Scored(done or _nvlabs_loop().train_reference(nvlabs_repo, overrides, run_dir, edm_draws=set(arm.draws)))
+    return Scored(done or _nvlabs_loop().train_reference(nvlabs_repo, overrides, run_dir, edm_draws=set(arm.draws),
+                                                         resume=True))  # a cut run of the arm's settings continues
 
 
 def score_arm(model: Scored, out: Path, num_images: int, batch: int, classifier: ClassifierConfig) -> float:

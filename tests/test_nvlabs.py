@@ -25,7 +25,7 @@ import torch
 
 import edm
 from edm import networks
-from edm.models.checkpoint import CheckpointError, load_denoiser
+from edm.models.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_denoiser
 from edm.models.loading import load_model
 from edm.models.nvlabs import NVlabsError, convert, convert_state_dict, load_nvlabs, read_nvlabs, to_checkpoint, unpickle
 from edm.models.unpickler import array_values
@@ -781,6 +781,34 @@ def test_reference_loop_script_starts_from_edm_trains_weights_and_writes_an_edm_
     assert not all(torch.equal(state["ema"][k], ref_state["ema"][k]) for k in state["ema"])
     with pytest.raises(SystemExit, match="already holds"):
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "ref4"), *tiny_train])
+
+
+@pytest.mark.parametrize("draws", [[], ["--edm-draws", "order,noise"]], ids=["own-draws", "edm-train-draws"])
+def test_reference_loop_cut_and_resumed_ends_where_the_uncut_run_ends(nvlabs_reference, request, tmp_path, tiny_train,
+                                                                      draws):
+    """The loop writes a checkpoint every checkpoint_every steps; a run cut after step 2 and continued with --resume
+    ends at the uncut run's weights, EMA and Adam state bit for bit (its global RNG, so σ, n and dropout, and its
+    data order pick up where they stopped); a resume with other settings is refused, naming them."""
+    repo = request.config.getoption("--nvlabs-repo")
+    run = [*tiny_train, "total_kimg=0.048", "network.dropout=0.1", "keep_checkpoints=0", "dataset.num_workers=0"]
+    uncut = torch.load(nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), *draws, *run]),
+                       weights_only=True)
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 4, 6]
+    for step in (4, 6):
+        checkpoint_path(tmp_path / "run", step).unlink()
+    with pytest.raises(SystemExit, match="pass --resume"):
+        nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), *draws, *run])
+    with pytest.raises(SystemExit, match="lr: run 0.002, now 0.01"):
+        nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), "--resume", *draws, *run, "lr=0.01"])
+    resumed = torch.load(nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), "--resume", *draws,
+                                           *run]), weights_only=True)
+    assert resumed["step"] == 6 and not all(torch.equal(uncut["model"][k], resumed_k)
+                                            for k, resumed_k in torch.load(checkpoint_path(tmp_path / "run", 2),
+                                                                           weights_only=True)["model"].items())
+    for key in ("model", "ema"):
+        assert all(torch.equal(uncut[key][k], resumed[key][k]) for k in uncut[key])
+    optimizer = uncut["reference_loop"]["optimizer"]["state"], resumed["reference_loop"]["optimizer"]["state"]
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(*(s.values() for s in optimizer)) for name in a)
 
 
 @pytest.mark.parametrize("cond", [[], ["dataset.cond=true"]], ids=["unconditional", "class-conditional"])
