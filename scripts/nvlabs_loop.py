@@ -206,7 +206,8 @@ def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
     if LOOP_STATE not in state:
         raise SystemExit(f"nvlabs_loop.py: error: {path} holds no state of this loop to continue from (edm-train "
                          "wrote it, or this script before its checkpoints could resume); choose another --out")
-    changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in differences(state["config"], to_container(cfg))
+    changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in differences(state["config"], to_container(cfg),
+                                                                          shared_only=True)  # keys of both versions
                if not listed(key, RESUME_FREE)]
     if state[LOOP_STATE]["edm_draws"] != sorted(edm_draws):
         changed.append(f"--edm-draws: run {','.join(state[LOOP_STATE]['edm_draws'])!r}, now {','.join(sorted(edm_draws))!r}")
