@@ -29,7 +29,7 @@ schedule=edm, precond.kind=edm names what precond.kind unset trains).
 OUT/provenance.json records the shared settings and OUT/<label>/provenance.json each arm's: a rerun
 with other shared settings, or an arm label given another definition, is refused; a new arm may join. `--only LABEL`
 trains and scores one arm, so several processes (one thread each) can share the work; the table is
-written from every score present.
+written from every score present, of any seeds (a run of `--seeds 3` adds a column to those of `--seeds 0-2`).
 """
 
 from __future__ import annotations
@@ -280,15 +280,15 @@ def score_arm(model: Scored, out: Path, num_images: int, batch: int, classifier:
     return float(run_study(cfg)[0][SCORE])
 
 
-def collect(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, dict[int, float]]:
-    """scores[label][seed] of every finished score under out."""
+def collect(out: Path, arms: list[Arm]) -> dict[str, dict[int, float]]:
+    """scores[label][seed] of every finished score under out, of this command's seeds or earlier ones (OUT's
+    provenance holds every run there to the same arms and shared settings)."""
     scores: dict[str, dict[int, float]] = {}
     for arm in arms:
-        scores[arm.label] = {}
-        for seed in seeds:
-            table = out / arm.label / f"seed-{seed}" / "score" / "table.json"
-            if table.is_file():
-                scores[arm.label][seed] = float(json.loads(table.read_text())["rows"][0][SCORE])
+        tables = {int(folder.name.removeprefix("seed-")): folder / "score" / "table.json"
+                  for folder in (out / arm.label).glob("seed-*") if folder.name.removeprefix("seed-").isdigit()}
+        scores[arm.label] = {seed: float(json.loads(table.read_text())["rows"][0][SCORE])
+                             for seed, table in sorted(tables.items()) if table.is_file()}
     return scores
 
 
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> str:
                     model = train_arm(arm, arms, seed, args.overrides, args.out, args.nvlabs_repo)
                     value = score_arm(model, unit / "score", args.num_images, args.batch, classifier)
                 print(f"{arm.label} seed {seed}: {SCORE} {value:.4f}", flush=True)
-    text = report(args.out, arms, collect(args.out, arms, seeds), args.overrides, args.num_images)
+    text = report(args.out, arms, collect(args.out, arms), args.overrides, args.num_images)
     print(text)
     return text
 
