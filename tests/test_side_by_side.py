@@ -33,7 +33,8 @@ def test_arms_and_seeds_parse_and_bad_ones_are_named():
 def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_path, monkeypatch, capsys):
     """Arms `a` (lr 2e-3) and `b` (lr 1e-9: its weights stay near the initialization) on seeds 0 and 1:
     the table holds each run's FD_cls, and b − a paired by seed; a rerun trains and scores nothing
-    again, and one of other seeds keeps these in its table; other shared settings, or an arm label redefined, are refused, naming them; a new arm may join."""
+    again, and one of other seeds keeps these in its table; other shared settings, or an arm label redefined, are
+    refused, naming them; a new arm may join."""
     monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sbs"
     shared = [o for o in TINY_TRAIN if not o.startswith(("progress", "grid_size"))] + ["grid_size=0"]
