@@ -209,8 +209,9 @@ def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
     changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in differences(state["config"], to_container(cfg),
                                                                           shared_only=True)  # keys of both versions
                if not listed(key, RESUME_FREE)]
-    if state[LOOP_STATE]["edm_draws"] != sorted(edm_draws):
-        changed.append(f"--edm-draws: run {','.join(state[LOOP_STATE]['edm_draws'])!r}, now {','.join(sorted(edm_draws))!r}")
+    run_draws, now_draws = ",".join(state[LOOP_STATE]["edm_draws"]), ",".join(sorted(edm_draws))
+    if run_draws != now_draws:
+        changed.append(f"--edm-draws: run {run_draws!r}, now {now_draws!r}")
     if changed:
         raise SystemExit(f"nvlabs_loop.py: error: {path} was trained with other settings ({'; '.join(changed)}): resume "
                          "with the run's settings, or choose another --out")
@@ -255,7 +256,8 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = reference_loss(ref_loss, loss, schedule)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    cur_nimg, total_nimg, start = 0 if saved is None else saved["cur_nimg"], int(round(cfg.total_kimg * 1000)), time.time()
+    cur_nimg = 0 if saved is None else saved["cur_nimg"]
+    total_nimg, start = int(round(cfg.total_kimg * 1000)), time.time()
     with sampler_init_without_arguments():
         sampler = ref_misc.InfiniteSampler(dataset=dataset, seed=cfg.seed)
     loader = iter(torch.utils.data.DataLoader(dataset, sampler=Skipped(sampler, cur_nimg) if cur_nimg else sampler,
@@ -275,7 +277,8 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
             "config": to_container(cfg), "step": step, "cur_nimg": cur_nimg,
             "trained_by": f"NVlabs/edm training_loop.py ({precond_class}, {loss_class}) through scripts/nvlabs_loop.py"
                           + (f" with edm-train's draws ({','.join(sorted(edm_draws))})" if edm_draws else ""),
-            LOOP_STATE: {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "edm_draws": sorted(edm_draws)},
+            LOOP_STATE: {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "edm_draws": sorted(edm_draws)},
         })
         if cfg.keep_checkpoints > 0:
             for _, old in ckpt.list_checkpoints(out)[: -cfg.keep_checkpoints]:
