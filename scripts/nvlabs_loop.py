@@ -280,9 +280,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
             LOOP_STATE: {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                          "edm_draws": sorted(edm_draws)},
         })
-        if cfg.keep_checkpoints > 0:
-            for _, old in ckpt.list_checkpoints(out)[: -cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
         return path
 
     path = existing

@@ -14,7 +14,7 @@ import edm
 from edm.models import checkpoint
 from edm.models.checkpoint import (
     CheckpointError, build_denoiser, checkpoint_path, find_latest, list_checkpoints, load_checkpoint, load_denoiser,
-    save_checkpoint,
+    prune_checkpoints, save_checkpoint,
 )
 
 from conftest import CodePayload
@@ -96,6 +96,16 @@ def test_latest_is_by_step_number(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 10, 100]
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
     assert find_latest(tmp_path / "absent") is None
+
+
+def test_pruning_keeps_the_newest_by_step_and_zero_keeps_all(tmp_path):
+    for step in (9, 10, 100):
+        save_checkpoint(checkpoint_path(tmp_path, step), {"x": torch.zeros(1)})
+    (tmp_path / "notes.pt").write_bytes(b"")
+    assert prune_checkpoints(tmp_path, 0) == [] and len(list_checkpoints(tmp_path)) == 3
+    assert prune_checkpoints(tmp_path, 2) == [checkpoint_path(tmp_path, 9)]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 100] and (tmp_path / "notes.pt").exists()
+    assert prune_checkpoints(tmp_path, 5) == []
 
 
 def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):

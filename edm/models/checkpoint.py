@@ -32,6 +32,7 @@ __all__ = [
     "denoiser_from_state",
     "checkpoint_path",
     "list_checkpoints",
+    "prune_checkpoints",
     "find_latest",
     "REQUIRED_KEYS",
 ]
@@ -119,6 +120,14 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
     return sorted(found)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints of run_dir (keep <= 0 keeps every one); returns those deleted."""
+    old = [path for _, path in list_checkpoints(run_dir)[:-keep]] if keep > 0 else []
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
 
 
 def find_latest(run_dir: str | Path) -> Path | None:

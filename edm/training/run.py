@@ -325,9 +325,7 @@ def save_checkpoint(run: Run) -> Path:
             "resumes": run.resumes,
             "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None,
         })
-        if run.cfg.keep_checkpoints > 0:
-            for _, old in ckpt.list_checkpoints(run.run_dir)[: -run.cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+        ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
         logger.info("saved %s", path)
     run.accelerator.wait_for_everyone()
     return path
