@@ -788,7 +788,8 @@ def test_reference_loop_cut_and_resumed_ends_where_the_uncut_run_ends(nvlabs_ref
                                                                       draws):
     """The loop writes a checkpoint every checkpoint_every steps; a run cut after step 2 and continued with --resume
     ends at the uncut run's weights, EMA and Adam state bit for bit (its global RNG, so σ, n and dropout, and its
-    data order pick up where they stopped); a resume with other settings is refused, naming them."""
+    data order pick up where they stopped); a resume with other settings or other --edm-draws is refused, naming
+    them."""
     repo = request.config.getoption("--nvlabs-repo")
     run = [*tiny_train, "total_kimg=0.048", "network.dropout=0.1", "keep_checkpoints=0", "dataset.num_workers=0"]
     uncut = torch.load(nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), *draws, *run]),
@@ -800,6 +801,9 @@ def test_reference_loop_cut_and_resumed_ends_where_the_uncut_run_ends(nvlabs_ref
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), *draws, *run])
     with pytest.raises(SystemExit, match="lr: run 0.002, now 0.01"):
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), "--resume", *draws, *run, "lr=0.01"])
+    with pytest.raises(SystemExit, match="--edm-draws: run '(noise,order)?', now '(noise,order)?'"):
+        nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), "--resume",
+                          *([] if draws else ["--edm-draws", "order,noise"]), *run])
     resumed = torch.load(nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "run"), "--resume", *draws,
                                            *run]), weights_only=True)
     assert resumed["step"] == 6 and not all(torch.equal(uncut["model"][k], resumed_k)
