@@ -249,8 +249,8 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
     net_kwargs = {k: v for k, v in spec["network"].items() if k not in OURS_ONLY}
     precond_kwargs = {k: v for k, v in spec["precond"].items() if k in REFERENCE_PRECOND_KEYS[schedule.name]}
     net = getattr(ref_networks, precond_class)(img_resolution=dataset.resolution, img_channels=dataset.channels,
-                                               label_dim=spec["network"]["label_dim"], use_fp16=False, model_type="SongUNet", **precond_kwargs,
-                                               **net_kwargs)
+                                               label_dim=spec["network"]["label_dim"], use_fp16=False, model_type="SongUNet",
+                                               **precond_kwargs, **net_kwargs)
     net.load_state_dict(to_reference(ours.state_dict() if saved is None else saved["model"]), strict=True)
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
