@@ -215,6 +215,70 @@ def test_image_folder_flat_grayscale_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "flat")[3]
 
 
+# ----------------------------------------------------------------------------- resizing (dataset.resample)
+
+
+def _lanczos3_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """W [n_out, n_in] of Lanczos-3 resampling, written from its definition: output pixel i is centred at
+    c = (i + ½)·s in input coordinates (s = n_in/n_out); input pixel j weighs L((j + ½ − c)/f), L(x) = sinc(x)·sinc(x/3)
+    on |x| < 3, with f = max(s, 1) (the kernel stretched when shrinking: the antialiasing); rows normalized to 1."""
+    s = n_in / n_out
+    f = max(s, 1.0)
+    x = (np.arange(n_in)[None, :] + 0.5 - (np.arange(n_out)[:, None] + 0.5) * s) / f
+    w = np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _lanczos3(image: np.ndarray, n: int) -> np.ndarray:
+    """uint8 [H, W] -> [n, n]: rows first, then columns, each pass rounded and clipped to 0..255 (8-bit passes)."""
+    rows = np.clip(np.floor(image.astype(np.float64) @ _lanczos3_matrix(image.shape[1], n).T + 0.5), 0, 255)
+    return np.clip(np.floor(_lanczos3_matrix(image.shape[0], n) @ rows + 0.5), 0, 255)
+
+
+def _smooth_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Garment-like test images: blurred random blobs, saturated at 0 and 255 (edges that overshoot)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, size // 4 + 1, size // 4 + 1))
+    up = np.kron(base, np.ones((4, 4)))[:, :size, :size]
+    return np.clip(up * 160 + 60, 0, 255).astype(np.uint8)
+
+
+def test_resizing_is_lanczos3_as_nvlabs_dataset_tool(tmp_path):
+    """Shrinking 28x28 -> 16x16 and growing 8x8 -> 16x16: every pixel within one level of a Lanczos-3 resampler
+    written from the formula; a bilinear filter misses by far more."""
+    images = _smooth_images(6, 28, seed=1)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, compress=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8), compress=True)
+    expected = np.stack([_lanczos3(im, 16) for im in images])
+    ours = load_mnist(tmp_path, resolution=16).images[:, 0].numpy().astype(np.float64)
+    assert np.abs(ours - expected).max() <= 1 and (ours != expected).mean() < 0.01
+    grown = load_digits(resolution=16).images[:20, 0].numpy().astype(np.float64)
+    assert np.abs(grown - np.stack([_lanczos3(im, 16) for im in load_digits().images[:20, 0].numpy()])).max() <= 1
+    bilinear = load_mnist(tmp_path, resolution=16, resample="bilinear").images[:, 0].numpy().astype(np.float64)
+    assert np.abs(bilinear - expected).max() > 10
+
+
+def test_folder_images_are_center_cropped_then_resized_like_the_tensor_sets(tmp_path):
+    """A 20x28 image: the centred 20x20 square (dataset_tool.py's crop: rows (H − s)//2 .. (H + s)//2), then the
+    same Lanczos-3 as the tensor data sets."""
+    from PIL import Image
+
+    wide = _smooth_images(1, 28, seed=3)[0][:20]  # [20, 28]: W > H
+    Image.fromarray(wide).save(tmp_path / "a.png")
+    ds = ImageFolderDataset(tmp_path, resolution=16)
+    left = (28 - 20) // 2
+    expected = _lanczos3(wide[:, left:left + 20], 16)
+    assert np.abs(ds[0][0][0].numpy().astype(np.float64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["digits", "folder"])
+def test_an_unknown_resample_filter_is_refused_with_the_choices(tmp_path, name):
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"dataset.resample 'lanczos3' is not valid; choose one of: lanczos, bicubic"):
+        build_dataset(DatasetConfig(name=name, root=str(tmp_path), resolution=4, resample="lanczos3"))
+
+
 # ----------------------------------------------------------------------------- data order
 
 

@@ -16,6 +16,7 @@ import pickle
 import re
 import runpy
 import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -671,6 +672,58 @@ def test_matches_real_reference(nvlabs_reference, tmp_path, arch, label_dim, kin
     for labels in (inp["labels"], None):
         expected = run(ref, inp["x"], inp["sigma"], labels, inp["augment"])
         assert rel_err(run(ours, inp["x"], inp["sigma"], labels, inp["augment"]), expected) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# The data: a resized data set holds the pixels of the reference's dataset_tool.py.
+
+
+def _dataset_tool(repo: str, source: Path, dest: Path, *args: str) -> list[np.ndarray]:
+    """Run the reference's dataset_tool.py; the images of the zip it writes, in its order."""
+    import zipfile
+
+    from PIL import Image
+
+    subprocess.run([sys.executable, str(Path(repo) / "dataset_tool.py"), f"--source={source}", f"--dest={dest}", *args],
+                   check=True, capture_output=True)
+    with zipfile.ZipFile(dest) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))
+        return [np.asarray(Image.open(io.BytesIO(z.read(n)))) for n in names]
+
+
+def test_resized_data_sets_equal_the_reference_dataset_tool(request, tmp_path):
+    """dataset_tool.py --resolution=16x16 of 28x28 grayscale images (its scale), and --transform=center-crop of
+    20x28 RGB images: our folder and tensor data sets hold the same pixels, bit for bit."""
+    from PIL import Image
+
+    from edm.data import ImageFolderDataset, load_mnist
+
+    repo = request.config.getoption("--nvlabs-repo")
+    if not repo:
+        pytest.skip("needs --nvlabs-repo PATH (an NVlabs/edm checkout)")
+    rng = np.random.default_rng(0)
+    blobs = np.kron(rng.normal(size=(8, 8, 8)), np.ones((4, 4)))[:, :28, :28]
+    gray = np.clip(blobs * 160 + 60, 0, 255).astype(np.uint8)
+    (tmp_path / "gray").mkdir()
+    for k, image in enumerate(gray):
+        Image.fromarray(image).save(tmp_path / f"gray/{k}.png")
+    reference = np.stack(_dataset_tool(repo, tmp_path / "gray", tmp_path / "gray.zip", "--resolution=16x16"))
+    ours = ImageFolderDataset(tmp_path / "gray", resolution=16)
+    np.testing.assert_array_equal(np.stack([ours[k][0][0].numpy() for k in range(len(ours))]), reference)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for name, array in (("train-images-idx3-ubyte", gray), ("train-labels-idx1-ubyte", np.zeros(8, np.uint8))):
+        (idx / name).write_bytes(bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+                                 + array.tobytes())
+    np.testing.assert_array_equal(load_mnist(idx, resolution=16).images[:, 0].numpy(), reference)
+    (tmp_path / "rgb").mkdir()
+    for k in range(4):
+        Image.fromarray(np.clip(rng.normal(size=(20, 28, 3)) * 60 + 128, 0, 255).astype(np.uint8)).save(
+            tmp_path / f"rgb/{k}.png")
+    reference = np.stack(_dataset_tool(repo, tmp_path / "rgb", tmp_path / "rgb.zip", "--resolution=16x16",
+                                       "--transform=center-crop"))
+    ours = ImageFolderDataset(tmp_path / "rgb", resolution=16)
+    np.testing.assert_array_equal(np.stack([ours[k][0].permute(1, 2, 0).numpy() for k in range(4)]), reference)
 
 
 # --------------------------------------------------------------------------------------

@@ -281,4 +281,24 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
 
 
+def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_does_not_name_its_filter(
+        compose_train, tmp_path):
+    resized = ("dataset.resolution=6",)
+    train(compose_train("total_kimg=0.016", *resized))
+    with pytest.raises(CheckpointError, match="dataset.resample: checkpoint 'lanczos', config 'bilinear'"):
+        train(compose_train("total_kimg=0.032", "resume=true", *resized, "dataset.resample=bilinear"))
+    path = find_latest(tmp_path / "run")
+    state = load_checkpoint(path)
+    del state["config"]["dataset"]["resample"]  # a checkpoint of an edm without the setting
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="dataset.resample: checkpoint unrecorded .*config 'lanczos'"):
+        train(compose_train("total_kimg=0.032", "resume=true", *resized))
+    native = tmp_path / "native"  # such a checkpoint at the native size: nothing was resized, so it resumes
+    train(compose_train("total_kimg=0.016", run_dir=native))
+    state = load_checkpoint(find_latest(native))
+    del state["config"]["dataset"]["resample"]
+    save_checkpoint(find_latest(native), state)
+    assert train(compose_train("total_kimg=0.032", "resume=true", run_dir=native)).state.step == 4
+
+
 # dropout exercises the global RNG, accumulation the micro-batch path, 12 images the epoch wrap

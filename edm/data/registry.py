@@ -18,8 +18,8 @@ from torch import Tensor
 from ..choices import choose
 from .latents import LatentDataset
 from .sets import (
-    FASHION_MNIST_DEBIAN_ROOT, LABELS_NAME, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
-    Subset, XFlip, load_cifar10, load_digits, load_mnist,
+    DEFAULT_RESAMPLE, FASHION_MNIST_DEBIAN_ROOT, LABELS_NAME, DatasetNotFoundError, ImageDataset,
+    ImageFolderDataset, Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
 __all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images"]
@@ -32,7 +32,8 @@ class DatasetConfig:
     """A training set (the `dataset` config group): images in [−1, 1], optional one-hot labels.
 
     name: a key of DATASETS (digits: embedded, no download); root: where the files are (unused
-    for digits); resolution: resize to this (None = native); cond: class-conditional training
+    for digits); resolution: resize to this (None = native; center-cropped to a square first) with PIL's `resample`
+    filter (lanczos, as NVlabs dataset_tool.py; bicubic, bilinear, box, nearest); cond: class-conditional training
     (label_dim = number of classes); xflip: add mirrored copies; max_size: use the first N images;
     skip_bad: leave out the image files of a folder that cannot be read or do not fit.
     """
@@ -40,6 +41,7 @@ class DatasetConfig:
     name: str = "digits"
     root: Optional[str] = None
     resolution: Optional[int] = None
+    resample: str = DEFAULT_RESAMPLE
     cond: bool = False
     xflip: bool = False
     num_workers: int = 0
@@ -54,7 +56,7 @@ def _folder(cfg: DatasetConfig) -> ImageDataset:
             f"dataset.root={cfg.root!r} is neither a folder nor a .zip; point it at a folder of images or a .zip of them "
             f"(class labels from a {LABELS_NAME}, as NVlabs dataset_tool.py writes, or one subfolder per class)"
         )
-    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad)
+    return ImageFolderDataset(cfg.root, cfg.resolution, cfg.cond, cfg.skip_bad, cfg.resample)
 
 
 def _latent(cfg: DatasetConfig) -> ImageDataset:
@@ -68,11 +70,12 @@ def _latent(cfg: DatasetConfig) -> ImageDataset:
 
 
 DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = MappingProxyType({
-    "digits": lambda cfg: load_digits(cfg.resolution, cfg.cond),
-    "mnist": lambda cfg: load_mnist(cfg.root, False, cfg.resolution, cfg.cond),
+    "digits": lambda cfg: load_digits(cfg.resolution, cfg.cond, cfg.resample),
+    "mnist": lambda cfg: load_mnist(cfg.root, False, cfg.resolution, cfg.cond, cfg.resample),
     # The Debian package dataset-fashion-mnist installs the files in FASHION_MNIST_DEBIAN_ROOT.
-    "fashion_mnist": lambda cfg: load_mnist(cfg.root or FASHION_MNIST_DEBIAN_ROOT, True, cfg.resolution, cfg.cond),
-    "cifar10": lambda cfg: load_cifar10(cfg.root, cfg.resolution, cfg.cond),
+    "fashion_mnist": lambda cfg: load_mnist(cfg.root or FASHION_MNIST_DEBIAN_ROOT, True, cfg.resolution, cfg.cond,
+                                            cfg.resample),
+    "cifar10": lambda cfg: load_cifar10(cfg.root, cfg.resolution, cfg.cond, cfg.resample),
     "folder": _folder,
     "latent": _latent,
 })

@@ -16,15 +16,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..choices import check_choice
 from ..hardware import RunWideLog
 
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
-    "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_images",
+    "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
+    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
 ]
 
@@ -38,6 +39,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 def image_files(folder: str | Path) -> list[Path]:
     """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# PIL's resampling filters, by their dataset.resample names; lanczos (Lanczos-3, antialiased when shrinking) is the
+# one NVlabs dataset_tool.py resizes with, so a resized data set holds the reference's pixels.
+RESAMPLE_FILTERS = ("lanczos", "bicubic", "bilinear", "box", "nearest")
+DEFAULT_RESAMPLE = "lanczos"
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -184,7 +191,11 @@ class ImageFolderDataset(ImageDataset):
     BadImagesError, or left out with a warning when `skip_bad` is set.
     """
 
-    def __init__(self, root: str | Path, resolution: int | None = None, cond: bool = False, skip_bad: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, resolution: int | None = None, cond: bool = False, skip_bad: bool = False,
+        resample: str = DEFAULT_RESAMPLE,
+    ) -> None:
+        check_choice(RESAMPLE_FILTERS, resample, "dataset.resample")
         self.root = Path(root)
         self.source = ImageSource(self.root)
         if not self.source.names:
@@ -204,6 +215,7 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
         self.channels = 1 if self.mode == "L" else 3
         self._resize = resolution is not None
+        self.resample = resample
 
     def _folder_labels(self) -> None:
         top = [tuple(name.split("/")) for name in self.files]
@@ -269,13 +281,9 @@ class ImageFolderDataset(ImageDataset):
 
     def _pixels(self, path: str, im) -> np.ndarray:
         """uint8 [H, W] or [H, W, 3] of an open image: converted to the data set's mode, cropped and resized."""
-        from PIL import Image
-
         im = im.convert(self.mode)
         if self._resize:
-            side = min(im.size)
-            left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+            im = resize_image(im, self.resolution, self.resample)
         elif im.size != (self.resolution, self.resolution):
             raise BadImagesError(
                 f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
@@ -333,22 +341,45 @@ class Subset(ImageDataset):
 # ----------------------------------------------------------------------------- loaders
 
 
-def resize_images(images: Tensor, resolution: int | None) -> Tensor:
-    """uint8 [N, C, H, H] -> uint8 [N, C, R, R] (bilinear, antialiased when shrinking); None keeps H."""
+def resize_image(image, resolution: int, resample: str = DEFAULT_RESAMPLE):
+    """A PIL image center-cropped to a square (side min(W, H)) and resized to resolution² with PIL's `resample`
+    filter, as dataset_tool.py's center-crop (and, for square images, its scale) does."""
+    from PIL import Image
+
+    check_choice(RESAMPLE_FILTERS, resample, "dataset.resample")
+    side = min(image.size)
+    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+    if side != image.size[0] or side != image.size[1]:
+        image = image.crop((left, top, left + side, top + side))
+    if image.size == (resolution, resolution):
+        return image
+    return image.resize((resolution, resolution), getattr(Image.Resampling, resample.upper()))
+
+
+def resize_images(images: Tensor, resolution: int | None, resample: str = DEFAULT_RESAMPLE) -> Tensor:
+    """uint8 [N, C, H, H] -> uint8 [N, C, R, R], each image through resize_image; None (or R = H) keeps them."""
+    check_choice(RESAMPLE_FILTERS, resample, "dataset.resample")
     if resolution is None or resolution == images.shape[-1]:
         return images
-    x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    from PIL import Image
+
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    channels = images.shape[1]
+    out = np.stack([
+        np.asarray(resize_image(Image.fromarray(a[..., 0] if channels == 1 else a), resolution, resample), dtype=np.uint8)
+        for a in arrays
+    ])
+    return torch.from_numpy(out.reshape(len(arrays), resolution, resolution, channels)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_digits(resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+def load_digits(resolution: int | None = None, cond: bool = False, resample: str = DEFAULT_RESAMPLE) -> TensorImageDataset:
     """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16, 10 classes); no download."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0))).to(torch.uint8)[:, None]
     labels = torch.from_numpy(bunch.target).long()
-    return TensorImageDataset(resize_images(images, resolution), labels, 10, cond)
+    return TensorImageDataset(resize_images(images, resolution, resample), labels, 10, cond)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -388,7 +419,8 @@ def _mnist_help(root: str | None, fashion: bool) -> str:
 
 
 def load_mnist(
-    root: str | Path | None, fashion: bool = False, resolution: int | None = None, cond: bool = False
+    root: str | Path | None, fashion: bool = False, resolution: int | None = None, cond: bool = False,
+    resample: str = DEFAULT_RESAMPLE,
 ) -> TensorImageDataset:
     """MNIST or Fashion-MNIST training set (60000 images, 28x28, 10 classes) from local files.
 
@@ -408,10 +440,12 @@ def load_mnist(
     images, labels = torch.from_numpy(read_idx(image_file).copy()), torch.from_numpy(read_idx(label_file).copy())
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
-    return TensorImageDataset(resize_images(images[:, None].to(torch.uint8), resolution), labels.long(), 10, cond)
+    return TensorImageDataset(resize_images(images[:, None].to(torch.uint8), resolution, resample), labels.long(), 10, cond)
 
 
-def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: bool = False) -> TensorImageDataset:
+def load_cifar10(
+    root: str | Path | None, resolution: int | None = None, cond: bool = False, resample: str = DEFAULT_RESAMPLE
+) -> TensorImageDataset:
     """CIFAR-10 training set (50000 images, 32x32x3, 10 classes) via torchvision, download=False.
     root is the folder holding cifar-10-batches-py (or that folder itself)."""
     help_text = (
@@ -434,4 +468,4 @@ def load_cifar10(root: str | Path | None, resolution: int | None = None, cond: b
     except RuntimeError as err:
         raise DatasetNotFoundError(f"torchvision could not read {root / 'cifar-10-batches-py'} ({err}). " + help_text) from None
     images = torch.from_numpy(np.ascontiguousarray(tv.data)).permute(0, 3, 1, 2).contiguous()
-    return TensorImageDataset(resize_images(images, resolution), torch.as_tensor(tv.targets), 10, cond)
+    return TensorImageDataset(resize_images(images, resolution, resample), torch.as_tensor(tv.targets), 10, cond)

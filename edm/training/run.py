@@ -136,9 +136,9 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 # Training settings a resume may not change: the loss (what is optimized), the data set, the seed (the data
 # order and every random stream) and the global batch (the data order and the EMA), so the resumed run would not
 # continue the saved one. Loss, network, precond and schedule are compared as resolved specs.
-RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.cond", "dataset.xflip",
-                "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init", "teacher", "ect.", "scm.",
-                "meanflow.")  # a key ending in "." stands for every key under it
+RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.resample",
+                "dataset.cond", "dataset.xflip", "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init",
+                "teacher", "ect.", "scm.", "meanflow.")  # a key ending in "." stands for every key under it
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
@@ -201,6 +201,9 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) 
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = differences(saved, ours, shared_only=True)  # keys of one version only: not compared
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
+    if saved.get("dataset.resolution") is not None and "dataset.resample" not in saved:
+        fixed.append(f"dataset.resample: checkpoint unrecorded (resized before edm had the setting: bilinear for tensor "
+                     f"data sets, bicubic for folders), config {ours.get('dataset.resample')!r}")
     if fixed:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was trained with another loss, data set, seed or global batch "
