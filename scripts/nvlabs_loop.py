@@ -46,10 +46,10 @@ from edm.core.schedules import to_spec
 from edm.training.build import loss_spec, resolve
 from edm.cli import compose as edm_compose
 from edm.training.config import TrainConfig
-from edm.files import differences, to_container
+from edm.files import to_container
 from edm.data import StreamBatchSampler, build_dataset, to_model_space
 from edm.models.nvlabs import convert_state_dict
-from edm.training.run import RESUME_FREE, listed, seed_draws
+from edm.training.run import RESUME_FREE, listed, seed_draws, setting_differences
 
 REFERENCE_CLASSES = {"edm": ("EDMPrecond", "EDMLoss"), "vp": ("VPPrecond", "VPLoss")}  # schedule -> precond, loss
 SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
@@ -206,8 +206,7 @@ def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
     if LOOP_STATE not in state:
         raise SystemExit(f"nvlabs_loop.py: error: {path} holds no state of this loop to continue from (edm-train "
                          "wrote it, or this script before its checkpoints could resume); choose another --out")
-    changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in differences(state["config"], to_container(cfg),
-                                                                          shared_only=True)  # keys of both versions
+    changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in setting_differences(state["config"], to_container(cfg))
                if not listed(key, RESUME_FREE)]
     run_draws, now_draws = ",".join(state[LOOP_STATE]["edm_draws"]), ",".join(sorted(edm_draws))
     if run_draws != now_draws:

@@ -58,7 +58,7 @@ from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
 from edm.training.build import loss_spec, resolve
-from edm.training.run import RESUME_FREE, checkpoint_settings, listed, settings_as_trained
+from edm.training.run import RESUME_FREE, checkpoint_settings, listed, setting_differences, settings_as_trained
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("edm-train", "nvlabs", "recipe-small")
@@ -121,8 +121,8 @@ def run_differences(state: dict, cfg: object) -> list[str]:
     preconditioning and loss as resolved specs); keys that say only how a run is carried out or reported
     (RESUME_FREE, total_kimg aside) and keys that one of the two records lacks are not compared."""
     free = tuple(key for key in RESUME_FREE if key != "total_kimg")
-    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in differences(checkpoint_settings(state), config_trained(cfg),
-                                                                         shared_only=True)
+    return [f"{key}: run {a!r}, arm {b!r}" for key, a, b in setting_differences(checkpoint_settings(state),
+                                                                                  config_trained(cfg))
             if not listed(key, free)]
 
 

@@ -92,6 +92,13 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert side_by_side.finished_checkpoint(initial, [*shared, "seed=0", "init=m.pt", f"run_dir={initial}"]) is not None
     with pytest.raises(SystemExit, match=r"init: run 'm.pt', arm None"):
         side_by_side.finished_checkpoint(initial, [*shared, "seed=0", f"run_dir={initial}"])
+    resized = tmp_path / "resized"  # resized before runs recorded dataset.resample: other pixels than any filter's now
+    resized.mkdir()
+    dataset = {k: v for k, v in state["config"]["dataset"].items() if k != "resample"} | {"resolution": 8}
+    torch.save({**state, "config": {**state["config"], "dataset": dataset}}, resized / "checkpoint-00000004.pt")
+    with pytest.raises(SystemExit, match=r"dataset.resample: run 'unrecorded \(bilinear, or bicubic for folders\)', "
+                                         r"arm 'lanczos'"):
+        side_by_side.finished_checkpoint(resized, [*shared, "seed=0", "dataset.resolution=8", f"run_dir={resized}"])
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=vp"], ["schedule=vp"]) == []
     assert side_by_side.differing_keys(["schedule=vp", "precond.kind=edm"], ["schedule=vp"]) == ["precond.kind"]
     # VP's β's and the uncertainty head of a learned weighting resolve the same way, named or not

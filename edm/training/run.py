@@ -139,6 +139,7 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.resample",
                 "dataset.cond", "dataset.xflip", "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init",
                 "teacher", "ect.", "scm.", "meanflow.")  # a key ending in "." stands for every key under it
+UNRECORDED_RESAMPLE = "unrecorded (bilinear, or bicubic for folders)"  # a resized run's filter before dataset.resample
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
@@ -192,6 +193,17 @@ def checkpoint_settings(state: dict) -> dict:
     return settings_as_trained(state.get("config") or {}, saved_loss_spec(state), saved_precond_spec(state))
 
 
+def setting_differences(saved: dict, ours: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved, ours) for each setting that two records of what a run trains differ in: the keys both hold (a key
+    of one version only says nothing), and dataset.resample where a resized run's record lacks it: such a run
+    predates the setting, and its images went through filters that no value of it repeats (UNRECORDED_RESAMPLE)."""
+    changes = differences(saved, ours, shared_only=True)
+    a, b = flatten(saved), flatten(ours)
+    if a.get("dataset.resolution") is not None and "dataset.resample" not in a and "dataset.resample" in b:
+        changes.append(("dataset.resample", UNRECORDED_RESAMPLE, b["dataset.resample"]))
+    return changes
+
+
 def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
     """The training settings that differ from checkpoint `state`'s (checkpoint_settings: the loss as resolved specs):
     refuse those in RESUME_FIXED, warn (once per run) about those that change the optimization; return all (they are
@@ -199,11 +211,8 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) 
     skip = ("network.", "precond.", "schedule.")  # compared as the resolved denoiser spec and schedule (restore)
     saved = {k: v for k, v in flatten(checkpoint_settings(state)).items() if not k.startswith(skip)}
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
-    changes = differences(saved, ours, shared_only=True)  # keys of one version only: not compared
+    changes = setting_differences(saved, ours)
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
-    if saved.get("dataset.resolution") is not None and "dataset.resample" not in saved:
-        fixed.append(f"dataset.resample: checkpoint unrecorded (resized before edm had the setting: bilinear for tensor "
-                     f"data sets, bicubic for folders), config {ours.get('dataset.resample')!r}")
     if fixed:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was trained with another loss, data set, seed or global batch "
