@@ -286,6 +286,15 @@ def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path):
     assert len(calls) == 2  # another extractor is another entry
 
 
+def test_the_reference_cache_key_of_a_resized_data_set_names_its_filter():
+    from edm.data import DatasetConfig
+
+    keys = {r: metrics.dataset_reference(DatasetConfig(name="digits", resolution=16, resample=r))[1]
+            for r in ("lanczos", "bilinear")}
+    assert keys == {"lanczos": "digits-16px-lanczos-1797", "bilinear": "digits-16px-bilinear-1797"}
+    assert metrics.dataset_reference(DatasetConfig(name="digits"))[1] == "digits-8px-1797"  # native: no filter
+
+
 # ----------------------------------------------------------------------------- evaluate_images and edm-eval
 
 

@@ -408,11 +408,13 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0
 
 
 def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
-    """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips."""
+    """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips; the key
+    names the resize filter of a resized set (other filters, other pixels)."""
     config = dataclasses.replace(config, xflip=False, cond=False)
     dataset = build_dataset(config)
     where = f"-{Path(config.root).name}" if config.name == "folder" and config.root else ""
-    key = f"{config.name}{where}-{dataset.resolution}px-{len(dataset)}"
+    resized = f"-{config.resample}" if config.resolution is not None else ""
+    key = f"{config.name}{where}-{dataset.resolution}px{resized}-{len(dataset)}"
     return (lambda: dataset_batches(dataset, batch_size, config.num_workers)), key
 
 
