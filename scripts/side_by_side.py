@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from edm.cli import compose
+from edm.data import dataset_record
 from edm.evaluation.nfe_study import StudyConfig, run_study
 from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> str:
     seeds = parse_seeds(args.seeds)
     classifier = ClassifierConfig(steps=args.classifier_steps)
     shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
-              "classifier": dataclasses.asdict(classifier)}
+              "classifier": dataclasses.asdict(classifier),
+              "dataset": dataset_record(compose("train", args.overrides).dataset) | {"num_workers": None}}  # the images
     try:  # OUT holds runs of these shared settings; OUT/<label> those of one arm (a new arm may join later)
         claim(args.out, shared, [args.out / label for label in labels], overwrite=args.overwrite,
               overwrite_key="--overwrite", out_key="--out")

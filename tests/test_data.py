@@ -236,7 +236,7 @@ def _lanczos3(image: np.ndarray, n: int) -> np.ndarray:
 
 
 def _smooth_images(n: int, size: int, seed: int) -> np.ndarray:
-    """Garment-like test images: blurred random blobs, saturated at 0 and 255 (edges that overshoot)."""
+    """Test images of flat 4x4 blocks of random levels, many saturated at 0 and 255 (edges that overshoot)."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(n, size // 4 + 1, size // 4 + 1))
     up = np.kron(base, np.ones((4, 4)))[:, :size, :size]
@@ -259,16 +259,38 @@ def test_resizing_is_lanczos3_as_nvlabs_dataset_tool(tmp_path):
 
 
 def test_folder_images_are_center_cropped_then_resized_like_the_tensor_sets(tmp_path):
-    """A 20x28 image: the centred 20x20 square (dataset_tool.py's crop: rows (H − s)//2 .. (H + s)//2), then the
+    """A 21x28 image: the centred 21x21 square (dataset_tool.py's crop: columns (W − s)//2 .. (W + s)//2), then the
     same Lanczos-3 as the tensor data sets."""
     from PIL import Image
 
-    wide = _smooth_images(1, 28, seed=3)[0][:20]  # [20, 28]: W > H
+    wide = _smooth_images(1, 28, seed=3)[0][:21]  # [21, 28]: W > H by an odd 7, so the offset rounds down to 3
     Image.fromarray(wide).save(tmp_path / "a.png")
     ds = ImageFolderDataset(tmp_path, resolution=16)
-    left = (28 - 20) // 2
-    expected = _lanczos3(wide[:, left:left + 20], 16)
+    expected = _lanczos3(wide[:, 3:24], 16)
     assert np.abs(ds[0][0][0].numpy().astype(np.float64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_the_config_names_the_filter_of_an_idx_data_set(tmp_path, name):
+    images, _ = _fake_mnist(tmp_path, n=4)
+    for resample in ("lanczos", "bilinear"):
+        ds = build_dataset(DatasetConfig(name=name, root=str(tmp_path), resolution=16, resample=resample))
+        expected = load_mnist(tmp_path, resolution=16, resample=resample).images
+        assert torch.equal(ds.images, expected)
+    assert not torch.equal(load_mnist(tmp_path, resolution=16).images,
+                           load_mnist(tmp_path, resolution=16, resample="bilinear").images)
+
+
+def test_a_record_of_unresized_data_names_no_filter():
+    """Records of what a data set made (encoded latents, studies, side-by-sides) hold resample only where it acts, so
+    a record of native-size data written before the setting existed (no resample key) still compares equal."""
+    from edm.data import dataset_record
+    from edm.files import differences
+
+    native = dataset_record(DatasetConfig(name="digits"))
+    assert native["resample"] is None
+    assert differences({k: v for k, v in native.items() if k != "resample"}, native) == []
+    assert dataset_record(DatasetConfig(name="digits", resolution=16))["resample"] == "lanczos"
 
 
 @pytest.mark.parametrize("name", ["digits", "folder"])

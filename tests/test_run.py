@@ -281,7 +281,7 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
 
 
-def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_does_not_name_its_filter(
+def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_names_none_is_neither_resumed_nor_scored(
         compose_train, tmp_path):
     resized = ("dataset.resolution=6",)
     train(compose_train("total_kimg=0.016", *resized))
@@ -293,6 +293,10 @@ def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_does
     save_checkpoint(path, state)
     with pytest.raises(CheckpointError, match=r"dataset.resample: checkpoint 'unrecorded \(bilinear, or bicubic for folders\)', config 'lanczos'"):
         train(compose_train("total_kimg=0.032", "resume=true", *resized))
+    from edm.models.loading import load_model  # nor is it scored against data of a filter it never saw
+
+    with pytest.raises(ValueError, match=r"resized to 6px before runs recorded dataset.resample .*dataset.resample="):
+        load_model(path)[1].training_dataset()
     native = tmp_path / "native"  # such a checkpoint at the native size: nothing was resized, so it resumes
     train(compose_train("total_kimg=0.016", run_dir=native))
     state = load_checkpoint(find_latest(native))

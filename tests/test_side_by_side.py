@@ -65,6 +65,11 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
         side_by_side.main([*argv[:5], "16", *argv[6:]])
     with pytest.raises(SystemExit, match=r"overrides: folder \['lr=1e-9'\], now \['lr=1e-8'\]"):
         side_by_side.main([a.replace("lr=1e-9", "lr=1e-8") for a in argv])
+    record = json.loads((out / "provenance.json").read_text())  # OUT names its images, not only the keys given:
+    (out / "provenance.json").write_text(json.dumps(record | {"dataset": {**record["dataset"], "resolution": 6}}))
+    with pytest.raises(SystemExit, match=r"other settings \(dataset.resolution: folder 6, now None\)"):
+        side_by_side.main([*argv, "--report-only"])  # another default of the same keys trains other images
+    (out / "provenance.json").write_text(json.dumps(record))
     side_by_side.main([*argv, "--arm", "c=edm-train lr=1e-3", "--report-only"])  # a new arm joins, untrained yet
     assert [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]] == ["a", "b", "c"]
     run = out / "a" / "seed-0"  # a run whose recorded settings are not the arm's (its recipe changed, say) is not reused
@@ -92,7 +97,7 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert side_by_side.finished_checkpoint(initial, [*shared, "seed=0", "init=m.pt", f"run_dir={initial}"]) is not None
     with pytest.raises(SystemExit, match=r"init: run 'm.pt', arm None"):
         side_by_side.finished_checkpoint(initial, [*shared, "seed=0", f"run_dir={initial}"])
-    resized = tmp_path / "resized"  # resized before runs recorded dataset.resample: other pixels than any filter's now
+    resized = tmp_path / "resized"  # a run with dataset.resolution set whose record names no filter predates the setting
     resized.mkdir()
     dataset = {k: v for k, v in state["config"]["dataset"].items() if k != "resample"} | {"resolution": 8}
     torch.save({**state, "config": {**state["config"], "dataset": dataset}}, resized / "checkpoint-00000004.pt")

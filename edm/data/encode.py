@@ -29,7 +29,7 @@ from ..files import FolderLock, atomic_write, write_json
 from ..latent import LATENTS_NAME, LatentConfig, load_vae
 from ..progress import progress_bar
 from .latents import latent_name
-from .registry import DatasetConfig, build_dataset
+from .registry import DatasetConfig, build_dataset, dataset_record
 from .sets import LABELS_NAME, ImageDataset
 
 __all__ = ["EncodeConfig", "encode_dataset", "raw_statistics", "LATENTS_FORMAT"]
@@ -55,7 +55,7 @@ def _source(cfg: DatasetConfig) -> dict:
     """The pixel data set as latents.json and the provenance record name it: root absolute, and without the
     settings that do not change the latents (labels are always carried over, workers only read)."""
     root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
-    return dataclasses.asdict(cfg) | {"root": root, "cond": False, "num_workers": None}
+    return dataset_record(cfg) | {"root": root, "cond": False, "num_workers": None}
 
 
 def _pack(folder: Path, names: list[str], dest: Path) -> None:

@@ -6,6 +6,7 @@ configs/dataset/<name>.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .sets import (
     ImageFolderDataset, Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
-__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images"]
+__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = Mappi
     "latent": _latent,
 })
 """dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
+
+
+def dataset_record(cfg: DatasetConfig) -> dict:
+    """The config as records of what was made from it hold it: resample None when nothing is resized (no filter
+    touches the pixels, so records written before the setting existed still compare equal)."""
+    return dataclasses.asdict(cfg) | ({} if cfg.resolution is not None else {"resample": None})
 
 
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:

@@ -25,7 +25,7 @@ from ..hardware import RunWideLog
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
-    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
+    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE", "UNRECORDED_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
 ]
 
@@ -45,6 +45,8 @@ def image_files(folder: str | Path) -> list[Path]:
 # one NVlabs dataset_tool.py resizes with, so a resized data set holds the reference's pixels.
 RESAMPLE_FILTERS = ("lanczos", "bicubic", "bilinear", "box", "nearest")
 DEFAULT_RESAMPLE = "lanczos"
+# What the records of runs resized before dataset.resample existed stand for: filters that no value of it repeats.
+UNRECORDED_RESAMPLE = "unrecorded (bilinear, or bicubic for folders)"
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -23,6 +23,7 @@ from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import DatasetConfig
+from ..data.sets import UNRECORDED_RESAMPLE
 from ..files import file_sha256
 from .export import export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
@@ -76,6 +77,11 @@ class ModelInfo:
         dataset = (self.latent or {}).get("dataset") or self.dataset
         if not dataset:
             return None
+        if dataset.get("resolution") is not None and "resample" not in dataset:
+            raise ValueError(f"{self.source} was trained on {dataset.get('name')} resized to {dataset['resolution']}px "
+                             f"before runs recorded dataset.resample ({UNRECORDED_RESAMPLE}): no data set of this edm "
+                             "has its pixels; name the data to score against, e.g. dataset=NAME dataset.resolution=R "
+                             "dataset.resample=bilinear")
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         return DatasetConfig(**{k: v for k, v in dataset.items() if k in known})
 

@@ -22,6 +22,7 @@ from ..core.losses import Loss
 from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
 from ..data import ImageDataset
+from ..data.sets import UNRECORDED_RESAMPLE
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
@@ -139,7 +140,6 @@ def _differences(saved: Any, ours: Any) -> list[str]:
 RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.resolution", "dataset.resample",
                 "dataset.cond", "dataset.xflip", "dataset.max_size", "loss.", "ema_sigma_rel", "objective", "init",
                 "teacher", "ect.", "scm.", "meanflow.")  # a key ending in "." stands for every key under it
-UNRECORDED_RESAMPLE = "unrecorded (bilinear, or bicubic for folders)"  # a resized run's filter before dataset.resample
 # Settings that change how a run is carried out or reported, not what it computes.
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
