@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> str:
     classifier = ClassifierConfig(steps=args.classifier_steps)
     shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
               "classifier": dataclasses.asdict(classifier),
-              "dataset": dataset_record(compose("train", args.overrides).dataset) | {"num_workers": None}}  # the images
+              "dataset": dataset_record(compose("train", args.overrides).dataset)}  # the images, not only their keys
     try:  # OUT holds runs of these shared settings; OUT/<label> those of one arm (a new arm may join later)
         claim(args.out, shared, [args.out / label for label in labels], overwrite=args.overwrite,
               overwrite_key="--overwrite", out_key="--out")

@@ -3,7 +3,9 @@
 
 from .pixels import as_model_space, to_model_space, to_uint8
 from .latents import LatentDataset, latent_name
-from .registry import DATASETS, DatasetConfig, build_dataset, dataset_images, dataset_record
+from .registry import (
+    DATASETS, UNRECORDED_RESAMPLE, DatasetConfig, build_dataset, dataset_images, dataset_record, resample_unrecorded,
+)
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, IMAGE_EXTENSIONS, BadImagesError, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
     ImageSource, Subset, TensorImageDataset, XFlip, image_files, load_cifar10, load_digits, load_mnist, read_idx,
@@ -11,7 +13,8 @@ from .sets import (
 from .stream import StreamBatchSampler, epoch_permutation, make_loader, micro_batch_start
 
 __all__ = [
-    "DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
+    "DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
+    "UNRECORDED_RESAMPLE", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
     "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8",
     "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files", "LatentDataset", "latent_name",

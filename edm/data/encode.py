@@ -53,9 +53,9 @@ class EncodeConfig:
 
 def _source(cfg: DatasetConfig) -> dict:
     """The pixel data set as latents.json and the provenance record name it: root absolute, and without the
-    settings that do not change the latents (labels are always carried over, workers only read)."""
+    settings that do not change the latents (labels are always carried over; dataset_record drops the workers)."""
     root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
-    return dataset_record(cfg) | {"root": root, "cond": False, "num_workers": None}
+    return dataset_record(cfg) | {"root": root, "cond": False}
 
 
 def _pack(folder: Path, names: list[str], dest: Path) -> None:

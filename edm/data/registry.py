@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,8 @@ from .sets import (
     ImageFolderDataset, Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
-__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record"]
+__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
+           "UNRECORDED_RESAMPLE"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,21 @@ DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = Mappi
 """dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
 
 
+# What a record of a resized data set that names no filter stands for: it predates dataset.resample, and its images
+# went through filters that no value of the setting repeats.
+UNRECORDED_RESAMPLE = "unrecorded (bilinear, or bicubic for folders)"
+
+
 def dataset_record(cfg: DatasetConfig) -> dict:
-    """The config as records of what was made from it hold it: resample None when nothing is resized (no filter
-    touches the pixels, so records written before the setting existed still compare equal)."""
-    return dataclasses.asdict(cfg) | ({} if cfg.resolution is not None else {"resample": None})
+    """The config as records of what was made from it hold it: without num_workers (workers only read), and with
+    resample None when nothing is resized (no filter touches the pixels, so records written before the setting
+    existed still compare equal)."""
+    return dataclasses.asdict(cfg) | {"num_workers": None} | ({} if cfg.resolution is not None else {"resample": None})
+
+
+def resample_unrecorded(record: Mapping[str, Any]) -> bool:
+    """Whether a data set record (a DatasetConfig as a dict) resizes but names no filter (UNRECORDED_RESAMPLE)."""
+    return record.get("resolution") is not None and "resample" not in record
 
 
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:

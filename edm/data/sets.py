@@ -25,7 +25,7 @@ from ..hardware import RunWideLog
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
-    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE", "UNRECORDED_RESAMPLE",
+    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
 ]
 
@@ -45,8 +45,6 @@ def image_files(folder: str | Path) -> list[Path]:
 # one NVlabs dataset_tool.py resizes with, so a resized data set holds the reference's pixels.
 RESAMPLE_FILTERS = ("lanczos", "bicubic", "bilinear", "box", "nearest")
 DEFAULT_RESAMPLE = "lanczos"
-# What the records of runs resized before dataset.resample existed stand for: filters that no value of it repeats.
-UNRECORDED_RESAMPLE = "unrecorded (bilinear, or bicubic for folders)"
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -350,8 +348,8 @@ def resize_image(image, resolution: int, resample: str = DEFAULT_RESAMPLE):
 
     check_choice(RESAMPLE_FILTERS, resample, "dataset.resample")
     side = min(image.size)
-    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
-    if side != image.size[0] or side != image.size[1]:
+    if image.size != (side, side):
+        left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
         image = image.crop((left, top, left + side, top + side))
     if image.size == (resolution, resolution):
         return image

@@ -228,7 +228,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
     with FolderLock(out, key="out", owner="NFE study"):
         record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
-                  "dataset": dataset_record(dataset) | {"num_workers": None},
+                  "dataset": dataset_record(dataset),
                   "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
                   **metric_files(cfg.eval, cfg.eval.metrics),
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,

@@ -22,8 +22,7 @@ from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
-from ..data import DatasetConfig
-from ..data.sets import UNRECORDED_RESAMPLE
+from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
 from ..files import file_sha256
 from .export import export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
@@ -77,7 +76,7 @@ class ModelInfo:
         dataset = (self.latent or {}).get("dataset") or self.dataset
         if not dataset:
             return None
-        if dataset.get("resolution") is not None and "resample" not in dataset:
+        if resample_unrecorded(dataset):
             raise ValueError(f"{self.source} was trained on {dataset.get('name')} resized to {dataset['resolution']}px "
                              f"before runs recorded dataset.resample ({UNRECORDED_RESAMPLE}): no data set of this edm "
                              "has its pixels; name the data to score against, e.g. dataset=NAME dataset.resolution=R "

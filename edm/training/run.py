@@ -21,8 +21,7 @@ from torch import nn
 from ..core.losses import Loss
 from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
-from ..data import ImageDataset
-from ..data.sets import UNRECORDED_RESAMPLE
+from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
@@ -195,11 +194,12 @@ def checkpoint_settings(state: dict) -> dict:
 
 def setting_differences(saved: dict, ours: dict) -> list[tuple[str, Any, Any]]:
     """(key, saved, ours) for each setting that two records of what a run trains differ in: the keys both hold (a key
-    of one version only says nothing), and dataset.resample where a resized run's record lacks it: such a run
-    predates the setting, and its images went through filters that no value of it repeats (UNRECORDED_RESAMPLE)."""
+    of one version only says nothing), and dataset.resample where a resized run's record lacks it
+    (resample_unrecorded: no value of the setting repeats its images)."""
     changes = differences(saved, ours, shared_only=True)
     a, b = flatten(saved), flatten(ours)
-    if a.get("dataset.resolution") is not None and "dataset.resample" not in a and "dataset.resample" in b:
+    saved_data = {key.removeprefix("dataset."): value for key, value in a.items() if key.startswith("dataset.")}
+    if resample_unrecorded(saved_data) and "dataset.resample" in b:
         changes.append(("dataset.resample", UNRECORDED_RESAMPLE, b["dataset.resample"]))
     return changes
 
