@@ -278,7 +278,11 @@ def score_arm(model: Scored, out: Path, num_images: int, batch: int, classifier:
                                                     guidance_interval=list(SMALL_INTERVAL))
     cfg = StudyConfig(checkpoint=str(model.model), solvers=[SOLVER], steps=[STEPS], num_images=num_images, batch=batch,
                       out=str(out), eval=metrics, progress=False, **guidance)
-    return float(run_study(cfg)[0][SCORE])
+    try:
+        return float(run_study(cfg)[0][SCORE])
+    except ProvenanceError as err:  # edm-study's ways out name its own options, not this script's
+        raise SystemExit(f"side_by_side.py: error: {err.finding}; move {out} away to score the run again, or pass "
+                         "--overwrite to delete OUT's runs and scores") from None
 
 
 def collect(out: Path, arms: list[Arm]) -> dict[str, dict[int, float]]:

@@ -60,6 +60,14 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
     side_by_side.main([*argv[:3], "1", *argv[4:], "--report-only"])  # seeds of earlier commands stay in the table
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+    score = out / "a" / "seed-0" / "score"  # a score folder of another study is refused in this script's terms
+    study = json.loads((score / "provenance.json").read_text())
+    (score / "provenance.json").write_text(json.dumps(study | {"num_images": 32}))
+    with pytest.raises(SystemExit, match=rf"^side_by_side.py: error: {re.escape(str(score))} holds results made with "
+                                         rf"other settings \(num_images: folder 32, now 24\); move .* away to score "
+                                         r"the run again, or pass --overwrite"):
+        side_by_side.main(argv)
+    (score / "provenance.json").write_text(json.dumps(study))
 
     with pytest.raises(SystemExit, match="num_images: folder 24, now 16"):
         side_by_side.main([*argv[:5], "16", *argv[6:]])

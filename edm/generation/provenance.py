@@ -21,7 +21,15 @@ PROVENANCE_NAME = "provenance.json"
 
 
 class ProvenanceError(ValueError):
-    """An output folder holds results made with other settings (or of unknown origin)."""
+    """An output folder holds results made with other settings (or of unknown origin): `finding` says what
+    was found, the message adds the ways out (which a caller with other options may replace)."""
+
+    def __init__(self, finding: str, ways_out: str):
+        super().__init__(finding, ways_out)
+        self.finding, self.ways_out = finding, ways_out
+
+    def __str__(self) -> str:
+        return f"{self.finding}; {self.ways_out}"
 
 
 def _canonical(record: dict) -> dict:
@@ -48,15 +56,14 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwri
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ProvenanceError(f"{path} is unreadable ({err}); {ways_out}") from None
+            raise ProvenanceError(f"{path} is unreadable ({err})", ways_out) from None
         diffs = differences(saved, record)
         if diffs:
             listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
-            raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed}); {ways_out}")
+            raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out)
         return
     if results:
         raise ProvenanceError(
             f"{out_dir} holds results ({', '.join(p.name for p in results[:3])}{', ...' if len(results) > 3 else ''}) "
-            f"but no {PROVENANCE_NAME} that says what made them; {ways_out}"
-        )
+            f"but no {PROVENANCE_NAME} that says what made them", ways_out)
     write_json(path, record)
