@@ -311,7 +311,9 @@ def report(out: Path, arms: list[Arm], scores: dict[str, dict[int, float]], shar
     for arm in arms:
         per_seed = scores[arm.label]
         cells = [f"{per_seed[k]:.3f}" if k in per_seed else "" for k in seeds]
-        mean, sd = mean_sd(list(per_seed.values())) if per_seed else (float("nan"), float("nan"))
+        mean, sd = mean_sd(list(per_seed.values())) if per_seed else (None, None)
+        sd = sd if len(per_seed) >= 2 else None  # undefined: JSON null, and no "± nan" in the table
+        summary = "" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
         paired = [k for k in seeds if k in per_seed and k in scores[base]]
         row = {"arm": arm.label, "kind": arm.kind, "draws": list(arm.draws), "overrides": list(arm.overrides),
                "scores": {str(k): per_seed[k] for k in sorted(per_seed)}, "mean": mean, "sd": sd}
@@ -324,7 +326,7 @@ def report(out: Path, arms: list[Arm], scores: dict[str, dict[int, float]], shar
                           f"({100 * d.mean / base_mean:+.1f} %{'' if d.excludes_zero() else ', interval holds 0'})")
         rows.append(row)
         name = arm.label + (f" ({' '.join(arm.overrides)})" if arm.overrides else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} ± {sd:.3f} | {difference} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary} | {difference} |")
     text = "\n".join(lines) + "\n"
     atomic_write(out / "table.md", lambda f: f.write(text.encode()))
     write_json(out / "table.json", {"score": SCORE, "num_images": num_images, "shared": shared, "rows": rows})

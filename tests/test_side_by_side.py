@@ -79,7 +79,9 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
         side_by_side.main([*argv, "--report-only"])  # another default of the same keys trains other images
     (out / "provenance.json").write_text(json.dumps(record))
     side_by_side.main([*argv, "--arm", "c=edm-train lr=1e-3", "--report-only"])  # a new arm joins, untrained yet
-    assert [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]] == ["a", "b", "c"]
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [row["arm"] for row in rows] == ["a", "b", "c"]
+    assert (rows[2]["mean"], rows[2]["sd"]) == (None, None) and "nan" not in (out / "table.md").read_text()
     run = out / "a" / "seed-0"  # a run whose recorded settings are not the arm's (its recipe changed, say) is not reused
     assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"was trained with other settings than this arm's \(lr: run 0.002, arm 0.001\)"):
