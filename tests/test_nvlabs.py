@@ -888,6 +888,31 @@ def test_reference_loop_on_edm_trains_draws_ends_where_edm_train_ends(nvlabs_ref
         nvlabs_loop.main(["--nvlabs-repo", repo, "--out", str(tmp_path / "x"), "--edm-draws", "labels", *run])
 
 
+def test_reference_loop_resume_refuses_a_resized_run_that_does_not_name_its_filter(tmp_path, tiny_train):
+    """--resume continues a checkpoint of the loop whose config trains what this one does; a resized run whose record
+    names no dataset.resample was trained on other pixels than any filter's and is refused, naming the setting, as is
+    one of another filter or without the loop's state (edm-train wrote it)."""
+    from edm.files import to_container
+
+    cfg = nvlabs_loop.compose([*tiny_train, "dataset.resolution=16"], tmp_path)
+    config = to_container(cfg)
+    path = tmp_path / "checkpoint.pt"
+
+    def resume_from(dataset: dict, loop: bool = True) -> dict:
+        state = {"config": config | {"dataset": dataset}} | ({nvlabs_loop.LOOP_STATE: {"edm_draws": []}} if loop else {})
+        torch.save(state, path)
+        return nvlabs_loop.continued_state(path, cfg, set())
+
+    assert resume_from(config["dataset"])["config"] == config
+    with pytest.raises(SystemExit, match=r"dataset.resample: run 'bicubic', now 'lanczos'"):
+        resume_from(config["dataset"] | {"resample": "bicubic"})
+    with pytest.raises(SystemExit, match=r"dataset.resample: run 'unrecorded \(bilinear, or bicubic for folders\)', "
+                                         r"now 'lanczos'"):
+        resume_from({k: v for k, v in config["dataset"].items() if k != "resample"})
+    with pytest.raises(SystemExit, match="holds no state of this loop"):
+        resume_from(config["dataset"], loop=False)
+
+
 @pytest.mark.parametrize("override, named", [
     ("schedule=ve", "schedule"), ("network=adm", "network"), ("batch_per_device=4", "batch_per_device"),
     ("augment.p=0.1", "augment.p"), ("grad_clip=1", "grad_clip"), ("loss.kind=vp", "loss.kind"),
