@@ -6,16 +6,24 @@ cannot be downloaded: `edm-encode latent.vae=OUT` then takes it like any VAE fol
 As Stable Diffusion's VAE in EDM2's use: RGB in [0, 1] in and out (a gray data set goes in as gray RGB), a
 4-channel latent at 1/2^(levels − 1) of the resolution; the loss is the mean squared reconstruction error of a
 posterior draw plus kl_weight times the KL divergence to N(0, I). Prints the reconstruction PSNR of held-out images.
+OUT/provenance.json records the settings and the data set: a rerun into OUT with other settings is refused, naming
+them (--overwrite replaces the VAE).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
-from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images
+from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images, dataset_record
+from edm.data.sets import DEFAULT_RESAMPLE, RESAMPLE_FILTERS
+from edm.files import FolderInUseError, FolderLock
+from edm.generation.provenance import PROVENANCE_NAME, ProvenanceError, claim
+
+KEPT = (PROVENANCE_NAME, ".lock")  # OUT's files that are not the VAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="digits", choices=[name for name in DATASETS if name != "latent"])
     p.add_argument("--dataset-root", default=None)
     p.add_argument("--resolution", type=int, default=None, help="resize the images to this (default: native)")
+    p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_FILTERS,
+                   help=f"the resize filter (default {DEFAULT_RESAMPLE}, as edm-train's dataset.resample)")
     p.add_argument("--out", required=True, help="the VAE folder to write (diffusers' save_pretrained layout)")
     p.add_argument("--channels", default="32,64", help="block_out_channels, one per level (levels − 1 halvings)")
     p.add_argument("--latent-channels", type=int, default=4)
@@ -32,15 +42,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--held-out", type=int, default=1000, help="images kept out of training for the PSNR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a VAE that OUT holds, of any settings")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    data = DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution, resample=args.resample)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {"dataset": dataset_record(data)}
+    try:
+        with FolderLock(args.out, key="--out", owner="small_vae.py"):  # one process writes OUT
+            claim(args.out, settings, [path for path in Path(args.out).iterdir() if path.name not in KEPT],
+                  overwrite=args.overwrite, overwrite_key="--overwrite", out_key="--out")
+            return train_vae(args, data)
+    except (ProvenanceError, FolderInUseError) as err:
+        raise SystemExit(f"small_vae.py: error: {err}") from None
+
+
+def train_vae(args: argparse.Namespace, data: DatasetConfig) -> dict:
+    """Train the VAE on `data`, save it to args.out; its held-out reconstruction PSNR."""
     from diffusers import AutoencoderKL
 
-    args = parse_args(argv)
     torch.manual_seed(args.seed)
-    images, _ = dataset_images(build_dataset(DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution)))
+    images, _ = dataset_images(build_dataset(data))
     x = images.float().div(255).expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().div(255)
     held, train = x[: args.held_out], x[args.held_out :]
     channels = tuple(int(c) for c in args.channels.split(","))

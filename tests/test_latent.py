@@ -512,14 +512,24 @@ def test_vae_in_bfloat16_decodes_close_to_float32(vaes):
     assert difference.mean() < 2 and difference.max() <= 12  # bf16's 8-bit mantissa: a few grey levels
 
 
-def test_small_vae_script_writes_a_vae_folder_that_encodes(tmp_path):
+def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it(tmp_path):
+    """The folder loads as a VAE and records its settings and data set: a rerun of other settings (the resize filter)
+    is refused, naming it; --overwrite replaces the VAE."""
     from conftest import load_script
 
-    result = load_script("small_vae").main(["--dataset", "digits", "--resolution", "16", "--out", str(tmp_path / "vae"),
-                                            "--steps", "3", "--batch", "8", "--held-out", "16"])
+    small_vae = load_script("small_vae")
+    argv = ["--dataset", "digits", "--resolution", "16", "--out", str(tmp_path / "vae"), "--steps", "3", "--batch", "8",
+            "--held-out", "16"]
+    result = small_vae.main(argv)
     vae = load_vae(LatentConfig(vae=result["out"]))
     assert (vae.latent_channels, vae.factor, vae.in_channels) == (4, 2, 3) and np.isfinite(result["psnr_db"])
     assert vae.encode_pixels(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 8, 8, 8)
+    assert json.loads((tmp_path / "vae" / "provenance.json").read_text())["dataset"]["resample"] == "lanczos"
+    with pytest.raises(SystemExit, match=r"small_vae.py: error: .* other settings \(dataset.resample: folder "
+                                         r"'lanczos', now 'bicubic'; resample: folder 'lanczos', now 'bicubic'\)"):
+        small_vae.main([*argv, "--resample", "bicubic"])
+    small_vae.main([*argv, "--resample", "bicubic", "--overwrite"])
+    assert json.loads((tmp_path / "vae" / "provenance.json").read_text())["resample"] == "bicubic"
 
 
 def test_encode_takes_a_vae_of_any_latent_channel_count(tmp_path):
