@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution, resample=args.resample)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {"dataset": dataset_record(data)}
+    data_keys = ("dataset", "dataset_root", "resolution", "resample")  # recorded as the data set's record
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *data_keys)}
+    settings |= {"dataset": dataset_record(data)}
     try:
         with FolderLock(args.out, key="--out", owner="small_vae.py"):  # one process writes OUT
             claim(args.out, settings, [path for path in Path(args.out).iterdir() if path.name not in KEPT],
