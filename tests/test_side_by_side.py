@@ -236,3 +236,14 @@ def test_a_run_stopped_on_request_ends_the_script_and_a_rerun_resumes_it(tmp_pat
         side_by_side.train_edm(shared, tmp_path / "run")
     monkeypatch.setattr(loop, "train", real)
     assert side_by_side.train_edm(shared, tmp_path / "run").name == "checkpoint-00000004.pt"
+
+
+def test_the_table_of_one_seed_gives_scores_without_a_spread_or_an_interval(tmp_path):
+    """One seed has no sd and no paired interval: the table shows the score alone and table.json holds null (JSON has
+    no NaN)."""
+    arms = [side_by_side.Arm.parse("a=edm-train"), side_by_side.Arm.parse("b=edm-train lr=1e-3")]
+    text = side_by_side.report(tmp_path, arms, {"a": {0: 4.25}, "b": {0: 1.5}}, ["network=tiny"], 100)
+    assert "| a | 4.250 | 4.250 |  |" in text and "| b (lr=1e-3) | 1.500 | 1.500 |  |" in text and "nan" not in text
+    table = json.loads((tmp_path / "table.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert [(row["mean"], row["sd"]) for row in table["rows"]] == [(4.25, None), (1.5, None)]
+    assert "paired_difference" not in table["rows"][1]
