@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
@@ -22,8 +21,6 @@ from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images, dat
 from edm.data.sets import DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 from edm.files import FolderInUseError, FolderLock
 from edm.generation.provenance import PROVENANCE_NAME, ProvenanceError, claim
-
-KEPT = (PROVENANCE_NAME, ".lock")  # OUT's files that are not the VAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,8 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *data_keys)}
     settings |= {"dataset": dataset_record(data)}
     try:
-        with FolderLock(args.out, key="--out", owner="small_vae.py"):  # one process writes OUT
-            claim(args.out, settings, [path for path in Path(args.out).iterdir() if path.name not in KEPT],
+        with FolderLock(args.out, key="--out", owner="small_vae.py") as lock:  # one process writes OUT
+            kept = (lock.path, lock.path.parent / PROVENANCE_NAME)  # OUT's files that are not the VAE
+            claim(args.out, settings, [path for path in lock.path.parent.iterdir() if path not in kept],
                   overwrite=args.overwrite, overwrite_key="--overwrite", out_key="--out")
             return train_vae(args, data)
     except (ProvenanceError, FolderInUseError) as err:
