@@ -50,8 +50,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bo
     except OSError as err:
         raise write_error(path, err) from None
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed however the write ends
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; these are ordinary files
             write(f)
             if durable:
                 f.flush()
@@ -102,7 +102,11 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 class FolderInUseError(FileExistsError):
-    """Another process (a training, a sampler, a study) owns the folder."""
+    """Another process (a training, a sampler, a study) owns the folder; `holder` says which ('a training (pid ...)')."""
+
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class FolderLock:
@@ -127,21 +131,30 @@ class FolderLock:
         except OSError as err:  # a read-only or foreign folder
             raise write_error(self.path, err) from None
         try:
+            self._lock(fd)
+            os.ftruncate(fd, 0)
+            record = {"owner": self.owner, "pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException as err:
+            os.close(fd)  # drops the lock if it was taken
+            if isinstance(err, OSError) and not isinstance(err, FolderInUseError):  # no locks on this file system
+                raise write_error(self.path, err) from None
+            raise
+        self._fd = fd
+        return self
+
+    def _lock(self, fd: int) -> None:
+        """flock fd exclusively: at once, or after the holder ends (wait), else FolderInUseError naming the holder."""
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(os.pread(fd, 4096, 0))
             if not self.wait:
-                os.close(fd)
                 raise FolderInUseError(
-                    f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}"
-                ) from None
+                    f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}",
+                    holder) from None
             logger.info("%s %s is in use by %s; waiting for it to finish", self.key, self.path.parent, holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        record = {"owner": self.owner, "pid": os.getpid(), "host": os.uname().nodename, "started": time.ctime()}
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        self._fd = fd
-        return self
 
     def release(self) -> None:
         if self._fd is not None:

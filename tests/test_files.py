@@ -34,8 +34,9 @@ def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_hol
 
     with FolderLock(tmp_path / "out", key="out", owner="sampler"):
         with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'out'} is in use by a sampler \(pid {os.getpid()}, "
-                                                   ".*\); wait for it to finish, or choose another out"):
+                                                   ".*\); wait for it to finish, or choose another out") as busy:
             FolderLock(tmp_path / "out", key="out", owner="sampler").acquire()
+        assert busy.value.holder.startswith(f"a sampler (pid {os.getpid()}, ")  # for callers with their own message
     with FolderLock(tmp_path / "run"):  # owner: training
         with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'run'} is in use by a training \(pid "):
             FolderLock(tmp_path / "run", key="out", owner="sampler").acquire()
