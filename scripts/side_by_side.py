@@ -30,6 +30,8 @@ OUT/provenance.json records the shared settings and OUT/<label>/provenance.json 
 with other shared settings, or an arm label given another definition, is refused; a new arm may join. `--only LABEL`
 trains and scores one arm, so several processes (one thread each) can share the work; the table is
 written from every score present, of any seeds (a run of `--seeds 3` adds a column to those of `--seeds 0-2`).
+One process at a time trains or scores an arm's seed (OUT/.units holds the locks; a second is refused, naming the
+first), and --overwrite, which deletes every arm's runs and scores in OUT, is refused while any is in progress.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import json
 import logging
 import shlex
 import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -53,7 +57,7 @@ from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
-from edm.files import FolderLock, atomic_write, differences, to_container, write_json
+from edm.files import FolderInUseError, FolderLock, atomic_write, differences, to_container, write_json
 from edm.generation.provenance import ProvenanceError, claim
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
@@ -68,6 +72,8 @@ SMALL_SIGMA_REL, SMALL_GUIDANCE, SMALL_INTERVAL = 0.10, 1.5, [0.28, 2.9]
 SCORE = "fd_cls"
 SOLVER, STEPS = "heun", 18
 POWER_EMA_KEYS = frozenset({"ema_sigma_rel", "ema_snapshot_kimg"})  # snapshots for edm-posthoc: tracked, not trained
+UNITS = ".units"  # OUT/.units/.lock guards the claims, OUT/.units/<label>/seed-<k>/.lock one arm's seed
+REPORT_FILES = ("table.md", "table.json", "scores.png")
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,10 @@ class Arm:
     @classmethod
     def parse(cls, text: str) -> "Arm":
         """LABEL=KIND[:order,noise] [OVERRIDE ...]."""
-        head, *overrides = shlex.split(text)
+        try:
+            head, *overrides = shlex.split(text)
+        except ValueError:  # nothing given, or an unclosed quote: the usage below
+            head, overrides = "", []
         label, sep, kind = head.partition("=")
         kind, _, draws = kind.partition(":")
         if not sep or not label or kind not in KINDS or (draws and kind != "nvlabs"):
@@ -94,11 +103,14 @@ class Arm:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-4' or '0,2,5' (or both: '0-2,7')."""
+    """'0-4' or '0,2,5' (or both: '0-2,7'); anything else (a negative seed, a range high to low) is refused."""
     seeds: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not (hi.isdigit() and int(hi) >= int(lo))):
+            raise SystemExit(f"side_by_side.py: error: --seeds {text!r}: expected seeds 0 or more, as 0-4 (low to high), "
+                             "0,3,7 or 0-2,7")
+        seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
     return list(dict.fromkeys(seeds))
 
 
@@ -285,6 +297,50 @@ def score_arm(model: Scored, out: Path, num_images: int, batch: int, classifier:
                          "--overwrite to delete OUT's runs and scores") from None
 
 
+def claim_out(out: Path, shared: dict, arms: list[Arm], overwrite: bool = False) -> None:
+    """Make OUT hold runs of the `shared` settings only, and OUT/<label> runs of its arm (a new arm may join), under
+    OUT's claim lock; a mismatch is refused naming the settings. overwrite deletes every arm's runs and scores first
+    (of this command's arms or not), refused while any arm's seed is being trained or scored."""
+    with FolderLock(out / UNITS, key="--out", owner="side-by-side", wait=True), ExitStack() as units:
+        if overwrite:
+            for unit in sorted((out / UNITS).glob("*/seed-*")):
+                try:
+                    units.enter_context(FolderLock(unit, key="--out", owner="side-by-side"))
+                except FolderInUseError as err:
+                    raise SystemExit(f"side_by_side.py: error: --overwrite would delete arm {unit.parent.name} "
+                                     f"{unit.name} of {out}, which {err.holder} is training or scoring; wait for it to "
+                                     "finish (or stop it), then overwrite") from None
+        results = [*(p for p in sorted(out.iterdir()) if p.is_dir() and not p.name.startswith(".")),
+                   *(out / name for name in REPORT_FILES)] if out.is_dir() else []
+        try:
+            claim(out, shared, results, overwrite=overwrite, overwrite_key="--overwrite", out_key="--out")
+        except ProvenanceError as err:
+            raise SystemExit(f"side_by_side.py: error: {err}") from None
+        for arm in arms:
+            try:
+                claim(out / arm.label, dataclasses.asdict(arm), list((out / arm.label).glob("seed-*")))
+            except ProvenanceError as err:  # OUT's other arms are kept: a new label, or all of them go
+                raise SystemExit(f"side_by_side.py: error: arm {arm.label}: {err.finding}; give the arm another label, "
+                                 "or pass --overwrite to delete OUT's runs and scores") from None
+
+
+@contextmanager
+def seed_lock(out: Path, label: str, seed: int) -> Iterator[None]:
+    """Own arm `label`'s seed of OUT while training and scoring it; a second process on it is refused, naming the
+    first."""
+    lock = FolderLock(out / UNITS / label / f"seed-{seed}", key="--out", owner="side-by-side")
+    try:
+        lock.acquire()
+    except FolderInUseError as err:
+        raise SystemExit(f"side_by_side.py: error: arm {label} seed {seed} of {out} is being trained or scored by "
+                         f"{err.holder}; wait for it to finish, or give each process its own arms (--only LABEL) or "
+                         "seeds (--seeds)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def collect(out: Path, arms: list[Arm]) -> dict[str, dict[int, float]]:
     """scores[label][seed] of every finished score under out, of this command's seeds or earlier ones (OUT's
     provenance holds every run there to the same arms and shared settings)."""
@@ -356,6 +412,9 @@ def main(argv: list[str] | None = None) -> str:
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):
         raise SystemExit(f"side_by_side.py: error: give two or more arms with distinct labels, got {labels}")
+    if args.report_only and args.overwrite:
+        raise SystemExit("side_by_side.py: error: --report-only writes the table of the scores present, which "
+                         "--overwrite would delete first: give one of the two")
     if args.only is not None and args.only not in labels:
         raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
     if not args.report_only:
@@ -365,14 +424,7 @@ def main(argv: list[str] | None = None) -> str:
     shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
               "classifier": dataclasses.asdict(classifier),
               "dataset": dataset_record(compose("train", args.overrides).dataset)}  # the images, not only their keys
-    try:  # OUT holds runs of these shared settings; OUT/<label> those of one arm (a new arm may join later)
-        claim(args.out, shared, [args.out / label for label in labels], overwrite=args.overwrite,
-              overwrite_key="--overwrite", out_key="--out")
-        for arm in arms:
-            claim(args.out / arm.label, dataclasses.asdict(arm), list((args.out / arm.label).glob("seed-*")),
-                  overwrite_key="another arm label", out_key="--out")
-    except ProvenanceError as err:
-        raise SystemExit(f"side_by_side.py: error: {err}") from None
+    claim_out(args.out, shared, arms, overwrite=args.overwrite)
     if not args.report_only:
         order = sorted(arms, key=lambda arm: arm.kind != "recipe-small")  # an edm-train arm may score their runs
         for seed in seeds:
@@ -380,7 +432,8 @@ def main(argv: list[str] | None = None) -> str:
                 if args.only not in (None, arm.label):
                     continue
                 unit = args.out / arm.label / f"seed-{seed}"
-                with FolderLock(args.out / ".units" / unit.relative_to(args.out), key="--out", owner="side-by-side"):
+                with seed_lock(args.out, arm.label, seed):
+                    claim_out(args.out, shared, [arm])  # still OUT's settings: no --overwrite came in between
                     model = train_arm(arm, arms, seed, args.overrides, args.out, args.nvlabs_repo)
                     value = score_arm(model, unit / "score", args.num_images, args.batch, classifier)
                 print(f"{arm.label} seed {seed}: {SCORE} {value:.4f}", flush=True)

@@ -25,9 +25,12 @@ def test_arms_and_seeds_parse_and_bad_ones_are_named():
     arm = side_by_side.Arm.parse("ref=nvlabs:order,noise lr=1e-3")
     assert (arm.label, arm.kind, arm.draws, arm.overrides) == ("ref", "nvlabs", ("order", "noise"), ("lr=1e-3",))
     assert side_by_side.parse_seeds("0-2,7") == [0, 1, 2, 7]
-    for bad in ("ours", "ours=sgm", "ours=edm-train:order", "../x=edm-train"):
+    for bad in ("ours", "ours=sgm", "ours=edm-train:order", "../x=edm-train", "", "c=edm-train 'x"):
         with pytest.raises(SystemExit, match="side_by_side.py: error"):
             side_by_side.Arm.parse(bad)
+    for bad in ("3-1", "-1", "a", "", "0-", "1,,2"):  # an empty range would train nothing and still write a table
+        with pytest.raises(SystemExit, match=rf"--seeds '{re.escape(bad)}': expected seeds 0 or more"):
+            side_by_side.parse_seeds(bad)
 
 
 def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_path, monkeypatch, capsys):
@@ -71,7 +74,8 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
 
     with pytest.raises(SystemExit, match="num_images: folder 24, now 16"):
         side_by_side.main([*argv[:5], "16", *argv[6:]])
-    with pytest.raises(SystemExit, match=r"overrides: folder \['lr=1e-9'\], now \['lr=1e-8'\]"):
+    with pytest.raises(SystemExit, match=r"arm b: .*overrides: folder \['lr=1e-9'\], now \['lr=1e-8'\]\); give the arm "
+                                         r"another label, or pass --overwrite"):
         side_by_side.main([a.replace("lr=1e-9", "lr=1e-8") for a in argv])
     record = json.loads((out / "provenance.json").read_text())  # OUT names its images, not only the keys given:
     (out / "provenance.json").write_text(json.dumps(record | {"dataset": {**record["dataset"], "resolution": 6}}))
@@ -247,3 +251,78 @@ def test_the_table_of_one_seed_gives_scores_without_a_spread_or_an_interval(tmp_
     table = json.loads((tmp_path / "table.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert [(row["mean"], row["sd"]) for row in table["rows"]] == [(4.25, None), (1.5, None)]
     assert "paired_difference" not in table["rows"][1]
+
+
+def stub_arms(monkeypatch, trained: list, during=None):
+    """train_arm and score_arm without training: a run folder with a checkpoint (kept if there), a score of
+    1 + seed (what collect reads); `trained` records the (label, seed) trained; during(label, seed) runs while that
+    seed's lock is held."""
+
+    def train(arm, arms, seed, shared, out, nvlabs_repo):
+        run = out / arm.label / f"seed-{seed}"
+        if not (run / "checkpoint-00000004.pt").is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "checkpoint-00000004.pt").write_bytes(b"")
+            trained.append((arm.label, seed))
+        if during is not None:
+            during(arm.label, seed)
+        return side_by_side.Scored(run / "checkpoint-00000004.pt")
+
+    def score(model, out, num_images, batch, classifier):
+        out.mkdir(parents=True, exist_ok=True)
+        value = 1.0 + int(model.model.parent.name.removeprefix("seed-"))
+        (out / "table.json").write_text(json.dumps({"rows": [{side_by_side.SCORE: value}]}))
+        return value
+
+    monkeypatch.setattr(side_by_side, "train_arm", train)
+    monkeypatch.setattr(side_by_side, "score_arm", score)
+
+
+def test_overwrite_deletes_every_arms_runs_and_waits_for_none_in_progress(tmp_path, monkeypatch):
+    """--overwrite deletes the runs of OUT's arms that the command does not name as well (else a later command naming
+    them again would find them under the new settings); it is refused while an arm's seed is being trained or scored,
+    naming it, and so is a second process on a seed in progress; --report-only --overwrite is refused."""
+    from edm.files import FolderLock
+
+    trained: list = []
+    stub_arms(monkeypatch, trained)
+    out = tmp_path / "sbs"
+    common = ["--out", str(out), "--seeds", "0", "network.model_channels=8"]
+    side_by_side.main([*common, "--arm", "a=edm-train", "--arm", "b=edm-train lr=1e-3", "--arm", "x=edm-train lr=1e-4"])
+    assert trained == [("a", 0), ("b", 0), ("x", 0)]
+    side_by_side.main([*common, "--num-images", "500", "--overwrite", "--arm", "a=edm-train", "--arm", "b=edm-train lr=1e-3"])
+    assert not (out / "x").exists() and json.loads((out / "provenance.json").read_text())["num_images"] == 500
+    trained.clear()
+    side_by_side.main([*common, "--num-images", "500", "--arm", "a=edm-train", "--arm", "x=edm-train lr=1e-4"])
+    assert trained == [("x", 0)]  # retrained under the new settings; a's run of them is kept
+
+    with FolderLock(out / side_by_side.UNITS / "x" / "seed-0", key="--out", owner="side-by-side"):
+        with pytest.raises(SystemExit, match=rf"--overwrite would delete arm x seed-0 of {re.escape(str(out))}, which a "
+                                             r"side-by-side \(pid \d+.*\) is training or scoring; wait for it"):
+            side_by_side.main([*common, "--overwrite", "--arm", "a=edm-train", "--arm", "b=edm-train lr=1e-3"])
+        with pytest.raises(SystemExit, match=r"arm x seed 0 of .* is being trained or scored by a side-by-side "
+                                             r"\(pid .*give each process its own arms \(--only LABEL\)"):
+            side_by_side.main([*common, "--num-images", "500", "--arm", "a=edm-train", "--arm", "x=edm-train lr=1e-4",
+                               "--only", "x"])
+    assert (out / "x" / "seed-0" / "checkpoint-00000004.pt").is_file()  # the refused overwrite deleted nothing
+    with pytest.raises(SystemExit, match="--report-only writes the table of the scores present, which --overwrite"):
+        side_by_side.main([*common, "--report-only", "--overwrite", "--arm", "a=edm-train", "--arm", "x=edm-train"])
+
+
+def test_each_seed_checks_outs_settings_again_so_an_overwrite_in_between_is_not_trained_into(tmp_path, monkeypatch):
+    """A process claims OUT at its start and trains seed after seed; another process's --overwrite with other
+    settings between two seeds replaces OUT's record: the first process's next seed is refused, naming the
+    settings, instead of training old settings into a folder that says new ones."""
+    out = tmp_path / "sbs"
+    argv = ["--out", str(out), "--seeds", "0-1", "--num-images", "100", "--arm", "a=edm-train", "--arm", "b=edm-train"]
+
+    def overwritten_after_seed_0(label, seed):
+        if seed == 0:
+            record = json.loads((out / "provenance.json").read_text())
+            (out / "provenance.json").write_text(json.dumps(record | {"num_images": 200}))
+
+    trained: list = []
+    stub_arms(monkeypatch, trained, during=overwritten_after_seed_0)
+    with pytest.raises(SystemExit, match=r"holds results made with other settings \(num_images: folder 200, now 100\)"):
+        side_by_side.main([*argv, "--only", "a"])
+    assert trained == [("a", 0)]
