@@ -5,15 +5,21 @@ cannot be downloaded: `edm-encode latent.vae=OUT` then takes it like any VAE fol
 
 As Stable Diffusion's VAE in EDM2's use: RGB in [0, 1] in and out (a gray data set goes in as gray RGB), a
 4-channel latent at 1/2^(levels − 1) of the resolution; the loss is the mean squared reconstruction error of a
-posterior draw plus kl_weight times the KL divergence to N(0, I). Prints the reconstruction PSNR of held-out images.
+posterior draw (a mean over the image's values) plus kl_weight times the KL divergence to N(0, I) over the same
+number of values (an image's KL / (3·H·W)). Prints the reconstruction PSNR of held-out images.
 OUT/provenance.json records the settings and the data set: a rerun into OUT with other settings is refused, naming
-them (--overwrite replaces the VAE).
+them, before any training; --overwrite replaces the VAE once the new one is trained. Each file of the VAE is
+written whole (into a hidden folder of OUT, then moved in).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -43,31 +49,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def block_channels(args: argparse.Namespace) -> tuple[int, ...]:
+    """--channels as block_out_channels, refused unless each is a positive multiple of the GroupNorm groups
+    (min(32, the first))."""
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 1 or any(c % min(32, channels[0]) for c in channels):
+        raise SystemExit(f"small_vae.py: error: --channels {args.channels!r}: expected positive whole numbers, one per "
+                         "level, each a multiple of min(32, the first) (GroupNorm's groups), e.g. 32,64")
+    return channels
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    channels = block_channels(args)
+    for key in ("steps", "batch", "held_out"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"small_vae.py: error: --{key.replace('_', '-')} {getattr(args, key)}: give 1 or more")
     data = DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution, resample=args.resample)
+    images, _ = dataset_images(build_dataset(data))
+    if args.held_out >= len(images):
+        raise SystemExit(f"small_vae.py: error: --held-out {args.held_out} leaves no image of {args.dataset}'s "
+                         f"{len(images)} to train on: give fewer")
     data_keys = ("dataset", "dataset_root", "resolution", "resample")  # recorded as the data set's record
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *data_keys)}
     settings |= {"dataset": dataset_record(data)}
     try:
         with FolderLock(args.out, key="--out", owner="small_vae.py") as lock:  # one process writes OUT
-            kept = (lock.path, lock.path.parent / PROVENANCE_NAME)  # OUT's files that are not the VAE
-            claim(args.out, settings, [path for path in lock.path.parent.iterdir() if path not in kept],
-                  overwrite=args.overwrite, overwrite_key="--overwrite", out_key="--out")
-            return train_vae(args, data)
+            out = lock.path.parent
+            kept = (lock.path, out / PROVENANCE_NAME)  # OUT's files that are not the VAE
+            vae_files = lambda: [path for path in out.iterdir() if path not in kept]  # noqa: E731
+            if not args.overwrite:  # refused before training; with --overwrite the old VAE stays until the new is made
+                claim(out, settings, vae_files(), out_key="--out", overwrite_key="--overwrite")
+            vae, result = train_vae(args, images, channels)
+            if args.overwrite:
+                claim(out, settings, vae_files(), overwrite=True, out_key="--out", overwrite_key="--overwrite")
+            save_vae(vae, out)
     except (ProvenanceError, FolderInUseError) as err:
         raise SystemExit(f"small_vae.py: error: {err}") from None
+    print(result)
+    return result
 
 
-def train_vae(args: argparse.Namespace, data: DatasetConfig) -> dict:
-    """Train the VAE on `data`, save it to args.out; its held-out reconstruction PSNR."""
+def save_vae(vae, out: Path) -> None:
+    """vae.save_pretrained into OUT, each file whole: written into a hidden folder of OUT, then moved in."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".saving-"))
+    try:
+        vae.save_pretrained(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_vae(args: argparse.Namespace, images: torch.Tensor, channels: tuple[int, ...]):
+    """(the VAE trained on uint8 `images` [N, C, H, W] but the first args.held_out, its report with the held-out
+    reconstruction PSNR)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    images, _ = dataset_images(build_dataset(data))
     x = images.float().div(255).expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().div(255)
     held, train = x[: args.held_out], x[args.held_out :]
-    channels = tuple(int(c) for c in args.channels.split(","))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
                         up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
                         layers_per_block=1, latent_channels=args.latent_channels, norm_num_groups=min(32, channels[0]),
@@ -89,11 +133,8 @@ def train_vae(args: argparse.Namespace, data: DatasetConfig) -> dict:
     with torch.no_grad():
         mse = sum(float((vae.decode(vae.encode(part).latent_dist.mean).sample.clamp(0, 1) - part).pow(2).sum())
                   for part in held.split(250)) / held.numel()
-    vae.save_pretrained(args.out)
-    result = {"out": args.out, "psnr_db": 10 * math.log10(1 / mse), "held_out": len(held),
-              "parameters": sum(p.numel() for p in vae.parameters())}
-    print(result)
-    return result
+    return vae, {"out": args.out, "psnr_db": 10 * math.log10(1 / mse), "held_out": len(held),
+                 "parameters": sum(p.numel() for p in vae.parameters())}
 
 
 if __name__ == "__main__":

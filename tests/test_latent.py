@@ -512,14 +512,22 @@ def test_vae_in_bfloat16_decodes_close_to_float32(vaes):
     assert difference.mean() < 2 and difference.max() <= 12  # bf16's 8-bit mantissa: a few grey levels
 
 
-def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it(tmp_path):
+def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it(tmp_path, monkeypatch):
     """The folder loads as a VAE and records its settings and data set: a rerun of other settings (the resize filter)
-    is refused, naming it; --overwrite replaces the VAE."""
+    is refused, naming it; --overwrite replaces the VAE once the new one is trained (a failed training keeps the old);
+    bad settings are refused before OUT is made."""
     from conftest import load_script
 
     small_vae = load_script("small_vae")
     argv = ["--dataset", "digits", "--resolution", "16", "--out", str(tmp_path / "vae"), "--steps", "3", "--batch", "8",
             "--held-out", "16"]
+    for bad, match in ((["--held-out", "0"], "--held-out 0: give 1 or more"),
+                       (["--held-out", "1797"], "--held-out 1797 leaves no image of digits's 1797"),
+                       (["--channels", "32,x"], "--channels '32,x': expected positive whole numbers"),
+                       (["--channels", "32,48"], "--channels .32,48.: .* each a multiple of min.32, the first.")):
+        with pytest.raises(SystemExit, match=f"small_vae.py: error: {match}"):
+            small_vae.main([*argv, *bad])
+    assert not (tmp_path / "vae").exists()
     result = small_vae.main(argv)
     vae = load_vae(LatentConfig(vae=result["out"]))
     assert (vae.latent_channels, vae.factor, vae.in_channels) == (4, 2, 3) and np.isfinite(result["psnr_db"])
@@ -528,8 +536,34 @@ def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it
     with pytest.raises(SystemExit, match=r"small_vae.py: error: .* other settings \(dataset.resample: folder "
                                          r"'lanczos', now 'bicubic'\)"):
         small_vae.main([*argv, "--resample", "bicubic"])
+    weights = {path.name: path.read_bytes() for path in (tmp_path / "vae").iterdir() if path.name != ".lock"}
+
+    def failed(*args):
+        raise RuntimeError("training failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(small_vae, "train_vae", failed)
+        with pytest.raises(RuntimeError, match="training failed"):
+            small_vae.main([*argv, "--resample", "bicubic", "--overwrite"])
+    assert {name: (tmp_path / "vae" / name).read_bytes() for name in weights} == weights  # the old VAE, untouched
     small_vae.main([*argv, "--resample", "bicubic", "--overwrite"])
     assert json.loads((tmp_path / "vae" / "provenance.json").read_text())["dataset"]["resample"] == "bicubic"
+    assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == sorted([*weights, ".lock"])
+
+
+def test_small_vae_saves_each_file_whole(tmp_path):
+    """A save that fails half way leaves OUT without the half-written file, and without its staging folder."""
+    from conftest import load_script
+
+    class Failing:
+        def save_pretrained(self, folder):
+            (folder / "config.json").write_text("{}")
+            raise OSError("disk full")
+
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        load_script("small_vae").save_vae(Failing(), tmp_path / "vae")
+    assert list((tmp_path / "vae").iterdir()) == []
 
 
 def test_encode_takes_a_vae_of_any_latent_channel_count(tmp_path):
