@@ -7,6 +7,8 @@ at NFE budgets.
 Each study is TITLE=OUT, an edm-study output folder (its table.json). A table cell is the solver's score at the
 point with the most NFE within the budget and above the budget before it, with that NFE in brackets; "–" where
 it has none. A solver whose NFE varies per image (dpm_adaptive) gets one row per tolerance, with its mean NFE.
+A study of several schedules (edm-study schedules=[...]) or with a teacher gets a row (and a curve) per schedule and
+model, as edm-study's own figure has.
 """
 
 from __future__ import annotations
@@ -29,22 +31,32 @@ def read_study(folder: str | Path) -> list[dict]:
         raise SystemExit(f"compare_studies.py: error: {path} is not an edm-study table ({err}); run edm-study first")
 
 
-def _label(row: Mapping) -> str:
-    """A row's solver, with its tolerance for an adaptive one."""
-    rtol = (row.get("options") or {}).get("rtol")
-    return row["solver"] if rtol is None else f"{row['solver']} (rtol {rtol:g})"
+def labelled(studies: Mapping[str, Sequence[Mapping]]) -> dict[str, list[dict]]:
+    """The rows with their `label`: the solver (with its tolerance for an adaptive one), after the model where a
+    study has a teacher and the schedule where one study has several, so that no two curves of a study share one."""
+    several = any(len({r.get("schedule") for r in rows}) > 1 for rows in studies.values())
+    out = {}
+    for title, rows in studies.items():
+        out[title] = []
+        for row in rows:
+            rtol = (row.get("options") or {}).get("rtol")
+            parts = ([row["model"]] if row.get("model", "model") != "model" else []) + (
+                [str(row.get("schedule"))] if several else []) + [row["solver"]]
+            label = " ".join(parts) + ("" if rtol is None else f" (rtol {rtol:g})")
+            out[title].append({**row, "label": label})
+    return out
 
 
 def markdown_table(studies: Mapping[str, Sequence[Mapping]], budgets: Sequence[int], metric: str) -> str:
     """| solver | TITLE, NFE ≤ budget ... |: per study and budget, the score of the point with the most NFE in
-    (the budget before, budget]."""
-    labels = list(dict.fromkeys(_label(r) for rows in studies.values() for r in rows))
+    (the budget before, budget]; rows as `labelled` names them."""
+    labels = list(dict.fromkeys(r["label"] for rows in studies.values() for r in rows))
     header = ["solver"] + [f"{title}, NFE ≤ {budget}" for title in studies for budget in budgets]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for label in labels:
         cells = [f"`{label}`"]
         for rows in studies.values():
-            points = sorted((r["nfe"], r[metric]) for r in rows if _label(r) == label)
+            points = sorted((r["nfe"], r[metric]) for r in rows if r["label"] == label)
             for i, budget in enumerate(budgets):
                 lower = budgets[i - 1] if i else 0
                 fits = [(nfe, score) for nfe, score in points if lower < nfe <= budget]
@@ -63,15 +75,18 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     studies = {}
     for item in args.study:
-        title, sep, folder = item.rpartition("=")
-        if not sep:
+        title, sep, folder = item.partition("=")  # the title first: a folder may hold "=" (runs/lr=0.1)
+        if not sep or not title or not folder:
             parser.error(f"--study takes TITLE=OUT, got {item!r}")
+        if title in studies:
+            parser.error(f"two studies are titled {title!r}: give each its own TITLE")
         studies[title] = read_study(folder)
-    missing = [title for title, rows in studies.items() if rows and args.metric not in rows[0]]
+    missing = [title for title, rows in studies.items() if any(args.metric not in row for row in rows)]
     if missing:
-        parser.error(f"the tables of {missing} have no {args.metric!r} column")
+        parser.error(f"the tables of {missing} have no {args.metric!r} column in every row (edm-study eval.metrics)")
+    studies = labelled(studies)
     if args.figure:
-        plot_studies(studies, args.figure, score=args.metric)
+        plot_studies(studies, args.figure, score=args.metric, series="label")
     table = markdown_table(studies, sorted(args.nfe), args.metric)
     print(table)
     return table

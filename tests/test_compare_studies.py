@@ -47,3 +47,27 @@ def test_a_folder_without_a_table_or_metric_is_named(tmp_path):
     folder = _study(tmp_path / "a", [_row("heun", 9, 1.0)])
     with pytest.raises(SystemExit):
         compare.main(["--study", f"A={folder}", "--metric", "fid"])
+
+
+def test_the_schedules_and_the_teacher_of_one_study_get_their_own_rows(tmp_path):
+    """A study of two schedules (or a model and its teacher) holds a heun row of each: neither replaces the other."""
+    compare = load_script("compare_studies")
+    rows = [_row("heun", 9, 5.0) | {"model": "model", "schedule": "edm"},
+            _row("heun", 9, 50.0) | {"model": "model", "schedule": "vp"},
+            _row("heun", 9, 3.0) | {"model": "teacher", "schedule": "edm"}]
+    folder = _study(tmp_path / "lr=0.1", rows)  # a folder whose name holds "="
+    table = compare.main(["--study", f"A={folder}", "--nfe", "10", "--figure", str(tmp_path / "a.png")]).splitlines()
+    assert {"| `edm heun` | 5.000 (9) |", "| `vp heun` | 50.000 (9) |", "| `teacher edm heun` | 3.000 (9) |"} <= set(table)
+    one = _study(tmp_path / "one", rows[:1])  # one schedule: rows by solver, as studies of different schedules align
+    assert "| `heun` | 5.000 (9) |" in compare.main(["--study", f"A={one}", "--nfe", "10"]).splitlines()
+
+
+def test_a_repeated_title_and_a_metric_missing_from_a_later_row_are_refused(tmp_path, capsys):
+    compare = load_script("compare_studies")
+    a = _study(tmp_path / "a", [_row("heun", 9, 1.0), {"solver": "euler", "nfe": 10}])
+    b = _study(tmp_path / "b", [_row("heun", 9, 2.0)])
+    for argv, message in ((["--study", f"A={a}"], "have no 'fd_cls' column in every row"),
+                          (["--study", f"A={b}", "--study", f"A={b}"], "two studies are titled 'A'")):
+        with pytest.raises(SystemExit):
+            compare.main(argv)
+        assert message in capsys.readouterr().err
