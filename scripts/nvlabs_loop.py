@@ -16,12 +16,14 @@ cut run on from its latest checkpoint, bit for bit as if it had not stopped.
 --edm-draws order,noise replays edm-train's random draws for the same seed instead of the
 reference's own: `order` its data order (edm.data.StreamBatchSampler), `noise` its σ and n (its
 generator, seeded by edm.training.run.seed_draws, handed to EDMLoss in place of torch.randn).
-With both, the two loops see the same numbers, and --against CHECKPOINT (edm-train's, same seed
-and step) prints how far apart their weights ended.
+With both, the two loops see the same numbers (but for dropout's, which the reference draws from its global RNG),
+and --against CHECKPOINT (edm-train's, same seed and step) prints how far apart their weights ended.
 
-This imports the checkout's Python code: --nvlabs-repo is the opt-in. Settings that the reference
-loop of this script does not implement are refused: augmentation, accumulation, lr decay, grad_clip,
-mixed precision, schedules other than edm and vp, and networks other than SongUNet. With
+This imports the checkout's Python code: --nvlabs-repo is the opt-in. The settings are checked as edm-train
+checks them, and those that the reference loop of this script does not implement are refused: augmentation,
+accumulation, lr decay, grad_clip, mixed precision, power-function EMAs, init=, objectives other than denoising,
+latent data sets, schedules other than edm and vp, and networks other than SongUNet. One process at a time writes
+OUT (a lock, as edm-train's on its run folder). With
 dataset.cond=true the reference's network takes the data set's one-hot labels, as its training_loop.py
 feeds them to EDMLoss.
 """
@@ -44,9 +46,9 @@ import torch
 from edm.models import checkpoint as ckpt
 from edm.core.schedules import to_spec
 from edm.training.build import loss_spec, resolve
-from edm.cli import compose as edm_compose
-from edm.training.config import TrainConfig
-from edm.files import to_container
+from edm.cli import compose as edm_compose, user_errors
+from edm.training.config import TrainConfig, check_config
+from edm.files import FolderLock, to_container
 from edm.data import StreamBatchSampler, build_dataset, to_model_space
 from edm.models.nvlabs import convert_state_dict
 from edm.training.run import RESUME_FREE, listed, seed_draws, setting_differences
@@ -61,11 +63,12 @@ LOOP_STATE = "reference_loop"  # a checkpoint's entry with what the loop needs t
 
 
 def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_nimg: int, *, lr: float,
-                        rampup_kimg: float, halflife_kimg: float, rampup_ratio: float,
+                        rampup_kimg: float, halflife_kimg: float, rampup_ratio: float | None,
                         labels: torch.Tensor | None = None) -> None:
     """One iteration of NVlabs/edm training/training_loop.py on one GPU without accumulation:
     zero grads, backward of loss.sum() / batch, lr·min(n / rampup, 1), nan_to_num on the gradients,
-    Adam, then EMA ← lerp(θ, EMA, β) with β = 0.5^(batch / min(halflife, n·rampup_ratio))."""
+    Adam, then EMA ← lerp(θ, EMA, β) with β = 0.5^(batch / min(halflife, n·rampup_ratio)) (rampup_ratio None: the
+    half-life alone)."""
     optimizer.zero_grad(set_to_none=True)
     loss_fn(net=net, images=images, labels=labels).sum().mul(1 / images.shape[0]).backward()
     for group in optimizer.param_groups:
@@ -74,7 +77,7 @@ def reference_iteration(net, ema, optimizer, loss_fn, images: torch.Tensor, cur_
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
     optimizer.step()
-    halflife_nimg = min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
+    halflife_nimg = halflife_kimg * 1000 if rampup_ratio is None else min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
     beta = 0.5 ** (images.shape[0] / max(halflife_nimg, 1e-8))
     with torch.no_grad():
         for p_ema, p_net in zip(ema.parameters(), net.parameters()):
@@ -155,8 +158,9 @@ def reference_loss(ref_loss: Any, ours: Any, schedule: Any) -> Any:
 
 def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> None:
     """Refuse what this script's reference loop does not implement, naming the setting (loss and precond resolved)."""
-    unsupported = {
-        "schedule": schedule.name not in REFERENCE_CLASSES, "network": spec["network"]["name"] not in SONGUNET_NETWORKS,
+    unsupported = {  # the objective first: another one also changes the loss named below
+        "objective": cfg.objective != "denoising", "schedule": schedule.name not in REFERENCE_CLASSES,
+        "network": spec["network"]["name"] not in SONGUNET_NETWORKS,
         "loss.kind": loss.kind != schedule.parameterization,
         "precond.kind": spec["precond"]["kind"] != schedule.parameterization,
         "loss.learned_weighting": loss.learned_weighting,
@@ -164,12 +168,15 @@ def check_supported(cfg: TrainConfig, schedule: Any, spec: dict, loss: Any) -> N
         "batch_per_device": cfg.batch_per_device not in (None, cfg.batch_size), "lr_decay_kimg": cfg.lr_decay_kimg > 0,
         "grad_clip": cfg.grad_clip is not None, "mixed_precision": cfg.mixed_precision not in (None, "no"),
         "network.second_noise": bool(spec["network"].get("second_noise")),
+        "ema_sigma_rel": bool(cfg.ema_sigma_rel), "init": cfg.init is not None,
+        "dataset (latent)": cfg.dataset.name == "latent",
     }
     named = [key for key, bad in unsupported.items() if bad]
     if named:
         raise SystemExit(f"nvlabs_loop.py: error: the reference loop here does not implement {', '.join(named)} "
                          f"(schedules {list(REFERENCE_CLASSES)}, networks {list(SONGUNET_NETWORKS)}, "
-                         "no augmentation, accumulation, lr decay, grad_clip or mixed precision)")
+                         "no augmentation, accumulation, lr decay, grad_clip, mixed precision, power-function EMAs, "
+                         "init= or latents; objective=denoising)")
 
 
 @contextlib.contextmanager
@@ -221,11 +228,18 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
                     edm_draws: set[str] = frozenset(), resume: bool = False) -> Path:
     """Run the reference loop for the config's total_kimg, with edm-train's draws where `edm_draws`
     names them, from the start or (resume) from out's latest checkpoint; returns the last checkpoint it wrote."""
+    cfg = compose(overrides, out)
+    check_config(cfg)
+    with FolderLock(out, key="--out", owner="reference loop"):  # one writer of OUT, this loop's or edm-train's
+        return _train_reference(nvlabs_repo, cfg, out, log_every, edm_draws, resume)
+
+
+def _train_reference(nvlabs_repo: str, cfg: TrainConfig, out: Path, log_every: int, edm_draws: set[str],
+                     resume: bool) -> Path:
     existing = ckpt.find_latest(out)
     if existing is not None and not resume:
         raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; pass --resume to continue that "
                          "run, or choose another --out")
-    cfg = compose(overrides, out)
     resolved = resolve(cfg)
     schedule, loss = resolved.schedule, resolved.loss
     dataset = build_dataset(cfg.dataset)
@@ -322,12 +336,15 @@ def main(argv: list[str] | None = None) -> Path:
                    help="an edm-train checkpoint of the same length: print the relative distance of the weights")
     p.add_argument("overrides", nargs="*", help="edm-train overrides: dataset=, network=, seed=, total_kimg=, lr= ...")
     args = p.parse_args(argv)
+    if args.log_every < 1:
+        p.error(f"--log-every {args.log_every}: give 1 or more steps")
     draws = {name for name in args.edm_draws.split(",") if name}
-    path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws, args.resume)
-    print(f"saved {path}")
-    if args.against is not None:
-        for key, value in compare(path, args.against).items():
-            print(f"{key}: |theta - theta_edm| / |theta_edm - theta_0| = {value:.3e}")
+    with user_errors("nvlabs_loop.py"):  # a bad override or value, a folder in use: one line
+        path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws, args.resume)
+        print(f"saved {path}")
+        if args.against is not None:
+            for key, value in compare(path, args.against).items():
+                print(f"{key}: |theta - theta_edm| / |theta_edm - theta_0| = {value:.3e}")
     return path
 
 

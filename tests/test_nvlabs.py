@@ -916,6 +916,7 @@ def test_reference_loop_resume_refuses_a_resized_run_that_does_not_name_its_filt
 @pytest.mark.parametrize("override, named", [
     ("schedule=ve", "schedule"), ("network=adm", "network"), ("batch_per_device=4", "batch_per_device"),
     ("augment.p=0.1", "augment.p"), ("grad_clip=1", "grad_clip"), ("loss.kind=vp", "loss.kind"),
+    ("ema_sigma_rel=[0.1]", "ema_sigma_rel"), ("init=runs/teacher", "init"), ("objective=ect", "objective"),
 ])
 def test_reference_loop_script_refuses_what_it_does_not_implement(tmp_path, tiny_train, override, named):
     from edm.data import build_dataset
@@ -926,6 +927,35 @@ def test_reference_loop_script_refuses_what_it_does_not_implement(tmp_path, tiny
     with pytest.raises(SystemExit, match=f"does not implement {re.escape(named)}"):
         nvlabs_loop.check_supported(cfg, resolved.schedule, resolved.denoiser_spec(cfg, build_dataset(cfg.dataset)),
                                     resolved.loss)
+
+
+def test_reference_loop_script_checks_its_settings_and_its_folder_before_the_reference_is_imported(
+        tmp_path, tiny_train, capsys):
+    """As edm-train: a bad value or an unknown key ends in one line naming it, and a folder that a training owns is
+    refused (no reference repo is needed to get there)."""
+    from edm.files import FolderLock
+
+    argv = ["--nvlabs-repo", str(tmp_path / "no-repo"), "--out", str(tmp_path / "out"), *tiny_train]
+    for extra, message in ((["batch_size=0"], "batch_size"), (["lr_x=1"], "Could not override 'lr_x'")):
+        with pytest.raises(SystemExit):
+            nvlabs_loop.main([*argv, *extra])
+        assert re.match(rf"nvlabs_loop.py: error: .*{re.escape(message)}", capsys.readouterr().err)
+    with FolderLock(tmp_path / "out"):  # an edm-train run of that folder
+        with pytest.raises(SystemExit):
+            nvlabs_loop.main(argv)
+        assert "nvlabs_loop.py: error: --out" in (err := capsys.readouterr().err) and "in use by a training" in err
+
+
+def test_reference_iteration_without_an_ema_ramp_up_uses_the_half_life_alone():
+    """ema_rampup_ratio None (edm-train takes it): β = 0.5^(batch / half-life), as the reference's training_loop.py."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    before = ema.weight.detach().clone()
+    nvlabs_loop.reference_iteration(net, ema, torch.optim.Adam(net.parameters()), lambda net, images, labels:
+                                    net(images).pow(2), torch.ones(4, 1), 100, lr=0.1, rampup_kimg=0,
+                                    halflife_kimg=0.5, rampup_ratio=None)
+    assert not torch.equal(net.weight, before)
+    torch.testing.assert_close(ema.weight, net.weight.detach().lerp(before, 0.5 ** (4 / 500)))
 
 
 # --------------------------------------------------------------------------------------

@@ -68,10 +68,13 @@ def fail(program: str, err: BaseException) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors(program: str) -> Iterator[None]:
-    """Turn USER_ERRORS raised inside into `fail(program, err)`."""
+    """Turn USER_ERRORS raised inside, and Hydra's errors of a config composed inside (an unknown key: "Could not
+    override 'lr_x'"), into `fail(program, err)`."""
+    from hydra.errors import HydraException
+
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, HydraException) as err:
         fail(program, err)
 
 
