@@ -50,7 +50,7 @@ from typing import Iterator
 
 import torch
 
-from edm.cli import compose
+from edm.cli import compose, user_errors
 from edm.data import dataset_record
 from edm.evaluation.nfe_study import StudyConfig, run_study
 from edm.evaluation.quality import ClassifierConfig
@@ -63,6 +63,7 @@ from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
 from edm.training.build import loss_spec, resolve
+from edm.training.config import check_config
 from edm.training.run import RESUME_FREE, checkpoint_settings, listed, setting_differences, settings_as_trained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,6 +409,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("overrides", nargs="*", help="edm-train overrides shared by every arm: dataset=, network=, total_kimg=, ...")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with user_errors("side_by_side.py"):  # an unknown key in the overrides, a bad value, a full disk: one line
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> str:
+    """main's work: the arms' claims, their training and scoring seed by seed, then the table."""
     arms = [Arm.parse(text) for text in args.arm]
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):
@@ -418,6 +425,9 @@ def main(argv: list[str] | None = None) -> str:
     if args.only is not None and args.only not in labels:
         raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
     if not args.report_only:
+        for arm in arms:  # an unknown key or a bad value of any arm, before any work
+            overrides = [*args.overrides, *arm.overrides]
+            check_config(compose("train", small_main(overrides) if arm.kind == "recipe-small" else overrides))
         check_recipe_arms([arm for arm in arms if args.only in (None, arm.label)], args.overrides)
     seeds = parse_seeds(args.seeds)
     classifier = ClassifierConfig(steps=args.classifier_steps)

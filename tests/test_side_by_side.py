@@ -309,6 +309,13 @@ def test_overwrite_deletes_every_arms_runs_and_waits_for_none_in_progress(tmp_pa
         side_by_side.main([*common, "--report-only", "--overwrite", "--arm", "a=edm-train", "--arm", "x=edm-train"])
 
 
+def test_an_unknown_key_in_the_overrides_ends_in_one_line(tmp_path, capsys):
+    for extra in (["lr_x=1"], ["--arm", "c=edm-train lr_x=1"]):
+        with pytest.raises(SystemExit):
+            side_by_side.main(["--out", str(tmp_path / "sbs"), "--arm", "a=edm-train", "--arm", "b=edm-train", *extra])
+        assert capsys.readouterr().err.startswith("side_by_side.py: error: Could not override 'lr_x'")
+
+
 def test_each_seed_checks_outs_settings_again_so_an_overwrite_in_between_is_not_trained_into(tmp_path, monkeypatch):
     """A process claims OUT at its start and trains seed after seed; another process's --overwrite with other
     settings between two seeds replaces OUT's record: the first process's next seed is refused, naming the
