@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from typing import Mapping, Sequence
 
@@ -24,16 +25,18 @@ DEFAULT_PORT = 29500
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03' (zero padding kept)."""
-    head = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist.strip())
-    token = head.group(0) if head else ""
-    bracket = re.search(r"\[([^\]]*)\]", token)
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03', 'rack[1-2]-gpu[01,03]' -> 'rack1-gpu01'
+    (the first name of each bracket, zero padding kept)."""
+    text, depth = nodelist.strip(), 0
+    token = text
+    for i, char in enumerate(text):  # the first entry: up to a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            token = text[:i]
+            break
     if not token:
         raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r} names no host")
-    if bracket is None:
-        return token
-    first = re.split(r"[,-]", bracket.group(1))[0]
-    return token[: bracket.start()] + first + token[bracket.end():]
+    return re.sub(r"\[([^\]]*)\]", lambda bracket: re.split(r"[,-]", bracket.group(1))[0], token)
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -45,14 +48,16 @@ def _required(env: Mapping[str, str], name: str) -> str:
 
 def launch_command(env: Mapping[str, str], train_args: Sequence[str], gpus_per_node: int | None = None,
                    python: str = sys.executable) -> list[str]:
-    """The `accelerate launch ... -m edm.train ARGS` command of this node, from SLURM's variables."""
+    """The `accelerate launch ... -m edm.train ARGS` command of this node, from SLURM's variables (--multi_gpu for
+    two or more processes in all: accelerate refuses it for one)."""
     nodes, node = int(_required(env, "SLURM_NNODES")), int(_required(env, "SLURM_NODEID"))
     per_node = gpus_per_node if gpus_per_node is not None else int(env.get("SLURM_GPUS_ON_NODE") or 0)
     if per_node < 1:
         raise ValueError("SLURM_GPUS_ON_NODE is not set: request GPUs (#SBATCH --gpus-per-node=N) or pass --gpus-per-node")
     host = env.get("MAIN_PROCESS_IP") or first_host(_required(env, "SLURM_JOB_NODELIST"))
     port = env.get("MAIN_PROCESS_PORT") or str(DEFAULT_PORT)
-    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", str(nodes),
+    multi = ["--multi_gpu"] if nodes * per_node > 1 else []
+    return [python, "-m", "accelerate.commands.launch", *multi, "--num_machines", str(nodes),
             "--machine_rank", str(node), "--num_processes", str(nodes * per_node), "--main_process_ip", host,
             "--main_process_port", port, "-m", "edm.train", *train_args]
 
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     except ValueError as err:
         raise SystemExit(f"slurm_launch.py: error: {err}") from None
     if args.dry_run:
-        print(" ".join(command))
+        print(shlex.join(command))
         return command
     os.execv(command[0], command)  # the launcher takes this task's place: srun's signals reach it directly
     return command

@@ -21,7 +21,7 @@ slurm = load_script("slurm_launch")
 
 @pytest.mark.parametrize("nodelist, host", [
     ("node01", "node01"), ("gpu[03-05,9],cpu1", "gpu03"), ("a[7,9]", "a7"), ("rack-2[010-011]", "rack-2010"),
-    ("n1,n2", "n1"),
+    ("n1,n2", "n1"), ("rack[1-2]-gpu[01-02]", "rack1-gpu01"), ("rack[1-2]-gpu[01,03],n9", "rack1-gpu01"),
 ])
 def test_the_first_host_of_a_node_list(nodelist, host):
     assert slurm.first_host(nodelist) == host
@@ -37,6 +37,9 @@ def test_slurm_variables_become_the_launch_options():
     options = dict(zip(other[4:12:2], other[5:13:2]))
     assert options == {"--num_machines": "2", "--machine_rank": "1", "--num_processes": "8",
                        "--main_process_ip": "10.0.0.1"} and other[12:14] == ["--main_process_port", "2900"]
+    one = slurm.launch_command({"SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "1",
+                                "SLURM_JOB_NODELIST": "gpu01"}, [], python="python")
+    assert "--multi_gpu" not in one and one[one.index("--num_processes") + 1] == "1"  # accelerate refuses it for one
     with pytest.raises(ValueError, match="SLURM_NODEID is not set"):
         slurm.launch_command({"SLURM_NNODES": "2"}, [])
     with pytest.raises(ValueError, match="SLURM_GPUS_ON_NODE is not set"):
