@@ -33,6 +33,7 @@ import edm
 from edm.data.augment import AUGMENT_DIM, AugmentConfig, augment
 from edm.data import DATASETS
 from edm.core.denoisers import fast_denoiser
+from edm.files import atomic_write
 from edm.training.ema import update_ema
 from edm.hardware import set_precision_flags
 from edm.training.step import make_optimizer, train_step
@@ -86,8 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("precision", prec), ("compile", comp)):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.steps = args.steps or (20 if device == "cuda" else 3)
+    args.steps = args.steps if args.steps is not None else (20 if device == "cuda" else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 1)
+    for key, least in (("steps", 1), ("warmup", 0), ("batch", 1), ("sample_steps", 1)):
+        if getattr(args, key) < least:
+            p.error(f"--{key.replace('_', '-')} {getattr(args, key)}: give {least} or more")
     args.sample_batch = args.sample_batch or args.batch
     args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = sorted(set(args.modes) - {"train", "sample", "data"})
@@ -98,11 +102,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class GpuTurns:
     """Bench processes sharing one GPU: warm up together, then time one at a time.
 
     turn() marks this process warm, waits until `expected` processes in `folder` are (so no one
     compiles or autotunes on the GPU any more), then holds an exclusive lock on folder/lock.
+    Marks of processes that have ended (an earlier session in the same folder) are removed first;
+    `warm_seen` is how many were warm when this one's turn came (fewer than `expected` only on timeout).
     Without a folder it does nothing.
     """
 
@@ -111,6 +128,11 @@ class GpuTurns:
         self.expected = int(share[1]) if share else 0
         self.device, self.timeout_s = device, timeout_s
         self.mark = f"warm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.warm_seen: int | None = None
+        for stale in self.folder.glob("warm-*") if self.folder is not None else ():
+            pid = stale.name.split("-")[1]  # warm-PID-ID; other marks (gpu_report.sh's warm-tests) stay
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
 
     def mark_warm(self) -> None:
         if self.folder is not None:
@@ -128,6 +150,10 @@ class GpuTurns:
         deadline = time.monotonic() + self.timeout_s
         while len(list(self.folder.glob("warm-*"))) < self.expected and time.monotonic() < deadline:
             time.sleep(0.2)
+        self.warm_seen = len(list(self.folder.glob("warm-*")))
+        if self.warm_seen < self.expected:
+            print(f"bench.py: warning: timing with {self.warm_seen} of {self.expected} sharers warm after "
+                  f"{self.timeout_s:.0f} s: the others may still compile on the GPU", file=sys.stderr, flush=True)
         with open(self.folder / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -206,7 +232,8 @@ def bench_train(args: argparse.Namespace, turns: GpuTurns) -> dict:
     if args.channels_last:  # (sampling converts through fast_denoiser, as sample.py does)
         den = den.to(memory_format=torch.channels_last)
         y = y.contiguous(memory_format=torch.channels_last)
-    flops = train_flops(den, loss_fn, y[:2], None if labels is None else labels[:2]) * args.batch / 2
+    n = min(2, args.batch)  # counted on n images, scaled to the batch
+    flops = train_flops(den, loss_fn, y[:n], None if labels is None else labels[:n]) * args.batch / n
     optimizer = make_optimizer(den.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, device=device)
     ema = copy.deepcopy(den).eval().requires_grad_(False)
     model, optimizer = accelerator.prepare(den, optimizer)
@@ -299,7 +326,8 @@ def bench_sample(args: argparse.Namespace, turns: GpuTurns) -> dict:
     sched = edm.schedules.get(args.schedule)
     shape = (args.sample_batch, args.channels, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-    flops = forward_flops(den, noise[:2]) * args.sample_batch / 2
+    n = min(2, args.sample_batch)  # counted on n images, scaled to the batch
+    flops = forward_flops(den, noise[:n]) * args.sample_batch / n
     evaluations = 0
 
     def counting(x, sigma, class_labels=None):
@@ -389,11 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
             result[mode] = benches[mode](args, turns)
     finally:
         turns.mark_warm()  # a process that fails before its turn does not hold the others back
+    if args.share_gpu:
+        result["share_gpu"] = {"warm_at_turn": turns.warm_seen, "expected": turns.expected}
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
     return result
 
 

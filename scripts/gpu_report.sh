@@ -10,7 +10,7 @@
 # 2. NVlabs/edm itself (scripts/reference_edm.sh, its training runs cut after 60 and 150 s) when
 #    NVLABS_EDM_DIR is given, alone on the GPU.
 # 3. OUT/summary.md: our figures against the reference's, as ratios from this one run.
-# OUT gets report.log, results.jsonl (one JSON per setting), profile-train*.txt, cuda-tests.log,
+# OUT (new or empty) gets report.log, results.jsonl (one JSON per setting), profile-train*.txt, cuda-tests.log,
 # reference.log and summary.md. PYTHON picks the interpreter (python3); DEVICE=cpu rehearses the
 # whole script on the CPU (tiny network, two steps, no reference).
 set -uo pipefail
@@ -19,6 +19,10 @@ ref=${2:-}; ref_secs=${3:-60}; ref_secs32=${4:-150}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"; out=$(cd "$out" && pwd)
+if [ -n "$(ls -A "$out")" ]; then  # results.jsonl and report.log are appended to: one run per folder
+  echo "gpu_report.sh: error: $out holds an earlier report; give a new or empty OUT, so that summary.md's ratios come from one run" >&2
+  exit 2
+fi
 work=$(mktemp -d); turns=$work/turns; mkdir -p "$turns"
 exec > >(tee -a "$out/report.log") 2>&1
 small=()

@@ -1,6 +1,7 @@
 """scripts/bench.py on CPU: the benchmark runs the real train step and sampler and reports what it measured."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -66,10 +67,21 @@ def test_flop_count_scales_with_the_network(bench):
     assert 3.0 < ratio < 4.5, ratio
 
 
+def test_flops_per_image_do_not_depend_on_the_batch(bench):
+    """FLOPs are counted on two images and scaled to the batch; a batch of one is counted on one."""
+    one, two = (bench.main(["--device", "cpu", "--mode", "sample", "--resolution", "8", "--batch", str(b), "--steps", "1",
+                            "--warmup", "0", "--sample-steps", "2"])["sample"]["flops_per_image_forward"] for b in (1, 2))
+    assert one == pytest.approx(two)
+
+
 def test_bad_arguments_fail_clearly(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--mode", "train,fly"])
     assert "unknown --mode ['fly']" in capsys.readouterr().err
+    for bad, message in ((["--steps", "0"], "--steps 0: give 1 or more"), (["--batch", "-2"], "--batch -2: give 1")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cpu", *bad])
+        assert message in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bench.parse_args(["--device", "cuda"])
@@ -162,6 +174,19 @@ def test_gpu_turns_wait_for_every_process_then_time_one_at_a_time(bench, tmp_pat
     assert b0 >= a1  # one at a time
 
 
+def test_gpu_turns_forget_the_marks_of_ended_processes(bench, tmp_path):
+    """A mark left by an earlier session (its process gone) does not count as a warm sharer of this one."""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"warm-{int(ended.stdout)}-0000").touch()
+    (tmp_path / f"warm-{os.getpid()}-1111").touch()  # a live sharer's
+    (tmp_path / "warm-tests").touch()  # scripts/gpu_report.sh's test run
+    bench.GpuTurns([str(tmp_path), "3"], torch.device("cpu"))
+    assert sorted(p.name for p in tmp_path.glob("warm-*")) == [f"warm-{os.getpid()}-1111", "warm-tests"]
+
+
 def test_share_gpu_needs_one_mode_per_process(bench, capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--share-gpu", str(tmp_path), "2"])
@@ -194,3 +219,15 @@ def test_compiled_sampling_compiles_once_before_the_timed_runs(bench, monkeypatc
                 "--compile"])
     assert graphs[0] == 0 and len(graphs) == 3  # compile warm-up, warm-up run, timed run
     assert counters["stats"]["unique_graphs"] == graphs[1] == 1
+
+
+def test_gpu_report_refuses_a_folder_that_holds_an_earlier_report(tmp_path):
+    """scripts/gpu_report.sh appends to OUT's results.jsonl: a second run there would mix two runs' figures."""
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_report.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds an earlier report; give a new or empty OUT" in proc.stderr
+    assert (tmp_path / "results.jsonl").read_text() == "{}\n"
