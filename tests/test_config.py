@@ -23,6 +23,34 @@ def test_bad_key_or_value_fails_at_composition(compose_train, overrides, error, 
         compose_train(*overrides)
 
 
+@pytest.mark.parametrize("command, base", [("sample", ["checkpoint=x"]), ("evaluate", ["metric=fd_cls", "images=x"]),
+                                           ("nfe_study", ["checkpoint=x"])])
+def test_a_misspelt_schedule_or_data_set_of_a_model_command_is_refused_not_ignored(command, base):
+    """schedule and dataset default to the model's own (null); a name that is not a config file fails, listing the
+    names, instead of leaving the model's own in place."""
+    from edm.cli import compose
+
+    with pytest.raises(MissingConfigException, match=r"Could not find 'dataset/digitz'(.|\n)*fashion_mnist"):
+        compose(command, [*base, "dataset=digitz"])
+    assert compose(command, [*base, "dataset=digits"]).dataset.name == "digits"
+    if command != "nfe_study":  # (a study names its schedules as a list)
+        with pytest.raises(MissingConfigException, match=r"Could not find 'schedule/vee'"):
+            compose(command, [*base, "schedule=vee"])
+        assert compose(command, [*base, "schedule=vp"]).schedule.name == "vp"
+
+
+def test_a_key_added_past_the_schema_is_refused_and_a_required_one_is_named():
+    """Hydra's hint for a misspelt key is +KEY=V, which adds it past the schema, where nothing would read it."""
+    from edm.cli import compose
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) lrr, network.chanel_mult: not options of this command"):
+        compose("train", ["+lrr=0.1", "+network.chanel_mult=[1,2]"])
+    assert compose("train", ["sampler=euler_maruyama", "+sampler.options.brownian=true"]).sampler.options == {
+        "brownian": True}  # a free-form dict takes its keys with +
+    with pytest.raises(ValueError, match=r"checkpoint is required: pass checkpoint=\.\.\."):
+        compose("sample", [])
+
+
 def test_the_cli_defaults_are_the_dataclass_defaults():
     """One default per key: `python -m edm.train` and `train(TrainConfig())` train the same run."""
     from edm.cli import compose

@@ -10,20 +10,21 @@
 
 All take Hydra key=value overrides, `--help` and Hydra's tab completion (`edm-train -sc install=bash`).
 Their configs are the YAML files of configs/ (shipped inside the package as edm/configs), each typed
-by its schema dataclass. Every command has the same shape: compose, `OmegaConf.to_object`, call
-the library inside `user_errors` (one error rule), print what it made; the device rule is
-edm.hardware.use_cpu.
+by its schema dataclass. Every command has the same shape: compose, `typed` (OmegaConf.to_object, refusing
+keys the schema lacks), call the library inside `user_errors` (one error rule), print what it made; the device
+rule is edm.hardware.use_cpu.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "fail", "user_errors", "sweep_job_folder", "own_folder_files",
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "sweep_job_folder", "own_folder_files",
            "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
@@ -51,7 +52,41 @@ def compose(command: str, overrides: Sequence[str] = ()) -> Any:
 
     importlib.import_module(f"{__name__}.{command}")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose(command, overrides=list(overrides)))
+        return typed(hydra_compose(command, overrides=list(overrides)))
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that its schema dataclasses lack (Hydra's +KEY=V adds them past the
+    schema's struct flag); free-form dict fields (sampler.options) take any key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():  # (an unset optional group)
+        return []
+    kind = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+    found = []
+    for key, child in node.items_ex(resolve=False):
+        if fields is not None and key not in fields:
+            found.append(f"{prefix}{key}")
+        else:
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def typed(dcfg: Any) -> Any:
+    """The command's schema dataclass of a composed config (OmegaConf.to_object); a key the schema lacks, or a required
+    one left unset, is a ValueError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    unknown = sorted(unknown_keys(dcfg))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}: not options of this command (--help lists them); a "
+                         "misspelt key given as +KEY=V would be ignored, so it is refused")
+    try:
+        return OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as err:
+        raise ValueError(f"{err.full_key} is required: pass {err.full_key}=...") from None
 
 
 # The errors whose message says what to do: bad config values, missing or foreign files, folders in use

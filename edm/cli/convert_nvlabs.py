@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..models.nvlabs import convert
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 
 @dataclass
@@ -33,7 +33,7 @@ ConfigStore.instance().store(name="convert_nvlabs_schema", node=ConvertConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="convert_nvlabs")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-convert-nvlabs"):
-        cfg: ConvertConfig = OmegaConf.to_object(dcfg)
+        cfg: ConvertConfig = typed(dcfg)
         snap = convert(cfg.pkl, cfg.out)
     ref, net = snap.reference, snap.denoiser["network"]
     print(f"{cfg.pkl}: {ref['precond_class']}({ref['model_class']}) -> {cfg.out}")

@@ -11,11 +11,11 @@ import json
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..data.encode import EncodeConfig, encode_dataset
 from ..hardware import share_cpu, use_cpu
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 
@@ -23,7 +23,7 @@ ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="encode")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-encode"):
-        cfg: EncodeConfig = OmegaConf.to_object(dcfg)
+        cfg: EncodeConfig = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
         report = encode_dataset(cfg)
     if report:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
@@ -31,7 +31,7 @@ from ..evaluation.scorers import METRICS, ScoringContext, evaluate
 from ..files import write_json
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 __all__ = ["EvaluateConfig", "run", "merge_report"]
 
@@ -96,7 +96,7 @@ def main(dcfg: DictConfig) -> None:
         name = HydraConfig.get().runtime.choices.get("metric")
         if name is None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")
-        cfg: EvaluateConfig = OmegaConf.to_object(dcfg)
+        cfg: EvaluateConfig = typed(dcfg)
         numbers = run(cfg, name)
         merge_report(cfg.report, numbers)
     print(json.dumps(numbers, indent=2))

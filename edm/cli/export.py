@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..models.export import WEIGHTS_NAME
 from ..models.loading import export_model
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 
 @dataclass
@@ -34,7 +34,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-export"):
-        cfg: ExportConfig = OmegaConf.to_object(dcfg)
+        cfg: ExportConfig = typed(dcfg)
         path, out = export_model(cfg.checkpoint, cfg.out, cfg.ema)
     size = (out / WEIGHTS_NAME).stat().st_size
     print(f"{path} ({'EMA' if cfg.ema else 'raw'} weights) -> {out}/ ({size / 2**20:.1f} MiB of weights)")

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..evaluation.nfe_study import StudyConfig, run_study
 from ..hardware import pick_device, share_cpu
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 
@@ -25,7 +25,7 @@ ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="nfe_study")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-study"):
-        cfg: StudyConfig = OmegaConf.to_object(dcfg)
+        cfg: StudyConfig = typed(dcfg)
         device = pick_device(cfg.cpu)
         share_cpu(device.type == "cpu")
         rows = run_study(cfg, device)

@@ -11,10 +11,10 @@ import json
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..training.posthoc import PosthocConfig, reconstruct
-from . import CONFIG_DIR, user_errors
+from . import CONFIG_DIR, typed, user_errors
 
 ConfigStore.instance().store(name="posthoc_schema", node=PosthocConfig)
 
@@ -22,7 +22,7 @@ ConfigStore.instance().store(name="posthoc_schema", node=PosthocConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="posthoc")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-posthoc"):
-        cfg: PosthocConfig = OmegaConf.to_object(dcfg)
+        cfg: PosthocConfig = typed(dcfg)
         summary = reconstruct(cfg)
     for row in summary:
         print(f"sigma_rel {row['sigma_rel']:.3f} at {row['at_kimg']:g} kimg from {len(row['inputs'])} snapshot profiles "

@@ -21,7 +21,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..data import DatasetConfig
 from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
@@ -30,7 +30,7 @@ from ..generation.job import SampleConfig, generate_folder
 from ..latent import VAE
 from ..hardware import share_cpu, use_cpu
 from ..models.loading import ModelInfo
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
+from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, typed, user_errors
 
 
 @dataclass
@@ -72,7 +72,7 @@ def main(dcfg: DictConfig) -> None:
         job = sweep_job_folder(hydra_cfg)
         if job is not None:
             dcfg.out = job
-        cfg: SampleCommand = OmegaConf.to_object(dcfg)
+        cfg: SampleCommand = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
         try:
             report = generate_folder(cfg, scorer=scorer_of(cfg), on_own_folder=lambda out: handlers.append(

@@ -16,12 +16,12 @@ import logging
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..hardware import join_restarted_group, process_identity, set_precision_flags, share_cpu, use_cpu
 from ..training.config import TrainConfig
 from ..training.loop import train
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, user_errors
+from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, typed, user_errors
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
@@ -33,7 +33,7 @@ def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     handlers: list[logging.Handler] = []
     with user_errors("edm-train"):
-        cfg: TrainConfig = OmegaConf.to_object(dcfg)
+        cfg: TrainConfig = typed(dcfg)
         job = sweep_job_folder(hydra_cfg, key="run_dir")
         if job is not None:
             dcfg.run_dir = job
