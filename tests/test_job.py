@@ -264,3 +264,24 @@ def test_a_bad_metric_setting_fails_before_the_folder_is_claimed_or_an_image_mad
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         generate_folder(cfg, scorer=scorer_of(cfg))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_run_folder_is_not_an_output_folder_even_with_overwrite(tmp_path, tiny_checkpoint):
+    """overwrite=true deletes an output folder's PNGs and report: pointed at a run folder it would delete the run's
+    data.png and sample grids, and replace its .hydra record. A folder holding checkpoints is refused by edm-sample
+    and edm-study, naming it and another out."""
+    from edm.evaluation.nfe_study import StudyConfig, run_study
+    from edm.generation.job import SampleConfig, generate_folder
+
+    run = tmp_path / "run"
+    tiny_checkpoint(run / "checkpoint-00000010.pt")
+    (run / "data.png").write_bytes(b"the run's")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=rf"out={run} is a training run's folder \(it holds checkpoint-00000010.pt\)"
+                                             rf".*give another out=DIR \(e.g. {run / 'samples'}\)"):
+            generate_folder(SampleConfig(checkpoint=str(run), out=str(run), num_images=1, overwrite=overwrite,
+                                         progress=False))
+        with pytest.raises(ValueError, match="is a training run's folder"):
+            run_study(StudyConfig(checkpoint=str(run), out=str(run), num_images=2, overwrite=overwrite, progress=False))
+    assert (run / "data.png").read_bytes() == b"the run's" and sorted(p.name for p in run.iterdir()) == [
+        "checkpoint-00000010.pt", "data.png"]

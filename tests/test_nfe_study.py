@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 from pathlib import Path
@@ -81,6 +83,9 @@ def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_
     cfg.options = {"lms": {"order": 2}}
     with pytest.raises(ValueError, match=r"options names solver\(s\) \['lms'\] that the study does not run"):
         run_study(cfg)
+    for empty in ({"solvers": []}, {"steps": [], "nfe": []}, {"schedules": []}):  # a table of no point is refused
+        with pytest.raises(ValueError, match="the study has no point"):
+            run_study(dataclasses.replace(cfg, options={}, **empty))
 
 
 def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache):

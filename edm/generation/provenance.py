@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..files import differences, to_container, write_json
 
-__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim"]
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_run_folder"]
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -30,6 +30,17 @@ class ProvenanceError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.finding}; {self.ways_out}"
+
+
+def refuse_run_folder(out_dir: str | Path, out_key: str = "out") -> None:
+    """Refuse an output folder that is a training run's (it holds checkpoint-*.pt): its samples, plots and .hydra
+    record are the run's, and overwrite=true would delete them."""
+    from ..models.checkpoint import find_latest
+
+    latest = find_latest(out_dir) if Path(out_dir).is_dir() else None
+    if latest is not None:
+        raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {latest.name}), not an output folder "
+                         f"of its own: give another {out_key}=DIR (e.g. {Path(out_dir) / 'samples'})")
 
 
 def _canonical(record: dict) -> dict:
