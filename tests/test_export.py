@@ -80,3 +80,27 @@ def test_the_export_command_and_sampling_from_its_folder(trained, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((samples / "report.json").read_text())["schedule"]["name"] == "vp"
+
+
+def test_an_export_refuses_a_folder_of_another_model_and_a_run_folder(trained, tmp_path, tiny_checkpoint):
+    """Exporting again from the same file and weights remakes the folder; another source or the other weights is
+    refused (overwrite=True replaces it), and so is a training run's folder, where the model folder would shadow
+    the run's checkpoints."""
+    from edm.models.loading import export_model
+
+    other = tiny_checkpoint(tmp_path / "other" / "checkpoint-00000020.pt", perturb=0.1)
+    out = tmp_path / "exported"
+    export_model(trained, out)
+    export_model(trained, out)
+    for source, ema in ((other, True), (trained, False)):
+        with pytest.raises(ValueError, match=rf"{out} holds a model exported from another file or weights .*"
+                                             "pass overwrite=true to replace it"):
+            export_model(source, out, ema=ema)
+    from edm.files import file_sha256
+
+    assert json.loads((out / "model.json").read_text())["source_sha256"] == file_sha256(trained)
+    export_model(other, out, overwrite=True)
+    assert json.loads((out / "model.json").read_text())["source_sha256"] == file_sha256(other)
+    with pytest.raises(ValueError, match="is a training run's folder"):
+        export_model(trained, trained.parent, overwrite=True)
+    assert not (trained.parent / "model.json").exists()

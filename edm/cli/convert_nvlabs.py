@@ -25,6 +25,7 @@ from . import CONFIG_DIR, typed, user_errors
 class ConvertConfig:
     pkl: str = "???"  # NVlabs/edm pickle (network-snapshot-*.pkl, edm-*.pkl): its 'ema' network
     out: str = "???"  # the model folder to write (model.safetensors + model.json), or a .pt checkpoint
+    overwrite: bool = False  # replace a model folder of another source (or a .pt file) at out
 
 
 ConfigStore.instance().store(name="convert_nvlabs_schema", node=ConvertConfig)
@@ -34,7 +35,7 @@ ConfigStore.instance().store(name="convert_nvlabs_schema", node=ConvertConfig)
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-convert-nvlabs"):
         cfg: ConvertConfig = typed(dcfg)
-        snap = convert(cfg.pkl, cfg.out)
+        snap = convert(cfg.pkl, cfg.out, cfg.overwrite)
     ref, net = snap.reference, snap.denoiser["network"]
     print(f"{cfg.pkl}: {ref['precond_class']}({ref['model_class']}) -> {cfg.out}")
     print(f"  network {net['name']}: {net['img_resolution']}x{net['img_resolution']}x{net['in_channels']}, "

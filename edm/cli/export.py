@@ -26,6 +26,7 @@ class ExportConfig:
     checkpoint: str = "???"  # RUN_DIR, RUN_DIR/<file>.pt or an NVlabs .pkl
     out: str = "???"  # the model folder to write
     ema: bool = True  # the EMA weights (false: the raw training weights)
+    overwrite: bool = False  # replace a model folder exported from another file or weights
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -35,7 +36,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-export"):
         cfg: ExportConfig = typed(dcfg)
-        path, out = export_model(cfg.checkpoint, cfg.out, cfg.ema)
+        path, out = export_model(cfg.checkpoint, cfg.out, cfg.ema, cfg.overwrite)
     size = (out / WEIGHTS_NAME).stat().st_size
     print(f"{path} ({'EMA' if cfg.ema else 'raw'} weights) -> {out}/ ({size / 2**20:.1f} MiB of weights)")
 

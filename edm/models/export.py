@@ -33,9 +33,10 @@ def is_export(path: str | Path) -> bool:
 
 
 def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha256: str | None = None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write a checkpoint dict's EMA (or raw) weights and description as a model folder `dest`;
-    `extra` adds entries to model.json (e.g. how post-hoc EMA made the weights)."""
+    `extra` adds entries to model.json (e.g. how post-hoc EMA made the weights). A model folder there of another
+    source file or other weights is refused unless `overwrite` (the same export again is made again)."""
     from safetensors.torch import save
 
     key = "ema" if ema else "model"
@@ -43,6 +44,8 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
         raise CheckpointError(f"the model holds no {'EMA' if ema else 'raw'} weights ({key!r}); "
                               f"export the {'raw' if ema else 'EMA'} ones instead")
     dest = Path(dest)
+    if not overwrite:
+        _refuse_another_model(dest, source_sha256, "ema" if ema else "raw")
     dest.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in state[key].items()}
     data = save(weights)
@@ -57,6 +60,21 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
     return dest
+
+
+def _refuse_another_model(dest: Path, source_sha256: str | None, weights: str) -> None:
+    """Refuse a model folder `dest` made from another source file or of other weights (or unreadable)."""
+    if not (dest / META_NAME).is_file():
+        return
+    try:
+        meta = json.loads((dest / META_NAME).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    old, new = (meta.get("source_sha256"), meta.get("weights")), (source_sha256, weights)
+    if old != new or source_sha256 is None:
+        raise ValueError(f"{dest} holds a model exported from another file or weights (source sha256 "
+                         f"{str(old[0])[:16]}, {old[1]} weights; now {str(new[0])[:16]}, {new[1]}): give another "
+                         "out=DIR, or pass overwrite=true to replace it")
 
 
 def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:

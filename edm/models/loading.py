@@ -23,7 +23,7 @@ from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
-from ..files import file_sha256
+from ..files import FolderLock, file_sha256
 from .export import export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
@@ -187,9 +187,14 @@ def guided(
     return GuidedDenoiser(denoiser, weight, guide=guide_model, interval=lo_hi), guide_info
 
 
-def export_model(source: str | Path, dest: str | Path, ema: bool = True) -> tuple[Path, Path]:
+def export_model(source: str | Path, dest: str | Path, ema: bool = True, overwrite: bool = False) -> tuple[Path, Path]:
     """Any model file edm.models.loading reads (a checkpoint, a run folder, an NVlabs .pkl) as the model folder
-    `dest`, its EMA (or raw) weights checked against their spec first. (the file read, the folder written)."""
+    `dest`, its EMA (or raw) weights checked against their spec first; `dest` may not be a training run's folder, nor
+    (unless overwrite) hold a model of another source. (the file read, the folder written)."""
+    from ..generation.provenance import refuse_run_folder
+
+    refuse_run_folder(dest)
     path, state = read_model_file(source, ema)
     denoiser_from_state(state, ema, str(path))  # the weights must fit their spec before anything is written
-    return path, export_state(state, dest, ema=ema, source_sha256=file_sha256(path))
+    with FolderLock(dest, key="out", owner="model export"):
+        return path, export_state(state, dest, ema=ema, source_sha256=file_sha256(path), overwrite=overwrite)

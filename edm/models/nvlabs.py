@@ -369,9 +369,10 @@ def to_checkpoint(snap: NVlabsSnapshot, source: str) -> dict:
     }
 
 
-def convert(pkl: str | os.PathLike, out: str | os.PathLike) -> NVlabsSnapshot:
+def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> NVlabsSnapshot:
     """Write NVlabs snapshot `pkl` as a model folder `out` (edm.models.export), or as an edm checkpoint when
-    `out` ends in .pt; its weights must load strictly first, and its code never runs. The parsed snapshot."""
+    `out` ends in .pt; its weights must load strictly first, and its code never runs. A model of another source
+    there (any .pt file) is refused unless `overwrite`. The parsed snapshot."""
     from ..files import file_sha256
     from .checkpoint import save_checkpoint
     from .export import export_state
@@ -381,7 +382,9 @@ def convert(pkl: str | os.PathLike, out: str | os.PathLike) -> NVlabsSnapshot:
     denoiser_from_snapshot(snap, pkl)  # the weights must load strictly before anything is written
     state = to_checkpoint(snap, pkl)
     if out.endswith(".pt"):
+        if os.path.exists(out) and not overwrite:
+            raise ValueError(f"{out} exists: give another out=FILE.pt, or pass overwrite=true to replace it")
         save_checkpoint(out, state)
     else:
-        export_state(state, out, source_sha256=file_sha256(pkl))
+        export_state(state, out, source_sha256=file_sha256(pkl), overwrite=overwrite)
     return snap

@@ -74,7 +74,8 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
             info = {"sigma_rel": std, "at_kimg": at / 1000, "residual": float(residual[j]),
                     "inputs": [{"snapshot": s.path.name, "sigma_rel": s.stds[i], "weight": float(X[k, j])}
                                for k, (s, i) in enumerate(inputs)]}
-            folder = export_state(state, out / output_name(std), extra={"posthoc_ema": info})
+            folder = export_state(state, out / output_name(std), extra={"posthoc_ema": info},
+                                  overwrite=True)  # the folder's claim above holds it to these snapshots
             summary.append({**info, "folder": str(folder)})
         write_json(out / "posthoc.json", {"at_kimg": at / 1000, "profiles": summary})
     return summary
