@@ -43,8 +43,20 @@ def test_a_checkpoint_without_a_schedule_has_none_and_sampling_asks_for_one(tmp_
 def test_load_model_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_model(tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="is a folder without checkpoint-"):
         load_model(tmp_path)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt is not a checkpoint"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_a_missing_guide_is_named_as_the_guide(tmp_path, tiny_checkpoint):
+    """Errors name the option that gave the file: a guide that does not exist is not blamed on checkpoint=."""
+    from edm.models.loading import guided
+
+    denoiser, info = load_model(tiny_checkpoint(tmp_path / "c.pt"))
+    with pytest.raises(FileNotFoundError, match=rf"guide '{tmp_path / 'nope'}' does not exist: pass guide=RUN_DIR"):
+        guided(denoiser, info, 2.0, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="guide '.*empty' is a folder without checkpoint-"):
+        guided(denoiser, info, 2.0, tmp_path / "empty")

@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err}); "
-            "delete it to fall back to an earlier checkpoint"
+            "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"
         ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")

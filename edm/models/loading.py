@@ -91,20 +91,22 @@ class ModelInfo:
                              f"not images: {what} needs a pixel model")
 
 
-def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
+def read_model_file(path: str | Path, ema: bool = True, key: str = "checkpoint") -> tuple[Path, dict]:
     """(the file read, its checkpoint dict) for an edm checkpoint, a run folder (its latest checkpoint), a
     model folder of edm.models.export (model.safetensors + model.json: no pickle at all) or an NVlabs .pkl (read
-    without running its code)."""
+    without running its code); `key` is the option that named it, for the errors."""
     path = Path(path)
     if is_export(path):
         return read_export(path, ema)
     if path.is_dir():
         latest = find_latest(path)
         if latest is None:
-            raise FileNotFoundError(f"run folder {str(path)!r} has no checkpoint-*.pt: pass checkpoint=RUN_DIR/<file>.pt")
+            raise FileNotFoundError(f"{key} {str(path)!r} is a folder without checkpoint-*.pt or model.json: pass "
+                                    f"{key}=RUN_DIR, RUN_DIR/<file>.pt, a model folder or an NVlabs .pkl")
         path = latest
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass checkpoint=RUN_DIR/<file>.pt (or an NVlabs .pkl)")
+        raise FileNotFoundError(f"{key} {str(path)!r} does not exist: pass {key}=RUN_DIR, RUN_DIR/<file>.pt, a model folder "
+                                "or an NVlabs .pkl")
     if path.suffix == ".pkl":
         return path, to_checkpoint(read_nvlabs(path), str(path))
     return path, load_checkpoint(path)
@@ -112,13 +114,14 @@ def read_model_file(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
 
 def load_model(
     path: str | Path, *, ema: bool = True, device: torch.device | str = "cpu", image_shape: Sequence[int] | None = None,
+    key: str = "checkpoint",
 ) -> tuple[nn.Module, ModelInfo]:
     """The denoiser (eval mode, on `device`) and its ModelInfo from any file `read_model_file` reads.
 
     Shape (C, H, W) and labels come from the network spec; the schedule is the checkpoint's
-    "schedule"; `image_shape` overrides the shape.
+    "schedule"; `image_shape` overrides the shape; `key` names the option that gave `path` in errors.
     """
-    path, state = read_model_file(path, ema)
+    path, state = read_model_file(path, ema, key)
     denoiser = denoiser_from_state(state, ema, str(path))
     spec, net = state["denoiser"]["network"], denoiser.net
     channels, resolution = spec.get("in_channels"), spec.get("img_resolution") or getattr(net, "img_resolution", None)
@@ -170,7 +173,7 @@ def guided(
         raise ValueError("a guide and a guidance interval act only with a guidance weight: set guidance=W (W != 1)")
     guide_model, guide_info = None, None
     if guide is not None:
-        guide_model, guide_info = load_model(guide, ema=ema, device=device)
+        guide_model, guide_info = load_model(guide, ema=ema, device=device, key="guide")
         if guide_info.img_shape != info.img_shape:
             raise ValueError(f"guide {guide} makes {list(guide_info.img_shape)} images, the model "
                              f"{list(info.img_shape)}: a guide must be a model of the same data")
