@@ -68,6 +68,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm, trigflow"),
     (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
     (["batch_size=0"], "batch_size=0 must be > 0"),
+    (["dataset.max_size=0"], "dataset.max_size=0 must be > 0"),
     (["schedule=trigflow", "precond.sigma_data=0.6"], "schedule.sigma_data=0.5 differs from precond.sigma_data=0.6"),
 ])
 def test_bad_value_fails_before_training(compose_train, tmp_path, overrides, needle):

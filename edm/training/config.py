@@ -229,6 +229,8 @@ def check_config(cfg: TrainConfig) -> None:
                          "encode it first (edm-encode) and train with dataset=latent dataset.root=LATENTS, or drop latent.vae")
     if cfg.dataset.resolution is not None:
         _positive("dataset.resolution", cfg.dataset.resolution)
+    if cfg.dataset.max_size is not None:
+        _positive("dataset.max_size", cfg.dataset.max_size)
     if cfg.mixed_precision is not None:
         check_choice(MIXED_PRECISION, cfg.mixed_precision, "mixed_precision")
     if not 0 <= cfg.augment.p <= 1:
