@@ -1,6 +1,7 @@
 """Fréchet distance, feature statistics, precision/recall and the FID Inception-v3 architecture."""
 
 import json
+import os
 import pickle
 import subprocess
 from pathlib import Path
@@ -437,3 +438,17 @@ def test_reference_statistics_carrying_code_are_refused(tmp_path):
     with pytest.raises(ValueError, match="allow_pickle"):
         metrics.load_statistics(path)
     assert not marker.exists()
+
+
+def test_edm_eval_checks_its_images_before_any_work(tmp_path):
+    """A missing path, an empty folder and a file that is not an .npz are named at once: no classifier is trained
+    first (the cache stays empty) and no traceback is printed."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    for images, message in (("nope", "no images at 'nope'"), ("empty", "no image files"),
+                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive")):
+        proc = subprocess.run([command("edm-eval"), "metric=fd_cls", f"images={images}", "dataset=digits"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                              env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists()

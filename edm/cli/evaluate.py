@@ -58,6 +58,9 @@ ConfigStore.instance().store(group="metric", name="ref", node=metrics.RefConfig)
 
 def run(cfg: EvaluateConfig, name: str) -> dict:
     """The numbers of metric `name` (or, for "ref", the reference statistics written) for this config."""
+    for source in (cfg.images, cfg.data):  # before a classifier is trained or a model loaded
+        if source is not None:
+            metrics.check_image_source(source)
     device = pick_device(cfg.cpu)
     share_cpu(device.type == "cpu")
     if name == "ref":

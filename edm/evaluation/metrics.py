@@ -271,16 +271,49 @@ def load_vgg16(path: str | Path | None, device: torch.device | str = "cpu", *, a
 # ----------------------------------------------------------------------------- image sources
 
 
+def _npz_key(path: Path, data: Any) -> str:
+    """The images' key of an open .npz: 'images' (edm) or 'arr_0' (guided-diffusion)."""
+    key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+    if key is None:
+        raise ValueError(f"{path} has no 'images' or 'arr_0' array (keys: {list(data.keys())})")
+    return key
+
+
+def _open_npz(path: Path) -> Any:
+    """np.load of an .npz (arrays read lazily, no pickles); a file that is not one is a ValueError naming it."""
+    if path.is_file() and not zipfile.is_zipfile(path):  # (np.load would try it as a pickle)
+        raise ValueError(f"{path} is not a readable .npz (not a zip archive: cut short, or another format): write it "
+                         "again (edm-sample format=npz)")
+    try:
+        return np.load(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}): write it again "
+                         "(edm-sample format=npz)") from None
+
+
 def _npz_images(path: Path) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .npz with key 'images' (edm) or 'arr_0' (guided-diffusion)."""
-    with np.load(path) as data:
-        key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
-        if key is None:
-            raise ValueError(f"{path} has no 'images' or 'arr_0' array (keys: {list(data.keys())})")
-        images = data[key]
+    with _open_npz(path) as data:
+        try:
+            images = data[_npz_key(path, data)]
+        except (OSError, zipfile.BadZipFile, EOFError) as err:  # a member cut short
+            raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}): write it again") from None
     if images.ndim != 4:
         raise ValueError(f"{path}:{key} must be [N, H, W, C] (or [N, C, H, W]), got shape {list(images.shape)}")
     return images if images.shape[-1] in (1, 3) else images.transpose(0, 2, 3, 1)
+
+
+def check_image_source(source: str | Path) -> None:
+    """Refuse, before any work, an image source that does not exist, a folder without image files or an .npz that
+    is unreadable or holds no images' array (nothing large is read)."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
+    if path.suffix == ".npz":
+        with _open_npz(path) as data:
+            _npz_key(path, data)
+    elif not image_files(path):
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
 
 
 def count_images(source: str | Path) -> int:
