@@ -285,3 +285,13 @@ def test_a_training_run_folder_is_not_an_output_folder_even_with_overwrite(tmp_p
             run_study(StudyConfig(checkpoint=str(run), out=str(run), num_images=2, overwrite=overwrite, progress=False))
     assert (run / "data.png").read_bytes() == b"the run's" and sorted(p.name for p in run.iterdir()) == [
         "checkpoint-00000010.pt", "data.png"]
+
+
+def test_a_batch_of_no_image_is_refused_before_the_folder_is_made(tmp_path, tiny_checkpoint):
+    from edm.generation.job import SampleConfig, generate_folder
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    for key in ("batch", "vae_batch"):
+        with pytest.raises(ValueError, match=f"{key}=0 must be at least 1"):
+            generate_folder(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), progress=False, **{key: 0}))
+    assert not (tmp_path / "out").exists()

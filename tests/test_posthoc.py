@@ -79,3 +79,12 @@ def test_recipe_smalls_four_commands_make_guided_samples(tmp_path, tiny_train, o
     record = json.loads((samples / "provenance.json").read_text())
     assert record["guidance"] == 1.5 and record["guidance_interval"] == [0.28, 2.9] and len(record["guide_sha256"]) == 64
     assert len(list(samples.glob("*.png"))) == 1  # the grid
+
+
+def test_a_run_folder_that_does_not_exist_or_has_no_snapshots_is_named(tmp_path):
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    with pytest.raises(FileNotFoundError, match=f"run_dir={tmp_path / 'nope'} does not exist"):
+        reconstruct(PosthocConfig(run_dir=str(tmp_path / "nope"), sigma_rel=[0.1], out=str(tmp_path / "out")))
+    with pytest.raises(FileNotFoundError, match="no power-EMA snapshots in"):
+        reconstruct(PosthocConfig(run_dir=str(tmp_path), sigma_rel=[0.1], out=str(tmp_path / "out")))

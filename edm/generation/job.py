@@ -137,6 +137,9 @@ def generate_folder(
     from accelerate import PartialState
 
     choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
+    for key in ("batch", "vae_batch"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.format == "grid" and scorer is not None:
         raise ValueError("scoring needs the images: use format=png or format=npz")
     state = PartialState(cpu=use_cpu(cfg.cpu))

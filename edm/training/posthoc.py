@@ -41,6 +41,8 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     if not cfg.sigma_rel:
         raise ValueError("sigma_rel is empty: name the EMA profiles to reconstruct, e.g. sigma_rel=[0.05,0.10]")
     std_to_exp(list(cfg.sigma_rel))  # a bad σ_rel fails before any reading
+    if not Path(cfg.run_dir).is_dir():
+        raise FileNotFoundError(f"run_dir={cfg.run_dir} does not exist: give the training run's folder")
     snaps = list_snapshots(cfg.run_dir)
     if not snaps:
         raise FileNotFoundError(f"no power-EMA snapshots in {cfg.run_dir}: train with ema_sigma_rel=[0.05,0.10] "
