@@ -154,11 +154,11 @@ def generate_folder(
     vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, state.device)
     schedule = cfg.schedule.build(info.schedule)
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
-    if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:
-        run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
-                           "is untrained", cfg.guidance)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device)
+    if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # (after guided's own refusals)
+        run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
+                           "is untrained", cfg.guidance)
     seeds = _seeds(cfg)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
