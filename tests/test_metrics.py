@@ -452,3 +452,11 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path):
                               env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_npz_of_images_without_a_channel_axis_is_named(tmp_path):
+    from edm.evaluation.metrics import count_images
+
+    np.savez(tmp_path / "flat.npz", images=np.zeros((4, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"flat.npz:images must be \[N, H, W, C\] .*got shape \[4, 8, 8\]"):
+        count_images(tmp_path / "flat.npz")

@@ -294,8 +294,9 @@ def _open_npz(path: Path) -> Any:
 def _npz_images(path: Path) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .npz with key 'images' (edm) or 'arr_0' (guided-diffusion)."""
     with _open_npz(path) as data:
+        key = _npz_key(path, data)
         try:
-            images = data[_npz_key(path, data)]
+            images = data[key]
         except (OSError, zipfile.BadZipFile, EOFError) as err:  # a member cut short
             raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}): write it again") from None
     if images.ndim != 4:
