@@ -292,8 +292,33 @@ def test_the_reference_cache_key_of_a_resized_data_set_names_its_filter():
 
     keys = {r: metrics.dataset_reference(DatasetConfig(name="digits", resolution=16, resample=r))[1]
             for r in ("lanczos", "bilinear")}
-    assert keys == {"lanczos": "digits-16px-lanczos-1797", "bilinear": "digits-16px-bilinear-1797"}
-    assert metrics.dataset_reference(DatasetConfig(name="digits"))[1] == "digits-8px-1797"  # native: no filter
+    assert keys["lanczos"].startswith("digits-16px-lanczos-1797-") and keys["bilinear"].startswith("digits-16px-bilinear-1797-")
+    assert metrics.dataset_reference(DatasetConfig(name="digits"))[1].startswith("digits-8px-1797-")  # native: no filter
+
+
+def test_two_folders_of_one_name_and_size_do_not_share_cached_statistics(tmp_path):
+    """Folders a/train (black) and b/train (white) of as many images at one resolution: their keys differ (the
+    resolved root is in the hash), and a cache entry found under a key not its own is refused, naming both."""
+    from PIL import Image
+
+    from edm.data import DatasetConfig
+
+    for name, value in (("a", 0), ("b", 255)):
+        (tmp_path / name / "train").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name / "train" / f"{i}.png")
+    configs = [DatasetConfig(name="folder", root=str(tmp_path / name / "train")) for name in "ab"]
+    (batches_a, key_a), (batches_b, key_b) = (metrics.dataset_reference(c, 4) for c in configs)
+    assert key_a != key_b and key_a.startswith("folder-train-8px-4-")
+    assert metrics.statistics_cache_path(tmp_path, "data/a_b", "x") != metrics.statistics_cache_path(tmp_path, "data/a/b", "x")
+    ext, cache = TinyExtractor(), tmp_path / "cache"
+    mu_a, _ = reference_statistics(batches_a, ext, cache_dir=cache, dataset_key=key_a, extractor_key="tiny")
+    mu_b, _ = reference_statistics(batches_b, ext, cache_dir=cache, dataset_key=key_b, extractor_key="tiny")
+    assert not np.allclose(mu_a, mu_b)
+    path_a = metrics.statistics_cache_path(cache, key_a, "tiny")
+    path_a.replace(metrics.statistics_cache_path(cache, key_b, "tiny"))  # a's numbers where b's belong
+    with pytest.raises(ValueError, match=rf"were made of '{key_a} -- tiny', not '{key_b} -- tiny': delete the file"):
+        reference_statistics(batches_b, ext, cache_dir=cache, dataset_key=key_b, extractor_key="tiny")
 
 
 # ----------------------------------------------------------------------------- evaluate_images and edm-eval

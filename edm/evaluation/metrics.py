@@ -14,6 +14,8 @@ Nothing is downloaded: the weights are local files (see `load_inception`, `load_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 import pickle
@@ -362,11 +364,14 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
 # ----------------------------------------------------------------------------- cached statistics
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count)."""
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int, made_of: str | None = None
+                    ) -> None:
+    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count; a cache
+    entry also holds `made_of`, the data set and extractor it was computed from)."""
     path = Path(path)
     path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # as np.savez names it
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images)))
+    named = {} if made_of is None else {"made_of": np.array(made_of)}
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images), **named))
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +379,7 @@ def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
-    with np.load(path) as data:
+    with _open_npz(path) as data:
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
         return data["mu"], data["sigma"]
@@ -385,8 +390,10 @@ def _slug(text: str) -> str:
 
 
 def statistics_cache_path(cache_dir: str | Path, dataset_key: str, extractor_key: str) -> Path:
-    """cache_dir/<dataset>--<extractor>.npz: one file per (data set, feature extractor) pair."""
-    return Path(cache_dir) / f"{_slug(dataset_key)}--{_slug(extractor_key)}.npz"
+    """cache_dir/<dataset>--<extractor>-<hash>.npz: one file per (data set, feature extractor) pair; the hash of the
+    two whole keys keeps keys apart that the readable part folds together (a/b and a_b)."""
+    digest = hashlib.sha256(f"{dataset_key}\0{extractor_key}".encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{_slug(dataset_key)[-80:]}--{_slug(extractor_key)[-40:]}-{digest}.npz"
 
 
 def reference_statistics(
@@ -405,12 +412,18 @@ def reference_statistics(
     """
     key = dataset_key if max_images is None else f"{dataset_key}-n{max_images}"
     path = statistics_cache_path(cache_dir, key, extractor_key) if cache_dir is not None else None
+    made_of = f"{key} -- {extractor_key}"
     if path is not None and path.is_file():
+        with _open_npz(path) as data:
+            stored = str(data["made_of"]) if "made_of" in data else None
+        if stored != made_of:
+            raise ValueError(f"the cached reference statistics {path} were made of {stored!r}, not {made_of!r}: "
+                             "delete the file to compute them again")
         logger.info("reference statistics from cache %s", path)
         return load_statistics(path)
     mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images)
     if path is not None:
-        save_statistics(path, mu, sigma, n)
+        save_statistics(path, mu, sigma, n, made_of)
         logger.info("cached reference statistics of %d images at %s", n, path)
     return mu, sigma
 
@@ -443,13 +456,29 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0
 
 def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
     """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips; the key
-    names the resize filter of a resized set (other filters, other pixels)."""
+    names the data (its resolved root, its size, the resize filter of a resized set) and ends in a hash of every
+    setting of its record (edm.data.dataset_record), so that no two data sets share it."""
+    from ..data import dataset_record
+
     config = dataclasses.replace(config, xflip=False, cond=False)
     dataset = build_dataset(config)
-    where = f"-{Path(config.root).name}" if config.name == "folder" and config.root else ""
+    root = str(Path(config.root).resolve()) if config.root else None
+    where = f"-{Path(root).name}" if root else ""
     resized = f"-{config.resample}" if config.resolution is not None else ""
-    key = f"{config.name}{where}-{dataset.resolution}px{resized}-{len(dataset)}"
+    record = json.dumps(dataset_record(config) | {"root": root, "images": len(dataset)}, sort_keys=True)
+    digest = hashlib.sha256(record.encode()).hexdigest()[:12]
+    key = f"{config.name}{where}-{dataset.resolution}px{resized}-{len(dataset)}-{digest}"
     return (lambda: dataset_batches(dataset, batch_size, config.num_workers)), key
+
+
+def _source_key(source: str | Path) -> str:
+    """An image folder or .npz as a cache key: its resolved path with, for a file, its size and modification time,
+    for a folder, its number of image files (new images there are another key)."""
+    path = Path(source).resolve()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path}:{len(image_files(path)) if path.is_dir() else 0}"
 
 
 def evaluate_images(
@@ -482,7 +511,7 @@ def evaluate_images(
     if (ref is None) == (ref_batches is None):
         raise ValueError("give exactly one reference: ref (a statistics .npz, an image folder or .npz) or ref_batches")
     if ref is not None:
-        ref_key = str(Path(ref).resolve())
+        ref_key = _source_key(ref)
         ref_batches = lambda: image_batches(ref, batch_size)  # noqa: E731
     ref_is_stats = ref is not None and is_statistics_file(ref)
     if with_precision_recall and ref_is_stats:
