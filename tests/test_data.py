@@ -215,6 +215,19 @@ def test_image_folder_flat_grayscale_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "flat")[3]
 
 
+def test_a_folder_with_any_colour_image_is_colour_whatever_its_first_file(tmp_path):
+    """Sorted first, a gray image does not turn a colour set gray (dropping every image's colour): gray images are
+    repeated over three channels instead, losing nothing."""
+    gray, red = np.full((6, 6), 90, dtype=np.uint8), np.zeros((6, 6, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    _png(tmp_path / "a.png", gray)
+    _png(tmp_path / "b.png", red)
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.channels == 3
+    np.testing.assert_array_equal(ds[1][0].permute(1, 2, 0).numpy(), red)
+    assert ds[0][0].tolist() == [gray.tolist()] * 3
+
+
 # ----------------------------------------------------------------------------- resizing (dataset.resample)
 
 

@@ -227,10 +227,12 @@ class ImageFolderDataset(ImageDataset):
         self.num_classes = len(classes)
 
     def _scan(self, files: list[str], resolution: int | None, skip_bad: bool) -> list[str]:
-        """The usable files; sets mode and resolution from the first readable one."""
+        """The usable files; sets the resolution from the first readable one, and the mode: RGB if any usable image has
+        colour (gray ones are then repeated over three channels, losing nothing), else L."""
         good: list[str] = []
         bad: list[str] = []
         first: tuple[str, tuple[int, int]] | None = None
+        colour = False
         for name in files:
             path = self.source.where(name)
             try:
@@ -247,6 +249,7 @@ class ImageFolderDataset(ImageDataset):
                            "(set dataset.resolution to resize all images)")
                 continue
             good.append(name)
+            colour = colour or mode not in _GRAY_MODES
         if bad:
             listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             if not skip_bad or not good:
@@ -257,7 +260,7 @@ class ImageFolderDataset(ImageDataset):
             run_logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
                                len(bad), len(files), self.root, listing)
         assert first is not None
-        self.mode = "L" if first[0] in _GRAY_MODES else "RGB"
+        self.mode = "RGB" if colour else "L"
         self.resolution = int(resolution or first[1][0])
         return good
 
