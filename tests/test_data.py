@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import pickle
 import struct
 from pathlib import Path
@@ -438,6 +439,11 @@ def test_a_dataset_json_wins_over_class_subfolders(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7]]}))
     with pytest.raises(ValueError, match="no label for 1 image.*dog/a.png"):
         build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
+    for bad in ("cat", None, 1.7, True):  # a class that is not a whole number is named with the file, not rounded
+        (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", bad], ["dog/a.png", 2]]}))
+        with pytest.raises(ValueError, match=rf"dataset.json: the entry \['cat/a.png', {re.escape(repr(bad))}\] is not "
+                                             r"\[name, class\]"):
+            build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
 
 
 def test_a_corrupt_image_in_a_zip_is_named_by_archive_and_member(tmp_path):

@@ -169,7 +169,12 @@ def json_labels(source: ImageSource, files: list[str]) -> dict[str, int] | None:
         raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
     if entries is None:
         return None
-    labels = {str(name): int(label) for name, label in entries}
+    labels = {}
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int)
+                and not isinstance(entry[1], bool)):
+            raise ValueError(f"{where}: the entry {entry!r} is not [name, class] with a whole-number class")
+        labels[str(entry[0])] = entry[1]
     missing = [name for name in files if name not in labels]
     if missing:
         raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {source.where(missing[0])}")
