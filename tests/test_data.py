@@ -96,6 +96,22 @@ def test_read_idx_round_trip_and_bad_file(tmp_path):
     (tmp_path / "c").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
     with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
         read_idx(tmp_path / "c")
+    (tmp_path / "d").write_bytes(b"\x00\x00\x08\x03\x00")  # a header cut short
+    with pytest.raises(ValueError, match="d is not an unsigned-byte IDX file \\(or its header is cut short\\)"):
+        read_idx(tmp_path / "d")
+    (tmp_path / "e.gz").write_bytes((tmp_path / "a.gz").read_bytes()[:20])  # a download cut short
+    with pytest.raises(ValueError, match=r"e.gz cannot be read \(EOFError"):
+        read_idx(tmp_path / "e.gz")
+
+
+def test_mnist_files_of_the_wrong_shape_or_classes_are_named(tmp_path):
+    _fake_mnist(tmp_path)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 4, 12]), compress=True)
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz holds class 12; MNIST's classes are 0 to 9"):
+        load_mnist(tmp_path)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((6, 28, 27)), compress=True)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds an array of shape \[6, 28, 27\]"):
+        load_mnist(tmp_path)
 
 
 @pytest.mark.parametrize("fashion", [False, True])

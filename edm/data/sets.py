@@ -393,9 +393,13 @@ def load_digits(resolution: int | None = None, cond: bool = False, resample: str
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format; gzip-compressed if the name ends with .gz) as a uint8 array."""
     path = Path(path)
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # a .gz cut short, or not gzip at all
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): get the file again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (or its header is cut short)")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -446,8 +450,13 @@ def load_mnist(
     else:
         raise DatasetNotFoundError(_mnist_help(str(root), fashion))
     images, labels = torch.from_numpy(read_idx(image_file).copy()), torch.from_numpy(read_idx(label_file).copy())
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{image_file} holds an array of shape {list(images.shape)}, not square images [N, H, H]")
+    if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{label_file} holds labels of shape {list(labels.shape)} for {images.shape[0]} images in "
+                         f"{image_file}")
+    if len(labels) and int(labels.max()) > 9:
+        raise ValueError(f"{label_file} holds class {int(labels.max())}; MNIST's classes are 0 to 9")
     return TensorImageDataset(resize_images(images[:, None].to(torch.uint8), resolution, resample), labels.long(), 10, cond)
 
 
