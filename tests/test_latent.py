@@ -201,9 +201,10 @@ def test_encode_resumes_the_missing_latents_and_refuses_another_vae(vaes, tmp_pa
     first = {i: np.load(out / latent_name(i)) for i in range(12)}
     for i in (3, 7, 11):
         (out / latent_name(i)).unlink()
+    (out / latent_name(5)).write_bytes((out / latent_name(5)).read_bytes()[:-8])  # a write cut short by a crash
     proc = encode(out, vaes[0], *args)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["encoded_now"] == 3
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["encoded_now"] == 4
     for i in range(12):
         np.testing.assert_array_equal(np.load(out / latent_name(i)), first[i])
     proc = encode(out, vaes[1], *args)
@@ -589,3 +590,24 @@ def test_models_mixed_in_one_sampler_must_share_the_latent_space():
                          (None, "makes pixels, the model VAE latents")):
         with pytest.raises(VAEError, match=match):
             same_latent_space(a, other, "guide G")
+
+
+def test_encode_refuses_to_resume_when_the_images_changed(vaes, tmp_path):
+    """Latent k is of image k: a file added to the folder shifts every later index, so a resume over other files
+    is refused, naming them; an unreadable latent is named by its path."""
+    from PIL import Image
+
+    from edm.data.encode import raw_statistics
+    from edm.generation.provenance import ProvenanceError
+
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
+    cfg = EncodeConfig(dataset=DatasetConfig("folder", root=str(tmp_path)), latent=LatentConfig(vae=str(vaes[0])),
+                       out=str(tmp_path / "lat"), progress=False)
+    encode_dataset(cfg)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img0a.png")
+    with pytest.raises(ProvenanceError, match=r"images.count: folder 3, now 4.*images.files_sha256"):
+        encode_dataset(cfg)
+    (tmp_path / "bad.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"latent .*bad.npy is unreadable .*delete it and run edm-encode again"):
+        raw_statistics([tmp_path / "bad.npy"])

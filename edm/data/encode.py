@@ -15,6 +15,7 @@ its shape, the raw latents' statistics per channel). An `out` ending in .zip is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -58,6 +59,26 @@ def _source(cfg: DatasetConfig) -> dict:
     return dataset_record(cfg) | {"root": root, "cond": False}
 
 
+def _images_record(dataset: ImageDataset) -> dict:
+    """Which images latent k is of: their count, and for a folder or zip a hash of its ordered file names (a file
+    added or removed shifts every later index)."""
+    base = dataset
+    while getattr(base, "files", None) is None and getattr(base, "base", None) is not None:
+        base = base.base  # through Subset and XFlip
+    files = getattr(base, "files", None)
+    digest = hashlib.sha256("\n".join(files[: len(dataset)]).encode()).hexdigest() if files is not None else None
+    return {"count": len(dataset), "files_sha256": digest}
+
+
+def _latent_complete(path: Path) -> bool:
+    """Whether a latent file holds a whole .npy array (a write cut short by a machine crash leaves less)."""
+    try:
+        np.load(path, mmap_mode="r", allow_pickle=False)  # maps the whole array: refused when the file is short
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
+
+
 def _pack(folder: Path, names: list[str], dest: Path) -> None:
     """Store `names` of `folder` in the zip `dest`, uncompressed (as edm2's dataset_tool.py), atomically."""
     def write(f) -> None:
@@ -93,7 +114,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
         raise ValueError(f"the VAE downsamples by {vae.factor}: dataset.resolution={dataset.resolution} must be a "
                          f"multiple of it")
     record = {"format": LATENTS_FORMAT, "vae_fingerprint": vae.fingerprint, "vae_dtype": cfg.latent.dtype,
-              "dataset": _source(cfg.dataset)}
+              "dataset": _source(cfg.dataset), "images": _images_record(dataset)}
     lock = None
     if state.is_main_process:
         lock = FolderLock(work, key="out", owner="encoder").acquire()
@@ -121,7 +142,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
 def _encode_shard(dataset: ImageDataset, vae, work: Path, rank: int, world: int, cfg: EncodeConfig) -> int:
     """Encode this process's images that have no file yet; returns how many."""
     mine = range(rank, len(dataset), world)
-    todo = [i for i in mine if not (work / latent_name(i)).is_file()]
+    todo = [i for i in mine if not _latent_complete(work / latent_name(i))]  # missing, or cut short
     if len(todo) < len(mine):
         logger.info("resuming: %d of this process's images are encoded already", len(mine) - len(todo))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=vae.batch,
@@ -146,7 +167,11 @@ def raw_statistics(paths) -> dict[str, list[float]]:
     first = second = None
     count = 0
     for path in paths:
-        array = np.load(path, allow_pickle=False).astype(np.float64)
+        try:
+            array = np.load(path, allow_pickle=False).astype(np.float64)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"latent {path} is unreadable ({type(err).__name__}: {err}): delete it and run "
+                             "edm-encode again to encode its image anew") from None
         mean, std = np.split(array, 2)
         s1, s2 = mean.sum(axis=(1, 2)), (mean**2 + std**2).sum(axis=(1, 2))
         first, second = (s1, s2) if first is None else (first + s1, second + s2)
