@@ -143,6 +143,16 @@ def test_stochastic_without_churn_is_heun(problem):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["ve", "vp", "edm"])
+def test_euler_maruyama_ends_on_the_denoised_image_without_final_denoise(problem, name):
+    """Its step to t = 0 is x̂ = D(x̂; σ_{N−1}), which final_denoise=True also takes: the two agree exactly (an
+    Euler–Maruyama step there would leave noise of about √3·σ_{N−1}, 0.035 under VE)."""
+    den, _, noise = problem
+    a, b = (edm.sample(den, noise, name, num_steps=10, solver="euler_maruyama", final_denoise=final,
+                       generator=torch.Generator().manual_seed(5)) for final in (False, True))
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("solver", ["stochastic", "euler_maruyama"])
 def test_per_image_generators_make_batches_splittable(problem, solver):
     den, _, _ = problem

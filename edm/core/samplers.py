@@ -188,16 +188,22 @@ def euler_maruyama(
     brownian: bool = False,
 ) -> Tensor:
     """Euler–Maruyama on the reverse SDE in x̂ = x/s with β(t) = σ'/σ  (EDM eq. 6):
-    dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²; `brownian`: Brownian-tree noise."""
+    dx̂ = −(σ'σ + βσ²) ∇log p dt + sqrt(2β) σ dω̄,  ∇log p = (D(x̂; σ) − x̂)/σ²; `brownian`: Brownian-tree noise.
+    The step to t = 0 is x̂ = D(x̂; σ_{N−1}) (Song et al.'s noise removal): an Euler–Maruyama step there would
+    leave noise of about √3·σ_{N−1} in the image."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
-    for i, t_cur, t_next, _ in _steps(t_steps):
+    for i, t_cur, t_next, last in _steps(t_steps):
         sigma, dsigma = schedule.sigma(t_cur), schedule.sigma_deriv(t_cur)
         beta = dsigma / sigma
         x_hat = x / schedule.scale(t_cur)
-        score = (denoise(denoiser, x, t_cur, schedule, class_labels) - x_hat) / sigma**2
-        dt = t_next - t_cur
-        x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
-        x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * noise(sigma, schedule.sigma(t_next))
+        D = denoise(denoiser, x, t_cur, schedule, class_labels)
+        if last:
+            x_hat = D
+        else:
+            score = (D - x_hat) / sigma**2
+            dt = t_next - t_cur
+            x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
+            x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * noise(sigma, schedule.sigma(t_next))
         x = schedule.scale(t_next) * x_hat
         if callback is not None:
             callback(i, x)
