@@ -3,6 +3,7 @@ seed; one training owns a run folder; a kill, even during a checkpoint write, lo
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -279,6 +280,20 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert resumes[0]["step"] == 2
     assert {"key": "lr", "checkpoint": 0.002, "config": 0.01} in resumes[0]["changes"]
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
+
+
+def test_a_resume_with_other_adam_settings_optimizes_with_them_and_a_torn_metrics_line_is_dropped(compose_train, caplog):
+    """The optimizer's saved state brings its saved betas and eps; a resume that records new ones (a warned change)
+    must also use them. A last metrics.jsonl line cut short by a crash does not block the resume."""
+    first = train(compose_train("total_kimg=0.016"))
+    metrics = first.checkpoint.parent / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
+    with caplog.at_level("WARNING"):
+        result = train(compose_train("total_kimg=0.032", "resume=true", "adam_betas=[0.5,0.6]", "adam_eps=0.001"))
+    assert "adam_betas: [0.9, 0.99] -> [0.5, 0.6]" in caplog.text and "not JSON records" in caplog.text
+    groups = load_checkpoint(result.checkpoint)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) and g["eps"] == 0.001 for g in groups)
+    assert all(json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
 
 
 def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_names_none_is_neither_resumed_nor_scored(

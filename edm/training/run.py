@@ -56,11 +56,23 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def trim_metrics(path: Path, step: int) -> int:
     """Drop the records of metrics.jsonl after `step` (logged after the checkpoint a run resumes from,
-    which the resumed run logs again); returns how many were dropped."""
+    which the resumed run logs again), and lines that are not JSON records (one cut short by a crash or a full
+    disk, logged); returns how many were dropped."""
     if not path.is_file():
         return 0
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+
+    def record(line: str) -> dict | None:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    torn = [line for line in lines if line.strip() and record(line) is None]
+    if torn:
+        run_logger.warning("%s: dropping %d line(s) that are not JSON records (a write cut short)", path, len(torn))
+    keep = [line for line in lines if not line.strip() or (r := record(line)) is not None and r.get("step", 0) <= step]
     if len(keep) < len(lines):
         atomic_write(path, lambda f: f.write("".join(keep).encode()))
     return len(lines) - len(keep)
@@ -272,6 +284,8 @@ def restore(run: Run, path: Path) -> None:
         run.net.load_state_dict(state["model"])
         run.ema.load_state_dict(state["ema"])
         run.optimizer.load_state_dict(state["optimizer"])
+        for group in run.optimizer.param_groups:  # the saved state brings the saved betas and eps: the config's rule
+            group["betas"], group["eps"] = tuple(run.cfg.adam_betas), run.cfg.adam_eps
         if run.phema is not None:
             if state.get("phema") is None:
                 raise ValueError("it tracks no power-function EMAs (ema_sigma_rel); resume without them or start a new run_dir")
