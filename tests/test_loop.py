@@ -110,6 +110,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_weights_broken_by_an_update_after_a_finite_loss_are_not_saved(compose_train, tmp_path):
+    """The loss is computed before the update: weights made non-finite at a checkpoint step (an infinite gradient
+    of a finite loss) are caught before that checkpoint is written, so keep_checkpoints=1 keeps the good one."""
+    def poison(run):
+        if run.state.step == 4:
+            with torch.no_grad():
+                next(run.net.parameters()).fill_(float("inf"))
+
+    with pytest.raises(TrainingDivergedError, match="weights became non-finite by step 4.*last good checkpoint is "
+                                                    ".*checkpoint-00000002.pt"):
+        train(compose_train("total_kimg=0.048", "checkpoint_every=2", "log_every=2", "keep_checkpoints=1"),
+              callback=poison)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+
+
 # ----------------------------------------------------------------------------- two processes
 
 

@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 run_logger = RunWideLog(logger)  # what every process would say alike: once per run
 
 
+def weights_finite(net: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one host read for all of them)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in net.parameters()]).all())
+
+
 class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or Inf; nothing was saved after the last finite check."""
 
@@ -333,6 +338,12 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 if grid_now and run.is_main:
                     write_grid(run, run.run_dir / f"samples-{state.step:08d}.png", run_log)
                 if save_now or done or stopping:
+                    if not weights_finite(run.net):  # an update after a finite loss (an infinite gradient) broke them
+                        raise TrainingDivergedError(
+                            f"the weights became non-finite by step {state.step} (the losses before were finite); "
+                            f"stopped without saving. The last good checkpoint is {ckpt.find_latest(run.run_dir)}. "
+                            "Lower lr, set grad_clip or use mixed_precision=no, then resume=true"
+                        )
                     checkpoint = save_checkpoint(run)
                 if stopping:
                     interrupted = True
