@@ -296,6 +296,15 @@ def test_a_resume_with_other_adam_settings_optimizes_with_them_and_a_torn_metric
     assert all(json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
 
 
+def test_the_batch_indices_log_holds_each_step_once_after_a_resume(compose_train):
+    """Steps logged after the checkpoint (before a crash) are taken again by the resumed run: their old records go."""
+    first = train(compose_train("total_kimg=0.016", "log_batch_indices=true"))
+    log = first.checkpoint.parent / "batch-indices-rank0.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 2, "round": 0, "indices": [0]}) + "\n")  # a step past it
+    train(compose_train("total_kimg=0.032", "resume=true", "log_batch_indices=true"))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
+
+
 def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_names_none_is_neither_resumed_nor_scored(
         compose_train, tmp_path):
     resized = ("dataset.resolution=6",)

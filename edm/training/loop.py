@@ -269,7 +269,11 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and state.step == 0 and cfg.grid_size > 0:
         save_grid(run.run_dir / "data.png", _data_grid(run), scale=cfg.grid_scale)
-    indices_log = open(run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl", "a") if cfg.log_batch_indices else None
+    indices_log = None
+    if cfg.log_batch_indices:  # each process's own file; records of steps after the restored one are logged again
+        indices_path = run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl"
+        trim_metrics(indices_path, state.step - 1)  # a record's step is the step's index before it is taken
+        indices_log = open(indices_path, "a")
     logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
                 cfg.batch_size, micro, world, accum, run.run_dir)
 

@@ -55,8 +55,8 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 
 def trim_metrics(path: Path, step: int) -> int:
-    """Drop the records of metrics.jsonl after `step` (logged after the checkpoint a run resumes from,
-    which the resumed run logs again), and lines that are not JSON records (one cut short by a crash or a full
+    """Drop the records of a JSON-lines log (metrics.jsonl, batch-indices-rank*.jsonl) after `step` (logged after the
+    checkpoint a run resumes from, which the resumed run logs again), and lines that are not JSON records (one cut short by a crash or a full
     disk, logged); returns how many were dropped."""
     if not path.is_file():
         return 0
