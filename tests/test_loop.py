@@ -125,6 +125,22 @@ def test_weights_broken_by_an_update_after_a_finite_loss_are_not_saved(compose_t
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
 
 
+def test_a_failed_run_with_loader_workers_leaves_its_folder_free_to_resume(compose_train):
+    """DataLoader workers are forked with the run folder's lock: they end with the failed run, even while its
+    exception (and so the loop's frame) is kept, as a notebook keeps the last one."""
+    def fail(run):
+        if run.state.step == 2:
+            raise RuntimeError("stop here")
+
+    kept = None
+    try:
+        train(compose_train("total_kimg=0.048", "checkpoint_every=2", "dataset.num_workers=1"), callback=fail)
+    except RuntimeError as err:
+        kept = err  # noqa: F841 (held on purpose)
+    result = train(compose_train("total_kimg=0.048", "checkpoint_every=2", "dataset.num_workers=1", "resume=true"))
+    assert result.state.step == 6 and kept is not None
+
+
 # ----------------------------------------------------------------------------- two processes
 
 

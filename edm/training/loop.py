@@ -360,6 +360,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
             curve = plot_loss_curve(run_log.path, run.run_dir / LOSS_CURVE_NAME)
             logger.info("wrote %s", curve)
     finally:
+        batches.close()  # ends the DataLoader's workers now: forked, they hold the run folder's lock while alive
         run_log.close()
         if indices_log is not None:
             indices_log.close()
