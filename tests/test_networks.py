@@ -366,7 +366,7 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="embedding_type"):
         networks.build("ddpmpp", embedding_type="learned")
     for bad, named in ((dict(model_channels=0), "model_channels=0"), (dict(channel_mult=[]), r"channel_mult=\[\]"),
-                       (dict(channel_mult=[1, 0]), r"channel_mult=\[1, 0\]"), (dict(dropout=1.0), "dropout=1.0")):
+                       (dict(channel_mult=[1, 0]), r"channel_mult=\[1, 0\]"), (dict(dropout=1.5), "dropout=1.5")):
         for name in ("tiny", "edm2-tiny"):  # (0 channels divided by zero, an empty channel_mult shifted by −1)
             with pytest.raises(ValueError, match=rf"network '{name}': {named} cannot be built"):
                 networks.build(name, **bad)

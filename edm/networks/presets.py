@@ -150,7 +150,7 @@ def resolve(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any
 
 
 def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
-    """Refuse sizes no network has (0 channels, an empty channel_mult, dropout outside [0, 1)), naming the key."""
+    """Refuse sizes no network has (0 channels, an empty channel_mult, a dropout outside [0, 1]), naming the key."""
     sizes = {key: kwargs[key] for key in ("img_resolution", "in_channels", "out_channels", "model_channels",
                                           "channel_mult_emb", "num_blocks", "channel_mult_noise")
              if kwargs.get(key) is not None}  # (None: the architecture's own choice)
@@ -159,11 +159,11 @@ def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
     if mult is not None and (not mult or any(not (isinstance(m, int) and m >= 1) for m in mult)):
         bad.append(f"channel_mult={list(mult)}")
     for key in ("dropout", "label_dropout"):
-        if kwargs.get(key) is not None and not 0 <= kwargs[key] < 1:
+        if kwargs.get(key) is not None and not 0 <= kwargs[key] <= 1:
             bad.append(f"{key}={kwargs[key]}")
     if bad:
         raise ValueError(f"network {name!r}: {', '.join(bad)} cannot be built; sizes are whole numbers >= 1 "
-                         "(channel_mult: one or more), dropouts in [0, 1)")
+                         "(channel_mult: one or more), dropouts in [0, 1]")
 
 
 def build(name: str, **overrides: Any) -> nn.Module:
