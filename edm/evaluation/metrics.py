@@ -374,12 +374,16 @@ def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_ima
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images), **named))
 
 
-def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, Σ) from an .npz with keys mu and sigma (NVlabs' fid-refs and pytorch-fid's --save-stats files)."""
+def load_statistics(path: str | Path, made_of: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) from an .npz with keys mu and sigma (NVlabs' fid-refs and pytorch-fid's --save-stats files); with
+    `made_of`, a cache entry that does not record exactly that origin is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
     with _open_npz(path) as data:
+        if made_of is not None and (stored := str(data["made_of"]) if "made_of" in data else None) != made_of:
+            raise ValueError(f"the cached reference statistics {path} were made of {stored!r}, not {made_of!r}: "
+                             "delete the file to compute them again")
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
         return data["mu"], data["sigma"]
@@ -414,13 +418,8 @@ def reference_statistics(
     path = statistics_cache_path(cache_dir, key, extractor_key) if cache_dir is not None else None
     made_of = f"{key} -- {extractor_key}"
     if path is not None and path.is_file():
-        with _open_npz(path) as data:
-            stored = str(data["made_of"]) if "made_of" in data else None
-        if stored != made_of:
-            raise ValueError(f"the cached reference statistics {path} were made of {stored!r}, not {made_of!r}: "
-                             "delete the file to compute them again")
         logger.info("reference statistics from cache %s", path)
-        return load_statistics(path)
+        return load_statistics(path, made_of)
     mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images)
     if path is not None:
         save_statistics(path, mu, sigma, n, made_of)

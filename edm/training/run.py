@@ -56,8 +56,8 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def trim_metrics(path: Path, step: int) -> int:
     """Drop the records of a JSON-lines log (metrics.jsonl, batch-indices-rank*.jsonl) after `step` (logged after the
-    checkpoint a run resumes from, which the resumed run logs again), and lines that are not JSON records (one cut short by a crash or a full
-    disk, logged); returns how many were dropped."""
+    checkpoint a run resumes from, which the resumed run logs again), and lines that are not JSON records (one cut
+    short by a crash or a full disk, logged); returns how many were dropped."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
@@ -69,10 +69,11 @@ def trim_metrics(path: Path, step: int) -> int:
             return None
         return value if isinstance(value, dict) else None
 
-    torn = [line for line in lines if line.strip() and record(line) is None]
+    records = [(line, record(line) if line.strip() else {}) for line in lines]  # a blank line is kept
+    torn = sum(r is None for _, r in records)
     if torn:
-        run_logger.warning("%s: dropping %d line(s) that are not JSON records (a write cut short)", path, len(torn))
-    keep = [line for line in lines if not line.strip() or (r := record(line)) is not None and r.get("step", 0) <= step]
+        run_logger.warning("%s: dropping %d line(s) that are not JSON records (a write cut short)", path, torn)
+    keep = [line for line, r in records if r is not None and r.get("step", 0) <= step]
     if len(keep) < len(lines):
         atomic_write(path, lambda f: f.write("".join(keep).encode()))
     return len(lines) - len(keep)
