@@ -125,6 +125,9 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise OutputWriteError(f"{self.key}={folder} is a file, not a folder: pass {self.key}=DIR, a folder's path")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

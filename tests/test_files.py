@@ -46,6 +46,15 @@ def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_hol
     FolderLock(tmp_path / "out").acquire().release()  # released with the block
 
 
+def test_a_folder_option_that_names_a_file_is_refused_naming_the_option(tmp_path):
+    from edm.files import FolderLock, OutputWriteError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputWriteError, match=rf"^run_dir={tmp_path / 'notes.txt'} is a file, not a folder: pass run_dir=DIR"):
+        FolderLock(tmp_path / "notes.txt").acquire()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_records_differ_at_dotted_keys_and_a_missing_leaf_is_none():
     from dataclasses import dataclass
 

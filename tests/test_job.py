@@ -124,6 +124,15 @@ def test_sample_script_errors_are_clear(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     proc = sample_script(f"checkpoint={tmp_path / 'bad.pt'}", f"out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0 and "bad.pt is not a checkpoint" in proc.stderr
+    assert not (tmp_path / "o").exists()  # a refused run makes no output folder
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = sample_script(f"checkpoint={run_dir}", "num_images=1", f"out={tmp_path / 'notes.txt'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"out={tmp_path / 'notes.txt'} is a file, not a folder: pass out=DIR" in proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
