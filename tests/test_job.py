@@ -127,6 +127,18 @@ def test_sample_script_errors_are_clear(tmp_path):
     assert not (tmp_path / "o").exists()  # a refused run makes no output folder
 
 
+def test_num_images_and_seeds_that_disagree_are_refused_and_either_alone_picks_the_seeds(tmp_path, tiny_checkpoint):
+    from edm.generation.job import DEFAULT_NUM_IMAGES, SampleConfig, _seeds, generate_folder
+
+    assert _seeds(SampleConfig(seeds="3-5")) == [3, 4, 5] == _seeds(SampleConfig(seeds="3-5", num_images=3))
+    assert _seeds(SampleConfig(num_images=2)) == [0, 1] and _seeds(SampleConfig()) == list(range(DEFAULT_NUM_IMAGES))
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"num_images=1000 but seeds=0-9 are 10 seeds: give one of the two"):
+        generate_folder(SampleConfig(checkpoint=str(ckpt), num_images=1000, seeds="0-9", out=str(tmp_path / "o"),
+                                     progress=False))
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_out_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = sample_script(f"checkpoint={run_dir}", "num_images=1", f"out={tmp_path / 'notes.txt'}", check=False)

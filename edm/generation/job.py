@@ -37,6 +37,9 @@ run_logger = RunWideLog(logger)  # what every process would say alike: once per 
 REPORT_NAME = "report.json"
 
 
+DEFAULT_NUM_IMAGES = 64  # images when neither num_images nor seeds is given
+
+
 @dataclass
 class SampleConfig:
     """Every key of edm-sample and its default."""
@@ -45,8 +48,8 @@ class SampleConfig:
     ema: bool = True  # EMA weights (edm checkpoints)
     out: str = "samples"
     format: str = "png"  # png | npz | grid
-    num_images: int = 64  # seeds 0 .. num_images - 1 when `seeds` is unset
-    seeds: Any = None  # "0-49999", "1,5,10-19" or a list; overrides num_images
+    num_images: Optional[int] = None  # seeds 0 .. num_images - 1; null: as many as `seeds`, else DEFAULT_NUM_IMAGES
+    seeds: Any = None  # "0-49999", "1,5,10-19" or a list (num_images, when given too, must be its count)
     batch: int = 64  # images per forward pass (per process)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the `sampler` group (configs/sampler/<name>.yaml)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # name null: the model's, its fields replaced by the set ones
@@ -72,11 +75,17 @@ class SampleConfig:
 
 
 def _seeds(cfg: SampleConfig) -> list[int]:
+    """The seeds to generate: `seeds`, else 0 .. num_images − 1; both given must agree (neither is dropped silently)."""
     if cfg.seeds is None:
-        if cfg.num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {cfg.num_images}")
-        return list(range(cfg.num_images))
-    return sampling.parse_seeds(cfg.seeds)
+        count = DEFAULT_NUM_IMAGES if cfg.num_images is None else cfg.num_images
+        if count < 1:
+            raise ValueError(f"num_images must be at least 1, got {count}")
+        return list(range(count))
+    seeds = sampling.parse_seeds(cfg.seeds)
+    if cfg.num_images is not None and cfg.num_images != len(seeds):
+        raise ValueError(f"num_images={cfg.num_images} but seeds={cfg.seeds} are {len(seeds)} seeds: give one of the two "
+                         f"(seeds alone picks the images; num_images alone is seeds 0..{cfg.num_images - 1})")
+    return seeds
 
 
 def _labels(labels: Any) -> int | list[int] | None:
@@ -142,6 +151,7 @@ def generate_folder(
             raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.format == "grid" and scorer is not None:
         raise ValueError("scoring needs the images: use format=png or format=npz")
+    seeds = _seeds(cfg)
     state = PartialState(cpu=use_cpu(cfg.cpu))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
@@ -159,7 +169,6 @@ def generate_folder(
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # (after guided's own refusals)
         run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
                            "is untrained", cfg.guidance)
-    seeds = _seeds(cfg)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
