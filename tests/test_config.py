@@ -65,6 +65,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     (["mixed_precision=fp8"], "mixed_precision 'fp8' is not valid; choose one of: no, fp16, bf16"),
     (["sampler.solver=rk45"], "solver 'rk45' is not valid; choose one of: euler, heun"),
     (["sampler=heun", "+sampler.options.churn=1"], "solver 'heun' does not take option(s) ['churn']"),
+    (["sampler=stochastic", "sampler.options.churn=-1"], "solver 'stochastic': churn=-1 must be a number ≥ 0"),
     (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm, trigflow"),
     (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
     (["batch_size=0"], "batch_size=0 must be > 0"),

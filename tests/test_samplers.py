@@ -235,6 +235,12 @@ def test_clear_errors(problem):
         edm.sample(den, noise * float("nan"), "edm")
     with pytest.raises(ValueError, match=r"solver 'heun' does not take option\(s\) \['churn'\]"):
         edm.sample(den, noise, "edm", solver="heun", churn=1.0)
+    with pytest.raises(ValueError, match=r"solver 'stochastic': churn=-40 must be a number ≥ 0"):
+        edm.sample(den, noise, "edm", solver="stochastic", churn=-40)  # γ < 0 would be no churn at all
+    with pytest.raises(ValueError, match=r"solver 'euler_ancestral': eta=-1.0, s_noise=-1 must be a number ≥ 0"):
+        edm.sample(den, noise, "edm", solver="euler_ancestral", eta=-1.0, s_noise=-1)
+    with pytest.raises(ValueError, match=r"s_tmin=2.0 > s_tmax=1.0 leaves no σ where churn applies"):
+        edm.sample(den, noise, "edm", solver="stochastic", churn=40, s_tmin=2.0, s_tmax=1.0)
     with pytest.raises(ValueError, match="schedule .* is not valid"):
         edm.sample(den, noise, "cosine")
 

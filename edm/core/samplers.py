@@ -853,6 +853,13 @@ def _check_inputs(noise: Tensor, class_labels: Tensor | None) -> None:
         raise ValueError(f"class_labels has batch {class_labels.shape[0]}, noise has batch {noise.shape[0]}")
 
 
+NONNEGATIVE_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise", "eta")  # amounts of noise and the σ where it is added
+
+
+def _at_least_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
 def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
     """Options of solver `name` must be keyword-only arguments of `fn` (e.g. churn for stochastic)."""
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
@@ -860,6 +867,13 @@ def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"solver {name!r} does not take option(s) {unknown}; its options are {allowed}")
+    negative = sorted(k for k in NONNEGATIVE_OPTIONS if k in options and not _at_least_zero(options[k]))
+    if negative:
+        raise ValueError(f"solver {name!r}: {', '.join(f'{k}={options[k]}' for k in negative)} must be a number ≥ 0 "
+                         "(a negative churn or noise amount would silently turn the noise off or flip it)")
+    if options.get("s_tmin", 0.0) > options.get("s_tmax", float("inf")):
+        raise ValueError(f"solver {name!r}: s_tmin={options['s_tmin']} > s_tmax={options['s_tmax']} leaves no σ "
+                         "where churn applies")
 
 
 def check_solver(solver: str, options: dict) -> Callable[..., Tensor]:
