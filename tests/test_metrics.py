@@ -331,6 +331,28 @@ def save_npz_images(path, images):
     return torch.from_numpy(k).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def test_a_reference_folder_with_an_image_replaced_in_place_is_not_read_from_the_cache(tmp_path):
+    """The folder keeps its path and image count; the replaced file's size/mtime change its cache key."""
+    import os
+
+    from PIL import Image
+
+    ext, ref = TinyExtractor(), tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    fake = tmp_path / "fake.npz"
+    save_npz_images(fake, random_images(6, 0))
+    kw = dict(extractor_key="tiny", cache_dir=tmp_path / "cache", batch_size=4)
+    first = metrics.evaluate_images(fake, ext, ref=ref, **kw)["fid"]
+    Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(ref / "0.png")  # same name, other pixels
+    os.utime(ref / "0.png", ns=(1, 1))  # and an mtime of its own
+    second = metrics.evaluate_images(fake, ext, ref=ref, **kw)["fid"]
+    uncached = metrics.evaluate_images(fake, ext, ref=ref, **kw | {"cache_dir": tmp_path / "fresh"})["fid"]
+    assert second == pytest.approx(uncached, rel=1e-9) and second != pytest.approx(first, rel=1e-6)
+
+
 def test_evaluate_images_gives_one_fid_for_every_kind_of_reference(tmp_path):
     ext = TinyExtractor()
     fake = save_npz_images(tmp_path / "fake.npz", random_images(40, 0) + 0.2)

@@ -306,17 +306,25 @@ def _npz_images(path: Path) -> np.ndarray:
     return images if images.shape[-1] in (1, 3) else images.transpose(0, 2, 3, 1)
 
 
+def _source_files(path: Path) -> list[Path] | None:
+    """The image files of a folder source, None for an .npz; a missing path or a folder without images is refused."""
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
+    if path.suffix == ".npz":
+        return None
+    files = image_files(path)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+    return files
+
+
 def check_image_source(source: str | Path) -> None:
     """Refuse, before any work, an image source that does not exist, a folder without image files or an .npz that
     is unreadable or holds no images' array (nothing large is read)."""
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
-    if path.suffix == ".npz":
+    if _source_files(path) is None:
         with _open_npz(path) as data:
             _npz_key(path, data)
-    elif not image_files(path):
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
 
 
 def count_images(source: str | Path) -> int:
@@ -337,16 +345,13 @@ def _pixel_batches(source: str | Path, batch_size: int, max_images: int | None) 
     from PIL import Image
 
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no images at {str(path)!r}: give a folder of PNG/JPG files or an .npz")
-    if path.suffix == ".npz":
+    files = _source_files(path)
+    if files is None:
         images = _npz_images(path)[:max_images]
         for start in range(0, len(images), batch_size):
             yield images[start : start + batch_size]
         return
-    files = image_files(path)[:max_images]
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+    files = files[:max_images]
     for start in range(0, len(files), batch_size):
         arrays = []
         for file in files[start : start + batch_size]:
@@ -472,12 +477,18 @@ def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], I
 
 def _source_key(source: str | Path) -> str:
     """An image folder or .npz as a cache key: its resolved path with, for a file, its size and modification time,
-    for a folder, its number of image files (new images there are another key)."""
+    for a folder, its number of image files and a hash of their names, sizes and modification times (an image
+    added, removed or replaced there is another key)."""
     path = Path(source).resolve()
     if path.is_file():
         stat = path.stat()
         return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    return f"{path}:{len(image_files(path)) if path.is_dir() else 0}"
+    files = image_files(path) if path.is_dir() else []
+    listing = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        listing.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{path}:{len(files)}:{listing.hexdigest()[:12]}"
 
 
 def evaluate_images(
