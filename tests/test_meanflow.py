@@ -152,6 +152,29 @@ def test_one_meanflow_step_with_the_exact_average_velocity_is_the_flow_map():
     torch.testing.assert_close(two, out, rtol=1e-10, atol=1e-12)  # the exact u composes: any grid, one map
 
 
+def test_n_meanflow_steps_are_n_jumps_none_spent_between_sigma_min_and_0():
+    """The default meanflow grid is the (N + 1)-point schedule grid less σ_min: each evaluation jumps from one grid
+    point to the next, the last to 0. With a flow-matching model (u = v, so each jump is an Euler step) on N(μ, s²)
+    data, the samples' spread then grows towards s with the steps."""
+    flow = GaussianFlow(mu=0.7, s=0.4)
+    sched = edm.schedules.FlowMatching()
+    instantaneous = lambda x_hat, sigma, labels=None, sigma_r=None: (calls.append((sigma[0].item(), sigma_r[0].item()))
+                                                                      or flow(x_hat, sigma, labels))  # noqa: E731
+    noise = torch.randn(4000, 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    spread = {}
+    for n in (1, 2, 4):
+        calls = []
+        spread[n] = edm.sample(instantaneous, noise, sched, num_steps=n, solver="meanflow").std().item()
+        t = sched.time_steps(n + 1, dtype=F64)
+        jumps = torch.cat([t[:n], t[-1:]])
+        expected = [sched.sigma(point).item() for pair in zip(jumps[:-1], jumps[1:]) for point in pair]
+        assert [sigma for call in calls for sigma in call] == pytest.approx(expected, rel=1e-12) and len(calls) == n
+        assert all(sigma > 2 * sched.sigma_min for sigma, _ in calls)  # no evaluation at σ_min
+    # One Euler step from t_0 ≈ 1 lands on the mean; a second from t ≈ 1/2 restores a spread of order s (a jump from
+    # σ_min would move z by about σ_min·u only), and more steps come closer to s (Euler from below).
+    assert spread[1] < 0.01 and 0.1 < spread[2] < spread[4] < 0.4
+
+
 def test_recipe_meanflow_trains_and_samples_in_one_step(compose_train, tmp_path):
     """recipe=meanflow: flow matching with the second input, finite losses, a one-step grid, a model that samples
     with sampler=meanflow (and with the ODE solvers: at r = t it is a flow-matching model); wrong pairings fail."""

@@ -815,9 +815,10 @@ def solver_time_steps(
     schedule: Schedule, solver: str, num_steps: int, discretization: str | None = None, *,
     dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
 ) -> Tensor:
-    """The default grid of `solver`: the schedule's num_steps grid; for a consistency solver the (N + 1)-step grid
-    without its last point σ_min, so that no evaluation is spent where f(x̂; σ) ≈ x̂."""
-    if solver not in CONSISTENCY_SOLVERS:
+    """The default grid of `solver`: the schedule's num_steps grid; for a consistency or MeanFlow solver (few-step
+    jumps) the (N + 1)-step grid without its last point σ_min, so that no evaluation is spent on the jump from σ_min
+    to 0, where f(x̂; σ) ≈ x̂ (2 MeanFlow steps would move z by σ_min-sized t·u in their second)."""
+    if solver not in CONSISTENCY_SOLVERS + MEANFLOW_SOLVERS:
         return schedule.time_steps(num_steps, discretization, dtype=dtype, device=device)
     t = schedule.time_steps(num_steps + 1, discretization, dtype=dtype, device=device)
     return torch.cat([t[:num_steps], t[-1:]])
