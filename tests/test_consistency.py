@@ -10,7 +10,7 @@ import torch
 
 import edm
 from edm import networks
-from edm.core.consistency import ECTLoss, SCMLoss, trigflow_F, trigflow_tangent
+from edm.core.consistency import ECTLoss, SCMLoss, check_ect_stages, ect_gap, trigflow_F, trigflow_tangent
 from edm.core.precond import PRECOND_KINDS
 
 from conftest import SMALL_PRESETS
@@ -97,6 +97,27 @@ def test_ect_mapping_function_and_its_stages():
     inside = r3 > 0
     torch.testing.assert_close((t - r4)[inside], (t - r3)[inside] / 2, rtol=1e-12, atol=0)
     assert loss.at(0).r(torch.tensor([0.002], dtype=F64)).item() == 0  # early stages: small t pairs with r = 0
+
+
+def test_ect_weight_is_one_over_the_gap_itself_at_every_stage_float32_resolves():
+    """w = 1/(t − r) with t − r = t·q^−(s+1)·n(t) as ECT writes it: in float32 at stage 12 (2^−13, the last stage
+    check_ect_stages allows with q = 2) the weight matches float64's to 1e-6, where 1/(t − r) of the rounded r is off
+    by up to ~1e-3; the loss of a pair there is finite with a finite gradient."""
+    t64 = torch.logspace(-2, 1.9, 200, dtype=F64)
+    loss = ECTLoss(stage_kimg=1.0).at(12000)
+    exact = 1 / ect_gap(t64, 12, loss.q, loss.k, loss.b)
+    t32 = t64.float()
+    torch.testing.assert_close(loss.weight(t32, loss.gap(t32)).double(), exact, rtol=1e-6, atol=0)
+    rounded = 1 / (t32 - loss.r(t32)).double()
+    assert ((rounded - exact).abs() / exact).max() > 1e-4  # what a difference of rounded times would give
+    check_ect_stages(2.0, 1.0, 13.0)  # stages 0..12 pass; a 14th does not
+    with pytest.raises(ValueError, match=r"reaches ECT stage 13.*At most 13 stages: set ect.stage_kimg ≥ 1.07692"):
+        check_ect_stages(2.0, 1.0, 14.0)
+    y, n, t = _batch()
+    den = edm.Precond(_conv_net(), kind="edm").float()
+    value = loss(den, y.float(), sigma=t.float(), noise=n.float())
+    value.sum().backward()
+    assert torch.isfinite(value).all() and all(torch.isfinite(p.grad).all() for p in den.parameters())
 
 
 def test_ect_at_r_zero_is_the_denoising_loss():
@@ -278,6 +299,8 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
     (["sampler=consistency"], "sampler=consistency samples consistency models: train one with objective=ect"),
     (["recipe=ect", "init=no/such/run"], "init='no/such/run' does not exist"),
     (["recipe=ect", "ect.q=1"], "ECT needs q > 1"),
+    (["recipe=ect", "total_kimg=400"], "total_kimg=400 with ect.stage_kimg=12 reaches ECT stage 33, where t − r ≥ "
+                                       "t·2^−34"),  # 13 stages resolve: 2^−13 = 1024 float32 ulps
 ])
 def test_bad_ect_settings_fail_before_training(compose_train, tmp_path, overrides, needle):
     from edm.training.loop import train

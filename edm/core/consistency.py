@@ -47,7 +47,8 @@ from .losses import loss_weight
 from .schedules import SIGMA_DATA
 
 __all__ = [
-    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "pseudo_huber",
+    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "ect_gap",
+    "check_ect_stages", "ECT_MIN_GAP", "pseudo_huber",
     "trigflow_F", "trigflow_tangent", "per_example", "same_draws", "forward_jvp",
 ]
 
@@ -77,9 +78,32 @@ def forward_jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> t
         return jvp(fn, primals, tangents)
 
 
+def ect_gap(t: Tensor, stage: int, q: float, k: float, b: float) -> Tensor:
+    """ECT's Δt = t − r = t·q^−(stage+1)·(1 + k·sigmoid(−b·t)), computed as itself (t − r in float32 keeps few digits
+    of a small Δt)."""
+    return t * q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t))
+
+
 def ect_r(t: Tensor, stage: int, q: float, k: float, b: float) -> Tensor:
-    """ECT's mapping r(t) = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))), clamped at 0."""
-    return (t * (1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t)))).clamp_min(0)
+    """ECT's mapping r(t) = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))) = t − Δt, clamped at 0."""
+    return (t - ect_gap(t, stage, q, k, b)).clamp_min(0)
+
+
+# The smallest relative gap Δt/t ≥ q^−(s+1) a stage may reach: 1024 float32 ulps (2^−13), so that x̂_t − x̂_r keeps
+# about 10 bits. Past it r rounds towards t, d(f_t, f_r) has no gradient and the loss turns NaN.
+ECT_MIN_GAP = 2.0**-13
+
+
+def check_ect_stages(q: float, stage_kimg: float, total_kimg: float) -> None:
+    """Refuse a run whose last stage s = ⌈total_kimg / stage_kimg⌉ − 1 has q^−(s+1) < ECT_MIN_GAP."""
+    last = math.ceil(total_kimg / stage_kimg) - 1
+    if q ** -(last + 1) < ECT_MIN_GAP:
+        stages = math.floor(math.log(1 / ECT_MIN_GAP) / math.log(q) + 1e-9)  # the most stages float32 resolves
+        raise ValueError(
+            f"total_kimg={total_kimg:g} with ect.stage_kimg={stage_kimg:g} reaches ECT stage {last}, where t − r ≥ "
+            f"t·{q:g}^−{last + 1} = {q ** -(last + 1):.2g}·t is below float32's resolution ({ECT_MIN_GAP:.2g}·t): the pair "
+            f"x̂_t, x̂_r loses its difference and the loss turns NaN. At most {stages} stages: set ect.stage_kimg ≥ "
+            f"{total_kimg / stages:g} (ECT trains 8 stages) or lower total_kimg")
 
 
 def pseudo_huber(delta: Tensor, c: float) -> Tensor:
@@ -138,9 +162,13 @@ class ECTLoss:
         """The second point of the pair: ect_r at this stage, never below the boundary σ_b."""
         return ect_r(t, self.stage, self.q, self.k, self.b).clamp_min(self.boundary_sigma)
 
-    def weight(self, t: Tensor, r: Tensor) -> Tensor:
-        """w(t, r): 1/(t − r) (ect) or the denoising loss's λ(t) (edm)."""
-        return 1 / (t - r) if self.weighting == "ect" else loss_weight(t, "edm", self.sigma_data)
+    def gap(self, t: Tensor) -> Tensor:
+        """t − r of the pair that r(t) draws, as ect_gap (not a difference of rounded times), t − σ_b where r is σ_b."""
+        return torch.minimum(ect_gap(t, self.stage, self.q, self.k, self.b), t - self.boundary_sigma)
+
+    def weight(self, t: Tensor, gap: Tensor) -> Tensor:
+        """w(t, r) with gap = t − r: 1/(t − r) (ect) or the denoising loss's λ(t) (edm)."""
+        return 1 / gap if self.weighting == "ect" else loss_weight(t, "edm", self.sigma_data)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """d(a, b) per example."""
@@ -164,7 +192,7 @@ class ECTLoss:
         t = self.sample_t(y.shape[0], generator=generator, device=y.device, dtype=y.dtype) if sigma is None else sigma
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        r = self.r(t) if r is None else r
+        r, gap = (self.r(t), self.gap(t)) if r is None else (r, t - r)
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
         x_r = y + per_example(r, y) * noise
         with same_draws(y.device):  # the target's pass replays this pass's dropout draws
@@ -174,7 +202,7 @@ class ECTLoss:
             r_safe = torch.where(inside, r, t)  # f at the boundary is x̂_r itself: no evaluation at σ = 0
             f_r = denoiser(x_r, r_safe, class_labels, **kwargs)
             target = torch.where(per_example(inside, y), f_r, x_r)
-        return self.weight(t, r) * self.distance(f_t, target)
+        return self.weight(t, gap) * self.distance(f_t, target)
 
 
 def trigflow_F(

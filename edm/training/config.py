@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..choices import check_choice, choose, options_schema
-from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss
+from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss, check_ect_stages
 from ..core.losses import LOSS_KINDS, Loss
 from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
@@ -246,6 +246,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.batch_per_device is not None:
         _positive("batch_per_device", cfg.batch_per_device)
     _positive("total_kimg", cfg.total_kimg)
+    if cfg.objective == "ect" and cfg.ect.q > 1 and cfg.ect.stage_kimg > 0:  # (other q, stage_kimg: ECTLoss refuses)
+        check_ect_stages(cfg.ect.q, cfg.ect.stage_kimg, cfg.total_kimg)
     _positive("lr", cfg.lr)
     _positive("lr_rampup_kimg", cfg.lr_rampup_kimg, allow_zero=True)
     _positive("lr_decay_kimg", cfg.lr_decay_kimg, allow_zero=True)
