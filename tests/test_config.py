@@ -70,6 +70,8 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     (["schedule.beta_d=3"], "bad option for schedule 'edm'"),
     (["batch_size=0"], "batch_size=0 must be > 0"),
     (["dataset.max_size=0"], "dataset.max_size=0 must be > 0"),
+    (["ema_sigma_rel=[0.1]"], "ema_sigma_rel=[0.1] tracks power-function EMAs for post-hoc EMA, which edm-posthoc "
+                              "makes from their snapshots: set ema_snapshot_kimg=K too"),
     (["schedule=trigflow", "precond.sigma_data=0.6"], "schedule.sigma_data=0.5 differs from precond.sigma_data=0.6"),
 ])
 def test_bad_value_fails_before_training(compose_train, tmp_path, overrides, needle):

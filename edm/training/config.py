@@ -184,6 +184,9 @@ def _check_power_ema(cfg: TrainConfig) -> None:
     _positive("ema_snapshot_kimg", cfg.ema_snapshot_kimg, allow_zero=True)
     if cfg.ema_snapshot_kimg > 0 and not rels:
         raise ValueError("ema_snapshot_kimg > 0 stores power-function EMAs: set ema_sigma_rel too, e.g. [0.05,0.10]")
+    if rels and cfg.ema_snapshot_kimg == 0:
+        raise ValueError(f"ema_sigma_rel={rels} tracks power-function EMAs for post-hoc EMA, which edm-posthoc makes from "
+                         "their snapshots: set ema_snapshot_kimg=K too (recipe=small: 8), or drop ema_sigma_rel")
 
 
 def run_folder(cfg: TrainConfig) -> str:
