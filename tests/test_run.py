@@ -154,6 +154,32 @@ def test_existing_run_needs_resume_flag(compose_train, tmp_path):
     assert again.state.step == 2 and again.checkpoint.name == "checkpoint-00000002.pt"
 
 
+def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train, tmp_path):
+    """The refusals come before the run's own files (.hydra record, train.log): a fresh run pointed at a run with
+    checkpoints, at another command's output folder, or at an earlier run's metrics.jsonl or power-EMA snapshots
+    without a checkpoint (a new run would overwrite some and sit beside the rest) leaves the folder as it was."""
+    run = tmp_path / "run"
+    train(compose_train("total_kimg=0.016"))
+    owned = []
+    with pytest.raises(RunDirError, match="already holds checkpoint-00000002.pt; pass resume=true"):
+        train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "provenance.json").write_text("{}")
+    with pytest.raises(RunDirError, match=r"is another command's output folder \(it holds provenance.json\)"):
+        train(compose_train("total_kimg=0.016", run_dir=samples), on_own_run_dir=owned.append)
+    for ckpt_file in run.glob("checkpoint-*.pt"):
+        ckpt_file.unlink()
+    (run / "phema").mkdir()
+    (run / "phema" / "snapshot-000000000128.safetensors").write_bytes(b"an earlier run's")
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
+    before = files()
+    with pytest.raises(RunDirError, match=r"holds metrics.jsonl and phema/ snapshots of an earlier run but no checkpoint"):
+        train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append)
+    assert owned == [] and files() == before
+    assert train(compose_train("total_kimg=0.016", "resume=true")).state.step == 2  # resume=true starts it over
+
+
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
     train(compose_train("total_kimg=0.016"))
     latest = find_latest(tmp_path / "run")

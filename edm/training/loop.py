@@ -34,7 +34,7 @@ from ..latent import final_latents
 from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
-from .phema import PowerEMA
+from .phema import SNAPSHOT_DIR, PowerEMA
 from .run import (
     Run, RunDirError, RunState, micro_batch_size, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_draws,
     trim_metrics,
@@ -130,6 +130,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     run_dir = Path(cfg.run_dir)
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
+        cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its .hydra record and train.log there
         if lock is not None and on_own_run_dir is not None:
             on_own_run_dir(run_dir)
         logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
@@ -140,8 +141,15 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
         raise
 
 
-def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: FolderLock | None) -> Run:
-    run_dir = Path(cfg.run_dir)
+# What other commands keep in their folders (edm-sample, edm-study, edm-encode: provenance.json; edm-export and
+# post-hoc EMA models: model.json; edm-posthoc: posthoc.json): a run_dir holding one is not a run's folder.
+OTHER_COMMANDS_RECORDS = ("provenance.json", "model.json", "posthoc.json")
+
+
+def resume_or_refuse(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """cfg with resume on where a launcher restarted the job; refused: a run_dir with a checkpoint and resume off,
+    another command's output folder, and without resume one whose metrics.jsonl or power-EMA snapshots are an
+    earlier run's that left no checkpoint (a new run would overwrite some of them and sit beside the rest)."""
     latest = ckpt.find_latest(run_dir)
     restart, counter = launcher_restart()
     if restart and not cfg.resume:  # a launcher restarted the group, or a scheduler requeued the job: continue
@@ -152,6 +160,23 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
             f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
             "or choose another run_dir (or delete the folder) to start over"
         )
+    foreign = [name for name in OTHER_COMMANDS_RECORDS if (run_dir / name).is_file()]
+    if foreign:
+        raise RunDirError(f"run_dir {run_dir} is another command's output folder (it holds {', '.join(foreign)}), not a "
+                          "training run's: choose another run_dir")
+    earlier = [name for name, there in (("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
+                                        (f"{SNAPSHOT_DIR}/ snapshots", any((run_dir / SNAPSHOT_DIR).glob("snapshot-*"))))
+               if there]
+    if latest is None and earlier and not cfg.resume:
+        raise RunDirError(f"run_dir {run_dir} holds {' and '.join(earlier)} of an earlier run but no checkpoint to resume: "
+                          "a new run there would overwrite some of them and leave the rest beside its own; choose "
+                          "another run_dir, or delete the folder to start over")
+    return cfg
+
+
+def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: FolderLock | None) -> Run:
+    run_dir = Path(cfg.run_dir)
+    latest = ckpt.find_latest(run_dir)
     if lock is not None:
         remove_stale_temporaries(run_dir)
         for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
