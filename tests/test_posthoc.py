@@ -88,3 +88,46 @@ def test_a_run_folder_that_does_not_exist_or_has_no_snapshots_is_named(tmp_path)
         reconstruct(PosthocConfig(run_dir=str(tmp_path / "nope"), sigma_rel=[0.1], out=str(tmp_path / "out")))
     with pytest.raises(FileNotFoundError, match="no power-EMA snapshots in"):
         reconstruct(PosthocConfig(run_dir=str(tmp_path), sigma_rel=[0.1], out=str(tmp_path / "out")))
+
+
+def test_an_out_of_another_trainings_snapshots_and_snapshots_of_two_trainings_are_refused(tmp_path, tiny_train,
+                                                                                          one_thread):
+    """OUT's record names each snapshot by its header (config with the seed, step, σ_rel's), not only its file name
+    and size: a run folder retrained with another seed under the same snapshot names is another OUT. Snapshots of two
+    trainings in one phema/ are refused naming the setting; profiles of earlier calls stay listed in posthoc.json."""
+    import shutil
+
+    from edm.generation.provenance import ProvenanceError
+    from edm.models.checkpoint import CheckpointError
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    run, other, out = tmp_path / "run", tmp_path / "other", tmp_path / "posthoc"
+    power_run(tiny_train, run)
+    power_run(tiny_train, other, "seed=7")
+    reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.05], out=str(out)))
+    reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.15], out=str(out)))
+    listed = json.loads((out / "posthoc.json").read_text())["profiles"]
+    assert [p["sigma_rel"] for p in listed] == [0.05, 0.15] and sorted(p.name for p in out.glob("ema-*")) == [
+        "ema-0.050", "ema-0.150"]
+    mixed = sorted((run / "phema").glob("snapshot-*"))[-1]
+    shutil.copyfile(sorted((other / "phema").glob("snapshot-*"))[-1], mixed)  # same name and size, seed 7's
+    with pytest.raises(CheckpointError, match=rf"{mixed} is of another training than .* \(seed: 0 vs 7\)"):
+        reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(tmp_path / "fresh")))
+    shutil.rmtree(run / "phema")
+    shutil.copytree(other / "phema", run / "phema")  # the run retrained with seed 7: same names, same sizes
+    with pytest.raises(ProvenanceError, match="meta_sha256"):
+        reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(out)))
+
+
+def test_sigma_rels_that_share_a_folder_and_an_out_that_is_the_run_are_refused(tmp_path, tiny_train, one_thread):
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    run = tmp_path / "run"
+    power_run(tiny_train, run)
+    with pytest.raises(ValueError, match=r"sigma_rel=\[0.1, 0.1004\]: 0.1, 0.1004 would share the folder ema-0.100"):
+        reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1, 0.1004], out=str(tmp_path / "out")))
+    for out in (run, run / "phema"):
+        with pytest.raises(ValueError, match=rf"out={out} is a training run's folder \(it holds "):
+            reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(out)))
+    assert not (tmp_path / "out").exists() and not list(run.glob("ema-*")) and not (run / "posthoc.json").exists()
+

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..files import differences, to_container, write_json
 
-__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_run_folder"]
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_run_folder", "run_folder_mark"]
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -32,14 +32,32 @@ class ProvenanceError(ValueError):
         return f"{self.finding}; {self.ways_out}"
 
 
-def refuse_run_folder(out_dir: str | Path, out_key: str = "out") -> None:
-    """Refuse an output folder that is a training run's (it holds checkpoint-*.pt): its samples, plots and .hydra
-    record are the run's, and overwrite=true would delete them."""
+def run_folder_mark(folder: str | Path) -> str | None:
+    """What makes `folder` a training run's folder, or its power-EMA snapshots' folder: its latest checkpoint's name,
+    metrics.jsonl or the snapshots; None for any other folder."""
     from ..models.checkpoint import find_latest
+    from ..training.phema import SNAPSHOT_DIR
 
-    latest = find_latest(out_dir) if Path(out_dir).is_dir() else None
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    latest = find_latest(folder)
     if latest is not None:
-        raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {latest.name}), not an output folder "
+        return latest.name
+    if (folder / "metrics.jsonl").is_file():
+        return "metrics.jsonl"
+    for place, name in ((folder / SNAPSHOT_DIR, f"{SNAPSHOT_DIR}/"), (folder, "")):
+        if any(place.glob("snapshot-*.safetensors")):
+            return f"power-EMA snapshots {name}".rstrip()
+    return None
+
+
+def refuse_run_folder(out_dir: str | Path, out_key: str = "out") -> None:
+    """Refuse an output folder that is a training run's (run_folder_mark): its samples, plots, snapshots and .hydra
+    record are the run's, and overwrite=true would delete them."""
+    mark = run_folder_mark(out_dir)
+    if mark is not None:
+        raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {mark}), not an output folder "
                          f"of its own: give another {out_key}=DIR (e.g. {Path(out_dir) / 'samples'})")
 
 

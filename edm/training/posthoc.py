@@ -10,12 +10,14 @@ command. The snapshots are combined by the least-squares weights of edm.training
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ..files import FolderLock, write_json
-from ..generation.provenance import claim
+from ..files import FolderLock, differences, write_json
+from ..generation.provenance import claim, refuse_run_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
 from .phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
@@ -36,11 +38,41 @@ def output_name(std: float) -> str:
     return f"ema-{std:.3f}"
 
 
+def _one_run(snaps: list) -> None:
+    """Snapshots of one training: one denoiser and schedule, and the settings a resume may not change (seed, data,
+    loss, batch, σ_rel's: edm.training.run.RESUME_FIXED) alike; otherwise refused naming the first difference."""
+    from .run import listed, RESUME_FIXED
+
+    first = snaps[0]
+    for s in snaps[1:]:
+        if s.meta["denoiser"] != first.meta["denoiser"] or s.meta["schedule"] != first.meta["schedule"]:
+            raise CheckpointError(f"{s.path} holds another denoiser or schedule than {first.path}: the snapshots "
+                                  "are not of one run")
+        fixed = [(k, a, b) for k, a, b in differences(first.meta.get("config") or {}, s.meta.get("config") or {},
+                                                      shared_only=True) if listed(k, RESUME_FIXED)]
+        if fixed:
+            key, a, b = fixed[0]
+            raise CheckpointError(f"{s.path} is of another training than {first.path} ({key}: {a!r} vs {b!r}): the "
+                                  "snapshots are not of one run; move the other run's snapshots away")
+
+
+def _snapshot_digest(snapshot) -> str:
+    """A snapshot's identity in OUT's record: the SHA-256 of its header's meta (config with the seed, step, σ_rel's)."""
+    return hashlib.sha256(json.dumps(snapshot.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def reconstruct(cfg: PosthocConfig) -> list[dict]:
     """Write OUT/ema-<σ_rel>/ for each cfg.sigma_rel; a summary per profile (also in OUT/posthoc.json)."""
     if not cfg.sigma_rel:
         raise ValueError("sigma_rel is empty: name the EMA profiles to reconstruct, e.g. sigma_rel=[0.05,0.10]")
     std_to_exp(list(cfg.sigma_rel))  # a bad σ_rel fails before any reading
+    stds = sorted(set(float(v) for v in cfg.sigma_rel))
+    names = [output_name(std) for std in stds]
+    clash = sorted({name for name in names if names.count(name) > 1})
+    if clash:
+        raise ValueError(f"sigma_rel={list(cfg.sigma_rel)}: {', '.join(f'{v:g}' for v in stds if output_name(v) in clash)} "
+                         f"would share the folder {clash[0]} (three decimals): give values that differ there")
+    refuse_run_folder(cfg.out)
     if not Path(cfg.run_dir).is_dir():
         raise FileNotFoundError(f"run_dir={cfg.run_dir} does not exist: give the training run's folder")
     snaps = list_snapshots(cfg.run_dir)
@@ -53,18 +85,15 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
                          f"{', '.join(f'{s.cur_nimg / 1000:g}' for s in snaps)}")
     snaps = [s for s in snaps if s.cur_nimg <= at]
     first = snaps[0]
-    for s in snaps[1:]:
-        if s.meta["denoiser"] != first.meta["denoiser"] or s.meta["schedule"] != first.meta["schedule"]:
-            raise CheckpointError(f"{s.path} holds another denoiser or schedule than {first.path}: the snapshots "
-                                  "are not of one run")
+    _one_run(snaps)
     inputs = [(s, i) for s in snaps for i in range(len(s.stds))]
     in_t, in_std = [s.cur_nimg for s, _ in inputs], [s.stds[i] for s, i in inputs]
     out = Path(cfg.out)
     with FolderLock(out, key="out", owner="post-hoc EMA"):
         record = {"run_dir": str(Path(cfg.run_dir).resolve()), "at_nimg": at,
-                  "snapshots": [{"name": s.path.name, "bytes": s.path.stat().st_size, "stds": list(s.stds)} for s in snaps]}
+                  "snapshots": [{"name": s.path.name, "bytes": s.path.stat().st_size, "stds": list(s.stds),
+                                 "meta_sha256": _snapshot_digest(s)} for s in snaps]}
         claim(out, record, [*out.glob("ema-*"), out / "posthoc.json"], overwrite=cfg.overwrite)
-        stds = sorted(set(float(v) for v in cfg.sigma_rel))
         X = posthoc_coefficients(in_t, in_std, at, stds)
         residual = profile_residual(in_t, in_std, at, stds, X)
         profiles = (profile for s in snaps for profile in s.profiles())  # each file read once, one at a time
@@ -79,5 +108,16 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
             folder = export_state(state, out / output_name(std), extra={"posthoc_ema": info},
                                   overwrite=True)  # the folder's claim above holds it to these snapshots
             summary.append({**info, "folder": str(folder)})
-        write_json(out / "posthoc.json", {"at_kimg": at / 1000, "profiles": summary})
+        write_json(out / "posthoc.json", {"at_kimg": at / 1000, "profiles": _merged(out / "posthoc.json", summary)})
     return summary
+
+
+def _merged(listing: Path, summary: list[dict]) -> list[dict]:
+    """OUT's profiles: those posthoc.json lists from earlier calls on the same snapshots (OUT's claim), with this
+    call's in place of any of the same σ_rel, by σ_rel."""
+    try:
+        earlier = json.loads(listing.read_text()).get("profiles", []) if listing.is_file() else []
+    except (OSError, ValueError):
+        earlier = []
+    made = {p["sigma_rel"] for p in summary}
+    return sorted([p for p in earlier if p.get("sigma_rel") not in made] + summary, key=lambda p: p["sigma_rel"])
