@@ -131,3 +131,13 @@ def test_sigma_rels_that_share_a_folder_and_an_out_that_is_the_run_are_refused(t
             reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(out)))
     assert not (tmp_path / "out").exists() and not list(run.glob("ema-*")) and not (run / "posthoc.json").exists()
 
+
+def test_an_export_of_a_posthoc_model_keeps_how_its_weights_were_made(tmp_path, tiny_train, one_thread):
+    from edm.models.loading import export_model
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    power_run(tiny_train, tmp_path / "run")
+    reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "posthoc")))
+    made = json.loads((tmp_path / "posthoc" / "ema-0.100" / "model.json").read_text())["posthoc_ema"]
+    export_model(tmp_path / "posthoc" / "ema-0.100", tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["posthoc_ema"] == made

@@ -77,6 +77,10 @@ def _refuse_another_model(dest: Path, source_sha256: str | None, weights: str) -
                          "out=DIR, or pass overwrite=true to replace it")
 
 
+# model.json entries that say how the weights were made (edm-posthoc's fit) and travel with them into a new export
+CARRIED = ("posthoc_ema",)
+
+
 def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
     """(the weights file, a checkpoint dict) of a model folder, read with json and safetensors only."""
     from safetensors import SafetensorError
@@ -101,5 +105,6 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
     config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
-             "config": config, "step": meta.get("step"), "latent": meta.get("latent")}
+             "config": config, "step": meta.get("step"), "latent": meta.get("latent"),
+             **{key: meta[key] for key in CARRIED if meta.get(key) is not None}}
     return weights_file, state

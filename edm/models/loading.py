@@ -24,7 +24,7 @@ from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
 from ..files import FolderLock, file_sha256
-from .export import export_state, is_export, read_export
+from .export import CARRIED, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
@@ -200,4 +200,6 @@ def export_model(source: str | Path, dest: str | Path, ema: bool = True, overwri
     path, state = read_model_file(source, ema)
     denoiser_from_state(state, ema, str(path))  # the weights must fit their spec before anything is written
     with FolderLock(dest, key="out", owner="model export"):
-        return path, export_state(state, dest, ema=ema, source_sha256=file_sha256(path), overwrite=overwrite)
+        carried = {key: state[key] for key in CARRIED if key in state}  # how a model folder's weights were made
+        return path, export_state(state, dest, ema=ema, source_sha256=file_sha256(path), extra=carried,
+                                  overwrite=overwrite)
