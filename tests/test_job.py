@@ -139,6 +139,23 @@ def test_num_images_and_seeds_that_disagree_are_refused_and_either_alone_picks_t
     assert not (tmp_path / "o").exists()
 
 
+def test_ctrl_c_stops_edm_sample_in_one_line_that_says_how_to_continue(run_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [command("edm-sample"), f"checkpoint={run_dir}", "num_images=5000", "batch=1", "progress=false", f"out={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 120
+    while not list(out.glob("*.png")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "edm-sample: stopped; rerun the same command to continue where it stopped"
+    assert list(out.glob("*.png")) and len(list(out.glob("*.png"))) < 5000
+
+
 def test_an_out_that_is_a_file_is_refused_in_one_line(run_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = sample_script(f"checkpoint={run_dir}", "num_images=1", f"out={tmp_path / 'notes.txt'}", check=False)

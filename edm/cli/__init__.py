@@ -102,15 +102,18 @@ def fail(program: str, err: BaseException) -> NoReturn:
 
 
 @contextlib.contextmanager
-def user_errors(program: str) -> Iterator[None]:
+def user_errors(program: str, on_interrupt: str = "rerun the same command") -> Iterator[None]:
     """Turn USER_ERRORS raised inside, and Hydra's errors of a config composed inside (an unknown key: "Could not
-    override 'lr_x'"), into `fail(program, err)`."""
+    override 'lr_x'"), into `fail(program, err)`; Ctrl-C into one line `program: stopped; <on_interrupt>`, exit 130."""
     from hydra.errors import HydraException
 
     try:
         yield
     except (*USER_ERRORS, HydraException) as err:
         fail(program, err)
+    except KeyboardInterrupt:
+        print(f"{program}: stopped; {on_interrupt}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def sweep_job_folder(hydra_cfg: Any, key: str | None = None) -> str | None:

@@ -22,7 +22,7 @@ ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="encode")
 def main(dcfg: DictConfig) -> None:
-    with user_errors("edm-encode"):
+    with user_errors("edm-encode", on_interrupt="rerun the same command to continue where it stopped"):
         cfg: EncodeConfig = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
         report = encode_dataset(cfg)

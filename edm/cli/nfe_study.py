@@ -24,7 +24,7 @@ ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="nfe_study")
 def main(dcfg: DictConfig) -> None:
-    with user_errors("edm-study"):
+    with user_errors("edm-study", on_interrupt="rerun the same command to continue where it stopped"):
         cfg: StudyConfig = typed(dcfg)
         device = pick_device(cfg.cpu)
         share_cpu(device.type == "cpu")

@@ -68,7 +68,7 @@ def scorer_of(cfg: SampleCommand):
 def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     handlers: list[logging.Handler] = []
-    with user_errors("edm-sample"):
+    with user_errors("edm-sample", on_interrupt="rerun the same command to continue where it stopped"):
         job = sweep_job_folder(hydra_cfg)
         if job is not None:
             dcfg.out = job

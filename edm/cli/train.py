@@ -32,7 +32,7 @@ def main(dcfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     handlers: list[logging.Handler] = []
-    with user_errors("edm-train"):
+    with user_errors("edm-train", on_interrupt="rerun it with resume=true to continue from its last checkpoint"):
         cfg: TrainConfig = typed(dcfg)
         job = sweep_job_folder(hydra_cfg, key="run_dir")
         if job is not None:
