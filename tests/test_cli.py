@@ -42,6 +42,21 @@ def test_every_command_is_a_hydra_app_with_help(name, tmp_path):
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 
+@pytest.mark.parametrize("name, override, expected", [
+    ("edm-train", "lrr=0.1", "edm-train: error: unknown key lrr: not an option of this command (--help lists them)"),
+    ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),
+    ("edm-posthoc", "sigma_rel=[0.1", "edm-posthoc: error: an override does not parse: "),
+    ("edm-eval", "metric=fidd", "edm-eval: error: In 'evaluate': Could not find 'metric/fidd'; Available options in "
+                                "'metric': bpd, fd_cls, fid, ref"),
+])
+def test_hydras_command_line_errors_are_one_line_that_names_the_key(name, override, expected, tmp_path):
+    """A misspelt key, a value of the wrong type, an override that does not parse, a group option that does not exist:
+    one line `name: error: ...` and exit 1, not Hydra's report (whose hint +KEY=V the commands refuse)."""
+    proc = run([command(name), override], cwd=tmp_path)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(expected) and "To append to your config use +" not in proc.stderr
+
+
 def test_hydra_tab_completion_installs_for_the_command_and_completes_groups(tmp_path):
     install = run([command("edm-train"), "-sc", "install=bash"], cwd=tmp_path)
     assert install.returncode == 0 and install.stdout.rstrip().endswith("-F hydra_bash_completion edm-train")

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "sweep_job_folder", "own_folder_files",
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files",
            "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
@@ -103,17 +106,70 @@ def fail(program: str, err: BaseException) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors(program: str, on_interrupt: str = "rerun the same command") -> Iterator[None]:
-    """Turn USER_ERRORS raised inside, and Hydra's errors of a config composed inside (an unknown key: "Could not
-    override 'lr_x'"), into `fail(program, err)`; Ctrl-C into one line `program: stopped; <on_interrupt>`, exit 130."""
+    """Turn USER_ERRORS raised inside, and Hydra's errors of a config composed inside (one_line: "unknown key
+    lr_x: ..."), into `fail(program, err)`; Ctrl-C into one line `program: stopped; <on_interrupt>`, exit 130."""
     from hydra.errors import HydraException
 
     try:
         yield
-    except (*USER_ERRORS, HydraException) as err:
+    except HydraException as err:
+        fail(program, one_line(err))
+    except USER_ERRORS as err:
         fail(program, err)
     except KeyboardInterrupt:
         print(f"{program}: stopped; {on_interrupt}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a @hydra.main function so that Hydra's own errors of a command line (a misspelt key, a value of the
+    wrong type, a group option that does not exist, an override that does not parse) end in one line
+    `program: error: ...` (exit 1) instead of Hydra's report, whose hint "+KEY=V" `typed` refuses. Hydra raises
+    them only with HYDRA_FULL_ERROR set, which also leaves a bug's traceback whole."""
+
+    def decorate(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hydra_main)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+
+            before = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                return hydra_main(*args, **kwargs)
+            except (HydraException, OmegaConfBaseException) as err:
+                fail(program, one_line(err))
+            finally:
+                if before is None:
+                    os.environ.pop("HYDRA_FULL_ERROR", None)
+                else:
+                    os.environ["HYDRA_FULL_ERROR"] = before
+
+        return run
+
+    return decorate
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's multi-line message of a command-line error as one line: an unknown key named as such (Hydra's hint
+    +KEY=V is dropped), a bad value with OmegaConf's reason, a missing group option with the options."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text, cause = str(err), err.__cause__
+    override = re.match(r"Could not override '([^']+)'", text)
+    if override and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return f"unknown key {override.group(1)}: not an option of this command (--help lists them)"
+    merging = re.match(r"Error merging override (.+)", text)
+    if (override or merging) and cause is not None:
+        return f"{(override or merging).group(1)}: {str(cause).splitlines()[0]}"
+    if isinstance(err, OverrideParseException):
+        return f"an override does not parse: {text.splitlines()[0]} (quote lists and strings for the shell: 'KEY=[a,b]')"
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "provider=", "Config search path"))]
+    if lines and lines[0].startswith("In '") and "Could not find" in lines[0] and len(lines) > 1:
+        return f"{lines[0]}; {lines[1].rstrip(':')}: {', '.join(lines[2:])}"
+    return "; ".join(lines)
 
 
 def sweep_job_folder(hydra_cfg: Any, key: str | None = None) -> str | None:

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..models.nvlabs import convert
-from . import CONFIG_DIR, typed, user_errors
+from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ConvertConfig:
 ConfigStore.instance().store(name="convert_nvlabs_schema", node=ConvertConfig)
 
 
+@hydra_errors("edm-convert-nvlabs")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="convert_nvlabs")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-convert-nvlabs"):

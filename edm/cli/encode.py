@@ -15,11 +15,12 @@ from omegaconf import DictConfig
 
 from ..data.encode import EncodeConfig, encode_dataset
 from ..hardware import share_cpu, use_cpu
-from . import CONFIG_DIR, typed, user_errors
+from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 
 
+@hydra_errors("edm-encode")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="encode")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-encode", on_interrupt="rerun the same command to continue where it stopped"):

@@ -31,7 +31,7 @@ from ..evaluation.scorers import METRICS, ScoringContext, evaluate
 from ..files import write_json
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
-from . import CONFIG_DIR, typed, user_errors
+from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
 __all__ = ["EvaluateConfig", "run", "merge_report"]
 
@@ -93,6 +93,7 @@ def merge_report(path: str | None, numbers: dict) -> None:
     write_json(path, report)
 
 
+@hydra_errors("edm-eval")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-eval"):

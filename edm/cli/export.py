@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from ..models.export import WEIGHTS_NAME
 from ..models.loading import export_model
-from . import CONFIG_DIR, typed, user_errors
+from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
+@hydra_errors("edm-export")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-export"):

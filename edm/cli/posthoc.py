@@ -14,11 +14,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..training.posthoc import PosthocConfig, reconstruct
-from . import CONFIG_DIR, typed, user_errors
+from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="posthoc_schema", node=PosthocConfig)
 
 
+@hydra_errors("edm-posthoc")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="posthoc")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-posthoc"):

@@ -30,7 +30,7 @@ from ..generation.job import SampleConfig, generate_folder
 from ..latent import VAE
 from ..hardware import share_cpu, use_cpu
 from ..models.loading import ModelInfo
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, typed, user_errors
+from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
 
 
 @dataclass
@@ -64,6 +64,7 @@ def scorer_of(cfg: SampleCommand):
     return build
 
 
+@hydra_errors("edm-sample")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()

@@ -21,11 +21,12 @@ from omegaconf import DictConfig
 from ..hardware import join_restarted_group, process_identity, set_precision_flags, share_cpu, use_cpu
 from ..training.config import TrainConfig
 from ..training.loop import train
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, typed, user_errors
+from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+@hydra_errors("edm-train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
     from accelerate import PartialState
