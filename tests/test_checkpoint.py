@@ -162,8 +162,9 @@ def test_weights_that_do_not_fit_the_spec(tmp_path):
     state["denoiser"] = {**SPEC, "network": {**SPEC["network"], "model_channels": 16}}
     path = tmp_path / "c.pt"
     save_checkpoint(path, state)
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError, match=r"do not fit its denoiser spec \(\d+ problem\(s\): size mismatch for ") as err:
         load_denoiser(path)
+    assert "\n" not in str(err.value) and str(err.value).count("size mismatch") == 3  # the first three, then a count
     with pytest.raises(CheckpointError, match="bad denoiser spec"):
         build_denoiser({"network": {"img_resolution": 8}, "precond": {}})
 
@@ -181,6 +182,9 @@ def test_a_file_that_is_no_checkpoint_is_not_called_a_corrupt_one(tmp_path):
     (tmp_path / "notes.pt").write_text("a text file")
     with pytest.raises(CheckpointError, match="notes.pt is not a checkpoint: it is a file that starts with b'a te'"):
         load_checkpoint(tmp_path / "notes.pt")
+    (tmp_path / "snapshot-000000000064.safetensors").write_bytes(b"\x10\x00\x00\x00")
+    with pytest.raises(CheckpointError, match="it is a file that .*\\(a power-EMA snapshot: make a model of it with edm-posthoc\\)"):
+        load_checkpoint(tmp_path / "snapshot-000000000064.safetensors")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.pt is not a checkpoint: it is an empty file"):
         load_checkpoint(tmp_path / "empty.pt")

@@ -86,6 +86,9 @@ def test_a_run_folder_that_does_not_exist_or_has_no_snapshots_is_named(tmp_path)
 
     with pytest.raises(FileNotFoundError, match=f"run_dir={tmp_path / 'nope'} does not exist"):
         reconstruct(PosthocConfig(run_dir=str(tmp_path / "nope"), sigma_rel=[0.1], out=str(tmp_path / "out")))
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"run_dir={tmp_path / 'c.pt'} is a file, not a folder"):
+        reconstruct(PosthocConfig(run_dir=str(tmp_path / "c.pt"), sigma_rel=[0.1], out=str(tmp_path / "out")))
     with pytest.raises(FileNotFoundError, match="no power-EMA snapshots in"):
         reconstruct(PosthocConfig(run_dir=str(tmp_path), sigma_rel=[0.1], out=str(tmp_path / "out")))
 

@@ -64,7 +64,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         head = f.read(4)
     if head != _ZIP_MAGIC:
         what = "an empty file" if not head else f"a file that starts with {head!r}, not a torch.save archive"
-        raise CheckpointError(f"{path} is not a checkpoint: it is {what}; pass an edm checkpoint-*.pt (or its run folder)")
+        hint = (" (a power-EMA snapshot: make a model of it with edm-posthoc)" if path.name.startswith("snapshot-")
+                and path.suffix == ".safetensors" else "")
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; pass an edm checkpoint-*.pt (or its "
+                              "run folder)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
@@ -97,7 +100,10 @@ def denoiser_from_state(state: dict, ema: bool = True, source: str = "checkpoint
     try:
         denoiser.load_state_dict(state[key])
     except RuntimeError as err:
-        raise CheckpointError(f"{source}: weights {key!r} do not fit its denoiser spec: {err}") from None
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"{source}: weights {key!r} do not fit its denoiser spec ({len(problems)} problem(s): "
+                              f"{shown})") from None
     return denoiser.eval()
 
 

@@ -74,7 +74,8 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
                          f"would share the folder {clash[0]} (three decimals): give values that differ there")
     refuse_run_folder(cfg.out)
     if not Path(cfg.run_dir).is_dir():
-        raise FileNotFoundError(f"run_dir={cfg.run_dir} does not exist: give the training run's folder")
+        what = "is a file, not a folder" if Path(cfg.run_dir).exists() else "does not exist"
+        raise FileNotFoundError(f"run_dir={cfg.run_dir} {what}: give the training run's folder")
     snaps = list_snapshots(cfg.run_dir)
     if not snaps:
         raise FileNotFoundError(f"no power-EMA snapshots in {cfg.run_dir}: train with ema_sigma_rel=[0.05,0.10] "
