@@ -104,3 +104,22 @@ def test_an_export_refuses_a_folder_of_another_model_and_a_run_folder(trained, t
     with pytest.raises(ValueError, match="is a training run's folder"):
         export_model(trained, trained.parent, overwrite=True)
     assert not (trained.parent / "model.json").exists()
+
+
+def test_a_sampler_and_an_export_refuse_each_others_folders(trained, tmp_path):
+    """A model folder is not a folder of samples, nor a folder of results (provenance.json: edm-sample, edm-study,
+    edm-posthoc) one of a model: each is refused naming what the folder holds."""
+    from edm.generation.job import SampleConfig, generate_folder
+    from edm.models.loading import export_model
+
+    model = tmp_path / "model"
+    export_model(trained, model)
+    with pytest.raises(ValueError, match=rf"out={model} is a model folder of another command \(it holds model.json\)"):
+        generate_folder(SampleConfig(checkpoint=str(trained), num_images=1, out=str(model), progress=False))
+    samples = tmp_path / "samples"
+    generate_folder(SampleConfig(checkpoint=str(model), num_images=1, out=str(samples), progress=False))
+    with pytest.raises(ValueError, match=rf"out={samples} is a results folder of another command \(it holds "
+                                         "provenance.json\)"):
+        export_model(trained, samples, overwrite=True)
+    assert sorted(p.name for p in model.iterdir() if not p.name.startswith(".")) == ["model.json", "model.safetensors"]
+    assert not (samples / "model.json").exists()

@@ -39,7 +39,7 @@ from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
 from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, dataset_record, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
-from ..generation.provenance import claim, refuse_run_folder
+from ..generation.provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
 from ..latent import VAE, model_vae, same_latent_space
 from ..models.loading import ModelInfo, guided, load_model
@@ -209,7 +209,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     this process owns meanwhile)."""
     device = torch.device(device)
     out = Path(cfg.out)
-    refuse_run_folder(out)
+    refuse_foreign_folder(out)
     if cfg.num_images < 2:
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
     if not cfg.eval.metrics:

@@ -28,7 +28,7 @@ from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_
 from ..latent import VAE, model_vae
 from ..models.loading import ModelInfo, guided, load_model
 from . import outputs, sampling
-from .provenance import claim, refuse_run_folder
+from .provenance import claim, refuse_foreign_folder
 
 __all__ = ["SampleConfig", "generate_folder", "REPORT_NAME"]
 
@@ -172,7 +172,7 @@ def generate_folder(
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
-    refuse_run_folder(out)
+    refuse_foreign_folder(out)
     record = provenance(cfg, schedule, info, launch, vae) | {
         "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
     lock = None

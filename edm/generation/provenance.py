@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..files import differences, to_container, write_json
 
-__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_run_folder", "run_folder_mark"]
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_folder_mark", "FOLDER_RECORDS"]
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -52,13 +52,23 @@ def run_folder_mark(folder: str | Path) -> str | None:
     return None
 
 
-def refuse_run_folder(out_dir: str | Path, out_key: str = "out") -> None:
-    """Refuse an output folder that is a training run's (run_folder_mark): its samples, plots, snapshots and .hydra
-    record are the run's, and overwrite=true would delete them."""
+# The record a command keeps in its output folder: results (edm-sample, edm-study, edm-posthoc, edm-encode) or a
+# model (edm-export, edm-convert-nvlabs).
+FOLDER_RECORDS = {PROVENANCE_NAME: "results folder", "model.json": "model folder"}
+
+
+def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_key: str = "out") -> None:
+    """Refuse an output folder that is a training run's (run_folder_mark: its samples, plots, snapshots and .hydra
+    record are the run's, and overwrite=true would delete them) or holds another kind of command's record than `own`
+    (a model folder for a sampler, a results folder for an export)."""
     mark = run_folder_mark(out_dir)
     if mark is not None:
         raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {mark}), not an output folder "
                          f"of its own: give another {out_key}=DIR (e.g. {Path(out_dir) / 'samples'})")
+    other = [name for name in FOLDER_RECORDS if name != own and (Path(out_dir) / name).is_file()]
+    if other:
+        raise ValueError(f"{out_key}={out_dir} is a {FOLDER_RECORDS[other[0]]} of another command (it holds {other[0]}), "
+                         f"not one for this command's {FOLDER_RECORDS[own].split()[0]}: give another {out_key}=DIR")
 
 
 def _canonical(record: dict) -> dict:

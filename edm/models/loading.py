@@ -194,9 +194,9 @@ def export_model(source: str | Path, dest: str | Path, ema: bool = True, overwri
     """Any model file edm.models.loading reads (a checkpoint, a run folder, an NVlabs .pkl) as the model folder
     `dest`, its EMA (or raw) weights checked against their spec first; `dest` may not be a training run's folder, nor
     (unless overwrite) hold a model of another source. (the file read, the folder written)."""
-    from ..generation.provenance import refuse_run_folder
+    from ..generation.provenance import refuse_foreign_folder
 
-    refuse_run_folder(dest)
+    refuse_foreign_folder(dest, own="model.json")
     path, state = read_model_file(source, ema)
     denoiser_from_state(state, ema, str(path))  # the weights must fit their spec before anything is written
     with FolderLock(dest, key="out", owner="model export"):

@@ -372,8 +372,10 @@ def to_checkpoint(snap: NVlabsSnapshot, source: str) -> dict:
 def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> NVlabsSnapshot:
     """Write NVlabs snapshot `pkl` as a model folder `out` (edm.models.export), or as an edm checkpoint when
     `out` ends in .pt; its weights must load strictly first, and its code never runs. A model of another source
-    there (any .pt file) is refused unless `overwrite`. The parsed snapshot."""
-    from ..files import file_sha256
+    there (any .pt file) is refused unless `overwrite`, a run's or another command's folder always. The parsed
+    snapshot."""
+    from ..files import FolderLock, file_sha256
+    from ..generation.provenance import refuse_foreign_folder
     from .checkpoint import save_checkpoint
     from .export import export_state
 
@@ -386,5 +388,7 @@ def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fa
             raise ValueError(f"{out} exists: give another out=FILE.pt, or pass overwrite=true to replace it")
         save_checkpoint(out, state)
     else:
-        export_state(state, out, source_sha256=file_sha256(pkl), overwrite=overwrite)
+        refuse_foreign_folder(out, own="model.json")  # not a run's folder, nor another command's results
+        with FolderLock(out, key="out", owner="model export"):
+            export_state(state, out, source_sha256=file_sha256(pkl), overwrite=overwrite)
     return snap

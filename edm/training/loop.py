@@ -27,6 +27,7 @@ from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
+from ..generation.provenance import FOLDER_RECORDS
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
@@ -141,11 +142,6 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
         raise
 
 
-# What other commands keep in their folders (edm-sample, edm-study, edm-encode: provenance.json; edm-export and
-# post-hoc EMA models: model.json; edm-posthoc: posthoc.json): a run_dir holding one is not a run's folder.
-OTHER_COMMANDS_RECORDS = ("provenance.json", "model.json", "posthoc.json")
-
-
 def resume_or_refuse(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """cfg with resume on where a launcher restarted the job; refused: a run_dir with a checkpoint and resume off,
     another command's output folder, and without resume one whose metrics.jsonl or power-EMA snapshots are an
@@ -160,7 +156,7 @@ def resume_or_refuse(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
             f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
             "or choose another run_dir (or delete the folder) to start over"
         )
-    foreign = [name for name in OTHER_COMMANDS_RECORDS if (run_dir / name).is_file()]
+    foreign = [name for name in FOLDER_RECORDS if (run_dir / name).is_file()]  # other commands' output folders
     if foreign:
         raise RunDirError(f"run_dir {run_dir} is another command's output folder (it holds {', '.join(foreign)}), not a "
                           "training run's: choose another run_dir")

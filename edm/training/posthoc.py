@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..files import FolderLock, differences, write_json
-from ..generation.provenance import claim, refuse_run_folder
+from ..generation.provenance import claim, refuse_foreign_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
 from .phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
@@ -72,7 +72,7 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     if clash:
         raise ValueError(f"sigma_rel={list(cfg.sigma_rel)}: {', '.join(f'{v:g}' for v in stds if output_name(v) in clash)} "
                          f"would share the folder {clash[0]} (three decimals): give values that differ there")
-    refuse_run_folder(cfg.out)
+    refuse_foreign_folder(cfg.out)
     if not Path(cfg.run_dir).is_dir():
         what = "is a file, not a folder" if Path(cfg.run_dir).exists() else "does not exist"
         raise FileNotFoundError(f"run_dir={cfg.run_dir} {what}: give the training run's folder")
