@@ -111,8 +111,9 @@ def _diffusers() -> Any:
 
 
 def _is_path(name: str) -> bool:
-    """A name that can only be a folder (absolute, relative with ./ or ~, or more than one '/')."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1
+    """A name that can only be a folder: absolute, relative with ./ or ~, not of the hub's one-'/' form
+    ("owner/model"), or of that form with a local folder for its owner (runs/vae: a typo'd path, not a hub name)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).parent.is_dir()
 
 
 def load_autoencoder(name: str, device: torch.device | str = "cpu") -> Any:

@@ -146,6 +146,10 @@ def test_vae_fingerprint_names_the_weights_not_the_folder(vaes, tmp_path):
 def test_vae_errors_say_what_to_do(vaes, tmp_path, monkeypatch):
     with pytest.raises(VAEError, match="VAE folder .*missing does not exist"):
         load_autoencoder(str(tmp_path / "missing"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(VAEError, match="VAE folder runs/vea does not exist"):  # a folder's typo, not a hub name:
+        load_autoencoder("runs/vea")  # no attempt at the network
     (tmp_path / "empty").mkdir()
     with pytest.raises(VAEError, match="has no config.json"):
         load_autoencoder(str(tmp_path / "empty"))
