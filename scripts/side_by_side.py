@@ -58,7 +58,7 @@ from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
 from edm.files import FolderInUseError, FolderLock, atomic_write, differences, to_container, write_json
-from edm.generation.provenance import ProvenanceError, claim
+from edm.generation.provenance import ProvenanceError, claim, run_marks
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct
@@ -181,7 +181,7 @@ def train_edm(overrides: list[str], run_dir: Path) -> Path:
     done = finished_checkpoint(run_dir, overrides)
     if done is not None:
         return done
-    resume = ckpt.find_latest(run_dir) is not None
+    resume = bool(run_marks(run_dir))  # a checkpoint, or a cut run's records or snapshots: continue or start it over
     result = train(compose("train", [*overrides, f"resume={str(resume).lower()}"]))
     if result.interrupted:  # Ctrl-C, SIGTERM: the checkpoint is saved, the run is not finished
         raise SystemExit(f"side_by_side.py: error: the run in {run_dir} stopped at step {result.state.step}, before its "

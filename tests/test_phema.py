@@ -100,12 +100,16 @@ def test_a_reconstructed_profile_matches_the_directly_tracked_one_within_the_fit
 
 
 def test_power_emas_snapshot_and_resume_exactly(tmp_path, tiny_train, one_thread):
-    """8 steps straight and 4 + 4 after a resume write the same snapshots and end at the same EMAs."""
+    """8 steps straight and 4 + 4 after a resume write the same snapshots and end at the same EMAs; a snapshot taken
+    after the checkpoint a run resumes from is deleted (the resumed run takes its own)."""
     from edm.models.checkpoint import load_checkpoint
 
     straight = power_run(tiny_train, tmp_path / "straight")
     power_run(tiny_train, tmp_path / "halves", "total_kimg=0.032")
+    after = tmp_path / "halves" / "phema" / "snapshot-000000000080.safetensors"
+    after.write_bytes(b"taken after the checkpoint, before a crash")  # the resumed run drops it (and ends at 64)
     resumed = power_run(tiny_train, tmp_path / "halves", "resume=true")
+    assert not after.exists()
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     assert a["phema"]["stds"] == [0.05, 0.1]
     for ea, eb in zip(a["phema"]["emas"], b["phema"]["emas"]):

@@ -156,8 +156,9 @@ def test_existing_run_needs_resume_flag(compose_train, tmp_path):
 
 def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train, tmp_path):
     """The refusals come before the run's own files (.hydra record, train.log): a fresh run pointed at a run with
-    checkpoints, at another command's output folder, or at an earlier run's metrics.jsonl or power-EMA snapshots
-    without a checkpoint (a new run would overwrite some and sit beside the rest) leaves the folder as it was."""
+    checkpoints, at another command's output folder, or at an earlier run's metrics.jsonl records or power-EMA
+    snapshots without a checkpoint (a new run would overwrite some and sit beside the rest) leaves the folder as it
+    was; resume=true starts such a run over without its snapshots; an empty metrics.jsonl is no earlier run."""
     run = tmp_path / "run"
     train(compose_train("total_kimg=0.016"))
     owned = []
@@ -174,10 +175,16 @@ def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train,
     (run / "phema" / "snapshot-000000000128.safetensors").write_bytes(b"an earlier run's")
     files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
     before = files()
-    with pytest.raises(RunDirError, match=r"holds metrics.jsonl and phema/ snapshots of an earlier run but no checkpoint"):
+    with pytest.raises(RunDirError, match=r"holds metrics.jsonl and power-EMA snapshots phema/ of an earlier run but no "
+                                          r"checkpoint: .*pass resume=true to start that run over"):
         train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append)
     assert owned == [] and files() == before
     assert train(compose_train("total_kimg=0.016", "resume=true")).state.step == 2  # resume=true starts it over
+    assert not list((run / "phema").iterdir())  # without the earlier snapshots, which a post-hoc EMA would mix in
+    fresh = tmp_path / "failed-at-step-1"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text("")  # a run that failed before its first record
+    assert train(compose_train("total_kimg=0.016", run_dir=fresh)).state.step == 2
 
 
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
@@ -293,7 +300,7 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     train(compose_train("total_kimg=0.016"))
     with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the checkpoint's values"):
         train(compose_train("total_kimg=0.032", "resume=true", "seed=1"))
-    with pytest.raises(CheckpointError, match="another loss.*loss.P_mean: checkpoint -1.2, config -1.0"):
+    with pytest.raises(CheckpointError, match="other settings that a resume may not change \\(loss.P_mean: checkpoint -1.2, config -1.0"):
         train(compose_train("total_kimg=0.032", "resume=true", "loss.P_mean=-1.0"))
     with pytest.raises(CheckpointError, match="loss.kind: checkpoint 'edm', config 'vp'"):
         train(compose_train("total_kimg=0.032", "resume=true", "loss.kind=vp"))

@@ -15,7 +15,8 @@ from typing import Iterable
 
 from ..files import differences, to_container, write_json
 
-__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_folder_mark", "FOLDER_RECORDS"]
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_folder_mark", "run_marks",
+           "other_records", "FOLDER_RECORDS"]
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -32,29 +33,39 @@ class ProvenanceError(ValueError):
         return f"{self.finding}; {self.ways_out}"
 
 
-def run_folder_mark(folder: str | Path) -> str | None:
+def run_marks(folder: str | Path) -> list[str]:
     """What makes `folder` a training run's folder, or its power-EMA snapshots' folder: its latest checkpoint's name,
-    metrics.jsonl or the snapshots; None for any other folder."""
+    a metrics.jsonl with records, its snapshots; empty for any other folder."""
     from ..models.checkpoint import find_latest
     from ..training.phema import SNAPSHOT_DIR
 
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
     latest = find_latest(folder)
-    if latest is not None:
-        return latest.name
-    if (folder / "metrics.jsonl").is_file():
-        return "metrics.jsonl"
+    metrics = folder / "metrics.jsonl"
+    marks = [latest.name] if latest is not None else []
+    marks += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
     for place, name in ((folder / SNAPSHOT_DIR, f"{SNAPSHOT_DIR}/"), (folder, "")):
         if any(place.glob("snapshot-*.safetensors")):
-            return f"power-EMA snapshots {name}".rstrip()
-    return None
+            marks.append(f"power-EMA snapshots {name}".rstrip())
+    return marks
+
+
+def run_folder_mark(folder: str | Path) -> str | None:
+    """The first of run_marks, None for a folder that is no run's."""
+    marks = run_marks(folder)
+    return marks[0] if marks else None
 
 
 # The record a command keeps in its output folder: results (edm-sample, edm-study, edm-posthoc, edm-encode) or a
 # model (edm-export, edm-convert-nvlabs).
 FOLDER_RECORDS = {PROVENANCE_NAME: "results folder", "model.json": "model folder"}
+
+
+def other_records(folder: str | Path, own: str | None = None) -> list[str]:
+    """The FOLDER_RECORDS files in `folder` other than `own`: another kind of command's output folder."""
+    return [name for name in FOLDER_RECORDS if name != own and (Path(folder) / name).is_file()]
 
 
 def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_key: str = "out") -> None:
@@ -65,7 +76,7 @@ def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_k
     if mark is not None:
         raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {mark}), not an output folder "
                          f"of its own: give another {out_key}=DIR (e.g. {Path(out_dir) / 'samples'})")
-    other = [name for name in FOLDER_RECORDS if name != own and (Path(out_dir) / name).is_file()]
+    other = other_records(out_dir, own)
     if other:
         raise ValueError(f"{out_key}={out_dir} is a {FOLDER_RECORDS[other[0]]} of another command (it holds {other[0]}), "
                          f"not one for this command's {FOLDER_RECORDS[own].split()[0]}: give another {out_key}=DIR")

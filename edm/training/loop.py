@@ -27,7 +27,7 @@ from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
-from ..generation.provenance import FOLDER_RECORDS
+from ..generation.provenance import other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
@@ -35,7 +35,7 @@ from ..latent import final_latents
 from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
-from .phema import SNAPSHOT_DIR, PowerEMA
+from .phema import PowerEMA, trim_snapshots
 from .run import (
     Run, RunDirError, RunState, micro_batch_size, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_draws,
     trim_metrics,
@@ -144,29 +144,27 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
 
 def resume_or_refuse(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """cfg with resume on where a launcher restarted the job; refused: a run_dir with a checkpoint and resume off,
-    another command's output folder, and without resume one whose metrics.jsonl or power-EMA snapshots are an
-    earlier run's that left no checkpoint (a new run would overwrite some of them and sit beside the rest)."""
+    and, where it holds no checkpoint, another command's output folder, or without resume an earlier run's
+    metrics.jsonl records or power-EMA snapshots (a new run would overwrite some and sit beside the rest)."""
     latest = ckpt.find_latest(run_dir)
     restart, counter = launcher_restart()
     if restart and not cfg.resume:  # a launcher restarted the group, or a scheduler requeued the job: continue
         logger.warning("restart %d (%s): resuming from %s", restart, counter, latest or "the start (no checkpoint yet)")
         cfg = dataclasses.replace(cfg, resume=True)
-    if latest is not None and not cfg.resume:
-        raise RunDirError(
-            f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
-            "or choose another run_dir (or delete the folder) to start over"
-        )
-    foreign = [name for name in FOLDER_RECORDS if (run_dir / name).is_file()]  # other commands' output folders
+    if latest is not None:
+        if not cfg.resume:
+            raise RunDirError(f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
+                              "or choose another run_dir (or delete the folder) to start over")
+        return cfg
+    foreign = other_records(run_dir)
     if foreign:
         raise RunDirError(f"run_dir {run_dir} is another command's output folder (it holds {', '.join(foreign)}), not a "
                           "training run's: choose another run_dir")
-    earlier = [name for name, there in (("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
-                                        (f"{SNAPSHOT_DIR}/ snapshots", any((run_dir / SNAPSHOT_DIR).glob("snapshot-*"))))
-               if there]
-    if latest is None and earlier and not cfg.resume:
-        raise RunDirError(f"run_dir {run_dir} holds {' and '.join(earlier)} of an earlier run but no checkpoint to resume: "
-                          "a new run there would overwrite some of them and leave the rest beside its own; choose "
-                          "another run_dir, or delete the folder to start over")
+    earlier = run_marks(run_dir)
+    if earlier and not cfg.resume:
+        raise RunDirError(f"run_dir {run_dir} holds {' and '.join(earlier)} of an earlier run but no checkpoint: a new run "
+                          "there would overwrite some of them and leave the rest beside its own; pass resume=true to "
+                          "start that run over (its records and snapshots are dropped), or choose another run_dir")
     return cfg
 
 
@@ -206,6 +204,10 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
         dropped = trim_metrics(run_dir / "metrics.jsonl", run.state.step)
         if dropped:
             logger.info("dropped %d metrics record(s) logged after step %d, which this run logs again", dropped, run.state.step)
+        snapshots = trim_snapshots(run_dir, run.state.cur_nimg)
+        if snapshots:
+            logger.info("deleted %d power-EMA snapshot(s) taken after %d images (%s ...), which this run takes again",
+                        len(snapshots), run.state.cur_nimg, snapshots[0].name)
     nparams = sum(p.numel() for p in net.parameters())
     logger.info("network %s: %d parameters; %d process(es) on %s", spec["network"]["name"], nparams, accelerator.num_processes, accelerator.device)
     return run

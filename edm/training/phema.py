@@ -37,7 +37,7 @@ from .ema import update_ema
 
 __all__ = [
     "exp_to_std", "std_to_exp", "SIGMA_REL_MAX", "power_beta", "profile_inner", "posthoc_coefficients", "profile_residual",
-    "PowerEMA", "combine", "SNAPSHOT_DIR", "Snapshot", "snapshot_path", "write_snapshot", "list_snapshots",
+    "PowerEMA", "combine", "SNAPSHOT_DIR", "Snapshot", "snapshot_path", "trim_snapshots", "write_snapshot", "list_snapshots",
 ]
 
 SNAPSHOT_DIR = "phema"  # run_dir/phema/snapshot-<cur_nimg>.safetensors
@@ -147,6 +147,19 @@ def combine(weighted: Iterable[tuple[dict[str, torch.Tensor], Sequence[float]]],
 
 def snapshot_path(run_dir: str | Path, cur_nimg: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"snapshot-{int(cur_nimg):012d}.safetensors"
+
+
+def trim_snapshots(run_dir: str | Path, cur_nimg: int) -> list[Path]:
+    """Delete the snapshots of run_dir taken after cur_nimg training images (written after the checkpoint a run resumes
+    from, or by a run that left no checkpoint when resume=true starts it over): the resumed run writes its own, and
+    edm-posthoc would otherwise mix two trainings. The deleted paths."""
+    dropped = []
+    for path in sorted((Path(run_dir) / SNAPSHOT_DIR).glob("snapshot-*.safetensors")):
+        digits = path.stem.removeprefix("snapshot-")
+        if digits.isdigit() and int(digits) > cur_nimg:
+            path.unlink()
+            dropped.append(path)
+    return dropped
 
 
 def write_snapshot(path: str | Path, power_ema: PowerEMA, meta: dict[str, Any]) -> Path:
