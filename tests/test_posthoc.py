@@ -112,14 +112,18 @@ def test_an_out_of_another_trainings_snapshots_and_snapshots_of_two_trainings_ar
     listed = json.loads((out / "posthoc.json").read_text())["profiles"]
     assert [p["sigma_rel"] for p in listed] == [0.05, 0.15] and sorted(p.name for p in out.glob("ema-*")) == [
         "ema-0.050", "ema-0.150"]
+    with pytest.raises(ValueError, match=r"sigma_rel 0.1504 would replace ema-0.150, which holds sigma_rel 0.15 of an "
+                                         "earlier call"):
+        reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1504], out=str(out)))
     mixed = sorted((run / "phema").glob("snapshot-*"))[-1]
     shutil.copyfile(sorted((other / "phema").glob("snapshot-*"))[-1], mixed)  # same name and size, seed 7's
     with pytest.raises(CheckpointError, match=rf"{mixed} is of another training than .* \(seed: 0 vs 7\)"):
         reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(tmp_path / "fresh")))
     shutil.rmtree(run / "phema")
     shutil.copytree(other / "phema", run / "phema")  # the run retrained with seed 7: same names, same sizes
-    with pytest.raises(ProvenanceError, match="meta_sha256"):
+    with pytest.raises(ProvenanceError, match=r"snapshots\.snapshot-000000000016\.safetensors\.meta_sha256: ") as err:
         reconstruct(PosthocConfig(run_dir=str(run), sigma_rel=[0.1], out=str(out)))
+    assert len(str(err.value)) < 1500  # each differing snapshot's hash, not the whole lists
 
 
 def test_sigma_rels_that_share_a_folder_and_an_out_that_is_the_run_are_refused(tmp_path, tiny_train, one_thread):
@@ -144,3 +148,14 @@ def test_an_export_of_a_posthoc_model_keeps_how_its_weights_were_made(tmp_path, 
     made = json.loads((tmp_path / "posthoc" / "ema-0.100" / "model.json").read_text())["posthoc_ema"]
     export_model(tmp_path / "posthoc" / "ema-0.100", tmp_path / "export")
     assert json.loads((tmp_path / "export" / "model.json").read_text())["posthoc_ema"] == made
+
+
+def test_snapshots_of_a_run_resumed_with_its_loss_spelled_out_are_of_one_run(tmp_path, tiny_train, one_thread):
+    """loss.kind unset resolves to the schedule's (edm): a resume that spells it out is the same run (edm-train
+    compares resolved losses), and so are its snapshots for edm-posthoc."""
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    power_run(tiny_train, tmp_path / "run", "total_kimg=0.032")
+    power_run(tiny_train, tmp_path / "run", "resume=true", "loss.kind=edm")
+    summary = reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "out")))
+    assert [len(p["inputs"]) for p in summary] == [8]

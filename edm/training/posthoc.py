@@ -40,7 +40,8 @@ def output_name(std: float) -> str:
 
 def _one_run(snaps: list) -> None:
     """Snapshots of one training: one denoiser and schedule, and the settings a resume may not change (seed, data,
-    loss, batch, σ_rel's: edm.training.run.RESUME_FIXED) alike; otherwise refused naming the first difference."""
+    batch, σ_rel's: edm.training.run.RESUME_FIXED; the loss is fixed as its resolved spec, which snapshots do not hold,
+    so its config keys are not compared) alike; otherwise refused naming the first difference."""
     from .run import listed, RESUME_FIXED
 
     first = snaps[0]
@@ -49,7 +50,8 @@ def _one_run(snaps: list) -> None:
             raise CheckpointError(f"{s.path} holds another denoiser or schedule than {first.path}: the snapshots "
                                   "are not of one run")
         fixed = [(k, a, b) for k, a, b in differences(first.meta.get("config") or {}, s.meta.get("config") or {},
-                                                      shared_only=True) if listed(k, RESUME_FIXED)]
+                                                      shared_only=True)
+                 if listed(k, RESUME_FIXED) and not k.startswith("loss.")]
         if fixed:
             key, a, b = fixed[0]
             raise CheckpointError(f"{s.path} is of another training than {first.path} ({key}: {a!r} vs {b!r}): the "
@@ -92,9 +94,10 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     out = Path(cfg.out)
     with FolderLock(out, key="out", owner="post-hoc EMA"):
         record = {"run_dir": str(Path(cfg.run_dir).resolve()), "at_nimg": at,
-                  "snapshots": [{"name": s.path.name, "bytes": s.path.stat().st_size, "stds": list(s.stds),
-                                 "meta_sha256": _snapshot_digest(s)} for s in snaps]}
+                  "snapshots": {s.path.name: {"bytes": s.path.stat().st_size, "stds": list(s.stds),
+                                              "meta_sha256": _snapshot_digest(s)} for s in snaps}}
         claim(out, record, [*out.glob("ema-*"), out / "posthoc.json"], overwrite=cfg.overwrite)
+        _refuse_renamed(out / "posthoc.json", stds)
         X = posthoc_coefficients(in_t, in_std, at, stds)
         residual = profile_residual(in_t, in_std, at, stds, X)
         profiles = (profile for s in snaps for profile in s.profiles())  # each file read once, one at a time
@@ -113,12 +116,26 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     return summary
 
 
+def _listed(listing: Path) -> list[dict]:
+    """The profiles posthoc.json lists ([] without a readable one)."""
+    try:
+        return json.loads(listing.read_text()).get("profiles", []) if listing.is_file() else []
+    except (OSError, ValueError):
+        return []
+
+
+def _refuse_renamed(listing: Path, stds: list[float]) -> None:
+    """Refuse a σ_rel whose folder an earlier call's different σ_rel holds (both round to one ema-<σ_rel> name)."""
+    for earlier in _listed(listing):
+        clash = [std for std in stds if output_name(std) == output_name(earlier["sigma_rel"]) and std != earlier["sigma_rel"]]
+        if clash:
+            raise ValueError(f"sigma_rel {clash[0]:g} would replace {output_name(clash[0])}, which holds sigma_rel "
+                             f"{earlier['sigma_rel']:g} of an earlier call: give values that differ in three decimals")
+
+
 def _merged(listing: Path, summary: list[dict]) -> list[dict]:
     """OUT's profiles: those posthoc.json lists from earlier calls on the same snapshots (OUT's claim), with this
     call's in place of any of the same σ_rel, by σ_rel."""
-    try:
-        earlier = json.loads(listing.read_text()).get("profiles", []) if listing.is_file() else []
-    except (OSError, ValueError):
-        earlier = []
+    earlier = _listed(listing)
     made = {p["sigma_rel"] for p in summary}
     return sorted([p for p in earlier if p.get("sigma_rel") not in made] + summary, key=lambda p: p["sigma_rel"])
