@@ -46,6 +46,8 @@ def test_every_command_is_a_hydra_app_with_help(name, tmp_path):
     ("edm-train", "lrr=0.1", "edm-train: error: unknown key lrr: not an option of this command (--help lists them)"),
     ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),
     ("edm-posthoc", "sigma_rel=[0.1", "edm-posthoc: error: an override does not parse: "),
+    ("edm-sample", "sampler.options.eta=0.5", "edm-sample: error: sampler.options.eta is not in the config file: pass "
+                                              "+sampler.options.eta=0.5 to add it"),
     ("edm-eval", "metric=fidd", "edm-eval: error: In 'evaluate': Could not find 'metric/fidd'; Available options in "
                                 "'metric': bpd, fd_cls, fid, ref"),
 ])
@@ -54,7 +56,33 @@ def test_hydras_command_line_errors_are_one_line_that_names_the_key(name, overri
     one line `name: error: ...` and exit 1, not Hydra's report (whose hint +KEY=V the commands refuse)."""
     proc = run([command(name), override], cwd=tmp_path)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(expected) and "To append to your config use +" not in proc.stderr
+    assert proc.stderr.startswith(expected) and "To append to your config use" not in proc.stderr
+
+
+def test_an_omegaconf_error_from_a_bug_in_a_command_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """hydra_errors makes Hydra's errors of the command line one line, not the same kinds of error raised by the
+    command's own code (a bug)."""
+    import hydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError
+
+    from edm.cli import hydra_errors
+
+    (tmp_path / "c.yaml").write_text("a: 1\n")
+
+    @hydra_errors("prog")
+    @hydra.main(version_base="1.3", config_path=str(tmp_path), config_name="c")
+    def main(cfg):
+        return OmegaConf.create({"a": 1}).b
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prog", "hydra.run.dir=."])
+    with pytest.raises(ConfigAttributeError, match="Missing key b"):
+        main()
+    monkeypatch.setattr(sys, "argv", ["prog", "hydra.run.dir=.", "lrr=1"])
+    with pytest.raises(SystemExit):  # a key the config lacks: Hydra's error, one line
+        main()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("prog: error: lrr is not in the config file: pass +lrr=1")
 
 
 def test_hydra_tab_completion_installs_for_the_command_and_completes_groups(tmp_path):

@@ -128,6 +128,8 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
     them only with HYDRA_FULL_ERROR set, which also leaves a bug's traceback whole."""
 
     def decorate(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
+        task = getattr(hydra_main, "__wrapped__", None)  # the command's own function (hydra.main wraps it)
+
         @functools.wraps(hydra_main)
         def run(*args: Any, **kwargs: Any) -> Any:
             from hydra.errors import HydraException
@@ -137,7 +139,11 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 return hydra_main(*args, **kwargs)
-            except (HydraException, OmegaConfBaseException) as err:
+            except (HydraException, OmegaConfBaseException, FileExistsError, NotADirectoryError) as err:
+                if _raised_in(err, task):  # a bug in the command itself (user_errors took its users' errors)
+                    raise
+                if isinstance(err, (FileExistsError, NotADirectoryError)):  # a sweep's (-m) folder is a file
+                    fail(program, f"{err.filename} is a file, not a folder: give a folder's path")
                 fail(program, one_line(err))
             finally:
                 if before is None:
@@ -150,6 +156,16 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorate
 
 
+def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
+    """Whether `err` went through a call of `fn` (its traceback holds a frame of fn's code)."""
+    tb = err.__traceback__
+    while tb is not None and fn is not None:
+        if tb.tb_frame.f_code is getattr(fn, "__code__", None):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def one_line(err: BaseException) -> str:
     """Hydra's multi-line message of a command-line error as one line: an unknown key named as such (Hydra's hint
     +KEY=V is dropped), a bad value with OmegaConf's reason, a missing group option with the options."""
@@ -159,7 +175,12 @@ def one_line(err: BaseException) -> str:
     text, cause = str(err), err.__cause__
     override = re.match(r"Could not override '([^']+)'", text)
     if override and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        return f"unknown key {override.group(1)}: not an option of this command (--help lists them)"
+        key = override.group(1)
+        if "object_type=dict" in str(cause):  # a free-form mapping (sampler.options): its keys are added with +
+            value = re.search(r"use \+(\S+)", text)
+            return (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to add it "
+                    "(e.g. a solver option its sampler file does not list)")
+        return f"unknown key {key}: not an option of this command (--help lists them)"
     merging = re.match(r"Error merging override (.+)", text)
     if (override or merging) and cause is not None:
         return f"{(override or merging).group(1)}: {str(cause).splitlines()[0]}"
