@@ -111,7 +111,8 @@ def test_ect_weight_is_one_over_the_gap_itself_at_every_stage_float32_resolves()
     rounded = 1 / (t32 - loss.r(t32)).double()
     assert ((rounded - exact).abs() / exact).max() > 1e-4  # what a difference of rounded times would give
     check_ect_stages(2.0, 1.0, 13.0)  # stages 0..12 pass; a 14th does not
-    with pytest.raises(ValueError, match=r"reaches ECT stage 13.*At most 13 stages: set ect.stage_kimg ≥ 1.07692"):
+    check_ect_stages(2.0, 15 / 13, 15.0)  # 13 stages of 15/13 kimg: a whole quotient up to round-off
+    with pytest.raises(ValueError, match=r"reaches ECT stage 13.*At most 13 stages: set ect.stage_kimg ≥ 1.077 "):
         check_ect_stages(2.0, 1.0, 14.0)
     y, n, t = _batch()
     den = edm.Precond(_conv_net(), kind="edm").float()

@@ -96,14 +96,15 @@ ECT_MIN_GAP = 2.0**-13
 
 def check_ect_stages(q: float, stage_kimg: float, total_kimg: float) -> None:
     """Refuse a run whose last stage s = ⌈total_kimg / stage_kimg⌉ − 1 has q^−(s+1) < ECT_MIN_GAP."""
-    last = math.ceil(total_kimg / stage_kimg) - 1
+    last = math.ceil(total_kimg / stage_kimg - 1e-9) - 1  # (a quotient that is whole up to round-off is whole)
     if q ** -(last + 1) < ECT_MIN_GAP:
         stages = math.floor(math.log(1 / ECT_MIN_GAP) / math.log(q) + 1e-9)  # the most stages float32 resolves
+        least = math.ceil(total_kimg / stages * 1e4) / 1e4  # rounded up: the value named passes
         raise ValueError(
             f"total_kimg={total_kimg:g} with ect.stage_kimg={stage_kimg:g} reaches ECT stage {last}, where t − r ≥ "
             f"t·{q:g}^−{last + 1} = {q ** -(last + 1):.2g}·t is below float32's resolution ({ECT_MIN_GAP:.2g}·t): the pair "
             f"x̂_t, x̂_r loses its difference and the loss turns NaN. At most {stages} stages: set ect.stage_kimg ≥ "
-            f"{total_kimg / stages:g} (ECT trains 8 stages) or lower total_kimg")
+            f"{least:g} (ECT trains 8 stages) or lower total_kimg")
 
 
 def pseudo_huber(delta: Tensor, c: float) -> Tensor:
