@@ -84,7 +84,7 @@ def _seeds(cfg: SampleConfig) -> list[int]:
     seeds = sampling.parse_seeds(cfg.seeds)
     if cfg.num_images is not None and cfg.num_images != len(seeds):
         raise ValueError(f"num_images={cfg.num_images} but seeds={cfg.seeds} are {len(seeds)} seeds: give one of the two "
-                         f"(seeds alone picks the images; num_images alone is seeds 0..{cfg.num_images - 1})")
+                         "(seeds alone picks the images; num_images=N alone is seeds 0..N-1)")
     return seeds
 
 

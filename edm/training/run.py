@@ -228,9 +228,9 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) 
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
     if fixed:
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained with other settings that a resume may not change (the loss, data set, "
-            "seed, global batch, power EMAs or objective) "
-            f"({'; '.join(fixed)}); resume with the checkpoint's values, or start a new run_dir"
+            f"checkpoint {path} was trained with other settings that a resume may not change ({'; '.join(fixed)}; "
+            "fixed are the loss, data set, seed, global batch, power EMAs, objective and its options, init and "
+            "teacher); resume with the checkpoint's values, or start a new run_dir"
         )
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
     if altered:
