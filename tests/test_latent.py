@@ -214,6 +214,10 @@ def test_encode_resumes_the_missing_latents_and_refuses_another_vae(vaes, tmp_pa
     proc = encode(out, vaes[1], *args)
     assert proc.returncode == 1 and "vae_fingerprint" in proc.stderr and "overwrite=true" in proc.stderr
     assert proc.stderr.count("\n") == 1  # one line
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text("{}")  # a model folder (edm-export's) is not one of latents
+    proc = encode(tmp_path / "model", vaes[0], *args)
+    assert proc.returncode == 1 and "is a model folder of another command (it holds model.json)" in proc.stderr
 
 
 def test_encode_on_two_processes_equals_one(vaes, tmp_path):

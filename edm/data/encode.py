@@ -94,7 +94,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     main process's report (images encoded now and in all, the output)."""
     from accelerate import PartialState
 
-    from ..generation.provenance import claim
+    from ..generation.provenance import claim, refuse_foreign_folder
     from ..hardware import use_cpu
 
     state = PartialState(cpu=use_cpu(cfg.cpu))
@@ -115,6 +115,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
                          f"multiple of it")
     record = {"format": LATENTS_FORMAT, "vae_fingerprint": vae.fingerprint, "vae_dtype": cfg.latent.dtype,
               "dataset": _source(cfg.dataset), "images": _images_record(dataset)}
+    refuse_foreign_folder(work)  # not a training run's folder nor a model folder
     lock = None
     if state.is_main_process:
         lock = FolderLock(work, key="out", owner="encoder").acquire()
