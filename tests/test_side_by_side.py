@@ -241,6 +241,13 @@ def test_a_run_stopped_on_request_ends_the_script_and_a_rerun_resumes_it(tmp_pat
     monkeypatch.setattr(loop, "train", real)
     assert side_by_side.train_edm(shared, tmp_path / "run").name == "checkpoint-00000004.pt"
 
+    cut = tmp_path / "cut"  # a run killed before its first checkpoint: its records are there, no checkpoint
+    side_by_side.train_edm(shared, cut)
+    for file in cut.glob("checkpoint-*.pt"):
+        file.unlink()
+    assert (cut / "metrics.jsonl").stat().st_size > 0
+    assert side_by_side.train_edm(shared, cut).name == "checkpoint-00000004.pt"  # the same call starts it over
+
 
 def test_the_table_of_one_seed_gives_scores_without_a_spread_or_an_interval(tmp_path):
     """One seed has no sd and no paired interval: the table shows the score alone and table.json holds null (JSON has
