@@ -129,7 +129,7 @@ class FolderLock:
         if folder.exists() and not folder.is_dir():
             raise OutputWriteError(f"{self.key}={folder} is a file, not a folder: pass {self.key}=DIR, a folder's path")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # a read-only or foreign folder
             raise write_error(self.path, err) from None

@@ -15,8 +15,8 @@ from typing import Iterable
 
 from ..files import differences, to_container, write_json
 
-__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_folder_mark", "run_marks",
-           "other_records", "FOLDER_RECORDS"]
+__all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_marks", "other_records",
+           "FOLDER_RECORDS"]
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -37,7 +37,7 @@ def run_marks(folder: str | Path) -> list[str]:
     """What makes `folder` a training run's folder, or its power-EMA snapshots' folder: its latest checkpoint's name,
     a metrics.jsonl with records, its snapshots; empty for any other folder."""
     from ..models.checkpoint import find_latest
-    from ..training.phema import SNAPSHOT_DIR
+    from ..training.phema import SNAPSHOT_DIR, SNAPSHOT_GLOB
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -47,15 +47,9 @@ def run_marks(folder: str | Path) -> list[str]:
     marks = [latest.name] if latest is not None else []
     marks += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
     for place, name in ((folder / SNAPSHOT_DIR, f"{SNAPSHOT_DIR}/"), (folder, "")):
-        if any(place.glob("snapshot-*.safetensors")):
+        if any(place.glob(SNAPSHOT_GLOB)):
             marks.append(f"power-EMA snapshots {name}".rstrip())
     return marks
-
-
-def run_folder_mark(folder: str | Path) -> str | None:
-    """The first of run_marks, None for a folder that is no run's."""
-    marks = run_marks(folder)
-    return marks[0] if marks else None
 
 
 # The record a command keeps in its output folder: results (edm-sample, edm-study, edm-posthoc, edm-encode) or a
@@ -69,12 +63,12 @@ def other_records(folder: str | Path, own: str | None = None) -> list[str]:
 
 
 def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_key: str = "out") -> None:
-    """Refuse an output folder that is a training run's (run_folder_mark: its samples, plots, snapshots and .hydra
-    record are the run's, and overwrite=true would delete them) or holds another kind of command's record than `own`
-    (a model folder for a sampler, a results folder for an export)."""
-    mark = run_folder_mark(out_dir)
-    if mark is not None:
-        raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {mark}), not an output folder "
+    """Refuse an output folder that is a training run's (run_marks: its samples, plots, snapshots and .hydra record
+    are the run's, and overwrite=true would delete them) or holds another kind of command's record than `own` (a
+    model folder for a sampler, a results folder for an export)."""
+    marks = run_marks(out_dir)
+    if marks:
+        raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {marks[0]}), not an output folder "
                          f"of its own: give another {out_key}=DIR (e.g. {Path(out_dir) / 'samples'})")
     other = other_records(out_dir, own)
     if other:

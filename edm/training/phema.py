@@ -37,10 +37,11 @@ from .ema import update_ema
 
 __all__ = [
     "exp_to_std", "std_to_exp", "SIGMA_REL_MAX", "power_beta", "profile_inner", "posthoc_coefficients", "profile_residual",
-    "PowerEMA", "combine", "SNAPSHOT_DIR", "Snapshot", "snapshot_path", "trim_snapshots", "write_snapshot", "list_snapshots",
+    "PowerEMA", "combine", "SNAPSHOT_DIR", "SNAPSHOT_GLOB", "Snapshot", "snapshot_path", "trim_snapshots", "write_snapshot", "list_snapshots",
 ]
 
 SNAPSHOT_DIR = "phema"  # run_dir/phema/snapshot-<cur_nimg>.safetensors
+SNAPSHOT_GLOB = "snapshot-*.safetensors"  # the snapshot files of a folder
 SNAPSHOT_FORMAT = "edm-phema-snapshot/1"
 
 
@@ -154,7 +155,7 @@ def trim_snapshots(run_dir: str | Path, cur_nimg: int) -> list[Path]:
     from, or by a run that left no checkpoint when resume=true starts it over): the resumed run writes its own, and
     edm-posthoc would otherwise mix two trainings. The deleted paths."""
     dropped = []
-    for path in sorted((Path(run_dir) / SNAPSHOT_DIR).glob("snapshot-*.safetensors")):
+    for path in sorted((Path(run_dir) / SNAPSHOT_DIR).glob(SNAPSHOT_GLOB)):
         digits = path.stem.removeprefix("snapshot-")
         if digits.isdigit() and int(digits) > cur_nimg:
             path.unlink()
@@ -208,7 +209,7 @@ def list_snapshots(run_dir: str | Path) -> list[Snapshot]:
     folder = Path(run_dir)
     folder = folder / SNAPSHOT_DIR if (folder / SNAPSHOT_DIR).is_dir() else folder
     snaps = []
-    for path in sorted(folder.glob("snapshot-*.safetensors")):
+    for path in sorted(folder.glob(SNAPSHOT_GLOB)):
         try:
             with safe_open(path, "pt") as f:
                 header = f.metadata() or {}
