@@ -69,11 +69,10 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
         raise ValueError("sigma_rel is empty: name the EMA profiles to reconstruct, e.g. sigma_rel=[0.05,0.10]")
     std_to_exp(list(cfg.sigma_rel))  # a bad σ_rel fails before any reading
     stds = sorted(set(float(v) for v in cfg.sigma_rel))
-    names = [output_name(std) for std in stds]
-    clash = sorted({name for name in names if names.count(name) > 1})
+    clash = _shared_folder(stds)
     if clash:
-        raise ValueError(f"sigma_rel={list(cfg.sigma_rel)}: {', '.join(f'{v:g}' for v in stds if output_name(v) in clash)} "
-                         f"would share the folder {clash[0]} (three decimals): give values that differ there")
+        raise ValueError(f"sigma_rel={list(cfg.sigma_rel)}: {clash[1]:g}, {clash[0]:g} would share the folder "
+                         f"{output_name(clash[0])} (three decimals): give values that differ there")
     refuse_foreign_folder(cfg.out)
     if not Path(cfg.run_dir).is_dir():
         what = "is a file, not a folder" if Path(cfg.run_dir).exists() else "does not exist"
@@ -124,13 +123,22 @@ def _listed(listing: Path) -> list[dict]:
         return []
 
 
+def _shared_folder(stds: list[float], earlier: list[float] = ()) -> tuple[float, float] | None:
+    """(σ_rel, other) where a σ_rel of `stds` and another of the earlier ones in `stds` or of `earlier` would share one
+    ema-<σ_rel> folder (three decimals); None if none do."""
+    for i, std in enumerate(stds):
+        for other in [*stds[:i], *earlier]:
+            if other != std and output_name(other) == output_name(std):
+                return std, other
+    return None
+
+
 def _refuse_renamed(listing: Path, stds: list[float]) -> None:
     """Refuse a σ_rel whose folder an earlier call's different σ_rel holds (both round to one ema-<σ_rel> name)."""
-    for earlier in _listed(listing):
-        clash = [std for std in stds if output_name(std) == output_name(earlier["sigma_rel"]) and std != earlier["sigma_rel"]]
-        if clash:
-            raise ValueError(f"sigma_rel {clash[0]:g} would replace {output_name(clash[0])}, which holds sigma_rel "
-                             f"{earlier['sigma_rel']:g} of an earlier call: give values that differ in three decimals")
+    clash = _shared_folder(stds, [p["sigma_rel"] for p in _listed(listing)])
+    if clash:
+        raise ValueError(f"sigma_rel {clash[0]:g} would replace {output_name(clash[0])}, which holds sigma_rel "
+                         f"{clash[1]:g} of an earlier call: give values that differ in three decimals")
 
 
 def _merged(listing: Path, summary: list[dict]) -> list[dict]:
