@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files",
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files",
            "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
@@ -104,6 +104,9 @@ def fail(program: str, err: BaseException) -> NoReturn:
     raise SystemExit(1) from None
 
 
+CONTINUES = "rerun the same command to continue where it stopped"  # Ctrl-C's advice where a rerun resumes
+
+
 @contextlib.contextmanager
 def user_errors(program: str, on_interrupt: str = "rerun the same command") -> Iterator[None]:
     """Turn USER_ERRORS raised inside, and Hydra's errors of a config composed inside (one_line: "unknown key
@@ -158,9 +161,10 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
 def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
     """Whether `err` went through a call of `fn` (its traceback holds a frame of fn's code)."""
+    code = getattr(fn, "__code__", None)
     tb = err.__traceback__
-    while tb is not None and fn is not None:
-        if tb.tb_frame.f_code is getattr(fn, "__code__", None):
+    while tb is not None and code is not None:
+        if tb.tb_frame.f_code is code:
             return True
         tb = tb.tb_next
     return False

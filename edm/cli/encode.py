@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from ..data.encode import EncodeConfig, encode_dataset
 from ..hardware import share_cpu, use_cpu
-from . import CONFIG_DIR, hydra_errors, typed, user_errors
+from . import CONFIG_DIR, CONTINUES, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 
@@ -23,7 +23,7 @@ ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 @hydra_errors("edm-encode")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="encode")
 def main(dcfg: DictConfig) -> None:
-    with user_errors("edm-encode", on_interrupt="rerun the same command to continue where it stopped"):
+    with user_errors("edm-encode", on_interrupt=CONTINUES):
         cfg: EncodeConfig = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
         report = encode_dataset(cfg)

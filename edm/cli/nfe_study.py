@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..evaluation.nfe_study import StudyConfig, run_study
 from ..hardware import pick_device, share_cpu
-from . import CONFIG_DIR, hydra_errors, typed, user_errors
+from . import CONFIG_DIR, CONTINUES, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 
@@ -25,7 +25,7 @@ ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 @hydra_errors("edm-study")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="nfe_study")
 def main(dcfg: DictConfig) -> None:
-    with user_errors("edm-study", on_interrupt="rerun the same command to continue where it stopped"):
+    with user_errors("edm-study", on_interrupt=CONTINUES):
         cfg: StudyConfig = typed(dcfg)
         device = pick_device(cfg.cpu)
         share_cpu(device.type == "cpu")

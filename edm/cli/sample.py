@@ -30,7 +30,7 @@ from ..generation.job import SampleConfig, generate_folder
 from ..latent import VAE
 from ..hardware import share_cpu, use_cpu
 from ..models.loading import ModelInfo
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
+from . import CONFIG_DIR, CONTINUES, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
 
 
 @dataclass
@@ -69,7 +69,7 @@ def scorer_of(cfg: SampleCommand):
 def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     handlers: list[logging.Handler] = []
-    with user_errors("edm-sample", on_interrupt="rerun the same command to continue where it stopped"):
+    with user_errors("edm-sample", on_interrupt=CONTINUES):
         job = sweep_job_folder(hydra_cfg)
         if job is not None:
             dcfg.out = job
