@@ -159,3 +159,20 @@ def test_snapshots_of_a_run_resumed_with_its_loss_spelled_out_are_of_one_run(tmp
     power_run(tiny_train, tmp_path / "run", "resume=true", "loss.kind=edm")
     summary = reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "out")))
     assert [len(p["inputs"]) for p in summary] == [8]
+
+
+def test_a_sigma_rel_the_snapshots_fit_poorly_is_reported_with_its_residual(tmp_path, tiny_train, one_thread, caplog):
+    """Four snapshots of σ_rel 0.05 and 0.1: a tracked σ_rel is fit exactly (no warning); 0.25, far from both, has a
+    residual above POOR_FIT, and the warning gives it and names the tracked values."""
+    from edm.training.phema import POOR_FIT
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    power_run(tiny_train, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="edm.training.posthoc"):
+        summary = reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1, 0.25], out=str(tmp_path / "out")))
+    fit = {p["sigma_rel"]: p["residual"] for p in summary}
+    assert fit[0.1] < 1e-6 and fit[0.25] > POOR_FIT
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith(f"sigma_rel 0.25: the 4 snapshot(s) fit its EMA profile only to "
+                                                     f"a relative residual of {fit[0.25]:.2g}")
+    assert "tracked [0.05, 0.1]" in warned[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +21,9 @@ from ..files import FolderLock, differences, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
-from .phema import combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
+from .phema import POOR_FIT, combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PosthocConfig", "reconstruct", "output_name"]
 
@@ -99,6 +102,7 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
         _refuse_renamed(out / "posthoc.json", stds)
         X = posthoc_coefficients(in_t, in_std, at, stds)
         residual = profile_residual(in_t, in_std, at, stds, X)
+        _report_poor_fits(stds, residual, snaps)
         profiles = (profile for s in snaps for profile in s.profiles())  # each file read once, one at a time
         emas = combine(zip(profiles, X), len(stds))
         summary = []
@@ -113,6 +117,17 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
             summary.append({**info, "folder": str(folder)})
         write_json(out / "posthoc.json", {"at_kimg": at / 1000, "profiles": _merged(out / "posthoc.json", summary)})
     return summary
+
+
+def _report_poor_fits(stds: list[float], residual, snaps: list) -> None:
+    """Warn of each σ_rel whose profile the snapshots fit worse than POOR_FIT, naming what fits it better."""
+    tracked = sorted({std for s in snaps for std in s.stds})
+    for std, r in zip(stds, residual):
+        if r > POOR_FIT:
+            logger.warning("sigma_rel %g: the %d snapshot(s) fit its EMA profile only to a relative residual of %.2g "
+                           "(above %g), so its weights may be that far from that EMA's; σ_rel nearer the tracked %s, or "
+                           "a run with more snapshots (a smaller ema_snapshot_kimg), fits better", std, len(snaps), r,
+                           POOR_FIT, tracked)
 
 
 def _listed(listing: Path) -> list[dict]:
