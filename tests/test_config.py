@@ -43,8 +43,11 @@ def test_a_key_added_past_the_schema_is_refused_and_a_required_one_is_named():
     """Hydra's hint for a misspelt key is +KEY=V, which adds it past the schema, where nothing would read it."""
     from edm.cli import compose
 
-    with pytest.raises(ValueError, match=r"unknown key\(s\) lrr, network.chanel_mult: not options of this command"):
+    with pytest.raises(ValueError, match=r"unknown keys lrr, network.chanel_mult: not options of this command"):
         compose("train", ["+lrr=0.1", "+network.chanel_mult=[1,2]"])
+    with pytest.raises(ValueError, match=r"^unknown key lrr: not an option of this command \(--help lists them\); a "
+                                         r"misspelt key given as \+KEY=V"):  # the command line's wording for lrr=0.1
+        compose("train", ["+lrr=0.1"])
     assert compose("train", ["sampler=euler_maruyama", "+sampler.options.brownian=true"]).sampler.options == {
         "brownian": True}  # a free-form dict takes its keys with +
     with pytest.raises(ValueError, match=r"checkpoint is required: pass checkpoint=\.\.\."):

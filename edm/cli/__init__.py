@@ -84,8 +84,8 @@ def typed(dcfg: Any) -> Any:
 
     unknown = sorted(unknown_keys(dcfg))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}: not options of this command (--help lists them); a "
-                         "misspelt key given as +KEY=V would be ignored, so it is refused")
+        raise ValueError(f"{unknown_keys_message(unknown)}; a misspelt key given as +KEY=V would be ignored, so it is "
+                         "refused")
     try:
         return OmegaConf.to_object(dcfg)
     except MissingMandatoryValue as err:
@@ -170,6 +170,13 @@ def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
     return False
 
 
+def unknown_keys_message(keys: list[str]) -> str:
+    """The one wording of the rule for keys that no option of the command has."""
+    many = len(keys) > 1
+    return (f"unknown key{'s' if many else ''} {', '.join(keys)}: not {'options' if many else 'an option'} of this "
+            "command (--help lists them)")
+
+
 def one_line(err: BaseException) -> str:
     """Hydra's multi-line message of a command-line error as one line: an unknown key named as such (Hydra's hint
     +KEY=V is dropped), a bad value with OmegaConf's reason, a missing group option with the options."""
@@ -184,7 +191,7 @@ def one_line(err: BaseException) -> str:
             value = re.search(r"use \+(\S+)", text)
             return (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to add it "
                     "(e.g. a solver option its sampler file does not list)")
-        return f"unknown key {key}: not an option of this command (--help lists them)"
+        return unknown_keys_message([key])
     merging = re.match(r"Error merging override (.+)", text)
     if (override or merging) and cause is not None:
         return f"{(override or merging).group(1)}: {str(cause).splitlines()[0]}"
