@@ -34,6 +34,23 @@ def test_the_distribution_is_not_named_edm_and_installs_every_command():
     assert {"edm-train", "edm-sample", "edm-eval", "edm-export"} <= set(SCRIPTS)
 
 
+def test_every_command_gives_this_packages_version_not_only_hydras(monkeypatch, capsys, tmp_path):
+    import importlib
+
+    import hydra
+    import torch
+
+    import edm
+
+    monkeypatch.chdir(tmp_path)
+    for name, target in sorted(SCRIPTS.items()):
+        module, function = target.split(":")
+        monkeypatch.setattr(sys, "argv", [name, "--version"])
+        getattr(importlib.import_module(module), function)()
+        assert capsys.readouterr().out == f"{name} {edm.__version__} (Hydra {hydra.__version__}, torch {torch.__version__})\n"
+    assert edm.__version__ == PROJECT["version"] and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_every_command_is_a_hydra_app_with_help(name, tmp_path):
     proc = run([command(name), "--help"], cwd=tmp_path)

@@ -138,6 +138,9 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
             from hydra.errors import HydraException
             from omegaconf.errors import OmegaConfBaseException
 
+            if "--version" in sys.argv[1:]:  # Hydra's own --version would name only Hydra's
+                print(version_line(program))
+                return None
             before = os.environ.get("HYDRA_FULL_ERROR")
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
@@ -157,6 +160,16 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
         return run
 
     return decorate
+
+
+def version_line(program: str) -> str:
+    """`program --version`: this package's version, then Hydra's and torch's."""
+    import hydra
+    import torch
+
+    from .. import __version__
+
+    return f"{program} {__version__} (Hydra {hydra.__version__}, torch {torch.__version__})"
 
 
 def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
