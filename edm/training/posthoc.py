@@ -23,9 +23,9 @@ from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
 from .phema import POOR_FIT, combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["PosthocConfig", "reconstruct", "output_name"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
