@@ -291,6 +291,31 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     assert proc.returncode == 1 and "set guidance=W" in proc.stderr
 
 
+def test_a_png_folder_scores_the_requested_seeds_not_every_image_it_holds(run_dir, tmp_path):
+    """Seeds 0-5 as PNGs, then seeds 0-3 into the same folder (a resume that makes nothing new): the report's metrics
+    are those of the four requested images, as scoring those four files gives, not of all six in the folder."""
+    from edm.cli.sample import SampleCommand, scorer_of
+    from edm.evaluation.metrics import read_images
+    from edm.evaluation.quality import ClassifierConfig, QualityScore
+    from edm.generation.job import generate_folder
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = SampleCommand(checkpoint=str(run_dir), num_images=6, format="png", out=str(out), progress=False)
+    cfg.sampler.num_steps, cfg.dataset = 2, DatasetConfig(name="digits")
+    cfg.eval.metrics, cfg.eval.fd_cls.classifier.steps, cfg.eval.fd_cls.cache_dir = ["fd_cls"], 50, str(cache)
+    generate_folder(cfg, scorer=scorer_of(cfg))
+    cfg.num_images = 4
+    report = generate_folder(cfg, scorer=scorer_of(cfg))
+    four = tmp_path / "four"
+    four.mkdir()
+    for seed in range(4):
+        (four / f"{seed:06d}.png").write_bytes((out / f"{seed:06d}.png").read_bytes())
+    score = QualityScore.for_dataset(DatasetConfig(name="digits"), ClassifierConfig(steps=50), cache_dir=cache,
+                                     progress=False)
+    assert report["num_images"] == report["metrics"]["fd_cls"]["num_images"] == 4
+    assert report["metrics"]["fd_cls"] == pytest.approx(score(read_images(four)[0]))
+
+
 def test_a_bad_metric_setting_fails_before_the_folder_is_claimed_or_an_image_made(run_dir, tmp_path):
     """FID without its weights file: refused once the model is loaded, before provenance.json or any image."""
     from edm.cli.sample import SampleCommand, scorer_of

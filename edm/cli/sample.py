@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +26,6 @@ from omegaconf import DictConfig
 
 from ..data import DatasetConfig
 from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
-from ..evaluation.metrics import read_images
 from ..generation.job import SampleConfig, generate_folder
 from ..latent import VAE
 from ..hardware import share_cpu, use_cpu
@@ -55,8 +55,10 @@ def scorer_of(cfg: SampleCommand):
         scorers = build_scorers(cfg.eval, ctx)
         files = metric_files(cfg.eval, cfg.eval.metrics)
 
-        def score(output: Path) -> dict:
-            images, labels = read_images(output)
+        def score(pixels: np.ndarray, classes: np.ndarray | None) -> dict:
+            """The metrics of uint8 images [N, H, W, C] and their class labels (or None)."""
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+            labels = None if classes is None else torch.from_numpy(classes).long()
             return {"files": files, **{name: scorer(images, labels) for name, scorer in scorers.items()}}
 
         return score

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import numpy as np
 import torch
 
 from ..choices import choose
@@ -135,14 +136,14 @@ def earlier_results(out: Path) -> list[Path]:
 def generate_folder(
     cfg: SampleConfig, *,
     on_own_folder: Callable[[Path], Any] | None = None,
-    scorer: Callable[[ModelInfo, torch.device, VAE | None], Callable[[Path], dict]] | None = None,
+    scorer: Callable[[ModelInfo, torch.device, VAE | None], Callable[[np.ndarray, np.ndarray | None], dict]] | None = None,
 ) -> dict | None:
     """Generate cfg's images into cfg.out in every process of the launch (accelerate's PartialState); the main
     process owns the folder (then calls `on_own_folder(out)`), finalizes the output and writes OUT/report.json.
     A latent model's samples are decoded by its VAE (cfg.vae, else the one it records) into pixels.
     With `scorer`, the main process calls scorer(info, device, vae) once the model is loaded, before the folder is
     claimed or any image made (a bad metric setting costs nothing), and puts what the score it returns makes
-    of the finished output under "metrics". Returns the report (main process)."""
+    of the requested seeds' images (uint8 [N, H, W, C], class labels or None; not other images in OUT) under "metrics". Returns the report (main process)."""
     from accelerate import PartialState
 
     choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
@@ -207,7 +208,7 @@ def generate_folder(
             "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
         }
         if score is not None:
-            report["metrics"] = score(output)
+            report["metrics"] = score(*writer.read(seeds))  # these seeds' images, not others in the folder
         write_json(out / REPORT_NAME, report)
         return report
     finally:

@@ -116,6 +116,18 @@ class PngWriter:
         for spec, image in zip(specs, to_uint8(images)):
             save_png(self.path(spec.seed), image)
 
+    def read(self, seeds: Sequence[int]) -> tuple[np.ndarray, None]:
+        """(uint8 images [N, H, W, C] of `seeds`, in that order; None: PNGs hold no labels), other files of the
+        folder left out."""
+        from PIL import Image
+
+        def pixels(seed: int) -> np.ndarray:
+            with Image.open(self.path(seed)) as image:
+                array = np.asarray(image)
+            return array[:, :, None] if array.ndim == 2 else array
+
+        return np.stack([pixels(seed) for seed in seeds]), None
+
 
 class PartWriter:
     """One .npz part per batch in out/parts/: images [B, H, W, C] uint8, seeds, and labels (class indices)
@@ -124,6 +136,10 @@ class PartWriter:
     def __init__(self, out_dir: str | Path, rank: int = 0) -> None:
         self.parts_dir = Path(out_dir) / PARTS_DIR
         self.rank = rank
+
+    def read(self, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """read_parts of `seeds` (the parts of other seeds left out)."""
+        return read_parts(self.parts_dir.parent, seeds)
 
     def done_seeds(self) -> set[int]:
         done: set[int] = set()
