@@ -56,6 +56,9 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
     cfg.num_images = 16
     with pytest.raises(ProvenanceError, match="num_images: folder 32, now 16"):
         run_study(cfg)
+    cfg.num_images, cfg.discretization = 32, "uniform"  # the points' names do not say their time grid
+    with pytest.raises(ProvenanceError, match="discretization: folder None, now 'uniform'"):
+        run_study(cfg)
 
 
 def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_per_tolerance(tmp_path, tiny_checkpoint,

@@ -240,7 +240,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None,
                   "vae_fingerprint": main.vae.fingerprint if main.vae is not None else None,
                   "vae_dtype": cfg.vae_dtype if main.vae is not None else None,
-                  "options": to_container(cfg.options)}
+                  "options": to_container(cfg.options), "discretization": cfg.discretization}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
         claim(out, record, results, overwrite=cfg.overwrite)
         ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
