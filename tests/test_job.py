@@ -316,6 +316,29 @@ def test_a_png_folder_scores_the_requested_seeds_not_every_image_it_holds(run_di
     assert report["metrics"]["fd_cls"] == pytest.approx(score(read_images(four)[0]))
 
 
+@pytest.mark.parametrize("solver, options, message", [
+    ("unipc", {"variant": "foo"}, "variant must be 'bh1' or 'bh2', got 'foo'"),
+    ("lms", {"order": 0}, "lms: order must be a positive integer, got 0"),
+    ("dpm_adaptive", {"atol": -1.0}, "dpm_adaptive: rtol, atol and h_init must be positive"),
+])
+def test_a_bad_solver_option_value_fails_before_the_folder_is_claimed(run_dir, tmp_path, solver, options, message):
+    """Option values that a solver checks when it starts are checked by a run on a stand-in denoiser before OUT is
+    claimed: the refused run leaves no folder (whose record would then refuse the corrected command)."""
+    from edm.core.samplers import SamplerConfig
+    from edm.evaluation.nfe_study import StudyConfig, run_study
+    from edm.generation.job import SampleConfig, generate_folder
+
+    cfg = SampleConfig(checkpoint=str(run_dir), num_images=2, format="npz", out=str(tmp_path / "out"), progress=False)
+    cfg.sampler = SamplerConfig(solver, 3, options=options)
+    with pytest.raises(ValueError, match=message):
+        generate_folder(cfg)
+    study = StudyConfig(checkpoint=str(run_dir), solvers=[solver], steps=[3], options={solver: options},
+                        out=str(tmp_path / "study"), dataset=DatasetConfig(name="digits"), progress=False)
+    with pytest.raises(ValueError, match=message):
+        run_study(study)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "study").exists()
+
+
 def test_a_bad_metric_setting_fails_before_the_folder_is_claimed_or_an_image_made(run_dir, tmp_path):
     """FID without its weights file: refused once the model is loaded, before provenance.json or any image."""
     from edm.cli.sample import SampleCommand, scorer_of

@@ -915,6 +915,15 @@ class SamplerConfig:
         return dict(solver=self.solver, num_steps=self.num_steps, discretization=self.discretization,
                     final_denoise=self.final_denoise, **self.options)
 
+    def evaluations_per_image(self, schedule: Schedule) -> int:
+        """The NFE of these settings for one image, counted by a run on a stand-in denoiser (D = 0; a fixed-step
+        solver's count does not depend on D). The run also checks every option's value (a solver checks its
+        order, variant, tolerances, ... when it starts) before any real work."""
+        calls = []
+        stand_in = lambda x, sigma, labels=None, **kwargs: calls.append(1) or torch.zeros_like(x)  # noqa: E731
+        sample(stand_in, torch.zeros(1, 1, dtype=torch.float64), schedule, **self.kwargs())
+        return len(calls)
+
 
 def sample(
     denoiser: Denoiser,

@@ -108,20 +108,11 @@ def _point_name(model: str, schedule: Schedule, settings: SamplerConfig) -> str:
     return f"{prefix}{schedule.name}-{settings.solver}-{settings.num_steps:03d}"
 
 
-def evaluations_per_image(settings: SamplerConfig, schedule: Schedule) -> int:
-    """The NFE of `settings` for one image, counted on a stand-in denoiser (D = 0; a fixed-step solver's count does
-    not depend on D)."""
-    calls = []
-    stand_in = lambda x, sigma, labels=None, **kwargs: calls.append(1) or torch.zeros_like(x)  # noqa: E731
-    sample(stand_in, torch.zeros(1, 1, dtype=torch.float64), schedule, **settings.kwargs())
-    return len(calls)
-
-
 def steps_within(solver: str, budget: int, schedule: Schedule, options: dict, discretization: str | None) -> int:
     """The most steps (≥ 1) of `solver` whose NFE per image is at most `budget`."""
     steps = 1
-    while steps < budget and evaluations_per_image(
-            SamplerConfig(solver, steps + 1, discretization=discretization, options=options), schedule) <= budget:
+    while steps < budget and SamplerConfig(
+            solver, steps + 1, discretization=discretization, options=options).evaluations_per_image(schedule) <= budget:
         steps += 1
     return steps
 
@@ -142,6 +133,8 @@ def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: 
             counts = steps if not cfg.nfe else sorted({steps_within(solver, budget, schedule, options, cfg.discretization)
                                                        for budget in cfg.nfe})
             settings += [SamplerConfig(solver, n, discretization=cfg.discretization, options=options) for n in counts]
+    for point in settings:  # a bad option value fails here, before OUT is claimed
+        point.evaluations_per_image(schedule)
     return settings
 
 

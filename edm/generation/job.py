@@ -22,7 +22,7 @@ import torch
 
 from ..choices import choose
 from ..core.denoisers import fast_denoiser
-from ..core.samplers import SamplerConfig
+from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, file_sha256, package_version, to_container, write_json
 from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
@@ -174,6 +174,7 @@ def generate_folder(
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
     refuse_foreign_folder(out)
+    nfe = cfg.sampler.evaluations_per_image(schedule)  # a bad option value (order, variant, ...) fails here, before OUT
     record = provenance(cfg, schedule, info, launch, vae) | {
         "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
     lock = None
@@ -186,8 +187,9 @@ def generate_folder(
         except BaseException:
             lock.release()
             raise
-        logger.info("%d images, %s with %d steps, %s schedule, %d process(es) -> %s",
-                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, schedule.name, state.num_processes, out)
+        logger.info("%d images, %s with %d steps (%s evaluations of D per image), %s schedule, %d process(es) -> %s",
+                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps,
+                    "adaptive" if cfg.sampler.solver in ADAPTIVE_SOLVERS else nfe, schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()
