@@ -15,7 +15,7 @@ import torch
 from edm.data import DatasetConfig
 from edm.data import FASHION_MNIST_DEBIAN_ROOT, BadImagesError, DatasetNotFoundError, ImageFolderDataset, StreamBatchSampler, XFlip, build_dataset, epoch_permutation, load_cifar10, load_digits, load_mnist, make_loader, read_idx, to_model_space, to_uint8
 
-from conftest import folder_with_bad_files
+from conftest import folder_with_bad_files, png
 
 # ----------------------------------------------------------------------------- embedded digits
 
@@ -492,9 +492,15 @@ def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
         build_dataset(cfg)
     message = str(err.value)
     assert "2 of 33 image files" in message and str(empty) in message and str(small) in message
-    assert "6x6, but the first image is 8x8" in message and "dataset.skip_bad=true" in message
+    assert "6x6, but 31 of the 32 readable images are 8x8" in message and "dataset.skip_bad=true" in message
     data = build_dataset(DatasetConfig(name="folder", root=str(tmp_path / "images"), skip_bad=True))
     assert len(data) == 31 and empty not in data.files and small not in data.files
-    with pytest.raises(BadImagesError, match=f"{truncated}: cannot read its pixels.*resume=true"):
+    odd_first = tmp_path / "images" / "000-big.png"  # first in order: the size most images have still decides
+    png(odd_first, 10, 0)
+    data = build_dataset(DatasetConfig(name="folder", root=str(tmp_path / "images"), skip_bad=True))
+    assert len(data) == 31 and data.resolution == 8 and odd_first.name not in data.files
+    odd_first.unlink()
+    with pytest.raises(BadImagesError, match=f"{truncated}: cannot read its pixels.*dataset.skip_bad\\) could not see "
+                                             "it: fix or remove the file.*resume=true where the run has a checkpoint"):
         for i in range(len(data)):
             data[i]

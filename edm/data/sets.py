@@ -7,6 +7,7 @@ to get them. edm.data.registry names them for configs.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import logging
@@ -232,29 +233,29 @@ class ImageFolderDataset(ImageDataset):
         self.num_classes = len(classes)
 
     def _scan(self, files: list[str], resolution: int | None, skip_bad: bool) -> list[str]:
-        """The usable files; sets the resolution from the first readable one, and the mode: RGB if any usable image has
-        colour (gray ones are then repeated over three channels, losing nothing), else L."""
-        good: list[str] = []
+        """The usable files; without `resolution`, sets it from the size most of the readable images have (the
+        others are bad), and the mode: RGB if any usable image has colour (gray ones are then repeated over three
+        channels, losing nothing), else L."""
         bad: list[str] = []
-        first: tuple[str, tuple[int, int]] | None = None
-        colour = False
+        headers: dict[str, tuple[str, tuple[int, int]]] = {}
         for name in files:
-            path = self.source.where(name)
             try:
-                mode, size = _header(self.source, name)
+                headers[name] = _header(self.source, name)
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
-                bad.append(f"{path}: unreadable ({type(err).__name__}: {err})")
-                continue
-            if first is None:
-                if resolution is None and size[0] != size[1]:
-                    raise ValueError(f"{path} is {size[0]}x{size[1]}, not square; set dataset.resolution to crop and resize")
-                first = (mode, size)
-            elif resolution is None and size != first[1]:
-                bad.append(f"{path}: {size[0]}x{size[1]}, but the first image is {first[1][0]}x{first[1][1]} "
-                           "(set dataset.resolution to resize all images)")
-                continue
-            good.append(name)
-            colour = colour or mode not in _GRAY_MODES
+                bad.append(f"{self.source.where(name)}: unreadable ({type(err).__name__}: {err})")
+        sizes = collections.Counter(size for _, size in headers.values())
+        common, count = sizes.most_common(1)[0] if sizes else ((0, 0), 0)  # the first of equally common sizes
+        if resolution is None and headers and common[0] != common[1]:
+            raise ValueError(f"{count} of the {len(headers)} readable images under {self.root} are {common[0]}x{common[1]}, "
+                             "not square; set dataset.resolution to crop and resize")
+        good: list[str] = []
+        for name, (_, size) in headers.items():
+            if resolution is None and size != common:
+                bad.append(f"{self.source.where(name)}: {size[0]}x{size[1]}, but {count} of the {len(headers)} readable "
+                           f"images are {common[0]}x{common[1]} (set dataset.resolution to resize all images)")
+            else:
+                good.append(name)
+        colour = any(headers[name][0] not in _GRAY_MODES for name in good)
         if bad:
             listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             if not skip_bad or not good:
@@ -264,9 +265,8 @@ class ImageFolderDataset(ImageDataset):
                 )
             run_logger.warning("dataset.skip_bad: leaving out %d of %d image files under %s:\n  %s",
                                len(bad), len(files), self.root, listing)
-        assert first is not None
         self.mode = "RGB" if colour else "L"
-        self.resolution = int(resolution or first[1][0])
+        self.resolution = int(resolution or common[0])
         return good
 
     def __len__(self) -> int:
@@ -283,8 +283,9 @@ class ImageFolderDataset(ImageDataset):
             raise
         except Exception as err:  # a file whose header read but whose pixels do not (truncated, corrupt)
             raise BadImagesError(
-                f"{path}: cannot read its pixels ({type(err).__name__}: {err}); fix or remove the file (or set "
-                "dataset.skip_bad=true), then resume=true continues from the last checkpoint"
+                f"{path}: cannot read its pixels ({type(err).__name__}: {err}); its header reads, so the scan before "
+                "training (and dataset.skip_bad) could not see it: fix or remove the file, then rerun (with resume=true "
+                "where the run has a checkpoint)"
             ) from None
 
     def _pixels(self, path: str, im) -> np.ndarray:
