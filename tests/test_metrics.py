@@ -488,12 +488,18 @@ def test_reference_statistics_carrying_code_are_refused(tmp_path):
 
 
 def test_edm_eval_checks_its_images_before_any_work(tmp_path):
-    """A missing path, an empty folder and a file that is not an .npz are named at once: no classifier is trained
-    first (the cache stays empty) and no traceback is printed."""
+    """A missing path, an empty folder, a file that is not an .npz and images of another shape than the data set's
+    are named at once: no classifier is trained first (the cache stays empty) and no traceback is printed."""
+    from PIL import Image
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    (tmp_path / "big").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png")
     for images, message in (("nope", "no images at 'nope'"), ("empty", "no image files"),
-                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive")):
+                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive"),
+                            ("big", "the images are [1, 16, 16], data set digits has [1, 8, 8] ones")):
         proc = subprocess.run([command("edm-eval"), "metric=fd_cls", f"images={images}", "dataset=digits"],
                               capture_output=True, text=True, cwd=tmp_path, timeout=300,
                               env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})

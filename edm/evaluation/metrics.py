@@ -327,6 +327,12 @@ def check_image_source(source: str | Path) -> None:
             _npz_key(path, data)
 
 
+def source_image_shape(source: str | Path) -> tuple[int, int, int]:
+    """(C, H, W) of the first image of a folder or .npz source."""
+    _, h, w, c = next(_pixel_batches(source, 1, 1)).shape
+    return c, h, w
+
+
 def count_images(source: str | Path) -> int:
     """Number of images in a folder (png/jpg/... recursively) or an .npz."""
     path = Path(source)

@@ -187,11 +187,17 @@ class QualityScore:
     def for_dataset(
         cls, dataset: DatasetConfig, config: ClassifierConfig | None = None, *,
         cache_dir: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = True,
+        image_shape: tuple[int, ...] | None = None,
     ) -> "QualityScore":
-        """The score of a data set: its cached classifier when one matches, else trained now and cached."""
+        """The score of a data set: its cached classifier when one matches, else trained now and cached. With
+        `image_shape` (C, H, W) of the images to be scored, another shape than the data set's is refused first."""
         config = config or ClassifierConfig()
         device = torch.device(device)
         images, labels, data = _load_images(dataset, config.max_images, config.seed)
+        shape = (data["channels"], data["resolution"], data["resolution"])
+        if image_shape is not None and tuple(image_shape) != shape:
+            raise ValueError(f"the images are {list(image_shape)}, data set {data['name']} has {list(shape)} ones: "
+                             "score against the data set the images' model learned (dataset=NAME ...)")
         settings = {"version": CACHE_VERSION, "data": data, "classifier": dataclasses.asdict(config)}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(cache_dir or default_cache_dir()) / f"{data['name']}-{data['resolution']}px-{key}"

@@ -118,14 +118,8 @@ def fd_cls_scorer(cfg: FdClsConfig, ctx: ScoringContext) -> Scorer:
     if ctx.dataset is None:
         raise ValueError("FD_cls needs the data set its classifier learns: dataset=NAME [dataset.root=PATH] (or a "
                          "model that names its training data)")
-    score = QualityScore.for_dataset(ctx.dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=ctx.device,
-                                     progress=ctx.progress)
-    data = score.meta["data"]
-    shape = (data["channels"], data["resolution"], data["resolution"])
-    if ctx.image_shape is not None and tuple(ctx.image_shape) != shape:
-        raise ValueError(f"the images are {list(ctx.image_shape)}, data set {data['name']} has {list(shape)} ones: "
-                         "score against the model's own data set")
-    return score
+    return QualityScore.for_dataset(ctx.dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=ctx.device,
+                                    progress=ctx.progress, image_shape=ctx.image_shape)
 
 
 # ----------------------------------------------------------------------------- bpd
@@ -262,6 +256,8 @@ def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path
                          "or dataset=NAME, and the model as checkpoint=PATH")
     if ctx.info is not None:
         ctx = dataclasses.replace(ctx, image_shape=ctx.info.pixel_shape)
+    elif images is not None:
+        ctx = dataclasses.replace(ctx, image_shape=metrics.source_image_shape(images))
     scorer = metric.build(options, ctx)  # weights, references and classifiers before the images are read
     limit = getattr(options, "max_images", None)
     if images is not None:
