@@ -407,6 +407,24 @@ def test_edm_eval_without_inception_weights_says_what_to_get(tmp_path):
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "curl" in proc.stderr
 
 
+def test_a_wrong_inception_file_is_named_in_a_short_message_that_never_advises_unsafe_loading(tmp_path):
+    """No file given, a checkpoint of another network (a short account of the keys, not each one), a text file (not
+    torch's advice to load it with weights_only=False, which would run a pickle's code)."""
+    from edm.evaluation.metrics import load_inception
+
+    with pytest.raises(FileNotFoundError, match="no Inception weights file given \\(the fid metric's `inception` option"):
+        load_inception(None)
+    torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(300)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt is not pytorch-fid's Inception state dict \(\d+ of its \d+ keys "
+                                         r"missing, e.g. .*; 300 unexpected, e.g. layer0.weight") as err:
+        load_inception(tmp_path / "other.pt")
+    assert len(str(err.value)) < 2000
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(ValueError, match=r"cannot read .*notes.pth as a weights file") as err:
+        load_inception(tmp_path / "notes.pth")
+    assert "weights_only" not in str(err.value)
+
+
 def test_edm_eval_refuses_a_key_its_metric_does_not_read(tmp_path):
     """Each metric's options are its own typed group: a key of another metric fails at composition, and a
     command without a metric names the choices."""

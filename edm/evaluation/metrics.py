@@ -235,7 +235,9 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
     TorchScript archive is loaded only with allow_pickle=True: both carry code that runs when the
     file is loaded or called. pytorch-fid's .pth is a plain state dict and needs no opt-in.
     """
-    if path is None or not Path(path).is_file():
+    if path is None:
+        raise FileNotFoundError(f"no Inception weights file given (the fid metric's `inception` option).\n{INCEPTION_HELP}")
+    if not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(path)!r}.\n{INCEPTION_HELP}")
     path = Path(path)
     torchscript = _is_torchscript(path)
@@ -244,15 +246,29 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu", 
                                      torchscript)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read Inception weights {path}: {err}\n{INCEPTION_HELP}") from err
+    except Exception as err:  # torch's own advice (weights_only=False) would run the file's code: not given here
+        raise ValueError(f"cannot read {path} as a weights file ({type(err).__name__}); it is not pytorch-fid's "
+                         f"Inception state dict.\n{INCEPTION_HELP}") from None
     with torch.device("meta"):
         model = FIDInceptionV3()
     try:
         model.load_weights(state_dict)
-    except RuntimeError as err:
-        raise ValueError(f"{path} is not pytorch-fid's Inception state dict: {err}\n{INCEPTION_HELP}") from err
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not pytorch-fid's Inception state dict ({_key_mismatch(model.net, state_dict)})."
+                         f"\n{INCEPTION_HELP}") from None
     return model.to(device).eval()
+
+
+def _key_mismatch(net: nn.Module, state_dict: Any) -> str:
+    """A short account of how `state_dict` differs from net's: counts and a few names, not every key."""
+    if not isinstance(state_dict, dict):
+        return f"it holds a {type(state_dict).__name__}, not a state dict"
+    wanted, given = set(net.state_dict()), set(state_dict)
+    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
+    if not missing and not unexpected:
+        return "the keys match, but tensor shapes differ"
+    return (f"{len(missing)} of its {len(wanted)} keys missing, e.g. {', '.join(missing[:3]) or '-'}; "
+            f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3]) or '-'}")
 
 
 def load_vgg16(path: str | Path | None, device: torch.device | str = "cpu", *, allow_pickle: bool = False) -> nn.Module:
