@@ -425,6 +425,23 @@ def test_a_wrong_inception_file_is_named_in_a_short_message_that_never_advises_u
     assert "weights_only" not in str(err.value)
 
 
+def test_reference_statistics_go_to_a_new_npz_file_unless_overwrite(tmp_path):
+    """metric=ref's dest: a folder, a name np.savez would add .npz to (the report would name another file) and an
+    existing file (statistics of other images, perhaps) are refused before any work; overwrite=true replaces."""
+    from edm.evaluation.metrics import RefConfig, check_reference_dest
+
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "old.npz").write_bytes(b"statistics")
+    for dest, message in ((None, "needs metric.dest=FILE.npz"), ("refs", "ending in .npz"),
+                          ("dir.npz", "is a folder: name the statistics file"),
+                          ("old.npz", "exists: pass metric.overwrite=true")):
+        with pytest.raises((ValueError, FileExistsError), match=message):
+            check_reference_dest(RefConfig(dest=None if dest is None else str(tmp_path / dest)))
+    check_reference_dest(RefConfig(dest=str(tmp_path / "old.npz"), overwrite=True))
+    check_reference_dest(RefConfig(dest=str(tmp_path / "new.npz")))
+
+
 def test_edm_eval_refuses_a_key_its_metric_does_not_read(tmp_path):
     """Each metric's options are its own typed group: a key of another metric fails at composition, and a
     command without a metric names the choices."""

@@ -64,6 +64,7 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
     device = pick_device(cfg.cpu)
     share_cpu(device.type == "cpu")
     if name == "ref":
+        metrics.check_reference_dest(cfg.metric)
         if (cfg.data is None) == (cfg.dataset is None):
             raise ValueError("metric=ref: give the images as data=PATH (folder or .npz) or dataset=NAME")
         batches = metrics.image_batches(cfg.data, cfg.batch) if cfg.data is not None else \

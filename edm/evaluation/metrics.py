@@ -620,14 +620,29 @@ class RefConfig:
 
     inception: Optional[str] = None  # as FID's: pytorch-fid's .pth, or NVlabs' .pkl / .pt (with allow_pickle)
     allow_pickle: bool = False
-    dest: Optional[str] = None  # the statistics .npz to write
+    dest: Optional[str] = None  # the statistics .npz to write (a new file, or overwrite=true)
     max_images: Optional[int] = None  # the first N images only
+    overwrite: bool = False  # replace an existing dest
+
+
+def check_reference_dest(cfg: RefConfig) -> None:
+    """Refuse, before any work, a dest that is missing, not an .npz (np.savez would add the suffix), or an existing
+    file (statistics of other images, perhaps) without overwrite."""
+    if cfg.dest is None:
+        raise ValueError("metric=ref needs metric.dest=FILE.npz, where the statistics go")
+    dest = Path(cfg.dest)
+    if dest.suffix != ".npz":
+        raise ValueError(f"metric.dest={cfg.dest}: name the statistics file, ending in .npz (e.g. {dest / 'ref.npz'})")
+    if dest.is_dir():
+        raise FileExistsError(f"metric.dest={cfg.dest} is a folder: name the statistics file, e.g. {dest / 'ref.npz'}")
+    if dest.exists() and not cfg.overwrite:
+        raise FileExistsError(f"metric.dest={cfg.dest} exists: pass metric.overwrite=true to replace it, or give "
+                              "another metric.dest")
 
 
 def write_reference(cfg: RefConfig, batches: Iterable[Tensor], device: torch.device | str = "cpu") -> dict:
     """Write the Inception statistics of image batches (in [−1, 1]) to cfg.dest; a summary."""
-    if cfg.dest is None:
-        raise ValueError("metric=ref needs metric.dest=FILE.npz, where the statistics go")
+    check_reference_dest(cfg)
     extractor = load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
     mu, sigma, n = feature_statistics(extractor, batches, device=device, max_images=cfg.max_images)
     save_statistics(cfg.dest, mu, sigma, n)
