@@ -441,7 +441,9 @@ def test_nvlabs_zip_and_folder_take_their_labels_from_dataset_json(tmp_path, as_
         assert int(one_hot.argmax()) == labels[i][1] and index == i and int(image[0, 0, 0]) == 20 * i
 
 
-def test_a_dataset_json_wins_over_class_subfolders(tmp_path):
+def test_a_dataset_json_wins_over_class_subfolders(tmp_path, caplog):
+    """Its labels decide (classes 0..max: unused ones are warned of, as are labels of names that are no file); a
+    file without a "labels" list, an entry that is not [name, class] and an image without a label are refused."""
     import json
 
     from PIL import Image
@@ -449,9 +451,18 @@ def test_a_dataset_json_wins_over_class_subfolders(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / cls / "a.png")
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7], ["dog/a.png", 2]]}))
-    ds = build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7], ["dog/a.png", 2], ["cow/a.png", 1]]}))
+    with caplog.at_level("WARNING", logger="edm.data.sets"):
+        ds = build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
     assert ds.num_classes == 8 and [int(ds[i][1].argmax()) for i in range(2)] == [7, 2]
+    warned = " | ".join(r.getMessage() for r in caplog.records)
+    assert "classes 0..7 make 8 label inputs, of which 6 no image has" in warned
+    assert "labels 1 name(s) that are no file there, e.g. cow/a.png" in warned
+    for content, message in (({"classes": []}, "not a readable .*KeyError.*\"labels\": null says there are none"),
+                             ({"labels": {"cat/a.png": 7}}, "\"labels\" must be a list of \\[name, class\\] pairs, not a dict")):
+        (tmp_path / "dataset.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["cat/a.png", 7]]}))
     with pytest.raises(ValueError, match="no label for 1 image.*dog/a.png"):
         build_dataset(DatasetConfig(name="folder", root=str(tmp_path), cond=True))

@@ -165,22 +165,30 @@ def json_labels(source: ImageSource, files: list[str]) -> dict[str, int] | None:
     where = source.where(LABELS_NAME)
     try:
         with source.open(LABELS_NAME) as f:
-            entries = json.load(f).get("labels")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{where} is not a readable {{'labels': [[name, class], ...]}} file ({err})") from None
+            content = json.load(f)
+        entries = content["labels"]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{where} is not a readable {{\"labels\": [[name, class], ...]}} file ({type(err).__name__}: "
+                         f"{str(err)[:200]}); \"labels\": null says there are none") from None
     if entries is None:
         return None
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: \"labels\" must be a list of [name, class] pairs, not a {type(entries).__name__}")
     labels = {}
-    for entry in entries if isinstance(entries, list) else [entries]:
+    for entry in entries:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int)
                 and not isinstance(entry[1], bool)):
-            raise ValueError(f"{where}: the entry {entry!r} is not [name, class] with a whole-number class")
+            raise ValueError(f"{where}: the entry {str(entry)[:100]} is not [name, class] with a whole-number class")
         labels[str(entry[0])] = entry[1]
     missing = [name for name in files if name not in labels]
     if missing:
         raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {source.where(missing[0])}")
     if min(labels.values()) < 0:
         raise ValueError(f"{where} has negative class labels")
+    strays = sorted(set(labels) - set(source.all_names))
+    if strays:
+        run_logger.warning("%s labels %d name(s) that are no file there, e.g. %s: are the labels of these images?",
+                           where, len(strays), strays[0])
     return labels
 
 
@@ -214,6 +222,10 @@ class ImageFolderDataset(ImageDataset):
         if labelled is not None:
             self.labels, self.num_classes = [labelled[name] for name in self.files], max(labelled.values()) + 1
             self.classes = [str(c) for c in range(self.num_classes)]
+            unused = self.num_classes - len(set(self.labels))
+            if cond and unused:
+                run_logger.warning("%s: classes 0..%d make %d label inputs, of which %d no image has",
+                                   self.source.where(LABELS_NAME), self.num_classes - 1, self.num_classes, unused)
         else:
             self._folder_labels()
         self.cond = bool(cond)
