@@ -425,6 +425,18 @@ def test_a_wrong_inception_file_is_named_in_a_short_message_that_never_advises_u
     assert "weights_only" not in str(err.value)
 
 
+def test_edm_eval_refuses_two_references_for_fid(tmp_path):
+    """metric.ref and dataset both name FID's reference: one would be ignored, so neither is taken."""
+    from edm.cli import compose
+    from edm.cli.evaluate import run
+
+    save_npz_images(tmp_path / "fake.npz", random_images(2, 0))
+    cfg = compose("evaluate", ["metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'fake.npz'}",
+                               "dataset=digits"])
+    with pytest.raises(ValueError, match=r"metric.ref=.*fake.npz and dataset=digits both name FID's reference: give one"):
+        run(cfg, "fid")
+
+
 def test_reference_statistics_go_to_a_new_npz_file_unless_overwrite(tmp_path):
     """metric=ref's dest: a folder, a name np.savez would add .npz to (the report would name another file) and an
     existing file (statistics of other images, perhaps) are refused before any work; overwrite=true replaces."""

@@ -51,6 +51,12 @@ def test_a_metric_is_given_what_it_scores_or_refused_naming_the_way(tmp_path):
         evaluate("bpd", BpdConfig(), ScoringContext(dataset=DIGITS), images=tmp_path / "x.npz")
     with pytest.raises(ValueError, match="bits/dim scores a model: give it"):
         evaluate("bpd", BpdConfig(), ScoringContext(), data=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=r"or dataset=NAME \(not both, not images=\)"):
+        evaluate("bpd", BpdConfig(), ScoringContext(dataset=DIGITS), data=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=r"metric.max_images=0: give at least 1"):  # before any image is read
+        evaluate("bpd", BpdConfig(max_images=0), ScoringContext(), data=tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=r"metric.num_steps=0: the ODE needs at least 1 step"):
+        evaluate("bpd", BpdConfig(num_steps=0), ScoringContext(model=torch.nn.Identity()), data=tmp_path / "x.npz")
     with pytest.raises(ValueError, match="FD_cls needs the data set its classifier learns"):
         evaluate("fd_cls", QUICK, ScoringContext(), images=tmp_path / "x.npz")
     with pytest.raises(ValueError, match="metric 'fd' is not valid; choose one of: fid, fd_cls, bpd"):

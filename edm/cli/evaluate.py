@@ -63,6 +63,8 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
             metrics.check_image_source(source)
     device = pick_device(cfg.cpu)
     share_cpu(device.type == "cpu")
+    if name == "fid" and cfg.metric.ref is not None and cfg.dataset is not None:
+        raise ValueError(f"metric.ref={cfg.metric.ref} and dataset={cfg.dataset.name} both name FID's reference: give one")
     if name == "ref":
         metrics.check_reference_dest(cfg.metric)
         if (cfg.data is None) == (cfg.dataset is None):

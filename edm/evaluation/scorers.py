@@ -149,6 +149,8 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
     """bits_per_dim of uint8 images (and labels, for a class-conditional model) under ctx.model."""
     if ctx.model is None:
         raise ValueError("bits/dim scores a model: give it (checkpoint=PATH)")
+    if cfg.num_steps < 1:
+        raise ValueError(f"metric.num_steps={cfg.num_steps}: the ODE needs at least 1 step")
     dtype = choose(DTYPES, cfg.dtype, "dtype")
     schedule = ctx.schedule
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dequantization", "dtype", "seed", "max_images")}
@@ -252,14 +254,17 @@ def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path
         raise ValueError(f"metric={name} scores generated images: give images=PATH (a folder of image files or "
                          "an .npz), and its reference as the metric's options or dataset=NAME")
     if metric.scores == "data" and ((data is None) == (ctx.dataset is None) or images is not None):
+        both = "not both, " if data is not None and ctx.dataset is not None else ""
         raise ValueError(f"metric={name} scores data under a model: give the data as data=PATH (folder or .npz) "
-                         "or dataset=NAME, and the model as checkpoint=PATH")
+                         f"or dataset=NAME ({both}not images=), and the model as checkpoint=PATH")
+    limit = getattr(options, "max_images", None)
+    if limit is not None and limit < 1:
+        raise ValueError(f"metric.max_images={limit}: give at least 1 (null: every image)")
     if ctx.info is not None:
         ctx = dataclasses.replace(ctx, image_shape=ctx.info.pixel_shape)
     elif images is not None:
         ctx = dataclasses.replace(ctx, image_shape=metrics.source_image_shape(images))
     scorer = metric.build(options, ctx)  # weights, references and classifiers before the images are read
-    limit = getattr(options, "max_images", None)
     if images is not None:
         x, labels = metrics.read_images(images, limit)
     elif data is not None:
