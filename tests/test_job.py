@@ -255,7 +255,8 @@ def test_images_without_a_provenance_record_are_not_resumed(run_dir, tmp_path):
     out.mkdir()
     (out / "000000.png").write_bytes(b"made elsewhere")
     proc = sample_script(f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "num_images=1", f"out={out}", check=False)
-    assert proc.returncode == 1 and "000000.png" in proc.stderr and "no provenance.json" in proc.stderr
+    assert proc.returncode == 1 and "holds 1 file(s) of the kinds this command writes (000000.png)" in proc.stderr
+    assert "no provenance.json" in proc.stderr and "pass overwrite=true to delete those files first" in proc.stderr
 
 
 def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):

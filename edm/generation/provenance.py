@@ -108,6 +108,7 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwri
         return
     if results:
         raise ProvenanceError(
-            f"{out_dir} holds results ({', '.join(p.name for p in results[:3])}{', ...' if len(results) > 3 else ''}) "
-            f"but no {PROVENANCE_NAME} that says what made them", ways_out)
+            f"{out_dir} holds {len(results)} file(s) of the kinds this command writes ({', '.join(p.name for p in results[:3])}"
+            f"{', ...' if len(results) > 3 else ''}) but no {PROVENANCE_NAME} that says what made them: they may not be "
+            "results at all", f"write to another {out_key}=DIR, or pass {overwrite_key} to delete those files first")
     write_json(path, record)
