@@ -64,6 +64,8 @@ def test_a_metric_is_given_what_it_scores_or_refused_naming_the_way(tmp_path):
 
 
 def test_generated_images_take_only_the_metrics_of_samples(tmp_path):
+    with pytest.raises(ValueError, match="eval.metrics names fd_cls more than once"):
+        build_scorers(EvalConfig(metrics=["fd_cls", "fd_cls"]), ScoringContext(dataset=DIGITS))
     cfg = EvalConfig(metrics=["bpd"])
     with pytest.raises(ValueError, match="metric bpd scores data under a model, not generated images: use edm-eval metric=bpd"):
         build_scorers(cfg, ScoringContext(dataset=DIGITS))

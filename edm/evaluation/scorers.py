@@ -220,6 +220,9 @@ EvalConfig = eval_schema()
 def check_metrics(cfg: Any, scores: str = "samples") -> list[Metric]:
     """The rows cfg.metrics names (an EvalConfig), each one that scores `scores`; a ValueError names any other."""
     rows = []
+    repeated = sorted({name for name in cfg.metrics if list(cfg.metrics).count(name) > 1})
+    if repeated:
+        raise ValueError(f"eval.metrics names {', '.join(repeated)} more than once: name each metric once")
     for name in cfg.metrics:
         metric = choose(METRICS, name, "metric")
         if metric.scores != scores:
