@@ -60,3 +60,15 @@ def test_a_missing_guide_is_named_as_the_guide(tmp_path, tiny_checkpoint):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="guide '.*empty' is a folder without checkpoint-"):
         guided(denoiser, info, 2.0, tmp_path / "empty")
+
+
+def test_a_guide_that_is_the_model_itself_is_refused(tmp_path, tiny_checkpoint):
+    """D_g = D gives D_w = D_g + w (D − D_g) = D: guidance that does nothing at twice the cost, also when the run folder
+    and its checkpoint name one file."""
+    from edm.models.loading import guided
+
+    path = tiny_checkpoint(tmp_path / "run" / "checkpoint-00000010.pt")
+    denoiser, info = load_model(path)
+    for guide in (path, tmp_path / "run"):
+        with pytest.raises(ValueError, match="is the model's own file .*: D_g = D makes guidance do nothing"):
+            guided(denoiser, info, 2.0, guide)

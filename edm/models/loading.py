@@ -174,6 +174,10 @@ def guided(
     guide_model, guide_info = None, None
     if guide is not None:
         guide_model, guide_info = load_model(guide, ema=ema, device=device, key="guide")
+        if Path(guide_info.source).resolve() == Path(info.source).resolve():
+            raise ValueError(f"guide {guide} is the model's own file {info.source}: D_g = D makes guidance do nothing "
+                             "at twice the cost; autoguidance needs a weaker model of the same data (a smaller or "
+                             "shorter-trained one)")
         if guide_info.img_shape != info.img_shape:
             raise ValueError(f"guide {guide} makes {list(guide_info.img_shape)} images, the model "
                              f"{list(info.img_shape)}: a guide must be a model of the same data")
