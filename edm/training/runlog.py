@@ -114,7 +114,7 @@ def log(run_log: RunLog, record: dict) -> None:
         return
     run_log.file.write(json.dumps(record) + "\n")
     run_log.file.flush()
-    logger.info("step %d  kimg %.1f  loss %.4f  lr %.3g  %.0f img/s", record["step"], record["kimg"], record["loss"],
+    logger.info("step %d  kimg %.4g  loss %.4f  lr %.3g  %.0f img/s", record["step"], record["kimg"], record["loss"],
                 record["lr"], record["images_per_s"])
     run_log.scalars({f"train/{key}": record[key] for key in ("loss", "lr", "images_per_s", "ema_beta")}, record["step"])
     if run_log.bar is not None:
