@@ -306,3 +306,15 @@ def test_the_sampler_config_defaults_are_edm_sample_defaults():
 
     parameters = inspect.signature(edm.sample).parameters
     assert {key: parameters[key].default for key in SamplerConfig().kwargs()} == SamplerConfig().kwargs()
+
+
+@pytest.mark.parametrize("solver, options, nfe", [("heun", {}, 7), ("euler", {}, 4), ("stochastic", {"churn": 40}, 7),
+                                                  ("euler_ancestral", {}, 4)])
+def test_the_evaluation_count_of_settings_leaves_the_global_random_state_alone(solver, options, nfe):
+    """SamplerConfig.evaluations_per_image runs the solver on a stand-in (Heun: 2N − 1 with its step to 0 an Euler
+    one): a stochastic solver draws from its own generator, so edm-sample's check before work changes no draw."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert SamplerConfig(solver, 4, options=options).evaluations_per_image(EDM()) == nfe
+    assert torch.equal(torch.rand(4), expected)
