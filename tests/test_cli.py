@@ -81,8 +81,8 @@ def test_every_command_is_a_hydra_app_with_help(name, monkeypatch, tmp_path):
                                               "+sampler.options.eta=0.5 to add it"),
     ("edm-eval", "metric=fidd", "edm-eval: error: In 'evaluate': Could not find 'metric/fidd'; Available options in "
                                 "'metric': bpd, fd_cls, fid, ref"),
-    ("edm-sample", "network=tiny", "edm-sample: error: network is not a group of this command (--help lists the groups "
-                                   "it takes)"),
+    ("edm-sample", "network=tiny", "edm-sample: error: network is not a config group of this command (--help lists its "
+                                   "options)"),
 ])
 def test_hydras_command_line_errors_are_one_line_that_names_the_key(name, override, expected, tmp_path):
     """A misspelt key, a value of the wrong type, an override that does not parse, a group option that does not exist:

@@ -445,7 +445,8 @@ def test_reference_statistics_go_to_a_new_npz_file_unless_overwrite(tmp_path):
     (tmp_path / "refs").mkdir()
     (tmp_path / "dir.npz").mkdir()
     (tmp_path / "old.npz").write_bytes(b"statistics")
-    for dest, message in ((None, "needs metric.dest=FILE.npz"), ("refs", "ending in .npz"),
+    for dest, message in ((None, "needs metric.dest=FILE.npz"), ("refs", r"is a folder: .*refs/ref.npz"),
+                          ("stats.np", r"ending in .npz \(e.g. .*stats.npz\)"),
                           ("dir.npz", "is a folder: name the statistics file"),
                           ("old.npz", "exists: pass metric.overwrite=true")):
         with pytest.raises((ValueError, FileExistsError), match=message):
@@ -552,6 +553,23 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path):
                               env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_shape_of_an_image_source_is_read_without_its_pixels(tmp_path):
+    """A folder's first image; an .npz's array header (NHWC or NCHW, compressed too); a bad shape is named."""
+    from PIL import Image
+
+    from edm.evaluation.metrics import source_image_shape
+
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(np.zeros((6, 6, 3), dtype=np.uint8)).save(tmp_path / "folder" / "0.png")
+    np.savez(tmp_path / "nhwc.npz", images=np.zeros((5, 16, 16, 1), dtype=np.uint8))
+    np.savez_compressed(tmp_path / "nchw.npz", arr_0=np.zeros((5, 3, 8, 8), dtype=np.uint8))
+    assert [source_image_shape(tmp_path / name) for name in ("folder", "nhwc.npz", "nchw.npz")] == [
+        (3, 6, 6), (1, 16, 16), (3, 8, 8)]
+    np.savez(tmp_path / "flat.npz", images=np.zeros((4, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"flat.npz:images must be \[N, H, W, C\]"):
+        source_image_shape(tmp_path / "flat.npz")
 
 
 def test_an_npz_of_images_without_a_channel_axis_is_named(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from edm.models.checkpoint import find_latest, load_checkpoint
 from edm.training.loop import train
+from edm.training.runlog import kimg_text
 
 from conftest import REPO, kill_group, metrics_records, wait_for, worker_pid
 
@@ -84,9 +85,10 @@ def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_
     lines = [r.getMessage() for r in caplog.records if r.name == "edm.training.runlog" and r.getMessage().startswith("step ")]
     records = metrics_records(tmp_path / "run")
     assert [r["step"] for r in records] == [2, 4]
-    assert lines == [f"step {r['step']}  kimg {r['kimg']:.4g}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  "
+    assert lines == [f"step {r['step']}  kimg {kimg_text(r['kimg'])}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  "
                      f"{r['images_per_s']:.0f} img/s" for r in records]
     assert records[0]["kimg"] < 0.05 and f"kimg {records[0]['kimg']:g} " in lines[0]  # a short run's kimg is not 0.0
+    assert [kimg_text(k) for k in (0.016, 1.5, 12345.64, 199999.936)] == ["0.016", "1.5", "12345.6", "199999.9"]
     from PIL import Image
 
     with Image.open(tmp_path / "run" / "loss.png") as png:

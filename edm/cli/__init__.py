@@ -206,7 +206,7 @@ def one_line(err: BaseException) -> str:
                     "(e.g. a solver option its sampler file does not list)")
         return unknown_keys_message([key])
     if override and "No match in the defaults list" in text:  # a group of another command (Hydra: "use +GROUP=...")
-        return f"{override.group(1)} is not a group of this command (--help lists the groups it takes)"
+        return f"{override.group(1)} is not a config group of this command (--help lists its options)"
     merging = re.match(r"Error merging override (.+)", text)
     if (override or merging) and cause is not None:
         return f"{(override or merging).group(1)}: {str(cause).splitlines()[0]}"

@@ -197,11 +197,11 @@ class ImageFolderDataset(ImageDataset):
 
     Labels: a dataset.json at the top ({"labels": [[name, class], ...]}, as dataset_tool.py
     writes it) gives them, and wins over folders; otherwise class subfolders (root/<class>/...)
-    become labels 0..K−1 by sorted name; otherwise there are none. Images are converted to the
-    first file's mode (grayscale or RGB); with `resolution` they are center-cropped and resized.
+    become labels 0..K−1 by sorted name; otherwise there are none. Images are RGB if any has colour, else grayscale;
+    with `resolution` they are center-cropped and resized.
 
     Every file's header is read when the data set is made: files that cannot be opened and,
-    without `resolution`, files of another size than the first are listed by path in a
+    without `resolution`, files of another size than most of them have are listed by path in a
     BadImagesError, or left out with a warning when `skip_bad` is set.
     """
 
@@ -307,7 +307,7 @@ class ImageFolderDataset(ImageDataset):
             im = resize_image(im, self.resolution, self.resample)
         elif im.size != (self.resolution, self.resolution):
             raise BadImagesError(
-                f"{path} is {im.size[0]}x{im.size[1]} but the first image is {self.resolution}x{self.resolution}; "
+                f"{path} is {im.size[0]}x{im.size[1]} but the data set's images are {self.resolution}x{self.resolution}; "
                 "set dataset.resolution to resize all images"
             )
         return np.asarray(im, dtype=np.uint8).copy()

@@ -344,9 +344,19 @@ def check_image_source(source: str | Path) -> None:
 
 
 def source_image_shape(source: str | Path) -> tuple[int, int, int]:
-    """(C, H, W) of the first image of a folder or .npz source."""
-    _, h, w, c = next(_pixel_batches(source, 1, 1)).shape
-    return c, h, w
+    """(C, H, W) of a folder's first image, or of an .npz's images from their array's header (none decompressed)."""
+    path = Path(source)
+    if _source_files(path) is not None:
+        _, h, w, c = next(_pixel_batches(path, 1, 1)).shape
+        return c, h, w
+    with _open_npz(path) as data, data.zip.open(f"{_npz_key(path, data)}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read_header(member)[0]
+    if len(shape) != 4:
+        _npz_images(path)  # its error names the file and the shape
+    n, a, b, c = shape
+    return (c, a, b) if c in (1, 3) else (a, b, c)
 
 
 def count_images(source: str | Path) -> int:
@@ -631,10 +641,11 @@ def check_reference_dest(cfg: RefConfig) -> None:
     if cfg.dest is None:
         raise ValueError("metric=ref needs metric.dest=FILE.npz, where the statistics go")
     dest = Path(cfg.dest)
-    if dest.suffix != ".npz":
-        raise ValueError(f"metric.dest={cfg.dest}: name the statistics file, ending in .npz (e.g. {dest / 'ref.npz'})")
     if dest.is_dir():
         raise FileExistsError(f"metric.dest={cfg.dest} is a folder: name the statistics file, e.g. {dest / 'ref.npz'}")
+    if dest.suffix != ".npz":
+        raise ValueError(f"metric.dest={cfg.dest}: name the statistics file, ending in .npz (e.g. "
+                         f"{dest.with_suffix('.npz')})")
     if dest.exists() and not cfg.overwrite:
         raise FileExistsError(f"metric.dest={cfg.dest} exists: pass metric.overwrite=true to replace it, or give "
                               "another metric.dest")

@@ -143,7 +143,8 @@ def generate_folder(
     A latent model's samples are decoded by its VAE (cfg.vae, else the one it records) into pixels.
     With `scorer`, the main process calls scorer(info, device, vae) once the model is loaded, before the folder is
     claimed or any image made (a bad metric setting costs nothing), and puts what the score it returns makes
-    of the requested seeds' images (uint8 [N, H, W, C], class labels or None; not other images in OUT) under "metrics". Returns the report (main process)."""
+    of the requested seeds' images (uint8 [N, H, W, C], class labels or None; not other images in OUT) under
+    "metrics". Returns the report (main process)."""
     from accelerate import PartialState
 
     choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
@@ -164,6 +165,7 @@ def generate_folder(
     info.check_solver(cfg.sampler.solver)
     vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, state.device)
     schedule = cfg.schedule.build(info.schedule)
+    nfe = cfg.sampler.evaluations_per_image(schedule)  # a bad option value (order, variant, ...) fails here, before work
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device)
@@ -174,7 +176,6 @@ def generate_folder(
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
     refuse_foreign_folder(out)
-    nfe = cfg.sampler.evaluations_per_image(schedule)  # a bad option value (order, variant, ...) fails here, before OUT
     record = provenance(cfg, schedule, info, launch, vae) | {
         "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
     lock = None
@@ -187,9 +188,9 @@ def generate_folder(
         except BaseException:
             lock.release()
             raise
-        logger.info("%d images, %s with %d steps (%s evaluations of D per image), %s schedule, %d process(es) -> %s",
-                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps,
-                    "adaptive" if cfg.sampler.solver in ADAPTIVE_SOLVERS else nfe, schedule.name, state.num_processes, out)
+        calls = "an adaptive number of" if cfg.sampler.solver in ADAPTIVE_SOLVERS else nfe
+        logger.info("%d images, %s with %d steps (%s solver evaluations per image), %s schedule, %d process(es) -> %s",
+                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, calls, schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()

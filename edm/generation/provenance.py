@@ -95,20 +95,23 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwri
         path.unlink(missing_ok=True)
         results = []
     record = _canonical(record)
-    ways_out = f"write to another {out_key}=DIR, or pass {overwrite_key} to delete the old results first"
+
+    def ways_out(what: str = "the old results") -> str:
+        return f"write to another {out_key}=DIR, or pass {overwrite_key} to delete {what} first"
+
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ProvenanceError(f"{path} is unreadable ({err})", ways_out) from None
+            raise ProvenanceError(f"{path} is unreadable ({err})", ways_out()) from None
         diffs = differences(saved, record)
         if diffs:
             listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
-            raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out)
+            raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out())
         return
     if results:
         raise ProvenanceError(
-            f"{out_dir} holds {len(results)} file(s) of the kinds this command writes ({', '.join(p.name for p in results[:3])}"
-            f"{', ...' if len(results) > 3 else ''}) but no {PROVENANCE_NAME} that says what made them: they may not be "
-            "results at all", f"write to another {out_key}=DIR, or pass {overwrite_key} to delete those files first")
+            f"{out_dir} holds what this command writes ({len(results)}: {', '.join(p.name for p in results[:3])}"
+            f"{', ...' if len(results) > 3 else ''}) but no {PROVENANCE_NAME} that says what made it: it may not be "
+            "results at all", ways_out("it"))
     write_json(path, record)

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 from ..files import FolderLock, differences, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
-from .phema import POOR_FIT, combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
+from .phema import POOR_FIT, Snapshot, combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp
 
 __all__ = ["PosthocConfig", "reconstruct", "output_name"]
 
@@ -119,15 +121,15 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
     return summary
 
 
-def _report_poor_fits(stds: list[float], residual, snaps: list) -> None:
+def _report_poor_fits(stds: list[float], residual: np.ndarray, snaps: list[Snapshot]) -> None:
     """Warn of each σ_rel whose profile the snapshots fit worse than POOR_FIT, naming what fits it better."""
     tracked = sorted({std for s in snaps for std in s.stds})
     for std, r in zip(stds, residual):
         if r > POOR_FIT:
             logger.warning("sigma_rel %g: the %d snapshot(s) fit its EMA profile only to a relative residual of %.2g "
-                           "(above %g), so its weights may be that far from that EMA's; σ_rel nearer the tracked %s, or "
-                           "a run with more snapshots (a smaller ema_snapshot_kimg), fits better", std, len(snaps), r,
-                           POOR_FIT, tracked)
+                           "(above %g), so its weights may be that far from that EMA's; a sigma_rel nearer the tracked "
+                           "%s, or a run with more snapshots (a smaller ema_snapshot_kimg), fits better", std, len(snaps),
+                           r, POOR_FIT, tracked)
 
 
 def _listed(listing: Path) -> list[dict]:

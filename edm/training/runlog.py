@@ -107,6 +107,12 @@ class RunLog:
             self.bar.close()
 
 
+def kimg_text(kimg: float) -> str:
+    """kimg as the step log writes it: one decimal from 10 on (200000.0, never an exponent), three significant digits
+    below (a short run's 0.016, not 0.0)."""
+    return f"{kimg:.1f}" if kimg >= 10 else f"{kimg:.3g}"
+
+
 def log(run_log: RunLog, record: dict) -> None:
     """One metrics record: a JSON line, an INFO line (console and train.log, with or without the
     progress bar), the trackers' scalars and the progress bar's numbers."""
@@ -114,8 +120,8 @@ def log(run_log: RunLog, record: dict) -> None:
         return
     run_log.file.write(json.dumps(record) + "\n")
     run_log.file.flush()
-    logger.info("step %d  kimg %.4g  loss %.4f  lr %.3g  %.0f img/s", record["step"], record["kimg"], record["loss"],
-                record["lr"], record["images_per_s"])
+    logger.info("step %d  kimg %s  loss %.4f  lr %.3g  %.0f img/s", record["step"], kimg_text(record["kimg"]),
+                record["loss"], record["lr"], record["images_per_s"])
     run_log.scalars({f"train/{key}": record[key] for key in ("loss", "lr", "images_per_s", "ema_beta")}, record["step"])
     if run_log.bar is not None:
         run_log.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
