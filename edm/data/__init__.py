@@ -1,7 +1,7 @@
 """Training data: data sets (edm.data.sets) named by configs (edm.data.registry), their order
 (edm.data.stream), pixels <-> model space (edm.data.pixels) and EDM's augmentation (edm.data.augment)."""
 
-from .pixels import as_model_space, to_model_space, to_uint8
+from .pixels import as_model_space, read_image, to_model_space, to_uint8
 from .latents import LatentDataset, latent_name
 from .registry import (
     DATASETS, UNRECORDED_RESAMPLE, DatasetConfig, build_dataset, dataset_images, dataset_record, resample_unrecorded,
@@ -16,6 +16,6 @@ __all__ = [
     "DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
     "UNRECORDED_RESAMPLE", "DatasetNotFoundError", "BadImagesError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
-    "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8",
+    "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8", "read_image",
     "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "image_files", "LatentDataset", "latent_name",
 ]

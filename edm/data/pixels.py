@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_model_space", "to_uint8", "as_model_space"]
+__all__ = ["to_model_space", "to_uint8", "as_model_space", "read_image"]
 
 
 def to_model_space(images: Tensor) -> Tensor:
@@ -25,3 +28,12 @@ def to_uint8(images: Tensor) -> Tensor:
 def as_model_space(images: Tensor) -> Tensor:
     """Images in [−1, 1] as float32: uint8 pixels through to_model_space, floats as they are."""
     return images.to(torch.float32) if images.is_floating_point() else to_model_space(images)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 [H, W, C] of an image file: grayscale (C = 1) and RGB as they are, other modes as RGB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    return array[:, :, None] if array.ndim == 2 else array

@@ -22,7 +22,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..files import atomic_write
-from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, image_files, to_model_space, to_uint8
+from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, image_files, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 
 __all__ = [
@@ -317,9 +317,14 @@ def _npz_images(path: Path) -> np.ndarray:
             images = data[key]
         except (OSError, zipfile.BadZipFile, EOFError) as err:  # a member cut short
             raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}): write it again") from None
-    if images.ndim != 4:
-        raise ValueError(f"{path}:{key} must be [N, H, W, C] (or [N, C, H, W]), got shape {list(images.shape)}")
-    return images if images.shape[-1] in (1, 3) else images.transpose(0, 2, 3, 1)
+    return images if _channels_last(path, key, images.shape) else images.transpose(0, 2, 3, 1)
+
+
+def _channels_last(path: Path, key: str, shape: Sequence[int]) -> bool:
+    """Whether an .npz's images of `shape` are [N, H, W, C] (C = 1 or 3), else [N, C, H, W]; another rank is refused."""
+    if len(shape) != 4:
+        raise ValueError(f"{path}:{key} must be [N, H, W, C] (or [N, C, H, W]), got shape {list(shape)}")
+    return shape[-1] in (1, 3)
 
 
 def _source_files(path: Path) -> list[Path] | None:
@@ -349,14 +354,14 @@ def source_image_shape(source: str | Path) -> tuple[int, int, int]:
     if _source_files(path) is not None:
         _, h, w, c = next(_pixel_batches(path, 1, 1)).shape
         return c, h, w
-    with _open_npz(path) as data, data.zip.open(f"{_npz_key(path, data)}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape = read_header(member)[0]
-    if len(shape) != 4:
-        _npz_images(path)  # its error names the file and the shape
-    n, a, b, c = shape
-    return (c, a, b) if c in (1, 3) else (a, b, c)
+    with _open_npz(path) as data:
+        key = _npz_key(path, data)
+        with data.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read_header(member)[0]
+    _, a, b, c = shape if _channels_last(path, key, shape) else (shape[0], shape[2], shape[3], shape[1])
+    return c, a, b
 
 
 def count_images(source: str | Path) -> int:
@@ -374,8 +379,6 @@ def _uint8_to_unit(batch: np.ndarray) -> Tensor:
 
 def _pixel_batches(source: str | Path, batch_size: int, max_images: int | None) -> Iterator[np.ndarray]:
     """uint8 batches [B, H, W, C] of the images in a folder (sorted paths, recursive) or an .npz file."""
-    from PIL import Image
-
     path = Path(source)
     files = _source_files(path)
     if files is None:
@@ -385,12 +388,7 @@ def _pixel_batches(source: str | Path, batch_size: int, max_images: int | None) 
         return
     files = files[:max_images]
     for start in range(0, len(files), batch_size):
-        arrays = []
-        for file in files[start : start + batch_size]:
-            with Image.open(file) as img:
-                a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
-            arrays.append(a[:, :, None] if a.ndim == 2 else a)
-        yield np.stack(arrays)
+        yield np.stack([read_image(file) for file in files[start : start + batch_size]])
 
 
 def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..files import atomic_write
 from ..choices import check_choice
-from ..data import to_uint8 as pixels_to_uint8
+from ..data import read_image, to_uint8 as pixels_to_uint8
 from .sampling import ImageSpec, format_seeds
 
 __all__ = [
@@ -119,14 +119,7 @@ class PngWriter:
     def read(self, seeds: Sequence[int]) -> tuple[np.ndarray, None]:
         """(uint8 images [N, H, W, C] of `seeds`, in that order; None: PNGs hold no labels), other files of the
         folder left out."""
-        from PIL import Image
-
-        def pixels(seed: int) -> np.ndarray:
-            with Image.open(self.path(seed)) as image:
-                array = np.asarray(image)
-            return array[:, :, None] if array.ndim == 2 else array
-
-        return np.stack([pixels(seed) for seed in seeds]), None
+        return np.stack([read_image(self.path(seed)) for seed in seeds]), None
 
 
 class PartWriter:
