@@ -136,6 +136,19 @@ def test_sde_samples_match_data_statistics(gaussian_data, name, solver, options)
     assert chi2 < 63 + 5 * math.sqrt(2 * 63)
 
 
+@pytest.mark.parametrize("final_denoise", [False, True])
+def test_stochastic_churn_is_S_churn_over_the_N_steps_to_zero(final_denoise):
+    """γ = S_churn/N with N = num_steps whether the last step is the solver's or final_denoise's: the first
+    evaluation is at σ̂ = (1 + γ)σ(t_0)."""
+    seen = []
+    den = lambda x, sigma, labels=None: (seen.append(float(sigma.reshape(-1)[0])), torch.zeros_like(x))[1]  # noqa: E731
+    num_steps, churn = 8, 2.0
+    sched = edm.schedules.get("edm")
+    edm.sample(den, torch.randn(2, 3, dtype=F64), sched, num_steps=num_steps, solver="stochastic", churn=churn,
+               final_denoise=final_denoise, generator=torch.Generator().manual_seed(0))
+    assert seen[0] == pytest.approx((1 + churn / num_steps) * sched.sigma_max, rel=1e-12)
+
+
 def test_stochastic_without_churn_is_heun(problem):
     den, _, noise = problem
     a = edm.sample(den, noise, "edm", num_steps=12, solver="heun")

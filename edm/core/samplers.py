@@ -169,10 +169,11 @@ def stochastic(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
     churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
 ) -> Tensor:
-    """EDM Algorithm 2: churn γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ(t_i) ≤ S_tmax, then a Heun step."""
-    num_steps = len(t_steps) - 1
-    gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
+    """EDM Algorithm 2: churn γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ σ(t_i) ≤ S_tmax, then a Heun step.
+    N counts the steps to t = 0: a grid that ends above 0 is one step short of it (edm.sample's final_denoise)."""
     sigmas = schedule.sigma(t_steps.cpu()).tolist()  # σ(t_i) on the host, read once
+    num_steps = len(t_steps) - 1 + (sigmas[-1] > 0)
+    gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
     for i, t_cur, t_next, last in _steps(t_steps):
         gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
         x_hat, t_hat = churn_noise(x, t_cur, schedule, gamma, s_noise, generator) if gamma > 0 else (x, t_cur)
