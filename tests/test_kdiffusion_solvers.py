@@ -4,7 +4,9 @@ the orders of convergence of the deterministic ones, the data statistics of the 
 The references below restate crowsonkb/k-diffusion's k_diffusion/sampling.py (sample_euler_ancestral, sample_dpm_2,
 sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde; commit of
 2024) line by line in σ, with torch.randn(generator=...) as the noise sampler; lms integrates its Lagrange basis
-with Simpson's rule on 2001 points (k-diffusion: scipy's quad)."""
+with Simpson's rule on 2001 points (k-diffusion: scipy's quad). One coefficient differs on purpose: dpmpp_3m_sde weights
+d₂ by −2φ₃, the exact integral of the quadratic through the last three D's, where k-diffusion has −φ₃, which makes
+its solver second order (test_dpmpp_3m_sde_is_third_order)."""
 
 import math
 
@@ -166,7 +168,7 @@ def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0):
                 d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+                x = x + phi_2 * d1 - 2 * (phi_2 / h_eta - 0.5) * d2  # k-diffusion: − φ₃ d₂ (second order)
             elif h_1 is not None:
                 x = x + phi_2 * (denoised - d_1) / (h_1 / h)
             if eta:
@@ -185,8 +187,12 @@ REFERENCES = {
 
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, name):
-    """s = 1 (VE): our solver in x̂ is k-diffusion's, draw for draw from one generator, to float64 round-off."""
-    den, _, noise = problem
+    """s = 1 (VE): our solver in x̂ is k-diffusion's, draw for draw from one generator, to float64 round-off. The
+    denoiser is that of Gaussian data, D = (c²x̂ + σ²μ)/(c² + σ²), smooth at every σ: the final D of a finite data set
+    would snap any nearby x̂ to the same point and hide a difference in the steps before it."""
+    _, _, noise = problem
+    mu, c2 = torch.tensor([0.3, -0.2, 0.1], dtype=F64), 0.25
+    den = lambda x, sigma, labels=None: (c2 * x + sigma.reshape(-1, 1) ** 2 * mu) / (c2 + sigma.reshape(-1, 1) ** 2)  # noqa: E731
     solver, options = name.split("-")[0], REFERENCES[name][1]
     sched = edm.schedules.VE()
     t = sched.time_steps(12)
@@ -209,6 +215,24 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
 def test_orders_of_the_deterministic_solvers(problem, reference, name, solver, options, band):
     slope, errors = measured_order(problem, reference, name, solver, **options)
     assert band[0] < slope < band[1], (errors, slope)
+
+
+def test_dpmpp_3m_sde_is_third_order():
+    """On D(x̂; σ) = sin λ (λ = −ln σ), where dx̂/dλ = sin λ − x̂ has the solution (sin λ − cos λ)/2 + C e^{−λ},
+    the error of DPM-Solver++(3M) (η = 0) on λ-uniform grids falls as N⁻³; with k-diffusion's d₂ weight as N⁻²."""
+    sched = edm.schedules.get("edm")
+    den = lambda x, sigma, labels=None: torch.sin(-sigma.log()).reshape(-1, 1).expand_as(x)  # noqa: E731
+    particular = lambda lam: (math.sin(lam) - math.cos(lam)) / 2  # noqa: E731
+    errors = []
+    for n in (64, 128, 256):
+        t = sched.time_steps(n, "log_snr", dtype=F64)
+        _, traj = edm.sample(den, torch.ones(1, 1, dtype=F64) / t[0], sched, t_steps=t, solver="dpmpp_3m_sde", eta=0.0,
+                             return_trajectory=True)
+        lam_0, lam = -math.log(t[0]), -math.log(t[-2])
+        exact = particular(lam) + (1.0 - particular(lam_0)) * math.exp(lam_0 - lam)
+        errors.append(abs(traj[-2].item() - exact))
+    orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(2.7 < p < 3.3 for p in orders), (errors, orders)
 
 
 def test_lms_coefficients_integrate_polynomials_exactly():

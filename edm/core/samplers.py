@@ -552,7 +552,7 @@ def dpmpp_3m_sde(
             d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
-            x_hat = x_hat + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            x_hat = x_hat + phi_2 * d1 - 2 * (phi_2 / h_eta - 0.5) * d2
         elif history:
             D_1, h_1 = history[0]
             x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
