@@ -533,8 +533,9 @@ def dpmpp_3m_sde(
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
-    x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − φ₃ d₂ (divided differences of the last three D's, φ₂ = expm1(−h_η)/h_η
-    + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D."""
+    x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − 2φ₃ d₂ (divided differences of the last three D's, d₁ ≈ hD',
+    d₂ ≈ h²D''/2; φ₂ = expm1(−h_η)/h_η + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D.
+    −2φ₃ d₂ is the exact integral of the quadratic term; k-diffusion's −φ₃ d₂ makes the solver second order."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
     history: list[tuple[Tensor, Tensor]] = []  # (D, h) of the last two steps, newest first
 
