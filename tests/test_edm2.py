@@ -9,7 +9,7 @@ import torch
 
 import edm
 from edm import networks
-from edm.networks.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+from edm.networks.edm2 import MPConv, MPFourier, force_weight_normalization_, mp_cat, mp_silu, mp_sum, normalize
 
 F64 = torch.float64
 SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
@@ -35,7 +35,7 @@ def test_the_mp_operations_keep_unit_magnitude():
     torch.testing.assert_close(w.pow(2).mean(dim=(1, 2, 3)), torch.ones(8, dtype=F64), rtol=1e-3, atol=0)
 
 
-def test_mp_conv_output_has_unit_magnitude_and_training_forces_unit_weights():
+def test_mp_conv_output_has_unit_magnitude_and_forced_normalization_makes_unit_weights():
     conv = MPConv(64, 32, kernel=[3, 3]).double()
     with torch.no_grad():
         conv.weight.mul_(7.0)  # any scale: the layer normalizes it
@@ -43,7 +43,10 @@ def test_mp_conv_output_has_unit_magnitude_and_training_forces_unit_weights():
     with torch.no_grad():
         y = conv.eval()(x)
     assert float(y[:, :, 1:-1, 1:-1].pow(2).mean()) == pytest.approx(1, rel=0.05)
+    weight = conv.weight.detach().clone()
     conv.train()(x)
+    assert torch.equal(conv.weight, weight)  # the forward writes nothing
+    force_weight_normalization_(torch.nn.Sequential(conv))
     fan_in = 64 * 9
     torch.testing.assert_close(conv.weight.pow(2).sum(dim=(1, 2, 3)), torch.full((32,), float(fan_in), dtype=F64),
                                rtol=1e-3, atol=0)

@@ -11,6 +11,8 @@ import edm
 from edm.training.ema import ema_beta, update_ema
 from edm.training.step import learning_rate, train_step
 
+from conftest import SMALL_PRESETS
+
 
 class _Accelerator:
     """The two accelerate calls train_step makes, for a single process."""
@@ -123,3 +125,48 @@ def test_train_step_reads_nothing_back(schedule, host_reads):
         y_aug, augment_labels = augment(y, AugmentConfig(p=0.5), g)
         train_step(den, loss_fn, opt, [(y_aug, None, augment_labels), (y, None)], _Accelerator(), g, lr=0.01)
     assert reads == []
+
+
+def _trainable(preset: str, kind: str, **overrides) -> edm.Precond:
+    from edm import networks
+
+    torch.manual_seed(0)
+    net = networks.build(preset, img_resolution=8, in_channels=1, **SMALL_PRESETS[preset], **overrides)
+    return edm.Precond(net, kind=kind).train()
+
+
+@pytest.mark.parametrize("preset", list(SMALL_PRESETS))
+@pytest.mark.parametrize("objective", ["ect", "sct", "meanflow"])
+def test_the_few_step_losses_train_every_preset_in_training_mode(preset, objective):
+    """ECT's second pass and the JVP of sCT and MeanFlow see no in-place write in the network's forward (EDM2's
+    forced weight normalization happens before the step): one step trains, its loss is finite, the weights move."""
+    from edm.core.consistency import ECTLoss, SCMLoss
+    from edm.core.meanflow import MeanFlowLoss
+
+    loss_fn = {"ect": ECTLoss(), "sct": SCMLoss().at(10**9), "meanflow": MeanFlowLoss(ratio=1.0)}[objective]
+    model = _trainable(preset, {"ect": "edm", "sct": "trigflow", "meanflow": "fm"}[objective],
+                       **({"second_noise": True} if objective == "meanflow" else {}))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss = train_step(model, loss_fn, opt, [(y, None)], _Accelerator(), torch.Generator().manual_seed(2), lr=1e-3)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_step_normalizes_edm2_weights_before_its_forward_passes():
+    """EDM2's forced weight normalization w ← normalize(w) (unit RMS per output channel) precedes the step's forward,
+    so with lr = 0 the step leaves every MPConv weight normalized and the loss is that of the normalized weights."""
+    from edm.networks.edm2 import MPConv
+
+    model = _trainable("edm2-tiny", "edm")
+    convs = [m for m in model.modules() if isinstance(m, MPConv)]
+    with torch.no_grad():
+        for m in convs:
+            m.weight.mul_(3.0)
+    y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    train_step(model, edm.Loss(edm.schedules.EDM()), opt, [(y, None)], _Accelerator(), torch.Generator(), lr=0.0)
+    for m in convs:
+        rms = m.weight.pow(2).mean(dim=list(range(1, m.weight.ndim))).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=0)

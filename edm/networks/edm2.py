@@ -4,8 +4,8 @@ Dynamics of Diffusion Models", config G; Figure 21).
 Every layer keeps the expected magnitude of its activations at one:
 
     normalize(x)   = x / (ε + ‖x‖/√N)                         (per output channel / pixel)
-    MPConv         w ← normalize(w) while training (forced weight normalization), then
-                   y = conv(x, g · normalize(w) / √fan_in)     (eq. 47, 66)
+    MPConv         y = conv(x, g · normalize(w) / √fan_in)     (eq. 47, 66); forced weight normalization
+                   w ← normalize(w) before each training step (force_weight_normalization_)
     mp_silu(x)     = silu(x) / 0.596                           (eq. 81)
     mp_sum(a, b)   = ((1 − t) a + t b) / √((1 − t)² + t²)       (eq. 88)
     mp_cat(a, b)   = [w_a a, w_b b], w = √((N_a + N_b)/((1 − t)² + t²)) · (1 − t, t)/√(N_a, N_b)   (eq. 103)
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .layers import broadcast_noise, check_second_noise, full_precision, prepare_labels, second_noise_input
 from .song_unet import check_resolution
 
-__all__ = ["EDM2UNet", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat"]
+__all__ = ["EDM2UNet", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat", "force_weight_normalization_"]
 
 
 def normalize(x: Tensor, dim: Sequence[int] | None = None, eps: float = 1e-4) -> Tensor:
@@ -100,14 +100,21 @@ class MPConv(nn.Module):
 
     def forward(self, x: Tensor, gain: Tensor | float = 1.0) -> Tensor:
         w = self.weight.to(_at_least_float32(self.weight.dtype))
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalization
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+
+@torch.no_grad()
+def force_weight_normalization_(net: nn.Module) -> None:
+    """w ← normalize(w) for every MPConv in `net` (EDM2's forced weight normalization, sec. 2.3): the training step
+    does it before its forward passes, which stay free of in-place writes (a second pass or a JVP over the same
+    weights, as consistency and MeanFlow training take, could not have them). A no-op for other networks."""
+    for module in net.modules():
+        if isinstance(module, MPConv):
+            module.weight.copy_(normalize(module.weight.to(_at_least_float32(module.weight.dtype))))
 
 
 class Block(nn.Module):
