@@ -93,14 +93,16 @@ def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_
 
 def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache):
     """teacher=MODEL adds that model's teacher_solvers x teacher_steps points (model "teacher") to the study of a
-    consistency model; each model refuses the other kind's solvers."""
+    consistency model (the teacher given as its run folder, as docs/training.md shows); each model refuses the other
+    kind's solvers."""
     from edm.models import checkpoint
 
-    teacher = tiny_checkpoint(tmp_path / "teacher.pt", perturb=0.05)
+    (tmp_path / "teacher-run").mkdir()
+    teacher = tiny_checkpoint(tmp_path / "teacher-run" / "checkpoint-00000100.pt", perturb=0.05)
     student = tmp_path / "student.pt"
     state = checkpoint.load_checkpoint(teacher)
     checkpoint.save_checkpoint(student, state | {"config": {"objective": "ect"}})
-    cfg = StudyConfig(checkpoint=str(student), solvers=["consistency"], steps=[1, 2], teacher=str(teacher),
+    cfg = StudyConfig(checkpoint=str(student), solvers=["consistency"], steps=[1, 2], teacher=str(teacher.parent),
                       teacher_solvers=["heun"], teacher_steps=[2], num_images=16, batch=16, out=str(tmp_path / "s"),
                       dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
     rows = run_study(cfg)

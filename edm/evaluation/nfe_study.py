@@ -232,7 +232,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   **metric_files(cfg.eval, cfg.eval.metrics),
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
                   "guidance_interval": cfg.guidance_interval,
-                  "teacher_sha256": file_sha256(cfg.teacher) if cfg.teacher else None,
+                  "teacher_sha256": file_sha256(models[1].info.source) if cfg.teacher else None,
                   "vae_fingerprint": main.vae.fingerprint if main.vae is not None else None,
                   "vae_dtype": cfg.vae_dtype if main.vae is not None else None,
                   "options": to_container(cfg.options), "discretization": cfg.discretization}
