@@ -72,3 +72,15 @@ def test_a_guide_that_is_the_model_itself_is_refused(tmp_path, tiny_checkpoint):
     for guide in (path, tmp_path / "run"):
         with pytest.raises(ValueError, match="is the model's own file .*: D_g = D makes guidance do nothing"):
             guided(denoiser, info, 2.0, guide)
+
+
+def test_the_training_set_of_a_record_with_nothing_resized_is_the_data_sets_default_config():
+    """edm-encode records a native-size data set as dataset_record writes it (no filter: resample None, and no
+    num_workers); scoring a latent model trained on it rebuilds that data set with the fields' defaults."""
+    from edm.data import DatasetConfig, dataset_record
+    from edm.models.loading import ModelInfo
+
+    record = dataset_record(DatasetConfig(name="digits", cond=True))
+    assert record["resample"] is None and record["num_workers"] is None
+    latent = {"vae": "VAE", "dataset": record}
+    assert ModelInfo((4, 4, 4), latent=latent).training_dataset() == DatasetConfig(name="digits", cond=True)

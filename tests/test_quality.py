@@ -82,6 +82,9 @@ def test_images_of_another_shape_and_data_without_labels_are_refused(digits_scor
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     with pytest.raises(ValueError, match="trains a classifier on class labels"):
         QualityScore.for_dataset(DatasetConfig(name="folder", root=str(tmp_path)), QUICK, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="dataset.resample") as err:  # other faults of the data set are its own
+        QualityScore.for_dataset(DatasetConfig(name="digits", resolution=6, resample="cubic"), QUICK, cache_dir=tmp_path / "c")
+    assert "class labels" not in str(err.value)
 
 
 def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monkeypatch):

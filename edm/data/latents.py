@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..latent import LATENTS_NAME
-from .sets import BadImagesError, DatasetNotFoundError, ImageDataset, ImageSource, json_labels
+from .sets import BadImagesError, DatasetNotFoundError, ImageDataset, ImageSource, NoLabelsError, json_labels
 
 __all__ = ["LATENT_SUFFIX", "latent_name", "LatentDataset", "read_latents_record"]
 
@@ -64,7 +64,7 @@ class LatentDataset(ImageDataset):
         self.num_classes = max(labelled.values()) + 1 if labelled else 0
         self.cond = bool(cond)
         if cond and not self.num_classes:
-            raise ValueError(f"dataset.cond=true needs class labels: {self.root} has no labelled dataset.json")
+            raise NoLabelsError(f"dataset.cond=true needs class labels: {self.root} has no labelled dataset.json")
         self.latent = read_latents_record(self.source)
 
     def _array(self, name: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from ..choices import check_choice
 from ..hardware import RunWideLog
 
 __all__ = [
-    "DatasetNotFoundError", "BadImagesError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
+    "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
     "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
@@ -90,7 +90,7 @@ class TensorImageDataset(ImageDataset):
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
         if cond and num_classes < 1:
-            raise ValueError("dataset.cond=true needs a data set with class labels")
+            raise NoLabelsError("dataset.cond=true needs a data set with class labels")
         self.images, self.labels = images, labels.long()
         self.num_classes, self.cond = int(num_classes), bool(cond)
         self.channels, self.resolution = int(images.shape[1]), int(images.shape[2])
@@ -104,6 +104,10 @@ class TensorImageDataset(ImageDataset):
 
 class BadImagesError(ValueError):
     """Image files of a folder data set that cannot be read or do not fit; the message lists them by path."""
+
+
+class NoLabelsError(ValueError):
+    """dataset.cond=true on a data set without class labels."""
 
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -230,7 +234,7 @@ class ImageFolderDataset(ImageDataset):
             self._folder_labels()
         self.cond = bool(cond)
         if cond and not self.num_classes:
-            raise ValueError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
+            raise NoLabelsError(f"dataset.cond=true needs class labels: a {LABELS_NAME} or class subfolders in {self.root}")
         self.channels = 1 if self.mode == "L" else 3
         self._resize = resolution is not None
         self.resample = resample

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import FolderLock, atomic_write, write_json
-from ..data import DatasetConfig, as_model_space, build_dataset, dataset_images, to_model_space
+from ..data import DatasetConfig, NoLabelsError, as_model_space, build_dataset, dataset_images, to_model_space
 from .metrics import frechet_distance
 
 __all__ = ["ClassifierConfig", "FeatureClassifier", "QualityScore", "QualityCacheError", "default_cache_dir",
@@ -103,7 +103,7 @@ def _load_images(dataset_cfg: DatasetConfig, max_images: int, seed: int) -> tupl
     cfg = dataclasses.replace(dataset_cfg, cond=True, xflip=False, num_workers=0)
     try:
         dataset = build_dataset(cfg)
-    except ValueError as err:
+    except NoLabelsError as err:
         raise ValueError(f"the quality score trains a classifier on class labels, and data set {cfg.name} has "
                          f"none ({err}); use FID with local Inception weights instead") from None
     n = len(dataset)
