@@ -294,7 +294,8 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
 
 def test_a_png_folder_scores_the_requested_seeds_not_every_image_it_holds(run_dir, tmp_path):
     """Seeds 0-5 as PNGs, then seeds 0-3 into the same folder (a resume that makes nothing new): the report's metrics
-    are those of the four requested images, as scoring those four files gives, not of all six in the folder."""
+    are those of the four requested images, as scoring those four files gives, not of all six in the folder, and the
+    report says that the folder holds seeds 0-5."""
     from edm.cli.sample import SampleCommand, scorer_of
     from edm.evaluation.metrics import read_images
     from edm.evaluation.quality import ClassifierConfig, QualityScore
@@ -315,6 +316,7 @@ def test_a_png_folder_scores_the_requested_seeds_not_every_image_it_holds(run_di
                                      progress=False)
     assert report["num_images"] == report["metrics"]["fd_cls"]["num_images"] == 4
     assert report["metrics"]["fd_cls"] == pytest.approx(score(read_images(four)[0]))
+    assert report["seeds"] == "0-3" and report["folder_seeds"] == "0-5"  # what a score of the whole folder covers
 
 
 @pytest.mark.parametrize("solver, options, message", [

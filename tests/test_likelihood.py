@@ -201,7 +201,7 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
            f"report={tmp_path / 'r.json'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    reported = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    reported = json.loads((tmp_path / "r.json").read_text())["metrics"]["bpd"]
     denoiser, info = load_model(tmp_path / "ckpt.pt")
     k = torch.from_numpy(images).permute(0, 3, 1, 2)
     expected = bits_per_dim(denoiser, k, info.schedule, generator=torch.Generator().manual_seed(5), num_steps=2,

@@ -7,7 +7,7 @@
     edm-eval metric=ref dataset=cifar10 dataset.root=DATA metric.inception=... metric.dest=refs/cifar10.npz
 
 `metric=NAME` picks the metric and its options (metric.KEY=...; an unknown key fails at composition).
-report=FILE merges the numbers into a JSON file (e.g. edm-sample's report.json) under "metrics".
+report=FILE merges the numbers into a JSON file (e.g. edm-sample's report.json) under "metrics" → the metric's name.
 Nothing is downloaded (`edm-eval --help`).
 """
 
@@ -45,7 +45,7 @@ class EvaluateConfig:
     ema: bool = True  # the model's EMA weights (false: the raw ones)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the `schedule` group; name null: the model's, its fields replaced by the set ones
     dataset: Optional[DatasetConfig] = None  # the `dataset` group: fid's reference, fd_cls's data, bpd's or ref's images
-    report: Optional[str] = None  # merge the numbers into this JSON file (under "metrics")
+    report: Optional[str] = None  # merge the numbers into this JSON file (under "metrics" → metric name)
     batch: int = 64  # images per forward pass
     cpu: bool = False  # run on the CPU even when a GPU is present
 
@@ -87,12 +87,13 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
     return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
 
 
-def merge_report(path: str | None, numbers: dict) -> None:
-    """Add `numbers` under "metrics" of the JSON file at `path` (created if absent)."""
+def merge_report(path: str | None, name: str, numbers: dict) -> None:
+    """Put `numbers` at "metrics" → `name` of the JSON file at `path` (created if absent), where edm-sample puts a
+    metric's numbers; other metrics there are kept."""
     if path is None:
         return
     report: dict[str, Any] = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    report.setdefault("metrics", {}).update(numbers)
+    report.setdefault("metrics", {})[name] = numbers
     write_json(path, report)
 
 
@@ -105,7 +106,7 @@ def main(dcfg: DictConfig) -> None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")
         cfg: EvaluateConfig = typed(dcfg)
         numbers = run(cfg, name)
-        merge_report(cfg.report, numbers)
+        merge_report(cfg.report, name, numbers)
     print(json.dumps(numbers, indent=2))
 
 

@@ -210,6 +210,13 @@ def generate_folder(
             "seeds": sampling.format_seeds(seeds), "num_images": len(seeds), "batch": cfg.batch,
             "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
         }
+        if cfg.format == "png":  # a PNG folder keeps the images of earlier runs' seeds: say what it holds
+            held = writer.held()
+            report["folder_seeds"] = sampling.format_seeds(held)
+            if len(held) > len(seeds):
+                logger.warning("%s also holds %d image(s) of other seeds (same settings; folder_seeds in the report): "
+                               "the report's numbers are of this run's %d, a score of the folder is of all %d",
+                               out, len(held) - len(seeds), len(seeds), len(held))
         if score is not None:
             report["metrics"] = score(*writer.read(seeds))  # these seeds' images, not others in the folder
         write_json(out / REPORT_NAME, report)

@@ -121,6 +121,11 @@ class PngWriter:
         folder left out."""
         return np.stack([read_image(self.path(seed)) for seed in seeds]), None
 
+    def held(self) -> list[int]:
+        """The seeds of every image in the folder (this run's and earlier runs' of the same settings), sorted."""
+        pattern = "[0-9][0-9][0-9][0-9][0-9][0-9]*/*.png" if self.subdirs else "*.png"
+        return sorted(int(p.stem) for p in self.out_dir.glob(pattern) if p.stem.isdigit() and self.path(int(p.stem)) == p)
+
 
 class PartWriter:
     """One .npz part per batch in out/parts/: images [B, H, W, C] uint8, seeds, and labels (class indices)
