@@ -272,7 +272,8 @@ def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
 
 def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, tmp_path, tiny_checkpoint):
     """guide=G makes autoguidance (also for an unconditional model); an interval no step reaches gives
-    the unguided images exactly; the guide's hash is part of the folder's provenance."""
+    the unguided images exactly; the report counts the guide's evaluations; the guide's hash is part of the folder's
+    provenance."""
     ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
     guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
     common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "sampler.num_steps=3", "format=npz"]
@@ -281,6 +282,8 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
     load = lambda name: np.load(tmp_path / name / "samples.npz")["images"]  # noqa: E731
     assert not np.array_equal(load("auto"), load("plain")) and np.array_equal(load("none"), load("plain"))
+    nfe = {name: json.loads((tmp_path / name / "report.json").read_text())["nfe_per_image"] for name in ("plain", "auto", "none")}
+    assert nfe == {"plain": 3, "auto": 6, "none": 3}  # Euler's 3 evaluations, each with the guide's inside the interval
     record = json.loads((tmp_path / "auto" / "provenance.json").read_text())
     assert record["guidance"] == 2.0 and len(record["guide_sha256"]) == 64
     cond = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)

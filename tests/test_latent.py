@@ -358,6 +358,8 @@ def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixe
     assert proc.returncode == 0, proc.stderr
     image = Image.open(tmp_path / "s" / "000001.png")
     assert image.size == (16, 16) and image.mode == "L"
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["image_shape"] == [4, 8, 8] and report["pixel_shape"] == [1, 16, 16]  # the latents', the files'
     provenance = json.loads((tmp_path / "s" / "provenance.json").read_text())
     assert provenance["vae_fingerprint"] == load_vae(LatentConfig(vae=str(vaes[0]))).fingerprint
     proc = subprocess.run([command("edm-sample"), f"checkpoint={root / 'run'}", "num_images=3", f"vae={vaes[1]}",

@@ -189,11 +189,14 @@ def generate_folder(
             lock.release()
             raise
         calls = "an adaptive number of" if cfg.sampler.solver in ADAPTIVE_SOLVERS else nfe
-        logger.info("%d images, %s with %d steps (%s solver evaluations per image), %s schedule, %d process(es) -> %s",
-                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, calls, schedule.name, state.num_processes, out)
+        guide_calls = ", each with a guide evaluation where guidance applies" if cfg.guidance != 1.0 else ""
+        logger.info("%d images, %s with %d steps (%s solver evaluations per image%s), %s schedule, %d process(es) -> %s",
+                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, calls, guide_calls, schedule.name,
+                    state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()
+        denoiser.evaluations = 0
         made = sampling.generate(
             denoiser, sampling.shard(plan, state.process_index, state.num_processes), schedule, cfg.sampler, writer,
             info.img_shape, batch_size=cfg.batch, label_dim=info.label_dim, device=state.device,
@@ -210,6 +213,10 @@ def generate_folder(
             "seeds": sampling.format_seeds(seeds), "num_images": len(seeds), "batch": cfg.batch,
             "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
         }
+        if made:  # counted: the guide's evaluations and an adaptive solver's steps included (process 0's images)
+            report["nfe_per_image"] = round(denoiser.evaluations / made, 3)
+        if vae is not None:  # image_shape is the model's (latent) sample's; the files hold the decoded pixels
+            report["pixel_shape"] = list(vae.pixel_shape(info.img_shape))
         if cfg.format == "png":  # a PNG folder keeps the images of earlier runs' seeds: say what it holds
             held = writer.held()
             report["folder_seeds"] = sampling.format_seeds(held)
