@@ -6,8 +6,9 @@ sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_sde,
 2024) line by line in σ, with torch.randn(generator=...) as the noise sampler; lms integrates its Lagrange basis
 with Simpson's rule on 2001 points (k-diffusion: scipy's quad). One coefficient differs on purpose: dpmpp_3m_sde weights
 d₂ by −2φ₃, the exact integral of the quadratic through the last three D's, where k-diffusion has −φ₃, which makes
-its solver second order (test_dpmpp_3m_sde_is_third_order)."""
+its solver second order (test_dpmpp_3m_sde_is_third_order); variant="k_diffusion" is k-diffusion's."""
 
+import functools
 import math
 
 import pytest
@@ -151,7 +152,8 @@ def ref_dpmpp_2m_sde(model, x, sigmas, g, eta=1.0, solver_type="midpoint"):
     return x
 
 
-def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0):
+def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0, d2_weight=1.0):
+    """k-diffusion's sample_dpmpp_3m_sde; d2_weight=2: d₂'s exact weight, −2φ₃."""
     d_1, d_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -168,7 +170,7 @@ def ref_dpmpp_3m_sde(model, x, sigmas, g, eta=1.0):
                 d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + phi_2 * d1 - 2 * (phi_2 / h_eta - 0.5) * d2  # k-diffusion: − φ₃ d₂ (second order)
+                x = x + phi_2 * d1 - d2_weight * (phi_2 / h_eta - 0.5) * d2
             elif h_1 is not None:
                 x = x + phi_2 * (denoised - d_1) / (h_1 / h)
             if eta:
@@ -181,7 +183,8 @@ REFERENCES = {
     "euler_ancestral": (ref_euler_ancestral, {}), "dpm_2": (ref_dpm_2, {}), "dpm_2_ancestral": (ref_dpm_2_ancestral, {}),
     "lms": (ref_lms, {}), "dpmpp_2s_ancestral": (ref_dpmpp_2s_ancestral, {}), "dpmpp_sde": (ref_dpmpp_sde, {"brownian": False}),
     "dpmpp_2m_sde": (ref_dpmpp_2m_sde, {}),
-    "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (ref_dpmpp_3m_sde, {}),
+    "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (functools.partial(ref_dpmpp_3m_sde, d2_weight=2.0), {}),
+    "dpmpp_3m_sde-k_diffusion": (ref_dpmpp_3m_sde, {"variant": "k_diffusion"}),
 }
 
 
@@ -199,7 +202,7 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
     sigmas = sched.sigma(t).tolist()
     model = lambda x, s: den(x, torch.full((x.shape[0],), s, dtype=F64))  # noqa: E731
     ours = edm.sample(den, noise, sched, t_steps=t, solver=solver, generator=torch.Generator().manual_seed(5), **options)
-    ref_options = {k: v for k, v in options.items() if k != "brownian"}  # fresh draws on both sides
+    ref_options = {k: v for k, v in options.items() if k not in ("brownian", "variant")}  # fresh draws on both sides
     reference = REFERENCES[name][0](model, sigmas[0] * noise, sigmas, torch.Generator().manual_seed(5), **ref_options)
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
 
@@ -219,20 +222,22 @@ def test_orders_of_the_deterministic_solvers(problem, reference, name, solver, o
 
 def test_dpmpp_3m_sde_is_third_order():
     """On D(x̂; σ) = sin λ (λ = −ln σ), where dx̂/dλ = sin λ − x̂ has the solution (sin λ − cos λ)/2 + C e^{−λ},
-    the error of DPM-Solver++(3M) (η = 0) on λ-uniform grids falls as N⁻³; with k-diffusion's d₂ weight as N⁻²."""
+    the error of DPM-Solver++(3M) (η = 0) on λ-uniform grids falls as N⁻³, and with k-diffusion's d₂ weight
+    (variant="k_diffusion") as N⁻²."""
     sched = edm.schedules.get("edm")
     den = lambda x, sigma, labels=None: torch.sin(-sigma.log()).reshape(-1, 1).expand_as(x)  # noqa: E731
     particular = lambda lam: (math.sin(lam) - math.cos(lam)) / 2  # noqa: E731
-    errors = []
-    for n in (64, 128, 256):
-        t = sched.time_steps(n, "log_snr", dtype=F64)
-        _, traj = edm.sample(den, torch.ones(1, 1, dtype=F64) / t[0], sched, t_steps=t, solver="dpmpp_3m_sde", eta=0.0,
-                             return_trajectory=True)
-        lam_0, lam = -math.log(t[0]), -math.log(t[-2])
-        exact = particular(lam) + (1.0 - particular(lam_0)) * math.exp(lam_0 - lam)
-        errors.append(abs(traj[-2].item() - exact))
-    orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
-    assert all(2.7 < p < 3.3 for p in orders), (errors, orders)
+    for variant, band in (("exact", (2.7, 3.3)), ("k_diffusion", (1.7, 2.2))):
+        errors = []
+        for n in (64, 128, 256):
+            t = sched.time_steps(n, "log_snr", dtype=F64)
+            _, traj = edm.sample(den, torch.ones(1, 1, dtype=F64) / t[0], sched, t_steps=t, solver="dpmpp_3m_sde",
+                                 eta=0.0, variant=variant, return_trajectory=True)
+            lam_0, lam = -math.log(t[0]), -math.log(t[-2])
+            exact = particular(lam) + (1.0 - particular(lam_0)) * math.exp(lam_0 - lam)
+            errors.append(abs(traj[-2].item() - exact))
+        orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+        assert all(band[0] < p < band[1] for p in orders), (variant, errors, orders)
 
 
 def test_lms_coefficients_integrate_polynomials_exactly():

@@ -527,15 +527,20 @@ def dpmpp_2m_sde(
     return _in_sigma(x, t_steps, schedule, callback, step)
 
 
+DPMPP_3M_D2_WEIGHTS = MappingProxyType({"exact": 2.0, "k_diffusion": 1.0})  # dpmpp_3m_sde's variants: d₂'s weight / φ₃
+
+
 def dpmpp_3m_sde(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False, variant: str = "exact",
 ) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
     x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − 2φ₃ d₂ (divided differences of the last three D's, d₁ ≈ hD',
     d₂ ≈ h²D''/2; φ₂ = expm1(−h_η)/h_η + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D.
-    −2φ₃ d₂ is the exact integral of the quadratic term; k-diffusion's −φ₃ d₂ makes the solver second order."""
+    −2φ₃ d₂ is the exact integral of the quadratic term (third order); variant="k_diffusion" takes k-diffusion's
+    −φ₃ d₂ (as DPM-Solver's and diffusers' third-order multistep), which makes the solver second order."""
+    d2_weight = choose(DPMPP_3M_D2_WEIGHTS, variant, "dpmpp_3m_sde: variant")
     noise = step_noise(x, t_steps, schedule, generator, brownian)
     history: list[tuple[Tensor, Tensor]] = []  # (D, h) of the last two steps, newest first
 
@@ -553,7 +558,7 @@ def dpmpp_3m_sde(
             d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
-            x_hat = x_hat + phi_2 * d1 - 2 * (phi_2 / h_eta - 0.5) * d2
+            x_hat = x_hat + phi_2 * d1 - d2_weight * (phi_2 / h_eta - 0.5) * d2
         elif history:
             D_1, h_1 = history[0]
             x_hat = x_hat + phi_2 * (D - D_1) / (h_1 / h)
