@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -139,6 +140,14 @@ def test_a_failed_run_with_loader_workers_leaves_its_folder_free_to_resume(compo
         kept = err  # noqa: F841 (held on purpose)
     result = train(compose_train("total_kimg=0.048", "checkpoint_every=2", "dataset.num_workers=1", "resume=true"))
     assert result.state.step == 6 and kept is not None
+
+
+def test_a_resume_to_fewer_kimg_than_trained_says_there_is_nothing_to_train(compose_train, caplog):
+    first = train(compose_train("total_kimg=0.032"))
+    with caplog.at_level(logging.WARNING, logger="edm.training.loop"):
+        result = train(compose_train("total_kimg=0.016", "resume=true"))
+    assert result.state == first.state and result.state.cur_nimg == 32
+    assert "total_kimg=0.016, but the run has trained 0.032 kimg already: nothing to train" in caplog.text
 
 
 # ----------------------------------------------------------------------------- two processes

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from ..hardware import join_restarted_group, process_identity, set_precision_flags, share_cpu, use_cpu
 from ..training.config import TrainConfig
 from ..training.loop import train
+from ..training.runlog import kimg_text
 from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -56,7 +57,7 @@ def main(dcfg: DictConfig) -> None:
             for handler in handlers:
                 close_log(handler)
     if is_main:
-        print(f"step {result.state.step} ({result.state.cur_nimg / 1000:.1f} kimg); checkpoint: {result.checkpoint}")
+        print(f"step {result.state.step} ({kimg_text(result.state.cur_nimg / 1000)} kimg); checkpoint: {result.checkpoint}")
         if result.grid is not None:
             print(f"samples: {result.grid}")
     if result.interrupted:
