@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,11 +71,13 @@ def same_draws(device: torch.device):
 
 def forward_jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> tuple[Tensor, Tensor]:
     """(fn(primals), its derivative along tangents) by forward-mode autodiff (torch.func.jvp); attention runs on
-    SDPA's math kernel, which has a forward rule (the flash and memory-efficient kernels have none)."""
+    SDPA's math kernel, which has a forward rule (the flash and memory-efficient kernels have none). torch's own
+    deprecation warning from loading its forward-mode decompositions (torch.jit.script) is not shown."""
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         return jvp(fn, primals, tangents)
 
 

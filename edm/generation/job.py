@@ -188,11 +188,13 @@ def generate_folder(
         except BaseException:
             lock.release()
             raise
-        calls = "an adaptive number of" if cfg.sampler.solver in ADAPTIVE_SOLVERS else nfe
+        adaptive = cfg.sampler.solver in ADAPTIVE_SOLVERS  # its grid's points are stops, its steps its own
+        steps = f"{cfg.sampler.num_steps} {'stop' if adaptive else 'step'}{'s' * (cfg.sampler.num_steps != 1)}"
+        calls = "an adaptive number of solver evaluations" if adaptive else \
+            f"{nfe} solver evaluation{'s' * (nfe != 1)}"
         guide_calls = ", each with a guide evaluation where guidance applies" if cfg.guidance != 1.0 else ""
-        logger.info("%d images, %s with %d steps (%s solver evaluations per image%s), %s schedule, %d process(es) -> %s",
-                    len(seeds), cfg.sampler.solver, cfg.sampler.num_steps, calls, guide_calls, schedule.name,
-                    state.num_processes, out)
+        logger.info("%d image(s), %s with %s (%s per image%s), %s schedule, %d process(es) -> %s", len(seeds),
+                    cfg.sampler.solver, steps, calls, guide_calls, schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()
