@@ -291,7 +291,7 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
     with pytest.raises(ValueError, match="is a consistency model .* use sampler=consistency"):
         info.check_solver("heun")
     _, teacher_info = load_model(teacher)
-    with pytest.raises(ValueError, match="is a denoiser .* tune one with edm-train recipe=ect init="):
+    with pytest.raises(ValueError, match="is not a consistency model .* tune one with edm-train recipe=ect init="):
         teacher_info.check_solver("consistency")
 
 

@@ -84,3 +84,22 @@ def test_the_training_set_of_a_record_with_nothing_resized_is_the_data_sets_defa
     assert record["resample"] is None and record["num_workers"] is None
     latent = {"vae": "VAE", "dataset": record}
     assert ModelInfo((4, 4, 4), latent=latent).training_dataset() == DatasetConfig(name="digits", cond=True)
+
+
+@pytest.mark.parametrize("objective, solver, message", [
+    ("ect", "heun", r"is a consistency model \(objective=ect\); solver heun is not for consistency models: use sampler=consistency"),
+    ("sct", "meanflow", r"is a consistency model \(objective=sct\); solver meanflow is not for consistency models"),
+    ("meanflow", "consistency", r"is not a consistency model \(objective=meanflow\); .* sample this one with sampler=meanflow or an ODE solver"),
+    ("denoising", "consistency", r"is not a consistency model \(objective=denoising\); .* sample this one with an ODE solver"),
+    ("denoising", "meanflow", r"objective=denoising; sampler meanflow needs a MeanFlow model .* sample this one with an ODE solver"),
+    ("meanflow", "heun", None), ("meanflow", "meanflow", None), ("ect", "consistency", None), ("denoising", "dpmpp_2m", None),
+])
+def test_each_kind_of_model_is_sampled_by_its_solvers_and_a_refusal_names_them(objective, solver, message):
+    from edm.models.loading import ModelInfo
+
+    info = ModelInfo((1, 8, 8), source="M", objective=objective)
+    if message is None:
+        info.check_solver(solver)
+    else:
+        with pytest.raises(ValueError, match=message):
+            info.check_solver(solver)

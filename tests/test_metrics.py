@@ -545,7 +545,10 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path):
     (tmp_path / "big").mkdir()
     for i in range(2):
         Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png")
+    (tmp_path / "npz-out").mkdir()  # an edm-sample format=npz folder
+    save_npz_images(tmp_path / "npz-out" / "samples.npz", random_images(2, 0))
     for images, message in (("nope", "no images at 'nope'"), ("empty", "no image files"),
+                            ("npz-out", "it holds samples.npz, so give images=npz-out/samples.npz"),
                             ("bad.npz", "bad.npz is not a readable .npz (not a zip archive"),
                             ("big", "the images are [1, 16, 16], data set digits has [1, 8, 8] ones")):
         proc = subprocess.run([command("edm-eval"), "metric=fd_cls", f"images={images}", "dataset=digits"],

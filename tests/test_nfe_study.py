@@ -111,7 +111,7 @@ def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "s" / "points").iterdir()) == [
         "edm-consistency-001.json", "edm-consistency-002.json", "teacher-edm-heun-002.json"]
     cfg.teacher_solvers = ["consistency"]
-    with pytest.raises(ValueError, match="is a denoiser .* tune one with edm-train recipe=ect"):
+    with pytest.raises(ValueError, match="is not a consistency model .* tune one with edm-train recipe=ect"):
         run_study(cfg)
     cfg.solvers, cfg.teacher_solvers = ["heun"], ["heun"]
     with pytest.raises(ValueError, match="is a consistency model .* use sampler=consistency"):

@@ -335,7 +335,9 @@ def _source_files(path: Path) -> list[Path] | None:
         return None
     files = image_files(path)
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+        arrays = sorted(path.glob("*.npz")) if path.is_dir() else []
+        hint = f": it holds {arrays[0].name}, so give images={arrays[0]}" if len(arrays) == 1 else ""
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}{hint}")
     return files
 
 

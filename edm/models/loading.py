@@ -46,20 +46,21 @@ class ModelInfo:
     objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
 
     def check_solver(self, solver: str) -> None:
-        """Refuse a solver made for the other kind of model: ODE/SDE solvers need a denoiser, the consistency
-        sampler a consistency function."""
-        consistency = self.objective in CONSISTENCY_OBJECTIVES
-        if solver in CONSISTENCY_SOLVERS and not consistency:
-            raise ValueError(f"{self.source} is a denoiser (objective={self.objective}); sampler {solver} needs a "
-                             f"consistency model: tune one with edm-train recipe=ect init={self.source or 'MODEL'}, or "
-                             "sample this one with an ODE solver (sampler=heun)")
-        if consistency and solver not in CONSISTENCY_SOLVERS:
-            raise ValueError(f"{self.source} is a consistency model (objective={self.objective}), not a denoiser; "
-                             f"solver {solver} integrates a denoiser's ODE: use sampler=consistency "
-                             "(sampler.num_steps=1, 2, 4)")
+        """Refuse a solver made for another kind of model: the consistency sampler needs a consistency function and
+        is the only one that samples it; the MeanFlow sampler needs a MeanFlow model (which ODE solvers sample too)."""
+        own = "sampler=consistency" if self.objective in CONSISTENCY_OBJECTIVES else \
+            "sampler=meanflow or an ODE solver (sampler=heun)" if self.objective == "meanflow" else "an ODE solver (sampler=heun)"
+        if self.objective in CONSISTENCY_OBJECTIVES and solver not in CONSISTENCY_SOLVERS:
+            raise ValueError(f"{self.source} is a consistency model (objective={self.objective}); solver {solver} is not "
+                             "for consistency models: use sampler=consistency (sampler.num_steps=1, 2, 4)")
+        if solver in CONSISTENCY_SOLVERS and self.objective not in CONSISTENCY_OBJECTIVES:
+            raise ValueError(f"{self.source} is not a consistency model (objective={self.objective}); sampler {solver} "
+                             f"needs one: tune one with edm-train recipe=ect init={self.source or 'MODEL'}, or sample "
+                             f"this one with {own}")
         if solver in MEANFLOW_SOLVERS and self.objective != "meanflow":
             raise ValueError(f"{self.source} was trained with objective={self.objective}; sampler {solver} needs a "
-                             "MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN), or use sampler=heun")
+                             f"MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN): sample this one "
+                             f"with {own}")
 
     @property
     def pixel_shape(self) -> tuple[int, int, int] | None:
