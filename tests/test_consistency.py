@@ -256,6 +256,18 @@ def teacher(tmp_path_factory):
     return run_dir
 
 
+def test_an_init_model_of_another_schedule_is_warned_of(compose_train, teacher, tmp_path, caplog):
+    """init= takes the model's network and preconditioning, not its schedule: a run on another one says so."""
+    import logging
+
+    from edm.training.loop import train
+
+    with caplog.at_level(logging.WARNING, logger="edm.training.build"):
+        train(compose_train("recipe=ect", f"init={teacher}", "schedule=vp", "total_kimg=0.008", "ect.stage_kimg=0.016"))
+    assert "was trained with schedule=edm; this run trains and samples with schedule=vp" in caplog.text
+    assert "schedule=edm keeps the model's schedule" in caplog.text
+
+
 def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tmp_path):
     """recipe=ect init=RUN starts from RUN's EMA weights with its network and precond, trains ECT's loss with
     the stage advancing by images, writes consistency-sampled grids, records objective=ect, resumes exactly,

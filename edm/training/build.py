@@ -187,6 +187,11 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
                      cfg, dataset, "train on the model's data (dataset=, dataset.resolution=, dataset.cond=) or start "
                      "from another model")
     logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
+    trained = (state.get("schedule") or {}).get("name")
+    if trained is not None and trained != cfg.schedule.name:
+        logger.warning("init: %s was trained with schedule=%s; this run trains and samples with schedule=%s (its "
+                       "preconditioning is the model's, %s; schedule=%s keeps the model's schedule)", path, trained,
+                       cfg.schedule.name, precond["kind"], trained)
     return {"network": network, "precond": precond}, state["ema"]
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from ..choices import check_choice, choose, options_schema
@@ -123,7 +124,7 @@ class TrainConfig:
     objective: str = "denoising"
     init: Optional[str] = None
     teacher: Optional[str] = None
-    run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network> (run_folder)
+    run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network>[-<objective>], or after init= (run_folder)
     resume: bool = False
     seed: int = 0
 
@@ -190,8 +191,17 @@ def _check_power_ema(cfg: TrainConfig) -> None:
 
 
 def run_folder(cfg: TrainConfig) -> str:
-    """cfg.run_dir, else runs/<dataset.name>-<schedule.name>-<network.name> (runs/digits-edm-tiny by default)."""
-    return cfg.run_dir or f"runs/{cfg.dataset.name}-{cfg.schedule.name}-{cfg.network.name}"
+    """cfg.run_dir, else runs/<dataset.name>-<schedule.name>-<network.name> (runs/digits-edm-tiny by default), with
+    -<objective> for a few-step objective; a run from init= is named after the init model's run instead, whose network
+    and preconditioning it trains (runs/digits-fm-edm2-tiny-ect from init=runs/digits-fm-edm2-tiny)."""
+    if cfg.run_dir:
+        return cfg.run_dir
+    suffix = "" if cfg.objective == "denoising" else f"-{cfg.objective}"
+    if cfg.init is not None:
+        init = Path(cfg.init)
+        name = init.parent.name if init.is_file() and init.name.startswith("checkpoint-") else init.stem
+        return f"runs/{name}{suffix}"
+    return f"runs/{cfg.dataset.name}-{cfg.schedule.name}-{cfg.network.name}{suffix}"
 
 
 def check_config(cfg: TrainConfig) -> None:
