@@ -4,9 +4,9 @@ the orders of convergence of the deterministic ones, the data statistics of the 
 The references below restate crowsonkb/k-diffusion's k_diffusion/sampling.py (sample_euler_ancestral, sample_dpm_2,
 sample_dpm_2_ancestral, sample_lms, sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde; commit of
 2024) line by line in σ, with torch.randn(generator=...) as the noise sampler; lms integrates its Lagrange basis
-with Simpson's rule on 2001 points (k-diffusion: scipy's quad). One coefficient differs on purpose: dpmpp_3m_sde weights
-d₂ by −2φ₃, the exact integral of the quadratic through the last three D's, where k-diffusion has −φ₃, which makes
-its solver second order (test_dpmpp_3m_sde_is_third_order); variant="k_diffusion" is k-diffusion's."""
+with Simpson's rule on 2001 points (k-diffusion: scipy's quad). dpmpp_3m_sde's variant="exact" weights d₂ by −2φ₃, the
+exact integral of the quadratic through the last three D's, where k-diffusion (and the default variant) has −φ₃, which
+makes the solver second order (test_dpmpp_3m_sde_is_third_order_with_the_exact_weight)."""
 
 import functools
 import math
@@ -183,8 +183,8 @@ REFERENCES = {
     "euler_ancestral": (ref_euler_ancestral, {}), "dpm_2": (ref_dpm_2, {}), "dpm_2_ancestral": (ref_dpm_2_ancestral, {}),
     "lms": (ref_lms, {}), "dpmpp_2s_ancestral": (ref_dpmpp_2s_ancestral, {}), "dpmpp_sde": (ref_dpmpp_sde, {"brownian": False}),
     "dpmpp_2m_sde": (ref_dpmpp_2m_sde, {}),
-    "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (functools.partial(ref_dpmpp_3m_sde, d2_weight=2.0), {}),
-    "dpmpp_3m_sde-k_diffusion": (ref_dpmpp_3m_sde, {"variant": "k_diffusion"}),
+    "dpmpp_2m_sde-heun": (ref_dpmpp_2m_sde, {"solver_type": "heun"}), "dpmpp_3m_sde": (ref_dpmpp_3m_sde, {}),
+    "dpmpp_3m_sde-exact": (functools.partial(ref_dpmpp_3m_sde, d2_weight=2.0), {"variant": "exact"}),
 }
 
 
@@ -213,17 +213,17 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
     ("dpmpp_2m_sde", {"eta": 0.0}, (1.8, 2.5)),  # η = 0: DPM-Solver++(2M)
     # Orders 4 and 3 in theory; the first steps run at orders 1..3 and the grid is pre-asymptotic at 16-128 steps.
     ("lms", {}, (2.8, 4.3)),
-    ("dpmpp_3m_sde", {"eta": 0.0}, (2.2, 3.3)),
+    ("dpmpp_3m_sde", {"eta": 0.0, "variant": "exact"}, (2.2, 3.3)),
 ])
 def test_orders_of_the_deterministic_solvers(problem, reference, name, solver, options, band):
     slope, errors = measured_order(problem, reference, name, solver, **options)
     assert band[0] < slope < band[1], (errors, slope)
 
 
-def test_dpmpp_3m_sde_is_third_order():
+def test_dpmpp_3m_sde_is_third_order_with_the_exact_weight():
     """On D(x̂; σ) = sin λ (λ = −ln σ), where dx̂/dλ = sin λ − x̂ has the solution (sin λ − cos λ)/2 + C e^{−λ},
-    the error of DPM-Solver++(3M) (η = 0) on λ-uniform grids falls as N⁻³, and with k-diffusion's d₂ weight
-    (variant="k_diffusion") as N⁻²."""
+    the error of DPM-Solver++(3M) (η = 0) on λ-uniform grids falls as N⁻³ with variant="exact", and as N⁻² with
+    k-diffusion's d₂ weight (the default)."""
     sched = edm.schedules.get("edm")
     den = lambda x, sigma, labels=None: torch.sin(-sigma.log()).reshape(-1, 1).expand_as(x)  # noqa: E731
     particular = lambda lam: (math.sin(lam) - math.cos(lam)) / 2  # noqa: E731

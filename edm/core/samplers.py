@@ -527,19 +527,20 @@ def dpmpp_2m_sde(
     return _in_sigma(x, t_steps, schedule, callback, step)
 
 
-DPMPP_3M_D2_WEIGHTS = MappingProxyType({"exact": 2.0, "k_diffusion": 1.0})  # dpmpp_3m_sde's variants: d₂'s weight / φ₃
+DPMPP_3M_D2_WEIGHTS = MappingProxyType({"k_diffusion": 1.0, "exact": 2.0})  # dpmpp_3m_sde's variants: w of −w φ₃ d₂
 
 
 def dpmpp_3m_sde(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False, variant: str = "exact",
+    eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False, variant: str = "k_diffusion",
 ) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's dpmpp_3m_sde), h_η = (1 + η)h:
-    x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − 2φ₃ d₂ (divided differences of the last three D's, d₁ ≈ hD',
+    x̂ = e^{−h_η} x̂ − expm1(−h_η) D_i + φ₂ d₁ − w φ₃ d₂ (divided differences of the last three D's, d₁ ≈ hD',
     d₂ ≈ h²D''/2; φ₂ = expm1(−h_η)/h_η + 1, φ₃ = φ₂/h_η − ½) + σ_{i+1} sqrt(−expm1(−2ηh)) n; the last step is x̂ = D.
-    −2φ₃ d₂ is the exact integral of the quadratic term (third order); variant="k_diffusion" takes k-diffusion's
-    −φ₃ d₂ (as DPM-Solver's and diffusers' third-order multistep), which makes the solver second order."""
+    variant="exact": w = 2, the exact integral of the quadratic term (third order at η = 0); "k_diffusion" (the
+    default): k-diffusion's w = 1, as DPM-Solver's and diffusers' third-order multistep, second order at η = 0 but
+    steadier on coarse grids (docs/evaluation.md)."""
     d2_weight = choose(DPMPP_3M_D2_WEIGHTS, variant, "dpmpp_3m_sde: variant")
     noise = step_noise(x, t_steps, schedule, generator, brownian)
     history: list[tuple[Tensor, Tensor]] = []  # (D, h) of the last two steps, newest first
