@@ -64,23 +64,6 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
     assert run_folder(compose("train", ["schedule=vp", "network=ddpmpp"])) == "runs/digits-vp-ddpmpp"
 
 
-def test_a_few_step_run_is_named_after_its_objective_and_its_init_model(tmp_path):
-    """Without init, the config's data set, schedule and network and the objective; with init, the model it tunes
-    (whose network and preconditioning it trains), so runs from two init models never share a folder."""
-    from edm.cli import compose
-
-    assert run_folder(compose("train", ["recipe=ect"])) == "runs/digits-edm-tiny-ect"
-    assert run_folder(compose("train", ["recipe=meanflow"])) == "runs/digits-fm-tiny-meanflow"
-    (tmp_path / "digits-fm-edm2-tiny").mkdir()
-    (tmp_path / "digits-fm-edm2-tiny" / "checkpoint-00000010.pt").write_bytes(b"")
-    for init in ("digits-fm-edm2-tiny", "digits-fm-edm2-tiny/checkpoint-00000010.pt"):
-        cfg = compose("train", ["recipe=ect", f"init={tmp_path / init}"])
-        assert run_folder(cfg) == "runs/digits-fm-edm2-tiny-ect"
-    assert run_folder(compose("train", ["recipe=sct", "init=edm-cifar10-32x32-uncond-vp.pkl"])) == \
-        "runs/edm-cifar10-32x32-uncond-vp-sct"
-    assert run_folder(compose("train", ["recipe=ect", "run_dir=here"])) == "here"
-
-
 @pytest.mark.parametrize("overrides, needle", [
     (["mixed_precision=fp8"], "mixed_precision 'fp8' is not valid; choose one of: no, fp16, bf16"),
     (["sampler.solver=rk45"], "solver 'rk45' is not valid; choose one of: euler, heun"),

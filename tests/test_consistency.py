@@ -310,6 +310,7 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
 @pytest.mark.parametrize("overrides, needle", [
     (["objective=ect"], "objective=ect trains a consistency model; its sample grids need sampler=consistency"),
     (["sampler=consistency"], "sampler=consistency samples consistency models: train one with objective=ect"),
+    (["recipe=meanflow", "sampler=consistency"], "or sample this objective's model with sampler=meanflow or an ODE solver"),
     (["recipe=ect", "init=no/such/run"], "init='no/such/run' does not exist"),
     (["recipe=ect", "ect.q=1"], "ECT needs q > 1"),
     (["recipe=ect", "total_kimg=400"], "total_kimg=400 with ect.stage_kimg=12 reaches ECT stage 33, where t − r ≥ "

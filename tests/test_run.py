@@ -156,7 +156,7 @@ def test_existing_run_needs_resume_flag(compose_train, tmp_path):
 
 def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train, tmp_path):
     """The refusals come before the run's own files (.hydra record, train.log): a fresh run pointed at a run with
-    checkpoints, at another command's output folder, or at an earlier run's metrics.jsonl records or power-EMA
+    checkpoints (one of other fixed settings named as such, not offered resume=true), at another command's output folder, or at an earlier run's metrics.jsonl records or power-EMA
     snapshots without a checkpoint (a new run would overwrite some and sit beside the rest) leaves the folder as it
     was; resume=true starts such a run over without its snapshots; an empty metrics.jsonl is no earlier run."""
     run = tmp_path / "run"
@@ -164,6 +164,9 @@ def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train,
     owned = []
     with pytest.raises(RunDirError, match="already holds checkpoint-00000002.pt; pass resume=true"):
         train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append)
+    with pytest.raises(RunDirError, match=r"holds another run \(checkpoint-00000002.pt; seed: run 0, now 1\), which this "
+                                          r"one cannot continue: choose another run_dir=DIR"):  # resume=true would fail
+        train(compose_train("total_kimg=0.016", "seed=1"), on_own_run_dir=owned.append)
     samples = tmp_path / "samples"
     samples.mkdir()
     (samples / "provenance.json").write_text("{}")

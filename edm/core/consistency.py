@@ -48,12 +48,20 @@ from .losses import loss_weight
 from .schedules import SIGMA_DATA
 
 __all__ = [
-    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "ect_r", "ect_gap",
+    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "samplers_for", "ect_r", "ect_gap",
     "check_ect_stages", "ECT_MIN_GAP", "pseudo_huber",
     "trigflow_F", "trigflow_tangent", "per_example", "same_draws", "forward_jvp",
 ]
 
 CONSISTENCY_OBJECTIVES = ("ect", "sct", "scd")  # training objectives whose model is a consistency function, not a denoiser
+
+
+def samplers_for(objective: str) -> str:
+    """The samplers of a model trained with `objective`, as a refusal names them: the consistency sampler alone for a
+    consistency function; the MeanFlow sampler or an ODE solver for MeanFlow's average velocity; an ODE solver else."""
+    if objective in CONSISTENCY_OBJECTIVES:
+        return "sampler=consistency"
+    return "sampler=meanflow or an ODE solver (sampler=heun)" if objective == "meanflow" else "an ODE solver (sampler=heun)"
 ECT_METRICS = ("pseudo_huber", "l2")
 ECT_WEIGHTINGS = ("ect", "edm")
 

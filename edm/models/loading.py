@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
-from ..core.consistency import CONSISTENCY_OBJECTIVES
+from ..core.consistency import CONSISTENCY_OBJECTIVES, samplers_for
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
@@ -48,8 +48,7 @@ class ModelInfo:
     def check_solver(self, solver: str) -> None:
         """Refuse a solver made for another kind of model: the consistency sampler needs a consistency function and
         is the only one that samples it; the MeanFlow sampler needs a MeanFlow model (which ODE solvers sample too)."""
-        own = "sampler=consistency" if self.objective in CONSISTENCY_OBJECTIVES else \
-            "sampler=meanflow or an ODE solver (sampler=heun)" if self.objective == "meanflow" else "an ODE solver (sampler=heun)"
+        own = samplers_for(self.objective)
         if self.objective in CONSISTENCY_OBJECTIVES and solver not in CONSISTENCY_SOLVERS:
             raise ValueError(f"{self.source} is a consistency model (objective={self.objective}); solver {solver} is not "
                              "for consistency models: use sampler=consistency (sampler.num_steps=1, 2, 4)")

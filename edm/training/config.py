@@ -19,11 +19,10 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 from ..choices import check_choice, choose, options_schema
-from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss, check_ect_stages
+from ..core.consistency import CONSISTENCY_OBJECTIVES, ECTLoss, SCMLoss, check_ect_stages, samplers_for
 from ..core.losses import LOSS_KINDS, Loss
 from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
@@ -124,7 +123,7 @@ class TrainConfig:
     objective: str = "denoising"
     init: Optional[str] = None
     teacher: Optional[str] = None
-    run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network>[-<objective>], or after init= (run_folder)
+    run_dir: Optional[str] = None  # None: runs/<dataset>-<schedule>-<network> (run_folder)
     resume: bool = False
     seed: int = 0
 
@@ -191,17 +190,8 @@ def _check_power_ema(cfg: TrainConfig) -> None:
 
 
 def run_folder(cfg: TrainConfig) -> str:
-    """cfg.run_dir, else runs/<dataset.name>-<schedule.name>-<network.name> (runs/digits-edm-tiny by default), with
-    -<objective> for a few-step objective; a run from init= is named after the init model's run instead, whose network
-    and preconditioning it trains (runs/digits-fm-edm2-tiny-ect from init=runs/digits-fm-edm2-tiny)."""
-    if cfg.run_dir:
-        return cfg.run_dir
-    suffix = "" if cfg.objective == "denoising" else f"-{cfg.objective}"
-    if cfg.init is not None:
-        init = Path(cfg.init)
-        name = init.parent.name if init.is_file() and init.name.startswith("checkpoint-") else init.stem
-        return f"runs/{name}{suffix}"
-    return f"runs/{cfg.dataset.name}-{cfg.schedule.name}-{cfg.network.name}{suffix}"
+    """cfg.run_dir, else runs/<dataset.name>-<schedule.name>-<network.name> (runs/digits-edm-tiny by default)."""
+    return cfg.run_dir or f"runs/{cfg.dataset.name}-{cfg.schedule.name}-{cfg.network.name}"
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -221,14 +211,14 @@ def check_config(cfg: TrainConfig) -> None:
                          f"(recipe=ect sets it), not {cfg.sampler.solver}")
     if cfg.objective not in CONSISTENCY_OBJECTIVES and cfg.sampler.solver in CONSISTENCY_SOLVERS:
         raise ValueError(f"sampler={cfg.sampler.solver} samples consistency models: train one with objective=ect "
-                         "(recipe=ect), or sample this denoiser with sampler=heun")
+                         f"(recipe=ect), or sample this objective's model with {samplers_for(cfg.objective)}")
     for key in ("init", "teacher"):
         path = getattr(cfg, key)
         if path is not None and not os.path.exists(path):
             raise ValueError(f"{key}={path!r} does not exist: give a run folder, checkpoint, model folder or NVlabs .pkl")
     if cfg.sampler.solver in MEANFLOW_SOLVERS and cfg.objective != "meanflow":
         raise ValueError(f"sampler={cfg.sampler.solver} samples MeanFlow models: train one with objective=meanflow "
-                         "(recipe=meanflow), or sample this denoiser with sampler=heun")
+                         f"(recipe=meanflow), or sample this objective's model with {samplers_for(cfg.objective)}")
     if cfg.objective == "meanflow" and cfg.init is None and not cfg.network.second_noise:
         raise ValueError("objective=meanflow needs the network's second noise input (t − r): set network.second_noise=true "
                          "(recipe=meanflow does; with init= the model gets it, zero-initialized)")

@@ -37,8 +37,8 @@ from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
 from .run import (
-    Run, RunDirError, RunState, micro_batch_size, remove_stale_temporaries, restore, save_checkpoint, save_snapshot, seed_draws,
-    trim_metrics,
+    Run, RunDirError, RunState, micro_batch_size, other_run, remove_stale_temporaries, restore, save_checkpoint,
+    save_snapshot, seed_draws, trim_metrics,
 )
 from .runlog import (
     STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, end_with_launcher, installed_trackers, kimg_text, log, start_trackers,
@@ -153,6 +153,10 @@ def resume_or_refuse(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         cfg = dataclasses.replace(cfg, resume=True)
     if latest is not None:
         if not cfg.resume:
+            other = other_run(latest, cfg)
+            if other:
+                raise RunDirError(f"run_dir {run_dir} holds another run ({latest.name}; {'; '.join(other)}), which this "
+                                  "one cannot continue: choose another run_dir=DIR (or delete the folder)")
             raise RunDirError(f"run_dir {run_dir} already holds {latest.name}; pass resume=true to continue that run, "
                               "or choose another run_dir (or delete the folder) to start over")
         return cfg

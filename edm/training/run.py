@@ -32,7 +32,7 @@ from .phema import PowerEMA, snapshot_path, write_snapshot
 __all__ = [
     "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "restore",
     "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics", "settings_as_trained",
-    "checkpoint_settings", "saved_precond_spec", "saved_loss_spec", "check_resume_changes", "RESUME_FIXED", "RESUME_FREE",
+    "checkpoint_settings", "saved_precond_spec", "saved_loss_spec", "check_resume_changes", "other_run", "RESUME_FIXED", "RESUME_FREE",
     "listed",
 ]
 
@@ -215,6 +215,18 @@ def setting_differences(saved: dict, ours: dict) -> list[tuple[str, Any, Any]]:
     if resample_unrecorded(saved_data) and "dataset.resample" in b:
         changes.append(("dataset.resample", UNRECORDED_RESAMPLE, b["dataset.resample"]))
     return changes
+
+
+def other_run(path: Path, cfg: TrainConfig) -> list[str]:
+    """'KEY: run A, now B' for each setting in RESUME_FIXED (the loss aside: it is compared resolved, on resume) where
+    the run of checkpoint `path` differs from cfg, as written in the two configs: a resume could not continue it. []
+    when the checkpoint cannot be read (the resume names that problem)."""
+    try:
+        saved = ckpt.load_checkpoint(path).get("config") or {}
+    except (ckpt.CheckpointError, OSError):
+        return []
+    return [f"{k}: run {a!r}, now {b!r}" for k, a, b in differences(saved, to_container(cfg), shared_only=True)
+            if _is_fixed(k) and not k.startswith("loss.")]
 
 
 def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
