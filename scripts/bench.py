@@ -35,6 +35,7 @@ from edm.data import DATASETS
 from edm.core.denoisers import fast_denoiser
 from edm.files import atomic_write
 from edm.training.ema import update_ema
+from edm.networks.edm2 import MPConv, force_weight_normalization_
 from edm.hardware import set_precision_flags
 from edm.training.step import make_optimizer, train_step
 
@@ -185,9 +186,9 @@ def mixed_precision(args: argparse.Namespace) -> str:
 
 
 def build_denoiser(args: argparse.Namespace, device: torch.device) -> edm.Precond:
-    net = edm.networks.build(
+    net = edm.networks.build(  # (augment_dim only with augmentation: EDM2's network takes none)
         args.network, img_resolution=args.resolution, in_channels=args.channels, label_dim=args.label_dim,
-        augment_dim=AUGMENT_DIM if args.augment > 0 else 0,
+        **({"augment_dim": AUGMENT_DIM} if args.augment > 0 else {}),
     )
     return edm.Precond(net, kind=args.schedule).to(device)
 
@@ -289,8 +290,10 @@ def step_breakdown(model, loss_fn, optimizer, accelerator, batch, ema, den, g, r
         kwargs = {"augment_labels": augment_labels} if augment_labels is not None else {}
         accelerator.backward(loss_fn(model, y, labels, generator=g, **kwargs).mean())
 
-    parts = {"batch (augmentation)": batch, "forward+backward": forward_backward, "optimizer": optimizer.step,
-             "ema": lambda: update_ema(ema, den, 0.999)}
+    normalizes = any(isinstance(m, MPConv) for m in den.modules())  # EDM2's forced weight normalization, a part
+    parts = {"batch (augmentation)": batch,
+             **({"weight normalization": lambda: force_weight_normalization_(den)} if normalizes else {}),
+             "forward+backward": forward_backward, "optimizer": optimizer.step, "ema": lambda: update_ema(ema, den, 0.999)}
     times = {}
     for name, fn in parts.items():
         fn()  # warm (the optimizer step needs gradients: forward_backward left them)

@@ -146,6 +146,10 @@ def test_profile_times_each_part_of_the_step_and_writes_the_table(bench, tmp_pat
     assert all(ms > 0 for ms in parts.values())
     text = table.read_text()
     assert "forward+backward:" in text and "aten::convolution" in text
+    edm2 = ["--device", "cpu", "--mode", "train", "--resolution", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
+            "--network", "edm2-tiny", "--profile", str(tmp_path / "edm2.txt")]
+    parts = bench.main(edm2)["train"]["breakdown_ms"]  # EDM2: its forced weight normalization is a part too
+    assert set(parts) == {"batch (augmentation)", "weight normalization", "forward+backward", "optimizer", "ema"}
 
 
 def test_gpu_turns_wait_for_every_process_then_time_one_at_a_time(bench, tmp_path):

@@ -295,6 +295,27 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     assert proc.returncode == 1 and "set guidance=W" in proc.stderr
 
 
+def test_a_stochastic_folder_whose_record_lacks_the_churn_steps_is_not_resumed(run_dir, tmp_path):
+    """With final_denoise, stochastic's γ = S_churn/N counts the final step among the N; a folder whose record does not
+    say so (made when γ was S_churn/(N − 1)) is refused by that key, not filled up with images of another γ."""
+    from edm.cli.sample import SampleCommand
+    from edm.generation.job import generate_folder
+    from edm.generation.provenance import ProvenanceError
+
+    out = tmp_path / "out"
+    cfg = SampleCommand(checkpoint=str(run_dir), num_images=2, format="png", out=str(out), progress=False)
+    cfg.sampler.solver, cfg.sampler.num_steps, cfg.sampler.final_denoise = "stochastic", 3, True
+    cfg.sampler.options = {"churn": 1.0}
+    generate_folder(cfg)
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["churn_steps"] == 3
+    del record["churn_steps"]
+    (out / "provenance.json").write_text(json.dumps(record))
+    cfg.num_images = 3
+    with pytest.raises(ProvenanceError, match=r"churn_steps: folder None, now 3"):
+        generate_folder(cfg)
+
+
 def test_a_png_folder_scores_the_requested_seeds_not_every_image_it_holds(run_dir, tmp_path):
     """Seeds 0-5 as PNGs, then seeds 0-3 into the same folder (a resume that makes nothing new): the report's metrics
     are those of the four requested images, as scoring those four files gives, not of all six in the folder, and the

@@ -144,8 +144,11 @@ def test_the_few_step_losses_train_every_preset_in_training_mode(preset, objecti
     from edm.core.meanflow import MeanFlowLoss
 
     loss_fn = {"ect": ECTLoss(), "sct": SCMLoss().at(10**9), "meanflow": MeanFlowLoss(ratio=1.0)}[objective]
+    from edm.networks.edm2 import force_weight_normalization_
+
     model = _trainable(preset, {"ect": "edm", "sct": "trigflow", "meanflow": "fm"}[objective],
                        **({"second_noise": True} if objective == "meanflow" else {}))
+    force_weight_normalization_(model)  # (what the step starts with: only the optimizer moves the weights after it)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -155,8 +158,8 @@ def test_the_few_step_losses_train_every_preset_in_training_mode(preset, objecti
 
 
 def test_the_step_normalizes_edm2_weights_before_its_forward_passes():
-    """EDM2's forced weight normalization w ← normalize(w) (unit RMS per output channel) precedes the step's forward,
-    so with lr = 0 the step leaves every MPConv weight normalized and the loss is that of the normalized weights."""
+    """EDM2's forced weight normalization w ← normalize(w) (unit RMS per output channel) is part of the step: with
+    lr = 0 the step leaves every MPConv weight normalized."""
     from edm.networks.edm2 import MPConv
 
     model = _trainable("edm2-tiny", "edm")

@@ -108,6 +108,8 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
         "discretization": settings.discretization or schedule.default_discretization,
         "final_denoise": settings.final_denoise,
         "options": settings.options,
+        # N of stochastic's γ = S_churn/N counts final_denoise's step; a record without it is of S_churn/(N − 1)
+        **({"churn_steps": settings.num_steps} if settings.solver == "stochastic" and settings.final_denoise else {}),
         "t_steps": settings.grid(schedule).tolist(),
         "schedule": to_spec(schedule),
         "labels": to_container(cfg.labels),
