@@ -492,8 +492,24 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
     proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'ref.npz'}",
                            f"metric.inception={path}", f"report={tmp_path / 'report.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    fid = json.loads((tmp_path / "report.json").read_text())["metrics"]["fid"]  # where edm-sample puts it
-    assert fid["fid"] > 0 and json.loads(proc.stdout) == fid
+    reported = json.loads((tmp_path / "report.json").read_text())["metrics"]
+    assert reported["fid"]["fid"] > 0 and json.loads(proc.stdout) == reported["fid"]  # where edm-sample puts it
+    assert set(reported["files"]) == {"fid.inception_sha256", "fid.ref_sha256"}  # the files its options named
+
+
+def test_edm_eval_merges_one_metric_into_a_report_and_keeps_the_others(tmp_path):
+    """metrics.NAME gets the numbers and metrics.files this metric's hashes; another metric's entry and hashes stay,
+    and a report's flat keys of these numbers (an earlier layout) go."""
+    from edm.cli.evaluate import merge_report
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"seeds": "0-9", "metrics": {
+        "files": {"fid.inception_sha256": "old", "fd_cls.x_sha256": "kept"}, "fd_cls": {"fd_cls": 4.0, "num_images": 10},
+        "fid": 9.0, "num_images": 10}}))
+    merge_report(str(path), "fid", {"fid": 3.0, "num_images": 20}, {"fid.inception_sha256": "new"})
+    assert json.loads(path.read_text()) == {"seeds": "0-9", "metrics": {
+        "files": {"fid.inception_sha256": "new", "fd_cls.x_sha256": "kept"}, "fd_cls": {"fd_cls": 4.0, "num_images": 10},
+        "fid": {"fid": 3.0, "num_images": 20}}}
 
 
 def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):

@@ -17,6 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import hydra
@@ -27,7 +28,7 @@ from omegaconf import MISSING, DictConfig
 from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
 from ..evaluation import metrics
-from ..evaluation.scorers import METRICS, ScoringContext, evaluate
+from ..evaluation.scorers import METRICS, ScoringContext, evaluate, metric_files
 from ..files import write_json
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
@@ -87,13 +88,18 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
     return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
 
 
-def merge_report(path: str | None, name: str, numbers: dict) -> None:
+def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str]) -> None:
     """Put `numbers` at "metrics" → `name` of the JSON file at `path` (created if absent), where edm-sample puts a
-    metric's numbers; other metrics there are kept."""
+    metric's numbers, and the hashes of the files its options name (`files`, metric_files) under "metrics" → "files";
+    other metrics there are kept, and the flat keys of these numbers that a report may hold at "metrics" are dropped."""
     if path is None:
         return
     report: dict[str, Any] = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    report.setdefault("metrics", {})[name] = numbers
+    merged = report.setdefault("metrics", {})
+    for key in numbers:
+        merged.pop(key, None)
+    merged[name] = numbers
+    merged["files"] = {k: v for k, v in merged.get("files", {}).items() if not k.startswith(f"{name}.")} | files
     write_json(path, report)
 
 
@@ -106,7 +112,7 @@ def main(dcfg: DictConfig) -> None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")
         cfg: EvaluateConfig = typed(dcfg)
         numbers = run(cfg, name)
-        merge_report(cfg.report, name, numbers)
+        merge_report(cfg.report, name, numbers, metric_files(SimpleNamespace(**{name: cfg.metric}), [name]))
     print(json.dumps(numbers, indent=2))
 
 

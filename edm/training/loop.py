@@ -294,8 +294,8 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     total_nimg = int(round(cfg.total_kimg * 1000))
     total_steps = state.step + max(0, math.ceil((total_nimg - state.cur_nimg) / cfg.batch_size))
     if state.cur_nimg > total_nimg:
-        logger.warning("total_kimg=%s, but the run has trained %s kimg already: nothing to train (a longer run "
-                       "needs a larger total_kimg)", cfg.total_kimg, kimg_text(state.cur_nimg / 1000))
+        run_logger.warning("total_kimg=%s, but the run has trained %s kimg already: nothing to train (a longer run "
+                           "needs a larger total_kimg)", cfg.total_kimg, kimg_text(state.cur_nimg / 1000))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and state.step == 0 and cfg.grid_size > 0:
         save_grid(run.run_dir / "data.png", _data_grid(run), scale=cfg.grid_scale)
