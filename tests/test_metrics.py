@@ -437,6 +437,25 @@ def test_edm_eval_refuses_two_references_for_fid(tmp_path):
         run(cfg, "fid")
 
 
+def test_images_without_a_data_set_are_pointed_to_the_model_their_report_names(tmp_path):
+    """FD_cls of edm-sample's images with no dataset=: the refusal names the checkpoint of the folder's report.json,
+    whose training set they would be scored against; images without a report get the plain refusal."""
+    from edm.cli import compose
+    from edm.cli.evaluate import run
+    from edm.evaluation.scorers import NoDatasetError
+
+    (tmp_path / "out").mkdir()
+    save_npz_images(tmp_path / "out" / "samples.npz", random_images(2, 0))
+    save_npz_images(tmp_path / "loose.npz", random_images(2, 0))
+    (tmp_path / "out" / "report.json").write_text(json.dumps({"checkpoint": "/runs/a/checkpoint-00000010.pt"}))
+    with pytest.raises(NoDatasetError, match=r"FD_cls needs the data set .*; the images' report names their model: "
+                                             r"checkpoint=/runs/a/checkpoint-00000010.pt scores them"):
+        run(compose("evaluate", ["metric=fd_cls", f"images={tmp_path / 'out' / 'samples.npz'}"]), "fd_cls")
+    with pytest.raises(NoDatasetError, match=r"FD_cls needs the data set its classifier learns: dataset=NAME") as err:
+        run(compose("evaluate", ["metric=fd_cls", f"images={tmp_path / 'loose.npz'}"]), "fd_cls")
+    assert "report" not in str(err.value)
+
+
 def test_reference_statistics_go_to_a_new_npz_file_unless_overwrite(tmp_path):
     """metric=ref's dest: a folder, a name np.savez would add .npz to (the report would name another file) and an
     existing file (statistics of other images, perhaps) are refused before any work; overwrite=true replaces."""

@@ -28,8 +28,9 @@ from omegaconf import MISSING, DictConfig
 from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
 from ..evaluation import metrics
-from ..evaluation.scorers import METRICS, ScoringContext, evaluate, metric_files
+from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, metric_files
 from ..files import write_json
+from ..generation.job import REPORT_NAME
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
 from . import CONFIG_DIR, hydra_errors, typed, user_errors
@@ -85,7 +86,23 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
             dataset = dataclasses.replace(dataset, cond=info.label_dim > 0, xflip=False)
     schedule = cfg.schedule.build(info.schedule) if info is not None else None
     ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, model=model, info=info, schedule=schedule)
-    return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
+    try:
+        return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
+    except NoDatasetError as err:
+        made_by = sampled_by(cfg.images) if cfg.images is not None else None
+        if made_by is None:
+            raise
+        raise NoDatasetError(f"{err}; the images' report names their model: checkpoint={made_by} scores them "
+                             "against its training set") from None
+
+
+def sampled_by(images: str) -> str | None:
+    """The checkpoint that edm-sample's report.json beside `images` (the folder, or an .npz's folder) names, if any."""
+    folder = Path(images) if Path(images).is_dir() else Path(images).parent
+    try:
+        return json.loads((folder / REPORT_NAME).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str]) -> None:

@@ -36,11 +36,14 @@ from .quality import ClassifierConfig, QualityScore
 
 __all__ = [
     "Scorer", "ScoringContext", "FidConfig", "FdClsConfig", "BpdConfig", "Metric", "METRICS", "check_metrics", "build_scorers",
-    "eval_schema", "EvalConfig", "metric_files", "evaluate",
+    "eval_schema", "EvalConfig", "metric_files", "evaluate", "NoDatasetError",
 ]
 
 Scorer = Callable[[Tensor, Optional[Tensor]], dict]
 
+
+class NoDatasetError(ValueError):
+    """A metric needs a data set (its reference or classifier) and none was given or named by a model."""
 
 @dataclass
 class ScoringContext:
@@ -97,7 +100,7 @@ def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
         batches, key = metrics.dataset_reference(ctx.dataset, ctx.batch)
         reference = {"ref_batches": batches, "ref_key": key}
     else:
-        raise ValueError("FID needs a reference: its ref=STATS.npz|IMAGES, or a data set (dataset=NAME "
+        raise NoDatasetError("FID needs a reference: its ref=STATS.npz|IMAGES, or a data set (dataset=NAME "
                          "[dataset.root=PATH], or a model that names its training data)")
     return lambda images, labels=None: metrics.evaluate_images(images, extractor, **reference, **common)
 
@@ -116,7 +119,7 @@ class FdClsConfig:
 def fd_cls_scorer(cfg: FdClsConfig, ctx: ScoringContext) -> Scorer:
     """QualityScore of the context's data set (its classifier trained once and cached)."""
     if ctx.dataset is None:
-        raise ValueError("FD_cls needs the data set its classifier learns: dataset=NAME [dataset.root=PATH] (or a "
+        raise NoDatasetError("FD_cls needs the data set its classifier learns: dataset=NAME [dataset.root=PATH] (or a "
                          "model that names its training data)")
     return QualityScore.for_dataset(ctx.dataset, cfg.classifier, cache_dir=cfg.cache_dir, device=ctx.device,
                                     progress=ctx.progress, image_shape=ctx.image_shape)
