@@ -5,7 +5,7 @@ Every layer keeps the expected magnitude of its activations at one:
 
     normalize(x)   = x / (ε + ‖x‖/√N)                         (per output channel / pixel)
     MPConv         y = conv(x, g · normalize(w) / √fan_in)     (eq. 47, 66); forced weight normalization
-                   w ← normalize(w) before each training step (force_weight_normalization_)
+                   w ← normalize(w) before each training micro-batch (force_weight_normalization_)
     mp_silu(x)     = silu(x) / 0.596                           (eq. 81)
     mp_sum(a, b)   = ((1 − t) a + t b) / √((1 − t)² + t²)       (eq. 88)
     mp_cat(a, b)   = [w_a a, w_b b], w = √((N_a + N_b)/((1 − t)² + t²)) · (1 − t, t)/√(N_a, N_b)   (eq. 103)
@@ -110,8 +110,8 @@ class MPConv(nn.Module):
 @torch.no_grad()
 def force_weight_normalization_(net: nn.Module) -> None:
     """w ← normalize(w) for every MPConv in `net` (EDM2's forced weight normalization, sec. 2.3): the training step
-    does it before its forward passes, which stay free of in-place writes (a second pass or a JVP over the same
-    weights, as consistency and MeanFlow training take, could not have them). A no-op for other networks."""
+    does it before each micro-batch's forward passes, which stay free of in-place writes (a second pass or a JVP over
+    the same weights, as consistency and MeanFlow training take, could not have them). A no-op for other networks."""
     for module in net.modules():
         if isinstance(module, MPConv):
             module.weight.copy_(normalize(module.weight.to(_at_least_float32(module.weight.dtype))))

@@ -51,16 +51,16 @@ def train_step(
 
     Each micro-batch is (y, class_labels) or (y, class_labels, augment_labels); `seed_draws(i)` (if given) seeds
     the draws of micro-batch i (σ, n from `generator`, dropout from the global RNG) before its loss. Optimizes
-    mean_batch(λ‖D − y‖²), gradients averaged over micro-batches and processes; EDM2 weights are normalized first
-    (force_weight_normalization_), so the forward passes write nothing in place. Returns that
+    mean_batch(λ‖D − y‖²), gradients averaged over micro-batches and processes; EDM2 weights are normalized before
+    each micro-batch (force_weight_normalization_), so the forward passes write nothing in place. Returns that
     objective per pixel, mean_batch(λ‖D − y‖²) / (C·H·W), as a device tensor (no host sync).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    force_weight_normalization_(model)
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (y, labels, *augment_labels) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        force_weight_normalization_(model)  # before each micro-batch's forward passes, as NVlabs/edm2's forward does it
         if seed_draws is not None:
             seed_draws(i)
         kwargs = {"augment_labels": augment_labels[0]} if augment_labels and augment_labels[0] is not None else {}
