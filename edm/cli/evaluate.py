@@ -17,7 +17,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import hydra
@@ -28,7 +27,7 @@ from omegaconf import MISSING, DictConfig
 from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
 from ..evaluation import metrics
-from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, metric_files
+from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, option_files
 from ..files import write_json
 from ..generation.job import REPORT_NAME
 from ..hardware import pick_device, share_cpu
@@ -107,7 +106,7 @@ def sampled_by(images: str) -> str | None:
 
 def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str]) -> None:
     """Put `numbers` at "metrics" → `name` of the JSON file at `path` (created if absent), where edm-sample puts a
-    metric's numbers, and the hashes of the files its options name (`files`, metric_files) under "metrics" → "files";
+    metric's numbers, and the hashes of the files its options name (`files`, option_files) under "metrics" → "files";
     other metrics there are kept, and the flat keys of these numbers that a report may hold at "metrics" are dropped."""
     if path is None:
         return
@@ -129,7 +128,7 @@ def main(dcfg: DictConfig) -> None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")
         cfg: EvaluateConfig = typed(dcfg)
         numbers = run(cfg, name)
-        merge_report(cfg.report, name, numbers, metric_files(SimpleNamespace(**{name: cfg.metric}), [name]))
+        merge_report(cfg.report, name, numbers, option_files(name, cfg.metric))
     print(json.dumps(numbers, indent=2))
 
 

@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 CONSISTENCY_OBJECTIVES = ("ect", "sct", "scd")  # training objectives whose model is a consistency function, not a denoiser
+ECT_METRICS = ("pseudo_huber", "l2")
+ECT_WEIGHTINGS = ("ect", "edm")
 
 
 def samplers_for(objective: str) -> str:
@@ -62,8 +64,6 @@ def samplers_for(objective: str) -> str:
     if objective in CONSISTENCY_OBJECTIVES:
         return "sampler=consistency"
     return "sampler=meanflow or an ODE solver (sampler=heun)" if objective == "meanflow" else "an ODE solver (sampler=heun)"
-ECT_METRICS = ("pseudo_huber", "l2")
-ECT_WEIGHTINGS = ("ect", "edm")
 
 
 def per_example(t: Tensor, like: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from .quality import ClassifierConfig, QualityScore
 
 __all__ = [
     "Scorer", "ScoringContext", "FidConfig", "FdClsConfig", "BpdConfig", "Metric", "METRICS", "check_metrics", "build_scorers",
-    "eval_schema", "EvalConfig", "metric_files", "evaluate", "NoDatasetError",
+    "eval_schema", "EvalConfig", "metric_files", "option_files", "evaluate", "NoDatasetError",
 ]
 
 Scorer = Callable[[Tensor, Optional[Tensor]], dict]
@@ -44,6 +44,7 @@ Scorer = Callable[[Tensor, Optional[Tensor]], dict]
 
 class NoDatasetError(ValueError):
     """A metric needs a data set (its reference or classifier) and none was given or named by a model."""
+
 
 @dataclass
 class ScoringContext:
@@ -241,14 +242,15 @@ def build_scorers(cfg: Any, ctx: ScoringContext, scores: str = "samples") -> dic
 
 
 def metric_files(cfg: Any, names: list[str]) -> dict[str, str]:
-    """{"<metric>.<key>_sha256": hash} of every option of the named metrics that names an existing file
-    (detector weights, reference statistics): what a provenance record must pin besides the options."""
-    out = {}
-    for name in names:
-        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
-            if isinstance(value, str) and Path(value).is_file():
-                out[f"{name}.{key}_sha256"] = file_sha256(value)
-    return out
+    """option_files of each named metric's options in cfg (an EvalConfig)."""
+    return {key: digest for name in names for key, digest in option_files(name, getattr(cfg, name)).items()}
+
+
+def option_files(name: str, options: Any) -> dict[str, str]:
+    """{"<name>.<key>_sha256": hash} of every option of metric `name` that names an existing file (detector weights,
+    reference statistics): what a provenance record must pin besides the options."""
+    return {f"{name}.{key}_sha256": file_sha256(value) for key, value in dataclasses.asdict(options).items()
+            if isinstance(value, str) and Path(value).is_file()}
 
 
 def evaluate(name: str, options: Any, ctx: ScoringContext, *, images: str | Path | None = None,

@@ -81,8 +81,9 @@ class ModelInfo:
                              f"before runs recorded dataset.resample ({UNRECORDED_RESAMPLE}): no data set of this edm "
                              "has its pixels; name the data to score against, e.g. dataset=NAME dataset.resolution=R "
                              "dataset.resample=bilinear")
-        known = {f.name for f in dataclasses.fields(DatasetConfig)}  # a record's None (no filter at the native size,
-        return DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})  # no workers): default
+        known = {f.name for f in dataclasses.fields(DatasetConfig)}
+        # a record's None (no filter at the native size, no workers) stands for the field's default
+        return DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
 
     def require_pixels(self, what: str = "this") -> None:
         """Refuse a model whose samples are VAE latents where `what` needs the model's own pixels."""

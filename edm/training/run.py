@@ -225,7 +225,7 @@ def other_run(path: Path, cfg: TrainConfig) -> list[str]:
         saved = ckpt.load_checkpoint(path).get("config") or {}
     except (ckpt.CheckpointError, OSError):
         return []
-    return [f"{k}: run {a!r}, now {b!r}" for k, a, b in differences(saved, to_container(cfg), shared_only=True)
+    return [f"{k}: run {a!r}, now {b!r}" for k, a, b in setting_differences(saved, to_container(cfg))
             if _is_fixed(k) and not k.startswith("loss.")]
 
 
