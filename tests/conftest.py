@@ -26,12 +26,12 @@ def command(name: str) -> str:
 
 def reference_repo(request, monkeypatch, option: str, what: str) -> None:
     """Put the checkout named by `option` first on sys.path (skip without one); both NVlabs repos have
-    `training`, `torch_utils` and `dnnlib` packages, so imported ones are dropped first."""
+    `training`, `torch_utils` and `dnnlib` packages and a `generate` module, so imported ones are dropped first."""
     repo = request.config.getoption(option, default=None)
     if not repo:
         pytest.skip(f"needs {option} PATH (an {what} checkout)")
     monkeypatch.syspath_prepend(str(repo))
-    for name in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib", "generate")]:
         monkeypatch.delitem(sys.modules, name)
 
 

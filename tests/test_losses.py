@@ -8,7 +8,7 @@ import torch
 import edm
 
 F64 = torch.float64
-KINDS = ["vp", "ve", "edm", "fm", "trigflow"]
+KINDS = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -103,10 +103,26 @@ def test_fm_t_is_uniform_or_logit_normal():
     assert abs(logit.std().item() - 1.0) < 5 / math.sqrt(2 * 40000)
 
 
+def test_iddpm_sigma_is_a_level_of_uniform_index_below_M():
+    """σ = u_j with j ~ U{0, ..., M − 1}: every draw is a level (never u_M = 0); j has mean (M − 1)/2 and variance
+    (M² − 1)/12 within 5 standard errors, and its own schedule's levels are used."""
+    count, M = 40000, 1000
+    sigma = _sigmas("iddpm", count)
+    levels = edm.schedules.IDDPM().levels()
+    j = (sigma[:, None] - levels).abs().argmin(1).to(F64)
+    torch.testing.assert_close(sigma, levels[j.long()], rtol=0, atol=0)
+    assert j.max() <= M - 1 and sigma.min() > 0
+    mean, var = (M - 1) / 2, (M**2 - 1) / 12
+    assert abs(j.mean().item() - mean) < 5 * math.sqrt(var / count)
+    assert abs(j.var().item() - var) < 5 * var * math.sqrt(0.8 / count)
+    small = edm.Loss(edm.schedules.IDDPM(M=20, j0=2)).sample_sigma(400, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert set(small.tolist()) == set(edm.schedules.IDDPM(M=20, j0=2).levels()[:20].tolist())
+
+
 def test_loss_kind_can_differ_from_schedule_and_bad_kind_fails():
     loss = edm.Loss(edm.schedules.get("vp"), kind="edm")
     assert loss.kind == "edm"
-    with pytest.raises(ValueError, match="loss kind 'l1' is not valid; choose one of: vp, ve, edm, fm, trigflow"):
+    with pytest.raises(ValueError, match="loss kind 'l1' is not valid; choose one of: vp, ve, edm, fm, trigflow, edm2, iddpm"):
         edm.Loss(edm.schedules.get("vp"), kind="l1")
     with pytest.raises(ValueError, match="t_dist '.*' is not valid; choose one of: uniform, logit_normal"):
         edm.Loss(edm.schedules.get("fm"), t_dist="beta")

@@ -57,13 +57,26 @@ ARCHS = {
                 channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8, 4],
                 dropout=0.1, label_dropout=0.0),
 }
-MODEL_CLASS = {"ddpmpp": "SongUNet", "ncsnpp": "SongUNet", "ncsnpp_skip": "SongUNet", "adm": "DhariwalUNet"}
-PRECOND_CLASS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
-PRESET = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "ncsnpp_skip": "ncsnpp", "adm": "adm"}
-SIGMAS = {"edm": [0.002, 0.3, 2.0, 80.0], "vp": [0.01, 0.4, 5.0, 150.0], "ve": [0.02, 0.7, 9.0, 100.0]}
+ARCHS["adm_iddpm"] = ARCHS["adm"] | dict(out_channels=6)  # iDDPMPrecond's DhariwalUNet: n, then the learned variance
+MODEL_CLASS = {"ddpmpp": "SongUNet", "ncsnpp": "SongUNet", "ncsnpp_skip": "SongUNet", "adm": "DhariwalUNet",
+               "adm_iddpm": "DhariwalUNet"}
+PRECOND_CLASS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond", "iddpm": "iDDPMPrecond"}
+PRESET = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "ncsnpp_skip": "ncsnpp", "adm": "adm", "adm_iddpm": "adm"}
+SIGMAS = {"edm": [0.002, 0.3, 2.0, 80.0], "vp": [0.01, 0.4, 5.0, 150.0], "ve": [0.02, 0.7, 9.0, 100.0],
+          "iddpm": [0.0065, 0.3, 2.0, 80.0]}
 # Non-default precond constants, so reading the wrong (default) value changes the output.
-PRECOND_KW = {"edm": dict(sigma_data=0.6), "vp": dict(beta_d=18.5, beta_min=0.2, M=1000), "ve": dict()}
+PRECOND_KW = {"edm": dict(sigma_data=0.6), "vp": dict(beta_d=18.5, beta_min=0.2, M=1000), "ve": dict(),
+              "iddpm": dict(C_1=0.002, C_2=0.01, M=1000)}
 VE_RANGE = dict(sigma_min=0.01, sigma_max=50.0)  # a VE snapshot's own σ range (VEPrecond's defaults: 0.02, 100)
+
+
+def iddpm_buffer(M: int, C_1: float, C_2: float) -> torch.Tensor:
+    """iDDPMPrecond's `u` buffer as its constructor fills it: the recurrence in float32."""
+    alpha_bar = lambda j: (0.5 * np.pi * torch.as_tensor(j) / M / (C_2 + 1)).sin() ** 2  # noqa: E731
+    u = torch.zeros(M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
 
 
 def our_denoiser(arch: str, label_dim: int, kind: str, seed: int = 0) -> edm.Precond:
@@ -187,7 +200,8 @@ def module_record(module: torch.nn.Module, class_name: str, init_kwargs: dict, s
 
 
 def snapshot_bytes(den: edm.Precond, arch: str, label_dim: int, *, src: str = HARMLESS_SRC,
-                   precond_class: str | None = None, model_class: str | None = None) -> bytes:
+                   precond_class: str | None = None, model_class: str | None = None,
+                   levels: torch.Tensor | None = None) -> bytes:
     """An NVlabs-format snapshot of `den`: dict(ema, loss_fn, augment_pipe, dataset_kwargs)."""
     kind = den.kind
     kw = ARCHS[arch]
@@ -201,11 +215,16 @@ def snapshot_bytes(den: edm.Precond, arch: str, label_dim: int, *, src: str = HA
         attrs |= dict(sigma_min=0, sigma_max=float("inf"), sigma_data=precond_kw["sigma_data"])
     elif kind == "vp":
         attrs |= dict(precond_kw, epsilon_t=1e-5, sigma_min=0.0019, sigma_max=152.0)
+    elif kind == "iddpm":
+        levels = iddpm_buffer(**precond_kw) if levels is None else levels
+        attrs |= dict(precond_kw, sigma_min=float(levels[-2]), sigma_max=float(levels[0]))
     else:
         attrs |= VE_RANGE
     precond_init = dict(attrs, model_type=MODEL_CLASS[arch], **model_kwargs)
     shell = torch.nn.Module()
     shell.model = den.net
+    if kind == "iddpm":
+        shell.register_buffer("u", levels)
     ema = module_record(shell, precond_class or PRECOND_CLASS[kind], precond_init, src, **attrs)
     ema.meta["state"]["_modules"]["model"] = model
     loss = Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, _init_args=(), _init_kwargs={}), src)
@@ -226,7 +245,7 @@ def write_snapshot(tmp_path: Path, den, arch, label_dim, name="network-snapshot-
 # Loading a snapshot gives the same denoiser.
 
 CASES = [("ddpmpp", 10, "edm"), ("ddpmpp", 0, "vp"), ("ncsnpp", 0, "ve"), ("ncsnpp_skip", 10, "edm"),
-         ("adm", 10, "edm"), ("adm", 0, "vp")]
+         ("adm", 10, "edm"), ("adm", 0, "vp"), ("adm_iddpm", 10, "iddpm")]
 
 
 @pytest.mark.parametrize("arch,label_dim,kind", CASES)
@@ -418,10 +437,24 @@ def test_embedded_source_is_live_but_never_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_an_iddpm_snapshot_reads_its_constants_and_checks_its_noise_levels(tmp_path):
+    """iDDPMPrecond: our iddpm kind and schedule with its M, C_1, C_2; its stored levels u must be theirs."""
+    den = our_denoiser("adm_iddpm", 0, "iddpm")
+    snap = read_nvlabs(write_snapshot(tmp_path, den, "adm_iddpm", 0))
+    assert snap.denoiser["precond"] == dict(kind="iddpm", sigma_data=0.5, M=1000, C_1=0.002, C_2=0.01)
+    assert snap.schedule == dict(name="iddpm", M=1000, C_1=0.002, C_2=0.01)
+    assert snap.denoiser["network"]["out_channels"] == 6 and "u" not in snap.state_dict
+    other = iddpm_buffer(M=1000, C_1=0.002, C_2=0.02)
+    with pytest.raises(NVlabsError, match="ema.u differs from iDDPM's noise levels for M=1000, C_1=0.002, C_2=0.01"):
+        read_nvlabs(write_snapshot(tmp_path, den, "adm_iddpm", 0, name="other.pkl", levels=other))
+    with pytest.raises(NVlabsError, match=r"ema.u \(iDDPM's noise levels\) is \[11\], expected \[1001\]"):
+        read_nvlabs(write_snapshot(tmp_path, den, "adm_iddpm", 0, name="short.pkl", levels=other[:11]))
+
+
 def test_refuses_unsupported_snapshots(tmp_path):
     den = our_denoiser("ddpmpp", 0, "vp")
-    with pytest.raises(NVlabsError, match="iDDPM"):
-        load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, precond_class="iDDPMPrecond"))
+    with pytest.raises(NVlabsError, match="'ema' is a FooPrecond; supported: EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond"):
+        load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, precond_class="FooPrecond"))
     with pytest.raises(NVlabsError, match="UNet2DModel"):
         load_nvlabs(write_snapshot(tmp_path, den, "ddpmpp", 0, name="m.pkl", model_class="UNet2DModel"))
 
@@ -648,7 +681,7 @@ def reference_snapshot(reference, arch: str, label_dim: int, kind: str, tmp_path
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    loss_fn = {"edm": ref_loss.EDMLoss, "vp": ref_loss.VPLoss, "ve": ref_loss.VELoss}[kind]()
+    loss_fn = {"edm": ref_loss.EDMLoss, "vp": ref_loss.VPLoss, "ve": ref_loss.VELoss, "iddpm": ref_loss.EDMLoss}[kind]()
     augment_pipe = ref_augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1) if kw["augment_dim"] else None
     data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=loss_fn, augment_pipe=augment_pipe,
                 dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
@@ -661,7 +694,8 @@ def reference_snapshot(reference, arch: str, label_dim: int, kind: str, tmp_path
     return data["ema"], path
 
 
-REFERENCE_CASES = [(a, l, k) for a in ARCHS for l in (0, 10) for k in ("edm", "vp", "ve")]
+REFERENCE_CASES = [(a, l, k) for a in ARCHS if a != "adm_iddpm" for l in (0, 10) for k in ("edm", "vp", "ve")]
+REFERENCE_CASES += [("adm_iddpm", l, "iddpm") for l in (0, 10)]
 
 
 @pytest.mark.parametrize("arch,label_dim,kind", REFERENCE_CASES)
@@ -672,6 +706,26 @@ def test_matches_real_reference(nvlabs_reference, tmp_path, arch, label_dim, kin
     for labels in (inp["labels"], None):
         expected = run(ref, inp["x"], inp["sigma"], labels, inp["augment"])
         assert rel_err(run(ours, inp["x"], inp["sigma"], labels, inp["augment"]), expected) < 1e-5
+
+
+@pytest.mark.parametrize("num_steps", [6, 18])
+def test_iddpm_snapshot_samples_as_the_reference_edm_sampler(nvlabs_reference, tmp_path, num_steps):
+    """NVlabs' generate.edm_sampler on its iDDPMPrecond (karras grid over [u_{M−1}, u_8], rounded to the levels)
+    and our heun on the loaded model with schedule iddpm, discretization karras: the same images (measured 1.0e-6 and
+    1.2e-6 relative, the reference's float32 level table against our float64 one)."""
+    generate = pytest.importorskip("generate")
+    ref, path = reference_snapshot(nvlabs_reference, "adm_iddpm", 10, "iddpm", tmp_path)
+    ours, info = load_model(path)
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(4, 3, 8, 8, generator=gen)
+    labels = torch.eye(10)[torch.randint(10, (4,), generator=gen)]
+    sched = info.schedule
+    with torch.no_grad():
+        expected = generate.edm_sampler(ref, latents.double(), labels, num_steps=num_steps, sigma_min=0.002,
+                                        sigma_max=sched.sigma_max, rho=7)
+        got = edm.sample(ours, latents.double(), sched, num_steps=num_steps, solver="heun", class_labels=labels,
+                         discretization="karras")
+    assert rel_err(got.float(), expected.float()) < 1e-5
 
 
 # --------------------------------------------------------------------------------------

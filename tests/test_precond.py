@@ -7,9 +7,11 @@ import torch
 
 import edm
 from edm.core.losses import loss_weight
+from tests.test_schedules import _iddpm_levels
 
 F64 = torch.float64
 SIGMAS = [0.002, 0.1, 0.5, 1.0, 7.3, 80.0]
+KINDS = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
 
 
 def _table(kind: str, s: float, sd: float = 0.5):
@@ -25,10 +27,13 @@ def _table(kind: str, s: float, sd: float = 0.5):
     if kind == "trigflow":  # t = arctan(σ/σ_d): cos² t, −σ_d sin t, cos t/σ_d, t
         t = math.atan(s / sd)
         return math.cos(t) ** 2, -sd * math.sin(t), math.cos(t) / sd, t
+    if kind == "iddpm":  # c_noise = M − 1 − argmin_j |u_j − σ|
+        u = _iddpm_levels()
+        return 1.0, -s, 1 / math.sqrt(s**2 + 1), 999 - min(range(len(u)), key=lambda j: abs(u[j] - s))
     return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), s / (1 + s)
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_coefficients_match_table(kind):
     den = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.5)
     sigma = torch.tensor(SIGMAS, dtype=F64)
@@ -38,7 +43,7 @@ def test_coefficients_match_table(kind):
         torch.testing.assert_close(got[j], expected, rtol=1e-10, atol=1e-14, msg=f"{kind} {name}")
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_weight_times_c_out_squared_is_one(kind):
     sigma = torch.logspace(-3, 2, 50, dtype=F64)
     c_out = edm.Precond(torch.nn.Identity(), kind=kind, sigma_data=0.3).coefficients(sigma).c_out
@@ -57,7 +62,7 @@ class _Recorder(torch.nn.Module):
         return x * self.a + c_noise.view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_wrapper_computes_d_from_f(kind):
     net = _Recorder()
     den = edm.Precond(net, kind=kind)
@@ -73,9 +78,9 @@ def test_wrapper_computes_d_from_f(kind):
     assert net.seen[2] is labels
 
 
-@pytest.mark.parametrize("kind, target", [("vp", "n"), ("fm", "n - y")])
+@pytest.mark.parametrize("kind, target", [("vp", "n"), ("iddpm", "n"), ("fm", "n - y")])
 def test_network_targets(kind, target):
-    """With vp the network predicts n, with fm the velocity n − y: feeding the true target gives D = y."""
+    """With vp and iddpm the network predicts n, with fm the velocity n − y: feeding the true target gives D = y."""
     y, n = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
     sigma = torch.tensor([0.01, 0.3, 2.0, 50.0], dtype=F64)
     oracle = (lambda x, c, class_labels=None: n) if target == "n" else (lambda x, c, class_labels=None: n - y)
@@ -126,8 +131,31 @@ def test_scalar_sigma_broadcasts_and_bad_shapes_fail():
 
 
 def test_unknown_kind_lists_valid():
-    with pytest.raises(ValueError, match="precond kind 'iddpm' is not valid; choose one of: vp, ve, edm, fm, trigflow"):
-        edm.Precond(torch.nn.Identity(), kind="iddpm")
+    with pytest.raises(ValueError, match="precond kind 'adm' is not valid; choose one of: vp, ve, edm, fm, trigflow, iddpm"):
+        edm.Precond(torch.nn.Identity(), kind="adm")
+
+
+def test_iddpm_c_noise_is_the_index_of_the_nearest_level_counted_from_the_end():
+    """At σ = u_j, c_noise = M − 1 − j; between two levels, the nearer one's; M, C_1 and C_2 are the Precond's."""
+    u = _iddpm_levels(40, 0.002, 0.1)
+    den = edm.Precond(torch.nn.Identity(), kind="iddpm", M=40, C_1=0.002, C_2=0.1)
+    j = torch.tensor([0, 3, 17, 39, 40])
+    sigma = torch.tensor([u[k] for k in j], dtype=F64)
+    torch.testing.assert_close(den.coefficients(sigma).c_noise, (39 - j).to(F64))
+    between = torch.tensor([0.51 * u[17] + 0.49 * u[18], 0.49 * u[17] + 0.51 * u[18]], dtype=F64)
+    torch.testing.assert_close(den.coefficients(between).c_noise, torch.tensor([22.0, 21.0], dtype=F64))
+
+
+def test_iddpm_uses_the_first_half_of_a_network_with_twice_the_channels():
+    """iDDPM's network outputs n and then its learned variance: D takes the first C channels; other kinds refuse."""
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    sigma = torch.tensor([0.5, 3.0], dtype=F64)
+    n, variance = torch.randn_like(x), torch.randn_like(x)
+    net = lambda x_in, c_noise, class_labels=None: torch.cat([n, variance], 1)  # noqa: E731
+    den = edm.Precond(net, kind="iddpm")
+    torch.testing.assert_close(den(x, sigma), x - sigma.view(-1, 1, 1, 1) * n)
+    with pytest.raises(ValueError, match=r"network output shape \[2, 6, 4, 4\] differs from its input \[2, 3, 4, 4\]$"):
+        edm.Precond(net, kind="vp")(x, sigma)
 
 
 def test_network_dtype_is_cast_back_in_one_place():

@@ -100,6 +100,32 @@ def test_all_schedules_reach_the_same_endpoint(problem):
         assert residual < (1e-9 if name in ("edm", "fm") else 10 * sigma_min), (name, residual)
 
 
+def test_heun_on_iddpms_own_levels_solves_the_ode_to_second_order(problem):
+    """The iddpm schedule's grid (N of its levels u_j, evenly spaced in j from u_8 = 80.2) is a grid of the same ODE
+    in σ = t: Heun from σ_max reaches RK4's x̂ at the first level below 0.5, its error falling ≥ 8× per 4× steps."""
+    den, _, noise = problem
+    sched = edm.schedules.IDDPM()
+    errors = []
+    for num_steps in (62, 248):  # (991 / 61, 991 / 247): levels at j = 8 + 16.25 i and 8 + 4.01 i
+        t = sched.time_steps(num_steps)
+        k = int((t[:-1] < SIGMA_END).nonzero()[0])
+        reference = rk4_reference(den, float(t[0]) * noise, float(t[0]), float(t[k]), steps=400)
+        _, traj = edm.sample(den, noise, sched, t_steps=t, solver="heun", return_trajectory=True)
+        errors.append(((traj[k] - reference).norm() / reference.norm()).item())
+    assert errors[1] < errors[0] / 8 and errors[1] < 1e-3, errors
+
+
+def test_churn_on_iddpm_rounds_the_raised_noise_level_to_one_of_its_levels():
+    """EDM Algorithm 2 on the iddpm schedule: t̂ = the level nearest (1 + γ)σ, and x gains noise up to σ(t̂)."""
+    sched = edm.schedules.IDDPM()
+    u = sched.levels()
+    x = torch.zeros(20000, 1, dtype=F64)
+    x_hat, t_hat = edm.core.samplers.churn_noise(x, u[500], sched, 0.3, 1.0, torch.Generator().manual_seed(0))
+    assert float(t_hat) == float(u[(u - 1.3 * u[500]).abs().argmin()]) and float(t_hat) != float(1.3 * u[500])
+    expected_std = math.sqrt(float(t_hat) ** 2 - float(u[500]) ** 2)
+    assert abs(x_hat.std().item() / expected_std - 1) < 5 / math.sqrt(2 * 20000)
+
+
 def make_gaussian_data():
     """64 points drawn from a correlated 2-D Gaussian: the data set of the SDE tests."""
     g = torch.Generator().manual_seed(3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import edm
-from edm.core.schedules import DISCRETIZATIONS, EDM, VE, VP, FlowMatching
+from edm.core.schedules import DISCRETIZATIONS, EDM, IDDPM, VE, VP, FlowMatching
 
 F64 = torch.float64
 
@@ -21,6 +21,7 @@ def _reference(name: str):
         "edm": (lambda t: t, lambda t: 1.0),
         "fm": (lambda t: t / (1 - t), lambda t: 1 - t),
         "trigflow": (lambda t: 0.5 * math.tan(t), lambda t: math.cos(t)),
+        "iddpm": (lambda t: t, lambda t: 1.0),
     }
     return table[name]
 
@@ -31,10 +32,22 @@ TIMES = {
     "edm": [0.002, 0.1, 1.0, 13.0, 80.0],
     "fm": [0.002, 0.1, 0.5, 0.9, 0.98],
     "trigflow": [0.004, 0.1, 0.7, 1.2, 1.5],
+    "iddpm": [0.0065, 0.1, 1.0, 13.0, 80.2],
 }
+ALL = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
+def _iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> list[float]:
+    """u_0..u_M by EDM Table 1's recurrence, scalar math: u_M = 0, u_{j−1} = sqrt((u_j² + 1)/max(ᾱ_{j−1}/ᾱ_j, C_1) − 1),
+    ᾱ_j = sin²(π/2 · j/(M(C_2 + 1)))."""
+    alpha_bar = lambda j: math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2  # noqa: E731
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return u
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_sigma_and_scale_match_formulas(name):
     sched = edm.schedules.get(name)
     sigma_ref, scale_ref = _reference(name)
@@ -46,7 +59,7 @@ def test_sigma_and_scale_match_formulas(name):
     assert sched.sigma(t).dtype == F64
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("name", ALL)
 def test_derivatives_match_autograd(name):
     sched = edm.schedules.get(name)
     t = torch.tensor(TIMES[name], dtype=F64, requires_grad=True)
@@ -57,7 +70,7 @@ def test_derivatives_match_autograd(name):
     torch.testing.assert_close(sched.scale_deriv(t.detach()), dscale, rtol=1e-11, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("name", ALL)
 def test_sigma_inv_round_trips(name):
     sched = edm.schedules.get(name)
     t = torch.tensor(TIMES[name], dtype=F64)
@@ -108,15 +121,20 @@ def test_default_time_steps_follow_edm_table_1():
         assert grid.shape == (N + 1,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm", "fm", "trigflow"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("disc", sorted(DISCRETIZATIONS))
 def test_every_discretization_with_every_schedule(name, disc):
+    """Each grid runs from σ_max to σ_min; iddpm's from the largest to the smallest iDDPM level in [σ_min, σ_max]."""
     sched = edm.schedules.get(name)
     t = sched.time_steps(10, disc)
     assert t.shape == (11,) and t[-1] == 0 and (t[1:] < t[:-1]).all()
     sigma = sched.sigma(t[:-1])
-    torch.testing.assert_close(sigma[0], torch.tensor(sched.sigma_max, dtype=F64), rtol=1e-9, atol=0)
-    torch.testing.assert_close(sigma[-1], torch.tensor(sched.sigma_min, dtype=F64), rtol=1e-9, atol=0)
+    lo, hi = sched.sigma_min, sched.sigma_max
+    if disc == "iddpm":
+        inside = [u for u in _iddpm_levels() if lo * (1 - 1e-9) <= u <= hi * (1 + 1e-9)]
+        lo, hi = min(inside), max(inside)
+    torch.testing.assert_close(sigma[0], torch.tensor(hi, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(sigma[-1], torch.tensor(lo, dtype=F64), rtol=1e-9, atol=0)
 
 
 def test_discretizations_have_their_shape_in_sigma():
@@ -185,7 +203,75 @@ def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():
     assert ScheduleConfig().build(model) == model
     assert ScheduleConfig(name="edm", sigma_max=40.0).build(model) == EDM(sigma_max=40.0)
     assert ScheduleConfig(name="vp").build(model) == VP()
-    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm, trigflow"):
+    with pytest.raises(ValueError, match="the model stores no schedule: pass schedule=NAME, NAME one of vp, ve, edm, fm, trigflow, iddpm"):
         ScheduleConfig(sigma_max=40.0).build()
     with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
         ScheduleConfig(beta_d=3.0).build(model)
+
+
+# ------------------------------------------------------------------ iDDPM
+
+
+def test_iddpm_levels_follow_edm_table_1s_recurrence():
+    """iddpm_sigmas (a closed form in float64) equals the recurrence; u_M = 0 and the levels decrease."""
+    for M, C_1, C_2 in ((1000, 0.001, 0.008), (40, 0.02, 0.1)):
+        u = edm.schedules.iddpm_sigmas(M, C_1, C_2)
+        torch.testing.assert_close(u, torch.tensor(_iddpm_levels(M, C_1, C_2), dtype=F64), rtol=1e-10, atol=0)
+        assert u[-1] == 0 and (u[1:] < u[:-1]).all()
+
+
+def test_iddpm_range_and_default_grid_are_edm_table_1s():
+    """σ_max = u_{j0}, σ_min = u_{M−1}; the default grid is t_i = u_⌊j0 + (M − 1 − j0) i/(N − 1) + ½⌋."""
+    u = _iddpm_levels()
+    sched = IDDPM()
+    assert sched.sigma_max == pytest.approx(u[8], rel=1e-12) and sched.sigma_min == pytest.approx(u[999], rel=1e-12)
+    assert sched.sigma_max == pytest.approx(80.2037, rel=1e-5) and sched.sigma_min == pytest.approx(0.0064254, rel=1e-4)
+    for N in (1, 2, 18, 256):
+        j = [math.floor(8 + (999 - 8) * i / max(N - 1, 1) + 0.5) for i in range(N)]
+        torch.testing.assert_close(sched.time_steps(N), torch.tensor([u[k] for k in j] + [0.0], dtype=F64), rtol=1e-10, atol=0)
+    narrow = IDDPM(M=40, j0=3, C_2=0.1)
+    levels = _iddpm_levels(40, 0.001, 0.1)
+    torch.testing.assert_close(narrow.time_steps(3), torch.tensor([levels[3], levels[21], levels[39], 0.0], dtype=F64))
+
+
+def test_iddpm_rounds_a_samplers_times_to_its_nearest_noise_level():
+    """Every grid of the iddpm schedule lies on its levels, each the nearest to the discretization's own σ."""
+    u = torch.tensor(_iddpm_levels(), dtype=F64)
+    sched = IDDPM()
+    karras = edm.schedules.karras_sigma(sched, 18)
+    nearest = u[(karras[:, None] - u).abs().argmin(1)]
+    torch.testing.assert_close(sched.time_steps(18, "karras")[:-1], nearest, rtol=1e-10, atol=0)
+    assert (nearest - karras).abs().max() > 0.3  # rounding moved them
+    torch.testing.assert_close(sched.round_time(torch.tensor([75.0, 76.0, 1e-9], dtype=F64)),
+                               torch.tensor([u[9], u[8], 0.0], dtype=F64), rtol=1e-10, atol=0)
+
+
+def test_iddpm_refuses_a_grid_that_puts_two_steps_on_one_level():
+    with pytest.raises(ValueError, match="100 steps of discretization karras on the iddpm schedule put two steps at one "
+                                         "iDDPM noise level \\(σ = 80.2\\), of the 992 in its \\[σ_min, σ_max\\]: use "
+                                         "fewer steps, or discretization iddpm, which spaces up to 992 steps apart"):
+        IDDPM().time_steps(100, "karras")
+    assert len(IDDPM().time_steps(992).unique()) == 993
+    with pytest.raises(ValueError, match="993 steps of discretization iddpm on the iddpm schedule"):
+        IDDPM().time_steps(993)
+    with pytest.raises(ValueError, match="995 steps of discretization iddpm on the vp schedule .* of the 993 in its "
+                                         "\\[σ_min, σ_max\\]: use at most 993 steps$"):
+        VP().time_steps(995, "iddpm")
+
+
+def test_iddpm_options_are_checked():
+    """M and j0 are integers (Hydra's 1000.0 is 1000); M ≥ 2, 0 ≤ j0 < M − 1."""
+    assert IDDPM(M=500.0, j0=4.0) == IDDPM(M=500, j0=4) and isinstance(IDDPM(M=500.0).M, int)
+    with pytest.raises(ValueError, match="M=2.5 must be an integer"):
+        IDDPM(M=2.5)
+    with pytest.raises(ValueError, match="0 ≤ j0 < M − 1"):
+        IDDPM(M=10, j0=9)
+    with pytest.raises(ValueError, match="bad option for schedule 'iddpm'"):
+        edm.schedules.get("iddpm", sigma_max=40.0)
+
+
+def test_time_steps_default_to_the_schedules_own_grid_and_rho():
+    """time_steps(sched, N) is sched.time_steps(N): the schedule's discretization and, for EDM, its ρ."""
+    for sched in (VP(), VE(), EDM(rho=5.0), IDDPM()):
+        torch.testing.assert_close(edm.schedules.time_steps(sched, 6), sched.time_steps(6), rtol=0, atol=0)
+    torch.testing.assert_close(EDM(rho=5.0).time_steps(6), EDM().time_steps(6, rho=5.0), rtol=0, atol=0)

@@ -20,14 +20,14 @@ from torch import Tensor
 
 from ..choices import check_choice, choose
 from .precond import coefficients
-from .schedules import SIGMA_DATA, VP, FlowMatching, Schedule
+from .schedules import IDDPM, SIGMA_DATA, VP, FlowMatching, Schedule
 
 __all__ = ["Loss", "LOSS_KINDS", "LOGNORMAL", "loss_weight", "target_weight", "squared_error", "learns_weighting"]
 
 
 # λ(σ): one pure function per kind.
 def _weight_inv_sigma2(sigma: Tensor, sigma_data: float) -> Tensor:
-    """VP and VE: λ = 1/σ²."""
+    """VP, VE and iDDPM: λ = 1/σ²."""
     return 1 / sigma**2
 
 
@@ -55,6 +55,13 @@ def _sigma_ve(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
     return torch.exp(lo + u * (hi - lo))
 
 
+def _sigma_iddpm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
+    """iDDPM: σ = u_j with j ~ U{0, ..., M − 1}, the schedule's noise levels when it is iddpm."""
+    ddpm = loss.schedule if isinstance(loss.schedule, IDDPM) else IDDPM()
+    j = (u * ddpm.M).long().clamp(max=ddpm.M - 1)
+    return ddpm.levels().to(device=u.device, dtype=u.dtype)[j]
+
+
 def _sigma_edm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
     """EDM, EDM2 and TrigFlow: ln σ ~ N(P_mean, P_std²) (sCM's τ = ln(σ_d tan t))."""
     return torch.exp(loss.P_mean + loss.P_std * normal())
@@ -71,12 +78,13 @@ def _sigma_fm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:
 
 
 _SIGMA_DENSITIES: MappingProxyType[str, Callable[["Loss", Tensor, Callable[[], Tensor]], Tensor]] = MappingProxyType(
-    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm, "trigflow": _sigma_edm, "edm2": _sigma_edm}
+    {"vp": _sigma_vp, "ve": _sigma_ve, "edm": _sigma_edm, "fm": _sigma_fm, "trigflow": _sigma_edm, "edm2": _sigma_edm,
+     "iddpm": _sigma_iddpm}
 )
 
 _WEIGHTS: MappingProxyType[str, Callable[[Tensor, float], Tensor]] = MappingProxyType(
     {"vp": _weight_inv_sigma2, "ve": _weight_inv_sigma2, "edm": _weight_edm, "fm": _weight_fm, "trigflow": _weight_edm,
-     "edm2": _weight_edm}
+     "edm2": _weight_edm, "iddpm": _weight_inv_sigma2}
 )
 # (P_mean, P_std) of the lognormal kinds: EDM (Table 1), sCM's CIFAR-10 TrigFlow and EDM2's ImageNet-512 presets
 # (ImageNet-64: −0.8, 1.6).
@@ -116,7 +124,9 @@ class Loss:
       edm: ln σ ~ N(P_mean, P_std²)          fm: t ~ U(ε_t, 1 − ε_t) or logit-normal, σ = t/(1 − t)
       trigflow: ln σ ~ N(P_mean, P_std²) with sCM's P_mean, P_std, and EDM's λ
       edm2: as edm with EDM2's P_mean, P_std, and learned weighting
-    The VP row uses the schedule's β's when the schedule is VP; the VE row uses its σ range.
+      iddpm: σ = u_j, j ~ U{0, ..., M − 1}, λ = 1/σ²
+    The VP row uses the schedule's β's when the schedule is VP; the VE row uses its σ range; the iDDPM row its
+    noise levels when it is iddpm.
     P_mean/P_std None are the kind's (LOGNORMAL); learned_weighting None is the kind's (edm2 only).
     """
 

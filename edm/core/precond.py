@@ -15,11 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..choices import choose
-from .schedules import SIGMA_DATA, VP
+from .schedules import IDDPM, SIGMA_DATA, VP
 
-__all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA", "VP_M"]
-
-VP_M = 1000  # M of the VP c_noise: the number of DDPM time steps the network's time input spans
+__all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA"]
 
 
 class Coefficients(NamedTuple):
@@ -29,31 +27,38 @@ class Coefficients(NamedTuple):
     c_noise: Tensor
 
 
-def _vp(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+# Each row is a function of (σ, σ_d, vp, ddpm): vp holds the VP row's β_d, β_min; ddpm the number M of DDPM time
+# steps (VP and iDDPM) and iDDPM's C_1, C_2.
+def _vp(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
     """VP: c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = (M − 1)·σ⁻¹_VP(σ); F predicts n."""
     return Coefficients(
-        torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (M - 1) * vp.sigma_inv(sigma)
+        torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (ddpm.M - 1) * vp.sigma_inv(sigma)
     )
 
 
-def _ve(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+def _iddpm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+    """iDDPM: c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = M − 1 − argmin_j |u_j − σ|; F predicts n."""
+    return Coefficients(torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (ddpm.M - 1) - ddpm.index(sigma))
+
+
+def _ve(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
     """VE: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
     return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), torch.log(0.5 * sigma))
 
 
-def _edm(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+def _edm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
     """EDM: c_skip = σ_d²/(σ² + σ_d²), c_out = σσ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²), c_noise = ¼ ln σ."""
     norm = (sigma**2 + sigma_data**2).sqrt()
     return Coefficients(sigma_data**2 / norm**2, sigma * sigma_data / norm, 1 / norm, 0.25 * torch.log(sigma))
 
 
-def _fm(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+def _fm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
     """Flow matching: c_skip = 1/(1 + σ), c_out = −σ/(1 + σ), c_in = 1/(1 + σ), c_noise = σ/(1 + σ) = t; F predicts n − y."""
     inv = 1 / (1 + sigma)
     return Coefficients(inv, -sigma * inv, inv, sigma * inv)
 
 
-def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
+def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
     """TrigFlow (sCM), t = arctan(σ/σ_d): c_skip = cos² t, c_out = −σ_d sin t, c_in = cos t/σ_d, c_noise = t;
     D = cos t·x_t − sin t·σ_d F(x_t/σ_d, t) with x_t = cos t·x̂, and σ_d F predicts dx_t/dt = cos t·z − sin t·y."""
     norm = (sigma**2 + sigma_data**2).sqrt()
@@ -61,18 +66,18 @@ def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, M: int) -> Coefficients:
 
 
 PRECOND_KINDS: MappingProxyType[str, Callable[..., Coefficients]] = MappingProxyType(
-    {"vp": _vp, "ve": _ve, "edm": _edm, "fm": _fm, "trigflow": _trigflow}
+    {"vp": _vp, "ve": _ve, "edm": _edm, "fm": _fm, "trigflow": _trigflow, "iddpm": _iddpm}
 )
 
 
 def coefficients(
     sigma: Tensor, kind: str = "edm", sigma_data: float = SIGMA_DATA, beta_d: float = VP.beta_d,
-    beta_min: float = VP.beta_min, M: int = VP_M,
+    beta_min: float = VP.beta_min, M: int = IDDPM.M, C_1: float = IDDPM.C_1, C_2: float = IDDPM.C_2,
 ) -> Coefficients:
     """(c_skip, c_out, c_in, c_noise) of `kind` at `sigma` (same shape as sigma)."""
     fn = choose(PRECOND_KINDS, kind, "precond kind")
     sigma = sigma if isinstance(sigma, Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
-    return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), M)
+    return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), IDDPM(M=M, C_1=C_1, C_2=C_2, j0=0))
 
 
 def _param_dtype(net: object) -> torch.dtype | None:
@@ -89,7 +94,8 @@ class Precond(nn.Module):
 
     logvar_channels > 0 adds EDM2's uncertainty head u(σ) = MPConv(MPFourier(¼ ln σ)) (eq. 21), the
     learned loss weighting (edm.Loss with learned weighting); it is a function of σ alone, so every
-    kind feeds it ¼ ln σ (EDM2's c_noise), whatever the network's c_noise is.
+    kind feeds it ¼ ln σ (EDM2's c_noise), whatever the network's c_noise is. Kind iddpm also takes a network of
+    twice the data's channels (iDDPM's learned variance after its n) and uses the first half.
     """
 
     def __init__(
@@ -99,7 +105,9 @@ class Precond(nn.Module):
         sigma_data: float = SIGMA_DATA,
         beta_d: float = VP.beta_d,
         beta_min: float = VP.beta_min,
-        M: int = VP_M,
+        M: int = IDDPM.M,
+        C_1: float = IDDPM.C_1,
+        C_2: float = IDDPM.C_2,
         logvar_channels: int = 0,
         boundary_sigma: float = 0.0,
     ) -> None:
@@ -112,6 +120,7 @@ class Precond(nn.Module):
         self.kind = kind
         self.sigma_data = float(sigma_data)
         self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+        self.C_1, self.C_2 = float(C_1), float(C_2)
         if logvar_channels:
             from ..networks.edm2 import MPConv, MPFourier
 
@@ -128,7 +137,7 @@ class Precond(nn.Module):
     def coefficients(self, sigma: Tensor) -> Coefficients:
         """(c_skip, c_out, c_in, c_noise) at `sigma`, same shape as `sigma`; with boundary_sigma σ_b > 0,
         c_skip(σ − σ_b) and c_out(σ − σ_b), so that D(x̂; σ_b) = x̂ exactly."""
-        at = lambda s: coefficients(s, self.kind, self.sigma_data, self.beta_d, self.beta_min, self.M)  # noqa: E731
+        at = lambda s: coefficients(s, self.kind, self.sigma_data, self.beta_d, self.beta_min, self.M, self.C_1, self.C_2)  # noqa: E731
         if not self.boundary_sigma:
             return at(sigma)
         shifted = at(sigma - self.boundary_sigma)
@@ -159,8 +168,11 @@ class Precond(nn.Module):
             sigma_r = torch.as_tensor(sigma_r, dtype=x_hat.dtype, device=x_hat.device).expand(x_hat.shape[0])
             kwargs["c_noise2"] = (c_noise - self.coefficients(sigma_r).c_noise).to(net_dtype)
         F_x = self.net((c_in.view(view) * x_hat).to(net_dtype), c_noise.to(net_dtype), class_labels=class_labels, **kwargs)
+        if self.kind == "iddpm" and F_x.ndim == x_hat.ndim and F_x.shape[1] == 2 * x_hat.shape[1]:
+            F_x = F_x[:, : x_hat.shape[1]]  # iDDPM's network predicts n, then its learned variance, which D does not use
         if F_x.shape != x_hat.shape:
-            raise ValueError(f"network output shape {list(F_x.shape)} differs from its input {list(x_hat.shape)}")
+            raise ValueError(f"network output shape {list(F_x.shape)} differs from its input {list(x_hat.shape)}"
+                             + (" (or twice its channels, for kind iddpm)" if self.kind == "iddpm" else ""))
         denoised = c_skip.view(view) * x_hat + c_out.view(view) * F_x.to(x_hat.dtype)
         return (denoised, self.logvar(sigma).to(x_hat.dtype)) if return_logvar else denoised
 

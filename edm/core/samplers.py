@@ -119,9 +119,10 @@ def heun_step(
 def churn_noise(
     x: Tensor, t_cur: Tensor, schedule: Schedule, gamma: float, s_noise: float, generator: Generator
 ) -> tuple[Tensor, Tensor]:
-    """Raise the noise from σ(t) to σ(t̂) = (1 + γ)σ(t)  (EDM Algorithm 2, lines 5–6, any σ and s)."""
+    """Raise the noise from σ(t) to σ(t̂) = (1 + γ)σ(t)  (EDM Algorithm 2, lines 5–6, any σ and s); t̂ is rounded
+    as the schedule rounds a sampler's times (IDDPM: to the nearest of its noise levels)."""
     sigma = schedule.sigma(t_cur)
-    t_hat = schedule.sigma_inv(sigma + gamma * sigma).to(t_cur.dtype)
+    t_hat = schedule.round_time(schedule.sigma_inv(sigma + gamma * sigma)).to(t_cur.dtype)
     sigma_hat, s_hat = schedule.sigma(t_hat), schedule.scale(t_hat)
     extra = (sigma_hat**2 - sigma**2).clamp_min(0).sqrt() * s_hat * s_noise
     return s_hat / schedule.scale(t_cur) * x + extra * randn_like(x, generator), t_hat

@@ -26,7 +26,9 @@ __all__ = [
     "EDM",
     "FlowMatching",
     "TrigFlow",
+    "IDDPM",
     "SIGMA_DATA",
+    "RHO",
     "get",
     "from_spec",
     "to_spec",
@@ -40,10 +42,13 @@ __all__ = [
     "geometric_sigma",
     "karras_sigma",
     "log_snr_uniform",
+    "iddpm_levels",
+    "iddpm_sigmas",
 ]
 
 
 SIGMA_DATA = 0.5  # σ_d, the standard deviation of the data (EDM's default for images in [−1, 1])
+RHO = 7.0  # ρ of the karras discretization (EDM eq. 5); a schedule with a `rho` field uses its own
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
@@ -81,6 +86,11 @@ class Schedule:
     def sigma_max(self) -> float:
         raise NotImplementedError
 
+    def round_time(self, t: Tensor) -> Tensor:
+        """The time a sampler uses for t: t itself; a schedule of finitely many noise levels (IDDPM) rounds it to
+        the time of the nearest one."""
+        return t
+
     @property
     def t_min(self) -> float:
         """t at σ_min: the last nonzero time of the default grids."""
@@ -96,14 +106,12 @@ class Schedule:
         num_steps: int,
         discretization: str | None = None,
         *,
-        rho: float = 7.0,
+        rho: float | None = None,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """t_0 > ... > t_{N-1} > t_N = 0 (N + 1 values); the default grid is the schedule's own."""
-        return time_steps(
-            self, num_steps, discretization or self.default_discretization, rho=rho, dtype=dtype, device=device
-        )
+        """t_0 > ... > t_{N-1} > t_N = 0 (N + 1 values): `time_steps` of this schedule."""
+        return time_steps(self, num_steps, discretization, rho=rho, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -182,16 +190,8 @@ class VE(Schedule):
         return _as_tensor(sigma) ** 2
 
 
-@dataclass(frozen=True)
-class EDM(Schedule):
-    """EDM (Karras et al. 2022): σ(t) = t, s(t) = 1."""
-
-    sigma_min: float = 0.002  # type: ignore[assignment]
-    sigma_max: float = 80.0  # type: ignore[assignment]
-    rho: float = 7.0
-    name = "edm"
-    parameterization = "edm"
-    default_discretization = "karras"
+class _SigmaIsTime(Schedule):
+    """σ(t) = t, s(t) = 1: the time is the noise level (EDM's and iDDPM's column of Table 1)."""
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return _as_tensor(t).clone()
@@ -208,11 +208,17 @@ class EDM(Schedule):
     def sigma_inv(self, sigma: Tensor | float) -> Tensor:
         return _as_tensor(sigma).clone()
 
-    def time_steps(self, num_steps, discretization=None, *, rho=None, dtype=torch.float64, device=None):  # type: ignore[override]
-        """Default ρ comes from the schedule (EDM eq. 5)."""
-        return super().time_steps(
-            num_steps, discretization, rho=self.rho if rho is None else rho, dtype=dtype, device=device
-        )
+
+@dataclass(frozen=True)
+class EDM(_SigmaIsTime):
+    """EDM (Karras et al. 2022): σ(t) = t, s(t) = 1."""
+
+    sigma_min: float = 0.002  # type: ignore[assignment]
+    sigma_max: float = 80.0  # type: ignore[assignment]
+    rho: float = RHO
+    name = "edm"
+    parameterization = "edm"
+    default_discretization = "karras"
 
 
 @dataclass(frozen=True)
@@ -276,13 +282,71 @@ class TrigFlow(Schedule):
         return torch.atan(_as_tensor(sigma) / self.sigma_data)
 
 
+def iddpm_sigmas(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+    """iDDPM's noise levels u_0 > u_1 > ... > u_M = 0 in float64 (EDM Table 1, footnote):
+    u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) with ᾱ_j = sin²(π/2 · j / (M (C_2 + 1))), i.e.
+    ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1)."""
+    j = torch.arange(M + 1, dtype=torch.float64)
+    alpha_bar = torch.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2
+    log_ratio = torch.log((alpha_bar[:-1] / alpha_bar[1:]).clamp(min=C_1))  # ln max(ᾱ_{k−1}/ᾱ_k, C_1), k = 1..M
+    log_v = torch.cat([-log_ratio.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    return torch.expm1(log_v).sqrt()
+
+
+@dataclass(frozen=True)
+class IDDPM(_SigmaIsTime):
+    """Improved DDPM (Nichol & Dhariwal 2021) as EDM's Table 1 writes it: σ(t) = t, s(t) = 1 on iDDPM's M + 1
+    noise levels u_j (iddpm_sigmas); σ_max = u_{j_0}, σ_min = u_{M−1}, and a sampler's times round to the
+    nearest u_j (round_time), where the network was trained."""
+
+    M: int = 1000
+    C_1: float = 0.001
+    C_2: float = 0.008
+    j0: int = 8
+    name = "iddpm"
+    parameterization = "iddpm"
+    default_discretization = "iddpm"
+
+    def __post_init__(self) -> None:
+        """M and j0 are integers (a config's 1000.0 is 1000), 0 ≤ j0 < M − 1, 0 < C_1 ≤ 1 and C_2 ≥ 0."""
+        for key in ("M", "j0"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"iddpm schedule: {key}={value!r} must be an integer")
+            object.__setattr__(self, key, int(value))
+        if not (self.M >= 2 and 0 <= self.j0 < self.M - 1 and 0 < self.C_1 <= 1 and self.C_2 >= 0):
+            raise ValueError(f"iddpm schedule: needs M ≥ 2, 0 ≤ j0 < M − 1, 0 < C_1 ≤ 1 and C_2 ≥ 0; got M={self.M}, "
+                             f"j0={self.j0}, C_1={self.C_1}, C_2={self.C_2}")
+
+    def levels(self) -> Tensor:
+        """u_0 > ... > u_M = 0 (float64)."""
+        return iddpm_sigmas(self.M, self.C_1, self.C_2)
+
+    def index(self, sigma: Tensor) -> Tensor:
+        """argmin_j |u_j − σ|, the index of the nearest noise level, in σ's dtype."""
+        u = self.levels().to(sigma.device)
+        return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(sigma.dtype)
+
+    def round_time(self, t: Tensor) -> Tensor:
+        """u_j nearest to t = σ."""
+        return self.levels().to(t.device)[self.index(t).long()].to(t.dtype)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.levels()[self.M - 1])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.levels()[self.j0])
+
+
 SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
-    {"vp": VP, "ve": VE, "edm": EDM, "fm": FlowMatching, "trigflow": TrigFlow}
+    {"vp": VP, "ve": VE, "edm": EDM, "fm": FlowMatching, "trigflow": TrigFlow, "iddpm": IDDPM}
 )
 
 
 def get(name: str, **kwargs) -> Schedule:
-    """Build a schedule by name (a key of SCHEDULES: 'vp', 've', 'edm', 'fm', 'trigflow') with keyword overrides of its defaults."""
+    """Build a schedule by name (a key of SCHEDULES: 'vp', 've', 'edm', 'fm', 'trigflow', 'iddpm') with keyword overrides of its defaults."""
     cls = choose(SCHEDULES, name, "schedule")
     try:
         return cls(**kwargs)
@@ -357,7 +421,7 @@ def geometric_sigma(sched: Schedule, num_steps: int, *, dtype=torch.float64, dev
     return sched.sigma_inv(sigma)
 
 
-def karras_sigma(sched: Schedule, num_steps: int, *, rho: float = 7.0, dtype=torch.float64, device=None, **_) -> Tensor:
+def karras_sigma(sched: Schedule, num_steps: int, *, rho: float = RHO, dtype=torch.float64, device=None, **_) -> Tensor:
     """σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (EDM eq. 5)."""
     f = _fractions(num_steps, dtype, device)
     lo, hi = sched.sigma_min ** (1 / rho), sched.sigma_max ** (1 / rho)
@@ -372,8 +436,27 @@ def log_snr_uniform(sched: Schedule, num_steps: int, *, dtype=torch.float64, dev
     return sched.sigma_inv(torch.exp(-0.5 * lam))
 
 
+def _levels_inside(sched: Schedule) -> Tensor:
+    """iDDPM's levels u_j in [σ_min, σ_max] of `sched`: of its own M, C_1, C_2 when it is iddpm, else of IDDPM()'s."""
+    u = (sched if isinstance(sched, IDDPM) else IDDPM()).levels()
+    return u[(u >= sched.sigma_min) & (u <= sched.sigma_max)]
+
+
+def iddpm_levels(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
+    """N of iDDPM's noise levels u_j, evenly spaced in j over those in [σ_min, σ_max] (EDM Table 1, iDDPM:
+    t_i = u_⌊j_0 + (M − 1 − j_0) i/(N − 1) + ½⌋ on the iddpm schedule); the levels of the schedule's own M, C_1,
+    C_2 when it is iddpm, else of IDDPM()'s."""
+    inside = _levels_inside(sched).to(device)
+    if len(inside) == 0:
+        raise ValueError(f"discretization iddpm: no iDDPM noise level u_j lies in the {sched.name} schedule's "
+                         f"[σ_min, σ_max] = [{sched.sigma_min:g}, {sched.sigma_max:g}]")
+    j = torch.floor((len(inside) - 1) * _fractions(num_steps, torch.float64, device) + 0.5).long()
+    return sched.sigma_inv(inside[j])
+
+
 DISCRETIZATIONS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
-    {"uniform": uniform_t, "geometric": geometric_sigma, "karras": karras_sigma, "log_snr": log_snr_uniform}
+    {"uniform": uniform_t, "geometric": geometric_sigma, "karras": karras_sigma, "log_snr": log_snr_uniform,
+     "iddpm": iddpm_levels}
 )
 
 
@@ -386,14 +469,26 @@ def check_num_steps(num_steps: object) -> None:
 def time_steps(
     sched: Schedule,
     num_steps: int,
-    discretization: str = "karras",
+    discretization: str | None = None,
     *,
-    rho: float = 7.0,
+    rho: float | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """The grid t_0 > ... > t_{N−1} > t_N = 0 of `discretization` for `sched` (N + 1 values)."""
+    """The grid t_0 > ... > t_{N−1} > t_N = 0 of `discretization` for `sched` (N + 1 values), rounded as the
+    schedule rounds a sampler's times; discretization None = the schedule's own, rho None = the schedule's ρ
+    (EDM's field) or RHO."""
     check_num_steps(num_steps)
+    discretization = discretization or sched.default_discretization
+    rho = getattr(sched, "rho", RHO) if rho is None else rho
     fn = choose(DISCRETIZATIONS, discretization, "discretization")
-    t = fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device)
+    t = sched.round_time(fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device))
+    repeated = (t[1:] == t[:-1]).nonzero()
+    if len(repeated):
+        sigma = float(sched.sigma(t[int(repeated[0])]))
+        count = len(_levels_inside(sched))
+        raise ValueError(f"{num_steps} steps of discretization {discretization} on the {sched.name} schedule put two "
+                         f"steps at one iDDPM noise level (σ = {sigma:.4g}), of the {count} in its [σ_min, σ_max]: use "
+                         + (f"at most {count} steps" if discretization == "iddpm" else
+                            f"fewer steps, or discretization iddpm, which spaces up to {count} steps apart"))
     return torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)]).to(dtype)

@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..core.precond import Precond
+from ..core.schedules import IDDPM, iddpm_sigmas
 from .checkpoint import CheckpointError, denoiser_from_state
 from .unpickler import TENSOR_GLOBALS, TorchModuleRecord, array_values, restricted_load
 
@@ -140,7 +142,7 @@ SUPPORTED_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 """Reference network class -> its constructor parameters and defaults (our build() takes the same names)."""
 
 SUPPORTED_PRECONDS: Mapping[str, str] = MappingProxyType(
-    {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "Precond": "edm"}
+    {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm", "Precond": "edm"}
 )
 """Reference preconditioning class -> our Precond kind (Precond: NVlabs/edm2's, EDM's parameterization)."""
 # The child that holds the network, and the network classes it may be, per precond class (else NVlabs/edm's).
@@ -284,6 +286,11 @@ def _precond_spec(ema: PersistentObject) -> tuple[dict, dict, dict]:
                    "M": int(state.get("M", 1000))}
         schedule = {"name": "vp", "beta_d": precond["beta_d"], "beta_min": precond["beta_min"]}
         facts |= {"epsilon_t": num("epsilon_t", 1e-5)}
+    elif kind == "iddpm":
+        ddpm = {"M": int(state.get("M", IDDPM.M)), "C_1": num("C_1", IDDPM.C_1), "C_2": num("C_2", IDDPM.C_2)}
+        precond = {"kind": "iddpm", "sigma_data": 0.5, **ddpm}
+        schedule = {"name": "iddpm", **ddpm}
+        facts |= {"sigma_min": num("sigma_min", 0.0), "sigma_max": num("sigma_max", math.inf)}
     else:
         precond = {"kind": "ve", "sigma_data": 0.5}
         schedule = {"name": "ve", "sigma_min": num("sigma_min", 0.02), "sigma_max": num("sigma_max", 100.0)}
@@ -300,10 +307,7 @@ def _ema(root: Any, path: str) -> tuple[PersistentObject, str]:
     if not isinstance(ema, PersistentObject):
         raise NVlabsError(f"{path}: 'ema' is a {type(ema).__name__}, not a torch_utils.persistence network")
     if ema.class_name not in SUPPORTED_PRECONDS:
-        hint = ""
-        if ema.class_name == "iDDPMPrecond":
-            hint = " (iDDPM preconditioning, e.g. baseline-imagenet-64x64-cond-adm.pkl, is not supported)"
-        raise NVlabsError(f"{path}: 'ema' is a {ema.class_name}{hint}; supported: {', '.join(SUPPORTED_PRECONDS)}")
+        raise NVlabsError(f"{path}: 'ema' is a {ema.class_name}; supported: {', '.join(SUPPORTED_PRECONDS)}")
     child, wanted = _WRAPPED.get(ema.class_name, _EDM_WRAPPED)
     model = (ema.state.get("_modules") or {}).get(child)
     if not isinstance(model, PersistentObject) or model.class_name not in wanted:
@@ -322,16 +326,32 @@ def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
         network = _network_spec(model, f"ema.{child}")
         precond, schedule, facts = _precond_spec(ema)
         reference = reference_state_dict(ema)
+        if precond["kind"] == "iddpm":
+            _check_levels(reference.pop("u", None), precond)
         facts |= {"stored_dtype": str(next(iter(reference.values())).dtype).removeprefix("torch.")}
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in convert_state_dict(reference, child).items()}
         facts |= _encoder_facts(root.get("encoder"))
     except (TypeError, ValueError, StopIteration) as err:
         raise NVlabsError(f"{path}: {err}") from None
-    if network["out_channels"] != network["in_channels"]:
+    channels = (1, 2) if precond["kind"] == "iddpm" else (1,)  # iDDPM's network adds its learned variance's
+    if network["out_channels"] not in [k * network["in_channels"] for k in channels]:
         raise NVlabsError(f"{path}: ema.model maps {network['in_channels']} to {network['out_channels']} channels; "
-                          "our Precond needs equal input and output channels")
+                          "our Precond needs equal input and output channels"
+                          + (" or, for iDDPM, twice as many out" if precond["kind"] == "iddpm" else ""))
     facts |= {"model_class": model.class_name}
     return NVlabsSnapshot({"network": network, "precond": precond}, schedule, state_dict, facts)
+
+
+def _check_levels(u: Tensor | None, precond: dict) -> None:
+    """iDDPMPrecond's stored noise levels u_j are those of its M, C_1 and C_2 (float32 round-off: its table
+    comes from a float32 recurrence, ours from the closed form in float64; measured ≤ 1e-4 relative)."""
+    ours = iddpm_sigmas(precond["M"], precond["C_1"], precond["C_2"])
+    if not isinstance(u, Tensor) or u.shape != ours.shape:
+        shape = list(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise NVlabsError(f"ema.u (iDDPM's noise levels) is {shape}, expected {list(ours.shape)} for M={precond['M']}")
+    if not torch.allclose(u.double(), ours, rtol=1e-3, atol=1e-6):
+        raise NVlabsError(f"ema.u differs from iDDPM's noise levels for M={precond['M']}, C_1={precond['C_1']}, "
+                          f"C_2={precond['C_2']} (largest difference {float((u.double() - ours).abs().max()):.3g})")
 
 
 def denoiser_from_snapshot(snap: NVlabsSnapshot, source: str = "snapshot") -> Precond:

@@ -21,7 +21,7 @@ from ..core.consistency import ECTLoss, SCMLoss
 from ..core.losses import LOSS_KINDS, Loss, target_weight
 from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
-from ..core.schedules import VP, Schedule
+from ..core.schedules import IDDPM, VP, Schedule
 from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
@@ -60,14 +60,15 @@ def precond_defaults() -> dict[str, Any]:
 
 def precond_spec(cfg: PrecondConfig, schedule: Schedule, loss: Loss) -> dict[str, Any]:
     """Precond keyword arguments, every one set: kind None = the schedule's parameterization; β's None =
-    the schedule's when it is VP, else Precond's defaults; logvar_channels None = LOGVAR_CHANNELS if the
-    loss learns its weighting, else 0 (and 0 with such a loss is refused)."""
-    vp = schedule if isinstance(schedule, VP) else None
+    the schedule's when it is VP, M, C_1, C_2 None the schedule's when it is iddpm, else Precond's defaults;
+    logvar_channels None = LOGVAR_CHANNELS if the loss learns its weighting, else 0 (and 0 with such a loss is
+    refused)."""
     spec = {**precond_defaults(), **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}}
     spec["kind"] = cfg.kind or schedule.parameterization
-    for key in ("beta_d", "beta_min"):
-        if getattr(cfg, key) is None and vp is not None:
-            spec[key] = getattr(vp, key)
+    for keys, cls in ((("beta_d", "beta_min"), VP), (("M", "C_1", "C_2"), IDDPM)):
+        for key in keys:
+            if getattr(cfg, key) is None and isinstance(schedule, cls):
+                spec[key] = getattr(schedule, key)
     if cfg.logvar_channels is None:
         spec["logvar_channels"] = LOGVAR_CHANNELS if loss.learned_weighting else 0
     if loss.learned_weighting and spec["logvar_channels"] == 0:

@@ -53,9 +53,11 @@ __all__ = [
 ]
 
 PrecondConfig = options_schema(
-    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "logvar_channels"), module=__name__,
+    "PrecondConfig", Precond, skip=("net",), unset=("kind", "beta_d", "beta_min", "M", "C_1", "C_2", "logvar_channels"),
+    module=__name__,
     doc="`edm.Precond(net, **options)`; sigma_data also feeds the loss. kind None = the schedule's parameterization; "
-        "beta_d/beta_min None = the schedule's when it is VP, else Precond's defaults; logvar_channels None = "
+        "beta_d/beta_min None = the schedule's when it is VP, M/C_1/C_2 the schedule's when it is iddpm, else "
+        "Precond's defaults; logvar_channels None = "
         "LOGVAR_CHANNELS when the loss learns its weighting, else 0.",
 )
 
