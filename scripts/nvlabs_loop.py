@@ -212,7 +212,7 @@ def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if LOOP_STATE not in state:
         raise SystemExit(f"nvlabs_loop.py: error: {path} holds no state of this loop to continue from (edm-train "
-                         "wrote it, or this script before its checkpoints could resume); choose another --out")
+                         "wrote it, or it holds weights only); choose another --out")
     changed = [f"{key}: run {a!r}, now {b!r}" for key, a, b in setting_differences(state["config"], to_container(cfg))
                if not listed(key, RESUME_FREE)]
     run_draws, now_draws = ",".join(state[LOOP_STATE]["edm_draws"]), ",".join(sorted(edm_draws))

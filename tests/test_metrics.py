@@ -518,7 +518,7 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
 
 def test_edm_eval_merges_one_metric_into_a_report_and_keeps_the_others(tmp_path):
     """metrics.NAME gets the numbers and metrics.files this metric's hashes; another metric's entry and hashes stay,
-    and a report's flat keys of these numbers (an earlier layout) go."""
+    and flat keys of these numbers at the report's top level go."""
     from edm.cli.evaluate import merge_report
 
     path = tmp_path / "report.json"
