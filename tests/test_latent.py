@@ -603,8 +603,10 @@ def test_models_mixed_in_one_sampler_must_share_the_latent_space():
 
 
 def test_encode_refuses_to_resume_when_the_images_changed(vaes, tmp_path):
-    """Latent k is of image k: a file added to the folder shifts every later index, so a resume over other files
-    is refused, naming them; an unreadable latent is named by its path."""
+    """Latent k is of image k: an image replaced in place, or a file added to the folder (which shifts every later
+    index), makes a resume refused, naming what changed; an unreadable latent is named by its path."""
+    import os
+
     from PIL import Image
 
     from edm.data.encode import raw_statistics
@@ -615,6 +617,11 @@ def test_encode_refuses_to_resume_when_the_images_changed(vaes, tmp_path):
     cfg = EncodeConfig(dataset=DatasetConfig("folder", root=str(tmp_path)), latent=LatentConfig(vae=str(vaes[0])),
                        out=str(tmp_path / "lat"), progress=False)
     encode_dataset(cfg)
+    encode_dataset(cfg)  # the out folder inside the data's root is not part of the data
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(tmp_path / "img1.png")  # replaced in place
+    os.utime(tmp_path / "img1.png", ns=(1, 1))
+    with pytest.raises(ProvenanceError, match=r"images.contents: folder '3:"):
+        encode_dataset(cfg)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img0a.png")
     with pytest.raises(ProvenanceError, match=r"images.count: folder 3, now 4.*images.files_sha256"):
         encode_dataset(cfg)

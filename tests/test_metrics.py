@@ -610,6 +610,48 @@ def test_the_shape_of_an_image_source_is_read_without_its_pixels(tmp_path):
         source_image_shape(tmp_path / "flat.npz")
 
 
+def test_an_npz_of_other_than_uint8_pixels_is_refused_naming_its_dtype(tmp_path):
+    """Floats in [0, 1] (or any dtype but uint8) would be scored as other pixels: refused, with the conversion."""
+    from edm.evaluation.metrics import read_images
+
+    np.savez(tmp_path / "float.npz", images=np.full((4, 8, 8, 3), 0.5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"float.npz:images holds float32 values; the images to score must be uint8 "
+                                         r"pixels 0..255 .*astype\(np.uint8\)"):
+        read_images(tmp_path / "float.npz")
+    np.savez(tmp_path / "int.npz", images=np.full((4, 8, 8, 3), 128, dtype=np.int64))
+    with pytest.raises(ValueError, match="int.npz:images holds int64 values"):
+        list(image_batches(tmp_path / "int.npz"))
+
+
+def test_a_folder_image_of_another_size_is_named_with_the_size_of_the_first(tmp_path):
+    from PIL import Image
+
+    for i, size in enumerate((8, 8, 8, 9)):
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(ValueError, match=r"3.png is 9×9, 3 channels but .*0.png is 8×8, 3 channels: the images of "
+                                         r".* to score must share one size"):
+        list(image_batches(tmp_path, batch_size=2))
+
+
+def test_the_reference_key_of_a_folder_data_set_changes_when_one_of_its_files_does(tmp_path):
+    """Same root, names and count: an image rewritten in place (another size or mtime) is another cache key, so
+    FID's reference statistics of `dataset=folder` are made again, not read from the cache."""
+    import os
+
+    from PIL import Image
+
+    from edm.data import DatasetConfig
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    config = DatasetConfig(name="folder", root=str(tmp_path))
+    before = metrics.dataset_reference(config)[1]
+    assert metrics.dataset_reference(config)[1] == before
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / "2.png")
+    os.utime(tmp_path / "2.png", ns=(1, 1))
+    assert metrics.dataset_reference(config)[1] != before
+
+
 def test_an_npz_of_images_without_a_channel_axis_is_named(tmp_path):
     from edm.evaluation.metrics import count_images
 

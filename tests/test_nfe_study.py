@@ -61,6 +61,35 @@ def test_the_nfe_study_writes_table_and_plot_and_resumes_by_point(tmp_path, tiny
         run_study(cfg)
 
 
+def test_a_study_refuses_new_points_once_its_data_sets_files_changed(tmp_path, tiny_checkpoint, cache):
+    """Points scored against a folder's images do not sit beside points scored against other images under one name:
+    an image rewritten in place changes the record's dataset_contents, and the study is refused naming it."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from edm.data import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "data"
+    for k in range(60):
+        label = int(digits.labels[k])
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[k, 0].numpy()).save(root / str(label) / f"{k}.png")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", label_dim=10)
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["euler"], steps=[2], num_images=16, batch=16, out=str(tmp_path / "s"),
+                      dataset=DatasetConfig(name="folder", root=str(root), cond=True), eval=quick_eval(cache),
+                      progress=False)
+    run_study(cfg)
+    first = sorted(root.rglob("*.png"))[0]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(first)
+    os.utime(first, ns=(1, 1))
+    cfg.steps = [2, 3]
+    with pytest.raises(ProvenanceError, match="dataset_contents: folder '60:"):
+        run_study(cfg)
+
+
 def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_per_tolerance(tmp_path, tiny_checkpoint,
                                                                                                 cache):
     """nfe=[5, 9]: each solver gets its most steps within each budget (Heun 2N − 1, Euler N, DPM-Solver-fast 3N − 5);

@@ -31,7 +31,7 @@ from ..latent import LATENTS_NAME, LatentConfig, load_vae
 from ..progress import progress_bar
 from .latents import latent_name
 from .registry import DatasetConfig, build_dataset, dataset_record
-from .sets import LABELS_NAME, ImageDataset
+from .sets import LABELS_NAME, ImageDataset, root_contents_key
 
 __all__ = ["EncodeConfig", "encode_dataset", "raw_statistics", "LATENTS_FORMAT"]
 
@@ -59,15 +59,17 @@ def _source(cfg: DatasetConfig) -> dict:
     return dataset_record(cfg) | {"root": root, "cond": False}
 
 
-def _images_record(dataset: ImageDataset) -> dict:
-    """Which images latent k is of: their count, and for a folder or zip a hash of its ordered file names (a file
-    added or removed shifts every later index)."""
+def _images_record(dataset: ImageDataset, root: str | None) -> dict:
+    """Which images latent k is of: their count, for a folder or zip a hash of its ordered file names (a file
+    added or removed shifts every later index), and the root's root_contents_key (a file replaced in place changes
+    it)."""
     base = dataset
     while getattr(base, "files", None) is None and getattr(base, "base", None) is not None:
         base = base.base  # through Subset and XFlip
     files = getattr(base, "files", None)
     digest = hashlib.sha256("\n".join(files[: len(dataset)]).encode()).hexdigest() if files is not None else None
-    return {"count": len(dataset), "files_sha256": digest}
+    contents = root_contents_key(root) if root else None
+    return {"count": len(dataset), "files_sha256": digest, "contents": contents}
 
 
 def _latent_complete(path: Path) -> bool:
@@ -114,7 +116,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
         raise ValueError(f"the VAE downsamples by {vae.factor}: dataset.resolution={dataset.resolution} must be a "
                          f"multiple of it")
     record = {"format": LATENTS_FORMAT, "vae_fingerprint": vae.fingerprint, "vae_dtype": cfg.latent.dtype,
-              "dataset": _source(cfg.dataset), "images": _images_record(dataset)}
+              "dataset": _source(cfg.dataset), "images": _images_record(dataset, cfg.dataset.root)}
     refuse_foreign_folder(work)  # not a training run's folder nor a model folder
     lock = None
     if state.is_main_process:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ __all__ = [
     "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
     "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
-    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels",
+    "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels", "contents_key",
+    "root_contents_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,33 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 def image_files(folder: str | Path) -> list[Path]:
     """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def contents_key(path: str | Path, files: list[Path] | None = None) -> str:
+    """A file's or folder's contents as a key, without reading them: a file's size and modification time; a
+    folder's number of files and a hash of each one's relative name, size and modification time (`files`, or every
+    file under it), so that a file added, removed or replaced is another key."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if files is None and path.is_dir() else files or []
+    listing = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        listing.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{len(files)}:{listing.hexdigest()[:12]}"
+
+
+def root_contents_key(root: str | Path) -> str:
+    """contents_key of a data set's root as its loaders read it: a file (a zip) itself; a folder's image files and
+    its dataset.json, or, for a folder without image files (MNIST's or CIFAR-10's archives), every file in it."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return contents_key(root)
+    files = image_files(root)
+    labels = root / LABELS_NAME
+    return contents_key(root, (files + [labels] if labels.is_file() else files) if files else None)
 
 
 # PIL's resampling filters, by their dataset.resample names; lanczos (Lanczos-3, antialiased when shrinking) is the

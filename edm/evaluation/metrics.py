@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..files import atomic_write
-from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, image_files, read_image, to_model_space, to_uint8
+from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, contents_key, image_files, root_contents_key, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 
 __all__ = [
@@ -317,6 +317,10 @@ def _npz_images(path: Path) -> np.ndarray:
             images = data[key]
         except (OSError, zipfile.BadZipFile, EOFError) as err:  # a member cut short
             raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}): write it again") from None
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}:{key} holds {images.dtype} values; the images to score must be uint8 pixels 0..255 "
+                         "(edm-sample format=npz writes them; for floats in [0, 1]: "
+                         "np.clip(np.rint(x * 255), 0, 255).astype(np.uint8))")
     return images if _channels_last(path, key, images.shape) else images.transpose(0, 2, 3, 1)
 
 
@@ -389,8 +393,20 @@ def _pixel_batches(source: str | Path, batch_size: int, max_images: int | None) 
             yield images[start : start + batch_size]
         return
     files = files[:max_images]
+    shape = None
     for start in range(0, len(files), batch_size):
-        yield np.stack([read_image(file) for file in files[start : start + batch_size]])
+        batch = [read_image(file) for file in files[start : start + batch_size]]
+        shape = shape or (files[0], batch[0].shape)
+        for file, image in zip(files[start : start + batch_size], batch):
+            if image.shape != shape[1]:
+                raise ValueError(f"{file} is {_size(image.shape)} but {shape[0]} is {_size(shape[1])}: the images "
+                                 f"of {path} to score must share one size and channel count")
+        yield np.stack(batch)
+
+
+def _size(shape: Sequence[int]) -> str:
+    """An image's [H, W, C] as "W×H, C channel(s)"."""
+    return f"{shape[1]}×{shape[0]}, {shape[2]} channel{'s' if shape[2] != 1 else ''}"
 
 
 def image_batches(source: str | Path, batch_size: int = 64, max_images: int | None = None) -> Iterator[Tensor]:
@@ -493,7 +509,8 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, num_workers: int = 0
 def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], Iterator[Tensor]], str]:
     """(batches, cache key) of the edm.data set of `config` (an edm.data.DatasetConfig), without x-flips; the key
     names the data (its resolved root, its size, the resize filter of a resized set) and ends in a hash of every
-    setting of its record (edm.data.dataset_record), so that no two data sets share it."""
+    setting of its record (edm.data.dataset_record) and of its root's files (root_contents_key: names, sizes and
+    modification times), so that no two data sets, and no data set before and after a file of it changed, share it."""
     from ..data import dataset_record
 
     config = dataclasses.replace(config, xflip=False, cond=False)
@@ -501,7 +518,8 @@ def dataset_reference(config: Any, batch_size: int = 64) -> tuple[Callable[[], I
     root = str(Path(config.root).resolve()) if config.root else None
     where = f"-{Path(root).name}" if root else ""
     resized = f"-{config.resample}" if config.resolution is not None else ""
-    record = json.dumps(dataset_record(config) | {"root": root, "images": len(dataset)}, sort_keys=True)
+    contents = root_contents_key(root) if root else None
+    record = json.dumps(dataset_record(config) | {"root": root, "images": len(dataset), "contents": contents}, sort_keys=True)
     digest = hashlib.sha256(record.encode()).hexdigest()[:12]
     key = f"{config.name}{where}-{dataset.resolution}px{resized}-{len(dataset)}-{digest}"
     return (lambda: dataset_batches(dataset, batch_size, config.num_workers)), key
@@ -512,15 +530,7 @@ def _source_key(source: str | Path) -> str:
     for a folder, its number of image files and a hash of their names, sizes and modification times (an image
     added, removed or replaced there is another key)."""
     path = Path(source).resolve()
-    if path.is_file():
-        stat = path.stat()
-        return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    files = image_files(path) if path.is_dir() else []
-    listing = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        listing.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return f"{path}:{len(files)}:{listing.hexdigest()[:12]}"
+    return f"{path}:{contents_key(path, image_files(path) if path.is_dir() else [])}"
 
 
 def evaluate_images(

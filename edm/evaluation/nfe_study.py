@@ -37,7 +37,7 @@ import torch
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
 from ..core.schedules import Schedule, get, model_schedule, to_spec
-from ..data import DatasetConfig, dataset_record, to_uint8
+from ..data import DatasetConfig, dataset_record, root_contents_key, to_uint8
 from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
@@ -228,6 +228,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     with FolderLock(out, key="out", owner="NFE study"):
         record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
                   "dataset": dataset_record(dataset),
+                  "dataset_contents": root_contents_key(dataset.root) if dataset.root else None,
                   "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
                   **metric_files(cfg.eval, cfg.eval.metrics),
                   "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
