@@ -104,17 +104,35 @@ def sampled_by(images: str) -> str | None:
         return None
 
 
-def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str]) -> None:
-    """Put `numbers` at "metrics" → `name` of the JSON file at `path` (created if absent), where edm-sample puts a
-    metric's numbers, and the hashes of the files its options name (`files`, option_files) under "metrics" → "files";
-    other metrics there are kept, and the flat keys of these numbers that a report may hold at "metrics" are dropped."""
+def _read_report(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def check_report(path: str | None, images: str | None) -> None:
+    """An edm-sample report (one naming its "output") takes only the scores of its own folder's images: report=
+    with other images is a ValueError naming both, before any work."""
+    if path is None or "output" not in _read_report(path):
+        return
+    folder = Path(path).resolve().parent
+    scored = Path(images).resolve() if images is not None else None
+    if scored is None or not (scored == folder or (scored.parent == folder and scored.suffix == ".npz")):
+        raise ValueError(f"report={path} is edm-sample's report of the images in {folder}, not of "
+                         f"{images if images is not None else 'a model or data set'}: score images={folder} (or the "
+                         ".npz in it), or write another report= file")
+
+
+def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str], images: str | None) -> None:
+    """Put `numbers`, with the scored `images` (resolved) when images were scored, at "metrics" → `name` of the JSON
+    file at `path` (created if absent), where edm-sample puts a metric's numbers, and the hashes of the files its
+    options name (`files`, option_files) under "metrics" → "files"; other metrics there are kept, and the flat keys
+    of these numbers that a report may hold at "metrics" are dropped."""
     if path is None:
         return
-    report: dict[str, Any] = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    report = _read_report(path)
     merged = report.setdefault("metrics", {})
     for key in numbers:
         merged.pop(key, None)
-    merged[name] = numbers
+    merged[name] = numbers | ({"images": str(Path(images).resolve())} if images is not None else {})
     merged["files"] = {k: v for k, v in merged.get("files", {}).items() if not k.startswith(f"{name}.")} | files
     write_json(path, report)
 
@@ -127,8 +145,9 @@ def main(dcfg: DictConfig) -> None:
         if name is None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")
         cfg: EvaluateConfig = typed(dcfg)
+        check_report(cfg.report, cfg.images)
         numbers = run(cfg, name)
-        merge_report(cfg.report, name, numbers, option_files(name, cfg.metric))
+        merge_report(cfg.report, name, numbers, option_files(name, cfg.metric), cfg.images)
     print(json.dumps(numbers, indent=2))
 
 
