@@ -121,6 +121,15 @@ def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated.pt.*corrupt"):
         load_checkpoint(truncated)
+    damaged = tmp_path / "damaged.pt"  # bytes changed inside a tensor: torch.load alone would read other weights
+    name, weight = next((k, v) for k, v in _state()["model"].items() if v.numel() >= 4 and v.abs().min() > 0)
+    data = bytearray(good.read_bytes())
+    offset = data.index(weight.flatten()[:4].numpy().tobytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    damaged.write_bytes(bytes(data))
+    assert torch.load(damaged, weights_only=True)["model"][name].isnan().any()
+    with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check .*delete it"):
+        load_checkpoint(damaged)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor)
     with pytest.raises(CheckpointError, match="expected a dict"):

@@ -90,6 +90,19 @@ def test_same_seed_same_image_whatever_the_batch_size(ideal, settings):
     assert (other[0] - one_by_one[0]).abs().max() > 1e-3
 
 
+def test_samples_with_nan_or_inf_are_refused_naming_their_seeds(ideal):
+    """A damaged model's NaN would become black pixels (uint8 clamps it to 0): the batch is refused, naming its seeds."""
+    def damaged(x, sigma, class_labels=None):
+        out = ideal(x, sigma, class_labels)
+        out[1::2] = float("nan")  # the images of every second seed
+        return out
+
+    plan = plan_images([3, 7, 9, 12], None, 0)
+    with pytest.raises(ValueError, match=r"samples hold NaN or Inf for 2 of 4 seeds \(7, 12\), which would be written "
+                                         r"as black pixels"):
+        generate_batch(damaged, plan, "edm", SamplerConfig(num_steps=3), SHAPE, dtype=F64)
+
+
 def test_stochastic_noise_comes_from_the_image_generator(ideal):
     """The SDE's per-step noise belongs to the image: with a shared generator, batching would change images."""
     settings = SamplerConfig("euler_maruyama", 8)

@@ -185,6 +185,12 @@ def generate_batch(
     one_hot = None if labels is None else torch.nn.functional.one_hot(labels, label_dim).to(dtype)
     images = sample(denoiser, noise, schedule, class_labels=one_hot, generator=generators, progress=progress,
                     **settings.kwargs())
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero().flatten().tolist()  # one host read per batch
+    if bad:
+        seeds = ", ".join(str(specs[i].seed) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise ValueError(f"the model's samples hold NaN or Inf for {len(bad)} of {len(specs)} seeds ({seeds}), which "
+                         "would be written as black pixels: its weights may be damaged (sample an earlier checkpoint, "
+                         "or check this one) or the sampler unstable for it (another solver, more steps)")
     return (images if decode is None else decode(images)), labels
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,21 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
+def _check_crc(path: Path) -> None:
+    """Every member of the checkpoint's zip archive matches the CRC-32 torch.save wrote for it (torch.load does not
+    check them, so damaged bytes would load as other weights); CheckpointError names the member otherwise. An
+    archive too broken to list is left to torch.load, whose error names it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC-32 check (its bytes changed after "
+                              "it was written); if it is a run's latest, delete it to fall back to the run's earlier "
+                              "checkpoint")
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint with torch.load(weights_only=True); CheckpointError names the file and problem."""
     path = Path(path)
@@ -68,6 +84,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
                 and path.suffix == ".safetensors" else "")
         raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; pass an edm checkpoint-*.pt (or its "
                               "run folder)")
+    _check_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
