@@ -314,12 +314,13 @@ def claim_out(out: Path, shared: dict, arms: list[Arm], overwrite: bool = False)
         results = [*(p for p in sorted(out.iterdir()) if p.is_dir() and not p.name.startswith(".")),
                    *(out / name for name in REPORT_FILES)] if out.is_dir() else []
         try:
-            claim(out, shared, results, overwrite=overwrite, overwrite_key="--overwrite", out_key="--out")
+            claim(out, shared, results, command="side_by_side.py", overwrite=overwrite, overwrite_key="--overwrite",
+                  out_key="--out")
         except ProvenanceError as err:
             raise SystemExit(f"side_by_side.py: error: {err}") from None
         for arm in arms:
             try:
-                claim(out / arm.label, dataclasses.asdict(arm), list((out / arm.label).glob("seed-*")))
+                claim(out / arm.label, dataclasses.asdict(arm), list((out / arm.label).glob("seed-*")), command="side_by_side.py")
             except ProvenanceError as err:  # OUT's other arms are kept: a new label, or all of them go
                 raise SystemExit(f"side_by_side.py: error: arm {arm.label}: {err.finding}; give the arm another label, "
                                  "or pass --overwrite to delete OUT's runs and scores") from None

@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
             kept = (lock.path, out / PROVENANCE_NAME)  # OUT's files that are not the VAE
             vae_files = lambda: [path for path in out.iterdir() if path not in kept]  # noqa: E731
             if not args.overwrite:  # refused before training; with --overwrite the old VAE stays until the new is made
-                claim(out, settings, vae_files(), out_key="--out", overwrite_key="--overwrite")
+                claim(out, settings, vae_files(), command="small_vae.py", out_key="--out", overwrite_key="--overwrite")
             vae, result = train_vae(args, images, channels)
             if args.overwrite:
-                claim(out, settings, vae_files(), overwrite=True, out_key="--out", overwrite_key="--overwrite")
+                claim(out, settings, vae_files(), command="small_vae.py", overwrite=True, out_key="--out", overwrite_key="--overwrite")
             save_vae(vae, out)
     except (ProvenanceError, FolderInUseError) as err:
         raise SystemExit(f"small_vae.py: error: {err}") from None

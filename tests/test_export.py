@@ -66,6 +66,24 @@ def test_a_model_folder_says_which_weights_it_holds_and_names_bad_files(trained,
         load_model(out)
 
 
+def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
+    """Records (edm-sample's, edm-study's) name a model by model_sha256: a checkpoint's file hash; a model folder's
+    weights and model.json together, so an edit to the spec there (σ_d, the schedule) is another model."""
+    from edm.files import file_sha256
+    from edm.models.loading import model_sha256
+
+    assert model_sha256(trained) == file_sha256(trained)
+    _, state = read_model_file(trained)
+    out = export_state(state, tmp_path / "model")
+    _, info = load_model(out)
+    before = model_sha256(info.source)
+    assert before != file_sha256(out / "model.safetensors")
+    meta = json.loads((out / "model.json").read_text())
+    meta["denoiser"]["precond"]["sigma_data"] = 0.3
+    (out / "model.json").write_text(json.dumps(meta))
+    assert model_sha256(load_model(out)[1].source) != before
+
+
 def test_the_export_command_and_sampling_from_its_folder(trained, tmp_path):
     out = tmp_path / "exported"
     proc = subprocess.run([command("edm-export"), f"checkpoint={trained.parent}", f"out={out}"],

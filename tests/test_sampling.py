@@ -138,4 +138,27 @@ def test_random_labels_are_drawn_per_image_and_respected(ideal):
 # ----------------------------------------------------------------------------- provenance of an out folder
 
 
+def test_a_results_folder_names_its_command_and_another_command_is_refused_even_with_overwrite(tmp_path):
+    """edm-posthoc's and edm-sample's folders both hold provenance.json: the record names its command, and the other
+    command is refused before anything is deleted; a record that names no command is compared without that key."""
+    import json
+
+    from edm.generation.provenance import ProvenanceError, claim
+
+    out = tmp_path / "out"
+    out.mkdir()
+    claim(out, {"run_dir": "r"}, [out / "ema-0.100"], command="edm-posthoc")
+    (out / "ema-0.100").mkdir()
+    assert json.loads((out / "provenance.json").read_text()) == {"command": "edm-posthoc", "run_dir": "r"}
+    for overwrite in (False, True):
+        with pytest.raises(ProvenanceError, match=rf"out={out} is edm-posthoc's results folder, not edm-sample's; "
+                                                  "give edm-sample another out=DIR"):
+            claim(out, {"seeds": "0-3"}, [out / "ema-0.100"], command="edm-sample", overwrite=overwrite)
+    assert (out / "ema-0.100").is_dir()
+    (out / "provenance.json").write_text(json.dumps({"run_dir": "r"}))  # a record without its command
+    claim(out, {"run_dir": "r"}, [out / "ema-0.100"], command="edm-posthoc")
+    with pytest.raises(ProvenanceError, match="run_dir: folder 'r', now 's'"):
+        claim(out, {"run_dir": "s"}, [out / "ema-0.100"], command="edm-posthoc")
+
+
 # ----------------------------------------------------------------------------- guidance in edm-sample

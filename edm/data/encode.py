@@ -123,7 +123,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
         lock = FolderLock(work, key="out", owner="encoder").acquire()
         try:
             earlier = [work / LABELS_NAME, work / LATENTS_NAME, *work.glob("[0-9]" * 5)]
-            claim(work, record, earlier, overwrite=cfg.overwrite)
+            claim(work, record, earlier, command="edm-encode", overwrite=cfg.overwrite)
         except BaseException:
             lock.release()
             raise

@@ -38,11 +38,11 @@ from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
 from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, dataset_record, root_contents_key, to_uint8
-from ..files import FolderLock, atomic_write, file_sha256, to_container, write_json
+from ..files import FolderLock, atomic_write, to_container, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
 from ..latent import VAE, model_vae, same_latent_space
-from ..models.loading import ModelInfo, guided, load_model
+from ..models.loading import ModelInfo, guided, load_model, model_sha256
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
 from .scorers import EvalConfig, Scorer, ScoringContext, build_scorers, metric_files
@@ -226,19 +226,19 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     if dataset is None:
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
     with FolderLock(out, key="out", owner="NFE study"):
-        record = {"checkpoint_sha256": file_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
+        record = {"checkpoint_sha256": model_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
                   "dataset": dataset_record(dataset),
                   "dataset_contents": root_contents_key(dataset.root) if dataset.root else None,
                   "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
                   **metric_files(cfg.eval, cfg.eval.metrics),
-                  "guidance": cfg.guidance, "guide_sha256": file_sha256(guide_info.source) if guide_info else None,
+                  "guidance": cfg.guidance, "guide_sha256": model_sha256(guide_info.source) if guide_info else None,
                   "guidance_interval": cfg.guidance_interval,
-                  "teacher_sha256": file_sha256(models[1].info.source) if cfg.teacher else None,
+                  "teacher_sha256": model_sha256(models[1].info.source) if cfg.teacher else None,
                   "vae_fingerprint": main.vae.fingerprint if main.vae is not None else None,
                   "vae_dtype": cfg.vae_dtype if main.vae is not None else None,
                   "options": to_container(cfg.options), "discretization": cfg.discretization}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
-        claim(out, record, results, overwrite=cfg.overwrite)
+        claim(out, record, results, command="edm-study", overwrite=cfg.overwrite)
         ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
                              image_shape=main.vae.pixel_shape(info.img_shape) if main.vae else info.img_shape, progress=cfg.progress)
         scorers = build_scorers(cfg.eval, ctx)

@@ -24,10 +24,10 @@ from ..choices import choose
 from ..core.denoisers import fast_denoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
-from ..files import FolderLock, file_sha256, package_version, to_container, write_json
+from ..files import FolderLock, package_version, to_container, write_json
 from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
 from ..latent import VAE, model_vae
-from ..models.loading import ModelInfo, guided, load_model
+from ..models.loading import ModelInfo, guided, load_model, model_sha256
 from . import outputs, sampling
 from .provenance import claim, refuse_foreign_folder
 
@@ -101,7 +101,7 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
     """Every setting that changes the images: a folder only ever holds images of one such record."""
     settings = cfg.sampler
     return {
-        "checkpoint_sha256": file_sha256(info.source),
+        "checkpoint_sha256": model_sha256(info.source),
         "ema": cfg.ema,
         "solver": settings.solver,
         "num_steps": settings.num_steps,
@@ -179,12 +179,12 @@ def generate_folder(
     out = Path(cfg.out)
     refuse_foreign_folder(out)
     record = provenance(cfg, schedule, info, launch, vae) | {
-        "guide_sha256": file_sha256(guide_info.source) if guide_info is not None else None}
+        "guide_sha256": model_sha256(guide_info.source) if guide_info is not None else None}
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = FolderLock(out, key="out", owner="sampler").acquire()
         try:
-            claim(out, record, earlier_results(out), overwrite=cfg.overwrite)
+            claim(out, record, earlier_results(out), command="edm-sample", overwrite=cfg.overwrite)
             if on_own_folder is not None:
                 on_own_folder(out)
         except BaseException:

@@ -81,20 +81,35 @@ def _canonical(record: dict) -> dict:
     return json.loads(json.dumps(to_container(record)))
 
 
-def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwrite: bool = False,
+def _saved_command(path: Path) -> str | None:
+    """The command a provenance.json names (None: no readable record, or one that names none)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("command") if isinstance(saved, dict) else None
+
+
+def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command: str, overwrite: bool = False,
           overwrite_key: str = "overwrite=true", out_key: str = "out") -> None:
-    """Make `out_dir` hold results of `record` only: with overwrite, delete `results` (the folder's
-    earlier outputs) first; else refuse a folder whose provenance.json differs from `record`
-    (naming each differing key) or that holds results without one; then write the record."""
+    """Make `out_dir` hold results of `record`, made by `command`, only: a folder whose record names another
+    command is refused whatever `overwrite` says (its results are not this command's to delete); with overwrite,
+    delete `results` (the folder's earlier outputs) first; else refuse a folder whose provenance.json differs from
+    `record` (naming each differing key) or that holds results without one; then write the record with its command.
+    A record that names no command is compared without that key."""
     out_dir = Path(out_dir)
     path = out_dir / PROVENANCE_NAME
+    other = _saved_command(path)
+    if other not in (None, command):
+        raise ProvenanceError(f"{out_key}={out_dir} is {other}'s results folder, not {command}'s",
+                              f"give {command} another {out_key}=DIR")
     results = [p for p in results if p.exists()]
     if overwrite:
         for p in results:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         path.unlink(missing_ok=True)
         results = []
-    record = _canonical(record)
+    record = _canonical({"command": command, **record})
 
     def ways_out(what: str = "the old results") -> str:
         return f"write to another {out_key}=DIR, or pass {overwrite_key} to delete {what} first"
@@ -104,7 +119,7 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, overwri
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ProvenanceError(f"{path} is unreadable ({err})", ways_out()) from None
-        diffs = differences(saved, record)
+        diffs = [d for d in differences(saved, record) if d != ("command", None, command)]
         if diffs:
             listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
             raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out())

@@ -11,6 +11,7 @@ The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +25,12 @@ from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
 from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
 from ..files import FolderLock, file_sha256
-from .export import CARRIED, export_state, is_export, read_export
+from .export import CARRIED, META_NAME, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
 
-__all__ = ["ModelInfo", "read_model_file", "load_model", "guided", "export_model"]
+__all__ = ["ModelInfo", "read_model_file", "load_model", "model_sha256", "guided", "export_model"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ def read_model_file(path: str | Path, ema: bool = True, key: str = "checkpoint")
     if path.suffix == ".pkl":
         return path, to_checkpoint(read_nvlabs(path), str(path))
     return path, load_checkpoint(path)
+
+
+def model_sha256(source: str | Path) -> str:
+    """The identity of the model read from `source` (ModelInfo.source) for a record: the SHA-256 of that file; for a
+    model folder's weights, of the weights' and its model.json's hashes together (model.json holds the spec and
+    schedule the weights are read with, so an edit to it is another model)."""
+    source = Path(source)
+    meta = source.parent / META_NAME
+    if not (is_export(source) and source.is_file() and meta.is_file()):
+        return file_sha256(source)
+    return hashlib.sha256(f"{file_sha256(source)}\0{file_sha256(meta)}".encode()).hexdigest()
 
 
 def load_model(

@@ -100,7 +100,7 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
         record = {"run_dir": str(Path(cfg.run_dir).resolve()), "at_nimg": at,
                   "snapshots": {s.path.name: {"bytes": s.path.stat().st_size, "stds": list(s.stds),
                                               "meta_sha256": _snapshot_digest(s)} for s in snaps}}
-        claim(out, record, [*out.glob("ema-*"), out / "posthoc.json"], overwrite=cfg.overwrite)
+        claim(out, record, [*out.glob("ema-*"), out / "posthoc.json"], command="edm-posthoc", overwrite=cfg.overwrite)
         _refuse_renamed(out / "posthoc.json", stds)
         X = posthoc_coefficients(in_t, in_std, at, stds)
         residual = profile_residual(in_t, in_std, at, stds, X)
