@@ -109,6 +109,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose_train, tmp_pa
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
     state = load_checkpoint(find_latest(tmp_path / "run"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    with pytest.raises(TrainingDivergedError, match=r"No checkpoint was saved yet\. .*then resume=true \(which starts "
+                                                    r"the run over\)$"):
+        train(compose_train("total_kimg=0.048", "checkpoint_every=8", "log_every=2", run_dir=tmp_path / "early"),
+              callback=poison)
 
 
 def test_weights_broken_by_an_update_after_a_finite_loss_are_not_saved(compose_train, tmp_path):

@@ -60,6 +60,14 @@ class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or Inf; nothing was saved after the last finite check."""
 
 
+def _restart(run_dir: Path) -> str:
+    """How to go on after a divergence: from the run's last checkpoint, or over from the start when it has none."""
+    last = ckpt.find_latest(run_dir)
+    where = f"The last good checkpoint is {last}" if last is not None else "No checkpoint was saved yet"
+    then = "resume=true" if last is not None else "resume=true (which starts the run over)"
+    return f"{where}. Lower lr, set grad_clip or use mixed_precision=no, then {then}"
+
+
 @dataclass
 class TrainResult:
     """What a finished (or interrupted) run left behind."""
@@ -357,11 +365,8 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 # Sync point: the only host syncs of the loop.
                 mean_loss = float(acc.reduce(loss_sum, "sum")) / (loss_count * world)
                 if not math.isfinite(mean_loss):
-                    raise TrainingDivergedError(
-                        f"loss became {mean_loss} in steps {state.step - loss_count + 1} to {state.step}; stopped "
-                        f"without saving. The last good checkpoint is {ckpt.find_latest(run.run_dir)}. Lower lr, set "
-                        "grad_clip or use mixed_precision=no, then resume=true"
-                    )
+                    raise TrainingDivergedError(f"loss became {mean_loss} in steps {state.step - loss_count + 1} to "
+                                                f"{state.step}; stopped without saving. {_restart(run.run_dir)}")
                 now = time.perf_counter()
                 log(run_log, {
                     "step": state.step, "kimg": state.cur_nimg / 1000, "loss": mean_loss, "lr": lr, "ema_beta": beta,
@@ -375,8 +380,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                     if not weights_finite(run.net):  # an update after a finite loss (an infinite gradient) broke them
                         raise TrainingDivergedError(
                             f"the weights became non-finite by step {state.step} (the losses before were finite); "
-                            f"stopped without saving. The last good checkpoint is {ckpt.find_latest(run.run_dir)}. "
-                            "Lower lr, set grad_clip or use mixed_precision=no, then resume=true"
+                            f"stopped without saving. {_restart(run.run_dir)}"
                         )
                     checkpoint = save_checkpoint(run)
                 if stopping:
