@@ -59,8 +59,8 @@ class LatentConfig:
 # ----------------------------------------------------------------------------- the maps
 
 
-def latent_affine(raw_mean: Sequence[float], raw_std: Sequence[float], final_mean: float = 0.0,
-                  final_std: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def latent_affine(raw_mean: Sequence[float], raw_std: Sequence[float], final_mean: float = LatentConfig.final_mean,
+                  final_std: float = LatentConfig.final_std) -> tuple[np.ndarray, np.ndarray]:
     """(scale, bias) per channel, in float32 as EDM2: scale = final_std / raw_std, bias = final_mean − raw_mean·scale."""
     if len(raw_mean) != len(raw_std):
         raise ValueError(f"latent.raw_mean has {len(raw_mean)} channels, latent.raw_std {len(raw_std)}: give one value "
@@ -161,8 +161,8 @@ class VAE:
     """One VAE between uint8 pixels and final latents (see the module's maps), run in batches of `batch` in `dtype`.
     Its fingerprint is of the float32 weights it is given, so a VAE run in bfloat16 is still the same VAE."""
 
-    def __init__(self, autoencoder: Any, name: str, scale: np.ndarray | None, bias: np.ndarray | None, batch: int = 8,
-                 dtype: str = "float32", pixel_channels: int = 3) -> None:
+    def __init__(self, autoencoder: Any, name: str, scale: np.ndarray | None, bias: np.ndarray | None,
+                 batch: int = LatentConfig.batch, dtype: str = LatentConfig.dtype, pixel_channels: int = 3) -> None:
         if batch < 1:
             raise ValueError(f"latent.batch={batch} must be at least 1")
         if dtype not in VAE_DTYPES:
@@ -270,8 +270,9 @@ def same_latent_space(a: dict | None, b: dict | None, what: str) -> None:
                        f"model ({a['vae']}, scale {a['scale']}, bias {a['bias']}): give one trained on the same latents")
 
 
-def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: str | None, batch: int = 8,
-              dtype: str = "float32", device: torch.device | str = "cpu") -> VAE | None:
+def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: str | None,
+              batch: int = LatentConfig.batch, dtype: str = LatentConfig.dtype,
+              device: torch.device | str = "cpu") -> VAE | None:
     """The VAE that decodes a model's samples: None for a pixel model (where naming a VAE is refused). `latent`
     is what the model records (edm.models.loading.ModelInfo.latent): its VAE, unless `vae` names another folder
     of the same weights, and its scale and bias; a VAE of other weights than the recorded fingerprint is refused."""

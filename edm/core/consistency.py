@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..choices import check_choice
-from .losses import loss_weight
+from .losses import LOGNORMAL, loss_weight
 from .schedules import SIGMA_DATA
 
 __all__ = [
@@ -243,11 +243,12 @@ def trigflow_tangent(
 class SCMLoss:
     """sCM's continuous-time consistency loss on TrigFlow (module docstring): sCT, or sCD when `teacher` (a
     denoiser, frozen) gives dx_t/dt. `at(cur_nimg)` sets the tangent warm-up ρ. The defaults are sCM's CIFAR-10
-    settings (FastGen's config_scm: P_mean −1.0, P_std 1.4, c = 0.1, warm-up 10,000 iterations of 512)."""
+    settings (FastGen's config_scm: P_mean −1.0, P_std 1.4, TrigFlow's LOGNORMAL; c = 0.1, warm-up 10,000
+    iterations of 512)."""
 
     sigma_data: float = SIGMA_DATA
-    P_mean: float = -1.0
-    P_std: float = 1.4
+    P_mean: float = LOGNORMAL["trigflow"][0]
+    P_std: float = LOGNORMAL["trigflow"][1]
     tangent_c: float = 0.1
     warmup_kimg: float = 5120.0
     warmup: float = 0.0  # ρ of this step (set by `at`)

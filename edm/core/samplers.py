@@ -217,28 +217,11 @@ def dpmpp_2m(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in x̂ = x/s with λ = −ln σ:
-    x̂_{i+1} = (σ_{i+1}/σ_i) x̂_i − expm1(−h_i) D̃_i,  D̃_i = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1},  r = h_{i−1}/h_i."""
-    D_prev, h_prev = None, None
-    for i, t_cur, t_next, last in _steps(t_steps):
-        sigma, sigma_next = schedule.sigma(t_cur), schedule.sigma(t_next)
-        x_hat = x / schedule.scale(t_cur)
-        D = denoise(denoiser, x, t_cur, schedule, class_labels)
-        if last:  # σ(0) = 0 for every schedule: x̂ = D
-            x_hat = D
-        else:
-            h = torch.log(sigma) - torch.log(sigma_next)
-            if D_prev is None:
-                D_mix = D
-            else:
-                r = h_prev / h
-                D_mix = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * D_prev
-            x_hat = sigma_next / sigma * x_hat - torch.expm1(-h) * D_mix
-            h_prev = h
-        D_prev = D
-        x = schedule.scale(t_next) * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+    x̂_{i+1} = (σ_{i+1}/σ_i) x̂_i − expm1(−h_i) D̃_i,  D̃_i = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1},  r = h_{i−1}/h_i;
+    the last step is x̂ = D. It is dpmpp_2m_sde with η = 0 (its midpoint correction ½φ·(h/h_{i−1})(D_i − D_{i−1}) is
+    the D_{i−1} term of D̃ above)."""
+    return dpmpp_2m_sde(denoiser, x, t_steps, schedule, class_labels=class_labels, generator=generator,
+                        callback=callback, eta=0.0)
 
 
 # ----------------------------------------------------------------------------- k-diffusion's solver set

@@ -41,7 +41,7 @@ from ..data import DatasetConfig, dataset_record, root_contents_key, to_uint8
 from ..files import FolderLock, atomic_write, to_container, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
-from ..latent import VAE, model_vae, same_latent_space
+from ..latent import VAE, LatentConfig, model_vae, same_latent_space
 from ..models.loading import ModelInfo, guided, load_model, model_sha256
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
@@ -84,8 +84,8 @@ class StudyConfig:
     teacher_solvers: List[str] = field(default_factory=lambda: ["heun"])
     teacher_steps: List[int] = field(default_factory=lambda: [2, 18])
     vae: Optional[str] = None  # latent models: the VAE folder that decodes them (null: the one the model records)
-    vae_batch: int = 8  # latent models: images per VAE decoder call
-    vae_dtype: str = "float32"  # latent models: the VAE's precision, float32 | bfloat16
+    vae_batch: int = LatentConfig.batch  # latent models: images per VAE decoder call
+    vae_dtype: str = LatentConfig.dtype  # latent models: the VAE's precision, float32 | bfloat16
     cpu: bool = False
     progress: bool = True
 

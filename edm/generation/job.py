@@ -26,7 +26,7 @@ from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, package_version, to_container, write_json
 from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
-from ..latent import VAE, model_vae
+from ..latent import VAE, LatentConfig, model_vae
 from ..models.loading import ModelInfo, guided, load_model, model_sha256
 from . import outputs, sampling
 from .provenance import claim, refuse_foreign_folder
@@ -60,7 +60,7 @@ class SampleConfig:
     guidance_interval: Optional[List[float]] = None  # [sigma_lo, sigma_hi]: guide only where sigma_lo < sigma <= sigma_hi
     dtype: str = "float32"  # float32 | float64 (sampler state and network input)
     cpu: bool = False  # force the CPU even when a GPU is present
-    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs
+    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs (off: samples in true fp32; training's is on, for speed)
     mixed_precision: Optional[str] = None  # no | bf16 | fp16: the network under autocast; null = the launcher's, else no
     compile: Optional[bool] = None  # torch.compile the denoiser (once per batch size); null = the launcher's, else off
     channels_last: bool = False  # NHWC weights (keep only where bench.py --channels-last measures faster)
@@ -70,8 +70,8 @@ class SampleConfig:
     overwrite: bool = False  # delete out's earlier images first (else a run with other settings is refused)
     image_shape: Optional[List[int]] = None  # [C, H, W] when the model does not say
     vae: Optional[str] = None  # latent models: the VAE folder that decodes them (null: the one the model records)
-    vae_batch: int = 8  # latent models: images per VAE decoder call
-    vae_dtype: str = "float32"  # latent models: the VAE's precision, float32 | bfloat16
+    vae_batch: int = LatentConfig.batch  # latent models: images per VAE decoder call
+    vae_dtype: str = LatentConfig.dtype  # latent models: the VAE's precision, float32 | bfloat16
     progress: bool = True
 
 
