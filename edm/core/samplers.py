@@ -141,28 +141,37 @@ def _steps(t_steps: Tensor):
 # ----------------------------------------------------------------------------- solvers
 
 
+def _in_t(x: Tensor, t_steps: Tensor, callback: Callback, step: Callable[..., Tensor]) -> Tensor:
+    """The loop of the solvers that work in x and t: x ← step(i, x, t_i, t_{i+1}, last) along the grid (last:
+    t_{i+1} = 0), passed to the callback after each step."""
+    for i, t_cur, t_next, last in _steps(t_steps):
+        x = step(i, x, t_cur, t_next, last)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
 def euler(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
-    """Explicit Euler on the probability-flow ODE (first order)."""
-    for i, t_cur, t_next, _ in _steps(t_steps):
-        x = x + (t_next - t_cur) * ode_derivative(denoiser, x, t_cur, schedule, class_labels)
-        if callback is not None:
-            callback(i, x)
-    return x
+    """Explicit Euler on the probability-flow ODE (first order): x_{i+1} = x_i + (t_{i+1} − t_i)·dx/dt(x_i, t_i)."""
+    def step(i, x, t_cur, t_next, last):
+        return x + (t_next - t_cur) * ode_derivative(denoiser, x, t_cur, schedule, class_labels)
+
+    return _in_t(x, t_steps, callback, step)
 
 
 def heun(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
-    """Heun's second-order method (EDM Algorithm 1); the last step to t = 0 is an Euler step."""
-    for i, t_cur, t_next, last in _steps(t_steps):
-        x = heun_step(denoiser, x, t_cur, t_next, schedule, class_labels, last=last)
-        if callback is not None:
-            callback(i, x)
-    return x
+    """Heun's second-order method (EDM Algorithm 1): x_{i+1} = x_i + h(d_i + d'_{i+1})/2 with d'_{i+1} at the Euler
+    point; the last step to t = 0 is an Euler step."""
+    def step(i, x, t_cur, t_next, last):
+        return heun_step(denoiser, x, t_cur, t_next, schedule, class_labels, last=last)
+
+    return _in_t(x, t_steps, callback, step)
 
 
 def stochastic(
@@ -175,13 +184,13 @@ def stochastic(
     sigmas = schedule.sigma(t_steps.cpu()).tolist()  # σ(t_i) on the host, read once
     num_steps = len(t_steps) - 1 + (sigmas[-1] > 0)
     gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
-    for i, t_cur, t_next, last in _steps(t_steps):
+
+    def step(i, x, t_cur, t_next, last):
         gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
         x_hat, t_hat = churn_noise(x, t_cur, schedule, gamma, s_noise, generator) if gamma > 0 else (x, t_cur)
-        x = heun_step(denoiser, x_hat, t_hat, t_next, schedule, class_labels, last=last)
-        if callback is not None:
-            callback(i, x)
-    return x
+        return heun_step(denoiser, x_hat, t_hat, t_next, schedule, class_labels, last=last)
+
+    return _in_t(x, t_steps, callback, step)
 
 
 def euler_maruyama(
@@ -194,22 +203,21 @@ def euler_maruyama(
     The step to t = 0 is x̂ = D(x̂; σ_{N−1}) (Song et al.'s noise removal): an Euler–Maruyama step there would
     leave noise of about √3·σ_{N−1} in the image."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
-    for i, t_cur, t_next, last in _steps(t_steps):
+
+    def step(i, x, t_cur, t_next, last):
         sigma, dsigma = schedule.sigma(t_cur), schedule.sigma_deriv(t_cur)
         beta = dsigma / sigma
         x_hat = x / schedule.scale(t_cur)
         D = denoise(denoiser, x, t_cur, schedule, class_labels)
         if last:
-            x_hat = D
-        else:
-            score = (D - x_hat) / sigma**2
-            dt = t_next - t_cur
-            x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
-            x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * noise(sigma, schedule.sigma(t_next))
-        x = schedule.scale(t_next) * x_hat
-        if callback is not None:
-            callback(i, x)
-    return x
+            return schedule.scale(t_next) * D
+        score = (D - x_hat) / sigma**2
+        dt = t_next - t_cur
+        x_hat = x_hat - (dsigma * sigma + beta * sigma**2) * score * dt
+        x_hat = x_hat + (2 * beta * dt.abs()).sqrt() * sigma * noise(sigma, schedule.sigma(t_next))
+        return schedule.scale(t_next) * x_hat
+
+    return _in_t(x, t_steps, callback, step)
 
 
 def dpmpp_2m(
@@ -276,7 +284,8 @@ def euler_ancestral(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
-    """Ancestral Euler (k-diffusion's euler_ancestral): an Euler step to σ_down, then noise of σ_up."""
+    """Ancestral Euler (k-diffusion's euler_ancestral): x̂ ← x̂ + (σ_down − σ_i)(x̂ − D(x̂; σ_i))/σ_i, then
+    x̂ ← x̂ + s_noise·σ_up·n (ancestral_step's σ_down, σ_up)."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
 
     def step(i, x_hat, sigma, sigma_next, last):
@@ -289,7 +298,8 @@ def euler_ancestral(
 
 def _dpm2_step(denoiser: Denoiser, x_hat: Tensor, D: Tensor, sigma: Tensor, sigma_to: Tensor,
                class_labels: Tensor | None) -> Tensor:
-    """DPM-Solver-2's step from σ to σ_to: Euler to σ_mid = sqrt(σ·σ_to), then the whole step with the slope there."""
+    """DPM-Solver-2's step from σ to σ_to: x̂_mid = x̂ + (σ_mid − σ)(x̂ − D)/σ with σ_mid = sqrt(σ·σ_to), then
+    x̂ + (σ_to − σ)(x̂_mid − D(x̂_mid; σ_mid))/σ_mid."""
     sigma_mid = (sigma.log() + 0.5 * (sigma_to.log() - sigma.log())).exp()
     x_mid = x_hat + (sigma_mid - sigma) * (x_hat - D) / sigma
     return x_hat + (sigma_to - sigma) * (x_mid - _at(denoiser, x_mid, sigma_mid, class_labels)) / sigma_mid
@@ -752,12 +762,11 @@ def consistency(
     ŷ = f(x/s(t_i); σ(t_i)), then x = s(t_{i+1})·(ŷ + σ(t_{i+1})·n_i) with fresh noise n_i (x = ŷ at t_{i+1} = 0),
     one evaluation a step, on the grid t_steps, or with its N − 1 intermediate times at the noise levels `sigmas`
     (consistency_grid; ECT and sCM use [0.821] for 2 steps)."""
-    for i, t_cur, t_next, last in _steps(consistency_grid(t_steps, schedule, sigmas)):
+    def step(i, x, t_cur, t_next, last):
         y = denoise(denoiser, x, t_cur, schedule, class_labels)
-        x = y if last else schedule.scale(t_next) * (y + schedule.sigma(t_next) * randn_like(x, generator))
-        if callback is not None:
-            callback(i, x)
-    return x
+        return y if last else schedule.scale(t_next) * (y + schedule.sigma(t_next) * randn_like(x, generator))
+
+    return _in_t(x, consistency_grid(t_steps, schedule, sigmas), callback, step)
 
 
 def meanflow(
@@ -767,13 +776,12 @@ def meanflow(
     """MeanFlow's sampler (Geng et al. 2025) z_{t_{i+1}} = z_{t_i} − (t_i − t_{i+1})·u(z_{t_i}, t_{i+1}, t_i): an Euler
     step of the ODE whose denoiser also gets the step's end, D(x̂; σ(t_i), σ_r = σ(t_{i+1})) (edm.core.meanflow:
     for flow matching exactly the average-velocity step); one evaluation a step."""
-    for i, t_cur, t_next, _ in _steps(t_steps):
+    def step(i, x, t_cur, t_next, last):
         sigma_r = schedule.sigma(t_next).to(x.dtype).expand(x.shape[0])
         averaged = lambda x_hat, sigma, labels: denoiser(x_hat, sigma, labels, sigma_r=sigma_r)  # noqa: E731
-        x = x + (t_next - t_cur) * ode_derivative(averaged, x, t_cur, schedule, class_labels)
-        if callback is not None:
-            callback(i, x)
-    return x
+        return x + (t_next - t_cur) * ode_derivative(averaged, x, t_cur, schedule, class_labels)
+
+    return _in_t(x, t_steps, callback, step)
 
 
 SOLVERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType(
