@@ -115,8 +115,8 @@ def test_iddpm_sigma_is_a_level_of_uniform_index_below_M():
     mean, var = (M - 1) / 2, (M**2 - 1) / 12
     assert abs(j.mean().item() - mean) < 5 * math.sqrt(var / count)
     assert abs(j.var().item() - var) < 5 * var * math.sqrt(0.8 / count)
-    small = edm.Loss(edm.schedules.IDDPM(M=20, j0=2)).sample_sigma(400, generator=torch.Generator().manual_seed(0), dtype=F64)
-    assert set(small.tolist()) == set(edm.schedules.IDDPM(M=20, j0=2).levels()[:20].tolist())
+    small = edm.Loss(edm.schedules.IDDPM(M=20)).sample_sigma(400, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert set(small.tolist()) == set(edm.schedules.IDDPM(M=20).levels()[:20].tolist())
 
 
 def test_loss_kind_can_differ_from_schedule_and_bad_kind_fails():

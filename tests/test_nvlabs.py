@@ -710,9 +710,10 @@ def test_matches_real_reference(nvlabs_reference, tmp_path, arch, label_dim, kin
 
 @pytest.mark.parametrize("num_steps", [6, 18])
 def test_iddpm_snapshot_samples_as_the_reference_edm_sampler(nvlabs_reference, tmp_path, num_steps):
-    """NVlabs' generate.edm_sampler on its iDDPMPrecond (karras grid over [u_{M−1}, u_8], rounded to the levels)
-    and our heun on the loaded model with schedule iddpm, discretization karras: the same images (measured 1.0e-6 and
-    1.2e-6 relative, the reference's float32 level table against our float64 one)."""
+    """NVlabs' generate.edm_sampler at its defaults (σ_max 80, σ_min 0.002 clamped to u_{M−1}, karras ρ = 7, rounded
+    to the levels) on its iDDPMPrecond, and our heun on the loaded model with its iddpm schedule (the same defaults),
+    discretization karras: the same images (measured 1.0e-6 and 1.2e-6 relative, the reference's float32 level table
+    against our float64 one)."""
     generate = pytest.importorskip("generate")
     ref, path = reference_snapshot(nvlabs_reference, "adm_iddpm", 10, "iddpm", tmp_path)
     ours, info = load_model(path)
@@ -721,8 +722,7 @@ def test_iddpm_snapshot_samples_as_the_reference_edm_sampler(nvlabs_reference, t
     labels = torch.eye(10)[torch.randint(10, (4,), generator=gen)]
     sched = info.schedule
     with torch.no_grad():
-        expected = generate.edm_sampler(ref, latents.double(), labels, num_steps=num_steps, sigma_min=0.002,
-                                        sigma_max=sched.sigma_max, rho=7)
+        expected = generate.edm_sampler(ref, latents.double(), labels, num_steps=num_steps)
         got = edm.sample(ours, latents.double(), sched, num_steps=num_steps, solver="heun", class_labels=labels,
                          discretization="karras")
     assert rel_err(got.float(), expected.float()) < 1e-5

@@ -124,14 +124,18 @@ def test_default_time_steps_follow_edm_table_1():
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("disc", sorted(DISCRETIZATIONS))
 def test_every_discretization_with_every_schedule(name, disc):
-    """Each grid runs from σ_max to σ_min; iddpm's from the largest to the smallest iDDPM level in [σ_min, σ_max]."""
+    """Each grid runs from σ_max to σ_min; iddpm's from the largest to the smallest iDDPM level in [σ_min, σ_max]; on
+    the iddpm schedule, from the level nearest σ_max to the one nearest σ_min."""
     sched = edm.schedules.get(name)
     t = sched.time_steps(10, disc)
     assert t.shape == (11,) and t[-1] == 0 and (t[1:] < t[:-1]).all()
     sigma = sched.sigma(t[:-1])
     lo, hi = sched.sigma_min, sched.sigma_max
-    if disc == "iddpm":
-        inside = [u for u in _iddpm_levels() if lo * (1 - 1e-9) <= u <= hi * (1 + 1e-9)]
+    levels = _iddpm_levels()
+    if name == "iddpm":
+        lo, hi = (min(levels, key=lambda u: abs(u - v)) for v in (lo, hi))
+    elif disc == "iddpm":
+        inside = [u for u in levels if lo <= u <= hi]
         lo, hi = min(inside), max(inside)
     torch.testing.assert_close(sigma[0], torch.tensor(hi, dtype=F64), rtol=1e-9, atol=0)
     torch.testing.assert_close(sigma[-1], torch.tensor(lo, dtype=F64), rtol=1e-9, atol=0)
@@ -221,17 +225,21 @@ def test_iddpm_levels_follow_edm_table_1s_recurrence():
 
 
 def test_iddpm_range_and_default_grid_are_edm_table_1s():
-    """σ_max = u_{j0}, σ_min = u_{M−1}; the default grid is t_i = u_⌊j0 + (M − 1 − j0) i/(N − 1) + ½⌋."""
+    """σ_max 80 rounds to u_8 (j0 = 8) and σ_min is clamped to u_{M−1}; the default grid is
+    t_i = u_⌊j0 + (M − 1 − j0) i/(N − 1) + ½⌋, ties included (exact integers)."""
     u = _iddpm_levels()
     sched = IDDPM()
-    assert sched.sigma_max == pytest.approx(u[8], rel=1e-12) and sched.sigma_min == pytest.approx(u[999], rel=1e-12)
-    assert sched.sigma_max == pytest.approx(80.2037, rel=1e-5) and sched.sigma_min == pytest.approx(0.0064254, rel=1e-4)
-    for N in (1, 2, 18, 256):
-        j = [math.floor(8 + (999 - 8) * i / max(N - 1, 1) + 0.5) for i in range(N)]
+    assert sched.sigma_max == 80.0 and sched.sigma_min == pytest.approx(u[999], rel=1e-12)
+    assert u[8] == pytest.approx(80.2037, rel=1e-5) and u[999] == pytest.approx(0.0064254, rel=1e-4)
+    for N in (1, 2, 18, 59, 256, 992):  # N = 59: i = 29 lands exactly on j = 8 + 495.5
+        j = [8 + (2 * 991 * i + (N - 1)) // (2 * (N - 1)) if N > 1 else 8 for i in range(N)]
+        assert j == [math.floor(8 + 991 * i / max(N - 1, 1) + 0.5) for i in range(N)] or N == 59
         torch.testing.assert_close(sched.time_steps(N), torch.tensor([u[k] for k in j] + [0.0], dtype=F64), rtol=1e-10, atol=0)
-    narrow = IDDPM(M=40, j0=3, C_2=0.1)
+    assert int(IDDPM().index(IDDPM().time_steps(59)[29:30])) == 504  # 8 + 496: the tie ½ rounds up
     levels = _iddpm_levels(40, 0.001, 0.1)
+    narrow = IDDPM(M=40, C_2=0.1, sigma_max=levels[3] * 1.01)
     torch.testing.assert_close(narrow.time_steps(3), torch.tensor([levels[3], levels[21], levels[39], 0.0], dtype=F64))
+    assert IDDPM(M=4000).time_steps(1)[0] == pytest.approx(min(_iddpm_levels(4000), key=lambda v: abs(v - 80)))
 
 
 def test_iddpm_rounds_a_samplers_times_to_its_nearest_noise_level():
@@ -259,15 +267,24 @@ def test_iddpm_refuses_a_grid_that_puts_two_steps_on_one_level():
         VP().time_steps(995, "iddpm")
 
 
-def test_iddpm_options_are_checked():
-    """M and j0 are integers (Hydra's 1000.0 is 1000); M ≥ 2, 0 ≤ j0 < M − 1."""
-    assert IDDPM(M=500.0, j0=4.0) == IDDPM(M=500, j0=4) and isinstance(IDDPM(M=500.0).M, int)
-    with pytest.raises(ValueError, match="M=2.5 must be an integer"):
+def test_iddpm_options_are_checked_and_its_range_clamped_to_its_levels():
+    """M is an integer ≥ 2 (Hydra's 1000.0 is 1000), 0 < C_1 < 1 (C_1 = 1 makes every level 0); σ_min and σ_max are
+    clamped to [u_{M−1}, u_0], where the network was trained."""
+    assert IDDPM(M=500.0) == IDDPM(M=500) and isinstance(IDDPM(M=500.0).M, int)
+    with pytest.raises(ValueError, match="M=2.5 must be an integer ≥ 2"):
         IDDPM(M=2.5)
-    with pytest.raises(ValueError, match="0 ≤ j0 < M − 1"):
-        IDDPM(M=10, j0=9)
+    with pytest.raises(ValueError, match="needs 0 < C_1 < 1"):
+        IDDPM(C_1=1.0)
+    u = _iddpm_levels()
+    assert IDDPM(sigma_min=0.0).sigma_min == pytest.approx(u[999]) and IDDPM(sigma_max=1e9).sigma_max == pytest.approx(u[0])
+    assert IDDPM(sigma_max=40.0).time_steps(1)[0] == pytest.approx(min(u, key=lambda v: abs(v - 40)))
     with pytest.raises(ValueError, match="bad option for schedule 'iddpm'"):
-        edm.schedules.get("iddpm", sigma_max=40.0)
+        edm.schedules.get("iddpm", rho=5.0)
+
+
+def test_a_grid_with_two_equal_times_on_a_continuous_schedule_is_left_to_the_samplers_check():
+    """Only iDDPM's levels make time_steps refuse repeats; a degenerate continuous range is the sampler's to refuse."""
+    assert EDM(sigma_min=1.0, sigma_max=1.0).time_steps(3).tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_time_steps_default_to_the_schedules_own_grid_and_rho():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..choices import choose
-from .schedules import IDDPM, SIGMA_DATA, VP
+from .schedules import IDDPM, SIGMA_DATA, VP, iddpm_index
 
 __all__ = ["Precond", "Coefficients", "PRECOND_KINDS", "coefficients", "SIGMA_DATA"]
 
@@ -27,38 +27,45 @@ class Coefficients(NamedTuple):
     c_noise: Tensor
 
 
-# Each row is a function of (σ, σ_d, vp, ddpm): vp holds the VP row's β_d, β_min; ddpm the number M of DDPM time
-# steps (VP and iDDPM) and iDDPM's C_1, C_2.
-def _vp(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+class DDPMSteps(NamedTuple):
+    """The number M of DDPM time steps the network's time input spans (VP and iDDPM), and iDDPM's C_1, C_2."""
+
+    M: int = IDDPM.M
+    C_1: float = IDDPM.C_1
+    C_2: float = IDDPM.C_2
+
+
+# Each row is a function of (σ, σ_d, vp, ddpm): vp holds the VP row's β_d, β_min; ddpm its DDPMSteps.
+def _vp(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """VP: c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = (M − 1)·σ⁻¹_VP(σ); F predicts n."""
     return Coefficients(
         torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (ddpm.M - 1) * vp.sigma_inv(sigma)
     )
 
 
-def _iddpm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+def _iddpm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """iDDPM: c_skip = 1, c_out = −σ, c_in = 1/sqrt(σ² + 1), c_noise = M − 1 − argmin_j |u_j − σ|; F predicts n."""
-    return Coefficients(torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (ddpm.M - 1) - ddpm.index(sigma))
+    return Coefficients(torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (ddpm.M - 1) - iddpm_index(sigma, *ddpm))
 
 
-def _ve(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+def _ve(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """VE: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
     return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), torch.log(0.5 * sigma))
 
 
-def _edm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+def _edm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """EDM: c_skip = σ_d²/(σ² + σ_d²), c_out = σσ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²), c_noise = ¼ ln σ."""
     norm = (sigma**2 + sigma_data**2).sqrt()
     return Coefficients(sigma_data**2 / norm**2, sigma * sigma_data / norm, 1 / norm, 0.25 * torch.log(sigma))
 
 
-def _fm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+def _fm(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """Flow matching: c_skip = 1/(1 + σ), c_out = −σ/(1 + σ), c_in = 1/(1 + σ), c_noise = σ/(1 + σ) = t; F predicts n − y."""
     inv = 1 / (1 + sigma)
     return Coefficients(inv, -sigma * inv, inv, sigma * inv)
 
 
-def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, ddpm: IDDPM) -> Coefficients:
+def _trigflow(sigma: Tensor, sigma_data: float, vp: VP, ddpm: DDPMSteps) -> Coefficients:
     """TrigFlow (sCM), t = arctan(σ/σ_d): c_skip = cos² t, c_out = −σ_d sin t, c_in = cos t/σ_d, c_noise = t;
     D = cos t·x_t − sin t·σ_d F(x_t/σ_d, t) with x_t = cos t·x̂, and σ_d F predicts dx_t/dt = cos t·z − sin t·y."""
     norm = (sigma**2 + sigma_data**2).sqrt()
@@ -77,7 +84,7 @@ def coefficients(
     """(c_skip, c_out, c_in, c_noise) of `kind` at `sigma` (same shape as sigma)."""
     fn = choose(PRECOND_KINDS, kind, "precond kind")
     sigma = sigma if isinstance(sigma, Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
-    return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), IDDPM(M=M, C_1=C_1, C_2=C_2, j0=0))
+    return fn(sigma, sigma_data, VP(beta_d=beta_d, beta_min=beta_min), DDPMSteps(int(M), C_1, C_2))
 
 
 def _param_dtype(net: object) -> torch.dtype | None:

@@ -44,6 +44,7 @@ __all__ = [
     "log_snr_uniform",
     "iddpm_levels",
     "iddpm_sigmas",
+    "iddpm_index",
 ]
 
 
@@ -285,7 +286,7 @@ class TrigFlow(Schedule):
 def iddpm_sigmas(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
     """iDDPM's noise levels u_0 > u_1 > ... > u_M = 0 in float64 (EDM Table 1, footnote):
     u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) with ᾱ_j = sin²(π/2 · j / (M (C_2 + 1))), i.e.
-    ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1)."""
+    ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1) (M + 1 values: tens of microseconds)."""
     j = torch.arange(M + 1, dtype=torch.float64)
     alpha_bar = torch.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2
     log_ratio = torch.log((alpha_bar[:-1] / alpha_bar[1:]).clamp(min=C_1))  # ln max(ᾱ_{k−1}/ᾱ_k, C_1), k = 1..M
@@ -293,51 +294,53 @@ def iddpm_sigmas(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tenso
     return torch.expm1(log_v).sqrt()
 
 
+def iddpm_index(sigma: Tensor, M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+    """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's dtype and shape."""
+    u = iddpm_sigmas(M, C_1, C_2).to(sigma.device)
+    return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(sigma.dtype)
+
+
 @dataclass(frozen=True)
 class IDDPM(_SigmaIsTime):
     """Improved DDPM (Nichol & Dhariwal 2021) as EDM's Table 1 writes it: σ(t) = t, s(t) = 1 on iDDPM's M + 1
-    noise levels u_j (iddpm_sigmas); σ_max = u_{j_0}, σ_min = u_{M−1}, and a sampler's times round to the
-    nearest u_j (round_time), where the network was trained."""
+    noise levels u_j (iddpm_sigmas), where the network was trained: a sampler's times round to the nearest u_j
+    (round_time), and σ_min, σ_max are clamped to [u_{M−1}, u_0] (as NVlabs/edm's samplers clamp them to the
+    network's). σ_max 80 rounds to u_8 = 80.2, Table 1's j_0 = 8; σ_min 0.002 is clamped to u_{M−1} = 0.0064."""
 
+    sigma_min: float = 0.002  # type: ignore[assignment]
+    sigma_max: float = 80.0  # type: ignore[assignment]
     M: int = 1000
     C_1: float = 0.001
     C_2: float = 0.008
-    j0: int = 8
     name = "iddpm"
     parameterization = "iddpm"
     default_discretization = "iddpm"
 
     def __post_init__(self) -> None:
-        """M and j0 are integers (a config's 1000.0 is 1000), 0 ≤ j0 < M − 1, 0 < C_1 ≤ 1 and C_2 ≥ 0."""
-        for key in ("M", "j0"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not float(value).is_integer():
-                raise ValueError(f"iddpm schedule: {key}={value!r} must be an integer")
-            object.__setattr__(self, key, int(value))
-        if not (self.M >= 2 and 0 <= self.j0 < self.M - 1 and 0 < self.C_1 <= 1 and self.C_2 >= 0):
-            raise ValueError(f"iddpm schedule: needs M ≥ 2, 0 ≤ j0 < M − 1, 0 < C_1 ≤ 1 and C_2 ≥ 0; got M={self.M}, "
-                             f"j0={self.j0}, C_1={self.C_1}, C_2={self.C_2}")
+        """M is an integer (a config's 1000.0 is 1000) ≥ 2, 0 < C_1 < 1 (C_1 = 1 makes every level 0), C_2 ≥ 0;
+        σ_min < σ_max, each clamped to [u_{M−1}, u_0]."""
+        if isinstance(self.M, bool) or not float(self.M).is_integer() or self.M < 2:
+            raise ValueError(f"iddpm schedule: M={self.M!r} must be an integer ≥ 2")
+        object.__setattr__(self, "M", int(self.M))
+        if not (0 < self.C_1 < 1 and self.C_2 >= 0 and 0 <= self.sigma_min < self.sigma_max):
+            raise ValueError(f"iddpm schedule: needs 0 < C_1 < 1, C_2 ≥ 0 and 0 ≤ sigma_min < sigma_max; got "
+                             f"C_1={self.C_1}, C_2={self.C_2}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
+        u = self.levels()
+        lo, hi = float(u[self.M - 1]), float(u[0])
+        for key in ("sigma_min", "sigma_max"):
+            object.__setattr__(self, key, min(max(float(getattr(self, key)), lo), hi))
 
     def levels(self) -> Tensor:
-        """u_0 > ... > u_M = 0 (float64)."""
+        """u_0 > ... > u_M = 0 (float64, on the CPU)."""
         return iddpm_sigmas(self.M, self.C_1, self.C_2)
 
     def index(self, sigma: Tensor) -> Tensor:
         """argmin_j |u_j − σ|, the index of the nearest noise level, in σ's dtype."""
-        u = self.levels().to(sigma.device)
-        return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(sigma.dtype)
+        return iddpm_index(sigma, self.M, self.C_1, self.C_2)
 
     def round_time(self, t: Tensor) -> Tensor:
         """u_j nearest to t = σ."""
         return self.levels().to(t.device)[self.index(t).long()].to(t.dtype)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.levels()[self.M - 1])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.levels()[self.j0])
 
 
 SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
@@ -437,20 +440,27 @@ def log_snr_uniform(sched: Schedule, num_steps: int, *, dtype=torch.float64, dev
 
 
 def _levels_inside(sched: Schedule) -> Tensor:
-    """iDDPM's levels u_j in [σ_min, σ_max] of `sched`: of its own M, C_1, C_2 when it is iddpm, else of IDDPM()'s."""
-    u = (sched if isinstance(sched, IDDPM) else IDDPM()).levels()
-    return u[(u >= sched.sigma_min) & (u <= sched.sigma_max)]
+    """iDDPM's levels u_j in [σ_min, σ_max] of `sched`: of its own M, C_1, C_2, between the levels its σ_min and
+    σ_max round to, when it is iddpm; else of IDDPM()'s."""
+    if isinstance(sched, IDDPM):
+        u = sched.levels()
+        lo, hi = (float(sched.round_time(torch.tensor(v, dtype=torch.float64))) for v in (sched.sigma_min, sched.sigma_max))
+    else:
+        u, lo, hi = IDDPM().levels(), sched.sigma_min, sched.sigma_max
+    return u[(u >= lo) & (u <= hi)]
 
 
 def iddpm_levels(sched: Schedule, num_steps: int, *, dtype=torch.float64, device=None, **_) -> Tensor:
-    """N of iDDPM's noise levels u_j, evenly spaced in j over those in [σ_min, σ_max] (EDM Table 1, iDDPM:
-    t_i = u_⌊j_0 + (M − 1 − j_0) i/(N − 1) + ½⌋ on the iddpm schedule); the levels of the schedule's own M, C_1,
-    C_2 when it is iddpm, else of IDDPM()'s."""
+    """N of iDDPM's noise levels u_j, evenly spaced in j over the L in [σ_min, σ_max] (_levels_inside):
+    j = ⌊(L − 1) i/(N − 1) + ½⌋ in exact integers, i.e. EDM Table 1's t_i = u_⌊j_0 + (M − 1 − j_0) i/(N − 1) + ½⌋ on
+    the iddpm schedule (j_0 the index of the level its σ_max rounds to)."""
     inside = _levels_inside(sched).to(device)
     if len(inside) == 0:
         raise ValueError(f"discretization iddpm: no iDDPM noise level u_j lies in the {sched.name} schedule's "
                          f"[σ_min, σ_max] = [{sched.sigma_min:g}, {sched.sigma_max:g}]")
-    j = torch.floor((len(inside) - 1) * _fractions(num_steps, torch.float64, device) + 0.5).long()
+    i = torch.arange(num_steps, dtype=torch.int64, device=device)
+    span = max(num_steps - 1, 1)
+    j = (2 * (len(inside) - 1) * i + span) // (2 * span)
     return sched.sigma_inv(inside[j])
 
 
@@ -483,7 +493,7 @@ def time_steps(
     rho = getattr(sched, "rho", RHO) if rho is None else rho
     fn = choose(DISCRETIZATIONS, discretization, "discretization")
     t = sched.round_time(fn(sched, num_steps, rho=rho, dtype=torch.float64, device=device))
-    repeated = (t[1:] == t[:-1]).nonzero()
+    repeated = (t[1:] == t[:-1]).nonzero() if isinstance(sched, IDDPM) or discretization == "iddpm" else []
     if len(repeated):
         sigma = float(sched.sigma(t[int(repeated[0])]))
         count = len(_levels_inside(sched))

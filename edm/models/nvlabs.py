@@ -344,7 +344,7 @@ def read_nvlabs(path: str | os.PathLike) -> NVlabsSnapshot:
 
 def _check_levels(u: Tensor | None, precond: dict) -> None:
     """iDDPMPrecond's stored noise levels u_j are those of its M, C_1 and C_2 (float32 round-off: its table
-    comes from a float32 recurrence, ours from the closed form in float64; measured ≤ 1e-4 relative)."""
+    comes from a float32 recurrence, ours from the closed form in float64; measured ≤ 4.8e-4 relative, at u_{M−1})."""
     ours = iddpm_sigmas(precond["M"], precond["C_1"], precond["C_2"])
     if not isinstance(u, Tensor) or u.shape != ours.shape:
         shape = list(u.shape) if isinstance(u, Tensor) else type(u).__name__
