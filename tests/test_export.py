@@ -67,21 +67,30 @@ def test_a_model_folder_says_which_weights_it_holds_and_names_bad_files(trained,
 
 
 def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
-    """Records (edm-sample's, edm-study's) name a model by model_sha256: a checkpoint's file hash; a model folder's
-    weights and model.json together, so an edit to the spec there (σ_d, the schedule) is another model."""
+    """Records (edm-sample's, edm-study's) name a model by model_record: a checkpoint by its file's hash; a model
+    folder also by its model.json's, so an edit to the spec there (σ_d, the schedule) is another model, and a
+    folder whose record lacks that key (its writer did not record it) is compared without it."""
     from edm.files import file_sha256
-    from edm.models.loading import model_sha256
+    from edm.generation.provenance import ProvenanceError, claim
+    from edm.models.loading import model_record
 
-    assert model_sha256(trained) == file_sha256(trained)
+    assert model_record(trained, "checkpoint") == {"checkpoint_sha256": file_sha256(trained)}
+    assert model_record(None, "guide") == {"guide_sha256": None}
     _, state = read_model_file(trained)
     out = export_state(state, tmp_path / "model")
-    _, info = load_model(out)
-    before = model_sha256(info.source)
-    assert before != file_sha256(out / "model.safetensors")
+    before = model_record(load_model(out)[1].source, "checkpoint")
+    assert before == {"checkpoint_sha256": file_sha256(out / "model.safetensors"),
+                      "checkpoint_model_json_sha256": file_sha256(out / "model.json")}
     meta = json.loads((out / "model.json").read_text())
     meta["denoiser"]["precond"]["sigma_data"] = 0.3
     (out / "model.json").write_text(json.dumps(meta))
-    assert model_sha256(load_model(out)[1].source) != before
+    after = model_record(load_model(out)[1].source, "checkpoint")
+    legacy, samples = tmp_path / "legacy", tmp_path / "samples"
+    claim(legacy, {"checkpoint_sha256": before["checkpoint_sha256"]}, [], command="edm-sample")  # lacks the key
+    claim(legacy, after, [], command="edm-sample")
+    claim(samples, before, [], command="edm-sample")
+    with pytest.raises(ProvenanceError, match="checkpoint_model_json_sha256: folder '.*', now '.*'"):
+        claim(samples, after, [], command="edm-sample")
 
 
 def test_the_export_command_and_sampling_from_its_folder(trained, tmp_path):

@@ -42,7 +42,7 @@ from ..files import FolderLock, atomic_write, to_container, write_json
 from ..generation.provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
 from ..latent import VAE, LatentConfig, model_vae, same_latent_space
-from ..models.loading import ModelInfo, guided, load_model, model_sha256
+from ..models.loading import ModelInfo, guided, load_model, model_record
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
 from .scorers import EvalConfig, Scorer, ScoringContext, build_scorers, metric_files
@@ -226,14 +226,14 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     if dataset is None:
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
     with FolderLock(out, key="out", owner="NFE study"):
-        record = {"checkpoint_sha256": model_sha256(info.source), "ema": cfg.ema, "num_images": cfg.num_images,
+        record = {**model_record(info.source, "checkpoint"), "ema": cfg.ema, "num_images": cfg.num_images,
                   "dataset": dataset_record(dataset),
                   "dataset_contents": root_contents_key(dataset.root) if dataset.root else None,
                   "metrics": {name: to_container(getattr(cfg.eval, name)) for name in cfg.eval.metrics},
                   **metric_files(cfg.eval, cfg.eval.metrics),
-                  "guidance": cfg.guidance, "guide_sha256": model_sha256(guide_info.source) if guide_info else None,
+                  "guidance": cfg.guidance, **model_record(guide_info and guide_info.source, "guide"),
                   "guidance_interval": cfg.guidance_interval,
-                  "teacher_sha256": model_sha256(models[1].info.source) if cfg.teacher else None,
+                  **model_record(models[1].info.source if cfg.teacher else None, "teacher"),
                   "vae_fingerprint": main.vae.fingerprint if main.vae is not None else None,
                   "vae_dtype": cfg.vae_dtype if main.vae is not None else None,
                   "options": to_container(cfg.options), "discretization": cfg.discretization}

@@ -27,7 +27,7 @@ from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, package_version, to_container, write_json
 from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
 from ..latent import VAE, LatentConfig, model_vae
-from ..models.loading import ModelInfo, guided, load_model, model_sha256
+from ..models.loading import ModelInfo, guided, load_model, model_record
 from . import outputs, sampling
 from .provenance import claim, refuse_foreign_folder
 
@@ -101,7 +101,7 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
     """Every setting that changes the images: a folder only ever holds images of one such record."""
     settings = cfg.sampler
     return {
-        "checkpoint_sha256": model_sha256(info.source),
+        **model_record(info.source, "checkpoint"),
         "ema": cfg.ema,
         "solver": settings.solver,
         "num_steps": settings.num_steps,
@@ -178,8 +178,7 @@ def generate_folder(
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
     refuse_foreign_folder(out)
-    record = provenance(cfg, schedule, info, launch, vae) | {
-        "guide_sha256": model_sha256(guide_info.source) if guide_info is not None else None}
+    record = provenance(cfg, schedule, info, launch, vae) | model_record(guide_info and guide_info.source, "guide")
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = FolderLock(out, key="out", owner="sampler").acquire()

@@ -19,6 +19,8 @@ __all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder
            "FOLDER_RECORDS"]
 
 PROVENANCE_NAME = "provenance.json"
+# Keys a folder's record may lack (its writer did not record them): compared only where the record has them.
+MAY_LACK_SUFFIXES = ("_model_json_sha256",)
 
 
 class ProvenanceError(ValueError):
@@ -96,7 +98,7 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
     command is refused whatever `overwrite` says (its results are not this command's to delete); with overwrite,
     delete `results` (the folder's earlier outputs) first; else refuse a folder whose provenance.json differs from
     `record` (naming each differing key) or that holds results without one; then write the record with its command.
-    A record that names no command is compared without that key."""
+    A record that names no command, or lacks a MAY_LACK_SUFFIXES key, is compared without that key."""
     out_dir = Path(out_dir)
     path = out_dir / PROVENANCE_NAME
     other = _saved_command(path)
@@ -110,6 +112,7 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
         path.unlink(missing_ok=True)
         results = []
     record = _canonical({"command": command, **record})
+    unrecorded = lambda key: key == "command" or key.endswith(MAY_LACK_SUFFIXES)  # noqa: E731
 
     def ways_out(what: str = "the old results") -> str:
         return f"write to another {out_key}=DIR, or pass {overwrite_key} to delete {what} first"
@@ -119,7 +122,8 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ProvenanceError(f"{path} is unreadable ({err})", ways_out()) from None
-        diffs = [d for d in differences(saved, record) if d != ("command", None, command)]
+        diffs = [(k, a, b) for k, a, b in differences(saved, record) if not (a is None and k not in saved
+                                                                              and unrecorded(k))]
         if diffs:
             listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
             raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out())

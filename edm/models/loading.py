@@ -11,7 +11,6 @@ The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
 
-__all__ = ["ModelInfo", "read_model_file", "load_model", "model_sha256", "guided", "export_model"]
+__all__ = ["ModelInfo", "read_model_file", "load_model", "model_record", "guided", "export_model"]
 
 
 @dataclass(frozen=True)
@@ -114,15 +113,16 @@ def read_model_file(path: str | Path, ema: bool = True, key: str = "checkpoint")
     return path, load_checkpoint(path)
 
 
-def model_sha256(source: str | Path) -> str:
-    """The identity of the model read from `source` (ModelInfo.source) for a record: the SHA-256 of that file; for a
-    model folder's weights, of the weights' and its model.json's hashes together (model.json holds the spec and
-    schedule the weights are read with, so an edit to it is another model)."""
+def model_record(source: str | Path | None, key: str) -> dict[str, str | None]:
+    """The identity of the model read from `source` (ModelInfo.source; None: no model) in a record:
+    KEY_sha256 of that file and, for a model folder's weights, KEY_model_json_sha256 of its model.json (the spec
+    and schedule the weights are read with: an edit to it is another model)."""
+    if source is None:
+        return {f"{key}_sha256": None}
     source = Path(source)
     meta = source.parent / META_NAME
-    if not (is_export(source) and source.is_file() and meta.is_file()):
-        return file_sha256(source)
-    return hashlib.sha256(f"{file_sha256(source)}\0{file_sha256(meta)}".encode()).hexdigest()
+    json_hash = {f"{key}_model_json_sha256": file_sha256(meta)} if is_export(source) and meta.is_file() else {}
+    return {f"{key}_sha256": file_sha256(source)} | json_hash
 
 
 def load_model(
