@@ -318,6 +318,53 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
 
 
+def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_directory(compose_train, tmp_path, caplog,
+                                                                                      monkeypatch):
+    """dataset.root=fold from two directories names two folders: the run records the resolved root and its files'
+    contents key, so a resume from the other directory is refused, the same folder by its absolute path resumes, and
+    files rewritten in place are warned of and recorded."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    for where, value in (("a", 0), ("b", 255)):
+        (tmp_path / where / "fold").mkdir(parents=True)
+        for k in range(16):
+            Image.fromarray(np.full((8, 8), (value + 9 * k) % 256, np.uint8)).save(tmp_path / where / "fold" / f"{k}.png")
+    run = ("dataset=folder", "dataset.root=fold", "dataset.num_workers=0", f"run_dir={tmp_path / 'run'}")
+    monkeypatch.chdir(tmp_path / "a")
+    first = train(compose_train("total_kimg=0.016", *run))
+    assert load_checkpoint(first.checkpoint)["inputs"]["dataset_root"] == str(tmp_path / "a" / "fold")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(CheckpointError, match=rf"trained on other inputs \(inputs.dataset_root: checkpoint "
+                                              rf"'{tmp_path / 'a' / 'fold'}', now '{tmp_path / 'b' / 'fold'}'\)"):
+        train(compose_train("total_kimg=0.032", "resume=true", *run))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "fold" / "3.png")
+    os.utime(tmp_path / "a" / "fold" / "3.png", ns=(1, 1))
+    with caplog.at_level("WARNING"):
+        result = train(compose_train("total_kimg=0.032", "resume=true", *run[:-1][:1],
+                                     f"dataset.root={tmp_path / 'a' / 'fold'}", *run[2:]))
+    assert "inputs.dataset_contents changed since the checkpoint" in caplog.text
+    changes = load_checkpoint(result.checkpoint)["resumes"][0]["changes"]
+    assert [c["key"] for c in changes if c["key"].startswith("inputs.")] == ["inputs.dataset_contents"]
+
+
+def test_resume_inputs_refuse_another_teacher_file_and_warn_of_another_init_file(tmp_path, caplog):
+    """A teacher is read at every step: one whose file changed (its run trained on) is refused; the init model only
+    started the run, so a change there is warned of; a checkpoint without inputs is left to its settings' check."""
+    from edm.training.run import check_resume_inputs
+
+    saved = {"dataset_root": None, "dataset_contents": None, "init_sha256": "a", "teacher_sha256": "t"}
+    with pytest.raises(CheckpointError, match="inputs.teacher_sha256: checkpoint 't', now 'u'"):
+        check_resume_inputs(saved, saved | {"teacher_sha256": "u"}, tmp_path / "c.pt")
+    with caplog.at_level("WARNING"):
+        assert check_resume_inputs(saved, saved | {"init_sha256": "b"}, tmp_path / "c.pt") == [
+            {"key": "inputs.init_sha256", "checkpoint": "a", "config": "b"}]
+    assert "inputs.init_sha256 changed since the checkpoint ('a' -> 'b')" in caplog.text
+    assert check_resume_inputs(None, saved, tmp_path / "c.pt") == []
+
+
 def test_a_resume_with_other_adam_settings_optimizes_with_them_and_a_torn_metrics_line_is_dropped(compose_train, caplog):
     """The optimizer's saved state brings its saved betas and eps; a resume that records new ones (a warned change)
     must also use them. A last metrics.jsonl line cut short by a crash does not block the resume."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,8 +173,8 @@ def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: 
 INIT_FREE = ("dropout", "label_dropout")  # network settings without weights: the config's apply to an init model
 
 
-def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(denoiser spec, EMA weights) of the model cfg.init names: its network (network.dropout and
+def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(denoiser spec, EMA weights, the file read) of the model cfg.init names: its network (network.dropout and
     network.label_dropout from the config where set) and preconditioning (precond.boundary_sigma from the
     config); its images must have the data set's shape and labels."""
     from ..models.loading import read_model_file
@@ -193,7 +194,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str,
         logger.warning("init: %s was trained with schedule=%s; this run trains and samples with schedule=%s (its "
                        "preconditioning is the model's, %s; schedule=%s keeps the model's schedule)", path, trained,
                        cfg.schedule.name, precond["kind"], trained)
-    return {"network": network, "precond": precond}, state["ema"]
+    return {"network": network, "precond": precond}, state["ema"], path
 
 
 def check_objective(objective: str, spec: dict[str, Any]) -> None:
@@ -215,9 +216,9 @@ def load_initial_weights(denoiser: Any, weights: dict[str, Any]) -> None:
         raise ValueError(f"the init model's weights do not fit its network: missing {missing}, unexpected {unexpected}")
 
 
-def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any) -> SCMLoss:
-    """sCD's loss with its teacher: the EMA denoiser of cfg.teacher, frozen, on `device`; its images must be the
-    data set's."""
+def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any) -> tuple[SCMLoss, str]:
+    """(sCD's loss with its teacher: the EMA denoiser of cfg.teacher, frozen, on `device`, the file read); its images
+    must be the data set's."""
     from ..models.loading import load_model
 
     teacher, info = load_model(cfg.teacher, device=device)
@@ -226,7 +227,7 @@ def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device:
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
     logger.info("teacher: the denoiser of %s", info.source)
-    return dataclasses.replace(loss, teacher=teacher.requires_grad_(False))
+    return dataclasses.replace(loss, teacher=teacher.requires_grad_(False)), info.source
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
 from .run import (
-    Run, RunDirError, RunState, micro_batch_size, other_run, remove_stale_temporaries, restore, save_checkpoint,
-    save_snapshot, seed_draws, trim_metrics,
+    Run, RunDirError, RunState, micro_batch_size, other_run, remove_stale_temporaries, restore, run_inputs,
+    save_checkpoint, save_snapshot, seed_draws, trim_metrics,
 )
 from .runlog import (
     STOP_PREFIX, RunLog, StopAgreement, StopOnSignal, end_with_launcher, installed_trackers, kimg_text, log, start_trackers,
@@ -189,7 +189,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
     vae = latent_vae(cfg, dataset, accelerator.device)
-    spec, init_weights = initial_denoiser(cfg, dataset) if cfg.init else (resolved.denoiser_spec(cfg, dataset), None)
+    spec, init_weights, init_file = (initial_denoiser(cfg, dataset) if cfg.init else
+                                     (resolved.denoiser_spec(cfg, dataset), None, None))
     check_objective(cfg.objective, spec)
     check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
 
@@ -205,9 +206,10 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     ema.to(accelerator.device)
     generator = torch.Generator(accelerator.device)  # seeded per micro-batch (seed_draws)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
-    loss = with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd" else resolved.loss
+    loss, teacher_file = (with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd"
+                          else (resolved.loss, None))
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
-              lock=lock, phema=phema, vae=vae)
+              lock=lock, phema=phema, vae=vae, inputs=run_inputs(cfg, init_file, teacher_file))
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:

@@ -21,7 +21,7 @@ from torch import nn
 from ..core.losses import Loss
 from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
-from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded
+from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded, root_contents_key
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
@@ -107,6 +107,7 @@ class Run:
     vae: Any = None  # edm.latent.VAE of a latent data set (decodes grids; its fingerprint is recorded), else None
     state: RunState = field(default_factory=RunState)
     resumes: list = field(default_factory=list)  # [{"step", "changes": [{"key", "checkpoint", "config"}]}] per resume
+    inputs: dict | None = None  # what the run reads besides its settings (run_inputs), recorded and compared on resume
 
     @property
     def run_dir(self) -> Path:
@@ -139,6 +140,40 @@ def seed_draws(generator: torch.Generator, seed: int, position: int, stream: str
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     """Images per micro-batch: batch_per_device, else batch_size / processes."""
     return cfg.batch_per_device or cfg.batch_size // world
+
+
+def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str | Path | None) -> dict[str, Any]:
+    """What a run reads besides its settings, as facts a resume compares (the config names them by paths, which a
+    resume from another directory resolves elsewhere, and whose files may change): the data set's resolved root and
+    its root_contents_key, and the identities (model_record) of the files init= and teacher= were read from."""
+    from ..models.loading import model_record
+
+    root = Path(cfg.dataset.root).expanduser().resolve() if cfg.dataset.root else None
+    return {"dataset_root": str(root) if root else None, "dataset_contents": root_contents_key(root) if root else None,
+            **model_record(init_file, "init"), **model_record(teacher_file, "teacher")}
+
+
+INPUT_KEYS = ("dataset.root", "init", "teacher")  # config paths whose run_inputs facts a resume compares instead
+
+
+def check_resume_inputs(saved: dict | None, ours: dict, path: Path) -> list[dict]:
+    """A resume reads what the run read: another data folder or another teacher (by resolved path and file hash)
+    is refused; data files changed in place and another init model (whose weights the resume does not reload) are
+    warned of. Returns the changes, recorded in the next checkpoints."""
+    if saved is None:  # a checkpoint that records no inputs: its config's paths were compared as settings
+        return []
+    changes = [{"key": f"inputs.{k}", "checkpoint": a, "config": b} for k, a, b in differences(saved, ours)]
+    refused = [c for c in changes if c["key"].removeprefix("inputs.").startswith(("dataset_root", "teacher"))]
+    if refused:
+        listed = "; ".join(f"{c['key']}: checkpoint {c['checkpoint']!r}, now {c['config']!r}" for c in refused)
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained on other inputs ({listed}): a teacher file that "
+                                   "changed (e.g. its run trained on) or another data folder would make another run; "
+                                   "resume with the run's data and teacher file, or start a new run_dir")
+    if changes:
+        run_logger.warning("resuming %s: %s; the run goes on with them as they are now, and the next checkpoints "
+                           "record them", path, "; ".join(f"{c['key']} changed since the checkpoint "
+                                                          f"({c['checkpoint']!r} -> {c['config']!r})" for c in changes))
+    return changes
 
 
 def _differences(saved: Any, ours: Any) -> list[str]:
@@ -237,14 +272,16 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) 
     saved = {k: v for k, v in flatten(checkpoint_settings(state)).items() if not k.startswith(skip)}
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = setting_differences(saved, ours)
-    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k)]
+    as_facts = INPUT_KEYS if state.get("inputs") is not None else ()  # paths compared as run_inputs facts
+    fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k) and k not in as_facts]
     if fixed:
         raise ckpt.CheckpointError(
             f"checkpoint {path} was trained with other settings that a resume may not change ({'; '.join(fixed)}; "
             "fixed are the loss, data set, seed, global batch, power EMAs, objective and its options, init and "
             "teacher); resume with the checkpoint's values, or start a new run_dir"
         )
-    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)]
+    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)
+               and k not in as_facts]
     if altered:
         run_logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
                            "would have; the changes are recorded in the next checkpoints", path, "; ".join(altered))
@@ -288,6 +325,7 @@ def restore(run: Run, path: Path) -> None:
         )
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
     changes = check_resume_changes(state, run.cfg, run.loss_fn, path)
+    changes += check_resume_inputs(state.get("inputs"), run.inputs or {}, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
         run_logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
@@ -364,6 +402,7 @@ def save_checkpoint(run: Run) -> Path:
             "dataset_size": len(run.dataset),
             "resumes": run.resumes,
             "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None,
+            "inputs": run.inputs,
         })
         ckpt.prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
         logger.info("saved %s", path)
