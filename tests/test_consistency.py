@@ -442,6 +442,28 @@ def test_recipes_sct_and_scd_tune_a_trained_model(compose_train, teacher, tmp_pa
     assert (tmp_path / "run" / "samples-final.png").exists()
 
 
+def test_an_scd_run_refuses_to_resume_with_a_teacher_whose_run_trained_on(compose_train, teacher, tmp_path):
+    """teacher=RUN reads that run's latest checkpoint: once the teacher's run has trained on, the same teacher= names
+    other weights, and the resume is refused naming the changed hash (the path alone is the same)."""
+    import shutil
+
+    from edm.models import checkpoint as ckpt
+    from edm.training.loop import train
+
+    moving = tmp_path / "teacher-run"
+    shutil.copytree(teacher, moving)
+    tune = ("recipe=scd", f"init={teacher}", f"teacher={moving}", "sampler.num_steps=1", "scm.warmup_kimg=0.016")
+    train(compose_train(*tune, "total_kimg=0.016"))
+    train(compose_train(*tune, "total_kimg=0.032", "resume=true"))  # the same teacher file: it resumes
+    latest = max(moving.glob("checkpoint-*.pt"))
+    shutil.copy(latest, moving / "checkpoint-99999999.pt")  # the teacher's run saved a newer checkpoint ...
+    state = torch.load(moving / "checkpoint-99999999.pt", weights_only=True)
+    state["step"] += 1  # ... of other bytes
+    torch.save(state, moving / "checkpoint-99999999.pt")
+    with pytest.raises(ckpt.CheckpointError, match="inputs.teacher_sha256: checkpoint '.*', now '.*'"):
+        train(compose_train(*tune, "total_kimg=0.048", "resume=true"))
+
+
 def test_scd_needs_a_teacher_and_only_scd_takes_one(compose_train, teacher):
     from edm.training.loop import train
 
