@@ -150,3 +150,22 @@ def test_a_sampler_and_an_export_refuse_each_others_folders(trained, tmp_path):
         export_model(trained, samples, overwrite=True)
     assert sorted(p.name for p in model.iterdir() if not p.name.startswith(".")) == ["model.json", "model.safetensors"]
     assert not (samples / "model.json").exists()
+
+
+def test_an_export_cut_short_leaves_no_model_json_over_other_weights(trained, tmp_path, monkeypatch):
+    """Re-exporting over a folder removes model.json first and writes it last: a crash while the new weights are
+    written leaves a folder that is no model folder, never new weights described by the old model.json."""
+    import edm.models.export as export
+
+    _, state = read_model_file(trained)
+    out = export_state(state, tmp_path / "model")
+
+    def crash(path, write):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "atomic_write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_state(state, out, ema=False, overwrite=True)
+    assert not (out / "model.json").exists()
+    with pytest.raises((CheckpointError, FileNotFoundError)):
+        load_model(out)

@@ -408,3 +408,23 @@ def test_a_batch_of_no_image_is_refused_before_the_folder_is_made(tmp_path, tiny
         with pytest.raises(ValueError, match=f"{key}=0 must be at least 1"):
             generate_folder(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), progress=False, **{key: 0}))
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_given_as_a_number_or_a_one_element_list_are_one_setting_of_a_folder(tmp_path, tiny_checkpoint):
+    """labels=3 and labels=[3] give every image class 3: a folder of one continues with the other; another class is
+    refused."""
+    from edm.cli.sample import SampleCommand
+    from edm.generation.job import generate_folder
+    from edm.generation.provenance import ProvenanceError
+
+    ckpt = tiny_checkpoint(tmp_path / "cond" / "checkpoint-00000010.pt", label_dim=10)
+    out = tmp_path / "out"
+    cfg = SampleCommand(checkpoint=str(ckpt), num_images=2, format="png", out=str(out), progress=False, labels=3)
+    cfg.sampler.num_steps = 2
+    generate_folder(cfg)
+    cfg.labels, cfg.num_images = [3], 3
+    generate_folder(cfg)
+    assert len(list(out.glob("*.png"))) == 3
+    cfg.labels = [4]
+    with pytest.raises(ProvenanceError, match=r"labels: folder \[3\], now \[4\]"):
+        generate_folder(cfg)

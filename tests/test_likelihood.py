@@ -208,3 +208,9 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
                             divergence_method="hutchinson")
     assert reported["bpd"] == pytest.approx(float(expected.double().mean()), rel=1e-5)
     assert reported["bpd_num_images"] == 2 and reported["bpd_settings"]["schedule"]["name"] == "vp"
+    weights = {k: v.fill_(float("nan")) if k.endswith("bias") else v for k, v in weights.items()}  # a damaged model
+    checkpoint.save_checkpoint(tmp_path / "nan.pt", {"denoiser": spec, "schedule": {"name": "vp"}, "ema": weights,
+                                                     "model": weights, "config": {}})
+    proc = subprocess.run([*cmd[:2], f"checkpoint={tmp_path / 'nan.pt'}", *cmd[3:-1]], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "bits/dim is NaN or Inf for 2 of 2 images" in proc.stderr, proc.stderr

@@ -309,6 +309,19 @@ def test_convert_writes_equal_checkpoint(tmp_path):
                    run(den, inp["x"], inp["sigma"], inp["labels"], inp["augment"])) < 1e-5
 
 
+def test_convert_refuses_to_write_a_checkpoint_into_a_run(tmp_path, tiny_checkpoint):
+    """A .pt in a run's folder, or named checkpoint-*.pt, would become the run's latest checkpoint (edm-sample
+    would sample it as the run's model, a resume would fail on it): refused, and nothing is written."""
+    den = our_denoiser("ncsnpp", 10, "ve")
+    pkl = write_snapshot(tmp_path, den, "ncsnpp", 10)
+    run = tmp_path / "run"
+    tiny_checkpoint(run / "checkpoint-00000004.pt")
+    for out in (run / "converted.pt", tmp_path / "checkpoint-00000009.pt"):
+        with pytest.raises(ValueError, match="would be a checkpoint of a training run"):
+            convert(pkl, out)
+        assert not out.exists()
+
+
 def test_the_convert_command_writes_a_model_folder_that_loads_without_pickle(tmp_path, monkeypatch):
     """The default output is edm.models.export's folder (safetensors + JSON), the same format edm-export writes."""
     den = our_denoiser("ddpmpp", 10, "edm")

@@ -181,6 +181,10 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
         if not values:
             raise ValueError("no images to score")
         bpd = torch.cat(values)
+        bad = (~torch.isfinite(bpd)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"bits/dim is NaN or Inf for {len(bad)} of {len(bpd)} images (the first: image {bad[0]}): "
+                             "the model's weights may be damaged, or the ODE unstable for it (more num_steps)")
         grid = likelihood.likelihood_grid(schedule, cfg.num_steps, cfg.discretization)
         return {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else None,
                 "bpd_num_images": len(bpd),

@@ -49,6 +49,7 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
     dest.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in state[key].items()}
     data = save(weights)
+    (dest / META_NAME).unlink(missing_ok=True)  # first: new weights never sit under an old model.json
     atomic_write(dest / WEIGHTS_NAME, lambda f: f.write(data))
     meta = {
         "format": FORMAT, "denoiser": state["denoiser"], "schedule": state.get("schedule"),

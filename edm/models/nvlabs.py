@@ -392,10 +392,10 @@ def to_checkpoint(snap: NVlabsSnapshot, source: str) -> dict:
 def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> NVlabsSnapshot:
     """Write NVlabs snapshot `pkl` as a model folder `out` (edm.models.export), or as an edm checkpoint when
     `out` ends in .pt; its weights must load strictly first, and its code never runs. A model of another source
-    there (any .pt file) is refused unless `overwrite`, a run's or another command's folder always. The parsed
-    snapshot."""
+    there (any .pt file) is refused unless `overwrite`, a run's or another command's folder always, and so is a .pt
+    named as a run's checkpoint or in a run's folder. The parsed snapshot."""
     from ..files import FolderLock, file_sha256
-    from ..generation.provenance import refuse_foreign_folder
+    from ..generation.provenance import refuse_foreign_folder, run_marks
     from .checkpoint import save_checkpoint
     from .export import export_state
 
@@ -404,9 +404,14 @@ def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fa
     denoiser_from_snapshot(snap, pkl)  # the weights must load strictly before anything is written
     state = to_checkpoint(snap, pkl)
     if out.endswith(".pt"):
+        folder = os.path.dirname(os.path.abspath(out))
+        if run_marks(folder) or os.path.basename(out).startswith("checkpoint-"):
+            raise ValueError(f"out={out} would be a checkpoint of a training run ({folder} is a run's folder, or the "
+                             "name is a run checkpoint's, checkpoint-*.pt, which edm-train resumes from and edm-sample "
+                             "reads as a run's latest): give a file of another name outside run folders")
         if os.path.exists(out) and not overwrite:
             raise ValueError(f"{out} exists: give another out=FILE.pt, or pass overwrite=true to replace it")
-        save_checkpoint(out, state)
+        save_checkpoint(out, state)  # atomic: a file appears whole or not at all
     else:
         refuse_foreign_folder(out, own="model.json")  # not a run's folder, nor another command's results
         with FolderLock(out, key="out", owner="model export"):
