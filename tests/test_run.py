@@ -337,6 +337,9 @@ def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_direct
     first = train(compose_train("total_kimg=0.016", *run))
     assert load_checkpoint(first.checkpoint)["inputs"]["dataset_root"] == str(tmp_path / "a" / "fold")
     monkeypatch.chdir(tmp_path / "b")
+    from edm.models.loading import load_model
+
+    assert load_model(tmp_path / "run")[1].training_dataset().root == str(tmp_path / "a" / "fold")  # scored against it
     with pytest.raises(CheckpointError, match=rf"trained on other inputs \(inputs.dataset_root: checkpoint "
                                               rf"'{tmp_path / 'a' / 'fold'}', now '{tmp_path / 'b' / 'fold'}'\)"):
         train(compose_train("total_kimg=0.032", "resume=true", *run))
@@ -346,6 +349,11 @@ def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_direct
         result = train(compose_train("total_kimg=0.032", "resume=true", *run[:-1][:1],
                                      f"dataset.root={tmp_path / 'a' / 'fold'}", *run[2:]))
     assert "inputs.dataset_contents changed since the checkpoint" in caplog.text
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "a" / "fold" / "5.png")
+    os.utime(tmp_path / "a" / "fold" / "5.png", ns=(2, 2))
+    with caplog.at_level("WARNING"):
+        load_model(tmp_path / "run")[1].training_dataset()
+    assert f"the files of {tmp_path / 'a' / 'fold'} changed since" in caplog.text
     changes = load_checkpoint(result.checkpoint)["resumes"][0]["changes"]
     assert [c["key"] for c in changes if c["key"].startswith("inputs.")] == ["inputs.dataset_contents"]
 

@@ -57,6 +57,7 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
         "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
         "reference": (state.get("config") or {}).get("reference"),
         "objective": (state.get("config") or {}).get("objective") or "denoising", "latent": state.get("latent"),
+        "inputs": state.get("inputs"),
         **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
@@ -106,6 +107,6 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
     config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
-             "config": config, "step": meta.get("step"), "latent": meta.get("latent"),
+             "config": config, "step": meta.get("step"), "latent": meta.get("latent"), "inputs": meta.get("inputs"),
              **{key: meta[key] for key in CARRIED if meta.get(key) is not None}}
     return weights_file, state

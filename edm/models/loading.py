@@ -11,6 +11,7 @@ The checkpoint dict's "schedule" is the model's own (an NVlabs VE snapshot keeps
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES, samplers_for
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
-from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded
+from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
 from ..files import FolderLock, file_sha256
 from .export import CARRIED, META_NAME, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
@@ -30,6 +31,8 @@ from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
 
 __all__ = ["ModelInfo", "read_model_file", "load_model", "model_record", "guided", "export_model"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ModelInfo:
     dataset: dict | None = None  # the training data set's config (edm checkpoints), for scoring against it
     latent: dict | None = None  # latent models: {vae, vae_fingerprint, scale, bias, pixel_shape, dataset} (edm.latent)
     objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
+    inputs: dict | None = None  # what its run read (edm.training.run.run_inputs): the data's resolved root and contents
 
     def check_solver(self, solver: str) -> None:
         """Refuse a solver made for another kind of model: the consistency sampler needs a consistency function and
@@ -83,7 +87,14 @@ class ModelInfo:
                              "dataset.resample=bilinear")
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         # a record's None (no filter at the native size, no workers) stands for the field's default
-        return DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
+        config = DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
+        inputs = self.inputs or {}
+        if self.latent is None and config.root is not None and inputs.get("dataset_root"):
+            config = dataclasses.replace(config, root=inputs["dataset_root"])  # the folder it read, from any directory
+            if Path(config.root).exists() and root_contents_key(config.root) != inputs.get("dataset_contents"):
+                logger.warning("the files of %s changed since %s was trained on them: its score is against the data "
+                               "as it is now", config.root, self.source)
+        return config
 
     def require_pixels(self, what: str = "this") -> None:
         """Refuse a model whose samples are VAE latents where `what` needs the model's own pixels."""
@@ -148,7 +159,7 @@ def load_model(
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
         schedule=from_spec(state["schedule"]) if state.get("schedule") else None, source=str(path),
         dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
-        objective=(state.get("config") or {}).get("objective") or "denoising",
+        objective=(state.get("config") or {}).get("objective") or "denoising", inputs=state.get("inputs"),
     )
     return denoiser.to(device), info
 

@@ -373,7 +373,7 @@ def save_snapshot(run: Run) -> Path:
         write_snapshot(path, run.phema, {
             "cur_nimg": run.state.cur_nimg, "step": run.state.step, "batch_size": run.cfg.batch_size,
             "denoiser": run.spec, "schedule": to_spec(run.schedule), "config": to_container(run.cfg),
-            "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None,
+            "latent": latent_facts(run.vae, run.dataset) if run.vae is not None else None, "inputs": run.inputs,
         })
     return path
 
