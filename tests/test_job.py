@@ -426,5 +426,5 @@ def test_labels_given_as_a_number_or_a_one_element_list_are_one_setting_of_a_fol
     generate_folder(cfg)
     assert len(list(out.glob("*.png"))) == 3
     cfg.labels = [4]
-    with pytest.raises(ProvenanceError, match=r"labels: folder \[3\], now \[4\]"):
+    with pytest.raises(ProvenanceError, match=r"labels: folder 3, now 4"):
         generate_folder(cfg)

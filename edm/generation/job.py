@@ -89,10 +89,11 @@ def _seeds(cfg: SampleConfig) -> list[int]:
     return seeds
 
 
-def _label_list(labels: Any) -> list[int] | None:
-    """The labels setting as a list (image j gets labels[j % len]); None: random classes."""
+def _label_setting(labels: Any) -> int | list[int] | None:
+    """The labels setting as its records hold it: one class as an int (labels=3 and labels=[3] alike), several as
+    a list (image j gets labels[j % len]), None for random classes."""
     labels = _labels(labels)
-    return [labels] if isinstance(labels, int) else labels
+    return labels[0] if isinstance(labels, list) and len(labels) == 1 else labels
 
 
 def _labels(labels: Any) -> int | list[int] | None:
@@ -118,7 +119,7 @@ def provenance(cfg: SampleConfig, schedule: Schedule, info: ModelInfo, launch: L
         **({"churn_steps": settings.num_steps} if settings.solver == "stochastic" and settings.final_denoise else {}),
         "t_steps": settings.grid(schedule).tolist(),
         "schedule": to_spec(schedule),
-        "labels": _label_list(cfg.labels),  # labels=3 and labels=[3] label every image alike: one setting
+        "labels": _label_setting(cfg.labels),  # labels=3 and labels=[3] label every image alike: one setting
         "label_dim": info.label_dim,
         "guidance": cfg.guidance,
         "guidance_interval": to_container(cfg.guidance_interval),
