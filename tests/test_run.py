@@ -340,6 +340,11 @@ def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_direct
     from edm.models.loading import load_model
 
     assert load_model(tmp_path / "run")[1].training_dataset().root == str(tmp_path / "a" / "fold")  # scored against it
+    with pytest.raises(RunDirError, match=rf"holds another run .*dataset.root: run '{tmp_path / 'a' / 'fold'}', now "
+                                          rf"'{tmp_path / 'b' / 'fold'}'"):
+        train(compose_train("total_kimg=0.032", *run))
+    with pytest.raises(RunDirError, match="pass resume=true to continue that run"):  # the same folder, named absolutely
+        train(compose_train("total_kimg=0.032", *run[:1], f"dataset.root={tmp_path / 'a' / 'fold'}", *run[2:]))
     with pytest.raises(CheckpointError, match=rf"trained on other inputs \(inputs.dataset_root: checkpoint "
                                               rf"'{tmp_path / 'a' / 'fold'}', now '{tmp_path / 'b' / 'fold'}'\)"):
         train(compose_train("total_kimg=0.032", "resume=true", *run))
@@ -354,13 +359,18 @@ def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_direct
     with caplog.at_level("WARNING"):
         load_model(tmp_path / "run")[1].training_dataset()
     assert f"the files of {tmp_path / 'a' / 'fold'} changed since" in caplog.text
+    (tmp_path / "a" / "fold").rename(tmp_path / "a" / "moved")  # the data moved: the config's root, with a warning
+    with caplog.at_level("WARNING"):
+        assert load_model(tmp_path / "run")[1].training_dataset().root == str(tmp_path / "a" / "fold")  # as resumed
+    assert f"was trained on {tmp_path / 'a' / 'fold'}, which is not here" in caplog.text
     changes = load_checkpoint(result.checkpoint)["resumes"][0]["changes"]
     assert [c["key"] for c in changes if c["key"].startswith("inputs.")] == ["inputs.dataset_contents"]
 
 
 def test_resume_inputs_refuse_another_teacher_file_and_warn_of_another_init_file(tmp_path, caplog):
     """A teacher is read at every step: one whose file changed (its run trained on) is refused; the init model only
-    started the run, so a change there is warned of; a checkpoint without inputs is left to its settings' check."""
+    started the run, so another file there is warned of, but adding or dropping init= is refused; a checkpoint
+    without inputs is left to its settings' check."""
     from edm.training.run import check_resume_inputs
 
     saved = {"dataset_root": None, "dataset_contents": None, "init_sha256": "a", "teacher_sha256": "t"}
@@ -371,6 +381,12 @@ def test_resume_inputs_refuse_another_teacher_file_and_warn_of_another_init_file
             {"key": "inputs.init_sha256", "checkpoint": "a", "config": "b"}]
     assert "inputs.init_sha256 changed since the checkpoint ('a' -> 'b')" in caplog.text
     assert check_resume_inputs(None, saved, tmp_path / "c.pt") == []
+    scratch = saved | {"init_sha256": None}
+    with pytest.raises(CheckpointError, match="inputs.init_sha256: checkpoint None, now 'a'.*init_file: None then, "
+                                              "/m/init.pt now"):
+        check_resume_inputs(scratch, saved | {"init_file": "/m/init.pt"}, tmp_path / "c.pt")  # init= added on resume
+    with pytest.raises(CheckpointError, match="inputs.init_sha256: checkpoint 'a', now None"):
+        check_resume_inputs(saved, scratch, tmp_path / "c.pt")  # ... or dropped
 
 
 def test_a_resume_with_other_adam_settings_optimizes_with_them_and_a_torn_metrics_line_is_dropped(compose_train, caplog):

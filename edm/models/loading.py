@@ -88,12 +88,17 @@ class ModelInfo:
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         # a record's None (no filter at the native size, no workers) stands for the field's default
         config = DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
-        inputs = self.inputs or {}
-        if self.latent is None and config.root is not None and inputs.get("dataset_root"):
-            config = dataclasses.replace(config, root=inputs["dataset_root"])  # the folder it read, from any directory
-            if Path(config.root).exists() and root_contents_key(config.root) != inputs.get("dataset_contents"):
+        recorded = (self.inputs or {}).get("dataset_root")
+        if self.latent is None and config.root is not None and recorded:
+            if not Path(recorded).exists():  # the data (or the model) moved
+                logger.warning("%s was trained on %s, which is not here: scoring against dataset.root=%s as its config "
+                               "wrote it (pass dataset=NAME dataset.root=PATH to name the data)", self.source, recorded,
+                               config.root)
+                return config
+            config = dataclasses.replace(config, root=recorded)  # the folder it read, from any directory
+            if root_contents_key(recorded) != (self.inputs or {}).get("dataset_contents"):
                 logger.warning("the files of %s changed since %s was trained on them: its score is against the data "
-                               "as it is now", config.root, self.source)
+                               "as it is now", recorded, self.source)
         return config
 
     def require_pixels(self, what: str = "this") -> None:

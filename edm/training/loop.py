@@ -209,7 +209,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     loss, teacher_file = (with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd"
                           else (resolved.loss, None))
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
-              lock=lock, phema=phema, vae=vae, inputs=run_inputs(cfg, init_file, teacher_file))
+              lock=lock, phema=phema, vae=vae, inputs=_on_main(accelerator, lambda: run_inputs(cfg, init_file, teacher_file)))
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:
@@ -227,12 +227,17 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     return run
 
 
-def launch_token(accelerator: Any) -> str:
-    """A random token that every process of this launch shares (the main process draws it)."""
+def _on_main(accelerator: Any, make: Callable[[], Any]) -> Any:
+    """make() on the main process, its value handed to every process (one reading of files, one answer for all)."""
     from accelerate.utils import broadcast_object_list
 
-    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
-    return broadcast_object_list(token, from_process=0)[0] if accelerator.num_processes > 1 else token[0]
+    value = [make() if accelerator.is_main_process else None]
+    return broadcast_object_list(value, from_process=0)[0] if accelerator.num_processes > 1 else value[0]
+
+
+def launch_token(accelerator: Any) -> str:
+    """A random token that every process of this launch shares (the main process draws it)."""
+    return _on_main(accelerator, lambda: os.urandom(8).hex())
 
 
 def _ignore_sigint(worker_id: int) -> None:

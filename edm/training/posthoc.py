@@ -111,7 +111,7 @@ def reconstruct(cfg: PosthocConfig) -> list[dict]:
         for j, std in enumerate(stds):
             state = {"denoiser": first.meta["denoiser"], "schedule": first.meta["schedule"], "config": first.meta["config"],
                      "step": snaps[-1].meta["step"], "ema": emas[j], "latent": first.meta.get("latent"),
-                     "inputs": first.meta.get("inputs")}
+                     "inputs": snaps[-1].meta.get("inputs")}  # the newest: what the run read last
             info = {"sigma_rel": std, "at_kimg": at / 1000, "residual": float(residual[j]),
                     "inputs": [{"snapshot": s.path.name, "sigma_rel": s.stds[i], "weight": float(X[k, j])}
                                for k, (s, i) in enumerate(inputs)]}

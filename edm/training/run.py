@@ -149,26 +149,38 @@ def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str
     from ..models.loading import model_record
 
     root = Path(cfg.dataset.root).expanduser().resolve() if cfg.dataset.root else None
+    files = {f"{key}_file": str(Path(file).resolve()) if file is not None else None
+             for key, file in (("init", init_file), ("teacher", teacher_file))}  # where they were read: named, not compared
     return {"dataset_root": str(root) if root else None, "dataset_contents": root_contents_key(root) if root else None,
-            **model_record(init_file, "init"), **model_record(teacher_file, "teacher")}
+            **model_record(init_file, "init"), **model_record(teacher_file, "teacher"), **files}
 
 
 INPUT_KEYS = ("dataset.root", "init", "teacher")  # config paths whose run_inputs facts a resume compares instead
 
 
 def check_resume_inputs(saved: dict | None, ours: dict, path: Path) -> list[dict]:
-    """A resume reads what the run read: another data folder or another teacher (by resolved path and file hash)
-    is refused; data files changed in place and another init model (whose weights the resume does not reload) are
-    warned of. Returns the changes, recorded in the next checkpoints."""
+    """A resume reads what the run read: another data folder, another teacher file (by resolved path and file hash),
+    or starting from a model where the run did not (or the reverse) is refused; data files changed in place and
+    another init file (whose weights the resume does not read again) are warned of. Returns the changes, recorded
+    in the next checkpoints."""
     if saved is None:  # a checkpoint that records no inputs: its config's paths were compared as settings
         return []
-    changes = [{"key": f"inputs.{k}", "checkpoint": a, "config": b} for k, a, b in differences(saved, ours)]
-    refused = [c for c in changes if c["key"].removeprefix("inputs.").startswith(("dataset_root", "teacher"))]
-    if refused:
-        listed = "; ".join(f"{c['key']}: checkpoint {c['checkpoint']!r}, now {c['config']!r}" for c in refused)
-        raise ckpt.CheckpointError(f"checkpoint {path} was trained on other inputs ({listed}): a teacher file that "
-                                   "changed (e.g. its run trained on) or another data folder would make another run; "
-                                   "resume with the run's data and teacher file, or start a new run_dir")
+    changes = [{"key": f"inputs.{k}", "checkpoint": a, "config": b} for k, a, b in differences(saved, ours)
+               if not k.endswith("_file")]
+
+    def refused(change: dict) -> bool:
+        key = change["key"].removeprefix("inputs.")
+        return key.startswith(("dataset_root", "teacher")) or (key.startswith("init") and None in (
+            change["checkpoint"], change["config"]))
+
+    stop = [c for c in changes if refused(c)]
+    if stop:
+        listed = "; ".join(f"{c['key']}: checkpoint {c['checkpoint']!r}, now {c['config']!r}" for c in stop)
+        read = "; ".join(f"{k}: {saved.get(k)} then, {ours.get(k)} now" for k in ("teacher_file", "init_file")
+                         if saved.get(k) or ours.get(k))
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained on other inputs ({listed}{'; ' + read if read else ''}): "
+                                   "resume with the data folder, teacher and init the run read (a teacher= run folder "
+                                   "names its latest checkpoint: give the file the run read), or start a new run_dir")
     if changes:
         run_logger.warning("resuming %s: %s; the run goes on with them as they are now, and the next checkpoints "
                            "record them", path, "; ".join(f"{c['key']} changed since the checkpoint "
@@ -257,11 +269,20 @@ def other_run(path: Path, cfg: TrainConfig) -> list[str]:
     the run of checkpoint `path` differs from cfg, as written in the two configs: a resume could not continue it. []
     when the checkpoint cannot be read (the resume names that problem)."""
     try:
-        saved = ckpt.load_checkpoint(path).get("config") or {}
+        state = ckpt.load_checkpoint(path)
     except (ckpt.CheckpointError, OSError):
         return []
-    return [f"{k}: run {a!r}, now {b!r}" for k, a, b in setting_differences(saved, to_container(cfg))
-            if _is_fixed(k) and not k.startswith("loss.")]
+    saved, inputs = state.get("config") or {}, state.get("inputs")
+    as_facts = INPUT_KEYS if inputs is not None else ()  # compared as what the paths name, as a resume does
+    diffs = [f"{k}: run {a!r}, now {b!r}" for k, a, b in setting_differences(saved, to_container(cfg))
+             if _is_fixed(k) and not k.startswith("loss.") and k not in as_facts]
+    if inputs is not None:
+        root = str(Path(cfg.dataset.root).expanduser().resolve()) if cfg.dataset.root else None
+        if inputs.get("dataset_root") != root:
+            diffs.append(f"dataset.root: run {inputs.get('dataset_root')!r}, now {root!r}")
+        diffs += [f"{k}: run {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in ("init", "teacher")
+                  if bool(saved.get(k)) != bool(getattr(cfg, k))]
+    return diffs
 
 
 def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
