@@ -283,7 +283,7 @@ class TrigFlow(Schedule):
         return torch.atan(_as_tensor(sigma) / self.sigma_data)
 
 
-def iddpm_sigmas(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+def iddpm_sigmas(M: int, C_1: float, C_2: float) -> Tensor:
     """iDDPM's noise levels u_0 > u_1 > ... > u_M = 0 in float64 (EDM Table 1, footnote):
     u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) with ᾱ_j = sin²(π/2 · j / (M (C_2 + 1))), i.e.
     ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1) (M + 1 values: tens of microseconds)."""
@@ -294,7 +294,7 @@ def iddpm_sigmas(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tenso
     return torch.expm1(log_v).sqrt()
 
 
-def iddpm_index(sigma: Tensor, M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> Tensor:
+def iddpm_index(sigma: Tensor, M: int, C_1: float, C_2: float) -> Tensor:
     """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's dtype and shape."""
     u = iddpm_sigmas(M, C_1, C_2).to(sigma.device)
     return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(sigma.dtype)
