@@ -87,7 +87,9 @@ def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
     after = model_record(load_model(out)[1].source, "checkpoint")
     legacy, samples = tmp_path / "legacy", tmp_path / "samples"
     claim(legacy, {"checkpoint_sha256": before["checkpoint_sha256"]}, [], command="edm-sample")  # lacks the key
-    claim(legacy, after, [], command="edm-sample")
+    claim(legacy, after, [], command="edm-sample")  # accepted, and the record now holds the key ...
+    with pytest.raises(ProvenanceError, match="checkpoint_model_json_sha256: folder '.*', now '.*'"):
+        claim(legacy, before, [], command="edm-sample")  # ... so a later edit is seen there too
     claim(samples, before, [], command="edm-sample")
     with pytest.raises(ProvenanceError, match="checkpoint_model_json_sha256: folder '.*', now '.*'"):
         claim(samples, after, [], command="edm-sample")

@@ -146,6 +146,17 @@ def test_iddpm_c_noise_is_the_index_of_the_nearest_level_counted_from_the_end():
     torch.testing.assert_close(den.coefficients(between).c_noise, torch.tensor([22.0, 21.0], dtype=F64))
 
 
+def test_iddpm_c_noise_is_exact_in_half_precision():
+    """c_noise = M − 1 − j up to 999 is not representable in bfloat16: the index stays float32."""
+    u = _iddpm_levels()
+    sigma = torch.tensor([u[2], u[500], u[997]], dtype=torch.bfloat16)
+    j = edm.schedules.IDDPM().index(sigma)
+    assert j.dtype == torch.float32
+    c_noise = edm.Precond(torch.nn.Identity(), kind="iddpm").coefficients(sigma).c_noise
+    nearest = [min(range(len(u)), key=lambda k: abs(u[k] - float(s))) for s in sigma]
+    assert c_noise.tolist() == [999.0 - k for k in nearest]
+
+
 def test_iddpm_uses_the_first_half_of_a_network_with_twice_the_channels():
     """iDDPM's network outputs n and then its learned variance: D takes the first C channels; other kinds refuse."""
     x = torch.randn(2, 3, 4, 4, dtype=F64)

@@ -295,9 +295,10 @@ def iddpm_sigmas(M: int, C_1: float, C_2: float) -> Tensor:
 
 
 def iddpm_index(sigma: Tensor, M: int, C_1: float, C_2: float) -> Tensor:
-    """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's dtype and shape."""
+    """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's shape and dtype, float32 at least (an
+    index up to 1000 is not exact in bfloat16 or float16)."""
     u = iddpm_sigmas(M, C_1, C_2).to(sigma.device)
-    return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(sigma.dtype)
+    return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(torch.promote_types(sigma.dtype, torch.float32))
 
 
 @dataclass(frozen=True)

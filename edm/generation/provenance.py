@@ -98,7 +98,8 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
     command is refused whatever `overwrite` says (its results are not this command's to delete); with overwrite,
     delete `results` (the folder's earlier outputs) first; else refuse a folder whose provenance.json differs from
     `record` (naming each differing key) or that holds results without one; then write the record with its command.
-    A record that names no command, or lacks a MAY_LACK_SUFFIXES key, is compared without that key."""
+    A record that names no command, or lacks a MAY_LACK_SUFFIXES key, is compared without that key, then written
+    with it."""
     out_dir = Path(out_dir)
     path = out_dir / PROVENANCE_NAME
     other = _saved_command(path)
@@ -127,6 +128,8 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
         if diffs:
             listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
             raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out())
+        if saved.keys() != record.keys():  # keys the folder's record lacked: from here on they are compared too
+            write_json(path, record)
         return
     if results:
         raise ProvenanceError(
