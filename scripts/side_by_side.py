@@ -51,7 +51,7 @@ from typing import Iterator
 import torch
 
 from edm.cli import compose, user_errors
-from edm.data import dataset_record, root_contents_key
+from edm.data import dataset_record, resolved_root, root_contents_key
 from edm.evaluation.nfe_study import StudyConfig, run_study
 from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
@@ -433,10 +433,10 @@ def run(args: argparse.Namespace) -> str:
     seeds = parse_seeds(args.seeds)
     classifier = ClassifierConfig(steps=args.classifier_steps)
     data = compose("train", args.overrides).dataset
-    root = Path(data.root).expanduser().resolve() if data.root else None
+    root = resolved_root(data.root)
     shared = {"shared": args.overrides, "num_images": args.num_images, "score": SCORE, "sampler": [SOLVER, STEPS],
               "classifier": dataclasses.asdict(classifier),
-              "dataset": dataset_record(data) | {"root": str(root) if root else None},  # the images, not only their keys
+              "dataset": dataset_record(data) | {"root": root},  # the images, not only their keys
               "dataset_contents": root_contents_key(root) if root else None}
     claim_out(args.out, shared, arms, overwrite=args.overwrite)
     if not args.report_only:

@@ -294,11 +294,16 @@ def iddpm_sigmas(M: int, C_1: float, C_2: float) -> Tensor:
     return torch.expm1(log_v).sqrt()
 
 
+def _nearest(sigma: Tensor, u: Tensor) -> Tensor:
+    """argmin_j |u_j − σ| (int64, σ's shape) for levels u on σ's device."""
+    return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1)
+
+
 def iddpm_index(sigma: Tensor, M: int, C_1: float, C_2: float) -> Tensor:
     """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's shape and dtype, float32 at least (an
     index up to 1000 is not exact in bfloat16 or float16)."""
     u = iddpm_sigmas(M, C_1, C_2).to(sigma.device)
-    return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1).to(torch.promote_types(sigma.dtype, torch.float32))
+    return _nearest(sigma, u).to(torch.promote_types(sigma.dtype, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,8 @@ class IDDPM(_SigmaIsTime):
 
     def round_time(self, t: Tensor) -> Tensor:
         """u_j nearest to t = σ."""
-        return self.levels().to(t.device)[self.index(t).long()].to(t.dtype)
+        u = self.levels().to(t.device)
+        return u[_nearest(t, u)].to(t.dtype)
 
 
 SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
@@ -445,7 +451,7 @@ def _levels_inside(sched: Schedule) -> Tensor:
     σ_max round to, when it is iddpm; else of IDDPM()'s."""
     if isinstance(sched, IDDPM):
         u = sched.levels()
-        lo, hi = (float(sched.round_time(torch.tensor(v, dtype=torch.float64))) for v in (sched.sigma_min, sched.sigma_max))
+        lo, hi = u[_nearest(torch.tensor([sched.sigma_min, sched.sigma_max], dtype=torch.float64), u)].tolist()
     else:
         u, lo, hi = IDDPM().levels(), sched.sigma_min, sched.sigma_max
     return u[(u >= lo) & (u <= hi)]

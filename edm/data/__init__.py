@@ -8,7 +8,7 @@ from .registry import (
 )
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, IMAGE_EXTENSIONS, BadImagesError, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
-    ImageSource, NoLabelsError, Subset, TensorImageDataset, XFlip, contents_key, image_files, root_contents_key, load_cifar10, load_digits, load_mnist, read_idx,
+    ImageSource, NoLabelsError, Subset, TensorImageDataset, XFlip, contents_key, image_files, resolved_root, root_contents_key, load_cifar10, load_digits, load_mnist, read_idx,
 )
 from .stream import StreamBatchSampler, epoch_permutation, make_loader, micro_batch_start
 
@@ -17,5 +17,5 @@ __all__ = [
     "UNRECORDED_RESAMPLE", "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
     "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8", "read_image",
-    "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "contents_key", "image_files", "root_contents_key", "LatentDataset", "latent_name",
+    "as_model_space", "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "contents_key", "image_files", "resolved_root", "root_contents_key", "LatentDataset", "latent_name",
 ]

@@ -31,7 +31,7 @@ from ..latent import LATENTS_NAME, LatentConfig, load_vae
 from ..progress import progress_bar
 from .latents import latent_name
 from .registry import DatasetConfig, build_dataset, dataset_record
-from .sets import LABELS_NAME, ImageDataset, root_contents_key
+from .sets import LABELS_NAME, ImageDataset, resolved_root, root_contents_key
 
 __all__ = ["EncodeConfig", "encode_dataset", "raw_statistics", "LATENTS_FORMAT"]
 
@@ -55,8 +55,7 @@ class EncodeConfig:
 def _source(cfg: DatasetConfig) -> dict:
     """The pixel data set as latents.json and the provenance record name it: root absolute, and without the
     settings that do not change the latents (labels are always carried over; dataset_record drops the workers)."""
-    root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
-    return dataset_record(cfg) | {"root": root, "cond": False}
+    return dataset_record(cfg) | {"root": resolved_root(cfg.root), "cond": False}
 
 
 def _images_record(dataset: ImageDataset, root: str | None) -> dict:

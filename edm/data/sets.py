@@ -29,7 +29,7 @@ __all__ = [
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
     "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels", "contents_key",
-    "root_contents_key",
+    "root_contents_key", "resolved_root",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def contents_key(path: str | Path, files: list[Path] | None = None) -> str:
         stat = file.stat()
         listing.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return f"{len(files)}:{listing.hexdigest()[:12]}"
+
+
+def resolved_root(root: str | Path | None) -> str | None:
+    """A data set's root as the absolute path it names from here (~ expanded), None for none: what records hold, so
+    that the same folder compares equal from any directory and a relative path naming another folder does not."""
+    return str(Path(root).expanduser().resolve()) if root else None
 
 
 def root_contents_key(root: str | Path) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 from ..core.losses import Loss
 from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
-from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded, root_contents_key
+from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded, resolved_root, root_contents_key
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
@@ -148,10 +148,10 @@ def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str
     its root_contents_key, and the identities (model_record) of the files init= and teacher= were read from."""
     from ..models.loading import model_record
 
-    root = Path(cfg.dataset.root).expanduser().resolve() if cfg.dataset.root else None
+    root = resolved_root(cfg.dataset.root)
     files = {f"{key}_file": str(Path(file).resolve()) if file is not None else None
              for key, file in (("init", init_file), ("teacher", teacher_file))}  # where they were read: named, not compared
-    return {"dataset_root": str(root) if root else None, "dataset_contents": root_contents_key(root) if root else None,
+    return {"dataset_root": root, "dataset_contents": root_contents_key(root) if root else None,
             **model_record(init_file, "init"), **model_record(teacher_file, "teacher"), **files}
 
 
@@ -277,7 +277,7 @@ def other_run(path: Path, cfg: TrainConfig) -> list[str]:
     diffs = [f"{k}: run {a!r}, now {b!r}" for k, a, b in setting_differences(saved, to_container(cfg))
              if _is_fixed(k) and not k.startswith("loss.") and k not in as_facts]
     if inputs is not None:
-        root = str(Path(cfg.dataset.root).expanduser().resolve()) if cfg.dataset.root else None
+        root = resolved_root(cfg.dataset.root)
         if inputs.get("dataset_root") != root:
             diffs.append(f"dataset.root: run {inputs.get('dataset_root')!r}, now {root!r}")
         diffs += [f"{k}: run {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in ("init", "teacher")
