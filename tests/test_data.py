@@ -32,6 +32,17 @@ def test_digits_are_sklearn_digits_in_unit_range():
     y = to_model_space(image)[0].double()
     np.testing.assert_allclose(y.numpy(), bunch.images[5] / 8.0 - 1.0, atol=1 / 127.5)
     assert float(to_model_space(ds.images).min()) == -1.0 and float(to_model_space(ds.images).max()) == 1.0
+    # every image and label is scikit-learn's (read from its digits.csv.gz without importing it)
+    assert np.array_equal(ds.images[:, 0].numpy(), np.rint(bunch.images * (255 / 16)).astype(np.uint8))
+    assert np.array_equal(load_digits(cond=True).labels.numpy(), bunch.target)
+
+
+def test_digits_without_scikit_learn_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(DatasetNotFoundError, match="pip install scikit-learn"):
+        load_digits()
 
 
 def test_digits_cond_labels_are_one_hot_of_the_class():

@@ -433,13 +433,24 @@ def resize_images(images: Tensor, resolution: int | None, resample: str = DEFAUL
 
 
 def load_digits(resolution: int | None = None, cond: bool = False, resample: str = DEFAULT_RESAMPLE) -> TensorImageDataset:
-    """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16, 10 classes); no download."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0))).to(torch.uint8)[:, None]
-    labels = torch.from_numpy(bunch.target).long()
+    """scikit-learn's bundled handwritten digits (1797 images, 8x8, values 0..16, 10 classes); no download. Read from
+    the wheel's digits.csv.gz (one image a row: 64 pixels, then its label) without importing scikit-learn (1.4 s)."""
+    rows = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float64)
+    images = torch.from_numpy(np.rint(rows[:, :64].reshape(-1, 1, 8, 8) * (255.0 / 16.0))).to(torch.uint8)
+    labels = torch.from_numpy(rows[:, 64].astype(np.int64))
     return TensorImageDataset(resize_images(images, resolution, resample), labels, 10, cond)
+
+
+def _digits_csv() -> Path:
+    """sklearn/datasets/data/digits.csv.gz of the installed scikit-learn (find_spec does not import the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DatasetNotFoundError(f"dataset=digits reads scikit-learn's bundled digits.csv.gz, not found "
+                                   f"({path or 'scikit-learn is not installed'}): pip install scikit-learn")
+    return path
 
 
 def read_idx(path: str | Path) -> np.ndarray:
