@@ -286,13 +286,17 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     assert nfe == {"plain": 3, "auto": 6, "none": 3}  # Euler's 3 evaluations, each with the guide's inside the interval
     record = json.loads((tmp_path / "auto" / "provenance.json").read_text())
     assert record["guidance"] == 2.0 and len(record["guide_sha256"]) == 64
+    from edm.generation.job import SampleConfig, generate_folder
+
     cond = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
-    proc = sample_script(*common, "guidance=2", f"guide={cond}", f"out={tmp_path / 'bad'}", check=False)
-    assert proc.returncode == 1 and "takes 3 class labels, the model 0" in proc.stderr
-    proc = sample_script(*common, "guidance=2", f"out={tmp_path / 'cfg'}", check=False)
-    assert proc.returncode == 1 and "classifier-free guidance needs a class-conditional model" in proc.stderr
-    proc = sample_script(*common, f"guide={guide}", f"out={tmp_path / 'w1'}", check=False)
-    assert proc.returncode == 1 and "set guidance=W" in proc.stderr
+    for fields, message in [({"guidance": 2.0, "guide": str(cond)}, "takes 3 class labels, the model 0"),
+                            ({"guidance": 2.0}, "classifier-free guidance needs a class-conditional model"),
+                            ({"guide": str(guide)}, "set guidance=W")]:
+        cfg = SampleConfig(checkpoint=str(ckpt), num_images=3, format="npz", out=str(tmp_path / "bad"), progress=False,
+                           **fields)
+        with pytest.raises(ValueError, match=message):
+            generate_folder(cfg)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_stochastic_folder_whose_record_lacks_the_churn_steps_is_not_resumed(run_dir, tmp_path):

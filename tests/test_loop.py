@@ -216,7 +216,7 @@ def _step_order(run_dir: Path, world_by_step: dict[int, int]) -> dict[int, list[
 def test_a_run_continues_on_another_number_of_processes_with_the_same_data_and_draws(tmp_path, tiny_train,
                                                                                     one_thread_env):
     """Global batch 8 in micro-batches of 4: 2 processes for 2 steps then 1 (accumulating 2) for 2, and 1 then 2,
-    end bit for bit where 1 process throughout ends (dropout 0.1 included): the same images per step and the same
+    end bit for bit where 1 uncut process ends (dropout 0.1 included): the same images per step and the same
     σ, n and dropout per micro-batch (seeded by its place in the data stream). The resumed run
     says so in one line; micro-batches of 2 images draw differently (the check can fail), and a changed global
     batch is refused, naming both values."""
@@ -225,13 +225,17 @@ def test_a_run_continues_on_another_number_of_processes_with_the_same_data_and_d
     half, full = "total_kimg=0.016", "total_kimg=0.032"
 
     def run(name: str, layout: tuple[int, int], *extra: str) -> tuple[dict, dict[int, list[int]], str]:
+        """Steps 1-2 on layout[0] processes, 3-4 on layout[1]; (None, None): 4 steps on one process, uncut."""
         run_dir = tmp_path / name
+        if layout == (None, None):
+            log = _train_processes([*base, f"run_dir={run_dir}", full, *extra], 1, one_thread_env)
+            return load_checkpoint(find_latest(run_dir)), _step_order(run_dir, dict.fromkeys(range(4), 1)), log
         first = _train_processes([*base, f"run_dir={run_dir}", half, *extra], layout[0], one_thread_env)
         second = _train_processes([*base, f"run_dir={run_dir}", full, "resume=true", *extra], layout[1], one_thread_env)
         order = _step_order(run_dir, {0: layout[0], 1: layout[0], 2: layout[1], 3: layout[1]})
         return load_checkpoint(find_latest(run_dir)), order, first + second
 
-    straight, straight_order, _ = run("one", (1, 1))
+    straight, straight_order, _ = run("one", (None, None))
     start = load_checkpoint(tmp_path / "one" / "checkpoint-00000002.pt")
     for name, layout in [("two-then-one", (2, 1)), ("one-then-two", (1, 2))]:
         state, order, log = run(name, layout)
@@ -239,7 +243,7 @@ def test_a_run_continues_on_another_number_of_processes_with_the_same_data_and_d
         assert f"continuing on {layout[1]} process(es) x 4 images per micro-batch (the checkpoint: {layout[0]} x 4)" in log
         for key in ("model", "ema"):  # halving is exact, so gloo's (g₀ + g₁)/2 equals accumulated g₀/2 + g₁/2
             assert all(torch.equal(state[key][k], straight[key][k]) for k in straight[key]), (name, key)
-    other, _, log = run("smaller-micro-batches", (1, 1), "batch_per_device=2")
+    other, _, log = run("smaller-micro-batches", (None, None), "batch_per_device=2")
     moved = sum(float((straight["model"][k] - start["model"][k]).double().pow(2).sum()) for k in start["model"]) ** 0.5
     apart = sum(float((other["model"][k] - straight["model"][k]).double().pow(2).sum()) for k in start["model"]) ** 0.5
     assert apart > 1e-2 * moved  # other draws: an O(1) share of the last two steps' update

@@ -578,10 +578,13 @@ def test_reference_statistics_carrying_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_edm_eval_checks_its_images_before_any_work(tmp_path):
+def test_edm_eval_checks_its_images_before_any_work(tmp_path, monkeypatch):
     """A missing path, an empty folder, a file that is not an .npz and images of another shape than the data set's
-    are named at once: no classifier is trained first (the cache stays empty) and no traceback is printed."""
+    are named at once: no classifier is trained first (the cache stays empty); the command prints no traceback."""
     from PIL import Image
+
+    from edm.cli import compose
+    from edm.cli.evaluate import run
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
@@ -590,14 +593,19 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path):
         Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png")
     (tmp_path / "npz-out").mkdir()  # an edm-sample format=npz folder
     save_npz_images(tmp_path / "npz-out" / "samples.npz", random_images(2, 0))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
     for images, message in (("nope", "no images at 'nope'"), ("empty", "no image files"),
                             ("npz-out", "it holds samples.npz, so give images=npz-out/samples.npz"),
-                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive"),
-                            ("big", "the images are [1, 16, 16], data set digits has [1, 8, 8] ones")):
-        proc = subprocess.run([command("edm-eval"), "metric=fd_cls", f"images={images}", "dataset=digits"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                              env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
-        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive")):
+        with pytest.raises(Exception) as refused:
+            run(compose("evaluate", ["metric=fd_cls", f"images={images}", "dataset=digits"]), "fd_cls")
+        assert message in str(refused.value)
+    proc = subprocess.run([command("edm-eval"), "metric=fd_cls", "images=big", "dataset=digits"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the images are [1, 16, 16], data set digits has [1, 8, 8] ones" in proc.stderr
     assert not (tmp_path / "cache").exists()
 
 
