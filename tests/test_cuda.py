@@ -127,3 +127,17 @@ def test_bf16_compiled_sampling_matches_fp32():
         fast = edm.sample(fast_denoiser(den, "bf16", compile=True), noise, "edm", num_steps=8)
     assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
     assert 0 < rel_err(fast, ref) < 3e-2
+
+
+def test_the_coefficients_of_every_kind_and_iddpms_rounding_wait_for_no_queued_gpu_work():
+    """Every precond kind's table and the iddpm schedule's levels are computed on σ's device: under CUDA's sync
+    debug mode "error", a copy from the host (which waits for the queued kernels) would raise."""
+    sigma = torch.rand(64, device=CUDA, dtype=torch.float32) * 80
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kind in edm.precond.PRECOND_KINDS:
+            edm.precond.coefficients(sigma, kind)
+        edm.schedules.get("iddpm").round_time(sigma)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -59,7 +59,7 @@ def _sigma_iddpm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tenso
     """iDDPM: σ = u_j with j ~ U{0, ..., M − 1}, the schedule's noise levels when it is iddpm."""
     ddpm = loss.schedule if isinstance(loss.schedule, IDDPM) else IDDPM()
     j = (u * ddpm.M).long().clamp(max=ddpm.M - 1)
-    return ddpm.levels().to(device=u.device, dtype=u.dtype)[j]
+    return ddpm.levels(u.device).to(u.dtype)[j]
 
 
 def _sigma_edm(loss: "Loss", u: Tensor, normal: Callable[[], Tensor]) -> Tensor:

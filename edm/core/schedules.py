@@ -283,14 +283,15 @@ class TrigFlow(Schedule):
         return torch.atan(_as_tensor(sigma) / self.sigma_data)
 
 
-def iddpm_sigmas(M: int, C_1: float, C_2: float) -> Tensor:
+def iddpm_sigmas(M: int, C_1: float, C_2: float, device: torch.device | str | None = None) -> Tensor:
     """iDDPM's noise levels u_0 > u_1 > ... > u_M = 0 in float64 (EDM Table 1, footnote):
     u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) with ᾱ_j = sin²(π/2 · j / (M (C_2 + 1))), i.e.
-    ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1) (M + 1 values: tens of microseconds)."""
-    j = torch.arange(M + 1, dtype=torch.float64)
+    ln(u_j² + 1) = −Σ_{k=j+1}^{M} ln max(ᾱ_{k−1}/ᾱ_k, C_1) (M + 1 values: tens of microseconds). Computed on `device`,
+    where they are used: a copy from the CPU would wait for a GPU's queued work at every call."""
+    j = torch.arange(M + 1, dtype=torch.float64, device=device)
     alpha_bar = torch.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2
     log_ratio = torch.log((alpha_bar[:-1] / alpha_bar[1:]).clamp(min=C_1))  # ln max(ᾱ_{k−1}/ᾱ_k, C_1), k = 1..M
-    log_v = torch.cat([-log_ratio.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    log_v = torch.cat([-log_ratio.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64, device=device)])
     return torch.expm1(log_v).sqrt()
 
 
@@ -302,7 +303,7 @@ def _nearest(sigma: Tensor, u: Tensor) -> Tensor:
 def iddpm_index(sigma: Tensor, M: int, C_1: float, C_2: float) -> Tensor:
     """argmin_j |u_j − σ| over iDDPM's levels u_0..u_M (iddpm_sigmas), in σ's shape and dtype, float32 at least (an
     index up to 1000 is not exact in bfloat16 or float16)."""
-    u = iddpm_sigmas(M, C_1, C_2).to(sigma.device)
+    u = iddpm_sigmas(M, C_1, C_2, sigma.device)
     return _nearest(sigma, u).to(torch.promote_types(sigma.dtype, torch.float32))
 
 
@@ -336,9 +337,9 @@ class IDDPM(_SigmaIsTime):
         for key in ("sigma_min", "sigma_max"):
             object.__setattr__(self, key, min(max(float(getattr(self, key)), lo), hi))
 
-    def levels(self) -> Tensor:
-        """u_0 > ... > u_M = 0 (float64, on the CPU)."""
-        return iddpm_sigmas(self.M, self.C_1, self.C_2)
+    def levels(self, device: torch.device | str | None = None) -> Tensor:
+        """u_0 > ... > u_M = 0 (float64, on `device`: the CPU by default)."""
+        return iddpm_sigmas(self.M, self.C_1, self.C_2, device)
 
     def index(self, sigma: Tensor) -> Tensor:
         """argmin_j |u_j − σ|, the index of the nearest noise level, in σ's dtype."""
@@ -346,7 +347,7 @@ class IDDPM(_SigmaIsTime):
 
     def round_time(self, t: Tensor) -> Tensor:
         """u_j nearest to t = σ."""
-        u = self.levels().to(t.device)
+        u = self.levels(t.device)
         return u[_nearest(t, u)].to(t.dtype)
 
 
