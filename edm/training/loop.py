@@ -301,7 +301,7 @@ def train(
 def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     """The steps from run.state to total_kimg, with logging, checkpoints, grids and stop requests."""
     cfg, acc, state = run.cfg, run.accelerator, run.state
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     micro = micro_batch_size(cfg, world)
     if cfg.batch_size % (micro * world) != 0:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of batch_per_device ({micro}) x processes ({world})")
@@ -323,42 +323,17 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 cfg.batch_size, micro, world, accum, run.run_dir)
 
     batches = _batches(run, micro)
-    snapshot_nimg = round(cfg.ema_snapshot_kimg * 1000)  # power-EMA snapshots each time cur_nimg passes a multiple
     run_log = RunLog(run.run_dir, total_steps, enabled=run.is_main, initial_step=state.step,
                      trackers=start_trackers(acc, cfg.trackers, cfg.tracker_project, run.run_dir), progress=cfg.progress)
-    loss_sum, loss_count = torch.zeros((), device=acc.device), 0
-    t_last, nimg_last = time.perf_counter(), state.cur_nimg
+    interval = _Interval(torch.zeros((), device=acc.device), 0, time.perf_counter(), state.cur_nimg)
     checkpoint, grid, interrupted = ckpt.find_latest(run.run_dir), None, False
     agreement = StopAgreement(run.run_dir, launch_token(acc), world)
     try:
         with StopOnSignal() as stop:
             while state.cur_nimg < total_nimg:
-                try:
-                    micro_batches = [next(batches) for _ in range(accum)]
-                except BadImagesError as err:
-                    if world > 1:  # the other processes are inside a step: the launcher ends them
-                        raise
-                    saved = save_checkpoint(run)
-                    raise BadImagesError(f"{err}\nThe run's state after step {state.step} is saved in {saved}.") from None
-                if indices_log is not None:
-                    for i, (*_, indices) in enumerate(micro_batches):
-                        indices_log.write(json.dumps({"step": state.step, "round": i, "indices": indices.tolist()}) + "\n")
-                lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
-                positions = [micro_batch_start(state.cur_nimg, a, rank, world, micro) for a in range(accum)]
-                loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer,
-                                  _inputs(run, micro_batches, positions), acc, run.generator, lr, cfg.grad_clip,
-                                  seed_draws=lambda a: seed_draws(run.generator, cfg.seed, positions[a]))
-                beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
-                update_ema(run.ema, run.net, beta)
-                state.step += 1
-                state.cur_nimg += cfg.batch_size
-                if run.phema is not None:
-                    run.phema.update(run.net, state.cur_nimg, cfg.batch_size)
-                    if snapshot_nimg and (state.cur_nimg // snapshot_nimg > (state.cur_nimg - cfg.batch_size) // snapshot_nimg
-                                          or state.cur_nimg >= total_nimg):  # a multiple passed, or the end of training
-                        save_snapshot(run)
-                loss_sum += loss
-                loss_count += 1
+                micro_batches = _next_micro_batches(run, batches, accum, indices_log)
+                loss, lr, beta = _step(run, micro_batches, micro, total_nimg)
+                interval.add(loss)
                 run_log.advance()
                 if callback is not None:
                     callback(run)
@@ -369,27 +344,11 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
                 stopping = agreement.should_stop(state.step, stop.requested)
                 if not (done or save_now or grid_now or stopping or state.step % cfg.log_every == 0):
                     continue
-                # Sync point: the only host syncs of the loop.
-                mean_loss = float(acc.reduce(loss_sum, "sum")) / (loss_count * world)
-                if not math.isfinite(mean_loss):
-                    raise TrainingDivergedError(f"loss became {mean_loss} in steps {state.step - loss_count + 1} to "
-                                                f"{state.step}; stopped without saving. {_restart(run.run_dir)}")
-                now = time.perf_counter()
-                log(run_log, {
-                    "step": state.step, "kimg": state.cur_nimg / 1000, "loss": mean_loss, "lr": lr, "ema_beta": beta,
-                    "images_per_s": (state.cur_nimg - nimg_last) / max(now - t_last, 1e-9), "time": time.time(),
-                })
-                loss_sum.zero_()
-                loss_count, t_last, nimg_last = 0, now, state.cur_nimg
+                interval.log(run, run_log, lr, beta)  # the loop's only host syncs
                 if grid_now and run.is_main:
                     write_grid(run, run.run_dir / f"samples-{state.step:08d}.png", run_log)
                 if save_now or done or stopping:
-                    if not weights_finite(run.net):  # an update after a finite loss (an infinite gradient) broke them
-                        raise TrainingDivergedError(
-                            f"the weights became non-finite by step {state.step} (the losses before were finite); "
-                            f"stopped without saving. {_restart(run.run_dir)}"
-                        )
-                    checkpoint = save_checkpoint(run)
+                    checkpoint = _save_finite(run)
                 if stopping:
                     interrupted = True
                     run_logger.warning("stopped at step %d on request; resume with resume=true", state.step)
@@ -409,3 +368,80 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
             agreement.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return TrainResult(state, checkpoint, grid, run.run_dir / "metrics.jsonl", interrupted)
+
+
+def _next_micro_batches(run: Run, batches, accum: int, indices_log) -> list:
+    """The step's `accum` micro-batches of this process; their image indices logged when asked. Bad images in a
+    one-process run save the state first, so the run resumes once they are mended."""
+    try:
+        micro_batches = [next(batches) for _ in range(accum)]
+    except BadImagesError as err:
+        if run.accelerator.num_processes > 1:  # the other processes are inside a step: the launcher ends them
+            raise
+        saved = save_checkpoint(run)
+        raise BadImagesError(f"{err}\nThe run's state after step {run.state.step} is saved in {saved}.") from None
+    if indices_log is not None:
+        for i, (*_, indices) in enumerate(micro_batches):
+            indices_log.write(json.dumps({"step": run.state.step, "round": i, "indices": indices.tolist()}) + "\n")
+    return micro_batches
+
+
+def _step(run: Run, micro_batches: list, micro: int, total_nimg: int) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step at lr(cur_nimg), the EMA at β(cur_nimg) and the power EMAs (a snapshot each time cur_nimg
+    passes a multiple of ema_snapshot_kimg, and at the end); returns (loss on the device, lr, β)."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    lr = learning_rate(state.cur_nimg, cfg.lr, cfg.lr_rampup_kimg, cfg.lr_decay_kimg)
+    positions = [micro_batch_start(state.cur_nimg, a, acc.process_index, acc.num_processes, micro)
+                 for a in range(len(micro_batches))]
+    loss = train_step(run.model, run.loss_fn.at(state.cur_nimg), run.optimizer, _inputs(run, micro_batches, positions),
+                      acc, run.generator, lr, cfg.grad_clip,
+                      seed_draws=lambda a: seed_draws(run.generator, cfg.seed, positions[a]))
+    beta = ema_beta(state.cur_nimg, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    update_ema(run.ema, run.net, beta)
+    state.step += 1
+    state.cur_nimg += cfg.batch_size
+    if run.phema is not None:
+        run.phema.update(run.net, state.cur_nimg, cfg.batch_size)
+        every = round(cfg.ema_snapshot_kimg * 1000)
+        if every and (state.cur_nimg // every > (state.cur_nimg - cfg.batch_size) // every or state.cur_nimg >= total_nimg):
+            save_snapshot(run)
+    return loss, lr, beta
+
+
+@dataclass
+class _Interval:
+    """The steps since the last log record: their losses summed on the device (no host sync per step), their
+    count, and the time and image count at its start."""
+
+    loss_sum: torch.Tensor
+    count: int
+    t_start: float
+    nimg_start: int
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.count += 1
+
+    def log(self, run: Run, run_log: RunLog, lr: float, beta: float) -> None:
+        """One record: the mean loss over every process's steps of the interval (a non-finite one stops the run
+        unsaved), lr, β and images/s; then a new interval starts."""
+        state, world = run.state, run.accelerator.num_processes
+        mean_loss = float(run.accelerator.reduce(self.loss_sum, "sum")) / (self.count * world)
+        if not math.isfinite(mean_loss):
+            raise TrainingDivergedError(f"loss became {mean_loss} in steps {state.step - self.count + 1} to "
+                                        f"{state.step}; stopped without saving. {_restart(run.run_dir)}")
+        now = time.perf_counter()
+        log(run_log, {
+            "step": state.step, "kimg": state.cur_nimg / 1000, "loss": mean_loss, "lr": lr, "ema_beta": beta,
+            "images_per_s": (state.cur_nimg - self.nimg_start) / max(now - self.t_start, 1e-9), "time": time.time(),
+        })
+        self.loss_sum.zero_()
+        self.count, self.t_start, self.nimg_start = 0, now, state.cur_nimg
+
+
+def _save_finite(run: Run) -> Path:
+    """save_checkpoint, unless an update after a finite loss (an infinite gradient) made the weights non-finite."""
+    if not weights_finite(run.net):
+        raise TrainingDivergedError(f"the weights became non-finite by step {run.state.step} (the losses before were "
+                                    f"finite); stopped without saving. {_restart(run.run_dir)}")
+    return save_checkpoint(run)
