@@ -242,6 +242,15 @@ def test_iddpm_range_and_default_grid_are_edm_table_1s():
     assert IDDPM(M=4000).time_steps(1)[0] == pytest.approx(min(_iddpm_levels(4000), key=lambda v: abs(v - 80)))
 
 
+def test_the_iddpm_grid_on_another_schedule_keeps_its_sigma_max_and_at_81_is_table_1s():
+    """On EDM's schedule no level lies above σ_max: 80 starts at u_9; σ_max 81 (NVlabs' ablation_sampler's for this
+    grid) gives the iddpm schedule's own grid, j0 = 8, to the last level."""
+    u = _iddpm_levels()
+    assert float(edm.schedules.get("edm").time_steps(18, "iddpm")[0]) == pytest.approx(u[9], rel=1e-12)
+    table_1 = IDDPM().time_steps(18)
+    torch.testing.assert_close(edm.schedules.get("edm", sigma_max=81.0).time_steps(18, "iddpm"), table_1, rtol=1e-12, atol=0)
+
+
 def test_iddpm_rounds_a_samplers_times_to_its_nearest_noise_level():
     """Every grid of the iddpm schedule lies on its levels, each the nearest to the discretization's own σ."""
     u = torch.tensor(_iddpm_levels(), dtype=F64)

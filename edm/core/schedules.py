@@ -449,7 +449,9 @@ def log_snr_uniform(sched: Schedule, num_steps: int, *, dtype=torch.float64, dev
 
 def _levels_inside(sched: Schedule) -> Tensor:
     """iDDPM's levels u_j in [σ_min, σ_max] of `sched`: of its own M, C_1, C_2, between the levels its σ_min and
-    σ_max round to, when it is iddpm; else of IDDPM()'s."""
+    σ_max round to, when it is iddpm; else of IDDPM()'s, none above the schedule's σ_max (VP's t stays ≤ 1): EDM's
+    σ_max 80 starts at u_9 = 71.3, where NVlabs' ablation_sampler passes σ_max 81 for this grid (u_8 = 80.2, Table
+    1's j_0 = 8): schedule.sigma_max=81 gives its grid."""
     if isinstance(sched, IDDPM):
         u = sched.levels()
         lo, hi = u[_nearest(torch.tensor([sched.sigma_min, sched.sigma_max], dtype=torch.float64), u)].tolist()

@@ -142,6 +142,40 @@ def earlier_results(out: Path) -> list[Path]:
     return [*pngs, out / outputs.PARTS_DIR, out / outputs.NPZ_NAME, out / REPORT_NAME]
 
 
+def _check_request(cfg: SampleConfig, scored: bool) -> list[int]:
+    """The seeds cfg asks for, once the settings that need no model are checked (bad values fail before any work)."""
+    choose(DTYPES, cfg.dtype, "dtype")
+    for key in ("batch", "vae_batch"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.format == "grid" and scored:
+        raise ValueError("scoring needs the images: use format=png or format=npz")
+    return _seeds(cfg)
+
+
+def _own_folder(out: Path, record: dict, overwrite: bool, on_own_folder: Callable[[Path], Any] | None) -> FolderLock:
+    """Lock out and claim it for images of `record` (provenance.claim: another record is refused unless overwrite);
+    the lock, held until the images are written, or released when the claim fails."""
+    lock = FolderLock(out, key="out", owner="sampler").acquire()
+    try:
+        claim(out, record, earlier_results(out), command="edm-sample", overwrite=overwrite)
+        if on_own_folder is not None:
+            on_own_folder(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _work_text(cfg: SampleConfig, nfe: int) -> str:
+    """'heun with 18 steps (35 solver evaluations per image)', as the log announces the work."""
+    adaptive = cfg.sampler.solver in ADAPTIVE_SOLVERS  # its grid's points are stops, its steps its own
+    steps = f"{cfg.sampler.num_steps} {'stop' if adaptive else 'step'}{'s' * (cfg.sampler.num_steps != 1)}"
+    calls = "an adaptive number of solver evaluations" if adaptive else f"{nfe} solver evaluation{'s' * (nfe != 1)}"
+    guide_calls = ", each with a guide evaluation where guidance applies" if cfg.guidance != 1.0 else ""
+    return f"{cfg.sampler.solver} with {steps} ({calls} per image{guide_calls})"
+
+
 def generate_folder(
     cfg: SampleConfig, *,
     on_own_folder: Callable[[Path], Any] | None = None,
@@ -156,13 +190,7 @@ def generate_folder(
     "metrics". Returns the report (main process)."""
     from accelerate import PartialState
 
-    choose(DTYPES, cfg.dtype, "dtype")  # bad values fail before any work
-    for key in ("batch", "vae_batch"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.format == "grid" and scorer is not None:
-        raise ValueError("scoring needs the images: use format=png or format=npz")
-    seeds = _seeds(cfg)
+    seeds = _check_request(cfg, scored=scorer is not None)
     state = PartialState(cpu=use_cpu(cfg.cpu))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
@@ -188,21 +216,9 @@ def generate_folder(
     record = provenance(cfg, schedule, info, launch, vae) | model_record(guide_info and guide_info.source, "guide")
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
-        lock = FolderLock(out, key="out", owner="sampler").acquire()
-        try:
-            claim(out, record, earlier_results(out), command="edm-sample", overwrite=cfg.overwrite)
-            if on_own_folder is not None:
-                on_own_folder(out)
-        except BaseException:
-            lock.release()
-            raise
-        adaptive = cfg.sampler.solver in ADAPTIVE_SOLVERS  # its grid's points are stops, its steps its own
-        steps = f"{cfg.sampler.num_steps} {'stop' if adaptive else 'step'}{'s' * (cfg.sampler.num_steps != 1)}"
-        calls = "an adaptive number of solver evaluations" if adaptive else \
-            f"{nfe} solver evaluation{'s' * (nfe != 1)}"
-        guide_calls = ", each with a guide evaluation where guidance applies" if cfg.guidance != 1.0 else ""
-        logger.info("%d image(s), %s with %s (%s per image%s), %s schedule, %d process(es) -> %s", len(seeds),
-                    cfg.sampler.solver, steps, calls, guide_calls, schedule.name, state.num_processes, out)
+        lock = _own_folder(out, record, cfg.overwrite, on_own_folder)
+        logger.info("%d image(s), %s, %s schedule, %d process(es) -> %s", len(seeds), _work_text(cfg, nfe),
+                    schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()
