@@ -1,6 +1,7 @@
 """Schedules: σ(t), s(t), derivatives and inverses against the closed forms of docs/design.md, in float64."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -291,9 +292,22 @@ def test_iddpm_options_are_checked_and_its_range_clamped_to_its_levels():
         edm.schedules.get("iddpm", rho=5.0)
 
 
-def test_a_grid_with_two_equal_times_on_a_continuous_schedule_is_left_to_the_samplers_check():
-    """Only iDDPM's levels make time_steps refuse repeats; a degenerate continuous range is the sampler's to refuse."""
-    assert EDM(sigma_min=1.0, sigma_max=1.0).time_steps(3).tolist() == [1.0, 1.0, 1.0, 0.0]
+@pytest.mark.parametrize("name,options,named", [
+    ("edm", {"sigma_min": 1.0, "sigma_max": 1.0}, "sigma_min=1, sigma_max=1"),
+    ("edm", {"sigma_min": 100.0}, "sigma_min=100, sigma_max=80"),
+    ("ve", {"sigma_max": -5.0}, "sigma_min=0.02, sigma_max=-5"),
+    ("fm", {"sigma_min": float("nan")}, "sigma_min=nan"),
+    ("trigflow", {"sigma_max": float("inf")}, "sigma_max=inf"),
+    ("vp", {"beta_d": -30.0}, "beta_d=-30"),
+    ("vp", {"epsilon_s": 0.0}, "epsilon_s=0"),
+    ("edm", {"rho": 0.0}, "rho=0"),
+    ("trigflow", {"sigma_data": 0.0}, "sigma_data=0"),
+])
+def test_a_schedule_outside_its_domain_is_refused_when_made_naming_the_values(name, options, named):
+    """Made, not when a grid or a loss meets NaN: a degenerate or inverted σ range, a non-finite one, VP's β_d ≤ 0 or
+    ε_s = 0, EDM's ρ ≤ 0, TrigFlow's σ_d ≤ 0."""
+    with pytest.raises(ValueError, match=f"{name} schedule: .*{re.escape(named)}"):
+        edm.schedules.get(name, **options)
 
 
 def test_time_steps_default_to_the_schedules_own_grid_and_rho():

@@ -87,6 +87,16 @@ class Schedule:
     def sigma_max(self) -> float:
         raise NotImplementedError
 
+    def __post_init__(self) -> None:
+        """0 ≤ σ_min < σ_max < ∞ (each schedule's own parameters are checked by its _check first)."""
+        self._check()
+        if not 0 <= self.sigma_min < self.sigma_max < math.inf:
+            raise ValueError(f"{self.name} schedule: needs 0 ≤ sigma_min < sigma_max < inf; got sigma_min={self.sigma_min:g}, "
+                             f"sigma_max={self.sigma_max:g} (schedule.sigma_min=..., schedule.sigma_max=...)")
+
+    def _check(self) -> None:
+        """Refuse parameters outside the schedule's domain (ValueError naming them)."""
+
     def round_time(self, t: Tensor) -> Tensor:
         """The time a sampler uses for t: t itself; a schedule of finitely many noise levels (IDDPM) rounds it to
         the time of the nearest one."""
@@ -126,6 +136,12 @@ class VP(Schedule):
     name = "vp"
     parameterization = "vp"
     default_discretization = "uniform"
+
+    def _check(self) -> None:
+        """β_d > 0 (σ⁻¹ divides by it), β_min ≥ 0, 0 < ε_s < t_end."""
+        if not (self.beta_d > 0 and self.beta_min >= 0 and 0 < self.epsilon_s < self.t_end < math.inf):
+            raise ValueError(f"vp schedule: needs beta_d > 0, beta_min ≥ 0 and 0 < epsilon_s < t_end; got beta_d={self.beta_d:g}, "
+                             f"beta_min={self.beta_min:g}, epsilon_s={self.epsilon_s:g}, t_end={self.t_end:g}")
 
     def _exponent(self, t: Tensor) -> Tensor:
         """½β_d t² + β_min t, the integral of the linear β(t)."""
@@ -221,6 +237,10 @@ class EDM(_SigmaIsTime):
     parameterization = "edm"
     default_discretization = "karras"
 
+    def _check(self) -> None:
+        if not self.rho > 0:
+            raise ValueError(f"edm schedule: rho={self.rho:g} must be positive (EDM's: 7)")
+
 
 @dataclass(frozen=True)
 class FlowMatching(Schedule):
@@ -263,6 +283,10 @@ class TrigFlow(Schedule):
     name = "trigflow"
     parameterization = "trigflow"
     default_discretization = "karras"
+
+    def _check(self) -> None:
+        if not self.sigma_data > 0:
+            raise ValueError(f"trigflow schedule: sigma_data={self.sigma_data:g} must be positive")
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return self.sigma_data * torch.tan(_as_tensor(t))
