@@ -130,6 +130,13 @@ def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):
     assert torch.load(damaged, weights_only=True)["model"][name].isnan().any()
     with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check .*delete it"):
         load_checkpoint(damaged)
+    renamed = tmp_path / "renamed.pt"  # a byte of a member's name in the archive's index changed
+    data = bytearray(good.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first central-directory record; its file name starts 46 bytes in
+    data[entry + 46] = 0xFF
+    renamed.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"renamed.pt is corrupt: a file name in its zip index is not UTF-8.*delete it"):
+        load_checkpoint(renamed)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor)
     with pytest.raises(CheckpointError, match="expected a dict"):

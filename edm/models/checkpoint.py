@@ -60,15 +60,18 @@ def _check_crc(path: Path) -> None:
     """Every member of the checkpoint's zip archive matches the CRC-32 torch.save wrote for it (torch.load does not
     check them, so damaged bytes would load as other weights); CheckpointError names the member otherwise. An
     archive too broken to list is left to torch.load, whose error names it."""
+    fallback = "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    except UnicodeDecodeError as err:  # a member name's bytes changed in the archive's index
+        raise CheckpointError(f"checkpoint {path} is corrupt: a file name in its zip index is not UTF-8 ({err}); "
+                              f"{fallback}") from None
     except (zipfile.BadZipFile, OSError, EOFError):
         return
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC-32 check (its bytes changed after "
-                              "it was written); if it is a run's latest, delete it to fall back to the run's earlier "
-                              "checkpoint")
+                              f"it was written); {fallback}")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
