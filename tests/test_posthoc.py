@@ -81,6 +81,26 @@ def test_recipe_smalls_four_commands_make_guided_samples(tmp_path, tiny_train, o
     assert len(list(samples.glob("*.png"))) == 1  # the grid
 
 
+def test_a_snapshot_whose_weights_were_damaged_is_named_not_averaged_into_the_model(tmp_path, tiny_train, one_thread):
+    """Bytes of a snapshot's tensor overwritten (NaN as float32): even at a weight of ~0 in the fit, 0·NaN is NaN, so
+    the snapshot is refused by name before any model is written."""
+    from safetensors.torch import load_file
+
+    from edm.models.checkpoint import CheckpointError
+    from edm.training.posthoc import PosthocConfig, reconstruct
+
+    power_run(tiny_train, tmp_path / "run")
+    path = sorted((tmp_path / "run" / "phema").glob("snapshot-*.safetensors"))[0]
+    weight = next(v for v in load_file(path).values() if v.numel() >= 4 and v.abs().min() > 0)
+    data = bytearray(path.read_bytes())
+    offset = data.index(weight.flatten()[:4].numpy().tobytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path.name} holds non-finite weights"):
+        reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "out")))
+    assert not list((tmp_path / "out").glob("ema-*"))
+
+
 def test_a_run_folder_that_does_not_exist_or_has_no_snapshots_is_named(tmp_path):
     from edm.training.posthoc import PosthocConfig, reconstruct
 
