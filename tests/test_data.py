@@ -45,6 +45,11 @@ def test_digits_without_scikit_learn_say_what_to_install(monkeypatch):
         load_digits()
 
 
+def test_a_dataset_root_given_to_the_bundled_digits_is_refused_naming_the_sets_that_read_one():
+    with pytest.raises(ValueError, match=r"dataset=digits is bundled and reads no dataset.root \(got /data/fmnist\).*fashion_mnist"):
+        build_dataset(DatasetConfig("digits", root="/data/fmnist"))
+
+
 def test_digits_cond_labels_are_one_hot_of_the_class():
     from sklearn.datasets import load_digits as sk
 
@@ -339,7 +344,7 @@ def test_an_unknown_resample_filter_is_refused_with_the_choices(tmp_path, name):
     Image = pytest.importorskip("PIL.Image")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match=r"dataset.resample 'lanczos3' is not valid; choose one of: lanczos, bicubic"):
-        build_dataset(DatasetConfig(name=name, root=str(tmp_path), resolution=4, resample="lanczos3"))
+        build_dataset(DatasetConfig(name=name, root=None if name == "digits" else str(tmp_path), resolution=4, resample="lanczos3"))
 
 
 # ----------------------------------------------------------------------------- data order

@@ -23,7 +23,7 @@ from .sets import (
     ImageFolderDataset, Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
-__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
+__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "check_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
            "UNRECORDED_RESAMPLE"]
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,22 @@ def resample_unrecorded(record: Mapping[str, Any]) -> bool:
     return record.get("resolution") is not None and "resample" not in record
 
 
+BUNDLED = ("digits",)  # data sets shipped inside a package: they read no dataset.root
+
+
+def check_dataset(cfg: DatasetConfig) -> None:
+    """A known dataset.name, and no dataset.root for a bundled set (one set with another's root in mind would
+    train on the bundled images unnoticed)."""
+    choose(DATASETS, cfg.name, "dataset.name")
+    if cfg.name in BUNDLED and cfg.root is not None:
+        raise ValueError(f"dataset={cfg.name} is bundled and reads no dataset.root (got {cfg.root}): drop dataset.root, "
+                         f"or name the data set it holds: dataset=folder, mnist, fashion_mnist, cifar10 or latent")
+
+
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
     """The training set described by `cfg` (see DatasetConfig and DATASETS), subset and mirrored as asked."""
-    dataset = choose(DATASETS, cfg.name, "dataset.name")(cfg)
+    check_dataset(cfg)
+    dataset = DATASETS[cfg.name](cfg)
     if cfg.max_size is not None:
         dataset = Subset(dataset, cfg.max_size)
     if cfg.xflip:

@@ -28,7 +28,7 @@ from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SamplerConfig
 from ..core.schedules import SCHEDULES, ScheduleConfig
-from ..data import DATASETS, DatasetConfig
+from ..data import DatasetConfig, check_dataset
 from ..data.augment import AUGMENT_DIM, AugmentConfig
 from ..hardware import MIXED_PRECISION
 from ..latent import LatentConfig
@@ -228,7 +228,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("objective=scd distils a teacher: set teacher=MODEL (a trained denoiser)" if cfg.objective == "scd"
                          else f"teacher={cfg.teacher} is used by objective=scd only (objective={cfg.objective})")
     _positive("precond.sigma_data", cfg.precond.sigma_data)
-    choose(DATASETS, cfg.dataset.name, "dataset.name")
+    check_dataset(cfg.dataset)
     if cfg.latent.vae is not None and cfg.dataset.name != "latent":
         raise ValueError(f"latent.vae={cfg.latent.vae} decodes latent data sets; dataset {cfg.dataset.name} holds pixels: "
                          "encode it first (edm-encode) and train with dataset=latent dataset.root=LATENTS, or drop latent.vae")
