@@ -286,6 +286,8 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     assert nfe == {"plain": 3, "auto": 6, "none": 3}  # Euler's 3 evaluations, each with the guide's inside the interval
     record = json.loads((tmp_path / "auto" / "provenance.json").read_text())
     assert record["guidance"] == 2.0 and len(record["guide_sha256"]) == 64
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["guide"] == str(guide.resolve()) and "guide" not in json.loads((tmp_path / "plain" / "report.json").read_text())
     from edm.generation.job import SampleConfig, generate_folder
 
     cond = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)

@@ -235,7 +235,8 @@ def generate_folder(
         output = outputs.finalize(cfg.format, out, seeds, grid_cols=cfg.grid_cols, grid_scale=cfg.grid_scale)
         report = {
             "edm_version": package_version(), "torch_version": torch.__version__,
-            "checkpoint": str(Path(info.source).resolve()), **record,
+            "checkpoint": str(Path(info.source).resolve()),
+            **({"guide": str(Path(guide_info.source).resolve())} if guide_info is not None else {}), **record,
             "seeds": sampling.format_seeds(seeds), "num_images": len(seeds), "batch": cfg.batch,
             "world_size": state.num_processes, "output": str(output), "seconds": round(time.time() - start, 3),
         }
