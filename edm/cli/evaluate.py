@@ -111,14 +111,15 @@ def _read_report(path: str) -> dict[str, Any]:
 def check_report(path: str | None, images: str | None) -> None:
     """An edm-sample report (one naming its "output") takes only the scores of its own folder's images: report=
     with other images is a ValueError naming both, before any work."""
-    if path is None or "output" not in _read_report(path):
+    report = _read_report(path) if path is not None else {}
+    if "output" not in report:
         return
     folder = Path(path).resolve().parent
     scored = Path(images).resolve() if images is not None else None
     if scored is None or not (scored == folder or (scored.parent == folder and scored.suffix == ".npz")):
         raise ValueError(f"report={path} is edm-sample's report of the images in {folder}, not of "
-                         f"{images if images is not None else 'a model or data set'}: score images={folder} (or the "
-                         ".npz in it), or write another report= file")
+                         f"{images if images is not None else 'a model or data set'}: score images={report['output']} "
+                         "(its images), or write another report= file")
 
 
 def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, str], images: str | None) -> None:
