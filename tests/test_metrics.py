@@ -605,7 +605,7 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path, monkeypatch):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env=os.environ | {"EDM_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "the images are [1, 16, 16], data set digits has [1, 8, 8] ones" in proc.stderr
+    assert "the images are [1, 16, 16], data set digits has [1, 8, 8] ones" in proc.stderr and "dataset.resolution=16" in proc.stderr
     assert not (tmp_path / "cache").exists()
 
 

@@ -196,8 +196,11 @@ class QualityScore:
         images, labels, data = _load_images(dataset, config.max_images, config.seed)
         shape = (data["channels"], data["resolution"], data["resolution"])
         if image_shape is not None and tuple(image_shape) != shape:
+            c, h, w = image_shape
+            resize = f"dataset.resolution={h} (and the dataset.resample the model's data had), or " \
+                if c == shape[0] and h == w else ""
             raise ValueError(f"the images are {list(image_shape)}, data set {data['name']} has {list(shape)} ones: "
-                             "score against the data set the images' model learned (dataset=NAME ...)")
+                             f"score against the data set the images' model learned: {resize}dataset=NAME ...")
         settings = {"version": CACHE_VERSION, "data": data, "classifier": dataclasses.asdict(config)}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(cache_dir or default_cache_dir()) / f"{data['name']}-{data['resolution']}px-{key}"
