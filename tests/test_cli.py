@@ -73,6 +73,16 @@ def test_every_command_is_a_hydra_app_with_help(name, monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 
+def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plus():
+    """sampler.options is free-form (Hydra: add keys with +); a name no solver takes gets the close ones and the list,
+    one any solver takes keeps Hydra's + hint (its sampler file may not list it)."""
+    from edm.cli import _no_solver_option
+
+    assert _no_solver_option("sampler.options.churnn").startswith(
+        "sampler.options.churnn: no solver takes an option 'churnn' (did you mean churn?); the solvers' options: ")
+    assert _no_solver_option("sampler.options.eta") is None and _no_solver_option("lr") is None
+
+
 @pytest.mark.parametrize("name, override, expected", [
     ("edm-train", "lrr=0.1", "edm-train: error: unknown key lrr: not an option of this command (--help lists them)"),
     ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),

@@ -190,6 +190,23 @@ def unknown_keys_message(keys: list[str]) -> str:
             "command (--help lists them)")
 
 
+def _no_solver_option(key: str) -> str | None:
+    """For sampler.options.NAME that no solver takes, the message naming the close ones; else None."""
+    import difflib
+
+    from ..core.samplers import SOLVERS, solver_options
+
+    name = key.removeprefix("sampler.options.")
+    if name == key or "." in name:
+        return None
+    known = sorted({option for fn in SOLVERS.values() for option in solver_options(fn)})
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=3)
+    return (f"{key}: no solver takes an option {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; the solvers' options: {', '.join(known)}")
+
+
 def one_line(err: BaseException) -> str:
     """Hydra's multi-line message of a command-line error as one line: an unknown key named as such (Hydra's hint
     +KEY=V is dropped), a bad value with OmegaConf's reason, a missing group option with the options."""
@@ -202,8 +219,9 @@ def one_line(err: BaseException) -> str:
         key = override.group(1)
         if "object_type=dict" in str(cause):  # a free-form mapping (sampler.options): its keys are added with +
             value = re.search(r"use \+(\S+)", text)
-            return (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to add it "
-                    "(e.g. a solver option its sampler file does not list)")
+            unknown = _no_solver_option(key)
+            return unknown or (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to "
+                               "add it (e.g. a solver option its sampler file does not list)")
         return unknown_keys_message([key])
     if override and "No match in the defaults list" in text:  # a group of another command (Hydra: "use +GROUP=...")
         return f"{override.group(1)} is not a config group of this command (--help lists its options)"

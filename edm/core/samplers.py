@@ -861,10 +861,15 @@ def _at_least_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
+def solver_options(fn: Callable[..., Tensor]) -> list[str]:
+    """The options a solver takes: its keyword-only arguments but the labels, generator and callback."""
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return [a for a in allowed if a not in ("class_labels", "generator", "callback")]
+
+
 def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
     """Options of solver `name` must be keyword-only arguments of `fn` (e.g. churn for stochastic)."""
-    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    allowed = [a for a in allowed if a not in ("class_labels", "generator", "callback")]
+    allowed = solver_options(fn)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"solver {name!r} does not take option(s) {unknown}; its options are {allowed}")
