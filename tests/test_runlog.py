@@ -95,6 +95,23 @@ def test_a_loss_line_reaches_the_log_without_a_progress_bar_and_a_loss_curve_is_
         assert png.format == "PNG" and min(png.size) > 100
 
 
+def test_a_loss_curve_of_one_record_shows_its_point(tmp_path):
+    """A run shorter than log_every has one record: a line through one point draws nothing, a marker does."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from edm.evaluation.plots import plot_loss_curve
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kimg": 0.016, "loss": 0.5, "lr": 1e-3}) + "\n")
+    with Image.open(plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")) as png:
+        rgb = np.asarray(png.convert("RGB")).astype(int)
+    h, w, _ = rgb.shape
+    middle = rgb[int(0.2 * h) : int(0.8 * h), int(0.3 * w) : int(0.7 * w)]  # one point sits mid-axes, the labels outside
+    assert (np.abs(middle - np.array([31, 119, 180])).sum(-1) < 40).sum() >= 10  # tab:blue, the loss's colour
+
+
 @pytest.mark.parametrize("target, sig", [  # the other two signal paths run in `pytest -m slow`
     ("launcher", signal.SIGTERM), pytest.param("launcher", signal.SIGINT, marks=pytest.mark.slow),
     pytest.param("rank 1", signal.SIGTERM, marks=pytest.mark.slow),

@@ -41,14 +41,15 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     kimg = [r["kimg"] for r in records]
-    ax.plot(kimg, [r["loss"] for r in records], color="tab:blue", lw=1.2)
+    few = {"marker": "o", "ms": 4} if len(records) < 10 else {}  # a line of one point draws nothing
+    ax.plot(kimg, [r["loss"] for r in records], color="tab:blue", lw=1.2, **few)
     if all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in records) and records:
         ax.set_yscale("log")
     ax.set_xlabel("kimg")
     ax.set_ylabel("loss per pixel", color="tab:blue")
     ax.grid(alpha=0.3)
     lr = ax.twinx()
-    lr.plot(kimg, [r["lr"] for r in records], color="tab:gray", lw=0.8, ls="--")
+    lr.plot(kimg, [r["lr"] for r in records], color="tab:gray", lw=0.8, ls="--", **few)
     lr.set_ylabel("lr", color="tab:gray")
     ax.set_title(f"{Path(metrics_jsonl).parent.name}: {len(records)} records")
     try:
