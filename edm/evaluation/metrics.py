@@ -71,7 +71,8 @@ FID needs the Inception-v3 weights as a local file (nothing is downloaded). Eith
     NVlabs' dnnlib/torch_utils on PYTHONPATH), from
     https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl
     or the TorchScript inception-2015-12-05.pt of stylegan2-ada-pytorch.
-On a machine with internet: `curl -LO <url>` (or `wget <url>`), copy the file here and pass its path."""
+On a machine with internet: `curl -LO <url>` (or `wget <url>`), copy the file here and pass its path: edm-eval
+metric=fid metric.inception=PATH, edm-sample or edm-study eval.fid.inception=PATH."""
 
 VGG16_HELP = """\
 Precision/recall with NVlabs' features (as published for StyleGAN2-ADA, StyleGAN3 and EDM-era papers)
