@@ -277,7 +277,8 @@ def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, 
     ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
     guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
     common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "sampler.num_steps=3", "format=npz"]
-    sample_script(*common, f"out={tmp_path / 'plain'}")
+    plain = sample_script(*common, f"out={tmp_path / 'plain'}")
+    assert f"3 image(s) of {ckpt}, euler with 3 steps (3 solver evaluations per image)" in plain.stdout + plain.stderr
     sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
     sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
     load = lambda name: np.load(tmp_path / name / "samples.npz")["images"]  # noqa: E731

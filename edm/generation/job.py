@@ -217,8 +217,8 @@ def generate_folder(
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = _own_folder(out, record, cfg.overwrite, on_own_folder)
-        logger.info("%d image(s), %s, %s schedule, %d process(es) -> %s", len(seeds), _work_text(cfg, nfe),
-                    schedule.name, state.num_processes, out)
+        logger.info("%d image(s) of %s, %s, %s schedule, %d process(es) -> %s", len(seeds), info.source,
+                    _work_text(cfg, nfe), schedule.name, state.num_processes, out)
     state.wait_for_everyone()
     try:
         start = time.time()
