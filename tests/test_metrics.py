@@ -674,3 +674,16 @@ def test_an_npz_of_images_without_a_channel_axis_is_named(tmp_path):
     np.savez(tmp_path / "flat.npz", images=np.zeros((4, 8, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"flat.npz:images must be \[N, H, W, C\] .*got shape \[4, 8, 8\]"):
         count_images(tmp_path / "flat.npz")
+
+
+def test_a_frechet_distance_of_no_more_images_than_features_is_warned_of(caplog):
+    """N ≤ d: the covariance of N images has rank ≤ N − 1 < d, and the distance is mostly the sample-size bias."""
+    import logging
+
+    from edm.evaluation.metrics import warn_few_images
+
+    with caplog.at_level(logging.WARNING, logger="edm.evaluation.metrics"):
+        warn_few_images("FD_cls", 65, 64)
+        assert not caplog.records
+        warn_few_images("FD_cls", 64, 64)
+    assert "FD_cls of 64 images: their feature covariance has rank at most 63, below the 64 features" in caplog.text

@@ -109,6 +109,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
 
 
+def warn_few_images(metric: str, num_images: int, dim: int) -> None:
+    """Warn when N images give a covariance of rank ≤ N − 1 < d, the features' dimension: the Fréchet distance is
+    then mostly its sample-size bias, which falls as images are added (scores compare only at equal N)."""
+    if num_images <= dim:
+        logger.warning("%s of %d images: their feature covariance has rank at most %d, below the %d features, so the "
+                       "score mostly measures how few images there are; compare scores of equal num_images, and use "
+                       "many more than %d images", metric, num_images, num_images - 1, dim, dim)
+
+
 class FeatureStats:
     """Running mean and covariance of feature vectors (float64 sums, unbiased covariance)."""
 
@@ -583,6 +592,7 @@ def evaluate_images(
             ref_batches, extractor, cache_dir=cache_dir, dataset_key=str(ref_key), extractor_key=extractor_key,
             device=device, max_images=max_images,
         )
+    warn_few_images("FID", int(fake.shape[0]), len(mu))
     result: dict[str, float | int | str] = {
         "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "num_images": int(fake.shape[0]),
         "ref": str(ref if ref is not None else ref_key), "feature_extractor": extractor_key,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..files import FolderLock, atomic_write, write_json
 from ..data import DatasetConfig, NoLabelsError, as_model_space, build_dataset, dataset_images, to_model_space
-from .metrics import frechet_distance
+from .metrics import frechet_distance, warn_few_images
 
 __all__ = ["ClassifierConfig", "FeatureClassifier", "QualityScore", "QualityCacheError", "default_cache_dir",
            "SCORE_NAME"]
@@ -177,6 +177,7 @@ class QualityScore:
         if phi.shape[0] < 2:
             raise ValueError("the Fréchet distance needs at least 2 images")
         mu, sigma = phi.mean(0).numpy(), np.cov(phi.numpy(), rowvar=False)
+        warn_few_images("FD_cls", phi.shape[0], phi.shape[1])
         result: dict[str, Any] = {SCORE_NAME: frechet_distance(mu, sigma, self.mu, self.sigma), "num_images": int(phi.shape[0])}
         if labels is not None:
             logits = self.classifier.head(phi.to(self.device, torch.float32)).cpu()
