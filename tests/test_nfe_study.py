@@ -120,10 +120,12 @@ def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_
             run_study(dataclasses.replace(cfg, options={}, **empty))
 
 
-def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache):
+def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache, caplog):
     """teacher=MODEL adds that model's teacher_solvers x teacher_steps points (model "teacher") to the study of a
-    consistency model (the teacher given as its run folder, as docs/training.md shows); each model refuses the other
-    kind's solvers."""
+    consistency model (the teacher given as its run folder, as docs/training.md shows), labelled so in the log too;
+    each model refuses the other kind's solvers."""
+    import logging
+
     from edm.models import checkpoint
 
     (tmp_path / "teacher-run").mkdir()
@@ -134,9 +136,12 @@ def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, 
     cfg = StudyConfig(checkpoint=str(student), solvers=["consistency"], steps=[1, 2], teacher=str(teacher.parent),
                       teacher_solvers=["heun"], teacher_steps=[2], num_images=16, batch=16, out=str(tmp_path / "s"),
                       dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), progress=False)
-    rows = run_study(cfg)
+    with caplog.at_level(logging.INFO, logger="edm.evaluation.nfe_study"):
+        rows = run_study(cfg)
     assert [(r["model"], r["solver"], r["nfe"]) for r in rows] == [("model", "consistency", 1), ("model", "consistency", 2),
                                                                    ("teacher", "heun", 3)]
+    points = [r.getMessage() for r in caplog.records if " steps: NFE " in r.getMessage()]
+    assert [p.split(" steps")[0] for p in points] == ["edm consistency 1", "edm consistency 2", "teacher: edm heun 2"]
     assert sorted(p.name for p in (tmp_path / "s" / "points").iterdir()) == [
         "edm-consistency-001.json", "edm-consistency-002.json", "teacher-edm-heun-002.json"]
     cfg.teacher_solvers = ["consistency"]

@@ -273,8 +273,9 @@ def _score_points(cfg: StudyConfig, models: list[_Model], schedules: list[Schedu
             write_json(path, row)
         rows.append(row)
         options = "".join(f" {key}={value}" for key, value in (row.get("options") or {}).items())
-        logger.info("%s %s%s %d steps: NFE %g, %s", row["schedule"], row["solver"], options, row["steps"], row["nfe"],
-                    ", ".join(f"{name} {row[name]:.4g}" for name in scorers))
+        whose = "" if m.label == "model" else f"{m.label}: "  # the teacher's points, as the table and plot label them
+        logger.info("%s%s %s%s %d steps: NFE %g, %s", whose, row["schedule"], row["solver"], options, row["steps"],
+                    row["nfe"], ", ".join(f"{name} {row[name]:.4g}" for name in scorers))
         if bar is not None:
             bar.update(1)
     if bar is not None:
