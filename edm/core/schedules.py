@@ -143,6 +143,11 @@ class VP(Schedule):
             raise ValueError(f"vp schedule: needs beta_d > 0, beta_min ≥ 0 and 0 < epsilon_s < t_end; got beta_d={self.beta_d:g}, "
                              f"beta_min={self.beta_min:g}, epsilon_s={self.epsilon_s:g}, t_end={self.t_end:g}")
 
+    def __post_init__(self) -> None:
+        """Only the parameters, in Python floats (σ_min, σ_max follow from them and would need tensors: Precond makes a
+        VP inside compiled graphs)."""
+        self._check()
+
     def _exponent(self, t: Tensor) -> Tensor:
         """½β_d t² + β_min t, the integral of the linear β(t)."""
         return 0.5 * self.beta_d * t**2 + self.beta_min * t
