@@ -299,6 +299,21 @@ def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 once, from the resumed run
 
 
+def test_a_digits_run_that_recorded_a_root_it_never_read_resumes_and_scores_without_it(compose_train, tmp_path):
+    """Runs made before a root was refused for the bundled digits recorded the root they ignored: a resume without it
+    continues (it is neither a setting nor an input of that set), and its model is scored against digits, no root."""
+    from edm.models.loading import load_model
+
+    first = train(compose_train("total_kimg=0.016"))
+    state = load_checkpoint(first.checkpoint)
+    state["config"]["dataset"]["root"] = "/data/ignored"
+    state["inputs"] = state["inputs"] | {"dataset_root": "/data/ignored", "dataset_contents": "0:abc"}
+    save_checkpoint(first.checkpoint, state)
+    assert load_model(first.checkpoint)[1].training_dataset().root is None
+    resumed = train(compose_train("total_kimg=0.032", "resume=true"))
+    assert resumed.state.step == 4
+
+
 def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_changes(compose_train, tmp_path, caplog):
     train(compose_train("total_kimg=0.016"))
     with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the checkpoint's values"):

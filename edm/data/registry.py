@@ -23,7 +23,7 @@ from .sets import (
     ImageFolderDataset, Subset, XFlip, load_cifar10, load_digits, load_mnist,
 )
 
-__all__ = ["DatasetConfig", "DATASETS", "build_dataset", "check_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
+__all__ = ["DatasetConfig", "DATASETS", "BUNDLED", "build_dataset", "check_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
            "UNRECORDED_RESAMPLE"]
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES, samplers_for
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
-from ..data import UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
+from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
 from ..files import FolderLock, file_sha256
 from .export import CARRIED, META_NAME, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
@@ -88,6 +88,8 @@ class ModelInfo:
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         # a record's None (no filter at the native size, no workers) stands for the field's default
         config = DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
+        if config.name in BUNDLED:  # (runs made before a root was refused for them recorded the one they ignored)
+            return dataclasses.replace(config, root=None)
         recorded = (self.inputs or {}).get("dataset_root")
         if self.latent is None and config.root is not None and recorded:
             if not Path(recorded).exists():  # the data (or the model) moved

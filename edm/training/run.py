@@ -21,7 +21,7 @@ from torch import nn
 from ..core.losses import Loss
 from ..core.precond import SIGMA_DATA
 from ..core.schedules import Schedule, from_spec, to_spec
-from ..data import UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded, resolved_root, root_contents_key
+from ..data import BUNDLED, UNRECORDED_RESAMPLE, ImageDataset, resample_unrecorded, resolved_root, root_contents_key
 from ..files import FolderLock, atomic_write, differences, flatten, to_container
 from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
@@ -158,6 +158,12 @@ def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str
 INPUT_KEYS = ("dataset.root", "init", "teacher")  # config paths whose run_inputs facts a resume compares instead
 
 
+def _unread(cfg: TrainConfig) -> tuple[str, ...]:
+    """("dataset.root",) for a bundled data set, which reads none (runs made before such a root was refused recorded
+    the one they ignored); else ()."""
+    return ("dataset.root",) if cfg.dataset.name in BUNDLED else ()
+
+
 def check_resume_inputs(saved: dict | None, ours: dict, path: Path) -> list[dict]:
     """A resume reads what the run read: another data folder, another teacher file (by resolved path and file hash),
     or starting from a model where the run did not (or the reverse) is refused; data files changed in place and
@@ -273,10 +279,10 @@ def other_run(path: Path, cfg: TrainConfig) -> list[str]:
     except (ckpt.CheckpointError, OSError):
         return []
     saved, inputs = state.get("config") or {}, state.get("inputs")
-    as_facts = INPUT_KEYS if inputs is not None else ()  # compared as what the paths name, as a resume does
+    as_facts = (INPUT_KEYS if inputs is not None else ()) + _unread(cfg)  # compared as what the paths name, as a resume does
     diffs = [f"{k}: run {a!r}, now {b!r}" for k, a, b in setting_differences(saved, to_container(cfg))
              if _is_fixed(k) and not k.startswith("loss.") and k not in as_facts]
-    if inputs is not None:
+    if inputs is not None and not _unread(cfg):
         root = resolved_root(cfg.dataset.root)
         if inputs.get("dataset_root") != root:
             diffs.append(f"dataset.root: run {inputs.get('dataset_root')!r}, now {root!r}")
@@ -293,7 +299,7 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) 
     saved = {k: v for k, v in flatten(checkpoint_settings(state)).items() if not k.startswith(skip)}
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = setting_differences(saved, ours)
-    as_facts = INPUT_KEYS if state.get("inputs") is not None else ()  # paths compared as run_inputs facts
+    as_facts = (INPUT_KEYS if state.get("inputs") is not None else ()) + _unread(cfg)  # paths compared as run_inputs facts
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k) and k not in as_facts]
     if fixed:
         raise ckpt.CheckpointError(
@@ -346,7 +352,11 @@ def restore(run: Run, path: Path) -> None:
         )
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
     changes = check_resume_changes(state, run.cfg, run.loss_fn, path)
-    changes += check_resume_inputs(state.get("inputs"), run.inputs or {}, path)
+    saved_inputs = state.get("inputs")
+    if saved_inputs is not None and _unread(run.cfg):  # a root the bundled set never read is not an input
+        saved_inputs = {k: v for k, v in saved_inputs.items() if not k.startswith("dataset_")}
+    changes += check_resume_inputs(saved_inputs, {k: v for k, v in (run.inputs or {}).items()
+                                                  if not (_unread(run.cfg) and k.startswith("dataset_"))}, path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
         run_logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
