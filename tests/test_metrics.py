@@ -523,13 +523,13 @@ def test_edm_eval_merges_one_metric_into_a_report_and_keeps_the_others(tmp_path)
     from edm.cli.evaluate import check_report, merge_report
 
     path = tmp_path / "report.json"
-    path.write_text(json.dumps({"seeds": "0-9", "output": str(tmp_path / "samples.npz"), "metrics": {
+    path.write_text(json.dumps({"seeds": "0-9", "output": "relative/to/where/it/ran/samples.npz", "metrics": {
         "files": {"fid.inception_sha256": "old", "fd_cls.x_sha256": "kept"}, "fd_cls": {"fd_cls": 4.0, "num_images": 10},
         "fid": 9.0, "num_images": 10}}))
     for images in (tmp_path, tmp_path / "samples.npz"):
         check_report(str(path), str(images))
     merge_report(str(path), "fid", {"fid": 3.0, "num_images": 20}, {"fid.inception_sha256": "new"}, str(tmp_path))
-    assert json.loads(path.read_text()) == {"seeds": "0-9", "output": str(tmp_path / "samples.npz"), "metrics": {
+    assert json.loads(path.read_text()) == {"seeds": "0-9", "output": "relative/to/where/it/ran/samples.npz", "metrics": {
         "files": {"fid.inception_sha256": "new", "fd_cls.x_sha256": "kept"}, "fd_cls": {"fd_cls": 4.0, "num_images": 10},
         "fid": {"fid": 3.0, "num_images": 20, "images": str(tmp_path.resolve())}}}
     (tmp_path / "other").mkdir()
@@ -537,6 +537,9 @@ def test_edm_eval_merges_one_metric_into_a_report_and_keeps_the_others(tmp_path)
                                          rf"{tmp_path / 'other'}: score images={tmp_path / 'samples.npz'} \(its images\)"):
         check_report(str(path), str(tmp_path / "other"))
     check_report(str(tmp_path / "other" / "scores.json"), str(tmp_path / "other"))  # a report of its own: any images
+    path.write_text(json.dumps({"output": "out"}))  # a format=png folder's report
+    with pytest.raises(ValueError, match=rf"score images={tmp_path} \(its images\)"):
+        check_report(str(path), str(tmp_path / "other"))
 
 
 def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):

@@ -108,6 +108,13 @@ def _read_report(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
+def _scorable(folder: Path, report: dict) -> Path:
+    """What of an edm-sample folder edm-eval scores: its .npz (format=npz), else the folder (format=png; a grid's
+    folder is refused by name when scored)."""
+    output = Path(str(report.get("output", "")))
+    return folder / output.name if output.suffix == ".npz" else folder
+
+
 def check_report(path: str | None, images: str | None) -> None:
     """An edm-sample report (one naming its "output") takes only the scores of its own folder's images: report=
     with other images is a ValueError naming both, before any work."""
@@ -118,7 +125,7 @@ def check_report(path: str | None, images: str | None) -> None:
     scored = Path(images).resolve() if images is not None else None
     if scored is None or not (scored == folder or (scored.parent == folder and scored.suffix == ".npz")):
         raise ValueError(f"report={path} is edm-sample's report of the images in {folder}, not of "
-                         f"{images if images is not None else 'a model or data set'}: score images={report['output']} "
+                         f"{images if images is not None else 'a model or data set'}: score images={_scorable(folder, report)} "
                          "(its images), or write another report= file")
 
 

@@ -197,9 +197,10 @@ class Snapshot:
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.stds]
         for key, value in load_file(self.path).items():
-            if value.is_floating_point() and not torch.isfinite(value).all():  # (training never saves such weights)
-                raise CheckpointError(f"{self.path} holds non-finite weights ({key}): its bytes changed after it was "
-                                      "written; delete it (post-hoc EMA fits the others) or train again")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(f"{self.path} holds non-finite weights ({key}): the run diverged before its next "
+                                      "log record, or the file's bytes changed after it was written; delete it and "
+                                      "rerun with overwrite=true (post-hoc EMA fits the others), or train again")
             index, name = key.split("/", 1)
             out[int(index)][name] = value
         return out
