@@ -81,23 +81,39 @@ def test_recipe_smalls_four_commands_make_guided_samples(tmp_path, tiny_train, o
     assert len(list(samples.glob("*.png"))) == 1  # the grid
 
 
-def test_a_snapshot_whose_weights_were_damaged_is_named_not_averaged_into_the_model(tmp_path, tiny_train, one_thread):
-    """Bytes of a snapshot's tensor overwritten (NaN as float32): even at a weight of ~0 in the fit, 0·NaN is NaN, so
-    the snapshot is refused by name before any model is written."""
-    from safetensors.torch import load_file
+def test_a_snapshot_whose_weights_changed_or_are_not_finite_is_named_not_averaged_into_the_model(tmp_path, tiny_train,
+                                                                                                  one_thread):
+    """Bytes of a snapshot's tensor changed to other finite numbers fail its CRC-32; a snapshot written with NaN
+    weights (a run that diverged between log records) is refused as well: even at a weight of ~0 in the fit,
+    0·NaN is NaN. Either is named before any model is written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
 
     from edm.models.checkpoint import CheckpointError
+    from edm.training.phema import _crc32
     from edm.training.posthoc import PosthocConfig, reconstruct
 
     power_run(tiny_train, tmp_path / "run")
     path = sorted((tmp_path / "run" / "phema").glob("snapshot-*.safetensors"))[0]
+    original = path.read_bytes()
     weight = next(v for v in load_file(path).values() if v.numel() >= 4 and v.abs().min() > 0)
-    data = bytearray(path.read_bytes())
-    offset = data.index(weight.flatten()[:4].numpy().tobytes())
-    data[offset : offset + 16] = b"\xff" * 16
-    path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"{path.name} holds non-finite weights"):
-        reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "out")))
+    offset = original.index(weight.flatten()[:4].numpy().tobytes())
+    changed = bytearray(original)
+    changed[offset : offset + 4] = (weight.flatten()[:1] * 1.5).numpy().tobytes()  # finite, other
+    path.write_bytes(bytes(changed))
+    run = lambda: reconstruct(PosthocConfig(run_dir=str(tmp_path / "run"), sigma_rel=[0.1], out=str(tmp_path / "out"),
+                                            overwrite=True))  # noqa: E731
+    with pytest.raises(CheckpointError, match=f"{path.name} is corrupt: .* fails its CRC-32 check"):
+        run()
+    path.write_bytes(original)
+    with safe_open(path, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(path)
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = torch.full_like(tensors[key], float("nan"))  # as a diverged run writes it, its CRC-32 to match
+    path.write_bytes(save(tensors, metadata=header | {"crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()})}))
+    with pytest.raises(CheckpointError, match=f"{path.name} holds non-finite weights .*the run diverged"):
+        run()
     assert not list((tmp_path / "out").glob("ema-*"))
 
 

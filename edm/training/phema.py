@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,11 @@ def trim_snapshots(run_dir: str | Path, cur_nimg: int) -> list[Path]:
     return dropped
 
 
+def _crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes."""
+    return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def write_snapshot(path: str | Path, power_ema: PowerEMA, meta: dict[str, Any]) -> Path:
     """Every profile's weights at one time, as safetensors ("<profile index>/<name>") with `meta` and the
     σ_rel list as JSON in its header: read back with no pickle. Written atomically."""
@@ -174,7 +180,8 @@ def write_snapshot(path: str | Path, power_ema: PowerEMA, meta: dict[str, Any]) 
 
     tensors = {f"{i}/{name}": t.detach().cpu().contiguous()
                for i, ema in enumerate(power_ema.emas) for name, t in ema.state_dict().items()}
-    header = {"format": SNAPSHOT_FORMAT, "meta": json.dumps({**meta, "stds": power_ema.stds})}
+    header = {"format": SNAPSHOT_FORMAT, "meta": json.dumps({**meta, "stds": power_ema.stds}),
+              "crc32": json.dumps({key: _crc32(t) for key, t in tensors.items()})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = save(tensors, metadata=header)
@@ -192,11 +199,19 @@ class Snapshot:
     meta: dict
 
     def profiles(self) -> list[dict[str, torch.Tensor]]:
-        """The state_dict of every profile, in the order of stds, from one read of the file."""
-        from safetensors.torch import load_file
+        """The state_dict of every profile, in the order of stds, from one read of the file; each tensor checked
+        against the CRC-32 written with it (safetensors keeps none; snapshots written without them are read as
+        they are) and for non-finite values."""
+        from safetensors.torch import load_file, safe_open
 
+        with safe_open(self.path, "pt") as f:
+            sums = json.loads((f.metadata() or {}).get("crc32") or "{}")
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.stds]
         for key, value in load_file(self.path).items():
+            if key in sums and _crc32(value) != sums[key]:
+                raise CheckpointError(f"{self.path} is corrupt: {key} fails its CRC-32 check (its bytes changed after "
+                                      "it was written); delete it and rerun with overwrite=true (post-hoc EMA fits the "
+                                      "others), or train again")
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise CheckpointError(f"{self.path} holds non-finite weights ({key}): the run diverged before its next "
                                       "log record, or the file's bytes changed after it was written; delete it and "
