@@ -300,8 +300,8 @@ def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp
 
 
 def test_a_digits_run_that_recorded_a_root_it_never_read_resumes_and_scores_without_it(compose_train, tmp_path):
-    """Runs made before a root was refused for the bundled digits recorded the root they ignored: a resume without it
-    continues (it is neither a setting nor an input of that set), and its model is scored against digits, no root."""
+    """A digits checkpoint that records a root (the set reads none): a resume without it continues (it is neither a
+    setting nor an input of that set), and its model is scored against digits, no root."""
     from edm.models.loading import load_model
 
     first = train(compose_train("total_kimg=0.016"))

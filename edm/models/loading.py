@@ -88,7 +88,7 @@ class ModelInfo:
         known = {f.name for f in dataclasses.fields(DatasetConfig)}
         # a record's None (no filter at the native size, no workers) stands for the field's default
         config = DatasetConfig(**{k: v for k, v in dataset.items() if k in known and v is not None})
-        if config.name in BUNDLED:  # (runs made before a root was refused for them recorded the one they ignored)
+        if config.name in BUNDLED:  # it reads no root, whatever the record holds
             return dataclasses.replace(config, root=None)
         recorded = (self.inputs or {}).get("dataset_root")
         if self.latent is None and config.root is not None and recorded:

@@ -159,8 +159,8 @@ INPUT_KEYS = ("dataset.root", "init", "teacher")  # config paths whose run_input
 
 
 def _unread(cfg: TrainConfig) -> tuple[str, ...]:
-    """("dataset.root",) for a bundled data set, which reads none (runs made before such a root was refused recorded
-    the one they ignored); else ()."""
+    """("dataset.root",) for a bundled data set, which reads none (so a root its checkpoint records is neither a
+    setting nor an input of the run); else ()."""
     return ("dataset.root",) if cfg.dataset.name in BUNDLED else ()
 
 
