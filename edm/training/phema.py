@@ -202,12 +202,13 @@ class Snapshot:
         """The state_dict of every profile, in the order of stds, from one read of the file; each tensor checked
         against the CRC-32 written with it (safetensors keeps none; snapshots written without them are read as
         they are) and for non-finite values."""
-        from safetensors.torch import load_file, safe_open
+        from safetensors import safe_open
 
         with safe_open(self.path, "pt") as f:
             sums = json.loads((f.metadata() or {}).get("crc32") or "{}")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
         out: list[dict[str, torch.Tensor]] = [{} for _ in self.stds]
-        for key, value in load_file(self.path).items():
+        for key, value in tensors.items():
             if key in sums and _crc32(value) != sums[key]:
                 raise CheckpointError(f"{self.path} is corrupt: {key} fails its CRC-32 check (its bytes changed after "
                                       "it was written); delete it and rerun with overwrite=true (post-hoc EMA fits the "

@@ -164,6 +164,11 @@ def _unread(cfg: TrainConfig) -> tuple[str, ...]:
     return ("dataset.root",) if cfg.dataset.name in BUNDLED else ()
 
 
+def _read_facts(inputs: dict, cfg: TrainConfig) -> dict:
+    """run_inputs facts of what the run reads: a bundled set's recorded root (and its contents) is none of them."""
+    return {k: v for k, v in inputs.items() if not (_unread(cfg) and k.startswith("dataset_"))}
+
+
 def check_resume_inputs(saved: dict | None, ours: dict, path: Path) -> list[dict]:
     """A resume reads what the run read: another data folder, another teacher file (by resolved path and file hash),
     or starting from a model where the run did not (or the reverse) is refused; data files changed in place and
@@ -353,10 +358,8 @@ def restore(run: Run, path: Path) -> None:
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
     changes = check_resume_changes(state, run.cfg, run.loss_fn, path)
     saved_inputs = state.get("inputs")
-    if saved_inputs is not None and _unread(run.cfg):  # a root the bundled set never read is not an input
-        saved_inputs = {k: v for k, v in saved_inputs.items() if not k.startswith("dataset_")}
-    changes += check_resume_inputs(saved_inputs, {k: v for k, v in (run.inputs or {}).items()
-                                                  if not (_unread(run.cfg) and k.startswith("dataset_"))}, path)
+    changes += check_resume_inputs(saved_inputs and _read_facts(saved_inputs, run.cfg),
+                                   _read_facts(run.inputs or {}, run.cfg), path)
     saved_size = state.get("dataset_size")
     if saved_size is not None and saved_size != len(run.dataset):
         run_logger.warning("the data set has %d images, the checkpoint's had %d: the data order from here on differs from "
