@@ -232,7 +232,7 @@ def test_encode_on_two_processes_equals_one(vaes, tmp_path):
     proc = subprocess.run([*launch, *args, f"out={tmp_path / 'two'}"], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "process 1 encoded 5 image(s)" in proc.stdout
+    assert "process 1 encoded 5 image(s)" in proc.stderr
     encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=10),
                                 latent=LatentConfig(vae=str(vaes[0])), out=str(tmp_path / "one"), progress=False))
     for i in range(10):  # other batches (images 0, 2, 4, ... in process 0) round the convolutions otherwise

@@ -512,8 +512,8 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
                            f"metric.inception={path}", f"report={tmp_path / 'report.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     reported = json.loads((tmp_path / "report.json").read_text())["metrics"]
-    printed = json.loads(proc.stdout[proc.stdout.index("{\n"):])  # the numbers end stdout, after the log (3 images: warned)
-    assert "FID of 3 images" in proc.stdout
+    printed = json.loads(proc.stdout)  # stdout holds the numbers alone; the log (3 images: warned) is on stderr
+    assert "FID of 3 images" in proc.stderr
     assert reported["fid"]["fid"] > 0 and printed | {"images": str(tmp_path / "fake.npz")} == reported["fid"]
     assert set(reported["files"]) == {"fid.inception_sha256", "fid.ref_sha256"}  # the files its options named
 

@@ -255,8 +255,8 @@ def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> 
     """What a command keeps in its output folder, written by the main process once it owns the folder
     (a refused run writes nothing there, so it cannot overwrite the owner's record): .hydra/{config,
     hydra,overrides}.yaml as Hydra writes them, and `log_name` (appended to), whose handler is
-    returned for `close_log`. The commands' configs set output_subdir null and log to stdout, so
-    Hydra itself writes neither."""
+    returned for `close_log`. The commands' configs set output_subdir null and log to stderr only, so Hydra
+    itself writes neither."""
     from omegaconf import OmegaConf
 
     from ..files import atomic_write
