@@ -58,7 +58,7 @@ from edm.evaluation.scorers import EvalConfig, FdClsConfig
 from edm.evaluation.plots import plot_paired_scores
 from edm.evaluation.stats import mean_sd, paired_difference
 from edm.files import FolderInUseError, FolderLock, atomic_write, differences, to_container, write_json
-from edm.generation.provenance import ProvenanceError, claim, run_marks
+from edm.provenance import ProvenanceError, claim, run_marks
 from edm.models import checkpoint as ckpt
 from edm.networks import presets
 from edm.training.posthoc import PosthocConfig, output_name, reconstruct

@@ -26,7 +26,7 @@ import torch
 from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images, dataset_record
 from edm.data.sets import DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 from edm.files import FolderInUseError, FolderLock
-from edm.generation.provenance import PROVENANCE_NAME, ProvenanceError, claim
+from edm.provenance import PROVENANCE_NAME, ProvenanceError, claim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -71,7 +71,7 @@ def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
     folder also by its model.json's, so an edit to the spec there (σ_d, the schedule) is another model, and a
     folder whose record lacks that key (its writer did not record it) is compared without it."""
     from edm.files import file_sha256
-    from edm.generation.provenance import ProvenanceError, claim
+    from edm.provenance import ProvenanceError, claim
     from edm.models.loading import model_record
 
     assert model_record(trained, "checkpoint") == {"checkpoint_sha256": file_sha256(trained)}

@@ -308,7 +308,7 @@ def test_a_stochastic_folder_whose_record_lacks_the_churn_steps_is_not_resumed(r
     say so (made when γ was S_churn/(N − 1)) is refused by that key, not filled up with images of another γ."""
     from edm.cli.sample import SampleCommand
     from edm.generation.job import generate_folder
-    from edm.generation.provenance import ProvenanceError
+    from edm.provenance import ProvenanceError
 
     out = tmp_path / "out"
     cfg = SampleCommand(checkpoint=str(run_dir), num_images=2, format="png", out=str(out), progress=False)
@@ -423,7 +423,7 @@ def test_labels_given_as_a_number_or_a_one_element_list_are_one_setting_of_a_fol
     refused."""
     from edm.cli.sample import SampleCommand
     from edm.generation.job import generate_folder
-    from edm.generation.provenance import ProvenanceError
+    from edm.provenance import ProvenanceError
 
     ckpt = tiny_checkpoint(tmp_path / "cond" / "checkpoint-00000010.pt", label_dim=10)
     out = tmp_path / "out"

@@ -616,7 +616,7 @@ def test_encode_refuses_to_resume_when_the_images_changed(vaes, tmp_path):
     from PIL import Image
 
     from edm.data.encode import raw_statistics
-    from edm.generation.provenance import ProvenanceError
+    from edm.provenance import ProvenanceError
 
     for i in range(3):
         Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")

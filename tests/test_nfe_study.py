@@ -12,7 +12,7 @@ import pytest
 
 from edm.data import DatasetConfig
 from edm.evaluation.nfe_study import StudyConfig, run_study
-from edm.generation.provenance import ProvenanceError
+from edm.provenance import ProvenanceError
 from edm.evaluation.quality import ClassifierConfig
 from edm.evaluation.scorers import EvalConfig, FdClsConfig
 

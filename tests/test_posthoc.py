@@ -136,7 +136,7 @@ def test_an_out_of_another_trainings_snapshots_and_snapshots_of_two_trainings_ar
     trainings in one phema/ are refused naming the setting; profiles of earlier calls stay listed in posthoc.json."""
     import shutil
 
-    from edm.generation.provenance import ProvenanceError
+    from edm.provenance import ProvenanceError
     from edm.models.checkpoint import CheckpointError
     from edm.training.posthoc import PosthocConfig, reconstruct
 

@@ -143,7 +143,7 @@ def test_a_results_folder_names_its_command_and_another_command_is_refused_even_
     command is refused before anything is deleted; a record that names no command is compared without that key."""
     import json
 
-    from edm.generation.provenance import ProvenanceError, claim
+    from edm.provenance import ProvenanceError, claim
 
     out = tmp_path / "out"
     out.mkdir()

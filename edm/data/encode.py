@@ -29,6 +29,7 @@ import torch
 from ..files import FolderLock, atomic_write, write_json
 from ..latent import LATENTS_NAME, LatentConfig, load_vae
 from ..progress import progress_bar
+from ..provenance import claim, refuse_foreign_folder
 from .latents import latent_name
 from .registry import DatasetConfig, build_dataset, dataset_record
 from .sets import LABELS_NAME, ImageDataset, resolved_root, root_contents_key
@@ -95,7 +96,6 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     main process's report (images encoded now and in all, the output)."""
     from accelerate import PartialState
 
-    from ..generation.provenance import claim, refuse_foreign_folder
     from ..hardware import use_cpu
 
     state = PartialState(cpu=use_cpu(cfg.cpu))

@@ -39,7 +39,7 @@ from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
 from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, dataset_record, root_contents_key, to_uint8
 from ..files import FolderLock, atomic_write, to_container, write_json
-from ..generation.provenance import claim, refuse_foreign_folder
+from ..provenance import claim, refuse_foreign_folder
 from ..generation.sampling import chunks, generate_batch, plan_images
 from ..latent import VAE, LatentConfig, model_vae, same_latent_space
 from ..models.loading import ModelInfo, guided, load_model, model_record

@@ -1,1 +1,1 @@
-"""Image generation from a denoiser: per-image seeds, batches, outputs and their provenance."""
+"""Image generation from a denoiser: per-image seeds, batches and outputs (their records: edm.provenance)."""

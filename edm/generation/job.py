@@ -29,7 +29,7 @@ from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_
 from ..latent import VAE, LatentConfig, model_vae
 from ..models.loading import ModelInfo, guided, load_model, model_record
 from . import outputs, sampling
-from .provenance import claim, refuse_foreign_folder
+from ..provenance import claim, refuse_foreign_folder
 
 __all__ = ["SampleConfig", "generate_folder", "REPORT_NAME"]
 

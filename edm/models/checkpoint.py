@@ -13,7 +13,6 @@ temporary file, so a crash during a write leaves the previous checkpoint in char
 from __future__ import annotations
 
 import logging
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from .. import networks
 from ..core.precond import Precond
 from ..files import atomic_write
+from ..provenance import list_checkpoints
 
 __all__ = [
     "CheckpointError",
@@ -41,7 +41,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("denoiser", "schedule", "model", "ema", "config")
-_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -137,15 +136,6 @@ def load_denoiser(path: str | Path, ema: bool = True, map_location: Any = "cpu")
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     """run_dir/checkpoint-<step, 8 digits>.pt."""
     return Path(run_dir) / f"checkpoint-{step:08d}.pt"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint in run_dir, by step; temp files never match."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
-    return sorted(found)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:

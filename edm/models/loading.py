@@ -29,6 +29,7 @@ from .export import CARRIED, META_NAME, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
 from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
+from ..provenance import refuse_foreign_folder
 
 __all__ = ["ModelInfo", "read_model_file", "load_model", "model_record", "guided", "export_model"]
 
@@ -229,8 +230,6 @@ def export_model(source: str | Path, dest: str | Path, ema: bool = True, overwri
     """Any model file edm.models.loading reads (a checkpoint, a run folder, an NVlabs .pkl) as the model folder
     `dest`, its EMA (or raw) weights checked against their spec first; `dest` may not be a training run's folder, nor
     (unless overwrite) hold a model of another source. (the file read, the folder written)."""
-    from ..generation.provenance import refuse_foreign_folder
-
     refuse_foreign_folder(dest, own="model.json")
     path, state = read_model_file(source, ema)
     denoiser_from_state(state, ema, str(path))  # the weights must fit their spec before anything is written

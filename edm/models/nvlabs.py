@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..core.precond import Precond
 from ..core.schedules import IDDPM, iddpm_sigmas
+from ..provenance import refuse_foreign_folder, run_marks
 from .checkpoint import CheckpointError, denoiser_from_state
 from .unpickler import TENSOR_GLOBALS, TorchModuleRecord, array_values, restricted_load
 
@@ -395,7 +396,6 @@ def convert(pkl: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fa
     there (any .pt file) is refused unless `overwrite`, a run's or another command's folder always, and so is a .pt
     named as a run's checkpoint or in a run's folder. The parsed snapshot."""
     from ..files import FolderLock, file_sha256
-    from ..generation.provenance import refuse_foreign_folder, run_marks
     from .checkpoint import save_checkpoint
     from .export import export_state
 

@@ -27,7 +27,7 @@ from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
 from ..files import FolderLock
 from ..generation.outputs import save_grid
-from ..generation.provenance import other_records, run_marks
+from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
@@ -215,7 +215,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     elif cfg.resume:
         run_logger.warning("resume=true but %s holds no checkpoint: starting a new run", run_dir)
     if lock is not None:
-        dropped = trim_metrics(run_dir / "metrics.jsonl", run.state.step)
+        dropped = trim_metrics(run_dir / METRICS_NAME, run.state.step)
         if dropped:
             logger.info("dropped %d metrics record(s) logged after step %d, which this run logs again", dropped, run.state.step)
         snapshots = trim_snapshots(run_dir, run.state.cur_nimg)
@@ -367,7 +367,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
         if run.is_main:
             agreement.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
-    return TrainResult(state, checkpoint, grid, run.run_dir / "metrics.jsonl", interrupted)
+    return TrainResult(state, checkpoint, grid, run.run_dir / METRICS_NAME, interrupted)
 
 
 def _next_micro_batches(run: Run, batches, accum: int, indices_log) -> list:

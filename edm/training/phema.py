@@ -34,6 +34,7 @@ from torch import nn
 from ..models.checkpoint import CheckpointError
 
 from ..files import atomic_write
+from ..provenance import SNAPSHOT_DIR, SNAPSHOT_GLOB
 from .ema import update_ema
 
 __all__ = [
@@ -41,8 +42,6 @@ __all__ = [
     "POOR_FIT", "PowerEMA", "combine", "SNAPSHOT_DIR", "SNAPSHOT_GLOB", "Snapshot", "snapshot_path", "trim_snapshots", "write_snapshot", "list_snapshots",
 ]
 
-SNAPSHOT_DIR = "phema"  # run_dir/phema/snapshot-<cur_nimg>.safetensors
-SNAPSHOT_GLOB = "snapshot-*.safetensors"  # the snapshot files of a folder
 SNAPSHOT_FORMAT = "edm-phema-snapshot/1"
 # A post-hoc profile whose fit residual ‖Σ x_i p_i − p_r‖ / ‖p_r‖ exceeds this is reported: its weights may lie that
 # share of the averaged weights' size from the wanted EMA's (profile_residual's bound). Snapshots every 1/12 of a run

@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..files import FolderLock, differences, write_json
-from ..generation.provenance import claim, refuse_foreign_folder
+from ..provenance import claim, refuse_foreign_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
 from .phema import POOR_FIT, Snapshot, combine, list_snapshots, posthoc_coefficients, profile_residual, std_to_exp

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from ..hardware import RunWideLog
 from ..progress import progress_bar
+from ..provenance import METRICS_NAME
 
 __all__ = ["RunLog", "IMAGE_KWARGS", "installed_trackers", "start_trackers", "log", "StopOnSignal", "StopAgreement", "STOP_PREFIX",
            "end_with_launcher"]
@@ -54,7 +55,7 @@ def start_trackers(accelerator: Any, names: list[str], project: str, run_dir: Pa
     missing = [name for name in names if name not in started]
     if missing:
         run_logger.info("tracker(s) %s not installed (e.g. pip install %s); metrics go to %s", ", ".join(missing),
-                        " ".join(missing), Path(run_dir) / "metrics.jsonl")
+                        " ".join(missing), Path(run_dir) / METRICS_NAME)
     return list(accelerator.trackers)
 
 
@@ -67,7 +68,7 @@ class RunLog:
         trackers: Sequence[Any] = (), progress: bool = True,
     ) -> None:
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_NAME
         self.trackers = list(trackers) if enabled else []
         self.bar = None
         if not self.enabled:

@@ -1,4 +1,6 @@
-"""What made an output folder: a record written before the first image and checked on every resume.
+"""What made an output folder, and what a training run's folder holds.
+
+An output folder's record is written before the first result and checked on every resume:
 
 edm-sample claims its `out` folder with `claim(out, record)`: the record holds every setting
 that changes the images (the checkpoint's content hash, solver, time grid, schedule, guidance,
@@ -9,14 +11,22 @@ is equal; otherwise it is refused with the differing keys and the two ways out.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
 
-from ..files import differences, to_container, write_json
+from .files import differences, to_container, write_json
 
 __all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_marks", "other_records",
-           "FOLDER_RECORDS"]
+           "FOLDER_RECORDS", "CHECKPOINT_NAME", "METRICS_NAME", "SNAPSHOT_DIR", "SNAPSHOT_GLOB", "list_checkpoints"]
+
+# A training run's folder, named once for every command that writes or recognizes one (run_marks): its checkpoints
+# checkpoint-<step>.pt, its metrics.jsonl and its power-EMA snapshots phema/snapshot-<cur_nimg>.safetensors.
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+METRICS_NAME = "metrics.jsonl"
+SNAPSHOT_DIR = "phema"
+SNAPSHOT_GLOB = "snapshot-*.safetensors"  # the snapshot files of a folder
 
 PROVENANCE_NAME = "provenance.json"
 # Keys a folder's record may lack (its writer did not record them): compared only where the record has them.
@@ -35,19 +45,25 @@ class ProvenanceError(ValueError):
         return f"{self.finding}; {self.ways_out}"
 
 
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint in run_dir, by step; temp files never match."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_file()]
+    return sorted(found)
+
+
 def run_marks(folder: str | Path) -> list[str]:
     """What makes `folder` a training run's folder, or its power-EMA snapshots' folder: its latest checkpoint's name,
     a metrics.jsonl with records, its snapshots; empty for any other folder."""
-    from ..models.checkpoint import find_latest
-    from ..training.phema import SNAPSHOT_DIR, SNAPSHOT_GLOB
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    latest = find_latest(folder)
-    metrics = folder / "metrics.jsonl"
-    marks = [latest.name] if latest is not None else []
-    marks += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
+    checkpoints = list_checkpoints(folder)
+    metrics = folder / METRICS_NAME
+    marks = [checkpoints[-1][1].name] if checkpoints else []
+    marks += [METRICS_NAME] if metrics.is_file() and metrics.stat().st_size > 0 else []
     for place, name in ((folder / SNAPSHOT_DIR, f"{SNAPSHOT_DIR}/"), (folder, "")):
         if any(place.glob(SNAPSHOT_GLOB)):
             marks.append(f"power-EMA snapshots {name}".rstrip())

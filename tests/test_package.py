@@ -1,0 +1,56 @@
+"""The package's floors (edm/__init__.py, docs/design.md): a module imports only from its own floor or those below."""
+
+import ast
+from pathlib import Path
+
+import edm
+
+PACKAGE = Path(edm.__file__).parent
+# edm/__init__.py's floors, lowest first; a module's floor is its first name under edm.
+FLOORS = [{"choices", "hardware", "files", "progress"}, {"provenance"}, {"latent"}, {"core"}, {"networks"}, {"data"},
+          {"models"}, {"generation"}, {"evaluation"}, {"training"}, {"cli", "train"}]
+EXCEPTIONS = {("core.precond", "networks.edm2")}  # EDM2's uncertainty head from its magnitude-preserving layers
+
+
+def floor(name: str) -> int:
+    """The floor of an edm module; a name of the package itself (`from .. import __version__`) is the top floor's,
+    since edm/__init__.py imports from every floor."""
+    return next((i for i, names in enumerate(FLOORS) if name.split(".")[0] in names), len(FLOORS) - 1)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The edm modules a file imports (names relative to edm), relative imports resolved, lazy ones included."""
+    package = list(path.relative_to(PACKAGE).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            names = [".".join(base + node.module.split("."))] if node.module else [".".join(base + [a.name]) for a in node.names]
+            found.update(n for n in names if n)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edm."):
+            found.add(node.module.removeprefix("edm."))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("edm.") for a in node.names if a.name.startswith("edm."))
+    return found
+
+
+def test_every_module_imports_only_from_its_own_floor_or_the_floors_below():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        if module == "__init__":
+            continue  # the package re-exports its public API from every floor
+        for target in imported_modules(path):
+            if floor(target) > floor(module) and (module, target) not in EXCEPTIONS:
+                upward.append(f"{module} imports {target}")
+    assert not upward, upward
+
+
+def test_the_floor_check_resolves_relative_imports(tmp_path, monkeypatch):
+    """The check above sees an upward import, absolute or relative, top-level or inside a function."""
+    fake = tmp_path / "edm"
+    (fake / "core").mkdir(parents=True)
+    source = "from ..training.loop import train\ndef f():\n    from .. import models\n    import edm.cli.train\n"
+    (fake / "core" / "x.py").write_text(source)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert imported_modules(fake / "core" / "x.py") == {"training.loop", "models", "cli.train"}
