@@ -227,6 +227,32 @@ def test_the_consistency_sampler_is_song_et_al_algorithm_1(schedule):
     torch.testing.assert_close(out, y, rtol=1e-9, atol=1e-12)
 
 
+def test_the_consistency_sampler_renoises_to_the_noise_beyond_the_models_boundary():
+    """A consistency function with boundary f(x̂; σ_b) = x̂ (Precond's boundary_sigma) maps to x̂ at σ_b, which
+    already holds noise σ_b: Algorithm 1 adds sqrt(σ_i² − σ_b²)·n_i, read from the model through guidance and
+    autocast wrappers; a level below σ_b is refused."""
+    from edm.core.denoisers import AutocastDenoiser, GuidedDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 3, generator=g, dtype=F64)
+    net = lambda x, c_noise, class_labels=None: torch.tanh(x @ weight) * (1 + c_noise.view(-1, 1))  # noqa: E731
+    f = edm.Precond(net, kind="edm", boundary_sigma=0.05)
+    noise = torch.randn(4, 3, generator=g, dtype=F64)
+    sched = edm.schedules.EDM()
+    replay = torch.Generator().manual_seed(7)
+    sigma_0 = sched.sigma(sched.time_steps(2)[0])
+    y = f(sigma_0 * noise, sigma_0.expand(4))
+    y = f(y + math.sqrt(0.5**2 - 0.05**2) * torch.randn(noise.shape, generator=replay, dtype=F64),
+          torch.tensor(0.5, dtype=F64).expand(4))
+    for model in (f, GuidedDenoiser(f, 1.0)):
+        out = edm.sample(model, noise, sched, num_steps=2, solver="consistency", generator=torch.Generator().manual_seed(7),
+                         sigmas=[0.5])
+        torch.testing.assert_close(out, y, rtol=1e-12, atol=1e-12)
+    assert AutocastDenoiser(GuidedDenoiser(f, 2.0), torch.bfloat16).boundary_sigma == 0.05
+    with pytest.raises(ValueError, match=r"must not lie below the model's boundary σ_b = 0.05"):
+        edm.sample(f, noise, sched, num_steps=2, solver="consistency", sigmas=[0.01])
+
+
 def test_the_consistency_samplers_default_levels_and_bad_ones():
     """Without sigmas the intermediate levels are the schedule's (N + 1)-step grid without its last point σ_min;
     a list of the wrong length or order is refused, naming what fits."""

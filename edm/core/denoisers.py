@@ -117,6 +117,11 @@ class GuidedDenoiser(nn.Module):
         self.weight, self.interval = float(weight), (lo, hi)
         self.evaluations = 0
 
+    @property
+    def boundary_sigma(self) -> float:
+        """The main denoiser's consistency boundary σ_b, f(x̂; σ_b) = x̂ (0 for a plain denoiser)."""
+        return float(getattr(self.denoiser, "boundary_sigma", 0.0))
+
     def active(self, sigma: Tensor) -> Tensor:
         """Where guidance applies: σ_lo < σ ≤ σ_hi, per item."""
         lo, hi = self.interval
@@ -162,6 +167,11 @@ class AutocastDenoiser(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.dtype = dtype
+
+    @property
+    def boundary_sigma(self) -> float:
+        """The denoiser's consistency boundary σ_b, f(x̂; σ_b) = x̂ (0 for a plain denoiser)."""
+        return float(getattr(self.denoiser, "boundary_sigma", 0.0))
 
     def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **kwargs) -> Tensor:
         with torch.autocast(x_hat.device.type, dtype=self.dtype):

@@ -758,15 +758,26 @@ def consistency(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
     sigmas: Sequence[float] | None = None,
 ) -> Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency function f = the denoiser:
-    ŷ = f(x/s(t_i); σ(t_i)), then x = s(t_{i+1})·(ŷ + σ(t_{i+1})·n_i) with fresh noise n_i (x = ŷ at t_{i+1} = 0),
-    one evaluation a step, on the grid t_steps, or with its N − 1 intermediate times at the noise levels `sigmas`
-    (consistency_grid; ECT and sCM use [0.821] for 2 steps)."""
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency function f = the denoiser
+    with its boundary f(x̂; σ_b) = x̂ (the denoiser's boundary_sigma, 0 if it has none): ŷ = f(x/s(t_i); σ(t_i)), then
+    x = s(t_{i+1})·(ŷ + sqrt(σ(t_{i+1})² − σ_b²)·n_i) with fresh noise n_i (x = ŷ at t_{i+1} = 0), one evaluation a
+    step, on the grid t_steps, or with its N − 1 intermediate times at the noise levels `sigmas` (consistency_grid;
+    ECT and sCM use [0.821] for 2 steps), which must not lie below σ_b."""
+    grid = consistency_grid(t_steps, schedule, sigmas)
+    sigma_b = float(getattr(denoiser, "boundary_sigma", 0.0))
+    if sigma_b and bool((schedule.sigma(grid[1:-1]) < sigma_b).any()):
+        raise ValueError(f"consistency: the noise levels {schedule.sigma(grid[1:-1]).tolist()} must not lie below the "
+                         f"model's boundary σ_b = {sigma_b:g} (precond.boundary_sigma), where f(x̂; σ_b) = x̂")
+
     def step(i, x, t_cur, t_next, last):
         y = denoise(denoiser, x, t_cur, schedule, class_labels)
-        return y if last else schedule.scale(t_next) * (y + schedule.sigma(t_next) * randn_like(x, generator))
+        if last:
+            return y
+        sigma = schedule.sigma(t_next)
+        level = (sigma**2 - sigma_b**2).sqrt() if sigma_b else sigma  # the noise y lacks beyond f's boundary σ_b
+        return schedule.scale(t_next) * (y + level * randn_like(x, generator))
 
-    return _in_t(x, consistency_grid(t_steps, schedule, sigmas), callback, step)
+    return _in_t(x, grid, callback, step)
 
 
 def meanflow(
