@@ -1,11 +1,10 @@
 """What made an output folder, and what a training run's folder holds.
 
-An output folder's record is written before the first result and checked on every resume:
-
-edm-sample claims its `out` folder with `claim(out, record)`: the record holds every setting
-that changes the images (the checkpoint's content hash, solver, time grid, schedule, guidance,
-labels, dtype, precision, ...). A later run into the same folder continues it only when its record
-is equal; otherwise it is refused with the differing keys and the two ways out.
+A command claims its output folder with `claim(out, record)` before its first result: the record (provenance.json)
+holds every setting that changes the results (edm-sample's: the checkpoint's content hash, solver, time grid,
+schedule, guidance, labels, dtype, precision, ...). A later run into the same folder continues it only when its
+record is equal; otherwise it is refused with the differing keys and the two ways out. `run_marks` recognizes a
+training run's folder by the names below, so that no command takes one for its output folder.
 """
 
 from __future__ import annotations
