@@ -282,6 +282,25 @@ def teacher(tmp_path_factory):
     return run_dir
 
 
+def test_an_init_model_is_not_contradicted_by_the_configs_network_or_preconditioning(compose_train, teacher, tmp_path):
+    """init= trains the model's own network and preconditioning: a config that sets others (a network preset, a
+    network.* or precond.* value, and σ_d, which the loss reads too) is refused before any work, naming the model's
+    values; network.dropout and precond.boundary_sigma are the config's to set, and values equal to the model's pass."""
+    from edm.training.loop import setup
+
+    base = ["recipe=ect", f"init={teacher}", "total_kimg=0.008"]
+    refusals = [(["network=edm2-tiny"], r"network=edm2-tiny where the model has tiny\b.*set them to the model's \(network=tiny\)"),
+                (["network.model_channels=16"], r"network.model_channels=16 where the model has 8.*network.model_channels=8\)"),
+                (["precond.kind=vp"], r"precond.kind=vp where the model has edm"),
+                (["precond.sigma_data=1.0"], r"precond.sigma_data=1.0 where the model has 0.5.*precond.sigma_data=0.5\)")]
+    for i, (overrides, message) in enumerate(refusals):
+        with pytest.raises(ValueError, match=f"init=.* trains its own network and preconditioning.*{message}"):
+            setup(compose_train(*base, *overrides, run_dir=tmp_path / f"refused{i}"))
+        assert not (tmp_path / f"refused{i}" / "checkpoint-00000000.pt").exists()
+    setup(compose_train(*base, "network.model_channels=8", "precond.kind=edm", "network.dropout=0.3",
+                        "precond.boundary_sigma=0.002", run_dir=tmp_path / "agrees"))
+
+
 def test_an_init_model_of_another_schedule_is_warned_of(compose_train, teacher, tmp_path, caplog):
     """init= takes the model's network and preconditioning, not its schedule: a run on another one says so."""
     import logging
@@ -303,14 +322,13 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
     from edm.training.loop import train
     from edm.training.run import saved_loss_spec
 
-    overrides = ["recipe=ect", f"init={teacher}", "network.model_channels=16", "network.dropout=0.2",
+    overrides = ["recipe=ect", f"init={teacher}", "network.dropout=0.2",
                  "ect.stage_kimg=0.016", "checkpoint_every=2", "sampler.num_steps=1"]
     full = train(compose_train(*overrides, run_dir=tmp_path / "full"))
     state = ckpt.load_checkpoint(full.checkpoint)
     assert state["config"]["objective"] == "ect" and saved_loss_spec(state)["kind"] == "ect"
     teacher_state = ckpt.load_checkpoint(ckpt.find_latest(teacher))
-    assert state["denoiser"]["network"]["model_channels"] == 8  # the init model's network, not the config's 16 ...
-    assert state["denoiser"] == {  # ... with the config's dropout (no weights)
+    assert state["denoiser"] == {  # the init model's network and precond, with the config's dropout (no weights)
         "network": teacher_state["denoiser"]["network"] | {"dropout": 0.2},
         "precond": teacher_state["denoiser"]["precond"] | {"boundary_sigma": 0.0}}
     assert any(not torch.equal(state["model"][k], teacher_state["ema"][k]) for k in state["model"])

@@ -326,6 +326,19 @@ def test_a_latent_run_refuses_another_vae_a_pixel_network_shape_and_a_vae_for_pi
         setup(compose("train", [*TINY_TRAIN, f"latent.vae={vaes[0]}"]))
 
 
+def test_a_latent_run_starts_from_or_distils_only_a_model_of_its_latent_map(latent_run):
+    """init= and teacher= (sCD) must make the run's latents: a model of another latent map (latent.raw_std) is
+    refused before any work, naming the model and both maps, as a guide is when sampling."""
+    from edm.training.loop import setup
+
+    root, _ = latent_run
+    base = [*TINY_TRAIN, "dataset=latent", f"dataset.root={root / 'latents'}", "latent.raw_std=[1,1,1,1]"]
+    with pytest.raises(VAEError, match=r"init .*run.* works in other VAE latents .*: give one trained on the same latents"):
+        setup(compose("train", [*base, f"init={root / 'run'}", f"run_dir={root / 'init-other-map'}"]))
+    with pytest.raises(VAEError, match=r"teacher .*run.* works in other VAE latents"):
+        setup(compose("train", [*base, "recipe=scd", f"teacher={root / 'run'}", f"run_dir={root / 'scd-other-map'}"]))
+
+
 def test_resume_refuses_a_run_whose_vae_differs(latent_run, vaes):
     from edm.models.checkpoint import CheckpointError
     from edm.training.run import check_resume_vae

@@ -31,7 +31,7 @@ from ..core.schedules import Schedule, from_spec
 from ..latent import same_latent_space
 from ..provenance import refuse_foreign_folder
 
-__all__ = ["ModelInfo", "read_model_file", "load_model", "model_record", "guided", "export_model"]
+__all__ = ["ModelInfo", "read_model_file", "load_model", "model_latent", "model_record", "guided", "export_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,13 @@ def load_model(
         img_shape=shape, label_dim=int(getattr(net, "label_dim", 0) or 0),
         label_dropout=float(getattr(net, "label_dropout", 0.0) or 0.0),
         schedule=from_spec(state["schedule"]) if state.get("schedule") else None, source=str(path),
-        dataset=(state.get("config") or {}).get("dataset"), latent=_latent(state),
+        dataset=(state.get("config") or {}).get("dataset"), latent=model_latent(state),
         objective=(state.get("config") or {}).get("objective") or "denoising", inputs=state.get("inputs"),
     )
     return denoiser.to(device), info
 
 
-def _latent(state: dict) -> dict | None:
+def model_latent(state: dict) -> dict | None:
     """What a latent model records of its VAE (edm runs: "latent"; NVlabs/edm2: its StabilityVAEEncoder, whose
     VAE has no recorded fingerprint), None for pixel models."""
     if state.get("latent"):

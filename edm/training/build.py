@@ -27,8 +27,8 @@ from ..data import ImageDataset
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
 from ..hardware import RunWideLog
-from ..latent import VAE, LatentConfig, VAEError, check_vae, load_vae, pixel_channels
-from ..networks import resolve as resolve_network
+from ..latent import VAE, LatentConfig, VAEError, check_vae, load_vae, pixel_channels, same_latent_space
+from ..networks import NetworkConfig, resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
@@ -171,19 +171,43 @@ def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: 
 
 
 INIT_FREE = ("dropout", "label_dropout")  # network settings without weights: the config's apply to an init model
+INIT_SET = ("second_noise",)  # network settings an objective sets on an init model (MeanFlow's second input)
 
 
-def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset) -> tuple[dict[str, Any], dict[str, Any], Path]:
+def check_init_settings(cfg: TrainConfig, network: dict[str, Any], precond: dict[str, Any], path: Path) -> None:
+    """init= trains the model's network and preconditioning, so a config that names others is refused, with the
+    model's values: a network preset other than the default (network=) that differs from the model's, a network.*
+    or precond.* value set to another than the model's (but INIT_FREE, INIT_SET and precond.boundary_sigma), and
+    precond.sigma_data, which the loss reads too."""
+    differ = [("network", cfg.network.name, network["name"])] if cfg.network.name not in (
+        NetworkConfig.name, network["name"]) else []
+    for group, config, model, skip in (("network", cfg.network, network, ("name", *INIT_FREE, *INIT_SET)),
+                                       ("precond", cfg.precond, precond, ("boundary_sigma",))):
+        for key, value in dataclasses.asdict(config).items():
+            if key not in skip and value is not None and to_container(value) != to_container(model.get(key)):
+                differ.append((f"{group}.{key}", value, model.get(key)))
+    if differ:
+        raise ValueError(f"init={path} trains its own network and preconditioning, which the config contradicts ("
+                         + ", ".join(f"{key}={value} where the model has {theirs}" for key, value, theirs in differ)
+                         + "): set them to the model's (" + " ".join(f"{key}={theirs}" for key, _, theirs in differ)
+                         + "), or train without init=")
+
+
+def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, Any] | None
+                     ) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(denoiser spec, EMA weights, the file read) of the model cfg.init names: its network (network.dropout and
     network.label_dropout from the config where set) and preconditioning (precond.boundary_sigma from the
-    config); its images must have the data set's shape and labels."""
-    from ..models.loading import read_model_file
+    config), which the config may not contradict (check_init_settings); its images must have the data set's shape
+    and labels, and be the run's pixels or latents of the same map (`latent`: the run's latent_facts, or None)."""
+    from ..models.loading import model_latent, read_model_file
 
     path, state = read_model_file(cfg.init, ema=True)
     free = {key: getattr(cfg.network, key) for key in INIT_FREE if getattr(cfg.network, key) is not None}
     network = resolved_network({**state["denoiser"]["network"], **free,
                                 **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
+    check_init_settings(cfg, network, precond, path)
+    same_latent_space(latent, model_latent(state), f"init {path}")
     resolution = network.get("img_resolution")
     check_model_data("init", path, (network.get("in_channels"), resolution, resolution), network.get("label_dim") or 0,
                      cfg, dataset, "train on the model's data (dataset=, dataset.resolution=, dataset.cond=) or start "
@@ -216,14 +240,16 @@ def load_initial_weights(denoiser: Any, weights: dict[str, Any]) -> None:
         raise ValueError(f"the init model's weights do not fit its network: missing {missing}, unexpected {unexpected}")
 
 
-def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any) -> tuple[SCMLoss, str]:
+def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device: Any, latent: dict[str, Any] | None
+                 ) -> tuple[SCMLoss, str]:
     """(sCD's loss with its teacher: the EMA denoiser of cfg.teacher, frozen, on `device`, the file read); its images
-    must be the data set's."""
+    must be the data set's, pixels or latents of the same map as the run's (`latent`: its latent_facts, or None)."""
     from ..models.loading import load_model
 
     teacher, info = load_model(cfg.teacher, device=device)
     check_model_data("teacher", info.source, info.img_shape, info.label_dim, cfg, dataset,
                      "distil a teacher of this data")
+    same_latent_space(latent, info.latent, f"teacher {info.source}")
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
     logger.info("teacher: the denoiser of %s", info.source)

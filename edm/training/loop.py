@@ -32,7 +32,7 @@ from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
-from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_vae, load_initial_weights, resolve, with_teacher
+from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
@@ -189,7 +189,8 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
     vae = latent_vae(cfg, dataset, accelerator.device)
-    spec, init_weights, init_file = (initial_denoiser(cfg, dataset) if cfg.init else
+    latent = latent_facts(vae, dataset) if vae is not None else None
+    spec, init_weights, init_file = (initial_denoiser(cfg, dataset, latent) if cfg.init else
                                      (resolved.denoiser_spec(cfg, dataset), None, None))
     check_objective(cfg.objective, spec)
     check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
@@ -206,7 +207,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     ema.to(accelerator.device)
     generator = torch.Generator(accelerator.device)  # seeded per micro-batch (seed_draws)
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
-    loss, teacher_file = (with_teacher(resolved.loss, cfg, dataset, accelerator.device) if cfg.objective == "scd"
+    loss, teacher_file = (with_teacher(resolved.loss, cfg, dataset, accelerator.device, latent) if cfg.objective == "scd"
                           else (resolved.loss, None))
     run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
               lock=lock, phema=phema, vae=vae, inputs=_on_main(accelerator, lambda: run_inputs(cfg, init_file, teacher_file)))
