@@ -79,10 +79,12 @@ def other_records(folder: str | Path, own: str | None = None) -> list[str]:
     return [name for name in FOLDER_RECORDS if name != own and (Path(folder) / name).is_file()]
 
 
-def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_key: str = "out") -> None:
+def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_key: str = "out",
+                          command: str | None = None) -> None:
     """Refuse an output folder that is a training run's (run_marks: its samples, plots, snapshots and .hydra record
     are the run's, and overwrite=true would delete them) or holds another kind of command's record than `own` (a
-    model folder for a sampler, a results folder for an export)."""
+    model folder for a sampler, a results folder for an export), or, given `command`, a results folder of another
+    command (as `claim` does: for a command that claims its folder only after its work)."""
     marks = run_marks(out_dir)
     if marks:
         raise ValueError(f"{out_key}={out_dir} is a training run's folder (it holds {marks[0]}), not an output folder "
@@ -91,6 +93,8 @@ def refuse_foreign_folder(out_dir: str | Path, own: str = PROVENANCE_NAME, out_k
     if other:
         raise ValueError(f"{out_key}={out_dir} is a {FOLDER_RECORDS[other[0]]} of another command (it holds {other[0]}), "
                          f"not one for this command's {FOLDER_RECORDS[own].split()[0]}: give another {out_key}=DIR")
+    if command is not None:
+        _refuse_other_command(Path(out_dir), command, out_key)
 
 
 def _canonical(record: dict) -> dict:
@@ -107,6 +111,14 @@ def _saved_command(path: Path) -> str | None:
     return saved.get("command") if isinstance(saved, dict) else None
 
 
+def _refuse_other_command(out_dir: Path, command: str, out_key: str) -> None:
+    """Refuse a folder whose provenance.json names another command than `command`."""
+    other = _saved_command(out_dir / PROVENANCE_NAME)
+    if other not in (None, command):
+        raise ProvenanceError(f"{out_key}={out_dir} is {other}'s results folder, not {command}'s",
+                              f"give {command} another {out_key}=DIR")
+
+
 def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command: str, overwrite: bool = False,
           overwrite_key: str = "overwrite=true", out_key: str = "out") -> None:
     """Make `out_dir` hold results of `record`, made by `command`, only: a folder whose record names another
@@ -117,10 +129,7 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
     with it."""
     out_dir = Path(out_dir)
     path = out_dir / PROVENANCE_NAME
-    other = _saved_command(path)
-    if other not in (None, command):
-        raise ProvenanceError(f"{out_key}={out_dir} is {other}'s results folder, not {command}'s",
-                              f"give {command} another {out_key}=DIR")
+    _refuse_other_command(out_dir, command, out_key)
     results = [p for p in results if p.exists()]
     if overwrite:
         for p in results:

@@ -8,8 +8,9 @@ As Stable Diffusion's VAE in EDM2's use: RGB in [0, 1] in and out (a gray data s
 posterior draw (a mean over the image's values) plus kl_weight times the KL divergence to N(0, I) over the same
 number of values (an image's KL / (3·H·W)). Prints the reconstruction PSNR of held-out images.
 OUT/provenance.json records the settings and the data set: a rerun into OUT with other settings is refused, naming
-them, before any training; --overwrite replaces the VAE once the new one is trained. Each file of the VAE is
-written whole (into a hidden folder of OUT, then moved in).
+them, before any training; --overwrite replaces the VAE once the new one is trained. A training run's folder, a
+model folder or another command's results folder is refused whatever --overwrite says (it would delete their files).
+Each file of the VAE is written whole (into a hidden folder of OUT, then moved in).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from edm.cli import USER_ERRORS, user_errors
 from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images, dataset_record
 from edm.data.sets import DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 from edm.files import FolderInUseError, FolderLock
-from edm.provenance import PROVENANCE_NAME, ProvenanceError, claim
+from edm.provenance import PROVENANCE_NAME, ProvenanceError, claim, refuse_foreign_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,12 +66,24 @@ def block_channels(args: argparse.Namespace) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with user_errors("small_vae.py"):  # a foreign --out, a folder that cannot be written: one line; Ctrl-C: exit 130
+        return train_into_out(args)
+
+
+def train_into_out(args: argparse.Namespace) -> dict:
+    """main's work: OUT refused if it is another's, before the data set is read; the VAE trained, then saved."""
     channels = block_channels(args)
     for key in ("steps", "batch", "held_out"):
         if getattr(args, key) < 1:
             raise SystemExit(f"small_vae.py: error: --{key.replace('_', '-')} {getattr(args, key)}: give 1 or more")
+    # a training run's folder, a model folder or another command's results: --overwrite would delete them
+    refuse_foreign_folder(args.out, out_key="--out", command="small_vae.py")
     data = DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution, resample=args.resample)
-    images, _ = dataset_images(build_dataset(data))
+    try:
+        images, _ = dataset_images(build_dataset(data))
+    except USER_ERRORS as err:  # its message names edm's key of the root: name this script's flag
+        message = str(err).replace("dataset.root=", "--dataset-root ").replace("dataset.root", "--dataset-root")
+        raise SystemExit(f"small_vae.py: error: {message}") from None
     if args.held_out >= len(images):
         raise SystemExit(f"small_vae.py: error: --held-out {args.held_out} leaves no image of {args.dataset}'s "
                          f"{len(images)} to train on: give fewer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -595,6 +596,59 @@ def test_small_vae_saves_each_file_whole(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         load_script("small_vae").save_vae(Failing(), tmp_path / "vae")
     assert list((tmp_path / "vae").iterdir()) == []
+
+
+def test_small_vae_refuses_a_training_run_or_another_commands_folder_even_with_overwrite(tmp_path, monkeypatch, capsys):
+    """--overwrite deletes what OUT holds but the record: pointed at a training run's folder it deleted the run's
+    checkpoints and metrics.jsonl, at edm-export's model folder its model.json. Such a folder, and another command's
+    results folder, is refused whatever --overwrite says, naming it and what marks it, before the data set is read."""
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+    monkeypatch.setattr(small_vae, "dataset_images", lambda *a: pytest.fail("read the data set before refusing --out"))
+    run, model, samples = tmp_path / "run", tmp_path / "model", tmp_path / "samples"
+    for folder, files in ((run, {"checkpoint-00000010.pt": "the run's", "metrics.jsonl": "{}\n"}),
+                          (model, {"model.json": "{}", "model.safetensors": "weights"}),
+                          (samples, {"provenance.json": '{"command": "edm-sample"}', "000000.png": "an image"})):
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    held = {path: path.read_text() for path in tmp_path.rglob("*") if path.is_file()}
+    for folder, finding in ((run, r"a training run's folder \(it holds checkpoint-00000010.pt\)"),
+                            (model, r"a model folder of another command \(it holds model.json\)"),
+                            (samples, "edm-sample's results folder, not small_vae.py's")):
+        for overwrite in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit) as stopped:
+                small_vae.main(["--dataset", "digits", "--out", str(folder), "--steps", "1", *overwrite])
+            error = capsys.readouterr().err.strip()
+            assert stopped.value.code == 1 and re.fullmatch(rf"small_vae.py: error: --out={folder} is {finding}.*"
+                                                            r"give .*another --out=DIR.*", error), error
+    assert {path: path.read_text() for path in tmp_path.rglob("*") if path.is_file()} == held  # not even a .lock
+
+
+def test_small_vae_names_its_own_flag_for_a_missing_or_wrong_dataset_root(tmp_path):
+    """The data set's message names edm's key dataset.root; the script's is --dataset-root: one line names it."""
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+    for root, given in (([], "None"), (["--dataset-root", str(tmp_path / "none")], repr(str(tmp_path / "none")))):
+        with pytest.raises(SystemExit, match=rf"^small_vae.py: error: --dataset-root {re.escape(given)} is neither a "
+                                             r"folder nor a .zip; point it at a folder of images[^\n]*$"):
+            small_vae.main(["--dataset", "folder", *root, "--out", str(tmp_path / "vae")])
+
+
+def test_small_vae_stopped_by_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(small_vae, "train_vae", interrupted)
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would stop pytest)
+        small_vae.main(["--dataset", "digits", "--out", str(tmp_path / "vae"), "--held-out", "16"])
+    assert stopped.type is SystemExit and stopped.value.code == 130 and capsys.readouterr().err == "small_vae.py: stopped; rerun the same command\n"
 
 
 def test_encode_takes_a_vae_of_any_latent_channel_count(tmp_path):
