@@ -235,8 +235,11 @@ def test_encode_on_two_processes_equals_one(vaes, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "process 1 encoded 5 image(s)" in proc.stderr
-    encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=10),
+    report = json.loads(proc.stdout.splitlines()[-1])  # the report counts every process's images, not the main's
+    assert (report["images"], report["encoded_now"]) == (10, 10), report
+    one = encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=10),
                                 latent=LatentConfig(vae=str(vaes[0])), out=str(tmp_path / "one"), progress=False))
+    assert {k: v for k, v in one.items() if k != "out"} == {k: v for k, v in report.items() if k != "out"}
     for i in range(10):  # other batches (images 0, 2, 4, ... in process 0) round the convolutions otherwise
         np.testing.assert_allclose(np.load(tmp_path / "two" / latent_name(i)), np.load(tmp_path / "one" / latent_name(i)),
                                    rtol=1e-5, atol=1e-6)

@@ -93,8 +93,9 @@ def _pack(folder: Path, names: list[str], dest: Path) -> None:
 
 def encode_dataset(cfg: EncodeConfig) -> dict:
     """Encode cfg.dataset into cfg.out in every process of the launch (accelerate's PartialState); returns the
-    main process's report (images encoded now and in all, the output)."""
+    main process's report (images encoded now, by all processes, and in all; the output)."""
     from accelerate import PartialState
+    from accelerate.utils import reduce
 
     from ..hardware import use_cpu
 
@@ -132,7 +133,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     try:
         made = _encode_shard(dataset, vae, work, state.process_index, state.num_processes, cfg)
         logger.info("process %d encoded %d image(s)", state.process_index, made)
-        state.wait_for_everyone()
+        made = int(reduce(torch.tensor(made, device=state.device), reduction="sum"))  # all of them; waits for all
         if not state.is_main_process:
             return {}
         return _finish(dataset, vae, cfg, work, out, packed, made)
