@@ -190,6 +190,23 @@ def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train,
     assert train(compose_train("total_kimg=0.016", run_dir=fresh)).state.step == 2
 
 
+def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_folder_it_made(compose_train, tmp_path):
+    """A refusal after the run owns its folder (a resume with another network; a data set without its root) comes
+    before on_started, where edm-train writes the folder's .hydra record, so the record stays the last started
+    run's; a folder the refused run made (its lock, its log) is removed."""
+    run, new = tmp_path / "run", tmp_path / "new" / "run"
+    owned, started = [], []
+    train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append, on_started=started.append)
+    assert owned == started == [run]
+    with pytest.raises(CheckpointError, match="denoiser.network.dropout: checkpoint 0.0, config 0.2"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"), on_own_run_dir=owned.append,
+              on_started=started.append)
+    assert owned == [run, run] and started == [run]  # owned, never started
+    with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
+        train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=owned.append, on_started=started.append)
+    assert owned[-1] == new and not new.exists() and new.parent.is_dir() and started == [run]
+
+
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
     train(compose_train("total_kimg=0.016"))
     latest = find_latest(tmp_path / "run")

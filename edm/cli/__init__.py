@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files",
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files", "write_hydra_record", "folder_log",
            "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
@@ -253,10 +253,15 @@ def sweep_job_folder(hydra_cfg: Any, key: str | None = None) -> str | None:
 
 def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> logging.Handler:
     """What a command keeps in its output folder, written by the main process once it owns the folder
-    (a refused run writes nothing there, so it cannot overwrite the owner's record): .hydra/{config,
-    hydra,overrides}.yaml as Hydra writes them, and `log_name` (appended to), whose handler is
-    returned for `close_log`. The commands' configs set output_subdir null and log to stderr only, so Hydra
-    itself writes neither."""
+    (a refused run writes nothing there, so it cannot overwrite the owner's record): write_hydra_record's
+    .hydra/ files and folder_log's `log_name`, whose handler is returned for `close_log`."""
+    write_hydra_record(folder, dcfg, hydra_cfg)
+    return folder_log(folder, log_name)
+
+
+def write_hydra_record(folder: Path, dcfg: Any, hydra_cfg: Any) -> None:
+    """.hydra/{config,hydra,overrides}.yaml in `folder`, as Hydra writes them: the commands' configs set output_subdir
+    null and log to stderr only, so Hydra itself writes nothing."""
     from omegaconf import OmegaConf
 
     from ..files import atomic_write
@@ -265,6 +270,10 @@ def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> 
                        ("overrides.yaml", hydra_cfg.overrides.task)):
         text = OmegaConf.to_yaml(node).encode()
         atomic_write(Path(folder) / ".hydra" / name, lambda f, text=text: f.write(text), durable=False)
+
+
+def folder_log(folder: Path, log_name: str) -> logging.Handler:
+    """The root logger also writes to folder/log_name (appended to); the handler, for `close_log`."""
     handler = logging.FileHandler(Path(folder) / log_name, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
@@ -272,6 +281,6 @@ def own_folder_files(folder: Path, dcfg: Any, hydra_cfg: Any, log_name: str) -> 
 
 
 def close_log(handler: logging.Handler) -> None:
-    """Detach and close a handler of own_folder_files."""
+    """Detach and close a handler of folder_log."""
     logging.getLogger().removeHandler(handler)
     handler.close()

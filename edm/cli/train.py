@@ -22,7 +22,7 @@ from ..hardware import join_restarted_group, process_identity, set_precision_fla
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..training.runlog import kimg_text
-from . import CONFIG_DIR, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
+from . import CONFIG_DIR, close_log, folder_log, sweep_job_folder, hydra_errors, typed, user_errors, write_hydra_record
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
@@ -51,8 +51,8 @@ def main(dcfg: DictConfig) -> None:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
         try:
-            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(
-                own_folder_files(run_dir, dcfg, hydra_cfg, "train.log")))
+            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(folder_log(run_dir, "train.log")),
+                           on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
         finally:
             for handler in handlers:
                 close_log(handler)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -115,11 +116,13 @@ def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
     return dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no"), launch
 
 
-def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None) -> Run:
+def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None,
+          on_started: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
-    `on_own_run_dir(run_dir)`; resumes from run_dir's latest checkpoint if asked. Bad values, schedule options
-    or loss/precond combinations fail before any work; run_dir None is run_folder(cfg)."""
+    `on_own_run_dir(run_dir)`, and `on_started(run_dir)` once the run is set up; resumes from run_dir's latest
+    checkpoint if asked. Bad values, schedule options or loss/precond combinations fail before any work; a run
+    refused while setting up leaves no folder that it made; run_dir None is run_folder(cfg)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -137,16 +140,22 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
+    made = not run_dir.exists()
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
-        cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its .hydra record and train.log there
+        cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its train.log there
         if lock is not None and on_own_run_dir is not None:
             on_own_run_dir(run_dir)
         logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
-        return _setup_run(cfg, accelerator, resolved, lock)
+        run = _setup_run(cfg, accelerator, resolved, lock)
+        if lock is not None and on_started is not None:
+            on_started(run_dir)
+        return run
     except BaseException:
         if lock is not None:
             lock.release()
+            if made:  # the folder holds nothing but this refused run's lock and log
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -287,11 +296,12 @@ def _inputs(run: Run, micro_batches: list, positions: list[int]) -> list:
 
 def train(
     cfg: TrainConfig, callback: Callable[[Run], None] | None = None,
-    on_own_run_dir: Callable[[Path], None] | None = None,
+    on_own_run_dir: Callable[[Path], None] | None = None, on_started: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
-    run_dir, `callback(run)` after every step (tests use it to inject faults)."""
-    run = setup(cfg, on_own_run_dir)
+    run_dir, `on_started(run_dir)` once it is set up (data, model, resume: a run refused there has not started),
+    `callback(run)` after every step (tests use it to inject faults)."""
+    run = setup(cfg, on_own_run_dir, on_started)
     try:
         return _loop(run, callback)
     finally:
