@@ -92,6 +92,7 @@ def test_the_training_set_of_a_record_with_nothing_resized_is_the_data_sets_defa
     ("meanflow", "consistency", r"is not a consistency model \(objective=meanflow\); .* sample this one with sampler=meanflow or an ODE solver"),
     ("denoising", "consistency", r"is not a consistency model \(objective=denoising\); .* sample this one with an ODE solver"),
     ("denoising", "meanflow", r"objective=denoising; sampler meanflow needs a MeanFlow model .* sample this one with an ODE solver"),
+    ("ect", "consistancy", r"^solver 'consistancy' is not valid; choose one of: "),  # a misspelt solver is no solver
     ("meanflow", "heun", None), ("meanflow", "meanflow", None), ("ect", "consistency", None), ("denoising", "dpmpp_2m", None),
 ])
 def test_each_kind_of_model_is_sampled_by_its_solvers_and_a_refusal_names_them(objective, solver, message):

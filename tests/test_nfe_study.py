@@ -148,7 +148,7 @@ def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, 
     with pytest.raises(ValueError, match="is not a consistency model .* tune one with edm-train recipe=ect"):
         run_study(cfg)
     cfg.solvers, cfg.teacher_solvers = ["heun"], ["heun"]
-    with pytest.raises(ValueError, match="is a consistency model .* use sampler=consistency"):
+    with pytest.raises(ValueError, match=r"is a consistency model .* use solvers=\[consistency\] \(steps=\[1,2,4\]\)"):
         run_study(cfg)
 
 
@@ -178,3 +178,31 @@ def test_with_local_inception_weights_the_study_reports_fid_too(tmp_path, tiny_c
     (row,) = run_study(cfg)
     assert row["fid"] > 0 and row["fd_cls"] > 0
     assert (tmp_path / "s" / "fid_vs_nfe.png").is_file() and (tmp_path / "s" / "fd_cls_vs_nfe.png").is_file()
+
+
+def test_a_study_refuses_a_solver_in_its_own_keys_naming_the_teacher_and_a_misspelt_solver_is_unknown(tmp_path,
+                                                                                                     tiny_checkpoint):
+    """edm-study's refusals advise its own keys (solvers=, steps=; teacher_solvers=, teacher_steps=), not edm-sample's
+    sampler=; a refused teacher is named the teacher; a misspelt solver is an unknown solver, not one of another kind."""
+    from edm.models import checkpoint
+
+    state = checkpoint.load_checkpoint(tiny_checkpoint(tmp_path / "denoiser.pt"))
+    for objective in ("ect", "sct"):
+        checkpoint.save_checkpoint(tmp_path / f"{objective}.pt", state | {"config": {"objective": objective}})
+    cfg = StudyConfig(checkpoint=str(tmp_path / "ect.pt"), out=str(tmp_path / "z"), progress=False)
+    with pytest.raises(ValueError, match=r"ect.pt is a consistency model \(objective=ect\); solver heun is not for "
+                                         r"consistency models: use solvers=\[consistency\] \(steps=\[1,2,4\]\)$"):
+        run_study(cfg)
+    cfg.solvers = ["consistancy"]
+    with pytest.raises(ValueError, match="solver 'consistancy' is not valid; choose one of: "):
+        run_study(cfg)
+    cfg.solvers, cfg.teacher = ["consistency"], str(tmp_path / "sct.pt")
+    with pytest.raises(ValueError, match=r"^teacher .*sct.pt is a consistency model \(objective=sct\); solver heun is not "
+                                         r"for consistency models: use teacher_solvers=\[consistency\] "
+                                         r"\(teacher_steps=\[1,2,4\]\)$"):
+        run_study(cfg)
+    cfg.teacher, cfg.teacher_solvers = str(tmp_path / "denoiser.pt"), ["consistency"]
+    with pytest.raises(ValueError, match=r"^teacher .* is not a consistency model .* or sample this one with an ODE "
+                                         r"solver \(teacher_solvers=\[heun\]\)$"):
+        run_study(cfg)
+    assert not (tmp_path / "z").exists()

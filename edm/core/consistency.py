@@ -58,12 +58,14 @@ ECT_METRICS = ("pseudo_huber", "l2")
 ECT_WEIGHTINGS = ("ect", "edm")
 
 
-def samplers_for(objective: str) -> str:
+def samplers_for(objective: str, option: str = "sampler={}") -> str:
     """The samplers of a model trained with `objective`, as a refusal names them: the consistency sampler alone for a
-    consistency function; the MeanFlow sampler or an ODE solver for MeanFlow's average velocity; an ODE solver else."""
+    consistency function; the MeanFlow sampler or an ODE solver for MeanFlow's average velocity; an ODE solver else.
+    `option` is how the caller's command picks a solver, NAME as {} (edm-study: "solvers=[{}]")."""
     if objective in CONSISTENCY_OBJECTIVES:
-        return "sampler=consistency"
-    return "sampler=meanflow or an ODE solver (sampler=heun)" if objective == "meanflow" else "an ODE solver (sampler=heun)"
+        return option.format("consistency")
+    ode = f"an ODE solver ({option.format('heun')})"
+    return f"{option.format('meanflow')} or {ode}" if objective == "meanflow" else ode
 
 
 def per_example(t: Tensor, like: Tensor) -> Tensor:

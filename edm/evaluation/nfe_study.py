@@ -145,8 +145,9 @@ def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: Stud
     """A study's model from its file, each solver checked against what it is (denoiser or consistency model)."""
     denoiser, info = load_model(path, ema=cfg.ema, device=device)
     vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, device)
+    prefix = "" if label == "model" else f"{label}_"  # edm-study's keys of this model, which its refusals name
     for solver in solvers:
-        info.check_solver(solver)
+        info.check_solver(solver, f"{prefix}solvers=[{{}}]", f"{prefix}steps=[1,2,4]", role=label if prefix else "")
     guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
     counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
                                   ema=cfg.ema, device=device)

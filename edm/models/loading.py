@@ -19,10 +19,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..choices import choose
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES, samplers_for
 from ..core.denoisers import GuidedDenoiser
-from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS
+from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SOLVERS
 from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
 from ..files import FolderLock, file_sha256
 from .export import CARRIED, META_NAME, export_state, is_export, read_export
@@ -50,19 +51,23 @@ class ModelInfo:
     objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
     inputs: dict | None = None  # what its run read (edm.training.run.run_inputs): the data's resolved root and contents
 
-    def check_solver(self, solver: str) -> None:
-        """Refuse a solver made for another kind of model: the consistency sampler needs a consistency function and
-        is the only one that samples it; the MeanFlow sampler needs a MeanFlow model (which ODE solvers sample too)."""
-        own = samplers_for(self.objective)
+    def check_solver(self, solver: str, option: str = "sampler={}", steps: str = "sampler.num_steps=1, 2, 4",
+                     role: str = "") -> None:
+        """Refuse a name that is no solver, then a solver made for another kind of model: the consistency sampler
+        needs a consistency function and is the only one that samples it; the MeanFlow sampler needs a MeanFlow model
+        (which ODE solvers sample too). The advice names the caller's keys: `option` picks a solver (NAME as {}),
+        `steps` the few-step counts (edm-sample's by default); `role` is what the model is to the caller ("teacher")."""
+        choose(SOLVERS, solver, "solver")
+        own, name = samplers_for(self.objective, option), f"{role} {self.source}".strip()
         if self.objective in CONSISTENCY_OBJECTIVES and solver not in CONSISTENCY_SOLVERS:
-            raise ValueError(f"{self.source} is a consistency model (objective={self.objective}); solver {solver} is not "
-                             "for consistency models: use sampler=consistency (sampler.num_steps=1, 2, 4)")
+            raise ValueError(f"{name} is a consistency model (objective={self.objective}); solver {solver} is not "
+                             f"for consistency models: use {option.format('consistency')} ({steps})")
         if solver in CONSISTENCY_SOLVERS and self.objective not in CONSISTENCY_OBJECTIVES:
-            raise ValueError(f"{self.source} is not a consistency model (objective={self.objective}); sampler {solver} "
+            raise ValueError(f"{name} is not a consistency model (objective={self.objective}); sampler {solver} "
                              f"needs one: tune one with edm-train recipe=ect init={self.source or 'MODEL'}, or sample "
                              f"this one with {own}")
         if solver in MEANFLOW_SOLVERS and self.objective != "meanflow":
-            raise ValueError(f"{self.source} was trained with objective={self.objective}; sampler {solver} needs a "
+            raise ValueError(f"{name} was trained with objective={self.objective}; sampler {solver} needs a "
                              f"MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN): sample this one "
                              f"with {own}")
 
