@@ -82,3 +82,19 @@ def test_a_record_pins_the_files_a_metric_reads(tmp_path):
     cfg.fid.inception, cfg.fid.ref = str(weights), str(tmp_path / "missing.npz")
     files = metric_files(cfg, ["fid"])
     assert list(files) == ["fid.inception_sha256"] and len(files["fid.inception_sha256"]) == 64
+
+
+def test_bits_per_dim_of_a_consistency_model_is_refused_naming_its_denoiser(tmp_path, tiny_checkpoint):
+    """edm-eval metric=bpd integrates the probability-flow ODE through D(x̂; σ): a consistency function (objective
+    ect, sct, scd) is no such D, so its bits/dim is refused before any image is scored, naming the denoiser to score."""
+    from edm.cli.evaluate import EvaluateConfig, run
+    from edm.models import checkpoint
+
+    state = checkpoint.load_checkpoint(tiny_checkpoint(tmp_path / "denoiser.pt"))
+    checkpoint.save_checkpoint(tmp_path / "ect.pt", state | {"config": {"objective": "ect"}})
+    np.savez(tmp_path / "x.npz", images=digit_like(2, 0))
+    cfg = EvaluateConfig(metric=BpdConfig(num_steps=1), checkpoint=str(tmp_path / "ect.pt"), data=str(tmp_path / "x.npz"),
+                         cpu=True)
+    with pytest.raises(ValueError, match=r"^bits/dim needs a denoiser: .*ect.pt is a consistency model \(objective=ect\)"
+                                         r".* score the denoiser it was tuned from"):
+        run(cfg, "bpd")

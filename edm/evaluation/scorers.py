@@ -10,7 +10,7 @@ one row.
 
     fid     FID against reference statistics, images or the data set (+ precision/recall)  samples
     fd_cls  FD_cls (and class accuracy) in a classifier trained on the data set             samples
-    bpd     bits/dim of data images under the context's model                                data
+    bpd     bits/dim of data images under the context's model (a denoiser)                  data
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..choices import choose, keyword_defaults
 from ..core import likelihood
+from ..core.consistency import CONSISTENCY_OBJECTIVES
 from ..core.schedules import Schedule, to_spec
 from ..data import DatasetConfig, build_dataset, dataset_images
 from ..files import file_sha256
@@ -153,6 +154,11 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
     """bits_per_dim of uint8 images (and labels, for a class-conditional model) under ctx.model."""
     if ctx.model is None:
         raise ValueError("bits/dim scores a model: give it (checkpoint=PATH)")
+    objective = getattr(ctx.info, "objective", "denoising")
+    if objective in CONSISTENCY_OBJECTIVES:  # its output is f(x̂; σ), no D(x̂; σ) whose ODE has a likelihood
+        raise ValueError(f"bits/dim needs a denoiser: {ctx.info.source} is a consistency model (objective={objective}), "
+                         "whose output does not define the probability-flow ODE; score the denoiser it was tuned from "
+                         "(its run's init= model, or teacher= for scd) with checkpoint=")
     if cfg.num_steps < 1:
         raise ValueError(f"metric.num_steps={cfg.num_steps}: the ODE needs at least 1 step")
     dtype = choose(DTYPES, cfg.dtype, "dtype")
