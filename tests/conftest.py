@@ -129,20 +129,24 @@ def host_reads(monkeypatch) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    """tiny_checkpoint(path, label_dim=0, perturb=0.0, kind="edm", schedule=EDM's, raw_offset=0.0) -> path:
-    a tiny untrained 1×8×8 model saved through edm.models.checkpoint (the training checkpoint format).
+    """tiny_checkpoint(path, label_dim=0, perturb=0.0, kind="edm", schedule=EDM's, raw_offset=0.0, objective=None,
+    second_noise=False) -> path: a tiny untrained 1×8×8 model saved through edm.models.checkpoint (the training
+    checkpoint format).
 
     `perturb` adds N(0, perturb²) to every weight, so that the zero-initialized output layer no
-    longer makes F ≈ 0; the raw weights ("model") are the EMA weights plus `raw_offset`.
+    longer makes F ≈ 0; the raw weights ("model") are the EMA weights plus `raw_offset`. `objective` is the one its
+    config records (None: none, a denoiser); `second_noise` gives the network MeanFlow's second noise input.
     """
     import torch
 
     from edm.models import checkpoint
 
-    def _save(path, label_dim=0, perturb=0.0, kind="edm", schedule=None, raw_offset=0.0):
+    def _save(path, label_dim=0, perturb=0.0, kind="edm", schedule=None, raw_offset=0.0, objective=None,
+              second_noise=False):
         spec = {
             "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": label_dim,
-                        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "label_dropout": 0.1},
+                        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "label_dropout": 0.1,
+                        **({"second_noise": True} if second_noise else {})},
             "precond": {"kind": kind, "sigma_data": 0.5},
         }
         torch.manual_seed(0)
@@ -150,7 +154,8 @@ def tiny_checkpoint():
         weights = {k: v + perturb * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()}
         raw = {k: v + raw_offset if v.is_floating_point() else v for k, v in weights.items()}
         schedule = {"name": "edm", "sigma_min": 0.002, "sigma_max": 80.0} if schedule is None else schedule
-        state = {"denoiser": spec, "schedule": schedule, "ema": weights, "model": raw, "config": {}, "step": 10}
+        config = {"objective": objective} if objective else {}
+        state = {"denoiser": spec, "schedule": schedule, "ema": weights, "model": raw, "config": config, "step": 10}
         checkpoint.save_checkpoint(path, state)
         return path
 

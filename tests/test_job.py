@@ -436,3 +436,38 @@ def test_labels_given_as_a_number_or_a_one_element_list_are_one_setting_of_a_fol
     cfg.labels = [4]
     with pytest.raises(ProvenanceError, match=r"labels: folder 3, now 4"):
         generate_folder(cfg)
+
+
+def test_a_guide_the_solver_cannot_sample_is_refused_naming_the_guide_before_the_folder_is_claimed(tmp_path,
+                                                                                                  tiny_checkpoint):
+    """The solver evaluates the guide as it does the model: a consistency model does not guide Heun, and the meanflow
+    sampler passes σ_r to the guide too, so only a MeanFlow model guides it. Such a guide is refused by name before
+    OUT is claimed (whose record would then block the corrected command); under an ODE solver a flow-matching guide
+    guides a MeanFlow model."""
+    from edm.evaluation.nfe_study import StudyConfig, run_study
+    from edm.generation.job import SampleConfig, generate_folder
+
+    fm = dict(kind="fm", schedule={"name": "fm"})
+    denoiser, ect = tiny_checkpoint(tmp_path / "d.pt"), tiny_checkpoint(tmp_path / "ect.pt", objective="ect")
+    meanflow = tiny_checkpoint(tmp_path / "mf.pt", objective="meanflow", second_noise=True, perturb=0.05, **fm)
+    flow = tiny_checkpoint(tmp_path / "flow.pt", perturb=0.02, **fm)
+    weak_meanflow = tiny_checkpoint(tmp_path / "mf-weak.pt", objective="meanflow", second_noise=True, perturb=0.02, **fm)
+    out = tmp_path / "g9"
+    for model, guide, solver, message in [
+        (denoiser, ect, "heun", rf"^guide {ect} was trained with objective=ect, which solver heun does not sample"),
+        (meanflow, flow, "meanflow", rf"^guide {flow} was trained with objective=denoising, which solver meanflow does "
+                                     r"not sample .*σ_r.*: give a guide of the model's kind \(objective=meanflow\)$"),
+    ]:
+        cfg = SampleConfig(checkpoint=str(model), num_images=1, format="npz", out=str(out), progress=False, guidance=2.0,
+                           guide=str(guide))
+        cfg.sampler = SamplerConfig(solver, 1)
+        with pytest.raises(ValueError, match=message):
+            generate_folder(cfg)
+        with pytest.raises(ValueError, match=message):
+            run_study(StudyConfig(checkpoint=str(model), solvers=[solver], steps=[1], guidance=2.0, guide=str(guide),
+                                  out=str(out), dataset=DatasetConfig(name="digits"), progress=False))
+        assert not out.exists()
+    cfg.guide = str(weak_meanflow)
+    assert generate_folder(cfg)["guide"] == str(weak_meanflow.resolve())
+    cfg.guide, cfg.out, cfg.sampler = str(flow), str(tmp_path / "ode"), SamplerConfig("euler", 1)
+    assert generate_folder(cfg)["nfe_per_image"] == 2

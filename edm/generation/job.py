@@ -205,7 +205,7 @@ def generate_folder(
     nfe = cfg.sampler.evaluations_per_image(schedule)  # a bad option value (order, variant, ...) fails here, before work
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
-                                  ema=cfg.ema, device=state.device)
+                                  ema=cfg.ema, device=state.device, solvers=[cfg.sampler.solver])
     if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # (after guided's own refusals)
         run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
                            "is untrained", cfg.guidance)

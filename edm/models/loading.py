@@ -58,6 +58,8 @@ class ModelInfo:
         (which ODE solvers sample too). The advice names the caller's keys: `option` picks a solver (NAME as {}),
         `steps` the few-step counts (edm-sample's by default); `role` is what the model is to the caller ("teacher")."""
         choose(SOLVERS, solver, "solver")
+        if self.sampled_by(solver):
+            return
         own, name = samplers_for(self.objective, option), f"{role} {self.source}".strip()
         if self.objective in CONSISTENCY_OBJECTIVES and solver not in CONSISTENCY_SOLVERS:
             raise ValueError(f"{name} is a consistency model (objective={self.objective}); solver {solver} is not "
@@ -70,6 +72,12 @@ class ModelInfo:
             raise ValueError(f"{name} was trained with objective={self.objective}; sampler {solver} needs a "
                              f"MeanFlow model (edm-train recipe=meanflow init=A_FLOW_MATCHING_RUN): sample this one "
                              f"with {own}")
+
+    def sampled_by(self, solver: str) -> bool:
+        """Whether `solver` samples this kind of model (check_solver says why not)."""
+        consistency = self.objective in CONSISTENCY_OBJECTIVES
+        return (solver in CONSISTENCY_SOLVERS) == consistency and (solver not in MEANFLOW_SOLVERS or
+                                                                   self.objective == "meanflow")
 
     @property
     def pixel_shape(self) -> tuple[int, int, int] | None:
@@ -198,13 +206,16 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 def guided(
     denoiser: nn.Module, info: ModelInfo, weight: float = 1.0, guide: str | Path | None = None, *,
     interval: Sequence[float] | None = None, ema: bool = True, device: torch.device | str = "cpu",
+    solvers: Sequence[str] = (),
 ) -> tuple[GuidedDenoiser, ModelInfo | None]:
     """The main denoiser under guidance: classifier-free (no guide; a class-conditional model) or
     autoguidance (`guide`, any model file load_model reads), guided where σ ∈ interval = (σ_lo, σ_hi].
 
     A guide is a denoiser D(x̂; σ) like the main one, so schedules never need converting; it must
     make images of the main model's shape and take its labels (the same label_dim, or none: an
-    unconditional guide ignores them). (GuidedDenoiser, the guide's ModelInfo or None).
+    unconditional guide ignores them), and each of `solvers` (those that will sample) must sample it, as they
+    evaluate it as they do the model: a consistency model guides the consistency sampler only, and only a MeanFlow
+    model the meanflow sampler (which passes σ_r to both). (GuidedDenoiser, the guide's ModelInfo or None).
     """
     if weight == 1.0 and (guide is not None or interval is not None):
         raise ValueError("a guide and a guidance interval act only with a guidance weight: set guidance=W (W != 1)")
@@ -222,6 +233,12 @@ def guided(
         if guide_info.label_dim not in (0, info.label_dim):
             raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
                              "a guide must take the model's labels (or none)")
+        for solver in solvers:
+            if not guide_info.sampled_by(solver):
+                sigma_r = " with σ_r, which only a MeanFlow model takes" if solver in MEANFLOW_SOLVERS else ""
+                raise ValueError(f"guide {guide} was trained with objective={guide_info.objective}, which solver "
+                                 f"{solver} does not sample (it evaluates the guide as it does the model{sigma_r}): give "
+                                 f"a guide of the model's kind (objective={info.objective})")
     elif weight != 1.0 and info.label_dim == 0:
         raise ValueError("classifier-free guidance needs a class-conditional model (this one has label_dim = 0); "
                          "pass a guide model for autoguidance")
