@@ -357,3 +357,19 @@ def test_the_evaluation_count_of_settings_leaves_the_global_random_state_alone(s
     torch.manual_seed(3)
     assert SamplerConfig(solver, 4, options=options).evaluations_per_image(EDM()) == nfe
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("solver", ["consistency", "meanflow"])
+def test_final_denoise_is_refused_with_the_few_step_samplers_whose_last_step_is_the_model_output(solver):
+    """final_denoise makes the last step x = D(x̂; σ_{N−1}): for the consistency sampler that is its own last step (the
+    flag did nothing, yet reports recorded it), for MeanFlow's it drops σ_r (no MeanFlow step). Both are refused where
+    settings are checked, naming why and the option to change."""
+    reason = {"consistency": r"changes nothing: a consistency step already ends at the model's output f\(x̂; σ_\{N−1\}\)",
+              "meanflow": r"would replace its last jump D\(x̂; σ_\{N−1\}, σ_r = 0\) by the denoiser at r = t"}[solver]
+    message = rf"^sampler.final_denoise=true with solver {solver} {reason}.*: set sampler.final_denoise=false$"
+    with pytest.raises(ValueError, match=message):
+        SamplerConfig(solver, 2, final_denoise=True)
+    with pytest.raises(ValueError, match=message):
+        edm.sample(lambda x, sigma, labels=None, **kw: x, torch.zeros(1, 1), "fm", num_steps=2, solver=solver,
+                   final_denoise=True)
+    assert SamplerConfig(solver, 2).final_denoise is False

@@ -893,10 +893,19 @@ def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
                          "where churn applies")
 
 
-def check_solver(solver: str, options: dict) -> Callable[..., Tensor]:
-    """The solver function of `solver`, once its name and `options` are known to be valid."""
+FINAL_DENOISE_REFUSALS = {  # the solvers whose last step is already the model's output, and what final_denoise does
+    "consistency": "changes nothing: a consistency step already ends at the model's output f(x̂; σ_{N−1})",
+    "meanflow": "would replace its last jump D(x̂; σ_{N−1}, σ_r = 0) by the denoiser at r = t, which is no MeanFlow step",
+}
+
+
+def check_solver(solver: str, options: dict, final_denoise: bool = False) -> Callable[..., Tensor]:
+    """The solver function of `solver`, once its name, `options` and `final_denoise` are known to be valid."""
     fn = choose(SOLVERS, solver, "solver")
     check_options(solver, fn, options)
+    if final_denoise and solver in FINAL_DENOISE_REFUSALS:
+        raise ValueError(f"sampler.final_denoise=true with solver {solver} {FINAL_DENOISE_REFUSALS[solver]}: set "
+                         "sampler.final_denoise=false")
     return fn
 
 
@@ -916,7 +925,7 @@ class SamplerConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_solver(self.solver, dict(self.options))
+        check_solver(self.solver, dict(self.options), self.final_denoise)
         check_num_steps(self.num_steps)
         if self.discretization is not None:
             choose(DISCRETIZATIONS, self.discretization, "discretization")
@@ -966,7 +975,7 @@ def sample(
     """
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
-    fn = check_solver(solver, solver_options)
+    fn = check_solver(solver, solver_options, final_denoise)
     _check_inputs(noise, class_labels)
     if t_steps is None:
         t_steps = solver_time_steps(schedule, solver, num_steps, discretization, dtype=noise.dtype, device=noise.device)
