@@ -130,7 +130,7 @@ def host_reads(monkeypatch) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
     """tiny_checkpoint(path, label_dim=0, perturb=0.0, kind="edm", schedule=EDM's, raw_offset=0.0, objective=None,
-    second_noise=False) -> path: a tiny untrained 1×8×8 model saved through edm.models.checkpoint (the training
+    second_noise=False, label_dropout=0.1) -> path: a tiny untrained 1×8×8 model saved through edm.models.checkpoint (the training
     checkpoint format).
 
     `perturb` adds N(0, perturb²) to every weight, so that the zero-initialized output layer no
@@ -142,10 +142,10 @@ def tiny_checkpoint():
     from edm.models import checkpoint
 
     def _save(path, label_dim=0, perturb=0.0, kind="edm", schedule=None, raw_offset=0.0, objective=None,
-              second_noise=False):
+              second_noise=False, label_dropout=0.1):
         spec = {
             "network": {"name": "tiny", "img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": label_dim,
-                        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "label_dropout": 0.1,
+                        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "label_dropout": label_dropout,
                         **({"second_noise": True} if second_noise else {})},
             "precond": {"kind": kind, "sigma_data": 0.5},
         }

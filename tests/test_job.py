@@ -84,6 +84,17 @@ def test_sample_script_npz_matches_the_library_and_any_batch_size(run_dir, tmp_p
     assert report["options"] == {"churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
 
 
+def test_classifier_free_guidance_of_a_model_without_label_dropout_is_warned_of_in_the_folders_log(tmp_path,
+                                                                                                    tiny_checkpoint):
+    """Its unconditional output never trained: said on the console and in OUT/sample.log, the folder's record."""
+    ckpt = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3, label_dropout=0.0)
+    out = tmp_path / "guided"
+    proc = sample_script(f"checkpoint={ckpt}", "num_images=1", "sampler=euler", "sampler.num_steps=1", "guidance=2",
+                         f"out={out}")
+    warning = "guidance=2.0, but the network was trained without label dropout"
+    assert warning in proc.stderr and warning in (out / "sample.log").read_text()
+
+
 def test_sample_script_grid_with_labels_and_guidance(tmp_path, tiny_checkpoint):
     ckpt = tiny_checkpoint(tmp_path / "cond.pt", label_dim=3)
     out = tmp_path / "grid"

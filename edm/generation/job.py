@@ -25,7 +25,7 @@ from ..core.denoisers import fast_denoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, package_version, to_container, write_json
-from ..hardware import DTYPES, LaunchSettings, RunWideLog, launch_settings, set_precision_flags, use_cpu
+from ..hardware import DTYPES, LaunchSettings, launch_settings, set_precision_flags, use_cpu
 from ..latent import VAE, LatentConfig, model_vae
 from ..models.loading import ModelInfo, guided, load_model, model_record
 from . import outputs, sampling
@@ -34,7 +34,6 @@ from ..provenance import claim, refuse_foreign_folder
 __all__ = ["SampleConfig", "generate_folder", "REPORT_NAME"]
 
 logger = logging.getLogger(__name__)
-run_logger = RunWideLog(logger)  # what every process would say alike: once per job
 REPORT_NAME = "report.json"
 
 
@@ -206,9 +205,6 @@ def generate_folder(
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device, solvers=[cfg.sampler.solver])
-    if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # (after guided's own refusals)
-        run_logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
-                           "is untrained", cfg.guidance)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
@@ -219,6 +215,9 @@ def generate_folder(
         lock = _own_folder(out, record, cfg.overwrite, on_own_folder)
         logger.info("%d image(s) of %s, %s, %s schedule, %d process(es) -> %s", len(seeds), info.source,
                     _work_text(cfg, nfe), schedule.name, state.num_processes, out)
+        if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # in OUT's sample.log too
+            logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
+                           "is untrained", cfg.guidance)
     state.wait_for_everyone()
     try:
         start = time.time()
