@@ -33,7 +33,7 @@ from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "check_target_weight", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_objective", "load_initial_weights",
+    "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_schedule_length", "check_objective", "load_initial_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,19 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
                        "preconditioning is the model's, %s; schedule=%s keeps the model's schedule)", path, trained,
                        cfg.schedule.name, precond["kind"], trained)
     return {"network": network, "precond": precond}, state["ema"], path
+
+
+def check_schedule_length(cfg: TrainConfig) -> None:
+    """Warn when a few-step objective's own schedule outlasts total_kimg (the recipes' values are for 96 kimg): ECT
+    that never leaves its first stage (r(t) never nears t), sCM whose tangent warm-up never ends."""
+    if cfg.objective == "ect" and cfg.total_kimg <= cfg.ect.stage_kimg:
+        run_logger.warning("total_kimg=%g ends in ECT's first stage (ect.stage_kimg=%g), so Δt = t − r never shrinks: "
+                           "scale ect.stage_kimg with total_kimg (recipe=ect: 8 stages of 12 kimg in 96)",
+                           cfg.total_kimg, cfg.ect.stage_kimg)
+    if cfg.objective in ("sct", "scd") and cfg.total_kimg < cfg.scm.warmup_kimg:
+        run_logger.warning("total_kimg=%g ends within sCM's tangent warm-up (scm.warmup_kimg=%g), so the tangent never "
+                           "reaches its full weight: scale scm.warmup_kimg with total_kimg (recipe=%s: 10 kimg of 96)",
+                           cfg.total_kimg, cfg.scm.warmup_kimg, cfg.objective)
 
 
 def check_objective(objective: str, spec: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
-from .build import Resolved, check_objective, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
+from .build import Resolved, check_objective, check_schedule_length, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
@@ -203,6 +203,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
                                      (resolved.denoiser_spec(cfg, dataset), None, None))
     check_objective(cfg.objective, spec)
     check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
+    check_schedule_length(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
