@@ -221,6 +221,11 @@ def test_mismatched_checkpoint_on_resume(compose_train):
         train(compose_train("total_kimg=0.032", "resume=true", "network.model_channels=16"))
     with pytest.raises(CheckpointError, match="denoiser.precond.kind: checkpoint 'edm', config 'vp'.*schedule.name: checkpoint 'edm', config 'vp'"):
         train(compose_train("total_kimg=0.032", "resume=true", "schedule=vp"))
+    # every refused difference at once, the denoiser's and the fixed settings'
+    with pytest.raises(CheckpointError, match=r"does not match the config \(denoiser.network.model_channels: checkpoint 8, "
+                                              r"config 16\) and was trained with other settings that a resume may not "
+                                              r"change \(seed: checkpoint 0, config 1;"):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.model_channels=16", "seed=1"))
 
 
 def test_a_checkpoint_stores_its_network_resolved_and_resumes_however_it_spelled_it(compose_train, tmp_path):
@@ -333,7 +338,7 @@ def test_a_digits_run_that_recorded_a_root_it_never_read_resumes_and_scores_with
 
 def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_changes(compose_train, tmp_path, caplog):
     train(compose_train("total_kimg=0.016"))
-    with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the checkpoint's values"):
+    with pytest.raises(CheckpointError, match="seed: checkpoint 0, config 1.*resume with the settings it was trained with"):
         train(compose_train("total_kimg=0.032", "resume=true", "seed=1"))
     with pytest.raises(CheckpointError, match="other settings that a resume may not change \\(loss.P_mean: checkpoint -1.2, config -1.0"):
         train(compose_train("total_kimg=0.032", "resume=true", "loss.P_mean=-1.0"))

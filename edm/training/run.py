@@ -296,22 +296,23 @@ def other_run(path: Path, cfg: TrainConfig) -> list[str]:
     return diffs
 
 
-def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path) -> list[dict]:
+def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path, mismatch: list[str] = ()) -> list[dict]:
     """The training settings that differ from checkpoint `state`'s (checkpoint_settings: the loss as resolved specs):
-    refuse those in RESUME_FIXED, warn (once per run) about those that change the optimization; return all (they are
-    recorded in the next checkpoints)."""
+    refuse those in RESUME_FIXED, in one message with `mismatch` (restore's differences of denoiser and schedule),
+    warn (once per run) about those that change the optimization; return all (they are recorded in the next
+    checkpoints)."""
     skip = ("network.", "precond.", "schedule.")  # compared as the resolved denoiser spec and schedule (restore)
     saved = {k: v for k, v in flatten(checkpoint_settings(state)).items() if not k.startswith(skip)}
     ours = {k: v for k, v in flatten(settings_as_trained(cfg, loss_spec(loss))).items() if not k.startswith(skip)}
     changes = setting_differences(saved, ours)
     as_facts = (INPUT_KEYS if state.get("inputs") is not None else ()) + _unread(cfg)  # paths compared as run_inputs facts
     fixed = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changes if _is_fixed(k) and k not in as_facts]
-    if fixed:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained with other settings that a resume may not change ({'; '.join(fixed)}; "
-            "fixed are the loss, data set, seed, global batch, power EMAs, objective and its options, init and "
-            "teacher); resume with the checkpoint's values, or start a new run_dir"
-        )
+    refusals = ([f"does not match the config ({'; '.join(mismatch)})"] if mismatch else []) + (
+        [f"was trained with other settings that a resume may not change ({'; '.join(fixed)}; fixed are the loss, data "
+         "set, seed, global batch, power EMAs, objective and its options, init and teacher)"] if fixed else [])
+    if refusals:
+        raise ckpt.CheckpointError(f"checkpoint {path} {' and '.join(refusals)}: resume with the settings it was "
+                                   "trained with, or start a new run_dir")
     altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)
                and k not in as_facts]
     if altered:
@@ -350,13 +351,8 @@ def restore(run: Run, path: Path) -> None:
              "precond": saved_precond_spec(state)}
     diffs = _differences({"denoiser": saved, "schedule": state["schedule"]},
                          {"denoiser": run.spec, "schedule": to_spec(run.schedule)})
-    if diffs:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} does not match the config ({'; '.join(diffs)}); "
-            "resume with the settings it was trained with, or start a new run_dir"
-        )
+    changes = check_resume_changes(state, run.cfg, run.loss_fn, path, diffs)  # refuses diffs with the fixed settings
     check_resume_vae(state.get("latent"), latent_facts(run.vae, run.dataset) if run.vae is not None else None, path)
-    changes = check_resume_changes(state, run.cfg, run.loss_fn, path)
     saved_inputs = state.get("inputs")
     changes += check_resume_inputs(saved_inputs and _read_facts(saved_inputs, run.cfg),
                                    _read_facts(run.inputs or {}, run.cfg), path)
