@@ -209,12 +209,28 @@ def test_every_config_ships_in_the_wheel():
     assert not missed, f"not packaged: {missed}"
 
 
+def test_a_sweep_jobs_folder_name_is_read_back_whole_as_a_path_value():
+    """Paths, lists and dicts in a job's overrides become one folder name that Hydra's parser reads back unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from edm.cli import sweep_folder_name
+
+    parser = OverridesParser.create()
+    for overrides, expected in [("init-runs/digits-edm-tiny__lr-0.0001", "init-runs+digits-edm-tiny__lr-0.0001"),
+                                ("ema_sigma_rel-[0.05,0.1]__seed-1", "ema_sigma_rel-0.05_0.1__seed-1"),
+                                ("+options.stochastic-{churn: 5}__out-~/x", "+options.stochastic-churn_5__out-_+x")]:
+        name = sweep_folder_name(overrides)
+        assert name == expected and parser.parse_override(f"checkpoint=sweep/0-{name}").value() == f"sweep/0-{name}"
+
+
 def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_train, one_thread_env):
-    """python -m edm.train -m schedule=vp,fm lr=1e-3,2e-3: 4 jobs, each in its own folder under
-    hydra.sweep.dir with its own checkpoint and settings; multirun.yaml beside them. A run_dir on the
-    command line of a sweep is refused (it would be one folder for every job)."""
+    """python -m edm.train -m schedule=vp,fm adam_betas=[0.9,0.99],[0.9,0.999]: 4 jobs, each in its own folder under
+    hydra.sweep.dir with its own checkpoint and settings, whose name (lists too) a command line takes back as a path;
+    multirun.yaml beside them. A run_dir on the command line of a sweep is refused (it would be one folder for every
+    job)."""
     sweep = tmp_path / "sweep"
-    args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "schedule=vp,fm", "lr=1e-3,2e-3", "progress=false"]
+    args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "schedule=vp,fm", "adam_betas=[0.9,0.99],[0.9,0.999]",
+            "progress=false"]
     proc = subprocess.run([*args, f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env=one_thread_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,10 +239,10 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
     settings = set()
     for job in jobs:
         state = load_checkpoint(find_latest(job))
-        settings.add((state["config"]["schedule"]["name"], state["config"]["lr"]))
+        settings.add((state["config"]["schedule"]["name"], state["config"]["adam_betas"][1]))
         assert state["config"]["run_dir"] == str(job) and (job / "train.log").is_file()
-    assert settings == {("vp", 1e-3), ("vp", 2e-3), ("fm", 1e-3), ("fm", 2e-3)}
-    assert all("=" not in job.name and "," not in job.name for job in jobs)  # a job folder is a valid override value
+    assert settings == {("vp", 0.99), ("vp", 0.999), ("fm", 0.99), ("fm", 0.999)}
+    assert all(not set("=,[]") & set(job.name) for job in jobs)  # a job folder is a valid override value
     sample = subprocess.run([command("edm-sample"), f"checkpoint={jobs[0]}", "num_images=1",
                              "sampler.num_steps=2", f"out={tmp_path / 'from-job'}", "progress=false"],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)

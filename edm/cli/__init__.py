@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "own_folder_files", "write_hydra_record", "folder_log",
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "sweep_folder_name", "own_folder_files", "write_hydra_record", "folder_log",
            "close_log", "LOG_FORMAT"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
@@ -42,6 +42,25 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def sweep_folder_name(overrides: str) -> str:
+    """A sweep job's overrides (Hydra's override_dirname, KEY-VALUE__KEY-VALUE) as one folder name that a command
+    line takes back as a path: a path's '/' becomes '+', a list's or dict's brackets, quotes and spaces go, and
+    every other character Hydra would not read unquoted (',' ':' '~' ...) becomes '_'. The job number before it keeps
+    two jobs' folders apart."""
+    name = re.sub(r"[\[\]{}'\" ]", "", overrides.replace("/", "+"))
+    return re.sub(r"[^\w.+\-@%]", "_", name)
+
+
+def _register_resolvers() -> None:
+    """${edm_folder_name:...} for the configs' hydra.sweep.subdir (sweep_folder_name)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("edm_folder_name", sweep_folder_name, replace=True)
+
+
+_register_resolvers()
 
 
 def compose(command: str, overrides: Sequence[str] = ()) -> Any:
