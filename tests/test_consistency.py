@@ -301,22 +301,24 @@ def test_an_init_model_is_not_contradicted_by_the_configs_network_or_preconditio
                         "precond.boundary_sigma=0.002", run_dir=tmp_path / "agrees"))
 
 
-def test_a_few_step_schedule_that_outlasts_the_run_is_warned_of(compose_train, caplog):
+def test_a_few_step_schedule_that_outlasts_the_run_and_ect_from_random_weights_are_warned_of(compose_train, caplog):
     """ECT ending in its first stage (Δt never shrinks) and sCM ending within its tangent warm-up say so, naming the
-    key to scale; a run that reaches its second stage or ends its warm-up does not."""
-    from edm.training.build import check_schedule_length
+    key to scale; a run that reaches its second stage or ends its warm-up does not; ECT without init= says that it
+    starts from random weights."""
+    from edm.training.build import check_few_step_settings
 
     cases = [(("recipe=ect", "total_kimg=4"), "ends in ECT's first stage (ect.stage_kimg=12)"),
+             (("recipe=ect", "total_kimg=4", "ect.stage_kimg=2"), "objective=ect without init= trains a consistency model"),
              (("recipe=sct", "total_kimg=4"), "ends within sCM's tangent warm-up (scm.warmup_kimg=10)"),
-             (("recipe=ect", "total_kimg=4", "ect.stage_kimg=2"), None),
+             (("recipe=ect", "total_kimg=4", "ect.stage_kimg=2", "init=runs/a-denoiser"), None),
              (("recipe=scd", "total_kimg=4", "scm.warmup_kimg=4"), None)]
     for overrides, warning in cases:
         caplog.clear()
         with caplog.at_level("WARNING"):
-            check_schedule_length(compose_train(*overrides))
+            check_few_step_settings(compose_train(*overrides))
         messages = [r.getMessage() for r in caplog.records]
         if warning is None:
-            assert not any("total_kimg=4" in m for m in messages), (overrides, messages)
+            assert messages == [], (overrides, messages)
         else:
             assert any(warning in m for m in messages), (overrides, messages)
 

@@ -211,7 +211,8 @@ def test_recipe_meanflow_tunes_a_flow_matching_run(compose_train, tmp_path):
     state = ckpt.load_checkpoint(result.checkpoint)
     assert state["denoiser"]["network"]["second_noise"] is True
     edm_run = train(compose_train(run_dir=tmp_path / "edm")).checkpoint
-    with pytest.raises(ValueError, match="not kind edm: use schedule=fm, or init= a model trained with schedule=fm"):
+    with pytest.raises(ValueError, match="not kind edm: init= a model trained with schedule=fm .*edm.* was trained with "
+                                         "precond kind edm"):
         train(compose_train("recipe=meanflow", f"init={edm_run}", run_dir=tmp_path / "mf2"))
 
 

@@ -33,7 +33,7 @@ from .config import LossConfig, PrecondConfig, TrainConfig
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "check_target_weight", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
-    "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_schedule_length", "check_objective", "load_initial_weights",
+    "network_spec", "resolved_network", "latent_vae", "latent_facts", "initial_denoiser", "with_teacher", "check_few_step_settings", "check_objective", "load_initial_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -221,9 +221,13 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
     return {"network": network, "precond": precond}, state["ema"], path
 
 
-def check_schedule_length(cfg: TrainConfig) -> None:
-    """Warn when a few-step objective's own schedule outlasts total_kimg (the recipes' values are for 96 kimg): ECT
-    that never leaves its first stage (r(t) never nears t), sCM whose tangent warm-up never ends."""
+def check_few_step_settings(cfg: TrainConfig) -> None:
+    """Warn when ECT starts from random weights (it tunes a trained denoiser: init=), or a few-step objective's own
+    schedule outlasts total_kimg (the recipes' values are for 96 kimg): ECT that never leaves its first stage (r(t)
+    never nears t), sCM whose tangent warm-up never ends."""
+    if cfg.objective == "ect" and cfg.init is None:
+        run_logger.warning("objective=ect without init= trains a consistency model from random weights; ECT tunes a "
+                           "trained denoiser: init=RUN (a run folder, checkpoint or model file)")
     if cfg.objective == "ect" and cfg.total_kimg <= cfg.ect.stage_kimg:
         run_logger.warning("total_kimg=%g ends in ECT's first stage (ect.stage_kimg=%g), so Δt = t − r never shrinks: "
                            "scale ect.stage_kimg with total_kimg (recipe=ect: 8 stages of 12 kimg in 96)",
@@ -234,12 +238,14 @@ def check_schedule_length(cfg: TrainConfig) -> None:
                            cfg.total_kimg, cfg.scm.warmup_kimg, cfg.objective)
 
 
-def check_objective(objective: str, spec: dict[str, Any]) -> None:
-    """MeanFlow's average velocity is the flow-matching network's: refuse another preconditioning."""
+def check_objective(objective: str, spec: dict[str, Any], init: str | None = None) -> None:
+    """MeanFlow's average velocity is the flow-matching network's: refuse another preconditioning (with `init`, the
+    init model's)."""
     kind = spec["precond"]["kind"]
     if objective == "meanflow" and kind != "fm":
-        raise ValueError(f"objective=meanflow trains a flow-matching model (precond kind fm), not kind {kind}: use "
-                         "schedule=fm, or init= a model trained with schedule=fm")
+        fix = (f"init= a model trained with schedule=fm ({init} was trained with precond kind {kind})" if init
+               else "use schedule=fm, or init= a model trained with schedule=fm")
+        raise ValueError(f"objective=meanflow trains a flow-matching model (precond kind fm), not kind {kind}: {fix}")
 
 
 SECOND_NOISE_KEYS = ("map_noise2.", "emb_noise2.", "emb_noise2_gain")  # a second noise input's parameters

@@ -33,7 +33,7 @@ from ..generation.sampling import generate_batch, plan_images
 from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
-from .build import Resolved, check_objective, check_schedule_length, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
+from .build import Resolved, check_objective, check_few_step_settings, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
 from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
@@ -201,9 +201,9 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     latent = latent_facts(vae, dataset) if vae is not None else None
     spec, init_weights, init_file = (initial_denoiser(cfg, dataset, latent) if cfg.init else
                                      (resolved.denoiser_spec(cfg, dataset), None, None))
-    check_objective(cfg.objective, spec)
+    check_objective(cfg.objective, spec, cfg.init)
     check_target_weight(resolved.loss, spec["precond"]["kind"], resolved.schedule)
-    check_schedule_length(cfg)
+    check_few_step_settings(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights in every process
     net = ckpt.build_denoiser(spec).train()
