@@ -323,6 +323,26 @@ def test_a_few_step_schedule_that_outlasts_the_run_and_ect_from_random_weights_a
             assert any(warning in m for m in messages), (overrides, messages)
 
 
+def test_a_model_trained_on_other_images_is_warned_of_as_init_or_teacher(compose_train, caplog):
+    """init= and teacher= models trained on another data set, size or resampling filter than the run's are allowed
+    (a model tuned on new data) but named; the filter of an unresized set and fields a record lacks say nothing."""
+    from edm.training.build import warn_other_data
+
+    cfg = compose_train("dataset=digits", "dataset.resolution=16", "dataset.resample=bilinear")
+    cases = [({"name": "fashion_mnist", "resolution": 16, "resample": "bilinear"}, "name 'fashion_mnist', this run 'digits'"),
+             ({"name": "digits", "resolution": 16, "resample": "lanczos"}, "resample 'lanczos', this run 'bilinear'"),
+             ({"name": "digits", "resolution": 16}, None), (None, None)]
+    for recorded, warning in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_other_data("teacher", "T.pt", recorded, cfg)
+        assert (warning is None and not caplog.records) or (warning in caplog.text and "teacher T.pt" in caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_other_data("init", "I.pt", {"name": "digits", "resample": "box"}, compose_train("dataset=digits"))
+    assert not caplog.records
+
+
 def test_an_init_model_of_another_schedule_is_warned_of(compose_train, teacher, tmp_path, caplog):
     """init= takes the model's network and preconditioning, not its schedule: a run on another one says so."""
     import logging

@@ -170,6 +170,21 @@ def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: 
                          f"{cfg.dataset.name} has {'x'.join(map(str, want))} with {dataset.label_dim}: {fix}")
 
 
+DATA_IDENTITY = ("name", "resolution", "resample")  # what makes a data set's images, where a model's record holds it
+
+
+def warn_other_data(role: str, source: Any, recorded: dict[str, Any] | None, cfg: TrainConfig) -> None:
+    """Warn when a model a run starts from or distils was trained on other images than the run's (another data set,
+    size or resampling filter, where its record holds them): allowed (a model tuned on new data), but said."""
+    ours = dataclasses.asdict(cfg.dataset)
+    diffs = [f"{key} {recorded[key]!r}, this run {ours[key]!r}" for key in DATA_IDENTITY
+             if recorded and recorded.get(key) is not None and ours.get(key) is not None and recorded[key] != ours[key]
+             and not (key == "resample" and ours["resolution"] is None)]  # the filter acts only on a resized set
+    if diffs:
+        run_logger.warning("%s %s was trained on other images (%s): this run trains on dataset=%s", role, source,
+                           "; ".join(diffs), cfg.dataset.name)
+
+
 INIT_FREE = ("dropout", "label_dropout")  # network settings without weights: the config's apply to an init model
 INIT_SET = ("second_noise",)  # network settings an objective sets on an init model (MeanFlow's second input)
 
@@ -208,6 +223,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
     check_init_settings(cfg, network, precond, path)
     same_latent_space(latent, model_latent(state), f"init {path}")
+    warn_other_data("init", path, (state.get("config") or {}).get("dataset"), cfg)
     resolution = network.get("img_resolution")
     check_model_data("init", path, (network.get("in_channels"), resolution, resolution), network.get("label_dim") or 0,
                      cfg, dataset, "train on the model's data (dataset=, dataset.resolution=, dataset.cond=) or start "
@@ -269,6 +285,7 @@ def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device:
     check_model_data("teacher", info.source, info.img_shape, info.label_dim, cfg, dataset,
                      "distil a teacher of this data")
     same_latent_space(latent, info.latent, f"teacher {info.source}")
+    warn_other_data("teacher", info.source, info.dataset, cfg)
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
     logger.info("teacher: the denoiser of %s", info.source)
