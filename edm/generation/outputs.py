@@ -97,6 +97,14 @@ def save_grid(path: str | Path, images: Tensor, cols: int | None = None, scale: 
     return path
 
 
+def _nonempty(path: Path) -> bool:
+    """Whether `path` is a file with at least one byte (one stat)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 class PngWriter:
     """One PNG per image: out/<seed>.png, or out/<seed rounded down to 1000>/<seed>.png with subdirs."""
 
@@ -109,7 +117,8 @@ class PngWriter:
         return folder / f"{seed:06d}.png"
 
     def pending(self, specs: Sequence[ImageSpec]) -> list[ImageSpec]:
-        return [s for s in specs if not self.path(s.seed).exists()]
+        """The specs whose PNG is missing or empty (our writes are atomic: an empty file is no image we made)."""
+        return [s for s in specs if not _nonempty(self.path(s.seed))]
 
     def write(self, specs: Sequence[ImageSpec], images: Tensor, labels: Tensor | None) -> None:
         """Images [B, C, H, W] in [−1, 1] of `specs`, one file each."""
