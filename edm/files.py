@@ -116,20 +116,27 @@ class FolderLock:
     blocks the next one. The file records what owns the folder (`owner`: training, sampler, ...),
     its pid, host and start time, for the message a second process gets: "out DIR is in use by a
     training (pid ...)", whatever the second process is; `key` is the option that names the folder.
-    `wait` makes the second process wait for the first to finish instead (a shared cache entry).
+    `wait` makes the second process wait for the first to finish instead (a shared cache entry). `created` says
+    whether acquire made the folder itself (the operating system's mkdir of it, not of its parents, succeeded).
     """
 
     def __init__(self, folder: str | Path, key: str = "run_dir", owner: str = "training", wait: bool = False) -> None:
         self.path = Path(folder) / ".lock"
         self.key, self.owner, self.wait = key, owner, wait
         self._fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "FolderLock":
         folder = self.path.parent
         if folder.exists() and not folder.is_dir():
             raise OutputWriteError(f"{self.key}={folder} is a file, not a folder: pass {self.key}=DIR, a folder's path")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(folder)
+                self.created = True
+            except FileExistsError:
+                self.created = False
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # a read-only or foreign folder
             raise write_error(self.path, err) from None

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from edm.files import OutputWriteError, atomic_write
+from edm.files import FolderLock, OutputWriteError, atomic_write
 
 
 def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
@@ -67,3 +67,15 @@ def test_records_differ_at_dotted_keys_and_a_missing_leaf_is_none():
 
     assert flatten({"a": Options(), "b": None}) == {"a.steps": 18, "a.grid": [1, 2], "b": None}
     assert differences({"a": {"x": 1, "y": 2}}, {"a": {"x": 1, "y": 3}, "c": 4}) == [("a.y", 2, 3), ("c", None, 4)]
+
+
+def test_a_folder_lock_says_whether_it_made_the_folder(tmp_path):
+    """created: the operating system's mkdir of the folder itself succeeded, not that the path as written did not
+    exist (typo/../run names an existing folder once typo is made)."""
+    (tmp_path / "run").mkdir()
+    for folder, made in ((tmp_path / "new", True), (tmp_path / "run", False), (tmp_path / "typo" / ".." / "run", False)):
+        lock = FolderLock(folder).acquire()
+        try:
+            assert lock.created is made, folder
+        finally:
+            lock.release()

@@ -193,7 +193,8 @@ def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train,
 def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_folder_it_made(compose_train, tmp_path):
     """A refusal after the run owns its folder (a resume with another network; a data set without its root) comes
     before on_started, where edm-train writes the folder's .hydra record, so the record stays the last started
-    run's; a folder the refused run made (its lock, its log) is removed."""
+    run's; a run_dir the refused run made (its lock, its log) is removed, and so is none it did not make, even one named
+    through a folder that did not exist (typo/../run)."""
     run, new = tmp_path / "run", tmp_path / "new" / "run"
     owned, started = [], []
     train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append, on_started=started.append)
@@ -204,7 +205,13 @@ def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_f
     assert owned == [run, run] and started == [run]  # owned, never started
     with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
         train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=owned.append, on_started=started.append)
-    assert owned[-1] == new and not new.exists() and new.parent.is_dir() and started == [run]
+    assert owned[-1] == new and not new.exists() and new.parent.is_dir() and started == [run]  # (run_dir only)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("a user's")
+    with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
+        train(compose_train("dataset=latent", run_dir=tmp_path / "typo" / ".." / "precious"))
+    assert (precious / "notes.txt").read_text() == "a user's"
 
 
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):

@@ -122,7 +122,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
     `on_own_run_dir(run_dir)`, and `on_started(run_dir)` once the run is set up; resumes from run_dir's latest
     checkpoint if asked. Bad values, schedule options or loss/precond combinations fail before any work; a run
-    refused while setting up leaves no folder that it made; run_dir None is run_folder(cfg)."""
+    refused while setting up removes run_dir if it made it (FolderLock.created); run_dir None is run_folder(cfg)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -140,7 +140,6 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
-    made = not run_dir.exists()
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     try:
         cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its train.log there
@@ -153,9 +152,9 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
         return run
     except BaseException:
         if lock is not None:
-            lock.release()
-            if made:  # the folder holds nothing but this refused run's lock and log
+            if lock.created:  # run_dir did not exist: it holds nothing but this refused run's lock and log
                 shutil.rmtree(run_dir, ignore_errors=True)
+            lock.release()
         raise
 
 
