@@ -218,7 +218,8 @@ def test_a_sweep_jobs_folder_name_is_read_back_whole_as_a_path_value():
     parser = OverridesParser.create()
     for overrides, expected in [("init-runs/digits-edm-tiny__lr-0.0001", "init-runs+digits-edm-tiny__lr-0.0001"),
                                 ("ema_sigma_rel-[0.05,0.1]__seed-1", "ema_sigma_rel-0.05_0.1__seed-1"),
-                                ("+options.stochastic-{churn: 5}__out-~/x", "+options.stochastic-churn_5__out-_+x")]:
+                                ("+options.stochastic-{churn: 5}__out-~/x", "+options.stochastic-churn_5__out-_+x"),
+                                ("init-runs/café", "init-runs+caf_")]:
         name = sweep_folder_name(overrides)
         assert name == expected and parser.parse_override(f"checkpoint=sweep/0-{name}").value() == f"sweep/0-{name}"
 

@@ -18,6 +18,12 @@ def floor(name: str) -> int:
     return next((i for i, names in enumerate(FLOORS) if name.split(".")[0] in names), len(FLOORS) - 1)
 
 
+def test_every_module_of_the_package_is_on_a_floor():
+    """A new module or folder is placed on a floor (FLOORS), so that the check below sees its imports."""
+    tops = {path.relative_to(PACKAGE).parts[0].removesuffix(".py") for path in PACKAGE.rglob("*.py")}
+    assert tops - {"__init__"} <= set().union(*FLOORS), tops - set().union(*FLOORS)
+
+
 def imported_modules(path: Path) -> set[str]:
     """The edm modules a file imports (names relative to edm), relative imports resolved, lazy ones included."""
     package = list(path.relative_to(PACKAGE).parent.parts)
@@ -27,6 +33,8 @@ def imported_modules(path: Path) -> set[str]:
             base = package[: len(package) - (node.level - 1)]
             names = [".".join(base + node.module.split("."))] if node.module else [".".join(base + [a.name]) for a in node.names]
             found.update(n for n in names if n)
+        elif isinstance(node, ast.ImportFrom) and node.module == "edm":
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edm."):
             found.add(node.module.removeprefix("edm."))
         elif isinstance(node, ast.Import):
@@ -50,7 +58,8 @@ def test_the_floor_check_resolves_relative_imports(tmp_path, monkeypatch):
     """The check above sees an upward import, absolute or relative, top-level or inside a function."""
     fake = tmp_path / "edm"
     (fake / "core").mkdir(parents=True)
-    source = "from ..training.loop import train\ndef f():\n    from .. import models\n    import edm.cli.train\n"
+    source = ("from ..training.loop import train\ndef f():\n    from .. import models\n    import edm.cli.train\n"
+              "from edm import generation\n")
     (fake / "core" / "x.py").write_text(source)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
-    assert imported_modules(fake / "core" / "x.py") == {"training.loop", "models", "cli.train"}
+    assert imported_modules(fake / "core" / "x.py") == {"training.loop", "models", "cli.train", "generation"}

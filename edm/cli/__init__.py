@@ -47,10 +47,10 @@ CONFIG_DIR = _config_dir()
 def sweep_folder_name(overrides: str) -> str:
     """A sweep job's overrides (Hydra's override_dirname, KEY-VALUE__KEY-VALUE) as one folder name that a command
     line takes back as a path: a path's '/' becomes '+', a list's or dict's brackets, quotes and spaces go, and
-    every other character Hydra would not read unquoted (',' ':' '~' ...) becomes '_'. The job number before it keeps
-    two jobs' folders apart."""
+    every other character Hydra would not read unquoted (',' ':' '~', letters beyond ASCII ...) becomes '_'. The job
+    number before it keeps two jobs' folders apart."""
     name = re.sub(r"[\[\]{}'\" ]", "", overrides.replace("/", "+"))
-    return re.sub(r"[^\w.+\-@%]", "_", name)
+    return re.sub(r"[^A-Za-z0-9_.+\-@%]", "_", name)
 
 
 def _register_resolvers() -> None:
