@@ -256,18 +256,19 @@ def load_vae(cfg: LatentConfig, name: str | None = None, device: torch.device | 
     return VAE(load_autoencoder(name, device), vae_name(name), scale, bias, cfg.batch, cfg.dtype, pixel_channels)
 
 
-def same_latent_space(a: dict | None, b: dict | None, what: str) -> None:
-    """Two models mixed in one sampler (a guide, a teacher) must work in one space: both pixels, or latents of the
-    same map (scale, bias) and, where both record it, the same VAE."""
+def same_latent_space(a: dict | None, b: dict | None, what: str, other: str = "the model") -> None:
+    """Two models mixed in one sampler (a guide, a teacher), or a run and the model it starts from or distils, must
+    work in one space: both pixels, or latents of the same map (scale, bias) and, where both record it, the same
+    VAE. `what` names b's side, `other` a's."""
     if a is None and b is None:
         return
     if (a is None) != (b is None):
-        raise VAEError(f"{what} {'makes pixels' if b is None else 'makes VAE latents'}, the model "
+        raise VAEError(f"{what} {'makes pixels' if b is None else 'makes VAE latents'}, {other} "
                        f"{'pixels' if a is None else 'VAE latents'}: both must work in one space")
     fingerprints = {a.get("vae_fingerprint"), b.get("vae_fingerprint")} - {None}
     if not np.allclose(a["scale"], b["scale"]) or not np.allclose(a["bias"], b["bias"]) or len(fingerprints) > 1:
-        raise VAEError(f"{what} works in other VAE latents ({b['vae']}, scale {b['scale']}, bias {b['bias']}) than the "
-                       f"model ({a['vae']}, scale {a['scale']}, bias {a['bias']}): give one trained on the same latents")
+        raise VAEError(f"{what} works in other VAE latents ({b['vae']}, scale {b['scale']}, bias {b['bias']}) than "
+                       f"{other} ({a['vae']}, scale {a['scale']}, bias {a['bias']}): give one trained on the same latents")
 
 
 def model_vae(latent: dict | None, img_shape: Sequence[int], source: str, vae: str | None,

@@ -231,7 +231,7 @@ def test_the_consistency_sampler_renoises_to_the_noise_beyond_the_models_boundar
     """A consistency function with boundary f(x̂; σ_b) = x̂ (Precond's boundary_sigma) maps to x̂ at σ_b, which
     already holds noise σ_b: Algorithm 1 adds sqrt(σ_i² − σ_b²)·n_i, read from the model through guidance and
     autocast wrappers; a level below σ_b is refused."""
-    from edm.core.denoisers import AutocastDenoiser, GuidedDenoiser
+    from edm.core.denoisers import AutocastDenoiser, GuidedDenoiser, boundary_sigma
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(3, 3, generator=g, dtype=F64)
@@ -248,7 +248,7 @@ def test_the_consistency_sampler_renoises_to_the_noise_beyond_the_models_boundar
         out = edm.sample(model, noise, sched, num_steps=2, solver="consistency", generator=torch.Generator().manual_seed(7),
                          sigmas=[0.5])
         torch.testing.assert_close(out, y, rtol=1e-12, atol=1e-12)
-    assert AutocastDenoiser(GuidedDenoiser(f, 2.0), torch.bfloat16).boundary_sigma == 0.05
+    assert boundary_sigma(torch.compile(AutocastDenoiser(GuidedDenoiser(f, 2.0), torch.bfloat16))) == 0.05
     with pytest.raises(ValueError, match=r"must not lie below the model's boundary σ_b = 0.05"):
         edm.sample(f, noise, sched, num_steps=2, solver="consistency", sigmas=[0.01])
 
@@ -292,6 +292,8 @@ def test_an_init_model_is_not_contradicted_by_the_configs_network_or_preconditio
     refusals = [(["network=edm2-tiny"], r"network=edm2-tiny where the model has tiny\b.*set them to the model's \(network=tiny\)"),
                 (["network.model_channels=16"], r"network.model_channels=16 where the model has 8.*network.model_channels=8\)"),
                 (["precond.kind=vp"], r"precond.kind=vp where the model has edm"),
+                (["network.channel_mult=[1,2,2]"], r"network.channel_mult=\[1,2,2\] where the model has \[1,2\].*"
+                                                    r"network.channel_mult=\[1,2\]\)"),
                 (["precond.sigma_data=1.0"], r"precond.sigma_data=1.0 where the model has 0.5.*precond.sigma_data=0.5\)")]
     for i, (overrides, message) in enumerate(refusals):
         with pytest.raises(ValueError, match=f"init=.* trains its own network and preconditioning.*{message}"):

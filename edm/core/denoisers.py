@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..choices import choose
 from ..hardware import MIXED_PRECISION
 
-__all__ = ["IdealDenoiser", "GuidedDenoiser", "AutocastDenoiser", "fast_denoiser"]
+__all__ = ["IdealDenoiser", "GuidedDenoiser", "AutocastDenoiser", "fast_denoiser", "boundary_sigma"]
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -90,6 +90,15 @@ class IdealDenoiser(nn.Module):
         return torch.cat(out).reshape(x_hat.shape).to(x_hat.dtype)
 
 
+def boundary_sigma(denoiser: Callable[..., Tensor]) -> float:
+    """σ_b of a consistency function's boundary f(x̂; σ_b) = x̂ (Precond's boundary_sigma), through the wrappers that
+    hold their denoiser as `.denoiser` (GuidedDenoiser, AutocastDenoiser; torch.compile forwards attributes); 0 for a
+    plain denoiser."""
+    while not hasattr(denoiser, "boundary_sigma") and hasattr(denoiser, "denoiser"):
+        denoiser = denoiser.denoiser
+    return float(getattr(denoiser, "boundary_sigma", 0.0))
+
+
 class GuidedDenoiser(nn.Module):
     """Guidance: D_w(x̂; σ, c) = D_g + w·(D(x̂; σ, c) − D_g) where σ ∈ (σ_lo, σ_hi], else D(x̂; σ, c).
 
@@ -116,11 +125,6 @@ class GuidedDenoiser(nn.Module):
         self.denoiser, self.guide = denoiser, guide
         self.weight, self.interval = float(weight), (lo, hi)
         self.evaluations = 0
-
-    @property
-    def boundary_sigma(self) -> float:
-        """The main denoiser's consistency boundary σ_b, f(x̂; σ_b) = x̂ (0 for a plain denoiser)."""
-        return float(getattr(self.denoiser, "boundary_sigma", 0.0))
 
     def active(self, sigma: Tensor) -> Tensor:
         """Where guidance applies: σ_lo < σ ≤ σ_hi, per item."""
@@ -167,11 +171,6 @@ class AutocastDenoiser(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.dtype = dtype
-
-    @property
-    def boundary_sigma(self) -> float:
-        """The denoiser's consistency boundary σ_b, f(x̂; σ_b) = x̂ (0 for a plain denoiser)."""
-        return float(getattr(self.denoiser, "boundary_sigma", 0.0))
 
     def forward(self, x_hat: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **kwargs) -> Tensor:
         with torch.autocast(x_hat.device.type, dtype=self.dtype):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..choices import choose
 from ..progress import progress_bar
+from .denoisers import boundary_sigma
 from .schedules import DISCRETIZATIONS, Schedule, check_num_steps, get as get_schedule
 
 __all__ = [
@@ -759,12 +760,12 @@ def consistency(
     sigmas: Sequence[float] | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency function f = the denoiser
-    with its boundary f(x̂; σ_b) = x̂ (the denoiser's boundary_sigma, 0 if it has none): ŷ = f(x/s(t_i); σ(t_i)), then
+    with its boundary f(x̂; σ_b) = x̂ (boundary_sigma; 0 for a plain denoiser): ŷ = f(x/s(t_i); σ(t_i)), then
     x = s(t_{i+1})·(ŷ + sqrt(σ(t_{i+1})² − σ_b²)·n_i) with fresh noise n_i (x = ŷ at t_{i+1} = 0), one evaluation a
     step, on the grid t_steps, or with its N − 1 intermediate times at the noise levels `sigmas` (consistency_grid;
     ECT and sCM use [0.821] for 2 steps), which must not lie below σ_b."""
     grid = consistency_grid(t_steps, schedule, sigmas)
-    sigma_b = float(getattr(denoiser, "boundary_sigma", 0.0))
+    sigma_b = boundary_sigma(denoiser)
     if sigma_b and bool((schedule.sigma(grid[1:-1]) < sigma_b).any()):
         raise ValueError(f"consistency: the noise levels {schedule.sigma(grid[1:-1]).tolist()} must not lie below the "
                          f"model's boundary σ_b = {sigma_b:g} (precond.boundary_sigma), where f(x̂; σ_b) = x̂")

@@ -202,10 +202,21 @@ def check_init_settings(cfg: TrainConfig, network: dict[str, Any], precond: dict
             if key not in skip and value is not None and to_container(value) != to_container(model.get(key)):
                 differ.append((f"{group}.{key}", value, model.get(key)))
     if differ:
-        raise ValueError(f"init={path} trains its own network and preconditioning, which the config contradicts ("
-                         + ", ".join(f"{key}={value} where the model has {theirs}" for key, value, theirs in differ)
-                         + "): set them to the model's (" + " ".join(f"{key}={theirs}" for key, _, theirs in differ)
+        raise ValueError(f"init={path} trains its own network and preconditioning, which the config's values (defaults "
+                         "included) contradict (" + ", ".join(f"{key}={override_text(value)} where the model has "
+                                                            f"{override_text(theirs)}" for key, value, theirs in differ)
+                         + "): set them to the model's (" + " ".join(f"{key}={override_text(theirs)}"
+                                                                     for key, _, theirs in differ)
                          + "), or train without init=")
+
+
+def override_text(value: Any) -> str:
+    """A value as a command line override writes it: null, true, [1,2] (no spaces, which a shell would split)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_text(v) for v in value) + "]"
+    return str(value)
 
 
 def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, Any] | None
@@ -222,7 +233,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
                                 **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
     check_init_settings(cfg, network, precond, path)
-    same_latent_space(latent, model_latent(state), f"init {path}")
+    same_latent_space(latent, model_latent(state), f"init {path}", "this run's data")
     warn_other_data("init", path, (state.get("config") or {}).get("dataset"), cfg)
     resolution = network.get("img_resolution")
     check_model_data("init", path, (network.get("in_channels"), resolution, resolution), network.get("label_dim") or 0,
@@ -284,7 +295,7 @@ def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device:
     teacher, info = load_model(cfg.teacher, device=device)
     check_model_data("teacher", info.source, info.img_shape, info.label_dim, cfg, dataset,
                      "distil a teacher of this data")
-    same_latent_space(latent, info.latent, f"teacher {info.source}")
+    same_latent_space(latent, info.latent, f"teacher {info.source}", "this run's data")
     warn_other_data("teacher", info.source, info.dataset, cfg)
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")

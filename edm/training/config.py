@@ -106,8 +106,9 @@ class TrainConfig:
     (sCM's continuous-time consistency loss; scd distils the model `teacher`), "meanflow" `meanflow` (MeanFlow's
     average velocity, for flow matching with network.second_noise).
     init: a trained model (run folder, checkpoint, model folder or NVlabs .pkl) whose EMA weights start the
-    run; its network and preconditioning replace the config's (network.dropout, network.label_dropout and
-    precond.boundary_sigma excepted, where set).
+    run, with its network and preconditioning: network.dropout, network.label_dropout and precond.boundary_sigma
+    are the config's where set; any other network or precond value of the config, defaults included (a network
+    preset other than the default, precond.sigma_data), must be the model's (edm.training.build.check_init_settings).
     """
 
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="edm"))
