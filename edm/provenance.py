@@ -18,13 +18,16 @@ from typing import Iterable
 from .files import differences, to_container, write_json
 
 __all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_marks", "other_records",
-           "FOLDER_RECORDS", "CHECKPOINT_NAME", "METRICS_NAME", "SNAPSHOT_DIR", "SNAPSHOT_GLOB", "list_checkpoints"]
+           "FOLDER_RECORDS", "CHECKPOINT_FILE", "CHECKPOINT_NAME", "METRICS_NAME", "SNAPSHOT_DIR", "SNAPSHOT_FILE",
+           "SNAPSHOT_GLOB", "list_checkpoints"]
 
 # A training run's folder, named once for every command that writes or recognizes one (run_marks): its checkpoints
 # checkpoint-<step>.pt, its metrics.jsonl and its power-EMA snapshots phema/snapshot-<cur_nimg>.safetensors.
+CHECKPOINT_FILE = "checkpoint-{:08d}.pt"  # of the step
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 METRICS_NAME = "metrics.jsonl"
 SNAPSHOT_DIR = "phema"
+SNAPSHOT_FILE = "snapshot-{:012d}.safetensors"  # of the training images seen
 SNAPSHOT_GLOB = "snapshot-*.safetensors"  # the snapshot files of a folder
 
 PROVENANCE_NAME = "provenance.json"

@@ -22,7 +22,7 @@ import torch
 from .. import networks
 from ..core.precond import Precond
 from ..files import atomic_write
-from ..provenance import list_checkpoints
+from ..provenance import CHECKPOINT_FILE, list_checkpoints
 
 __all__ = [
     "CheckpointError",
@@ -135,7 +135,7 @@ def load_denoiser(path: str | Path, ema: bool = True, map_location: Any = "cpu")
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     """run_dir/checkpoint-<step, 8 digits>.pt."""
-    return Path(run_dir) / f"checkpoint-{step:08d}.pt"
+    return Path(run_dir) / CHECKPOINT_FILE.format(step)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:

@@ -34,7 +34,7 @@ from torch import nn
 from ..models.checkpoint import CheckpointError
 
 from ..files import atomic_write
-from ..provenance import SNAPSHOT_DIR, SNAPSHOT_GLOB
+from ..provenance import SNAPSHOT_DIR, SNAPSHOT_FILE, SNAPSHOT_GLOB
 from .ema import update_ema
 
 __all__ = [
@@ -151,7 +151,7 @@ def combine(weighted: Iterable[tuple[dict[str, torch.Tensor], Sequence[float]]],
 
 
 def snapshot_path(run_dir: str | Path, cur_nimg: int) -> Path:
-    return Path(run_dir) / SNAPSHOT_DIR / f"snapshot-{int(cur_nimg):012d}.safetensors"
+    return Path(run_dir) / SNAPSHOT_DIR / SNAPSHOT_FILE.format(int(cur_nimg))
 
 
 def trim_snapshots(run_dir: str | Path, cur_nimg: int) -> list[Path]:
