@@ -131,9 +131,9 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
                     vae.name, vae.fingerprint, state.num_processes, out)
     state.wait_for_everyone()
     try:
-        made = _encode_shard(dataset, vae, work, state.process_index, state.num_processes, cfg)
-        logger.info("process %d encoded %d image(s)", state.process_index, made)
-        made = int(reduce(torch.tensor(made, device=state.device), reduction="sum"))  # all of them; waits for all
+        mine = _encode_shard(dataset, vae, work, state.process_index, state.num_processes, cfg)
+        logger.info("process %d encoded %d image(s)", state.process_index, mine)
+        made = int(reduce(torch.tensor(mine, device=state.device), reduction="sum"))  # all processes'; waits for all
         if not state.is_main_process:
             return {}
         return _finish(dataset, vae, cfg, work, out, packed, made)
