@@ -24,6 +24,19 @@ def command(name: str) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def root_log_handlers():
+    """A test that runs a command in-process leaves Hydra's console handler on the root logger, bound to that test's
+    captured stream, which pytest then closes: each test starts and ends with the root logger's handlers as they were."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+
+
 def reference_repo(request, monkeypatch, option: str, what: str) -> None:
     """Put the checkout named by `option` first on sys.path (skip without one); both NVlabs repos have
     `training`, `torch_utils` and `dnnlib` packages and a `generate` module, so imported ones are dropped first."""
