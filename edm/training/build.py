@@ -202,12 +202,11 @@ def check_init_settings(cfg: TrainConfig, network: dict[str, Any], precond: dict
             if key not in skip and value is not None and to_container(value) != to_container(model.get(key)):
                 differ.append((f"{group}.{key}", value, model.get(key)))
     if differ:
+        found = ", ".join(f"{key}={override_text(ours)} where the model has {override_text(theirs)}"
+                          for key, ours, theirs in differ)
+        fix = " ".join(f"{key}={override_text(theirs)}" for key, _, theirs in differ)
         raise ValueError(f"init={path} trains its own network and preconditioning, which the config's values (defaults "
-                         "included) contradict (" + ", ".join(f"{key}={override_text(value)} where the model has "
-                                                            f"{override_text(theirs)}" for key, value, theirs in differ)
-                         + "): set them to the model's (" + " ".join(f"{key}={override_text(theirs)}"
-                                                                     for key, _, theirs in differ)
-                         + "), or train without init=")
+                         f"included) contradict ({found}): set them to the model's ({fix}), or train without init=")
 
 
 def override_text(value: Any) -> str:
