@@ -294,6 +294,18 @@ def test_load_model_takes_a_snapshot_through_the_checkpoint_loader_with_its_sche
         assert info.schedule.sigma(info.schedule.time_steps(18)[0]).item() == pytest.approx(VE_RANGE["sigma_max"])
 
 
+def test_an_nvlabs_snapshot_has_no_raw_weights_to_load(tmp_path):
+    """Its training loop pickles the EMA network only: ema=false is refused for the .pkl and for its converted .pt,
+    not answered with the EMA weights under another name."""
+    den = our_denoiser("ddpmpp", 0, "edm")
+    pkl = write_snapshot(tmp_path, den, "ddpmpp", 0)
+    convert(pkl, tmp_path / "converted.pt")
+    for path in (pkl, tmp_path / "converted.pt"):
+        load_model(path)
+        with pytest.raises(CheckpointError, match="holds an NVlabs snapshot's EMA weights only .* load it with ema=true"):
+            load_model(path, ema=False)
+
+
 def test_convert_writes_equal_checkpoint(tmp_path):
     den = our_denoiser("ncsnpp", 10, "ve")
     pkl = write_snapshot(tmp_path, den, "ncsnpp", 10)

@@ -113,7 +113,11 @@ def build_denoiser(spec: dict) -> Precond:
 
 
 def denoiser_from_state(state: dict, ema: bool = True, source: str = "checkpoint") -> Precond:
-    """The denoiser of a checkpoint dict (eval mode, CPU): its spec rebuilt, the EMA (or raw) weights loaded strictly."""
+    """The denoiser of a checkpoint dict (eval mode, CPU): its spec rebuilt, the EMA (or raw) weights loaded strictly;
+    an NVlabs snapshot's (config source "nvlabs") holds EMA weights only."""
+    if not ema and (state.get("config") or {}).get("source") == "nvlabs":
+        raise CheckpointError(f"{source} holds an NVlabs snapshot's EMA weights only (its training loop saves no raw "
+                              "network): load it with ema=true")
     denoiser = build_denoiser(state["denoiser"])
     key = "ema" if ema else "model"
     try:
