@@ -425,6 +425,9 @@ def run(args: argparse.Namespace) -> str:
                          "--overwrite would delete first: give one of the two")
     if args.only is not None and args.only not in labels:
         raise SystemExit(f"side_by_side.py: error: --only {args.only}: no such arm (arms: {', '.join(labels)})")
+    needs_repo = [arm.label for arm in arms if arm.kind == "nvlabs" and args.only in (None, arm.label)]
+    if needs_repo and args.nvlabs_repo is None and not args.report_only:
+        raise SystemExit(f"side_by_side.py: error: arm {needs_repo[0]} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
     if not args.report_only:
         for arm in arms:  # an unknown key or a bad value of any arm, before any work
             overrides = [*args.overrides, *arm.overrides]

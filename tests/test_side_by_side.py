@@ -163,6 +163,16 @@ def test_a_recipe_small_arm_scores_its_autoguided_post_hoc_ema(tmp_path, monkeyp
         side_by_side.SMALL_SIGMA_REL, side_by_side.SMALL_GUIDANCE, side_by_side.SMALL_INTERVAL)
 
 
+def test_an_nvlabs_arm_without_the_reference_checkout_is_refused_before_any_work(tmp_path):
+    """Without --nvlabs-repo an nvlabs arm cannot train: said before the other arms train and score (OUT is not made)."""
+    out = tmp_path / "sbs"
+    argv = ["--out", str(out), "--num-images", "8", "--classifier-steps", "10", "--arm", "a=edm-train", "--arm",
+            "ref=nvlabs", "total_kimg=0.016"]
+    with pytest.raises(SystemExit, match="arm ref runs NVlabs/edm's loop: pass --nvlabs-repo PATH"):
+        side_by_side.main(argv)
+    assert not out.exists()
+
+
 def test_a_recipe_small_arm_whose_shared_settings_replace_its_recipes_is_refused_before_any_work(tmp_path):
     """A shared group or key beats the recipe's (network=tiny would train recipe=small on `tiny`): the arm is refused
     before OUT is made, naming the keys, both values and the arm that keeps the recipe's; that arm, a recipe that
