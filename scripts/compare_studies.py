@@ -66,10 +66,9 @@ def markdown_table(studies: Mapping[str, Sequence[Mapping]], budgets: Sequence[i
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", action="append", required=True, metavar="TITLE=OUT", help="an edm-study folder")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="the table's NFE budgets")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="the table's NFE budgets (default: 10 20 50)")
     parser.add_argument("--metric", default="fd_cls", help="the score to compare (a column of the tables)")
     parser.add_argument("--figure", help="write the side-by-side figure (PNG) here")
     args = parser.parse_args(argv)
