@@ -198,8 +198,9 @@ def restricted_load(path: str | os.PathLike, allowed: Mapping[tuple[str, str], A
         if not head:
             raise error(f"{path}: the file is empty, not {what}")
         if head == _ZIP_MAGIC:
-            raise error(f"{path}: this is a zip archive (a torch.save checkpoint), not {what}; load edm "
-                        "checkpoints with edm.models.checkpoint.load_denoiser")
+            raise error(f"{path}: this is a zip archive (a torch.save checkpoint), not {what}; an edm checkpoint "
+                        "needs no conversion: pass it as checkpoint= to any command (edm-export writes its model "
+                        "folder), or load it with edm.models.checkpoint.load_denoiser")
         f.seek(0)
         try:
             obj = RestrictedUnpickler(f, allowed, what).load()
