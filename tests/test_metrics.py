@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -542,6 +543,23 @@ def test_edm_eval_merges_one_metric_into_a_report_and_keeps_the_others(tmp_path)
     path.write_text(json.dumps({"output": "out"}))  # a format=png folder's report
     with pytest.raises(ValueError, match=rf"score images={tmp_path} \(its images\)"):
         check_report(str(path), str(tmp_path / "other"))
+
+
+def test_edm_eval_refuses_a_report_that_is_a_folder_or_not_a_json_object_before_any_scoring(tmp_path):
+    """report= a folder, a file that is not JSON, a file holding JSON that is not an object: each is refused by name,
+    with the fix, before the images (here absent, which would be refused otherwise) are even looked at."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1]")
+    missing = tmp_path / "missing.npz"
+    for report, refusal in (("folder", rf"report=.*folder is a folder: give the JSON file .*report=.*folder/report.json"),
+                            ("notes.json", r"report=.*notes.json cannot be read as JSON \(.*\): give another report=PATH, or delete it"),
+                            ("list.json", r"report=.*list.json holds JSON that is not an object .*: give another report=PATH, or delete it")):
+        proc = evaluate_script("metric=fid", f"images={missing}", f"metric.ref={missing}", f"report={tmp_path / report}",
+                               cwd=tmp_path)
+        assert proc.returncode == 1 and re.search(f"edm-eval: error: {refusal}", proc.stderr), proc.stderr
+        assert "Traceback" not in proc.stderr and "missing.npz" not in proc.stderr
+    assert (tmp_path / "notes.json").read_text() == "not json" and (tmp_path / "list.json").read_text() == "[1]"
 
 
 def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):

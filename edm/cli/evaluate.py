@@ -105,7 +105,21 @@ def sampled_by(images: str) -> str | None:
 
 
 def _read_report(path: str) -> dict[str, Any]:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    """The JSON object at report=`path` ({} where no file is yet); a folder, or a file that is not a JSON object, is
+    a ValueError naming it, so that it is refused before any scoring."""
+    if Path(path).is_dir():
+        raise ValueError(f"report={path} is a folder: give the JSON file to merge the numbers into, "
+                         f"e.g. report={Path(path) / REPORT_NAME}")
+    if not Path(path).exists():
+        return {}
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"report={path} cannot be read as JSON ({err}): give another report=PATH, or delete it") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"report={path} holds JSON that is not an object {{...}} (a report): "
+                         "give another report=PATH, or delete it")
+    return report
 
 
 def _scorable(folder: Path, report: dict) -> Path:
@@ -117,7 +131,8 @@ def _scorable(folder: Path, report: dict) -> Path:
 
 def check_report(path: str | None, images: str | None) -> None:
     """An edm-sample report (one naming its "output") takes only the scores of its own folder's images: report=
-    with other images is a ValueError naming both, before any work."""
+    with other images is a ValueError naming both, before any work; so is a report= that is a folder or a file
+    that is not a JSON object."""
     report = _read_report(path) if path is not None else {}
     if "output" not in report:
         return
