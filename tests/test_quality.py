@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,25 @@ def test_a_cached_classifier_is_reused_and_a_tampered_one_refused(digits_score, 
     other = ClassifierConfig(steps=20)  # other settings: their own folder, never the first one's
     QualityScore.for_dataset(DatasetConfig(name="digits"), other, cache_dir=cache, progress=False)
     assert len(list(cache.glob("digits-8px-*"))) == 2
+
+
+def test_a_corrupt_cached_classifier_is_refused_in_one_line_naming_the_folder(digits_score, cache):
+    """classifier.pt cut short, garbage or not a state dict: one line naming the cache folder and its deletion, never
+    torch's advice to load it with weights_only=False (which would run the file's code)."""
+    folder = next(cache.glob(f"digits-8px-{digits_score.meta['key']}"))
+    weights = (folder / "classifier.pt").read_bytes()
+    try:
+        for bad in (weights[: len(weights) // 2], b"garbage", b"", pickle.dumps([1, 2]), None):
+            if bad is None:
+                torch.save(torch.zeros(2), folder / "classifier.pt")
+            else:
+                (folder / "classifier.pt").write_bytes(bad)
+            with pytest.raises(QualityCacheError, match=rf"^quality cache {folder}: classifier.pt .*; delete {folder} "
+                                                        "to train it again$") as err:
+                QualityScore.for_dataset(DatasetConfig(name="digits"), QUICK, cache_dir=cache, progress=False)
+            assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    finally:
+        (folder / "classifier.pt").write_bytes(weights)
 
 
 def test_images_of_another_shape_and_data_without_labels_are_refused(digits_score, tmp_path):

@@ -237,11 +237,20 @@ class QualityScore:
         fix = f"delete {folder} to train it again"
         try:
             meta = json.loads((folder / "meta.json").read_text())
-            state = torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True)
             with np.load(folder / "reference.npz") as ref:
                 mu, sigma = ref["mu"], ref["sigma"]
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise QualityCacheError(f"quality cache {folder} is unreadable ({err}); {fix}") from None
+        try:
+            state = torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True)
+        except OSError as err:
+            raise QualityCacheError(f"quality cache {folder} is unreadable ({err}); {fix}") from None
+        except Exception as err:  # torch's own advice (weights_only=False) would run the file's code: not given here
+            raise QualityCacheError(f"quality cache {folder}: classifier.pt is unreadable ({type(err).__name__}: "
+                                    f"cut short or not a weights file); {fix}") from None
+        if not isinstance(state, dict):
+            raise QualityCacheError(f"quality cache {folder}: classifier.pt holds a {type(state).__name__}, not the "
+                                    f"classifier's weights; {fix}")
         saved = {k: meta.get(k) for k in settings}
         if saved != json.loads(json.dumps(settings)) or meta.get("key") != key:
             raise QualityCacheError(f"quality cache {folder} was made for other data or settings; {fix}")
