@@ -206,3 +206,13 @@ def test_a_study_refuses_a_solver_in_its_own_keys_naming_the_teacher_and_a_missp
                                          r"solver \(teacher_solvers=\[heun\]\)$"):
         run_study(cfg)
     assert not (tmp_path / "z").exists()
+
+
+def test_a_misspelt_metric_is_refused_by_name_before_the_study_starts(tmp_path, tiny_checkpoint):
+    """eval.metrics=[fdcls] is refused as edm-sample refuses it, naming the valid metrics (not an AttributeError)."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[2], num_images=16, out=str(tmp_path / "s"),
+                      dataset=DatasetConfig(name="digits"), eval=EvalConfig(metrics=["fdcls"]), progress=False)
+    with pytest.raises(ValueError, match="^metric 'fdcls' is not valid; choose one of: fid, fd_cls, bpd$"):
+        run_study(cfg)
+    assert not (tmp_path / "s").exists()

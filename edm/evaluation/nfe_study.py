@@ -45,7 +45,7 @@ from ..latent import VAE, LatentConfig, model_vae, same_latent_space
 from ..models.loading import ModelInfo, guided, load_model, model_record
 from ..progress import progress_bar
 from .plots import plot_score_vs_nfe
-from .scorers import EvalConfig, Scorer, ScoringContext, build_scorers, metric_files
+from .scorers import EvalConfig, Scorer, ScoringContext, build_scorers, check_metrics, metric_files
 
 __all__ = ["StudyConfig", "run_study"]
 
@@ -206,6 +206,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         raise ValueError(f"num_images={cfg.num_images}: a Fréchet distance needs at least 2 images")
     if not cfg.eval.metrics:
         raise ValueError("eval.metrics is empty: name the metrics to plot, e.g. eval.metrics=[fd_cls]")
+    check_metrics(cfg.eval)  # a misspelt or data-only metric is refused by name, before the model is loaded
     if not cfg.solvers or not (cfg.steps or cfg.nfe) or not cfg.schedules:
         raise ValueError(f"the study has no point: solvers={cfg.solvers}, steps={cfg.steps}, nfe={cfg.nfe}, schedules="
                          f"{cfg.schedules}; give at least one solver, one step count (or NFE budget) and one schedule")
