@@ -216,3 +216,19 @@ def test_a_misspelt_metric_is_refused_by_name_before_the_study_starts(tmp_path, 
     with pytest.raises(ValueError, match="^metric 'fdcls' is not valid; choose one of: fid, fd_cls, bpd$"):
         run_study(cfg)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_study_refused_for_a_metric_setting_writes_nothing_in_out_and_the_corrected_command_runs_there(
+        tmp_path, tiny_checkpoint, cache):
+    """The scorers are set up before OUT is claimed: a study refused for a metric's setting (fid without its
+    Inception file) leaves no provenance.json, so the corrected command is not refused as "other settings"."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", perturb=0.05)
+    out = tmp_path / "st2"
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[2], num_images=16, batch=16, out=str(out),
+                      dataset=DatasetConfig(name="digits"), eval=quick_eval(cache, "fd_cls", "fid"), progress=False)
+    with pytest.raises(FileNotFoundError, match="no Inception weights file given"):
+        run_study(cfg)
+    assert not out.exists()  # no provenance.json, nothing
+    cfg.eval.metrics = ["fd_cls"]
+    (row,) = run_study(cfg)
+    assert row["fd_cls"] > 0

@@ -227,6 +227,11 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     dataset = cfg.dataset or info.training_dataset()
     if dataset is None:
         raise ValueError(f"{info.source} does not say what data it was trained on: pass dataset=NAME [dataset.root=PATH]")
+    # the scorers, and all that can refuse a metric's setting (its files, the data set), before OUT is claimed:
+    # a refused study writes nothing there
+    ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
+                         image_shape=main.vae.pixel_shape(info.img_shape) if main.vae else info.img_shape, progress=cfg.progress)
+    scorers = build_scorers(cfg.eval, ctx)
     with FolderLock(out, key="out", owner="NFE study"):
         record = {**model_record(info.source, "checkpoint"), "ema": cfg.ema, "num_images": cfg.num_images,
                   "dataset": dataset_record(dataset),
@@ -241,9 +246,6 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
                   "options": to_container(cfg.options), "discretization": cfg.discretization}
         results = [out / "points", out / "table.csv", out / "table.json", *out.glob("*_vs_nfe.png")]
         claim(out, record, results, command="edm-study", overwrite=cfg.overwrite)
-        ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, cache_dir=out / "fid-refs",
-                             image_shape=main.vae.pixel_shape(info.img_shape) if main.vae else info.img_shape, progress=cfg.progress)
-        scorers = build_scorers(cfg.eval, ctx)
         rows = _score_points(cfg, models, schedules, scorers, device)
         write_table(rows, out)
         for row in rows:
