@@ -232,3 +232,14 @@ def test_a_study_refused_for_a_metric_setting_writes_nothing_in_out_and_the_corr
     cfg.eval.metrics = ["fd_cls"]
     (row,) = run_study(cfg)
     assert row["fd_cls"] > 0
+
+
+def test_steps_and_nfe_budgets_together_are_refused(tmp_path, tiny_checkpoint):
+    """nfe= replaces steps=: a study given both (steps other than its default) is refused naming both keys, not run
+    with steps silently ignored."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[2], nfe=[5], num_images=16, out=str(tmp_path / "s"),
+                      dataset=DatasetConfig(name="digits"), progress=False)
+    with pytest.raises(ValueError, match=r"^steps=\[2\] and nfe=\[5\]: .*; drop steps= to study the budgets, or nfe="):
+        run_study(cfg)
+    assert not (tmp_path / "s").exists()

@@ -66,7 +66,7 @@ class StudyConfig:
     ema: bool = True
     solvers: List[str] = field(default_factory=lambda: ["heun", "euler", "dpmpp_2m"])
     steps: List[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
-    nfe: List[int] = field(default_factory=list)  # NFE budgets: each solver's most steps within each (replaces steps)
+    nfe: List[int] = field(default_factory=list)  # NFE budgets, replacing steps (leave steps default)
     rtols: List[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # an adaptive solver's points, for steps
     options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per solver, e.g. {stochastic: {churn: 40}}
     schedules: List[Optional[str]] = field(default_factory=lambda: [None])  # None = the checkpoint's own
@@ -210,6 +210,13 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     if not cfg.solvers or not (cfg.steps or cfg.nfe) or not cfg.schedules:
         raise ValueError(f"the study has no point: solvers={cfg.solvers}, steps={cfg.steps}, nfe={cfg.nfe}, schedules="
                          f"{cfg.schedules}; give at least one solver, one step count (or NFE budget) and one schedule")
+    if cfg.nfe:  # budgets replace step counts: steps other than the default (which cannot be told from a user's) clash
+        defaults = StudyConfig()
+        for key in ("steps", "teacher_steps") if cfg.teacher is not None else ("steps",):
+            if getattr(cfg, key) and list(getattr(cfg, key)) != getattr(defaults, key):
+                raise ValueError(f"{key}={list(getattr(cfg, key))} and nfe={list(cfg.nfe)}: nfe budgets replace step "
+                                 f"counts (each solver gets its most steps within each budget); drop {key}= to study "
+                                 f"the budgets, or nfe= to study those step counts")
     main, guide_info = _load(cfg.checkpoint, "model", cfg.solvers, cfg.steps, cfg, device)
     info, models = main.info, [main]
     if cfg.teacher is not None:
