@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
@@ -27,6 +28,8 @@ def main(dcfg: DictConfig) -> None:
         cfg: EncodeConfig = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
         report = encode_dataset(cfg)
+    if torch.distributed.is_initialized():  # each process lets go of its process group before the interpreter ends
+        torch.distributed.destroy_process_group()
     if report:
         print(json.dumps(report))
 
