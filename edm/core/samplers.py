@@ -894,10 +894,10 @@ def check_options(name: str, fn: Callable[..., Tensor], options: dict) -> None:
                          "where churn applies")
 
 
-FINAL_DENOISE_REFUSALS = {  # the solvers whose last step is already the model's output, and what final_denoise does
+FINAL_DENOISE_REFUSALS = MappingProxyType({  # solvers whose last step is the model's output: what final_denoise does
     "consistency": "changes nothing: a consistency step already ends at the model's output f(x̂; σ_{N−1})",
     "meanflow": "would replace its last jump D(x̂; σ_{N−1}, σ_r = 0) by the denoiser at r = t, which is no MeanFlow step",
-}
+})
 
 
 def check_solver(solver: str, options: dict, final_denoise: bool = False) -> Callable[..., Tensor]:
