@@ -201,6 +201,7 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
            f"report={tmp_path / 'r.json'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "bits/dim:" in proc.stderr and "/2 [" in proc.stderr  # the images counted on a bar (progress=true, default)
     reported = json.loads((tmp_path / "r.json").read_text())["metrics"]["bpd"]
     denoiser, info = load_model(tmp_path / "ckpt.pt")
     k = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -211,6 +212,7 @@ def test_edm_eval_bpd_equals_the_library(tmp_path):
     weights = {k: v.fill_(float("nan")) if k.endswith("bias") else v for k, v in weights.items()}  # a damaged model
     checkpoint.save_checkpoint(tmp_path / "nan.pt", {"denoiser": spec, "schedule": {"name": "vp"}, "ema": weights,
                                                      "model": weights, "config": {}})
-    proc = subprocess.run([*cmd[:2], f"checkpoint={tmp_path / 'nan.pt'}", *cmd[3:-1]], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run([*cmd[:2], f"checkpoint={tmp_path / 'nan.pt'}", *cmd[3:-1], "progress=false"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "bits/dim is NaN or Inf for 2 of 2 images" in proc.stderr, proc.stderr
+    assert "bits/dim:" not in proc.stderr

@@ -376,6 +376,20 @@ def test_evaluate_images_gives_one_fid_for_every_kind_of_reference(tmp_path):
         metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "stats.npz", with_precision_recall=True, **kw)
 
 
+def test_the_images_are_counted_on_a_progress_bar_only_when_asked(tmp_path, capsys):
+    """progress=True: the generated images' features on a bar (stderr) out of their number, the reference's beside;
+    progress=False: stderr stays empty. The numbers are the same."""
+    ext = TinyExtractor()
+    save_npz_images(tmp_path / "fake.npz", random_images(40, 0))
+    save_npz_images(tmp_path / "real.npz", random_images(30, 1))
+    kw = dict(ref=tmp_path / "real.npz", extractor_key="tiny", batch_size=16)
+    quiet = metrics.evaluate_images(tmp_path / "fake.npz", ext, **kw)
+    assert capsys.readouterr().err == ""
+    shown = metrics.evaluate_images(tmp_path / "fake.npz", ext, **kw, progress=True)
+    err = capsys.readouterr().err
+    assert "features:" in err and "/40 [" in err and "img" in err and shown == quiet
+
+
 def test_precision_recall_in_other_features_keeps_the_fid_and_names_them(tmp_path):
     """pr_extractor (NVlabs' VGG-16) gives precision/recall its features; FID stays the extractor's."""
     ext, other = TinyExtractor(), TinyExtractor(seed=7)

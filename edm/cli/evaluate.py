@@ -49,6 +49,7 @@ class EvaluateConfig:
     report: Optional[str] = None  # merge the numbers into this JSON file (under "metrics" → metric name)
     batch: int = 64  # images per forward pass
     cpu: bool = False  # run on the CPU even when a GPU is present
+    progress: bool = True  # progress bars on stderr (classifier training, features, bits/dim)
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -72,7 +73,7 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
             raise ValueError("metric=ref: give the images as data=PATH (folder or .npz) or dataset=NAME")
         batches = metrics.image_batches(cfg.data, cfg.batch) if cfg.data is not None else \
             metrics.dataset_reference(cfg.dataset, cfg.batch)[0]()
-        return metrics.write_reference(cfg.metric, batches, device)
+        return metrics.write_reference(cfg.metric, batches, device, progress=cfg.progress)
     model = info = None
     dataset = cfg.dataset
     if cfg.checkpoint is not None:
@@ -84,7 +85,8 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
         if dataset is not None and METRICS[name].scores == "data":  # with the labels the model takes, unmirrored
             dataset = dataclasses.replace(dataset, cond=info.label_dim > 0, xflip=False)
     schedule = cfg.schedule.build(info.schedule) if info is not None else None
-    ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, model=model, info=info, schedule=schedule)
+    ctx = ScoringContext(dataset=dataset, device=device, batch=cfg.batch, model=model, info=info, schedule=schedule,
+                         progress=cfg.progress)
     try:
         return evaluate(name, cfg.metric, ctx, images=cfg.images, data=cfg.data)
     except NoDatasetError as err:

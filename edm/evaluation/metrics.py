@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..files import atomic_write
 from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, contents_key, image_files, root_contents_key, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
+from ..progress import counted_batches
 
 __all__ = [
     "frechet_distance",
@@ -145,12 +146,14 @@ class FeatureStats:
 
 
 def feature_statistics(
-    extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu", max_images: int | None = None
+    extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu", max_images: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(μ, Σ, N) of extractor(images) over image batches in [−1, 1] (at most max_images images)."""
+    """(μ, Σ, N) of extractor(images) over image batches in [−1, 1] (at most max_images images), counted on a
+    progress bar when `progress`."""
     stats = FeatureStats()
     with torch.no_grad():
-        for images in batches:
+        for images in counted_batches(batches, "features", total=max_images, enabled=progress):
             if max_images is not None:
                 images = images[: max_images - stats.count]
             if images.shape[0] == 0:
@@ -370,21 +373,28 @@ def source_image_shape(source: str | Path) -> tuple[int, int, int]:
     if _source_files(path) is not None:
         _, h, w, c = next(_pixel_batches(path, 1, 1)).shape
         return c, h, w
+    key, shape = _npz_shape(path)
+    _, a, b, c = shape if _channels_last(path, key, shape) else (shape[0], shape[2], shape[3], shape[1])
+    return c, a, b
+
+
+def _npz_shape(path: Path) -> tuple[str, tuple[int, ...]]:
+    """(key, shape) of an .npz's images' array, read from the array's header (nothing decompressed)."""
     with _open_npz(path) as data:
         key = _npz_key(path, data)
         with data.zip.open(f"{key}.npy") as member:
             version = np.lib.format.read_magic(member)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape = read_header(member)[0]
-    _, a, b, c = shape if _channels_last(path, key, shape) else (shape[0], shape[2], shape[3], shape[1])
-    return c, a, b
+            return key, tuple(read_header(member)[0])
 
 
 def count_images(source: str | Path) -> int:
-    """Number of images in a folder (png/jpg/... recursively) or an .npz."""
+    """Number of images in a folder (png/jpg/... recursively) or an .npz (from its array's header)."""
     path = Path(source)
     if path.suffix == ".npz":
-        return len(_npz_images(path))
+        key, shape = _npz_shape(path)
+        _channels_last(path, key, shape)  # an array that is no images is named
+        return shape[0]
     return len(image_files(path))
 
 
@@ -472,8 +482,10 @@ def reference_statistics(
     extractor_key: str,
     device: torch.device | str = "cpu",
     max_images: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, Σ) of a data set's features, read from the cache when present, else computed and cached.
+    """(μ, Σ) of a data set's features, read from the cache when present, else computed (on a progress bar when
+    `progress`) and cached.
 
     `batches()` yields the data set's images in [−1, 1]; it is only called on a cache miss.
     """
@@ -483,7 +495,7 @@ def reference_statistics(
     if path is not None and path.is_file():
         logger.info("reference statistics from cache %s", path)
         return load_statistics(path, made_of)
-    mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images)
+    mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images, progress=progress)
     if path is not None:
         save_statistics(path, mu, sigma, n, made_of)
         logger.info("cached reference statistics of %d images at %s", n, path)
@@ -493,10 +505,13 @@ def reference_statistics(
 # ----------------------------------------------------------------------------- one call for a report
 
 
-def extract_features(extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu") -> Tensor:
-    """All features [N, d] (float64, CPU) of the image batches."""
+def extract_features(extractor: Extractor, batches: Iterable[Tensor], *, device: torch.device | str = "cpu",
+                     total: int | None = None, progress: bool = False) -> Tensor:
+    """All features [N, d] (float64, CPU) of the image batches (`total` images, if known, counted on a progress bar
+    when `progress`)."""
     with torch.no_grad():
-        return torch.cat([extractor(images.to(device)).to(torch.float64).cpu().flatten(1) for images in batches])
+        return torch.cat([extractor(images.to(device)).to(torch.float64).cpu().flatten(1)
+                          for images in counted_batches(batches, "features", total=total, enabled=progress)])
 
 
 def is_statistics_file(path: str | Path) -> bool:
@@ -559,6 +574,7 @@ def evaluate_images(
     max_images: int | None = None,
     pr_extractor: Extractor | None = None,
     pr_extractor_key: str | None = None,
+    progress: bool = False,
 ) -> dict[str, float | int | str]:
     """FID (and optionally precision/recall) of `images` (a folder / .npz of them, or a tensor [N, C, H, W] of
     uint8 pixels or floats in [−1, 1]) against a reference.
@@ -568,7 +584,7 @@ def evaluate_images(
     edm.data set) named `ref_key`. Statistics of image data are cached in cache_dir keyed by
     (ref, extractor). Precision/recall needs image data, not statistics; its features are
     pr_extractor's (NVlabs' VGG-16, `load_vgg16`) when given, else the FID extractor's, and the
-    result names them ("precision_recall_features").
+    result names them ("precision_recall_features"). `progress` counts the images on a bar as features are taken.
     """
     if (ref is None) == (ref_batches is None):
         raise ValueError("give exactly one reference: ref (a statistics .npz, an image folder or .npz) or ref_batches")
@@ -579,18 +595,21 @@ def evaluate_images(
     if with_precision_recall and ref_is_stats:
         raise ValueError(f"precision/recall needs reference images, but {ref} holds only statistics (mu, sigma)")
     fake_batches = lambda: _source_batches(images, batch_size, max_images)  # noqa: E731
-    fake = extract_features(extractor, fake_batches(), device=device)
+    count = len(images) if isinstance(images, Tensor) else count_images(images)
+    fake_total = count if max_images is None else min(count, max_images)
+    fake = extract_features(extractor, fake_batches(), device=device, total=fake_total, progress=progress)
     mu, sigma = _mean_cov(fake)
     real = None
     if ref_is_stats:
         mu_ref, sigma_ref = load_statistics(ref)  # type: ignore[arg-type]
     elif with_precision_recall:
-        real = extract_features(extractor, _take(ref_batches(), max_images), device=device)
+        real = extract_features(extractor, _take(ref_batches(), max_images), device=device, total=max_images,
+                                progress=progress)
         mu_ref, sigma_ref = _mean_cov(real)
     else:
         mu_ref, sigma_ref = reference_statistics(
             ref_batches, extractor, cache_dir=cache_dir, dataset_key=str(ref_key), extractor_key=extractor_key,
-            device=device, max_images=max_images,
+            device=device, max_images=max_images, progress=progress,
         )
     warn_few_images("FID", int(fake.shape[0]), len(mu))
     result: dict[str, float | int | str] = {
@@ -599,8 +618,9 @@ def evaluate_images(
     }
     if real is not None:
         if pr_extractor is not None:
-            fake = extract_features(pr_extractor, fake_batches(), device=device)
-            real = extract_features(pr_extractor, _take(ref_batches(), max_images), device=device)
+            fake = extract_features(pr_extractor, fake_batches(), device=device, total=fake_total, progress=progress)
+            real = extract_features(pr_extractor, _take(ref_batches(), max_images), device=device, total=max_images,
+                                    progress=progress)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k)
         result["k"] = k
         result["precision_recall_features"] = extractor_key if pr_extractor is None else str(pr_extractor_key)
@@ -672,10 +692,12 @@ def check_reference_dest(cfg: RefConfig) -> None:
                               "another metric.dest")
 
 
-def write_reference(cfg: RefConfig, batches: Iterable[Tensor], device: torch.device | str = "cpu") -> dict:
-    """Write the Inception statistics of image batches (in [−1, 1]) to cfg.dest; a summary."""
+def write_reference(cfg: RefConfig, batches: Iterable[Tensor], device: torch.device | str = "cpu", *,
+                    progress: bool = False) -> dict:
+    """Write the Inception statistics of image batches (in [−1, 1]) to cfg.dest (counted on a progress bar when
+    `progress`); a summary."""
     check_reference_dest(cfg)
     extractor = load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
-    mu, sigma, n = feature_statistics(extractor, batches, device=device, max_images=cfg.max_images)
+    mu, sigma, n = feature_statistics(extractor, batches, device=device, max_images=cfg.max_images, progress=progress)
     save_statistics(cfg.dest, mu, sigma, n)
     return {"statistics": str(cfg.dest), "num_images": n, "feature_extractor": Path(cfg.inception).stem}

@@ -16,6 +16,7 @@ one row.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..core.schedules import Schedule, to_spec
 from ..data import DatasetConfig, build_dataset, dataset_images
 from ..files import file_sha256
 from ..hardware import DTYPES
+from ..progress import counted_batches
 from . import metrics
 from .quality import ClassifierConfig, QualityScore
 
@@ -52,7 +54,8 @@ class ScoringContext:
     """What a scorer may use besides its options: the data set (the reference of fid, the classifier's
     data of fd_cls; by default the model's training set), the device, images per forward pass, the
     default cache of reference statistics, the shape the scored images will have, and the model (a
-    denoiser, its edm.models.loading.ModelInfo and the schedule to evaluate it under) when one is evaluated."""
+    denoiser, its edm.models.loading.ModelInfo and the schedule to evaluate it under) when one is evaluated, and
+    whether the work is counted on progress bars (stderr)."""
 
     dataset: DatasetConfig | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -95,6 +98,7 @@ def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
         cache_dir=cfg.cache_dir or ctx.cache_dir, batch_size=ctx.batch,
         device=ctx.device, with_precision_recall=cfg.precision_recall, k=cfg.k, max_images=cfg.max_images,
         pr_extractor=pr_extractor, pr_extractor_key=Path(cfg.pr_features).stem if cfg.pr_features else None,
+        progress=ctx.progress,
     )
     if cfg.ref is not None:
         reference: dict[str, Any] = {"ref": cfg.ref}
@@ -176,11 +180,12 @@ def bpd_scorer(cfg: BpdConfig, ctx: ScoringContext) -> Scorer:
         images, labels = images[:cfg.max_images], None if labels is None else labels[:cfg.max_images]
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
         values = []
-        for start in range(0, len(images), ctx.batch):
-            x = images[start:start + ctx.batch].to(ctx.device)
+        chunks = counted_batches(images.split(ctx.batch), "bits/dim", total=len(images), enabled=ctx.progress)
+        for chunk, chunk_labels in zip(chunks, labels.split(ctx.batch) if label_dim else itertools.repeat(None)):
+            x = chunk.to(ctx.device)
             one_hot = None
             if label_dim:
-                one_hot = torch.nn.functional.one_hot(labels[start:start + ctx.batch].long(), label_dim).to(ctx.device, dtype)
+                one_hot = torch.nn.functional.one_hot(chunk_labels.long(), label_dim).to(ctx.device, dtype)
             values.append(likelihood.bits_per_dim(ctx.model, x, schedule, dequantization=cfg.dequantization,
                                                   generator=generator, class_labels=one_hot, dtype=dtype,
                                                   **options).double().cpu())
