@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--mode", default="train,sample", help="comma list of: train, sample, data")
     p.add_argument("--network", help="network preset (default: ddpmpp on CUDA, tiny on CPU)")
-    p.add_argument("--resolution", type=int, help="image size (default 32 on CUDA, 16 on CPU)")
+    p.add_argument("--resolution", type=int,
+                   help="image size (default 32 on CUDA, 16 on CPU; --mode data: the data set's own unless given)")
     p.add_argument("--channels", type=int, help="image channels (default 3 on CUDA, 1 on CPU)")
     p.add_argument("--label-dim", type=int, default=0, help="number of classes (0: unconditional)")
     p.add_argument("--batch", type=int, help="batch size (default 512 on CUDA, 32 on CPU)")
@@ -62,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--augment", type=float, default=0.0, metavar="P",
                    help="train mode: EDM's augmentation with probability P inside each step (0: off; EDM CIFAR-10: 0.12)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default 20 on CUDA, 3 on CPU; --mode data: timed batches, default 50)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
     p.add_argument("--sample-steps", type=int, default=18, help="Heun steps for sampling (2N − 1 evaluations)")
     p.add_argument("--sample-batch", type=int, help="sampling batch (default: --batch)")
@@ -83,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch.cuda.is_available() is False: install a CUDA build of torch or use --device cpu")
     args.device = device
+    args.data_resolution = args.resolution  # --mode data resizes only when asked
+    args.data_batches = args.steps if args.steps is not None else 50
     net, res, ch, batch, prec, comp = DEFAULTS["cuda" if device == "cuda" else "cpu"]
     for key, value in (("network", net), ("resolution", res), ("channels", ch), ("batch", batch),
                        ("precision", prec), ("compile", comp)):
@@ -368,13 +372,14 @@ def bench_sample(args: argparse.Namespace, turns: GpuTurns) -> dict:
 
 
 def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
-    """Images/s the training DataLoader delivers (decoded, batched, moved to the device; for a latent data set, each
-    latent drawn from its posterior as training draws it, with EDM2's latent map)."""
+    """Images/s the training DataLoader delivers over --steps batches (decoded, resized to --resolution when given,
+    batched, moved to the device; for a latent data set, each latent drawn from its posterior as training draws it,
+    with EDM2's latent map)."""
     from edm.data import DatasetConfig
     from edm.data import StreamBatchSampler, build_dataset, make_loader, to_model_space
     from edm.latent import LatentConfig, final_latents, latent_affine
 
-    dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root))
+    dataset = build_dataset(DatasetConfig(name=args.dataset, root=args.dataset_root, resolution=args.data_resolution))
     latent = LatentConfig()
     scale, bias = latent_affine(latent.raw_mean, latent.raw_std, latent.final_mean, latent.final_std)
 
@@ -383,7 +388,7 @@ def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
             return to_model_space(images)
         return final_latents(images, torch.randn_like(images[:, : dataset.channels]), scale, bias)
 
-    batches = 50
+    batches = args.data_batches
     sampler = StreamBatchSampler(len(dataset), args.seed, args.batch, args.batch, 0, 1, start_nimg=0)
     loader = make_loader(dataset, sampler, args.workers, pin_memory=args.device == "cuda")
     device = torch.device(args.device)
@@ -394,7 +399,7 @@ def bench_data(args: argparse.Namespace, turns: GpuTurns) -> dict:
             images = next(it)[0]
             model_space(images.to(device, non_blocking=True))
     return {"images_per_s": batches * args.batch / t.seconds, "dataset": args.dataset, "workers": args.workers,
-            "shape": [dataset.channels, dataset.resolution, dataset.resolution]}
+            "batches": batches, "shape": [dataset.channels, dataset.resolution, dataset.resolution]}
 
 
 def device_name(args: argparse.Namespace) -> str:

@@ -32,6 +32,15 @@ def test_cpu_benchmark_reports_measurements(bench, tmp_path):
     assert result["settings"]["network"] == "tiny"
 
 
+def test_the_data_loader_is_timed_at_the_size_and_for_the_batches_asked(bench):
+    """--mode data: --resolution resizes the data set (its own size without it), --steps counts the timed batches."""
+    common = ["--device", "cpu", "--mode", "data", "--batch", "2", "--workers", "0"]
+    resized = bench.main([*common, "--resolution", "4", "--steps", "3"])["data"]
+    native = bench.main(common)["data"]
+    assert resized["shape"] == [1, 4, 4] and resized["batches"] == 3
+    assert native["shape"] == [1, 8, 8] and native["batches"] == 50
+
+
 def test_augmented_training_steps(bench, monkeypatch):
     """--augment P: each timed and warm-up step augments its batch and feeds the labels to a
     network with augment_dim 9."""
