@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ..hardware import RunWideLog
 from ..latent import VAE, LatentConfig, VAEError, check_vae, load_vae, pixel_channels, same_latent_space
 from ..networks import NetworkConfig, resolve as resolve_network
 from .config import LossConfig, PrecondConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from ..models.loading import ModelInfo
 
 __all__ = [
     "Resolved", "resolve", "build_loss", "check_target_weight", "loss_spec", "precond_spec", "precond_defaults", "LOGVAR_CHANNELS",
@@ -161,6 +164,17 @@ def latent_facts(vae: VAE, dataset: ImageDataset) -> dict[str, Any]:
     return vae.facts() | {"pixel_shape": dataset.latent.get("pixel_shape"), "dataset": dataset.latent.get("dataset")}
 
 
+def check_model_fits(role: str, info: ModelInfo, cfg: TrainConfig, dataset: ImageDataset,
+                     latent: dict[str, Any] | None, fix: str) -> None:
+    """A model a run starts from or learns from (`role`: init or teacher) must make this run's data: latents of the
+    same map as the run's (`latent`: its latent_facts, or None for pixels), then the data set's image shape (C, H, W)
+    and classes (else `fix` is the advice); a model trained on other images of that shape is allowed, with a
+    warning."""
+    same_latent_space(latent, info.latent, f"{role} {info.source}", "this run's data")
+    check_model_data(role, info.source, info.img_shape, info.label_dim, cfg, dataset, fix)
+    warn_other_data(role, info.source, info.dataset, cfg)
+
+
 def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: TrainConfig, dataset: ImageDataset,
                      fix: str) -> None:
     """A model a run starts from or learns from must make the data set's images: shape (C, H, W) and classes."""
@@ -224,7 +238,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
     network.label_dropout from the config where set) and preconditioning (precond.boundary_sigma from the
     config), which the config may not contradict (check_init_settings); its images must have the data set's shape
     and labels, and be the run's pixels or latents of the same map (`latent`: the run's latent_facts, or None)."""
-    from ..models.loading import model_latent, read_model_file
+    from ..models.loading import ModelInfo, model_latent, read_model_file
 
     path, state = read_model_file(cfg.init, ema=True)
     free = {key: getattr(cfg.network, key) for key in INIT_FREE if getattr(cfg.network, key) is not None}
@@ -232,12 +246,12 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
                                 **({"second_noise": True} if cfg.objective == "meanflow" else {})})
     precond = {**precond_defaults(), **state["denoiser"]["precond"], "boundary_sigma": cfg.precond.boundary_sigma}
     check_init_settings(cfg, network, precond, path)
-    same_latent_space(latent, model_latent(state), f"init {path}", "this run's data")
-    warn_other_data("init", path, (state.get("config") or {}).get("dataset"), cfg)
     resolution = network.get("img_resolution")
-    check_model_data("init", path, (network.get("in_channels"), resolution, resolution), network.get("label_dim") or 0,
-                     cfg, dataset, "train on the model's data (dataset=, dataset.resolution=, dataset.cond=) or start "
-                     "from another model")
+    info = ModelInfo(img_shape=(network.get("in_channels"), resolution, resolution),
+                     label_dim=network.get("label_dim") or 0, source=str(path), latent=model_latent(state),
+                     dataset=(state.get("config") or {}).get("dataset"))
+    check_model_fits("init", info, cfg, dataset, latent, "train on the model's data (dataset=, dataset.resolution=, "
+                     "dataset.cond=) or start from another model")
     logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
     trained = (state.get("schedule") or {}).get("name")
     if trained is not None and trained != cfg.schedule.name:
@@ -292,10 +306,7 @@ def with_teacher(loss: SCMLoss, cfg: TrainConfig, dataset: ImageDataset, device:
     from ..models.loading import load_model
 
     teacher, info = load_model(cfg.teacher, device=device)
-    check_model_data("teacher", info.source, info.img_shape, info.label_dim, cfg, dataset,
-                     "distil a teacher of this data")
-    same_latent_space(latent, info.latent, f"teacher {info.source}", "this run's data")
-    warn_other_data("teacher", info.source, info.dataset, cfg)
+    check_model_fits("teacher", info, cfg, dataset, latent, "distil a teacher of this data")
     if info.objective != "denoising":
         raise ValueError(f"teacher {info.source} is a consistency model (objective={info.objective}): sCD distils a denoiser")
     logger.info("teacher: the denoiser of %s", info.source)
