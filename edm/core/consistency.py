@@ -48,7 +48,7 @@ from .losses import LOGNORMAL, loss_weight
 from .schedules import SIGMA_DATA
 
 __all__ = [
-    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "samplers_for", "ect_r", "ect_gap",
+    "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "SOLVER_OPTION", "samplers_for", "ect_r", "ect_gap",
     "check_ect_stages", "ECT_MIN_GAP", "pseudo_huber",
     "trigflow_F", "trigflow_tangent", "per_example", "same_draws", "forward_jvp",
 ]
@@ -58,7 +58,10 @@ ECT_METRICS = ("pseudo_huber", "l2")
 ECT_WEIGHTINGS = ("ect", "edm")
 
 
-def samplers_for(objective: str, option: str = "sampler={}") -> str:
+SOLVER_OPTION = "sampler={}"  # how edm-sample picks a solver, NAME as {}: the default of the refusals' advice
+
+
+def samplers_for(objective: str, option: str = SOLVER_OPTION) -> str:
     """The samplers of a model trained with `objective`, as a refusal names them: the consistency sampler alone for a
     consistency function; the MeanFlow sampler or an ODE solver for MeanFlow's average velocity; an ODE solver else.
     `option` is how the caller's command picks a solver, NAME as {} (edm-study: "solvers=[{}]")."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..choices import choose
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
-from ..core.consistency import CONSISTENCY_OBJECTIVES, samplers_for
+from ..core.consistency import CONSISTENCY_OBJECTIVES, SOLVER_OPTION, samplers_for
 from ..core.denoisers import GuidedDenoiser
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SOLVERS
 from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
@@ -51,7 +51,7 @@ class ModelInfo:
     objective: str = "denoising"  # what it was trained for: a denoiser, or a consistency function (ect)
     inputs: dict | None = None  # what its run read (edm.training.run.run_inputs): the data's resolved root and contents
 
-    def check_solver(self, solver: str, option: str = "sampler={}", steps: str = "sampler.num_steps=1, 2, 4",
+    def check_solver(self, solver: str, option: str = SOLVER_OPTION, steps: str = "sampler.num_steps=1, 2, 4",
                      role: str = "") -> None:
         """Refuse a name that is no solver, then a solver made for another kind of model: the consistency sampler
         needs a consistency function and is the only one that samples it; the MeanFlow sampler needs a MeanFlow model
