@@ -122,12 +122,15 @@ def _refuse_other_command(out_dir: Path, command: str, out_key: str) -> None:
                               f"give {command} another {out_key}=DIR")
 
 
+LISTED_DIFFERENCES = 6  # a refusal names this many differing settings (by key), then counts the rest
+
+
 def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command: str, overwrite: bool = False,
           overwrite_key: str = "overwrite=true", out_key: str = "out") -> None:
     """Make `out_dir` hold results of `record`, made by `command`, only: a folder whose record names another
     command is refused whatever `overwrite` says (its results are not this command's to delete); with overwrite,
     delete `results` (the folder's earlier outputs) first; else refuse a folder whose provenance.json differs from
-    `record` (naming each differing key) or that holds results without one; then write the record with its command.
+    `record` (naming the first LISTED_DIFFERENCES differing keys, counting the rest) or that holds results without one; then write the record with its command.
     A record that names no command, or lacks a MAY_LACK_SUFFIXES key, is compared without that key, then written
     with it."""
     out_dir = Path(out_dir)
@@ -153,7 +156,9 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
         diffs = [(k, a, b) for k, a, b in differences(saved, record) if not (a is None and k not in saved
                                                                               and unrecorded(k))]
         if diffs:
-            listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs)
+            listed = "; ".join(f"{k}: folder {a!r}, now {b!r}" for k, a, b in diffs[:LISTED_DIFFERENCES])
+            if len(diffs) > LISTED_DIFFERENCES:
+                listed += f"; and {len(diffs) - LISTED_DIFFERENCES} more"
             raise ProvenanceError(f"{out_dir} holds results made with other settings ({listed})", ways_out())
         if saved.keys() != record.keys():  # keys the folder's record lacked: from here on they are compared too
             write_json(path, record)

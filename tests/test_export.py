@@ -95,6 +95,20 @@ def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
         claim(samples, after, [], command="edm-sample")
 
 
+def test_a_refusal_names_the_first_differing_settings_and_counts_the_rest(tmp_path):
+    """A folder of other settings (edm-posthoc's at another at_kimg differs in every snapshot's facts) is refused
+    naming the first LISTED_DIFFERENCES keys in order, then how many more differ."""
+    from edm.provenance import LISTED_DIFFERENCES, ProvenanceError, claim
+
+    claim(tmp_path, {"at_nimg": 8, "snapshots": {f"s{i}": {"bytes": i, "stds": [0.1]} for i in range(5)}}, [],
+          command="edm-posthoc")
+    with pytest.raises(ProvenanceError) as err:
+        claim(tmp_path, {"at_nimg": 4, "snapshots": {}}, [], command="edm-posthoc")
+    message = str(err.value)
+    assert message.count(": folder ") == LISTED_DIFFERENCES and "at_nimg: folder 8, now 4; snapshots.s0.bytes" in message
+    assert f"; and {1 + 2 * 5 - LISTED_DIFFERENCES} more)" in message
+
+
 def test_the_export_command_and_sampling_from_its_folder(trained, tmp_path):
     out = tmp_path / "exported"
     proc = subprocess.run([command("edm-export"), f"checkpoint={trained.parent}", f"out={out}"],

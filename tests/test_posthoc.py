@@ -20,6 +20,7 @@ def test_the_posthoc_command_writes_model_folders_that_sample(tmp_path, tiny_tra
     proc = subprocess.run([command("edm-posthoc"), f"run_dir={tmp_path / 'run'}", "sigma_rel=[0.1,0.07]", f"out={out}"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "sigma_rel 0.070 at 0.064 kimg from 8 EMA profiles of 4 snapshot(s) (residual" in proc.stdout
     summary = json.loads((out / "posthoc.json").read_text())
     assert [p["sigma_rel"] for p in summary["profiles"]] == [0.07, 0.1] and summary["at_kimg"] == 0.064
     tracked, _ = load_model(out / "ema-0.100")  # a tracked profile at the last snapshot is that snapshot

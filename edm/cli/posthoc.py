@@ -26,8 +26,9 @@ def main(dcfg: DictConfig) -> None:
         cfg: PosthocConfig = typed(dcfg)
         summary = reconstruct(cfg)
     for row in summary:
-        print(f"sigma_rel {row['sigma_rel']:.3f} at {row['at_kimg']:g} kimg from {len(row['inputs'])} snapshot profiles "
-              f"(residual {row['residual']:.2e}) -> {row['folder']}")
+        files = len({part["snapshot"] for part in row["inputs"]})
+        print(f"sigma_rel {row['sigma_rel']:.3f} at {row['at_kimg']:g} kimg from {len(row['inputs'])} EMA profiles of "
+              f"{files} snapshot(s) (residual {row['residual']:.2e}) -> {row['folder']}")
     print(json.dumps({"out": str(cfg.out), "profiles": len(summary)}))
 
 
