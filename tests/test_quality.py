@@ -107,6 +107,34 @@ def test_images_of_another_shape_and_data_without_labels_are_refused(digits_scor
     assert "class labels" not in str(err.value)
 
 
+def test_the_same_files_under_another_folder_reuse_the_cached_classifier(tmp_path, monkeypatch):
+    """The cache entry is keyed by the data's content (every image and label), not its path: a copied folder is
+    scored with the classifier trained on the original; a changed image is other data."""
+    import shutil
+
+    from PIL import Image
+
+    import edm.evaluation.quality as quality
+
+    first = tmp_path / "data"
+    for label in range(2):
+        (first / str(label)).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 20 * i + 100 * label, dtype=np.uint8)).save(first / str(label) / f"{i}.png")
+    quick = ClassifierConfig(steps=2, batch_size=4)
+    trained = QualityScore.for_dataset(DatasetConfig(name="folder", root=str(first)), quick, cache_dir=tmp_path / "c",
+                                       progress=False)
+    shutil.copytree(first, tmp_path / "copy")
+    monkeypatch.setattr(quality, "_train", lambda *a, **k: pytest.fail("trained again for the same files"))
+    copied = QualityScore.for_dataset(DatasetConfig(name="folder", root=str(tmp_path / "copy")), quick,
+                                      cache_dir=tmp_path / "c", progress=False)
+    assert copied.meta["key"] == trained.meta["key"]
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(tmp_path / "copy" / "0" / "0.png")
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        QualityScore.for_dataset(DatasetConfig(name="folder", root=str(tmp_path / "copy")), quick,
+                                 cache_dir=tmp_path / "c", progress=False)
+
+
 def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monkeypatch):
     """Two scorers started together on an empty cache: one trains and writes the entry while holding its lock,
     the other waits and loads that entry, so both score with the same weights and statistics."""

@@ -99,7 +99,8 @@ class FeatureClassifier(nn.Module):
 
 def _load_images(dataset_cfg: DatasetConfig, max_images: int, seed: int) -> tuple[Tensor, Tensor, dict]:
     """(uint8 images [N, C, H, W], class indices [N], description) of up to max_images images of the
-    data set, a seeded random subset when it is larger; the description holds its content hash."""
+    data set, a seeded random subset when it is larger; the description holds its content hash and no path, so the
+    same files under another folder are the same data."""
     cfg = dataclasses.replace(dataset_cfg, cond=True, xflip=False, num_workers=0)
     try:
         dataset = build_dataset(cfg)
@@ -112,7 +113,7 @@ def _load_images(dataset_cfg: DatasetConfig, max_images: int, seed: int) -> tupl
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(images.numpy()).tobytes())
     digest.update(labels.numpy().astype(np.int64).tobytes())
-    description = {"name": cfg.name, "root": cfg.root, "resolution": dataset.resolution, "channels": dataset.channels,
+    description = {"name": cfg.name, "resolution": dataset.resolution, "channels": dataset.channels,
                    "classes": dataset.num_classes, "size": n, "images_used": len(order), "max_size": cfg.max_size,
                    "sha256": digest.hexdigest()}
     return images, labels, description
