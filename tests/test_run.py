@@ -193,8 +193,8 @@ def test_a_refused_run_writes_nothing_in_the_folder_it_is_refused(compose_train,
 def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_folder_it_made(compose_train, tmp_path):
     """A refusal after the run owns its folder (a resume with another network; a data set without its root) comes
     before on_started, where edm-train writes the folder's .hydra record, so the record stays the last started
-    run's; a run_dir the refused run made (its lock, its log) is removed, and so is none it did not make, even one named
-    through a folder that did not exist (typo/../run)."""
+    run's; a run_dir the refused run made (its lock, its log) is removed once what on_own_run_dir opened there is
+    closed, and so is none it did not make, even one named through a folder that did not exist (typo/../run)."""
     run, new = tmp_path / "run", tmp_path / "new" / "run"
     owned, started = [], []
     train(compose_train("total_kimg=0.016"), on_own_run_dir=owned.append, on_started=started.append)
@@ -203,9 +203,16 @@ def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_f
         train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"), on_own_run_dir=owned.append,
               on_started=started.append)
     assert owned == [run, run] and started == [run]  # owned, never started
+    let_go = []  # what on_own_run_dir opened in the folder is closed while the folder is still there
+
+    def own(run_dir):
+        owned.append(run_dir)
+        return lambda: let_go.append(run_dir.is_dir())
+
     with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
-        train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=owned.append, on_started=started.append)
+        train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=own, on_started=started.append)
     assert owned[-1] == new and not new.exists() and new.parent.is_dir() and started == [run]  # (run_dir only)
+    assert let_go == [True]
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("a user's")

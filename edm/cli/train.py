@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -50,8 +52,12 @@ def main(dcfg: DictConfig) -> None:
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
+        def own_run_dir(run_dir: Path) -> Callable[[], None]:  # its train.log, closed before a refused run's removal
+            handlers.append(folder_log(run_dir, "train.log"))
+            return lambda: close_log(handlers[-1])
+
         try:
-            result = train(cfg, on_own_run_dir=lambda run_dir: handlers.append(folder_log(run_dir, "train.log")),
+            result = train(cfg, on_own_run_dir=own_run_dir,
                            on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
         finally:
             for handler in handlers:

@@ -116,13 +116,15 @@ def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
     return dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no"), launch
 
 
-def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None,
+def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], Callable[[], None] | None] | None = None,
           on_started: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
     `on_own_run_dir(run_dir)`, and `on_started(run_dir)` once the run is set up; resumes from run_dir's latest
     checkpoint if asked. Bad values, schedule options or loss/precond combinations fail before any work; a run
-    refused while setting up removes run_dir if it made it (FolderLock.created); run_dir None is run_folder(cfg)."""
+    refused while setting up removes run_dir if it made it (FolderLock.created), after calling what
+    on_own_run_dir returned (a callable that closes the files it opened there, e.g. its log) if anything; run_dir
+    None is run_folder(cfg)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -141,10 +143,11 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
         run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
+    let_go = None
     try:
         cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its train.log there
         if lock is not None and on_own_run_dir is not None:
-            on_own_run_dir(run_dir)
+            let_go = on_own_run_dir(run_dir)
         logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
         run = _setup_run(cfg, accelerator, resolved, lock)
         if lock is not None and on_started is not None:
@@ -153,6 +156,8 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], None] | None = None
     except BaseException:
         if lock is not None:
             if lock.created:  # run_dir did not exist: it holds nothing but this refused run's lock and log
+                if let_go is not None:  # no file stays open in it (NFS keeps a removed open file as .nfs*)
+                    let_go()
                 shutil.rmtree(run_dir, ignore_errors=True)
             lock.release()
         raise
@@ -296,10 +301,12 @@ def _inputs(run: Run, micro_batches: list, positions: list[int]) -> list:
 
 def train(
     cfg: TrainConfig, callback: Callable[[Run], None] | None = None,
-    on_own_run_dir: Callable[[Path], None] | None = None, on_started: Callable[[Path], None] | None = None,
+    on_own_run_dir: Callable[[Path], Callable[[], None] | None] | None = None,
+    on_started: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
-    run_dir, `on_started(run_dir)` once it is set up (data, model, resume: a run refused there has not started),
+    run_dir (what it returns closes what it opened there, before a refused run's new folder is removed: setup),
+    `on_started(run_dir)` once it is set up (data, model, resume: a run refused there has not started),
     `callback(run)` after every step (tests use it to inject faults)."""
     run = setup(cfg, on_own_run_dir, on_started)
     try:
