@@ -2,7 +2,9 @@
 
     python scripts/side_by_side.py --out runs/side-by-side --seeds 0-4 --num-images 10000 \\
         --nvlabs-repo /path/to/edm --arm ours=edm-train --arm reference=nvlabs \\
+        --arm "fast=edm-train lr=4e-3" \\
         dataset=fashion_mnist dataset.resolution=16 network=tiny total_kimg=96 dataset.num_workers=0
+    python scripts/side_by_side.py --out runs/side-by-side --report-only      # the table again, from OUT's records
 
 An arm is LABEL=KIND [OVERRIDE ...]: KIND `edm-train` trains with edm.training.loop.train, `nvlabs` with
 NVlabs/edm's own loop (scripts/nvlabs_loop.py; needs --nvlabs-repo, whose code it runs),
@@ -396,8 +398,9 @@ def report(out: Path, arms: list[Arm], scores: dict[str, dict[int, float]], shar
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder of the comparison (runs, scores, table)")
-    p.add_argument("--arm", action="append", required=True, metavar="LABEL=KIND [OVERRIDE ...]",
-                   help="an arm; the first is the baseline of the paired differences (give two or more)")
+    p.add_argument("--arm", action="append", metavar="'LABEL=KIND [OVERRIDE ...]'",
+                   help="an arm, one quoted argument; the first is the baseline of the paired differences (give two or "
+                        "more; with --report-only and none, OUT's arms, its last table's baseline first)")
     p.add_argument("--seeds", default="0-2", help="training seeds shared by every arm: 0-4 or 0,3,7 (default 0-2)")
     p.add_argument("--num-images", type=int, default=10000, help="samples scored per run (default 10000)")
     p.add_argument("--batch", type=int, default=250, help="samples per forward pass")
@@ -405,7 +408,8 @@ def main(argv: list[str] | None = None) -> str:
                    help=f"training steps of FD_cls's classifier (default {ClassifierConfig.steps}; trained once, cached)")
     p.add_argument("--nvlabs-repo", metavar="PATH", help="an NVlabs/edm checkout, for nvlabs arms (its code is run)")
     p.add_argument("--only", metavar="LABEL", help="train and score this arm only (others may run in other processes)")
-    p.add_argument("--report-only", action="store_true", help="write the table from the scores present; train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table from the scores present; train nothing (--out alone: OUT's recorded settings)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT's earlier runs and scores first")
     p.add_argument("overrides", nargs="*", help="edm-train overrides shared by every arm: dataset=, network=, total_kimg=, ...")
     args = p.parse_args(argv)
@@ -414,8 +418,36 @@ def main(argv: list[str] | None = None) -> str:
         return run(args)
 
 
+def recorded_comparison(out: Path) -> tuple[list[Arm], list[str], int, int]:
+    """(arms, shared overrides, samples per score, classifier steps) that OUT's records hold, for --report-only
+    without --arm: the arms in the order of OUT's last table (its baseline first), then any others by label."""
+    try:
+        record = json.loads((out / "provenance.json").read_text())
+        arms = {folder.name: Arm(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(
+                    (folder / "provenance.json").read_text()).items() if k != "command"})
+                for folder in sorted(out.iterdir()) if (folder / "provenance.json").is_file()}
+        shared, num_images, steps = list(record["shared"]), int(record["num_images"]), int(record["classifier"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"side_by_side.py: error: --report-only without --arm reads the arms and settings OUT records, "
+                         f"and {out} holds no readable record of them ({type(err).__name__}: {err}): give --arm and the "
+                         "shared settings as its comparison was run") from None
+    table = out / "table.json"
+    last = [row["arm"] for row in json.loads(table.read_text())["rows"]] if table.is_file() else []
+    return [arms[label] for label in last if label in arms] + [arm for label, arm in arms.items() if label not in last], \
+        shared, num_images, steps
+
+
 def run(args: argparse.Namespace) -> str:
     """main's work: the arms' claims, their training and scoring seed by seed, then the table."""
+    if not args.arm:
+        if not args.report_only:
+            raise SystemExit("side_by_side.py: error: give two or more arms (--arm 'LABEL=KIND [OVERRIDE ...]')")
+        if args.overrides:
+            raise SystemExit("side_by_side.py: error: --report-only without --arm takes OUT's recorded shared "
+                             f"settings: drop {' '.join(args.overrides)}, or give the arms too")
+        recorded, args.overrides, args.num_images, args.classifier_steps = recorded_comparison(args.out)
+        args.arm = [shlex.join([f"{arm.label}={arm.kind}" + (f":{','.join(arm.draws)}" if arm.draws else ""),
+                                *arm.overrides]) for arm in recorded]
     arms = [Arm.parse(text) for text in args.arm]
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):
