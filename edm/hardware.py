@@ -11,7 +11,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings",
+__all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
            "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog"]
 
 logger = logging.getLogger(__name__)
@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 # What `accelerate launch` passes on (from its flags, else from `accelerate config`'s file).
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 LAUNCH_DYNAMO_BACKEND = "ACCELERATE_DYNAMO_BACKEND"
+# Launches that shard or split the model, which edm-train does not do: it keeps a whole copy in each process (DDP),
+# and its EMA, power-EMA snapshots and checkpoints are of whole parameters. flag -> (name, the launcher's option).
+SHARDED_LAUNCHES = MappingProxyType({
+    "ACCELERATE_USE_FSDP": ("FSDP", "--use_fsdp"),
+    "ACCELERATE_USE_DEEPSPEED": ("DeepSpeed", "--use_deepspeed"),
+    "ACCELERATE_USE_MEGATRON_LM": ("Megatron-LM", "--use_megatron_lm"),
+})
+PARALLELISM_SIZES = ("DP_SHARD_SIZE", "TP_SIZE", "CP_SIZE", "SP_SIZE")  # ACCELERATE_USE_PARALLELISM_CONFIG's splits
 
 
 def set_precision_flags(tf32: bool, cudnn_benchmark: bool = False) -> None:
@@ -171,6 +179,22 @@ class LaunchSettings(NamedTuple):
     dynamo_backend: str  # "no", or the torch.compile backend
 
 
+def check_replicated_launch(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse a launch that shards or splits the model (SHARDED_LAUNCHES; a parallelism config with a shard, tensor,
+    context or sequence size above 1): training replicates it in every process."""
+    flags = [name for flag, name in SHARDED_LAUNCHES.items() if env.get(flag, "false").lower() in ("true", "1", "yes")]
+    if env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() in ("true", "1", "yes"):
+        given = {size: env.get(f"PARALLELISM_CONFIG_{size}", "1") for size in PARALLELISM_SIZES}
+        sizes = [f"{size.lower()} {value}" for size, value in given.items() if value.isdigit() and int(value) > 1]
+        flags += [("a parallelism config of " + ", ".join(sizes), "--parallelism_config_*")] if sizes else []
+    if flags:
+        names, options = ", ".join(name for name, _ in flags), " / ".join(option for _, option in flags)
+        raise ValueError(f"this launch trains with {names}, which edm-train does not do: it keeps a whole copy of the "
+                         "model in every process (DDP), and its EMA and checkpoints are of whole parameters; launch "
+                         f"without {options} (and without it in `accelerate config`'s file): accelerate launch "
+                         "--multi_gpu --num_processes N -m edm.train ...")
+
+
 def launch_settings(
     mixed_precision: str | None, compile: bool | None, env: Mapping[str, str] = os.environ
 ) -> LaunchSettings:
@@ -178,6 +202,7 @@ def launch_settings(
     (`accelerate launch --mixed_precision/--dynamo_backend`, or `accelerate config`). The launcher's
     default ("no") counts as not given; any other launcher value that the config contradicts fails,
     naming both."""
+    check_replicated_launch(env)
     launched_mp = env.get(LAUNCH_MIXED_PRECISION, "no").lower()
     launched_dynamo = env.get(LAUNCH_DYNAMO_BACKEND, "no").lower()
     if mixed_precision is not None and launched_mp != "no" and mixed_precision != launched_mp:

@@ -52,6 +52,31 @@ def test_a_config_that_contradicts_the_launcher_fails_naming_both(given, launche
         launch_settings(*given, env=launched)
 
 
+@pytest.mark.parametrize("launched,named", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "trains with FSDP, .* launch without --use_fsdp"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "trains with DeepSpeed, .* launch without --use_deepspeed"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "trains with Megatron-LM"),
+    ({"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_DP_SHARD_SIZE": "2",
+      "PARALLELISM_CONFIG_TP_SIZE": "1"}, "a parallelism config of dp_shard_size 2, which"),
+])
+def test_a_launch_that_shards_the_model_is_refused_before_any_work(compose_train, monkeypatch, tmp_path, launched,
+                                                                   named):
+    """edm-train replicates the model (DDP) and averages whole parameters into its EMA: FSDP, DeepSpeed, Megatron-LM
+    or a parallelism config that splits the model is refused, naming it and the launch that trains, before the run
+    folder is made; a parallelism config of replicas only (or no flag) is a plain launch."""
+    from edm.hardware import launch_settings
+    from edm.training.loop import train
+
+    for flag, value in launched.items():
+        monkeypatch.setenv(flag, value)
+    with pytest.raises(ValueError, match=named):
+        train(compose_train(run_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    replicas = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "2",
+                "PARALLELISM_CONFIG_TP_SIZE": "1", "ACCELERATE_USE_FSDP": "false"}
+    assert tuple(launch_settings(None, None, env=replicas)) == ("no", "no")
+
+
 def test_the_launchers_bf16_reaches_the_accelerator(compose_train, monkeypatch):
     """`accelerate launch --mixed_precision bf16 -m edm.train` sets ACCELERATE_MIXED_PRECISION=bf16;
     with the config's default (None) the run trains under bf16 and records it."""
