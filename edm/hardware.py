@@ -182,8 +182,11 @@ class LaunchSettings(NamedTuple):
 def check_replicated_launch(env: Mapping[str, str] = os.environ) -> None:
     """Refuse a launch that shards or splits the model (SHARDED_LAUNCHES; a parallelism config with a shard, tensor,
     context or sequence size above 1): training replicates it in every process."""
-    flags = [name for flag, name in SHARDED_LAUNCHES.items() if env.get(flag, "false").lower() in ("true", "1", "yes")]
-    if env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() in ("true", "1", "yes"):
+    def on(flag: str) -> bool:
+        return env.get(flag, "false").lower() in ("true", "1", "yes")
+
+    flags = [name for flag, name in SHARDED_LAUNCHES.items() if on(flag)]
+    if on("ACCELERATE_USE_PARALLELISM_CONFIG"):
         given = {size: env.get(f"PARALLELISM_CONFIG_{size}", "1") for size in PARALLELISM_SIZES}
         sizes = [f"{size.lower()} {value}" for size, value in given.items() if value.isdigit() and int(value) > 1]
         flags += [("a parallelism config of " + ", ".join(sizes), "--parallelism_config_*")] if sizes else []
@@ -201,7 +204,7 @@ def launch_settings(
     """A run's mixed precision and compilation: the config's value, else what accelerate was given
     (`accelerate launch --mixed_precision/--dynamo_backend`, or `accelerate config`). The launcher's
     default ("no") counts as not given; any other launcher value that the config contradicts fails,
-    naming both."""
+    naming both, and so does a launch that shards the model (check_replicated_launch)."""
     check_replicated_launch(env)
     launched_mp = env.get(LAUNCH_MIXED_PRECISION, "no").lower()
     launched_dynamo = env.get(LAUNCH_DYNAMO_BACKEND, "no").lower()

@@ -52,6 +52,7 @@ def main(dcfg: DictConfig) -> None:
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
+
         def own_run_dir(run_dir: Path) -> Callable[[], None]:  # its train.log, closed before a refused run's removal
             handlers.append(folder_log(run_dir, "train.log"))
             return lambda: close_log(handlers[-1])
