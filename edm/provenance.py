@@ -153,6 +153,9 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ProvenanceError(f"{path} is unreadable ({err})", ways_out()) from None
+        if not isinstance(saved, dict):
+            raise ProvenanceError(f"{path} is unreadable (it holds a JSON {type(saved).__name__}, not a record {{...}})",
+                                  ways_out())
         diffs = [(k, a, b) for k, a, b in differences(saved, record) if not (a is None and k not in saved
                                                                               and unrecorded(k))]
         if diffs:

@@ -161,4 +161,19 @@ def test_a_results_folder_names_its_command_and_another_command_is_refused_even_
         claim(out, {"run_dir": "s"}, [out / "ema-0.100"], command="edm-posthoc")
 
 
+@pytest.mark.parametrize("text", ["null", "[1, 2]", '"edm-sample"'])
+def test_a_provenance_record_that_is_not_a_json_object_is_refused_as_unreadable(tmp_path, text):
+    """A provenance.json damaged into valid JSON that is no record (null, a list, a string) is refused like an
+    unreadable one, naming the file and the ways out, not a TypeError or a comparison against nothing."""
+    from edm.provenance import ProvenanceError, claim
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "provenance.json").write_text(text)
+    with pytest.raises(ProvenanceError, match=r"provenance\.json is unreadable \(it holds a JSON \w+, not a record.*"
+                                              "write to another out=DIR, or pass overwrite=true"):
+        claim(out, {"seeds": "0-3"}, [], command="edm-sample")
+    claim(out, {"seeds": "0-3"}, [], command="edm-sample", overwrite=True)
+
+
 # ----------------------------------------------------------------------------- guidance in edm-sample
