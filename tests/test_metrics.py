@@ -686,6 +686,26 @@ def test_a_folder_image_of_another_size_is_named_with_the_size_of_the_first(tmp_
         list(image_batches(tmp_path, batch_size=2))
 
 
+def test_a_folder_image_cut_short_or_damaged_is_named_by_its_path(tmp_path):
+    """A PNG cut short after its header (PIL: "image file is truncated", no file named) or not an image at all is
+    a ValueError naming the file and what to do, whichever batch it is in."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(buffer.getvalue())
+    (tmp_path / "2.png").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"2.png is not a readable image \(OSError: image file is truncated.*\): "
+                                         "replace or delete it"):
+        list(image_batches(tmp_path, batch_size=2))
+    (tmp_path / "2.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"2.png is not a readable image \(UnidentifiedImageError"):
+        list(image_batches(tmp_path, batch_size=2))
+
+
 def test_the_reference_key_of_a_folder_data_set_changes_when_one_of_its_files_does(tmp_path):
     """Same root, names and count: an image rewritten in place (another size or mtime) is another cache key, so
     FID's reference statistics of `dataset=folder` are made again, not read from the cache."""

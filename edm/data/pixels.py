@@ -31,9 +31,16 @@ def as_model_space(images: Tensor) -> Tensor:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 [H, W, C] of an image file: grayscale (C = 1) and RGB as they are, other modes as RGB."""
+    """uint8 [H, W, C] of an image file: grayscale (C = 1) and RGB as they are, other modes as RGB. A file that is
+    not a readable image (cut short, damaged) is a ValueError naming it; a missing one PIL's FileNotFoundError."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError ("image file is truncated"), SyntaxError, ...
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err}): replace or delete it (edm-sample "
+                         "makes a deleted image of its out folder again)") from None
     return array[:, :, None] if array.ndim == 2 else array
