@@ -66,6 +66,22 @@ def test_a_model_folder_says_which_weights_it_holds_and_names_bad_files(trained,
         load_model(out)
 
 
+@pytest.mark.parametrize("text", ["null", "[]", "3"])
+def test_a_model_json_that_is_not_a_json_object_is_named_unreadable_by_a_load_and_refused_by_an_export(trained, tmp_path,
+                                                                                                       text):
+    """model.json damaged into valid JSON that is no record: a load names it (CheckpointError, not AttributeError),
+    and an export there is refused as a folder of another model, unless overwrite."""
+    _, state = read_model_file(trained)
+    out = export_state(state, tmp_path / "model")
+    (out / "model.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"model.json is unreadable \(it holds a JSON \w+, not a record.*export the "
+                                              "model again"):
+        load_model(out)
+    with pytest.raises(ValueError, match="holds a model exported from another file or weights"):
+        export_state(state, out, source_sha256="ab" * 32)
+    load_model(export_state(state, out, source_sha256="ab" * 32, overwrite=True))
+
+
 def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
     """Records (edm-sample's, edm-study's) name a model by model_record: a checkpoint by its file's hash; a model
     folder also by its model.json's, so an edit to the spec there (σ_d, the schedule) is another model, and a

@@ -72,6 +72,7 @@ def _refuse_another_model(dest: Path, source_sha256: str | None, weights: str) -
         meta = json.loads((dest / META_NAME).read_text())
     except (OSError, ValueError):
         meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     old, new = (meta.get("source_sha256"), meta.get("weights")), (source_sha256, weights)
     if old != new or source_sha256 is None:
         raise ValueError(f"{dest} holds a model exported from another file or weights (source sha256 "
@@ -95,6 +96,9 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{meta_file} is unreadable ({err}): export the model again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is unreadable (it holds a JSON {type(meta).__name__}, not a record {{...}}): "
+                              "export the model again")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file} is not an edm model folder (format {meta.get('format')!r}, expected {FORMAT!r})")
     wanted = "ema" if ema else "raw"
