@@ -82,6 +82,25 @@ def test_a_model_json_that_is_not_a_json_object_is_named_unreadable_by_a_load_an
     load_model(export_state(state, out, source_sha256="ab" * 32, overwrite=True))
 
 
+def test_a_model_folder_whose_weights_bytes_changed_is_refused_as_corrupt(trained, tmp_path):
+    """model.json records model.safetensors' SHA-256: one flipped byte in a weight (the file still parses) is refused
+    naming the file, not loaded as other weights; a folder whose model.json lacks the hash (older) still loads."""
+    _, state = read_model_file(trained)
+    out = export_state(state, tmp_path / "model")
+    good = (out / "model.safetensors").read_bytes()
+    damaged = bytearray(good)
+    damaged[-3] ^= 0x40  # inside the last tensor's data
+    (out / "model.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupt: its SHA-256 is not the one model.json "
+                                              "records .*export the model again"):
+        load_model(out)
+    meta = json.loads((out / "model.json").read_text())
+    del meta["weights_sha256"]
+    (out / "model.json").write_text(json.dumps(meta))
+    (out / "model.safetensors").write_bytes(good)
+    load_model(out)
+
+
 def test_a_model_folders_identity_covers_its_model_json(trained, tmp_path):
     """Records (edm-sample's, edm-study's) name a model by model_record: a checkpoint by its file's hash; a model
     folder also by its model.json's, so an edit to the spec there (σ_d, the schedule) is another model, and a

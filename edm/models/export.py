@@ -6,12 +6,13 @@
 
 model.json holds the denoiser spec (network with every preset value, precond), the schedule,
 which weights these are (EMA or raw), the training data set's config when known, the facts of
-an NVlabs original (e.g. an EDM2 model's VAE latents), a latent model's VAE (edm.latent), and the SHA-256 of the file they came
-from. Reading it needs json and safetensors only: no pickle, no torch.load, nothing that can run code.
+an NVlabs original (e.g. an EDM2 model's VAE latents), a latent model's VAE (edm.latent), the SHA-256 of the file they came
+from, and that of model.safetensors (a load refuses weights whose bytes changed; a folder written before lacks it). Reading it needs json and safetensors only: no pickle, no torch.load, nothing that can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def export_state(state: dict, dest: str | Path, *, ema: bool = True, source_sha2
         "dataset": (state.get("config") or {}).get("dataset"), "source_sha256": source_sha256,
         "reference": (state.get("config") or {}).get("reference"),
         "objective": (state.get("config") or {}).get("objective") or "denoising", "latent": state.get("latent"),
-        "inputs": state.get("inputs"),
+        "inputs": state.get("inputs"), "weights_sha256": hashlib.sha256(data).hexdigest(),
         **(extra or {}),
     }
     write_json(dest / META_NAME, meta)  # last: a folder without it is not a model folder
@@ -106,9 +107,13 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         raise CheckpointError(f"{folder} holds the {meta['weights']} weights only, not the {wanted} ones; "
                               f"load it with ema={'true' if meta['weights'] == 'ema' else 'false'}")
     try:
-        weights = load(weights_file.read_bytes())
+        data = weights_file.read_bytes()
+        weights = load(data)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
+    if meta.get("weights_sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        raise CheckpointError(f"{weights_file} is corrupt: its SHA-256 is not the one {META_NAME} records (its bytes changed "
+                              "after it was written): export the model again")
     config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
              "config": config, "step": meta.get("step"), "latent": meta.get("latent"), "inputs": meta.get("inputs"),
