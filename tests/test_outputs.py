@@ -108,6 +108,31 @@ def test_a_killed_part_write_does_not_break_resume(tmp_path):
     assert images.shape == (1, 4, 4, 1)
 
 
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_a_damaged_part_is_named_by_its_path_with_the_way_out(tmp_path, damage):
+    """A part cut short or with a changed byte (our writes are atomic: something else did it) is a ValueError naming
+    the file and saying to delete it, both where a resume looks for pending seeds and where the parts are merged,
+    not a BadZipFile traceback; deleted, its images are pending again."""
+    writer = PartWriter(tmp_path)
+    plan = plan_images([0, 1], None, 0)
+    writer.write(plan[:1], torch.full((1, 1, 4, 4), -1.0), None)
+    writer.write(plan[1:], torch.full((1, 1, 4, 4), 1.0), None)
+    part = sorted((tmp_path / "parts").glob("*.npz"))[1]
+    data = bytearray(part.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[data.index(b"\x93NUMPY") + 130] ^= 0xFF  # a pixel of the first array's data
+    part.write_bytes(bytes(data))
+    message = rf"{part.name} is not a readable part \(.*\): delete it and rerun the same command"
+    with pytest.raises(ValueError, match=message):
+        writer.pending(plan)
+    with pytest.raises(ValueError, match=message):
+        finalize("npz", tmp_path, [0, 1])
+    part.unlink()
+    assert [spec.seed for spec in writer.pending(plan)] == [1]
+
+
 def test_finalize_names_missing_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the sampler again"):
         finalize("npz", tmp_path, [0, 1])

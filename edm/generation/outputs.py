@@ -32,6 +32,7 @@ __all__ = [
     "PngWriter",
     "PartWriter",
     "make_writer",
+    "read_part",
     "read_parts",
     "finalize",
 ]
@@ -149,11 +150,7 @@ class PartWriter:
         return read_parts(self.parts_dir.parent, seeds)
 
     def done_seeds(self) -> set[int]:
-        done: set[int] = set()
-        for part in sorted(self.parts_dir.glob("*.npz")):
-            with np.load(part) as data:
-                done.update(int(s) for s in data["seeds"])
-        return done
+        return {int(s) for part in sorted(self.parts_dir.glob("*.npz")) for s in read_part(part)["seeds"]}
 
     def pending(self, specs: Sequence[ImageSpec]) -> list[ImageSpec]:
         done = self.done_seeds()
@@ -176,6 +173,23 @@ def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool =
     return PngWriter(out_dir, subdirs) if fmt == "png" else PartWriter(out_dir, rank)
 
 
+def read_part(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one part file (images, seeds, labels when conditional), read whole; a part that is not a readable
+    .npz (cut short, damaged: our writes are atomic, so something else changed it) is a ValueError naming it."""
+    import zipfile
+
+    fix = "delete it and rerun the same command, which makes its images again"
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable part ({type(err).__name__}: {err}): {fix}") from None
+    if not {"images", "seeds"} <= arrays.keys():
+        raise ValueError(f"{path} is not a part (it holds {', '.join(sorted(arrays)) or 'no arrays'}, not images and "
+                         f"seeds): {fix}")
+    return arrays
+
+
 def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
     """(images [N, H, W, C] uint8, class labels [N] or None for unconditional images) of `seeds`,
     in that order, from out/parts/."""
@@ -183,12 +197,12 @@ def read_parts(out_dir: str | Path, seeds: Sequence[int]) -> tuple[np.ndarray, n
     images: list[np.ndarray | None] = [None] * len(seeds)
     labels: list[int | None] = [None] * len(seeds)
     for part in sorted((Path(out_dir) / PARTS_DIR).glob("*.npz")):
-        with np.load(part) as data:
-            part_labels = data["labels"].tolist() if "labels" in data.files else [None] * len(data["seeds"])
-            for seed, image, label in zip(data["seeds"], data["images"], part_labels):
-                j = wanted.get(int(seed))
-                if j is not None:
-                    images[j], labels[j] = image, label
+        data = read_part(part)
+        part_labels = data["labels"].tolist() if "labels" in data else [None] * len(data["seeds"])
+        for seed, image, label in zip(data["seeds"], data["images"], part_labels):
+            j = wanted.get(int(seed))
+            if j is not None:
+                images[j], labels[j] = image, label
     missing = [s for s, img in zip(seeds, images) if img is None]
     if missing:
         raise FileNotFoundError(
