@@ -59,6 +59,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], durable: bo
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):  # torch.save on a full disk:
+            err = err.__context__  # "unexpected pos ..." raised while handling the file's ENOSPC
         if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
             raise write_error(path, err) from None
         raise

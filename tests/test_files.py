@@ -25,6 +25,30 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
 
 
+def test_torch_save_on_a_full_disk_is_one_line_naming_the_folder_and_the_reason(tmp_path):
+    """torch.save into a file whose write fails with ENOSPC after its first records raises RuntimeError "unexpected
+    pos ..." (the OSError its context): atomic_write names the folder and "No space left on device", and leaves no
+    temporary."""
+    import torch
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self):
+            pass
+
+    with pytest.raises(OutputWriteError, match=f"cannot write x.pt in {tmp_path}: No space left on device; "):
+        atomic_write(tmp_path / "x.pt", lambda f: torch.save({"w": torch.zeros(1000)}, Full(f)), durable=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_holds_it(tmp_path):
     """The refusal names the holder's kind, not the asker's: a sampler pointed at a training's folder
     hears "in use by a training"."""
