@@ -5,7 +5,8 @@
 - FolderLock: one process at a time owns a folder (a training run, a sampler's output, a study).
 - to_container / flatten / differences: nested configs and records as plain containers, and the
   dotted keys where two of them differ (provenance records, resume checks).
-- file_sha256: a file's identity, whatever its path; package_version: the code's.
+- file_sha256: a file's identity, whatever its path; zip_crc_failure: an archive's damaged member; package_version:
+  the code's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, BinaryIO, Callable
 
 __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock",
-    "to_container", "flatten", "differences", "file_sha256", "package_version",
+    "to_container", "flatten", "differences", "zip_crc_failure", "file_sha256", "package_version",
 ]
 
 
@@ -220,6 +221,19 @@ def differences(old: Any, new: Any, shared_only: bool = False) -> list[tuple[str
     a, b = flatten(old), flatten(new)
     keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
     return [(k, a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)]
+
+
+def zip_crc_failure(path: str | Path) -> str | None:
+    """The first member of the zip archive `path` (a torch.save file, an .npz) whose bytes fail the CRC-32 written for
+    it (torch.load does not check them: damaged bytes load as other values); None when every member passes, or the
+    archive is too broken to list (its reader's error names that)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError):
+        return None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -93,6 +93,22 @@ def test_a_corrupt_cached_classifier_is_refused_in_one_line_naming_the_folder(di
         (folder / "classifier.pt").write_bytes(weights)
 
 
+def test_a_cached_classifier_whose_bytes_changed_is_refused_not_scored_with(digits_score, cache):
+    """One flipped bit in classifier.pt's weights still loads (torch.load skips the archive's CRCs) and would
+    give other scores: refused in one line naming the cache folder, as a corrupt checkpoint is."""
+    folder = next(cache.glob(f"digits-8px-{digits_score.meta['key']}"))
+    weights = (folder / "classifier.pt").read_bytes()
+    damaged = bytearray(weights)
+    damaged[len(damaged) // 2] ^= 0x10  # inside a tensor's data
+    try:
+        (folder / "classifier.pt").write_bytes(bytes(damaged))
+        with pytest.raises(QualityCacheError, match=rf"^quality cache {folder}: classifier.pt is corrupt \(.* fails its "
+                                                    rf"CRC-32 check\); delete {folder} to train it again$"):
+            QualityScore.for_dataset(DatasetConfig(name="digits"), QUICK, cache_dir=cache, progress=False)
+    finally:
+        (folder / "classifier.pt").write_bytes(weights)
+
+
 def test_images_of_another_shape_and_data_without_labels_are_refused(digits_score, tmp_path):
     with pytest.raises(ValueError, match=r"shape \[3, 8, 8\] cannot be scored against data set digits"):
         digits_score(torch.zeros(4, 3, 8, 8))

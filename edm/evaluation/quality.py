@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..files import FolderLock, atomic_write, write_json
+from ..files import FolderLock, atomic_write, write_json, zip_crc_failure
 from ..data import DatasetConfig, NoLabelsError, as_model_space, build_dataset, dataset_images, to_model_space
 from .metrics import frechet_distance, warn_few_images
 
@@ -242,6 +242,10 @@ class QualityScore:
                 mu, sigma = ref["mu"], ref["sigma"]
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise QualityCacheError(f"quality cache {folder} is unreadable ({err}); {fix}") from None
+        damaged = zip_crc_failure(folder / "classifier.pt")
+        if damaged is not None:
+            raise QualityCacheError(f"quality cache {folder}: classifier.pt is corrupt ({damaged} fails its CRC-32 "
+                                    f"check); {fix}")
         try:
             state = torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True)
         except OSError as err:
