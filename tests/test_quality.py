@@ -109,6 +109,24 @@ def test_a_cached_classifier_whose_bytes_changed_is_refused_not_scored_with(digi
         (folder / "classifier.pt").write_bytes(weights)
 
 
+def test_a_cache_entry_with_its_statistics_cut_short_or_its_record_not_an_object_is_named_unreadable(digits_score,
+                                                                                                      cache):
+    """reference.npz cut short (zipfile's BadZipFile) or meta.json holding null: one line naming the cache folder and
+    its deletion, not a traceback."""
+    folder = next(cache.glob(f"digits-8px-{digits_score.meta['key']}"))
+    saved = {name: (folder / name).read_bytes() for name in ("reference.npz", "meta.json")}
+    try:
+        for name, bad in (("reference.npz", saved["reference.npz"][:100]), ("meta.json", b"null")):
+            (folder / name).write_bytes(bad)
+            with pytest.raises(QualityCacheError, match=rf"^quality cache {folder} is unreadable \(.*\); delete {folder} "
+                                                        "to train it again$"):
+                QualityScore.for_dataset(DatasetConfig(name="digits"), QUICK, cache_dir=cache, progress=False)
+            (folder / name).write_bytes(saved[name])
+    finally:
+        for name, data in saved.items():
+            (folder / name).write_bytes(data)
+
+
 def test_images_of_another_shape_and_data_without_labels_are_refused(digits_score, tmp_path):
     with pytest.raises(ValueError, match=r"shape \[3, 8, 8\] cannot be scored against data set digits"):
         digits_score(torch.zeros(4, 3, 8, 8))

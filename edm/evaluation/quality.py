@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,12 @@ class QualityScore:
         fix = f"delete {folder} to train it again"
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"meta.json holds a JSON {type(meta).__name__}, not a record")
             with np.load(folder / "reference.npz") as ref:
                 mu, sigma = ref["mu"], ref["sigma"]
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise QualityCacheError(f"quality cache {folder} is unreadable ({err}); {fix}") from None
+        except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise QualityCacheError(f"quality cache {folder} is unreadable ({type(err).__name__}: {err}); {fix}") from None
         damaged = zip_crc_failure(folder / "classifier.pt")
         if damaged is not None:
             raise QualityCacheError(f"quality cache {folder}: classifier.pt is corrupt ({damaged} fails its CRC-32 "
