@@ -185,6 +185,17 @@ def test_weights_that_do_not_fit_the_spec(tmp_path):
         build_denoiser({"network": {"img_resolution": 8}, "precond": {}})
 
 
+def test_a_run_checkpoint_left_empty_or_zeroed_says_to_fall_back_to_the_earlier_one(tmp_path):
+    """checkpoint-*.pt of a run that holds no archive at all (empty, or zeros where a crash lost its data) is a
+    damaged run file, not a wrong argument: the way out is deleting it, as for one cut short, not "pass a checkpoint"."""
+    for data in (b"", bytes(4096)):
+        path = tmp_path / "checkpoint-00000004.pt"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"checkpoint-00000004.pt is not a checkpoint: it is .*; if it is a "
+                                                  r"run's latest, delete it to fall back to the run's earlier checkpoint$"):
+            load_checkpoint(path)
+
+
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "checkpoint-00000001.pt"

@@ -22,7 +22,7 @@ import torch
 from .. import networks
 from ..core.precond import Precond
 from ..files import atomic_write
-from ..provenance import CHECKPOINT_FILE, list_checkpoints
+from ..provenance import CHECKPOINT_FILE, CHECKPOINT_NAME, list_checkpoints
 
 __all__ = [
     "CheckpointError",
@@ -53,24 +53,24 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_FALLBACK = "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"  # a damaged run file's way out
 
 
 def _check_crc(path: Path) -> None:
     """Every member of the checkpoint's zip archive matches the CRC-32 torch.save wrote for it (torch.load does not
     check them, so damaged bytes would load as other weights); CheckpointError names the member otherwise. An
     archive too broken to list is left to torch.load, whose error names it."""
-    fallback = "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except UnicodeDecodeError as err:  # a member name's bytes changed in the archive's index
         raise CheckpointError(f"checkpoint {path} is corrupt: a file name in its zip index is not UTF-8 ({err}); "
-                              f"{fallback}") from None
+                              f"{_FALLBACK}") from None
     except (zipfile.BadZipFile, OSError, EOFError):
         return
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC-32 check (its bytes changed after "
-                              f"it was written); {fallback}")
+                              f"it was written); {_FALLBACK}")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -84,15 +84,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         what = "an empty file" if not head else f"a file that starts with {head!r}, not a torch.save archive"
         hint = (" (a power-EMA snapshot: make a model of it with edm-posthoc)" if path.name.startswith("snapshot-")
                 and path.suffix == ".safetensors" else "")
-        raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; pass an edm checkpoint-*.pt (or its "
-                              "run folder)")
+        way_out = (_FALLBACK if CHECKPOINT_NAME.match(path.name) else  # a run's file, damaged
+                   "pass an edm checkpoint-*.pt (or its run folder)")
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; {way_out}")
     _check_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err}); "
-            "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"
+            + _FALLBACK
         ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
