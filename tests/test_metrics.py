@@ -576,6 +576,21 @@ def test_edm_eval_refuses_a_report_that_is_a_folder_or_not_a_json_object_before_
     assert (tmp_path / "notes.json").read_text() == "not json" and (tmp_path / "list.json").read_text() == "[1]"
 
 
+@pytest.mark.parametrize("metrics_entry", [None, [1], {"files": "x"}])
+def test_a_report_whose_metrics_entry_is_not_an_object_is_refused_before_scoring_not_after(tmp_path, metrics_entry):
+    """A report= whose "metrics" (or its "files") is no object could not take the numbers: refused by check_report,
+    before any work, naming the file, not an AttributeError once the scores are computed."""
+    from edm.cli.evaluate import check_report, merge_report
+
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({"metrics": metrics_entry}))
+    with pytest.raises(ValueError, match=r"report=.*scores.json holds a \"metrics\" entry that is not an object .*: "
+                                         "give another report=PATH, or mend or delete it"):
+        check_report(str(path), None)
+    with pytest.raises(ValueError, match="holds a \"metrics\" entry that is not an object"):
+        merge_report(str(path), "fd_cls", {"fd_cls": 1.0}, {}, None)
+
+
 def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):
     marker = tmp_path / "ran"
 

@@ -121,6 +121,10 @@ def _read_report(path: str) -> dict[str, Any]:
     if not isinstance(report, dict):
         raise ValueError(f"report={path} holds JSON that is not an object {{...}} (a report): "
                          "give another report=PATH, or delete it")
+    scores = report.get("metrics", {})
+    if not isinstance(scores, dict) or not isinstance(scores.get("files", {}), dict):
+        raise ValueError(f"report={path} holds a \"metrics\" entry that is not an object {{...}} of scores (nor its "
+                         "\"files\"): give another report=PATH, or mend or delete it")
     return report
 
 
