@@ -163,6 +163,19 @@ def test_an_out_of_another_trainings_snapshots_and_snapshots_of_two_trainings_ar
     assert len(str(err.value)) < 1500  # each differing snapshot's hash, not the whole lists
 
 
+@pytest.mark.parametrize("text", ["[]", "null", '{"profiles": {"a": 1}}', '{"profiles": [3, {"sigma_rel": 0.05}]}'])
+def test_a_posthoc_listing_damaged_into_other_json_lists_what_it_can_not_a_traceback(tmp_path, text):
+    """OUT/posthoc.json holding JSON of another shape (a list, null, profiles that are no list, entries that are no
+    profile) lists the readable profiles only, as a listing cut short lists none; a new call's profile is merged in."""
+    from edm.training.posthoc import _merged, _refuse_renamed
+
+    listing = tmp_path / "posthoc.json"
+    listing.write_text(text)
+    _refuse_renamed(listing, [0.1])
+    merged = _merged(listing, [{"sigma_rel": 0.1}])
+    assert [p["sigma_rel"] for p in merged] == ([0.05, 0.1] if "0.05" in text else [0.1])
+
+
 def test_sigma_rels_that_share_a_folder_and_an_out_that_is_the_run_are_refused(tmp_path, tiny_train, one_thread):
     from edm.training.posthoc import PosthocConfig, reconstruct
 

@@ -134,11 +134,13 @@ def _report_poor_fits(stds: list[float], residual: np.ndarray, snaps: list[Snaps
 
 
 def _listed(listing: Path) -> list[dict]:
-    """The profiles posthoc.json lists ([] without a readable one)."""
+    """The profiles posthoc.json lists ([] without a readable one; entries that are no profile left out)."""
     try:
-        return json.loads(listing.read_text()).get("profiles", []) if listing.is_file() else []
+        record = json.loads(listing.read_text()) if listing.is_file() else {}
     except (OSError, ValueError):
         return []
+    profiles = record.get("profiles", []) if isinstance(record, dict) else []
+    return [p for p in profiles if isinstance(p, dict) and "sigma_rel" in p] if isinstance(profiles, list) else []
 
 
 def _shared_folder(stds: list[float], earlier: list[float] = ()) -> tuple[float, float] | None:
