@@ -116,7 +116,8 @@ class FolderLock:
     """An exclusive OS lock (flock) on FOLDER/.lock while one process owns the folder.
 
     The kernel releases it when the process ends, however it ends, so a killed run never
-    blocks the next one. The file records what owns the folder (`owner`: training, sampler, ...),
+    blocks the next one (a lock whose recorded owner has ended, held on by the processes it forked, is waited for
+    up to ENDED_OWNER_GRACE_S). The file records what owns the folder (`owner`: training, sampler, ...),
     its pid, host and start time, for the message a second process gets: "out DIR is in use by a
     training (pid ...)", whatever the second process is; `key` is the option that names the folder.
     `wait` makes the second process wait for the first to finish instead (a shared cache entry). `created` says
@@ -161,7 +162,10 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _lock_holder(os.pread(fd, 4096, 0))
+            record = os.pread(fd, 4096, 0)
+            if _owner_ended(record) and _lock_within(fd, ENDED_OWNER_GRACE_S):  # its forked children let go
+                return
+            holder = _lock_holder(record)
             if not self.wait:
                 raise FolderInUseError(
                     f"{self.key} {self.path.parent} is in use by {holder}; wait for it to finish, or choose another {self.key}",
@@ -179,6 +183,38 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+ENDED_OWNER_GRACE_S = 15.0  # how long a folder whose owner has ended is waited for: a killed training's DataLoader
+# workers (forked, so holding its lock) notice within 5 s that their parent is gone and end
+
+
+def _owner_ended(record: bytes) -> bool:
+    """Whether a lock file's record names a process of this host that no longer runs (killed: what still holds the
+    lock are processes it forked)."""
+    try:
+        info = json.loads(record.decode(errors="replace"))
+        if info.get("host") != os.uname().nodename:
+            return False
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, TypeError, KeyError, AttributeError, OSError):  # no record, or a process we may not signal
+        return False
+    return False
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """flock fd exclusively within `seconds` (polled); whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+    return False
 
 
 def _lock_holder(record: bytes) -> str:

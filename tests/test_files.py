@@ -70,6 +70,27 @@ def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_hol
     FolderLock(tmp_path / "out").acquire().release()  # released with the block
 
 
+def test_a_folder_whose_owner_was_killed_is_taken_once_the_processes_it_forked_let_go(tmp_path):
+    """kill -9 of a training leaves its forked DataLoader workers holding run_dir's lock for up to 5 s: a resume at
+    once is not refused as "in use by a training (pid N)" of a pid that has ended; it waits for the lock."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from edm.files import FolderLock
+
+    script = ("import os, sys, time\nfrom edm.files import FolderLock\n"
+              f"FolderLock({str(tmp_path / 'run')!r}).acquire()\n"
+              "if os.fork() == 0:\n    time.sleep(1.5)\n    os._exit(0)\n"  # the worker: holds the lock a while
+              "os._exit(0)\n")  # the owner ends at once
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=os.environ | {"PYTHONPATH": str(REPO)})
+    start = time.monotonic()
+    FolderLock(tmp_path / "run").acquire().release()
+    assert time.monotonic() - start < 10
+
+
 def test_a_folder_option_that_names_a_file_is_refused_naming_the_option(tmp_path):
     from edm.files import FolderLock, OutputWriteError
 
