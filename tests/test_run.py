@@ -463,6 +463,19 @@ def test_the_batch_indices_log_holds_each_step_once_after_a_resume(compose_train
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
 
 
+def test_the_batch_indices_of_the_steps_before_a_checkpoint_are_on_disk_when_it_is(compose_train):
+    """A kill -9 after a checkpoint loses no record the resumed run will not write again: once checkpoint-2 exists,
+    the log on disk (not in the process's buffer) holds steps 0 and 1."""
+    on_disk = {}
+
+    def read(run):
+        path = run.run_dir / "batch-indices-rank0.jsonl"
+        on_disk[run.state.step] = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+    train(compose_train("total_kimg=0.032", "log_batch_indices=true"), callback=read)
+    assert on_disk[3][:2] == [0, 1]  # step 3's callback runs after checkpoint-2 was saved
+
+
 def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_names_none_is_neither_resumed_nor_scored(
         compose_train, tmp_path):
     resized = ("dataset.resolution=6",)

@@ -336,7 +336,8 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     if cfg.log_batch_indices:  # each process's own file; records of steps after the restored one are logged again
         indices_path = run.run_dir / f"batch-indices-rank{acc.process_index}.jsonl"
         trim_metrics(indices_path, state.step - 1)  # a record's step is the step's index before it is taken
-        indices_log = open(indices_path, "a")
+        indices_log = open(indices_path, "a", buffering=1)  # each record on disk at once: a killed run loses none before
+        # its checkpoint, which the resumed run does not log again
     logger.info("training %d steps of %d images (%d x %d x %d accumulation) to %s", total_steps - state.step,
                 cfg.batch_size, micro, world, accum, run.run_dir)
 
