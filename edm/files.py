@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 __all__ = [
-    "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock",
+    "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder",
     "to_container", "flatten", "differences", "zip_crc_failure", "file_sha256", "package_version",
 ]
 
@@ -215,6 +215,24 @@ def _lock_within(fd: int, seconds: float) -> bool:
         except BlockingIOError:
             pass
     return False
+
+
+def folder_holder(folder: str | Path) -> str | None:
+    """Who holds `folder`'s FolderLock now ('a sampler (pid ...)'), None when no process does; the lock and its
+    record are left as they are."""
+    try:
+        fd = os.open(Path(folder) / ".lock", os.O_RDONLY)
+    except OSError:  # no lock file: no FolderLock was ever taken there
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _lock_holder(os.pread(fd, 4096, 0))
+    except OSError:  # a file system without locks: nothing can hold it
+        return None
+    finally:
+        os.close(fd)
 
 
 def _lock_holder(record: bytes) -> str:

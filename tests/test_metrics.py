@@ -452,6 +452,29 @@ def test_edm_eval_refuses_two_references_for_fid(tmp_path):
         run(cfg, "fid")
 
 
+def test_images_a_running_command_still_writes_are_refused_before_any_work(tmp_path):
+    """edm-eval of a folder (or an .npz in it) whose FolderLock a running edm-sample holds names the holder; once
+    it is released the same command goes on to its next check. The lock's record is left as it was."""
+    from edm.cli import compose
+    from edm.cli.evaluate import run
+    from edm.evaluation.scorers import NoDatasetError
+    from edm.files import FolderLock, folder_holder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    save_npz_images(out / "samples.npz", random_images(2, 0))
+    cfg = compose("evaluate", ["metric=fd_cls", f"images={out / 'samples.npz'}"])
+    with FolderLock(out, key="out", owner="sampler"):
+        record = (out / ".lock").read_text()
+        with pytest.raises(ValueError, match=rf"samples.npz is being written: {re.escape(str(out))} is in use by a "
+                                             r"sampler \(pid \d+"):
+            run(cfg, "fd_cls")
+        assert (out / ".lock").read_text() == record and folder_holder(out).startswith("a sampler")
+    assert folder_holder(out) is None and folder_holder(tmp_path / "never-locked") is None
+    with pytest.raises(NoDatasetError):  # released: past that check, to the missing data set
+        run(cfg, "fd_cls")
+
+
 def test_images_without_a_data_set_are_pointed_to_the_model_their_report_names(tmp_path):
     """FD_cls of edm-sample's images with no dataset=: the refusal names the checkpoint of the folder's report.json,
     whose training set they would be scored against; images without a report get the plain refusal."""

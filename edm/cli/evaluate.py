@@ -28,7 +28,7 @@ from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
 from ..evaluation import metrics
 from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, option_files
-from ..files import write_json
+from ..files import folder_holder, write_json
 from ..generation.job import REPORT_NAME
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
@@ -63,6 +63,7 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
     for source in (cfg.images, cfg.data):  # before a classifier is trained or a model loaded
         if source is not None:
             metrics.check_image_source(source)
+            check_not_being_written(source)
     device = pick_device(cfg.cpu)
     share_cpu(device.type == "cpu")
     if name == "fid" and cfg.metric.ref is not None and cfg.dataset is not None:
@@ -95,6 +96,16 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
             raise
         raise NoDatasetError(f"{err}; the images' report names their model: checkpoint={made_by} scores them "
                              "against its training set") from None
+
+
+def check_not_being_written(source: str) -> None:
+    """Refuse images (a folder, or an .npz in one) whose folder a running command holds (edm-sample still writing
+    them): their score would be of some of them."""
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    holder = folder_holder(folder)
+    if holder is not None:
+        raise ValueError(f"{source} is being written: {folder} is in use by {holder}; score it once that ends "
+                         "(edm-sample eval.metrics=[...] scores its images itself when it is done)")
 
 
 def sampled_by(images: str) -> str | None:
