@@ -272,3 +272,58 @@ def test_stochastic_solvers_sample_the_data(gaussian_data, name, solver):
     se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / count).sqrt()
     assert ((torch.cov(x.T, correction=0) - cov).abs() < 5 * se_cov).all()
     assert (torch.cdist(x, gaussian_data).min(dim=1).values < 1e-2).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("name", ["ve", "vp"])
+@pytest.mark.parametrize("solver", ["dpm_2_ancestral", "dpmpp_2s_ancestral"])
+def test_an_ancestral_step_whose_sigma_down_is_zero_is_x_equals_D_plus_its_noise(name, solver):
+    """η > 1 makes σ_up = σ_{i+1}, σ_down = 0 on every step with σ_{i+1}/σ_i ≤ sqrt(1 − 1/η²) (η = 3: all of a
+    12-step grid). Such a step ends at x̂ = D(x̂; σ_i) (the Euler step to σ_down = 0, as k-diffusion's), then takes
+    its noise σ_{i+1}·n: one evaluation a step and none at σ = 0, where a second DPM-Solver-2 stage divides 0 by 0
+    and DPM-Solver++(2S)'s midpoint would call the network at σ = 0 (c_noise = ln 0)."""
+    mu, c2 = torch.tensor([0.3, -0.2, 0.1], dtype=F64), 0.25
+    levels = []
+
+    def den(x, sigma, labels=None):
+        levels.append(float(sigma.min()))
+        return (c2 * x + sigma.reshape(-1, 1) ** 2 * mu) / (c2 + sigma.reshape(-1, 1) ** 2)
+
+    eta, sched = 3.0, edm.schedules.get(name)
+    t = sched.time_steps(12)
+    sigmas, scales = sched.sigma(t), sched.scale(t)
+    assert (sigmas[1:] / sigmas[:-1] <= (1 - 1 / eta**2) ** 0.5).all()
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    ours = edm.sample(den, noise, sched, t_steps=t, solver=solver, eta=eta, generator=torch.Generator().manual_seed(5))
+    assert min(levels) > 0 and len(levels) == 12, levels
+    g = torch.Generator().manual_seed(5)
+    x_hat = sigmas[0] * noise
+    for i in range(12):
+        x_hat = den(x_hat, sigmas[i].expand(4))
+        if i < 11:
+            x_hat = x_hat + sigmas[i + 1] * torch.randn(x_hat.shape, generator=g, dtype=F64)
+    torch.testing.assert_close(ours, scales[-1] * x_hat, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_2s_ancestral_with_eta_above_one_equals_k_diffusions_formula():
+    """η = 1.5 on EDM's grid (s = 1): the steps with σ_{i+1}/σ_i ≤ sqrt(5)/3 end at σ_down = 0 (k-diffusion's Euler branch), the
+    others are DPM-Solver++(2S) steps to σ_down > 0: draw for draw k-diffusion's sample_dpmpp_2s_ancestral, with its
+    evaluations (none at σ = 0; this denoiser's D(x̂; 0) = x̂ would hide one in the result)."""
+    mu, c2 = torch.tensor([0.3, -0.2, 0.1], dtype=F64), 0.25
+    levels = []
+
+    def den(x, sigma, labels=None):
+        levels.append(float(sigma.min()))
+        return (c2 * x + sigma.reshape(-1, 1) ** 2 * mu) / (c2 + sigma.reshape(-1, 1) ** 2)
+
+    model = lambda x, s: den(x, torch.full((x.shape[0],), s, dtype=F64))  # noqa: E731
+    sched = edm.schedules.EDM()
+    t = sched.time_steps(24)
+    sigmas = sched.sigma(t).tolist()
+    ratios = [b / a for a, b in zip(sigmas[:-2], sigmas[1:-1])]
+    assert min(ratios) <= 5**0.5 / 3 < max(ratios)  # both branches are taken
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    ours = edm.sample(den, noise, sched, t_steps=t, solver="dpmpp_2s_ancestral", eta=1.5,
+                      generator=torch.Generator().manual_seed(5))
+    assert min(levels) > 0 and len(levels) == 24 + sum(r > 5**0.5 / 3 for r in ratios), levels
+    reference = ref_dpmpp_2s_ancestral(model, sigmas[0] * noise, sigmas, torch.Generator().manual_seed(5), eta=1.5)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)

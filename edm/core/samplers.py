@@ -280,6 +280,15 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tenso
     return (sigma_next**2 - up**2).sqrt(), up
 
 
+def _ancestral_grid(t_steps: Tensor, schedule: Schedule, eta: float) -> tuple[Tensor, Tensor, list[bool]]:
+    """ancestral_step of every step of the grid: (σ_down, σ_up), and whether σ_down = 0, read on the host once. With
+    η > 1 a step with σ_{i+1}/σ_i ≤ sqrt(1 − 1/η²) has σ_down = 0: a solver takes x̂ = D there (the Euler step to
+    σ_down, as k-diffusion), since a second evaluation would be at σ = 0 (DPM-Solver-2: 0/0)."""
+    sigma = schedule.sigma(t_steps)
+    sigma_down, sigma_up = ancestral_step(sigma[:-1], sigma[1:], eta)
+    return sigma_down, sigma_up, (sigma_down == 0).tolist()
+
+
 def euler_ancestral(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
@@ -324,16 +333,17 @@ def dpm_2_ancestral(
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
-    """Ancestral DPM-Solver-2 (k-diffusion's dpm_2_ancestral): a DPM-Solver-2 step to σ_down, then noise of σ_up."""
+    """Ancestral DPM-Solver-2 (k-diffusion's dpm_2_ancestral): a DPM-Solver-2 step to σ_down, then noise of σ_up; a
+    step with σ_down = 0 (η > 1, _ancestral_grid) is x̂ = D, then the noise (k-diffusion adds none there)."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
+    sigma_down, sigma_up, to_zero = _ancestral_grid(t_steps, schedule, eta)
 
     def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
         if last:
             return D
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x_hat = _dpm2_step(denoiser, x_hat, D, sigma, sigma_down, class_labels)
-        return x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
+        x_hat = D if to_zero[i] else _dpm2_step(denoiser, x_hat, D, sigma, sigma_down[i], class_labels)
+        return x_hat + s_noise * sigma_up[i] * noise(sigma, sigma_next)
 
     return _in_sigma(x, t_steps, schedule, callback, step)
 
@@ -442,19 +452,22 @@ def dpmpp_2s_ancestral(
     eta: float = 1.0, s_noise: float = 1.0, brownian: bool = False,
 ) -> Tensor:
     """Ancestral DPM-Solver++(2S) (k-diffusion's dpmpp_2s_ancestral), λ = −ln σ, h = λ_down − λ_i, r = ½:
-    x̂_s = (σ_s/σ_i) x̂ − expm1(−h/2) D_i,  x̂ = (σ_down/σ_i) x̂ − expm1(−h) D(x̂_s; σ_s),  then noise of σ_up."""
+    x̂_s = (σ_s/σ_i) x̂ − expm1(−h/2) D_i,  x̂ = (σ_down/σ_i) x̂ − expm1(−h) D(x̂_s; σ_s),  then noise of σ_up; a step
+    with σ_down = 0 (η > 1, _ancestral_grid) is x̂ = D, then the noise."""
     noise = step_noise(x, t_steps, schedule, generator, brownian)
+    sigma_down, sigma_up, to_zero = _ancestral_grid(t_steps, schedule, eta)
 
     def step(i, x_hat, sigma, sigma_next, last):
         D = _at(denoiser, x_hat, sigma, class_labels)
         if last:
             return D
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        h = sigma.log() - sigma_down.log()
+        if to_zero[i]:
+            return D + s_noise * sigma_up[i] * noise(sigma, sigma_next)
+        h = sigma.log() - sigma_down[i].log()
         sigma_s = (sigma.log() - 0.5 * h).exp()
         x_s = sigma_s / sigma * x_hat - torch.expm1(-0.5 * h) * D
-        x_hat = sigma_down / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
-        return x_hat + s_noise * sigma_up * noise(sigma, sigma_next)
+        x_hat = sigma_down[i] / sigma * x_hat - torch.expm1(-h) * _at(denoiser, x_s, sigma_s, class_labels)
+        return x_hat + s_noise * sigma_up[i] * noise(sigma, sigma_next)
 
     return _in_sigma(x, t_steps, schedule, callback, step)
 
