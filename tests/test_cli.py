@@ -189,6 +189,14 @@ def test_cli_main_job_writes_checkpoint_grid_and_metrics(tmp_path, tiny_train, o
         cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
     )
     assert again.returncode == 1 and "edm-train: error: run_dir" in again.stderr and "resume=true" in again.stderr
+    other = subprocess.run(  # refused once it owns the folder: the run's log ends with the reason, as stderr
+        [sys.executable, "-m", "edm.train", *tiny_train, f"run_dir={run_dir}", "schedule=fm", "resume=true",
+         "network.dropout=0.2"], cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env,
+    )
+    reason = "edm-train: error: checkpoint"
+    assert other.returncode == 1 and reason in other.stderr and "network.dropout" in other.stderr
+    last = (run_dir / "train.log").read_text().splitlines()[-1]
+    assert reason in last and "network.dropout" in last and other.stderr.count(reason) == 1
 
 
 def test_every_config_ships_in_the_wheel():

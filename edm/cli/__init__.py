@@ -299,6 +299,13 @@ def folder_log(folder: Path, log_name: str) -> logging.Handler:
     return handler
 
 
+def log_to(handlers: Sequence[logging.Handler], message: str) -> None:
+    """An error record of `message` in these handlers only (a folder's log), not on the console."""
+    record = logging.makeLogRecord({"name": "edm", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
+    for handler in handlers:
+        handler.handle(record)
+
+
 def close_log(handler: logging.Handler) -> None:
     """Detach and close a handler of folder_log."""
     logging.getLogger().removeHandler(handler)
