@@ -204,8 +204,7 @@ def launch_settings(
     """A run's mixed precision and compilation: the config's value, else what accelerate was given
     (`accelerate launch --mixed_precision/--dynamo_backend`, or `accelerate config`). The launcher's
     default ("no") counts as not given; any other launcher value that the config contradicts fails,
-    naming both, and so does a launch that shards the model (check_replicated_launch)."""
-    check_replicated_launch(env)
+    naming both."""
     launched_mp = env.get(LAUNCH_MIXED_PRECISION, "no").lower()
     launched_dynamo = env.get(LAUNCH_DYNAMO_BACKEND, "no").lower()
     if mixed_precision is not None and launched_mp != "no" and mixed_precision != launched_mp:

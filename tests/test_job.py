@@ -482,3 +482,15 @@ def test_a_guide_the_solver_cannot_sample_is_refused_naming_the_guide_before_the
     assert generate_folder(cfg)["guide"] == str(weak_meanflow.resolve())
     cfg.guide, cfg.out, cfg.sampler = str(flow), str(tmp_path / "ode"), SamplerConfig("euler", 1)
     assert generate_folder(cfg)["nfe_per_image"] == 2
+
+
+def test_edm_sample_under_a_sharding_launchers_config_still_samples(tmp_path, tiny_checkpoint, monkeypatch):
+    """The refusal of FSDP/DeepSpeed/parallelism-config launches is edm-train's (it averages whole parameters into
+    its EMA); sampling wraps no model, so an `accelerate config` file that says FSDP does not stop edm-sample."""
+    from edm.generation.job import SampleConfig, generate_folder
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    generate_folder(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "out"), num_images=2, progress=False,
+                                 format="npz"))
+    assert (tmp_path / "out" / "samples.npz").is_file()

@@ -30,7 +30,7 @@ from ..files import FolderLock
 from ..generation.outputs import save_grid
 from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
-from ..hardware import LaunchSettings, RunWideLog, launch_settings, launcher_restart, use_cpu
+from ..hardware import LaunchSettings, RunWideLog, check_replicated_launch, launch_settings, launcher_restart, use_cpu
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
 from .build import Resolved, check_objective, check_few_step_settings, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
@@ -111,7 +111,9 @@ def _data_grid(run: Run) -> torch.Tensor:
 
 def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
     """cfg with mixed_precision and compile as this launch resolves them (hardware.launch_settings: the config's,
-    else the launcher's), as a run records them, and those settings."""
+    else the launcher's), as a run records them, and those settings; a launch that shards the model is refused
+    (hardware.check_replicated_launch: training replicates it; sampling, which wraps no model, is not refused)."""
+    check_replicated_launch()
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     return dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no"), launch
 
