@@ -169,6 +169,30 @@ def test_the_same_files_under_another_folder_reuse_the_cached_classifier(tmp_pat
                                  cache_dir=tmp_path / "c", progress=False)
 
 
+def test_a_cache_entry_written_when_the_key_held_the_datas_folder_is_still_used(tmp_path, monkeypatch):
+    """Entries written before the key left out dataset.root (its description held "root") are of the same content
+    and classifier settings: a scorer of that data set loads such an entry, with its key, instead of training another
+    classifier (minutes, and on a GPU other weights, so other FD_cls numbers than the user's earlier ones)."""
+    import hashlib
+    import json
+    import shutil
+
+    import edm.evaluation.quality as quality
+
+    quick = ClassifierConfig(steps=2, batch_size=4)
+    trained = QualityScore.for_dataset(DatasetConfig(name="digits"), quick, cache_dir=tmp_path / "new", progress=False)
+    settings = {key: trained.meta[key] for key in ("version", "data", "classifier")}
+    settings["data"] = {**settings["data"], "root": None}  # as the entry was described before
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    new = next((tmp_path / "new").glob("digits-*"))
+    old = tmp_path / "old" / f"digits-8px-{key}"
+    shutil.copytree(new, old)
+    (old / "meta.json").write_text(json.dumps({**trained.meta, **settings, "key": key}))
+    monkeypatch.setattr(quality, "_train", lambda *a, **k: pytest.fail("trained again for a cached classifier"))
+    loaded = QualityScore.for_dataset(DatasetConfig(name="digits"), quick, cache_dir=tmp_path / "old", progress=False)
+    assert loaded.meta["key"] == key and [p.name for p in (tmp_path / "old").iterdir()] == [old.name]
+
+
 def test_processes_that_need_one_classifier_at_once_train_it_once(tmp_path, monkeypatch):
     """Two scorers started together on an empty cache: one trains and writes the entry while holding its lock,
     the other waits and loads that entry, so both score with the same weights and statistics."""

@@ -13,7 +13,8 @@ set (`meta["key"]` names both). FID with local Inception weights is edm.metrics.
 
 The classifier is trained once per (data set content, ClassifierConfig) and cached as a plain
 state_dict (loaded with weights_only=True) beside its reference statistics and a meta.json that
-the loader checks; any other data or settings get their own folder. Processes that need the same
+the loader checks; any other data or settings get their own folder. An entry written while the key also held
+dataset.root (the same content) is still loaded, under its own key. Processes that need the same
 entry at once train it once: the first holds the folder's lock, the others wait for it and load.
 """
 
@@ -152,6 +153,14 @@ def _train(
     return net, float((predicted == labels[test]).double().mean())
 
 
+def _entry(cache: Path, data: dict, config: ClassifierConfig) -> tuple[Path, dict, str]:
+    """(folder, settings, key) of the cache entry of `data` (_load_images' description) and `config`: key = the first
+    16 hex digits of the SHA-256 of the settings (CACHE_VERSION, data, config) as sorted JSON."""
+    settings = {"version": CACHE_VERSION, "data": data, "classifier": dataclasses.asdict(config)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / f"{data['name']}-{data['resolution']}px-{key}", settings, key
+
+
 class QualityScore:
     """FD_cls of images against the data set, and class accuracy; see the module docstring."""
 
@@ -204,9 +213,11 @@ class QualityScore:
                 if c == shape[0] and h == w else ""
             raise ValueError(f"the images are {list(image_shape)}, data set {data['name']} has {list(shape)} ones: "
                              f"score against the data set the images' model learned: {resize}dataset=NAME ...")
-        settings = {"version": CACHE_VERSION, "data": data, "classifier": dataclasses.asdict(config)}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        folder = Path(cache_dir or default_cache_dir()) / f"{data['name']}-{data['resolution']}px-{key}"
+        cache = Path(cache_dir or default_cache_dir())
+        folder, settings, key = _entry(cache, data, config)
+        earlier = _entry(cache, data | {"root": dataset.root}, config)  # keyed with the folder's path, as before:
+        if not (folder / "meta.json").is_file() and (earlier[0] / "meta.json").is_file():  # the same content
+            folder, settings, key = earlier
         if (folder / "meta.json").is_file():
             return cls._load(folder, settings, key, data["classes"], device)
         with FolderLock(folder, key="quality cache", owner="quality classifier training", wait=True):
