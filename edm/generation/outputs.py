@@ -150,7 +150,7 @@ class PartWriter:
         return read_parts(self.parts_dir.parent, seeds)
 
     def done_seeds(self) -> set[int]:
-        return {int(s) for part in sorted(self.parts_dir.glob("*.npz")) for s in read_part(part)["seeds"]}
+        return {int(s) for part in sorted(self.parts_dir.glob("*.npz")) for s in read_part(part, ("seeds",))["seeds"]}
 
     def pending(self, specs: Sequence[ImageSpec]) -> list[ImageSpec]:
         done = self.done_seeds()
@@ -173,19 +173,21 @@ def make_writer(fmt: str, out_dir: str | Path, *, rank: int = 0, subdirs: bool =
     return PngWriter(out_dir, subdirs) if fmt == "png" else PartWriter(out_dir, rank)
 
 
-def read_part(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of one part file (images, seeds, labels when conditional), read whole; a part that is not a readable
-    .npz (cut short, damaged: our writes are atomic, so something else changed it) is a ValueError naming it."""
+def read_part(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays `keys` (None: all; images, seeds, labels when conditional) of one part file, each read whole; a part
+    that is not a readable .npz (cut short, damaged: our writes are atomic, so something else changed it) or holds
+    no images and seeds is a ValueError naming it."""
     import zipfile
 
     fix = "delete it and rerun the same command, which makes its images again"
     try:
         with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
+            names = data.files
+            arrays = {key: data[key] for key in (names if keys is None else keys) if key in names}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path} is not a readable part ({type(err).__name__}: {err}): {fix}") from None
-    if not {"images", "seeds"} <= arrays.keys():
-        raise ValueError(f"{path} is not a part (it holds {', '.join(sorted(arrays)) or 'no arrays'}, not images and "
+    if not {"images", "seeds"} <= set(names):
+        raise ValueError(f"{path} is not a part (it holds {', '.join(sorted(names)) or 'no arrays'}, not images and "
                          f"seeds): {fix}")
     return arrays
 
