@@ -73,6 +73,7 @@ KINDS = ("edm-train", "nvlabs", "recipe-small")
 # recipe=small's sampling half (configs/recipe/small.yaml's commands; tests/test_side_by_side.py holds them equal)
 SMALL_SIGMA_REL, SMALL_GUIDANCE, SMALL_INTERVAL = 0.10, 1.5, [0.28, 2.9]
 SCORE = "fd_cls"
+NUM_IMAGES = 10000  # samples scored per run unless --num-images
 SOLVER, STEPS = "heun", 18
 POWER_EMA_KEYS = frozenset({"ema_sigma_rel", "ema_snapshot_kimg"})  # snapshots for edm-posthoc: tracked, not trained
 UNITS = ".units"  # OUT/.units/.lock guards the claims, OUT/.units/<label>/seed-<k>/.lock one arm's seed
@@ -402,9 +403,9 @@ def main(argv: list[str] | None = None) -> str:
                    help="an arm, one quoted argument; the first is the baseline of the paired differences (give two or "
                         "more; with --report-only and none, OUT's arms, its last table's baseline first)")
     p.add_argument("--seeds", default="0-2", help="training seeds shared by every arm: 0-4 or 0,3,7 (default 0-2)")
-    p.add_argument("--num-images", type=int, default=10000, help="samples scored per run (default 10000)")
+    p.add_argument("--num-images", type=int, help=f"samples scored per run (default {NUM_IMAGES})")
     p.add_argument("--batch", type=int, default=250, help="samples per forward pass")
-    p.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps,
+    p.add_argument("--classifier-steps", type=int,
                    help=f"training steps of FD_cls's classifier (default {ClassifierConfig.steps}; trained once, cached)")
     p.add_argument("--nvlabs-repo", metavar="PATH", help="an NVlabs/edm checkout, for nvlabs arms (its code is run)")
     p.add_argument("--only", metavar="LABEL", help="train and score this arm only (others may run in other processes)")
@@ -427,12 +428,12 @@ def recorded_comparison(out: Path) -> tuple[list[Arm], list[str], int, int]:
                     (folder / "provenance.json").read_text()).items() if k != "command"})
                 for folder in sorted(out.iterdir()) if (folder / "provenance.json").is_file()}
         shared, num_images, steps = list(record["shared"]), int(record["num_images"]), int(record["classifier"]["steps"])
+        last = [row["arm"] for row in json.loads((out / "table.json").read_text())["rows"]]  # its baseline first
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"side_by_side.py: error: --report-only without --arm reads the arms and settings OUT records, "
-                         f"and {out} holds no readable record of them ({type(err).__name__}: {err}): give --arm and the "
-                         "shared settings as its comparison was run") from None
-    table = out / "table.json"
-    last = [row["arm"] for row in json.loads(table.read_text())["rows"]] if table.is_file() else []
+        raise SystemExit(f"side_by_side.py: error: --report-only without --arm reads the arms, their order and the "
+                         f"settings OUT records (provenance.json, table.json), and {out} holds no readable record of "
+                         f"them ({type(err).__name__}: {err}): give --arm and the shared settings as its comparison was "
+                         "run") from None
     return [arms[label] for label in last if label in arms] + [arm for label, arm in arms.items() if label not in last], \
         shared, num_images, steps
 
@@ -442,12 +443,16 @@ def run(args: argparse.Namespace) -> str:
     if not args.arm:
         if not args.report_only:
             raise SystemExit("side_by_side.py: error: give two or more arms (--arm 'LABEL=KIND [OVERRIDE ...]')")
-        if args.overrides:
-            raise SystemExit("side_by_side.py: error: --report-only without --arm takes OUT's recorded shared "
-                             f"settings: drop {' '.join(args.overrides)}, or give the arms too")
+        given = [*args.overrides, *(f"--{key.replace('_', '-')}" for key in ("num_images", "classifier_steps")
+                                    if getattr(args, key) is not None)]
+        if given:
+            raise SystemExit("side_by_side.py: error: --report-only without --arm takes OUT's recorded settings: drop "
+                             f"{' '.join(given)}, or give the arms too")
         recorded, args.overrides, args.num_images, args.classifier_steps = recorded_comparison(args.out)
         args.arm = [shlex.join([f"{arm.label}={arm.kind}" + (f":{','.join(arm.draws)}" if arm.draws else ""),
                                 *arm.overrides]) for arm in recorded]
+    args.num_images = NUM_IMAGES if args.num_images is None else args.num_images
+    args.classifier_steps = ClassifierConfig.steps if args.classifier_steps is None else args.classifier_steps
     arms = [Arm.parse(text) for text in args.arm]
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):

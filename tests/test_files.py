@@ -70,22 +70,30 @@ def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_hol
     FolderLock(tmp_path / "out").acquire().release()  # released with the block
 
 
-def test_a_folder_whose_owner_was_killed_is_taken_once_the_processes_it_forked_let_go(tmp_path):
+def test_a_folder_whose_owner_was_killed_is_taken_once_the_processes_it_forked_let_go(tmp_path, monkeypatch):
     """kill -9 of a training leaves its forked DataLoader workers holding run_dir's lock for up to 5 s: a resume at
-    once is not refused as "in use by a training (pid N)" of a pid that has ended; it waits for the lock."""
+    once is not refused as "in use by a training (pid N)" of a pid that has ended; it waits for the lock (up to
+    ENDED_OWNER_GRACE_S, after which the refusal says that the owner has ended and what still holds the folder)."""
     import os
     import subprocess
     import sys
     import time
 
+    import edm.files
     from conftest import REPO
-    from edm.files import FolderLock
+    from edm.files import FolderInUseError, FolderLock, folder_holder
 
     script = ("import os, sys, time\nfrom edm.files import FolderLock\n"
               f"FolderLock({str(tmp_path / 'run')!r}).acquire()\n"
-              "if os.fork() == 0:\n    time.sleep(1.5)\n    os._exit(0)\n"  # the worker: holds the lock a while
+              "if os.fork() == 0:\n    time.sleep(3)\n    os._exit(0)\n"  # the worker: holds the lock a while
               "os._exit(0)\n")  # the owner ends at once
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert folder_holder(tmp_path / "run").startswith("a training")  # the worker holds it still
+    monkeypatch.setattr(edm.files, "ENDED_OWNER_GRACE_S", 0.2)
+    with pytest.raises(FolderInUseError, match=r"in use by a training \(pid \d+, .*\), which has ended while processes it "
+                                               r"started still hold the folder"):
+        FolderLock(tmp_path / "run").acquire()
+    monkeypatch.undo()
     start = time.monotonic()
     FolderLock(tmp_path / "run").acquire().release()
     assert time.monotonic() - start < 10

@@ -88,10 +88,14 @@ def test_two_arms_on_two_paired_seeds_give_a_table_of_paired_differences(tmp_pat
     assert (rows[2]["mean"], rows[2]["sd"]) == (None, None) and "nan" not in (out / "table.md").read_text()
     written = (out / "table.md").read_text()  # --out alone: the arms (last table's order) and settings OUT records
     assert side_by_side.main(["--out", str(out), "--report-only"]) == written
-    with pytest.raises(SystemExit, match="without --arm takes OUT's recorded shared settings: drop lr=1"):
-        side_by_side.main(["--out", str(out), "--report-only", "lr=1"])
+    with pytest.raises(SystemExit, match="without --arm takes OUT's recorded settings: drop lr=1 --num-images, or"):
+        side_by_side.main(["--out", str(out), "--report-only", "--num-images", "24", "lr=1"])
     with pytest.raises(SystemExit, match=r"holds no readable record of them \(FileNotFoundError"):
         side_by_side.main(["--out", str(tmp_path / "none"), "--report-only"])
+    (out / "table.json").rename(out / "table.json.kept")  # the baseline is not guessed
+    with pytest.raises(SystemExit, match=r"\(provenance.json, table.json\), .* \(FileNotFoundError"):
+        side_by_side.main(["--out", str(out), "--report-only"])
+    (out / "table.json.kept").rename(out / "table.json")
     run = out / "a" / "seed-0"  # a run whose recorded settings are not the arm's (its recipe changed, say) is not reused
     assert side_by_side.finished_checkpoint(run, [*shared, "seed=0", f"run_dir={run}"]) is not None
     with pytest.raises(SystemExit, match=r"was trained with other settings than this arm's \(lr: run 0.002, arm 0.001\)"):

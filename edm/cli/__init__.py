@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "compose", "typed", "fail", "user_errors", "CONTINUES", "hydra_errors", "one_line", "sweep_job_folder", "sweep_folder_name", "own_folder_files", "write_hydra_record", "folder_log",
-           "close_log", "LOG_FORMAT"]
+           "log_to", "close_log", "LOG_FORMAT", "error_line"]
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
@@ -117,9 +117,14 @@ def typed(dcfg: Any) -> Any:
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, FloatingPointError)
 
 
+def error_line(program: str, err: BaseException) -> str:
+    """`program: error: ...`, the one line a command ends on for an error whose message says what to do."""
+    return f"{program}: error: {err}"
+
+
 def fail(program: str, err: BaseException) -> NoReturn:
-    """End a command on an error whose message says what to do: `program: error: ...` on stderr, exit 1."""
-    print(f"{program}: error: {err}", file=sys.stderr)
+    """End a command on an error whose message says what to do: error_line on stderr, exit 1."""
+    print(error_line(program, err), file=sys.stderr)
     raise SystemExit(1) from None
 
 

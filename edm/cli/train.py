@@ -24,7 +24,7 @@ from ..hardware import join_restarted_group, process_identity, set_precision_fla
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..training.runlog import kimg_text
-from . import CONFIG_DIR, USER_ERRORS, close_log, log_to, folder_log, sweep_job_folder, hydra_errors, typed, user_errors, write_hydra_record
+from . import CONFIG_DIR, USER_ERRORS, close_log, error_line, log_to, folder_log, sweep_job_folder, hydra_errors, typed, user_errors, write_hydra_record
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
@@ -61,7 +61,7 @@ def main(dcfg: DictConfig) -> None:
             result = train(cfg, on_own_run_dir=own_run_dir,
                            on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
         except USER_ERRORS as err:  # the run's log says why it stopped, as stderr does (user_errors)
-            log_to(handlers, f"edm-train: error: {err}")
+            log_to(handlers, error_line("edm-train", err))
             raise
         finally:
             for handler in handlers:
