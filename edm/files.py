@@ -280,16 +280,20 @@ def differences(old: Any, new: Any, shared_only: bool = False) -> list[tuple[str
 
 
 def zip_crc_failure(path: str | Path) -> str | None:
-    """The first member of the zip archive `path` (a torch.save file, an .npz) whose bytes fail the CRC-32 written for
-    it (torch.load does not check them: damaged bytes load as other values); None when every member passes, or the
-    archive is too broken to list (its reader's error names that)."""
+    """What of the zip archive `path` (a torch.save file, an .npz) fails the check its writer wrote ("MEMBER fails its
+    CRC-32 check", or a member's name that is no longer UTF-8): torch.load does not check, so damaged bytes would
+    load as other values; None when every member passes, or the archive is too broken to list (its reader's error
+    names that)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError):
+            bad = archive.testzip()
+    except UnicodeDecodeError as err:  # a member name's bytes changed in the archive's index
+        return f"a file name in its zip index is not UTF-8 ({err})"
+    except (zipfile.BadZipFile, OSError, EOFError):
         return None
+    return None if bad is None else f"{bad} fails its CRC-32 check"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

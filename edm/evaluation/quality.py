@@ -258,8 +258,7 @@ class QualityScore:
             raise QualityCacheError(f"quality cache {folder} is unreadable ({type(err).__name__}: {err}); {fix}") from None
         damaged = zip_crc_failure(folder / "classifier.pt")
         if damaged is not None:
-            raise QualityCacheError(f"quality cache {folder}: classifier.pt is corrupt ({damaged} fails its CRC-32 "
-                                    f"check); {fix}")
+            raise QualityCacheError(f"quality cache {folder}: classifier.pt is corrupt ({damaged}); {fix}")
         try:
             state = torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True)
         except OSError as err:

@@ -13,7 +13,6 @@ temporary file, so a crash during a write leaves the previous checkpoint in char
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from .. import networks
 from ..core.precond import Precond
-from ..files import atomic_write
+from ..files import atomic_write, zip_crc_failure
 from ..provenance import CHECKPOINT_FILE, CHECKPOINT_NAME, list_checkpoints
 
 __all__ = [
@@ -57,20 +56,13 @@ _FALLBACK = "if it is a run's latest, delete it to fall back to the run's earlie
 
 
 def _check_crc(path: Path) -> None:
-    """Every member of the checkpoint's zip archive matches the CRC-32 torch.save wrote for it (torch.load does not
-    check them, so damaged bytes would load as other weights); CheckpointError names the member otherwise. An
-    archive too broken to list is left to torch.load, whose error names it."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except UnicodeDecodeError as err:  # a member name's bytes changed in the archive's index
-        raise CheckpointError(f"checkpoint {path} is corrupt: a file name in its zip index is not UTF-8 ({err}); "
-                              f"{_FALLBACK}") from None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {bad} fails its CRC-32 check (its bytes changed after "
-                              f"it was written); {_FALLBACK}")
+    """Every member of the checkpoint's zip archive matches the CRC-32 torch.save wrote for it (zip_crc_failure);
+    CheckpointError names the member otherwise. An archive too broken to list is left to torch.load, whose error
+    names it."""
+    failure = zip_crc_failure(path)
+    if failure is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {failure} (its bytes changed after it was written); "
+                              f"{_FALLBACK}")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
