@@ -99,6 +99,33 @@ def test_a_folder_whose_owner_was_killed_is_taken_once_the_processes_it_forked_l
     assert time.monotonic() - start < 10
 
 
+def test_a_lock_taken_anew_while_its_ended_owner_was_waited_for_names_the_new_owner(tmp_path, monkeypatch):
+    """The lock record of an ended owner is still in the file for the instant between a new owner's lock and its
+    record: the refusal after the wait names the owner that holds the folder then, not the ended one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import edm.files
+    from edm.files import FolderInUseError, FolderLock
+
+    held = FolderLock(tmp_path / "run", owner="sampler").acquire()
+    try:
+        lock_file = tmp_path / "run" / ".lock"
+        record = lock_file.read_text()
+        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        lock_file.write_text(json.dumps({"owner": "training", "pid": int(ended.stdout), "host": os.uname().nodename}))
+        threading.Timer(0.1, lambda: lock_file.write_text(record)).start()  # the new owner writes its record
+        monkeypatch.setattr(edm.files, "ENDED_OWNER_GRACE_S", 0.5)
+        with pytest.raises(FolderInUseError, match=r"is in use by a sampler \(pid \d+") as err:
+            FolderLock(tmp_path / "run").acquire()
+        assert "has ended" not in str(err.value)
+    finally:
+        held.release()
+
+
 def test_a_folder_option_that_names_a_file_is_refused_naming_the_option(tmp_path):
     from edm.files import FolderLock, OutputWriteError
 
