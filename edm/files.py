@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -20,10 +21,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 __all__ = [
-    "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder",
+    "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder", "folder_turn",
     "to_container", "flatten", "differences", "zip_crc_failure", "file_sha256", "package_version",
 ]
 
@@ -219,6 +220,26 @@ def _lock_within(fd: int, seconds: float) -> bool:
         except BlockingIOError:
             pass
     return False
+
+
+@contextlib.contextmanager
+def folder_turn(folder: str | Path) -> Iterator[None]:
+    """Hold an OS lock (flock) on the folder itself while inside, so that processes that read, change and write one
+    file of it (a report two edm-eval runs merge into) take turns; no file is made. A file system without locks on
+    folders gives no turn."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not there yet: the writer's own error names it
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def folder_holder(folder: str | Path) -> str | None:

@@ -614,6 +614,26 @@ def test_a_report_whose_metrics_entry_is_not_an_object_is_refused_before_scoring
         merge_report(str(path), "fd_cls", {"fd_cls": 1.0}, {}, None)
 
 
+def test_two_merges_into_one_report_at_once_keep_both_metrics(tmp_path, monkeypatch):
+    """Two edm-eval runs that finish together merge into one report= in turn: each reads the other's numbers before it
+    writes (a slow write stands for the race), so neither metric is lost."""
+    import threading
+    import time
+
+    import edm.cli.evaluate as evaluate
+
+    slow_write = evaluate.write_json
+    monkeypatch.setattr(evaluate, "write_json", lambda *a, **k: (time.sleep(0.3), slow_write(*a, **k)))
+    path = tmp_path / "scores.json"
+    merges = [threading.Thread(target=evaluate.merge_report, args=(str(path), name, {name: 1.0}, {}, None))
+              for name in ("fid", "fd_cls")]
+    for merge in merges:
+        merge.start()
+    for merge in merges:
+        merge.join()
+    assert {"fid", "fd_cls"} <= json.loads(path.read_text())["metrics"].keys()
+
+
 def test_a_torchscript_detector_runs_only_with_the_opt_in(tmp_path):
     marker = tmp_path / "ran"
 

@@ -28,7 +28,7 @@ from ..core.schedules import ScheduleConfig
 from ..data import DatasetConfig
 from ..evaluation import metrics
 from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, option_files
-from ..files import folder_holder, write_json
+from ..files import folder_holder, folder_turn, write_json
 from ..generation.job import REPORT_NAME
 from ..hardware import pick_device, share_cpu
 from ..models.loading import load_model
@@ -168,13 +168,14 @@ def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, st
     of these numbers that a report may hold at "metrics" are dropped."""
     if path is None:
         return
-    report = _read_report(path)
-    merged = report.setdefault("metrics", {})
-    for key in numbers:
-        merged.pop(key, None)
-    merged[name] = numbers | ({"images": str(Path(images).resolve())} if images is not None else {})
-    merged["files"] = {k: v for k, v in merged.get("files", {}).items() if not k.startswith(f"{name}.")} | files
-    write_json(path, report)
+    with folder_turn(Path(path).resolve().parent):  # another edm-eval's merge into the same file waits its turn
+        report = _read_report(path)
+        merged = report.setdefault("metrics", {})
+        for key in numbers:
+            merged.pop(key, None)
+        merged[name] = numbers | ({"images": str(Path(images).resolve())} if images is not None else {})
+        merged["files"] = {k: v for k, v in merged.get("files", {}).items() if not k.startswith(f"{name}.")} | files
+        write_json(path, report)
 
 
 @hydra_errors("edm-eval")
