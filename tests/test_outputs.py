@@ -51,15 +51,16 @@ def test_generate_writes_pngs_and_resumes(ideal, tmp_path):
     np.testing.assert_array_equal(first, expected)
 
 
-def test_an_empty_png_in_the_folder_is_made_again_on_resume(ideal, tmp_path):
-    """Our PNG writes are atomic, so a zero-byte file is none of our images (a user's touch, a copy cut short): a
-    resume makes that seed's image instead of counting it as made."""
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_an_empty_or_cut_short_png_in_the_folder_is_made_again_on_resume(ideal, tmp_path, damage):
+    """Our PNG writes are atomic, so a zero-byte file or one that stops before a PNG's end chunk is none of our images
+    (a user's touch, a copy cut short): a resume makes that seed's image instead of counting it as made."""
     plan = plan_images(list(range(3)), None, 0)
     writer = PngWriter(tmp_path)
     settings = SamplerConfig("euler", 2)
     assert generate(ideal, plan, "edm", settings, writer, SHAPE, batch_size=3) == 3
     made = writer.path(1).read_bytes()
-    writer.path(1).write_bytes(b"")
+    writer.path(1).write_bytes(b"" if damage == "empty" else made[:-1])
     assert [spec.seed for spec in writer.pending(plan)] == [1]
     assert generate(ideal, plan, "edm", settings, writer, SHAPE, batch_size=3) == 1
     assert writer.path(1).read_bytes() == made

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -98,11 +99,20 @@ def save_grid(path: str | Path, images: Tensor, cols: int | None = None, scale: 
     return path
 
 
-def _nonempty(path: Path) -> bool:
-    """Whether `path` is a file with at least one byte (one stat)."""
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def _whole_png(path: Path) -> bool:
+    """Whether `path` is a file that ends as a complete PNG does (its last 12 bytes, one small read): an empty file or
+    one cut short is none of the images our atomic writes made."""
     try:
-        return path.stat().st_size > 0
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except (FileNotFoundError, IsADirectoryError):
         return False
 
 
@@ -118,8 +128,9 @@ class PngWriter:
         return folder / f"{seed:06d}.png"
 
     def pending(self, specs: Sequence[ImageSpec]) -> list[ImageSpec]:
-        """The specs whose PNG is missing or empty (our writes are atomic: an empty file is no image we made)."""
-        return [s for s in specs if not _nonempty(self.path(s.seed))]
+        """The specs whose PNG is missing, empty or cut short (our writes are atomic: such a file is no image we
+        made)."""
+        return [s for s in specs if not _whole_png(self.path(s.seed))]
 
     def write(self, specs: Sequence[ImageSpec], images: Tensor, labels: Tensor | None) -> None:
         """Images [B, C, H, W] in [−1, 1] of `specs`, one file each."""
