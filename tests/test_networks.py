@@ -122,6 +122,21 @@ def test_tiny_is_small_and_attends_at_lowest_resolution():
         assert all(h in (0, 1) for h in heads.values())
 
 
+def test_a_new_preset_derived_from_tiny_attends_at_its_lowest_resolution_too(monkeypatch):
+    """The rule "attention at the lowest resolution R/2^(L − 1)" is the preset's data (its attn_resolutions at its
+    own lowest resolution), not a list of names: a preset added to the registry from tiny's values keeps it."""
+    from types import MappingProxyType
+
+    from edm.networks import presets
+
+    micro = (presets.SongUNet, lambda: presets._tiny() | dict(model_channels=16))
+    monkeypatch.setattr(presets, "_PRESETS", MappingProxyType({**presets._PRESETS, "micro": micro}))
+    for res, mult in ((8, [1, 2]), (32, [1, 2, 2])):
+        assert presets.resolve("micro", img_resolution=res, channel_mult=mult)[1]["attn_resolutions"] == \
+            presets.resolve("tiny", img_resolution=res, channel_mult=mult)[1]["attn_resolutions"] == (res >> (len(mult) - 1),)
+    assert presets.resolve("ddpmpp", img_resolution=64)[1]["attn_resolutions"] == (16,)  # not at its lowest: kept
+
+
 def test_reference_state_dict_names():
     """Parameter/buffer names follow NVlabs/edm, so its state_dicts load with strict=True."""
     sd = small("ncsnpp", 16, 3, label_dim=10, augment_dim=9).state_dict()

@@ -25,8 +25,8 @@ _SEQUENCE_FIELDS = ("channel_mult", "attn_resolutions", "resample_filter")
 class NetworkConfig:
     """Structured config for `build`: a preset name plus optional overrides (None = preset default).
 
-    in_channels defaults to the preset's; out_channels defaults to in_channels. With the
-    tiny preset, attn_resolutions defaults to the lowest resolution of the U-Net.
+    in_channels defaults to the preset's; out_channels defaults to in_channels. With a preset whose
+    attention is at its lowest resolution only (tiny, edm2-tiny), attn_resolutions defaults to the U-Net's lowest.
     """
 
     name: str = "tiny"
@@ -131,22 +131,34 @@ def resolve(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[str, Any
     """The class and every constructor argument of preset `name` with keyword overrides (None values
     keep the preset's default): what `build` constructs.
 
-    Accepts the fields of NetworkConfig; out_channels defaults to in_channels, second_noise to False; tiny puts
-    attention at its lowest resolution unless attn_resolutions is given. Overrides the
-    architecture does not know (e.g. encoder_type for adm) raise a ValueError.
+    Accepts the fields of NetworkConfig; out_channels defaults to in_channels, second_noise to False; a preset with
+    attention at its lowest resolution only (tiny, edm2-tiny) keeps it at the lowest one unless attn_resolutions is
+    given. Overrides the architecture does not know (e.g. encoder_type for adm) raise a ValueError.
     """
     overrides = {key: _normalize(value) for key, value in overrides.items() if value is not None}
     cls, kwargs = preset(name)
     unknown = sorted(set(overrides) - set(kwargs) - {"out_channels", "second_noise"})
     if unknown:
         raise ValueError(f"{cls.__name__} (preset {name!r}) has no option(s) {', '.join(unknown)}")
+    at_lowest = _attends_at_lowest(kwargs)
     kwargs |= overrides
     _check_sizes(name, kwargs)
-    if name in ("tiny", "edm2-tiny") and "attn_resolutions" not in overrides:
-        kwargs["attn_resolutions"] = (kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1),)
+    if at_lowest and "attn_resolutions" not in overrides:
+        kwargs["attn_resolutions"] = (_lowest_resolution(kwargs),)
     kwargs.setdefault("out_channels", kwargs["in_channels"])
     kwargs.setdefault("second_noise", False)
     return cls, kwargs
+
+
+def _lowest_resolution(kwargs: dict[str, Any]) -> int:
+    """R/2^(L − 1): the resolution of the U-Net's lowest level (L = len(channel_mult))."""
+    return kwargs["img_resolution"] >> (len(kwargs["channel_mult"]) - 1)
+
+
+def _attends_at_lowest(kwargs: dict[str, Any]) -> bool:
+    """Whether a preset's attention is at its lowest resolution only (tiny, edm2-tiny): built at another
+    resolution or depth, it stays at the lowest one."""
+    return tuple(kwargs.get("attn_resolutions") or ()) == (_lowest_resolution(kwargs),)
 
 
 def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
