@@ -50,6 +50,17 @@ def test_a_dataset_root_given_to_the_bundled_digits_is_refused_naming_the_sets_t
         build_dataset(DatasetConfig("digits", root="/data/fmnist"))
 
 
+def test_the_refusal_of_a_root_for_a_bundled_set_names_every_registered_set_that_reads_one(monkeypatch):
+    """The data sets it offers are DATASETS' entries outside BUNDLED: a new one is named without another list."""
+    from types import MappingProxyType
+
+    from edm.data import registry
+
+    monkeypatch.setattr(registry, "DATASETS", MappingProxyType({**registry.DATASETS, "lsun": registry._folder}))
+    with pytest.raises(ValueError, match=r"dataset=mnist, fashion_mnist, cifar10, folder, latent or lsun$"):
+        registry.check_dataset(DatasetConfig("digits", root="/data/lsun"))
+
+
 def test_digits_cond_labels_are_one_hot_of_the_class():
     from sklearn.datasets import load_digits as sk
 

@@ -1,7 +1,7 @@
 """The data sets by name (the `dataset` config group): DatasetConfig, the DATASETS table and build_dataset.
 
 A new data set is a loader entry in DATASETS (here, or a function of edm.data.sets) and its
-configs/dataset/<name>.yaml.
+configs/dataset/<name>.yaml; one that reads no dataset.root is also named in BUNDLED.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ DATASETS: MappingProxyType[str, Callable[[DatasetConfig], ImageDataset]] = Mappi
     "folder": _folder,
     "latent": _latent,
 })
-"""dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml)."""
+"""dataset.name -> the loader of that training set: a new data set is one entry here (and its yaml; in BUNDLED too
+when it reads no dataset.root)."""
 
 
 # What a record of a resized data set that names no filter stands for: it predates dataset.resample, and its images
@@ -101,7 +102,7 @@ def resample_unrecorded(record: Mapping[str, Any]) -> bool:
     return record.get("resolution") is not None and "resample" not in record
 
 
-BUNDLED = ("digits",)  # data sets shipped inside a package: they read no dataset.root
+BUNDLED = ("digits",)  # data sets that read no dataset.root (shipped inside a package, or made in memory)
 
 
 def check_dataset(cfg: DatasetConfig) -> None:
@@ -109,8 +110,9 @@ def check_dataset(cfg: DatasetConfig) -> None:
     train on the bundled images unnoticed)."""
     choose(DATASETS, cfg.name, "dataset.name")
     if cfg.name in BUNDLED and cfg.root is not None:
+        *reading, last = [name for name in DATASETS if name not in BUNDLED]
         raise ValueError(f"dataset={cfg.name} is bundled and reads no dataset.root (got {cfg.root}): drop dataset.root, "
-                         f"or name the data set it holds: dataset=folder, mnist, fashion_mnist, cifar10 or latent")
+                         f"or name the data set it holds: dataset={', '.join(reading)} or {last}")
 
 
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
