@@ -386,7 +386,7 @@ SCHEDULES: MappingProxyType[str, type[Schedule]] = MappingProxyType(
 
 
 def get(name: str, **kwargs) -> Schedule:
-    """Build a schedule by name (a key of SCHEDULES: 'vp', 've', 'edm', 'fm', 'trigflow', 'iddpm') with keyword overrides of its defaults."""
+    """Build a schedule by name (a key of SCHEDULES) with keyword overrides of its defaults."""
     cls = choose(SCHEDULES, name, "schedule")
     try:
         return cls(**kwargs)
