@@ -225,11 +225,13 @@ def _lock_within(fd: int, seconds: float) -> bool:
 @contextlib.contextmanager
 def folder_turn(folder: str | Path) -> Iterator[None]:
     """Hold an OS lock (flock) on the folder itself while inside, so that processes that read, change and write one
-    file of it (a report two edm-eval runs merge into) take turns; no file is made. A file system without locks on
-    folders gives no turn."""
+    file of it (a report two edm-eval runs merge into) take turns; no file is made. A folder not there yet is made
+    first (the write would make it: without it, two first writes would not take turns). A folder that cannot be
+    made or opened, or a file system without locks on folders, gives no turn."""
     try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not there yet: the writer's own error names it
+    except OSError:  # a file in its place, no permission: the writer's own error names it
         yield
         return
     try:

@@ -614,9 +614,10 @@ def test_a_report_whose_metrics_entry_is_not_an_object_is_refused_before_scoring
         merge_report(str(path), "fd_cls", {"fd_cls": 1.0}, {}, None)
 
 
-def test_two_merges_into_one_report_at_once_keep_both_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", [".", "new"])
+def test_two_merges_into_one_report_at_once_keep_both_metrics(tmp_path, monkeypatch, folder):
     """Two edm-eval runs that finish together merge into one report= in turn: each reads the other's numbers before it
-    writes (a slow write stands for the race), so neither metric is lost."""
+    writes (a slow write stands for the race), so neither metric is lost, in a folder the first write makes too."""
     import threading
     import time
 
@@ -624,7 +625,7 @@ def test_two_merges_into_one_report_at_once_keep_both_metrics(tmp_path, monkeypa
 
     slow_write = evaluate.write_json
     monkeypatch.setattr(evaluate, "write_json", lambda *a, **k: (time.sleep(0.3), slow_write(*a, **k)))
-    path = tmp_path / "scores.json"
+    path = tmp_path / folder / "scores.json"
     merges = [threading.Thread(target=evaluate.merge_report, args=(str(path), name, {name: 1.0}, {}, None))
               for name in ("fid", "fd_cls")]
     for merge in merges:
