@@ -237,8 +237,9 @@ def folder_turn(folder: str | Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        except OSError as err:  # NFS and some cluster file systems lock no folders
+            logger.warning("%s cannot be locked (%s): a process writing the same file there at this moment could "
+                           "overwrite what this one writes", folder, err)
         yield
     finally:
         os.close(fd)

@@ -128,7 +128,7 @@ def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):
     data[offset : offset + 16] = b"\xff" * 16
     damaged.write_bytes(bytes(data))
     assert torch.load(damaged, weights_only=True)["model"][name].isnan().any()
-    with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check .*delete it"):
+    with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check, so its bytes changed.*delete it"):
         load_checkpoint(damaged)
     renamed = tmp_path / "renamed.pt"  # a byte of a member's name in the archive's index changed
     data = bytearray(good.read_bytes())

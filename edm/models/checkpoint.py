@@ -61,7 +61,7 @@ def _check_crc(path: Path) -> None:
     names it."""
     failure = zip_crc_failure(path)
     if failure is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {failure} (its bytes changed after it was written); "
+        raise CheckpointError(f"checkpoint {path} is corrupt: {failure}, so its bytes changed after it was written; "
                               f"{_FALLBACK}")
 
 
