@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder", "folder_turn",
-    "to_container", "flatten", "differences", "zip_crc_failure", "file_sha256", "package_version",
+    "to_container", "flatten", "differences", "read_record", "zip_crc_failure", "file_sha256", "package_version",
 ]
 
 
@@ -303,6 +303,15 @@ def differences(old: Any, new: Any, shared_only: bool = False) -> list[tuple[str
     a, b = flatten(old), flatten(new)
     keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
     return [(k, a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)]
+
+
+def read_record(path: str | Path) -> dict:
+    """The JSON object {...} in the file `path`: OSError where it cannot be read, ValueError where it holds no JSON or
+    JSON that is no object ("it holds a JSON list, not a record {...}")."""
+    record = json.loads(Path(path).read_text())
+    if not isinstance(record, dict):
+        raise ValueError(f"it holds a JSON {type(record).__name__}, not a record {{...}}")
+    return record
 
 
 def zip_crc_failure(path: str | Path) -> str | None:

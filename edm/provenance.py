@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from .files import differences, to_container, write_json
+from .files import differences, read_record, to_container, write_json
 
 __all__ = ["PROVENANCE_NAME", "ProvenanceError", "claim", "refuse_foreign_folder", "run_marks", "other_records",
            "FOLDER_RECORDS", "CHECKPOINT_FILE", "CHECKPOINT_NAME", "METRICS_NAME", "SNAPSHOT_DIR", "SNAPSHOT_FILE",
@@ -150,12 +150,9 @@ def claim(out_dir: str | Path, record: dict, results: Iterable[Path], *, command
 
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
+            saved = read_record(path)
         except (OSError, ValueError) as err:
             raise ProvenanceError(f"{path} is unreadable ({err})", ways_out()) from None
-        if not isinstance(saved, dict):
-            raise ProvenanceError(f"{path} is unreadable (it holds a JSON {type(saved).__name__}, not a record {{...}})",
-                                  ways_out())
         diffs = [(k, a, b) for k, a, b in differences(saved, record) if not (a is None and k not in saved
                                                                               and unrecorded(k))]
         if diffs:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..files import FolderLock, atomic_write, write_json, zip_crc_failure
+from ..files import FolderLock, atomic_write, read_record, write_json, zip_crc_failure
 from ..data import DatasetConfig, NoLabelsError, as_model_space, build_dataset, dataset_images, to_model_space
 from .metrics import frechet_distance, warn_few_images
 
@@ -249,9 +249,7 @@ class QualityScore:
     def _load(cls, folder: Path, settings: dict, key: str, classes: int, device: torch.device) -> "QualityScore":
         fix = f"delete {folder} to train it again"
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            if not isinstance(meta, dict):
-                raise ValueError(f"meta.json holds a JSON {type(meta).__name__}, not a record")
+            meta = read_record(folder / "meta.json")
             with np.load(folder / "reference.npz") as ref:
                 mu, sigma = ref["mu"], ref["sigma"]
         except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as err:

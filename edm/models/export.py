@@ -13,13 +13,12 @@ from, and that of model.safetensors (a load refuses weights whose bytes changed;
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from .checkpoint import CheckpointError
 
 from ..files import atomic_write
-from ..files import write_json
+from ..files import read_record, write_json
 
 __all__ = ["WEIGHTS_NAME", "META_NAME", "FORMAT", "is_export", "export_state", "read_export"]
 
@@ -70,10 +69,9 @@ def _refuse_another_model(dest: Path, source_sha256: str | None, weights: str) -
     if not (dest / META_NAME).is_file():
         return
     try:
-        meta = json.loads((dest / META_NAME).read_text())
+        meta = read_record(dest / META_NAME)
     except (OSError, ValueError):
         meta = {}
-    meta = meta if isinstance(meta, dict) else {}
     old, new = (meta.get("source_sha256"), meta.get("weights")), (source_sha256, weights)
     if old != new or source_sha256 is None:
         raise ValueError(f"{dest} holds a model exported from another file or weights (source sha256 "
@@ -94,12 +92,9 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
     folder = path if path.is_dir() else path.parent
     weights_file, meta_file = folder / WEIGHTS_NAME, folder / META_NAME
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = read_record(meta_file)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{meta_file} is unreadable ({err}): export the model again") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_file} is unreadable (it holds a JSON {type(meta).__name__}, not a record {{...}}): "
-                              "export the model again")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file} is not an edm model folder (format {meta.get('format')!r}, expected {FORMAT!r})")
     wanted = "ema" if ema else "raw"

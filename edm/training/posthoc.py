@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..files import FolderLock, differences, write_json
+from ..files import FolderLock, differences, read_record, write_json
 from ..provenance import claim, refuse_foreign_folder
 from ..models.checkpoint import CheckpointError
 from ..models.export import export_state
@@ -136,10 +136,10 @@ def _report_poor_fits(stds: list[float], residual: np.ndarray, snaps: list[Snaps
 def _listed(listing: Path) -> list[dict]:
     """The profiles posthoc.json lists ([] without a readable one; entries that are no profile left out)."""
     try:
-        record = json.loads(listing.read_text()) if listing.is_file() else {}
+        record = read_record(listing) if listing.is_file() else {}
     except (OSError, ValueError):
         return []
-    profiles = record.get("profiles", []) if isinstance(record, dict) else []
+    profiles = record.get("profiles", [])
     return [p for p in profiles if isinstance(p, dict) and "sigma_rel" in p] if isinstance(profiles, list) else []
 
 
