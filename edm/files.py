@@ -164,11 +164,12 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             record = os.pread(fd, 4096, 0)
-            if _owner_ended(record):
+            ended = _owner_ended(record)
+            if ended:
                 if _lock_within(fd, ENDED_OWNER_GRACE_S):  # its forked children let go
                     return
                 record = os.pread(fd, 4096, 0)  # a new owner may have taken it and written its own record since
-            ended = _owner_ended(record)
+                ended = _owner_ended(record)
             holder = _lock_holder(record) + (", which has ended while processes it started still hold the folder "
                                               "(its data loader workers, say: end them)" if ended else "")
             if not self.wait:
