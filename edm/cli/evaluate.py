@@ -101,18 +101,22 @@ def run(cfg: EvaluateConfig, name: str) -> dict:
 def check_not_being_written(source: str) -> None:
     """Refuse images (a folder, or an .npz in one) whose folder a running command holds (edm-sample still writing
     them): their score would be of some of them."""
-    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    folder = images_folder(source)
     holder = folder_holder(folder)
     if holder is not None:
         raise ValueError(f"{source} is being written: {folder} is in use by {holder}; score it once that ends "
                          "(edm-sample eval.metrics=[...] scores its images itself when it is done)")
 
 
+def images_folder(images: str) -> Path:
+    """The folder of images=: the folder itself, or an .npz's folder."""
+    return Path(images) if Path(images).is_dir() else Path(images).parent
+
+
 def sampled_by(images: str) -> str | None:
-    """The checkpoint that edm-sample's report.json beside `images` (the folder, or an .npz's folder) names, if any."""
-    folder = Path(images) if Path(images).is_dir() else Path(images).parent
+    """The checkpoint that edm-sample's report.json beside `images` (images_folder) names, if any."""
     try:
-        return json.loads((folder / REPORT_NAME).read_text()).get("checkpoint")
+        return json.loads((images_folder(images) / REPORT_NAME).read_text()).get("checkpoint")
     except (OSError, ValueError, AttributeError):
         return None
 
