@@ -448,12 +448,11 @@ def run(args: argparse.Namespace) -> str:
         if given:
             raise SystemExit("side_by_side.py: error: --report-only without --arm takes OUT's recorded settings: drop "
                              f"{' '.join(given)}, or give the arms too")
-        recorded, args.overrides, args.num_images, args.classifier_steps = recorded_comparison(args.out)
-        args.arm = [shlex.join([f"{arm.label}={arm.kind}" + (f":{','.join(arm.draws)}" if arm.draws else ""),
-                                *arm.overrides]) for arm in recorded]
+        arms, args.overrides, args.num_images, args.classifier_steps = recorded_comparison(args.out)
+    else:
+        arms = [Arm.parse(text) for text in args.arm]
     args.num_images = NUM_IMAGES if args.num_images is None else args.num_images
     args.classifier_steps = ClassifierConfig.steps if args.classifier_steps is None else args.classifier_steps
-    arms = [Arm.parse(text) for text in args.arm]
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):
         raise SystemExit(f"side_by_side.py: error: give two or more arms with distinct labels, got {labels}")
