@@ -595,8 +595,10 @@ def evaluate_images(
     if with_precision_recall and ref_is_stats:
         raise ValueError(f"precision/recall needs reference images, but {ref} holds only statistics (mu, sigma)")
     fake_batches = lambda: _source_batches(images, batch_size, max_images)  # noqa: E731
-    count = len(images) if isinstance(images, Tensor) else count_images(images)
-    fake_total = count if max_images is None else min(count, max_images)
+    fake_total = None  # the bar's end: the images are counted (a folder listed) only for a bar
+    if progress:
+        count = len(images) if isinstance(images, Tensor) else count_images(images)
+        fake_total = count if max_images is None else min(count, max_images)
     fake = extract_features(extractor, fake_batches(), device=device, total=fake_total, progress=progress)
     mu, sigma = _mean_cov(fake)
     real = None
