@@ -228,7 +228,7 @@ def folder_turn(folder: str | Path) -> Iterator[None]:
     """Hold an OS lock (flock) on the folder itself while inside, so that processes that read, change and write one
     file of it (a report two edm-eval runs merge into) take turns; no file is made. A folder not there yet is made
     first (the write would make it: without it, two first writes would not take turns). A folder that cannot be
-    made or opened, or a file system without locks on folders, gives no turn."""
+    made or opened, or a file system without locks on folders, gives no turn; a turn that must wait says so."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
@@ -237,7 +237,12 @@ def folder_turn(folder: str | Path) -> Iterator[None]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a wait that could be long (a process stopped inside) says what it waits for
+                logger.warning("waiting for another process that is writing in %s (it holds the folder's turn; a "
+                               "stopped process, e.g. one suspended with Ctrl-Z, must go on or end)", folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as err:  # NFS and some cluster file systems lock no folders
             logger.warning("%s cannot be locked (%s): a process writing the same file there at this moment could "
                            "overwrite what this one writes", folder, err)

@@ -197,7 +197,7 @@ def test_a_sampler_and_an_export_refuse_each_others_folders(trained, tmp_path):
     samples = tmp_path / "samples"
     generate_folder(SampleConfig(checkpoint=str(model), num_images=1, out=str(samples), progress=False))
     with pytest.raises(ValueError, match=rf"out={samples} is a results folder of another command \(it holds "
-                                         "provenance.json\)"):
+                                         r"provenance.json\)"):
         export_model(trained, samples, overwrite=True)
     assert sorted(p.name for p in model.iterdir() if not p.name.startswith(".")) == ["model.json", "model.safetensors"]
     assert not (samples / "model.json").exists()

@@ -58,7 +58,7 @@ def test_one_process_owns_a_folder_and_the_refusal_names_the_option_and_what_hol
 
     with FolderLock(tmp_path / "out", key="out", owner="sampler"):
         with pytest.raises(FolderInUseError, match=rf"out {tmp_path / 'out'} is in use by a sampler \(pid {os.getpid()}, "
-                                                   ".*\); wait for it to finish, or choose another out") as busy:
+                                                   r".*\); wait for it to finish, or choose another out") as busy:
             FolderLock(tmp_path / "out", key="out", owner="sampler").acquire()
         assert busy.value.holder.startswith(f"a sampler (pid {os.getpid()}, ")  # for callers with their own message
     with FolderLock(tmp_path / "run"):  # owner: training
@@ -159,3 +159,30 @@ def test_a_folder_lock_says_whether_it_made_the_folder(tmp_path):
             assert lock.created is made, folder
         finally:
             lock.release()
+
+
+def test_a_folder_turn_that_must_wait_says_what_it_waits_for_and_then_takes_it(tmp_path, caplog):
+    """A turn held by another process (an edm-eval stopped mid-merge) is waited for with a warning naming the folder,
+    not in silence; once let go, the waiting one has the turn."""
+    import fcntl
+    import os
+    import threading
+
+    from edm.files import folder_turn
+
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: conflicts as another process's would
+    entered = threading.Event()
+
+    def take_turn() -> None:
+        with folder_turn(tmp_path):
+            entered.set()
+
+    waiter = threading.Thread(target=take_turn)
+    with caplog.at_level("WARNING", logger="edm.files"):
+        waiter.start()
+        assert not entered.wait(0.5)  # blocked while the other holds it
+        os.close(held)
+        waiter.join(5)
+    assert entered.is_set()
+    assert f"waiting for another process that is writing in {tmp_path}" in caplog.text
