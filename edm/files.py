@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder", "folder_turn",
-    "to_container", "flatten", "differences", "read_record", "zip_crc_failure", "file_sha256", "package_version",
+    "to_container", "flatten", "differences", "read_record", "zip_crc_failure", "png_is_whole", "file_sha256", "package_version",
 ]
 
 
@@ -318,6 +318,23 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"it holds a JSON {type(record).__name__}, not a record {{...}}")
     return record
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def png_is_whole(path: str | Path) -> bool:
+    """Whether `path` is a file that ends as a complete PNG does (its last 12 bytes, one small read): an empty file or
+    one cut short is none of the images an atomic write made."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except (FileNotFoundError, IsADirectoryError):
+        return False
 
 
 def zip_crc_failure(path: str | Path) -> str | None:

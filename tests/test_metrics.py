@@ -675,8 +675,9 @@ def test_reference_statistics_carrying_code_are_refused(tmp_path):
 
 
 def test_edm_eval_checks_its_images_before_any_work(tmp_path, monkeypatch):
-    """A missing path, an empty folder, a file that is not an .npz and images of another shape than the data set's
-    are named at once: no classifier is trained first (the cache stays empty); the command prints no traceback."""
+    """A missing path, an empty folder, a file that is not an .npz, a PNG cut short and images of another shape than
+    the data set's are named at once: no classifier is trained first (the cache stays empty); the command prints no
+    traceback."""
     from PIL import Image
 
     from edm.cli import compose
@@ -687,13 +688,19 @@ def test_edm_eval_checks_its_images_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "big").mkdir()
     for i in range(2):
         Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png")
+    (tmp_path / "cut").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8)).save(tmp_path / "cut" / f"{i}.png")
+    whole = (tmp_path / "cut" / "1.png").read_bytes()
+    (tmp_path / "cut" / "1.png").write_bytes(whole[:-20])  # a copy cut short: PIL reads its pixels only when scored
     (tmp_path / "npz-out").mkdir()  # an edm-sample format=npz folder
     save_npz_images(tmp_path / "npz-out" / "samples.npz", random_images(2, 0))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EDM_CACHE", str(tmp_path / "cache"))
     for images, message in (("nope", "no images at 'nope'"), ("empty", "no image files"),
                             ("npz-out", "it holds samples.npz, so give images=npz-out/samples.npz"),
-                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive")):
+                            ("bad.npz", "bad.npz is not a readable .npz (not a zip archive"),
+                            ("cut", "cut/1.png is a PNG cut short")):
         with pytest.raises(Exception) as refused:
             run(compose("evaluate", ["metric=fd_cls", f"images={images}", "dataset=digits"]), "fd_cls")
         assert message in str(refused.value)

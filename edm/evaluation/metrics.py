@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..files import atomic_write
+from ..files import atomic_write, png_is_whole
 from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, contents_key, image_files, root_contents_key, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 from ..progress import counted_batches
@@ -359,12 +359,19 @@ def _source_files(path: Path) -> list[Path] | None:
 
 
 def check_image_source(source: str | Path) -> None:
-    """Refuse, before any work, an image source that does not exist, a folder without image files or an .npz that
-    is unreadable or holds no images' array (nothing large is read)."""
+    """Refuse, before any work, an image source that does not exist, a folder without image files or with a PNG cut
+    short (each file's last bytes), or an .npz that is unreadable or holds no images' array (nothing large is read)."""
     path = Path(source)
-    if _source_files(path) is None:
+    files = _source_files(path)
+    if files is None:
         with _open_npz(path) as data:
             _npz_key(path, data)
+        return
+    cut = [file for file in files if file.suffix.lower() == ".png" and not png_is_whole(file)]
+    if cut:
+        more = f" (and {len(cut) - 1} more in {path})" if len(cut) > 1 else ""
+        raise ValueError(f"{cut[0]} is a PNG cut short (it does not end as a complete PNG does){more}: replace or delete "
+                         "it (edm-sample makes a deleted image of its out folder again)")
 
 
 def source_image_shape(source: str | Path) -> tuple[int, int, int]:

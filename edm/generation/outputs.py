@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
-from ..files import atomic_write
+from ..files import atomic_write, png_is_whole
 from ..choices import check_choice
 from ..data import read_image, to_uint8 as pixels_to_uint8
 from .sampling import ImageSpec, format_seeds
@@ -99,23 +99,6 @@ def save_grid(path: str | Path, images: Tensor, cols: int | None = None, scale: 
     return path
 
 
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
-
-
-def _whole_png(path: Path) -> bool:
-    """Whether `path` is a file that ends as a complete PNG does (its last 12 bytes, one small read): an empty file or
-    one cut short is none of the images our atomic writes made."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < len(PNG_END):
-                return False
-            f.seek(-len(PNG_END), os.SEEK_END)
-            return f.read() == PNG_END
-    except (FileNotFoundError, IsADirectoryError):
-        return False
-
-
 class PngWriter:
     """One PNG per image: out/<seed>.png, or out/<seed rounded down to 1000>/<seed>.png with subdirs."""
 
@@ -130,7 +113,7 @@ class PngWriter:
     def pending(self, specs: Sequence[ImageSpec]) -> list[ImageSpec]:
         """The specs whose PNG is missing, empty or cut short (our writes are atomic: such a file is no image we
         made)."""
-        return [s for s in specs if not _whole_png(self.path(s.seed))]
+        return [s for s in specs if not png_is_whole(self.path(s.seed))]
 
     def write(self, specs: Sequence[ImageSpec], images: Tensor, labels: Tensor | None) -> None:
         """Images [B, C, H, W] in [−1, 1] of `specs`, one file each."""
