@@ -207,7 +207,7 @@ def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_f
 
     def own(run_dir):
         owned.append(run_dir)
-        return lambda: let_go.append(run_dir.is_dir())
+        return lambda err: let_go.append(run_dir.is_dir())
 
     with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
         train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=own, on_started=started.append)
@@ -219,6 +219,30 @@ def test_a_run_refused_while_setting_up_keeps_the_folders_record_and_leaves_no_f
     with pytest.raises(edm.data.DatasetNotFoundError, match="dataset=latent needs dataset.root"):
         train(compose_train("dataset=latent", run_dir=tmp_path / "typo" / ".." / "precious"))
     assert (precious / "notes.txt").read_text() == "a user's"
+
+
+def test_what_owns_the_run_folder_lets_it_go_with_the_runs_error_while_the_run_still_holds_it(compose_train, tmp_path):
+    """on_own_run_dir's LetGo is called once per run with the error that ends it (a refusal while setting up, an
+    error in the loop) or None, before the lock is released: edm-train's train.log gets its last line then, so a run
+    that takes the folder next never gets it."""
+    from edm.files import folder_holder
+
+    calls = []
+
+    def own(run_dir):
+        return lambda err: calls.append((type(err).__name__, folder_holder(run_dir) is not None))
+
+    train(compose_train("total_kimg=0.016"), on_own_run_dir=own)
+    with pytest.raises(CheckpointError):
+        train(compose_train("total_kimg=0.032", "resume=true", "network.dropout=0.2"), on_own_run_dir=own)
+
+    def fail(run):
+        raise ValueError("a fault in the loop")
+
+    with pytest.raises(ValueError, match="a fault in the loop"):
+        train(compose_train("total_kimg=0.032", "resume=true"), callback=fail, on_own_run_dir=own)
+    assert calls == [("NoneType", True), ("CheckpointError", True), ("ValueError", True)]
+    assert folder_holder(tmp_path / "run") is None
 
 
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):

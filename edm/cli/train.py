@@ -35,7 +35,6 @@ def main(dcfg: DictConfig) -> None:
     from accelerate import PartialState
 
     hydra_cfg = HydraConfig.get()
-    handlers: list[logging.Handler] = []
     with user_errors("edm-train", on_interrupt="rerun it with resume=true to continue from its last checkpoint"):
         cfg: TrainConfig = typed(dcfg)
         job = sweep_job_folder(hydra_cfg, key="run_dir")
@@ -53,19 +52,17 @@ def main(dcfg: DictConfig) -> None:
             logging.getLogger("edm").setLevel(logging.WARNING)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
 
-        def own_run_dir(run_dir: Path) -> Callable[[], None]:  # its train.log, closed before a refused run's removal
-            handlers.append(folder_log(run_dir, "train.log"))
-            return lambda: close_log(handlers.pop())
+        def own_run_dir(run_dir: Path) -> Callable[[BaseException | None], None]:  # its train.log
+            handler = folder_log(run_dir, "train.log")
 
-        try:
-            result = train(cfg, on_own_run_dir=own_run_dir,
-                           on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
-        except USER_ERRORS as err:  # the run's log says why it stopped, as stderr does (user_errors)
-            log_to(handlers, error_line("edm-train", err))
-            raise
-        finally:
-            for handler in handlers:
+            def let_go(err: BaseException | None) -> None:  # while the run holds run_dir: no later owner gets the line
+                if isinstance(err, USER_ERRORS):  # the run's log says why it stopped, as stderr does (user_errors)
+                    log_to([handler], error_line("edm-train", err))
                 close_log(handler)
+            return let_go
+
+        result = train(cfg, on_own_run_dir=own_run_dir,
+                       on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
     if is_main:
         print(f"step {result.state.step} ({kimg_text(result.state.cur_nimg / 1000)} kimg); checkpoint: {result.checkpoint}")
         if result.grid is not None:

@@ -118,15 +118,18 @@ def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
     return dataclasses.replace(cfg, mixed_precision=launch.mixed_precision, compile=launch.dynamo_backend != "no"), launch
 
 
-def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], Callable[[], None] | None] | None = None,
+LetGo = Callable[[BaseException | None], None]  # called with a run's error (None: it ended well) before it lets run_dir go
+
+
+def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | None = None,
           on_started: Callable[[Path], None] | None = None) -> Run:
     """Schedule, loss, data, denoiser, EMA, optimizer and accelerator, each built once from `cfg`;
     the main process locks run_dir (released by `train`, or here if set-up fails) and then calls
     `on_own_run_dir(run_dir)`, and `on_started(run_dir)` once the run is set up; resumes from run_dir's latest
-    checkpoint if asked. Bad values, schedule options or loss/precond combinations fail before any work; a run
-    refused while setting up removes run_dir if it made it (FolderLock.created), after calling what
-    on_own_run_dir returned (a callable that closes the files it opened there, e.g. its log) if anything; run_dir
-    None is run_folder(cfg)."""
+    checkpoint if asked. Bad values, schedule options or loss/precond combinations fail before any work. What
+    on_own_run_dir returns (a LetGo: it records the error and closes what it opened there, e.g. its log) is called
+    while the run still holds run_dir: here on a refusal, before a run_dir the run made (FolderLock.created) is
+    removed, and by `train` at the end (Run.let_go). run_dir None is run_folder(cfg)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -152,14 +155,15 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], Callable[[], None] 
             let_go = on_own_run_dir(run_dir)
         logger.info("mixed_precision=%s, dynamo backend %s", launch.mixed_precision, launch.dynamo_backend)
         run = _setup_run(cfg, accelerator, resolved, lock)
+        run.let_go = let_go
         if lock is not None and on_started is not None:
             on_started(run_dir)
         return run
-    except BaseException:
+    except BaseException as err:
         if lock is not None:
+            if let_go is not None:  # while the folder is held; no file stays open in it (NFS keeps a removed open
+                let_go(err)  # file as .nfs*)
             if lock.created:  # run_dir did not exist: it holds nothing but this refused run's lock and log
-                if let_go is not None:  # no file stays open in it (NFS keeps a removed open file as .nfs*)
-                    let_go()
                 shutil.rmtree(run_dir, ignore_errors=True)
             lock.release()
         raise
@@ -303,17 +307,23 @@ def _inputs(run: Run, micro_batches: list, positions: list[int]) -> list:
 
 def train(
     cfg: TrainConfig, callback: Callable[[Run], None] | None = None,
-    on_own_run_dir: Callable[[Path], Callable[[], None] | None] | None = None,
+    on_own_run_dir: Callable[[Path], LetGo | None] | None = None,
     on_started: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train until total_kimg; `on_own_run_dir(run_dir)` runs in the main process once the run owns
-    run_dir (what it returns closes what it opened there, before a refused run's new folder is removed: setup),
+    run_dir, and what it returns is called with the run's error (or None) while the run still owns it (setup),
     `on_started(run_dir)` once it is set up (data, model, resume: a run refused there has not started),
     `callback(run)` after every step (tests use it to inject faults)."""
     run = setup(cfg, on_own_run_dir, on_started)
+    error = None
     try:
         return _loop(run, callback)
+    except BaseException as err:
+        error = err
+        raise
     finally:
+        if run.let_go is not None:
+            run.let_go(error)
         if run.lock is not None:
             run.lock.release()
 

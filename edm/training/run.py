@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -103,6 +103,7 @@ class Run:
     spec: dict  # the denoiser spec (edm.training.build.denoiser_spec)
     dataset: ImageDataset
     lock: FolderLock | None = None  # held by the main process while the run owns run_dir
+    let_go: Callable[[BaseException | None], None] | None = None  # called with the run's error (or None) before the lock is released
     phema: PowerEMA | None = None  # EDM2's power-function EMAs (cfg.ema_sigma_rel), when tracked
     vae: Any = None  # edm.latent.VAE of a latent data set (decodes grids; its fingerprint is recorded), else None
     state: RunState = field(default_factory=RunState)
