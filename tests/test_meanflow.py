@@ -152,6 +152,21 @@ def test_one_meanflow_step_with_the_exact_average_velocity_is_the_flow_map():
     torch.testing.assert_close(two, out, rtol=1e-10, atol=1e-12)  # the exact u composes: any grid, one map
 
 
+@pytest.mark.parametrize("schedule", ["fm", "edm", "vp", "ve", "trigflow"])
+def test_meanflow_steps_with_the_exact_average_velocity_are_the_flow_map_on_every_schedule(schedule):
+    """The average velocity is a function of (x̂, σ, σ_r), whatever the schedule: a jump is x̂_r = (σ_r/σ)·x̂ +
+    (1 − σ_r/σ)·D(x̂; σ, σ_r), so 1, 2 or 3 steps land on the PF-ODE's map of N(μ, s²) data from σ_0 to 0,
+    x̂_0 = μ + s·(x̂ − μ)/sqrt(s² + σ_0²), on every schedule (not only where an Euler step in t is that jump)."""
+    flow = GaussianFlow(mu=0.7, s=0.4)
+    sched = edm.schedules.get(schedule)
+    noise = torch.randn(5, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    for steps in (1, 2, 3):
+        out = edm.sample(flow, noise, sched, num_steps=steps, solver="meanflow")
+        sigma_0 = sched.sigma(sched.time_steps(steps + 1, dtype=F64)[0])
+        exact = 0.7 + 0.4 * noise * sigma_0 / (0.4**2 + sigma_0**2).sqrt() - 0.7 * 0.4 / (0.4**2 + sigma_0**2).sqrt()
+        torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-12)
+
+
 def test_n_meanflow_steps_are_n_jumps_none_spent_between_sigma_min_and_0():
     """The default meanflow grid is the (N + 1)-point schedule grid less σ_min: each evaluation jumps from one grid
     point to the next, the last to 0. With a flow-matching model (u = v, so each jump is an Euler step) on N(μ, s²)

@@ -798,13 +798,16 @@ def meanflow(
     denoiser: Denoiser, x: Tensor, t_steps: Tensor, schedule: Schedule, *,
     class_labels: Tensor | None = None, generator: Generator = None, callback: Callback = None,
 ) -> Tensor:
-    """MeanFlow's sampler (Geng et al. 2025) z_{t_{i+1}} = z_{t_i} − (t_i − t_{i+1})·u(z_{t_i}, t_{i+1}, t_i): an Euler
-    step of the ODE whose denoiser also gets the step's end, D(x̂; σ(t_i), σ_r = σ(t_{i+1})) (edm.core.meanflow:
-    for flow matching exactly the average-velocity step); one evaluation a step."""
+    """MeanFlow's sampler (Geng et al. 2025) z_r = z_t − (t − r)·u(z_t, r, t) from each grid time t_i to the next: in
+    x̂ = x/s and σ, for any schedule, x̂_{i+1} = (σ_r/σ)·x̂_i + (1 − σ_r/σ)·D(x̂_i; σ, σ_r) with σ = σ(t_i),
+    σ_r = σ(t_{i+1}) (edm.core.meanflow: for flow matching exactly z_r = z_t − (t − r)·u); one evaluation a step."""
     def step(i, x, t_cur, t_next, last):
-        sigma_r = schedule.sigma(t_next).to(x.dtype).expand(x.shape[0])
-        averaged = lambda x_hat, sigma, labels: denoiser(x_hat, sigma, labels, sigma_r=sigma_r)  # noqa: E731
-        return x + (t_next - t_cur) * ode_derivative(averaged, x, t_cur, schedule, class_labels)
+        sigma, sigma_r = schedule.sigma(t_cur), schedule.sigma(t_next)
+        x_hat = x / schedule.scale(t_cur)
+        D = denoiser(x_hat, sigma.expand(x.shape[0]), class_labels,
+                     sigma_r=sigma_r.to(x.dtype).expand(x.shape[0])).to(x.dtype)
+        ratio = sigma_r / sigma
+        return schedule.scale(t_next) * (ratio * x_hat + (1 - ratio) * D)
 
     return _in_t(x, t_steps, callback, step)
 
