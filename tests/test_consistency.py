@@ -201,6 +201,27 @@ def test_ect_with_a_boundary_draws_t_above_it():
     assert loss.r(t).min() >= 0.05
 
 
+def test_sct_with_a_boundary_draws_sigma_above_it(compose_train):
+    """precond.boundary_sigma σ_b > 0 bounds sCM's consistency function too (f(x̂; σ_b) = x̂; the sampler refuses levels
+    below it): its ln σ is N(P_mean, P_std²) truncated to σ > σ_b (Kolmogorov–Smirnov against its CDF), as ECT's t,
+    and edm-train hands the precond's σ_b to the loss."""
+    loss = SCMLoss(boundary_sigma=0.2, P_mean=-1.0, P_std=1.4)
+    seen = []
+    f = lambda x, sigma, class_labels=None: seen.append(sigma.clone()) or 0 * x  # noqa: E731
+    loss(f, torch.zeros(20000, 1, dtype=F64), generator=torch.Generator().manual_seed(0))
+    sigma = (0.5 * torch.tan(torch.atan(seen[-1] / 0.5))).sort().values
+    assert sigma.min() > 0.2
+    phi = lambda v: 0.5 * torch.erfc(-v / math.sqrt(2))  # noqa: E731
+    lo = phi(torch.tensor((math.log(0.2) + 1.0) / 1.4, dtype=F64))
+    cdf = (phi((sigma.log() + 1.0) / 1.4) - lo) / (1 - lo)
+    i = torch.arange(1, len(sigma) + 1, dtype=F64)
+    ks = torch.maximum(i / len(sigma) - cdf, cdf - (i - 1) / len(sigma)).max()
+    assert ks < 1.63 / math.sqrt(len(sigma))  # the 1 % critical value
+    from edm.training.build import resolve
+
+    assert resolve(compose_train("recipe=sct", "precond.boundary_sigma=0.002")).loss.boundary_sigma == 0.002
+
+
 # ----------------------------------------------------------------------------- the consistency sampler
 
 

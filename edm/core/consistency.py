@@ -29,7 +29,8 @@ tunes a model of any parameterization. With ln σ ~ N(P_mean, P_std²), t = arct
     g = −cos² t·(σ_d F⁻ − dx_t/dt) − ρ·cos t sin t·(x_t + σ_d dF⁻/dt),   g ← g / (rms(g) + c),
     loss = ‖F_θ(x_t, t) − F⁻ − g‖² / (σ·dim),
 
-with the tangent warm-up ρ = min(1, images / warmup_kimg), c = 0.1, and the prior weight 1/σ = 1/(σ_d tan t).
+with the tangent warm-up ρ = min(1, images / warmup_kimg), c = 0.1, and the prior weight 1/σ = 1/(σ_d tan t); with a
+boundary σ_b > 0, ln σ is truncated to σ > σ_b, as ECT's t (f is the consistency function above σ_b only).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .schedules import SIGMA_DATA
 
 __all__ = [
     "ECTLoss", "SCMLoss", "ECT_METRICS", "ECT_WEIGHTINGS", "CONSISTENCY_OBJECTIVES", "SOLVER_OPTION", "samplers_for", "ect_r", "ect_gap",
-    "check_ect_stages", "ECT_MIN_GAP", "pseudo_huber",
+    "check_ect_stages", "ECT_MIN_GAP", "pseudo_huber", "lognormal_above",
     "trigflow_F", "trigflow_tangent", "per_example", "same_draws", "forward_jvp",
 ]
 
@@ -123,6 +124,19 @@ def check_ect_stages(q: float, stage_kimg: float, total_kimg: float) -> None:
             f"{least:g} (ECT trains 8 stages) or lower total_kimg")
 
 
+def lognormal_above(
+    batch: int, P_mean: float, P_std: float, floor: float = 0.0, *, generator=None, device=None, dtype=torch.float32,
+) -> Tensor:
+    """σ with ln σ ~ N(P_mean, P_std²), truncated to σ > floor when floor > 0 (a consistency function's boundary σ_b):
+    z is carried through the normal CDF onto the tail above ln floor, so every draw is one z of the stream."""
+    z = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+    if floor > 0:
+        lo = 0.5 * math.erfc(-(math.log(floor) - P_mean) / (P_std * math.sqrt(2)))  # Φ(a)
+        u = lo + (1 - lo) * torch.special.ndtr(z.double())
+        z = torch.special.ndtri(u).to(dtype)
+    return torch.exp(P_mean + P_std * z)
+
+
 def pseudo_huber(delta: Tensor, c: float) -> Tensor:
     """Per-example sqrt(‖Δ‖² + c²) − c (‖Δ‖ at c = 0), summed over all but the batch dimension."""
     sq = delta.pow(2).flatten(1).sum(dim=1)
@@ -166,14 +180,9 @@ class ECTLoss:
         return self if stage == self.stage else dataclasses.replace(self, stage=stage)
 
     def sample_t(self, batch: int, *, generator=None, device=None, dtype=torch.float32) -> Tensor:
-        """ln t ~ N(P_mean, P_std²), truncated to t > σ_b when σ_b > 0 (z is carried through the normal CDF
-        onto the tail above ln σ_b, so every draw is one z of the stream)."""
-        z = torch.randn(batch, generator=generator, device=device, dtype=dtype)
-        if self.boundary_sigma > 0:
-            lo = 0.5 * math.erfc(-(math.log(self.boundary_sigma) - self.P_mean) / (self.P_std * math.sqrt(2)))  # Φ(a)
-            u = lo + (1 - lo) * torch.special.ndtr(z.double())
-            z = torch.special.ndtri(u).to(dtype)
-        return torch.exp(self.P_mean + self.P_std * z)
+        """ln t ~ N(P_mean, P_std²), truncated to t > σ_b when σ_b > 0 (lognormal_above)."""
+        return lognormal_above(batch, self.P_mean, self.P_std, self.boundary_sigma, generator=generator, device=device,
+                               dtype=dtype)
 
     def r(self, t: Tensor) -> Tensor:
         """The second point of the pair: ect_r at this stage, never below the boundary σ_b."""
@@ -247,11 +256,13 @@ def trigflow_tangent(
 @dataclass(frozen=True)
 class SCMLoss:
     """sCM's continuous-time consistency loss on TrigFlow (module docstring): sCT, or sCD when `teacher` (a
-    denoiser, frozen) gives dx_t/dt. `at(cur_nimg)` sets the tangent warm-up ρ. The defaults are sCM's CIFAR-10
+    denoiser, frozen) gives dx_t/dt. `at(cur_nimg)` sets the tangent warm-up ρ; `boundary_sigma` and `sigma_data`
+    come from the precond. The defaults are sCM's CIFAR-10
     settings (FastGen's config_scm: P_mean −1.0, P_std 1.4, TrigFlow's LOGNORMAL; c = 0.1, warm-up 10,000
     iterations of 512)."""
 
     sigma_data: float = SIGMA_DATA
+    boundary_sigma: float = 0.0
     P_mean: float = LOGNORMAL["trigflow"][0]
     P_std: float = LOGNORMAL["trigflow"][1]
     tangent_c: float = 0.1
@@ -262,9 +273,10 @@ class SCMLoss:
     learned_weighting = False
 
     def __post_init__(self) -> None:
-        if not (self.P_std > 0 and self.tangent_c > 0 and self.warmup_kimg >= 0):
-            raise ValueError(f"sCM needs P_std > 0, tangent_c > 0 and warmup_kimg >= 0; got P_std={self.P_std}, "
-                             f"tangent_c={self.tangent_c}, warmup_kimg={self.warmup_kimg}")
+        if not (self.P_std > 0 and self.tangent_c > 0 and self.warmup_kimg >= 0 and self.boundary_sigma >= 0):
+            raise ValueError(f"sCM needs P_std > 0, tangent_c > 0, warmup_kimg >= 0 and boundary_sigma >= 0; got "
+                             f"P_std={self.P_std}, tangent_c={self.tangent_c}, warmup_kimg={self.warmup_kimg}, "
+                             f"boundary_sigma={self.boundary_sigma}")
 
     @property
     def kind(self) -> str:
@@ -288,8 +300,8 @@ class SCMLoss:
     ) -> Tensor:
         """Per-example ‖F_θ(x_t, t) − F⁻ − g‖² / (σ·dim), shape [B]; σ (t = arctan(σ/σ_d)) and n are drawn unless given."""
         if sigma is None:
-            sigma = torch.exp(self.P_mean + self.P_std * torch.randn(y.shape[0], generator=generator, device=y.device,
-                                                                      dtype=y.dtype))
+            sigma = lognormal_above(y.shape[0], self.P_mean, self.P_std, self.boundary_sigma, generator=generator,
+                                    device=y.device, dtype=y.dtype)
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         sd = self.sigma_data

@@ -340,7 +340,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
     elif cfg.objective == "meanflow":
         loss = MeanFlowLoss(**dataclasses.asdict(cfg.meanflow))
     elif cfg.objective in ("sct", "scd"):  # scd's teacher joins once the run knows its device (with_teacher)
-        loss = SCMLoss(sigma_data=cfg.precond.sigma_data, **dataclasses.asdict(cfg.scm))
+        loss = SCMLoss(sigma_data=cfg.precond.sigma_data, boundary_sigma=cfg.precond.boundary_sigma,
+                       **dataclasses.asdict(cfg.scm))
     else:
         loss = build_loss(cfg.loss, schedule, cfg.precond.sigma_data)
     precond = precond_spec(cfg.precond, schedule, loss)

@@ -75,9 +75,9 @@ ECTConfig = options_schema(
 )
 
 SCMConfig = options_schema(
-    "SCMConfig", SCMLoss, skip=("sigma_data", "warmup", "teacher"), module=__name__,
-    doc="`edm.core.consistency.SCMLoss(sigma_data=precond.sigma_data, **options)`: sCM's continuous-time consistency "
-        "loss (objective=sct, or scd with teacher=MODEL).",
+    "SCMConfig", SCMLoss, skip=("sigma_data", "boundary_sigma", "warmup", "teacher"), module=__name__,
+    doc="`edm.core.consistency.SCMLoss(sigma_data=precond.sigma_data, boundary_sigma=precond.boundary_sigma, **options)`: "
+        "sCM's continuous-time consistency loss (objective=sct, or scd with teacher=MODEL).",
 )
 
 MeanFlowConfig = options_schema(
