@@ -1178,7 +1178,7 @@ def test_ect_tunes_an_nvlabs_snapshot(tmp_path, compose_train):
     gen = np.random.default_rng(0)
     for i in range(16):
         Image.fromarray(gen.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    result = train(compose_train("recipe=ect", f"init={pkl}", "dataset=folder", f"dataset.root={folder}",
+    result = train(compose_train("recipe=ect", f"init={pkl}", "dataset=folder", f"dataset.root={folder}", "dataset.num_workers=0",
                                  "sampler.num_steps=1", "total_kimg=0.016",
                                  "network.model_channels=null", "precond.sigma_data=0.6"))  # the snapshot's σ_d
     state = ckpt.load_checkpoint(result.checkpoint)
