@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 __all__ = [
     "OutputWriteError", "atomic_write", "write_error", "write_json", "FolderInUseError", "FolderLock", "folder_holder", "folder_turn",
-    "to_container", "flatten", "differences", "read_record", "zip_crc_failure", "png_is_whole", "file_sha256", "package_version",
+    "to_container", "flatten", "differences", "read_record", "zip_crc_failure", "png_is_whole", "png_cut_short", "file_sha256", "package_version",
 ]
 
 
@@ -321,18 +321,44 @@ def read_record(path: str | Path) -> dict:
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the 8 bytes every PNG begins with
 
 
 def png_is_whole(path: str | Path) -> bool:
-    """Whether `path` is a file that ends as a complete PNG does (its last 12 bytes, one small read): an empty file or
-    one cut short is none of the images an atomic write made."""
+    """Whether `path` is a file that ends as a complete PNG does (its last 12 bytes, one small read), or, where
+    another tool wrote bytes after the IEND chunk (decoders ignore them), whose chunks reach IEND (each chunk's
+    8-byte header read): an empty file or one cut short is none of the images an atomic write made."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < len(PNG_END):
+            size = f.seek(0, os.SEEK_END)
+            if size >= len(PNG_END):
+                f.seek(-len(PNG_END), os.SEEK_END)
+                if f.read() == PNG_END:
+                    return True
+            f.seek(0)
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                 return False
-            f.seek(-len(PNG_END), os.SEEK_END)
-            return f.read() == PNG_END
+            at = len(PNG_SIGNATURE)
+            while at + 12 <= size:  # a chunk: length (4 bytes), type (4), data (length), CRC (4)
+                f.seek(at)
+                head = f.read(8)
+                if head[4:] == b"IEND":
+                    return True
+                at += 12 + int.from_bytes(head[:4], "big")
+            return False
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
+def png_cut_short(path: str | Path) -> bool:
+    """Whether `path` begins as a PNG does (or holds fewer bytes than its signature, e.g. none) but is not whole
+    (png_is_whole): a file of another format under a .png name (a JPEG, which image readers take by its contents)
+    is no PNG cut short."""
+    if png_is_whole(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return PNG_SIGNATURE.startswith(f.read(len(PNG_SIGNATURE)))
     except (FileNotFoundError, IsADirectoryError):
         return False
 

@@ -674,6 +674,37 @@ def test_reference_statistics_carrying_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_the_cut_short_check_takes_pngs_other_tools_wrote_that_image_readers_take(tmp_path):
+    """Only a PNG cut short is refused before any work: a PNG with bytes after its IEND chunk (which decoders ignore)
+    and a JPEG under a .PNG name are images the scorer reads, as is any whole PNG; an empty .png or one cut inside
+    its data is refused."""
+    import io
+
+    from PIL import Image
+
+    from edm.data import read_image
+    from edm.evaluation.metrics import check_image_source
+    from edm.files import png_is_whole
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 60, dtype=np.uint8)).save(folder / "whole.png")
+    whole = (folder / "whole.png").read_bytes()
+    (folder / "padded.png").write_bytes(whole + b"\0" * 16)  # e.g. a download padded to a block size
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(jpeg, "JPEG")
+    (folder / "named.PNG").write_bytes(jpeg.getvalue())
+    for name in ("whole.png", "padded.png", "named.PNG"):
+        assert read_image(folder / name).shape[:2] == (8, 8), name
+    check_image_source(folder)  # not refused
+    assert png_is_whole(folder / "padded.png")
+    for name, data in (("empty.png", b""), ("cut.PNG", whole[:-20]), ("cut-padded.png", whole[:40])):
+        (folder / name).write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{folder / name} is a PNG cut short")):
+            check_image_source(folder)
+        (folder / name).unlink()
+
+
 def test_edm_eval_checks_its_images_before_any_work(tmp_path, monkeypatch):
     """A missing path, an empty folder, a file that is not an .npz, a PNG cut short and images of another shape than
     the data set's are named at once: no classifier is trained first (the cache stays empty); the command prints no

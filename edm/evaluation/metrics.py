@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..files import atomic_write, png_is_whole
+from ..files import atomic_write, png_cut_short
 from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, contents_key, image_files, root_contents_key, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 from ..progress import counted_batches
@@ -367,7 +367,7 @@ def check_image_source(source: str | Path) -> None:
         with _open_npz(path) as data:
             _npz_key(path, data)
         return
-    cut = [file for file in files if file.suffix.lower() == ".png" and not png_is_whole(file)]
+    cut = [file for file in files if file.suffix.lower() == ".png" and png_cut_short(file)]
     if cut:
         more = f" (and {len(cut) - 1} more in {path})" if len(cut) > 1 else ""
         raise ValueError(f"{cut[0]} is a PNG cut short (it does not end as a complete PNG does){more}: replace or delete "
