@@ -245,6 +245,27 @@ def test_what_owns_the_run_folder_lets_it_go_with_the_runs_error_while_the_run_s
     assert folder_holder(tmp_path / "run") is None
 
 
+def test_a_let_go_that_fails_still_lets_the_run_folder_go(compose_train, tmp_path):
+    """A LetGo that raises (edm-train's train.log closed on a full disk) still releases the run folder, at the end
+    of a run and on a refusal while setting up (a folder the run made is still removed): the next run in this
+    process takes it instead of being refused as in use by itself."""
+    from edm.files import folder_holder
+
+    def own(run_dir):
+        def let_go(err):
+            raise OSError("[Errno 28] No space left on device")
+        return let_go
+
+    with pytest.raises(OSError, match="No space left"):
+        train(compose_train("total_kimg=0.016"), on_own_run_dir=own)
+    assert folder_holder(tmp_path / "run") is None
+    new = tmp_path / "new" / "run"
+    with pytest.raises(OSError, match="No space left"):
+        train(compose_train("dataset=latent", run_dir=new), on_own_run_dir=own)
+    assert folder_holder(new) is None and not new.exists()
+    assert train(compose_train("total_kimg=0.032", "resume=true")).state.step == 4
+
+
 def test_corrupt_checkpoint_on_resume(compose_train, tmp_path):
     train(compose_train("total_kimg=0.016"))
     latest = find_latest(tmp_path / "run")

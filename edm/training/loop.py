@@ -161,11 +161,13 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | Non
         return run
     except BaseException as err:
         if lock is not None:
-            if let_go is not None:  # while the folder is held; no file stays open in it (NFS keeps a removed open
-                let_go(err)  # file as .nfs*)
-            if lock.created:  # run_dir did not exist: it holds nothing but this refused run's lock and log
-                shutil.rmtree(run_dir, ignore_errors=True)
-            lock.release()
+            try:
+                if let_go is not None:  # while the folder is held; no file stays open in it (NFS keeps a removed open
+                    let_go(err)  # file as .nfs*)
+            finally:  # a LetGo that fails (a log's last write on a full disk) still lets the folder go
+                if lock.created:  # run_dir did not exist: it holds nothing but this refused run's lock and log
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                lock.release()
         raise
 
 
@@ -322,10 +324,12 @@ def train(
         error = err
         raise
     finally:
-        if run.let_go is not None:
-            run.let_go(error)
-        if run.lock is not None:
-            run.lock.release()
+        try:
+            if run.let_go is not None:
+                run.let_go(error)
+        finally:  # a LetGo that fails (a log's last write on a full disk) still lets the folder go
+            if run.lock is not None:
+                run.lock.release()
 
 
 def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
