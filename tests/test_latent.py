@@ -359,7 +359,9 @@ def test_resume_refuses_a_run_whose_vae_differs(latent_run, vaes):
         check_resume_vae(saved, {**saved, "dataset": {**saved["dataset"], "max_size": 32}}, result.checkpoint)
 
 
-def test_resume_refuses_another_latent_map(latent_run):
+def test_resume_refuses_another_latent_map(latent_run, caplog):
+    """One error, not first a warning that the changed latent.* keys let the run go on (RESUME_FREE's "latent."
+    stands for every key under it)."""
     from edm.models.checkpoint import CheckpointError
     from edm.training.loop import setup
 
@@ -368,6 +370,7 @@ def test_resume_refuses_another_latent_map(latent_run):
                             "ema_sigma_rel=[0.10]", "ema_snapshot_kimg=0.016", "resume=true", "latent.raw_std=[1,1,1,1]"])
     with pytest.raises(CheckpointError, match=r"another latent space \(bias: .*; scale: checkpoint \[0.119"):
         setup(cfg)
+    assert "changed training settings" not in caplog.text
 
 
 def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixel_data(latent_run, vaes, tmp_path):

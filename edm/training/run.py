@@ -314,7 +314,7 @@ def check_resume_changes(state: dict, cfg: TrainConfig, loss: Loss, path: Path, 
     if refusals:
         raise ckpt.CheckpointError(f"checkpoint {path} {' and '.join(refusals)}: resume with the settings it was "
                                    "trained with, or start a new run_dir")
-    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k not in RESUME_FREE and not _is_fixed(k)
+    altered = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if not listed(k, RESUME_FREE) and not _is_fixed(k)
                and k not in as_facts]
     if altered:
         run_logger.warning("resuming %s with changed training settings (%s): the run goes on, but not as the saved run "
