@@ -373,7 +373,8 @@ def test_resume_refuses_another_latent_map(latent_run, caplog):
     assert "changed training settings" not in caplog.text
 
 
-def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixel_data(latent_run, vaes, tmp_path):
+def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixel_data(latent_run, vaes, tmp_path,
+                                                                                       tiny_checkpoint):
     from PIL import Image
 
     root, result = latent_run
@@ -397,6 +398,12 @@ def test_sample_decodes_latents_to_pixels_and_study_scores_them_against_the_pixe
     rows = run_study(StudyConfig(checkpoint=str(root / "run"), solvers=["euler"], steps=[2], num_images=8, batch=4,
                                  out=str(tmp_path / "study"), progress=False))
     assert rows[0]["nfe"] == 2 and np.isfinite(rows[0]["fd_cls"])  # against digits at 16x16, the latents' pixel source
+    # a pixel teacher is refused as such, also where vae= names the model's VAE (not as "drop vae=", which the model needs)
+    teacher = tiny_checkpoint(tmp_path / "pixel-teacher.pt")
+    with pytest.raises(VAEError, match="teacher .*pixel-teacher.pt makes pixels, the model VAE latents"):
+        run_study(StudyConfig(checkpoint=str(root / "run"), vae=str(vaes[0]), solvers=["euler"], steps=[2],
+                              teacher=str(teacher), teacher_steps=[2], num_images=8, batch=4,
+                              out=str(tmp_path / "study-teacher"), progress=False))
 
 
 def test_posthoc_model_folders_keep_the_latent_facts(latent_run, tmp_path):

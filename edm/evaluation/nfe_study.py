@@ -141,9 +141,14 @@ def _schedule(name: str | None, info: ModelInfo) -> Schedule:
     return model_schedule(info.schedule, "schedules=[NAME]") if name is None else get(name)
 
 
-def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device) -> _Model:
-    """A study's model from its file, each solver checked against what it is (denoiser or consistency model)."""
+def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: StudyConfig, device: torch.device,
+          like: ModelInfo | None = None) -> _Model:
+    """A study's model from its file, each solver checked against what it is (denoiser or consistency model); a
+    teacher (`like`: the model's info) is refused first when it works in another space than the model, before
+    vae= (the model's VAE) is taken for it."""
     denoiser, info = load_model(path, ema=cfg.ema, device=device)
+    if like is not None:
+        same_latent_space(like.latent, info.latent, f"{label} {info.source}")
     vae = model_vae(info.latent, info.img_shape, info.source, cfg.vae, cfg.vae_batch, cfg.vae_dtype, device)
     prefix = "" if label == "model" else f"{label}_"  # edm-study's keys of this model, which its refusals name
     for solver in solvers:
@@ -220,8 +225,7 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
     main, guide_info = _load(cfg.checkpoint, "model", cfg.solvers, cfg.steps, cfg, device)
     info, models = main.info, [main]
     if cfg.teacher is not None:
-        teacher, _ = _load(cfg.teacher, "teacher", cfg.teacher_solvers, cfg.teacher_steps, cfg, device)
-        same_latent_space(info.latent, teacher.info.latent, f"teacher {teacher.info.source}")
+        teacher, _ = _load(cfg.teacher, "teacher", cfg.teacher_solvers, cfg.teacher_steps, cfg, device, like=info)
         if teacher.info.img_shape != info.img_shape or teacher.info.label_dim != info.label_dim:
             raise ValueError(f"teacher {teacher.info.source} makes {teacher.info.img_shape} images with "
                              f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}")
