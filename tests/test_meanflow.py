@@ -216,7 +216,7 @@ def test_recipe_meanflow_trains_and_samples_in_one_step(compose_train, tmp_path)
         train(compose_train("sampler=meanflow", run_dir=tmp_path / "d"))
 
 
-def test_recipe_meanflow_tunes_a_flow_matching_run(compose_train, tmp_path):
+def test_recipe_meanflow_tunes_a_flow_matching_run(compose_train, tmp_path, caplog):
     """init= a flow-matching run: its network gains the zero-initialized second input and its weights load."""
     from edm.models import checkpoint as ckpt
     from edm.training.loop import train
@@ -229,6 +229,8 @@ def test_recipe_meanflow_tunes_a_flow_matching_run(compose_train, tmp_path):
     with pytest.raises(ValueError, match="not kind edm: init= a model trained with schedule=fm .*edm.* was trained with "
                                          "precond kind edm"):
         train(compose_train("recipe=meanflow", f"init={edm_run}", run_dir=tmp_path / "mf2"))
+    # one error: no note first that the run trains with schedule=fm and that schedule=edm would keep the model's
+    assert "keeps the model's schedule" not in caplog.text
 
 
 @pytest.mark.parametrize("preset", list(SMALL_PRESETS))

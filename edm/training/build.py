@@ -252,6 +252,7 @@ def initial_denoiser(cfg: TrainConfig, dataset: ImageDataset, latent: dict[str, 
                      dataset=(state.get("config") or {}).get("dataset"))
     check_model_fits("init", info, cfg, dataset, latent, "train on the model's data (dataset=, dataset.resolution=, "
                      "dataset.cond=) or start from another model")
+    check_objective(cfg.objective, {"precond": precond}, str(path))  # before the schedule note, which this refusal voids
     logger.info("init: the denoiser of %s (network %s, precond %s), its EMA weights", path, network["name"], precond["kind"])
     trained = (state.get("schedule") or {}).get("name")
     if trained is not None and trained != cfg.schedule.name:
