@@ -28,6 +28,7 @@ from edm.cli import USER_ERRORS, user_errors
 from edm.data import DATASETS, DatasetConfig, build_dataset, dataset_images, dataset_record
 from edm.data.sets import DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 from edm.files import FolderInUseError, FolderLock
+from edm.progress import progress_bar
 from edm.provenance import PROVENANCE_NAME, ProvenanceError, claim, refuse_foreign_folder
 
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--held-out", type=int, default=1000, help="images kept out of training for the PSNR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a VAE that OUT holds, of any settings")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar of the training steps on stderr (default on)")
     return p.parse_args(argv)
 
 
@@ -88,7 +91,7 @@ def train_into_out(args: argparse.Namespace) -> dict:
         raise SystemExit(f"small_vae.py: error: --held-out {args.held_out} leaves no image of {args.dataset}'s "
                          f"{len(images)} to train on: give fewer")
     data_keys = ("dataset", "dataset_root", "resolution", "resample")  # recorded as the data set's record
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *data_keys)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "progress", *data_keys)}
     settings |= {"dataset": dataset_record(data)}
     try:
         with FolderLock(args.out, key="--out", owner="small_vae.py") as lock:  # one process writes OUT
@@ -132,6 +135,7 @@ def train_vae(args: argparse.Namespace, images: torch.Tensor, channels: tuple[in
                         sample_size=x.shape[-1])
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
+    bar = progress_bar(args.steps, "training the VAE", "step") if args.progress else None
     for step in range(1, args.steps + 1):
         batch = train[torch.randint(len(train), (args.batch,), generator=gen)]
         posterior = vae.encode(batch).latent_dist
@@ -141,8 +145,13 @@ def train_vae(args: argparse.Namespace, images: torch.Tensor, channels: tuple[in
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(mse=f"{mse.item():.5f}", refresh=False)
         if step % 500 == 0 or step == args.steps:
             print(f"step {step}: mse {mse.item():.5f}", flush=True)
+    if bar is not None:
+        bar.close()
     vae.eval()
     with torch.no_grad():
         mse = sum(float((vae.decode(vae.encode(part).latent_dist.mean).sample.clamp(0, 1) - part).pow(2).sum())

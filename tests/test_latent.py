@@ -596,6 +596,21 @@ def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it
     assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == sorted([*weights, ".lock"])
 
 
+def test_small_vae_shows_its_training_steps_on_a_progress_bar(tmp_path, capsys):
+    """Its 3000 steps take minutes: a bar counts them (--no-progress turns it off, and is no setting of the VAE: the
+    same OUT takes it)."""
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+    argv = ["--dataset", "digits", "--resolution", "8", "--steps", "3", "--batch", "4", "--held-out", "4",
+            "--channels", "8,16"]
+    small_vae.main([*argv, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "training the VAE: 100%" in err and "3/3" in err
+    small_vae.main([*argv, "--out", str(tmp_path / "a"), "--no-progress"])
+    assert "training the VAE" not in capsys.readouterr().err
+
+
 def test_small_vae_saves_each_file_whole(tmp_path):
     """A save that fails half way leaves OUT without the half-written file, and without its staging folder."""
     from conftest import load_script
