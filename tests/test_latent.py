@@ -596,6 +596,15 @@ def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it
     assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == sorted([*weights, ".lock"])
 
 
+def test_a_latent_folder_read_as_images_is_named_as_latents(latent_run):
+    """dataset=folder on edm-encode's output: one error that says it holds latents and names dataset=latent."""
+    from edm.data.sets import DatasetNotFoundError
+
+    root, _ = latent_run
+    with pytest.raises(DatasetNotFoundError, match=r"latents holds VAE latents .*: read it with dataset=latent dataset.root="):
+        build_dataset(DatasetConfig("folder", root=str(root / "latents")))
+
+
 def test_small_vae_shows_its_training_steps_on_a_progress_bar(tmp_path, capsys):
     """Its 3000 steps take minutes: a bar counts them (--no-progress turns it off, and is no setting of the VAE: the
     same OUT takes it)."""

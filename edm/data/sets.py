@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from ..choices import check_choice
 from ..hardware import RunWideLog
+from ..latent import LATENTS_NAME
 
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
@@ -252,6 +253,9 @@ class ImageFolderDataset(ImageDataset):
         self.root = Path(root)
         self.source = ImageSource(self.root)
         if not self.source.names:
+            if LATENTS_NAME in self.source.all_names:  # edm-encode's output
+                raise DatasetNotFoundError(f"{self.root} holds VAE latents (edm-encode's {LATENTS_NAME}), not image files: "
+                                           f"read it with dataset=latent dataset.root={self.root}")
             raise DatasetNotFoundError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}; point dataset.root at a folder "
                 "or zip of images, optionally one subfolder per class or a dataset.json with labels"
