@@ -112,8 +112,10 @@ def test_ect_weight_is_one_over_the_gap_itself_at_every_stage_float32_resolves()
     assert ((rounded - exact).abs() / exact).max() > 1e-4  # what a difference of rounded times would give
     check_ect_stages(2.0, 1.0, 13.0)  # stages 0..12 pass; a 14th does not
     check_ect_stages(2.0, 15 / 13, 15.0)  # 13 stages of 15/13 kimg: a whole quotient up to round-off
-    with pytest.raises(ValueError, match=r"reaches ECT stage 13.*At most 13 stages: set ect.stage_kimg ≥ 1.077 "):
-        check_ect_stages(2.0, 1.0, 14.0)
+    with pytest.raises(ValueError, match=r"reaches ECT stage 13.*At most 13 stages: set ect.stage_kimg ≥ 1.077 .*"
+                                         r"or total_kimg ≤ 13 \(a resume keeps its run's ect.stage_kimg\)"):
+        check_ect_stages(2.0, 1.0, 14.0)  # a resume may not change ect.stage_kimg: the total_kimg that fits is named
+    check_ect_stages(2.0, 0.1, 1.3)  # the total_kimg named for ect.stage_kimg=0.1 passes
     y, n, t = _batch()
     den = edm.Precond(_conv_net(), kind="edm").float()
     value = loss(den, y.float(), sigma=t.float(), noise=n.float())

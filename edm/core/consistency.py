@@ -117,11 +117,12 @@ def check_ect_stages(q: float, stage_kimg: float, total_kimg: float) -> None:
     if q ** -(last + 1) < ECT_MIN_GAP:
         stages = math.floor(math.log(1 / ECT_MIN_GAP) / math.log(q) + 1e-9)  # the most stages float32 resolves
         least = math.ceil(total_kimg / stages * 1e4) / 1e4  # rounded up: the value named passes
+        most = math.floor(stages * stage_kimg * 1e4) / 1e4  # rounded down: likewise
         raise ValueError(
             f"total_kimg={total_kimg:g} with ect.stage_kimg={stage_kimg:g} reaches ECT stage {last}, where t − r ≥ "
             f"t·{q:g}^−{last + 1} = {q ** -(last + 1):.2g}·t is below float32's resolution ({ECT_MIN_GAP:.2g}·t): the pair "
             f"x̂_t, x̂_r loses its difference and the loss turns NaN. At most {stages} stages: set ect.stage_kimg ≥ "
-            f"{least:g} (ECT trains 8 stages) or lower total_kimg")
+            f"{least:g} (ECT trains 8 stages) or total_kimg ≤ {most:g} (a resume keeps its run's ect.stage_kimg)")
 
 
 def lognormal_above(
