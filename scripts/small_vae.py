@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
 def train_into_out(args: argparse.Namespace) -> dict:
     """main's work: OUT refused if it is another's, before the data set is read; the VAE trained, then saved."""
     channels = block_channels(args)
+    try:  # the optional extra, checked before OUT is made
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise SystemExit("small_vae.py: error: it trains diffusers' AutoencoderKL: pip install 'edm-diffusion[latent]' "
+                         "(or pip install diffusers)") from None
     for key in ("steps", "batch", "held_out"):
         if getattr(args, key) < 1:
             raise SystemExit(f"small_vae.py: error: --{key.replace('_', '-')} {getattr(args, key)}: give 1 or more")

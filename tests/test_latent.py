@@ -605,6 +605,16 @@ def test_a_latent_folder_read_as_images_is_named_as_latents(latent_run):
         build_dataset(DatasetConfig("folder", root=str(root / "latents")))
 
 
+def test_small_vae_without_diffusers_names_the_extra_and_makes_no_folder(tmp_path, monkeypatch):
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    with pytest.raises(SystemExit, match=r"small_vae.py: error: .*pip install 'edm-diffusion\[latent\]'"):
+        small_vae.main(["--dataset", "digits", "--out", str(tmp_path / "vae"), "--steps", "1"])
+    assert not (tmp_path / "vae").exists()  # no provenance.json of a VAE that was never trained
+
+
 def test_small_vae_shows_its_training_steps_on_a_progress_bar(tmp_path, capsys):
     """Its 3000 steps take minutes: a bar counts them (--no-progress turns it off, and is no setting of the VAE: the
     same OUT takes it)."""
