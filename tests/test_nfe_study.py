@@ -205,6 +205,10 @@ def test_a_study_refuses_a_solver_in_its_own_keys_naming_the_teacher_and_a_missp
     with pytest.raises(ValueError, match=r"^teacher .* is not a consistency model .* or sample this one with an ODE "
                                          r"solver \(teacher_solvers=\[heun\]\)$"):
         run_study(cfg)
+    cfg.teacher, cfg.teacher_solvers = str(tiny_checkpoint(tmp_path / "cond.pt", label_dim=10)), ["heun"]
+    with pytest.raises(ValueError, match=r"^teacher .*cond.pt makes \(1, 8, 8\) images with 10 classes, .* with 0: give "
+                                         r"teacher= a model of the same data \(e.g. the one the model was tuned from\)$"):
+        run_study(cfg)  # a teacher of other images: the fix is named
     assert not (tmp_path / "z").exists()
 
 

@@ -228,7 +228,8 @@ def run_study(cfg: StudyConfig, device: torch.device | str = "cpu") -> list[dict
         teacher, _ = _load(cfg.teacher, "teacher", cfg.teacher_solvers, cfg.teacher_steps, cfg, device, like=info)
         if teacher.info.img_shape != info.img_shape or teacher.info.label_dim != info.label_dim:
             raise ValueError(f"teacher {teacher.info.source} makes {teacher.info.img_shape} images with "
-                             f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}")
+                             f"{teacher.info.label_dim} classes, {info.source} {info.img_shape} with {info.label_dim}: "
+                             "give teacher= a model of the same data (e.g. the one the model was tuned from)")
         models.append(teacher)
     schedules = [_schedule(name, info) for name in cfg.schedules]
     for schedule in schedules:  # a bad option value (order, variant, ...) fails here, before OUT is claimed
