@@ -199,6 +199,22 @@ def test_encode_writes_edm2s_layout_with_labels_readable_from_folder_and_zip(vae
         assert label.argmax() == 1 and index == 4 and ds.latent["vae_fingerprint"] == vae.fingerprint
 
 
+def test_encode_refuses_a_latent_map_it_would_drop(vaes, tmp_path):
+    """edm-encode stores raw latents: latent.raw_mean (and the map's other keys) set there is refused, naming edm-train,
+    before anything is written; a command line is refused in one line."""
+    latent = LatentConfig(vae=str(vaes[0]), raw_mean=[0.5, -0.4, -0.1, 0.1], final_std=1.0)
+    with pytest.raises(ValueError, match=r"^latent.raw_mean, latent.final_std: edm-encode stores the VAE's raw latents.* "
+                                         r"set the map on edm-train \(dataset=latent latent.raw_mean=... "
+                                         r"latent.final_std=...\) and drop it here$"):
+        encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", max_size=4), latent=latent, out=str(tmp_path / "l"),
+                                    progress=False))
+    assert not (tmp_path / "l").exists()
+    proc = encode(tmp_path / "m", vaes[0], "dataset=digits", "dataset.max_size=4", "latent.raw_std=[1,1,1,1]")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("edm-encode: error: latent.raw_std:")
+    encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", max_size=4), out=str(tmp_path / "n"), progress=False,
+                                latent=LatentConfig(vae=str(vaes[0]), raw_mean=[5.81, 3.25, 0.12, -2.15])))  # defaults
+
+
 def test_encode_resumes_the_missing_latents_and_refuses_another_vae(vaes, tmp_path):
     """A rerun encodes only the missing and cut-short latents, to the same arrays; another VAE is refused in one line
     (the command), and so is a model folder."""

@@ -91,6 +91,21 @@ def _pack(folder: Path, names: list[str], dest: Path) -> None:
     atomic_write(dest, write)
 
 
+MAP_KEYS = ("raw_mean", "raw_std", "final_mean", "final_std")  # the latent map: training's, not the stored latents'
+
+
+def check_no_latent_map(latent: LatentConfig) -> None:
+    """Refuse latent.raw_mean/raw_std/final_mean/final_std set to other than their defaults: edm-encode stores the
+    raw posteriors and records no map, so they would be dropped without a word; edm-train takes them."""
+    defaults = LatentConfig()
+    changed = [f"latent.{key}" for key in MAP_KEYS
+               if np.asarray(getattr(latent, key), float).tolist() != np.asarray(getattr(defaults, key), float).tolist()]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: edm-encode stores the VAE's raw latents, which the latent map does not "
+                         "change (it is not recorded); set the map on edm-train (dataset=latent "
+                         f"{' '.join(key + '=...' for key in changed)}) and drop it here")
+
+
 def encode_dataset(cfg: EncodeConfig) -> dict:
     """Encode cfg.dataset into cfg.out in every process of the launch (accelerate's PartialState); returns the
     main process's report (images encoded now, by all processes, and in all; the output)."""
@@ -99,6 +114,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
 
     from ..hardware import use_cpu
 
+    check_no_latent_map(cfg.latent)
     state = PartialState(cpu=use_cpu(cfg.cpu))
     out = Path(cfg.out)
     packed = out.suffix.lower() == ".zip"
