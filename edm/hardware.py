@@ -12,7 +12,8 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
-           "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog"]
+           "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog",
+           "check_same_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,41 @@ def process_identity(process_index: int, num_processes: int, env: Mapping[str, s
     local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", num_processes))
     node, nodes = int(env.get("GROUP_RANK", 0)), max(num_processes // max(local_world, 1), 1)
     return f"process {process_index} of {num_processes} (node {node} of {nodes}, local rank {local})"
+
+
+def setting_splits(every: list[dict]) -> list[str]:
+    """'KEY: V in process(es) 0, W in 1' for each key whose value is not the same in every process's flat settings."""
+    keys = sorted(set().union(*every), key=str)
+    splits = []
+    for key in keys:
+        values = [settings.get(key) for settings in every]
+        if any(value != values[0] for value in values):
+            held: dict[str, list[int]] = {}
+            for rank, value in enumerate(values):
+                held.setdefault(repr(value), []).append(rank)
+            splits.append(f"{key}: " + ", ".join(f"{value} in process{'es' * (len(ranks) > 1)} "
+                                                 f"{', '.join(map(str, ranks))}" for value, ranks in held.items()))
+    return splits
+
+
+def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse, in every process alike, a launch whose processes were given different settings (a node's launcher
+    started with other arguments, or an interpolation that differs by rank): each process would compute with its
+    own, silently (other data, lr, steps, a different number of collectives). `settings` are this process's,
+    compared leaf by leaf (edm.files.flatten) but for the `ignore` keys; nothing to do outside a process group."""
+    import torch.distributed as dist
+
+    from .files import flatten
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = {key: value for key, value in flatten(dict(settings)).items() if key not in ignore}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    splits = setting_splits(every)
+    if splits:
+        raise ValueError(f"the {len(every)} processes of this launch were given different settings ({'; '.join(splits)}): "
+                         f"start every process (each node's `accelerate launch`) with the same {command} arguments")
 
 
 RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")  # torchrun's elastic agent; SLURM's requeue

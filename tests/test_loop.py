@@ -191,6 +191,24 @@ def test_two_cpu_processes_see_different_data(tmp_path, tiny_train, one_thread_e
     assert resumed.stderr.count("with changed training settings (lr: 0.002 -> 0.001)") == 1
 
 
+def test_processes_given_different_settings_are_refused_before_any_work(tmp_path, tiny_train, one_thread_env):
+    """Each process of a launch reads its own command line (one per node): two given another seed and lr (here an
+    interpolation of RANK) would train on their own data order and apply their own updates to the replicas, silently.
+    Every process refuses it in one line naming each differing key, and no run folder is made; a setting each
+    process may hold its own of (progress) is not compared."""
+    run_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "grid_size=0",
+              "cpu=true", f"run_dir={run_dir}", "seed=${oc.env:RANK}", "lr=${oc.env:RANK}1e-3",
+              "progress=${oc.env:RANK}"]
+    proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600, env=one_thread_env)
+    assert proc.returncode != 0
+    line = ("edm-train: error: the 2 processes of this launch were given different settings (lr: 0.001 in process 0, "
+            "0.011 in process 1; seed: 0 in process 0, 1 in process 1): start every process")
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    assert not run_dir.exists()
+
+
 def _train_processes(args: list[str], processes: int, env: dict) -> str:
     """edm.train in `processes` CPU processes (accelerate launch, gloo) or in one plain process; its stderr."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

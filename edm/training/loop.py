@@ -26,11 +26,13 @@ import torch
 from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, micro_batch_start, to_model_space
 from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
-from ..files import FolderLock
+from ..files import FolderLock, to_container
 from ..generation.outputs import save_grid
 from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
-from ..hardware import LaunchSettings, RunWideLog, check_replicated_launch, launch_settings, launcher_restart, use_cpu
+from ..hardware import (
+    LaunchSettings, RunWideLog, check_replicated_launch, check_same_settings, launch_settings, launcher_restart, use_cpu,
+)
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
 from .build import Resolved, check_objective, check_few_step_settings, check_target_weight, initial_denoiser, latent_facts, latent_vae, load_initial_weights, resolve, with_teacher
@@ -109,6 +111,9 @@ def _data_grid(run: Run) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the run
 
 
+PER_PROCESS_SETTINGS = ("progress", "dataset.num_workers")  # settings each process may have its own of: the rest must agree
+
+
 def as_launched(cfg: TrainConfig) -> tuple[TrainConfig, LaunchSettings]:
     """cfg with mixed_precision and compile as this launch resolves them (hardware.launch_settings: the config's,
     else the launcher's), as a run records them, and those settings; a launch that shards the model is refused
@@ -144,6 +149,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | Non
     cfg, launch = as_launched(cfg)
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
                               log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
+    check_same_settings(to_container(cfg), "edm-train", ignore=PER_PROCESS_SETTINGS)  # before any process does work
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
