@@ -194,6 +194,22 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
         assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
 
 
+def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path):
+    """Each process reads its own command line: one given other steps would write images of other settings into the
+    folder whose provenance record is process 0's. Every process refuses it in one line, before any image."""
+    args = [f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "seeds=0-3", "sampler=euler",
+            "sampler.num_steps=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}", "format=png", "progress=false",
+            f"out={tmp_path / 'out'}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("edm-sample: error: the 2 processes of this launch were given different settings "
+                             "(sampler.num_steps: 20 in process 0, 21 in process 1)") == 2, proc.stderr[-3000:]
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
 def test_sample_script_scores_its_images_with_the_metric_table(run_dir, tmp_path):
     """eval.metrics=[fd_cls]: once all images exist the main process scores the saved pixels against the
     data set, as the library does, and the report holds the numbers; bits/dim (a metric of data under a

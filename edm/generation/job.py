@@ -25,7 +25,7 @@ from ..core.denoisers import fast_denoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, package_version, to_container, write_json
-from ..hardware import DTYPES, LaunchSettings, launch_settings, set_precision_flags, use_cpu
+from ..hardware import DTYPES, LaunchSettings, check_same_settings, launch_settings, set_precision_flags, use_cpu
 from ..latent import VAE, LatentConfig, model_vae
 from ..models.loading import ModelInfo, guided, load_model, model_record
 from . import outputs, sampling
@@ -194,6 +194,7 @@ def generate_folder(
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
         raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
+    check_same_settings(to_container(cfg), "edm-sample", ignore=("progress",))  # each writes its share of one folder
     set_precision_flags(cfg.tf32)
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
