@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
            "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog",
-           "check_same_settings"]
+           "check_same_settings", "check_one_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,20 @@ def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...]
     if splits:
         raise ValueError(f"the {len(every)} processes of this launch were given different settings ({'; '.join(splits)}): "
                          f"start every process (each node's `accelerate launch`) with the same {command} arguments")
+
+
+WORLD_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun's, MPI's (as accelerate reads them)
+
+
+def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None:
+    """Refuse a launch of several processes (torchrun, `accelerate launch --num_processes N`, mpirun) of a command
+    that splits no work between processes: each would do all of it, into the same output folder."""
+    for name in WORLD_SIZES:
+        value = env.get(name, "1")
+        if value.isdigit() and int(value) > 1:
+            raise ValueError(f"{command} runs in one process, but this launch started {value} ({name}={value}), each of "
+                             f"which would do all the work into the same folder: run {command} itself, without "
+                             "accelerate launch or torchrun (edm-sample and edm-train spread their work over processes)")
 
 
 RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")  # torchrun's elastic agent; SLURM's requeue

@@ -143,3 +143,17 @@ def test_a_run_wide_warning_is_logged_by_the_main_process_only(monkeypatch, capl
     assert [r.getMessage() for r in caplog.records].count("setting x") == logged
     assert [r.getMessage() for r in caplog.records].count("note") == logged
     assert [r.getMessage() for r in caplog.records].count("this process's own") == 1
+
+
+@pytest.mark.parametrize("env,refused", [({}, False), ({"WORLD_SIZE": "1"}, False), ({"WORLD_SIZE": "4"}, True),
+                                         ({"OMPI_COMM_WORLD_SIZE": "2"}, True)])
+def test_a_single_process_command_refuses_a_launch_of_several(env, refused):
+    """edm-eval, edm-study, edm-export, edm-posthoc, edm-convert-nvlabs split no work: N launched processes would each
+    do all of it into one folder."""
+    from edm.hardware import check_one_process
+
+    if not refused:
+        check_one_process("edm-eval", env)
+        return
+    with pytest.raises(ValueError, match=r"edm-eval runs in one process, but this launch started \d .*run edm-eval itself"):
+        check_one_process("edm-eval", env)

@@ -247,3 +247,23 @@ def test_steps_and_nfe_budgets_together_are_refused(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"^steps=\[2\] and nfe=\[5\]: .*; drop steps= to study the budgets, or nfe="):
         run_study(cfg)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_study_refuses_a_launch_of_several_processes(tmp_path, tiny_checkpoint):
+    """edm-study splits no work between processes: under `accelerate launch --num_processes 2` each process ran the
+    whole study and one failed on the other's lock of OUT ("in use by an NFE study"). Every process now refuses the
+    launch in one line before any work, saying how to run it."""
+    import os
+    import sys
+
+    from conftest import REPO
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.nfe_study", f"checkpoint={ckpt}",
+              "solvers=[euler]", "steps=[2]", "num_images=8", f"out={tmp_path / 'study'}", "progress=false"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", EDM_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(launch, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("edm-study: error: edm-study runs in one process, but this launch started 2 (WORLD_SIZE=2)") == 2
+    assert not (tmp_path / "study").exists() and not (tmp_path / "cache").exists()

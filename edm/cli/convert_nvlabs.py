@@ -17,6 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..hardware import check_one_process
 from ..models.nvlabs import convert
 from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
@@ -35,6 +36,7 @@ ConfigStore.instance().store(name="convert_nvlabs_schema", node=ConvertConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="convert_nvlabs")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-convert-nvlabs"):
+        check_one_process("edm-convert-nvlabs")
         cfg: ConvertConfig = typed(dcfg)
         snap = convert(cfg.pkl, cfg.out, cfg.overwrite)
     ref, net = snap.reference, snap.denoiser["network"]

@@ -30,7 +30,7 @@ from ..evaluation import metrics
 from ..evaluation.scorers import METRICS, NoDatasetError, ScoringContext, evaluate, option_files
 from ..files import folder_holder, folder_turn, write_json
 from ..generation.job import REPORT_NAME
-from ..hardware import pick_device, share_cpu
+from ..hardware import check_one_process, pick_device, share_cpu
 from ..models.loading import load_model
 from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
@@ -186,6 +186,7 @@ def merge_report(path: str | None, name: str, numbers: dict, files: dict[str, st
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-eval"):
+        check_one_process("edm-eval")
         name = HydraConfig.get().runtime.choices.get("metric")
         if name is None:
             raise ValueError(f"say what to compute: metric={' | '.join([*METRICS, 'ref'])} (edm-eval --help)")

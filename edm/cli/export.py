@@ -16,6 +16,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..hardware import check_one_process
 from ..models.export import WEIGHTS_NAME
 from ..models.loading import export_model
 from . import CONFIG_DIR, hydra_errors, typed, user_errors
@@ -36,6 +37,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-export"):
+        check_one_process("edm-export")
         cfg: ExportConfig = typed(dcfg)
         path, out = export_model(cfg.checkpoint, cfg.out, cfg.ema, cfg.overwrite)
     size = (out / WEIGHTS_NAME).stat().st_size

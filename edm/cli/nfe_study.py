@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..evaluation.nfe_study import StudyConfig, run_study
-from ..hardware import pick_device, share_cpu
+from ..hardware import check_one_process, pick_device, share_cpu
 from . import CONFIG_DIR, CONTINUES, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
@@ -26,6 +26,7 @@ ConfigStore.instance().store(name="nfe_study_schema", node=StudyConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="nfe_study")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-study", on_interrupt=CONTINUES):
+        check_one_process("edm-study")
         cfg: StudyConfig = typed(dcfg)
         device = pick_device(cfg.cpu)
         share_cpu(device.type == "cpu")

@@ -13,6 +13,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..hardware import check_one_process
 from ..training.posthoc import PosthocConfig, reconstruct
 from . import CONFIG_DIR, hydra_errors, typed, user_errors
 
@@ -23,6 +24,7 @@ ConfigStore.instance().store(name="posthoc_schema", node=PosthocConfig)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="posthoc")
 def main(dcfg: DictConfig) -> None:
     with user_errors("edm-posthoc"):
+        check_one_process("edm-posthoc")
         cfg: PosthocConfig = typed(dcfg)
         summary = reconstruct(cfg)
     for row in summary:
