@@ -380,6 +380,36 @@ def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 once, from the resumed run
 
 
+KILL_DURING_SNAPSHOT = """
+import os
+import edm.training.phema as phema
+from edm.cli import compose
+from edm.training.loop import train
+real_write = phema.atomic_write
+def dying_write(path, write, durable=True):
+    if path.name == "snapshot-000000000032.safetensors":  # the second snapshot: half a file, then kill -9
+        return real_write(path, lambda f: (f.write(b"half a snapshot"), f.flush(), os._exit(9)), durable)
+    return real_write(path, write, durable)
+phema.atomic_write = dying_write
+train(compose("train", [*{overrides!r}, "run_dir=" + {run_dir!r}, "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016"]))
+"""
+
+
+def test_a_kill_during_a_snapshot_write_leaves_no_temporary_after_the_resume(tmp_path, tiny_train, one_thread_env):
+    """A power-EMA snapshot is written atomically too: a kill -9 in the middle leaves its .snapshot-*.tmp in
+    run_dir/phema, which the resume removes as it removes a checkpoint's (it stayed there, one model's EMAs per kill)."""
+    run_dir = tmp_path / "run"
+    script = KILL_DURING_SNAPSHOT.format(overrides=tiny_train, run_dir=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=one_thread_env, capture_output=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    assert len(list((run_dir / "phema").glob(".snapshot-*.tmp"))) == 1
+    resumed = train(compose("train", [*tiny_train, f"run_dir={run_dir}", "ema_sigma_rel=[0.1]", "ema_snapshot_kimg=0.016",
+                                      "resume=true"]))
+    assert resumed.state.step == 4
+    assert sorted(p.name for p in (run_dir / "phema").iterdir()) == ["snapshot-000000000016.safetensors",
+                                                                    "snapshot-000000000032.safetensors"]
+
+
 def test_a_digits_run_that_recorded_a_root_it_never_read_resumes_and_scores_without_it(compose_train, tmp_path):
     """A digits checkpoint that records a root (the set reads none): a resume without it continues (it is neither a
     setting nor an input of that set), and its model is scored against digits, no root."""

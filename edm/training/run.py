@@ -27,7 +27,7 @@ from ..hardware import RunWideLog
 from ..models import checkpoint as ckpt
 from .build import build_loss, latent_facts, loss_spec, precond_defaults, resolved_network
 from .config import LossConfig, TrainConfig
-from .phema import PowerEMA, snapshot_path, write_snapshot
+from .phema import SNAPSHOT_DIR, PowerEMA, snapshot_path, write_snapshot
 
 __all__ = [
     "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "restore",
@@ -45,8 +45,10 @@ class RunDirError(FileExistsError):
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the .checkpoint-*.tmp files that killed writes left (no finished checkpoint is one)."""
-    stale = sorted(Path(run_dir).glob(".checkpoint-*.tmp"))
+    """Delete the temporaries (.NAME.XXXX.tmp, edm.files.atomic_write) that killed writes left in run_dir and its
+    snapshot folder: of checkpoints, power-EMA snapshots, metrics, grids (no finished file is one). Called by the
+    main process that has just locked run_dir, before this launch writes anything."""
+    stale = sorted([*Path(run_dir).glob(".*.tmp"), *(Path(run_dir) / SNAPSHOT_DIR).glob(".*.tmp")])
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
