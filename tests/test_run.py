@@ -380,6 +380,22 @@ def test_a_kill_during_a_checkpoint_write_loses_nothing_and_resume_cleans_up(tmp
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 once, from the resumed run
 
 
+def test_a_resume_on_fewer_processes_drops_the_batch_records_of_the_missing_ranks_after_its_checkpoint(compose_train,
+                                                                                                     tmp_path):
+    """log_batch_indices=true: a run of two processes killed after logging steps past its last checkpoint, resumed on
+    one. Each process trims its own batch-indices file to the checkpoint; rank 1's, which no process of the resumed
+    run writes, kept the killed run's records of the steps the resumed run took again, and the log then said two
+    sets of images for those steps. The main process trims it too."""
+    run_dir = tmp_path / "run"
+    train(compose_train("log_batch_indices=true", "checkpoint_every=2", "keep_checkpoints=0"))
+    (run_dir / "checkpoint-00000004.pt").unlink()  # killed after step 4's records, before its checkpoint
+    killed_rank1 = [{"step": step, "round": 0, "indices": [step]} for step in range(4)]  # rank 1's file of that run
+    (run_dir / "batch-indices-rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed_rank1))
+    train(compose_train("log_batch_indices=true", "checkpoint_every=2", "resume=true"))
+    assert [r["step"] for r in map(json.loads, (run_dir / "batch-indices-rank1.jsonl").read_text().splitlines())] == [0, 1]
+    assert [r["step"] for r in map(json.loads, (run_dir / "batch-indices-rank0.jsonl").read_text().splitlines())] == [0, 1, 2, 3]
+
+
 KILL_DURING_SNAPSHOT = """
 import os
 import edm.training.phema as phema

@@ -247,6 +247,10 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
         dropped = trim_metrics(run_dir / METRICS_NAME, run.state.step)
         if dropped:
             logger.info("dropped %d metrics record(s) logged after step %d, which this run logs again", dropped, run.state.step)
+        for rank_log in run_dir.glob("batch-indices-rank*.jsonl"):  # of processes this launch has not: no writer
+            rank = rank_log.stem.removeprefix("batch-indices-rank")
+            if rank.isdigit() and int(rank) >= accelerator.num_processes:  # (each other trims its own: _loop)
+                trim_metrics(rank_log, run.state.step - 1)
         snapshots = trim_snapshots(run_dir, run.state.cur_nimg)
         if snapshots:
             logger.info("deleted %d power-EMA snapshot(s) taken after %d images (%s ...), which this run takes again",
