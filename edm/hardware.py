@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
            "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog",
-           "check_same_settings", "check_one_process"]
+           "check_same_settings", "check_one_process", "unlaunched_cpu_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,19 @@ def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None
             raise ValueError(f"{command} runs in one process, but this launch started {value} ({name}={value}), each of "
                              f"which would do all the work into the same folder: run {command} itself, without "
                              "accelerate launch or torchrun (edm-sample and edm-train spread their work over processes)")
+
+
+def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ) -> bool:
+    """Warn where `accelerate launch --cpu --num_processes N` (N > 1) started this one process: accelerate's CPU
+    launcher starts N only through MPI (--mpirun_hostfile) and otherwise runs one, saying nothing; its sign is the
+    MASTER_ADDR it sets for N > 1 with no world size (WORLD_SIZES) beside it. Returns whether it warned."""
+    cpu_launcher = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if not cpu_launcher or "MASTER_ADDR" not in env or any(name in env for name in WORLD_SIZES):
+        return False
+    logger.warning("accelerate launch --cpu --num_processes N starts one process unless MPI is set up: this %s runs as one "
+                   "process; for N CPU processes use accelerate launch --multi_gpu --num_processes N -m %s ... "
+                   "cpu=true", command, module)
+    return True
 
 
 RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")  # torchrun's elastic agent; SLURM's requeue

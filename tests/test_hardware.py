@@ -157,3 +157,30 @@ def test_a_single_process_command_refuses_a_launch_of_several(env, refused):
         return
     with pytest.raises(ValueError, match=r"edm-eval runs in one process, but this launch started \d .*run edm-eval itself"):
         check_one_process("edm-eval", env)
+
+
+@pytest.mark.parametrize("launcher_args,warned", [(["--cpu", "--num_processes", "2"], True),
+                                                  (["--cpu", "--num_processes", "1"], False),
+                                                  (["--multi_gpu", "--num_processes", "2"], False)])
+def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch, caplog, launcher_args, warned):
+    """`accelerate launch --cpu --num_processes 2` runs one process unless MPI is set up, silently: the run said
+    "1 process(es)" only. The environment accelerate's launchers give the worker (their own functions build it here)
+    tells: a warning names how to start two."""
+    import logging
+
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    from edm.hardware import unlaunched_cpu_processes
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = launch_command_parser().parse_args([*launcher_args, "--num_machines", "1", "--mixed_precision", "no",
+                                               "--dynamo_backend", "no", "-m", "edm.train"])
+    if args.multi_gpu:
+        env = prepare_multi_gpu_env(args) | {"WORLD_SIZE": "2"}  # torchrun's, per worker
+    else:
+        env = prepare_simple_launcher_cmd_env(args)[1]
+    with caplog.at_level(logging.WARNING, logger="edm.hardware"):
+        assert unlaunched_cpu_processes("edm-train", "edm.train", env) is warned
+    assert ("use accelerate launch --multi_gpu --num_processes N -m edm.train ... cpu=true" in caplog.text) is warned

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..data.encode import EncodeConfig, encode_dataset
-from ..hardware import share_cpu, use_cpu
+from ..hardware import share_cpu, unlaunched_cpu_processes, use_cpu
 from . import CONFIG_DIR, CONTINUES, hydra_errors, typed, user_errors
 
 ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
@@ -27,6 +27,7 @@ def main(dcfg: DictConfig) -> None:
     with user_errors("edm-encode", on_interrupt=CONTINUES):
         cfg: EncodeConfig = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
+        unlaunched_cpu_processes("edm-encode", "edm.cli.encode")
         report = encode_dataset(cfg)
     if torch.distributed.is_initialized():  # each process lets go of its process group before the interpreter ends
         torch.distributed.destroy_process_group()

@@ -28,7 +28,7 @@ from ..data import DatasetConfig
 from ..evaluation.scorers import EvalConfig, ScoringContext, build_scorers, check_metrics, metric_files
 from ..generation.job import SampleConfig, generate_folder
 from ..latent import VAE
-from ..hardware import share_cpu, use_cpu
+from ..hardware import share_cpu, unlaunched_cpu_processes, use_cpu
 from ..models.loading import ModelInfo
 from . import CONFIG_DIR, CONTINUES, close_log, own_folder_files, sweep_job_folder, hydra_errors, typed, user_errors
 
@@ -77,6 +77,7 @@ def main(dcfg: DictConfig) -> None:
             dcfg.out = job
         cfg: SampleCommand = typed(dcfg)
         share_cpu(use_cpu(cfg.cpu))
+        unlaunched_cpu_processes("edm-sample", "edm.cli.sample")
         try:
             report = generate_folder(cfg, scorer=scorer_of(cfg), on_own_folder=lambda out: handlers.append(
                 own_folder_files(out, dcfg, hydra_cfg, "sample.log")))

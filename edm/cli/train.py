@@ -20,7 +20,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..hardware import join_restarted_group, process_identity, set_precision_flags, share_cpu, use_cpu
+from ..hardware import (
+    join_restarted_group, process_identity, set_precision_flags, share_cpu, unlaunched_cpu_processes, use_cpu,
+)
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..training.runlog import kimg_text
@@ -42,6 +44,7 @@ def main(dcfg: DictConfig) -> None:
             dcfg.run_dir = job
             cfg = dataclasses.replace(cfg, run_dir=job)
         share_cpu(use_cpu(cfg.cpu))  # as many threads as idle cores, unless OMP_NUM_THREADS says
+        unlaunched_cpu_processes("edm-train", "edm.train")
         join_restarted_group(use_cpu(cfg.cpu))  # a launcher's restart: a process group of this attempt's own
         state = PartialState(cpu=use_cpu(cfg.cpu))  # the state train's Accelerator joins
         is_main = state.is_main_process
