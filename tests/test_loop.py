@@ -209,6 +209,28 @@ def test_processes_given_different_settings_are_refused_before_any_work(tmp_path
     assert not run_dir.exists()
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_a_run_folder_is_made(compose_train, tmp_path,
+                                                                                                tiny_train, one_thread_env):
+    """batch_size=1 on 2 processes was a ZeroDivisionError traceback in each; batch_size=3 on 2 and batch_per_device=3
+    of 8 on 1 were refused only after the run had made its folder (train.log, .hydra). Each is one line saying what to
+    set, before run_dir exists."""
+    with pytest.raises(ValueError, match=r"batch_size=8 must be a multiple of batch_per_device \(3\) x processes \(1\) = 3: "
+                                         "set batch_per_device to a divisor of 8"):
+        train(compose_train("batch_per_device=3"))
+    assert not (tmp_path / "run").exists()
+    for batch, said in [(1, "batch_size=1 is smaller than the 2 processes of this launch"),
+                        (3, "batch_size=3 does not split over the 2 processes of this launch")]:
+        run_dir = tmp_path / f"batch-{batch}"
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train",
+                               *tiny_train, f"batch_size={batch}", "cpu=true", f"run_dir={run_dir}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env)
+        assert proc.returncode != 0 and "ZeroDivisionError" not in proc.stderr
+        assert proc.stderr.count(f"edm-train: error: {said} (each takes an equal share of every step): set batch_size to "
+                                 "a multiple of 2, or launch") == 2, proc.stderr[-3000:]
+        assert not run_dir.exists()
+
+
 def _train_processes(args: list[str], processes: int, env: dict) -> str:
     """edm.train in `processes` CPU processes (accelerate launch, gloo) or in one plain process; its stderr."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

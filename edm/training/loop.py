@@ -40,7 +40,7 @@ from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
 from .run import (
-    Run, RunDirError, RunState, micro_batch_size, other_run, remove_stale_temporaries, restore, run_inputs,
+    Run, RunDirError, RunState, check_batch_layout, other_run, remove_stale_temporaries, restore, run_inputs,
     save_checkpoint, save_snapshot, seed_draws, trim_metrics,
 )
 from .runlog import (
@@ -150,6 +150,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | Non
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=use_cpu(cfg.cpu), dynamo_backend=launch.dynamo_backend,
                               log_with=installed_trackers(cfg.trackers) or None, project_dir=cfg.run_dir)
     check_same_settings(to_container(cfg), "edm-train", ignore=PER_PROCESS_SETTINGS)  # before any process does work
+    check_batch_layout(cfg, accelerator.num_processes)  # before run_dir is made
     if launch.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         run_logger.warning("mixed_precision=fp16 has no effect on CPU (accelerate autocasts only bf16 there); use bf16")
     run_dir = Path(cfg.run_dir)
@@ -346,9 +347,7 @@ def _loop(run: Run, callback: Callable[[Run], None] | None) -> TrainResult:
     """The steps from run.state to total_kimg, with logging, checkpoints, grids and stop requests."""
     cfg, acc, state = run.cfg, run.accelerator, run.state
     world = acc.num_processes
-    micro = micro_batch_size(cfg, world)
-    if cfg.batch_size % (micro * world) != 0:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of batch_per_device ({micro}) x processes ({world})")
+    micro = check_batch_layout(cfg, world)
     accum = cfg.batch_size // (micro * world)
     total_nimg = int(round(cfg.total_kimg * 1000))
     total_steps = state.step + max(0, math.ceil((total_nimg - state.cur_nimg) / cfg.batch_size))

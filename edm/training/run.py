@@ -30,7 +30,7 @@ from .config import LossConfig, TrainConfig
 from .phema import SNAPSHOT_DIR, PowerEMA, snapshot_path, write_snapshot
 
 __all__ = [
-    "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "restore",
+    "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "check_batch_layout", "restore",
     "save_checkpoint", "save_snapshot", "remove_stale_temporaries", "trim_metrics", "settings_as_trained",
     "checkpoint_settings", "saved_precond_spec", "saved_loss_spec", "check_resume_changes", "other_run", "RESUME_FIXED", "RESUME_FREE",
     "listed",
@@ -143,6 +143,21 @@ def seed_draws(generator: torch.Generator, seed: int, position: int, stream: str
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     """Images per micro-batch: batch_per_device, else batch_size / processes."""
     return cfg.batch_per_device or cfg.batch_size // world
+
+
+def check_batch_layout(cfg: TrainConfig, world: int) -> int:
+    """The micro-batch size (micro_batch_size) where batch_size splits into micro-batches of it over `world`
+    processes, else a ValueError saying how to make it split."""
+    micro = micro_batch_size(cfg, world)
+    if cfg.batch_per_device is None and cfg.batch_size % world != 0:
+        how = ("is smaller than", "fewer processes") if cfg.batch_size < world else (
+            "does not split over", "a number of processes that divides it")
+        raise ValueError(f"batch_size={cfg.batch_size} {how[0]} the {world} processes of this launch (each takes an equal "
+                         f"share of every step): set batch_size to a multiple of {world}, or launch {how[1]}")
+    if cfg.batch_size % (micro * world) != 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of batch_per_device ({micro}) x processes "
+                         f"({world}) = {micro * world}: set batch_per_device to a divisor of {cfg.batch_size // world}")
+    return micro
 
 
 def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str | Path | None) -> dict[str, Any]:
