@@ -339,6 +339,32 @@ def test_two_nodes_on_one_box_train_as_one_node_with_as_many_processes(tmp_path,
     assert two["processes"] == 2 and [r["step"] for r in metrics_records(run_dir)] == [1, 2, 3, 4]
 
 
+def test_two_nodes_that_do_not_share_run_dir_are_refused(tmp_path, tiny_train, one_thread_env):
+    """run_dir=run from two working directories (as two nodes with their own disks): each node saw its own folder, so
+    process 1 resumed from no checkpoint while process 0 resumed from its own (the replicas then trained apart, and
+    the launch hung when process 0 ended first). Every process refuses such a launch in one line, and node 0's new
+    folder is removed."""
+    port, procs = str(_free_port()), []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "grid_size=0", "cpu=true",
+             "run_dir=run"], cwd=cwd, env=one_thread_env | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    said = ("edm-train: error: run_dir run is not one folder for every process: process 1 does not see what process 0 "
+            "writes there")
+    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert not (tmp_path / "node0" / "run").exists()
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
     try:

@@ -26,7 +26,7 @@ import torch
 from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, micro_batch_start, to_model_space
 from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
-from ..files import FolderLock, to_container
+from ..files import FolderLock, atomic_write, to_container
 from ..generation.outputs import save_grid
 from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
@@ -157,6 +157,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | Non
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     let_go = None
     try:
+        check_shared_run_dir(accelerator, run_dir)
         cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its train.log there
         if lock is not None and on_own_run_dir is not None:
             let_go = on_own_run_dir(run_dir)
@@ -272,6 +273,35 @@ def _on_main(accelerator: Any, make: Callable[[], Any]) -> Any:
 def launch_token(accelerator: Any) -> str:
     """A random token that every process of this launch shares (the main process draws it)."""
     return _on_main(accelerator, lambda: os.urandom(8).hex())
+
+
+SHARED_WAIT_S = 5.0  # how long a process looks for the main process's mark in run_dir (a network file system's caches)
+
+
+def check_shared_run_dir(accelerator: Any, run_dir: Path) -> None:
+    """Refuse, in every process, a launch whose processes do not all see the main process's run_dir (a folder on each
+    node's own disk, or a relative path from other working directories): the others would resume from no checkpoint
+    while the main process resumes from its own, and never see the stop file it writes. The main process, which
+    holds run_dir's lock, writes run_dir/.launch-<token>.tmp; each other process looks for it."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    mark = run_dir / f".launch-{launch_token(accelerator)}.tmp"  # a killed launch's is a stale temporary
+    if accelerator.is_main_process:
+        atomic_write(mark, lambda f: f.write(b"edm-train"))
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not (seen := accelerator.is_main_process or mark.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blind = [rank for rank, sees in enumerate(gather_object([seen])) if not sees]
+    if accelerator.is_main_process:
+        mark.unlink(missing_ok=True)
+    if blind:
+        who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
+        raise ValueError(f"run_dir {run_dir} is not one folder for every process: {who} not see what process 0 writes "
+                         "there (a folder on each node's own disk, or a relative path from other working directories): "
+                         "give run_dir as one absolute path on a file system every node sees")
 
 
 def _ignore_sigint(worker_id: int) -> None:
