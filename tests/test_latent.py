@@ -262,6 +262,21 @@ def test_encode_on_two_processes_equals_one(vaes, tmp_path):
     assert (tmp_path / "two" / "dataset.json").read_text() == (tmp_path / "one" / "dataset.json").read_text()
 
 
+def test_encode_processes_given_different_settings_are_refused(vaes, tmp_path):
+    """Each process reads its own command line: one given another max_size encoded its share of another image list
+    into the folder process 0 claimed. Every process refuses it in one line, before any latent."""
+    args = ["dataset=digits", "dataset.resolution=16", "dataset.max_size=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}",
+            f"latent.vae={vaes[0]}", "progress=false", f"out={tmp_path / 'two'}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.encode"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("edm-encode: error: the 2 processes of this launch were given different settings "
+                             "(dataset.max_size: 20 in process 0, 21 in process 1)") == 2, proc.stderr[-3000:]
+    assert not list((tmp_path / "two").glob("*.npy")) and not list((tmp_path / "two").glob("[0-9]" * 5))
+
+
 def test_latent_data_set_names_a_bad_file_and_refuses_resizing(vaes, tmp_path):
     out = tmp_path / "lat"
     encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=4),

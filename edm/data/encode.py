@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import FolderLock, atomic_write, write_json
+from ..files import FolderLock, atomic_write, to_container, write_json
 from ..latent import LATENTS_NAME, LatentConfig, load_vae
 from ..progress import progress_bar
 from ..provenance import claim, refuse_foreign_folder
@@ -112,10 +112,11 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     from accelerate import PartialState
     from accelerate.utils import reduce
 
-    from ..hardware import use_cpu
+    from ..hardware import check_same_settings, use_cpu
 
     check_no_latent_map(cfg.latent)
     state = PartialState(cpu=use_cpu(cfg.cpu))
+    check_same_settings(to_container(cfg), "edm-encode", ignore=("progress",))  # each encodes its share of one folder
     out = Path(cfg.out)
     packed = out.suffix.lower() == ".zip"
     work = out.with_name(out.name + ".parts") if packed else out
