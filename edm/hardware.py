@@ -191,15 +191,15 @@ def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None
 
 
 def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ) -> bool:
-    """Warn where `accelerate launch --cpu --num_processes N` (N > 1) started this one process: accelerate's CPU
-    launcher starts N only through MPI (--mpirun_hostfile) and otherwise runs one, saying nothing; its sign is the
-    MASTER_ADDR it sets for N > 1 with no world size (WORLD_SIZES) beside it. Returns whether it warned."""
-    cpu_launcher = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
-    if not cpu_launcher or "MASTER_ADDR" not in env or any(name in env for name in WORLD_SIZES):
+    """Warn where `accelerate launch --num_processes N` (N > 1) without --multi_gpu, or with --cpu, started this one
+    process: on a machine without GPUs accelerate's plain launcher starts N only through MPI (--mpirun_hostfile) and
+    otherwise runs one, saying nothing. Its signs: ACCELERATE_USE_CPU, which that launcher alone sets, and the
+    MASTER_ADDR it sets for N > 1, with no world size (WORLD_SIZES) beside them. Returns whether it warned."""
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or any(name in env for name in WORLD_SIZES):
         return False
-    logger.warning("accelerate launch --cpu --num_processes N starts one process unless MPI is set up: this %s runs as one "
-                   "process; for N CPU processes use accelerate launch --multi_gpu --num_processes N -m %s ... "
-                   "cpu=true", command, module)
+    logger.warning("accelerate launch --num_processes N without --multi_gpu (or with --cpu) starts one process on CPUs "
+                   "unless MPI is set up: this %s runs as one process; for N CPU processes use accelerate launch "
+                   "--multi_gpu --num_processes N -m %s ... cpu=true", command, module)
     return True
 
 

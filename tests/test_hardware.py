@@ -160,10 +160,11 @@ def test_a_single_process_command_refuses_a_launch_of_several(env, refused):
 
 
 @pytest.mark.parametrize("launcher_args,warned", [(["--cpu", "--num_processes", "2"], True),
+                                                  (["--num_processes", "2"], True),  # no --multi_gpu, no GPU
                                                   (["--cpu", "--num_processes", "1"], False),
                                                   (["--multi_gpu", "--num_processes", "2"], False)])
 def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch, caplog, launcher_args, warned):
-    """`accelerate launch --cpu --num_processes 2` runs one process unless MPI is set up, silently: the run said
+    """`accelerate launch [--cpu] --num_processes 2` runs one process on CPUs unless MPI is set up, silently: the run said
     "1 process(es)" only. The environment accelerate's launchers give the worker (their own functions build it here)
     tells: a warning names how to start two."""
     import logging
@@ -177,6 +178,7 @@ def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch,
         monkeypatch.delenv(name, raising=False)
     args = launch_command_parser().parse_args([*launcher_args, "--num_machines", "1", "--mixed_precision", "no",
                                                "--dynamo_backend", "no", "-m", "edm.train"])
+    args.use_cpu = getattr(args, "use_cpu", False)  # what accelerate's config would add (none here)
     if args.multi_gpu:
         env = prepare_multi_gpu_env(args) | {"WORLD_SIZE": "2"}  # torchrun's, per worker
     else:
