@@ -365,6 +365,35 @@ def test_two_nodes_that_do_not_share_run_dir_are_refused(tmp_path, tiny_train, o
     assert not (tmp_path / "node0" / "run").exists()
 
 
+def test_two_nodes_that_read_different_data_sets_are_refused(tmp_path, tiny_train, one_thread_env):
+    """dataset.root=data from two working directories (as each node's own copy of the data, one of them not whole):
+    each process drew its share of every batch from a permutation of its own 13 or 12 images, so the shares repeated
+    and missed images, and the run ended with exit 0. Every process refuses such a launch, naming each one's set."""
+    from conftest import png
+
+    port, procs, run_dir = str(_free_port()), [], tmp_path / "run"
+    for node, count in ((0, 13), (1, 12)):
+        cwd = tmp_path / f"node{node}"
+        for k in range(count):
+            png(cwd / "data" / f"{k:03d}.png", 8, 10 * k)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "batch_size=4",
+             "total_kimg=0.016", "grid_size=0", "cpu=true", "dataset=folder", "dataset.root=data",
+             "dataset.num_workers=0", f"run_dir={run_dir}"], cwd=cwd, env=one_thread_env | {"PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    said = ("edm-train: error: the processes of this launch read different data sets (process 0: 13 images of 1x8x8, "
+            "label_dim 0; process 1: 12 images of 1x8x8, label_dim 0; dataset.root=data)")
+    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert not run_dir.exists()
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
     try:

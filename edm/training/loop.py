@@ -217,6 +217,7 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
         for stale in run_dir.glob(f"{STOP_PREFIX}*"):  # stop files of earlier launches
             stale.unlink(missing_ok=True)
     dataset = build_dataset(cfg.dataset)
+    check_same_data(accelerator, dataset, cfg.dataset.root)
     vae = latent_vae(cfg, dataset, accelerator.device)
     latent = latent_facts(vae, dataset) if vae is not None else None
     spec, init_weights, init_file = (initial_denoiser(cfg, dataset, latent) if cfg.init else
@@ -273,6 +274,23 @@ def _on_main(accelerator: Any, make: Callable[[], Any]) -> Any:
 def launch_token(accelerator: Any) -> str:
     """A random token that every process of this launch shares (the main process draws it)."""
     return _on_main(accelerator, lambda: os.urandom(8).hex())
+
+
+def check_same_data(accelerator: Any, dataset: Any, root: str | None) -> None:
+    """Refuse, in every process, a launch whose processes read data sets of other sizes or shapes (a copy of the data
+    on each node's own disk that is not whole, a relative dataset.root from other working directories): each process
+    draws its share of the batch from a permutation of its own set's images, so the shares would repeat and miss
+    images, silently."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    every = gather_object([(len(dataset), dataset.channels, dataset.resolution, dataset.label_dim)])
+    if len(set(every)) > 1:
+        held = "; ".join(f"process {rank}: {n} images of {c}x{r}x{r}, label_dim {d}" for rank, (n, c, r, d) in enumerate(every))
+        raise ValueError(f"the processes of this launch read different data sets ({held}; dataset.root={root}): every "
+                         "process must read the same images; make each node's copy whole and alike, or give "
+                         "dataset.root on a file system every node sees")
 
 
 SHARED_WAIT_S = 5.0  # how long a process looks for the main process's mark in run_dir (a network file system's caches)
