@@ -156,11 +156,12 @@ def setting_splits(every: list[dict]) -> list[str]:
     return splits
 
 
-def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...] = ()) -> None:
+def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...] = (), read: bool = False) -> None:
     """Refuse, in every process alike, a launch whose processes were given different settings (a node's launcher
     started with other arguments, or an interpolation that differs by rank): each process would compute with its
     own, silently (other data, lr, steps, a different number of collectives). `settings` are this process's,
-    compared leaf by leaf (edm.files.flatten) but for the `ignore` keys; nothing to do outside a process group."""
+    compared leaf by leaf (edm.files.flatten) but for the `ignore` keys; nothing to do outside a process group.
+    `read`: the settings are facts of what the processes read (a model file's hash), not their arguments."""
     import torch.distributed as dist
 
     from .files import flatten
@@ -172,6 +173,9 @@ def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...]
     dist.all_gather_object(every, mine)
     splits = setting_splits(every)
     if splits:
+        if read:
+            raise ValueError(f"the {len(every)} processes of this launch read different files ({'; '.join(splits)}): give "
+                             f"every process (each node) the same files, e.g. on a file system every node sees")
         raise ValueError(f"the {len(every)} processes of this launch were given different settings ({'; '.join(splits)}): "
                          f"start every process (each node's `accelerate launch`) with the same {command} arguments")
 

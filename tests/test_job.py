@@ -210,6 +210,38 @@ def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path
     assert not list((tmp_path / "out").glob("*.png"))
 
 
+def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_checkpoint, tmp_path):
+    """checkpoint=model.pt from two working directories (as a copy of the model on each node's own disk, one of another
+    step): each process generated its share with its own weights into the one folder. Every process refuses such a
+    launch, naming the checkpoint hashes."""
+    import socket
+
+    from conftest import kill_group
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    procs = []
+    for node in (0, 1):
+        tiny_checkpoint(tmp_path / f"node{node}" / "model.pt", perturb=0.01 * node)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample", "checkpoint=model.pt",
+             "seeds=0-3", "sampler=euler", "sampler.num_steps=2", "progress=false", f"out={tmp_path / 'out'}"],
+            cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True))
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    said = "edm-sample: error: the 2 processes of this launch read different files (checkpoint_sha256: "
+    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
 def test_sample_script_scores_its_images_with_the_metric_table(run_dir, tmp_path):
     """eval.metrics=[fd_cls]: once all images exist the main process scores the saved pixels against the
     data set, as the library does, and the report holds the numbers; bits/dim (a metric of data under a

@@ -211,6 +211,7 @@ def generate_folder(
     out = Path(cfg.out)
     refuse_foreign_folder(out)
     record = provenance(cfg, schedule, info, launch, vae) | model_record(guide_info and guide_info.source, "guide")
+    check_same_settings({"checkpoint": str(info.source), **record}, "edm-sample", read=True)  # node-local copies alike
     lock = None
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = _own_folder(out, record, cfg.overwrite, on_own_folder)
