@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, NamedTuple
 
@@ -13,7 +14,7 @@ import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
            "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog",
-           "check_same_settings", "check_one_process", "unlaunched_cpu_processes"]
+           "check_same_settings", "check_shared_folder", "check_one_process", "unlaunched_cpu_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,39 @@ def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...]
                              f"every process (each node) the same files, e.g. on a file system every node sees")
         raise ValueError(f"the {len(every)} processes of this launch were given different settings ({'; '.join(splits)}): "
                          f"start every process (each node's `accelerate launch`) with the same {command} arguments")
+
+
+SHARED_WAIT_S = 5.0  # how long a process looks for the main process's mark in a folder (a network file system's caches)
+
+
+def check_shared_folder(state, folder: Path, key: str) -> None:
+    """Refuse, in every process, a launch whose processes do not all see the folder the main process owns (a folder on
+    each node's own disk, or a relative path from other working directories): what they write there would be missing
+    from the main process's output, and what it writes (checkpoints, a stop file) missing for them. The main process
+    (accelerate's state or Accelerator), which holds the folder's lock, writes FOLDER/.launch-<token>.tmp; each other
+    process looks for it. `key` is the option that names the folder."""
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from .files import atomic_write
+
+    token = broadcast_object_list([os.urandom(8).hex() if state.is_main_process else None], from_process=0)[0]
+    mark = Path(folder) / f".launch-{token}.tmp"  # a killed launch's is a stale temporary
+    if state.is_main_process:
+        atomic_write(mark, lambda f: f.write(b"edm"))
+    state.wait_for_everyone()
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not (seen := state.is_main_process or mark.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blind = [rank for rank, sees in enumerate(gather_object([seen])) if not sees]
+    if state.is_main_process:
+        mark.unlink(missing_ok=True)
+    if blind:
+        who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
+        raise ValueError(f"{key} {folder} is not one folder for every process: {who} not see what process 0 writes "
+                         "there (a folder on each node's own disk, or a relative path from other working directories): "
+                         f"give {key} as one absolute path on a file system every node sees")
 
 
 WORLD_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun's, MPI's (as accelerate reads them)

@@ -210,10 +210,9 @@ def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path
     assert not list((tmp_path / "out").glob("*.png"))
 
 
-def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_checkpoint, tmp_path):
-    """checkpoint=model.pt from two working directories (as a copy of the model on each node's own disk, one of another
-    step): each process generated its share with its own weights into the one folder. Every process refuses such a
-    launch, naming the checkpoint hashes."""
+def _two_node_sample(tmp_path: Path, *args: str) -> list[tuple[int, str]]:
+    """edm-sample as two `accelerate launch` nodes of one CPU process each on this box, node N in tmp_path/nodeN
+    (a node's own disk, for relative paths); (exit code, output) per node."""
     import socket
 
     from conftest import kill_group
@@ -224,12 +223,12 @@ def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_check
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     procs = []
     for node in (0, 1):
-        tiny_checkpoint(tmp_path / f"node{node}" / "model.pt", perturb=0.01 * node)
+        (tmp_path / f"node{node}").mkdir(exist_ok=True)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
              str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample", "checkpoint=model.pt",
-             "seeds=0-3", "sampler=euler", "sampler.num_steps=2", "progress=false", f"out={tmp_path / 'out'}"],
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample", "seeds=0-3", "sampler=euler",
+             "sampler.num_steps=2", "progress=false", *args],
             cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True))
     try:
@@ -237,9 +236,30 @@ def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_check
     finally:
         for proc in procs:
             kill_group(proc)
+    return [(proc.returncode, log) for proc, log in zip(procs, logs)]
+
+
+def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_checkpoint, tmp_path):
+    """checkpoint=model.pt from two working directories (as a copy of the model on each node's own disk, one of another
+    step): each process generated its share with its own weights into the one folder. Every process refuses such a
+    launch, naming the checkpoint hashes."""
+    for node in (0, 1):
+        tiny_checkpoint(tmp_path / f"node{node}" / "model.pt", perturb=0.01 * node)
+    ends = _two_node_sample(tmp_path, "checkpoint=model.pt", f"out={tmp_path / 'out'}")
     said = "edm-sample: error: the 2 processes of this launch read different files (checkpoint_sha256: "
-    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_sample_processes_that_do_not_share_out_are_refused(run_dir, tmp_path):
+    """out=out from two working directories (as each node's own disk): process 1 wrote its PNGs into a folder process
+    0 never saw, and process 0 reported "wrote 4 images" of a folder holding 2 (exit 0). Every process refuses such a
+    launch before any image."""
+    ends = _two_node_sample(tmp_path, f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "out=out")
+    said = ("edm-sample: error: out out is not one folder for every process: process 1 does not see what process 0 "
+            "writes there")
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
+    assert not list(tmp_path.glob("node*/out/*.png"))
 
 
 def test_sample_script_scores_its_images_with_the_metric_table(run_dir, tmp_path):

@@ -25,7 +25,9 @@ from ..core.denoisers import fast_denoiser
 from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, ScheduleConfig, to_spec
 from ..files import FolderLock, package_version, to_container, write_json
-from ..hardware import DTYPES, LaunchSettings, check_same_settings, launch_settings, set_precision_flags, use_cpu
+from ..hardware import (
+    DTYPES, LaunchSettings, check_same_settings, check_shared_folder, launch_settings, set_precision_flags, use_cpu,
+)
 from ..latent import VAE, LatentConfig, model_vae
 from ..models.loading import ModelInfo, guided, load_model, model_record
 from . import outputs, sampling
@@ -220,8 +222,8 @@ def generate_folder(
         if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # in OUT's sample.log too
             logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
                            "is untrained", cfg.guidance)
-    state.wait_for_everyone()
     try:
+        check_shared_folder(state, out, "out")  # every process's images in the one folder the main process finishes
         start = time.time()
         denoiser.evaluations = 0
         made = sampling.generate(

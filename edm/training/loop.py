@@ -26,12 +26,13 @@ import torch
 from ..data import BadImagesError, StreamBatchSampler, build_dataset, make_loader, micro_batch_start, to_model_space
 from ..data.augment import augment
 from ..evaluation.plots import LOSS_CURVE_NAME, plot_loss_curve
-from ..files import FolderLock, atomic_write, to_container
+from ..files import FolderLock, to_container
 from ..generation.outputs import save_grid
 from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import (
-    LaunchSettings, RunWideLog, check_replicated_launch, check_same_settings, launch_settings, launcher_restart, use_cpu,
+    LaunchSettings, RunWideLog, check_replicated_launch, check_same_settings, check_shared_folder, launch_settings,
+    launcher_restart, use_cpu,
 )
 from ..models import checkpoint as ckpt
 from ..latent import final_latents
@@ -157,7 +158,7 @@ def setup(cfg: TrainConfig, on_own_run_dir: Callable[[Path], LetGo | None] | Non
     lock = FolderLock(run_dir).acquire() if accelerator.is_main_process else None
     let_go = None
     try:
-        check_shared_run_dir(accelerator, run_dir)
+        check_shared_folder(accelerator, run_dir, "run_dir")  # its checkpoints, its stop file
         cfg = resume_or_refuse(cfg, run_dir)  # before the run writes its train.log there
         if lock is not None and on_own_run_dir is not None:
             let_go = on_own_run_dir(run_dir)
@@ -291,35 +292,6 @@ def check_same_data(accelerator: Any, dataset: Any, root: str | None) -> None:
         raise ValueError(f"the processes of this launch read different data sets ({held}; dataset.root={root}): every "
                          "process must read the same images; make each node's copy whole and alike, or give "
                          "dataset.root on a file system every node sees")
-
-
-SHARED_WAIT_S = 5.0  # how long a process looks for the main process's mark in run_dir (a network file system's caches)
-
-
-def check_shared_run_dir(accelerator: Any, run_dir: Path) -> None:
-    """Refuse, in every process, a launch whose processes do not all see the main process's run_dir (a folder on each
-    node's own disk, or a relative path from other working directories): the others would resume from no checkpoint
-    while the main process resumes from its own, and never see the stop file it writes. The main process, which
-    holds run_dir's lock, writes run_dir/.launch-<token>.tmp; each other process looks for it."""
-    if accelerator.num_processes == 1:
-        return
-    from accelerate.utils import gather_object
-
-    mark = run_dir / f".launch-{launch_token(accelerator)}.tmp"  # a killed launch's is a stale temporary
-    if accelerator.is_main_process:
-        atomic_write(mark, lambda f: f.write(b"edm-train"))
-    accelerator.wait_for_everyone()
-    deadline = time.monotonic() + SHARED_WAIT_S
-    while not (seen := accelerator.is_main_process or mark.is_file()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    blind = [rank for rank, sees in enumerate(gather_object([seen])) if not sees]
-    if accelerator.is_main_process:
-        mark.unlink(missing_ok=True)
-    if blind:
-        who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
-        raise ValueError(f"run_dir {run_dir} is not one folder for every process: {who} not see what process 0 writes "
-                         "there (a folder on each node's own disk, or a relative path from other working directories): "
-                         "give run_dir as one absolute path on a file system every node sees")
 
 
 def _ignore_sigint(worker_id: int) -> None:
