@@ -277,6 +277,37 @@ def test_encode_processes_given_different_settings_are_refused(vaes, tmp_path):
     assert not list((tmp_path / "two").glob("*.npy")) and not list((tmp_path / "two").glob("[0-9]" * 5))
 
 
+def test_encode_processes_that_do_not_share_out_are_refused(vaes, tmp_path):
+    """out=lat from two working directories (as each node's own disk), two `accelerate launch` nodes of one process:
+    process 1's latents went to a folder process 0 never saw. Every process refuses such a launch before any latent."""
+    import socket
+
+    from conftest import kill_group
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    procs = []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.encode", "dataset=digits",
+             "dataset.resolution=16", "dataset.max_size=4", f"latent.vae={vaes[0]}", "progress=false", "out=lat"],
+            cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True))
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    said = "edm-encode: error: out lat is not one folder for every process: process 1 does not see what process 0 writes"
+    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert not list(tmp_path.glob("node*/lat/*/*.npy"))
+
+
 def test_latent_data_set_names_a_bad_file_and_refuses_resizing(vaes, tmp_path):
     out = tmp_path / "lat"
     encode_dataset(EncodeConfig(dataset=DatasetConfig("digits", resolution=16, max_size=4),

@@ -112,7 +112,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
     from accelerate import PartialState
     from accelerate.utils import reduce
 
-    from ..hardware import check_same_settings, use_cpu
+    from ..hardware import check_same_settings, check_shared_folder, use_cpu
 
     check_no_latent_map(cfg.latent)
     state = PartialState(cpu=use_cpu(cfg.cpu))
@@ -146,8 +146,8 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
             raise
         logger.info("encoding %d images of %s with VAE %s (%s) on %d process(es) -> %s", len(dataset), cfg.dataset.name,
                     vae.name, vae.fingerprint, state.num_processes, out)
-    state.wait_for_everyone()
     try:
+        check_shared_folder(state, work, "out")  # every process's latents in the one folder the main process finishes
         mine = _encode_shard(dataset, vae, work, state.process_index, state.num_processes, cfg)
         logger.info("process %d encoded %d image(s)", state.process_index, mine)
         made = int(reduce(torch.tensor(mine, device=state.device), reduction="sum"))  # all processes'; waits for all
