@@ -275,6 +275,40 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def one_node_run(module: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` as an `accelerate launch` of `processes` CPU processes (one thread each) on this
+    box, run to its end in the repository (its output captured)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+
+
+def two_nodes(folder: Path, module: str, args_of_node, env: dict[str, str]) -> list[tuple[int, str]]:
+    """`python -m <module> <args_of_node(N)>` as two `accelerate launch` nodes of one CPU process each on this box
+    (node N in folder/nodeN, standing for its own disk when a path is relative); (exit code, output) per node."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = []
+    for node in (0, 1):
+        (folder / f"node{node}").mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args_of_node(node)],
+            cwd=folder / f"node{node}", env=env | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    return [(proc.returncode, log) for proc, log in zip(procs, logs)]
+
+
 def worker_pid(launcher: int, rank: int) -> int:
     """The pid of the worker process with RANK=rank among the launcher's children."""
     children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()

@@ -17,7 +17,7 @@ from edm.generation.outputs import to_uint8
 from edm.core.samplers import SamplerConfig
 from edm.generation.sampling import generate_batch, plan_images
 
-from conftest import command, REPO
+from conftest import command, REPO, one_node_run, two_nodes
 
 
 def sample_script(*overrides, check=True):
@@ -200,10 +200,7 @@ def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path
     args = [f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "seeds=0-3", "sampler=euler",
             "sampler.num_steps=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}", "format=png", "progress=false",
             f"out={tmp_path / 'out'}"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    proc = one_node_run("edm.cli.sample", args)
     assert proc.returncode != 0
     assert proc.stderr.count("edm-sample: error: the 2 processes of this launch were given different settings "
                              "(sampler.num_steps: 20 in process 0, 21 in process 1)") == 2, proc.stderr[-3000:]
@@ -213,30 +210,9 @@ def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path
 def _two_node_sample(tmp_path: Path, *args: str) -> list[tuple[int, str]]:
     """edm-sample as two `accelerate launch` nodes of one CPU process each on this box, node N in tmp_path/nodeN
     (a node's own disk, for relative paths); (exit code, output) per node."""
-    import socket
-
-    from conftest import kill_group
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    procs = []
-    for node in (0, 1):
-        (tmp_path / f"node{node}").mkdir(exist_ok=True)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.sample", "seeds=0-3", "sampler=euler",
-             "sampler.num_steps=2", "progress=false", *args],
-            cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True))
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            kill_group(proc)
-    return [(proc.returncode, log) for proc, log in zip(procs, logs)]
+    return two_nodes(tmp_path, "edm.cli.sample",
+                     lambda node: ["seeds=0-3", "sampler=euler", "sampler.num_steps=2", "progress=false", *args],
+                     dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
 
 
 def test_sample_processes_that_read_different_checkpoints_are_refused(tiny_checkpoint, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, command, reference_repo
+from conftest import TINY_TRAIN, command, one_node_run, reference_repo, two_nodes
 
 from edm.cli import compose
 from edm.data import LatentDataset, build_dataset, latent_name
@@ -267,10 +267,7 @@ def test_encode_processes_given_different_settings_are_refused(vaes, tmp_path):
     into the folder process 0 claimed. Every process refuses it in one line, before any latent."""
     args = ["dataset=digits", "dataset.resolution=16", "dataset.max_size=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}",
             f"latent.vae={vaes[0]}", "progress=false", f"out={tmp_path / 'two'}"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.encode"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    proc = one_node_run("edm.cli.encode", args)
     assert proc.returncode != 0
     assert proc.stderr.count("edm-encode: error: the 2 processes of this launch were given different settings "
                              "(dataset.max_size: 20 in process 0, 21 in process 1)") == 2, proc.stderr[-3000:]
@@ -280,31 +277,11 @@ def test_encode_processes_given_different_settings_are_refused(vaes, tmp_path):
 def test_encode_processes_that_do_not_share_out_are_refused(vaes, tmp_path):
     """out=lat from two working directories (as each node's own disk), two `accelerate launch` nodes of one process:
     process 1's latents went to a folder process 0 never saw. Every process refuses such a launch before any latent."""
-    import socket
-
-    from conftest import kill_group
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    procs = []
-    for node in (0, 1):
-        (tmp_path / f"node{node}").mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.cli.encode", "dataset=digits",
-             "dataset.resolution=16", "dataset.max_size=4", f"latent.vae={vaes[0]}", "progress=false", "out=lat"],
-            cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True))
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            kill_group(proc)
+    ends = two_nodes(tmp_path, "edm.cli.encode", lambda node: [
+        "dataset=digits", "dataset.resolution=16", "dataset.max_size=4", f"latent.vae={vaes[0]}", "progress=false",
+        "out=lat"], dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     said = "edm-encode: error: out lat is not one folder for every process: process 1 does not see what process 0 writes"
-    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
     assert not list(tmp_path.glob("node*/lat/*/*.npy"))
 
 

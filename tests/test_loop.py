@@ -26,7 +26,7 @@ from edm.models.checkpoint import find_latest, list_checkpoints, load_checkpoint
 from edm.training.build import build_loss
 from edm.training.loop import TrainingDivergedError, train
 
-from conftest import REPO, folder_with_bad_files, kill_group, load_script, metrics_records, png, wait_for
+from conftest import REPO, folder_with_bad_files, kill_group, load_script, metrics_records, png, two_nodes, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -344,24 +344,11 @@ def test_two_nodes_that_do_not_share_run_dir_are_refused(tmp_path, tiny_train, o
     process 1 resumed from no checkpoint while process 0 resumed from its own (the replicas then trained apart, and
     the launch hung when process 0 ended first). Every process refuses such a launch in one line, and node 0's new
     folder is removed."""
-    port, procs = str(_free_port()), []
-    for node in (0, 1):
-        cwd = tmp_path / f"node{node}"
-        cwd.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "grid_size=0", "cpu=true",
-             "run_dir=run"], cwd=cwd, env=one_thread_env | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            kill_group(proc)
+    ends = two_nodes(tmp_path, "edm.train", lambda node: [*tiny_train, "grid_size=0", "cpu=true", "run_dir=run"],
+                     one_thread_env)
     said = ("edm-train: error: run_dir run is not one folder for every process: process 1 does not see what process 0 "
             "writes there")
-    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
     assert not (tmp_path / "node0" / "run").exists()
 
 
@@ -369,28 +356,16 @@ def test_two_nodes_that_read_different_data_sets_are_refused(tmp_path, tiny_trai
     """dataset.root=data from two working directories (as each node's own copy of the data, one of them not whole):
     each process drew its share of every batch from a permutation of its own 13 or 12 images, so the shares repeated
     and missed images, and the run ended with exit 0. Every process refuses such a launch, naming each one's set."""
-    from conftest import png
-
-    port, procs, run_dir = str(_free_port()), [], tmp_path / "run"
+    run_dir = tmp_path / "run"
     for node, count in ((0, 13), (1, 12)):
-        cwd = tmp_path / f"node{node}"
         for k in range(count):
-            png(cwd / "data" / f"{k:03d}.png", 8, 10 * k)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-             str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "edm.train", *tiny_train, "batch_size=4",
-             "total_kimg=0.016", "grid_size=0", "cpu=true", "dataset=folder", "dataset.root=data",
-             "dataset.num_workers=0", f"run_dir={run_dir}"], cwd=cwd, env=one_thread_env | {"PYTHONPATH": str(REPO)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            kill_group(proc)
+            png(tmp_path / f"node{node}" / "data" / f"{k:03d}.png", 8, 10 * k)
+    ends = two_nodes(tmp_path, "edm.train", lambda node: [
+        *tiny_train, "batch_size=4", "total_kimg=0.016", "grid_size=0", "cpu=true", "dataset=folder", "dataset.root=data",
+        "dataset.num_workers=0", f"run_dir={run_dir}"], one_thread_env)
     said = ("edm-train: error: the processes of this launch read different data sets (process 0: 13 images of 1x8x8, "
             "label_dim 0; process 1: 12 images of 1x8x8, label_dim 0; dataset.root=data)")
-    assert [proc.returncode != 0 and said in log for proc, log in zip(procs, logs)] == [True, True], logs[0][-3000:]
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
     assert not run_dir.exists()
 
 
