@@ -46,16 +46,27 @@ def _required(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _count(name: str, value: str) -> int:
+    """`value` (the variable `name`'s) as a whole number ≥ 0; anything else is a ValueError naming the variable."""
+    if not value.strip().isdigit():
+        raise ValueError(f"{name}={value!r} is not a whole number: run this under srun in a SLURM job, where SLURM sets "
+                         "it (or set it so for a dry run)")
+    return int(value)
+
+
 def launch_command(env: Mapping[str, str], train_args: Sequence[str], gpus_per_node: int | None = None,
                    python: str = sys.executable) -> list[str]:
     """The `accelerate launch ... -m edm.train ARGS` command of this node, from SLURM's variables (--multi_gpu for
     two or more processes in all: accelerate refuses it for one)."""
-    nodes, node = int(_required(env, "SLURM_NNODES")), int(_required(env, "SLURM_NODEID"))
-    per_node = gpus_per_node if gpus_per_node is not None else int(env.get("SLURM_GPUS_ON_NODE") or 0)
+    nodes, node = _count("SLURM_NNODES", _required(env, "SLURM_NNODES")), _count("SLURM_NODEID", _required(env, "SLURM_NODEID"))
+    per_node = gpus_per_node if gpus_per_node is not None else _count("SLURM_GPUS_ON_NODE", env.get("SLURM_GPUS_ON_NODE") or "0")
     if per_node < 1:
         raise ValueError("SLURM_GPUS_ON_NODE is not set: request GPUs (#SBATCH --gpus-per-node=N) or pass --gpus-per-node")
     host = env.get("MAIN_PROCESS_IP") or first_host(_required(env, "SLURM_JOB_NODELIST"))
     port = env.get("MAIN_PROCESS_PORT") or str(DEFAULT_PORT)
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"MAIN_PROCESS_PORT={port!r} is not a TCP port: set a number from 1 to 65535 (or unset it for "
+                         f"{DEFAULT_PORT})")
     multi = ["--multi_gpu"] if nodes * per_node > 1 else []
     return [python, "-m", "accelerate.commands.launch", *multi, "--num_machines", str(nodes),
             "--machine_rank", str(node), "--num_processes", str(nodes * per_node), "--main_process_ip", host,

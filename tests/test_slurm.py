@@ -46,6 +46,15 @@ def test_slurm_variables_become_the_launch_options():
         slurm.launch_command({"SLURM_NNODES": "1", "SLURM_NODEID": "0"}, [])
 
 
+@pytest.mark.parametrize("name, value", [("SLURM_NNODES", "two"), ("SLURM_NODEID", "-1"), ("SLURM_GPUS_ON_NODE", "gpu:4"),
+                                         ("MAIN_PROCESS_PORT", "http"), ("MAIN_PROCESS_PORT", "70000")])
+def test_a_variable_that_is_no_count_or_port_is_named_with_its_value(name, value):
+    """int()'s own message ("invalid literal for int() with base 10") named neither the variable nor the fix."""
+    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[03-04]"}
+    with pytest.raises(ValueError, match=f"^{name}={value!r} is not a (whole number|TCP port): "):
+        slurm.launch_command(env | {name: value}, [])
+
+
 def _fake_slurm_tools(folder):
     """srun that runs its command (dropping its options) and scontrol that records its arguments."""
     folder.mkdir()
