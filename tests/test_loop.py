@@ -369,6 +369,21 @@ def test_two_nodes_that_read_different_data_sets_are_refused(tmp_path, tiny_trai
     assert not run_dir.exists()
 
 
+def test_two_nodes_that_read_different_init_files_are_refused(tmp_path, tiny_train, one_thread_env, tiny_checkpoint):
+    """init=model.pt from two working directories (each node's own copy, one of other weights; a teacher= alike): the
+    settings agree, but what the processes read does not (a teacher of other weights gives other loss targets).
+    Every process refuses such a launch, naming the hashes, before any step."""
+    for node in (0, 1):
+        tiny_checkpoint(tmp_path / f"node{node}" / "model.pt", perturb=0.01 * (node + 1))
+    run_dir = tmp_path / "run"
+    ends = two_nodes(tmp_path, "edm.train", lambda node: [
+        *tiny_train, "batch_size=4", "total_kimg=0.016", "grid_size=0", "cpu=true", "init=model.pt",
+        f"run_dir={run_dir}"], one_thread_env)
+    said = "edm-train: error: the 2 processes of this launch read different files (init_sha256: "
+    assert [code != 0 and said in log for code, log in ends] == [True, True], ends[0][1][-3000:]
+    assert not list(run_dir.glob("checkpoint-*.pt"))
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
     try:

@@ -41,7 +41,7 @@ from .config import TrainConfig, check_config, run_folder
 from .ema import ema_beta, update_ema
 from .phema import PowerEMA, trim_snapshots
 from .run import (
-    Run, RunDirError, RunState, check_batch_layout, other_run, remove_stale_temporaries, restore, run_inputs,
+    Run, RunDirError, RunState, check_batch_layout, other_run, remove_stale_temporaries, restore, model_inputs, run_inputs,
     save_checkpoint, save_snapshot, seed_draws, trim_metrics,
 )
 from .runlog import (
@@ -241,8 +241,10 @@ def _setup_run(cfg: TrainConfig, accelerator: Any, resolved: Resolved, lock: Fol
     phema = PowerEMA(net, cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
     loss, teacher_file = (with_teacher(resolved.loss, cfg, dataset, accelerator.device, latent) if cfg.objective == "scd"
                           else (resolved.loss, None))
-    run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset,
-              lock=lock, phema=phema, vae=vae, inputs=_on_main(accelerator, lambda: run_inputs(cfg, init_file, teacher_file)))
+    models = model_inputs(init_file, teacher_file)  # each process's own reading: node-local copies must be alike, as
+    check_same_settings(models, "edm-train", read=True)  # a teacher of other weights would give other loss targets
+    run = Run(cfg, accelerator, model, net, ema, optimizer, loss, resolved.schedule, generator, spec, dataset, lock=lock,
+              phema=phema, vae=vae, inputs=_on_main(accelerator, lambda: run_inputs(cfg, init_file, teacher_file, models)))
     if cfg.resume and latest is not None:
         restore(run, latest)
     elif cfg.resume:

@@ -160,17 +160,22 @@ def check_batch_layout(cfg: TrainConfig, world: int) -> int:
     return micro
 
 
-def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str | Path | None) -> dict[str, Any]:
-    """What a run reads besides its settings, as facts a resume compares (the config names them by paths, which a
-    resume from another directory resolves elsewhere, and whose files may change): the data set's resolved root and
-    its root_contents_key, and the identities (model_record) of the files init= and teacher= were read from."""
+def model_inputs(init_file: str | Path | None, teacher_file: str | Path | None) -> dict[str, Any]:
+    """The identities (model_record) of the files init= and teacher= were read from."""
     from ..models.loading import model_record
 
+    return model_record(init_file, "init") | model_record(teacher_file, "teacher")
+
+
+def run_inputs(cfg: TrainConfig, init_file: str | Path | None, teacher_file: str | Path | None,
+               models: dict[str, Any]) -> dict[str, Any]:
+    """What a run reads besides its settings, as facts a resume compares (the config names them by paths, which a
+    resume from another directory resolves elsewhere, and whose files may change): the data set's resolved root and
+    its root_contents_key, and `models` (model_inputs of the files init= and teacher= were read from)."""
     root = resolved_root(cfg.dataset.root)
     files = {f"{key}_file": str(Path(file).resolve()) if file is not None else None
              for key, file in (("init", init_file), ("teacher", teacher_file))}  # where they were read: named, not compared
-    return {"dataset_root": root, "dataset_contents": root_contents_key(root) if root else None,
-            **model_record(init_file, "init"), **model_record(teacher_file, "teacher"), **files}
+    return {"dataset_root": root, "dataset_contents": root_contents_key(root) if root else None, **models, **files}
 
 
 INPUT_KEYS = ("dataset.root", "init", "teacher")  # config paths whose run_inputs facts a resume compares instead
