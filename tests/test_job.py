@@ -196,9 +196,11 @@ def test_sample_script_across_two_processes(run_dir, tmp_path):
 
 def test_sample_processes_given_different_settings_are_refused(run_dir, tmp_path):
     """Each process reads its own command line: one given other steps would write images of other settings into the
-    folder whose provenance record is process 0's. Every process refuses it in one line, before any image."""
+    folder whose provenance record is process 0's. Every process refuses it in one line, before any image. What each
+    process may hold its own of (its batch, "per process", and vae_batch: neither changes the images) is not compared."""
     args = [f"checkpoint={run_dir / 'checkpoint-00000010.pt'}", "seeds=0-3", "sampler=euler",
-            "sampler.num_steps=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}", "format=png", "progress=false",
+            "sampler.num_steps=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}", "batch=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}",
+            "vae_batch=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}", "format=png", "progress=false",
             f"out={tmp_path / 'out'}"]
     proc = one_node_run("edm.cli.sample", args)
     assert proc.returncode != 0

@@ -264,8 +264,11 @@ def test_encode_on_two_processes_equals_one(vaes, tmp_path):
 
 def test_encode_processes_given_different_settings_are_refused(vaes, tmp_path):
     """Each process reads its own command line: one given another max_size encoded its share of another image list
-    into the folder process 0 claimed. Every process refuses it in one line, before any latent."""
+    into the folder process 0 claimed. Every process refuses it in one line, before any latent. What each process
+    may hold its own of (its data loader's workers, its VAE calls' batch: neither is in the latents' record) is not
+    compared."""
     args = ["dataset=digits", "dataset.resolution=16", "dataset.max_size=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}",
+            "dataset.num_workers=${oc.env:RANK}", "latent.batch=${oc.env:LOCAL_WORLD_SIZE}${oc.env:RANK}",
             f"latent.vae={vaes[0]}", "progress=false", f"out={tmp_path / 'two'}"]
     proc = one_node_run("edm.cli.encode", args)
     assert proc.returncode != 0

@@ -106,6 +106,11 @@ def check_no_latent_map(latent: LatentConfig) -> None:
                          f"{' '.join(key + '=...' for key in changed)}) and drop it here")
 
 
+# settings each process may have its own of, the rest must agree: its loader's workers and its VAE calls' batch (neither
+# is in the latents' record)
+PER_PROCESS_SETTINGS = ("progress", "dataset.num_workers", "latent.batch")
+
+
 def encode_dataset(cfg: EncodeConfig) -> dict:
     """Encode cfg.dataset into cfg.out in every process of the launch (accelerate's PartialState); returns the
     main process's report (images encoded now, by all processes, and in all; the output)."""
@@ -116,7 +121,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict:
 
     check_no_latent_map(cfg.latent)
     state = PartialState(cpu=use_cpu(cfg.cpu))
-    check_same_settings(to_container(cfg), "edm-encode", ignore=("progress",))  # each encodes its share of one folder
+    check_same_settings(to_container(cfg), "edm-encode", ignore=PER_PROCESS_SETTINGS)  # each encodes its share of one folder
     out = Path(cfg.out)
     packed = out.suffix.lower() == ".zip"
     work = out.with_name(out.name + ".parts") if packed else out

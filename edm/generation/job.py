@@ -177,6 +177,11 @@ def _work_text(cfg: SampleConfig, nfe: int) -> str:
     return f"{cfg.sampler.solver} with {steps} ({calls} per image{guide_calls})"
 
 
+# settings each process may have its own of, the rest must agree: its batches (per process; not in the provenance
+# record, they do not change the images)
+PER_PROCESS_SETTINGS = ("progress", "batch", "vae_batch")
+
+
 def generate_folder(
     cfg: SampleConfig, *,
     on_own_folder: Callable[[Path], Any] | None = None,
@@ -196,7 +201,7 @@ def generate_folder(
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
         raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: pass cpu=true")
-    check_same_settings(to_container(cfg), "edm-sample", ignore=("progress",))  # each writes its share of one folder
+    check_same_settings(to_container(cfg), "edm-sample", ignore=PER_PROCESS_SETTINGS)  # each writes its share of one folder
     set_precision_flags(cfg.tf32)
     launch = launch_settings(cfg.mixed_precision, cfg.compile)
     writer = outputs.make_writer(cfg.format, cfg.out, rank=state.process_index, subdirs=cfg.subdirs)
