@@ -184,6 +184,19 @@ def check_same_settings(settings: Mapping, command: str, ignore: tuple[str, ...]
 SHARED_WAIT_S = 5.0  # how long a process looks for the main process's mark in a folder (a network file system's caches)
 
 
+def _sees(path: Path) -> bool:
+    """Whether `path` is a file, looked up afresh: each of its folders is opened first, top down, which on NFS
+    (close-to-open) revalidates the folder's cached attributes and with them the negative entries cached under it (a
+    folder this process looked up before another node made it stays absent until its parent's attributes expire,
+    acdirmin 30 s by default)."""
+    for parent in reversed(path.parents):
+        try:
+            os.close(os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)))
+        except OSError:
+            break
+    return path.is_file()
+
+
 def check_shared_folder(state, folder: Path, key: str) -> None:
     """Refuse, in every process, a launch whose processes do not all see the folder the main process owns (a folder on
     each node's own disk, or a relative path from other working directories): what they write there would be missing
@@ -202,7 +215,7 @@ def check_shared_folder(state, folder: Path, key: str) -> None:
         atomic_write(mark, lambda f: f.write(b"edm"))
     state.wait_for_everyone()
     deadline = time.monotonic() + SHARED_WAIT_S
-    while not (seen := state.is_main_process or mark.is_file()) and time.monotonic() < deadline:
+    while not (seen := state.is_main_process or _sees(mark)) and time.monotonic() < deadline:
         time.sleep(0.1)
     blind = [rank for rank, sees in enumerate(gather_object([seen])) if not sees]
     if state.is_main_process:

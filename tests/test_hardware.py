@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +189,41 @@ def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch,
     with caplog.at_level(logging.WARNING, logger="edm.hardware"):
         assert unlaunched_cpu_processes("edm-train", "edm.train", env) is warned
     assert ("use accelerate launch --multi_gpu --num_processes N -m edm.train ... cpu=true" in caplog.text) is warned
+
+
+def test_a_process_with_a_stale_view_of_the_folder_still_sees_the_mark(monkeypatch, tmp_path):
+    """On NFS a process that looked FOLDER up before the main process made it (edm-sample's and edm-encode's
+    refuse_foreign_folder runs in every process) keeps that negative lookup until its parent folder's cached attributes
+    expire (acdirmin, 30 s by default), longer than the 5 s it looks for the mark; opening the parent (close-to-open)
+    revalidates it. Modelled here: FOLDER stays hidden from this process until its parent is opened after it was made."""
+    import edm.hardware as hardware
+    import accelerate.utils
+
+    folder = tmp_path / "out"
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    real_is_file = Path.is_file
+
+    def stale_is_file(self):
+        if folder in self.parents and folder.parent not in opened:
+            return False  # the negative entry for FOLDER, cached before it existed
+        return real_is_file(self)
+
+    class Other:  # process 1 of 2; process 0 has made FOLDER and its mark by the barrier
+        num_processes, is_main_process = 2, False
+
+        def wait_for_everyone(self):
+            folder.mkdir()
+            (folder / ".launch-abc.tmp").write_bytes(b"edm")
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process=0: ["abc"])
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [True, *objects])
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(Path, "is_file", stale_is_file)
+    monkeypatch.setattr(hardware, "SHARED_WAIT_S", 0.5)
+    hardware.check_shared_folder(Other(), folder, "out")
