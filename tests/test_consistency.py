@@ -116,6 +116,13 @@ def test_ect_weight_is_one_over_the_gap_itself_at_every_stage_float32_resolves()
                                          r"or total_kimg ≤ 13 \(a resume keeps its run's ect.stage_kimg\)"):
         check_ect_stages(2.0, 1.0, 14.0)  # a resume may not change ect.stage_kimg: the total_kimg that fits is named
     check_ect_stages(2.0, 0.1, 1.3)  # the total_kimg named for ect.stage_kimg=0.1 passes
+    for stage_kimg, total_kimg in ((100.123, 1400.0), (1.0, 16049.3333)):  # named values of more than 6 digits
+        with pytest.raises(ValueError) as refused:
+            check_ect_stages(2.0, stage_kimg, total_kimg)
+        least = float(re.search(r"ect.stage_kimg ≥ ([0-9.]+) ", str(refused.value)).group(1))
+        most = float(re.search(r"or total_kimg ≤ ([0-9.]+) ", str(refused.value)).group(1))
+        check_ect_stages(2.0, least, total_kimg)  # each value named passes, not one rounded to 6 digits past it
+        check_ect_stages(2.0, stage_kimg, most)
     y, n, t = _batch()
     den = edm.Precond(_conv_net(), kind="edm").float()
     value = loss(den, y.float(), sigma=t.float(), noise=n.float())

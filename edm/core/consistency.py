@@ -122,7 +122,13 @@ def check_ect_stages(q: float, stage_kimg: float, total_kimg: float) -> None:
             f"total_kimg={total_kimg:g} with ect.stage_kimg={stage_kimg:g} reaches ECT stage {last}, where t − r ≥ "
             f"t·{q:g}^−{last + 1} = {q ** -(last + 1):.2g}·t is below float32's resolution ({ECT_MIN_GAP:.2g}·t): the pair "
             f"x̂_t, x̂_r loses its difference and the loss turns NaN. At most {stages} stages: set ect.stage_kimg ≥ "
-            f"{least:g} (ECT trains 8 stages) or total_kimg ≤ {most:g} (a resume keeps its run's ect.stage_kimg)")
+            f"{_kimg(least)} (ECT trains 8 stages) or total_kimg ≤ {_kimg(most)} (a resume keeps its run's "
+            "ect.stage_kimg)")
+
+
+def _kimg(value: float) -> str:
+    """A value rounded to 4 decimals as written, all its digits kept (:g keeps 6 and may round it past the limit)."""
+    return f"{value:.4f}".rstrip("0").rstrip(".")
 
 
 def lognormal_above(
