@@ -233,12 +233,16 @@ WORLD_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD
 def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None:
     """Refuse a launch of several processes (torchrun, `accelerate launch --num_processes N`, mpirun) of a command
     that splits no work between processes: each would do all of it, into the same output folder."""
-    for name in WORLD_SIZES:
-        value = env.get(name, "1")
-        if value.isdigit() and int(value) > 1:
-            raise ValueError(f"{command} runs in one process, but this launch started {value} ({name}={value}), each of "
-                             f"which would do all the work into the same folder: run {command} itself, without "
-                             "accelerate launch or torchrun (edm-sample and edm-train spread their work over processes)")
+    sizes = [name for name in WORLD_SIZES if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1]
+    if sizes:
+        name, value = sizes[0], env[sizes[0]]
+        raise ValueError(f"{command} runs in one process, but this launch started {value} ({name}={value}), each of "
+                         f"which would do all the work into the same folder: run {command} itself, without "
+                         "accelerate launch or torchrun (edm-sample and edm-train spread their work over processes); "
+                         f"where {command} is the only process and {', '.join(sizes)} {'are' if len(sizes) > 1 else 'is'} another "
+                         "launcher's, inherited (a "
+                         f"script of a torchrun job, a cluster's container): unset {' '.join(sizes)} "
+                         f"(env{''.join(f' -u {size}' for size in sizes)} {command} ...)")
 
 
 def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ) -> bool:

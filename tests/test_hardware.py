@@ -160,6 +160,10 @@ def test_a_single_process_command_refuses_a_launch_of_several(env, refused):
         return
     with pytest.raises(ValueError, match=r"edm-eval runs in one process, but this launch started \d .*run edm-eval itself"):
         check_one_process("edm-eval", env)
+    name = next(iter(env))  # a variable a process inherits from another launcher's job (torchrun's worker that runs
+    with pytest.raises(ValueError, match=rf"; where edm-eval is the only process .*: unset {name} \(env -u {name} "
+                                         r"edm-eval \.\.\.\)$"):  # edm-eval, a cluster's container): a way out
+        check_one_process("edm-eval", env)
 
 
 @pytest.mark.parametrize("launcher_args,warned", [(["--cpu", "--num_processes", "2"], True),
