@@ -231,6 +231,21 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_a_run_
         assert not run_dir.exists()
 
 
+def test_a_sweep_whose_processes_are_in_different_folders_is_refused_naming_hydra_sweep_dir(tmp_path, tiny_train):
+    """Each process of a sweep (-m) composes hydra.sweep.dir itself; its default names the second the process started,
+    so two processes started either side of a second (here: a folder per RANK) trained in their own folders, and were
+    refused as "given different settings", which they were not. Every process names hydra.sweep.dir, before any work."""
+    from conftest import one_node_run
+
+    proc = one_node_run("edm.train", ["-m", *tiny_train, "grid_size=0", "cpu=true", "progress=false",
+                                      f"hydra.sweep.dir={tmp_path}/sweep" + "${oc.env:RANK}"])
+    assert proc.returncode != 0
+    said = ("edm-train: error: the processes of this sweep are in different job folders (" + f"{tmp_path}/sweep0/0-")
+    assert proc.stderr.count(said) == 2, proc.stderr[-3000:]
+    assert "pass hydra.sweep.dir=DIR, one folder for every process" in proc.stderr
+    assert not list(tmp_path.glob("sweep*/*/checkpoint-*"))
+
+
 def _train_processes(args: list[str], processes: int, env: dict) -> str:
     """edm.train in `processes` CPU processes (accelerate launch, gloo) or in one plain process; its stderr."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

@@ -31,6 +31,22 @@ from . import CONFIG_DIR, USER_ERRORS, close_log, error_line, log_to, folder_log
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def check_same_sweep(state, job: str) -> None:
+    """Refuse, in every process, a sweep (-m) whose processes are in different job folders: each composes
+    hydra.sweep.dir itself, and its default, runs/sweeps/${now:...}, names the second that process started, so
+    processes started either side of a second would each train in their own folder (edm.training.loop refuses them
+    too, but as processes "given different settings", which they were not)."""
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    jobs = gather_object([job])
+    if len(set(jobs)) > 1:
+        held = ", ".join(f"{folder} in process {rank}" for rank, folder in enumerate(jobs))
+        raise ValueError(f"the processes of this sweep are in different job folders ({held}): hydra.sweep.dir's default "
+                         "names the second each process started; pass hydra.sweep.dir=DIR, one folder for every process")
+
+
 @hydra_errors("edm-train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
@@ -47,6 +63,8 @@ def main(dcfg: DictConfig) -> None:
         unlaunched_cpu_processes("edm-train", "edm.train")
         join_restarted_group(use_cpu(cfg.cpu))  # a launcher's restart: a process group of this attempt's own
         state = PartialState(cpu=use_cpu(cfg.cpu))  # the state train's Accelerator joins
+        if job is not None:
+            check_same_sweep(state, job)
         is_main = state.is_main_process
         if state.num_processes > 1:  # every process says who it is; then only the main one logs below warnings
             logging.getLogger(__name__).info("%s on %s", process_identity(state.process_index, state.num_processes),
