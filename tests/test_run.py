@@ -592,3 +592,19 @@ def test_resume_refuses_another_resize_filter_and_a_resized_checkpoint_that_name
 
 
 # dropout exercises the global RNG, accumulation the micro-batch path, 12 images the epoch wrap
+
+
+def test_a_batch_layout_refusal_names_a_fix_that_passes():
+    """batch_size=10 with batch_per_device=2 on 4 processes: no batch_per_device splits 10 over 4 processes, but the
+    refusal said "set batch_per_device to a divisor of 2" (1 is refused again). It says batch_size must split over
+    the processes; where it does, each divisor it names passes."""
+    from edm.training.config import TrainConfig
+    from edm.training.run import check_batch_layout
+
+    with pytest.raises(ValueError, match=r"batch_size=10 does not split over the 4 processes of this launch .*set "
+                                         r"batch_size to a multiple of 4"):
+        check_batch_layout(TrainConfig(batch_size=10, batch_per_device=2), 4)
+    with pytest.raises(ValueError, match=r"set batch_per_device to a divisor of 6$"):
+        check_batch_layout(TrainConfig(batch_size=24, batch_per_device=4), 4)
+    for micro in (1, 2, 3, 6):
+        assert check_batch_layout(TrainConfig(batch_size=24, batch_per_device=micro), 4) == micro

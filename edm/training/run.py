@@ -149,7 +149,7 @@ def check_batch_layout(cfg: TrainConfig, world: int) -> int:
     """The micro-batch size (micro_batch_size) where batch_size splits into micro-batches of it over `world`
     processes, else a ValueError saying how to make it split."""
     micro = micro_batch_size(cfg, world)
-    if cfg.batch_per_device is None and cfg.batch_size % world != 0:
+    if cfg.batch_size % world != 0:  # (no batch_per_device then splits it either)
         how = ("is smaller than", "fewer processes") if cfg.batch_size < world else (
             "does not split over", "a number of processes that divides it")
         raise ValueError(f"batch_size={cfg.batch_size} {how[0]} the {world} processes of this launch (each takes an equal "
