@@ -242,7 +242,7 @@ def test_a_sweep_whose_processes_are_in_different_folders_is_refused_naming_hydr
     assert proc.returncode != 0
     said = ("edm-train: error: the processes of this sweep are in different job folders (" + f"{tmp_path}/sweep0/0-")
     assert proc.stderr.count(said) == 2, proc.stderr[-3000:]
-    assert "pass hydra.sweep.dir=DIR, one folder for every process" in proc.stderr
+    assert "pass hydra.sweep.dir=DIR, one absolute folder for every process" in proc.stderr
     assert not list(tmp_path.glob("sweep*/*/checkpoint-*"))
 
 

@@ -34,8 +34,9 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 def check_same_sweep(state, job: str) -> None:
     """Refuse, in every process, a sweep (-m) whose processes are in different job folders: each composes
     hydra.sweep.dir itself, and its default, runs/sweeps/${now:...}, names the second that process started, so
-    processes started either side of a second would each train in their own folder (edm.training.loop refuses them
-    too, but as processes "given different settings", which they were not)."""
+    processes started either side of a second (or, with a relative one, in other working directories) would each train
+    in their own folder (edm.training.loop refuses them too, but as processes "given different settings", which they
+    were not)."""
     if state.num_processes == 1:
         return
     from accelerate.utils import gather_object
@@ -43,8 +44,9 @@ def check_same_sweep(state, job: str) -> None:
     jobs = gather_object([job])
     if len(set(jobs)) > 1:
         held = ", ".join(f"{folder} in process {rank}" for rank, folder in enumerate(jobs))
-        raise ValueError(f"the processes of this sweep are in different job folders ({held}): hydra.sweep.dir's default "
-                         "names the second each process started; pass hydra.sweep.dir=DIR, one folder for every process")
+        raise ValueError(f"the processes of this sweep are in different job folders ({held}): each process makes its "
+                         "own of hydra.sweep.dir, whose default names the second it started (and a relative one its "
+                         "working directory); pass hydra.sweep.dir=DIR, one absolute folder for every process")
 
 
 @hydra_errors("edm-train")
