@@ -235,14 +235,13 @@ def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None
     that splits no work between processes: each would do all of it, into the same output folder."""
     sizes = [name for name in WORLD_SIZES if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1]
     if sizes:
-        name, value = sizes[0], env[sizes[0]]
-        raise ValueError(f"{command} runs in one process, but this launch started {value} ({name}={value}), each of "
+        value = env[sizes[0]]
+        inherited = f"unset {' '.join(sizes)} (env{''.join(f' -u {name}' for name in sizes)} {command} ...)"
+        raise ValueError(f"{command} runs in one process, but this launch started {value} ({sizes[0]}={value}), each of "
                          f"which would do all the work into the same folder: run {command} itself, without "
                          "accelerate launch or torchrun (edm-sample and edm-train spread their work over processes); "
-                         f"where {command} is the only process and {', '.join(sizes)} {'are' if len(sizes) > 1 else 'is'} another "
-                         "launcher's, inherited (a "
-                         f"script of a torchrun job, a cluster's container): unset {' '.join(sizes)} "
-                         f"(env{''.join(f' -u {size}' for size in sizes)} {command} ...)")
+                         f"where {command} is the only process and the variable is another launcher's (inherited by a "
+                         f"script of a torchrun job, or set by a cluster's container): {inherited}")
 
 
 def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ) -> bool:
