@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["set_precision_flags", "has_accelerator", "use_cpu", "pick_device", "DTYPES", "MIXED_PRECISION", "LaunchSettings", "launch_settings", "check_replicated_launch",
            "launcher_restart", "process_identity", "idle_cores", "share_cpu", "is_main_process", "RunWideLog",
-           "check_same_settings", "check_shared_folder", "check_one_process", "unlaunched_cpu_processes"]
+           "check_same_settings", "launch_token", "check_shared_folder", "check_one_process", "unlaunched_cpu_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,15 @@ def _sees(path: Path) -> bool:
     return path.is_file()
 
 
+def launch_token(state) -> str:
+    """A random token that every process of this launch shares (the main process draws it; `state`: accelerate's
+    state or Accelerator)."""
+    from accelerate.utils import broadcast_object_list
+
+    token = [os.urandom(8).hex() if state.is_main_process else None]
+    return broadcast_object_list(token, from_process=0)[0] if state.num_processes > 1 else token[0]
+
+
 def check_shared_folder(state, folder: Path, key: str) -> None:
     """Refuse, in every process, a launch whose processes do not all see the folder the main process owns (a folder on
     each node's own disk, or a relative path from other working directories): what they write there would be missing
@@ -205,12 +214,11 @@ def check_shared_folder(state, folder: Path, key: str) -> None:
     process looks for it. `key` is the option that names the folder."""
     if state.num_processes == 1:
         return
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
     from .files import atomic_write
 
-    token = broadcast_object_list([os.urandom(8).hex() if state.is_main_process else None], from_process=0)[0]
-    mark = Path(folder) / f".launch-{token}.tmp"  # a killed launch's is a stale temporary
+    mark = Path(folder) / f".launch-{launch_token(state)}.tmp"  # a killed launch's is a stale temporary
     if state.is_main_process:
         atomic_write(mark, lambda f: f.write(b"edm"))
     state.wait_for_everyone()

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -31,7 +30,7 @@ from ..generation.outputs import save_grid
 from ..provenance import METRICS_NAME, other_records, run_marks
 from ..generation.sampling import generate_batch, plan_images
 from ..hardware import (
-    LaunchSettings, RunWideLog, check_replicated_launch, check_same_settings, check_shared_folder, launch_settings,
+    LaunchSettings, RunWideLog, check_replicated_launch, check_same_settings, check_shared_folder, launch_settings, launch_token,
     launcher_restart, use_cpu,
 )
 from ..models import checkpoint as ckpt
@@ -272,11 +271,6 @@ def _on_main(accelerator: Any, make: Callable[[], Any]) -> Any:
 
     value = [make() if accelerator.is_main_process else None]
     return broadcast_object_list(value, from_process=0)[0] if accelerator.num_processes > 1 else value[0]
-
-
-def launch_token(accelerator: Any) -> str:
-    """A random token that every process of this launch shares (the main process draws it)."""
-    return _on_main(accelerator, lambda: os.urandom(8).hex())
 
 
 def check_same_data(accelerator: Any, dataset: Any, root: str | None) -> None:
