@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..core.denoisers import GuidedDenoiser
-from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig, sample
+from ..core.samplers import ADAPTIVE_SOLVERS, SamplerConfig
 from ..core.schedules import Schedule, get, model_schedule, to_spec
 from ..data import DatasetConfig, dataset_record, root_contents_key, to_uint8
 from ..files import FolderLock, atomic_write, to_container, write_json
