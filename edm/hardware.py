@@ -252,16 +252,20 @@ def check_one_process(command: str, env: Mapping[str, str] = os.environ) -> None
                          f"script of a torchrun job, or set by a cluster's container): {inherited}")
 
 
-def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ) -> bool:
+def unlaunched_cpu_processes(command: str, module: str, env: Mapping[str, str] = os.environ,
+                             cuda: bool | None = None) -> bool:
     """Warn where `accelerate launch --num_processes N` (N > 1) without --multi_gpu, or with --cpu, started this one
-    process: on a machine without GPUs accelerate's plain launcher starts N only through MPI (--mpirun_hostfile) and
-    otherwise runs one, saying nothing. Its signs: ACCELERATE_USE_CPU, which that launcher alone sets, and the
-    MASTER_ADDR it sets for N > 1, with no world size (WORLD_SIZES) beside them. Returns whether it warned."""
+    process: accelerate's plain launcher starts N only through MPI (--mpirun_hostfile) and otherwise runs one, saying
+    nothing (on a machine with one GPU, or none). Its signs: ACCELERATE_USE_CPU, which that launcher alone sets, and
+    the MASTER_ADDR it sets for N > 1, with no world size (WORLD_SIZES) beside them. The launch it names ends with
+    cpu=true where the run is on CPUs (--cpu, or `cuda` false: no GPU). Returns whether it warned."""
     if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or any(name in env for name in WORLD_SIZES):
         return False
-    logger.warning("accelerate launch --num_processes N without --multi_gpu (or with --cpu) starts one process on CPUs "
-                   "unless MPI is set up: this %s runs as one process; for N CPU processes use accelerate launch "
-                   "--multi_gpu --num_processes N -m %s ... cpu=true", command, module)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    on_cpus = env["ACCELERATE_USE_CPU"].lower() in ("true", "1", "yes") or not cuda
+    logger.warning("accelerate launch --num_processes N without --multi_gpu (or with --cpu) starts one process unless "
+                   "MPI is set up: this %s runs as one process; for N processes use accelerate launch --multi_gpu "
+                   "--num_processes N -m %s ...%s", command, module, " cpu=true" if on_cpus else " (one GPU each)")
     return True
 
 

@@ -166,14 +166,18 @@ def test_a_single_process_command_refuses_a_launch_of_several(env, refused):
         check_one_process("edm-eval", env)
 
 
-@pytest.mark.parametrize("launcher_args,warned", [(["--cpu", "--num_processes", "2"], True),
-                                                  (["--num_processes", "2"], True),  # no --multi_gpu, no GPU
-                                                  (["--cpu", "--num_processes", "1"], False),
-                                                  (["--multi_gpu", "--num_processes", "2"], False)])
-def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch, caplog, launcher_args, warned):
-    """`accelerate launch [--cpu] --num_processes 2` runs one process on CPUs unless MPI is set up, silently: the run said
-    "1 process(es)" only. The environment accelerate's launchers give the worker (their own functions build it here)
-    tells: a warning names how to start two."""
+@pytest.mark.parametrize("launcher_args,cuda,warned,way_out", [
+    (["--cpu", "--num_processes", "2"], False, True, " cpu=true"),
+    (["--cpu", "--num_processes", "2"], True, True, " cpu=true"),  # --cpu on a GPU machine: still CPU processes
+    (["--num_processes", "2"], False, True, " cpu=true"),  # no --multi_gpu, no GPU
+    (["--num_processes", "2"], True, True, " (one GPU each)"),  # no --multi_gpu, one GPU: one process on it
+    (["--cpu", "--num_processes", "1"], False, False, None),
+    (["--multi_gpu", "--num_processes", "2"], False, False, None)])
+def test_a_launch_of_several_processes_that_started_one_says_so(monkeypatch, caplog, launcher_args, cuda, warned,
+                                                                 way_out):
+    """`accelerate launch [--cpu] --num_processes 2` without --multi_gpu runs one process unless MPI is set up,
+    silently: the run said "1 process(es)" only. The environment accelerate's launchers give the worker (their own
+    functions build it here) tells: a warning names how to start two, with cpu=true only where the run is on CPUs."""
     import logging
 
     from accelerate.commands.launch import launch_command_parser
@@ -191,8 +195,13 @@ def test_a_cpu_launch_of_several_processes_that_started_one_says_so(monkeypatch,
     else:
         env = prepare_simple_launcher_cmd_env(args)[1]
     with caplog.at_level(logging.WARNING, logger="edm.hardware"):
-        assert unlaunched_cpu_processes("edm-train", "edm.train", env) is warned
-    assert ("use accelerate launch --multi_gpu --num_processes N -m edm.train ... cpu=true" in caplog.text) is warned
+        assert unlaunched_cpu_processes("edm-train", "edm.train", env, cuda=cuda) is warned
+    if warned:
+        assert caplog.text.rstrip().endswith("use accelerate launch --multi_gpu --num_processes N -m edm.train ..."
+                                             + way_out)
+        assert "on CPUs" not in caplog.text
+    else:
+        assert caplog.text == ""
 
 
 def test_a_process_with_a_stale_view_of_the_folder_still_sees_the_mark(monkeypatch, tmp_path):
