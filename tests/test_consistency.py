@@ -180,6 +180,13 @@ def test_ect_target_is_the_same_trajectory_without_gradient():
     torch.testing.assert_close(f.b.grad, (w * 2 * delta.sum(1) * t).sum())
 
 
+def test_an_ect_pair_given_without_its_t_is_refused():
+    """r is the pair's second point below t: an r without t (sigma) paired with a drawn t, t − r of either sign."""
+    y = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"ECTLoss's r is the second point of the pair below t \(sigma\)"):
+        ECTLoss()(lambda x, sigma, labels=None: x, y, r=torch.full((3,), 0.1, dtype=torch.float64))
+
+
 def test_ect_passes_share_the_dropout_mask():
     """At r = t the two passes see the same input: with dropout on, the loss is 0 only if both use one mask."""
     net = networks.build("tiny", img_resolution=8, in_channels=2, dropout=0.5).double().train()
@@ -431,6 +438,8 @@ def test_recipe_ect_tunes_a_trained_model_and_resumes(compose_train, teacher, tm
     (["recipe=meanflow", "sampler=consistency"], "or sample this objective's model with sampler=meanflow or an ODE solver"),
     (["recipe=ect", "init=no/such/run"], "init='no/such/run' does not exist"),
     (["recipe=ect", "ect.q=1"], "ECT needs q > 1"),
+    (["recipe=ect", "ect.metric=l2", "ect.c=0.03"], "ect.c=0.03 is the pseudo-Huber metric's c, which ect.metric=l2 "
+                                                   "does not use: drop ect.c, or set ect.metric=pseudo_huber"),
     (["recipe=ect", "total_kimg=400"], "total_kimg=400 with ect.stage_kimg=12 reaches ECT stage 33, where t − r ≥ "
                                        "t·2^−34"),  # 13 stages resolve: 2^−13 = 1024 float32 ulps
 ])

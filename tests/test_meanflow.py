@@ -244,3 +244,13 @@ def test_the_noise_embedding_stays_in_float32_under_bf16_autocast(preset, monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(2, 2, 8, 8), torch.tensor([0.1, 0.5]), c_noise2=torch.tensor([0.2, 0.0]))
     assert seen[0].dtype == torch.float32 and out.dtype == torch.bfloat16
+
+
+def test_a_time_pair_given_in_half_is_refused():
+    """t and r are one draw (t ≥ r): t given without r (or r without t) was dropped and both redrawn."""
+    y = torch.randn(3, 1, 4, 4, dtype=F64)
+    den = lambda x, sigma, labels=None, sigma_r=None: x  # noqa: E731 (never called)
+    t = torch.full((3,), 0.5, dtype=F64)
+    for half in ({"t": t}, {"r": t}):
+        with pytest.raises(ValueError, match=r"give both \(r = t for the flow-matching loss\), or neither"):
+            MeanFlowLoss()(den, y, **half)

@@ -177,6 +177,9 @@ class ECTLoss:
         if not (self.q > 1 and self.stage_kimg > 0 and self.c >= 0 and self.P_std > 0):
             raise ValueError(f"ECT needs q > 1, stage_kimg > 0, c >= 0 and P_std > 0; got q={self.q}, "
                              f"stage_kimg={self.stage_kimg}, c={self.c}, P_std={self.P_std}")
+        if self.metric == "l2" and self.c != 0:
+            raise ValueError(f"ect.c={self.c} is the pseudo-Huber metric's c, which ect.metric=l2 does not use: drop "
+                             "ect.c, or set ect.metric=pseudo_huber")
 
     kind = "ect"  # what logs and records call this loss
     learned_weighting = False  # no uncertainty head u(σ)
@@ -222,6 +225,8 @@ class ECTLoss:
     ) -> Tensor:
         """Per-example w(t, r)·d(f(y + t·n; t), sg f(y + r·n; r)), shape [B]; t (`sigma`), n and r are drawn
         (r from t) unless given."""
+        if sigma is None and r is not None:
+            raise ValueError("ECTLoss's r is the second point of the pair below t (sigma): give sigma with it, or neither")
         t = self.sample_t(y.shape[0], generator=generator, device=y.device, dtype=y.dtype) if sigma is None else sigma
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)

@@ -84,8 +84,11 @@ class MeanFlowLoss:
         noise: Tensor | None = None,
         augment_labels: Tensor | None = None,
     ) -> Tensor:
-        """Per-example adaptively weighted ‖u_θ − u_tgt‖², shape [B]; t, r and n are drawn unless given."""
-        if t is None or r is None:
+        """Per-example adaptively weighted ‖u_θ − u_tgt‖², shape [B]; the pair (t, r) and n are drawn unless given."""
+        if (t is None) != (r is None):
+            raise ValueError("MeanFlowLoss draws t and r as one pair: give both (r = t for the flow-matching loss), "
+                             "or neither")
+        if t is None:
             t, r = self.sample_tr(y.shape[0], generator=generator, device=y.device, dtype=y.dtype)
         if noise is None:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
