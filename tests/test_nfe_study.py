@@ -120,6 +120,25 @@ def test_nfe_budgets_pick_each_solvers_steps_and_an_adaptive_solver_has_a_point_
             run_study(dataclasses.replace(cfg, options={}, **empty))
 
 
+def test_classifier_free_guidance_in_a_study_acts_only_inside_its_guidance_interval(tmp_path, tiny_checkpoint, cache):
+    """guidance=w without a guide (classifier-free) and guidance_interval=[lo, hi]: as in edm-sample, only the
+    evaluations at σ ∈ (lo, hi] call the network twice. Heun 3 on EDM's grid evaluates σ = 80, σ_1, σ_1, σ_2, σ_2
+    (σ_i = (80^(1/7) + i/2 (0.002^(1/7) − 80^(1/7)))^7; σ_1 ≈ 2.52 lies inside (0.28, 2.9]): NFE 5 + 2 = 7, not 10.
+    An interval without a guidance weight is refused, as edm-sample refuses it."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", label_dim=10, perturb=0.05)
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[3], guidance=2.0, guidance_interval=[0.28, 2.9],
+                      num_images=16, batch=16, out=str(tmp_path / "cfg"), dataset=DatasetConfig(name="digits"),
+                      eval=quick_eval(cache), progress=False)
+    sigma = [(80 ** (1 / 7) + i / 2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(3)]
+    evaluated = [sigma[0], sigma[1], sigma[1], sigma[2], sigma[2]]
+    guided = sum(0.28 < s <= 2.9 for s in evaluated)
+    assert guided == 2
+    [row] = run_study(cfg)
+    assert row["nfe"] == len(evaluated) + guided
+    with pytest.raises(ValueError, match="act only with a guidance weight"):
+        run_study(dataclasses.replace(cfg, guidance=1.0, out=str(tmp_path / "unguided")))
+
+
 def test_a_consistency_model_and_its_teacher_share_one_table_and_plot(tmp_path, tiny_checkpoint, cache, caplog):
     """teacher=MODEL adds that model's teacher_solvers x teacher_steps points (model "teacher") to the study of a
     consistency model (the teacher given as its run folder, as docs/training.md shows), labelled so in the log too;

@@ -153,8 +153,8 @@ def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: Stud
     prefix = "" if label == "model" else f"{label}_"  # edm-study's keys of this model, which its refusals name
     for solver in solvers:
         info.check_solver(solver, f"{prefix}solvers=[{{}}]", f"{prefix}steps=[1,2,4]", role=label if prefix else "")
-    guidance, guide = (cfg.guidance, cfg.guide) if label == "model" else (1.0, None)
-    counting, guide_info = guided(denoiser, info, guidance, guide, interval=cfg.guidance_interval if guide else None,
+    guidance, guide, interval = (cfg.guidance, cfg.guide, cfg.guidance_interval) if label == "model" else (1.0, None, None)
+    counting, guide_info = guided(denoiser, info, guidance, guide, interval=interval,
                                   ema=cfg.ema, device=device, solvers=solvers)
     return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info)), vae), guide_info
 
