@@ -43,6 +43,25 @@ def test_tracking_with_power_beta_gives_the_exact_discrete_profile(batch):
     assert np.sqrt((expected * (tau - mean) ** 2).sum()) == pytest.approx(std, rel=1e-3)
 
 
+def test_a_half_life_ema_in_its_ramp_up_is_the_power_function_ema_of_gamma_ln2_over_the_ratio_minus_one():
+    """While h = r·t (ema_rampup_ratio r), β = 0.5^(Δt/(r t)) ≈ (1 − Δt/t)^(ln 2 / r): EDM's half-life EMA is then the
+    power-function profile with γ + 1 = ln 2 / r, σ_rel = exp_to_std(ln 2 / r − 1) (0.063 for r = 0.05), not the
+    exponential profile of its final half-life (std h/ln 2 = r t/ln 2, 0.072 t), which it never reaches."""
+    from edm.training.ema import ema_beta
+
+    n, batch, ratio = 1500, 64, 0.05
+    weights = np.zeros(n)  # of θ_k, the weights after step k, held on ((k − 1)Δt, kΔt]
+    for k in range(n):
+        beta = ema_beta(k * batch, batch, halflife_kimg=500.0, rampup_ratio=ratio)  # β of step k + 1, at cur_nimg = kΔt
+        weights *= beta
+        weights[k] = 1 - beta
+    tau = (np.arange(n) + 0.5) / n
+    mean = (weights * tau).sum()
+    std = np.sqrt((weights * (tau - mean) ** 2).sum())
+    assert std == pytest.approx(exp_to_std(np.log(2) / ratio - 1), rel=2e-3)
+    assert std < 0.9 * ratio / np.log(2)
+
+
 def test_profile_inner_product_equals_quadrature():
     rng = np.random.default_rng(0)
     for _ in range(5):
