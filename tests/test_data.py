@@ -223,6 +223,22 @@ def test_cifar10_layout_and_channel_order(tmp_path, monkeypatch):
         assert int(ds.labels[2]) == 2
 
 
+def test_cifar10_batches_that_are_not_the_official_files_are_refused_before_they_are_unpickled(tmp_path):
+    """CIFAR-10's batches are pickles, which run code: only the official files (their MD5 sums) are unpickled. A
+    batch that runs code when unpickled is refused, naming the folder, the files the archive holds and where it is."""
+    from conftest import CodePayload
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps(CodePayload(marker)))
+    with pytest.raises(DatasetNotFoundError, match=r"torchvision could not read .*cifar-10-batches-py.*data_batch_1\.\.5, "
+                                                   r"test_batch and batches\.meta.*cifar-10-python\.tar\.gz"):
+        load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
 def _png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 

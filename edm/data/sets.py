@@ -531,9 +531,11 @@ def load_cifar10(
     root: str | Path | None, resolution: int | None = None, cond: bool = False, resample: str = DEFAULT_RESAMPLE
 ) -> TensorImageDataset:
     """CIFAR-10 training set (50000 images, 32x32x3, 10 classes) via torchvision, download=False.
-    root is the folder holding cifar-10-batches-py (or that folder itself)."""
+    root is the folder holding cifar-10-batches-py (or that folder itself). Its batches are pickles: torchvision
+    unpickles them only after every file of the archive matches the official MD5 sum, so no other file's code runs."""
     help_text = (
-        "CIFAR-10 needs the extracted python version: <root>/cifar-10-batches-py/data_batch_1..5 and batches.meta; "
+        "CIFAR-10 needs the whole extracted python version: <root>/cifar-10-batches-py/data_batch_1..5, test_batch and "
+        "batches.meta, as the official archive holds them; "
         f"dataset.root is {'not set' if root is None else repr(str(root))}. Get cifar-10-python.tar.gz from "
         "https://www.cs.toronto.edu/~kriz/cifar.html and extract it in <root>, or run "
         "torchvision.datasets.CIFAR10('<root>', download=True) on a machine with internet."
