@@ -84,7 +84,11 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
 
 
 @pytest.mark.parametrize("name, override, expected", [
-    ("edm-train", "lrr=0.1", "edm-train: error: unknown key lrr: not an option of this command (--help lists them)"),
+    ("edm-train", "lrr=0.1", "edm-train: error: unknown key lrr: not an option of this command (did you mean lr? --help "
+                             "lists them)"),
+    ("edm-sample", "sampler.num_step=3", "edm-sample: error: unknown key sampler.num_step: not an option of this command "
+                                         "(did you mean sampler.num_steps? --help lists them)"),
+    ("edm-train", "xyzzy=1", "edm-train: error: unknown key xyzzy: not an option of this command (--help lists them)"),
     ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),
     ("edm-posthoc", "sigma_rel=[0.1", "edm-posthoc: error: an override does not parse: "),
     ("edm-sample", "sampler.options.eta=0.5", "edm-sample: error: sampler.options.eta is not in the config file: pass "
@@ -95,8 +99,9 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
                                    "options)"),
 ])
 def test_hydras_command_line_errors_are_one_line_that_names_the_key(name, override, expected, tmp_path):
-    """A misspelt key, a value of the wrong type, an override that does not parse, a group option that does not exist:
-    one line `name: error: ...` and exit 1, not Hydra's report (whose hint +KEY=V the commands refuse)."""
+    """A misspelt key (with the options close to it), a value of the wrong type, an override that does not parse, a group
+    option that does not exist: one line `name: error: ...` and exit 1, not Hydra's report (whose hint +KEY=V the
+    commands refuse)."""
     proc = run([command(name), override], cwd=tmp_path)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(expected) and "To append to your config use" not in proc.stderr

@@ -207,11 +207,21 @@ def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
     return False
 
 
-def unknown_keys_message(keys: list[str]) -> str:
-    """The one wording of the rule for keys that no option of the command has."""
+def unknown_keys_message(keys: list[str], close: list[str] = ()) -> str:
+    """The one wording of the rule for keys that no option of the command has; `close`: options they may have meant."""
     many = len(keys) > 1
+    meant = f"did you mean {' or '.join(close)}? " if close else ""
     return (f"unknown key{'s' if many else ''} {', '.join(keys)}: not {'options' if many else 'an option'} of this "
-            "command (--help lists them)")
+            f"command ({meant}--help lists them)")
+
+
+def close_options(key: str, options: Any) -> list[str]:
+    """The options of a config node (its keys) whose names are close to the last part of `key`, as full keys."""
+    import difflib
+
+    prefix, _, name = key.rpartition(".")
+    names = [str(option) for option in (options.keys() if options is not None else ())]
+    return [f"{prefix}.{match}" if prefix else match for match in difflib.get_close_matches(name, names, n=2)]
 
 
 def _no_solver_option(key: str) -> str | None:
@@ -246,7 +256,7 @@ def one_line(err: BaseException) -> str:
             unknown = _no_solver_option(key)
             return unknown or (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to "
                                "add it (e.g. a solver option its sampler file does not list)")
-        return unknown_keys_message([key])
+        return unknown_keys_message([key], close_options(key, getattr(cause, "parent_node", None)))
     if override and "No match in the defaults list" in text:  # a group of another command (Hydra: "use +GROUP=...")
         return f"{override.group(1)} is not a config group of this command (--help lists its options)"
     merging = re.match(r"Error merging override (.+)", text)
