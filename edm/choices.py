@@ -3,13 +3,14 @@
 Every registry of the project (schedules, discretizations, precond and loss kinds, solvers,
 network presets, data sets, output formats, ...) is a read-only mapping from a name to what
 it stands for; `choose` looks a name up and, for an unknown one, raises a ValueError that
-names the setting, the bad value and every valid one. `options_schema` makes a config group's
+names the setting, the bad value, every valid one and the ones close to it. `options_schema` makes a config group's
 dataclass from the keyword arguments of what it configures, so each default is written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import typing
 from collections.abc import Iterable, Mapping
@@ -21,11 +22,14 @@ T = TypeVar("T")
 
 
 def _not_valid(what: str, name: Any, valid: Iterable[Any]) -> ValueError:
-    return ValueError(f"{what} {name!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+    names = [str(option) for option in valid]
+    close = difflib.get_close_matches(name, names, n=2) if isinstance(name, str) else []
+    meant = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ValueError(f"{what} {name!r} is not valid; choose one of: {', '.join(names)}{meant}")
 
 
 def choose(table: Mapping[str, T], name: Any, what: str) -> T:
-    """table[name]; ValueError "WHAT 'NAME' is not valid; choose one of: A, B, ..." otherwise."""
+    """table[name]; ValueError "WHAT 'NAME' is not valid; choose one of: A, B, ... (did you mean B?)" otherwise."""
     try:
         return table[name]
     except (KeyError, TypeError):  # TypeError: an unhashable value such as a list

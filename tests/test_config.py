@@ -66,7 +66,9 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["mixed_precision=fp8"], "mixed_precision 'fp8' is not valid; choose one of: no, fp16, bf16"),
-    (["sampler.solver=rk45"], "solver 'rk45' is not valid; choose one of: euler, heun"),
+    (["sampler.solver=rk45"], "sampler.solver 'rk45' is not valid; choose one of: euler, heun"),
+    (["sampler.solver=hen"], "sampler.solver 'hen' is not valid; choose one of: euler, heun, stochastic"),
+    (["sampler.solver=hen"], "unipc, deis (did you mean heun?)"),  # the close ones last
     (["sampler=heun", "+sampler.options.churn=1"], "solver 'heun' does not take option(s) ['churn']"),
     (["sampler=stochastic", "sampler.options.churn=-1"], "solver 'stochastic': churn=-1 must be a number ≥ 0"),
     (["precond.kind=edm2"], "precond.kind 'edm2' is not valid; choose one of: vp, ve, edm, fm, trigflow"),

@@ -236,7 +236,7 @@ def test_a_misspelt_metric_is_refused_by_name_before_the_study_starts(tmp_path, 
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[2], num_images=16, out=str(tmp_path / "s"),
                       dataset=DatasetConfig(name="digits"), eval=EvalConfig(metrics=["fdcls"]), progress=False)
-    with pytest.raises(ValueError, match="^metric 'fdcls' is not valid; choose one of: fid, fd_cls, bpd$"):
+    with pytest.raises(ValueError, match=r"^metric 'fdcls' is not valid; choose one of: fid, fd_cls, bpd \(did you mean fd_cls\?\)$"):
         run_study(cfg)
     assert not (tmp_path / "s").exists()
 

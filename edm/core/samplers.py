@@ -916,9 +916,10 @@ FINAL_DENOISE_REFUSALS = MappingProxyType({  # solvers whose last step is the mo
 })
 
 
-def check_solver(solver: str, options: dict, final_denoise: bool = False) -> Callable[..., Tensor]:
-    """The solver function of `solver`, once its name, `options` and `final_denoise` are known to be valid."""
-    fn = choose(SOLVERS, solver, "solver")
+def check_solver(solver: str, options: dict, final_denoise: bool = False, key: str = "solver") -> Callable[..., Tensor]:
+    """The solver function of `solver`, once its name, `options` and `final_denoise` are known to be valid; `key`
+    names the setting in a refusal."""
+    fn = choose(SOLVERS, solver, key)
     check_options(solver, fn, options)
     if final_denoise and solver in FINAL_DENOISE_REFUSALS:
         raise ValueError(f"sampler.final_denoise=true with solver {solver} {FINAL_DENOISE_REFUSALS[solver]}: set "
@@ -942,10 +943,10 @@ class SamplerConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_solver(self.solver, dict(self.options), self.final_denoise)
+        check_solver(self.solver, dict(self.options), self.final_denoise, "sampler.solver")
         check_num_steps(self.num_steps)
         if self.discretization is not None:
-            choose(DISCRETIZATIONS, self.discretization, "discretization")
+            choose(DISCRETIZATIONS, self.discretization, "sampler.discretization")
 
     def grid(self, schedule: Schedule) -> Tensor:
         """The t grid (float64) these settings integrate on: what reports record."""
