@@ -376,6 +376,15 @@ def test_evaluate_images_gives_one_fid_for_every_kind_of_reference(tmp_path):
         metrics.evaluate_images(tmp_path / "fake.npz", ext, ref=tmp_path / "stats.npz", with_precision_recall=True, **kw)
 
 
+def test_reference_statistics_of_another_feature_dimension_are_refused_naming_the_file_and_the_way_out(tmp_path):
+    """A statistics file of 64 features (FD_cls's, say) against an extractor of 8 names the file, both dimensions
+    and how to make statistics of the extractor."""
+    save_npz_images(tmp_path / "fake.npz", random_images(20, 0))
+    np.savez(tmp_path / "other.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"other.npz are of 64 features, but tiny gives 8: .*metric=ref"):
+        metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), ref=tmp_path / "other.npz", extractor_key="tiny")
+
+
 def test_the_images_are_counted_on_a_progress_bar_only_when_asked(tmp_path, capsys):
     """progress=True: the generated images' features on a bar (stderr) out of their number, the reference's beside;
     progress=False: stderr stays empty. The numbers are the same."""

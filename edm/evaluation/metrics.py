@@ -611,6 +611,7 @@ def evaluate_images(
     real = None
     if ref_is_stats:
         mu_ref, sigma_ref = load_statistics(ref)  # type: ignore[arg-type]
+        _check_reference_features(ref, mu_ref.size, len(mu), extractor_key)  # type: ignore[arg-type]
     elif with_precision_recall:
         real = extract_features(extractor, _take(ref_batches(), max_images), device=device, total=max_images,
                                 progress=progress)
@@ -634,6 +635,14 @@ def evaluate_images(
         result["k"] = k
         result["precision_recall_features"] = extractor_key if pr_extractor is None else str(pr_extractor_key)
     return result
+
+
+def _check_reference_features(path: str | Path, ref_dim: int, dim: int, extractor_key: str) -> None:
+    """Refuse reference statistics of features of another dimension than the extractor's, naming the file."""
+    if ref_dim != dim:
+        raise ValueError(f"the reference statistics {path} are of {ref_dim} features, but {extractor_key} gives {dim}: "
+                         "they were made by another feature extractor. Give ref= statistics of this one (edm-eval "
+                         "metric=ref metric.inception=... metric.dest=FILE.npz) or the reference images themselves")
 
 
 def _source_batches(images: str | Path | Tensor, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
