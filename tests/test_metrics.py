@@ -1,5 +1,6 @@
 """Fréchet distance, feature statistics, precision/recall and the FID Inception-v3 architecture."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -385,6 +386,24 @@ def test_reference_statistics_of_another_feature_dimension_are_refused_naming_th
         metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), ref=tmp_path / "other.npz", extractor_key="tiny")
 
 
+def test_reference_statistics_that_record_another_extractor_are_refused_and_the_same_weights_renamed_are_not(tmp_path):
+    """edm's statistics files record their extractor's key (file stem and SHA-256 prefix): another hash is refused
+    naming both; the same hash under another file name, and a file that records none (NVlabs', pytorch-fid's), pass."""
+    save_npz_images(tmp_path / "fake.npz", random_images(20, 0))
+    real = random_images(30, 1)
+    mu, sigma, n = feature_statistics(TinyExtractor(), real.split(16))
+    metrics.save_statistics(tmp_path / "ref.npz", mu, sigma, n, feature_extractor="inception:0123456789ab")
+    metrics.save_statistics(tmp_path / "plain.npz", mu, sigma, n)
+    kw = dict(ref=tmp_path / "ref.npz", batch_size=16)
+    with pytest.raises(ValueError, match=r"ref.npz were made by feature extractor inception:0123456789ab, the images' "
+                                         r"features are inception:ba9876543210's"):
+        metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="inception:ba9876543210", **kw)
+    same = metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="renamed:0123456789ab", **kw)
+    plain = metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="inception:ba9876543210",
+                                    ref=tmp_path / "plain.npz", batch_size=16)
+    assert same["fid"] == plain["fid"] > 0
+
+
 def test_the_images_are_counted_on_a_progress_bar_only_when_asked(tmp_path, capsys):
     """progress=True: the generated images' features on a bar (stderr) out of their number, the reference's beside;
     progress=False: stderr stays empty. The numbers are the same."""
@@ -555,6 +574,8 @@ def test_evaluate_script_fid_and_ref_with_a_random_inception(tmp_path, inception
     proc = evaluate_script("metric=ref", f"data={tmp_path / 'real.npz'}", f"metric.inception={path}",
                            f"metric.dest={tmp_path / 'ref.npz'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "ref.npz") as ref:  # the statistics name the weights that made them
+        assert str(ref["feature_extractor"]) == f"{path.stem}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
     proc = evaluate_script("metric=fid", f"images={tmp_path / 'fake.npz'}", f"metric.ref={tmp_path / 'ref.npz'}",
                            f"metric.inception={path}", f"report={tmp_path / 'report.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

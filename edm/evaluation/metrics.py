@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..files import atomic_write, png_cut_short
+from ..files import atomic_write, file_sha256, png_cut_short
 from ..data import IMAGE_EXTENSIONS, as_model_space, build_dataset, contents_key, image_files, root_contents_key, read_image, to_model_space, to_uint8
 from ..networks.inception import FIDInceptionV3
 from ..progress import counted_batches
@@ -47,6 +47,7 @@ __all__ = [
     "image_batches",
     "count_images",
     "save_statistics",
+    "detector_key",
     "load_statistics",
     "reference_statistics",
     "statistics_cache_path",
@@ -444,19 +445,23 @@ def image_batches(source: str | Path, batch_size: int = 64, max_images: int | No
 # ----------------------------------------------------------------------------- cached statistics
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int, made_of: str | None = None
-                    ) -> None:
-    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count; a cache
-    entry also holds `made_of`, the data set and extractor it was computed from)."""
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int, made_of: str | None = None,
+                    feature_extractor: str | None = None) -> None:
+    """Write (μ, Σ, N) as .npz (keys mu, sigma, num_images: the NVlabs/pytorch-fid layout plus the count), with
+    `feature_extractor`, the key of the extractor that made the features (detector_key), when given; a cache entry
+    also holds `made_of`, the data set and extractor it was computed from."""
     path = Path(path)
     path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # as np.savez names it
     named = {} if made_of is None else {"made_of": np.array(made_of)}
+    named |= {} if feature_extractor is None else {"feature_extractor": np.array(feature_extractor)}
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images), **named))
 
 
-def load_statistics(path: str | Path, made_of: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: str | Path, made_of: str | None = None, feature_extractor: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(μ, Σ) from an .npz with keys mu and sigma (NVlabs' fid-refs and pytorch-fid's --save-stats files); with
-    `made_of`, a cache entry that does not record exactly that origin is refused."""
+    `made_of`, a cache entry that does not record exactly that origin is refused; with `feature_extractor`, a file
+    that records another extractor (other weights: another SHA-256 in its key) is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
@@ -466,7 +471,23 @@ def load_statistics(path: str | Path, made_of: str | None = None) -> tuple[np.nd
                              "delete the file to compute them again")
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(data.keys())}")
+        stored = str(data["feature_extractor"]) if "feature_extractor" in data else None
+        if feature_extractor is not None and stored is not None and _weights(stored) != _weights(feature_extractor):
+            raise ValueError(f"the reference statistics {path} were made by feature extractor {stored}, the images' "
+                             f"features are {feature_extractor}'s: a Fréchet distance needs one extractor for both. Give "
+                             "the extractor that made them, or ref= statistics of this one (edm-eval metric=ref "
+                             "metric.inception=... metric.dest=FILE.npz) or the reference images themselves")
         return data["mu"], data["sigma"]
+
+
+def detector_key(path: str | Path) -> str:
+    """A detector file as keys and records name it: `<file stem>:<first 12 hex digits of its SHA-256>`."""
+    return f"{Path(path).stem}:{file_sha256(path)[:12]}"
+
+
+def _weights(key: str) -> str:
+    """The part of an extractor key that names its weights: the hash of detector_key, else the whole key."""
+    return key.rpartition(":")[2]
 
 
 def _slug(text: str) -> str:
@@ -504,7 +525,7 @@ def reference_statistics(
         return load_statistics(path, made_of)
     mu, sigma, n = feature_statistics(extractor, batches(), device=device, max_images=max_images, progress=progress)
     if path is not None:
-        save_statistics(path, mu, sigma, n, made_of)
+        save_statistics(path, mu, sigma, n, made_of, extractor_key)
         logger.info("cached reference statistics of %d images at %s", n, path)
     return mu, sigma
 
@@ -610,7 +631,7 @@ def evaluate_images(
     mu, sigma = _mean_cov(fake)
     real = None
     if ref_is_stats:
-        mu_ref, sigma_ref = load_statistics(ref)  # type: ignore[arg-type]
+        mu_ref, sigma_ref = load_statistics(ref, feature_extractor=extractor_key)  # type: ignore[arg-type]
         _check_reference_features(ref, mu_ref.size, len(mu), extractor_key)  # type: ignore[arg-type]
     elif with_precision_recall:
         real = extract_features(extractor, _take(ref_batches(), max_images), device=device, total=max_images,
@@ -717,5 +738,6 @@ def write_reference(cfg: RefConfig, batches: Iterable[Tensor], device: torch.dev
     check_reference_dest(cfg)
     extractor = load_inception(cfg.inception, device, allow_pickle=cfg.allow_pickle)
     mu, sigma, n = feature_statistics(extractor, batches, device=device, max_images=cfg.max_images, progress=progress)
-    save_statistics(cfg.dest, mu, sigma, n)
-    return {"statistics": str(cfg.dest), "num_images": n, "feature_extractor": Path(cfg.inception).stem}
+    key = detector_key(cfg.inception)
+    save_statistics(cfg.dest, mu, sigma, n, feature_extractor=key)
+    return {"statistics": str(cfg.dest), "num_images": n, "feature_extractor": key}

@@ -94,7 +94,7 @@ def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
             raise ValueError("pr_features is the detector of precision/recall: set fid's precision_recall=true too")
         pr_extractor = metrics.load_vgg16(cfg.pr_features, ctx.device, allow_pickle=cfg.allow_pickle)
     common = dict(
-        extractor_key=f"{Path(cfg.inception).stem}:{file_sha256(cfg.inception)[:12]}",  # the weights, not their name
+        extractor_key=metrics.detector_key(cfg.inception),  # the weights, not their name
         cache_dir=cfg.cache_dir or ctx.cache_dir, batch_size=ctx.batch,
         device=ctx.device, with_precision_recall=cfg.precision_recall, k=cfg.k, max_images=cfg.max_images,
         pr_extractor=pr_extractor, pr_extractor_key=Path(cfg.pr_features).stem if cfg.pr_features else None,
