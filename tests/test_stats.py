@@ -27,6 +27,17 @@ def test_t_quantile_inverts_the_closed_forms_and_tends_to_the_normal(p):
     assert student_t_quantile(1 - p, 5) == pytest.approx(-student_t_quantile(p, 5), rel=1e-12)
 
 
+@pytest.mark.parametrize("x", [1e3, 1e6, 1e9, 1e15])
+def test_far_tails_of_t_keep_their_relative_precision(x):
+    """P(T ≤ −x) = atan(1/x)/π (df = 1) and 1/(√(2 + x²)(√(2 + x²) + x)) (df = 2) to 1e-12 relative, where the
+    tail is far below the float spacing of 1; so are the quantiles of such tails, tan(π(p − ½)) and (2p − 1)/√(2p(1 − p))."""
+    cauchy, two = math.atan(1 / x) / math.pi, 1 / (math.sqrt(2 + x * x) * (math.sqrt(2 + x * x) + x))
+    assert student_t_cdf(-x, 1) == pytest.approx(cauchy, rel=1e-12)
+    assert student_t_cdf(-x, 2) == pytest.approx(two, rel=1e-12)
+    assert student_t_quantile(cauchy, 1) == pytest.approx(-1 / math.tan(math.pi * cauchy), rel=1e-9)
+    assert student_t_quantile(two, 2) == pytest.approx((2 * two - 1) / math.sqrt(2 * two * (1 - two)), rel=1e-9)
+
+
 def test_t_cdf_of_odd_degrees_matches_its_closed_form():
     """df = 3: ½ + (1/π)(x/(√3 (1 + x²/3)) + atan(x/√3))."""
     for x in (-5.0, -1.0, 0.4, 2.5):

@@ -18,14 +18,17 @@ __all__ = ["student_t_cdf", "student_t_quantile", "mean_sd", "PairedDifference",
 
 
 def student_t_cdf(x: float, df: float) -> float:
-    """P(T ≤ x) for Student's t with `df` degrees of freedom: ½ + sign(x)·½·I_{x²/(df+x²)}(½, df/2), the
-    regularized incomplete beta function evaluated by its continued fraction (Numerical Recipes §6.4)."""
+    """P(T ≤ x) for Student's t with `df` degrees of freedom from the tail P(T ≤ −|x|) = ½ I_{df/(df+x²)}(df/2, ½)
+    = ½ − ½ I_{x²/(df+x²)}(½, df/2), the regularized incomplete beta function evaluated by its continued fraction
+    (Numerical Recipes §6.4), and 1 − the tail for x > 0. Each form is taken where its argument is below ½, so neither
+    rounds: the tail keeps its relative precision however far out x lies, and x near 0 its own."""
     if df <= 0:
         raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if x == 0:
-        return 0.5
-    z = x * x / (df + x * x)
-    return 0.5 + math.copysign(0.5 * _incomplete_beta(0.5, df / 2, z), x)
+    if x * x < df:
+        tail = 0.5 - 0.5 * _incomplete_beta(0.5, df / 2, x * x / (df + x * x))
+    else:
+        tail = 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + x * x))
+    return tail if x <= 0 else 1.0 - tail
 
 
 def _incomplete_beta(a: float, b: float, z: float) -> float:
@@ -57,14 +60,15 @@ def _incomplete_beta(a: float, b: float, z: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
-    """x with P(T ≤ x) = p for Student's t with `df` degrees of freedom (bisection on student_t_cdf)."""
+    """x with P(T ≤ x) = p for Student's t with `df` degrees of freedom: bisection on student_t_cdf in the lower
+    tail, where it keeps its relative precision; x(p) = −x(1 − p) above ½ (1 − p is exact there)."""
     if not 0 < p < 1:
         raise ValueError(f"p must lie in (0, 1), got {p}")
-    if p < 0.5:
-        return -student_t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < p:
-        lo, hi = hi, 2 * hi
+    if p >= 0.5:
+        return 0.0 if p == 0.5 else -student_t_quantile(1 - p, df)
+    lo, hi = -1.0, 0.0
+    while student_t_cdf(lo, df) > p:
+        lo, hi = 2 * lo, lo
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if student_t_cdf(mid, df) < p else (lo, mid)
