@@ -286,3 +286,24 @@ def test_the_study_refuses_a_launch_of_several_processes(tmp_path, tiny_checkpoi
     assert proc.returncode != 0
     assert proc.stderr.count("edm-study: error: edm-study runs in one process, but this launch started 2 (WORLD_SIZE=2)") == 2
     assert not (tmp_path / "study").exists() and not (tmp_path / "cache").exists()
+
+
+def karras_sigmas(n: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> list[float]:
+    """σ_0..σ_{n−1} of the EDM grid (Karras et al. 2022, eq. 5), where Euler evaluates D."""
+    return [(sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+            for i in range(n)]
+
+
+def test_nfe_budgets_count_each_guided_evaluation_twice(tmp_path, tiny_checkpoint, cache):
+    """nfe=[6] under CFG in the interval (0.28, 2.9]: Euler gets the most steps N with N + (its σ_i in the interval)
+    ≤ 6, the NFE the study then counts, not the 6 steps an unguided count allows."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", label_dim=10, perturb=0.05)
+    cost = {n: n + sum(0.28 < s <= 2.9 for s in karras_sigmas(n)) for n in range(2, 7)}
+    n = max(k for k, nfe in cost.items() if nfe <= 6)
+    assert cost[6] > 6
+    cfg = StudyConfig(checkpoint=str(ckpt), solvers=["euler"], nfe=[6], num_images=8, batch=8, out=str(tmp_path / "s"),
+                      dataset=DatasetConfig(name="digits"), eval=quick_eval(cache), guidance=2.0,
+                      guidance_interval=[0.28, 2.9], progress=False)
+    [row] = run_study(cfg)
+    assert (row["steps"], row["nfe"]) == (n, cost[n])
+

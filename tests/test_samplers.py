@@ -347,6 +347,14 @@ def test_the_sampler_config_defaults_are_edm_sample_defaults():
     assert {key: parameters[key].default for key in SamplerConfig().kwargs()} == SamplerConfig().kwargs()
 
 
+def test_the_evaluation_count_of_settings_counts_a_guided_evaluation_twice():
+    """Heun's 4 steps evaluate D 2N − 1 = 7 times; guided everywhere, 14; guided only for σ ≤ 1e-4, below the
+    grid's σ_min = 0.002, 7 again."""
+    heun = SamplerConfig("heun", 4)
+    assert heun.evaluations_per_image(EDM(), guidance=2.0) == 14
+    assert heun.evaluations_per_image(EDM(), guidance=2.0, interval=(0.0, 1e-4)) == 7
+
+
 @pytest.mark.parametrize("solver, options, nfe", [("heun", {}, 7), ("euler", {}, 4), ("stochastic", {"churn": 40}, 7),
                                                   ("euler_ancestral", {}, 4)])
 def test_the_evaluation_count_of_settings_leaves_the_global_random_state_alone(solver, options, nfe):

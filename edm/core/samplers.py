@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..choices import choose
 from ..progress import progress_bar
-from .denoisers import boundary_sigma
+from .denoisers import GuidedDenoiser, boundary_sigma
 from .schedules import DISCRETIZATIONS, Schedule, check_num_steps, get as get_schedule
 
 __all__ = [
@@ -958,15 +958,17 @@ class SamplerConfig:
         return dict(solver=self.solver, num_steps=self.num_steps, discretization=self.discretization,
                     final_denoise=self.final_denoise, **self.options)
 
-    def evaluations_per_image(self, schedule: Schedule) -> int:
+    def evaluations_per_image(self, schedule: Schedule, guidance: float = 1.0,
+                              interval: tuple[float, float] = (0.0, math.inf)) -> int:
         """The NFE of these settings for one image, counted by a run on a stand-in denoiser (D = 0; a fixed-step
-        solver's count does not depend on D). The run also checks every option's value (a solver checks its
+        solver's count does not depend on D) under guidance of weight `guidance` in `interval`, as GuidedDenoiser
+        counts it (a guided evaluation is two). The run also checks every option's value (a solver checks its
         order, variant, tolerances, ... when it starts) before any real work."""
-        calls = []
-        stand_in = lambda x, sigma, labels=None, **kwargs: calls.append(1) or torch.zeros_like(x)  # noqa: E731
-        sample(stand_in, torch.zeros(1, 1, dtype=torch.float64), schedule, generator=torch.Generator().manual_seed(0),
+        stand_in = lambda x, sigma, labels=None, **kwargs: torch.zeros_like(x)  # noqa: E731
+        counting = GuidedDenoiser(stand_in, guidance, stand_in, interval)
+        sample(counting, torch.zeros(1, 1, dtype=torch.float64), schedule, generator=torch.Generator().manual_seed(0),
                **self.kwargs())  # its own noise: the global random state is left as it was
-        return len(calls)
+        return counting.evaluations
 
 
 def sample(

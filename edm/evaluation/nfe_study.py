@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,18 +109,20 @@ def _point_name(model: str, schedule: Schedule, settings: SamplerConfig) -> str:
     return f"{prefix}{schedule.name}-{settings.solver}-{settings.num_steps:03d}"
 
 
-def steps_within(solver: str, budget: int, schedule: Schedule, options: dict, discretization: str | None) -> int:
-    """The most steps (≥ 1) of `solver` whose NFE per image is at most `budget`."""
+def steps_within(solver: str, budget: int, schedule: Schedule, options: dict, discretization: str | None,
+                 guidance: float = 1.0, interval: tuple[float, float] = (0.0, math.inf)) -> int:
+    """The most steps (≥ 1) of `solver` whose NFE per image, guided evaluations counted twice, is at most `budget`."""
     steps = 1
-    while steps < budget and SamplerConfig(
-            solver, steps + 1, discretization=discretization, options=options).evaluations_per_image(schedule) <= budget:
+    while steps < budget and SamplerConfig(solver, steps + 1, discretization=discretization, options=options
+                                           ).evaluations_per_image(schedule, guidance, interval) <= budget:
         steps += 1
     return steps
 
 
-def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: Schedule) -> list[SamplerConfig]:
-    """One SamplerConfig per point: solvers × steps (or the steps that fit cfg.nfe), or × rtols for an adaptive
-    solver, with each solver's options."""
+def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: Schedule, guided: GuidedDenoiser
+              ) -> list[SamplerConfig]:
+    """One SamplerConfig per point: solvers × steps (or the steps that fit cfg.nfe under the guidance of `guided`),
+    or × rtols for an adaptive solver, with each solver's options."""
     unknown = sorted(set(cfg.options) - set(solvers) - set(cfg.teacher_solvers if cfg.teacher else []))
     if unknown:
         raise ValueError(f"options names solver(s) {unknown} that the study does not run; its solvers are {solvers}")
@@ -130,8 +133,8 @@ def _settings(solvers: list[str], steps: list[int], cfg: StudyConfig, schedule: 
             settings += [SamplerConfig(solver, 2, discretization=cfg.discretization, options={**options, "rtol": float(rtol)})
                          for rtol in cfg.rtols]
         else:
-            counts = steps if not cfg.nfe else sorted({steps_within(solver, budget, schedule, options, cfg.discretization)
-                                                       for budget in cfg.nfe})
+            counts = steps if not cfg.nfe else sorted({steps_within(solver, budget, schedule, options, cfg.discretization,
+                                                                    guided.weight, guided.interval) for budget in cfg.nfe})
             settings += [SamplerConfig(solver, n, discretization=cfg.discretization, options=options) for n in counts]
     return settings
 
@@ -156,7 +159,8 @@ def _load(path: str, label: str, solvers: list[str], steps: list[int], cfg: Stud
     guidance, guide, interval = (cfg.guidance, cfg.guide, cfg.guidance_interval) if label == "model" else (1.0, None, None)
     counting, guide_info = guided(denoiser, info, guidance, guide, interval=interval,
                                   ema=cfg.ema, device=device, solvers=solvers)
-    return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info)), vae), guide_info
+    return _Model(label, counting, info, _settings(solvers, steps, cfg, _schedule(cfg.schedules[0], info), counting),
+                  vae), guide_info
 
 
 def _score_point(
