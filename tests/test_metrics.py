@@ -60,6 +60,16 @@ def test_frechet_distance_rejects_mismatched_statistics():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
+@pytest.mark.parametrize("which", ["mu2", "sigma2"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_frechet_distance_names_statistics_that_are_not_finite(which, value):
+    """NaN or Inf (features of NaN images, a damaged file) is named, not left to the eigensolver's 'ill-conditioned'."""
+    mu2, sigma2 = np.zeros(3), np.eye(3)
+    {"mu2": mu2, "sigma2": sigma2}[which][0] = value
+    with pytest.raises(ValueError, match=f"the statistics {which} hold NaN or Inf"):
+        frechet_distance(np.zeros(3), np.eye(3), mu2, sigma2)
+
+
 def test_feature_stats_is_the_sample_mean_and_covariance_whatever_the_batching():
     g = torch.Generator().manual_seed(3)
     f = torch.randn(37, 5, generator=g, dtype=F64) @ torch.randn(5, 5, generator=g, dtype=F64)

@@ -105,6 +105,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
         raise ValueError(f"statistics do not match: mu {list(mu1.shape)} vs {list(mu2.shape)}, sigma {list(s1.shape)} vs {list(s2.shape)}")
+    bad = [name for name, t in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)) if not bool(t.isfinite().all())]
+    if bad:
+        raise ValueError(f"the statistics {', '.join(bad)} hold NaN or Inf: features of images with NaN or Inf pixels, "
+                         "or a damaged statistics file; score finite images against finite statistics")
     s1, s2 = 0.5 * (s1 + s1.T), 0.5 * (s2 + s2.T)
     root1 = _sqrtm_psd(s1)
     cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
