@@ -1,5 +1,7 @@
 """edm/core/denoisers.py: the ideal denoiser against a direct computation, guidance, the autocast/compile fast path."""
 
+import math
+
 import pytest
 import torch
 
@@ -150,6 +152,12 @@ def test_guidance_options_are_checked():
         GuidedDenoiser(lambda x, s, c=None: x, 2.0, interval=(3.0, 1.0))
     with pytest.raises(ValueError, match="needs class labels"):
         GuidedDenoiser(lambda x, s, c=None: x, 2.0)(torch.zeros(2, 1, 2, 2), torch.ones(2))
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf])
+def test_a_guidance_weight_that_is_not_a_finite_number_is_refused(weight):
+    with pytest.raises(ValueError, match=f"guidance={weight}: the guidance weight must be a finite number"):
+        GuidedDenoiser(lambda x, s, c=None: x, weight, guide=lambda x, s, c=None: x)
 
 
 def _tiny_denoiser(label_dim: int = 0) -> edm.Precond:

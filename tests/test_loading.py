@@ -74,6 +74,18 @@ def test_a_guide_that_is_the_model_itself_is_refused(tmp_path, tiny_checkpoint):
             guided(denoiser, info, 2.0, guide)
 
 
+def test_a_guidance_weight_that_is_not_a_finite_number_is_refused_as_such_before_the_guide_is_read(tmp_path,
+                                                                                                   tiny_checkpoint):
+    """guidance=nan is named as the weight it is, not blamed on the model (no labels) or, after sampling, on NaN
+    samples; the guide file is not read first."""
+    from edm.models.loading import guided
+
+    denoiser, info = load_model(tiny_checkpoint(tmp_path / "c.pt"))
+    for guide in (None, tmp_path / "missing.pt"):
+        with pytest.raises(ValueError, match="guidance=nan: the guidance weight must be a finite number"):
+            guided(denoiser, info, float("nan"), guide)
+
+
 def test_the_training_set_of_a_record_with_nothing_resized_is_the_data_sets_default_config():
     """edm-encode records a native-size data set as dataset_record writes it (no filter: resample None, and no
     num_workers); scoring a latent model trained on it rebuilds that data set with the fields' defaults."""

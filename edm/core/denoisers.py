@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..choices import choose
 from ..hardware import MIXED_PRECISION
 
-__all__ = ["IdealDenoiser", "GuidedDenoiser", "AutocastDenoiser", "fast_denoiser", "boundary_sigma"]
+__all__ = ["IdealDenoiser", "GuidedDenoiser", "check_guidance_weight", "AutocastDenoiser", "fast_denoiser", "boundary_sigma"]
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -99,6 +99,13 @@ def boundary_sigma(denoiser: Callable[..., Tensor]) -> float:
     return float(getattr(denoiser, "boundary_sigma", 0.0))
 
 
+def check_guidance_weight(weight: float) -> None:
+    """Refuse a guidance weight that is not a finite number (NaN or ±inf would turn every guided sample into NaN)."""
+    if not math.isfinite(weight):
+        raise ValueError(f"guidance={weight}: the guidance weight must be a finite number (1 = no guidance, e.g. "
+                         "guidance=2)")
+
+
 class GuidedDenoiser(nn.Module):
     """Guidance: D_w(x̂; σ, c) = D_g + w·(D(x̂; σ, c) − D_g) where σ ∈ (σ_lo, σ_hi], else D(x̂; σ, c).
 
@@ -119,6 +126,7 @@ class GuidedDenoiser(nn.Module):
         interval: tuple[float, float] = (0.0, math.inf),
     ) -> None:
         super().__init__()
+        check_guidance_weight(weight)
         lo, hi = float(interval[0]), float(interval[1])
         if not 0 <= lo < hi:
             raise ValueError(f"guidance interval ({lo}, {hi}] must satisfy 0 <= sigma_lo < sigma_hi")

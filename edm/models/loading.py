@@ -22,7 +22,7 @@ from torch import nn
 from ..choices import choose
 from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES, SOLVER_OPTION, samplers_for
-from ..core.denoisers import GuidedDenoiser
+from ..core.denoisers import GuidedDenoiser, check_guidance_weight
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SOLVERS
 from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
 from ..files import FolderLock, file_sha256
@@ -217,6 +217,7 @@ def guided(
     evaluate it as they do the model: a consistency model guides the consistency sampler only, and only a MeanFlow
     model the meanflow sampler (which passes σ_r to both). (GuidedDenoiser, the guide's ModelInfo or None).
     """
+    check_guidance_weight(weight)
     if weight == 1.0 and (guide is not None or interval is not None):
         raise ValueError("a guide and a guidance interval act only with a guidance weight: set guidance=W (W != 1)")
     guide_model, guide_info = None, None
