@@ -17,7 +17,7 @@ def test_sigma_rel_and_exponent_are_inverse_and_sigma_rel_max_is_the_peak():
     np.testing.assert_allclose(exp_to_std(std_to_exp(stds)), stds, rtol=1e-12)
     grid = np.linspace(-0.999, 50, 200001)
     assert SIGMA_REL_MAX * (1 - 1e-7) <= exp_to_std(grid).max() <= SIGMA_REL_MAX
-    for bad in (0.0, -0.1, SIGMA_REL_MAX, 0.5):
+    for bad in (0.0, -0.1, SIGMA_REL_MAX, 0.5, float("nan"), [0.1, float("nan")]):  # NaN lies in no interval
         with pytest.raises(ValueError, match="σ_rel must lie in"):
             std_to_exp(bad)
 

@@ -62,7 +62,7 @@ SIGMA_REL_MAX = float(exp_to_std((np.sqrt(5) - 3) / 2))
 def std_to_exp(std: float | Sequence[float] | np.ndarray) -> np.ndarray:
     """γ of σ_rel: the largest real root of γ³ + 7γ² + (16 − σ_rel⁻²) γ + 12 − σ_rel⁻² = 0  (eq. 126)."""
     std = np.asarray(std, dtype=np.float64)
-    if np.any(std <= 0) or np.any(std >= SIGMA_REL_MAX):
+    if not np.all((std > 0) & (std < SIGMA_REL_MAX)):  # NaN too
         raise ValueError(f"σ_rel must lie in (0, {SIGMA_REL_MAX:.4f}), got {std.tolist()}")
     roots = [np.roots([1, 7, 16 - s, 12 - s]) for s in std.reshape(-1) ** -2]
     return np.array([r[np.abs(r.imag) < 1e-9].real.max() for r in roots]).reshape(std.shape)
