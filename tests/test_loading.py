@@ -74,6 +74,23 @@ def test_a_guide_that_is_the_model_itself_is_refused(tmp_path, tiny_checkpoint):
             guided(denoiser, info, 2.0, guide)
 
 
+def test_a_guide_that_holds_the_models_own_weights_under_another_path_is_refused(tmp_path, tiny_checkpoint):
+    """An export of the model's checkpoint, or a copy of it, is D_g = D as well; a guide of other weights is taken."""
+    import shutil
+
+    from edm.models.loading import export_model, guided
+
+    path = tiny_checkpoint(tmp_path / "run" / "checkpoint-00000010.pt", perturb=0.05)
+    export_model(path, tmp_path / "export")
+    shutil.copy(path, tmp_path / "copy.pt")
+    denoiser, info = load_model(path)
+    for guide in (tmp_path / "export", tmp_path / "copy.pt"):
+        with pytest.raises(ValueError, match=rf"guide {guide} holds the model's own weights \({path}, exported or copied\)"):
+            guided(denoiser, info, 2.0, guide)
+    weaker = tiny_checkpoint(tmp_path / "weaker.pt", perturb=0.02)
+    assert guided(denoiser, info, 2.0, weaker)[1].source == str(weaker)
+
+
 def test_a_guidance_weight_that_is_not_a_finite_number_is_refused_as_such_before_the_guide_is_read(tmp_path,
                                                                                                    tiny_checkpoint):
     """guidance=nan is named as the weight it is, not blamed on the model (no labels) or, after sampling, on NaN

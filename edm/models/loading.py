@@ -240,6 +240,10 @@ def guided(
                 raise ValueError(f"guide {guide} was trained with objective={guide_info.objective}, which solver "
                                  f"{solver} does not sample (it evaluates the guide as it does the model{sigma_r}): give "
                                  f"a guide of the model's kind (objective={info.objective})")
+        if _same_weights(denoiser, guide_model):
+            raise ValueError(f"guide {guide} holds the model's own weights ({info.source}, exported or copied): D_g = D "
+                             "makes guidance do nothing at twice the cost; autoguidance needs a weaker model of the same "
+                             "data (a smaller or shorter-trained one)")
     elif weight != 1.0 and info.label_dim == 0:
         raise ValueError("classifier-free guidance needs a class-conditional model (this one has label_dim = 0); "
                          "pass a guide model for autoguidance")
@@ -247,6 +251,12 @@ def guided(
     if len(lo_hi) != 2:
         raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi], got {list(interval or [])}")
     return GuidedDenoiser(denoiser, weight, guide=guide_model, interval=lo_hi), guide_info
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two denoisers hold equal tensors in the same order (a wrapper's prefixed names do not matter)."""
+    ta, tb = list(a.state_dict().values()), list(b.state_dict().values())
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
 
 
 def export_model(source: str | Path, dest: str | Path, ema: bool = True, overwrite: bool = False) -> tuple[Path, Path]:
