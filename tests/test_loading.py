@@ -91,6 +91,33 @@ def test_a_guide_that_holds_the_models_own_weights_under_another_path_is_refused
     assert guided(denoiser, info, 2.0, weaker)[1].source == str(weaker)
 
 
+def test_a_guide_trained_on_other_images_than_the_model_is_refused_naming_them(tmp_path, tiny_checkpoint):
+    """Another data set, size or resampling filter of the same image shape (as the checkpoints record them) is no
+    guide of the model's data; a record without the field, or the filter of an unresized set, says nothing."""
+    from edm.models.loading import guided
+
+    def trained_on(name, dataset, perturb):
+        path = tiny_checkpoint(tmp_path / name, perturb=perturb)
+        state = checkpoint.load_checkpoint(path)
+        state["config"] = {"dataset": dataset}
+        checkpoint.save_checkpoint(path, state)
+        return path
+
+    model = trained_on("model.pt", {"name": "fashion_mnist", "resolution": 8, "resample": "lanczos"}, 0.05)
+    denoiser, info = load_model(model)
+    for dataset, message in [
+        ({"name": "digits", "resolution": None, "resample": "lanczos"}, "name 'digits', the model 'fashion_mnist'"),
+        ({"name": "fashion_mnist", "resolution": 8, "resample": "bilinear"}, "resample 'bilinear', the model 'lanczos'"),
+    ]:
+        guide = trained_on("guide.pt", dataset, 0.02)
+        with pytest.raises(ValueError, match=rf"guide {guide} was trained on other images than the model \({message}\): "
+                                             "a guide must be a model of the same data"):
+            guided(denoiser, info, 2.0, guide)
+    for dataset in ({"name": "fashion_mnist", "resolution": 8, "resample": "lanczos"}, {"name": "fashion_mnist"}):
+        guide = trained_on("guide.pt", dataset, 0.02)
+        assert guided(denoiser, info, 2.0, guide)[1].source == str(guide)
+
+
 def test_a_guidance_weight_that_is_not_a_finite_number_is_refused_as_such_before_the_guide_is_read(tmp_path,
                                                                                                    tiny_checkpoint):
     """guidance=nan is named as the weight it is, not blamed on the model (no labels) or, after sampling, on NaN

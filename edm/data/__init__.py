@@ -4,7 +4,8 @@
 from .pixels import as_model_space, read_image, to_model_space, to_uint8
 from .latents import LatentDataset, latent_name
 from .registry import (
-    BUNDLED, DATASETS, UNRECORDED_RESAMPLE, DatasetConfig, build_dataset, check_dataset, dataset_images, dataset_record, resample_unrecorded,
+    BUNDLED, DATA_IDENTITY, DATASETS, UNRECORDED_RESAMPLE, DatasetConfig, build_dataset, check_dataset, dataset_images, dataset_record,
+    other_images, resample_unrecorded,
 )
 from .sets import (
     FASHION_MNIST_DEBIAN_ROOT, IMAGE_EXTENSIONS, BadImagesError, DatasetNotFoundError, ImageDataset, ImageFolderDataset,
@@ -13,7 +14,8 @@ from .sets import (
 from .stream import StreamBatchSampler, epoch_permutation, make_loader, micro_batch_start
 
 __all__ = [
-    "DatasetConfig", "DATASETS", "BUNDLED", "build_dataset", "check_dataset", "dataset_images", "dataset_record", "resample_unrecorded",
+    "DatasetConfig", "DATASETS", "BUNDLED", "DATA_IDENTITY", "build_dataset", "check_dataset", "dataset_images", "dataset_record",
+    "other_images", "resample_unrecorded",
     "UNRECORDED_RESAMPLE", "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset",
     "TensorImageDataset", "ImageFolderDataset", "ImageSource", "XFlip", "Subset", "load_digits", "load_mnist",
     "load_cifar10", "read_idx", "epoch_permutation", "micro_batch_start", "StreamBatchSampler", "make_loader", "to_model_space", "to_uint8", "read_image",

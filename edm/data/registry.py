@@ -102,6 +102,20 @@ def resample_unrecorded(record: Mapping[str, Any]) -> bool:
     return record.get("resolution") is not None and "resample" not in record
 
 
+DATA_IDENTITY = ("name", "resolution", "resample")  # what makes a data set's images, where a model's record holds it
+
+
+def other_images(recorded: Mapping[str, Any] | None, ours: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """(key, recorded's, ours) for each DATA_IDENTITY field in which two data set records (DatasetConfig dicts) make
+    other images, where both name it; the filter counts only where both sets are resized. [] when either is unknown."""
+    if not recorded or not ours:
+        return []
+    resized = recorded.get("resolution") is not None and ours.get("resolution") is not None
+    return [(key, recorded[key], ours[key]) for key in DATA_IDENTITY
+            if recorded.get(key) is not None and ours.get(key) is not None and recorded[key] != ours[key]
+            and (key != "resample" or resized)]
+
+
 BUNDLED = ("digits",)  # data sets that read no dataset.root (shipped inside a package, or made in memory)
 
 

@@ -24,7 +24,7 @@ from .checkpoint import denoiser_from_state, find_latest, load_checkpoint
 from ..core.consistency import CONSISTENCY_OBJECTIVES, SOLVER_OPTION, samplers_for
 from ..core.denoisers import GuidedDenoiser, check_guidance_weight
 from ..core.samplers import CONSISTENCY_SOLVERS, MEANFLOW_SOLVERS, SOLVERS
-from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, resample_unrecorded, root_contents_key
+from ..data import BUNDLED, UNRECORDED_RESAMPLE, DatasetConfig, other_images, resample_unrecorded, root_contents_key
 from ..files import FolderLock, file_sha256
 from .export import CARRIED, META_NAME, export_state, is_export, read_export
 from .nvlabs import read_nvlabs, to_checkpoint
@@ -234,6 +234,12 @@ def guided(
         if guide_info.label_dim not in (0, info.label_dim):
             raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
                              "a guide must take the model's labels (or none)")
+        differ = other_images(guide_info.dataset, info.dataset)
+        if differ:
+            listed = "; ".join(f"{key} {theirs!r}, the model {ours!r}" for key, theirs, ours in differ)
+            raise ValueError(f"guide {guide} was trained on other images than the model ({listed}): a guide must be a "
+                             "model of the same data; train it with the model's data set overrides (dataset=..., "
+                             "dataset.resolution, dataset.resample)")
         for solver in solvers:
             if not guide_info.sampled_by(solver):
                 sigma_r = " with σ_r, which only a MeanFlow model takes" if solver in MEANFLOW_SOLVERS else ""

@@ -23,7 +23,7 @@ from ..core.losses import LOSS_KINDS, Loss, target_weight
 from ..core.meanflow import MeanFlowLoss
 from ..core.precond import PRECOND_KINDS, Precond
 from ..core.schedules import IDDPM, VP, Schedule
-from ..data import ImageDataset
+from ..data import ImageDataset, other_images
 from ..data.augment import AUGMENT_DIM
 from ..files import to_container
 from ..hardware import RunWideLog
@@ -184,16 +184,12 @@ def check_model_data(role: str, source: Any, shape: tuple, label_dim: int, cfg: 
                          f"{cfg.dataset.name} has {'x'.join(map(str, want))} with {dataset.label_dim}: {fix}")
 
 
-DATA_IDENTITY = ("name", "resolution", "resample")  # what makes a data set's images, where a model's record holds it
-
-
 def warn_other_data(role: str, source: Any, recorded: dict[str, Any] | None, cfg: TrainConfig) -> None:
     """Warn when a model a run starts from or distils was trained on other images than the run's (another data set,
-    size or resampling filter, where its record holds them): allowed (a model tuned on new data), but said."""
-    ours = dataclasses.asdict(cfg.dataset)
-    diffs = [f"{key} {recorded[key]!r}, this run {ours[key]!r}" for key in DATA_IDENTITY
-             if recorded and recorded.get(key) is not None and ours.get(key) is not None and recorded[key] != ours[key]
-             and not (key == "resample" and ours["resolution"] is None)]  # the filter acts only on a resized set
+    size or resampling filter, where its record holds them: edm.data.other_images): allowed (a model tuned on new
+    data), but said."""
+    differ = other_images(recorded, dataclasses.asdict(cfg.dataset))
+    diffs = [f"{key} {theirs!r}, this run {ours!r}" for key, theirs, ours in differ]
     if diffs:
         run_logger.warning("%s %s was trained on other images (%s): this run trains on dataset=%s", role, source,
                            "; ".join(diffs), cfg.dataset.name)
