@@ -70,12 +70,12 @@ def test_a_model_folder_says_which_weights_it_holds_and_names_bad_files(trained,
 def test_a_model_json_that_is_not_a_json_object_is_named_unreadable_by_a_load_and_refused_by_an_export(trained, tmp_path,
                                                                                                        text):
     """model.json damaged into valid JSON that is no record: a load names it (CheckpointError, not AttributeError),
-    and an export there is refused as a folder of another model, unless overwrite."""
+    and an export there is refused as a folder of another model, unless overwrite, which the load's advice names."""
     _, state = read_model_file(trained)
     out = export_state(state, tmp_path / "model")
     (out / "model.json").write_text(text)
     with pytest.raises(CheckpointError, match=r"model.json is unreadable \(it holds a JSON \w+, not a record.*export the "
-                                              "model again"):
+                                              "model again with overwrite=true"):
         load_model(out)
     with pytest.raises(ValueError, match="holds a model exported from another file or weights"):
         export_state(state, out, source_sha256="ab" * 32)

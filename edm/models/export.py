@@ -79,6 +79,11 @@ def _refuse_another_model(dest: Path, source_sha256: str | None, weights: str) -
                          "out=DIR, or pass overwrite=true to replace it")
 
 
+# the way out of a damaged model folder: its model.json may be unreadable, which an export over it takes for another
+# model's, so the advice names overwrite=true
+MAKE_AGAIN = ("export the model again with overwrite=true (edm-export checkpoint=SOURCE out=FOLDER overwrite=true; a "
+              "post-hoc EMA folder: run edm-posthoc again)")
+
 # model.json entries that say how the weights were made (edm-posthoc's fit) and travel with them into a new export
 CARRIED = ("posthoc_ema",)
 
@@ -94,7 +99,7 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
     try:
         meta = read_record(meta_file)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{meta_file} is unreadable ({err}): export the model again") from None
+        raise CheckpointError(f"{meta_file} is unreadable ({err}): {MAKE_AGAIN}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file} is not an edm model folder (format {meta.get('format')!r}, expected {FORMAT!r})")
     wanted = "ema" if ema else "raw"
@@ -105,10 +110,10 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[Path, dict]:
         data = weights_file.read_bytes()
         weights = load(data)
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_file} is unreadable ({err}): export the model again") from None
+        raise CheckpointError(f"{weights_file} is unreadable ({err}): {MAKE_AGAIN}") from None
     if meta.get("weights_sha256") not in (None, hashlib.sha256(data).hexdigest()):
         raise CheckpointError(f"{weights_file} is corrupt: its SHA-256 is not the one {META_NAME} records (its bytes changed "
-                              "after it was written): export the model again")
+                              f"after it was written): {MAKE_AGAIN}")
     config = {key: meta[key] for key in ("dataset", "reference", "objective") if meta.get(key)}  # reference: an NVlabs file's facts
     state = {"denoiser": meta["denoiser"], "schedule": meta["schedule"], "ema" if ema else "model": weights,
              "config": config, "step": meta.get("step"), "latent": meta.get("latent"), "inputs": meta.get("inputs"),
