@@ -330,15 +330,18 @@ def test_a_sample_sweep_writes_one_folder_per_job(run_dir, tmp_path):
 
 def test_sample_script_autoguidance_with_a_guide_model_and_an_interval(run_dir, tmp_path, tiny_checkpoint):
     """guide=G makes autoguidance (also for an unconditional model); an interval no step reaches gives
-    the unguided images exactly; the report counts the guide's evaluations; the guide's hash is part of the folder's
-    provenance."""
+    the unguided images exactly, with a warning; the log and the report count the guide's evaluations; the guide's hash
+    is part of the folder's provenance."""
     ckpt = tiny_checkpoint(tmp_path / "main.pt", perturb=0.05)
     guide = tiny_checkpoint(tmp_path / "guide.pt", perturb=0.02)
     common = [f"checkpoint={ckpt}", "num_images=3", "sampler=euler", "sampler.num_steps=3", "format=npz"]
     plain = sample_script(*common, f"out={tmp_path / 'plain'}")
     assert f"3 image(s) of {ckpt}, euler with 3 steps (3 solver evaluations per image)" in plain.stderr
-    sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
-    sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
+    auto = sample_script(*common, "guidance=2", f"guide={guide}", f"out={tmp_path / 'auto'}")
+    none = sample_script(*common, "guidance=2", f"guide={guide}", "guidance_interval=[1e6,1e7]", f"out={tmp_path / 'none'}")
+    assert "euler with 3 steps (3 solver evaluations per image, 6 network evaluations with guidance)" in auto.stderr
+    said = "guidance=2.0 acts on no image: guidance_interval=[1000000.0, 10000000.0] holds none of the noise levels"
+    assert said not in auto.stderr and said in none.stderr and said in (tmp_path / "none" / "sample.log").read_text()
     load = lambda name: np.load(tmp_path / name / "samples.npz")["images"]  # noqa: E731
     assert not np.array_equal(load("auto"), load("plain")) and np.array_equal(load("none"), load("plain"))
     nfe = {name: json.loads((tmp_path / name / "report.json").read_text())["nfe_per_image"] for name in ("plain", "auto", "none")}

@@ -168,13 +168,26 @@ def _own_folder(out: Path, record: dict, overwrite: bool, on_own_folder: Callabl
     return lock
 
 
-def _work_text(cfg: SampleConfig, nfe: int) -> str:
-    """'heun with 18 steps (35 solver evaluations per image)', as the log announces the work."""
+def _work_text(cfg: SampleConfig, nfe: int, guided_nfe: int) -> str:
+    """'heun with 18 steps (35 solver evaluations per image)', as the log announces the work; under guidance with
+    the network evaluations they cost (a guided one is two)."""
     adaptive = cfg.sampler.solver in ADAPTIVE_SOLVERS  # its grid's points are stops, its steps its own
     steps = f"{cfg.sampler.num_steps} {'stop' if adaptive else 'step'}{'s' * (cfg.sampler.num_steps != 1)}"
-    calls = "an adaptive number of solver evaluations" if adaptive else f"{nfe} solver evaluation{'s' * (nfe != 1)}"
-    guide_calls = ", each with a guide evaluation where guidance applies" if cfg.guidance != 1.0 else ""
-    return f"{cfg.sampler.solver} with {steps} ({calls} per image{guide_calls})"
+    if adaptive:
+        calls = "an adaptive number of solver evaluations per image"
+    else:
+        calls = f"{nfe} solver evaluation{'s' * (nfe != 1)} per image"
+        calls += f", {guided_nfe} network evaluations with guidance" if cfg.guidance != 1.0 else ""
+    return f"{cfg.sampler.solver} with {steps} ({calls})"
+
+
+def check_guided_levels(cfg: SampleConfig, nfe: int, guided_nfe: int) -> None:
+    """Warn where guidance is asked for but its interval holds none of the noise levels the sampler evaluates (a
+    fixed-step solver's count is the same guided and unguided): no image would be guided."""
+    if cfg.guidance != 1.0 and cfg.sampler.solver not in ADAPTIVE_SOLVERS and guided_nfe == nfe:
+        logger.warning("guidance=%s acts on no image: guidance_interval=%s holds none of the noise levels %s with %d "
+                       "steps evaluates (widen the interval, or drop guidance)", cfg.guidance,
+                       to_container(cfg.guidance_interval), cfg.sampler.solver, cfg.sampler.num_steps)
 
 
 # settings each process may have its own of, the rest must agree: its batches (per process; not in the provenance
@@ -213,6 +226,7 @@ def generate_folder(
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device, solvers=[cfg.sampler.solver])
+    guided_nfe = cfg.sampler.evaluations_per_image(schedule, denoiser.weight, denoiser.interval)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
@@ -223,7 +237,8 @@ def generate_folder(
     if state.is_main_process:  # one sampler per folder, and only images of one provenance record in it
         lock = _own_folder(out, record, cfg.overwrite, on_own_folder)
         logger.info("%d image(s) of %s, %s, %s schedule, %d process(es) -> %s", len(seeds), info.source,
-                    _work_text(cfg, nfe), schedule.name, state.num_processes, out)
+                    _work_text(cfg, nfe, guided_nfe), schedule.name, state.num_processes, out)
+        check_guided_levels(cfg, nfe, guided_nfe)
         if cfg.guidance != 1.0 and cfg.guide is None and info.label_dropout == 0.0:  # in OUT's sample.log too
             logger.warning("guidance=%s, but the network was trained without label dropout: its unconditional output "
                            "is untrained", cfg.guidance)
