@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from edm.core.schedules import SCHEDULES, Schedule
+
 
 def command(name: str) -> str:
     """The console script `name` that pip installed beside this interpreter (pyproject.toml [project.scripts])."""
@@ -77,6 +79,11 @@ def one_thread_env() -> dict:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+# Every registered schedule whose time is continuous (round_time the identity): all but iddpm, whose sampler times
+# round to its noise levels. The tests "for every schedule" take it, so a schedule added to SCHEDULES is tested too.
+CONTINUOUS_SCHEDULES = [name for name, cls in SCHEDULES.items() if cls.round_time is Schedule.round_time]
 
 
 # Every network preset family, small, on 8x8 images: real structure (2 levels, attention at 4x4), few channels.

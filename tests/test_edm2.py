@@ -11,8 +11,9 @@ import edm
 from edm import networks
 from edm.networks.edm2 import MPConv, MPFourier, force_weight_normalization_, mp_cat, mp_silu, mp_sum, normalize
 
+from conftest import CONTINUOUS_SCHEDULES
+
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 def unit_normal(*shape, seed=0):
@@ -146,7 +147,7 @@ def test_edm2_loss_defaults_are_edm2s_lognormal_and_learn_the_weighting():
     assert float(ln_sigma.std()) == pytest.approx(1.0, rel=0.01)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", CONTINUOUS_SCHEDULES)
 def test_edm2_trains_under_every_schedule(schedule, tmp_path, tiny_train, one_thread):
     """network=edm2-tiny with loss.kind=edm2 and a power-function EMA: the uncertainty head is built, trained and
     saved, the loss stays finite, and the EMA's snapshots are written, under every schedule."""

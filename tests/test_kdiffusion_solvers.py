@@ -16,10 +16,10 @@ import torch
 
 import edm
 
+from conftest import CONTINUOUS_SCHEDULES
 from test_samplers import measured_order
 
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 def _ancestral(s0, s1, eta):
@@ -207,7 +207,7 @@ def test_each_solver_equals_k_diffusions_formula_on_the_ve_schedule(problem, nam
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver, options, band", [
     ("dpm_2", {}, (1.8, 2.4)),
     ("dpmpp_2m_sde", {"eta": 0.0}, (1.8, 2.5)),  # η = 0: DPM-Solver++(2M)
@@ -254,7 +254,7 @@ def test_lms_coefficients_integrate_polynomials_exactly():
         edm.sample(lambda x, s, c=None: x, torch.zeros(1, 2), "edm", num_steps=3, solver="lms", order=0)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
                                     "dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_stochastic_solvers_sample_the_data(gaussian_data, name, solver):

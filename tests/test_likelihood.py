@@ -12,8 +12,9 @@ import torch
 import edm
 from edm.core.likelihood import bits_per_dim, bpd_from_log_likelihood, dequantize, gaussian_log_prob, likelihood_grid, log_likelihood
 
+from conftest import CONTINUOUS_SCHEDULES
+
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -54,7 +55,7 @@ def exact_prior(den, schedule, grid):
     return lambda x_hat_T: den.log_marginal(x_hat_T, sigma_T)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 def test_exact_divergence_matches_gaussian_log_density(name):
     den, y = gaussian_problem()
     schedule = edm.schedules.get(name)
@@ -65,7 +66,7 @@ def test_exact_divergence_matches_gaussian_log_density(name):
     torch.testing.assert_close(result.logp, result.prior_logp + result.delta_logp)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 def test_default_gaussian_prior_is_close_for_a_large_sigma_max(name):
     """π = N(0, σ_T² I) differs from N(μ, Σ + σ_T² I) by O(‖Σ‖/σ_T²): small, but not zero."""
     den, y = gaussian_problem()

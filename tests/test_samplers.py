@@ -13,8 +13,9 @@ import edm
 from edm.core.samplers import SamplerConfig
 from edm.core.schedules import EDM
 
+from conftest import CONTINUOUS_SCHEDULES
+
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 SIGMA_MAX, SIGMA_END = 80.0, 0.5  # order tests stop where trajectories are still smooth (before they collapse onto points)
 
 
@@ -62,13 +63,13 @@ def error_at_last_nonzero_time(problem, reference, name, solver, num_steps, **op
     return (x_hat - reference).norm().item() / reference.norm().item()
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver, tol", [("euler", 0.03), ("heun", 4e-4), ("dpmpp_2m", 4e-4), ("stochastic", 4e-4)])
 def test_ode_solvers_converge_to_reference(problem, reference, name, solver, tol):
     assert error_at_last_nonzero_time(problem, reference, name, solver, 512) < tol
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver, band", [("euler", (0.85, 1.25)), ("heun", (1.8, 2.4)), ("dpmpp_2m", (1.8, 2.5))])
 def test_order_of_convergence(problem, reference, name, solver, band):
     """Slope of log(error) against log(steps) as steps double: ≈ 1 for Euler, ≈ 2 for Heun and DPM-Solver++(2M)."""
@@ -81,7 +82,7 @@ def test_all_schedules_reach_the_same_endpoint(problem):
     den, data, noise = problem
     sigma_min = 1e-3
     ends, mids = {}, {}
-    for name in SCHEDULES:
+    for name in CONTINUOUS_SCHEDULES:
         sched = edm.schedules.get(name)
         t = grid_for(sched, 512, sigma_min=sigma_min)
         x, traj = edm.sample(den, noise, sched, t_steps=t, solver="heun", return_trajectory=True)
@@ -91,11 +92,11 @@ def test_all_schedules_reach_the_same_endpoint(problem):
         nearest = data[torch.cdist(denoised, data).argmin(dim=1)]
         torch.testing.assert_close(denoised, nearest, rtol=0, atol=1e-9)
         ends[name + "+denoise"] = denoised
-    for name in SCHEDULES[1:]:
+    for name in CONTINUOUS_SCHEDULES[1:]:
         torch.testing.assert_close(mids[name], mids["edm"], rtol=0, atol=3e-3)
         torch.testing.assert_close(ends[name + "+denoise"], ends["vp+denoise"], rtol=0, atol=1e-9)
     # EDM and FM (σ linear in t near 0) land exactly; VP and VE keep a residual of order σ_min.
-    for name in SCHEDULES:
+    for name in CONTINUOUS_SCHEDULES:
         residual = (ends[name] - ends["edm+denoise"]).abs().max().item()
         assert residual < (1e-9 if name in ("edm", "fm") else 10 * sigma_min), (name, residual)
 
@@ -133,16 +134,15 @@ def make_gaussian_data():
     return torch.tensor([1.0, -2.0], dtype=F64) + torch.randn(64, 2, generator=g, dtype=F64) @ chol.T
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver, options", [("euler_maruyama", {}), ("stochastic", {"churn": 30.0})])
 def test_sde_samples_match_data_statistics(gaussian_data, name, solver, options):
     count = 3000
     den = edm.IdealDenoiser(gaussian_data)
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(count, 2, generator=g, dtype=F64)
-    small_sigma_min = {"vp": {"epsilon_s": 1e-5}, "ve": {"sigma_min": 1e-3}, "edm": {"sigma_min": 1e-3}, "fm": {"sigma_min": 1e-3},
-                       "trigflow": {"sigma_min": 1e-3}}
-    sched = edm.schedules.get(name, **small_sigma_min[name])  # σ_min ≈ 1e-3, so D(x̂; σ_min) picks one point
+    small_sigma_min = {"epsilon_s": 1e-5} if name == "vp" else {"sigma_min": 1e-3}  # VP's σ_min follows from ε_s
+    sched = edm.schedules.get(name, **small_sigma_min)  # σ_min ≈ 1e-3, so D(x̂; σ_min) picks one point
     steps = 256 if solver == "euler_maruyama" else 64
     # The ρ = 7 grid for every schedule: uniform-t grids end with a σ ratio of ~60 (VP) whose step error biases the result.
     x = edm.sample(

@@ -24,6 +24,8 @@ def _reference(name: str):
         "trigflow": (lambda t: 0.5 * math.tan(t), lambda t: math.cos(t)),
         "iddpm": (lambda t: t, lambda t: 1.0),
     }
+    assert name in table, (f"schedule {name!r} has no reference: write its σ(t), s(t) from its paper into "
+                           "tests/test_schedules.py's _reference (docs/design.md, Conventions: a new schedule)")
     return table[name]
 
 
@@ -35,7 +37,17 @@ TIMES = {
     "trigflow": [0.004, 0.1, 0.7, 1.2, 1.5],
     "iddpm": [0.0065, 0.1, 1.0, 13.0, 80.2],
 }
-ALL = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
+
+
+def _times(name: str) -> list[float]:
+    """TIMES of a schedule, or an assertion that asks for them."""
+    assert name in TIMES, (f"schedule {name!r} has no test times: write times in its range into tests/test_schedules.py's "
+                           "TIMES (docs/design.md, Conventions: a new schedule)")
+    return TIMES[name]
+
+
+ALL = list(edm.schedules.SCHEDULES)  # every registered schedule: a new one is checked against its _reference
+TABLE_1 = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]  # EDM Table 1's schedules, each its own parameterization
 
 
 def _iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> list[float]:
@@ -52,9 +64,9 @@ def _iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> list
 def test_sigma_and_scale_match_formulas(name):
     sched = edm.schedules.get(name)
     sigma_ref, scale_ref = _reference(name)
-    t = torch.tensor(TIMES[name], dtype=F64)
-    expected_sigma = torch.tensor([sigma_ref(v) for v in TIMES[name]], dtype=F64)
-    expected_scale = torch.tensor([scale_ref(v) for v in TIMES[name]], dtype=F64)
+    t = torch.tensor(_times(name), dtype=F64)
+    expected_sigma = torch.tensor([sigma_ref(v) for v in _times(name)], dtype=F64)
+    expected_scale = torch.tensor([scale_ref(v) for v in _times(name)], dtype=F64)
     torch.testing.assert_close(sched.sigma(t), expected_sigma, rtol=1e-12, atol=0)
     torch.testing.assert_close(sched.scale(t), expected_scale, rtol=1e-12, atol=0)
     assert sched.sigma(t).dtype == F64
@@ -63,7 +75,7 @@ def test_sigma_and_scale_match_formulas(name):
 @pytest.mark.parametrize("name", ALL)
 def test_derivatives_match_autograd(name):
     sched = edm.schedules.get(name)
-    t = torch.tensor(TIMES[name], dtype=F64, requires_grad=True)
+    t = torch.tensor(_times(name), dtype=F64, requires_grad=True)
     # `+ 0 * t` keeps constant functions (s = 1, σ' = 1) in the graph so their gradient is 0.
     (dsigma,) = torch.autograd.grad((sched.sigma(t) + 0 * t).sum(), t)
     (dscale,) = torch.autograd.grad((sched.scale(t) + 0 * t).sum(), t)
@@ -74,7 +86,7 @@ def test_derivatives_match_autograd(name):
 @pytest.mark.parametrize("name", ALL)
 def test_sigma_inv_round_trips(name):
     sched = edm.schedules.get(name)
-    t = torch.tensor(TIMES[name], dtype=F64)
+    t = torch.tensor(_times(name), dtype=F64)
     torch.testing.assert_close(sched.sigma_inv(sched.sigma(t)), t, rtol=1e-10, atol=1e-13)
     sigma = torch.tensor([0.002, 0.05, 1.0, 10.0, 80.0], dtype=F64)
     torch.testing.assert_close(sched.sigma(sched.sigma_inv(sigma)), sigma, rtol=1e-10, atol=0)
@@ -197,7 +209,7 @@ def test_each_schedule_names_its_parameterization_for_the_precond_and_loss():
     for name, cls in edm.schedules.SCHEDULES.items():
         assert cls.parameterization in PRECOND_KINDS and cls.parameterization in LOSS_KINDS
         assert Loss(cls()).kind == cls.parameterization
-    assert all(edm.schedules.SCHEDULES[name].parameterization == name for name in ALL)
+    assert all(edm.schedules.SCHEDULES[name].parameterization == name for name in TABLE_1)
 
 
 def test_a_schedule_config_without_a_name_changes_fields_of_a_models_schedule():

@@ -15,10 +15,10 @@ import torch
 import edm
 from edm.core.samplers import deis_coefficients, unipc_coefficients
 
+from conftest import CONTINUOUS_SCHEDULES
 from test_samplers import measured_order
 
 F64 = torch.float64
-SCHEDULES = ["vp", "ve", "edm", "fm", "trigflow"]
 
 
 def _unipc_step_update(outputs, lambdas, x, lam_t, order, variant, model_t=None):
@@ -139,7 +139,7 @@ def test_each_solver_equals_diffusers_formula_on_the_ve_schedule(problem, case, 
     torch.testing.assert_close(traj[1:], ref(model, sigmas[0] * noise, sigmas, **options), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", CONTINUOUS_SCHEDULES)
 @pytest.mark.parametrize("solver, options, band", [
     ("deis", {"order": 1}, (0.9, 1.2)),  # DDIM
     ("deis", {"order": 2}, (1.9, 2.4)),
@@ -188,7 +188,7 @@ def test_unipc_coefficients_match_the_taylor_conditions():
 def test_unipc_bh2_predictor_alone_is_dpm_solver_pp_2m(problem):
     """UniP-2 with B(h) = expm1(−h) and ρ = ½ is DPM-Solver++(2M), step for step, on every schedule."""
     den, _, noise = problem
-    for name in SCHEDULES:
+    for name in CONTINUOUS_SCHEDULES:
         ours = edm.sample(den, noise, name, num_steps=12, solver="unipc", corrector=False, lower_order_final=False)
         torch.testing.assert_close(ours, edm.sample(den, noise, name, num_steps=12, solver="dpmpp_2m"), rtol=1e-10, atol=1e-10)
 
