@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm.data import DatasetConfig
+from edm.data import DatasetConfig, registry
 from edm.data import FASHION_MNIST_DEBIAN_ROOT, BadImagesError, DatasetNotFoundError, ImageFolderDataset, StreamBatchSampler, XFlip, build_dataset, epoch_permutation, load_cifar10, load_digits, load_mnist, make_loader, read_idx, to_model_space, to_uint8
 
 from conftest import folder_with_bad_files, png
@@ -59,6 +59,21 @@ def test_the_refusal_of_a_root_for_a_bundled_set_names_every_registered_set_that
     monkeypatch.setattr(registry, "DATASETS", MappingProxyType({**registry.DATASETS, "lsun": registry._folder}))
     with pytest.raises(ValueError, match=r"dataset=mnist, fashion_mnist, cifar10, folder, latent or lsun$"):
         registry.check_dataset(DatasetConfig("digits", root="/data/lsun"))
+
+
+@pytest.mark.parametrize("name", sorted(registry.DATASETS))
+def test_a_data_set_outside_bundled_reads_its_root_and_a_bundled_one_none(name, tmp_path):
+    """BUNDLED is exactly the sets that read no dataset.root: a set outside it finds nothing in an empty root (were it
+    bundled, a root given to it would be ignored, not refused), and a bundled one builds without a root."""
+    if name in registry.BUNDLED:
+        assert len(registry.DATASETS[name](DatasetConfig(name))) > 0
+        return
+    try:
+        registry.DATASETS[name](DatasetConfig(name, root=str(tmp_path)))
+    except (FileNotFoundError, ValueError):
+        return
+    pytest.fail(f"dataset {name!r} builds from an empty dataset.root, so it reads none: name it in "
+                "edm.data.registry.BUNDLED (docs/design.md, Conventions: a new data set)")
 
 
 def test_digits_cond_labels_are_one_hot_of_the_class():
