@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edm.evaluation.scorers import METRICS
 from edm.models.checkpoint import find_latest, load_checkpoint
 
 from conftest import REPO, command, metrics_records
@@ -94,7 +95,7 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
     ("edm-sample", "sampler.options.eta=0.5", "edm-sample: error: sampler.options.eta is not in the config file: pass "
                                               "+sampler.options.eta=0.5 to add it"),
     ("edm-eval", "metric=fidd", "edm-eval: error: In 'evaluate': Could not find 'metric/fidd'; Available options in "
-                                "'metric': bpd, fd_cls, fid, ref"),
+                                f"'metric': {', '.join(sorted([*METRICS, 'ref']))}\n"),  # every row of METRICS, and ref
     ("edm-sample", "network=tiny", "edm-sample: error: network is not a config group of this command (--help lists its "
                                    "options)"),
 ])

@@ -14,7 +14,7 @@ from edm.data import DatasetConfig
 from edm.evaluation.nfe_study import StudyConfig, run_study
 from edm.provenance import ProvenanceError
 from edm.evaluation.quality import ClassifierConfig
-from edm.evaluation.scorers import EvalConfig, FdClsConfig
+from edm.evaluation.scorers import METRICS, EvalConfig, FdClsConfig
 
 from conftest import command
 
@@ -236,7 +236,7 @@ def test_a_misspelt_metric_is_refused_by_name_before_the_study_starts(tmp_path, 
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     cfg = StudyConfig(checkpoint=str(ckpt), solvers=["heun"], steps=[2], num_images=16, out=str(tmp_path / "s"),
                       dataset=DatasetConfig(name="digits"), eval=EvalConfig(metrics=["fdcls"]), progress=False)
-    with pytest.raises(ValueError, match=r"^metric 'fdcls' is not valid; choose one of: fid, fd_cls, bpd \(did you mean fd_cls\?\)$"):
+    with pytest.raises(ValueError, match=rf"^metric 'fdcls' is not valid; choose one of: {', '.join(METRICS)} \(did you mean fd_cls\?\)$"):
         run_study(cfg)
     assert not (tmp_path / "s").exists()
 
