@@ -8,13 +8,12 @@ import torch
 import edm
 
 F64 = torch.float64
-KINDS = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_ideal_denoiser_of_one_point_gives_zero_loss(kind):
+@pytest.mark.parametrize("name", edm.schedules.SCHEDULES)
+def test_ideal_denoiser_of_one_point_gives_zero_loss(name):
     y = torch.randn(1, 3, 4, 4, dtype=F64)
-    loss = edm.Loss(edm.schedules.get(kind))
+    loss = edm.Loss(edm.schedules.get(name))
     batch = y.expand(64, -1, -1, -1)
     value = loss(edm.IdealDenoiser(y), batch, generator=torch.Generator().manual_seed(0))
     assert value.shape == (64,)
@@ -49,7 +48,7 @@ def test_any_loss_on_any_precond_weights_the_network_target_by_target_weight(kin
     torch.testing.assert_close(value, edm.losses.target_weight(sigma, kind, precond_kind) * error, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", edm.precond.PRECOND_KINDS)
 def test_target_weight_is_one_on_the_schedules_own_preconditioning_and_not_on_another_rows(kind):
     """λ c_out² = 1 within a row of Table 1; EDM's λ on VP's c_out = −σ is (σ² + σ_d²)/σ_d² instead."""
     sigma = torch.logspace(-3, 2, 50, dtype=F64)

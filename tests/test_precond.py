@@ -11,7 +11,7 @@ from tests.test_schedules import _iddpm_levels
 
 F64 = torch.float64
 SIGMAS = [0.002, 0.1, 0.5, 1.0, 7.3, 80.0]
-KINDS = ["vp", "ve", "edm", "fm", "trigflow", "iddpm"]
+KINDS = list(edm.precond.PRECOND_KINDS)  # every row: a new one is checked against its _table entry
 
 
 def _table(kind: str, s: float, sd: float = 0.5):
@@ -30,7 +30,10 @@ def _table(kind: str, s: float, sd: float = 0.5):
     if kind == "iddpm":  # c_noise = M − 1 − argmin_j |u_j − σ|
         u = _iddpm_levels()
         return 1.0, -s, 1 / math.sqrt(s**2 + 1), 999 - min(range(len(u)), key=lambda j: abs(u[j] - s))
-    return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), s / (1 + s)
+    if kind == "fm":
+        return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), s / (1 + s)
+    raise AssertionError(f"precond kind {kind!r} has no reference row: write its c_skip, c_out, c_in, c_noise from "
+                         "docs/design.md's table into tests/test_precond.py's _table")
 
 
 @pytest.mark.parametrize("kind", KINDS)
