@@ -1,4 +1,5 @@
-"""The documentation's Python examples run as written and print what they say they print."""
+"""The documentation's Python examples run as written and print what they say they print, and its lists of choices
+name every registered one."""
 
 import re
 from pathlib import Path
@@ -47,3 +48,46 @@ def test_the_design_pages_orders_of_convergence_are_what_the_example_prints(caps
     exec(compile(example, "docs/design.md", "exec"), scope)
     said = [line[2:] for line in example.splitlines() if re.match(r"# \w+ orders: ", line)]
     assert len(said) == 3 and capsys.readouterr().out.splitlines() == said
+
+
+# Where the docs list every name of a registry: (page, the list's first characters, what ends it, the registry).
+def _registries() -> dict:
+    import edm
+    from edm.data import DATASETS
+    from edm.evaluation.scorers import METRICS
+
+    return {"SCHEDULES": edm.schedules.SCHEDULES, "SOLVERS": edm.samplers.SOLVERS, "DISCRETIZATIONS":
+            edm.schedules.DISCRETIZATIONS, "PRESETS": edm.networks.PRESETS, "DATASETS": DATASETS, "METRICS": METRICS}
+
+
+DOC_LISTS = [
+    ("docs/design.md", "Solvers: ", "All take the same arguments", "SOLVERS"),
+    ("docs/training.md", "| `schedule` | ", "\n", "SCHEDULES"),
+    ("docs/training.md", "| `network` | ", "\n", "PRESETS"),
+    ("docs/training.md", "| `dataset` | ", "\n", "DATASETS"),
+    ("docs/evaluation.md", "| metric | scores |", "\n\n", "METRICS"),
+    ("docs/evaluation.md", "| `sampler.discretization=D` | ", "\n", "DISCRETIZATIONS"),
+    ("docs/evaluation.md", "| solver | order / kind |", "\n\n", "SOLVERS"),
+    ("docs/networks.md", "| name | class | configuration |", "\n\n", "PRESETS"),
+]
+
+
+def names_listed(text: str, names: list[str]) -> set[str]:
+    """The names that `text` lists: each as a word of its own, or inside a range `a` … `b` (in the registry's order)."""
+    listed = {n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text)}
+    for a, b in re.findall(r"`([\w-]+)` … `([\w-]+)`", text):
+        if a in names and b in names:
+            listed |= set(names[names.index(a): names.index(b) + 1])
+    return listed
+
+
+@pytest.mark.parametrize("doc, start, end, registry", DOC_LISTS)
+def test_the_docs_lists_of_choices_name_every_registered_one(doc, start, end, registry):
+    """A schedule, solver, discretization, network preset, data set or metric added to its registry is named where
+    the docs list them all (docs/design.md, Conventions)."""
+    text = (ROOT / doc).read_text()
+    begin = text.index(start)
+    excerpt = text[begin: text.index(end, begin + len(start))]
+    names = list(_registries()[registry])
+    missing = [n for n in names if n not in names_listed(excerpt, names)]
+    assert not missing, f"{doc}'s list at {start.strip()!r} leaves out {', '.join(missing)} of {registry}: add them there"
