@@ -63,3 +63,24 @@ def test_the_floor_check_resolves_relative_imports(tmp_path, monkeypatch):
     (fake / "core" / "x.py").write_text(source)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert imported_modules(fake / "core" / "x.py") == {"training.loop", "models", "cli.train", "generation"}
+
+
+def test_the_design_pages_layout_names_every_module():
+    """docs/design.md's "Layout and the import graph" names each module: a top-level one as edm/NAME.py, one in a
+    folder in that folder's entry (edm/cli/'s modules are its commands, one each)."""
+    import re
+
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    block = text.split("## Layout and the import graph", 1)[1].split("```")[1]
+    entries = {m.group(1): m.group(0) for m in re.finditer(r"^edm/(\w+)/.*?(?=^\S)", block, flags=re.M | re.S)}
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if path.name == "__init__.py" or parts[0] == "cli":
+            continue
+        if len(parts) == 1:
+            named = f"edm/{path.name}" in block
+        else:
+            named = re.search(rf"(?<![\w/]){path.stem}(\.py)?\b", entries.get(parts[0], "")) is not None
+        missing += [] if named else ["/".join(parts)]
+    assert not missing, f"docs/design.md's layout does not name {', '.join(missing)}: add each to its floor's entry"
