@@ -387,6 +387,16 @@ def test_bad_options_raise():
                 networks.build(name, **bad)
 
 
+def test_the_small_presets_of_the_tests_cover_every_network_class_of_the_registry():
+    """tests/conftest.py's SMALL_PRESETS (what the step, consistency and MeanFlow tests build) hold one preset of each
+    class in the registry: a preset of a new class is tested there too once it has a small configuration."""
+    from conftest import SMALL_PRESETS
+
+    classes = {networks.preset(name)[0] for name in networks.PRESETS}
+    untested = sorted(cls.__name__ for cls in classes - {networks.preset(name)[0] for name in SMALL_PRESETS})
+    assert not untested, f"no preset of {', '.join(untested)} in tests/conftest.py's SMALL_PRESETS: add a small one"
+
+
 @pytest.mark.parametrize("name", networks.PRESETS)
 def test_hydra_config_matches_preset(name):
     omegaconf = pytest.importorskip("omegaconf")
