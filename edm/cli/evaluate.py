@@ -39,10 +39,10 @@ __all__ = ["EvaluateConfig", "run", "merge_report"]
 
 @dataclass
 class EvaluateConfig:
-    metric: Any = MISSING  # the `metric` group: fid | fd_cls | bpd | ref, its options under metric.*
-    images: Optional[str] = None  # fid, fd_cls: the generated images, a folder of image files or an .npz
-    data: Optional[str] = None  # bpd, ref: data images (folder or .npz) instead of dataset=NAME
-    checkpoint: Optional[str] = None  # bpd: the model (edm checkpoint, run folder, model folder or NVlabs .pkl)
+    metric: Any = MISSING  # the `metric` group: a row of METRICS, or ref; its options under metric.*
+    images: Optional[str] = None  # a metric of samples (fid, fd_cls, ...): the generated images, a folder of image files or an .npz
+    data: Optional[str] = None  # a metric of data (bpd, ...) or ref: data images (folder or .npz) instead of dataset=NAME
+    checkpoint: Optional[str] = None  # a metric of data (bpd, ...): the model (edm checkpoint, run folder, model folder or NVlabs .pkl)
     ema: bool = True  # the model's EMA weights (false: the raw ones)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the `schedule` group; name null: the model's, its fields replaced by the set ones
     dataset: Optional[DatasetConfig] = None  # the `dataset` group: fid's reference, fd_cls's data, bpd's or ref's images
