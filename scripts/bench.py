@@ -10,7 +10,9 @@ Training is timed as edm-train steps: `edm.training.step.train_step` then the EM
 on synthetic batches already on the device; `--mode data` times the data loader separately, so
 one can see whether loading keeps up. `--profile FILE` adds where a training step's time goes:
 forward + backward, optimizer and EMA timed apart, and torch.profiler's kernel table. Timings use warm-up steps and synchronise the device
-around the timed region. The result is printed as JSON (and written with --out).
+around the timed region. The result is printed as JSON (and written with --out), with what made it: the device,
+the versions of Python, torch, accelerate and edm, the commit of the edm checkout it ran (and whether that had
+uncommitted changes), and every setting.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import fcntl
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +36,7 @@ import edm
 from edm.data.augment import AUGMENT_DIM, AugmentConfig, augment
 from edm.data import DATASETS
 from edm.core.denoisers import fast_denoiser
+from edm.cli import user_errors
 from edm.files import atomic_write
 from edm.training.ema import update_ema
 from edm.networks.edm2 import MPConv, force_weight_normalization_
@@ -47,7 +51,7 @@ DEFAULTS = {  # device type -> (network, resolution, channels, batch, precision,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--mode", default="train,sample", help="comma list of: train, sample, data")
     p.add_argument("--network", help="network preset (default: ddpmpp on CUDA, tiny on CPU)")
     p.add_argument("--resolution", type=int,
@@ -94,14 +98,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.steps = args.steps if args.steps is not None else (20 if device == "cuda" else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 1)
-    for key, least in (("steps", 1), ("warmup", 0), ("batch", 1), ("sample_steps", 1)):
-        if getattr(args, key) < least:
+    for key, least in (("steps", 1), ("warmup", 0), ("batch", 1), ("sample_steps", 1), ("sample_batch", 1),
+                       ("resolution", 1), ("channels", 1), ("label_dim", 0), ("workers", 0)):
+        if getattr(args, key) is not None and getattr(args, key) < least:
             p.error(f"--{key.replace('_', '-')} {getattr(args, key)}: give {least} or more")
-    args.sample_batch = args.sample_batch or args.batch
+    if not 0 <= args.augment <= 1:
+        p.error(f"--augment {args.augment}: a probability, from 0 (off) to 1")
+    args.sample_batch = args.sample_batch if args.sample_batch is not None else args.batch
     args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = sorted(set(args.modes) - {"train", "sample", "data"})
-    if bad:
-        p.error(f"unknown --mode {bad}; choose from train, sample, data")
+    if bad or not args.modes:
+        p.error(f"unknown --mode {bad or repr(args.mode)}; choose from train, sample, data")
+    if args.profile and "train" not in args.modes:
+        p.error("--profile times the parts of a training step: add train to --mode")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out {args.out} is a folder: give the file to write the JSON result to, e.g. {args.out / 'bench.json'}")
+    if args.share_gpu and not (args.share_gpu[1].isdigit() and int(args.share_gpu[1]) >= 1):
+        p.error(f"--share-gpu DIR N: N is the number of sharing processes (1 or more), got {args.share_gpu[1]!r}")
     if args.share_gpu and len(args.modes) != 1:
         p.error("--share-gpu times one --mode per process (each process warms up once before the others time)")
     return args
@@ -408,14 +421,41 @@ def device_name(args: argparse.Namespace) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def source_commit(package: Path = Path(edm.__file__).resolve().parents[1]) -> dict:
+    """{"commit": the HEAD of the git checkout that holds the imported edm package, "uncommitted_changes": whether its
+    tracked files differ from it}; both None where edm is not run from a git checkout (an installed wheel)."""
+    def git(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *command], capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode != 0 or not (package / "edm").is_dir():
+            return {"commit": None, "uncommitted_changes": None}
+        return {"commit": head.stdout.strip(),
+                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except OSError:  # no git program
+        return {"commit": None, "uncommitted_changes": None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with user_errors("bench.py"):  # a network or data set that cannot be built, an --out that cannot be written; Ctrl-C
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """main's work: every --mode timed, the result printed and written."""
+    import accelerate
+
     set_precision_flags(tf32=args.tf32, cudnn_benchmark=True)
     torch.manual_seed(args.seed)
     result = {
         "device": device_name(args),
+        "python": platform.python_version(),
         "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
         "edm": edm.__version__,
+        **source_commit(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "modes")},
     }
     benches = {"train": bench_train, "sample": bench_sample, "data": bench_data}

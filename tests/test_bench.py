@@ -244,3 +244,63 @@ def test_gpu_report_refuses_a_folder_that_holds_an_earlier_report(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_report.sh"), str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "holds an earlier report; give a new or empty OUT" in proc.stderr
     assert (tmp_path / "results.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--device", "mps"], "argument --device: invalid choice: 'mps'"),
+    (["--resolution", "0"], "--resolution 0: give 1 or more"),
+    (["--channels", "0"], "--channels 0: give 1 or more"),
+    (["--label-dim", "-1"], "--label-dim -1: give 0 or more"),
+    (["--sample-batch", "0"], "--sample-batch 0: give 1 or more"),  # not taken as "unset", the batch
+    (["--workers", "-1"], "--workers -1: give 0 or more"),
+    (["--augment", "1.5"], "--augment 1.5: a probability"),
+    (["--augment", "-0.1"], "--augment -0.1: a probability"),
+    (["--mode", ","], "unknown --mode ','"),
+    (["--mode", "sample", "--profile", "p.txt"], "--profile times the parts of a training step: add train to --mode"),
+    (["--mode", "train", "--share-gpu", "turns", "two"], "N is the number of sharing processes (1 or more), got 'two'"),
+    (["--out", "."], "--out . is a folder"),
+])
+def test_settings_that_cannot_be_timed_are_refused_before_any_work(bench, capsys, bad, message):
+    """Each is refused by the parser, naming the flag: none runs silently as something else, none ends in a traceback
+    (or after the timed run, as an --out that cannot be written would)."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *bad])
+    assert message in capsys.readouterr().err
+
+
+def test_a_network_that_cannot_be_built_ends_in_one_line(bench, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--device", "cpu", "--mode", "sample", "--network", "tiny", "--resolution", "5", "--batch", "1"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("bench.py: error: img_resolution 5 is not divisible")
+
+
+def test_the_result_records_the_commit_and_versions_that_made_it(bench, tmp_path):
+    """The JSON names the checkout that ran (HEAD of the git repository holding the edm package, and whether its
+    tracked files had changes), and the versions of Python, torch and accelerate beside the settings; outside a git
+    checkout the commit is null, not another repository's."""
+    import subprocess
+
+    import accelerate
+
+    result = bench.main(["--device", "cpu", "--mode", "sample", "--resolution", "8", "--batch", "1", "--steps", "1",
+                         "--warmup", "0", "--sample-steps", "2"])
+    repo = __import__("pathlib").Path(bench.edm.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert result["commit"] == head and isinstance(result["uncommitted_changes"], bool)
+    assert result["accelerate"] == accelerate.__version__ and result["python"].count(".") == 2
+    assert result["torch"] == torch.__version__ and result["settings"]["sample_steps"] == 2
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # a checkout, but of no edm package
+    assert bench.source_commit(tmp_path) == {"commit": None, "uncommitted_changes": None}
+    changed = tmp_path / "checkout"
+    subprocess.run(["git", "init", "-q", str(changed)], check=True)
+    (changed / "edm").mkdir()
+    (changed / "edm" / "__init__.py").write_text("")
+    git = ["git", "-C", str(changed), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    clean = bench.source_commit(changed)
+    (changed / "edm" / "__init__.py").write_text("x = 1\n")
+    assert clean["uncommitted_changes"] is False and len(clean["commit"]) == 40
+    assert bench.source_commit(changed) == {"commit": clean["commit"], "uncommitted_changes": True}
