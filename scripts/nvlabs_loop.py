@@ -58,6 +58,7 @@ SONGUNET_NETWORKS = ("tiny", "ddpmpp", "ncsnpp")
 OURS_ONLY = ("name", "img_resolution", "in_channels", "out_channels", "label_dim",  # set by the reference's precond
              "second_noise")  # MeanFlow's second noise input, which the reference's SongUNet lacks (refused when on)
 REFERENCE_PRECOND_KEYS = {"edm": ("sigma_data",), "vp": ("beta_d", "beta_min", "M")}  # taken from our precond spec
+REFERENCE_FILES = ("training/networks.py", "training/loss.py", "torch_utils/misc.py")  # what the loop imports
 EDM_DRAWS = ("order", "noise")  # edm-train's streams that --edm-draws can replay
 LOOP_STATE = "reference_loop"  # a checkpoint's entry with what the loop needs to continue (Adam, the RNG, draws)
 
@@ -224,6 +225,17 @@ def continued_state(path: Path, cfg: TrainConfig, edm_draws: set[str]) -> dict:
     return state
 
 
+def check_repo(nvlabs_repo: str | Path) -> Path:
+    """`nvlabs_repo` as a path, refused (ValueError naming the flag) unless it holds the NVlabs/edm files the loop
+    imports (REFERENCE_FILES): a wrong folder fails before any data is read or any arm trained, not on an import."""
+    repo = Path(nvlabs_repo).expanduser()
+    missing = [name for name in REFERENCE_FILES if not (repo / name).is_file()]
+    if missing:
+        raise ValueError(f"--nvlabs-repo {nvlabs_repo} is not an NVlabs/edm checkout (it lacks {', '.join(missing)}): "
+                         "give the folder of a clone of https://github.com/NVlabs/edm")
+    return repo
+
+
 def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every: int = 100,
                     edm_draws: set[str] = frozenset(), resume: bool = False) -> Path:
     """Run the reference loop for the config's total_kimg, with edm-train's draws where `edm_draws`
@@ -236,6 +248,7 @@ def train_reference(nvlabs_repo: str, overrides: list[str], out: Path, log_every
 
 def _train_reference(nvlabs_repo: str, cfg: TrainConfig, out: Path, log_every: int, edm_draws: set[str],
                      resume: bool) -> Path:
+    check_repo(nvlabs_repo)  # after the settings and the folder (they need no checkout), before the data is read
     existing = ckpt.find_latest(out)
     if existing is not None and not resume:
         raise SystemExit(f"nvlabs_loop.py: error: {out} already holds {existing.name}; pass --resume to continue that "
@@ -338,8 +351,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if args.log_every < 1:
         p.error(f"--log-every {args.log_every}: give 1 or more steps")
+    if args.against is not None and not args.against.is_file():  # checked now, not after the training
+        p.error(f"--against {args.against}: no such file; give an edm-train checkpoint of the same run length")
     draws = {name for name in args.edm_draws.split(",") if name}
-    with user_errors("nvlabs_loop.py"):  # a bad override or value, a folder in use: one line
+    # a bad override or value, a folder in use: one line; Ctrl-C: a rerun without --resume would be refused
+    with user_errors("nvlabs_loop.py", on_interrupt="rerun with --resume to continue from OUT's latest checkpoint"):
         path = train_reference(args.nvlabs_repo, args.overrides, args.out, args.log_every, draws, args.resume)
         print(f"saved {path}")
         if args.against is not None:

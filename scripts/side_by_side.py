@@ -453,6 +453,10 @@ def run(args: argparse.Namespace) -> str:
         arms = [Arm.parse(text) for text in args.arm]
     args.num_images = NUM_IMAGES if args.num_images is None else args.num_images
     args.classifier_steps = ClassifierConfig.steps if args.classifier_steps is None else args.classifier_steps
+    for key, least in (("num_images", 2), ("batch", 1), ("classifier_steps", 1)):  # before OUT records them
+        if getattr(args, key) < least:
+            raise SystemExit(f"side_by_side.py: error: --{key.replace('_', '-')} {getattr(args, key)}: give {least} or "
+                             "more" + (" (a Fréchet distance needs two images)" if key == "num_images" else ""))
     labels = [arm.label for arm in arms]
     if len(arms) < 2 or len(set(labels)) != len(labels):
         raise SystemExit(f"side_by_side.py: error: give two or more arms with distinct labels, got {labels}")
@@ -464,6 +468,8 @@ def run(args: argparse.Namespace) -> str:
     needs_repo = [arm.label for arm in arms if arm.kind == "nvlabs" and args.only in (None, arm.label)]
     if needs_repo and args.nvlabs_repo is None and not args.report_only:
         raise SystemExit(f"side_by_side.py: error: arm {needs_repo[0]} runs NVlabs/edm's loop: pass --nvlabs-repo PATH")
+    if needs_repo and not args.report_only:
+        _nvlabs_loop().check_repo(args.nvlabs_repo)  # before any arm trains
     if not args.report_only:
         for arm in arms:  # an unknown key or a bad value of any arm, before any work
             overrides = [*args.overrides, *arm.overrides]

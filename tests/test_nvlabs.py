@@ -1025,6 +1025,39 @@ def test_reference_loop_script_checks_its_settings_and_its_folder_before_the_ref
         assert "nvlabs_loop.py: error: --out" in (err := capsys.readouterr().err) and "in use by a training" in err
 
 
+def test_reference_loop_script_names_a_folder_that_is_no_checkout_and_a_missing_checkpoint_before_training(
+        tmp_path, tiny_train, capsys, monkeypatch):
+    """--nvlabs-repo without NVlabs/edm's training/ and torch_utils/ is named as such before the data set is read (not
+    as "No module named 'torch_utils'"); --against a file that does not exist is refused before the run, not after."""
+    def no_data(_):
+        raise AssertionError("the data set was read")
+
+    monkeypatch.setattr(nvlabs_loop, "build_dataset", no_data)
+    argv = ["--out", str(tmp_path / "out"), *tiny_train]
+    with pytest.raises(SystemExit):
+        nvlabs_loop.main(["--nvlabs-repo", str(tmp_path), *argv])
+    assert f"error: --nvlabs-repo {tmp_path} is not an NVlabs/edm checkout (it lacks training/networks.py" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nvlabs_loop.main(["--nvlabs-repo", str(tmp_path), "--against", str(tmp_path / "ours.pt"),
+                          "--out", str(tmp_path / "other"), *tiny_train])
+    assert "--against" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_reference_loop_script_stopped_by_ctrl_c_names_the_rerun_that_continues(tmp_path, tiny_train, capsys,
+                                                                               monkeypatch):
+    """A rerun of the same command into a folder with checkpoints is refused ("pass --resume"): Ctrl-C's advice is
+    the --resume that continues the run."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nvlabs_loop, "train_reference", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        nvlabs_loop.main(["--nvlabs-repo", str(tmp_path), "--out", str(tmp_path / "out"), *tiny_train])
+    assert stop.value.code == 130
+    assert "nvlabs_loop.py: stopped; rerun with --resume" in capsys.readouterr().err
+
+
 def test_reference_iteration_without_an_ema_ramp_up_uses_the_half_life_alone():
     """ema_rampup_ratio None (edm-train takes it): β = 0.5^(batch / half-life), as the reference's training_loop.py."""
     net = torch.nn.Linear(1, 1, bias=False)

@@ -360,3 +360,27 @@ def test_each_seed_checks_outs_settings_again_so_an_overwrite_in_between_is_not_
     with pytest.raises(SystemExit, match=r"holds results made with other settings \(num_images: folder 200, now 100\)"):
         side_by_side.main([*argv, "--only", "a"])
     assert trained == [("a", 0)]
+
+
+@pytest.mark.parametrize("bad, message", [(["--num-images", "1"], "--num-images 1: give 2 or more"),
+                                          (["--batch", "0"], "--batch 0: give 1 or more"),
+                                          (["--classifier-steps", "0"], "--classifier-steps 0: give 1 or more")])
+def test_a_count_that_cannot_score_is_refused_before_out_records_it(tmp_path, bad, message):
+    """Refused before OUT is made: a record of the bad value would refuse the corrected command (or, for an untrained
+    classifier, every arm would be scored on random features without a word)."""
+    out = tmp_path / "sbs"
+    with pytest.raises(SystemExit, match=message):
+        side_by_side.main(["--out", str(out), "--arm", "a=edm-train", "--arm", "b=edm-train lr=1e-3", *bad,
+                           "total_kimg=0.016"])
+    assert not out.exists()
+
+
+def test_an_nvlabs_repo_that_is_no_checkout_is_refused_before_any_arm_trains(tmp_path, capsys):
+    """A wrong --nvlabs-repo is named before the edm-train arms train and score (not as 'No module named
+    torch_utils' once the reference arm's turn comes)."""
+    out = tmp_path / "sbs"
+    with pytest.raises(SystemExit) as stop:
+        side_by_side.main(["--out", str(out), "--nvlabs-repo", str(tmp_path), "--num-images", "8", "--arm", "a=edm-train",
+                           "--arm", "ref=nvlabs", "total_kimg=0.016"])
+    assert stop.value.code == 1 and not out.exists()
+    assert f"--nvlabs-repo {tmp_path} is not an NVlabs/edm checkout" in capsys.readouterr().err
