@@ -8,6 +8,8 @@ scripts/slurm_train.sbatch runs it on every node (one task per node). From the e
   SLURM_GPUS_ON_NODE    -> processes per node (--gpus-per-node overrides; --num_processes is their total)
   SLURM_JOB_NODELIST    -> --main_process_ip, its first host (MAIN_PROCESS_IP overrides)
   MAIN_PROCESS_PORT     -> --main_process_port (default 29500)
+A node rank outside the allocation, or a second task on one node (SLURM_LOCALID > 0: one task starts all of a node's
+processes), is refused.
 The run resumes by itself when SLURM requeues the job (SLURM_RESTART_COUNT > 0, edm.hardware.launcher_restart);
 SIGUSR1 or SIGTERM makes it save and stop (edm.training.runlog.StopOnSignal).
 """
@@ -59,6 +61,14 @@ def launch_command(env: Mapping[str, str], train_args: Sequence[str], gpus_per_n
     """The `accelerate launch ... -m edm.train ARGS` command of this node, from SLURM's variables (--multi_gpu for
     two or more processes in all: accelerate refuses it for one)."""
     nodes, node = _count("SLURM_NNODES", _required(env, "SLURM_NNODES")), _count("SLURM_NODEID", _required(env, "SLURM_NODEID"))
+    if not node < nodes:  # (SLURM_NNODES=0 too): a rank no launcher group has, or no machine at all
+        raise ValueError(f"SLURM_NODEID={node} is not below SLURM_NNODES={nodes}: the node ranks run from 0 to "
+                         "SLURM_NNODES − 1; run this under srun in a SLURM job (or set them so for a dry run)")
+    if _count("SLURM_LOCALID", env.get("SLURM_LOCALID") or "0") > 0:
+        raise ValueError(f"SLURM_LOCALID={env['SLURM_LOCALID']}: this is not the first task on its node, and one task "
+                         "starts all of a node's processes: run it with srun --ntasks-per-node=1")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}: give 1 or more processes per node")
     per_node = gpus_per_node if gpus_per_node is not None else _count("SLURM_GPUS_ON_NODE", env.get("SLURM_GPUS_ON_NODE") or "0")
     if per_node < 1:
         raise ValueError("SLURM_GPUS_ON_NODE is not set: request GPUs (#SBATCH --gpus-per-node=N) or pass --gpus-per-node")

@@ -5,6 +5,7 @@ options, the commands they make train on this box, and the batch script saves an
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -53,6 +54,26 @@ def test_a_variable_that_is_no_count_or_port_is_named_with_its_value(name, value
     env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[03-04]"}
     with pytest.raises(ValueError, match=f"^{name}={value!r} is not a (whole number|TCP port): "):
         slurm.launch_command(env | {name: value}, [])
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"SLURM_NODEID": "2"}, "SLURM_NODEID=2 is not below SLURM_NNODES=2"),
+    ({"SLURM_NNODES": "0", "SLURM_NODEID": "0"}, "SLURM_NODEID=0 is not below SLURM_NNODES=0"),
+    ({"SLURM_LOCALID": "3"}, "SLURM_LOCALID=3: this is not the first task on its node"),
+])
+def test_a_rank_outside_the_allocation_or_a_second_task_on_a_node_is_refused(changed, message):
+    """Each would launch a group that never forms (a machine rank nobody else counts, or two launchers of one rank)."""
+    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[03-04]",
+           "SLURM_LOCALID": "0"}
+    assert slurm.launch_command(env, [])[6:8] == ["--machine_rank", "1"]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        slurm.launch_command(env | changed, [])
+
+
+def test_gpus_per_node_below_one_is_named_as_the_option_given():
+    env = {"SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu01"}
+    with pytest.raises(ValueError, match=r"^--gpus-per-node 0: give 1 or more"):
+        slurm.launch_command(env, [], gpus_per_node=0)
 
 
 def _fake_slurm_tools(folder):
