@@ -81,9 +81,12 @@ def train_into_out(args: argparse.Namespace) -> dict:
     except ImportError:
         raise SystemExit("small_vae.py: error: it trains diffusers' AutoencoderKL: pip install 'edm-diffusion[latent]' "
                          "(or pip install diffusers)") from None
-    for key in ("steps", "batch", "held_out"):
-        if getattr(args, key) < 1:
+    for key in ("steps", "batch", "held_out", "latent_channels", "resolution"):  # (an unset --resolution: native)
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise SystemExit(f"small_vae.py: error: --{key.replace('_', '-')} {getattr(args, key)}: give 1 or more")
+    if not (args.lr > 0 and args.kl_weight >= 0):  # a negative weight would reward latents far from N(0, I)
+        raise SystemExit(f"small_vae.py: error: --lr {args.lr} --kl-weight {args.kl_weight}: the learning rate is "
+                         "positive, the KL weight 0 or more")
     # a training run's folder, a model folder or another command's results: --overwrite would delete them
     refuse_foreign_folder(args.out, out_key="--out", command="small_vae.py")
     data = DatasetConfig(args.dataset, root=args.dataset_root, resolution=args.resolution, resample=args.resample)

@@ -638,6 +638,24 @@ def test_small_vae_script_writes_a_vae_folder_that_encodes_and_says_what_made_it
     assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == sorted([*weights, ".lock"])
 
 
+@pytest.mark.parametrize("bad, match", [
+    (["--latent-channels", "0"], "--latent-channels 0: give 1 or more"),
+    (["--resolution", "0"], "--resolution 0: give 1 or more"),
+    (["--lr", "-0.001"], "--lr -0.001 --kl-weight 0.0001: the learning rate is positive"),
+    (["--kl-weight", "-1"], "--lr 0.001 --kl-weight -1.0: the learning rate is positive, the KL weight 0 or more"),
+])
+def test_small_vae_refuses_a_setting_it_cannot_train_before_out_records_it(tmp_path, bad, match):
+    """Refused in one line before OUT is made: once OUT's provenance.json records a setting, the corrected command is
+    refused as one of other settings (and a negative KL weight would train without a word)."""
+    from conftest import load_script
+
+    small_vae = load_script("small_vae")
+    with pytest.raises(SystemExit, match=f"small_vae.py: error: {re.escape(match)}"):
+        small_vae.main(["--dataset", "digits", "--out", str(tmp_path / "vae"), "--steps", "1", "--batch", "2",
+                        "--held-out", "4", "--no-progress", *bad])
+    assert not (tmp_path / "vae").exists()
+
+
 def test_a_latent_folder_read_as_images_is_named_as_latents(latent_run):
     """dataset=folder on edm-encode's output: one error that says it holds latents and names dataset=latent."""
     from edm.data.sets import DatasetNotFoundError
