@@ -19,15 +19,20 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from edm.cli import user_errors
 from edm.evaluation.plots import plot_studies
 
 
 def read_study(folder: str | Path) -> list[dict]:
-    """The rows of an edm-study folder's table.json (a missing or unreadable table names the folder)."""
+    """The rows of an edm-study folder's table.json (a missing or unreadable table, or one whose rows are not
+    edm-study's points, as side_by_side.py's table.json, names the folder)."""
     path = Path(folder) / "table.json"
     try:
-        return json.loads(path.read_text())["rows"]
-    except (OSError, ValueError, KeyError) as err:
+        rows = json.loads(path.read_text())["rows"]
+        if not all(isinstance(row, dict) and {"solver", "nfe"} <= row.keys() for row in rows):
+            raise ValueError("its rows are not solver points with an nfe")
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"compare_studies.py: error: {path} is not an edm-study table ({err}); run edm-study first")
 
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--metric", default="fd_cls", help="the score to compare (a column of the tables)")
     parser.add_argument("--figure", help="write the side-by-side figure (PNG) here")
     args = parser.parse_args(argv)
+    if min(args.nfe) < 1 or len(set(args.nfe)) < len(args.nfe):
+        parser.error(f"--nfe {' '.join(map(str, args.nfe))}: give distinct budgets of 1 or more evaluations")
     studies = {}
     for item in args.study:
         title, sep, folder = item.partition("=")  # the title first: a folder may hold "=" (runs/lr=0.1)
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"the tables of {missing} have no {args.metric!r} column in every row (edm-study eval.metrics)")
     studies = labelled(studies)
     if args.figure:
-        plot_studies(studies, args.figure, score=args.metric, series="label")
+        with user_errors("compare_studies.py"):  # a folder, or a place that cannot be written: one line
+            plot_studies(studies, args.figure, score=args.metric, series="label")
     table = markdown_table(studies, sorted(args.nfe), args.metric)
     print(table)
     return table

@@ -71,3 +71,23 @@ def test_a_repeated_title_and_a_metric_missing_from_a_later_row_are_refused(tmp_
         with pytest.raises(SystemExit):
             compare.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_side_by_side_table_is_named_as_no_study_and_bad_budgets_or_figure_end_in_one_line(tmp_path, capsys):
+    """side_by_side.py's table.json also has rows (of arms, without solver and nfe); duplicated or non-positive
+    budgets would print an empty column; a figure path that is a folder cannot be written."""
+    compare = load_script("compare_studies")
+    arms = _study(tmp_path / "sbs", [{"arm": "ours", "kind": "edm-train", "scores": {"0": 4.2}}])
+    with pytest.raises(SystemExit, match=r"table.json is not an edm-study table \(its rows are not solver points"):
+        compare.main(["--study", f"A={arms}"])
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "table.json").write_text("[1, 2]")  # JSON, but no table
+    with pytest.raises(SystemExit, match="is not an edm-study table"):
+        compare.main(["--study", f"A={tmp_path / 'list'}"])
+    study = _study(tmp_path / "a", [_row("heun", 9, 1.0)])
+    for argv, message in ((["--nfe", "10", "10"], "--nfe 10 10: give distinct budgets of 1 or more"),
+                          (["--nfe", "0", "10"], "--nfe 0 10: give distinct budgets"),
+                          (["--figure", str(tmp_path)], "compare_studies.py: error: cannot write")):
+        with pytest.raises(SystemExit):
+            compare.main(["--study", f"A={study}", *argv])
+        assert message in capsys.readouterr().err
