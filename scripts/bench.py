@@ -428,8 +428,9 @@ def source_commit(package: Path = Path(edm.__file__).resolve().parents[1]) -> di
         return subprocess.run(["git", "-C", str(package), *command], capture_output=True, text=True)
 
     try:
-        head = git("rev-parse", "--verify", "HEAD")
-        if head.returncode != 0 or not (package / "edm").is_dir():
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "--verify", "HEAD")
+        # the checkout's own top (a wheel in site-packages of a venv inside some repository is not that repository's)
+        if head.returncode != 0 or top.returncode != 0 or Path(top.stdout.strip()).resolve() != package.resolve():
             return {"commit": None, "uncommitted_changes": None}
         return {"commit": head.stdout.strip(),
                 "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}

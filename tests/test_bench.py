@@ -291,8 +291,6 @@ def test_the_result_records_the_commit_and_versions_that_made_it(bench, tmp_path
     assert result["accelerate"] == accelerate.__version__ and result["python"].count(".") == 2
     assert result["torch"] == torch.__version__ and result["settings"]["sample_steps"] == 2
 
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # a checkout, but of no edm package
-    assert bench.source_commit(tmp_path) == {"commit": None, "uncommitted_changes": None}
     changed = tmp_path / "checkout"
     subprocess.run(["git", "init", "-q", str(changed)], check=True)
     (changed / "edm").mkdir()
@@ -301,6 +299,9 @@ def test_the_result_records_the_commit_and_versions_that_made_it(bench, tmp_path
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
     clean = bench.source_commit(changed)
+    site = changed / "venv" / "site-packages"  # a wheel's edm in a venv inside that checkout: not the code committed
+    (site / "edm").mkdir(parents=True)
+    assert bench.source_commit(site) == {"commit": None, "uncommitted_changes": None}
     (changed / "edm" / "__init__.py").write_text("x = 1\n")
     assert clean["uncommitted_changes"] is False and len(clean["commit"]) == 40
     assert bench.source_commit(changed) == {"commit": clean["commit"], "uncommitted_changes": True}
