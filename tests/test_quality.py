@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,16 @@ def test_a_cache_entry_with_its_statistics_cut_short_or_its_record_not_an_object
     finally:
         for name, data in saved.items():
             (folder / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("setting, named", [({"steps": 0}, "classifier.steps=0 (needs 1 or more)"),
+                                            ({"batch_size": 0}, "classifier.batch_size=0 (needs 1 or more)"),
+                                            ({"lr": 0.0}, "classifier.lr=0.0 (needs > 0)"),
+                                            ({"holdout": 1.0}, "classifier.holdout=1.0 (needs 0 <= holdout < 1)")])
+def test_a_classifier_that_cannot_be_trained_is_refused_naming_the_setting(setting, named):
+    """steps=0 (or no learning rate) left the classifier at its random weights, which scored every model near 0."""
+    with pytest.raises(ValueError, match=re.escape(f"FD_cls's classifier cannot be trained with {named}")):
+        ClassifierConfig(**setting)
 
 
 def test_images_of_another_shape_and_data_without_labels_are_refused(digits_score, tmp_path):

@@ -74,6 +74,16 @@ class ClassifierConfig:
     holdout: float = 0.1
     max_images: int = 50_000
 
+    def __post_init__(self) -> None:
+        counts = {"width": self.width, "feature_dim": self.feature_dim, "steps": self.steps,
+                  "batch_size": self.batch_size, "max_images": self.max_images}
+        bad = [f"classifier.{key}={value} (needs 1 or more)" for key, value in counts.items() if value < 1]
+        bad += [f"classifier.lr={self.lr} (needs > 0)"] * (not self.lr > 0)
+        bad += [f"classifier.holdout={self.holdout} (needs 0 <= holdout < 1)"] * (not 0 <= self.holdout < 1)
+        if bad:
+            raise ValueError(f"FD_cls's classifier cannot be trained with {', '.join(bad)}: an untrained classifier's "
+                             "features would score every model alike")
+
 
 class FeatureClassifier(nn.Module):
     """conv3×3(C→w) → conv3×3 stride 2 (w→w) → conv3×3 (w→2w) → conv3×3 stride 2 (2w→2w) → mean over
