@@ -8,7 +8,8 @@ Each study is TITLE=OUT, an edm-study output folder (its table.json). A table ce
 point with the most NFE within the budget and above the budget before it, with that NFE in brackets; "–" where
 it has none. A solver whose NFE varies per image (dpm_adaptive) gets one row per tolerance, with its mean NFE.
 A study of several schedules (edm-study schedules=[...]) or with a teacher gets a row (and a curve) per schedule and
-model, as edm-study's own figure has.
+model, as edm-study's own figure has. Studies scored on other terms (another number of images, data set or metric
+setting, as their provenance.json records them) are warned of, naming each one's value.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def read_study(folder: str | Path) -> list[dict]:
         return rows
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"compare_studies.py: error: {path} is not an edm-study table ({err}); run edm-study first")
+
+
+SCORED_ON = ("num_images", "dataset", "dataset_contents", "metrics")  # what a score depends on besides the model
+
+
+def scored_on(folder: str | Path) -> dict:
+    """What an edm-study folder's scores were measured on (its provenance.json's SCORED_ON entries); {} where it has
+    no readable record."""
+    try:
+        record = json.loads((Path(folder) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: record[key] for key in SCORED_ON if isinstance(record, dict) and key in record}
+
+
+def scoring_differences(records: Mapping[str, Mapping]) -> list[str]:
+    """'KEY: TITLE=VALUE, ...' for each SCORED_ON entry in which the studies that record it differ: their scores are
+    not comparable (FD_cls and FID are biased by the number of images, and depend on the data and the metric's
+    settings)."""
+    lines = []
+    for key in SCORED_ON:
+        values = {title: record[key] for title, record in records.items() if key in record}
+        if len({json.dumps(value, sort_keys=True) for value in values.values()}) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{title}={json.dumps(value, sort_keys=True)}" for title, value in values.items()))
+    return lines
 
 
 def labelled(studies: Mapping[str, Sequence[Mapping]]) -> dict[str, list[dict]]:
@@ -79,7 +105,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if min(args.nfe) < 1 or len(set(args.nfe)) < len(args.nfe):
         parser.error(f"--nfe {' '.join(map(str, args.nfe))}: give distinct budgets of 1 or more evaluations")
-    studies = {}
+    studies, records = {}, {}
     for item in args.study:
         title, sep, folder = item.partition("=")  # the title first: a folder may hold "=" (runs/lr=0.1)
         if not sep or not title or not folder:
@@ -87,6 +113,10 @@ def main(argv: list[str] | None = None) -> str:
         if title in studies:
             parser.error(f"two studies are titled {title!r}: give each its own TITLE")
         studies[title] = read_study(folder)
+        records[title] = scored_on(folder)
+    for line in scoring_differences(records):
+        print(f"compare_studies.py: warning: the studies are scored on other terms, so their scores do not compare: "
+              f"{line}", file=sys.stderr)
     missing = [title for title, rows in studies.items() if any(args.metric not in row for row in rows)]
     if missing:
         parser.error(f"the tables of {missing} have no {args.metric!r} column in every row (edm-study eval.metrics)")

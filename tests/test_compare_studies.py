@@ -91,3 +91,23 @@ def test_a_side_by_side_table_is_named_as_no_study_and_bad_budgets_or_figure_end
         with pytest.raises(SystemExit):
             compare.main(["--study", f"A={study}", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_studies_scored_on_other_numbers_of_images_or_data_are_warned_of_naming_each_value(tmp_path, capsys):
+    """FD_cls is biased by the number of images: studies of 2000 and 500 images side by side read as if one solver
+    were better; their provenance.json tells, and each differing entry is named with every study's value."""
+    compare = load_script("compare_studies")
+    folders = {}
+    for title, n, data in (("A", 2000, "digits"), ("B", 500, "digits"), ("C", 2000, "mnist")):
+        folders[title] = _study(tmp_path / title, [_row("heun", 9, 3.0)])
+        record = {"command": "edm-study", "num_images": n, "dataset": {"name": data}, "metrics": {"fd_cls": {}}}
+        (folders[title] / "provenance.json").write_text(json.dumps(record))
+    compare.main(["--study", f"A={folders['A']}", "--study", f"B={folders['B']}"])
+    err = capsys.readouterr().err
+    assert "warning: the studies are scored on other terms" in err and "num_images: A=2000, B=500" in err
+    assert "dataset" not in err
+    compare.main(["--study", f"A={folders['A']}", "--study", f"C={folders['C']}"])
+    err = capsys.readouterr().err
+    assert 'dataset: A={"name": "digits"}, C={"name": "mnist"}' in err and "num_images" not in err
+    compare.main(["--study", f"A={folders['A']}", "--study", f"A2={_study(tmp_path / 'A2', [_row('heun', 9, 3.0)])}"])
+    assert capsys.readouterr().err == ""  # a study without a record is compared on what the others record
