@@ -104,6 +104,24 @@ def test_labels_follow_the_draws_in_nvlabs_order():
     torch.testing.assert_close(params.labels(), torch.tensor([expected]), atol=1e-6, rtol=0)
 
 
+def test_draws_are_nvlabs_augment_pipe_calls_in_its_order():
+    """NVlabs' AugmentPipe (EDM's recipe) draws, per transform: x-flip randint, rand; y-flip randint, rand; scale
+    randn, rand; rotation rand, rand; aniso randn, rand (its angle), rand, rand; translation randn([2, N]), rand. The
+    same generator state gives the same labels, so draws can be compared with the reference's, call for call."""
+    cfg, n = AugmentConfig(p=0.5, rotate_frac_max=0.7), 64
+    g = torch.Generator().manual_seed(4)
+    fire = lambda mult: torch.rand(n, generator=g) < cfg.p * mult  # noqa: E731
+    xflip = torch.randint(2, (n,), generator=g) * fire(cfg.xflip)
+    yflip = torch.randint(2, (n,), generator=g) * fire(cfg.yflip)
+    w_s = torch.randn(n, generator=g) * fire(cfg.scale)
+    theta = (torch.rand(n, generator=g) * 2 - 1) * (math.pi * cfg.rotate_frac_max) * fire(cfg.rotate_frac)
+    w_a, r = torch.randn(n, generator=g), (torch.rand(n, generator=g) * 2 - 1) * math.pi
+    w_a, r = w_a * fire(cfg.aniso), r * (torch.rand(n, generator=g) < cfg.aniso_rotate_prob)
+    w_t = torch.randn(2, n, generator=g) * fire(cfg.translate_frac)
+    expected = torch.stack([xflip, yflip, w_s, theta.cos() - 1, theta.sin(), w_a * r.cos(), w_a * r.sin(), *w_t], 1)
+    assert torch.equal(draw_params(cfg, n, torch.Generator().manual_seed(4)).labels(), expected.float())
+
+
 def test_flips_match_their_labels():
     cfg = AugmentConfig(p=1.0, xflip=1.0, yflip=1.0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
     images = torch.randn(32, 2, 6, 6, generator=torch.Generator().manual_seed(1))

@@ -77,7 +77,8 @@ class AugmentParams:
 
 
 def draw_params(cfg: AugmentConfig, n: int, generator: torch.Generator | None = None, device=None) -> AugmentParams:
-    """Draw the transforms of n images (fixed draw order, so a generator state fixes them)."""
+    """Draw the transforms of n images in NVlabs' AugmentPipe's order, call for call (so a generator state fixes
+    them, and the state the reference's global RNG has gives its draws)."""
 
     def rand(*shape: int) -> Tensor:
         return torch.rand(shape, generator=generator, device=device)
@@ -91,11 +92,13 @@ def draw_params(cfg: AugmentConfig, n: int, generator: torch.Generator | None = 
     xflip = torch.randint(2, (n,), generator=generator, device=device).float() * fires(cfg.xflip)
     yflip = torch.randint(2, (n,), generator=generator, device=device).float() * fires(cfg.yflip)
     w_scale = randn() * fires(cfg.scale)
-    theta = (rand(n) * 2 - 1) * math.pi * cfg.rotate_frac_max * fires(cfg.rotate_frac)
-    w_aniso = randn() * fires(cfg.aniso)
-    r_aniso = (rand(n) * 2 - 1) * math.pi * (rand(n) < cfg.aniso_rotate_prob).float()
+    theta = (rand(n) * 2 - 1) * (math.pi * cfg.rotate_frac_max) * fires(cfg.rotate_frac)
+    w_aniso, r_aniso = randn(), (rand(n) * 2 - 1) * math.pi  # NVlabs draws both before either decision
+    w_aniso = w_aniso * fires(cfg.aniso)
+    r_aniso = r_aniso * (rand(n) < cfg.aniso_rotate_prob).float()
+    w_tx, w_ty = torch.randn(2, n, generator=generator, device=device)  # one draw of 2n, as NVlabs' randn([2, N])
     translate = fires(cfg.translate_frac)  # x and y move together
-    w_tx, w_ty = randn() * translate, randn() * translate
+    w_tx, w_ty = w_tx * translate, w_ty * translate
     return AugmentParams(xflip, yflip, w_scale, theta, w_aniso, r_aniso, w_tx, w_ty)
 
 
