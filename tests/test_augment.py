@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edm.data.augment import AUGMENT_DIM, AugmentConfig, AugmentParams, augment, draw_params, inverse_transform, warp
 
@@ -120,6 +121,19 @@ def test_draws_are_nvlabs_augment_pipe_calls_in_its_order():
     w_t = torch.randn(2, n, generator=g) * fire(cfg.translate_frac)
     expected = torch.stack([xflip, yflip, w_s, theta.cos() - 1, theta.sin(), w_a * r.cos(), w_a * r.sin(), *w_t], 1)
     assert torch.equal(draw_params(cfg, n, torch.Generator().manual_seed(4)).labels(), expected.float())
+
+
+def test_borders_mirror_about_the_edge_pixels_as_nvlabs_reflect_padding():
+    """Outside the image, a warp reads the image mirrored about its edge pixels, the edge pixel not repeated (NVlabs
+    pads with torch's 'reflect'): a shift by (3, −2) is a crop of the reflect-padded image."""
+    images = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(6))
+    shifted = warp(images, torch.eye(2).expand(2, 2, 2), torch.tensor([[3.0, -2.0]]).expand(2, 2))
+    padded = F.pad(images, [3, 0, 0, 2], mode="reflect")  # left 3, bottom 2
+    torch.testing.assert_close(shifted, padded[:, :, 2:, :9], atol=1e-5, rtol=0)
+    # A shift by more than the image (12 pixels of 9) reflects again at the far edge: period 2·(9 − 1).
+    far = warp(images, torch.eye(2).expand(2, 2, 2), torch.tensor([[12.0, 0.0]]).expand(2, 2))
+    columns = [8 - abs(8 - (j - 12) % 16) for j in range(9)]
+    torch.testing.assert_close(far, images[..., columns], atol=1e-5, rtol=0)
 
 
 def test_flips_match_their_labels():

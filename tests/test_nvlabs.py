@@ -754,6 +754,31 @@ def test_iddpm_snapshot_samples_as_the_reference_edm_sampler(nvlabs_reference, t
 
 
 # --------------------------------------------------------------------------------------
+# Augmentation: the reference's AugmentPipe.
+
+
+def test_augmentation_draws_and_pixel_moves_equal_the_reference_augment_pipe(nvlabs_reference, monkeypatch):
+    """EDM's recipe (xflip=1e8, yflip, scale, rotate_frac, aniso, translate_frac) with the reference's global RNG and
+    our generator seeded alike: the same 9 labels, bit for bit. An integer translation (the reference's draws fixed
+    at whole pixels) moves the same pixels, borders included: its reflect padding is ours (measured 1.2e-6)."""
+    from edm.data.augment import AugmentConfig, draw_params, warp
+
+    AugmentPipe = nvlabs_reference[2].AugmentPipe
+    images = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        _, labels = AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)(images)
+        assert torch.equal(draw_params(AugmentConfig(p=0.5), 64, torch.Generator().manual_seed(seed)).labels(), labels)
+    for tx, ty in [(2, -1), (-4, 5)]:
+        with monkeypatch.context() as patch:  # the reference's w = randn([2, N]) and its firing draw rand([1, N])
+            patch.setattr(torch, "randn", lambda shape, **kw: torch.tensor([[float(tx)] * 64, [float(ty)] * 64]))
+            patch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
+            expected, _ = AugmentPipe(p=1, translate_frac=1, translate_frac_std=1 / 16)(images)
+        got = warp(images, torch.eye(2).expand(64, 2, 2), torch.tensor([[float(tx), float(ty)]]).expand(64, 2))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
 # The data: a resized data set holds the pixels of the reference's dataset_tool.py.
 
 

@@ -17,8 +17,8 @@ The geometric part maps output pixel q (in pixels, relative to the image centre)
     G⁻¹ q = S⁻¹ R(θ) R(−r) A⁻¹ R(r) (q − t),   S = 2^(scale_std·w_s) I,  A = diag(a, 1/a),
     a = 2^(aniso_std·w_a),  t = translate_frac_std · (W w_x, H w_y),  R(φ) = [[cos φ, −sin φ], [sin φ, cos φ]],
 
-sampled bilinearly with reflection at the borders (NVlabs resamples through a 2× wavelet
-upsampling instead; that anti-aliasing is not reproduced here).
+sampled bilinearly, reading the image mirrored about its edge pixels outside it (NVlabs' reflect padding).
+NVlabs resamples through a 2× wavelet upsampling instead; that anti-aliasing is not reproduced here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AUGMENT_DIM", "AugmentConfig", "AugmentParams", "draw_params", "inverse_transform", "warp", "augment"]
+__all__ = ["AUGMENT_DIM", "AugmentConfig", "AugmentParams", "draw_params", "inverse_transform", "reflect", "warp", "augment"]
 
 AUGMENT_DIM = 9
 
@@ -119,8 +119,18 @@ def inverse_transform(cfg: AugmentConfig, params: AugmentParams, height: int, wi
     return L_inv, t
 
 
+def reflect(x: Tensor, size: int) -> Tensor:
+    """Pixel coordinates mirrored into [0, size − 1] about the edge pixels' centres, the edge pixel not repeated
+    (torch's pad mode 'reflect', as NVlabs pads): x ↦ (size − 1) − |(size − 1) − (x mod 2(size − 1))|. Bilinear
+    interpolation at the mirrored coordinate equals interpolation in the mirrored image."""
+    if size < 2:
+        return torch.zeros_like(x)
+    return (size - 1) - ((size - 1) - x.remainder(2 * (size - 1))).abs()
+
+
 def warp(images: Tensor, L_inv: Tensor, t: Tensor) -> Tensor:
-    """Output pixel q takes the input at L⁻¹ (q − t) (pixels about the centre; bilinear, reflected borders)."""
+    """Output pixel q takes the input at L⁻¹ (q − t) (pixels about the centre; bilinear; outside the image, the
+    image mirrored about its edge pixels, as NVlabs' reflect padding)."""
     n, _, h, w = images.shape
     # In affine_grid's coordinates (align_corners=False) pixel x maps to u = 2x/w, y to 2y/h:
     # scale L⁻¹ by those factors (Python scalars, so no host-to-device copy in the step).
@@ -130,7 +140,12 @@ def warp(images: Tensor, L_inv: Tensor, t: Tensor) -> Tensor:
         torch.stack([L_inv[:, 1, 0] * (w / h), L_inv[:, 1, 1], -shift[:, 1] * (2 / h)], -1),
     ], -2).to(images.dtype)
     grid = F.affine_grid(theta, [n, images.shape[1], h, w], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # grid_sample's own "reflection" mirrors about the image's outer edges (the edge pixel repeated): mirror the
+    # pixel coordinates u·size/2 + (size − 1)/2 about the edge pixels' centres here instead.
+    x = reflect((grid[..., 0] + 1) * (w / 2) - 0.5, w)
+    y = reflect((grid[..., 1] + 1) * (h / 2) - 0.5, h)
+    grid = torch.stack([(x + 0.5) * (2 / w) - 1, (y + 0.5) * (2 / h) - 1], -1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
