@@ -554,6 +554,28 @@ def test_a_zip_streams_through_loader_workers(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(la, lb) and torch.equal(ia, ib)
 
 
+def test_sixteen_bit_images_keep_their_scale_and_32_bit_ones_are_refused_by_path(tmp_path):
+    """A 16-bit gray PNG (PIL mode I;16) holds k·257 for the 8-bit k: it reads as k (the high byte, as PIL decodes
+    16-bit RGB), not clipped to 255, also when resized. 32-bit pixels (modes I, F) have no 8-bit scale: named."""
+    from PIL import Image
+
+    levels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    Image.fromarray(levels * 257).save(tmp_path / "a.png")
+    Image.fromarray(levels * 256 + 255).save(tmp_path / "b.png")  # the low byte does not round up
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.channels == 1 and all(np.array_equal(ds[k][0][0].numpy(), levels) for k in range(2))
+    resized = ImageFolderDataset(tmp_path, resolution=4)[0][0][0].numpy()
+    expected = np.asarray(Image.fromarray(levels.astype(np.uint8)).resize((4, 4), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(resized, expected)
+    Image.fromarray(levels.astype(np.int32) * 257).save(tmp_path / "c.tif")
+    Image.fromarray(levels.astype(np.float32) / 255).save(tmp_path / "d.tif")
+    with pytest.raises(BadImagesError) as err:
+        ImageFolderDataset(tmp_path)
+    assert f"{tmp_path / 'c.tif'}: 32-bit integer pixels" in str(err.value)
+    assert f"{tmp_path / 'd.tif'}: 32-bit float pixels" in str(err.value)
+
+
 def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
     empty, small, truncated = folder_with_bad_files(tmp_path / "images")
     cfg = DatasetConfig(name="folder", root=str(tmp_path / "images"))

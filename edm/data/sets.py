@@ -28,7 +28,7 @@ from ..latent import LATENTS_NAME
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
-    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
+    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE", "eight_bit",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels", "contents_key",
     "root_contents_key", "resolved_root",
 ]
@@ -146,7 +146,21 @@ class NoLabelsError(ValueError):
     """dataset.cond=true on a data set without class labels."""
 
 
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GRAY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit pixels (PIL modes I and F) have no fixed scale to 8 bits (0..65535? 0..1?): PIL's convert clips them to
+# 0..255, which turns a 16-bit ramp white and a 0..1 float image black, so a folder refuses them.
+_UNSCALED_MODES = ("I", "F")
+
+
+def eight_bit(image):
+    """A PIL image with 16-bit gray pixels (modes I;16, I;16B, ...) as 8-bit L, each value's high byte v >> 8
+    (= k for the 16-bit k·257 of an 8-bit k; PIL decodes 16-bit RGB PNGs so); other images as they are. PIL's own
+    convert("L") clips 16-bit values to 255."""
+    from PIL import Image
+
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
 LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative path, class], ...]} (or null)
 
 
@@ -298,6 +312,11 @@ class ImageFolderDataset(ImageDataset):
                 headers[name] = _header(self.source, name)
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
                 bad.append(f"{self.source.where(name)}: unreadable ({type(err).__name__}: {err})")
+                continue
+            if headers[name][0] in _UNSCALED_MODES:
+                kind = "float" if headers.pop(name)[0] == "F" else "integer"
+                bad.append(f"{self.source.where(name)}: 32-bit {kind} pixels, whose scale to 8 bits is unknown "
+                           "(save it with 8 or 16 bits)")
         sizes = collections.Counter(size for _, size in headers.values())
         common, count = sizes.most_common(1)[0] if sizes else ((0, 0), 0)  # the first of equally common sizes
         if resolution is None and headers and common[0] != common[1]:
@@ -345,7 +364,7 @@ class ImageFolderDataset(ImageDataset):
 
     def _pixels(self, path: str, im) -> np.ndarray:
         """uint8 [H, W] or [H, W, 3] of an open image: converted to the data set's mode, cropped and resized."""
-        im = im.convert(self.mode)
+        im = eight_bit(im).convert(self.mode)
         if self._resize:
             im = resize_image(im, self.resolution, self.resample)
         elif im.size != (self.resolution, self.resolution):
