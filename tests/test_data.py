@@ -576,6 +576,30 @@ def test_sixteen_bit_images_keep_their_scale_and_32_bit_ones_are_refused_by_path
     assert f"{tmp_path / 'd.tif'}: 32-bit float pixels" in str(err.value)
 
 
+def test_transparent_images_are_refused_by_path_and_opaque_alpha_is_dropped(tmp_path):
+    """An image with transparent pixels (an alpha band below 255, or a palette's transparent colour) has colours
+    under its alpha that are no part of the picture: named by path before training (NVlabs' dataset_tool refuses
+    any alpha). A fully opaque alpha band holds nothing: dropped, the pixels those of the RGB image."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = np.full((8, 8, 1), 255, dtype=np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(tmp_path / "a.png")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.channels == 3 and np.array_equal(ds[0][0].permute(1, 2, 0).numpy(), rgb)
+    alpha[0, 0] = 0
+    Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(tmp_path / "b.png")
+    Image.fromarray(np.stack([rgb[..., 0], alpha[..., 0]], -1), "LA").save(tmp_path / "c.png")
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), "P")
+    palette.putpalette(list(range(192)))
+    palette.save(tmp_path / "d.png", transparency=0)  # index 0, the top left pixel, is transparent
+    with pytest.raises(BadImagesError) as err:
+        ImageFolderDataset(tmp_path)
+    for name in ("b.png", "c.png", "d.png"):
+        assert f"{tmp_path / name}: transparent pixels (alpha down to 0 of 255)" in str(err.value)
+    assert ImageFolderDataset(tmp_path, skip_bad=True).files == ["a.png"]
+
+
 def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
     empty, small, truncated = folder_with_bad_files(tmp_path / "images")
     cfg = DatasetConfig(name="folder", root=str(tmp_path / "images"))

@@ -203,12 +203,20 @@ class ImageSource:
         return {**self.__dict__, "_zip": None}
 
 
-def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from an image file's header, without decoding its pixels."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int], int]:
+    """(mode, (width, height), least alpha) of an image file: the header's, decoding the pixels only of an image
+    with transparency (an alpha band, or a transparent colour in its info), whose least alpha it reads; 255 for
+    the others."""
     from PIL import Image
 
     with source.open(name) as f, Image.open(f) as im:
-        return im.mode, im.size
+        if im.mode not in _ALPHA_MODES and "transparency" not in im.info:
+            return im.mode, im.size, 255
+        alpha = (im if im.mode in ("RGBA", "LA") else im.convert("RGBA")).getchannel("A")
+        return im.mode, im.size, int(alpha.getextrema()[0])
 
 
 def json_labels(source: ImageSource, files: list[str]) -> dict[str, int] | None:
@@ -309,14 +317,18 @@ class ImageFolderDataset(ImageDataset):
         headers: dict[str, tuple[str, tuple[int, int]]] = {}
         for name in files:
             try:
-                headers[name] = _header(self.source, name)
+                mode, size, alpha = _header(self.source, name)
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
                 bad.append(f"{self.source.where(name)}: unreadable ({type(err).__name__}: {err})")
                 continue
-            if headers[name][0] in _UNSCALED_MODES:
-                kind = "float" if headers.pop(name)[0] == "F" else "integer"
-                bad.append(f"{self.source.where(name)}: 32-bit {kind} pixels, whose scale to 8 bits is unknown "
-                           "(save it with 8 or 16 bits)")
+            if mode in _UNSCALED_MODES:
+                bad.append(f"{self.source.where(name)}: 32-bit {'float' if mode == 'F' else 'integer'} pixels, whose "
+                           "scale to 8 bits is unknown (save it with 8 or 16 bits)")
+            elif alpha < 255:
+                bad.append(f"{self.source.where(name)}: transparent pixels (alpha down to {alpha} of 255), whose colour "
+                           "is not part of the picture (composite it onto a background, or drop the alpha)")
+            else:
+                headers[name] = mode, size
         sizes = collections.Counter(size for _, size in headers.values())
         common, count = sizes.most_common(1)[0] if sizes else ((0, 0), 0)  # the first of equally common sizes
         if resolution is None and headers and common[0] != common[1]:
