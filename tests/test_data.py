@@ -600,6 +600,29 @@ def test_transparent_images_are_refused_by_path_and_opaque_alpha_is_dropped(tmp_
     assert ImageFolderDataset(tmp_path, skip_bad=True).files == ["a.png"]
 
 
+def test_hidden_files_are_left_out_with_a_warning_and_dangling_links_are_named(tmp_path, caplog):
+    """Jupyter's .ipynb_checkpoints/ copies and macOS's ._x.png forks and __MACOSX/ are no images of the data set:
+    left out (a warning counts them), so no hidden folder becomes a class and no copy trains twice. A dangling
+    symbolic link is an image that cannot be read: named by path, not skipped."""
+    import os
+
+    from edm.data import image_files, root_contents_key
+
+    for name in ("cat/0.png", "cat/1.png", "dog/0.png", ".ipynb_checkpoints/0-checkpoint.png",
+                 "cat/.ipynb_checkpoints/1-checkpoint.png", "__MACOSX/cat/0.png"):
+        png(tmp_path / "set" / name, 8, 100)
+    (tmp_path / "set" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    with caplog.at_level("WARNING"):
+        ds = ImageFolderDataset(tmp_path / "set")
+    assert ds.classes == ["cat", "dog"] and ds.files == ["cat/0.png", "cat/1.png", "dog/0.png"]
+    assert "leaving out 4 hidden image file(s)" in caplog.text
+    assert [p.relative_to(tmp_path / "set").as_posix() for p in image_files(tmp_path / "set")] == ds.files
+    os.symlink(tmp_path / "gone.png", tmp_path / "set" / "dog" / "1.png")
+    root_contents_key(tmp_path / "set")  # a record of the folder can still be made
+    with pytest.raises(BadImagesError, match=f"{tmp_path / 'set' / 'dog' / '1.png'}: unreadable"):
+        ImageFolderDataset(tmp_path / "set")
+
+
 def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
     empty, small, truncated = folder_with_bad_files(tmp_path / "images")
     cfg = DatasetConfig(name="folder", root=str(tmp_path / "images"))

@@ -30,7 +30,7 @@ __all__ = [
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
     "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE", "eight_bit",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels", "contents_key",
-    "root_contents_key", "resolved_root",
+    "root_contents_key", "resolved_root", "is_hidden",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,23 @@ FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a relative POSIX name is hidden: a part starting with "." (.ipynb_checkpoints/, macOS's ._x.png
+    resource forks) or macOS's __MACOSX/ folder of a zip. Copies and metadata, never images of the data set."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files under `folder`, recursively, dangling symbolic links included (so that reading one names it)."""
+    return [p for p in folder.rglob("*") if p.is_file() or p.is_symlink() and not p.exists()]
+
+
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files (by IMAGE_EXTENSIONS, any case) under `folder`, recursively, in sorted order; hidden ones
+    (is_hidden) left out."""
+    folder = Path(folder)
+    return sorted(p for p in _files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not is_hidden(p.relative_to(folder).as_posix()))
 
 
 def contents_key(path: str | Path, files: list[Path] | None = None) -> str:
@@ -56,7 +70,7 @@ def contents_key(path: str | Path, files: list[Path] | None = None) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if files is None and path.is_dir() else files or []
     listing = hashlib.sha256()
     for file in files:
-        stat = file.stat()
+        stat = file.stat() if file.exists() else file.lstat()  # a dangling link: the link itself
         listing.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return f"{len(files)}:{listing.hexdigest()[:12]}"
 
@@ -166,7 +180,8 @@ LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative pa
 
 class ImageSource:
     """The image files (by `extensions`) of a folder or of a zip archive (NVlabs dataset_tool.py's output), by
-    their relative POSIX names in sorted order. A zip is read member by member (never extracted, never
+    their relative POSIX names in sorted order; hidden ones (is_hidden) are left out, in `hidden`, and a dangling
+    symbolic link is listed (so that reading it names it). A zip is read member by member (never extracted, never
     held in memory); each process opens it on first use, so DataLoader workers get their own handle."""
 
     def __init__(self, root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
@@ -182,9 +197,11 @@ class ImageSource:
             except (OSError, zipfile.BadZipFile) as err:
                 raise DatasetNotFoundError(f"{self.root} is not a readable zip archive ({err})") from None
         else:
-            members = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+            members = [p.relative_to(self.root).as_posix() for p in _files(self.root)]
         self.all_names = sorted(members)
-        self.names = [n for n in self.all_names if Path(n).suffix.lower() in extensions]
+        images = [n for n in self.all_names if Path(n).suffix.lower() in extensions]
+        self.names = [n for n in images if not is_hidden(n)]
+        self.hidden = [n for n in images if is_hidden(n)]
 
     def where(self, name: str) -> str:
         """The file's path for messages: FOLDER/NAME or ARCHIVE.zip:NAME."""
@@ -282,6 +299,9 @@ class ImageFolderDataset(ImageDataset):
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}; point dataset.root at a folder "
                 "or zip of images, optionally one subfolder per class or a dataset.json with labels"
             )
+        if self.source.hidden:
+            run_logger.warning("%s: leaving out %d hidden image file(s) (a name or folder starting with '.', or "
+                               "__MACOSX), e.g. %s", self.root, len(self.source.hidden), self.source.where(self.source.hidden[0]))
         self.files = self._scan(self.source.names, resolution, skip_bad)
         labelled = json_labels(self.source, self.files)
         if labelled is not None:
