@@ -499,6 +499,19 @@ def test_nvlabs_zip_and_folder_take_their_labels_from_dataset_json(tmp_path, as_
         assert int(one_hot.argmax()) == labels[i][1] and index == i and int(image[0, 0, 0]) == 20 * i
 
 
+def test_a_dataset_json_that_labels_an_image_twice_with_other_classes_is_refused(tmp_path):
+    """{"labels": [["a.png", 0], ["a.png", 1]]}: the last must not win unnoticed; a repeated equal entry is fine."""
+    import json
+
+    for name in ("a.png", "b.png"):
+        png(tmp_path / name, 8, 100)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 1], ["a.png", 0]]}))
+    assert ImageFolderDataset(tmp_path).labels == [0, 1]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 1], ["a.png", 1]]}))
+    with pytest.raises(ValueError, match=f"labels {tmp_path / 'a.png'} twice, as class 0 and class 1"):
+        ImageFolderDataset(tmp_path)
+
+
 def test_a_dataset_json_wins_over_class_subfolders(tmp_path, caplog):
     """Its labels decide (classes 0..max: unused ones are warned of, as are labels of names that are no file); a
     file without a "labels" list, an entry that is not [name, class] and an image without a label are refused."""

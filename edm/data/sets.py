@@ -258,7 +258,9 @@ def json_labels(source: ImageSource, files: list[str]) -> dict[str, int] | None:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int)
                 and not isinstance(entry[1], bool)):
             raise ValueError(f"{where}: the entry {str(entry)[:100]} is not [name, class] with a whole-number class")
-        labels[str(entry[0])] = entry[1]
+        if labels.setdefault(str(entry[0]), entry[1]) != entry[1]:
+            raise ValueError(f"{where} labels {source.where(str(entry[0]))} twice, as class {labels[str(entry[0])]} and "
+                             f"class {entry[1]}: which one is meant?")
     missing = [name for name in files if name not in labels]
     if missing:
         raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {source.where(missing[0])}")
