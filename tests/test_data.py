@@ -109,6 +109,24 @@ def test_build_dataset_max_size_and_xflip():
     assert len(ds) == 20 and ds.label_dim == 10
 
 
+def test_a_max_size_whose_first_images_miss_classes_is_warned_of_naming_them(tmp_path, caplog):
+    """The first N images of a set stored in class order (class folders) are no sample of it: classes 1 and 2 are
+    named; a subset that holds every class, or a set without classes, says nothing."""
+    import logging
+
+    for cls in ("a", "b", "c"):
+        for k in range(3):
+            _png(tmp_path / cls / f"{k}.png", np.full((8, 8, 3), 40 * k, dtype=np.uint8))
+    with caplog.at_level(logging.WARNING, logger="edm.data.registry"):
+        assert len(build_dataset(DatasetConfig(name="folder", root=str(tmp_path), max_size=3))) == 3
+    assert "dataset.max_size=3 keeps the first 3 of 9 items, which hold no image of class(es) 1, 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edm.data.registry"):
+        build_dataset(DatasetConfig(name="folder", root=str(tmp_path), max_size=7))
+        build_dataset(DatasetConfig(name="digits", max_size=30))  # digits mixes its classes
+    assert "max_size" not in caplog.text
+
+
 # ----------------------------------------------------------------------------- MNIST-style IDX files
 
 

@@ -129,12 +129,28 @@ def check_dataset(cfg: DatasetConfig) -> None:
                          f"or name the data set it holds: dataset={', '.join(reading)} or {last}")
 
 
+def warn_missing_classes(full: ImageDataset, subset: ImageDataset) -> list[int]:
+    """Warn where dataset.max_size's first N items hold only some of the set's classes (a set stored sorted by class:
+    class folders, MNIST-style sorted files), so the subset is no sample of the data. Returns the classes left out."""
+    if full.num_classes < 2 or len(subset) == len(full):
+        return []
+    missing = sorted({full.label_of(i) for i in range(len(full))} - {subset.label_of(i) for i in range(len(subset))})
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        logger.warning("dataset.max_size=%d keeps the first %d of %d items, which hold no image of class(es) %s: the "
+                       "set is stored in class order, so the subset is no sample of it", len(subset), len(subset),
+                       len(full), listed)
+    return missing
+
+
 def build_dataset(cfg: DatasetConfig) -> ImageDataset:
     """The training set described by `cfg` (see DatasetConfig and DATASETS), subset and mirrored as asked."""
     check_dataset(cfg)
     dataset = DATASETS[cfg.name](cfg)
     if cfg.max_size is not None:
-        dataset = Subset(dataset, cfg.max_size)
+        subset = Subset(dataset, cfg.max_size)
+        warn_missing_classes(dataset, subset)
+        dataset = subset
     if cfg.xflip:
         dataset = XFlip(dataset)
     logger.info(
