@@ -596,6 +596,9 @@ def test_sixteen_bit_images_keep_their_scale_and_32_bit_ones_are_refused_by_path
     assert Image.open(tmp_path / "a.png").mode == "I;16"
     ds = ImageFolderDataset(tmp_path)
     assert ds.channels == 1 and all(np.array_equal(ds[k][0][0].numpy(), levels) for k in range(2))
+    from edm.data import read_image
+
+    assert np.array_equal(read_image(tmp_path / "a.png")[:, :, 0], levels)  # as scored image folders read it
     resized = ImageFolderDataset(tmp_path, resolution=4)[0][0][0].numpy()
     expected = np.asarray(Image.fromarray(levels.astype(np.uint8)).resize((4, 4), Image.Resampling.LANCZOS))
     np.testing.assert_array_equal(resized, expected)

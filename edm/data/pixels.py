@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_model_space", "to_uint8", "as_model_space", "read_image"]
+__all__ = ["to_model_space", "to_uint8", "as_model_space", "eight_bit", "read_image"]
 
 
 def to_model_space(images: Tensor) -> Tensor:
@@ -30,13 +30,26 @@ def as_model_space(images: Tensor) -> Tensor:
     return images.to(torch.float32) if images.is_floating_point() else to_model_space(images)
 
 
+def eight_bit(image):
+    """A PIL image with 16-bit gray pixels (modes I;16, I;16B, ...) as 8-bit L, each value's high byte v >> 8
+    (= k for the 16-bit k·257 of an 8-bit k; PIL decodes 16-bit RGB PNGs so); other images as they are. PIL's own
+    convert("L") clips 16-bit values to 255."""
+    from PIL import Image
+
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 [H, W, C] of an image file: grayscale (C = 1) and RGB as they are, other modes as RGB. A file that is
-    not a readable image (cut short, damaged) is a ValueError naming it; a missing one PIL's FileNotFoundError."""
+    """uint8 [H, W, C] of an image file: grayscale (C = 1) and RGB as they are, 16-bit gray at its scale (eight_bit),
+    other modes as RGB. A file that is not a readable image (cut short, damaged) is a ValueError naming it; a missing
+    one PIL's FileNotFoundError."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            image = eight_bit(image)
             array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
     except FileNotFoundError:
         raise

@@ -24,11 +24,12 @@ from torch.utils.data import Dataset
 from ..choices import check_choice
 from ..hardware import RunWideLog
 from ..latent import LATENTS_NAME
+from .pixels import eight_bit
 
 __all__ = [
     "DatasetNotFoundError", "BadImagesError", "NoLabelsError", "ImageDataset", "TensorImageDataset", "ImageFolderDataset", "ImageSource",
     "XFlip", "Subset", "load_digits", "load_mnist", "load_cifar10", "read_idx", "resize_image", "resize_images",
-    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE", "eight_bit",
+    "RESAMPLE_FILTERS", "DEFAULT_RESAMPLE",
     "FASHION_MNIST_DEBIAN_ROOT", "IMAGE_EXTENSIONS", "LABELS_NAME", "image_files", "json_labels", "contents_key",
     "root_contents_key", "resolved_root", "is_hidden",
 ]
@@ -166,15 +167,6 @@ _GRAY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N")
 _UNSCALED_MODES = ("I", "F")
 
 
-def eight_bit(image):
-    """A PIL image with 16-bit gray pixels (modes I;16, I;16B, ...) as 8-bit L, each value's high byte v >> 8
-    (= k for the 16-bit k·257 of an 8-bit k; PIL decodes 16-bit RGB PNGs so); other images as they are. PIL's own
-    convert("L") clips 16-bit values to 255."""
-    from PIL import Image
-
-    if not image.mode.startswith("I;16"):
-        return image
-    return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
 LABELS_NAME = "dataset.json"  # NVlabs dataset_tool.py: {"labels": [[relative path, class], ...]} (or null)
 
 
