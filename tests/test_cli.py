@@ -90,6 +90,12 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
     ("edm-sample", "sampler.num_step=3", "edm-sample: error: unknown key sampler.num_step: not an option of this command "
                                          "(did you mean sampler.num_steps? --help lists them)"),
     ("edm-train", "xyzzy=1", "edm-train: error: unknown key xyzzy: not an option of this command (--help lists them)"),
+    ("edm-sample", "smapler.num_steps=3", "edm-sample: error: unknown key smapler.num_steps: not an option of this "
+                                          "command (did you mean sampler.num_steps? --help lists them)"),  # not the last part
+    ("edm-train", "dataset.foo.resolution=3", "edm-train: error: unknown key dataset.foo.resolution: not an option of "
+                                              "this command (--help lists them)"),  # not itself
+    ("edm-eval", "metirc.ref=x", "edm-eval: error: unknown key metirc.ref: not an option of this command (--help lists "
+                                 "them)"),  # metric, the option close to it, has no value yet (???)
     ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),
     ("edm-posthoc", "sigma_rel=[0.1", "edm-posthoc: error: an override does not parse: "),
     ("edm-sample", "sampler.options.eta=0.5", "edm-sample: error: sampler.options.eta is not in the config file: pass "
@@ -100,7 +106,7 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
                                    "options)"),
 ])
 def test_hydras_command_line_errors_are_one_line_that_names_the_key(name, override, expected, tmp_path):
-    """A misspelt key (with the options close to it), a value of the wrong type, an override that does not parse, a group
+    """A misspelt key (with the options close to it, whichever part of the key is misspelt), a value of the wrong type, an override that does not parse, a group
     option that does not exist: one line `name: error: ...` and exit 1, not Hydra's report (whose hint +KEY=V the
     commands refuse)."""
     proc = run([command(name), override], cwd=tmp_path)

@@ -215,13 +215,28 @@ def unknown_keys_message(keys: list[str], close: list[str] = ()) -> str:
             f"command ({meant}--help lists them)")
 
 
-def close_options(key: str, options: Any) -> list[str]:
-    """The options of a config node (its keys) whose names are close to the last part of `key`, as full keys."""
+def close_options(key: str, unknown: str, options: Any) -> list[str]:
+    """`key` with its first part that is no option, `unknown` (its full key: OmegaConf's error names the deepest
+    node that exists, `options`, and the key under it, which need not be the last part of `key`), replaced by each
+    option of that node close to it under which the rest of `key` is an option too (or a free-form mapping's key)."""
     import difflib
 
-    prefix, _, name = key.rpartition(".")
-    names = [str(option) for option in (options.keys() if options is not None else ())]
-    return [f"{prefix}.{match}" if prefix else match for match in difflib.get_close_matches(name, names, n=2)]
+    from omegaconf import DictConfig, OmegaConf
+
+    def holds(node: Any, parts: list[str]) -> bool:  # nodes, not values: a value may be missing (???)
+        for part in parts:
+            if not isinstance(node, DictConfig):
+                return False
+            if part not in node.keys():
+                return OmegaConf.get_type(node) is dict  # sampler.options: its keys are added with +
+            node = node._get_node(part)
+        return True
+
+    prefix, _, name = unknown.rpartition(".")
+    rest = key[len(unknown):].split(".")[1:] if key.startswith(unknown + ".") else []
+    names = [str(option) for option in (options.keys() if isinstance(options, DictConfig) else ())]
+    return [".".join([prefix, match, *rest] if prefix else [match, *rest])
+            for match in difflib.get_close_matches(name, names, n=2) if holds(options._get_node(match), rest)]
 
 
 def _no_solver_option(key: str) -> str | None:
@@ -256,7 +271,8 @@ def one_line(err: BaseException) -> str:
             unknown = _no_solver_option(key)
             return unknown or (f"{key} is not in the config file: pass +{value.group(1) if value else key + '=V'} to "
                                "add it (e.g. a solver option its sampler file does not list)")
-        return unknown_keys_message([key], close_options(key, getattr(cause, "parent_node", None)))
+        return unknown_keys_message([key], close_options(key, str(getattr(cause, "full_key", key)),
+                                                         getattr(cause, "parent_node", None)))
     if override and "No match in the defaults list" in text:  # a group of another command (Hydra: "use +GROUP=...")
         return f"{override.group(1)} is not a config group of this command (--help lists its options)"
     merging = re.match(r"Error merging override (.+)", text)
