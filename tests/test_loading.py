@@ -118,6 +118,29 @@ def test_a_guide_trained_on_other_images_than_the_model_is_refused_naming_them(t
         assert guided(denoiser, info, 2.0, guide)[1].source == str(guide)
 
 
+def test_a_latent_guide_of_latents_of_other_images_is_refused_naming_the_pixel_data(tmp_path, tiny_checkpoint):
+    """Latent models both record dataset=latent (the latent set): the images are the pixel data set their latents
+    record, which a guide must share; a guide whose latents record none (edm2's dataset_tool.py) says nothing."""
+    from edm.models.loading import guided
+
+    def trained_on(name, pixels, perturb):
+        path = tiny_checkpoint(tmp_path / name, perturb=perturb)
+        state = checkpoint.load_checkpoint(path)
+        state["config"] = {"dataset": {"name": "latent", "root": str(tmp_path / name), "resolution": None}}
+        state["latent"] = {"vae": "vae", "vae_fingerprint": None, "scale": [1.0], "bias": [0.0], "pixel_shape": [1, 64, 64],
+                           "dataset": pixels}
+        checkpoint.save_checkpoint(path, state)
+        return path
+
+    denoiser, info = load_model(trained_on("model.pt", {"name": "fashion_mnist", "resolution": 64, "resample": "lanczos"}, 0.05))
+    guide = trained_on("guide.pt", {"name": "mnist", "resolution": 64, "resample": "lanczos"}, 0.02)
+    with pytest.raises(ValueError, match=rf"guide {guide} was trained on other images than the model \(name 'mnist', the "
+                                         r"model 'fashion_mnist'\)"):
+        guided(denoiser, info, 2.0, guide)
+    guide = trained_on("guide.pt", None, 0.02)
+    assert guided(denoiser, info, 2.0, guide)[1].source == str(guide)
+
+
 def test_a_guidance_weight_that_is_not_a_finite_number_is_refused_as_such_before_the_guide_is_read(tmp_path,
                                                                                                    tiny_checkpoint):
     """guidance=nan is named as the weight it is, not blamed on the model (no labels) or, after sampling, on NaN

@@ -88,6 +88,12 @@ class ModelInfo:
         shape = self.latent.get("pixel_shape")
         return tuple(shape) if shape else None
 
+    @property
+    def pixel_dataset(self) -> dict | None:
+        """The data set record of the model's images: its training set, or for a latent model the pixel data its
+        latents record (None when they do not: its training set is only the latent set, dataset=latent)."""
+        return self.dataset if self.latent is None else self.latent.get("dataset")
+
     def training_dataset(self) -> DatasetConfig | None:
         """The training set's config (edm checkpoints record it; for a latent model, the pixel data its latents
         were encoded from), for scoring against it; None if unknown."""
@@ -234,7 +240,7 @@ def guided(
         if guide_info.label_dim not in (0, info.label_dim):
             raise ValueError(f"guide {guide} takes {guide_info.label_dim} class labels, the model {info.label_dim}: "
                              "a guide must take the model's labels (or none)")
-        differ = other_images(guide_info.dataset, info.dataset)
+        differ = other_images(guide_info.pixel_dataset, info.pixel_dataset)  # a latent set's name is latent
         if differ:
             listed = "; ".join(f"{key} {theirs!r}, the model {ours!r}" for key, theirs, ours in differ)
             raise ValueError(f"guide {guide} was trained on other images than the model ({listed}): a guide must be a "
