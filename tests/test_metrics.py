@@ -408,6 +408,11 @@ def test_reference_statistics_that_record_another_extractor_are_refused_and_the_
     with pytest.raises(ValueError, match=r"ref.npz were made by feature extractor inception:0123456789ab, the images' "
                                          r"features are inception:ba9876543210's"):
         metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="inception:ba9876543210", **kw)
+
+    def no_features(images):
+        raise AssertionError("the images' features were taken before the statistics were refused")
+    with pytest.raises(ValueError, match="were made by feature extractor"):  # before any feature is taken
+        metrics.evaluate_images(tmp_path / "fake.npz", no_features, extractor_key="inception:ba9876543210", **kw)
     same = metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="renamed:0123456789ab", **kw)
     plain = metrics.evaluate_images(tmp_path / "fake.npz", TinyExtractor(), extractor_key="inception:ba9876543210",
                                     ref=tmp_path / "plain.npz", batch_size=16)

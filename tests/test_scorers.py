@@ -63,6 +63,20 @@ def test_a_metric_is_given_what_it_scores_or_refused_naming_the_way(tmp_path):
         evaluate("fd", QUICK, ScoringContext(), images=tmp_path / "x.npz")
 
 
+def test_fid_statistics_of_another_extractor_are_refused_when_the_scorer_is_made_before_any_image(tmp_path,
+                                                                                                inception_weights):
+    """edm-sample and edm-study make the scorer before the first image: ref= statistics that record other weights
+    than metric.inception are refused there, not after every image is made."""
+    from edm.evaluation import metrics
+    from edm.evaluation.scorers import FidConfig, fid_scorer
+
+    path, _ = inception_weights
+    metrics.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048), 10,
+                            feature_extractor="inception:0123456789ab")
+    with pytest.raises(ValueError, match=r"ref.npz were made by feature extractor inception:0123456789ab"):
+        fid_scorer(FidConfig(inception=str(path), ref=str(tmp_path / "ref.npz")), ScoringContext())
+
+
 def test_generated_images_take_only_the_metrics_of_samples(tmp_path):
     with pytest.raises(ValueError, match="eval.metrics names fd_cls more than once"):
         build_scorers(EvalConfig(metrics=["fd_cls", "fd_cls"]), ScoringContext(dataset=DIGITS))

@@ -631,11 +631,12 @@ def evaluate_images(
     if progress:
         count = len(images) if isinstance(images, Tensor) else count_images(images)
         fake_total = count if max_images is None else min(count, max_images)
+    if ref_is_stats:  # statistics of other weights are refused before the images' features are taken
+        mu_ref, sigma_ref = load_statistics(ref, feature_extractor=extractor_key)  # type: ignore[arg-type]
     fake = extract_features(extractor, fake_batches(), device=device, total=fake_total, progress=progress)
     mu, sigma = _mean_cov(fake)
     real = None
     if ref_is_stats:
-        mu_ref, sigma_ref = load_statistics(ref, feature_extractor=extractor_key)  # type: ignore[arg-type]
         _check_reference_features(ref, mu_ref.size, len(mu), extractor_key)  # type: ignore[arg-type]
     elif with_precision_recall:
         real = extract_features(extractor, _take(ref_batches(), max_images), device=device, total=max_images,

@@ -101,6 +101,8 @@ def fid_scorer(cfg: FidConfig, ctx: ScoringContext) -> Scorer:
         progress=ctx.progress,
     )
     if cfg.ref is not None:
+        if metrics.is_statistics_file(cfg.ref):  # statistics of other weights are refused before any image is made
+            metrics.load_statistics(cfg.ref, feature_extractor=common["extractor_key"])
         reference: dict[str, Any] = {"ref": cfg.ref}
     elif ctx.dataset is not None:
         batches, key = metrics.dataset_reference(ctx.dataset, ctx.batch)
