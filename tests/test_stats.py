@@ -32,10 +32,22 @@ def test_far_tails_of_t_keep_their_relative_precision(x):
     """P(T ≤ −x) = atan(1/x)/π (df = 1) and 1/(√(2 + x²)(√(2 + x²) + x)) (df = 2) to 1e-12 relative, where the
     tail is far below the float spacing of 1; so are the quantiles of such tails, tan(π(p − ½)) and (2p − 1)/√(2p(1 − p))."""
     cauchy, two = math.atan(1 / x) / math.pi, 1 / (math.sqrt(2 + x * x) * (math.sqrt(2 + x * x) + x))
-    assert student_t_cdf(-x, 1) == pytest.approx(cauchy, rel=1e-12)
-    assert student_t_cdf(-x, 2) == pytest.approx(two, rel=1e-12)
+    assert student_t_cdf(-x, 1) == pytest.approx(cauchy, rel=1e-12, abs=0)  # approx adds abs=1e-12 otherwise
+    assert student_t_cdf(-x, 2) == pytest.approx(two, rel=1e-12, abs=0)
     assert student_t_quantile(cauchy, 1) == pytest.approx(-1 / math.tan(math.pi * cauchy), rel=1e-9)
     assert student_t_quantile(two, 2) == pytest.approx((2 * two - 1) / math.sqrt(2 * two * (1 - two)), rel=1e-9)
+
+
+@pytest.mark.parametrize("df, x", [(30, 5.0), (100, 9.0), (1000, 30.0), (1e4, 30.0)])
+def test_tails_of_many_degrees_of_freedom_keep_their_relative_precision(df, x):
+    """Within √df of 0 the tail of a large df is still far below the float spacing of ½ (1e-142 at df = 1000,
+    x = 30): P(T ≤ −x) = ½ I_{df/(df+x²)}(df/2, ½) to 1e-10 relative, the incomplete beta function taken from mpmath's
+    hypergeometric series at 40 digits, and the quantile of that tail is −x."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        tail = float(mpmath.betainc(mpmath.mpf(df) / 2, 0.5, 0, df / (df + mpmath.mpf(x) ** 2), regularized=True) / 2)
+    assert student_t_cdf(-x, df) == pytest.approx(tail, rel=1e-10, abs=0)
+    assert student_t_quantile(tail, df) == pytest.approx(-x, rel=1e-9)
 
 
 def test_t_cdf_of_odd_degrees_matches_its_closed_form():
