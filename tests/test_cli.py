@@ -90,6 +90,9 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
     ("edm-sample", "sampler.num_step=3", "edm-sample: error: unknown key sampler.num_step: not an option of this command "
                                          "(did you mean sampler.num_steps? --help lists them)"),
     ("edm-train", "xyzzy=1", "edm-train: error: unknown key xyzzy: not an option of this command (--help lists them)"),
+    ("edm-sample", "dataset.resolution=16", "edm-sample: error: dataset.resolution sets a key of dataset, which this "
+                                            "command leaves unset: name it first (dataset=NAME dataset.resolution=...; "
+                                            "--help lists the options)"),  # OmegaConf's AssertionError before
     ("edm-sample", "smapler.num_steps=3", "edm-sample: error: unknown key smapler.num_steps: not an option of this "
                                           "command (did you mean sampler.num_steps? --help lists them)"),  # not the last part
     ("edm-train", "dataset.foo.resolution=3", "edm-train: error: unknown key dataset.foo.resolution: not an option of "

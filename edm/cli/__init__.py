@@ -169,6 +169,10 @@ def hydra_errors(program: str) -> Callable[[Callable[..., Any]], Callable[..., A
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 return hydra_main(*args, **kwargs)
+            except AssertionError as err:  # OmegaConf.update of a key under a null node (a group left unset)
+                if _raised_in(err, task) or "Unexpected type for root" not in str(err):
+                    raise
+                fail(program, under_unset_group(sys.argv[1:]))
             except (HydraException, OmegaConfBaseException, FileExistsError, NotADirectoryError) as err:
                 if _raised_in(err, task):  # a bug in the command itself (user_errors took its users' errors)
                     raise
@@ -205,6 +209,19 @@ def _raised_in(err: BaseException, fn: Callable[..., Any] | None) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def under_unset_group(overrides: list[str]) -> str:
+    """The refusal of an override that sets a key under a group the command leaves unset (null, e.g. edm-sample's
+    dataset): OmegaConf has no node to set it in. Names the first KEY.SUB=V whose KEY no override sets."""
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in overrides if "=" in arg and not arg.startswith("-")]
+    heads = {key for key in keys if "." not in key}
+    key = next((key for key in keys if "." in key and key.split(".", 1)[0] not in heads), None)
+    if key is None:
+        return "an override sets a key under an option this command leaves unset: name that option first"
+    head = key.split(".", 1)[0]
+    return (f"{key} sets a key of {head}, which this command leaves unset: name it first ({head}=NAME {key}=...; "
+            "--help lists the options)")
 
 
 def unknown_keys_message(keys: list[str], close: list[str] = ()) -> str:
