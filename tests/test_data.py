@@ -634,6 +634,21 @@ def test_transparent_images_are_refused_by_path_and_opaque_alpha_is_dropped(tmp_
     assert ImageFolderDataset(tmp_path, skip_bad=True).files == ["a.png"]
 
 
+def test_a_sixteen_bit_gray_png_is_transparent_only_where_a_pixel_holds_its_transparent_value(tmp_path):
+    """A 16-bit gray PNG's tRNS names one 16-bit value. PIL's convert("RGBA") clips pixels and value to 8 bits first:
+    a value of 65535 that no pixel holds made every pixel of 255 or more transparent (a valid image refused), and
+    one of 27756 that a pixel holds left it opaque (a transparent image read)."""
+    from PIL import Image
+
+    levels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4 * 257  # up to 64764: none is 65535
+    Image.fromarray(levels).save(tmp_path / "a.png", transparency=65535)
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    assert ImageFolderDataset(tmp_path).files == ["a.png"]
+    Image.fromarray(levels).save(tmp_path / "b.png", transparency=int(levels[3, 3]))
+    with pytest.raises(BadImagesError, match=re.escape(f"{tmp_path / 'b.png'}: transparent pixels (alpha down to 0")):
+        ImageFolderDataset(tmp_path)
+
+
 def test_hidden_files_are_left_out_with_a_warning_and_dangling_links_are_named(tmp_path, caplog):
     """Jupyter's .ipynb_checkpoints/ copies and macOS's ._x.png forks and __MACOSX/ are no images of the data set:
     left out (a warning counts them), so no hidden folder becomes a class and no copy trains twice. A dangling

@@ -224,6 +224,8 @@ def _header(source: ImageSource, name: str) -> tuple[str, tuple[int, int], int]:
     with source.open(name) as f, Image.open(f) as im:
         if im.mode not in _ALPHA_MODES and "transparency" not in im.info:
             return im.mode, im.size, 255
+        if im.mode.startswith("I;16"):  # one transparent 16-bit value: PIL's convert clips it and the pixels to 8 bits
+            return im.mode, im.size, 0 if (np.asarray(im) == im.info["transparency"]).any() else 255
         alpha = (im if im.mode in ("RGBA", "LA") else im.convert("RGBA")).getchannel("A")
         return im.mode, im.size, int(alpha.getextrema()[0])
 
