@@ -610,6 +610,14 @@ def test_sixteen_bit_images_keep_their_scale_and_32_bit_ones_are_refused_by_path
     assert f"{tmp_path / 'd.tif'}: 32-bit float pixels" in str(err.value)
 
 
+def test_the_pillow_floor_opens_sixteen_bit_gray_pngs_at_sixteen_bits():
+    """Pillow opens a 16-bit gray PNG as I;16 (read at its scale) from 10.3 on; before, as 32-bit I, which the scan
+    refuses as pixels of no known scale: pyproject.toml's floor must not admit those versions."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"pillow>=([0-9.]+)"', text)
+    assert floor and tuple(int(part) for part in floor[1].split(".")) >= (10, 3)
+
+
 def test_transparent_images_are_refused_by_path_and_opaque_alpha_is_dropped(tmp_path):
     """An image with transparent pixels (an alpha band below 255, or a palette's transparent colour) has colours
     under its alpha that are no part of the picture: named by path before training (NVlabs' dataset_tool refuses
