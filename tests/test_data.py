@@ -680,6 +680,16 @@ def test_hidden_files_are_left_out_with_a_warning_and_dangling_links_are_named(t
         ImageFolderDataset(tmp_path / "set")
 
 
+def test_a_folder_whose_images_are_all_hidden_is_named_as_such_not_as_one_without_images(tmp_path):
+    """Images a user named .0.png, .1.png are there: the refusal says they are hidden and left out, and how to use
+    them, not "no image files"."""
+    for name in (".0.png", ".1.png"):
+        png(tmp_path / name, 8, 100)
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"{tmp_path}: its 2 image file(s) are all hidden")) as err:
+        ImageFolderDataset(tmp_path)
+    assert f"e.g. {tmp_path / '.0.png'}" in str(err.value) and "rename" in str(err.value)
+
+
 def test_bad_images_are_found_before_training_and_named_by_path(tmp_path):
     empty, small, truncated = folder_with_bad_files(tmp_path / "images")
     cfg = DatasetConfig(name="folder", root=str(tmp_path / "images"))

@@ -291,6 +291,11 @@ class ImageFolderDataset(ImageDataset):
             if LATENTS_NAME in self.source.all_names:  # edm-encode's output
                 raise DatasetNotFoundError(f"{self.root} holds VAE latents (edm-encode's {LATENTS_NAME}), not image files: "
                                            f"read it with dataset=latent dataset.root={self.root}")
+            if self.source.hidden:  # images there, but all of them named as copies or metadata
+                raise DatasetNotFoundError(
+                    f"{self.root}: its {len(self.source.hidden)} image file(s) are all hidden (a name or folder starting "
+                    f"with '.', or __MACOSX), e.g. {self.source.where(self.source.hidden[0])}, and a data set leaves "
+                    "hidden files out: rename them (or the folder) without the leading '.'")
             raise DatasetNotFoundError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}; point dataset.root at a folder "
                 "or zip of images, optionally one subfolder per class or a dataset.json with labels"
