@@ -38,24 +38,33 @@ def read_study(folder: str | Path) -> list[dict]:
 
 
 SCORED_ON = ("num_images", "dataset", "dataset_contents", "metrics")  # what a score depends on besides the model
+UNSCORED = ("cache_dir", "allow_pickle")  # a metric's settings that change no score: where it caches, what it may load
 
 
 def scored_on(folder: str | Path) -> dict:
-    """What an edm-study folder's scores were measured on (its provenance.json's SCORED_ON entries); {} where it has
-    no readable record."""
+    """What an edm-study folder's scores were measured on (its provenance.json's SCORED_ON entries, each metric's
+    settings apart, as "metrics.NAME", without UNSCORED: a metric only one study scored, or a cache elsewhere, is
+    no difference in the others); {} where it has no readable record."""
     try:
         record = json.loads((Path(folder) / "provenance.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {key: record[key] for key in SCORED_ON if isinstance(record, dict) and key in record}
+    if not isinstance(record, dict):
+        return {}
+    found = {key: record[key] for key in SCORED_ON if key != "metrics" and key in record}
+    metrics = record.get("metrics")
+    for name, settings in (metrics if isinstance(metrics, dict) else {}).items():
+        found[f"metrics.{name}"] = ({key: value for key, value in settings.items() if key not in UNSCORED}
+                                    if isinstance(settings, dict) else settings)
+    return found
 
 
 def scoring_differences(records: Mapping[str, Mapping]) -> list[str]:
-    """'KEY: TITLE=VALUE, ...' for each SCORED_ON entry in which the studies that record it differ: their scores are
-    not comparable (FD_cls and FID are biased by the number of images, and depend on the data and the metric's
+    """'KEY: TITLE=VALUE, ...' for each entry (scored_on's) in which the studies that record it differ: their scores
+    are not comparable (FD_cls and FID are biased by the number of images, and depend on the data and the metric's
     settings)."""
     lines = []
-    for key in SCORED_ON:
+    for key in dict.fromkeys(key for record in records.values() for key in record):
         values = {title: record[key] for title, record in records.items() if key in record}
         if len({json.dumps(value, sort_keys=True) for value in values.values()}) > 1:
             lines.append(f"{key}: " + ", ".join(f"{title}={json.dumps(value, sort_keys=True)}" for title, value in values.items()))

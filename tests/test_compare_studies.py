@@ -111,3 +111,22 @@ def test_studies_scored_on_other_numbers_of_images_or_data_are_warned_of_naming_
     assert 'dataset: A={"name": "digits"}, C={"name": "mnist"}' in err and "num_images" not in err
     compare.main(["--study", f"A={folders['A']}", "--study", f"A2={_study(tmp_path / 'A2', [_row('heun', 9, 3.0)])}"])
     assert capsys.readouterr().err == ""  # a study without a record is compared on what the others record
+
+
+def test_studies_that_differ_only_in_a_metric_the_other_lacks_or_in_a_cache_folder_are_not_warned_of(tmp_path, capsys):
+    """A study that also scored FID, or kept its classifiers in another cache, scored FD_cls on the same terms: no
+    warning that its scores do not compare. Other settings of a metric both scored are named as that metric's."""
+    compare = load_script("compare_studies")
+    fd_cls = {"classifier": {"steps": 2000}, "cache_dir": None}
+    metrics = {"A": {"fd_cls": fd_cls},
+               "B": {"fd_cls": fd_cls | {"cache_dir": "/scratch/quality"}, "fid": {"inception": None, "cache_dir": None}},
+               "C": {"fd_cls": fd_cls | {"classifier": {"steps": 500}}}}
+    folders = {}
+    for title, scored in metrics.items():
+        folders[title] = _study(tmp_path / title, [_row("heun", 9, 3.0)])
+        record = {"command": "edm-study", "num_images": 2000, "dataset": {"name": "digits"}, "metrics": scored}
+        (folders[title] / "provenance.json").write_text(json.dumps(record))
+    compare.main(["--study", f"A={folders['A']}", "--study", f"B={folders['B']}"])
+    assert capsys.readouterr().err == ""
+    compare.main(["--study", f"A={folders['A']}", "--study", f"C={folders['C']}"])
+    assert 'metrics.fd_cls: A={"classifier": {"steps": 2000}}, C={"classifier": {"steps": 500}}' in capsys.readouterr().err
