@@ -279,6 +279,20 @@ def _png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
+def test_a_class_folder_that_is_a_link_is_read_and_a_link_to_a_folder_above_is_no_loop(tmp_path):
+    """root/dog -> elsewhere/dogs (a class kept on other storage) was left out without a word, a class gone; a link
+    back to the root is read once (as NVlabs' dataset_tool.py's glob reads links)."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere" / "dogs"
+    for k in range(2):
+        _png(root / "cat" / f"{k}.png", np.full((8, 8, 3), 10 * k, dtype=np.uint8))
+        _png(elsewhere / f"{k}.png", np.full((8, 8, 3), 100 + 10 * k, dtype=np.uint8))
+    (root / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cat" / "again").symlink_to(root, target_is_directory=True)
+    ds = ImageFolderDataset(root, cond=True)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    assert sorted(int(ds[i][0][0, 0, 0]) for i in range(4)) == [0, 10, 100, 110]
+
+
 def test_image_folder_classes_from_subfolders(tmp_path):
     rng = np.random.default_rng(2)
     arrays = {}

@@ -48,8 +48,21 @@ def is_hidden(name: str) -> bool:
 
 
 def _files(folder: Path) -> list[Path]:
-    """The files under `folder`, recursively, dangling symbolic links included (so that reading one names it)."""
-    return [p for p in folder.rglob("*") if p.is_file() or p.is_symlink() and not p.exists()]
+    """The files under `folder`, recursively, through linked folders too (as NVlabs' dataset_tool.py's glob goes;
+    each real folder once, so a link to a folder above it is no loop), dangling symbolic links included (so that
+    reading one names it). Paths are below `folder`, as the links make them."""
+    found, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(top) / name
+            if path.is_file() or path.is_symlink() and not path.exists():
+                found.append(path)
+    return found
 
 
 def image_files(folder: str | Path) -> list[Path]:
