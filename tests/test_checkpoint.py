@@ -128,14 +128,14 @@ def test_missing_corrupt_and_foreign_files_raise_checkpoint_error(tmp_path):
     data[offset : offset + 16] = b"\xff" * 16
     damaged.write_bytes(bytes(data))
     assert torch.load(damaged, weights_only=True)["model"][name].isnan().any()
-    with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check, so its bytes changed.*delete it"):
+    with pytest.raises(CheckpointError, match=r"damaged.pt is corrupt: .*/data/\d+ fails its CRC-32 check, so its bytes changed.*; restore it from a copy$"):
         load_checkpoint(damaged)
     renamed = tmp_path / "renamed.pt"  # a byte of a member's name in the archive's index changed
     data = bytearray(good.read_bytes())
     entry = data.index(b"PK\x01\x02")  # the first central-directory record; its file name starts 46 bytes in
     data[entry + 46] = 0xFF
     renamed.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"renamed.pt is corrupt: a file name in its zip index is not UTF-8.*delete it"):
+    with pytest.raises(CheckpointError, match=r"renamed.pt is corrupt: a file name in its zip index is not UTF-8.*; restore it from a copy$"):
         load_checkpoint(renamed)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor)
@@ -188,12 +188,27 @@ def test_weights_that_do_not_fit_the_spec(tmp_path):
 def test_a_run_checkpoint_left_empty_or_zeroed_says_to_fall_back_to_the_earlier_one(tmp_path):
     """checkpoint-*.pt of a run that holds no archive at all (empty, or zeros where a crash lost its data) is a
     damaged run file, not a wrong argument: the way out is deleting it, as for one cut short, not "pass a checkpoint"."""
+    (tmp_path / "checkpoint-00000002.pt").write_bytes(b"")  # the earlier one, named (damaged or not: not read here)
     for data in (b"", bytes(4096)):
         path = tmp_path / "checkpoint-00000004.pt"
         path.write_bytes(data)
         with pytest.raises(CheckpointError, match=r"checkpoint-00000004.pt is not a checkpoint: it is .*; if it is a "
-                                                  r"run's latest, delete it to fall back to the run's earlier checkpoint$"):
+                                                  r"run's latest, delete it to fall back to the run's earlier checkpoint "
+                                                  r"checkpoint-00000002.pt$"):
             load_checkpoint(path)
+
+
+def test_a_damaged_run_checkpoint_with_none_before_it_offers_no_earlier_one(tmp_path):
+    """A run's only (or first) checkpoint, cut short: deleting it falls back to nothing (resume=true would start the
+    run over), so the message says so instead of offering an earlier checkpoint; a later one beside it does not count."""
+    good = tmp_path / "checkpoint-00000002.pt"
+    checkpoint.save_checkpoint(good, {"denoiser": {}, "schedule": {}, "model": {}, "ema": {}, "config": {}})
+    good.write_bytes(good.read_bytes()[:200])
+    (tmp_path / "checkpoint-00000004.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"corrupt or not a torch file .*; no earlier checkpoint is beside it: "
+                                              r"restore it from a copy, or start the run over") as err:
+        load_checkpoint(good)
+    assert "fall back" not in str(err.value)
 
 
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):
@@ -218,5 +233,7 @@ def test_a_file_that_is_no_checkpoint_is_not_called_a_corrupt_one(tmp_path):
     good = tmp_path / "checkpoint-00000002.pt"
     checkpoint.save_checkpoint(good, {"denoiser": {}, "schedule": {}, "model": {}, "ema": {}, "config": {}})
     good.write_bytes(good.read_bytes()[:200])  # a torn torch archive is what "corrupt" means
-    with pytest.raises(CheckpointError, match="corrupt or not a torch file.*delete it to fall back"):
+    checkpoint.save_checkpoint(tmp_path / "checkpoint-00000001.pt", {})
+    with pytest.raises(CheckpointError, match="corrupt or not a torch file.*delete it to fall back to the run's earlier "
+                                              "checkpoint checkpoint-00000001.pt$"):
         load_checkpoint(good)

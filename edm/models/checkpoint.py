@@ -52,7 +52,20 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-_FALLBACK = "if it is a run's latest, delete it to fall back to the run's earlier checkpoint"  # a damaged run file's way out
+_RESTORE = "restore it from a copy"  # a damaged file that is no run's checkpoint-<step>.pt
+
+
+def damaged_way_out(path: Path, otherwise: str) -> str:
+    """What to do about a damaged `path`: a run's checkpoint-<step>.pt falls back to the one before it in its folder,
+    named; with none before it the run can only start over; a file named otherwise gets `otherwise`."""
+    match = CHECKPOINT_NAME.match(path.name)
+    if match is None:
+        return otherwise
+    earlier = [p for step, p in list_checkpoints(path.parent) if step < int(match.group(1))]
+    if earlier:
+        return f"if it is a run's latest, delete it to fall back to the run's earlier checkpoint {earlier[-1].name}"
+    return ("no earlier checkpoint is beside it: restore it from a copy, or start the run over (delete it, then "
+            "resume=true, or another run_dir)")
 
 
 def _check_crc(path: Path) -> None:
@@ -62,7 +75,7 @@ def _check_crc(path: Path) -> None:
     failure = zip_crc_failure(path)
     if failure is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt: {failure}, so its bytes changed after it was written; "
-                              f"{_FALLBACK}")
+                              f"{damaged_way_out(path, _RESTORE)}")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -76,16 +89,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         what = "an empty file" if not head else f"a file that starts with {head!r}, not a torch.save archive"
         hint = (" (a power-EMA snapshot: make a model of it with edm-posthoc)" if path.name.startswith("snapshot-")
                 and path.suffix == ".safetensors" else "")
-        way_out = (_FALLBACK if CHECKPOINT_NAME.match(path.name) else  # a run's file, damaged
-                   "pass an edm checkpoint-*.pt (or its run folder)")
-        raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; {way_out}")
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}{hint}; "
+                              f"{damaged_way_out(path, 'pass an edm checkpoint-*.pt (or its run folder)')}")
     _check_crc(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err}); "
-            + _FALLBACK
+            f"{damaged_way_out(path, _RESTORE)}"
         ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
