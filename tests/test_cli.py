@@ -275,3 +275,42 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
                           timeout=300, env=one_thread_env)
     assert proc.returncode == 1 and "pass hydra.sweep.dir=DIR instead of run_dir" in proc.stderr
     assert not (tmp_path / "one").exists()
+
+
+def test_a_rerun_of_some_sweep_jobs_finds_each_jobs_folder_whatever_its_number(tmp_path, tiny_train, one_thread_env):
+    """-m schedule=vp,fm, then -m schedule=fm resume=true total_kimg=MORE on the same hydra.sweep.dir: the rerun numbers
+    the fm job 0, not 1, yet continues 1-...fm from its checkpoint (no second, fresh run of the same settings in a new
+    0-...fm folder), and without resume=true it is refused there, as a run_dir holding checkpoints is."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "progress=false",
+            f"hydra.sweep.dir={sweep}"]
+
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=one_thread_env)
+
+    assert (proc := run("schedule=vp,fm")).returncode == 0, proc.stderr[-3000:]
+    fm = next(job for job in sweep.iterdir() if job.name.startswith("1-") and job.name.endswith("schedule-fm"))
+    assert find_latest(fm).name == "checkpoint-00000004.pt"
+    assert (proc := run("schedule=fm", "resume=true", "total_kimg=0.064")).returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {fm / 'checkpoint-00000004.pt'}" in proc.stderr
+    assert find_latest(fm).name == "checkpoint-00000008.pt"
+    assert sorted(job.name[:2] for job in sweep.iterdir() if job.is_dir()) == ["0-", "1-"]  # no new job folder
+    proc = run("schedule=fm")
+    assert proc.returncode == 1 and f"run_dir {fm} already holds checkpoint-00000008.pt; pass resume=true" in proc.stderr
+
+
+def test_a_sweep_job_whose_settings_have_runs_in_two_job_folders_is_refused_naming_both(tmp_path):
+    """Which of two earlier runs of a job's overrides to continue is the user's choice: neither is taken, and the
+    empty folder Hydra made for the job is removed."""
+    from edm.cli.train import continued_job_folder
+
+    for name in ("0-lr-0.1", "3-lr-0.2", "5-lr-0.2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "2-lr-0.2").mkdir()  # Hydra's, for this job
+    with pytest.raises(ValueError, match=r"has several runs of its settings in .*: 3-lr-0.2, 5-lr-0.2; delete or move "
+                                         r"all but the one to continue"):
+        continued_job_folder(str(tmp_path / "2-lr-0.2"))
+    assert not (tmp_path / "2-lr-0.2").exists()  # the refused job leaves no empty folder behind
+    assert continued_job_folder(str(tmp_path / "0-lr-0.1")) == str(tmp_path / "0-lr-0.1")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from ..hardware import (
     join_restarted_group, process_identity, set_precision_flags, share_cpu, unlaunched_cpu_processes, use_cpu,
 )
+from ..provenance import run_marks
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..training.runlog import kimg_text
@@ -49,6 +50,35 @@ def check_same_sweep(state, job: str) -> None:
                          "working directory); pass hydra.sweep.dir=DIR, one absolute folder for every process")
 
 
+def _job_name(folder: Path) -> str | None:
+    """A sweep job folder's overrides part (<job number>-<overrides>), or None for a folder not named so."""
+    number, dash, name = folder.name.partition("-")
+    return name if dash and number.isdigit() and folder.is_dir() else None
+
+
+def continued_job_folder(job: str) -> str:
+    """The folder a sweep job (-m) trains in: its own, hydra.sweep.dir/<job number>-<its overrides>, unless that holds
+    no run and one other job folder of the same overrides does (a rerun of some of the sweep's jobs, or in another
+    order, numbers them otherwise): that run's, so resume=true continues it and a new run is refused there as in any
+    run_dir. The empty folder Hydra made for the job is removed."""
+    own = Path(job)
+    if run_marks(own):
+        return job
+    number, name = own.name.partition("-")[0], _job_name(own)
+    others = sorted(folder for folder in own.parent.iterdir() if folder != own and _job_name(folder) == name
+                    and run_marks(folder))
+    if not others:
+        return job
+    try:
+        own.rmdir()  # Hydra's, empty: the job trains in another, or is refused
+    except OSError:
+        pass
+    if len(others) > 1:
+        raise ValueError(f"sweep job {number} ({name}) has several runs of its settings in {own.parent}: "
+                         f"{', '.join(folder.name for folder in others)}; delete or move all but the one to continue")
+    return str(others[0])
+
+
 @hydra_errors("edm-train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
@@ -57,7 +87,8 @@ def main(dcfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     with user_errors("edm-train", on_interrupt="rerun it with resume=true to continue from its last checkpoint"):
         cfg: TrainConfig = typed(dcfg)
-        job = sweep_job_folder(hydra_cfg, key="run_dir")
+        numbered = sweep_job_folder(hydra_cfg, key="run_dir")
+        job = None if numbered is None else continued_job_folder(numbered)
         if job is not None:
             dcfg.run_dir = job
             cfg = dataclasses.replace(cfg, run_dir=job)
@@ -73,6 +104,9 @@ def main(dcfg: DictConfig) -> None:
                                              state.device)
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
+        if job != numbered:
+            logging.getLogger(__name__).info("the run of this sweep job's overrides is in %s (an earlier command numbered "
+                                             "it otherwise): the job trains there", job)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
 
         def own_run_dir(run_dir: Path) -> Callable[[BaseException | None], None]:  # its train.log
