@@ -311,6 +311,34 @@ def test_a_sweep_job_whose_settings_have_runs_in_two_job_folders_is_refused_nami
     (tmp_path / "2-lr-0.2").mkdir()  # Hydra's, for this job
     with pytest.raises(ValueError, match=r"has several runs of its settings in .*: 3-lr-0.2, 5-lr-0.2; delete or move "
                                          r"all but the one to continue"):
-        continued_job_folder(str(tmp_path / "2-lr-0.2"))
+        continued_job_folder(str(tmp_path / "2-lr-0.2"), ())
     assert not (tmp_path / "2-lr-0.2").exists()  # the refused job leaves no empty folder behind
-    assert continued_job_folder(str(tmp_path / "0-lr-0.1")) == str(tmp_path / "0-lr-0.1")
+    assert continued_job_folder(str(tmp_path / "0-lr-0.1"), ()) == str(tmp_path / "0-lr-0.1")
+
+
+def test_a_sweep_job_continues_a_folder_whose_name_differs_only_by_keys_a_resume_may_change(tmp_path):
+    """A rerun that changes (or an older name that holds) a key kept out of folder names, batch_per_device for an
+    elastic resume, finds the job's run; one that differs in another key does not."""
+    from edm.cli.train import continued_job_folder
+
+    old = tmp_path / "0-batch_per_device-8__grid_size-4__lr-0.1"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"step": 1}\n')
+    for name, expected in (("1-lr-0.1", old), ("1-batch_per_device-4__lr-0.1", old), ("1-lr-0.2", None)):
+        (tmp_path / name).mkdir()
+        found = continued_job_folder(str(tmp_path / name), ("batch_per_device", "grid_size"))
+        assert found == str(expected or tmp_path / name)
+
+
+def test_sweep_folder_names_leave_out_exactly_the_keys_a_resume_may_change():
+    """configs/train.yaml's exclude_keys are RESUME_FREE's keys (run_dir aside: a sweep refuses it; latent.* aside:
+    a latent space is compared as facts, so its keys name the job): a key a resume may change, left in a folder name,
+    would make a sweep's elastic rerun (batch_per_device=..., compile=true, ...) train every job again."""
+    from omegaconf import OmegaConf
+
+    from edm.cli import CONFIG_DIR
+    from edm.training.run import RESUME_FREE
+
+    hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").hydra
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    assert excluded == {key for key in RESUME_FREE if not key.endswith(".")} - {"run_dir"}

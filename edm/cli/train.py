@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -50,23 +50,28 @@ def check_same_sweep(state, job: str) -> None:
                          "working directory); pass hydra.sweep.dir=DIR, one absolute folder for every process")
 
 
-def _job_name(folder: Path) -> str | None:
-    """A sweep job folder's overrides part (<job number>-<overrides>), or None for a folder not named so."""
+def _job_settings(folder: Path, free: Collection[str]) -> frozenset[str] | None:
+    """A sweep job folder's overrides (<job number>-<KEY-VALUE__...>) less those of the keys `free`, or None for a
+    folder not named so."""
     number, dash, name = folder.name.partition("-")
-    return name if dash and number.isdigit() and folder.is_dir() else None
+    if not (dash and number.isdigit() and folder.is_dir()):
+        return None
+    return frozenset(item for item in name.split("__") if item.partition("-")[0].lstrip("+~") not in free)
 
 
-def continued_job_folder(job: str) -> str:
+def continued_job_folder(job: str, free: Collection[str]) -> str:
     """The folder a sweep job (-m) trains in: its own, hydra.sweep.dir/<job number>-<its overrides>, unless that holds
-    no run and one other job folder of the same overrides does (a rerun of some of the sweep's jobs, or in another
-    order, numbers them otherwise): that run's, so resume=true continues it and a new run is refused there as in any
-    run_dir. The empty folder Hydra made for the job is removed."""
+    no run and one other job folder of the same overrides does: that run's, so resume=true continues it and a new run
+    is refused there as in any run_dir. A rerun of some of the sweep's jobs, or in another order, numbers them
+    otherwise; overrides of the keys `free` (hydra.job.config.override_dirname.exclude_keys: those a resume may
+    change, kept out of folder names, which an older folder's name may hold) do not count. The empty folder Hydra made
+    for the job is removed."""
     own = Path(job)
-    if run_marks(own):
+    settings = _job_settings(own, free)
+    if settings is None or run_marks(own):
         return job
-    number, name = own.name.partition("-")[0], _job_name(own)
-    others = sorted(folder for folder in own.parent.iterdir() if folder != own and _job_name(folder) == name
-                    and run_marks(folder))
+    others = sorted(folder for folder in own.parent.iterdir()
+                    if folder != own and _job_settings(folder, free) == settings and run_marks(folder))
     if not others:
         return job
     try:
@@ -74,6 +79,7 @@ def continued_job_folder(job: str) -> str:
     except OSError:
         pass
     if len(others) > 1:
+        number, name = own.name.split("-", 1)
         raise ValueError(f"sweep job {number} ({name}) has several runs of its settings in {own.parent}: "
                          f"{', '.join(folder.name for folder in others)}; delete or move all but the one to continue")
     return str(others[0])
@@ -88,7 +94,8 @@ def main(dcfg: DictConfig) -> None:
     with user_errors("edm-train", on_interrupt="rerun it with resume=true to continue from its last checkpoint"):
         cfg: TrainConfig = typed(dcfg)
         numbered = sweep_job_folder(hydra_cfg, key="run_dir")
-        job = None if numbered is None else continued_job_folder(numbered)
+        job = None if numbered is None else continued_job_folder(
+            numbered, hydra_cfg.job.config.override_dirname.exclude_keys)
         if job is not None:
             dcfg.run_dir = job
             cfg = dataclasses.replace(cfg, run_dir=job)
@@ -105,8 +112,8 @@ def main(dcfg: DictConfig) -> None:
         if not is_main:
             logging.getLogger("edm").setLevel(logging.WARNING)
         if job != numbered:
-            logging.getLogger(__name__).info("the run of this sweep job's overrides is in %s (an earlier command numbered "
-                                             "it otherwise): the job trains there", job)
+            logging.getLogger(__name__).info("the run of this sweep job's settings is in %s (named by an earlier "
+                                             "command): the job trains there", job)
         set_precision_flags(cfg.tf32, cfg.cudnn_benchmark)
 
         def own_run_dir(run_dir: Path) -> Callable[[BaseException | None], None]:  # its train.log
