@@ -331,9 +331,9 @@ def test_a_sweep_job_continues_a_folder_whose_name_differs_only_by_keys_a_resume
 
 
 def test_sweep_folder_names_leave_out_exactly_the_keys_a_resume_may_change():
-    """configs/train.yaml's exclude_keys are RESUME_FREE's keys (run_dir aside: a sweep refuses it; latent.* aside:
-    a latent space is compared as facts, so its keys name the job): a key a resume may change, left in a folder name,
-    would make a sweep's elastic rerun (batch_per_device=..., compile=true, ...) train every job again."""
+    """configs/train.yaml's exclude_keys are RESUME_FREE's whole keys (run_dir aside: a sweep refuses it; Hydra
+    excludes whole keys only, so sampler.* and latent.* stay in names): a key a resume may change, left in a folder
+    name, would make a sweep's elastic rerun (batch_per_device=..., compile=true, ...) train every job again."""
     from omegaconf import OmegaConf
 
     from edm.cli import CONFIG_DIR

@@ -460,6 +460,17 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
 
 
+def test_a_resume_with_another_grid_sampler_is_not_warned_of_as_a_changed_training(compose_train, caplog):
+    """The `sampler` group draws the sample grids only: a resume that changes it trains as the saved run would have,
+    so no warning says otherwise; the change is recorded all the same."""
+    train(compose_train("total_kimg=0.016"))
+    with caplog.at_level("WARNING"):
+        result = train(compose_train("total_kimg=0.032", "resume=true", "sampler.num_steps=3"))
+    assert "changed training settings" not in caplog.text
+    changes = load_checkpoint(result.checkpoint)["resumes"][0]["changes"]
+    assert {"key": "sampler.num_steps", "checkpoint": 2, "config": 3} in changes
+
+
 def test_a_resume_reads_the_data_folder_the_run_read_whatever_the_working_directory(compose_train, tmp_path, caplog,
                                                                                       monkeypatch):
     """dataset.root=fold from two directories names two folders: the run records the resolved root and its files'

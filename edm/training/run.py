@@ -237,7 +237,9 @@ RESUME_FIXED = ("seed", "batch_size", "dataset.name", "dataset.root", "dataset.r
 RESUME_FREE = ("resume", "run_dir", "total_kimg", "log_every", "checkpoint_every", "keep_checkpoints", "grid_every",
                "grid_size", "grid_scale", "grid_seed", "progress", "trackers", "tracker_project", "log_batch_indices", "compile",
                "batch_per_device",
-               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers", "latent.")  # latent runs:
+               "channels_last", "cpu", "tf32", "cudnn_benchmark", "dataset.num_workers",
+               "sampler.",  # the sample grids' sampler
+               "latent.")  # latent runs:
 # their latent space (VAE fingerprint, scale, bias, pixel data) is compared as recorded facts (check_resume_vae)
 
 
