@@ -460,6 +460,14 @@ def test_resume_refuses_a_changed_seed_loss_or_data_set_and_records_other_change
     assert {"key": "total_kimg", "checkpoint": 0.016, "config": 0.032} in resumes[0]["changes"]
 
 
+def test_a_resume_names_the_images_seen_as_the_step_log_does(compose_train, caplog):
+    """A short run's 16 images are 0.016 kimg in the resume's line as in metrics.jsonl and the step log, not 0.0."""
+    train(compose_train("total_kimg=0.016"))
+    with caplog.at_level("INFO"):
+        train(compose_train("total_kimg=0.032", "resume=true"))
+    assert "at step 2 (0.016 kimg)" in caplog.text
+
+
 def test_a_resume_with_another_grid_sampler_is_not_warned_of_as_a_changed_training(compose_train, caplog):
     """The `sampler` group draws the sample grids only: a resume that changes it trains as the saved run would have,
     so no warning says otherwise; the change is recorded all the same."""

@@ -28,6 +28,7 @@ from ..models import checkpoint as ckpt
 from .build import build_loss, latent_facts, loss_spec, precond_defaults, resolved_network
 from .config import LossConfig, TrainConfig
 from .phema import SNAPSHOT_DIR, PowerEMA, snapshot_path, write_snapshot
+from .runlog import kimg_text
 
 __all__ = [
     "RunState", "Run", "RunDirError", "stream_seed", "seed_draws", "micro_batch_size", "check_batch_layout", "restore",
@@ -403,7 +404,7 @@ def restore(run: Run, path: Path) -> None:
         run.accelerator.scaler.load_state_dict(state["grad_scaler"])
     run.state = RunState(step=int(state["step"]), cur_nimg=int(state["cur_nimg"]))
     log_layout_change(state, run.accelerator.num_processes, micro_batch_size(run.cfg, run.accelerator.num_processes))
-    logger.info("resumed from %s at step %d (%.1f kimg)", path, run.state.step, run.state.cur_nimg / 1000)
+    logger.info("resumed from %s at step %d (%s kimg)", path, run.state.step, kimg_text(run.state.cur_nimg / 1000))
 
 
 def log_layout_change(state: dict, world: int, micro: int) -> None:
