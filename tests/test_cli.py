@@ -100,6 +100,8 @@ def test_a_misspelled_solver_option_is_named_with_the_close_ones_not_sent_to_plu
     ("edm-eval", "metirc.ref=x", "edm-eval: error: unknown key metirc.ref: not an option of this command (--help lists "
                                  "them)"),  # metric, the option close to it, has no value yet (???)
     ("edm-sample", "batch=many", "edm-sample: error: batch=many: Value 'many' of type 'str' could not be converted to Integer"),
+    ("edm-train", "trackers=tensorboard", "edm-train: error: trackers=tensorboard: Invalid value assigned: str is not a "
+                                          "ListConfig, list or tuple; give a list: 'trackers=[tensorboard]'\n"),
     ("edm-posthoc", "sigma_rel=[0.1", "edm-posthoc: error: an override does not parse: "),
     ("edm-sample", "sampler.options.eta=0.5", "edm-sample: error: sampler.options.eta is not in the config file: pass "
                                               "+sampler.options.eta=0.5 to add it"),

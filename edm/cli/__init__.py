@@ -294,7 +294,11 @@ def one_line(err: BaseException) -> str:
         return f"{override.group(1)} is not a config group of this command (--help lists its options)"
     merging = re.match(r"Error merging override (.+)", text)
     if (override or merging) and cause is not None:
-        return f"{(override or merging).group(1)}: {str(cause).splitlines()[0]}"
+        given, reason = (override or merging).group(1), str(cause).splitlines()[0]
+        key, _, value = given.partition("=")
+        if "is not a ListConfig" in reason and value:  # a list key given one value
+            return f"{given}: {reason.rstrip('.')}; give a list: '{key}=[{value}]'"
+        return f"{given}: {reason}"
     if isinstance(err, OverrideParseException):
         return f"an override does not parse: {text.splitlines()[0]} (quote lists and strings for the shell: 'KEY=[a,b]')"
     lines = [line.strip() for line in text.splitlines()
