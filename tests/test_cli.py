@@ -282,7 +282,8 @@ def test_a_two_by_two_sweep_trains_four_jobs_into_four_folders(tmp_path, tiny_tr
 def test_a_rerun_of_some_sweep_jobs_finds_each_jobs_folder_whatever_its_number(tmp_path, tiny_train, one_thread_env):
     """-m schedule=vp,fm, then -m schedule=fm resume=true total_kimg=MORE on the same hydra.sweep.dir: the rerun numbers
     the fm job 0, not 1, yet continues 1-...fm from its checkpoint (no second, fresh run of the same settings in a new
-    0-...fm folder), and without resume=true it is refused there, as a run_dir holding checkpoints is."""
+    0-...fm folder), and without resume=true it is refused there, as a run_dir holding checkpoints is, its way out
+    naming hydra.sweep.dir where a single run's names run_dir."""
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "edm.train", "-m", *tiny_train, "progress=false",
             f"hydra.sweep.dir={sweep}"]
@@ -300,6 +301,7 @@ def test_a_rerun_of_some_sweep_jobs_finds_each_jobs_folder_whatever_its_number(t
     assert sorted(job.name[:2] for job in sweep.iterdir() if job.is_dir()) == ["0-", "1-"]  # no new job folder
     proc = run("schedule=fm")
     assert proc.returncode == 1 and f"run_dir {fm} already holds checkpoint-00000008.pt; pass resume=true" in proc.stderr
+    assert "for another, pass another hydra.sweep.dir=DIR" in proc.stderr  # run_dir= is refused in a sweep
 
 
 def test_a_sweep_job_whose_settings_have_runs_in_two_job_folders_is_refused_naming_both(tmp_path):

@@ -10,10 +10,12 @@ edm.training.loop.train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -85,6 +87,23 @@ def continued_job_folder(job: str, free: Collection[str]) -> str:
     return str(others[0])
 
 
+@contextlib.contextmanager
+def sweep_way_out(job: str | None) -> Iterator[None]:
+    """In a sweep job (-m), an error whose way out is another run_dir says how to get one: a job's run_dir is its
+    folder under hydra.sweep.dir, and run_dir on a sweep's command line is refused."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if job is None or not re.search(r"(another|a new) run_dir", str(err)):
+            raise
+        try:
+            told = type(err)(f"{err} (a sweep job's run_dir is its folder under hydra.sweep.dir: for another, pass "
+                             "another hydra.sweep.dir=DIR)")
+        except TypeError:  # an error type made with other arguments keeps its own message
+            raise err from None
+        raise told from err
+
+
 @hydra_errors("edm-train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
@@ -125,8 +144,9 @@ def main(dcfg: DictConfig) -> None:
                 close_log(handler)
             return let_go
 
-        result = train(cfg, on_own_run_dir=own_run_dir,
-                       on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
+        with sweep_way_out(job):
+            result = train(cfg, on_own_run_dir=own_run_dir,
+                           on_started=lambda run_dir: write_hydra_record(run_dir, dcfg, hydra_cfg))
     if is_main:
         print(f"step {result.state.step} ({kimg_text(result.state.cur_nimg / 1000)} kimg); checkpoint: {result.checkpoint}")
         if result.grid is not None:
