@@ -145,6 +145,9 @@ def test_recipe_guide_trains_a_smaller_shorter_model_in_its_own_folder():
 def test_values_that_overflow_are_rejected_before_training(compose_train, tmp_path):
     with pytest.raises(ValueError, match="lr=1e\\+39 overflows float32"):
         train(compose_train("lr=1e39"))
+    for value in ("inf", "nan"):  # not "must be > 0", which inf is
+        with pytest.raises(ValueError, match=f"^lr={value} must be a finite number > 0$"):
+            train(compose_train(f"lr={value}"))
     assert not (tmp_path / "run").exists()
 
 

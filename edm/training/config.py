@@ -170,7 +170,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # larger values overflow to inf in the floa
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not (ok and math.isfinite(value)):
-        raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{key}={value!r} must be {bound if math.isfinite(value) else 'a finite number ' + bound}")
     if value > FLOAT32_MAX:
         raise ValueError(f"{key}={value!r} overflows float32 (largest {FLOAT32_MAX:.3g}); give a smaller value")
 
