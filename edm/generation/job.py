@@ -226,7 +226,8 @@ def generate_folder(
     denoiser = fast_denoiser(denoiser, launch.mixed_precision, launch.dynamo_backend != "no", cfg.channels_last)
     denoiser, guide_info = guided(denoiser, info, cfg.guidance, cfg.guide, interval=cfg.guidance_interval,
                                   ema=cfg.ema, device=state.device, solvers=[cfg.sampler.solver])
-    guided_nfe = cfg.sampler.evaluations_per_image(schedule, denoiser.weight, denoiser.interval)
+    guided_nfe = nfe if denoiser.weight == 1.0 else cfg.sampler.evaluations_per_image(schedule, denoiser.weight,
+                                                                                      denoiser.interval)
     plan = sampling.plan_images(seeds, _labels(cfg.labels), info.label_dim)
     score = scorer(info, state.device, vae) if scorer is not None and state.is_main_process else None
     out = Path(cfg.out)
