@@ -81,7 +81,7 @@ def contents_key(path: str | Path, files: list[Path] | None = None) -> str:
     if path.is_file():
         stat = path.stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if files is None and path.is_dir() else files or []
+    files = sorted(_files(path)) if files is None and path.is_dir() else files or []
     listing = hashlib.sha256()
     for file in files:
         stat = file.stat() if file.exists() else file.lstat()  # a dangling link: the link itself
